@@ -1,0 +1,96 @@
+"""Keyword-to-image attention, captured for the needed rows and layers only (Eq. 3's inputs).
+
+A real model must never materialise every layer's full L x L attention (28 layers x 28 heads x L^2).
+Instead the text layers run under a registered attention function, `ego_capture`: it delegates to
+PyTorch SDPA for the actual output, and only for the layers in `L`, while a capture is active, it also
+computes softmax(q k^T * scaling) for the query rows of the description and keeps their columns at
+the reference image's visual tokens. It runs during generation (one query row per step), so the
+description's attention comes for free, without a second forward pass.
+
+The function is registered with both `AttentionInterface` and `AttentionMaskInterface`: for a name the
+mask interface does not know, transformers builds no mask at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION_NAME = "ego_capture"
+
+
+@dataclass
+class AttentionCapture:
+    layers: frozenset[int]
+    """Indices of the text layers whose attention is recorded (the calibrated set L)."""
+    columns: torch.Tensor
+    """Key positions of the reference image's visual tokens, LongTensor [N_r]."""
+    first_row: int
+    """Absolute query positions in [first_row, end_row) are recorded: the description's tokens."""
+    end_row: int = 1 << 62
+    rows: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
+    """layer -> absolute query position -> attention probabilities over the visual tokens [H, N_r]."""
+
+    def matrix(self, positions: list[int]) -> torch.Tensor:
+        """A^{l,h}_{wr} for the given query positions: [|L|, H, N_w, N_r] (float32)."""
+        return torch.stack([
+            torch.stack([self.rows[layer][p] for p in positions], dim=1) for layer in sorted(self.layers)
+        ])
+
+    def recorded_positions(self) -> set[int]:
+        sets = [set(self.rows.get(layer, {})) for layer in self.layers]
+        return set.intersection(*sets) if sets else set()
+
+
+_active: AttentionCapture | None = None
+
+
+@contextlib.contextmanager
+def capturing(capture: AttentionCapture):
+    """Record attention rows into `capture` for the model calls made inside the block."""
+    global _active
+    _active = capture
+    try:
+        yield capture
+    finally:
+        _active = None
+
+
+def _record(capture: AttentionCapture, layer: int, query, key, attention_mask, scaling) -> None:
+    q_len, k_len = query.shape[2], key.shape[2]
+    start = k_len - q_len  # absolute position of this call's first query row (batch of one, cache before it)
+    lo, hi = max(capture.first_row - start, 0), min(capture.end_row - start, q_len)
+    if lo >= hi:
+        return
+    q = query[:1, :, lo:hi].float()                                        # [1, H, r, d]
+    k = repeat_kv(key[:1], query.shape[1] // key.shape[1]).float()          # [1, H, k_len, d]
+    scores = (q @ k.transpose(-1, -2)) * scaling                            # [1, H, r, k_len]
+    positions = torch.arange(start + lo, start + hi, device=query.device)
+    future = torch.arange(k_len, device=query.device)[None, :] > positions[:, None]   # causal: [r, k_len]
+    scores = scores.masked_fill(future, float("-inf"))
+    if attention_mask is not None:
+        mask = attention_mask[:1, :, lo:hi, :k_len]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    probs = scores.softmax(-1)[0][:, :, capture.columns.to(query.device)]   # [H, r, N_r]
+    store = capture.rows.setdefault(layer, {})
+    for i, position in enumerate(positions.tolist()):
+        store[position] = probs[:, i].detach()
+
+
+def capture_attention_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """SDPA, plus a record of the captured rows when this layer is in the active capture."""
+    capture = _active
+    layer = getattr(module, "layer_idx", None)
+    if capture is not None and layer in capture.layers:
+        _record(capture, layer, query, key, attention_mask,
+                scaling if scaling is not None else query.shape[-1] ** -0.5)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+AttentionInterface.register(ATTENTION_NAME, capture_attention_forward)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)

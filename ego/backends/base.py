@@ -1,0 +1,93 @@
+"""The interface between the method (ego/engine.py) and a model family.
+
+A backend knows how its family builds prompts, runs its processor, encodes images with its own vision
+tower + projector, and which token stands in for a concept-memory row. It knows nothing about the
+method: no keywords, no attention, no selection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass
+class Encoded:
+    """Processor output for one prompt, plus what the method needs to find things in it."""
+
+    inputs: dict[str, Any]
+    """Every tensor the processor returned (input_ids [1, L], attention_mask, pixel values, grids, ...)."""
+    visual_columns: torch.Tensor
+    """Positions of the query image's (or video's) visual tokens in input_ids, LongTensor [N]."""
+    encoder_outputs: dict[str, Any] | None = None
+    """Vision-tower outputs computed once and reused by generate (never encode an image twice)."""
+
+
+class Backend:
+    """One model family. Subclasses fill in the family-specific parts."""
+
+    model_types: ClassVar[dict[str, tuple[str, ...]]] = {}
+    """family name -> transformers config.model_type values it serves."""
+
+    unquantized_modules: ClassVar[tuple[str, ...]] = ("lm_head",)
+    """Full module paths kept out of 4/8-bit quantization (the vision tower and lm_head)."""
+
+    placeholder_token: ClassVar[str]
+    """Token whose input embeddings are replaced by concept-memory rows."""
+    memory_open: ClassVar[str] = ""
+    memory_close: ClassVar[str] = ""
+    """Text around a memory's placeholders, so the model reads them as visual content."""
+
+    def __init__(self, model, processor, family: str):
+        self.model = model
+        self.processor = processor
+        self.family = family
+        self.tokenizer = processor.tokenizer
+        self.placeholder_id = self.tokenizer.convert_tokens_to_ids(self.placeholder_token)
+
+    # --- text ---------------------------------------------------------------------------------
+    @property
+    def special_strings(self) -> list[str]:
+        """Every added/special token string; visitor text must never contain one verbatim."""
+        return sorted({t.content for t in self.tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = ids if isinstance(ids, list) else [ids]
+        return [i for i in ids if i is not None]
+
+    def chat_text(self, content: list[dict]) -> str:
+        """The prompt for one user turn (`content`: text/image/video blocks) ending in the generation prompt."""
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+
+    def continue_turn(self, question: str) -> str:
+        """Text that closes the assistant's answer and asks a follow-up in the same conversation."""
+        raise NotImplementedError
+
+    # --- vision -------------------------------------------------------------------------------
+    def encode(self, text: str, *, image=None, video=None, image_max_pixels: int, video_frame_max_pixels: int) -> Encoded:
+        """Run the processor on one prompt with at most one image or one video ((frames, metadata))."""
+        raise NotImplementedError
+
+    def encode_vision(self, encoded: Encoded) -> torch.Tensor:
+        """Run the vision tower + projector once; keep its output for generate; return the rows [N, D]."""
+        raise NotImplementedError
+
+    def grid(self, encoded: Encoded) -> tuple[int, int]:
+        """(rows, cols) of the image's visual tokens in raster order."""
+        raise NotImplementedError
+
+    def generate_kwargs(self, encoded: Encoded) -> dict[str, Any]:
+        """Everything generate needs besides input_ids / inputs_embeds."""
+        raise NotImplementedError
+
+    # --- building models without a download ----------------------------------------------------
+    @classmethod
+    def build_random(cls, family: str, overrides: dict) -> tuple[Any, Any]:
+        """(model, processor) of the real classes with random weights; tiny unless overrides say otherwise."""
+        raise NotImplementedError

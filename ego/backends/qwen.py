@@ -1,0 +1,151 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers' native classes, no remote code).
+
+Visual tokens: the merger output, one token per 2x2 patch block (28x28 px for Qwen2/2.5, 32x32 px
+for Qwen3). Positions: 3-D M-RoPE computed by generate from input_ids + mm_token_type_ids + grids,
+which is why generate always receives input_ids next to inputs_embeds. Concept-memory placeholders
+are `<|vision_pad|>`: in the real vocabularies, never expanded by the processors, typed as text
+(mm_token_type_ids 0), so they take ordinary 1-D positions like the paper's InternVL soft prompts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, build_tokenizer
+from .base import Backend, Encoded
+
+
+class QwenBackend(Backend):
+    model_types = {
+        "qwen2-vl": ("qwen2_vl",),
+        "qwen2.5-vl": ("qwen2_5_vl",),
+        "qwen3-vl": ("qwen3_vl",),
+    }
+    unquantized_modules = ("model.visual", "lm_head")
+    placeholder_token = "<|vision_pad|>"
+    memory_open = "<|vision_start|>"
+    memory_close = "<|vision_end|>"
+
+    def continue_turn(self, question: str) -> str:
+        return f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+    @property
+    def _patch_px(self) -> int:
+        return self.processor.image_processor.patch_size * self.processor.image_processor.merge_size
+
+    def encode(self, text, *, image=None, video=None, image_max_pixels, video_frame_max_pixels) -> Encoded:
+        kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
+        min_pixels = self._patch_px**2 * 4  # at least a 2x2 grid of visual tokens
+        if image is not None:
+            kwargs["images"] = [image]
+            kwargs["images_kwargs"] = {"size": {"shortest_edge": min_pixels, "longest_edge": image_max_pixels}}
+        if video is not None:
+            from transformers.video_utils import VideoMetadata
+
+            frames, meta = video
+            n = int(frames.shape[0])
+            # Qwen3-VL's video processor budgets pixels over all frames; Qwen2/2.5 per frame.
+            per_video = video_frame_max_pixels * (n if self.family == "qwen3-vl" else 1)
+            kwargs["videos"] = [frames]
+            kwargs["videos_kwargs"] = {
+                "size": {"shortest_edge": min_pixels, "longest_edge": per_video},
+                "do_sample_frames": False,
+                "video_metadata": [VideoMetadata(
+                    total_num_frames=int(meta["total_num_frames"]), fps=float(meta["source_fps"]),
+                    frames_indices=list(meta["frames_indices"]), duration=float(meta["duration_s"]),
+                    width=int(frames.shape[2]), height=int(frames.shape[1]), video_backend="pyav",
+                )],
+            }
+            if self.family != "qwen2.5-vl":
+                kwargs["videos_kwargs"]["cap_pixels_per_frame"] = True
+        inputs = dict(self.processor(**kwargs))
+        ids = inputs["input_ids"][0]
+        visual = (ids == self.model.config.image_token_id) | (ids == self.model.config.video_token_id)
+        return Encoded(inputs=inputs, visual_columns=visual.nonzero().squeeze(1))
+
+    def encode_vision(self, encoded: Encoded) -> torch.Tensor:
+        inputs, outputs, rows = encoded.inputs, {}, []
+        with torch.no_grad():
+            if "pixel_values" in inputs:
+                outputs["image"] = self.model.get_image_features(
+                    pixel_values=inputs["pixel_values"].to(self.model.device),
+                    image_grid_thw=inputs["image_grid_thw"].to(self.model.device), return_dict=True,
+                )
+                rows.extend(outputs["image"].pooler_output)
+            if "pixel_values_videos" in inputs:
+                outputs["video"] = self.model.get_video_features(
+                    pixel_values_videos=inputs["pixel_values_videos"].to(self.model.device),
+                    video_grid_thw=inputs["video_grid_thw"].to(self.model.device), return_dict=True,
+                )
+                rows.extend(outputs["video"].pooler_output)
+        encoded.encoder_outputs = outputs
+        return torch.cat(rows, dim=0)  # [N, D] merger output, the rows the LLM receives
+
+    def grid(self, encoded: Encoded) -> tuple[int, int]:
+        _, h, w = encoded.inputs["image_grid_thw"][0].tolist()
+        merge = self.processor.image_processor.merge_size
+        return h // merge, w // merge
+
+    def generate_kwargs(self, encoded: Encoded) -> dict[str, Any]:
+        skip = {"input_ids", "pixel_values", "pixel_values_videos"} if encoded.encoder_outputs else {"input_ids"}
+        kwargs = {k: v.to(self.model.device) if torch.is_tensor(v) else v
+                  for k, v in encoded.inputs.items() if k not in skip}
+        if encoded.encoder_outputs:
+            kwargs["mm_encoder_outputs"] = dict(encoded.encoder_outputs)
+        return kwargs
+
+    # --- random-weight models of the real classes ----------------------------------------------
+    @classmethod
+    def build_random(cls, family: str, overrides: dict) -> tuple[Any, Any]:
+        import transformers as tf
+
+        tokenizer = build_tokenizer(
+            QWEN_SPECIAL_TOKENS, chat_template=QWEN_CHAT_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        )
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+        patch = 16 if family == "qwen3-vl" else 14
+        text = dict(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+            eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"],
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 2, 2]},
+        )
+        # Vision dims of at least 64 so every Linear can be 4-bit (bitsandbytes' CPU blocksize).
+        if family == "qwen2-vl":
+            vision = dict(depth=2, embed_dim=64, num_heads=2, mlp_ratio=2, hidden_size=64, patch_size=patch)
+            config_cls, model_cls, proc_cls = tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLProcessor
+            video_cls = tf.Qwen2VLVideoProcessor
+        elif family == "qwen2.5-vl":
+            vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64,
+                          fullatt_block_indexes=[1], window_size=112, patch_size=patch)
+            config_cls, model_cls, proc_cls = (tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration,
+                                               tf.Qwen2_5_VLProcessor)
+            video_cls = tf.Qwen2VLVideoProcessor
+        elif family == "qwen3-vl":
+            text.update(head_dim=16)
+            text["rope_parameters"] = dict(text["rope_parameters"], mrope_interleaved=True)
+            vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64,
+                          num_position_embeddings=256, deepstack_visual_indexes=[0], patch_size=patch)
+            config_cls, model_cls, proc_cls = tf.Qwen3VLConfig, tf.Qwen3VLForConditionalGeneration, tf.Qwen3VLProcessor
+            video_cls = tf.Qwen3VLVideoProcessor
+        else:
+            raise ValueError(f"{family!r} is not a Qwen family.")
+        text.update(overrides.get("text_config", {}))
+        vision.update(overrides.get("vision_config", {}))
+        config = config_cls(
+            text_config=text, vision_config=vision,
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        )
+        model = model_cls(config).eval()
+        model.generation_config.eos_token_id = ids["<|im_end|>"]
+        model.generation_config.pad_token_id = ids["<|endoftext|>"]
+        model.generation_config.do_sample = False
+        pixel = dict(patch_size=patch, merge_size=2, temporal_patch_size=2)
+        image_processor = tf.Qwen2VLImageProcessor(**pixel)
+        video_processor = video_cls(**pixel)
+        processor = proc_cls(image_processor=image_processor, tokenizer=tokenizer,
+                             video_processor=video_processor, chat_template=QWEN_CHAT_TEMPLATE)
+        return model, processor

@@ -1,0 +1,536 @@
+"""Ego: embedding-guided personalization of a vision-language model, without training.
+
+This module reads top to bottom like section 3 of the paper (arXiv 2603.09771):
+
+  3.1  Concept introduction. For each reference image (1 to 5 per concept):
+       (1) encode it with the model's own vision tower + projector: X_R, [N_r, D];
+       (2) ask the model to describe the subject (greedy); its content words are the keywords (Eq. 1);
+       (3) read the attention the keyword tokens pay to the N_r visual tokens at the layers L,
+           captured while the description is generated (Eq. 2), and average it over layers, heads and
+           keywords: the importance I_j of each visual token (Eq. 3);
+       (4) ask, in the same conversation, what share of the image the subject covers: alpha_c;
+       (5) K_c = max(1, round(min(K, alpha_c * N_r / 100))) (Eq. 4);
+       (6) keep the top-K_c tokens, back in raster order; the memory is those rows of X_R.
+       Views of one concept are concatenated.
+  3.2  Inference. The memories of the concepts in play go into the context, each after its name, as
+       soft prompts: placeholder tokens whose input embeddings are replaced by the memory rows, before
+       the query image or video and the question. With more concepts than fit, the ones whose memory
+       tokens are most similar to the query's visual tokens are kept.
+
+Nothing here depends on the model family: `ego.backends` hides processors, prompts and vision towers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import prompts
+from .attention import ATTENTION_NAME, AttentionCapture, capturing
+from .backends import Backend, backend_for_model_type
+from .errors import IncompatibleMemoryError, InputError, ModelBusyError
+from .media import load_image, load_video
+from .memory import Concept, ConceptView
+from .presets import DEFAULT_PRESET, UNCALIBRATED, depth_scaled_layers, resolve
+from .settings import DEFAULT_SETTINGS, Settings
+from .tiny import tiny_checkpoint
+
+QUANTIZATIONS = ("auto", "4bit", "8bit", None)
+
+
+class Answer(str):
+    """An answer's text, with what went into the context."""
+
+    concepts_used: tuple[str, ...]
+    """Names of the concepts whose memories were in the context, in prompt order."""
+    concepts_dropped: tuple[str, ...]
+    """Concepts left out because more were given than `max_concepts_in_context` (least similar first out)."""
+    context_tokens: int
+    memory_tokens: int
+
+    def __new__(cls, text: str, *, used=(), dropped=(), context_tokens=0, memory_tokens=0):
+        answer = super().__new__(cls, text)
+        answer.concepts_used, answer.concepts_dropped = tuple(used), tuple(dropped)
+        answer.context_tokens, answer.memory_tokens = context_tokens, memory_tokens
+        return answer
+
+
+class Ego:
+    """A vision-language model that can be personalized with concepts, one model call at a time."""
+
+    def __init__(self, model, processor, *, family: str, backend_cls: type[Backend], model_id: str,
+                 layers: Sequence[int], layers_note: str = "", settings: Settings = DEFAULT_SETTINGS):
+        self.model = model
+        self.processor = processor
+        self.family = family
+        self.backend = backend_cls(model, processor, family)
+        self.model_id = model_id
+        self.settings = settings
+        num_layers = self.num_layers
+        bad = [layer for layer in layers if not 0 <= int(layer) < num_layers]
+        if not layers or bad:
+            raise ValueError(f"Layers must be indices between 0 and {num_layers - 1}; got {list(layers)}.")
+        self.layers = tuple(sorted({int(layer) for layer in layers}))
+        self.layers_note = layers_note
+        self._lock = threading.Lock()  # one model call at a time; concurrent callers wait
+
+    # ------------------------------------------------------------------------------------------
+    # Loading
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model: str = DEFAULT_PRESET, *, quantization="auto", device=None, layers=None,
+                        k_cap: int = 50, settings: Settings | None = None, seed: int = 0) -> "Ego":
+        """Load a preset name (see `ego.presets.PRESETS`), a Hub id or a local checkpoint folder.
+
+        quantization: "auto" = 4-bit NF4 on CUDA, unquantized elsewhere; "4bit", "8bit" or None force it.
+        layers: the attention layers L (indices, or a JSON file written by `python -m ego.calibrate`);
+        by default the preset's calibrated layers, else the paper's layers scaled to this model's depth.
+        """
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}; got {quantization!r}.")
+        preset = resolve(model)
+        if preset is not None and preset.tiny:
+            path, model_id = tiny_checkpoint(preset.family, seed), preset.model_id + (f"-seed{seed}" if seed else "")
+        elif preset is not None:
+            path, model_id = preset.model_id, preset.model_id
+        else:
+            path, model_id = model, str(model)
+        device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if quantization == "auto":
+            quantization = "4bit" if device.startswith("cuda") else None
+        tiny = preset is not None and preset.tiny
+        dtype = torch.float32 if tiny and not device.startswith("cuda") else torch.bfloat16
+
+        config = AutoConfig.from_pretrained(path)
+        family, backend_cls = backend_for_model_type(config.model_type)
+        kwargs = {
+            "dtype": dtype, "device_map": {"": device},
+            "attn_implementation": {"text_config": ATTENTION_NAME, "vision_config": "sdpa"},
+        }
+        if quantization is not None:
+            from transformers import BitsAndBytesConfig
+
+            skip = list(backend_cls.unquantized_modules)  # full module paths; a custom list replaces the default
+            kwargs["quantization_config"] = (
+                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip)
+                if quantization == "4bit" else BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+            )
+        loaded = AutoModelForImageTextToText.from_pretrained(path, **kwargs).eval()
+        processor = AutoProcessor.from_pretrained(path)
+        num_layers = loaded.config.get_text_config().num_hidden_layers
+        if layers is not None:
+            layers, note = _read_layers(layers), f"given: {layers}"
+        elif preset is not None and preset.layers is not None:
+            layers, note = preset.layers, preset.layers_note
+        else:
+            layers = depth_scaled_layers(num_layers)
+            note = preset.layers_note if preset is not None else UNCALIBRATED
+        settings = (settings or DEFAULT_SETTINGS).replace(k_cap_tokens=k_cap)
+        return cls(loaded, processor, family=family, backend_cls=backend_cls, model_id=model_id,
+                   layers=layers, layers_note=note, settings=settings)
+
+    @classmethod
+    def tiny(cls, family: str, seed: int = 0, **kwargs) -> "Ego":
+        """A tiny random-weight model of `family`'s real architecture, built offline (for tests and demos)."""
+        return cls.from_pretrained(f"tiny-{family}", seed=seed, **kwargs)
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.get_text_config().num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def memory_dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    # ------------------------------------------------------------------------------------------
+    # 3.1 Concept introduction
+    # ------------------------------------------------------------------------------------------
+    def introduce(self, name: str, images, *, keywords=None, area_pct: float | None = None) -> Concept:
+        """Build the memory of concept `name` from 1 to 5 reference images (PIL images or paths).
+
+        keywords: the words whose attention ranks the tokens, instead of the model's description.
+        area_pct: the subject's share of each image in percent, instead of the model's estimate.
+        """
+        name = self.check_name(name)
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        limit = self.settings.max_references_per_concept
+        if not images:
+            raise InputError(f"Add at least one reference photo of {name} (up to {limit}).")
+        if len(images) > limit:
+            raise InputError(f"A concept takes at most {limit} reference photos; you gave {len(images)}. "
+                             f"Keep the {limit} clearest ones.")
+        user_keywords = _check_keywords(keywords)
+        if area_pct is not None:
+            try:
+                area_pct = float(area_pct)
+            except (TypeError, ValueError):
+                raise InputError("The subject size must be a number between 1 and 100 (percent of the image).")
+            if not 1 <= area_pct <= 100 or math.isnan(area_pct):
+                raise InputError("The subject size must be a number between 1 and 100 (percent of the image).")
+        pictures = [load_image(image, self.settings) for image in images]  # all checked before any model call
+        with self._model_call():
+            views = tuple(self._introduce_view(picture, user_keywords, area_pct) for picture in pictures)
+        embeddings = torch.cat([view_rows for _, view_rows in views]).to(self.memory_dtype)
+        return Concept(name=name, embeddings=embeddings, model_id=self.model_id, views=tuple(v for v, _ in views))
+
+    def _introduce_view(self, picture, user_keywords, user_area_pct) -> tuple[ConceptView, torch.Tensor]:
+        timings, tokenizer, clock = {}, self.backend.tokenizer, _Stopwatch()
+
+        # (1) X_R: the projector output the LLM would receive for this image, [N_r, D].
+        encoded = self.backend.encode(
+            self.backend.chat_text([{"type": "image"}, {"type": "text", "text": prompts.DESCRIBE_PROMPT}]),
+            image=picture, image_max_pixels=self.settings.reference_max_pixels,
+            video_frame_max_pixels=self.settings.video_frame_max_pixels,
+        )
+        x_r = self.backend.encode_vision(encoded)
+        grid, columns = self.backend.grid(encoded), encoded.visual_columns
+        n_r = x_r.shape[0]
+        if n_r != columns.numel() or grid[0] * grid[1] != n_r:
+            raise RuntimeError(f"visual tokens disagree: {n_r} rows, {columns.numel()} columns, grid {grid}")
+        prompt_ids = encoded.inputs["input_ids"].to(self.device)  # [1, L0]
+        start = prompt_ids.shape[1]
+        generate_kwargs = self.backend.generate_kwargs(encoded)
+        capture = AttentionCapture(layers=frozenset(self.layers), columns=columns, first_row=start)
+        timings["encode_s"] = clock.lap()
+
+        # (2) Eq. 1: the self-description, greedy; attention rows are recorded as it is generated.
+        cache = None
+        with capturing(capture), torch.no_grad():
+            if user_keywords is None:
+                out = self.model.generate(
+                    input_ids=prompt_ids, **generate_kwargs, do_sample=False,
+                    max_new_tokens=self.settings.description_max_new_tokens, min_new_tokens=2,
+                    return_dict_in_generate=True,
+                )
+                description_ids = _strip_stop(out.sequences[0, start:].tolist(), self.backend.stop_token_ids)
+                cache = out.past_key_values
+            else:
+                description_ids = tokenizer(", ".join(user_keywords), add_special_tokens=False).input_ids
+            capture.end_row = start + len(description_ids)
+            timings["description_s"] = clock.lap()
+
+            # (4) alpha_c, asked in the same conversation so the image and description stay cached. The
+            # forward over the new tokens also records the last description token's attention row,
+            # which generation never fed back to the model.
+            follow = tokenizer(self.backend.continue_turn(prompts.SIZE_PROMPT), add_special_tokens=False).input_ids
+            sequence = torch.tensor([prompt_ids[0].tolist() + description_ids + follow], device=self.device)
+            size_kwargs = _extend(generate_kwargs, sequence.shape[1])
+            if cache is not None:  # the image is already in the cache: encoder outputs would be scattered twice
+                size_kwargs.pop("mm_encoder_outputs", None)
+            size_out = self.model.generate(
+                input_ids=sequence, **size_kwargs, past_key_values=cache,
+                do_sample=False, max_new_tokens=self.settings.size_max_new_tokens if user_area_pct is None else 1,
+            )
+        size_answer = tokenizer.decode(size_out[0, sequence.shape[1]:], skip_special_tokens=True).strip()
+        timings["size_s"] = clock.lap()
+
+        # Keywords: the description's content words (stop-words and punctuation dropped), or the user's.
+        description = tokenizer.decode(description_ids, skip_special_tokens=True)
+        positions, keywords = _keyword_positions(tokenizer, description_ids, content_only=user_keywords is None)
+        keyword_rows = [start + i for i in positions]
+
+        # (3) Eq. 3: I_j = mean over layers l in L, heads h, keywords n of A^{l,h}_{wr}[n, j].
+        attention = capture.matrix(keyword_rows)          # [|L|, H, N_w, N_r]
+        scores = attention.mean(dim=2).mean(dim=1).mean(dim=0).cpu()   # [N_r]
+        timings["scores_s"] = clock.lap()
+
+        # (5) Eq. 4, then (6) top-K_c tokens in raster order.
+        if user_area_pct is not None:
+            area_pct, area_source = user_area_pct, "user"
+            size_answer = ""
+        else:
+            parsed = prompts.parse_area_pct(size_answer)
+            area_pct, area_source = (parsed, "model") if parsed is not None else (
+                self.settings.area_pct_fallback, "fallback")
+        k = memory_size(area_pct, n_r, self.settings.k_cap_tokens)
+        token_indices = torch.topk(scores, k).indices.sort().values
+        rows = x_r[token_indices.to(x_r.device)].detach().cpu()      # [K_c, D]
+        timings["selection_s"] = clock.lap()
+
+        view = ConceptView(
+            token_indices=token_indices, scores=scores.float(), grid=grid, k=k, area_pct=float(area_pct),
+            keywords=tuple(user_keywords) if user_keywords is not None else tuple(keywords),
+            description=description if user_keywords is None else ", ".join(user_keywords),
+            size_answer=size_answer, keywords_source="user" if user_keywords is not None else "model",
+            area_source=area_source, timings_s=timings,
+        )
+        return view, rows
+
+    # ------------------------------------------------------------------------------------------
+    # 3.2 Inference with memories as soft prompts
+    # ------------------------------------------------------------------------------------------
+    def answer(self, question: str, concepts: Sequence[Concept] = (), *, image=None, video=None,
+               max_new_tokens: int | None = None) -> Answer:
+        """Answer `question` about an image or a video (or neither), knowing `concepts`."""
+        with self._model_call():
+            prepared = self._prepare_answer(question, concepts, image, video, max_new_tokens)
+            with torch.no_grad():
+                out = self.model.generate(**prepared["generate"])
+        new = out[0, prepared["context_tokens"]:]
+        text = self.backend.tokenizer.decode(new, skip_special_tokens=True).strip()
+        return Answer(text, **prepared["meta"])
+
+    def stream_answer(self, question: str, concepts: Sequence[Concept] = (), *, image=None, video=None,
+                      max_new_tokens: int | None = None) -> Iterator[Answer]:
+        """Like `answer`, yielding the text so far as it is generated. Closing the iterator stops generation."""
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return stop.is_set()
+
+        stop, failure = threading.Event(), []
+        with self._model_call():
+            prepared = self._prepare_answer(question, concepts, image, video, max_new_tokens)
+            streamer = TextIteratorStreamer(self.backend.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                            timeout=0.1)
+
+            def run():
+                try:
+                    with torch.no_grad():
+                        self.model.generate(**prepared["generate"], streamer=streamer,
+                                            stopping_criteria=StoppingCriteriaList([_Stop()]))
+                except Exception as error:  # re-raised in the caller's thread below
+                    failure.append(error)
+                    streamer.end()
+
+            worker = threading.Thread(target=run, name="ego-generate", daemon=True)
+            worker.start()
+            text = ""
+            try:
+                while True:
+                    try:
+                        piece = next(streamer)
+                    except queue.Empty:
+                        if not worker.is_alive():
+                            break
+                        continue
+                    except StopIteration:
+                        break
+                    text += piece
+                    yield Answer(text, **prepared["meta"])
+            finally:
+                stop.set()
+                worker.join(self.settings.stream_stop_timeout_s)
+            if failure:
+                raise failure[0]
+            yield Answer(text.strip(), **prepared["meta"])
+
+    def _prepare_answer(self, question, concepts, image, video, max_new_tokens) -> dict:
+        question = self.check_question(question)
+        max_new_tokens = self.settings.answer_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if not 1 <= max_new_tokens <= self.settings.answer_max_new_tokens_limit:
+            raise InputError(f"The answer length must be between 1 and "
+                             f"{self.settings.answer_max_new_tokens_limit} tokens.")
+        if image is not None and video is not None:
+            raise InputError("Ask about one image or one video at a time, not both.")
+        concepts = list(concepts)
+        for concept in concepts:
+            if concept.model_id != self.model_id or concept.embeddings.shape[1] != self.hidden_size:
+                raise IncompatibleMemoryError(
+                    f"The concept {concept.name!r} was made with {concept.model_id}, not {self.model_id}; "
+                    f"introduce it again with this model.")
+        picture = load_image(image, self.settings) if image is not None else None
+        clip = load_video(video, self.settings) if video is not None else None
+        visual_block = [{"type": "image"}] if picture is not None else [{"type": "video"}] if clip is not None else []
+
+        def encode(text_blocks):
+            return self.backend.encode(
+                self.backend.chat_text(text_blocks), image=picture, video=clip,
+                image_max_pixels=self.settings.query_image_max_pixels,
+                video_frame_max_pixels=self.settings.video_frame_max_pixels,
+            )
+
+        kept, dropped, probe = concepts, [], None
+        if len(concepts) > self.settings.max_concepts_in_context:
+            if visual_block:
+                probe = encode(visual_block + [{"type": "text", "text": question}])
+                kept, dropped = select_concepts(concepts, self.backend.encode_vision(probe),
+                                                self.settings.max_concepts_in_context)
+            else:  # nothing to compare with: keep the first ones, in the order given
+                kept, dropped = concepts[:self.settings.max_concepts_in_context], concepts[
+                    self.settings.max_concepts_in_context:]
+
+        blocks = []
+        if kept:
+            special = self.backend.special_strings
+            pad = self.backend.placeholder_token
+            lines = "".join(
+                f"{prompts.neutralize(c.name, special)}: {self.backend.memory_open}{pad * c.num_tokens}"
+                f"{self.backend.memory_close}\n" for c in kept
+            )
+            blocks.append({"type": "text", "text": prompts.MEMORY_INTRO + lines + prompts.MEMORY_OUTRO})
+        blocks += visual_block + [{"type": "text", "text": question}]
+        encoded = encode(blocks)
+        if probe is not None:
+            encoded.encoder_outputs = probe.encoder_outputs  # the query image was encoded once, for ranking
+        elif visual_block:
+            self.backend.encode_vision(encoded)
+
+        input_ids = encoded.inputs["input_ids"].to(self.device)   # [1, L]
+        with torch.no_grad():
+            embeds = self.model.get_input_embeddings()(input_ids).clone()  # [1, L, D]
+        slots = input_ids[0] == self.backend.placeholder_id
+        memory = torch.cat([c.embeddings for c in kept]) if kept else embeds.new_zeros(0, embeds.shape[-1])
+        if int(slots.sum()) != memory.shape[0]:
+            raise RuntimeError(f"{int(slots.sum())} memory placeholders for {memory.shape[0]} memory rows")
+        embeds[0, slots] = memory.to(device=embeds.device, dtype=embeds.dtype)
+        generate = dict(input_ids=input_ids, inputs_embeds=embeds, **self.backend.generate_kwargs(encoded),
+                        max_new_tokens=max_new_tokens, do_sample=False)
+        meta = dict(used=[c.name for c in kept], dropped=[c.name for c in dropped],
+                    context_tokens=input_ids.shape[1], memory_tokens=int(memory.shape[0]))
+        return {"generate": generate, "meta": meta, "context_tokens": input_ids.shape[1]}
+
+    # ------------------------------------------------------------------------------------------
+    # Input checks and the model guard
+    # ------------------------------------------------------------------------------------------
+    def check_name(self, name) -> str:
+        name = " ".join(str(name or "").split())
+        if not name:
+            raise InputError("Give the concept a name, for example 'my cat Chelsea'.")
+        if len(name) > self.settings.max_name_chars:
+            raise InputError(f"Concept names are at most {self.settings.max_name_chars} characters; "
+                             f"please use a shorter name.")
+        return name
+
+    def check_question(self, question) -> str:
+        question = str(question or "").strip()
+        if not question:
+            raise InputError("Type a question first, for example 'Is Chelsea in this photo?'.")
+        if len(question) > self.settings.max_question_chars:
+            raise InputError(f"Questions are at most {self.settings.max_question_chars} characters; "
+                             f"please shorten yours.")
+        return prompts.neutralize(question, self.backend.special_strings)
+
+    @contextlib.contextmanager
+    def _model_call(self):
+        """One model call at a time; an out-of-memory error frees memory and says what to change."""
+        with self._lock:
+            try:
+                yield
+            except torch.OutOfMemoryError as error:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                raise ModelBusyError(
+                    "The model ran out of memory on this request; try a smaller image, a shorter clip or "
+                    "fewer concepts, then ask again."
+                ) from error
+
+
+# ----------------------------------------------------------------------------------------------
+# The rules, as plain functions (tests recompute them independently)
+# ----------------------------------------------------------------------------------------------
+def memory_size(area_pct: float, n_r: int, k_cap: int) -> int:
+    """Eq. 4: K_c = max(1, round(min(K, alpha_c * N_r / 100))), rounding halves up."""
+    return max(1, int(math.floor(min(k_cap, area_pct * n_r / 100.0) + 0.5)))
+
+
+def select_concepts(concepts: Sequence[Concept], query_rows: torch.Tensor, keep: int):
+    """Keep the `keep` concepts most similar to the query's visual tokens [N, D], in the order given.
+
+    Similarity of a concept: the mean over its memory tokens of the best cosine similarity with any
+    query token (both are projector outputs, so they live in the same space).
+    """
+    query = F.normalize(query_rows.float(), dim=-1)
+    scores = []
+    for concept in concepts:
+        memory = F.normalize(concept.embeddings.to(query.device).float(), dim=-1)
+        scores.append(float((memory @ query.T).max(dim=1).values.mean()))
+    ranked = sorted(range(len(concepts)), key=lambda i: -scores[i])
+    chosen = set(ranked[:keep])
+    kept = [c for i, c in enumerate(concepts) if i in chosen]
+    dropped = [concepts[i] for i in ranked[keep:]]
+    return kept, dropped
+
+
+def _keyword_positions(tokenizer, ids: list[int], *, content_only: bool) -> tuple[list[int], list[str]]:
+    """Indices (into `ids`) of the tokens that spell the keywords, and the keywords.
+
+    Fallbacks, in order: content words; any word; every token (a description with no words at all).
+    """
+    ends = [len(tokenizer.decode(ids[:i + 1], skip_special_tokens=True)) for i in range(len(ids))]
+    starts = [0] + ends[:-1]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    for only in ([True, False] if content_only else [False]):
+        spans = prompts.word_spans(text, content_only=only)
+        positions = [i for i, (a, b) in enumerate(zip(starts, ends))
+                     if b > a and any(a < end and start < b for start, end in spans)]
+        if positions:
+            words = prompts.content_words(text) if only else [text[a:b].lower() for a, b in spans]
+            return positions, list(dict.fromkeys(words))
+    return list(range(len(ids))), []
+
+
+def _check_keywords(keywords) -> list[str] | None:
+    if keywords is None:
+        return None
+    if isinstance(keywords, str):
+        keywords = keywords.replace(";", ",").split(",")
+    words = [" ".join(str(k).split()) for k in keywords]
+    words = [w for w in words if w]
+    if not words:
+        raise InputError("Give at least one keyword (for example 'tabby, green eyes'), or leave the field empty "
+                         "to let the model describe the photo.")
+    if sum(len(w) for w in words) > 200:
+        raise InputError("Keep the keywords under 200 characters in total.")
+    return words
+
+
+def _strip_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
+    while ids and ids[-1] in stop_ids:
+        ids = ids[:-1]
+    return ids
+
+
+def _extend(kwargs: dict, length: int) -> dict:
+    """Generate kwargs for a longer sequence: per-token tensors [1, L0] grow to [1, length] (text tokens)."""
+    extended = {}
+    for key, value in kwargs.items():
+        if torch.is_tensor(value) and value.dim() == 2 and value.shape[0] == 1 and key.endswith(("mask", "_ids")):
+            fill = 1 if key == "attention_mask" else 0
+            pad = value.new_full((1, length - value.shape[1]), fill)
+            value = torch.cat([value, pad], dim=1)
+        extended[key] = value
+    return extended
+
+
+def _read_layers(layers) -> tuple[int, ...]:
+    if isinstance(layers, (str, Path)):
+        try:
+            document = json.loads(Path(layers).read_text())
+            return tuple(int(layer) for layer in document["layers"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{layers} is not a layers file written by `python -m ego.calibrate`.") from error
+    return tuple(int(layer) for layer in layers)
+
+
+class _Stopwatch:
+    """Seconds between successive `lap()` calls."""
+
+    def __init__(self):
+        self._last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        return elapsed

@@ -1,0 +1,612 @@
+"""Safe decoding of the images and videos a visitor sends.
+
+Everything here treats its input as hostile: a public Space receives files from anyone. The rules:
+
+* Only an allowlist of formats is decoded (images: JPEG, PNG, WebP, GIF, BMP, TIFF; videos: MP4/MOV,
+  WebM/Matroska, AVI, GIF), so an SVG, HTML page or script renamed ``.png`` is refused rather than
+  handed to some permissive parser.
+* Size is checked before work is done: the file size before reading, the pixel count from the header
+  before the pixels are decoded (PIL's ``Image.open`` and PyAV's ``open`` are lazy), so a 20 KB
+  "decompression bomb" that claims 30000x30000 pixels never allocates them.
+* A video is streamed: only the sampled frames are kept (downscaled at once), and a wall-clock
+  budget is checked between packets and frames, so a container that lies about its length cannot
+  exhaust memory or hang a worker.
+* Nothing is fetched: a URL is refused, and a video's demuxer is chosen from the file's magic bytes
+  and may not open any other file or URL (ffmpeg's HLS/concat demuxers are a known SSRF vector).
+* Every refusal is an :class:`ego.errors.InputError` whose message is one sentence saying what to
+  do; no raw PIL, PyAV or OS error escapes for bad input.
+
+All limits come from :class:`ego.settings.Settings`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import stat
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import av
+import numpy as np
+from PIL import Image, ImageOps
+
+from ego.errors import InputError
+from ego.settings import DEFAULT_SETTINGS, Settings
+
+__all__ = ["load_image", "load_video", "sample_indices"]
+
+# --- formats ------------------------------------------------------------------------------------
+
+IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+"""PIL plugins allowed to open an image. Everything else (SVG, ICO, PSD, EPS, ...) is refused."""
+
+_IMAGE_RESULT_FORMATS = frozenset(IMAGE_FORMATS) | {"MPO"}
+"""What ``Image.format`` may read after opening: PIL's JPEG plugin reports multi-picture JPEGs
+(what many phone cameras write) as MPO."""
+
+_IMAGE_FORMATS_TEXT = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+
+_VIDEO_FORMATS_TEXT = "MP4, MOV, WebM, MKV, AVI or animated GIF"
+
+_MEGA = 1_000_000
+_MIB = 1024 * 1024
+
+_URL_RE = re.compile(r"^\s*([a-z][a-z0-9+.\-]*://|data:)", re.IGNORECASE)
+"""Anything that looks like a URL. Windows drive letters ("C:\\") do not match: they lack "//"."""
+
+_METADATA_BACKEND = "pyav"
+
+
+# --- shared checks ------------------------------------------------------------------------------
+
+
+def _refuse_url(source: str) -> None:
+    if _URL_RE.match(source):
+        raise InputError(
+            "Links are not fetched; please download the file and upload it instead."
+        )
+
+
+def _check_dimensions(width: int, height: int, settings: Settings, what: str = "image") -> None:
+    """Refuse empty, too large or too elongated pictures, from their declared size only."""
+    if width <= 0 or height <= 0:
+        raise InputError(f"This {what} has no pixels; please upload a different file.")
+    if width * height > settings.max_image_pixels:
+        raise InputError(
+            f"This {what} is {width}x{height} pixels; the limit is "
+            f"{settings.max_image_pixels / _MEGA:g} megapixels. Please upload a smaller {what}."
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > settings.max_image_aspect_ratio:
+        raise InputError(
+            f"This {what} is {width}x{height} pixels, too long and thin (the limit is "
+            f"{settings.max_image_aspect_ratio:g}:1); please crop it or upload a squarer {what}."
+        )
+
+
+def _too_big_message(size_bytes: int, settings: Settings, what: str) -> str:
+    return (
+        f"This {what} is {size_bytes / _MIB:.1f} MiB; the limit is {settings.max_upload_mb} MiB. "
+        f"Please upload a smaller {what}."
+    )
+
+
+def _open_regular_file(path: str | os.PathLike, settings: Settings, what: str) -> BinaryIO:
+    """Open a local regular file for reading after checking its size.
+
+    The size is taken from the open descriptor (``fstat``), not the path, so the file checked is the
+    file read. Devices and FIFOs (``/dev/zero``) are refused: they have no size and may never end.
+    """
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - the caller closes it
+    except OSError:
+        raise InputError(
+            f"The {what} file could not be read; please upload it again."
+        ) from None
+    try:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(f"This is not a regular {what} file; please upload a {what}.")
+        if info.st_size > settings.max_upload_bytes:
+            raise InputError(_too_big_message(info.st_size, settings, what))
+        if info.st_size == 0:
+            raise InputError(f"This {what} file is empty; please upload it again.")
+    except BaseException:
+        fh.close()
+        raise
+    return fh
+
+
+def _fit_pixels(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The largest size with the same aspect ratio and at most ``max_pixels`` pixels."""
+    if width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    new_w = max(1, math.floor(width * scale))
+    new_h = max(1, math.floor(height * scale))
+    return new_w, new_h
+
+
+# --- images -------------------------------------------------------------------------------------
+
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+_UINT16_MAX = 65535
+_UINT8_MAX = 255
+_WHITE = (255, 255, 255, 255)
+
+
+def _high_depth_to_l(im: Image.Image) -> Image.Image:
+    """Scale 16-bit or 32-bit grey levels to 8 bits.
+
+    PIL's own ``convert("L")`` clips instead of scaling, which turns most 16-bit photos white.
+    Integer modes are assumed to use the 16-bit range when any value exceeds 255 (PNG and TIFF
+    store 16-bit grey as ``I;16`` or ``I``); float images in [0, 1] are scaled up.
+    """
+    arr = np.asarray(im)
+    if arr.dtype.kind == "f":
+        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=_UINT8_MAX, neginf=0.0)
+        peak = float(arr.max(initial=0.0))
+        if 0.0 < peak <= 1.0:
+            arr = arr * _UINT8_MAX
+        elif peak > _UINT8_MAX:
+            arr = arr * (_UINT8_MAX / _UINT16_MAX)
+    else:
+        arr = arr.astype(np.float64)
+        if im.mode.startswith("I;16") or float(arr.max(initial=0)) > _UINT8_MAX:
+            arr = arr * (_UINT8_MAX / _UINT16_MAX)
+    return Image.fromarray(np.clip(np.rint(arr), 0, _UINT8_MAX).astype(np.uint8), mode="L")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparent pixels become white, as a viewer would show them."""
+    if im.mode in _HIGH_DEPTH_MODES:
+        im = _high_depth_to_l(im)
+    has_alpha = im.mode in _ALPHA_MODES or "transparency" in im.info
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE)
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if im.mode != "RGB":
+        return im.convert("RGB")
+    return im
+
+
+def _image_from_array(arr: Any) -> Image.Image:
+    """A uint8 array (H,W,3), (H,W,4) or (H,W) as a PIL image, without trusting its layout."""
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8:
+        raise InputError("This image array is not 8-bit; please send an RGB uint8 array of shape (H, W, 3).")
+    if arr.ndim == 2:
+        return Image.fromarray(np.ascontiguousarray(arr), mode="L")
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        return Image.fromarray(np.ascontiguousarray(arr), mode="RGB" if arr.shape[2] == 3 else "RGBA")
+    raise InputError(
+        f"This image array has shape {arr.shape}; please send an RGB uint8 array of shape (H, W, 3)."
+    )
+
+
+def _decode(im: Image.Image, settings: Settings) -> Image.Image:
+    """Check the declared size, then decode, orient and convert an opened (lazy) image."""
+    if im.format is not None and im.format not in _IMAGE_RESULT_FORMATS:
+        raise InputError(
+            f"{im.format} images are not accepted; please upload a {_IMAGE_FORMATS_TEXT} image."
+        )
+    width, height = im.size
+    _check_dimensions(width, height, settings)
+    try:
+        im.load()
+        oriented = ImageOps.exif_transpose(im)
+        rgb = _to_rgb(oriented)
+    except InputError:
+        raise
+    except Image.DecompressionBombError:
+        raise InputError("This image is too large to decode safely; please upload a smaller image.") from None
+    except Exception:  # noqa: BLE001 - a damaged file can make PIL raise almost anything
+        raise InputError(
+            "This image is damaged or incomplete and could not be decoded; please upload it again "
+            f"or save it as {_IMAGE_FORMATS_TEXT}."
+        ) from None
+    # Orientation may have swapped the sides; the pixel count and ratio are unchanged.
+    if rgb is im:
+        rgb = rgb.copy()
+    return rgb
+
+
+def _open_image(fp: BinaryIO, settings: Settings) -> Image.Image:
+    try:
+        im = Image.open(fp, formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError:
+        raise InputError(
+            "This image declares far too many pixels to decode safely; please upload a smaller image."
+        ) from None
+    except Exception:  # noqa: BLE001 - UnidentifiedImageError, SyntaxError, struct.error, ...
+        raise InputError(
+            f"This file is not a supported image; please upload a {_IMAGE_FORMATS_TEXT} image."
+        ) from None
+    return _decode(im, settings)
+
+
+def load_image(source: Any, settings: Settings = DEFAULT_SETTINGS) -> Image.Image:
+    """Decode a visitor's image into a new RGB ``PIL.Image``.
+
+    ``source`` is a PIL image (never modified), a local path (``str`` or ``Path``), raw bytes, or a
+    uint8 numpy array of shape (H, W, 3). EXIF orientation is applied; palette, alpha (composited on
+    white), 16-bit, CMYK and grey images all become 8-bit RGB. Animated images give their first
+    frame. Raises :class:`InputError` with a sentence for the visitor for anything refused.
+    """
+    if isinstance(source, Image.Image):
+        return _decode(source, settings)
+    if isinstance(source, np.ndarray):
+        im = _image_from_array(source)
+        _check_dimensions(im.width, im.height, settings)
+        return _to_rgb(im)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if len(data) > settings.max_upload_bytes:
+            raise InputError(_too_big_message(len(data), settings, "image"))
+        if not data:
+            raise InputError("This image file is empty; please upload it again.")
+        return _open_image(io.BytesIO(data), settings)
+    if isinstance(source, str):
+        _refuse_url(source)
+    if isinstance(source, (str, os.PathLike)):
+        with _open_regular_file(source, settings, "image") as fh:
+            return _open_image(fh, settings)
+    raise InputError(
+        f"This is not an image ({type(source).__name__}); please upload a {_IMAGE_FORMATS_TEXT} image."
+    )
+
+
+# --- videos -------------------------------------------------------------------------------------
+
+
+def sample_indices(total: int, n: int) -> list[int]:
+    """``n`` frame indices spread uniformly over ``total`` frames, each centred in its segment.
+
+    Frame ``i`` is the middle of the i-th of ``n`` equal segments, so a 2-frame sample of a clip shows
+    its first and third quarters rather than its (often black) first and last frames. The indices
+    are unique and increasing when ``total >= n``; with fewer frames than asked, all are returned.
+    Integer arithmetic only, so the result is the same on every machine.
+    """
+    if total <= 0 or n <= 0:
+        return []
+    if total <= n:
+        return list(range(total))
+    return [((2 * i + 1) * total) // (2 * n) for i in range(n)]
+
+
+def _video_demuxer(head: bytes) -> str | None:
+    """The ffmpeg demuxer for a file's first bytes, or None when it is not an allowed container.
+
+    Choosing the demuxer ourselves (instead of letting ffmpeg probe) keeps playlists, concat lists,
+    raw streams and images out: those demuxers can open other files or URLs, or accept anything.
+    """
+    if len(head) >= 12 and head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide"):
+        return "mov"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "matroska"
+    if head.startswith(b"RIFF") and head[8:12] == b"AVI ":
+        return "avi"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "gif"
+    return None
+
+
+_SNIFF_BYTES = 16
+
+
+def _refuse_nested_open(url: str, flags: int, options: dict) -> None:
+    """io_open hook for PyAV: a demuxer asking to open another file or URL is refused."""
+    raise PermissionError("nested open refused")
+
+
+class _Deadline:
+    """A wall-clock budget for one video, checked between packets and frames."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.budget_s = budget_s
+        self.end = time.monotonic() + budget_s
+
+    def check(self) -> None:
+        if time.monotonic() > self.end:
+            raise InputError(
+                f"This video could not be decoded within {self.budget_s:g} seconds; please upload a "
+                "shorter or standard MP4/WebM clip."
+            )
+
+
+def _damaged_video() -> InputError:
+    return InputError(
+        f"This video is damaged or uses an unsupported codec; please upload a standard "
+        f"{_VIDEO_FORMATS_TEXT} clip (H.264, VP9 or AV1)."
+    )
+
+
+def _too_long(duration_s: float, settings: Settings) -> InputError:
+    return InputError(
+        f"This video is {duration_s:.0f} seconds long; the limit is "
+        f"{settings.max_video_duration_s:g} seconds. Please upload a shorter clip."
+    )
+
+
+class _FrameSink:
+    """Turns the kept frames into equally sized RGB arrays as they are decoded.
+
+    The output size is fixed by the first kept frame (after rotation) so that a stream that changes
+    resolution mid-way still yields one (T, H, W, 3) array.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.size: tuple[int, int] | None = None
+
+    def add(self, image: Image.Image) -> np.ndarray:
+        image = _to_rgb(image)
+        if self.size is None:
+            self.size = _fit_pixels(image.width, image.height, self.settings.video_frame_max_pixels)
+        if image.size != self.size:
+            image = image.resize(self.size, Image.Resampling.BICUBIC)
+        return np.asarray(image, dtype=np.uint8)
+
+
+def _stream_fps(stream: Any) -> float | None:
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        try:
+            value = float(rate) if rate is not None else 0.0
+        except (TypeError, ValueError, ZeroDivisionError):
+            value = 0.0
+        if math.isfinite(value) and value > 0:
+            return value
+    return None
+
+
+def _declared_duration_s(container: Any, stream: Any) -> float | None:
+    """Duration from the stream, else the container; None when neither states one."""
+    try:
+        if stream.duration is not None and stream.time_base is not None and stream.duration > 0:
+            return float(stream.duration * stream.time_base)
+        if container.duration is not None and container.duration > 0:
+            return container.duration / av.time_base  # the container counts in AV_TIME_BASE units
+    except (TypeError, ValueError, ZeroDivisionError):
+        pass
+    return None
+
+
+@dataclass
+class _Pass:
+    """What one decoding pass saw."""
+
+    kept: dict[int, np.ndarray]
+    """The frames whose index was wanted, already RGB and downscaled."""
+    count: int
+    """How many frames the stream really decoded to."""
+    estimate: int
+    """How many frames the header promised (count, else duration x fps); 0 when it did not say."""
+    declared_fps: float | None
+    declared_duration_s: float | None
+    first_time_s: float | None
+    last_time_s: float | None
+
+
+def _estimated_frames(declared_frames: int, fps: float | None, duration_s: float | None) -> int:
+    """The container's frame count, else duration x fps; 0 when neither is known."""
+    if declared_frames > 0:
+        return declared_frames
+    if fps and duration_s:
+        return max(0, round(duration_s * fps))
+    return 0
+
+
+def _decode_pass(
+    fh: BinaryIO,
+    demuxer: str,
+    choose: Callable[[int], Sequence[int]],
+    settings: Settings,
+    deadline: _Deadline,
+) -> _Pass:
+    """Decode the whole stream once, keeping only the frames whose index ``choose`` selects.
+
+    ``choose`` receives the estimated frame count (0 when unknown) once the header is read and
+    returns the wanted indices. Memory is bounded by the kept frames, each downscaled at once.
+    """
+    fh.seek(0)
+    sink = _FrameSink(settings)
+    kept: dict[int, np.ndarray] = {}
+    count = 0
+    first_time: float | None = None
+    last_time: float | None = None
+    try:
+        container = av.open(fh, mode="r", format=demuxer, io_open=_refuse_nested_open)
+    except Exception:  # noqa: BLE001 - av.error.*, PermissionError from the hook, ...
+        raise _damaged_video() from None
+    with container:
+        deadline.check()
+        if not container.streams.video:
+            raise InputError("This file has no video track; please upload a video clip.")
+        stream = container.streams.video[0]
+        declared_frames = max(0, int(stream.frames or 0))
+        declared_fps = _stream_fps(stream)
+        declared_duration = _declared_duration_s(container, stream)
+        if declared_duration is not None and declared_duration > settings.max_video_duration_s:
+            raise _too_long(declared_duration, settings)
+        codec = stream.codec_context
+        if codec.width and codec.height:
+            _check_dimensions(codec.width, codec.height, settings, what="video")
+        estimate = _estimated_frames(declared_frames, declared_fps, declared_duration)
+        wanted = set(choose(estimate))
+        stream.thread_type = "AUTO"
+        try:
+            for packet in container.demux(stream):
+                deadline.check()
+                for frame in packet.decode():
+                    deadline.check()
+                    _check_dimensions(frame.width, frame.height, settings, what="video")
+                    if frame.time is not None:
+                        first_time = frame.time if first_time is None else first_time
+                        last_time = frame.time
+                        if last_time - first_time > settings.max_video_duration_s:
+                            raise _too_long(last_time - first_time, settings)
+                    if count in wanted:
+                        image = frame.to_image()
+                        rotation = getattr(frame, "rotation", 0) or 0
+                        if rotation:
+                            # PyAV reports the counter-clockwise turn that shows the frame upright.
+                            image = image.rotate(rotation, expand=True)
+                        kept[count] = sink.add(image)
+                    count += 1
+        except InputError:
+            raise
+        except Exception:  # noqa: BLE001 - av.error.InvalidDataError and friends
+            raise _damaged_video() from None
+    return _Pass(kept, count, estimate, declared_fps, declared_duration, first_time, last_time)
+
+
+def _metadata(
+    total: int, fps: float, indices: list[int], frames: np.ndarray, duration_s: float | None
+) -> dict[str, Any]:
+    """Metadata in the shape of ``transformers.video_utils.VideoMetadata`` (exactly its fields).
+
+    ``fps`` is the source frame rate and ``frames_indices`` are source indices: transformers
+    computes each frame's timestamp as ``index / fps`` (Qwen3-VL) and the sampled rate as
+    ``len(frames_indices) / total_num_frames * fps`` (Qwen2.5-VL). No other keys are added because
+    ``VideoMetadata(**metadata)`` rejects unknown ones.
+    """
+    return {
+        "total_num_frames": int(total),
+        "fps": float(fps),
+        "width": int(frames.shape[2]),
+        "height": int(frames.shape[1]),
+        "duration": float(duration_s if duration_s else total / fps),
+        "video_backend": _METADATA_BACKEND,
+        "frames_indices": [int(i) for i in indices],
+    }
+
+
+def _decode_video(fh: BinaryIO, settings: Settings, n: int) -> tuple[np.ndarray, dict]:
+    """Sample ``n`` frames from an open video file in one pass, or two when the container lies.
+
+    The first pass picks indices from the declared frame count (or duration x fps) and counts the
+    frames it decodes. If the count differs from the estimate, or there was none, a second pass
+    keeps the right frames. Both passes share one wall-clock budget.
+    """
+    demuxer = _video_demuxer(fh.read(_SNIFF_BYTES))
+    if demuxer is None:
+        raise InputError(f"This file is not a supported video; please upload a {_VIDEO_FORMATS_TEXT} clip.")
+    deadline = _Deadline(settings.max_video_decode_s)
+    deadline.check()
+
+    result = _decode_pass(fh, demuxer, lambda estimate: sample_indices(estimate, n), settings, deadline)
+    total = result.count
+    if total == 0:
+        raise InputError("This video has no frames; please upload a different clip.")
+    indices = sample_indices(total, n)
+    if any(i not in result.kept for i in indices):
+        first_count = total
+        result = _decode_pass(fh, demuxer, lambda _estimate: indices, settings, deadline)
+        if result.count != first_count or any(i not in result.kept for i in indices):
+            raise _damaged_video()  # the stream decoded differently twice
+    frames = np.stack([result.kept[i] for i in indices])
+
+    fps = result.declared_fps
+    if fps is None and result.first_time_s is not None and result.last_time_s is not None and total > 1:
+        span = result.last_time_s - result.first_time_s
+        fps = (total - 1) / span if span > 0 else None
+    fps = fps or settings.video_default_fps
+    # A header that miscounted the frames is not trusted for the duration either.
+    duration_s = result.declared_duration_s if result.estimate == total else None
+    return frames, _metadata(total, fps, indices, frames, duration_s)
+
+
+def _check_fps(fps: float | None, settings: Settings) -> float:
+    value = settings.video_default_fps if fps is None else float(fps)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"fps must be a positive number, got {fps}")
+    return value
+
+
+def _load_video_array(
+    array: np.ndarray, settings: Settings, n: int, fps: float | None
+) -> tuple[np.ndarray, dict]:
+    """Sample and downscale frames that are already decoded."""
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[3] != 3:
+        raise InputError(
+            f"These video frames have shape {array.shape} and type {array.dtype}; please send a "
+            "uint8 array of shape (T, H, W, 3)."
+        )
+    rate = _check_fps(fps, settings)
+    total = array.shape[0]
+    if total == 0:
+        raise InputError("This video has no frames; please upload a different clip.")
+    _check_dimensions(array.shape[2], array.shape[1], settings, what="video")
+    if total / rate > settings.max_video_duration_s:
+        raise _too_long(total / rate, settings)
+    indices = sample_indices(total, n)
+    sink = _FrameSink(settings)
+    frames = np.stack(
+        [sink.add(Image.fromarray(np.ascontiguousarray(array[i]), mode="RGB")) for i in indices]
+    )
+    return frames, _metadata(total, rate, indices, frames, None)
+
+
+def _load_video_images(
+    images: Sequence[Any], settings: Settings, n: int, fps: float | None
+) -> tuple[np.ndarray, dict]:
+    """Sample a list of images; each kept one goes through :func:`load_image` and all its checks."""
+    rate = _check_fps(fps, settings)
+    total = len(images)
+    if total == 0:
+        raise InputError("This video has no frames; please upload a different clip.")
+    if total / rate > settings.max_video_duration_s:
+        raise _too_long(total / rate, settings)
+    indices = sample_indices(total, n)
+    sink = _FrameSink(settings)
+    frames = np.stack([sink.add(load_image(images[i], settings)) for i in indices])
+    return frames, _metadata(total, rate, indices, frames, None)
+
+
+def load_video(
+    source: Any,
+    settings: Settings = DEFAULT_SETTINGS,
+    *,
+    num_frames: int | None = None,
+    fps: float | None = None,
+) -> tuple[np.ndarray, dict]:
+    """Decode a visitor's video into ``num_frames`` uniformly sampled RGB frames and their metadata.
+
+    ``source`` is a local path, raw bytes, a uint8 array of frames (T, H, W, 3), or a list of images
+    (anything :func:`load_image` accepts). ``num_frames`` defaults to ``settings.video_num_frames``;
+    ``fps`` is the frame rate of an array or list source (default ``settings.video_default_fps``)
+    and is ignored for files, whose container states it.
+
+    Returns ``(frames, metadata)``: frames is a (T, H, W, 3) uint8 array, every frame downscaled to
+    at most ``settings.video_frame_max_pixels`` pixels; metadata has exactly the fields of
+    transformers' ``VideoMetadata`` (``total_num_frames``, ``fps`` (source rate), ``width``,
+    ``height``, ``duration``, ``video_backend``, ``frames_indices`` (source indices)), ready to pass
+    as ``video_metadata`` together with ``do_sample_frames=False``.
+    """
+    n = settings.video_num_frames if num_frames is None else int(num_frames)
+    if n < 1:
+        raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+    if isinstance(source, np.ndarray):
+        return _load_video_array(source, settings, n, fps)
+    if isinstance(source, (list, tuple)):
+        return _load_video_images(source, settings, n, fps)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if len(data) > settings.max_upload_bytes:
+            raise InputError(_too_big_message(len(data), settings, "video"))
+        if not data:
+            raise InputError("This video file is empty; please upload it again.")
+        return _decode_video(io.BytesIO(data), settings, n)
+    if isinstance(source, str):
+        _refuse_url(source)
+    if isinstance(source, (str, os.PathLike)):
+        with _open_regular_file(source, settings, "video") as fh:
+            return _decode_video(fh, settings, n)
+    raise InputError(f"This is not a video ({type(source).__name__}); please upload a {_VIDEO_FORMATS_TEXT} clip.")

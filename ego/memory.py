@@ -1,0 +1,170 @@
+"""Concept memories: what `introduce` keeps, and the file format that carries them between sessions.
+
+A file is one safetensors file: the tensors (memory rows, kept token indices, importance scores) plus,
+in the safetensors header's metadata, a JSON document with the format name and version, the model id
+and hidden size the memory belongs to, and each concept's name and per-view details. Nothing is ever
+unpickled; the header size is checked before it is parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import IncompatibleMemoryError, MemoryFileError
+
+FORMAT_NAME = "ego-concepts"
+FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+"""A safetensors header larger than this is refused before it is read (hostile files)."""
+
+
+@dataclass(frozen=True)
+class ConceptView:
+    """What one reference image contributed to a concept's memory."""
+
+    token_indices: torch.Tensor
+    """Kept visual tokens, raster order: LongTensor [k]."""
+    scores: torch.Tensor
+    """Importance I_j (Eq. 3) of every visual token of the reference image: float32 [N_r]."""
+    grid: tuple[int, int]
+    """(rows, cols) of the reference image's visual tokens; rows * cols == N_r."""
+    k: int
+    """K_c (Eq. 4): tokens kept from this view."""
+    area_pct: float
+    """alpha_c: the subject's share of the image in percent (the model's estimate or the user's)."""
+    keywords: tuple[str, ...]
+    """Content words whose attention ranked the tokens."""
+    description: str
+    """The text whose keyword tokens were read (the model's self-description, or the user's keywords)."""
+    size_answer: str = ""
+    """The model's raw answer to the size question ("" when the user gave the size)."""
+    keywords_source: str = "model"
+    area_source: str = "model"
+    """"model", "user" or "fallback" (the size answer had no number)."""
+    timings_s: dict = field(default_factory=dict, compare=False)
+    """Seconds spent per stage (encode, description, size, scores, selection); not saved."""
+
+
+@dataclass(frozen=True)
+class Concept:
+    name: str
+    embeddings: torch.Tensor
+    """Memory rows, projector output at the kept tokens, views concatenated: float [sum K_c, D], CPU."""
+    model_id: str
+    views: tuple[ConceptView, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self.embeddings.numel() * self.embeddings.element_size()
+
+
+def save_concepts(path, concepts) -> Path:
+    """Write concepts of one model to a single safetensors file; returns the path."""
+    from safetensors.torch import save_file
+
+    concepts = list(concepts)
+    if not concepts:
+        raise MemoryFileError("There are no concepts to save; introduce at least one first.")
+    model_ids = {c.model_id for c in concepts}
+    if len(model_ids) != 1:
+        raise MemoryFileError("These concepts come from different models; save each model's concepts separately.")
+    tensors, entries = {}, []
+    for i, concept in enumerate(concepts):
+        tensors[f"c{i}.embeddings"] = concept.embeddings.detach().cpu().contiguous()
+        views = []
+        for j, view in enumerate(concept.views):
+            tensors[f"c{i}.v{j}.token_indices"] = view.token_indices.to(torch.int64).cpu().contiguous()
+            tensors[f"c{i}.v{j}.scores"] = view.scores.float().cpu().contiguous()
+            views.append({
+                "grid": list(view.grid), "k": view.k, "area_pct": view.area_pct, "keywords": list(view.keywords),
+                "description": view.description, "size_answer": view.size_answer,
+                "keywords_source": view.keywords_source, "area_source": view.area_source,
+            })
+        entries.append({"name": concept.name, "views": views})
+    document = {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "model_id": concepts[0].model_id,
+        "hidden_size": int(concepts[0].embeddings.shape[1]), "concepts": entries,
+    }
+    path = Path(path)
+    save_file(tensors, str(path), metadata={"ego": json.dumps(document)})
+    return path
+
+
+def read_concepts(path, *, max_concepts: int = 200) -> tuple[dict, list[Concept]]:
+    """Parse a concept file without a model: (header document, concepts). Raises MemoryFileError."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    not_ours = "This file is not an Ego concept file; export concepts from this app or with ego.save_concepts."
+    try:
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+        size = path.stat().st_size
+    except OSError as error:
+        raise MemoryFileError("The concept file could not be read; please choose the file again.") from error
+    if len(prefix) < 8:
+        raise MemoryFileError(not_ours)
+    (header_bytes,) = struct.unpack("<Q", prefix)
+    if header_bytes > MAX_HEADER_BYTES or header_bytes + 8 > size:
+        raise MemoryFileError(not_ours)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            document = json.loads(metadata["ego"])
+            if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
+                raise MemoryFileError(not_ours)
+            if document.get("version") != FORMAT_VERSION:
+                raise MemoryFileError(
+                    f"This concept file has format version {document.get('version')!r}; this version of Ego reads "
+                    f"version {FORMAT_VERSION}. Re-export the concepts with this version."
+                )
+            entries = document["concepts"]
+            if not isinstance(entries, list) or len(entries) > max_concepts:
+                raise MemoryFileError(f"A concept file may hold at most {max_concepts} concepts.")
+            hidden = int(document["hidden_size"])
+            concepts = []
+            for i, entry in enumerate(entries):
+                embeddings = handle.get_tensor(f"c{i}.embeddings")
+                if embeddings.dim() != 2 or embeddings.shape[1] != hidden or not embeddings.is_floating_point():
+                    raise MemoryFileError(not_ours)
+                views = []
+                for j, view in enumerate(entry["views"]):
+                    views.append(ConceptView(
+                        token_indices=handle.get_tensor(f"c{i}.v{j}.token_indices"),
+                        scores=handle.get_tensor(f"c{i}.v{j}.scores"),
+                        grid=(int(view["grid"][0]), int(view["grid"][1])), k=int(view["k"]),
+                        area_pct=float(view["area_pct"]), keywords=tuple(str(w) for w in view["keywords"]),
+                        description=str(view["description"]), size_answer=str(view.get("size_answer", "")),
+                        keywords_source=str(view.get("keywords_source", "model")),
+                        area_source=str(view.get("area_source", "model")),
+                    ))
+                if sum(v.k for v in views) != embeddings.shape[0]:
+                    raise MemoryFileError(not_ours)
+                concepts.append(Concept(name=str(entry["name"]), embeddings=embeddings,
+                                        model_id=str(document["model_id"]), views=tuple(views)))
+    except MemoryFileError:
+        raise
+    except (SafetensorError, KeyError, TypeError, ValueError, IndexError, OSError) as error:
+        raise MemoryFileError(not_ours) from error
+    return document, concepts
+
+
+def load_concepts(path, engine) -> list[Concept]:
+    """Concepts from a file written by `save_concepts`, checked against `engine`'s model."""
+    document, concepts = read_concepts(path, max_concepts=engine.settings.max_concept_file_concepts)
+    if document["model_id"] != engine.model_id or int(document["hidden_size"]) != engine.hidden_size:
+        raise IncompatibleMemoryError(
+            f"These concepts were made with {document['model_id']} and cannot be used with {engine.model_id}; "
+            f"introduce them again with this model."
+        )
+    dtype = engine.memory_dtype
+    return [Concept(c.name, c.embeddings.to(dtype), c.model_id, c.views) for c in concepts]

@@ -1,0 +1,56 @@
+"""Named models. Each preset says which checkpoint, which family, and which layers L score attention.
+
+Layers: the paper calibrated L once per backbone on COCO single-instance masks; for InternVL3-14B
+(48 text layers) it reports layers 29, 30, 35, 36, 39. Until a preset is calibrated with
+`python -m ego.calibrate`, it uses those layers scaled to its own depth (`depth_scaled_layers`), and
+says so in `layers_note`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PAPER_LAYERS = (29, 30, 35, 36, 39)
+PAPER_DEPTH = 48
+"""InternVL3-14B's calibrated layers and its number of text layers (indices read as 0-based)."""
+
+UNCALIBRATED = "depth-scaled from the paper's InternVL3-14B layers (29, 30, 35, 36, 39 of 48); not yet calibrated"
+
+
+def depth_scaled_layers(num_layers: int) -> tuple[int, ...]:
+    """The paper's layers at the same relative depth in a model with `num_layers` text layers."""
+    scaled = {min(num_layers - 1, max(0, int(layer * num_layers / PAPER_DEPTH + 0.5))) for layer in PAPER_LAYERS}
+    return tuple(sorted(scaled))
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model_id: str
+    family: str
+    layers: tuple[int, ...] | None = None
+    """Calibrated layers, or None for the depth-scaled default computed from the loaded config."""
+    layers_note: str = UNCALIBRATED
+    tiny: bool = False
+
+
+DEFAULT_PRESET = "qwen2.5-vl-7b"
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2.5-vl"),
+        Preset("qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2.5-vl"),
+        Preset("qwen2-vl-2b", "Qwen/Qwen2-VL-2B-Instruct", "qwen2-vl"),
+        Preset("qwen3-vl-4b", "Qwen/Qwen3-VL-4B-Instruct", "qwen3-vl"),
+        Preset("qwen3-vl-8b", "Qwen/Qwen3-VL-8B-Instruct", "qwen3-vl"),
+        Preset("tiny-qwen2-vl", "tiny-qwen2-vl", "qwen2-vl", layers_note="tiny random model: depth-scaled", tiny=True),
+        Preset("tiny-qwen2.5-vl", "tiny-qwen2.5-vl", "qwen2.5-vl", layers_note="tiny random model: depth-scaled",
+               tiny=True),
+        Preset("tiny-qwen3-vl", "tiny-qwen3-vl", "qwen3-vl", layers_note="tiny random model: depth-scaled", tiny=True),
+    ]
+}
+
+
+def resolve(name: str) -> Preset | None:
+    return PRESETS.get(name.strip().lower())

@@ -1,0 +1,77 @@
+"""Every limit and default of the engine and the app, in one place, with units in the names.
+
+The README's "Settings and limits" table mirrors this file. The app shows the limits next to its
+inputs; the engine enforces them (a visitor-caused breach raises `ego.InputError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- the method (paper section 3) ---------------------------------------------------------
+    k_cap_tokens: int = 50
+    """K in Eq. 4: the most memory tokens kept per reference image (about 20 % of 256)."""
+    reference_max_pixels: int = 448 * 448
+    """Pixel budget of a reference image, as in the paper: about 256 visual tokens."""
+    description_max_new_tokens: int = 40
+    """Length cap of the self-description whose content words are the keywords."""
+    size_max_new_tokens: int = 8
+    """Length cap of the answer to "what percentage of the image does the subject cover"."""
+    area_pct_fallback: float = 100.0
+    """alpha_c used when the size answer has no number or size word: K_c then equals the cap K."""
+    max_concepts_in_context: int = 20
+    """Above this many concepts, the ones most similar to the query's visual tokens are kept."""
+
+    # --- questions ------------------------------------------------------------------------------
+    query_image_max_pixels: int = 1024 * 28 * 28
+    """Pixel budget of a query image (about 1,000 visual tokens on Qwen2.5-VL)."""
+    video_num_frames: int = 8
+    """Frames sampled uniformly from a query video."""
+    video_frame_max_pixels: int = 448 * 448
+    """Pixel budget of one sampled video frame."""
+    video_default_fps: float = 24.0
+    """Frame rate assumed for frames given as an array or list, or a file that states none
+    (the value transformers falls back to)."""
+    answer_max_new_tokens: int = 256
+    """Default length cap of an answer."""
+    answer_max_new_tokens_limit: int = 1024
+    """The largest length cap a caller may ask for."""
+    stream_stop_timeout_s: float = 1.0
+    """How long a stopped stream waits for its generation thread to end."""
+
+    # --- limits on what a visitor sends ---------------------------------------------------------
+    max_references_per_concept: int = 5
+    max_concepts_per_session: int = 50
+    max_name_chars: int = 40
+    max_question_chars: int = 1000
+    max_upload_mb: int = 25
+    """Largest uploaded file (image, video or concept file), in MiB."""
+    max_image_pixels: int = 40_000_000
+    """Images larger than this are refused before they are decoded (decompression bombs)."""
+    max_image_aspect_ratio: float = 20.0
+    """Longer side over shorter side; beyond this the processor cannot make a sensible grid."""
+    max_video_duration_s: float = 120.0
+    max_video_decode_s: float = 30.0
+    """Wall-clock budget for decoding one video; a container that lies cannot hang the server."""
+    max_concept_file_concepts: int = 200
+    """Concepts in one imported file."""
+
+    # --- the app --------------------------------------------------------------------------------
+    queue_max_size: int = 32
+    """Requests waiting for the model before new ones are turned away."""
+    session_ttl_s: int = 3600
+    """How long a closed tab's concepts stay in server memory before they are freed."""
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mb * 1024 * 1024
+
+
+DEFAULT_SETTINGS = Settings()

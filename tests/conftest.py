@@ -1,0 +1,79 @@
+"""Test setup: offline, two threads, no network beyond loopback, tiny engines shared per session."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+torch.set_num_threads(2)
+
+FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
+
+_real_connect = socket.socket.connect
+
+
+def _loopback_only(sock, address):
+    host = address[0] if isinstance(address, tuple) else None
+    if host is not None:
+        try:
+            allowed = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            allowed = host == "localhost"
+        if not allowed:
+            raise OSError(f"tests must not touch the network (tried {host})")
+    return _real_connect(sock, address)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any connection that is not to loopback fails the test that made it."""
+    monkeypatch.setattr(socket.socket, "connect", _loopback_only)
+
+
+_ENGINES: dict = {}
+
+
+def tiny_engine(family: str, **kwargs):
+    """One tiny engine per (family, options) for the whole session (building one takes ~0.2 s)."""
+    from ego import Ego
+
+    key = (family, tuple(sorted(kwargs.items())))
+    if key not in _ENGINES:
+        _ENGINES[key] = Ego.tiny(family, **kwargs)
+    return _ENGINES[key]
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def engine(family):
+    return tiny_engine(family)
+
+
+def photo(seed: int = 0, size=(300, 451)) -> Image.Image:
+    """A small deterministic RGB photo-like image (smooth gradients plus noise)."""
+    rng = np.random.RandomState(seed)
+    h, w = size
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([(x * (1 + seed % 3)) % 256, (y * 2) % 256, ((x + y) * (1 + seed % 5)) % 256], axis=-1)
+    noise = rng.randint(0, 40, size=(h, w, 3))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype("uint8"))
+
+
+@pytest.fixture
+def photos():
+    return [photo(i) for i in range(3)]
