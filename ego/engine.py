@@ -147,6 +147,12 @@ class Ego:
         return cls.from_pretrained(f"tiny-{family}", seed=seed, **kwargs)
 
     @property
+    def decoding(self) -> dict:
+        """Greedy decoding (the paper: a deterministic description beats sampled ones), never emitting a
+        visual placeholder token."""
+        return {"do_sample": False, "suppress_tokens": self.backend.unspeakable_token_ids}
+
+    @property
     def num_layers(self) -> int:
         return self.model.config.get_text_config().num_hidden_layers
 
@@ -218,7 +224,7 @@ class Ego:
         with capturing(capture), torch.no_grad():
             if user_keywords is None:
                 out = self.model.generate(
-                    input_ids=prompt_ids, **generate_kwargs, do_sample=False,
+                    input_ids=prompt_ids, **generate_kwargs, **self.decoding,
                     max_new_tokens=self.settings.description_max_new_tokens, min_new_tokens=2,
                     return_dict_in_generate=True,
                 )
@@ -238,8 +244,8 @@ class Ego:
             if cache is not None:  # the image is already in the cache: encoder outputs would be scattered twice
                 size_kwargs.pop("mm_encoder_outputs", None)
             size_out = self.model.generate(
-                input_ids=sequence, **size_kwargs, past_key_values=cache,
-                do_sample=False, max_new_tokens=self.settings.size_max_new_tokens if user_area_pct is None else 1,
+                input_ids=sequence, **size_kwargs, past_key_values=cache, **self.decoding,
+                max_new_tokens=self.settings.size_max_new_tokens if user_area_pct is None else 1,
             )
         size_answer = tokenizer.decode(size_out[0, sequence.shape[1]:], skip_special_tokens=True).strip()
         timings["size_s"] = clock.lap()
@@ -396,7 +402,7 @@ class Ego:
             raise RuntimeError(f"{int(slots.sum())} memory placeholders for {memory.shape[0]} memory rows")
         embeds[0, slots] = memory.to(device=embeds.device, dtype=embeds.dtype)
         generate = dict(input_ids=input_ids, inputs_embeds=embeds, **self.backend.generate_kwargs(encoded),
-                        max_new_tokens=max_new_tokens, do_sample=False)
+                        max_new_tokens=max_new_tokens, **self.decoding)
         meta = dict(used=[c.name for c in kept], dropped=[c.name for c in dropped],
                     context_tokens=input_ids.shape[1], memory_tokens=int(memory.shape[0]))
         return {"generate": generate, "meta": meta, "context_tokens": input_ids.shape[1]}

@@ -13,8 +13,8 @@ Everything here treats its input as hostile: a public Space receives files from 
   exhaust memory or hang a worker.
 * Nothing is fetched: a URL is refused, and a video's demuxer is chosen from the file's magic bytes
   and may not open any other file or URL (ffmpeg's HLS/concat demuxers are a known SSRF vector).
-* Every refusal is an :class:`ego.errors.InputError` whose message is one sentence saying what to
-  do; no raw PIL, PyAV or OS error escapes for bad input.
+* Every refusal is an :class:`ego.errors.InputError` whose short message says what to do next; no
+  raw PIL, PyAV or OS error escapes for bad input.
 
 All limits come from :class:`ego.settings.Settings`.
 """
@@ -29,7 +29,6 @@ import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, BinaryIO
 
 import av
@@ -68,9 +67,7 @@ _METADATA_BACKEND = "pyav"
 
 def _refuse_url(source: str) -> None:
     if _URL_RE.match(source):
-        raise InputError(
-            "Links are not fetched; please download the file and upload it instead."
-        )
+        raise InputError("Links are not fetched; please download the file and upload it instead.")
 
 
 def _check_dimensions(width: int, height: int, settings: Settings, what: str = "image") -> None:
@@ -105,10 +102,8 @@ def _open_regular_file(path: str | os.PathLike, settings: Settings, what: str) -
     """
     try:
         fh = open(path, "rb")  # noqa: SIM115 - the caller closes it
-    except OSError:
-        raise InputError(
-            f"The {what} file could not be read; please upload it again."
-        ) from None
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
+        raise InputError(f"The {what} file could not be read; please upload it again.") from None
     try:
         info = os.fstat(fh.fileno())
         if not stat.S_ISREG(info.st_mode):
@@ -161,7 +156,7 @@ def _high_depth_to_l(im: Image.Image) -> Image.Image:
         arr = arr.astype(np.float64)
         if im.mode.startswith("I;16") or float(arr.max(initial=0)) > _UINT8_MAX:
             arr = arr * (_UINT8_MAX / _UINT16_MAX)
-    return Image.fromarray(np.clip(np.rint(arr), 0, _UINT8_MAX).astype(np.uint8), mode="L")
+    return Image.fromarray(np.clip(np.rint(arr), 0, _UINT8_MAX).astype(np.uint8))
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -182,10 +177,8 @@ def _image_from_array(arr: Any) -> Image.Image:
     """A uint8 array (H,W,3), (H,W,4) or (H,W) as a PIL image, without trusting its layout."""
     if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8:
         raise InputError("This image array is not 8-bit; please send an RGB uint8 array of shape (H, W, 3).")
-    if arr.ndim == 2:
-        return Image.fromarray(np.ascontiguousarray(arr), mode="L")
-    if arr.ndim == 3 and arr.shape[2] in (3, 4):
-        return Image.fromarray(np.ascontiguousarray(arr), mode="RGB" if arr.shape[2] == 3 else "RGBA")
+    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4)):
+        return Image.fromarray(np.ascontiguousarray(arr))  # L, RGB or RGBA from the shape
     raise InputError(
         f"This image array has shape {arr.shape}; please send an RGB uint8 array of shape (H, W, 3)."
     )
@@ -212,10 +205,8 @@ def _decode(im: Image.Image, settings: Settings) -> Image.Image:
             "This image is damaged or incomplete and could not be decoded; please upload it again "
             f"or save it as {_IMAGE_FORMATS_TEXT}."
         ) from None
-    # Orientation may have swapped the sides; the pixel count and ratio are unchanged.
-    if rgb is im:
-        rgb = rgb.copy()
-    return rgb
+    # exif_transpose already returns a copy; never hand the caller's own object back regardless.
+    return rgb.copy() if rgb is im else rgb
 
 
 def _open_image(fp: BinaryIO, settings: Settings) -> Image.Image:
@@ -306,15 +297,22 @@ def _refuse_nested_open(url: str, flags: int, options: dict) -> None:
     raise PermissionError("nested open refused")
 
 
+_clock = time.monotonic
+"""The clock of the decode budget; a module attribute so a test can make time pass faster."""
+
+
 class _Deadline:
     """A wall-clock budget for one video, checked between packets and frames."""
 
     def __init__(self, budget_s: float) -> None:
         self.budget_s = budget_s
-        self.end = time.monotonic() + budget_s
+        self.end = _clock() + budget_s
+
+    def remaining_s(self) -> float:
+        return self.end - _clock()
 
     def check(self) -> None:
-        if time.monotonic() > self.end:
+        if _clock() > self.end:
             raise InputError(
                 f"This video could not be decoded within {self.budget_s:g} seconds; please upload a "
                 "shorter or standard MP4/WebM clip."
@@ -378,6 +376,18 @@ def _declared_duration_s(container: Any, stream: Any) -> float | None:
     return None
 
 
+_MIN_IO_TIMEOUT_S = 0.001
+"""PyAV treats a zero timeout as "none"; a spent budget is caught by our own check right after."""
+
+
+def _main_video_stream(container: Any) -> Any:
+    """The first real video track: cover art (an "attached picture" stream) is not a video."""
+    for stream in container.streams.video:
+        if not stream.disposition & av.stream.Disposition.attached_pic:
+            return stream
+    raise InputError("This file has no video track; please upload a video clip.")
+
+
 @dataclass
 class _Pass:
     """What one decoding pass saw."""
@@ -422,14 +432,20 @@ def _decode_pass(
     first_time: float | None = None
     last_time: float | None = None
     try:
-        container = av.open(fh, mode="r", format=demuxer, io_open=_refuse_nested_open)
+        container = av.open(
+            fh,
+            mode="r",
+            format=demuxer,
+            io_open=_refuse_nested_open,
+            # ffmpeg's own interrupt, for a demuxer stuck inside one call between our checks.
+            timeout=max(deadline.remaining_s(), _MIN_IO_TIMEOUT_S),
+        )
     except Exception:  # noqa: BLE001 - av.error.*, PermissionError from the hook, ...
+        deadline.check()
         raise _damaged_video() from None
     with container:
         deadline.check()
-        if not container.streams.video:
-            raise InputError("This file has no video track; please upload a video clip.")
-        stream = container.streams.video[0]
+        stream = _main_video_stream(container)
         declared_frames = max(0, int(stream.frames or 0))
         declared_fps = _stream_fps(stream)
         declared_duration = _declared_duration_s(container, stream)
@@ -463,6 +479,7 @@ def _decode_pass(
         except InputError:
             raise
         except Exception:  # noqa: BLE001 - av.error.InvalidDataError and friends
+            deadline.check()  # an interrupt by the timeout above reads as running out of time
             raise _damaged_video() from None
     return _Pass(kept, count, estimate, declared_fps, declared_duration, first_time, last_time)
 
@@ -549,7 +566,7 @@ def _load_video_array(
     indices = sample_indices(total, n)
     sink = _FrameSink(settings)
     frames = np.stack(
-        [sink.add(Image.fromarray(np.ascontiguousarray(array[i]), mode="RGB")) for i in indices]
+        [sink.add(Image.fromarray(np.ascontiguousarray(array[i]))) for i in indices]
     )
     return frames, _metadata(total, rate, indices, frames, None)
 

@@ -79,11 +79,11 @@ def save_concepts(path, concepts) -> Path:
         raise MemoryFileError("These concepts come from different models; save each model's concepts separately.")
     tensors, entries = {}, []
     for i, concept in enumerate(concepts):
-        tensors[f"c{i}.embeddings"] = concept.embeddings.detach().cpu().contiguous()
+        tensors[f"c{i}.embeddings"] = concept.embeddings.detach().cpu().clone()
         views = []
         for j, view in enumerate(concept.views):
-            tensors[f"c{i}.v{j}.token_indices"] = view.token_indices.to(torch.int64).cpu().contiguous()
-            tensors[f"c{i}.v{j}.scores"] = view.scores.float().cpu().contiguous()
+            tensors[f"c{i}.v{j}.token_indices"] = view.token_indices.to(torch.int64).cpu().clone()
+            tensors[f"c{i}.v{j}.scores"] = view.scores.float().cpu().clone()
             views.append({
                 "grid": list(view.grid), "k": view.k, "area_pct": view.area_pct, "keywords": list(view.keywords),
                 "description": view.description, "size_answer": view.size_answer,

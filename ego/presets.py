@@ -16,6 +16,12 @@ PAPER_DEPTH = 48
 
 UNCALIBRATED = "depth-scaled from the paper's InternVL3-14B layers (29, 30, 35, 36, 39 of 48); not yet calibrated"
 
+PAPER_LAYERS_NOTE = (
+    "the paper's calibration for InternVL3-14B (Appendix B.2): layers 29, 30, 35, 36, 39 of its 48 LLM layers, read "
+    "as 0-based indices of the decoder layers (the order of the `output_attentions` tuple; index 0 = first decoder "
+    "layer, no embedding entry); recompute with `python -m ego.calibrate`"
+)
+
 
 def depth_scaled_layers(num_layers: int) -> tuple[int, ...]:
     """The paper's layers at the same relative depth in a model with `num_layers` text layers."""
@@ -44,10 +50,17 @@ PRESETS: dict[str, Preset] = {
         Preset("qwen2-vl-2b", "Qwen/Qwen2-VL-2B-Instruct", "qwen2-vl"),
         Preset("qwen3-vl-4b", "Qwen/Qwen3-VL-4B-Instruct", "qwen3-vl"),
         Preset("qwen3-vl-8b", "Qwen/Qwen3-VL-8B-Instruct", "qwen3-vl"),
+        Preset("internvl3-14b", "OpenGVLab/InternVL3-14B-hf", "internvl3", layers=PAPER_LAYERS,
+               layers_note=PAPER_LAYERS_NOTE),
+        Preset("internvl3-8b", "OpenGVLab/InternVL3-8B-hf", "internvl3"),
+        Preset("internvl3-2b", "OpenGVLab/InternVL3-2B-hf", "internvl3"),
+        Preset("internvl3-1b", "OpenGVLab/InternVL3-1B-hf", "internvl3"),
         Preset("tiny-qwen2-vl", "tiny-qwen2-vl", "qwen2-vl", layers_note="tiny random model: depth-scaled", tiny=True),
         Preset("tiny-qwen2.5-vl", "tiny-qwen2.5-vl", "qwen2.5-vl", layers_note="tiny random model: depth-scaled",
                tiny=True),
         Preset("tiny-qwen3-vl", "tiny-qwen3-vl", "qwen3-vl", layers_note="tiny random model: depth-scaled", tiny=True),
+        Preset("tiny-internvl3", "tiny-internvl3", "internvl3", layers_note="tiny random model: depth-scaled",
+               tiny=True),
     ]
 }
 

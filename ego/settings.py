@@ -65,6 +65,17 @@ class Settings:
     """Requests waiting for the model before new ones are turned away."""
     session_ttl_s: int = 3600
     """How long a closed tab's concepts stay in server memory before they are freed."""
+    max_sessions: int = 1000
+    """Visitor sessions held in server memory; beyond this the least recently used one is dropped."""
+    upload_max_age_s: int = 3600
+    """Uploaded photos and clips, and files the app made, are deleted from the server this long after
+    they were written (checked every `upload_cleanup_interval_s`)."""
+    upload_cleanup_interval_s: int = 600
+    """How often the app's file cache is swept for files older than `upload_max_age_s`."""
+    thumbnail_px: int = 128
+    """Side of the square thumbnail kept for each concept in the visitor's session."""
+    patch_view_max_px: int = 448
+    """Longest side of the pictures that show which visual tokens a concept kept."""
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

@@ -13,6 +13,7 @@ _REGISTRY: dict[str, str] = {
     "qwen2-vl": "ego.backends.qwen:QwenBackend",
     "qwen2.5-vl": "ego.backends.qwen:QwenBackend",
     "qwen3-vl": "ego.backends.qwen:QwenBackend",
+    "internvl3": "ego.backends.internvl:InternVLBackend",
 }
 
 

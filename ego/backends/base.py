@@ -59,6 +59,17 @@ class Backend:
         ids = ids if isinstance(ids, list) else [ids]
         return [i for i in ids if i is not None]
 
+    @property
+    def unspeakable_token_ids(self) -> list[int]:
+        """Tokens a model must never generate: a generated image/video/memory placeholder would be read
+        back as a slot for visual features that do not exist."""
+        ids = {self.placeholder_id}
+        for name in ("image_token_id", "video_token_id", "image_token_index", "video_token_index"):
+            value = getattr(self.model.config, name, None)
+            if isinstance(value, int):
+                ids.add(value)
+        return sorted(ids)
+
     def chat_text(self, content: list[dict]) -> str:
         """The prompt for one user turn (`content`: text/image/video blocks) ending in the generation prompt."""
         return self.processor.apply_chat_template(

@@ -1,0 +1,203 @@
+"""InternVL3 (transformers' native `InternVLForConditionalGeneration`, the `-hf` checkpoints; no remote code).
+
+The paper's main backbone is InternVL3-14B. How this family meets the method:
+
+* Visual tokens. One 448x448 tile -> InternViT (14 px patches, 32x32 = 1024 patches + CLS, CLS dropped)
+  -> pixel shuffle 0.5 (16x16 positions, 4x the channels) -> MLP projector: 256 rows in the LLM's
+  embedding space, in raster order. Reference images are always ONE tile (`crop_to_patches=False`,
+  the whole image resized to 448x448), so N_r = 256 as in the paper (section 1.4: "448x448, tiling 1").
+* Query images follow the pixel budget the engine passes (`Settings.query_image_max_pixels`): a budget
+  of at most one tile gives one tile (the paper's protocol: its harness loads test images with
+  `max_num=1`); a larger budget allows InternVL's native dynamic tiling with up to
+  budget // 448^2 tiles plus the global thumbnail (the default 1024*28*28 px budget -> at most
+  4 tiles + thumbnail = 1,280 tokens, close to Qwen2.5-VL's ~1,000). Set
+  `query_image_max_pixels=448*448` to reproduce the paper exactly.
+* Video: the processor's native video path with the frames as one (T, H, W, 3) uint8 array: each
+  frame becomes one 448x448 tile written as "FrameN: <img>256 x <IMG_CONTEXT></img>", the layout the
+  InternVL processor produces (and what the paper's notes suggest, research/paper.md section 1.7).
+  The processor merges the frames into `pixel_values`, so the vision tower sees them as images.
+* Positions: ordinary 1-D RoPE (a Qwen2 decoder); a soft prompt of K memory rows needs nothing special.
+* Encoding once: InternVL's forward accepts `mm_encoder_outputs` (transformers 5.23), so
+  `encode_vision` runs the vision tower + projector once and generate reuses the result; generate
+  drops it after the prefill, and a continuation with a KV cache gets neither pixels nor outputs.
+
+Concept-memory placeholder: `<|vision_pad|>`. The InternVL3 `-hf` tokenizers are the Qwen2.5-VL
+tokenizer (transformers' conversion script loads `Qwen/Qwen2.5-VL-7B-Instruct`'s tokenizer) plus
+`<img>`, `</img>`, `<IMG_CONTEXT>`, `<quad>`, `</quad>`, `<ref>`, `</ref>`, `<box>`, `</box>` (and
+`<video>`, a named extra special token), so `<|vision_pad|>` exists in the real vocabulary (id 151654,
+like in Qwen2.5) and is one token. InternVL never uses it: the processor only expands `<IMG_CONTEXT>`
+(the image context token, which the model overwrites with image features, so it must NOT be the
+placeholder) and `<video>`. The memory is wrapped in `<img>` ... `</img>`, InternVL's own image
+delimiters, so the LLM reads it as (a few tokens of) visual content, as suggested in research/paper.md
+section 1.5.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..tiny import build_tokenizer
+from .base import Backend, Encoded
+
+# Special tokens of the real InternVL3-hf vocabulary (Qwen2.5-VL's, then InternVL's), in id order.
+INTERNVL_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>", "<video>",
+]
+# The named tokens InternVLProcessor reads from the tokenizer (as in the real tokenizer_config.json).
+INTERNVL_NAMED_TOKENS = {
+    "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+# The chat template of the InternVL3-hf checkpoints (transformers' conversion script): ChatML turns, an
+# image is `<IMG_CONTEXT>\n` and a video `<video>\n`, both expanded by the processor.
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
+)
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+class InternVLBackend(Backend):
+    model_types = {"internvl3": ("internvl",)}
+    unquantized_modules = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
+    placeholder_token = "<|vision_pad|>"
+    memory_open = "<img>"
+    memory_close = "</img>"
+
+    def continue_turn(self, question: str) -> str:
+        return f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+    @property
+    def special_strings(self) -> list[str]:
+        # The strings the processor expands are control text even if a tokenizer did not register them.
+        extra = {getattr(self.processor, name, None) for name in ("image_token", "video_token")}
+        extra |= {getattr(self.tokenizer, name, None) for name in INTERNVL_NAMED_TOKENS}
+        strings = set(super().special_strings) | {s for s in extra if s}
+        return sorted(strings, key=len, reverse=True)
+
+    # --- geometry ---------------------------------------------------------------------------------
+    @property
+    def tile_px(self) -> tuple[int, int]:
+        """(height, width) of one tile, from the vision config (448 x 448 for InternVL3)."""
+        size = self.model.config.vision_config.image_size
+        return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return int(self.processor.image_seq_length)
+
+    def _tiles_for(self, max_pixels: int) -> int:
+        height, width = self.tile_px
+        return max(1, int(max_pixels) // (height * width))
+
+    # --- vision -------------------------------------------------------------------------------------
+    def encode(self, text, *, image=None, video=None, image_max_pixels, video_frame_max_pixels) -> Encoded:
+        height, width = self.tile_px
+        size = {"height": height, "width": width}
+        kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
+        if image is not None:
+            tiles = self._tiles_for(image_max_pixels)
+            kwargs["images"] = [image]
+            kwargs["images_kwargs"] = (
+                {"size": size, "crop_to_patches": False} if tiles == 1
+                else {"size": size, "crop_to_patches": True, "min_patches": 1, "max_patches": tiles}
+            )
+        if video is not None:
+            frames = video[0] if isinstance(video, tuple) else video
+            kwargs["videos"] = [frames]
+            # Frames were sampled by ego.media already; each becomes one tile (InternVL has no per-frame budget).
+            kwargs["videos_kwargs"] = {"size": size, "do_sample_frames": False}
+        inputs = dict(self.processor(**kwargs))
+        inputs.pop("token_type_ids", None)
+        ids = inputs["input_ids"][0]
+        visual = ids == self.model.config.image_token_id
+        return Encoded(inputs=inputs, visual_columns=visual.nonzero().squeeze(1))
+
+    def encode_vision(self, encoded: Encoded) -> torch.Tensor:
+        inputs, outputs = encoded.inputs, {}
+        if "pixel_values" not in inputs:
+            encoded.encoder_outputs = outputs
+            return torch.zeros(0, self.model.config.text_config.hidden_size)
+        device = self.model.get_input_embeddings().weight.device
+        with torch.no_grad():
+            outputs["image"] = self.model.get_image_features(
+                pixel_values=inputs["pixel_values"].to(device), return_dict=True,
+            )
+        encoded.encoder_outputs = outputs
+        features = outputs["image"].pooler_output            # [tiles or frames, 256, D]
+        return features.reshape(-1, features.shape[-1])      # [N, D] projector output, the rows the LLM receives
+
+    def grid(self, encoded: Encoded) -> tuple[int, int]:
+        side = math.isqrt(self.tokens_per_tile)
+        tiles = int(encoded.inputs["pixel_values"].shape[0]) if "pixel_values" in encoded.inputs else 1
+        # One tile (reference images): the whole image resized to the tile, 16 x 16 tokens in raster order.
+        # Several tiles: each tile's 16 x 16 block, tiles stacked top to bottom in processor order.
+        return side * tiles, side
+
+    def generate_kwargs(self, encoded: Encoded) -> dict[str, Any]:
+        skip = {"input_ids", "pixel_values"} if encoded.encoder_outputs else {"input_ids"}
+        device = self.model.get_input_embeddings().weight.device
+        kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in encoded.inputs.items() if k not in skip}
+        if encoded.encoder_outputs:
+            kwargs["mm_encoder_outputs"] = dict(encoded.encoder_outputs)
+        return kwargs
+
+    # --- random-weight models of the real classes ----------------------------------------------------
+    @classmethod
+    def build_random(cls, family: str, overrides: dict) -> tuple[Any, Any]:
+        """A random InternVL3 of the real classes: tiny by default; real dimensions through `overrides`
+        ({"text_config": {...}, "vision_config": {...}}, any other key goes to `InternVLConfig`)."""
+        import transformers as tf
+
+        if family not in cls.model_types:
+            raise ValueError(f"{family!r} is not an InternVL family.")
+        tokenizer = build_tokenizer(
+            INTERNVL_SPECIAL_TOKENS, chat_template=INTERNVL_CHAT_TEMPLATE, eos_token="<|im_end|>",
+            pad_token="<|endoftext|>", extra={"extra_special_tokens": dict(INTERNVL_NAMED_TOKENS)},
+        )
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in INTERNVL_SPECIAL_TOKENS}
+        text = dict(
+            model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+            eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"],
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False,
+        )
+        # Vision dims of at least 64 so every Linear can be 4-bit (bitsandbytes' CPU blocksize); the real
+        # tile geometry (448 px, 14 px patches -> 32 x 32 patches -> pixel shuffle 0.5 -> 256 tokens).
+        vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                      image_size=448, patch_size=14)
+        text.update(overrides.get("text_config", {}))
+        vision.update(overrides.get("vision_config", {}))
+        top = {k: v for k, v in overrides.items() if k not in ("text_config", "vision_config")}
+        top.setdefault("downsample_ratio", 0.5)
+        top.setdefault("tie_word_embeddings", bool(text.get("tie_word_embeddings", False)))
+        image_px = vision["image_size"] if isinstance(vision["image_size"], int) else vision["image_size"][0]
+        patch_px = vision["patch_size"] if isinstance(vision["patch_size"], int) else vision["patch_size"][0]
+        seq_length = int((image_px // patch_px) ** 2 * top["downsample_ratio"] ** 2)
+        top.setdefault("image_seq_length", seq_length)
+        config = tf.InternVLConfig(text_config=text, vision_config=vision, image_token_id=ids["<IMG_CONTEXT>"], **top)
+        model = tf.InternVLForConditionalGeneration(config).eval()
+        model.generation_config.eos_token_id = ids["<|im_end|>"]
+        model.generation_config.pad_token_id = ids["<|endoftext|>"]
+        model.generation_config.do_sample = False
+        pixels = dict(size={"height": image_px, "width": image_px}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+        image_processor = tf.GotOcr2ImageProcessor(crop_to_patches=False, min_patches=1, max_patches=12, **pixels)
+        video_processor = tf.InternVLVideoProcessor(**pixels)
+        processor = tf.InternVLProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+            image_seq_length=config.image_seq_length, chat_template=INTERNVL_CHAT_TEMPLATE,
+        )
+        return model, processor

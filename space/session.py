@@ -1,0 +1,138 @@
+"""One visitor's concepts: the value of the app's `gr.State`.
+
+Gradio keeps one `Session` per browser tab (or per `gradio_client.Client`) in server memory and hands
+the live object to every handler of that visitor. Methods that change it check everything first, then
+change it under a lock, so a refused or failed request leaves the concepts exactly as they were, and
+two requests of one visitor that finish together cannot both slip under a limit.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from ego.errors import InputError
+from ego.memory import Concept
+
+EXPORT_NAME = "ego-concepts.safetensors"
+
+
+@dataclass(frozen=True)
+class Entry:
+    concept: Concept
+    """Memory rows on the CPU, with the per-photo records."""
+    thumbnail: Image.Image
+    """A small square picture for the concept card."""
+
+
+def name_key(name: str) -> str:
+    """Names are compared without case and extra spaces: 'Chelsea' and ' chelsea' are one concept."""
+    return " ".join(name.split()).casefold()
+
+
+class Session:
+    """The concepts one visitor has introduced or imported, in the order they came."""
+
+    def __init__(self):
+        self._entries: list[Entry] = []
+        self._lock = threading.Lock()
+        self._export_dir: str | None = None
+
+    def __deepcopy__(self, memo) -> "Session":
+        # gr.State deep-copies its default once per visitor; a lock cannot be copied, so make a new one.
+        copy = Session()
+        copy._entries = list(self._entries)
+        return copy
+
+    # --- reading --------------------------------------------------------------------------------
+    @property
+    def entries(self) -> tuple[Entry, ...]:
+        return tuple(self._entries)
+
+    @property
+    def concepts(self) -> tuple[Concept, ...]:
+        return tuple(entry.concept for entry in self._entries)
+
+    @property
+    def names(self) -> list[str]:
+        return [entry.concept.name for entry in self._entries]
+
+    @property
+    def memory_tokens(self) -> int:
+        return sum(entry.concept.num_tokens for entry in self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def has(self, name: str) -> bool:
+        key = name_key(name)
+        return any(name_key(entry.concept.name) == key for entry in self._entries)
+
+    # --- checks ---------------------------------------------------------------------------------
+    def check_room(self, names: list[str], max_concepts: int) -> None:
+        """Raise InputError unless all `names` can be added: new, distinct, and within the limit."""
+        keys = [name_key(n) for n in names]
+        taken = [n for n in names if self.has(n)]
+        if taken:
+            listed = ", ".join(f"'{n}'" for n in taken)
+            raise InputError(
+                f"You already have a concept named {listed}. Remove it first (under Your concepts), "
+                f"or pick another name."
+            )
+        repeated = sorted({n for n, k in zip(names, keys) if keys.count(k) > 1})
+        if repeated:
+            raise InputError(f"The name '{repeated[0]}' appears more than once; each concept needs its own name.")
+        if len(self._entries) + len(names) > max_concepts:
+            room = max(0, max_concepts - len(self._entries))
+            raise InputError(
+                f"A session holds at most {max_concepts} concepts and you have {len(self._entries)}; "
+                f"there is room for {room} more. Remove some first (or export them to keep them)."
+            )
+
+    # --- changing -------------------------------------------------------------------------------
+    def add(self, entries: list[Entry], max_concepts: int) -> None:
+        """Add all of `entries`, or (InputError) none of them."""
+        with self._lock:
+            self.check_room([entry.concept.name for entry in entries], max_concepts)
+            self._entries.extend(entries)
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            key = name_key(name or "")
+            kept = [entry for entry in self._entries if name_key(entry.concept.name) != key]
+            if len(kept) == len(self._entries):
+                raise InputError("There is no concept with that name; pick one from the list.")
+            self._entries = kept
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries = []
+
+    def new_export_path(self) -> Path:
+        """A fresh path for this visitor's export file; the previous export file is deleted."""
+        with self._lock:
+            self._remove_export()
+            self._export_dir = tempfile.mkdtemp(prefix="ego-export-")
+            return Path(self._export_dir) / EXPORT_NAME
+
+    def close(self) -> None:
+        """Free everything: called by Gradio when the visitor's state expires."""
+        with self._lock:
+            self._entries = []
+            self._remove_export()
+
+    def _remove_export(self) -> None:
+        if self._export_dir is not None:
+            shutil.rmtree(self._export_dir, ignore_errors=True)
+            self._export_dir = None
+
+
+def forget(session) -> None:
+    """`gr.State(delete_callback=...)`: the visitor's tab closed long enough ago."""
+    if isinstance(session, Session):
+        session.close()

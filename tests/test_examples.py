@@ -1,0 +1,67 @@
+"""examples/: every entry of examples.json points at a small file that ego.media accepts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ego.media import load_image, load_video
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+MAX_FILE_BYTES = 400 * 1024
+
+
+@pytest.fixture(scope="module")
+def listing() -> dict:
+    return json.loads((EXAMPLES / "examples.json").read_text(encoding="utf-8"))
+
+
+def test_listing_has_every_section(listing):
+    assert set(listing) == {"concepts", "image_questions", "video_questions"}
+    assert len(listing["concepts"]) >= 2
+    assert listing["image_questions"] and listing["video_questions"]
+
+
+def test_concepts_load(listing):
+    names = [concept["name"] for concept in listing["concepts"]]
+    assert len(names) == len(set(names))
+    for concept in listing["concepts"]:
+        assert concept["name"].strip() and concept["note"].strip()
+        assert 2 <= len(concept["images"]) <= 5
+        for rel in concept["images"]:
+            image = load_image(EXAMPLES / rel)
+            assert image.mode == "RGB" and max(image.size) <= 400
+
+
+def test_image_questions_load_and_name_known_concepts(listing):
+    names = {concept["name"] for concept in listing["concepts"]}
+    assert any(len(q["concepts"]) >= 2 for q in listing["image_questions"])  # a multi-concept scene
+    for question in listing["image_questions"]:
+        assert question["question"].strip().endswith("?")
+        assert set(question["concepts"]) <= names
+        assert load_image(EXAMPLES / question["image"]).mode == "RGB"
+
+
+def test_video_questions_load(listing):
+    for question in listing["video_questions"]:
+        assert question["question"].strip().endswith("?")
+        frames, meta = load_video(EXAMPLES / question["video"])
+        assert frames.shape[0] == min(8, meta["total_num_frames"]) and frames.shape[3] == 3
+        assert 2.0 <= meta["duration"] <= 5.0
+
+
+def test_every_file_is_referenced_and_small(listing):
+    referenced = {rel for concept in listing["concepts"] for rel in concept["images"]}
+    referenced |= {q["image"] for q in listing["image_questions"]}
+    referenced |= {q["video"] for q in listing["video_questions"]}
+    media = {
+        path.relative_to(EXAMPLES).as_posix()
+        for path in EXAMPLES.rglob("*")
+        if path.suffix.lower() in {".jpg", ".jpeg", ".png", ".mp4", ".webm"}
+    }
+    assert referenced == media
+    for path in EXAMPLES.rglob("*"):
+        if path.is_file() and "__pycache__" not in path.parts:
+            assert path.stat().st_size < MAX_FILE_BYTES, path

@@ -1,0 +1,646 @@
+"""ego.media: every visitor image or video either decodes to clean RGB or is refused with InputError."""
+
+from __future__ import annotations
+
+import io
+import os
+import resource
+import struct
+import time
+import zlib
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from PIL import Image
+
+from ego.errors import InputError
+from ego.media import load_image, load_video, sample_indices
+from ego.settings import DEFAULT_SETTINGS
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def encode(im: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def assert_rgb(im: Image.Image, size: tuple[int, int] | None = None) -> np.ndarray:
+    assert isinstance(im, Image.Image)
+    assert im.mode == "RGB"
+    if size is not None:
+        assert im.size == size
+    arr = np.asarray(im)
+    assert arr.dtype == np.uint8 and arr.shape == (im.height, im.width, 3)
+    return arr
+
+
+def gradient(width: int = 64, height: int = 48) -> Image.Image:
+    x = np.linspace(0, 255, width, dtype=np.uint8)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height, dtype=np.uint8)[:, None].repeat(width, 1)
+    return Image.fromarray(np.stack([x, y, 255 - x], axis=2), mode="RGB")
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def bomb_png(width: int, height: int, rows: int | None = None) -> bytes:
+    """A valid 1-bit PNG of ``width`` x ``height`` black pixels: tiny on disk, huge when decoded.
+
+    ``rows`` limits the pixel data written (the header still claims the full size), for sizes whose
+    full data would take long to compress.
+    """
+    row = b"\x00" * (1 + (width + 7) // 8)
+    comp = zlib.compressobj(9)
+    idat = b"".join(comp.compress(row) for _ in range(height if rows is None else rows)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def write_video(
+    path: Path,
+    n: int = 20,
+    size: tuple[int, int] = (64, 48),
+    fps: int = 10,
+    codec: str = "libx264",
+    rotation: int = 0,
+) -> Path:
+    """A clip whose frame ``i`` is a flat grey of level ``12 * i``, so a frame tells its index."""
+    width, height = size
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for i in range(n):
+            arr = np.full((height, width, 3), LEVEL_STEP * i, np.uint8)
+            if rotation:
+                arr[: height // 4, : width // 4] = 255  # a white top-left corner, to see the turn
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+LEVEL_STEP = 12
+
+
+def frame_index(frame: np.ndarray) -> int:
+    """The index encoded by write_video in a decoded frame (robust to lossy coding)."""
+    return int(round(float(np.median(frame)) / LEVEL_STEP))
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("videos")
+    return {
+        "mp4": write_video(root / "clip.mp4"),
+        "webm": write_video(root / "clip.webm", codec="libvpx-vp9"),
+        "mkv": write_video(root / "clip.mkv"),
+        "avi": write_video(root / "clip.avi", codec="mpeg4"),
+        "rotated": write_video(root / "rotated.mp4", n=4, rotation=90),
+        "big": write_video(root / "big.mp4", n=3, size=(320, 240)),
+    }
+
+
+# --- images: valid inputs -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"])
+def test_common_formats_decode_to_rgb(fmt):
+    assert_rgb(load_image(encode(gradient(), fmt)), (64, 48))
+
+
+def test_path_str_and_pathlib_sources(tmp_path):
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(encode(gradient(), "JPEG"))
+    assert_rgb(load_image(str(path)), (64, 48))
+    assert_rgb(load_image(path), (64, 48))
+
+
+def test_numpy_array_source():
+    arr = np.asarray(gradient())
+    out = assert_rgb(load_image(arr), (64, 48))
+    np.testing.assert_array_equal(out, arr)
+
+
+def test_pil_source_is_not_mutated_and_a_new_object_is_returned():
+    rgb = gradient()
+    before = np.asarray(rgb).copy()
+    out = load_image(rgb)
+    assert out is not rgb
+    np.testing.assert_array_equal(np.asarray(rgb), before)
+
+    rgba = Image.new("RGBA", (8, 8), (10, 20, 30, 0))
+    out = load_image(rgba)
+    assert rgba.mode == "RGBA" and rgba.getpixel((0, 0)) == (10, 20, 30, 0)
+    assert out.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_palette_with_transparency_becomes_white():
+    im = Image.new("P", (10, 10), 0)
+    im.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    im.putpixel((5, 5), 1)
+    out = assert_rgb(load_image(encode(im, "PNG", transparency=0)))
+    assert tuple(out[0, 0]) == (255, 255, 255)
+    assert tuple(out[5, 5]) == (0, 255, 0)
+
+
+def test_plain_palette_and_gif_first_frame():
+    frames = [Image.new("P", (8, 8), i) for i in range(3)]
+    for frame in frames:
+        frame.putpalette([255, 0, 0, 0, 0, 255, 0, 255, 0] + [0] * 759)
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    out = assert_rgb(load_image(data), (8, 8))
+    assert tuple(out[0, 0]) == (255, 0, 0)
+
+
+def test_alpha_is_composited_on_white():
+    im = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    im.putpixel((1, 1), (0, 0, 255, 255))
+    im.putpixel((2, 2), (0, 0, 0, 128))
+    out = assert_rgb(load_image(encode(im, "PNG")))
+    assert tuple(out[0, 0]) == (255, 255, 255)
+    assert tuple(out[1, 1]) == (0, 0, 255)
+    assert 120 <= out[2, 2, 0] <= 135
+
+
+def test_la_and_grey_become_rgb():
+    la = Image.new("LA", (6, 6), (50, 255))
+    assert tuple(assert_rgb(load_image(encode(la, "PNG")))[0, 0]) == (50, 50, 50)
+    grey = Image.new("L", (6, 6), 200)
+    assert tuple(assert_rgb(load_image(encode(grey, "PNG")))[0, 0]) == (200, 200, 200)
+    one_bit = Image.new("1", (6, 6), 1)
+    assert tuple(assert_rgb(load_image(encode(one_bit, "PNG")))[0, 0]) == (255, 255, 255)
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped():
+    levels = np.array([[0, 256 * 64, 256 * 128, 65535]], dtype=np.uint16).repeat(4, 0)
+    for fmt in ("PNG", "TIFF"):
+        out = assert_rgb(load_image(encode(Image.fromarray(levels), fmt)))
+        np.testing.assert_allclose(out[0, :, 0], [0, 64, 128, 255], atol=1)
+
+
+def test_cmyk_jpeg_becomes_rgb():
+    cmyk = Image.new("CMYK", (16, 8), (0, 255, 255, 0))  # pure red in print colours
+    out = assert_rgb(load_image(encode(cmyk, "JPEG", quality=95)), (16, 8))
+    r, g, b = (int(v) for v in out[4, 8])
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_exif_orientation_is_applied():
+    im = Image.new("RGB", (40, 20), (255, 0, 0))
+    im.paste((0, 0, 255), (0, 0, 10, 10))  # blue top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    data = encode(im, "JPEG", exif=exif.tobytes(), quality=95)
+    out = assert_rgb(load_image(data), (20, 40))
+    # Rotated clockwise, the blue top-left corner lands at the top right.
+    assert out[2, -3, 2] > 200 and out[2, -3, 0] < 60
+    assert out[-3, 2, 0] > 200
+
+
+# --- images: refusals ---------------------------------------------------------------------------
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    """64 megapixels claimed by a ~10 KB file: over our 40 MP limit, under PIL's own bomb check."""
+    data = bomb_png(8000, 8000)
+    assert len(data) < 20_000
+    stats = getattr(Image.core, "get_stats", None)
+    blocks_before = stats()["allocated_blocks"] if stats else 0
+    start = time.monotonic()
+    with pytest.raises(InputError, match=r"8000x8000 pixels; the limit is 40 megapixels"):
+        load_image(data)
+    assert time.monotonic() - start < 0.5
+    if stats:  # PIL's image-memory allocator never ran
+        assert stats()["allocated_blocks"] == blocks_before
+
+
+def test_decompression_bomb_peak_memory_stays_small():
+    """Measured in a forked child, whose peak RSS starts from its own pages, not the test run's."""
+    if not hasattr(os, "fork"):
+        pytest.skip("needs fork")
+    data = bomb_png(8000, 8000)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            try:
+                load_image(data)
+                outcome = "decoded"
+            except InputError:
+                outcome = "refused"
+            grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+            os.write(write_fd, f"{outcome} {grown_kib}".encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    os.waitpid(pid, 0)
+    outcome, grown_kib = os.read(read_fd, 100).decode().split()
+    os.close(read_fd)
+    assert outcome == "refused"
+    assert int(grown_kib) < 20 * 1024  # decoding would take 64 MB (mode "1") and 192 MB as RGB
+
+
+def test_bomb_beyond_pil_limit_is_refused():
+    """900 megapixels: PIL itself raises DecompressionBombError on open; it must become InputError."""
+    with pytest.raises(InputError):
+        load_image(bomb_png(30000, 30000, rows=4))
+
+
+def test_a_lower_pixel_limit_from_settings_is_used():
+    small = DEFAULT_SETTINGS.replace(max_image_pixels=1000)
+    with pytest.raises(InputError, match="64x48 pixels"):
+        load_image(encode(gradient(), "PNG"), small)
+    with pytest.raises(InputError):
+        load_image(gradient(), small)
+    with pytest.raises(InputError):
+        load_image(np.zeros((48, 64, 3), np.uint8), small)
+
+
+def test_aspect_ratio_limit():
+    ok = Image.new("RGB", (2000, 100))
+    assert_rgb(load_image(encode(ok, "PNG")), (2000, 100))
+    too_thin = Image.new("RGB", (2100, 100))
+    with pytest.raises(InputError, match="too long and thin"):
+        load_image(encode(too_thin, "PNG"))
+    with pytest.raises(InputError, match="too long and thin"):
+        load_image(Image.new("RGB", (10, 2100)))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>',
+        b"<!DOCTYPE html><html><body><img src=x onerror=alert(1)></body></html>",
+        b"just some text, not a picture\n",
+        b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n",
+    ],
+)
+def test_non_images_named_png_are_refused(tmp_path, content):
+    path = tmp_path / "photo.png"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match="not a supported image"):
+        load_image(path)
+    with pytest.raises(InputError):
+        load_image(content)
+
+
+def test_disallowed_image_formats_are_refused():
+    for fmt in ("ICO", "PPM", "TGA"):
+        with pytest.raises(InputError):
+            load_image(encode(gradient(), fmt))
+
+
+def test_random_bytes_truncated_and_empty_files_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    with pytest.raises(InputError):
+        load_image(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    for fmt in ("PNG", "JPEG"):
+        whole = encode(gradient(256, 256), fmt)
+        with pytest.raises(InputError):
+            load_image(whole[: len(whole) // 2])
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(InputError):
+        load_image(empty)
+    with pytest.raises(InputError):
+        load_image(b"")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://example.com/cat.jpg",
+        "https://example.com/cat.jpg",
+        "  HTTPS://EXAMPLE.COM/CAT.JPG",
+        "file:///etc/passwd",
+        "ftp://example.com/cat.jpg",
+        "data:image/png;base64,iVBORw0KGgo=",
+    ],
+)
+def test_urls_are_refused_not_fetched(url):
+    with pytest.raises(InputError, match="Links are not fetched"):
+        load_image(url)
+    with pytest.raises(InputError, match="Links are not fetched"):
+        load_video(url)
+
+
+def test_missing_file_directory_and_device_are_refused(tmp_path):
+    with pytest.raises(InputError):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(InputError):
+        load_image(tmp_path)
+    if os.path.exists("/dev/zero"):
+        with pytest.raises(InputError, match="not a regular"):
+            load_image("/dev/zero")
+
+
+def test_upload_size_limit(tmp_path):
+    tiny_limit = DEFAULT_SETTINGS.replace(max_upload_mb=0)
+    data = encode(gradient(), "PNG")
+    path = tmp_path / "photo.png"
+    path.write_bytes(data)
+    with pytest.raises(InputError, match="MiB"):
+        load_image(data, tiny_limit)
+    with pytest.raises(InputError, match="MiB"):
+        load_image(path, tiny_limit)
+
+
+@pytest.mark.parametrize(
+    "bad", [None, 42, {"path": "x.png"}, np.zeros((4, 4, 3), np.float32), np.zeros((4, 4, 5), np.uint8)]
+)
+def test_wrong_source_types_are_refused(bad):
+    with pytest.raises(InputError):
+        load_image(bad)
+
+
+# --- images: fuzzing ----------------------------------------------------------------------------
+
+FUZZ_TIME_LIMIT_S = 2.0
+_SEEDS = {
+    "png": encode(gradient(48, 40), "PNG"),
+    "jpeg": encode(gradient(48, 40), "JPEG", quality=80),
+    "gif": encode(gradient(32, 24).convert("P"), "GIF"),
+    "webp": encode(gradient(32, 24), "WEBP"),
+}
+
+
+def check_outcome(data: bytes) -> None:
+    start = time.monotonic()
+    try:
+        out = load_image(data)
+    except InputError as err:
+        message = str(err)
+        assert message and message[0].isupper() and message.endswith(".")
+    else:
+        assert_rgb(out)
+    assert time.monotonic() - start < FUZZ_TIME_LIMIT_S
+
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(min_size=0, max_size=2048))
+def test_fuzz_random_bytes(data):
+    check_outcome(data)
+
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.sampled_from(sorted(_SEEDS)),
+    edits=st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), min_size=1, max_size=12),
+    cut=st.one_of(st.none(), st.integers(min_value=1)),
+)
+def test_fuzz_mutated_images(seed, edits, cut):
+    data = bytearray(_SEEDS[seed])
+    for position, value in edits:
+        data[position % len(data)] = value
+    if cut is not None:
+        data = data[: cut % len(data)]
+    check_outcome(bytes(data))
+
+
+# --- sample_indices -----------------------------------------------------------------------------
+
+
+def test_sample_indices():
+    assert sample_indices(20, 8) == [1, 3, 6, 8, 11, 13, 16, 18]
+    assert sample_indices(8, 8) == list(range(8))
+    assert sample_indices(5, 8) == [0, 1, 2, 3, 4]
+    assert sample_indices(100, 1) == [50]
+    assert sample_indices(0, 8) == [] and sample_indices(10, 0) == []
+    for total in range(1, 200):
+        for n in (1, 2, 3, 7, 8, 16):
+            got = sample_indices(total, n)
+            assert got == sorted(set(got))
+            assert len(got) == min(total, n)
+            assert all(0 <= i < total for i in got)
+
+
+# --- videos -------------------------------------------------------------------------------------
+
+
+def check_clip(frames: np.ndarray, meta: dict, total: int = 20, n: int = 8, fps: float = 10.0) -> None:
+    expected = sample_indices(total, n)
+    assert frames.dtype == np.uint8 and frames.ndim == 4 and frames.shape[3] == 3
+    assert frames.shape[0] == len(expected)
+    assert meta["frames_indices"] == expected
+    assert meta["total_num_frames"] == total
+    assert meta["fps"] == pytest.approx(fps)
+    assert meta["duration"] == pytest.approx(total / fps)
+    assert (meta["height"], meta["width"]) == frames.shape[1:3]
+    assert [frame_index(f) for f in frames] == expected  # the right frames, not just the right count
+
+
+@pytest.mark.parametrize("kind", ["mp4", "webm", "mkv", "avi"])
+def test_video_files_are_sampled_uniformly(videos, kind):
+    frames, meta = load_video(videos[kind])
+    check_clip(frames, meta)
+    assert frames.shape[1:3] == (48, 64)
+
+
+def test_webm_reports_zero_frames_yet_samples_right(videos):
+    """Matroska/WebM headers carry no frame count: the duration x fps estimate is used."""
+    with av.open(str(videos["webm"])) as container:
+        assert container.streams.video[0].frames == 0
+    check_clip(*load_video(videos["webm"], num_frames=5), n=5)
+
+
+@pytest.mark.parametrize("claimed", [7, 40])
+def test_container_that_lies_about_its_frame_count(videos, tmp_path, claimed):
+    """An AVI whose headers claim too few or too many frames still yields the right ones."""
+    data = bytearray(videos["avi"].read_bytes())
+    strh = data.index(b"strh")
+    avih = data.index(b"avih")
+    data[strh + 40 : strh + 44] = struct.pack("<I", claimed)  # AVISTREAMHEADER.dwLength
+    data[avih + 24 : avih + 28] = struct.pack("<I", claimed)  # AVIMAINHEADER.dwTotalFrames
+    path = tmp_path / "liar.avi"
+    path.write_bytes(bytes(data))
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == claimed
+    frames, meta = load_video(path)
+    check_clip(frames, meta)
+
+
+def test_num_frames_and_fewer_frames_than_asked(videos):
+    check_clip(*load_video(videos["mp4"], num_frames=3), n=3)
+    check_clip(*load_video(videos["mp4"], num_frames=50), n=50)
+    with pytest.raises(ValueError):
+        load_video(videos["mp4"], num_frames=0)
+
+
+def test_video_from_bytes(videos):
+    check_clip(*load_video(videos["mp4"].read_bytes()))
+
+
+def test_metadata_fits_transformers_video_metadata(videos):
+    video_utils = pytest.importorskip("transformers.video_utils")
+    _, meta = load_video(videos["mp4"])
+    md = video_utils.VideoMetadata(**meta)
+    assert md.timestamps == pytest.approx([i / 10.0 for i in meta["frames_indices"]])
+    assert md.sampled_fps == pytest.approx(8 / 20 * 10.0)
+
+
+def test_frames_are_downscaled_to_the_pixel_budget(videos):
+    budget = DEFAULT_SETTINGS.replace(video_frame_max_pixels=80 * 60)
+    frames, meta = load_video(videos["big"], budget)
+    assert frames.shape[0] == 3
+    height, width = frames.shape[1:3]
+    assert width * height <= 80 * 60
+    assert width / height == pytest.approx(320 / 240, rel=0.05)
+
+
+def test_display_rotation_is_applied(videos):
+    frames, meta = load_video(videos["rotated"])
+    assert frames.shape[1:3] == (64, 48)  # portrait after a 90-degree turn
+    # Turned counter-clockwise, the white top-left corner ends up at the bottom left.
+    assert frames[0, -4, 3].mean() > 200 and frames[0, 3, 3].mean() < 100
+
+
+def test_frame_array_source():
+    clip = np.stack([np.full((30, 40, 3), LEVEL_STEP * i, np.uint8) for i in range(20)])
+    frames, meta = load_video(clip, fps=5.0)
+    check_clip(frames, meta, fps=5.0)
+    frames, meta = load_video(clip)
+    assert meta["fps"] == DEFAULT_SETTINGS.video_default_fps
+    big = np.zeros((3, 480, 640, 3), np.uint8)
+    frames, _ = load_video(big, DEFAULT_SETTINGS.replace(video_frame_max_pixels=64 * 48))
+    assert frames.shape == (3, 48, 64, 3)
+
+
+def test_list_of_images_source():
+    images = [Image.new("RGB", (40, 30), (LEVEL_STEP * i,) * 3) for i in range(20)]
+    frames, meta = load_video(images, fps=10.0)
+    check_clip(frames, meta)
+    mixed = [Image.new("L", (40, 30), 0), Image.new("RGBA", (80, 60), (0, 0, 0, 255))]
+    frames, _ = load_video(mixed)
+    assert frames.shape == (2, 30, 40, 3)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((0, 8, 8, 3), np.uint8),
+        np.zeros((4, 8, 8), np.uint8),
+        np.zeros((4, 8, 8, 3), np.float32),
+        [],
+        ["not an image"],
+        None,
+    ],
+)
+def test_bad_frame_sources_are_refused(bad):
+    with pytest.raises(InputError):
+        load_video(bad)
+
+
+def _muxed_without_video_frames(path: Path) -> Path:
+    """A Matroska file with a video track that holds no frames (only audio packets are muxed)."""
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=10)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = container.add_stream("aac", rate=8000)
+        audio.layout = "mono"
+        for i in range(5):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 8000, i * 1024
+            for packet in audio.encode(frame):
+                container.mux(packet)
+        for packet in audio.encode():
+            container.mux(packet)
+    return path
+
+
+def test_zero_frame_video_is_refused(tmp_path):
+    path = _muxed_without_video_frames(tmp_path / "empty.mkv")
+    with av.open(str(path)) as container:
+        assert len(container.streams.video) == 1
+    with pytest.raises(InputError, match="no frames"):
+        load_video(path)
+
+
+def test_audio_only_file_is_refused(tmp_path):
+    path = tmp_path / "audio.mp4"
+    with av.open(str(path), "w") as container:
+        audio = container.add_stream("aac", rate=8000)
+        audio.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*audio.encode(frame), *audio.encode()]:
+            container.mux(packet)
+    with pytest.raises(InputError, match="no video"):
+        load_video(path)
+
+
+def test_truncated_video_is_refused(videos, tmp_path):
+    data = videos["mp4"].read_bytes()
+    path = tmp_path / "half.mp4"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError):
+        load_video(path)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"this is not a video at all\n" * 10,
+        encode(gradient(), "PNG"),
+        encode(gradient(), "JPEG"),
+        b"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nhttp://169.254.169.254/latest\n#EXT-X-ENDLIST\n",
+        b"ffconcat version 1.0\nfile /etc/passwd\n",
+        bytes(range(256)) * 4,
+    ],
+)
+def test_non_videos_are_refused(tmp_path, content):
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match="not a supported video"):
+        load_video(path)
+
+
+def test_too_long_video_is_refused(videos):
+    short_limit = DEFAULT_SETTINGS.replace(max_video_duration_s=1.0)
+    for kind in ("mp4", "webm"):
+        with pytest.raises(InputError, match="seconds long; the limit is 1 seconds"):
+            load_video(videos[kind], short_limit)
+    with pytest.raises(InputError, match="seconds long"):
+        load_video(np.zeros((20, 8, 8, 3), np.uint8), short_limit, fps=10.0)
+
+
+def test_upload_size_limit_for_videos(videos):
+    with pytest.raises(InputError, match="MiB"):
+        load_video(videos["mp4"], DEFAULT_SETTINGS.replace(max_upload_mb=0))
+    with pytest.raises(InputError, match="MiB"):
+        load_video(videos["mp4"].read_bytes(), DEFAULT_SETTINGS.replace(max_upload_mb=0))
+
+
+def test_video_pixel_limit(videos):
+    with pytest.raises(InputError, match="320x240 pixels"):
+        load_video(videos["big"], DEFAULT_SETTINGS.replace(max_image_pixels=10_000))
+
+
+def test_decode_budget_is_enforced(videos):
+    tiny_budget = DEFAULT_SETTINGS.replace(max_video_decode_s=0.0001)
+    with pytest.raises(InputError, match=r"within 0.0001 seconds"):
+        load_video(videos["mp4"], tiny_budget)
+
+
+def test_decode_budget_is_checked_inside_the_decode_loop(videos, monkeypatch):
+    """With a clock that advances one second per reading, a 30 s budget runs out mid-stream.
+
+    Opening costs a handful of readings; the 20-frame clip needs more than 30 (one per packet and
+    one per frame), so the refusal can only come from the checks between packets and frames.
+    """
+    import ego.media as media
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(media, "_clock", lambda: float(next(ticks)))
+    with pytest.raises(InputError, match="within 30 seconds"):
+        load_video(videos["mp4"], DEFAULT_SETTINGS.replace(max_video_decode_s=30.0))

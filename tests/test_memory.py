@@ -1,0 +1,105 @@
+"""The concept file: round trip, and refusal of anything that is not ours or not for this model."""
+
+import json
+import struct
+
+import pytest
+import torch
+from conftest import photo, tiny_engine
+
+import ego
+from ego import IncompatibleMemoryError, MemoryFileError, load_concepts, save_concepts
+
+
+@pytest.fixture(scope="module")
+def concepts():
+    engine = tiny_engine("qwen2-vl")
+    return [engine.introduce("Chelsea", [photo(0), photo(1)], area_pct=12),
+            engine.introduce("my mug", [photo(2)], keywords="red mug", area_pct=5)]
+
+
+def test_round_trip_keeps_everything(concepts, tmp_path):
+    engine = tiny_engine("qwen2-vl")
+    path = save_concepts(tmp_path / "mine.ego", concepts)
+    loaded = load_concepts(path, engine)
+    assert [c.name for c in loaded] == ["Chelsea", "my mug"]
+    for before, after in zip(concepts, loaded):
+        torch.testing.assert_close(after.embeddings, before.embeddings, rtol=0, atol=0)
+        assert after.model_id == before.model_id
+        for v1, v2 in zip(before.views, after.views):
+            assert v1.token_indices.tolist() == v2.token_indices.tolist()
+            torch.testing.assert_close(v1.scores, v2.scores, rtol=0, atol=0)
+            assert (v1.grid, v1.k, v1.area_pct, v1.keywords, v1.description, v1.area_source) == \
+                   (v2.grid, v2.k, v2.area_pct, v2.keywords, v2.description, v2.area_source)
+    # A loaded memory answers like the original.
+    q = photo(5)
+    assert engine.answer("Who?", loaded, image=q, max_new_tokens=4) == \
+        engine.answer("Who?", concepts, image=q, max_new_tokens=4)
+
+
+def test_memory_from_another_family_is_refused(concepts, tmp_path):
+    path = save_concepts(tmp_path / "mine.ego", concepts)
+    with pytest.raises(IncompatibleMemoryError, match="introduce them again"):
+        load_concepts(path, tiny_engine("qwen3-vl"))
+
+
+def test_files_that_are_not_ours_are_refused(tmp_path, concepts):
+    engine = tiny_engine("qwen2-vl")
+    cases = {
+        "empty": b"",
+        "text": b"hello world, this is not a model file at all",
+        "pickle": b"\x80\x04\x95" + b"\x00" * 64,
+        "huge_header": struct.pack("<Q", 1 << 40) + b"{}",
+    }
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    paths = [tmp_path / "plain.safetensors"]
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        paths.append(tmp_path / name)
+    good = save_concepts(tmp_path / "good.ego", concepts).read_bytes()
+    (tmp_path / "truncated").write_bytes(good[: len(good) // 2])
+    paths.append(tmp_path / "truncated")
+    for path in paths:
+        with pytest.raises(MemoryFileError) as raised:
+            load_concepts(path, engine)
+        assert str(raised.value).endswith(".")
+
+
+def test_wrong_version_says_so(tmp_path, concepts):
+    path = save_concepts(tmp_path / "mine.ego", concepts)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        document = json.loads(handle.metadata()["ego"])
+    document["version"] = 99
+    save_file(tensors, str(path), metadata={"ego": json.dumps(document)})
+    with pytest.raises(MemoryFileError, match="version 99"):
+        load_concepts(path, tiny_engine("qwen2-vl"))
+
+
+def test_too_many_concepts_in_a_file_are_refused(tmp_path, concepts):
+    engine = tiny_engine("qwen2-vl")
+    path = save_concepts(tmp_path / "many.ego", concepts * 3)
+    small = type(engine).__new__(type(engine))
+    small.__dict__.update(engine.__dict__)
+    small.settings = engine.settings.replace(max_concept_file_concepts=5)
+    with pytest.raises(MemoryFileError, match="at most 5"):
+        load_concepts(path, small)
+
+
+def test_saving_nothing_or_mixed_models_is_refused(tmp_path, concepts):
+    with pytest.raises(MemoryFileError):
+        save_concepts(tmp_path / "x.ego", [])
+    other = tiny_engine("qwen3-vl").introduce("rocket", [photo(3)], keywords="rocket", area_pct=5)
+    with pytest.raises(MemoryFileError):
+        save_concepts(tmp_path / "x.ego", [concepts[0], other])
+
+
+def test_public_api_names():
+    for name in ["Ego", "Concept", "ConceptView", "InputError", "save_concepts", "load_concepts", "Settings"]:
+        assert hasattr(ego, name)
+    assert issubclass(ego.InputError, ValueError) and issubclass(ego.IncompatibleMemoryError, ValueError)
