@@ -4,16 +4,34 @@
     engine = Ego.from_pretrained("qwen2.5-vl-7b")
     chelsea = engine.introduce("Chelsea", ["chelsea1.jpg", "chelsea2.jpg"])
     print(engine.answer("Is Chelsea in this photo?", [chelsea], image="query.jpg"))
+
+Names are imported lazily, so `import ego` (and `import app`) stays cheap until a model is needed.
 """
 
-from .engine import Answer, Ego, memory_size, select_concepts
-from .errors import IncompatibleMemoryError, InputError, MemoryFileError, ModelBusyError
-from .memory import Concept, ConceptView, load_concepts, read_concepts, save_concepts
-from .presets import DEFAULT_PRESET, PRESETS
-from .settings import DEFAULT_SETTINGS, Settings
+from __future__ import annotations
 
-__all__ = [
-    "Answer", "Concept", "ConceptView", "DEFAULT_PRESET", "DEFAULT_SETTINGS", "Ego", "IncompatibleMemoryError",
-    "InputError", "MemoryFileError", "ModelBusyError", "PRESETS", "Settings", "load_concepts", "memory_size",
-    "read_concepts", "save_concepts", "select_concepts",
-]
+import importlib
+
+_EXPORTS = {
+    "Answer": "engine", "Ego": "engine", "memory_size": "engine", "select_concepts": "engine",
+    "IncompatibleMemoryError": "errors", "InputError": "errors", "MemoryFileError": "errors",
+    "ModelBusyError": "errors",
+    "Concept": "memory", "ConceptView": "memory", "load_concepts": "memory", "read_concepts": "memory",
+    "save_concepts": "memory",
+    "DEFAULT_PRESET": "presets", "PRESETS": "presets",
+    "DEFAULT_SETTINGS": "settings", "Settings": "settings",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ego' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -29,6 +29,7 @@ import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, BinaryIO
 
 import av
@@ -176,11 +177,14 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 def _image_from_array(arr: Any) -> Image.Image:
     """A uint8 array (H,W,3), (H,W,4) or (H,W) as a PIL image, without trusting its layout."""
     if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8:
-        raise InputError("This image array is not 8-bit; please send an RGB uint8 array of shape (H, W, 3).")
+        raise InputError(
+            "This image array is not 8-bit; please send an RGB uint8 array of shape (H, W, 3)."
+        )
     if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4)):
         return Image.fromarray(np.ascontiguousarray(arr))  # L, RGB or RGBA from the shape
     raise InputError(
-        f"This image array has shape {arr.shape}; please send an RGB uint8 array of shape (H, W, 3)."
+        f"This image array has shape {arr.shape}; please send an RGB uint8 array of shape "
+        "(H, W, 3)."
     )
 
 
@@ -199,7 +203,9 @@ def _decode(im: Image.Image, settings: Settings) -> Image.Image:
     except InputError:
         raise
     except Image.DecompressionBombError:
-        raise InputError("This image is too large to decode safely; please upload a smaller image.") from None
+        raise InputError(
+            "This image is too large to decode safely; please upload a smaller image."
+        ) from None
     except Exception:  # noqa: BLE001 - a damaged file can make PIL raise almost anything
         raise InputError(
             "This image is damaged or incomplete and could not be decoded; please upload it again "
@@ -214,7 +220,8 @@ def _open_image(fp: BinaryIO, settings: Settings) -> Image.Image:
         im = Image.open(fp, formats=IMAGE_FORMATS)
     except Image.DecompressionBombError:
         raise InputError(
-            "This image declares far too many pixels to decode safely; please upload a smaller image."
+            "This image declares far too many pixels to decode safely; please upload a smaller "
+            "image."
         ) from None
     except Exception:  # noqa: BLE001 - UnidentifiedImageError, SyntaxError, struct.error, ...
         raise InputError(
@@ -250,7 +257,8 @@ def load_image(source: Any, settings: Settings = DEFAULT_SETTINGS) -> Image.Imag
         with _open_regular_file(source, settings, "image") as fh:
             return _open_image(fh, settings)
     raise InputError(
-        f"This is not an image ({type(source).__name__}); please upload a {_IMAGE_FORMATS_TEXT} image."
+        f"This is not an image ({type(source).__name__}); please upload a {_IMAGE_FORMATS_TEXT} "
+        "image."
     )
 
 
@@ -260,10 +268,10 @@ def load_image(source: Any, settings: Settings = DEFAULT_SETTINGS) -> Image.Imag
 def sample_indices(total: int, n: int) -> list[int]:
     """``n`` frame indices spread uniformly over ``total`` frames, each centred in its segment.
 
-    Frame ``i`` is the middle of the i-th of ``n`` equal segments, so a 2-frame sample of a clip shows
-    its first and third quarters rather than its (often black) first and last frames. The indices
-    are unique and increasing when ``total >= n``; with fewer frames than asked, all are returned.
-    Integer arithmetic only, so the result is the same on every machine.
+    Frame ``i`` is the middle of the i-th of ``n`` equal segments, so a 2-frame sample of a clip
+    shows its first and third quarters rather than its (often black) first and last frames. The
+    indices are unique and increasing when ``total >= n``; with fewer frames than asked, all are
+    returned. Integer arithmetic only, so the result is the same on every machine.
     """
     if total <= 0 or n <= 0:
         return []
@@ -314,8 +322,8 @@ class _Deadline:
     def check(self) -> None:
         if _clock() > self.end:
             raise InputError(
-                f"This video could not be decoded within {self.budget_s:g} seconds; please upload a "
-                "shorter or standard MP4/WebM clip."
+                f"This video could not be decoded within {self.budget_s:g} seconds; please "
+                "upload a shorter or standard MP4/WebM clip."
             )
 
 
@@ -443,21 +451,23 @@ def _decode_pass(
     except Exception:  # noqa: BLE001 - av.error.*, PermissionError from the hook, ...
         deadline.check()
         raise _damaged_video() from None
-    with container:
-        deadline.check()
-        stream = _main_video_stream(container)
-        declared_frames = max(0, int(stream.frames or 0))
-        declared_fps = _stream_fps(stream)
-        declared_duration = _declared_duration_s(container, stream)
-        if declared_duration is not None and declared_duration > settings.max_video_duration_s:
-            raise _too_long(declared_duration, settings)
-        codec = stream.codec_context
-        if codec.width and codec.height:
-            _check_dimensions(codec.width, codec.height, settings, what="video")
-        estimate = _estimated_frames(declared_frames, declared_fps, declared_duration)
-        wanted = set(choose(estimate))
-        stream.thread_type = "AUTO"
-        try:
+    try:
+        with container:
+            deadline.check()
+            stream = _main_video_stream(container)
+            declared_frames = max(0, int(stream.frames or 0))
+            declared_fps = _stream_fps(stream)
+            declared_duration = _declared_duration_s(container, stream)
+            if declared_duration is not None and declared_duration > settings.max_video_duration_s:
+                raise _too_long(declared_duration, settings)
+            codec = stream.codec_context
+            if codec is None:
+                raise _damaged_video()  # a codec ffmpeg does not know
+            if codec.width and codec.height:
+                _check_dimensions(codec.width, codec.height, settings, what="video")
+            estimate = _estimated_frames(declared_frames, declared_fps, declared_duration)
+            wanted = set(choose(estimate))
+            stream.thread_type = "AUTO"
             for packet in container.demux(stream):
                 deadline.check()
                 for frame in packet.decode():
@@ -476,11 +486,11 @@ def _decode_pass(
                             image = image.rotate(rotation, expand=True)
                         kept[count] = sink.add(image)
                     count += 1
-        except InputError:
-            raise
-        except Exception:  # noqa: BLE001 - av.error.InvalidDataError and friends
-            deadline.check()  # an interrupt by the timeout above reads as running out of time
-            raise _damaged_video() from None
+    except InputError:
+        raise
+    except Exception:  # noqa: BLE001 - av.error.InvalidDataError, odd headers, and friends
+        deadline.check()  # an interrupt by the timeout above reads as running out of time
+        raise _damaged_video() from None
     return _Pass(kept, count, estimate, declared_fps, declared_duration, first_time, last_time)
 
 
@@ -514,11 +524,13 @@ def _decode_video(fh: BinaryIO, settings: Settings, n: int) -> tuple[np.ndarray,
     """
     demuxer = _video_demuxer(fh.read(_SNIFF_BYTES))
     if demuxer is None:
-        raise InputError(f"This file is not a supported video; please upload a {_VIDEO_FORMATS_TEXT} clip.")
+        raise InputError(
+            f"This file is not a supported video; please upload a {_VIDEO_FORMATS_TEXT} clip."
+        )
     deadline = _Deadline(settings.max_video_decode_s)
     deadline.check()
 
-    result = _decode_pass(fh, demuxer, lambda estimate: sample_indices(estimate, n), settings, deadline)
+    result = _decode_pass(fh, demuxer, partial(sample_indices, n=n), settings, deadline)
     total = result.count
     if total == 0:
         raise InputError("This video has no frames; please upload a different clip.")
@@ -531,8 +543,8 @@ def _decode_video(fh: BinaryIO, settings: Settings, n: int) -> tuple[np.ndarray,
     frames = np.stack([result.kept[i] for i in indices])
 
     fps = result.declared_fps
-    if fps is None and result.first_time_s is not None and result.last_time_s is not None and total > 1:
-        span = result.last_time_s - result.first_time_s
+    if fps is None and total > 1 and result.first_time_s is not None:
+        span = (result.last_time_s or 0.0) - result.first_time_s
         fps = (total - 1) / span if span > 0 else None
     fps = fps or settings.video_default_fps
     # A header that miscounted the frames is not trusted for the duration either.
@@ -626,4 +638,7 @@ def load_video(
     if isinstance(source, (str, os.PathLike)):
         with _open_regular_file(source, settings, "video") as fh:
             return _decode_video(fh, settings, n)
-    raise InputError(f"This is not a video ({type(source).__name__}); please upload a {_VIDEO_FORMATS_TEXT} clip.")
+    raise InputError(
+        f"This is not a video ({type(source).__name__}); please upload a {_VIDEO_FORMATS_TEXT} "
+        "clip."
+    )

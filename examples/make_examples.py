@@ -206,7 +206,10 @@ def make_clip() -> list[dict]:
             container.mux(packet)
     return [
         {"video": "clip.mp4", "question": "Is Chelsea in this video? What does she do?"},
-        {"video": "clip.mp4", "question": "When does Chelsea first appear, and where is she at the end?"},
+        {
+            "video": "clip.mp4",
+            "question": "When does Chelsea first appear, and where is she at the end?",
+        },
     ]
 
 

@@ -7,7 +7,6 @@ Gradio, no model. Visitor text (names, keywords, questions) only reaches Markdow
 
 from __future__ import annotations
 
-import string
 from collections.abc import Sequence
 
 import numpy as np
@@ -133,6 +132,8 @@ def thumbnail(photo: Image.Image, px: int = 128) -> Image.Image:
 # Text
 # ----------------------------------------------------------------------------------------------
 _HTML = {"<": "&lt;", ">": "&gt;", "&": "&amp;"}
+_MARKDOWN = set("\\`*_{}[]()#+-.!|~$:@^=")
+"""Characters that can start Markdown syntax (emphasis, links, tables, headings, autolinks, maths)."""
 
 
 def escape_markdown(text) -> str:
@@ -141,7 +142,7 @@ def escape_markdown(text) -> str:
     for ch in " ".join(str(text).split()):
         if ch in _HTML:
             out.append(_HTML[ch])
-        elif ch in string.punctuation:
+        elif ch in _MARKDOWN:
             out.append("\\" + ch)
         else:
             out.append(ch)
@@ -160,7 +161,7 @@ def introduction_report(concepts: Sequence, seconds: float) -> str:
             f"### {escape_markdown(concept.name)}",
             f"{concept.num_tokens} memory tokens from {photos} photo{'s' if photos != 1 else ''}.",
             "",
-            "| Photo | Keywords | Subject size | Tokens kept |",
+            "| # | Keywords | Subject size | Tokens kept |",
             "|---|---|---|---|",
         ]
         for number, view in enumerate(concept.views, 1):

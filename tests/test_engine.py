@@ -266,3 +266,28 @@ def test_special_tokens_typed_by_a_visitor_stay_text():
                            max_new_tokens=2)
     assert answer.memory_tokens == concept.num_tokens   # no extra placeholder sneaked in
     assert isinstance(concept, Concept)
+
+
+def test_out_of_memory_is_reported_and_the_next_request_works():
+    from ego import ModelBusyError
+
+    engine = tiny_engine("qwen2-vl")
+    original = engine.model.generate
+    calls = []
+
+    def exhausted(**kwargs):
+        calls.append(1)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    engine.model.generate = exhausted
+    try:
+        with pytest.raises(ModelBusyError, match="smaller image"):
+            engine.answer("What is this?", image=photo(0), max_new_tokens=2)
+        with pytest.raises(ModelBusyError):
+            list(engine.stream_answer("What is this?", image=photo(0), max_new_tokens=2))
+        with pytest.raises(ModelBusyError):
+            engine.introduce("Chelsea", [photo(0)])
+    finally:
+        engine.model.generate = original
+    assert len(calls) == 3
+    assert engine.answer("What is this?", image=photo(0), max_new_tokens=2) is not None

@@ -52,11 +52,7 @@ class QwenBackend(Backend):
             kwargs["videos_kwargs"] = {
                 "size": {"shortest_edge": min_pixels, "longest_edge": per_video},
                 "do_sample_frames": False,
-                "video_metadata": [VideoMetadata(
-                    total_num_frames=int(meta["total_num_frames"]), fps=float(meta["source_fps"]),
-                    frames_indices=list(meta["frames_indices"]), duration=float(meta["duration_s"]),
-                    width=int(frames.shape[2]), height=int(frames.shape[1]), video_backend="pyav",
-                )],
+                "video_metadata": [VideoMetadata(**meta)],  # ego.media gives exactly its fields
             }
             if self.family != "qwen2.5-vl":
                 kwargs["videos_kwargs"]["cap_pixels_per_frame"] = True

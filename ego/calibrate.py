@@ -1,0 +1,360 @@
+"""Layer calibration (paper section 3, "Phase 0"; research/paper.md section 1.3): which LLM layers'
+keyword-to-image attention best finds the described object.
+
+    python -m ego.calibrate --model internvl3-14b --images coco/images --masks coco/masks --keep 5
+
+For every image with a binary mask of the same file stem (COCO single-category, single-instance
+images, the mask of the one instance):
+
+1. the engine's own description step runs on the image as a reference image (same prompt, same
+   pixel budget, greedy), with the keyword rows captured at EVERY text layer;
+2. per layer l, the importance of each visual token is Eq. 3 restricted to that layer: the mean over
+   all query heads and all keyword tokens of the keyword -> visual-token attention;
+3. the mask is mapped onto the visual-token grid (rows x cols, the whole image in raster order): a
+   token is "object" when the mask covers at least half of its cell (cell = its share of the image,
+   ``adaptive_avg_pool2d`` bins) OR the pixel at the cell's centre is in the mask;
+4. the layer's score on the image is precision@K: the share of its K most important tokens that are
+   object tokens (K = --top-k, 50 by default, capped at the number of visual tokens).
+
+Layers are ranked by their mean score over the images (ties: lower index first); the best --keep
+layers are written as JSON ``{"model_id", "layers", "scores", "images", "top_k", ...}``, which
+``Ego.from_pretrained(model, layers="calibration.json")`` reads. Layer indices are 0-based decoder
+layers (index 0 = the first transformer block; there is no embedding entry), the convention of the
+``output_attentions`` tuple and of ``ego.presets``.
+
+Images whose mask covers no visual token, or whose description has no words, are skipped and listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import prompts
+from .attention import AttentionCapture, capturing
+from .media import load_image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+MIN_COVERAGE = 0.5
+"""A visual token is an object token when the mask covers at least this share of its cell (or its centre)."""
+MASK_RULE = "object token: mask covers >= 50% of the token's cell, or the cell's centre pixel is in the mask"
+
+
+# ------------------------------------------------------------------------------------------------
+# The pieces, as plain functions
+# ------------------------------------------------------------------------------------------------
+def binary_mask(mask) -> np.ndarray:
+    """A boolean [H, W] array from a mask image, path or array (non-zero = object; 8-bit masks: >= 128)."""
+    if isinstance(mask, np.ndarray):
+        array = mask
+    elif isinstance(mask, torch.Tensor):
+        array = mask.cpu().numpy()
+    else:
+        array = np.asarray(load_image(mask).convert("L"))
+    if array.ndim == 3:
+        array = array.max(axis=-1)
+    if array.dtype == bool:
+        return array
+    threshold = 127 if array.max() > 1 else 0
+    return array > threshold
+
+
+def object_tokens(mask, grid: tuple[int, int], *, min_coverage: float = MIN_COVERAGE) -> torch.Tensor:
+    """Which of the rows x cols visual tokens (raster order) lie on the object: BoolTensor [rows * cols].
+
+    The grid spans the whole image (both Qwen's resize and InternVL's single 448 px tile map the full
+    image onto it), so cell (i, j) is the block of pixels [i*H/rows, (i+1)*H/rows) x [j*W/cols, (j+1)*W/cols).
+    """
+    binary = torch.from_numpy(np.ascontiguousarray(binary_mask(mask)))
+    height, width = binary.shape
+    rows, cols = int(grid[0]), int(grid[1])
+    coverage = F.adaptive_avg_pool2d(binary.float()[None, None], (rows, cols))[0, 0]   # [rows, cols]
+    centre_y = ((torch.arange(rows) + 0.5) * height / rows).long().clamp(max=height - 1)
+    centre_x = ((torch.arange(cols) + 0.5) * width / cols).long().clamp(max=width - 1)
+    centre = binary[centre_y][:, centre_x]
+    return ((coverage >= min_coverage) | centre).flatten()
+
+
+def precision_at_k(importance: torch.Tensor, objects: torch.Tensor, k: int) -> torch.Tensor:
+    """importance [num_layers, N]; objects Bool [N] -> share of each layer's top-k tokens on the object [num_layers]."""
+    k = max(1, min(int(k), importance.shape[-1]))
+    top = importance.float().topk(k, dim=-1).indices                        # [num_layers, k]
+    return objects.to(importance.device)[top].float().mean(dim=-1).cpu()
+
+
+def find_pairs(images_dir, masks_dir) -> list[tuple[Path, Path]]:
+    """(image, mask) paths whose file stems match, sorted by stem; images without a mask are left out."""
+    images_dir, masks_dir = Path(images_dir), Path(masks_dir)
+    masks = {}
+    for path in sorted(masks_dir.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            masks.setdefault(path.stem, path)
+    pairs = []
+    for path in sorted(images_dir.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and path.stem in masks:
+            pairs.append((path, masks[path.stem]))
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------
+# One image: the engine's description step, attention captured at every layer
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class DescribedImage:
+    importance: torch.Tensor
+    """Eq. 3 per layer: [num_layers, N_r], mean over heads and keyword tokens."""
+    grid: tuple[int, int]
+    description: str
+    keywords: tuple[str, ...]
+
+
+def describe_with_attention(engine, image) -> DescribedImage | None:
+    """Run the engine's self-description of `image` (as a reference image) with every text layer captured.
+
+    Mirrors `Ego._introduce_view` steps (1)-(3): same prompt, pixel budget and greedy decoding; the last
+    description token's row is recorded by one more forward (the first token of the size question), as
+    the engine does. Returns None when the description has no token at all.
+    """
+    from .engine import _extend, _keyword_positions, _strip_stop
+
+    backend, settings, tokenizer = engine.backend, engine.settings, engine.backend.tokenizer
+    picture = load_image(image, settings)
+    encoded = backend.encode(
+        backend.chat_text([{"type": "image"}, {"type": "text", "text": prompts.DESCRIBE_PROMPT}]),
+        image=picture, image_max_pixels=settings.reference_max_pixels,
+        video_frame_max_pixels=settings.video_frame_max_pixels,
+    )
+    x_r = backend.encode_vision(encoded)
+    grid, columns = backend.grid(encoded), encoded.visual_columns
+    if x_r.shape[0] != columns.numel() or grid[0] * grid[1] != columns.numel():
+        raise RuntimeError(f"visual tokens disagree: {x_r.shape[0]} rows, {columns.numel()} columns, grid {grid}")
+    prompt_ids = encoded.inputs["input_ids"].to(engine.device)
+    start = prompt_ids.shape[1]
+    generate_kwargs = backend.generate_kwargs(encoded)
+    capture = AttentionCapture(layers=frozenset(range(engine.num_layers)), columns=columns, first_row=start)
+    with capturing(capture), torch.no_grad():
+        out = engine.model.generate(
+            input_ids=prompt_ids, **generate_kwargs, do_sample=False,
+            max_new_tokens=settings.description_max_new_tokens, min_new_tokens=2, return_dict_in_generate=True,
+        )
+        description_ids = _strip_stop(out.sequences[0, start:].tolist(), backend.stop_token_ids)
+        if not description_ids:
+            return None
+        capture.end_row = start + len(description_ids)
+        follow = tokenizer(backend.continue_turn(prompts.SIZE_PROMPT), add_special_tokens=False).input_ids
+        sequence = torch.tensor([prompt_ids[0].tolist() + description_ids + follow], device=engine.device)
+        kwargs = _extend(generate_kwargs, sequence.shape[1])
+        kwargs.pop("mm_encoder_outputs", None)  # the image is in the cache already
+        engine.model.generate(input_ids=sequence, **kwargs, past_key_values=out.past_key_values,
+                              do_sample=False, max_new_tokens=1)
+    positions, keywords = _keyword_positions(tokenizer, description_ids, content_only=True)
+    recorded = capture.recorded_positions()
+    rows = [start + i for i in positions if start + i in recorded]
+    if not rows:
+        return None
+    attention = capture.matrix(rows)                                   # [num_layers, H, N_w, N_r]
+    importance = attention.mean(dim=2).mean(dim=1).cpu()               # [num_layers, N_r]
+    description = tokenizer.decode(description_ids, skip_special_tokens=True)
+    return DescribedImage(importance=importance, grid=(int(grid[0]), int(grid[1])), description=description,
+                          keywords=tuple(keywords))
+
+
+# ------------------------------------------------------------------------------------------------
+# Many images: rank the layers
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class CalibrationResult:
+    model_id: str
+    num_layers: int
+    top_k: int
+    keep: int
+    precision: torch.Tensor
+    """precision@K per image and layer: [images, num_layers]."""
+    names: tuple[str, ...] = ()
+    """The scored images, in the rows' order."""
+    skipped: tuple[tuple[str, str], ...] = ()
+    """(image, reason) for the images left out."""
+    descriptions: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def images(self) -> int:
+        return int(self.precision.shape[0])
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.precision.mean(dim=0) if self.images else torch.zeros(self.num_layers)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.precision.std(dim=0, unbiased=False) if self.images else torch.zeros(self.num_layers)
+
+    @property
+    def ranking(self) -> list[int]:
+        """All layers, best first (mean precision@K; ties: lower index first)."""
+        mean = self.mean.tolist()
+        return sorted(range(self.num_layers), key=lambda layer: (-round(mean[layer], 12), layer))
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The best `keep` layers, in increasing order (the set L)."""
+        return tuple(sorted(self.ranking[:self.keep]))
+
+    @property
+    def scores(self) -> dict[int, float]:
+        return {layer: float(value) for layer, value in enumerate(self.mean.tolist())}
+
+    def to_json(self) -> dict:
+        std = self.std.tolist()
+        return {
+            "model_id": self.model_id,
+            "layers": list(self.layers),
+            "scores": {str(layer): round(value, 6) for layer, value in self.scores.items()},
+            "std": {str(layer): round(float(value), 6) for layer, value in enumerate(std)},
+            "ranking": self.ranking,
+            "images": self.images,
+            "top_k": self.top_k,
+            "keep": self.keep,
+            "num_layers": self.num_layers,
+            "layer_index": "0-based decoder layers (0 = first transformer block)",
+            "metric": "precision@top_k of each layer's Eq. 3 importance (mean over heads and keywords)",
+            "mask_rule": MASK_RULE,
+            "skipped": [{"image": name, "reason": reason} for name, reason in self.skipped],
+        }
+
+    def write(self, path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    def table(self) -> str:
+        """One line per layer, best first; chosen layers are starred."""
+        chosen, mean, std = set(self.layers), self.mean.tolist(), self.std.tolist()
+        lines = [f"{'rank':>4}  {'layer':>5}  {'precision@' + str(self.top_k):>13}  {'std':>6}"]
+        for rank, layer in enumerate(self.ranking, 1):
+            star = "  *" if layer in chosen else ""
+            lines.append(f"{rank:>4}  {layer:>5}  {mean[layer]:>13.4f}  {std[layer]:>6.4f}{star}")
+        return "\n".join(lines)
+
+
+def calibrate(engine, pairs: Iterable, keep: int = 5, top_k: int = 50,
+              progress: Callable[[str], None] | None = None) -> CalibrationResult:
+    """Rank `engine`'s text layers by how well their keyword attention lands on the object.
+
+    pairs: (image, mask) or (name, image, mask) items; images and masks are paths, PIL images or arrays.
+    progress: called with one line of text per image.
+    """
+    pairs = list(pairs)
+    if not pairs:
+        raise ValueError("No image/mask pairs to calibrate on.")
+    if keep < 1 or keep > engine.num_layers:
+        raise ValueError(f"keep must be between 1 and {engine.num_layers}; got {keep}.")
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1; got {top_k}.")
+    rows, names, skipped, descriptions = [], [], [], []
+    for index, pair in enumerate(pairs, 1):
+        name, image, mask = pair if len(pair) == 3 else (_name_of(pair[0], index), *pair)
+        with engine._model_call():
+            described = describe_with_attention(engine, image)
+        if described is None:
+            skipped.append((name, "the description has no words"))
+            _say(progress, f"[{index}/{len(pairs)}] {name}: skipped (the description has no words)")
+            continue
+        objects = object_tokens(mask, described.grid)
+        if not objects.any():
+            skipped.append((name, "the mask covers no visual token"))
+            _say(progress, f"[{index}/{len(pairs)}] {name}: skipped (the mask covers no visual token)")
+            continue
+        precision = precision_at_k(described.importance, objects, top_k)
+        rows.append(precision)
+        names.append(name)
+        descriptions.append(described.description)
+        best = int(precision.argmax())
+        _say(progress, f"[{index}/{len(pairs)}] {name}: {int(objects.sum())}/{objects.numel()} object tokens, "
+                       f"best layer {best} (precision {float(precision[best]):.2f}); "
+                       f"keywords: {', '.join(described.keywords[:8])}")
+    precision = torch.stack(rows) if rows else torch.zeros(0, engine.num_layers)
+    return CalibrationResult(model_id=engine.model_id, num_layers=engine.num_layers, top_k=int(top_k),
+                             keep=int(keep), precision=precision, names=tuple(names), skipped=tuple(skipped),
+                             descriptions=tuple(descriptions))
+
+
+def _name_of(image, index: int) -> str:
+    return Path(image).name if isinstance(image, (str, Path)) else f"image {index}"
+
+
+def _say(progress, line: str) -> None:
+    if progress is not None:
+        progress(line)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ego.calibrate",
+        description="Rank a model's LLM layers by how well the attention of its self-description's keywords "
+                    "lands on the object of single-instance masks (COCO style), and write the best ones as JSON "
+                    "for Ego.from_pretrained(..., layers=FILE).",
+    )
+    parser.add_argument("--model", required=True, help="preset name (see ego.presets), Hub id or local checkpoint")
+    parser.add_argument("--images", required=True, help="folder of images")
+    parser.add_argument("--masks", required=True,
+                        help="folder of binary masks, one per image, same file stem (non-zero = object)")
+    parser.add_argument("--keep", type=int, default=5, help="how many layers to keep (default 5, as in the paper)")
+    parser.add_argument("--top-k", type=int, default=50, help="K of precision@K (default 50)")
+    parser.add_argument("--out", help="output JSON (default calibration-<model>.json)")
+    parser.add_argument("--quantization", default="auto", choices=["auto", "4bit", "8bit", "none"],
+                        help="auto = 4-bit on CUDA, unquantized elsewhere")
+    parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--limit", type=int, default=None, help="use at most this many image/mask pairs")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    pairs = find_pairs(args.images, args.masks)
+    if args.limit is not None:
+        pairs = pairs[:max(0, args.limit)]
+    if not pairs:
+        print(f"No image in {args.images} has a mask with the same file name stem in {args.masks}.", file=sys.stderr)
+        return 2
+    from .engine import Ego
+
+    quantization = None if args.quantization == "none" else args.quantization
+    print(f"Loading {args.model} ...", file=sys.stderr, flush=True)
+    engine = Ego.from_pretrained(args.model, quantization=quantization, device=args.device)
+    print(f"{engine.model_id}: {engine.num_layers} text layers; {len(pairs)} image/mask pairs; "
+          f"keep {args.keep}, precision@{args.top_k}", file=sys.stderr, flush=True)
+    result = calibrate(engine, [(image.name, image, mask) for image, mask in pairs], keep=args.keep,
+                       top_k=args.top_k, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    if result.images == 0:
+        print("No image could be scored (see the lines above); nothing written.", file=sys.stderr)
+        return 1
+    print(result.table())
+    out = Path(args.out) if args.out else Path(f"calibration-{_slug(args.model)}.json")
+    result.write(out)
+    print(f"\nBest {args.keep} layers: {list(result.layers)} ({result.images} images, "
+          f"{len(result.skipped)} skipped). Written to {out}; use them with "
+          f"Ego.from_pretrained({args.model!r}, layers={str(out)!r}).")
+    return 0
+
+
+def _slug(model: str) -> str:
+    """A file-name-safe name: a preset or Hub id with "/" -> "_", or a local folder's own name."""
+    text = str(model).rstrip("/\\")
+    if Path(text).exists():
+        text = Path(text).name
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

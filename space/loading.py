@@ -1,0 +1,50 @@
+"""The one model of the process, shared by every visitor and loaded on first use."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("ego.space")
+
+LOADING_MESSAGE = "Loading the model; the first request after a restart takes a minute or two…"
+
+
+class LazyEngine:
+    """Holds an engine, or a factory that makes one the first time it is needed.
+
+    Two first visitors do not load the model twice: the factory runs under a lock. A factory that
+    fails is tried again on the next request (the error reaches the visitor as a sentence).
+    """
+
+    def __init__(self, source, *, name: str | None = None):
+        if hasattr(source, "introduce"):          # an engine already loaded
+            self._engine, self._factory = source, None
+            self.name = name or getattr(source, "model_id", None)
+        elif callable(source):
+            self._engine, self._factory = None, source
+            self.name = name
+        else:
+            raise TypeError("build the demo from an engine or from a function that returns one")
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._engine is not None
+
+    def get(self, progress: Callable | None = None):
+        """The engine; loads it first if needed, telling the visitor through `progress`."""
+        if self._engine is not None:
+            return self._engine
+        with self._lock:
+            if self._engine is None:
+                if progress is not None:
+                    progress(0, desc=LOADING_MESSAGE)
+                started = time.perf_counter()
+                engine = self._factory()
+                log.info("model %s loaded in %.1f s", getattr(engine, "model_id", "?"), time.perf_counter() - started)
+                self._engine = engine
+                self.name = self.name or getattr(engine, "model_id", None)
+        return self._engine

@@ -1,0 +1,162 @@
+"""Layer calibration (`ego.calibrate`): the mask -> token rule, precision@K, a planted answer, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import photo, tiny_engine
+from ego import calibrate as cal
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _square_mask(size=(300, 451), box=(0.0, 0.0, 0.5, 0.5)) -> np.ndarray:
+    """A uint8 0/255 mask with the box (top, left, bottom, right as fractions) set."""
+    h, w = size
+    mask = np.zeros((h, w), dtype=np.uint8)
+    mask[int(box[0] * h):int(box[2] * h), int(box[1] * w):int(box[3] * w)] = 255
+    return mask
+
+
+def test_object_tokens_coverage_and_centre_rules():
+    mask = np.zeros((40, 40), dtype=bool)
+    mask[0:10, 0:10] = True          # cell (0, 0) of a 4x4 grid of 10x10 cells: fully covered
+    mask[10:16, 10:20] = True        # cell (1, 1): 60 % covered, centre (15, 15) covered
+    mask[20:24, 20:30] = True        # cell (2, 2): 40 % covered, centre (25, 25) not covered
+    mask[35, 35] = True              # cell (3, 3): one pixel, exactly its centre
+    tokens = cal.object_tokens(mask, (4, 4)).view(4, 4)
+    assert tokens[0, 0] and tokens[1, 1] and tokens[3, 3]
+    assert not tokens[2, 2]
+    assert int(tokens.sum()) == 3
+    # 8-bit masks are thresholded at 128; a mask at another resolution maps proportionally.
+    grey = np.where(np.kron(mask, np.ones((3, 3), dtype=bool)), 200, 90).astype(np.uint8)
+    assert torch.equal(cal.object_tokens(grey, (4, 4)), tokens.flatten())
+    assert torch.equal(cal.object_tokens(Image.fromarray(grey), (4, 4)), tokens.flatten())
+
+
+def test_precision_at_k():
+    objects = torch.tensor([True, True, False, False, False, False])
+    importance = torch.tensor([[0.9, 0.8, 0.1, 0.0, 0.0, 0.0],     # both top-2 on the object
+                               [0.9, 0.0, 0.8, 0.0, 0.0, 0.0],     # one of two
+                               [0.0, 0.0, 0.9, 0.8, 0.0, 0.0]])    # none
+    assert cal.precision_at_k(importance, objects, 2).tolist() == [1.0, 0.5, 0.0]
+    assert cal.precision_at_k(importance, objects, 100).tolist() == pytest.approx([1 / 3] * 3)  # K capped at N
+
+
+def test_find_pairs_matches_stems(tmp_path):
+    (tmp_path / "im").mkdir(), (tmp_path / "m").mkdir()
+    for stem in ("a", "b", "c"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "im" / f"{stem}.jpg")
+    for stem in ("a", "c", "z"):
+        Image.new("L", (8, 8)).save(tmp_path / "m" / f"{stem}.png")
+    (tmp_path / "im" / "notes.txt").write_text("not an image")
+    pairs = cal.find_pairs(tmp_path / "im", tmp_path / "m")
+    assert [(i.name, m.name) for i, m in pairs] == [("a.jpg", "a.png"), ("c.jpg", "c.png")]
+
+
+def _planted(layer: int, objects: torch.Tensor):
+    """An AttentionCapture whose `layer` pays all its attention, evenly, to the `objects` visual tokens."""
+
+    class Planted(cal.AttentionCapture):
+        def matrix(self, positions):
+            matrix = super().matrix(positions)                       # [layers, H, N_w, N_r]
+            planted = torch.zeros(matrix.shape[-1])
+            planted[objects] = 1.0 / int(objects.sum())
+            matrix[sorted(self.layers).index(layer)] = planted
+            return matrix
+
+    return Planted
+
+
+@pytest.mark.parametrize("family", ["internvl3", "qwen2.5-vl"])
+def test_planted_layer_ranks_first_and_file_loads(family, tmp_path, monkeypatch):
+    from ego import Ego
+
+    engine = tiny_engine(family)
+    planted_layer = engine.num_layers - 2
+    # The visual grid of a 300x451 reference image on this model (16x16 on InternVL; Qwen's is not square).
+    encoded = engine.backend.encode(engine.backend.chat_text([{"type": "image"}]), image=photo(0),
+                                    image_max_pixels=engine.settings.reference_max_pixels,
+                                    video_frame_max_pixels=engine.settings.video_frame_max_pixels)
+    grid = engine.backend.grid(encoded)
+    objects = cal.object_tokens(_square_mask(), grid)
+    assert 10 <= int(objects.sum()) < grid[0] * grid[1] // 2
+    monkeypatch.setattr(cal, "AttentionCapture", _planted(planted_layer, objects))
+    pairs = [(f"p{i}", photo(i), _square_mask()) for i in range(2)]
+    lines = []
+    result = cal.calibrate(engine, pairs, keep=1, top_k=10, progress=lines.append)
+
+    assert result.images == 2 and len(lines) == 2 and not result.skipped
+    assert result.precision.shape == (2, engine.num_layers)
+    assert result.precision[:, planted_layer].tolist() == [1.0, 1.0]
+    assert result.ranking[0] == planted_layer
+    assert result.layers == (planted_layer,)
+    assert result.table().splitlines()[1].split()[:3] == ["1", str(planted_layer), "1.0000"]
+
+    path = result.write(tmp_path / "layers.json")
+    document = json.loads(path.read_text())
+    assert document["layers"] == [planted_layer] and document["images"] == 2 and document["top_k"] == 10
+    assert document["model_id"] == engine.model_id
+    assert set(document["scores"]) == {str(i) for i in range(engine.num_layers)}
+    reloaded = Ego.from_pretrained(f"tiny-{family}", layers=path)
+    assert reloaded.layers == (planted_layer,)
+
+
+def _write_pairs(root: Path, n: int = 2) -> tuple[Path, Path]:
+    images, masks = root / "images", root / "masks"
+    images.mkdir(), masks.mkdir()
+    for i in range(n):
+        photo(i).save(images / f"{i:06d}.jpg")
+        Image.fromarray(_square_mask(box=(0.2, 0.3, 0.8, 0.7))).save(masks / f"{i:06d}.png")
+    Image.fromarray(np.zeros((300, 451), dtype=np.uint8)).save(masks / "unused.png")
+    return images, masks
+
+
+def test_cli_main_writes_loadable_layers(tmp_path, capsys):
+    from ego import Ego
+
+    images, masks = _write_pairs(tmp_path, 3)
+    # A third image whose mask is empty is scored as skipped, not as a failure.
+    Image.fromarray(np.zeros((300, 451), dtype=np.uint8)).save(masks / "000002.png")
+    out = tmp_path / "calibration.json"
+    code = cal.main(["--model", "tiny-internvl3", "--images", str(images), "--masks", str(masks),
+                     "--keep", "2", "--top-k", "20", "--out", str(out)])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "[3/3] 000002.jpg: skipped" in captured.err
+    assert "precision@20" in captured.out and "Best 2 layers" in captured.out
+    document = json.loads(out.read_text())
+    assert document["images"] == 2 and document["keep"] == 2 and len(document["layers"]) == 2
+    assert document["skipped"] == [{"image": "000002.jpg", "reason": "the mask covers no visual token"}]
+    assert document["ranking"][:2] == sorted(document["ranking"][:2], key=lambda l: -document["scores"][str(l)])
+    assert sorted(document["ranking"][:2]) == document["layers"]
+    assert Ego.from_pretrained("tiny-internvl3", layers=out).layers == tuple(document["layers"])
+
+
+def test_cli_as_module(tmp_path):
+    images, masks = _write_pairs(tmp_path, 2)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "ego.calibrate", "--model", "tiny-internvl3", "--images", str(images),
+         "--masks", str(masks), "--keep", "3", "--top-k", "10", "--quantization", "none"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    document = json.loads((tmp_path / "calibration-tiny-internvl3.json").read_text())
+    assert document["images"] == 2 and len(document["layers"]) == 3 and document["top_k"] == 10
+
+
+def test_cli_refuses_when_nothing_matches(tmp_path, capsys):
+    (tmp_path / "i").mkdir(), (tmp_path / "m").mkdir()
+    photo(0).save(tmp_path / "i" / "a.jpg")
+    assert cal.main(["--model", "tiny-internvl3", "--images", str(tmp_path / "i"), "--masks", str(tmp_path / "m")]) == 2
+    assert "same file name stem" in capsys.readouterr().err

@@ -1,0 +1,62 @@
+"""space/loading.py: the model is loaded once, on first use, even when visitors arrive together."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from space.loading import LOADING_MESSAGE, LazyEngine
+
+
+class FakeEngine:
+    model_id = "fake"
+
+    def introduce(self, *args, **kwargs):
+        raise NotImplementedError
+
+
+def test_loads_once_under_concurrent_first_use():
+    calls, messages = [], []
+
+    def factory():
+        calls.append(1)
+        time.sleep(0.2)
+        return FakeEngine()
+
+    lazy = LazyEngine(factory, name="fake-preset")
+    assert not lazy.loaded
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(lazy.get(lambda *a, **k: messages.append(k)))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and lazy.loaded
+    assert len({id(engine) for engine in got}) == 1
+    assert messages == [{"desc": LOADING_MESSAGE}]
+    assert lazy.name == "fake-preset"
+
+
+def test_a_failed_load_is_retried():
+    attempts = []
+
+    def factory():
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("out of disk")
+        return FakeEngine()
+
+    lazy = LazyEngine(factory)
+    with pytest.raises(RuntimeError):
+        lazy.get()
+    assert isinstance(lazy.get(), FakeEngine) and lazy.name == "fake"
+
+
+def test_an_engine_is_used_as_is():
+    engine = FakeEngine()
+    lazy = LazyEngine(engine)
+    assert lazy.loaded and lazy.get() is engine and lazy.name == "fake"
+    with pytest.raises(TypeError):
+        LazyEngine(42)
