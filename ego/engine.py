@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import prompts
+from . import checks, prompts
 from .attention import ATTENTION_NAME, AttentionCapture, capturing
 from .backends import Backend, backend_for_model_type
 from .errors import IncompatibleMemoryError, InputError, ModelBusyError
@@ -177,22 +177,11 @@ class Ego:
         keywords: the words whose attention ranks the tokens, instead of the model's description.
         area_pct: the subject's share of each image in percent, instead of the model's estimate.
         """
-        name = self.check_name(name)
+        name = checks.check_name(name, self.settings)
         images = list(images) if isinstance(images, (list, tuple)) else [images]
-        limit = self.settings.max_references_per_concept
-        if not images:
-            raise InputError(f"Add at least one reference photo of {name} (up to {limit}).")
-        if len(images) > limit:
-            raise InputError(f"A concept takes at most {limit} reference photos; you gave {len(images)}. "
-                             f"Keep the {limit} clearest ones.")
-        user_keywords = _check_keywords(keywords)
-        if area_pct is not None:
-            try:
-                area_pct = float(area_pct)
-            except (TypeError, ValueError):
-                raise InputError("The subject size must be a number between 1 and 100 (percent of the image).")
-            if not 1 <= area_pct <= 100 or math.isnan(area_pct):
-                raise InputError("The subject size must be a number between 1 and 100 (percent of the image).")
+        checks.check_reference_count(len(images), self.settings, name)
+        user_keywords = checks.check_keywords(keywords)
+        area_pct = checks.check_area_pct(area_pct)
         pictures = [load_image(image, self.settings) for image in images]  # all checked before any model call
         with self._model_call():
             views = tuple(self._introduce_view(picture, user_keywords, area_pct) for picture in pictures)
@@ -343,11 +332,8 @@ class Ego:
             yield Answer(text.strip(), **prepared["meta"])
 
     def _prepare_answer(self, question, concepts, image, video, max_new_tokens) -> dict:
-        question = self.check_question(question)
-        max_new_tokens = self.settings.answer_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-        if not 1 <= max_new_tokens <= self.settings.answer_max_new_tokens_limit:
-            raise InputError(f"The answer length must be between 1 and "
-                             f"{self.settings.answer_max_new_tokens_limit} tokens.")
+        question = prompts.neutralize(checks.check_question(question, self.settings), self.backend.special_strings)
+        max_new_tokens = checks.check_max_new_tokens(max_new_tokens, self.settings)
         if image is not None and video is not None:
             raise InputError("Ask about one image or one video at a time, not both.")
         concepts = list(concepts)
@@ -408,26 +394,8 @@ class Ego:
         return {"generate": generate, "meta": meta, "context_tokens": input_ids.shape[1]}
 
     # ------------------------------------------------------------------------------------------
-    # Input checks and the model guard
+    # The model guard
     # ------------------------------------------------------------------------------------------
-    def check_name(self, name) -> str:
-        name = " ".join(str(name or "").split())
-        if not name:
-            raise InputError("Give the concept a name, for example 'my cat Chelsea'.")
-        if len(name) > self.settings.max_name_chars:
-            raise InputError(f"Concept names are at most {self.settings.max_name_chars} characters; "
-                             f"please use a shorter name.")
-        return name
-
-    def check_question(self, question) -> str:
-        question = str(question or "").strip()
-        if not question:
-            raise InputError("Type a question first, for example 'Is Chelsea in this photo?'.")
-        if len(question) > self.settings.max_question_chars:
-            raise InputError(f"Questions are at most {self.settings.max_question_chars} characters; "
-                             f"please shorten yours.")
-        return prompts.neutralize(question, self.backend.special_strings)
-
     @contextlib.contextmanager
     def _model_call(self):
         """One model call at a time; an out-of-memory error frees memory and says what to change."""
@@ -485,21 +453,6 @@ def _keyword_positions(tokenizer, ids: list[int], *, content_only: bool) -> tupl
             words = prompts.content_words(text) if only else [text[a:b].lower() for a, b in spans]
             return positions, list(dict.fromkeys(words))
     return list(range(len(ids))), []
-
-
-def _check_keywords(keywords) -> list[str] | None:
-    if keywords is None:
-        return None
-    if isinstance(keywords, str):
-        keywords = keywords.replace(";", ",").split(",")
-    words = [" ".join(str(k).split()) for k in keywords]
-    words = [w for w in words if w]
-    if not words:
-        raise InputError("Give at least one keyword (for example 'tabby, green eyes'), or leave the field empty "
-                         "to let the model describe the photo.")
-    if sum(len(w) for w in words) > 200:
-        raise InputError("Keep the keywords under 200 characters in total.")
-    return words
 
 
 def _strip_stop(ids: list[int], stop_ids: list[int]) -> list[int]:

@@ -1,0 +1,75 @@
+"""Checks on what a person types or sends, shared by the engine and the app (no model needed).
+
+Each failure is an `InputError` whose message is one sentence that says what to do.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .errors import InputError
+from .settings import Settings
+
+
+def check_name(name, settings: Settings) -> str:
+    """A concept name with its white space folded; empty or too long is refused."""
+    name = " ".join(str(name or "").split())
+    if not name:
+        raise InputError("Give the concept a name, for example 'my cat Chelsea'.")
+    if len(name) > settings.max_name_chars:
+        raise InputError(f"Concept names are at most {settings.max_name_chars} characters; please use a shorter name.")
+    return name
+
+
+def check_question(question, settings: Settings) -> str:
+    question = str(question or "").strip()
+    if not question:
+        raise InputError("Type a question first, for example 'Is Chelsea in this photo?'.")
+    if len(question) > settings.max_question_chars:
+        raise InputError(f"Questions are at most {settings.max_question_chars} characters; please shorten yours.")
+    return question
+
+
+def check_reference_count(count: int, settings: Settings, name: str = "the concept") -> None:
+    limit = settings.max_references_per_concept
+    if count < 1:
+        raise InputError(f"Add at least one reference photo of {name} (up to {limit}).")
+    if count > limit:
+        raise InputError(f"A concept takes at most {limit} reference photos; you gave {count}. "
+                         f"Keep the {limit} clearest ones.")
+
+
+def check_keywords(keywords) -> list[str] | None:
+    """User keywords as a list of phrases (a string is split at commas), or None to let the model describe."""
+    if keywords is None:
+        return None
+    if isinstance(keywords, str):
+        keywords = keywords.replace(";", ",").split(",")
+    words = [" ".join(str(k).split()) for k in keywords]
+    words = [w for w in words if w]
+    if not words:
+        raise InputError("Give at least one keyword (for example 'tabby, green eyes'), or leave the field empty "
+                         "to let the model describe the photo.")
+    if sum(len(w) for w in words) > 200:
+        raise InputError("Keep the keywords under 200 characters in total.")
+    return words
+
+
+def check_area_pct(area_pct) -> float | None:
+    """The subject's share of the image (1..100 %), or None to let the model estimate it."""
+    if area_pct is None:
+        return None
+    try:
+        value = float(area_pct)
+    except (TypeError, ValueError):
+        value = math.nan
+    if math.isnan(value) or not 1 <= value <= 100:
+        raise InputError("The subject size must be a number between 1 and 100 (percent of the image).")
+    return value
+
+
+def check_max_new_tokens(max_new_tokens, settings: Settings) -> int:
+    value = settings.answer_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+    if not 1 <= value <= settings.answer_max_new_tokens_limit:
+        raise InputError(f"The answer length must be between 1 and {settings.answer_max_new_tokens_limit} tokens.")
+    return value
