@@ -39,7 +39,6 @@ import torch
 import torch.nn.functional as F
 
 from . import prompts
-from .attention import AttentionCapture, capturing
 from .media import load_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -107,6 +106,10 @@ def find_pairs(images_dir, masks_dir) -> list[tuple[Path, Path]]:
 # ------------------------------------------------------------------------------------------------
 # One image: the engine's description step, attention captured at every layer
 # ------------------------------------------------------------------------------------------------
+class SkipImage(Exception):
+    """An image that cannot be scored; the message says why."""
+
+
 @dataclass
 class DescribedImage:
     importance: torch.Tensor
@@ -114,19 +117,28 @@ class DescribedImage:
     grid: tuple[int, int]
     description: str
     keywords: tuple[str, ...]
+    objects: torch.Tensor | None = None
+    """The mask on the visual-token grid (when a mask was given): Bool [N_r]."""
 
 
-def describe_with_attention(engine, image) -> DescribedImage | None:
+def describe_with_attention(engine, image, mask=None) -> DescribedImage:
     """Run the engine's self-description of `image` (as a reference image) with every text layer captured.
 
     Mirrors `Ego._introduce_view` steps (1)-(3): same prompt, pixel budget and greedy decoding; the last
     description token's row is recorded by one more forward (the first token of the size question), as
-    the engine does. Returns None when the description has no token at all.
+    the engine does. With a `mask`, it is mapped onto the grid first, and an image whose mask covers no
+    visual token is skipped before the model runs. Raises SkipImage.
     """
+    from .attention import AttentionCapture, capturing  # imports transformers: not needed for --help
     from .engine import _extend, _keyword_positions, _strip_stop
+    from .errors import InputError
 
     backend, settings, tokenizer = engine.backend, engine.settings, engine.backend.tokenizer
-    picture = load_image(image, settings)
+    try:
+        picture = load_image(image, settings)
+        binary = binary_mask(mask) if mask is not None else None
+    except InputError as error:
+        raise SkipImage(f"unreadable: {error}") from error
     encoded = backend.encode(
         backend.chat_text([{"type": "image"}, {"type": "text", "text": prompts.DESCRIBE_PROMPT}]),
         image=picture, image_max_pixels=settings.reference_max_pixels,
@@ -136,35 +148,38 @@ def describe_with_attention(engine, image) -> DescribedImage | None:
     grid, columns = backend.grid(encoded), encoded.visual_columns
     if x_r.shape[0] != columns.numel() or grid[0] * grid[1] != columns.numel():
         raise RuntimeError(f"visual tokens disagree: {x_r.shape[0]} rows, {columns.numel()} columns, grid {grid}")
+    objects = object_tokens(binary, grid) if binary is not None else None
+    if objects is not None and not objects.any():
+        raise SkipImage("the mask covers no visual token")
     prompt_ids = encoded.inputs["input_ids"].to(engine.device)
     start = prompt_ids.shape[1]
     generate_kwargs = backend.generate_kwargs(encoded)
     capture = AttentionCapture(layers=frozenset(range(engine.num_layers)), columns=columns, first_row=start)
     with capturing(capture), torch.no_grad():
         out = engine.model.generate(
-            input_ids=prompt_ids, **generate_kwargs, do_sample=False,
+            input_ids=prompt_ids, **generate_kwargs, **engine.decoding,
             max_new_tokens=settings.description_max_new_tokens, min_new_tokens=2, return_dict_in_generate=True,
         )
         description_ids = _strip_stop(out.sequences[0, start:].tolist(), backend.stop_token_ids)
         if not description_ids:
-            return None
+            raise SkipImage("the description is empty")
         capture.end_row = start + len(description_ids)
         follow = tokenizer(backend.continue_turn(prompts.SIZE_PROMPT), add_special_tokens=False).input_ids
         sequence = torch.tensor([prompt_ids[0].tolist() + description_ids + follow], device=engine.device)
         kwargs = _extend(generate_kwargs, sequence.shape[1])
         kwargs.pop("mm_encoder_outputs", None)  # the image is in the cache already
         engine.model.generate(input_ids=sequence, **kwargs, past_key_values=out.past_key_values,
-                              do_sample=False, max_new_tokens=1)
+                              **engine.decoding, max_new_tokens=1)
     positions, keywords = _keyword_positions(tokenizer, description_ids, content_only=True)
     recorded = capture.recorded_positions()
     rows = [start + i for i in positions if start + i in recorded]
     if not rows:
-        return None
+        raise SkipImage("the description has no words")
     attention = capture.matrix(rows)                                   # [num_layers, H, N_w, N_r]
     importance = attention.mean(dim=2).mean(dim=1).cpu()               # [num_layers, N_r]
     description = tokenizer.decode(description_ids, skip_special_tokens=True)
     return DescribedImage(importance=importance, grid=(int(grid[0]), int(grid[1])), description=description,
-                          keywords=tuple(keywords))
+                          keywords=tuple(keywords), objects=objects)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -261,17 +276,14 @@ def calibrate(engine, pairs: Iterable, keep: int = 5, top_k: int = 50,
     rows, names, skipped, descriptions = [], [], [], []
     for index, pair in enumerate(pairs, 1):
         name, image, mask = pair if len(pair) == 3 else (_name_of(pair[0], index), *pair)
-        with engine._model_call():
-            described = describe_with_attention(engine, image)
-        if described is None:
-            skipped.append((name, "the description has no words"))
-            _say(progress, f"[{index}/{len(pairs)}] {name}: skipped (the description has no words)")
+        try:
+            with engine._model_call():
+                described = describe_with_attention(engine, image, mask)
+        except SkipImage as reason:
+            skipped.append((name, str(reason)))
+            _say(progress, f"[{index}/{len(pairs)}] {name}: skipped ({reason})")
             continue
-        objects = object_tokens(mask, described.grid)
-        if not objects.any():
-            skipped.append((name, "the mask covers no visual token"))
-            _say(progress, f"[{index}/{len(pairs)}] {name}: skipped (the mask covers no visual token)")
-            continue
+        objects = described.objects
         precision = precision_at_k(described.importance, objects, top_k)
         rows.append(precision)
         names.append(name)
@@ -308,7 +320,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="preset name (see ego.presets), Hub id or local checkpoint")
     parser.add_argument("--images", required=True, help="folder of images")
     parser.add_argument("--masks", required=True,
-                        help="folder of binary masks, one per image, same file stem (non-zero = object)")
+                        help="folder of binary masks, one per image, same file stem (object = white: non-zero, "
+                             "or >= 128 in 0-255 masks)")
     parser.add_argument("--keep", type=int, default=5, help="how many layers to keep (default 5, as in the paper)")
     parser.add_argument("--top-k", type=int, default=50, help="K of precision@K (default 50)")
     parser.add_argument("--out", help="output JSON (default calibration-<model>.json)")

@@ -4,6 +4,13 @@ Layers: the paper calibrated L once per backbone on COCO single-instance masks; 
 (48 text layers) it reports layers 29, 30, 35, 36, 39. Until a preset is calibrated with
 `python -m ego.calibrate`, it uses those layers scaled to its own depth (`depth_scaled_layers`), and
 says so in `layers_note`.
+
+Index base: every layer index in Ego is 0-based over the decoder layers (index 0 = the first transformer
+block; the order of transformers' `output_attentions` tuple and of `model.model.language_model.layers`).
+The paper's numbers are read the same way: attention maps, not hidden states, are what its calibration
+ranks, and `output_attentions` has no embedding entry (a `hidden_states` tuple would be offset by one).
+Both readings fit in 48 layers, and the paper's picks come in neighbouring pairs (29/30, 35/36), so an
+off-by-one would land on layers of similar quality; `python -m ego.calibrate` settles it on real weights.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from PIL import Image  # noqa: E402
 
 torch.set_num_threads(2)
 
-FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
+FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl3"]
 
 _real_connect = socket.socket.connect
 

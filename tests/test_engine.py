@@ -10,7 +10,7 @@ from conftest import photo, tiny_engine
 from transformers import AutoModelForImageTextToText
 
 from ego import Concept, IncompatibleMemoryError, InputError, prompts
-from ego.engine import _keyword_positions
+from ego.engine import _extend, _keyword_positions
 from ego.tiny import tiny_checkpoint
 
 _EAGER: dict = {}
@@ -38,10 +38,8 @@ def eager_importance(engine, family, picture, continuation_ids, keyword_offsets)
     inputs = reference_inputs(engine, picture)
     start = inputs["input_ids"].shape[1]
     ids = torch.cat([inputs["input_ids"], torch.tensor([continuation_ids])], dim=1)
-    extra = len(continuation_ids)
-    forward = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    forward["attention_mask"] = torch.ones_like(ids)
-    forward["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, extra, dtype=torch.long)], 1)
+    # per-token inputs (attention_mask, mm_token_type_ids, ...) grow by the continuation's text tokens
+    forward = {k: v for k, v in _extend(inputs, ids.shape[1]).items() if k != "input_ids"}
     with torch.no_grad():
         out = model(input_ids=ids, **forward, output_attentions=True)
     columns = (ids[0] == model.config.image_token_id).nonzero().squeeze(1)
@@ -114,9 +112,8 @@ def test_memory_rows_are_projector_rows_at_kept_indices_in_raster_order(family):
     for picture, view in zip(pictures, concept.views):
         inputs = reference_inputs(engine, picture)
         with torch.no_grad():
-            features = engine.model.get_image_features(
-                pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"], return_dict=True
-            ).pooler_output[0]
+            pixels = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
+            features = engine.model.get_image_features(**pixels, return_dict=True).pooler_output[0]
         indices = view.token_indices.tolist()
         assert indices == sorted(indices) and len(set(indices)) == len(indices) == view.k
         rows.append(features[view.token_indices])
@@ -177,7 +174,8 @@ def test_memories_reach_the_language_model_at_placeholder_positions(family, medi
     # Each concept's rows follow its name, in order.
     text = engine.backend.tokenizer.decode(ids)
     assert text.index("Chelsea") < text.index("my mug") < text.index("rocket")
-    visual_id = engine.model.config.image_token_id if medium == "image" else engine.model.config.video_token_id
+    # InternVL has no video token: its frames are images
+    visual_id = getattr(engine.model.config, f"{medium}_token_id", None) or engine.model.config.image_token_id
     assert (ids == visual_id).sum() > 0
     assert answer.concepts_used == ("Chelsea", "my mug", "rocket") and answer.concepts_dropped == ()
 
@@ -189,7 +187,9 @@ def test_without_concepts_the_answer_equals_plain_generation(family):
     text = engine.processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
         tokenize=False, add_generation_prompt=True)
-    inputs = engine.processor(text=[text], images=[picture], return_tensors="pt")
+    # The processor inputs at the engine's own pixel budget (InternVL tiles by it), generated the plain way.
+    inputs = engine.backend.encode(text, image=picture, image_max_pixels=engine.settings.query_image_max_pixels,
+                                   video_frame_max_pixels=engine.settings.video_frame_max_pixels).inputs
     with torch.no_grad():
         plain = engine.model.generate(**inputs, max_new_tokens=8, **engine.decoding)
     expected = engine.backend.tokenizer.decode(plain[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

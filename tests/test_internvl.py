@@ -70,6 +70,18 @@ def test_placeholder_is_a_real_unexpanded_special_token(engine):
         assert special in backend.special_strings
 
 
+def test_placeholder_falls_back_for_vocabularies_without_vision_pad():
+    from ego.backends.internvl import pick_placeholder
+    from ego.tiny import build_tokenizer
+
+    internlm_like = build_tokenizer(["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
+                                     "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"],
+                                    chat_template="", eos_token="<|im_end|>", pad_token="</s>")
+    assert pick_placeholder(internlm_like, exclude={"<IMG_CONTEXT>", "<img>", "</img>"}) == "<quad>"
+    with pytest.raises(ValueError, match="placeholder"):
+        pick_placeholder(internlm_like, exclude={"<quad>", "<ref>", "<box>"})
+
+
 def test_reference_image_is_one_tile_of_256_tokens(engine):
     encoded = _encode(engine, image=photo(0))
     assert tuple(encoded.inputs["pixel_values"].shape) == (1, 3, 448, 448)

@@ -27,9 +27,11 @@ tokenizer (transformers' conversion script loads `Qwen/Qwen2.5-VL-7B-Instruct`'s
 `<video>`, a named extra special token), so `<|vision_pad|>` exists in the real vocabulary (id 151654,
 like in Qwen2.5) and is one token. InternVL never uses it: the processor only expands `<IMG_CONTEXT>`
 (the image context token, which the model overwrites with image features, so it must NOT be the
-placeholder) and `<video>`. The memory is wrapped in `<img>` ... `</img>`, InternVL's own image
-delimiters, so the LLM reads it as (a few tokens of) visual content, as suggested in research/paper.md
-section 1.5.
+placeholder) and `<video>`. (A tokenizer without it, e.g. an InternLM2-based InternVL2.5 `-hf`
+conversion, which shares model_type "internvl", gets the first of `PLACEHOLDER_CANDIDATES` it has.)
+The memory is wrapped in `<img>` ... `</img>` (the processor's start/end image tokens), InternVL's own
+image delimiters, so the LLM reads it as (a few tokens of) visual content, as suggested in
+research/paper.md section 1.5.
 """
 
 from __future__ import annotations
@@ -66,8 +68,22 @@ INTERNVL_CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
 )
+# Memory placeholders in order of preference: tokens of the vocabulary that the processor never expands.
+# InternVL3 (Qwen2.5 vocabulary) has the first; `-hf` conversions of other InternVL generations
+# (e.g. InternLM2-based InternVL2.5) lack the Qwen tokens but have InternVL's grounding tokens.
+PLACEHOLDER_CANDIDATES = ("<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<quad>", "<ref>", "<box>")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def pick_placeholder(tokenizer, exclude=()) -> str:
+    """The first of PLACEHOLDER_CANDIDATES that is one token of `tokenizer`'s vocabulary and not reserved."""
+    vocabulary = tokenizer.get_vocab()
+    for token in PLACEHOLDER_CANDIDATES:
+        if token in vocabulary and token not in exclude:
+            return token
+    raise ValueError(f"This tokenizer has none of {', '.join(PLACEHOLDER_CANDIDATES)}; "
+                     f"the InternVL backend needs one of them as the concept-memory placeholder.")
 
 
 class InternVLBackend(Backend):
@@ -76,6 +92,15 @@ class InternVLBackend(Backend):
     placeholder_token = "<|vision_pad|>"
     memory_open = "<img>"
     memory_close = "</img>"
+
+    def __init__(self, model, processor, family: str):
+        tokenizer = processor.tokenizer
+        reserved = {getattr(processor, name, None) for name in ("image_token", "video_token")}
+        reserved |= {getattr(tokenizer, name, None) for name in INTERNVL_NAMED_TOKENS}
+        self.placeholder_token = pick_placeholder(tokenizer, exclude=reserved)
+        self.memory_open = getattr(processor, "start_image_token", None) or type(self).memory_open
+        self.memory_close = getattr(processor, "end_image_token", None) or type(self).memory_close
+        super().__init__(model, processor, family)
 
     def continue_turn(self, question: str) -> str:
         return f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
