@@ -291,12 +291,16 @@ def main(argv=None) -> int:
     """`python -m ego.architectures NAME DIR [--device cuda] [--text-layers N] [--vision-depth N]`."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m ego.architectures", description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m ego.architectures",
+        description="Write a from_pretrained-ready folder with random weights (bf16) of a preset's real "
+                    "architecture; a folder that already holds the same build is reused.")
     parser.add_argument("name", choices=sorted(ARCHITECTURES))
     parser.add_argument("directory")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--text-layers", type=int)
-    parser.add_argument("--vision-depth", type=int)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the weights are made (default: cuda if available)")
+    parser.add_argument("--text-layers", type=int, help="fewer text layers (smoke tests)")
+    parser.add_argument("--vision-depth", type=int, help="fewer vision blocks (smoke tests)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     folder = cached_random_architecture(args.name, args.directory, text_layers=args.text_layers,

@@ -1,11 +1,10 @@
-"""The Gradio Space around the engine: everything app.py needs besides the Blocks wiring.
+"""The Gradio Space around the engine: everything app.py needs besides laying out the page.
 
-- `space.loading`: the one model of the process, loaded lazily behind a lock.
+- `space.actions`: the event handlers; visitor mistakes become `gr.Error` sentences.
 - `space.session`: one visitor's concepts, the value held in `gr.State`.
-- `space.views`: pictures and text shown to the visitor (highlighted patches, reports, captions).
+- `space.loading`: the one model of the process, loaded on first use behind a lock.
+- `space.views`: what the visitor sees (kept-token pictures, heat maps, reports, captions, records).
 - `space.examples`: the bundled examples (examples/examples.json) as absolute paths.
-- `space.actions`: the event handlers, turning visitor mistakes into `gr.Error` sentences.
 
-Only `space.actions`, `space.session` and `space.loading`'s callers import the engine (and torch);
-`import app` stays light.
+app.py imports these only when it builds the demo (they import the engine, hence torch).
 """

@@ -1,6 +1,8 @@
 """The event handlers of the Space. app.py only wires them to components.
 
-Every handler takes the visitor's `Session` (the `gr.State` value) first. Mistakes a visitor can make
+Every handler takes the visitor's `Session` (the `gr.State` value) first, and those a visitor triggers
+return it too: Gradio frees a session's state `time_to_live` seconds after it was last *returned*, so
+every action of the visitor keeps their concepts alive. Mistakes a visitor can make
 (`ego.InputError`, `ego.MemoryFileError`, `ego.ModelBusyError`) become a `gr.Error` with the engine's
 sentence, HTML-escaped because Gradio renders error messages as HTML; anything else is logged by type
 and stack only (never the visitor's text, names or file names) and reported as a server fault. A
@@ -18,6 +20,7 @@ import traceback
 
 import gradio as gr
 
+from ego import checks
 from ego.errors import InputError, MemoryFileError, ModelBusyError
 from ego.media import load_image, load_video
 from ego.memory import load_concepts, save_concepts
@@ -41,57 +44,33 @@ def for_visitor(doing: str):
     except (InputError, MemoryFileError, ModelBusyError) as error:
         raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from None
     except Exception as error:  # noqa: BLE001 - a server fault; the visitor gets a sentence, the log the stack
-        log.error("fault while %s: %s\n%s", doing, type(error).__name__, "".join(traceback.format_tb(error.__traceback__)))
+        stack = "".join(traceback.format_tb(error.__traceback__))  # code lines only: no message, no values
+        log.error("fault while %s: %s\n%s", doing, type(error).__name__, stack)
         raise gr.Error(f"Something went wrong on the server while {doing}; it has been logged. Please try again.",
                        print_exception=False) from None
 
 
 def _paths(gallery_value) -> list[str]:
-    """File paths from a Gallery value: a list of (path, caption) pairs (or plain paths, from scripts)."""
-    paths = []
-    for item in gallery_value or []:
-        path = item[0] if isinstance(item, (tuple, list)) else item
-        if isinstance(path, dict):  # {"image": {"path": ...}} if preprocessing was skipped
-            path = (path.get("image") or {}).get("path") if isinstance(path.get("image"), dict) else path.get("path")
-        if path:
-            paths.append(str(path))
-    return paths
+    """File paths from a Gallery value: a list of (path, caption) pairs (or plain paths, from Python callers)."""
+    items = [item[0] if isinstance(item, (tuple, list)) else item for item in gallery_value or []]
+    return [str(path) for path in items if path]
 
 
 class Actions:
     def __init__(self, engine: LazyEngine, settings: Settings, examples: Examples):
-        self.engine = engine
+        self._lazy = engine
         self.settings = settings
         self.examples = examples
 
-    # ------------------------------------------------------------------------------------------
-    # Checks that need no model (the engine checks again)
-    # ------------------------------------------------------------------------------------------
-    def _check_name(self, name) -> str:
-        name = " ".join(str(name or "").split())
-        if not name:
-            raise InputError("Give the concept a name, for example 'my cat Chelsea'.")
-        if len(name) > self.settings.max_name_chars:
-            raise InputError(f"Concept names are at most {self.settings.max_name_chars} characters; "
-                             f"please use a shorter name.")
-        return name
-
-    def _check_question(self, question) -> str:
-        question = str(question or "").strip()
-        if not question:
-            raise InputError("Type a question first, for example 'Is Chelsea in this photo?'.")
-        if len(question) > self.settings.max_question_chars:
-            raise InputError(f"Questions are at most {self.settings.max_question_chars} characters; "
-                             f"please shorten yours.")
-        return question
-
-    def _check_photos(self, paths: list[str]) -> None:
-        limit = self.settings.max_references_per_concept
-        if not paths:
-            raise InputError(f"Add one to {limit} reference photos of the concept.")
-        if len(paths) > limit:
-            raise InputError(f"A concept takes at most {limit} reference photos; you gave {len(paths)}. "
-                             f"Keep the {limit} clearest ones.")
+    def _engine(self, progress):
+        """The model, loaded on first use; a load that fails is a server fault with its own sentence."""
+        try:
+            return self._lazy.get(progress)
+        except Exception as error:  # noqa: BLE001 - missing weights, no GPU memory, bad install, ...
+            stack = "".join(traceback.format_tb(error.__traceback__))
+            log.error("the model could not be loaded: %s: %s\n%s", type(error).__name__, error, stack)
+            raise gr.Error("The model could not be loaded on this server; the details are in the server's log. "
+                           "Please try again later.", print_exception=False) from None
 
     # ------------------------------------------------------------------------------------------
     # Introduce
@@ -100,22 +79,23 @@ class Actions:
                   progress=gr.Progress()):
         """Introduce a concept from 1-5 photos; returns (session, report, kept-token pictures, heat maps)."""
         with for_visitor("introducing the concept"):
-            name = self._check_name(name)
+            name = checks.check_name(name, self.settings)
             paths = _paths(photos)
-            self._check_photos(paths)
+            checks.check_reference_count(len(paths), self.settings)
             session.check_room([name], self.settings.max_concepts_per_session)
-            engine = self.engine.get(progress)
+            engine = self._engine(progress)
             started = time.perf_counter()
             progress(0.1, desc=f"Choosing the memory tokens of {len(paths)} photo{'s' * (len(paths) > 1)}…")
             concept = engine.introduce(name, paths, keywords=(keywords or "").strip() or None,
                                        area_pct=None if auto_size else size_pct)
             pictures = [load_image(path, self.settings) for path in paths]
+            seconds = time.perf_counter() - started
+            patches, heats = self._pictures([(concept, pictures)])
+            report = views.introduction_report([concept], seconds)
             session.add([Entry(concept, views.thumbnail(pictures[0], self.settings.thumbnail_px))],
                         self.settings.max_concepts_per_session)
-            seconds = time.perf_counter() - started
         log.info("introduce: %d photos, %d tokens, %.2f s", len(paths), concept.num_tokens, seconds)
-        patches, heats = self._pictures([(concept, pictures)])
-        return session, views.introduction_report([concept], seconds), patches, heats
+        return session, report, patches, heats
 
     def load_example_concepts(self, session: Session, progress=gr.Progress()):
         """Introduce the bundled example concepts this visitor does not have yet."""
@@ -126,42 +106,42 @@ class Actions:
                            if self.examples.concepts else "This installation has no example concepts.")
                 return session, message, [], []
             session.check_room([name for name, _ in missing], self.settings.max_concepts_per_session)
-            engine = self.engine.get(progress)
+            engine = self._engine(progress)
             started = time.perf_counter()
             made = []
             for number, (name, paths) in enumerate(missing):
                 progress((number, len(missing)), desc=f"Introducing example concept {number + 1} of {len(missing)}…")
                 concept = engine.introduce(name, paths)
                 made.append((concept, [load_image(path, self.settings) for path in paths]))
+            seconds = time.perf_counter() - started
+            patches, heats = self._pictures(made)
+            report = views.introduction_report([c for c, _ in made], seconds)
             session.add([Entry(c, views.thumbnail(p[0], self.settings.thumbnail_px)) for c, p in made],
                         self.settings.max_concepts_per_session)
-            seconds = time.perf_counter() - started
-        patches, heats = self._pictures(made)
-        return session, views.introduction_report([c for c, _ in made], seconds), patches, heats
+        return session, report, patches, heats
 
     def _pictures(self, made):
         """Gallery items: each reference photo with its kept tokens, and with its importance heat map."""
-        patches, heats, many = [], [], len(made) > 1
+        patches, heats, many, px = [], [], len(made) > 1, self.settings.patch_view_max_px
         for concept, pictures in made:
             for number, (picture, view) in enumerate(zip(pictures, concept.views), 1):
                 label = f"{concept.name} · photo {number}" if many else f"Photo {number}"
                 total = view.grid[0] * view.grid[1]
-                patches.append((views.patch_view(picture, view.grid, view.token_indices, self.settings.patch_view_max_px),
+                patches.append((views.patch_view(picture, view.grid, view.token_indices, px),
                                 f"{label} · {view.k} of {total} tokens kept"))
-                heats.append((views.heat_map(picture, view.grid, view.scores, self.settings.patch_view_max_px),
-                              f"{label} · token importance"))
+                heats.append((views.heat_map(picture, view.grid, view.scores, px), f"{label} · token importance"))
         return patches, heats
 
     # ------------------------------------------------------------------------------------------
     # Ask
     # ------------------------------------------------------------------------------------------
     def ask_image(self, session: Session, image, question, compare=False, progress=gr.Progress()):
-        """Stream (answer, answer without memory, details) about a photo."""
+        """Stream (session, answer, answer without memory, details) about a photo."""
         with for_visitor("answering"):
             if not image:
                 raise InputError("Add a photo to ask about first.")
-            question = self._check_question(question)
-            engine = self.engine.get(progress)
+            question = checks.check_question(question, self.settings)
+            engine = self._engine(progress)
             started = time.perf_counter()
             waiting = "(after the personalized answer)" if compare else ""
             answer, details = "", {}
@@ -170,23 +150,23 @@ class Actions:
             try:
                 for answer in stream:
                     details = views.answer_details(answer, time.perf_counter() - started)
-                    yield str(answer), waiting, details
+                    yield session, str(answer), waiting, details
             finally:
                 stream.close()
             if compare:
                 plain = engine.answer(question, (), image=image, max_new_tokens=self.settings.answer_max_new_tokens)
-                yield str(answer), str(plain), details
+                yield session, str(answer), str(plain), details
 
     def ask_video(self, session: Session, video, question, progress=gr.Progress()):
-        """Stream (sampled frames, answer, details) about a clip."""
+        """Stream (session, sampled frames, answer, details) about a clip."""
         with for_visitor("answering"):
             if not video:
                 raise InputError("Add a video clip to ask about first.")
-            question = self._check_question(question)
+            question = checks.check_question(question, self.settings)
             frames, metadata = load_video(video, self.settings)
             gallery = list(zip(list(frames), views.frame_captions(metadata)))
-            yield gallery, "", {}
-            engine = self.engine.get(progress)
+            yield session, gallery, "", {}
+            engine = self._engine(progress)
             started = time.perf_counter()
             answer, details = "", {}
             stream = engine.stream_answer(question, session.concepts, video=video,
@@ -194,34 +174,37 @@ class Actions:
             try:
                 for answer in stream:
                     details = views.answer_details(answer, time.perf_counter() - started)
-                    yield gr.skip(), str(answer), details
+                    yield session, gr.skip(), str(answer), details
             finally:
                 stream.close()
-            yield gallery, str(answer), details
+            yield session, gallery, str(answer), details
 
     # ------------------------------------------------------------------------------------------
     # The concept panel
     # ------------------------------------------------------------------------------------------
-    def list_concepts(self, session: Session) -> list[dict]:
-        """JSON-able records of the visitor's concepts."""
+    def list_concepts(self, session: Session) -> tuple[Session, list[dict]]:
+        """(session, JSON-able records of the visitor's concepts)."""
+        return session, self.records(session)
+
+    def records(self, session: Session) -> list[dict]:
         return [views.concept_record(concept) for concept in session.concepts]
 
     def panel(self, session: Session):
         """(cards, remove dropdown, summary line, records) for the concept panel."""
         cards = [(entry.thumbnail, views.concept_caption(entry.concept)) for entry in session.entries]
         summary = views.panel_summary(len(session), session.memory_tokens, self.settings.max_concepts_per_session)
-        return cards, gr.Dropdown(choices=session.names, value=None), summary, self.list_concepts(session)
+        return cards, gr.Dropdown(choices=session.names, value=None), summary, self.records(session)
 
     def remove_concept(self, session: Session, name):
         with for_visitor("removing the concept"):
             if not name:
                 raise InputError("Pick the concept to remove from the list first.")
             session.remove(str(name))
-        return session, self.list_concepts(session)
+        return session, self.records(session)
 
     def clear_concepts(self, session: Session):
         session.clear()
-        return session, self.list_concepts(session)
+        return session, self.records(session)
 
     def export_concepts(self, session: Session):
         """Write the visitor's concepts to a safetensors file; returns (session, file path)."""
@@ -229,7 +212,7 @@ class Actions:
             if not len(session):
                 raise InputError("There are no concepts to export yet; introduce or import one first.")
             path = save_concepts(session.new_export_path(), session.concepts)
-        return session, gr.File(value=str(path), visible=True)
+        return session, str(path)
 
     def import_concepts(self, session: Session, file, progress=gr.Progress()):
         """Add the concepts of a file written by /export_concepts (or ego.save_concepts)."""
@@ -239,11 +222,11 @@ class Actions:
                 raise InputError("Choose a concept file (.safetensors) exported from this app first.")
             if os.path.getsize(path) > self.settings.max_upload_bytes:
                 raise InputError(f"Concept files are at most {self.settings.max_upload_mb} MiB.")
-            engine = self.engine.get(progress)
+            engine = self._engine(progress)
             concepts = load_concepts(path, engine)
             entries = []
             for concept in concepts:
-                name = engine.check_name(concept.name)
+                name = checks.check_name(concept.name, self.settings)
                 if name != concept.name:
                     concept = type(concept)(name, concept.embeddings, concept.model_id, concept.views)
                 first = concept.views[0] if concept.views else None
@@ -252,4 +235,4 @@ class Actions:
                 entries.append(Entry(concept, picture))
             session.add(entries, self.settings.max_concepts_per_session)
         log.info("import: %d concepts", len(entries))
-        return session, self.list_concepts(session)
+        return session, self.records(session)

@@ -43,7 +43,7 @@ class Session:
         self._lock = threading.Lock()
         self._export_dir: str | None = None
 
-    def __deepcopy__(self, memo) -> "Session":
+    def __deepcopy__(self, memo) -> Session:
         # gr.State deep-copies its default once per visitor; a lock cannot be copied, so make a new one.
         copy = Session()
         copy._entries = list(self._entries)
@@ -77,7 +77,7 @@ class Session:
     def check_room(self, names: list[str], max_concepts: int) -> None:
         """Raise InputError unless all `names` can be added: new, distinct, and within the limit."""
         keys = [name_key(n) for n in names]
-        taken = [n for n in names if self.has(n)]
+        taken = [entry.concept.name for entry in self._entries if name_key(entry.concept.name) in keys]
         if taken:
             listed = ", ".join(f"'{n}'" for n in taken)
             raise InputError(

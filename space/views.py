@@ -161,7 +161,7 @@ def introduction_report(concepts: Sequence, seconds: float) -> str:
             f"### {escape_markdown(concept.name)}",
             f"{concept.num_tokens} memory tokens from {photos} photo{'s' if photos != 1 else ''}.",
             "",
-            "| # | Keywords | Subject size | Tokens kept |",
+            "| # | Keywords | Size | Kept |",
             "|---|---|---|---|",
         ]
         for number, view in enumerate(concept.views, 1):

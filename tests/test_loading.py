@@ -28,7 +28,10 @@ def test_loads_once_under_concurrent_first_use():
     lazy = LazyEngine(factory, name="fake-preset")
     assert not lazy.loaded
     got = []
-    threads = [threading.Thread(target=lambda: got.append(lazy.get(lambda *a, **k: messages.append(k)))) for _ in range(4)]
+    def visit():
+        got.append(lazy.get(lambda *args, **kwargs: messages.append(kwargs)))
+
+    threads = [threading.Thread(target=visit) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:

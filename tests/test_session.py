@@ -33,7 +33,7 @@ def test_each_visitor_gets_an_independent_copy_of_the_default():
 def test_names_are_unique_without_case_or_spacing():
     session = Session()
     session.add([entry("Chelsea")], 5)
-    with pytest.raises(InputError, match="already have a concept named 'chelsea'.*Remove it first.*another name"):
+    with pytest.raises(InputError, match="already have a concept named 'Chelsea'.*Remove it first.*another name"):
         session.add([entry(" chelsea ")], 5)
     with pytest.raises(InputError, match="more than once"):
         session.add([entry("Bo"), entry("BO")], 5)

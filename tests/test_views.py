@@ -24,7 +24,9 @@ def cell_centres(rows, cols, cell):
     return {(r, c): (r * cell + cell // 2, c * cell + cell // 2) for r in range(rows) for c in range(cols)}
 
 
-@pytest.mark.parametrize("grid, indices", [((5, 7), [0, 8, 34]), ((3, 11), [10, 11, 32]), ((16, 16), list(range(0, 256, 7)))])
+@pytest.mark.parametrize("grid, indices", [
+    ((5, 7), [0, 8, 34]), ((3, 11), [10, 11, 32]), ((16, 16), list(range(0, 256, 7))),
+])
 def test_patch_view_marks_exactly_the_kept_cells(grid, indices):
     rows, cols = grid
     picture = views.patch_view(grey_photo(), grid, torch.tensor(indices), max_px=448)

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The GPU runs of the benchmark, in one go: random weights of the real Qwen2.5-VL-7B architecture,
+# 4-bit NF4 (the default on CUDA) and bf16, on one GPU. See bench/RESULTS.md.
+#
+# Made for the workplace's GPU machine (the `device` tool): its image has torch 2.11 (CUDA 13),
+# transformers 5.17, no bitsandbytes, no PyAV and no network. Before sending it, here, in the repo root:
+#
+#     bash bench/fetch_wheels.sh     # transformers 5.23.0, bitsandbytes 0.50.2, regex -> bench/wheels/ (gitignored)
+#
+# then run it there with the wheels carried along (about 55 MiB; the limit is 64 MiB), naming the H200
+# (the introduction target is stated for one H200):
+#
+#     device run: command "bash bench/gpu_run.sh", carry ["bench/wheels"], kind nvidia-h200, timeout_s 600
+#
+# Outputs go to $OUT (the device tool brings back what is written there; at most 8 files):
+#     $OUT/nf4/{results.json,results.md,latency.png,log.txt}  and  $OUT/bf16/{...}
+# Anywhere else it writes to bench/out/gpu/. Time limits (seconds) can be changed through the environment:
+# BENCH_BUILD_LIMIT_S (building the 16.6 GB random-weight folder), BENCH_RUN_LIMIT_S (each configuration).
+#
+# A rehearsal on a CPU (scaled-down 2B architecture, quick sizes, this machine's packages), e.g.:
+#     OUT=/tmp/gpu-rehearsal BENCH_DEVICE=cpu BENCH_MODEL=qwen2-vl-2b BENCH_SKIP_WHEELS=1 BENCH_FORCE_AVSTUB=1 \
+#         BENCH_ARCH_ARGS="--text-layers 1 --vision-depth 1" BENCH_ARGS="--quick" bash bench/gpu_run.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT="${OUT:-bench/out/gpu}"
+BUILD_LIMIT="${BENCH_BUILD_LIMIT_S:-180}"
+RUN_LIMIT="${BENCH_RUN_LIMIT_S:-170}"
+MODEL="${BENCH_MODEL:-qwen2.5-vl-7b}"
+DEVICE="${BENCH_DEVICE:-cuda}"
+ARCH_ARGS="${BENCH_ARCH_ARGS:-}"      # e.g. "--text-layers 1 --vision-depth 1" (both commands get it)
+BENCH_ARGS="${BENCH_ARGS:-}"          # e.g. "--quick"
+ARCH_DIR="${BENCH_ARCH_DIR:-/tmp/ego-arch/$MODEL}"
+PYTHON="${PYTHON:-python3}"
+mkdir -p "$OUT/nf4" "$OUT/bf16"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+started=$(date +%s)
+
+# 1. The pinned libraries, from the carried wheels (no index, no dependencies: the image has the rest).
+if [ -n "${BENCH_SKIP_WHEELS:-}" ]; then
+    echo "BENCH_SKIP_WHEELS is set: using this machine's packages"
+elif ls bench/wheels/*.whl >/dev/null 2>&1; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ego-site \
+        bench/wheels/*.whl || { echo "installing bench/wheels failed"; exit 1; }
+    export PYTHONPATH="/tmp/ego-site:${PYTHONPATH:-}"
+else
+    echo "bench/wheels/ is empty: using the machine's own transformers and bitsandbytes"
+    echo "(run bench/fetch_wheels.sh before sending this script)"
+fi
+
+# 2. ego/media.py imports PyAV at module level. The benchmark passes its video as decoded frames, so PyAV is
+#    never called; where it is missing, a stand-in module lets `import ego.media` succeed (no file is decoded).
+if [ -n "${BENCH_FORCE_AVSTUB:-}" ] || ! "$PYTHON" -c "import av" >/dev/null 2>&1; then
+    mkdir -p /tmp/ego-avstub/av
+    cat > /tmp/ego-avstub/av/__init__.py <<'EOF'
+"""Stand-in for PyAV on a machine without it: the benchmark never decodes a video file."""
+time_base = 1000000
+
+
+def open(*args, **kwargs):  # noqa: A001 - the name PyAV uses
+    raise RuntimeError("PyAV is not installed on this machine; pass video frames as an array instead")
+EOF
+    if [ -n "${BENCH_FORCE_AVSTUB:-}" ]; then
+        export PYTHONPATH="/tmp/ego-avstub:${PYTHONPATH:-}"
+    else
+        export PYTHONPATH="${PYTHONPATH:-}:/tmp/ego-avstub"
+    fi
+fi
+export PYTHONPATH="${PYTHONPATH}:$(pwd)"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PYTHON" - <<'EOF' || { echo "environment check failed"; exit 1; }
+import importlib.metadata as m, torch, transformers
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+print("torch", torch.__version__, "cuda", torch.version.cuda, gpu)
+print("transformers", transformers.__version__, "from", transformers.__file__)
+try:
+    import bitsandbytes
+    print("bitsandbytes", m.version("bitsandbytes"))
+except Exception as error:  # the bf16 run still works without it
+    print("bitsandbytes unavailable:", error)
+import av, ego.engine  # noqa: F401  (imports everything the benchmark needs)
+print("PyAV", getattr(av, "__version__", "stand-in"))
+EOF
+
+# 3. The random-weight folder of the real architecture, built once on the GPU in bf16, used by both runs.
+echo "== building $MODEL's architecture in $ARCH_DIR (limit ${BUILD_LIMIT}s)"
+# shellcheck disable=SC2086  # ARCH_ARGS / BENCH_ARGS are word lists on purpose
+timeout "$BUILD_LIMIT" "$PYTHON" -m ego.architectures "$MODEL" "$ARCH_DIR" --device "$DEVICE" $ARCH_ARGS \
+    || { echo "building the architecture failed or timed out"; exit 1; }
+du -sh "$ARCH_DIR" || true
+echo "== built after $(( $(date +%s) - started ))s"
+
+# 4. The two configurations, each with its own time limit; a failure in one does not stop the other.
+status=0
+for config in nf4:4bit bf16:none; do
+    name="${config%%:*}"; quantization="${config#*:}"
+    echo "== $name (quantization $quantization, limit ${RUN_LIMIT}s)"
+    # shellcheck disable=SC2086
+    timeout "$RUN_LIMIT" "$PYTHON" -m bench --model "$MODEL" --arch-dir "$ARCH_DIR" --quantization "$quantization" \
+        --device "$DEVICE" --repeats 3 $ARCH_ARGS $BENCH_ARGS --out "$OUT/$name" 2>&1 | tee "$OUT/$name/log.txt"
+    code=${PIPESTATUS[0]}
+    [ "$code" -eq 0 ] || { echo "== $name exited with $code"; status=1; }
+    echo "== $name done after $(( $(date +%s) - started ))s"
+done
+exit $status

@@ -1,0 +1,755 @@
+"""The cost of personalization, measured in one run: Ego against the plain model and against reference images.
+
+    python -m bench --model tiny-qwen2.5-vl                      # CPU smoke, the numbers in bench/RESULTS.md
+    python -m bench --model qwen2.5-vl-7b --quantization 4bit    # GPU: random weights of the real 7B architecture
+
+What is measured (each latency is the median of --repeats calls after one warm-up call; the repeats go
+round-robin over the question scenarios, so that load drifting on a shared machine hits all of them alike):
+
+* introduction of a concept (one 448x448 reference photo), split into the engine's stages
+  (`ConceptView.timings_s`: encode, description, size, scores, selection) plus the rest ("other": image
+  checks, the lock, concatenation), and the peak memory while introducing;
+* one question about one query image (about 1,000 visual tokens on Qwen2.5-VL), asked
+  - plainly, with no personal context ("plain"),
+  - with the memories of 1, 5 and 20 concepts in the context ("ego_N"),
+  - with the 1, 5 and 20 full reference photos in the context instead ("refs_N": the prompt a user
+    would write without Ego, built with the processor directly, the same text around each photo as
+    around each memory, photos before the query image);
+* one question about a video (8 sampled frames), plainly and with 5 concepts;
+* the bytes a concept takes in memory (`Concept.nbytes`) and in a file (`ego.save_concepts`).
+
+The weights are random, so every answer is gibberish. To make the timings mean something, every
+generation runs to its length cap: each `model.generate` call made while measuring gets
+`min_new_tokens = max_new_tokens` and the stop tokens added to `suppress_tokens`
+(`forced_generation`, a wrapper put on the model object for the duration; the engine is not modified).
+So an introduction always generates a 40-token description and an 8-token size answer (the engine's caps),
+and every answer exactly --new-tokens tokens.
+
+Memory: on CUDA, `torch.cuda.max_memory_allocated` (reset before each measured call; weights included);
+on a CPU, the process's peak resident set size (`VmHWM`, reset through /proc/self/clear_refs before each
+measured call where the kernel allows it; the whole process, libraries included). results.json says which.
+On a busy CPU, `--threads 1` gives far steadier timings than oversubscribed OpenMP threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "out"
+COUNTS = (1, 5, 20)
+"""Numbers of concepts (or reference photos) in the context."""
+QUESTION = "Is anyone or anything I know in this picture? Say who it is and what they are doing."
+VIDEO_QUESTION = "Is anyone or anything I know in this video? Say who it is and what they do."
+GIB = 1024 ** 3
+
+TARGETS = {
+    # name: (target, comparison, what it applies to) -- from the issue that asked for this benchmark
+    "introduce_s_per_concept": (1.0, "<=", "qwen2.5-vl-7b architecture, 4-bit, one H200"),
+    "latency_ratio_5_concepts": (1.05, "<=", "qwen2.5-vl-7b architecture on a GPU: Ego with 5 concepts over "
+                                              "the plain question"),
+    "latency_ratio_20_concepts": (1.10, "<=", "qwen2.5-vl-7b architecture on a GPU: Ego with 20 concepts over "
+                                              "the plain question"),
+    "context_tokens_per_concept": (50, "<=", "any model: context tokens a concept adds (its name, the two "
+                                             "markers, the memory rows)"),
+    "stored_mb_per_concept": (0.4, "<=", "qwen2.5-vl-7b: bytes per concept in a concept file, in MB (10^6)"),
+    "peak_gib_20_concepts": (8.0, "<=", "qwen2.5-vl-7b architecture, 4-bit, one GPU: 20 concepts and a "
+                                        "1000-token query image"),
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    concepts_introduced: int
+    """Concepts introduced for real (after one warm-up introduction); the rest up to 20 are copies."""
+    query_size: tuple[int, int]
+    """(width, height) of the query photo; 1024x768 fits Qwen2.5-VL's budget as 37x27 = 999 visual tokens."""
+    reference_size: tuple[int, int]
+    """(width, height) of each reference photo: the engine's reference budget, 448x448 (256 tokens)."""
+    video_frames: int
+    video_size: tuple[int, int]
+    new_tokens: int
+    """Tokens generated per answer (forced)."""
+    repeats: int
+    description_tokens: int | None = None
+    size_tokens: int | None = None
+    """Lengths of the introduction's two generations (forced); None = the engine's settings (40 and 8)."""
+
+
+FULL = Sizes(concepts_introduced=20, query_size=(1024, 768), reference_size=(448, 448), video_frames=16,
+             video_size=(640, 480), new_tokens=32, repeats=3)
+QUICK = Sizes(concepts_introduced=2, query_size=(448, 336), reference_size=(224, 224), video_frames=8,
+              video_size=(224, 224), new_tokens=4, repeats=1, description_tokens=8, size_tokens=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Measure what personalization costs: introduction, questions with 0/1/5/20 concepts "
+                    "against the same questions with full reference photos in context, a video question, "
+                    "and storage per concept. Writes results.json, results.md and latency.png.",
+    )
+    parser.add_argument("--model", default="tiny-qwen2.5-vl",
+                        help="a tiny preset (tiny-qwen2.5-vl, ...), a real preset (qwen2.5-vl-7b, ...: random "
+                             "weights of its real architecture, built by ego.architectures), or a local "
+                             "checkpoint folder (default: tiny-qwen2.5-vl)")
+    parser.add_argument("--quantization", default="auto", choices=["auto", "4bit", "8bit", "none"],
+                        help="auto = 4-bit on CUDA, unquantized elsewhere (default: auto)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"measured calls per scenario after one warm-up; the median is reported "
+                             f"(default: {FULL.repeats}, --quick: {QUICK.repeats})")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes, 1 repeat, few tokens: a smoke test of the harness")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: bench/out/)")
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help=f"tokens generated per answer, forced (default: {FULL.new_tokens}, "
+                             f"--quick: {QUICK.new_tokens})")
+    parser.add_argument("--concepts", type=int, default=None,
+                        help=f"concepts introduced for real, at most 20; the others up to 20 are copies "
+                             f"(default: {FULL.concepts_introduced}, --quick: {QUICK.concepts_introduced})")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 steadies CPU timings on a busy machine")
+    parser.add_argument("--arch-dir", default=None,
+                        help="for a real preset: folder where its random-weight copy is built, or reused when "
+                             "it already holds the same build (default: a folder under the temp dir)")
+    parser.add_argument("--text-layers", type=int, default=None,
+                        help="for a real preset: cut the text model to this many layers (smoke tests)")
+    parser.add_argument("--vision-depth", type=int, default=None,
+                        help="for a real preset: cut the vision tower to this many blocks (smoke tests)")
+    args = parser.parse_args(argv)
+    base = QUICK if args.quick else FULL
+    sizes = replace(
+        base,
+        repeats=args.repeats if args.repeats is not None else base.repeats,
+        new_tokens=args.new_tokens if args.new_tokens is not None else base.new_tokens,
+        concepts_introduced=args.concepts if args.concepts is not None else base.concepts_introduced,
+    )
+    if sizes.repeats < 1 or sizes.new_tokens < 1 or not 1 <= sizes.concepts_introduced <= max(COUNTS):
+        parser.error(f"--repeats and --new-tokens must be at least 1, --concepts between 1 and {max(COUNTS)}")
+    args.sizes = sizes
+    return args
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_at_start = _load_average()
+    engine, model_meta = load_engine(args)
+    results = run(engine, args.sizes, log=_log)
+    results["meta"] = {**model_meta, **results["meta"], **environment(engine),
+                       "load_average_at_start": load_at_start, "command": "python -m bench " + shlex.join(argv)}
+    results["targets"] = targets(results)
+    write_outputs(results, out)
+    _log(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'latency.png'}")
+    return 0
+
+
+def _log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+def load_engine(args):
+    """(engine, meta) for --model: a tiny preset, a real preset's random-weight architecture, or a folder."""
+    from ego import Ego
+    from ego.architectures import ARCHITECTURES, cached_random_architecture, describe
+    from ego.presets import resolve
+
+    quantization = None if args.quantization == "none" else args.quantization
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    preset = resolve(args.model)
+    meta = {"model": args.model, "quantization": args.quantization, "requested_device": device}
+    started = time.perf_counter()
+    if preset is not None and preset.tiny:
+        meta["model_kind"] = "tiny random-weight model of the real classes (ego.tiny)"
+        engine = Ego.from_pretrained(args.model, quantization=quantization, device=device)
+    elif args.model.strip().lower() in ARCHITECTURES:
+        name = args.model.strip().lower()
+        folder = Path(args.arch_dir) if args.arch_dir else Path(tempfile.gettempdir()) / "ego-arch" / (
+            name + (f"-L{args.text_layers}" if args.text_layers else "") + (
+                f"-V{args.vision_depth}" if args.vision_depth else ""))
+        _log(f"random-weight {name} architecture in {folder} (built once, then reused)")
+        build_started = time.perf_counter()
+        cached_random_architecture(name, folder, text_layers=args.text_layers, vision_depth=args.vision_depth,
+                                   device=device)
+        meta["architecture_build_s"] = round(time.perf_counter() - build_started, 2)
+        meta["model_kind"] = "random weights of the real architecture (ego.architectures)"
+        meta["architecture"] = describe(name, text_layers=args.text_layers, vision_depth=args.vision_depth)
+        meta["model_path"] = str(folder)
+        engine = Ego.from_pretrained(str(folder), quantization=quantization, device=device)
+    elif Path(args.model).is_dir():
+        meta["model_kind"] = "local checkpoint folder"
+        meta["model_path"] = str(Path(args.model).resolve())
+        engine = Ego.from_pretrained(args.model, quantization=quantization, device=device)
+    else:
+        raise SystemExit(f"--model {args.model!r} is neither a preset with a recorded architecture "
+                         f"({', '.join(ARCHITECTURES)}), a tiny preset, nor a folder.")
+    meta["load_s"] = round(time.perf_counter() - started - meta.get("architecture_build_s", 0.0), 2)
+    meta["quantization_effective"] = ("4bit" if getattr(engine.model, "is_loaded_in_4bit", False) else
+                                      "8bit" if getattr(engine.model, "is_loaded_in_8bit", False) else
+                                      f"none ({str(engine.memory_dtype).replace('torch.', '')})")
+    _log(f"loaded {engine.model_id} on {engine.device} ({engine.memory_dtype}, quantization {args.quantization}) "
+         f"in {meta['load_s']} s")
+    return engine, meta
+
+
+def environment(engine) -> dict:
+    from importlib import metadata
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    device = engine.device
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        described = f"{properties.name} ({properties.total_memory / GIB:.0f} GiB)"
+    else:
+        described = f"CPU: {_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return {
+        "device": described, "device_type": device.type, "dtype": str(engine.memory_dtype).replace("torch.", ""),
+        "model_id": engine.model_id, "family": engine.family, "text_layers": engine.num_layers,
+        "hidden_size": engine.hidden_size, "attention_layers_L": list(engine.layers),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": version("transformers"), "bitsandbytes": version("bitsandbytes")},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_at_end": _load_average(),
+        "platform": platform.platform(),
+    }
+
+
+def _load_average():
+    """(1, 5, 15)-minute load averages: other processes on the machine make CPU timings noisy."""
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement helpers
+# ----------------------------------------------------------------------------------------------
+class Memory:
+    """Peak memory of a stretch of work: CUDA allocator peak, or the process's peak RSS on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.resettable = self.cuda or _reset_rss_peak()
+        if self.cuda:
+            self.kind = "cuda_max_memory_allocated"
+        elif self.resettable:
+            self.kind = "cpu_peak_rss (VmHWM of the whole process, reset before each measured call)"
+        else:
+            self.kind = "cpu_peak_rss_since_process_start (VmHWM; this kernel cannot reset it)"
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.resettable:
+            _reset_rss_peak()
+
+    def peak_gib(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) / GIB
+        return _rss_peak_bytes() / GIB
+
+    def current_gib(self) -> float:
+        if self.cuda:
+            return torch.cuda.memory_allocated(self.device) / GIB
+        return _rss_bytes() / GIB
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kib(field_name: str) -> int:
+    try:
+        match = re.search(rf"^{field_name}:\s+(\d+)\s+kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+        return int(match.group(1)) if match else 0
+    except OSError:
+        return 0
+
+
+def _rss_peak_bytes() -> int:
+    kib = _status_kib("VmHWM")
+    if kib:
+        return kib * 1024
+    import resource  # not Linux: the lifetime peak
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def _rss_bytes() -> int:
+    return _status_kib("VmRSS") * 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def forced_generation(model, stop_ids, log: list):
+    """Every `model.generate` call inside runs to its `max_new_tokens`, and its number of new tokens is
+    appended to `log`.
+
+    Random weights stop at random places; a benchmark needs fixed lengths. The calls get
+    `min_new_tokens = max_new_tokens` and the stop tokens added to `suppress_tokens` (on top of whatever the
+    caller suppresses). The engine is not modified: the wrapper sits on this model object for the duration.
+    """
+    original = model.generate
+    stop_ids = [int(i) for i in stop_ids]
+
+    def generate(*args, **kwargs):
+        if kwargs.get("max_new_tokens"):
+            kwargs["min_new_tokens"] = kwargs["max_new_tokens"]
+        kwargs["suppress_tokens"] = sorted(set(kwargs.get("suppress_tokens") or []) | set(stop_ids))
+        out = original(*args, **kwargs)
+        prompt = kwargs.get("input_ids", args[0] if args else None)
+        sequences = out.sequences if hasattr(out, "sequences") else out
+        if prompt is not None and torch.is_tensor(sequences):
+            log.append(int(sequences.shape[1] - prompt.shape[1]))
+        return out
+
+    model.generate = generate
+    try:
+        yield log
+    finally:
+        del model.generate
+
+
+def photo(seed: int, size: tuple[int, int]) -> Image.Image:
+    """A deterministic photo-like RGB image (gradients and noise) of (width, height)."""
+    width, height = size
+    rng = np.random.RandomState(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([(x * (1 + seed % 3)) % 256, (y * (2 + seed % 2)) % 256, ((x + y) * (1 + seed % 5)) % 256], -1)
+    noise = rng.randint(0, 40, size=(height, width, 3))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype("uint8"))
+
+
+def video_frames(count: int, size: tuple[int, int]) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames of a slowly moving synthetic scene.
+
+    Passed as an array, so no video decoding is timed (and the GPU image needs no PyAV)."""
+    return np.stack([np.asarray(photo(100 + i, size)) for i in range(count)])
+
+
+def _median(values):
+    return float(statistics.median(values)) if values else None
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+def run(engine, sizes: Sizes, log=lambda message: None) -> dict:
+    """Measure everything on `engine`; returns the results document (without the model meta and targets).
+
+    The engine's settings are widened for the run where needed (20 concepts in context, the answer length,
+    --quick's shorter introduction) and restored after."""
+    settings = engine.settings
+    engine.settings = settings.replace(
+        max_concepts_in_context=max(max(COUNTS), settings.max_concepts_in_context),
+        answer_max_new_tokens_limit=max(sizes.new_tokens, settings.answer_max_new_tokens_limit),
+        description_max_new_tokens=sizes.description_tokens or settings.description_max_new_tokens,
+        size_max_new_tokens=sizes.size_tokens or settings.size_max_new_tokens,
+    )
+    try:
+        return _measure(engine, sizes, log)
+    finally:
+        engine.settings = settings
+
+
+def _measure(engine, sizes: Sizes, log) -> dict:
+    from ego.media import load_video
+    from ego.memory import Concept
+
+    count = max(COUNTS)
+    device = engine.device
+    memory = Memory(device)
+    stop_ids = engine.backend.stop_token_ids
+    references = [photo(i, sizes.reference_size) for i in range(count)]
+    query = photo(1000, sizes.query_size)
+    frames = video_frames(sizes.video_frames, sizes.video_size)
+    weights_gib = memory.current_gib() if memory.cuda else engine.model.get_memory_footprint() / GIB
+
+    # --- introduction ------------------------------------------------------------------------
+    log(f"introducing 1 warm-up + {sizes.concepts_introduced} concepts")
+    introduced, records = [], []
+    with forced_generation(engine.model, stop_ids, []):
+        engine.introduce("warm-up", photo(999, sizes.reference_size))
+    for i in range(sizes.concepts_introduced):
+        generated: list[int] = []
+        memory.reset()
+        _sync(device)
+        started = time.perf_counter()
+        with forced_generation(engine.model, stop_ids, generated):
+            concept = engine.introduce(f"concept {i + 1}", references[i])
+        _sync(device)
+        total = time.perf_counter() - started
+        stages = dict(concept.views[0].timings_s)
+        records.append({"total_s": total, "peak_mem_gib": memory.peak_gib(), "stages": stages,
+                        "generated": generated, "k": concept.num_tokens})
+        introduced.append(concept)
+    stage_names = list(records[0]["stages"])
+    introduce = {
+        "concepts_measured": len(records),
+        "warmup": 1,
+        "reference_size": list(sizes.reference_size),
+        "reference_visual_tokens": int(np.prod(introduced[0].views[0].grid)),
+        "stages_s": {name: _median([r["stages"].get(name, 0.0) for r in records]) for name in stage_names},
+        "other_s": _median([r["total_s"] - sum(r["stages"].values()) for r in records]),
+        "total_s": _median([r["total_s"] for r in records]),
+        "total_runs_s": [round(r["total_s"], 4) for r in records],
+        "description_tokens": _median([r["generated"][0] for r in records if r["generated"]]),
+        "size_tokens": _median([r["generated"][1] for r in records if len(r["generated"]) > 1]),
+        "memory_tokens": _median([r["k"] for r in records]),
+        "peak_mem_gib": max(r["peak_mem_gib"] for r in records),
+    }
+    log(f"introduction: {introduce['total_s']:.3f} s per concept (median), stages "
+        + ", ".join(f"{k} {v:.3f}" for k, v in introduce["stages_s"].items()))
+
+    # Up to 20 concepts: the introduced ones, then copies under new names (the memories' values do not
+    # change the cost of a question, only their number of rows does).
+    concepts = list(introduced)
+    for i in range(len(concepts), count):
+        source = introduced[i % len(introduced)]
+        concepts.append(Concept(name=f"concept {i + 1}", embeddings=source.embeddings.clone(),
+                                model_id=source.model_id, views=source.views))
+
+    # --- storage -------------------------------------------------------------------------------
+    from ego import save_concepts
+
+    with tempfile.TemporaryDirectory(prefix="ego-bench-") as folder:
+        one = save_concepts(Path(folder) / "one.safetensors", concepts[:1]).stat().st_size
+        many = save_concepts(Path(folder) / "many.safetensors", concepts[:count]).stat().st_size
+    storage = {
+        "concept_nbytes": _median([c.nbytes for c in concepts[:count]]),
+        "memory_tokens_per_concept": _median([c.num_tokens for c in concepts[:count]]),
+        "memory_dtype": str(concepts[0].embeddings.dtype).replace("torch.", ""),
+        "file_bytes_1_concept": one,
+        f"file_bytes_{count}_concepts": many,
+        "file_bytes_per_concept": many / count,
+        "file_mb_per_concept": many / count / 1e6,
+    }
+
+    # --- questions -----------------------------------------------------------------------------
+    def ego(n, *, video=False):
+        def call():
+            answer = engine.answer(VIDEO_QUESTION if video else QUESTION, concepts[:n],
+                                   image=None if video else query, video=frames if video else None,
+                                   max_new_tokens=sizes.new_tokens)
+            return answer.context_tokens, answer.memory_tokens
+        return call
+
+    def refs(n):
+        return lambda: references_in_context(engine, QUESTION, [(c.name, references[i]) for i, c in
+                                                                   enumerate(concepts[:n])], query, sizes.new_tokens)
+
+    plan = [("plain", "image", "plain", 0, ego(0))]
+    plan += [(f"ego_{n}", "image", "ego", n, ego(n)) for n in COUNTS]
+    plan += [(f"refs_{n}", "image", "references", n, refs(n)) for n in COUNTS]
+    plan += [("video_plain", "video", "plain", 0, ego(0, video=True)), ("video_ego_5", "video", "ego", 5,
+                                                                        ego(5, video=True))]
+    # One warm-up call per scenario, then the repeats round-robin over the scenarios (alternating the
+    # order), so that a machine whose load drifts during the run shifts every scenario alike.
+    runs = {name: {"latencies": [], "peaks": [], "generated": [], "tokens": None} for name, *_ in plan}
+    for name, *_, call in plan:
+        with forced_generation(engine.model, stop_ids, []):
+            runs[name]["tokens"] = call()
+    for repeat in range(sizes.repeats):
+        for name, *_, call in (plan if repeat % 2 == 0 else plan[::-1]):
+            memory.reset()
+            _sync(device)
+            started = time.perf_counter()
+            with forced_generation(engine.model, stop_ids, runs[name]["generated"]):
+                tokens = call()
+            _sync(device)
+            runs[name]["latencies"].append(time.perf_counter() - started)
+            runs[name]["peaks"].append(memory.peak_gib())
+            if tokens != runs[name]["tokens"]:
+                raise RuntimeError(f"{name}: the context changed between calls ({runs[name]['tokens']} -> {tokens})")
+        log(f"repeat {repeat + 1}/{sizes.repeats} done")
+    scenarios = {}
+    for name, medium, method, n, _ in plan:
+        record = runs[name]
+        context_tokens, memory_tokens = record["tokens"]
+        scenarios[name] = {
+            "name": name, "medium": medium, "method": method, "concepts": n,
+            "context_tokens": int(context_tokens), "memory_tokens": int(memory_tokens),
+            "new_tokens": _median(record["generated"]), "latency_s": _median(record["latencies"]),
+            "latency_runs_s": [round(v, 4) for v in record["latencies"]], "peak_mem_gib": max(record["peaks"]),
+        }
+        log(f"{name:12s} {context_tokens:6d} context tokens  {scenarios[name]['latency_s']:.3f} s  "
+            f"peak {scenarios[name]['peak_mem_gib']:.2f} GiB")
+    for entry in scenarios.values():
+        plain = scenarios["video_plain" if entry["medium"] == "video" else "plain"]
+        entry["plain"] = plain["name"]
+        entry["ratio_to_plain"] = entry["latency_s"] / plain["latency_s"]
+        entry["context_ratio_to_plain"] = entry["context_tokens"] / plain["context_tokens"]
+    ego_context = {n: scenarios[f"ego_{n}"]["context_tokens"] for n in COUNTS}
+    storage["context_tokens_per_concept"] = (ego_context[max(COUNTS)] - ego_context[min(COUNTS)]) / (
+        max(COUNTS) - min(COUNTS))
+    storage["reference_tokens_per_photo"] = (scenarios[f"refs_{max(COUNTS)}"]["context_tokens"]
+                                             - scenarios[f"refs_{min(COUNTS)}"]["context_tokens"]) / (
+        max(COUNTS) - min(COUNTS))
+
+    return {
+        "meta": {
+            "sizes": asdict(sizes), "memory_measure": memory.kind, "weights_gib": weights_gib,
+            "settings": {k: getattr(engine.settings, k) for k in (
+                "k_cap_tokens", "reference_max_pixels", "query_image_max_pixels", "video_num_frames",
+                "video_frame_max_pixels", "description_max_new_tokens", "size_max_new_tokens",
+                "max_concepts_in_context")},
+            "question": QUESTION, "video_question": VIDEO_QUESTION,
+            "query_visual_tokens": visual_tokens(engine, image=query),
+            "video_visual_tokens": visual_tokens(engine, video=load_video(frames, engine.settings)),
+            "forced_lengths": "every generation runs to its cap: min_new_tokens = max_new_tokens, stop tokens "
+                              "suppressed",
+            "note": "random weights: the texts are meaningless, the costs are those of the architecture",
+        },
+        "introduce": introduce,
+        "storage": storage,
+        "scenarios": scenarios,
+    }
+
+
+def visual_tokens(engine, *, image=None, video=None) -> int:
+    """Visual tokens the processor gives a query image or video (no model call)."""
+    block = {"type": "image"} if image is not None else {"type": "video"}
+    encoded = engine.backend.encode(
+        engine.backend.chat_text([block]), image=image, video=video,
+        image_max_pixels=engine.settings.query_image_max_pixels,
+        video_frame_max_pixels=engine.settings.video_frame_max_pixels)
+    return int(encoded.visual_columns.numel())
+
+
+def references_in_context(engine, question: str, named_images, query, new_tokens: int):
+    """The question with full reference photos in the context instead of memories (what a user would do
+    without Ego): the same words as Ego's memory block, each name followed by its photo, then the query
+    photo and the question; processor + generate + decode, like `Ego.answer`. Returns (context tokens, 0)."""
+    from ego import prompts
+
+    blocks = [{"type": "text", "text": prompts.MEMORY_INTRO}]
+    for name, _ in named_images:
+        blocks += [{"type": "text", "text": f"{name}: "}, {"type": "image"}, {"type": "text", "text": "\n"}]
+    blocks += [{"type": "text", "text": prompts.MEMORY_OUTRO}, {"type": "image"}, {"type": "text", "text": question}]
+    processor = engine.processor
+    image_processor = processor.image_processor
+    patch_px = image_processor.patch_size * image_processor.merge_size
+    inputs = processor(
+        text=[engine.backend.chat_text(blocks)], images=[image for _, image in named_images] + [query],
+        images_kwargs={"size": {"shortest_edge": patch_px ** 2 * 4,
+                                "longest_edge": engine.settings.query_image_max_pixels}},
+        return_tensors="pt",
+    )
+    inputs = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in dict(inputs).items()}
+    length = inputs["input_ids"].shape[1]
+    decoding = getattr(engine, "decoding", {"do_sample": False})  # the engine's own greedy decoding settings
+    with torch.no_grad():
+        out = engine.model.generate(**inputs, max_new_tokens=new_tokens, **decoding)
+    engine.backend.tokenizer.decode(out[0, length:], skip_special_tokens=True)
+    return length, 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Targets and outputs
+# ----------------------------------------------------------------------------------------------
+def targets(results: dict) -> dict:
+    meta, scenarios = results["meta"], results["scenarios"]
+    architecture = meta.get("architecture") or {}
+    default_arch = architecture.get("preset") == "qwen2.5-vl-7b" and not architecture.get("scaled_down")
+    gpu_4bit = meta.get("device_type") == "cuda" and meta.get("quantization_effective") == "4bit"
+    measured = {
+        "introduce_s_per_concept": results["introduce"]["total_s"],
+        "latency_ratio_5_concepts": scenarios["ego_5"]["ratio_to_plain"],
+        "latency_ratio_20_concepts": scenarios["ego_20"]["ratio_to_plain"],
+        "context_tokens_per_concept": results["storage"]["context_tokens_per_concept"],
+        "stored_mb_per_concept": results["storage"]["file_mb_per_concept"],
+        "peak_gib_20_concepts": scenarios["ego_20"]["peak_mem_gib"],
+    }
+    applies = {
+        "introduce_s_per_concept": default_arch and gpu_4bit,
+        "latency_ratio_5_concepts": default_arch and meta.get("device_type") == "cuda",
+        "latency_ratio_20_concepts": default_arch and meta.get("device_type") == "cuda",
+        "context_tokens_per_concept": True,
+        "stored_mb_per_concept": default_arch,
+        "peak_gib_20_concepts": default_arch and gpu_4bit and scenarios["ego_20"]["context_tokens"] > 0,
+    }
+    document = {}
+    for name, (target, comparison, scope) in TARGETS.items():
+        value = measured[name]
+        document[name] = {"target": target, "comparison": comparison, "measured": value,
+                          "met": bool(value is not None and value <= target), "applies_to": scope,
+                          "this_run_is_the_target_setting": bool(applies[name])}
+    return document
+
+
+def write_outputs(results: dict, out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    try:
+        plot(results, out / "latency.png")
+    except ImportError:  # matplotlib is a dev requirement; the numbers are written regardless
+        _log("matplotlib is not installed: latency.png not written (pip install -r requirements-dev.txt)")
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+_LABELS = {"plain": "plain question, one image", "video_plain": "plain question, one video"}
+
+
+def _label(entry) -> str:
+    if entry["name"] in _LABELS:
+        return _LABELS[entry["name"]]
+    n, plural = entry["concepts"], "s" if entry["concepts"] != 1 else ""
+    if entry["method"] == "ego":
+        return f"{entry['medium']} + memories of {n} concept{plural} (Ego)"
+    return f"{entry['medium']} + {n} full reference photo{plural}"
+
+
+def markdown(results: dict) -> str:
+    meta, intro, storage = results["meta"], results["introduce"], results["storage"]
+    versions = meta.get("versions", {})
+    lines = [
+        f"# Ego benchmark: {meta.get('model')} ({meta.get('quantization_effective')}) on {meta.get('device')}",
+        "",
+        f"- date: {meta.get('date')}",
+        f"- command: `{meta.get('command')}`",
+        f"- model: {meta.get('model_kind')}; {meta.get('text_layers')} text layers, hidden size "
+        f"{meta.get('hidden_size')}, {meta.get('dtype')} weights ({meta.get('weights_gib', 0):.2f} GiB)",
+        f"- versions: torch {versions.get('torch')}, transformers {versions.get('transformers')}, "
+        f"bitsandbytes {versions.get('bitsandbytes')}, Python {versions.get('python')}",
+        f"- each latency is the median of {meta['sizes']['repeats']} calls after one warm-up; every answer "
+        f"generates exactly {meta['sizes']['new_tokens']} tokens (stop tokens suppressed: random weights)",
+        f"- memory: {meta.get('memory_measure')}",
+        "",
+        "## Questions",
+        "",
+        "| scenario | context tokens | latency (s) | x plain | context x plain | peak memory (GiB) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for entry in results["scenarios"].values():
+        lines.append(f"| {_label(entry)} | {entry['context_tokens']} | {entry['latency_s']:.3f} | "
+                     f"{entry['ratio_to_plain']:.2f} | {entry['context_ratio_to_plain']:.2f} | "
+                     f"{entry['peak_mem_gib']:.2f} |")
+    lines += [
+        "",
+        f"Ratios are against the plain question on the same medium. A concept adds "
+        f"{storage['context_tokens_per_concept']:.1f} context tokens; a full reference photo adds "
+        f"{storage['reference_tokens_per_photo']:.1f}.",
+        "",
+        f"## Introduction of a concept (one {intro['reference_size'][0]}x{intro['reference_size'][1]} photo, "
+        f"{intro['reference_visual_tokens']} visual tokens; median of {intro['concepts_measured']} after 1 warm-up)",
+        "",
+        "| stage | seconds |",
+        "|---|---:|",
+    ]
+    for name, value in intro["stages_s"].items():
+        lines.append(f"| {name.removesuffix('_s')} | {value:.4f} |")
+    lines += [
+        f"| other (checks, lock, concatenation) | {intro['other_s']:.4f} |",
+        f"| **total** | **{intro['total_s']:.4f}** |",
+        "",
+        f"Generated: {intro['description_tokens']} description tokens, {intro['size_tokens']} size tokens; "
+        f"{intro['memory_tokens']} memory tokens kept. Peak memory while introducing: {intro['peak_mem_gib']:.2f} GiB.",
+        "",
+        "## Storage per concept",
+        "",
+        f"- in memory: {storage['concept_nbytes']:,.0f} bytes ({storage['memory_tokens_per_concept']:.0f} rows of "
+        f"{meta.get('hidden_size')} {storage['memory_dtype']})",
+        f"- in a concept file: {storage['file_bytes_per_concept']:,.0f} bytes per concept in a file of 20 "
+        f"({storage['file_mb_per_concept']:.3f} MB); a file with one concept: "
+        f"{storage['file_bytes_1_concept']:,} bytes",
+        "",
+    ]
+    if "targets" in results:
+        lines += ["## Targets", "",
+                  "| target | measured | met | this run is the target's setting |", "|---|---:|---|---|"]
+        for name, entry in results["targets"].items():
+            lines.append(f"| {name} {entry['comparison']} {entry['target']} ({entry['applies_to']}) | "
+                         f"{entry['measured']:.3f} | {'yes' if entry['met'] else 'no'} | "
+                         f"{'yes' if entry['this_run_is_the_target_setting'] else 'no'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios, meta = results["scenarios"], results["meta"]
+    counts = [0, *COUNTS]
+    series = {
+        "Ego (concept memories)": [scenarios["plain"]] + [scenarios[f"ego_{n}"] for n in COUNTS],
+        "reference photos in context": [scenarios["plain"]] + [scenarios[f"refs_{n}"] for n in COUNTS],
+    }
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, entries in series.items():
+        left.plot(counts, [e["latency_s"] for e in entries], marker="o", label=label)
+        right.plot(counts, [e["context_tokens"] for e in entries], marker="o", label=label)
+    left.set(xlabel="concepts in context", ylabel="latency per question (s)", xticks=counts, ylim=(0, None))
+    right.set(xlabel="concepts in context", ylabel="context tokens", xticks=counts, ylim=(0, None))
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(f"{meta.get('model')} ({meta.get('quantization_effective')}), {meta.get('device')}, "
+                    f"{meta['sizes']['new_tokens']} new tokens", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,31 @@
+"""Gradio components adjusted for the Space (no engine, no torch: app.py imports this at the top)."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+IMAGE_FORMATS_TEXT = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+
+
+def photo_input(**kwargs) -> gr.Image:
+    """A `gr.Image` (type="filepath") whose upload check ends in a sentence for the visitor.
+
+    Gradio's own check opens the upload with PIL; a file that is not an image would otherwise fail with
+    an opaque "Error" in the page and a stack trace naming the visitor's file in the server log. The
+    image is decoded later, safely, by `ego.media.load_image`. (The check is wrapped on the instance: a
+    subclass of a Gradio component makes Gradio write a .pyi file next to this module.)
+    """
+    image = gr.Image(type="filepath", image_mode=None, **kwargs)
+    gradio_check = image.preprocess
+
+    def preprocess(payload):
+        try:
+            return gradio_check(payload)
+        except gr.Error:
+            raise
+        except Exception:  # noqa: BLE001 - PIL's UnidentifiedImageError, DecompressionBombError, OSError, ...
+            raise gr.Error(f"This file is not an image this app can read; please upload a {IMAGE_FORMATS_TEXT} "
+                           f"photo.", print_exception=False) from None
+
+    image.preprocess = preprocess
+    return image

@@ -1,0 +1,217 @@
+"""space/actions.py, called directly (no server): results, refusals that change nothing, faults, stopping."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import gradio as gr
+import pytest
+from conftest import tiny_engine
+
+from ego import DEFAULT_SETTINGS
+from space.actions import Actions
+from space.examples import EXAMPLES_DIR, Examples, load_examples
+from space.loading import LazyEngine
+from space.session import Session
+
+SETTINGS = DEFAULT_SETTINGS.replace(answer_max_new_tokens=8)
+CHELSEA = [str(EXAMPLES_DIR / "concepts" / f"chelsea_{i}.jpg") for i in (1, 2)]
+QUERY = str(EXAMPLES_DIR / "scenes" / "chelsea_query.jpg")
+CLIP = str(EXAMPLES_DIR / "clip.mp4")
+
+
+def quiet(*args, **kwargs):
+    """A stand-in for gr.Progress."""
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return tiny_engine("qwen2.5-vl")
+
+
+@pytest.fixture
+def act(engine):
+    return Actions(LazyEngine(engine), SETTINGS, load_examples())
+
+
+@pytest.fixture(scope="module")
+def one_concept(engine):
+    """A session holding one concept, shared by tests that must leave it unchanged."""
+    session = Session()
+    Actions(LazyEngine(engine), SETTINGS, load_examples()).introduce(session, "Chelsea", gallery(CHELSEA[:1]),
+                                                                     progress=quiet)
+    return session
+
+
+def gallery(paths):
+    return [(path, None) for path in paths]
+
+
+def test_introduce_adds_the_concept_and_shows_each_photo(act):
+    session = Session()
+    out, report, patches, heats = act.introduce(session, "  Chelsea ", gallery(CHELSEA), progress=quiet)
+    assert out is session and session.names == ["Chelsea"]
+    concept = session.concepts[0]
+    assert len(patches) == len(heats) == 2 == len(concept.views)
+    for (picture, caption), view in zip(patches, concept.views):
+        rows, cols = view.grid
+        assert picture.size[0] * rows == picture.size[1] * cols  # drawn on the token grid
+        assert f"{view.k} of {rows * cols} tokens kept" in caption
+    assert "### Chelsea" in report and f"{concept.num_tokens} memory tokens from 2 photos" in report
+
+
+def test_user_keywords_and_size_are_used(act):
+    session = Session()
+    act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), "tabby, green eyes", False, 10, progress=quiet)
+    view = session.concepts[0].views[0]
+    assert view.keywords == ("tabby", "green eyes") and view.area_pct == 10.0 and view.area_source == "user"
+
+
+@pytest.mark.parametrize("name, photos, message", [
+    ("", CHELSEA, "Give the concept a name"),
+    ("x" * 41, CHELSEA, "at most 40 characters"),
+    ("Bo", [], "Add at least one reference photo"),
+    ("Bo", CHELSEA * 3, "at most 5 reference photos"),
+    ("Bo", [str(EXAMPLES_DIR / "examples.json")], "JPEG"),
+])
+def test_refused_introductions_change_nothing(act, one_concept, name, photos, message):
+    session = one_concept
+    before = session.concepts
+    with pytest.raises(gr.Error, match=message):
+        act.introduce(session, name, gallery(photos), progress=quiet)
+    assert session.concepts == before
+
+
+def test_duplicate_names_are_refused_with_escaped_text(act):
+    session = Session()
+    name = "<img src=x onerror=alert(1)>"
+    act.introduce(session, name, gallery(CHELSEA[:1]), progress=quiet)
+    with pytest.raises(gr.Error) as caught:
+        act.introduce(session, name.upper(), gallery(CHELSEA[:1]), progress=quiet)
+    assert "&lt;img src=x onerror=alert(1)&gt;" in caught.value.message and "<img" not in caught.value.message
+    assert "Remove it first" in caught.value.message and len(session) == 1
+
+
+class BrokenEngine:
+    model_id = "broken"
+
+    def introduce(self, name, *args, **kwargs):
+        message = "internal failure about " + name + " in /tmp/gradio/secret_holiday.jpg"
+        raise RuntimeError(message)
+
+
+def test_server_faults_are_logged_without_visitor_content(caplog):
+    act = Actions(LazyEngine(BrokenEngine()), SETTINGS, load_examples())
+    session = Session()
+    with caplog.at_level(logging.INFO, logger="ego.space"), pytest.raises(gr.Error, match="Something went wrong"):
+        act.introduce(session, "Secret Name", gallery(CHELSEA[:1]), progress=quiet)
+    assert "RuntimeError" in caplog.text
+    assert "Secret Name" not in caplog.text and "secret_holiday" not in caplog.text
+    assert len(session) == 0
+
+
+def test_ask_image_streams_and_compares(act):
+    session = Session()
+    act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), progress=quiet)
+    steps = list(act.ask_image(session, QUERY, "Is Chelsea here?", True, progress=quiet))
+    _, answer, plain, details = steps[-1]
+    assert isinstance(answer, str) and isinstance(plain, str)
+    assert details["concepts_used"] == ["Chelsea"] and details["memory_tokens"] == session.concepts[0].num_tokens
+    assert steps[0][2] == "(after the personalized answer)"
+
+
+def test_stopping_an_answer_frees_the_model(engine):
+    act = Actions(LazyEngine(engine), SETTINGS.replace(answer_max_new_tokens=500), load_examples())
+    stream = act.ask_image(Session(), QUERY, "Describe the photo.", progress=quiet)
+    next(stream)
+    stream.close()  # what Gradio does when the Stop button cancels the event
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (engine.answer("Hi?", max_new_tokens=2), done.set()), daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert done.is_set(), "the model was still held by the stopped answer"
+
+
+def test_ask_refusals(act):
+    with pytest.raises(gr.Error, match="Add a photo"):
+        list(act.ask_image(Session(), None, "Hi?", progress=quiet))
+    with pytest.raises(gr.Error, match="Type a question"):
+        list(act.ask_image(Session(), QUERY, "  ", progress=quiet))
+    with pytest.raises(gr.Error, match="at most 1000 characters"):
+        list(act.ask_video(Session(), CLIP, "?" * 1001, progress=quiet))
+    with pytest.raises(gr.Error, match="Add a video"):
+        list(act.ask_video(Session(), None, "Hi?", progress=quiet))
+
+
+def test_ask_video_shows_the_sampled_frames_first(act):
+    steps = act.ask_video(Session(), CLIP, "What happens?", progress=quiet)
+    _, frames, answer, details = next(steps)
+    assert len(frames) == SETTINGS.video_num_frames and answer == "" and details == {}
+    *_, (_, frames, answer, details) = steps
+    assert len(frames) == SETTINGS.video_num_frames and details["concepts_used"] == []
+
+
+def test_export_import_round_trip_and_refusals(act, tmp_path):
+    session = Session()
+    with pytest.raises(gr.Error, match="no concepts to export"):
+        act.export_concepts(session)
+    act.introduce(session, "Chelsea", gallery(CHELSEA), progress=quiet)
+    _, exported = act.export_concepts(session)
+    path = exported
+    with pytest.raises(gr.Error, match="already have a concept named 'Chelsea'"):
+        act.import_concepts(session, path, progress=quiet)
+    assert len(session) == 1
+
+    other = Session()
+    _, records = act.import_concepts(other, path, progress=quiet)
+    assert records == act.records(session)
+    assert other.entries[0].thumbnail.size == (SETTINGS.thumbnail_px, SETTINGS.thumbnail_px)
+
+    garbage = tmp_path / "fake.safetensors"
+    garbage.write_bytes(b"<script>alert(1)</script>" * 10)
+    with pytest.raises(gr.Error, match="not an Ego concept file"):
+        act.import_concepts(other, str(garbage), progress=quiet)
+    assert len(other) == 1
+
+
+def test_the_bundled_examples_are_complete():
+    examples = load_examples()
+    assert examples.concepts and examples.image_questions and examples.video_questions
+
+
+def test_load_example_concepts_once(engine):
+    examples = Examples(concepts=[("Chelsea", CHELSEA[:1]), ("Bo", CHELSEA[1:])])
+    act = Actions(LazyEngine(engine), SETTINGS, examples)
+    session = Session()
+    _, report, patches, _ = act.load_example_concepts(session, progress=quiet)
+    names = ["Chelsea", "Bo"]
+    assert session.names == names
+    assert len(patches) == sum(len(c.views) for c in session.concepts)
+    _, report, patches, _ = act.load_example_concepts(session, progress=quiet)
+    assert "already include" in report and patches == [] and session.names == names
+
+
+def test_panel_lists_the_concepts(act):
+    session = Session()
+    act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), progress=quiet)
+    cards, dropdown, summary, records = act.panel(session)
+    assert [caption for _, caption in cards] == [f"Chelsea · {session.concepts[0].num_tokens} tokens"]
+    assert dropdown.choices == [("Chelsea", "Chelsea")] and "1 of 50 concepts" in summary
+    assert records[0]["name"] == "Chelsea"
+    act.remove_concept(session, "Chelsea")
+    assert act.panel(session)[3] == []
+
+
+def test_a_model_that_cannot_load_is_a_sentence_and_is_retried(caplog):
+    attempts = []
+
+    def factory():
+        attempts.append(1)
+        raise OSError("no weights here")
+
+    act = Actions(LazyEngine(factory), SETTINGS, load_examples())
+    for _ in range(2):
+        with pytest.raises(gr.Error, match="model could not be loaded"):
+            list(act.ask_image(Session(), QUERY, "Hi?", progress=quiet))
+    assert len(attempts) == 2 and "OSError" in caplog.text

@@ -1,0 +1,99 @@
+"""The Space in a real browser (Debian chromium driven by playwright): example, introduce, ask, screenshot.
+
+Needs /usr/bin/chromium (`apt-get install -y chromium`) and the `playwright` package; never run
+`playwright install`. Set EGO_SKIP_BROWSER=1 to skip this test on a machine without chromium.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+from pathlib import Path
+
+import pytest
+from conftest import tiny_engine
+from PIL import Image
+
+import app
+from ego import DEFAULT_SETTINGS
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "screenshot.png"
+HOSTILE_NAME = '<img src=x onerror="window.__xss=1">'
+WAIT_MS = 30_000
+
+if os.environ.get("EGO_SKIP_BROWSER") == "1":
+    pytest.skip("EGO_SKIP_BROWSER=1: browser test skipped on request", allow_module_level=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url():
+    demo = app.build_demo(tiny_engine("qwen2.5-vl"), DEFAULT_SETTINGS.replace(answer_max_new_tokens=24))
+    _, local_url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                                  quiet=True, show_error=True)
+    yield local_url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install -y chromium (or set EGO_SKIP_BROWSER=1)"
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(WAIT_MS)
+        page.goto(url, wait_until="domcontentloaded")  # never "networkidle": Gradio keeps a stream open
+        yield page
+        browser.close()
+
+
+def test_introduce_ask_and_screenshot(page):
+    from playwright.sync_api import expect
+
+    introduce = page.get_by_role("button", name="Introduce", exact=True)
+    introduce.wait_for()
+
+    # An example fills the name and the reference photos.
+    page.get_by_text("Chelsea", exact=True).first.click()
+    expect(page.get_by_label("Name")).to_have_value("Chelsea")
+    introduce.click()
+    expect(page.get_by_text("memory tokens from 3 photos")).to_be_visible()
+    expect(page.locator("#patches img")).to_have_count(3)      # each photo with its kept tokens
+    expect(page.locator("#cards").get_by_text("Chelsea ·")).to_be_visible()
+
+    # Ask about an example photo; the answer streams in and names the concept used.
+    page.get_by_role("tab", name="Ask about an image").click()
+    page.get_by_text("Is Chelsea in this photo? What is she doing?").first.click()
+    page.get_by_role("button", name="Ask", exact=True).first.click()
+    expect(page.locator("#image-answer textarea")).not_to_have_value("")
+    expect(page.get_by_text('"Chelsea"').first).to_be_visible()
+
+    page.get_by_role("tab", name="Introduce").click()
+    expect(page.locator("#patches img").first).to_be_visible()
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    picture = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
+    picture.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(SCREENSHOT, optimize=True)
+    assert SCREENSHOT.stat().st_size < 600_000
+
+
+def test_visitor_text_is_shown_not_run(page):
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Introduce").click()
+    page.get_by_label("Name").fill(HOSTILE_NAME)           # the example photos are still there
+    page.get_by_role("button", name="Introduce", exact=True).click()
+    expect(page.locator("#cards").get_by_text(HOSTILE_NAME[:12])).to_be_visible()
+    expect(page.get_by_role("heading", name=HOSTILE_NAME)).to_be_visible()
+    assert page.evaluate("window.__xss") is None
+    assert page.locator("img[src='x']").count() == 0

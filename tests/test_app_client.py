@@ -1,0 +1,156 @@
+"""The Space over HTTP with gradio_client: the named API, one visitor's round trip, visitors kept apart."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+from conftest import tiny_engine
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+import app
+from ego import DEFAULT_SETTINGS
+from space.examples import load_examples
+
+ENDPOINTS = {"/introduce", "/ask_image", "/ask_video", "/list_concepts", "/remove_concept", "/export_concepts",
+             "/import_concepts"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url():
+    demo = app.build_demo(tiny_engine("qwen2.5-vl"), DEFAULT_SETTINGS.replace(answer_max_new_tokens=8))
+    _, local_url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                                  quiet=True, show_error=True)
+    yield local_url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def example():
+    examples = load_examples()
+    name, photos = examples.concepts[0]
+    return {"name": name, "photos": photos[:2], "image": examples.image_questions[0],
+            "video": examples.video_questions[0]}
+
+
+def photos_payload(paths):
+    return [{"image": handle_file(path), "caption": None} for path in paths]
+
+
+def test_the_api_is_exactly_the_named_endpoints(url):
+    api = Client(url, verbose=False).view_api(print_info=False, return_format="dict")
+    assert set(api["named_endpoints"]) == ENDPOINTS
+    assert not api["unnamed_endpoints"]
+    introduce = [p["parameter_name"] for p in api["named_endpoints"]["/introduce"]["parameters"]]
+    assert introduce == ["name", "photos", "keywords", "auto_size", "size_pct"]
+
+
+def test_one_visitor_round_trip(url, example, tmp_path):
+    client = Client(url, verbose=False)
+    assert client.predict(api_name="/list_concepts") == []
+
+    report, patches, heats = client.predict(example["name"], photos_payload(example["photos"]),
+                                            api_name="/introduce")
+    assert example["name"] in report and len(patches) == len(heats) == len(example["photos"])
+    assert all("tokens kept" in item["caption"] for item in patches)
+
+    listed = client.predict(api_name="/list_concepts")
+    assert [c["name"] for c in listed] == [example["name"]]
+    concept = listed[0]
+    assert concept["tokens"] == sum(view["tokens"] for view in concept["views"]) > 0
+    assert concept["photos"] == len(example["photos"]) and len(concept["size_pct"]) == concept["photos"]
+    json.dumps(listed)
+
+    image, question = example["image"]
+    answer, plain, details = client.predict(handle_file(image), question, True, api_name="/ask_image")
+    assert isinstance(answer, str) and isinstance(plain, str)
+    assert details["concepts_used"] == [example["name"]] and details["memory_tokens"] == concept["tokens"]
+
+    video, question = example["video"]
+    frames, answer, details = client.predict(handle_file(video), question, api_name="/ask_video")
+    assert len(frames) == DEFAULT_SETTINGS.video_num_frames and isinstance(answer, str)
+    assert details["concepts_used"] == [example["name"]]
+
+    exported = client.predict(api_name="/export_concepts")
+    assert exported.endswith(".safetensors")
+
+    with pytest.raises(AppError, match="already have a concept named"):
+        client.predict(example["name"], photos_payload(example["photos"][:1]), api_name="/introduce")
+    assert client.predict(example["name"], api_name="/remove_concept") == []
+    assert client.predict(api_name="/list_concepts") == []
+
+    assert client.predict(handle_file(exported), api_name="/import_concepts") == listed
+    assert client.predict(api_name="/list_concepts") == listed
+
+
+def test_visitors_do_not_see_each_other(url, example):
+    first, second = Client(url, verbose=False), Client(url, verbose=False)
+    first.predict("Only mine", photos_payload(example["photos"][:1]), api_name="/introduce")
+    assert [c["name"] for c in first.predict(api_name="/list_concepts")] == ["Only mine"]
+    assert second.predict(api_name="/list_concepts") == []
+
+    image, question = example["image"]
+    _, _, details = second.predict(handle_file(image), question, api_name="/ask_image")
+    assert details["concepts_used"] == []
+    with pytest.raises(AppError, match="no concept with that name"):
+        second.predict("Only mine", api_name="/remove_concept")
+    with pytest.raises(AppError, match="no concepts to export"):
+        second.predict(api_name="/export_concepts")
+    assert [c["name"] for c in first.predict(api_name="/list_concepts")] == ["Only mine"]
+
+
+def test_refusals_are_sentences_and_leave_the_concepts_as_they_were(url, example, tmp_path, capfd):
+    client = Client(url, verbose=False)
+    client.predict("Kept", photos_payload(example["photos"][:1]), api_name="/introduce")
+    before = client.predict(api_name="/list_concepts")
+
+    not_a_photo = tmp_path / "private_notes.png"
+    not_a_photo.write_text("<svg onload=alert(1)>")
+    with pytest.raises(AppError, match="JPEG, PNG"):
+        client.predict("New", photos_payload([str(not_a_photo)]), api_name="/introduce")
+    with pytest.raises(AppError, match="not an image this app can read"):
+        client.predict(handle_file(str(not_a_photo)), "What is this?", api_name="/ask_image")
+    with pytest.raises(AppError, match="video"):
+        client.predict(handle_file(str(not_a_photo)), "What is this?", api_name="/ask_video")
+    with pytest.raises(AppError, match="at most 40 characters"):
+        client.predict("x" * 41, photos_payload(example["photos"][:1]), api_name="/introduce")
+    fake = tmp_path / "concepts.safetensors"
+    fake.write_bytes(b"\x00" * 64)
+    with pytest.raises(AppError, match="not an Ego concept file"):
+        client.predict(handle_file(str(fake)), api_name="/import_concepts")
+    with pytest.raises(AppError, match="Type a question"):
+        client.predict(handle_file(example["image"][0]), "", api_name="/ask_image")
+    assert client.predict(api_name="/list_concepts") == before
+    server_output = capfd.readouterr()
+    assert "private_notes" not in server_output.out + server_output.err  # no visitor file names in the log
+
+
+def test_a_visitors_memory_is_freed_after_its_time_to_live(example, monkeypatch):
+    import space.session
+
+    freed = []
+    real_forget = space.session.forget
+    monkeypatch.setattr(space.session, "forget", lambda s: (freed.append(list(s.names)), real_forget(s)))
+    settings = DEFAULT_SETTINGS.replace(answer_max_new_tokens=8, session_ttl_s=1)
+    demo = app.build_demo(tiny_engine("qwen2.5-vl"), settings)
+    _, local_url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                                  quiet=True, show_error=True)
+    try:
+        client = Client(local_url, verbose=False)
+        client.predict("Brief", photos_payload(example["photos"][:1]), api_name="/introduce")
+        deadline = time.monotonic() + 10
+        while not freed and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert freed == [["Brief"]]
+        assert client.predict(api_name="/list_concepts") == []
+    finally:
+        demo.close()

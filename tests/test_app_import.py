@@ -1,0 +1,64 @@
+"""app.py: importing it is quick and loads nothing; its command line and launch settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ["torch", "transformers", "torchvision", "safetensors", "av", "ego.engine", "ego.memory", "space.actions"]
+
+
+def test_import_app_is_fast_and_loads_nothing():
+    probe = (
+        "import json, sys, time\n"
+        "started = time.perf_counter()\n"
+        "import app\n"
+        "seconds = time.perf_counter() - started\n"
+        f"print(json.dumps({{'seconds': seconds, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))\n"
+    )
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60, check=True)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["heavy"] == [], f"import app loaded {report['heavy']}"
+    assert report["seconds"] < 10, f"import app took {report['seconds']:.1f} s"
+
+
+def test_command_line_defaults_and_environment(monkeypatch):
+    import app
+    from ego import DEFAULT_PRESET
+
+    for name in ("EGO_MODEL", "EGO_QUANTIZATION", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    args = app.parse_args([])
+    assert (args.model, args.quantization, args.host, args.port, args.share) == (
+        DEFAULT_PRESET, "auto", "127.0.0.1", 7860, False)
+
+    monkeypatch.setenv("EGO_MODEL", "tiny-qwen2-vl")
+    monkeypatch.setenv("EGO_QUANTIZATION", "none")
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    args = app.parse_args([])
+    assert (args.model, args.quantization, args.host) == ("tiny-qwen2-vl", "none", "0.0.0.0")
+    assert app.parse_args(["--model", "tiny-qwen3-vl", "--port", "9000"]).port == 9000
+
+
+def test_main_launches_with_the_limits_and_loads_the_model_lazily(monkeypatch):
+    import app
+    from ego import DEFAULT_SETTINGS, Ego
+
+    seen = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: seen.update(kwargs, demo=self))
+    monkeypatch.setattr(Ego, "from_pretrained", classmethod(lambda cls, *a, **k: seen.setdefault("loaded", True)))
+    app.main(["--model", "tiny-qwen2.5-vl"])
+    assert "loaded" not in seen  # the model waits for its first visitor
+    assert seen["server_name"] == "127.0.0.1" and seen["share"] is False
+    assert seen["max_file_size"] == DEFAULT_SETTINGS.max_upload_mb * 1024 * 1024
+    assert seen["state_session_capacity"] == DEFAULT_SETTINGS.max_sessions
+    assert seen["demo"]._queue.max_size == DEFAULT_SETTINGS.queue_max_size
+    assert not list((ROOT / "space").glob("*.pyi")), "building the demo wrote files next to the code"

@@ -1,0 +1,153 @@
+"""The benchmark harness (`python -m bench`) and the real-architecture builder (`ego.architectures`), on CPU.
+
+No timing is asserted: these tests check that the harness runs end to end and writes every field, and
+that the recorded architectures have the published dimensions and load into the engine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from conftest import photo
+from ego.architectures import (ARCHITECTURES, MARKER, architecture, build_skeleton, cached_random_architecture,
+                               overrides, random_architecture)
+
+SCENARIOS = {"plain", "ego_1", "ego_5", "ego_20", "refs_1", "refs_5", "refs_20", "video_plain", "video_ego_5"}
+SCENARIO_FIELDS = {"name", "medium", "method", "concepts", "context_tokens", "memory_tokens", "new_tokens",
+                   "latency_s", "latency_runs_s", "ratio_to_plain", "context_ratio_to_plain", "peak_mem_gib", "plain"}
+STAGES = {"encode_s", "description_s", "size_s", "scores_s", "selection_s"}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    from bench import main
+
+    out = tmp_path_factory.mktemp("bench-out")
+    assert main(["--model", "tiny-qwen2.5-vl", "--quick", "--device", "cpu", "--out", str(out)]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_quick_run_writes_results_table_and_plot(quick):
+    out, results = quick
+    assert set(results) >= {"meta", "introduce", "storage", "scenarios", "targets"}
+    table = (out / "results.md").read_text()
+    assert "| scenario | context tokens | latency (s) |" in table and "## Introduction" in table
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_scenario_has_every_field(quick):
+    _, results = quick
+    scenarios = results["scenarios"]
+    assert set(scenarios) == SCENARIOS
+    forced = results["meta"]["sizes"]["new_tokens"]
+    for name, entry in scenarios.items():
+        assert SCENARIO_FIELDS <= set(entry), name
+        assert entry["name"] == name
+        assert isinstance(entry["context_tokens"], int) and entry["context_tokens"] > 0
+        for key in ("latency_s", "ratio_to_plain", "context_ratio_to_plain", "peak_mem_gib"):
+            assert isinstance(entry[key], float) and entry[key] > 0, (name, key)
+        assert len(entry["latency_runs_s"]) == results["meta"]["sizes"]["repeats"]
+        assert entry["new_tokens"] == forced, f"{name}: generation length was not forced"
+    assert scenarios["plain"]["ratio_to_plain"] == 1.0 and scenarios["video_plain"]["ratio_to_plain"] == 1.0
+    assert scenarios["video_ego_5"]["plain"] == "video_plain" and scenarios["ego_5"]["plain"] == "plain"
+
+
+def test_context_grows_with_concepts_and_photos_cost_more_than_memories(quick):
+    _, results = quick
+    s = results["scenarios"]
+    assert s["plain"]["context_tokens"] < s["ego_1"]["context_tokens"] < s["ego_5"]["context_tokens"] \
+        < s["ego_20"]["context_tokens"]
+    for n in (1, 5, 20):
+        assert s[f"refs_{n}"]["context_tokens"] > s[f"ego_{n}"]["context_tokens"]
+        assert s[f"refs_{n}"]["memory_tokens"] == 0 and s[f"ego_{n}"]["memory_tokens"] > 0
+    assert s["ego_20"]["memory_tokens"] <= 20 * results["meta"]["settings"]["k_cap_tokens"]
+    assert s["video_ego_5"]["memory_tokens"] == s["ego_5"]["memory_tokens"]
+
+
+def test_introduction_storage_meta_and_targets(quick):
+    _, results = quick
+    intro = results["introduce"]
+    assert set(intro["stages_s"]) == STAGES
+    assert intro["concepts_measured"] == results["meta"]["sizes"]["concepts_introduced"]
+    assert intro["description_tokens"] == results["meta"]["sizes"]["description_tokens"]
+    assert intro["total_s"] > 0 and intro["peak_mem_gib"] > 0
+    storage = results["storage"]
+    assert storage["concept_nbytes"] > 0 and storage["file_bytes_per_concept"] > storage["concept_nbytes"] * 0.9
+    meta = results["meta"]
+    for key in ("device", "model", "quantization", "date", "command", "memory_measure", "weights_gib"):
+        assert meta[key] not in (None, ""), key
+    assert set(meta["versions"]) >= {"torch", "transformers", "bitsandbytes"}
+    assert meta["command"].startswith("python -m bench --model tiny-qwen2.5-vl --quick")
+    assert meta["memory_measure"].startswith("cpu_peak_rss")
+    assert set(results["targets"]) == {
+        "introduce_s_per_concept", "latency_ratio_5_concepts", "latency_ratio_20_concepts",
+        "context_tokens_per_concept", "stored_mb_per_concept", "peak_gib_20_concepts"}
+    assert all(isinstance(t["met"], bool) for t in results["targets"].values())
+
+
+# --------------------------------------------------------------------------------------------------
+# ego.architectures
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_recorded_architecture_has_the_published_size(name):
+    arch = architecture(name)
+    model, _ = build_skeleton(name)  # meta device: no memory
+    text, vision = model.config.get_text_config(), model.config.vision_config
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size"):
+        assert getattr(text, key) == arch.text_config[key], key
+    for key, value in arch.vision_config.items():
+        assert getattr(vision, key) == value, key
+    assert model.config.tie_word_embeddings == arch.tie_word_embeddings
+    assert model.get_input_embeddings().weight.shape == (arch.vocab_size, arch.hidden_size)
+    # The dimensions reproduce the checkpoint's published parameter count (within 0.5 %).
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(arch.params_b, rel=5e-3)
+
+
+def test_overrides_cut_depth_and_keep_index_lists_inside():
+    cut = overrides("qwen2.5-vl-7b", text_layers=2, vision_depth=1)
+    assert cut["text_config"]["num_hidden_layers"] == 2 and cut["vision_config"]["depth"] == 1
+    assert cut["vision_config"]["fullatt_block_indexes"] == [0]
+    assert overrides("qwen3-vl-8b", vision_depth=10)["vision_config"]["deepstack_visual_indexes"] == [8]
+    assert overrides("qwen2.5-vl-7b")["text_config"] == architecture("qwen2.5-vl-7b").text_config
+    with pytest.raises(ValueError):
+        architecture("qwen9-vl-1b")
+
+
+def test_scaled_down_real_architecture_loads_and_introduces(tmp_path):
+    from ego import Ego, Settings
+
+    name = "qwen2-vl-2b"  # the smallest real vocabulary x hidden size: 0.47 GB of bf16 weights with 1 layer
+    arch = architecture(name)
+    folder = random_architecture(name, tmp_path / "arch", text_layers=1, vision_depth=1)
+    config = json.loads((folder / "config.json").read_text())
+    text, vision = config["text_config"], config["vision_config"]
+    assert (text["hidden_size"], text["num_attention_heads"], text["num_key_value_heads"], text["vocab_size"]) == (
+        arch.hidden_size, arch.text_config["num_attention_heads"], arch.text_config["num_key_value_heads"],
+        arch.vocab_size)
+    assert text["num_hidden_layers"] == 1 and vision["depth"] == 1
+    assert (vision["embed_dim"], vision["num_heads"], vision["hidden_size"]) == (1280, 16, arch.hidden_size)
+    assert config["tie_word_embeddings"] is True
+    marker = json.loads((folder / MARKER).read_text())
+    assert marker["preset"] == name and marker["scaled_down"] is True
+
+    engine = Ego.from_pretrained(str(folder), device="cpu", quantization=None,
+                                 settings=Settings(description_max_new_tokens=2, size_max_new_tokens=1))
+    # Special-token ids come from the offline tokenizer, as for the tiny models.
+    assert config["image_token_id"] == engine.backend.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert engine.memory_dtype == torch.bfloat16 and engine.num_layers == 1
+    assert engine.model.get_input_embeddings().weight.shape == (arch.vocab_size, arch.hidden_size)
+    concept = engine.introduce("Chelsea", photo(0, size=(224, 224)))
+    assert concept.embeddings.shape[1] == arch.hidden_size and 1 <= concept.num_tokens <= 50
+    assert set(concept.views[0].timings_s) == STAGES
+
+    # The same build in the same folder is reused, not rebuilt.
+    weights = folder / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert cached_random_architecture(name, folder, text_layers=1, vision_depth=1) == folder
+    assert weights.stat().st_mtime_ns == stamp
