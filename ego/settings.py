@@ -64,7 +64,7 @@ class Settings:
     queue_max_size: int = 32
     """Requests waiting for the model before new ones are turned away."""
     session_ttl_s: int = 3600
-    """How long a closed tab's concepts stay in server memory before they are freed."""
+    """A visitor's concepts are freed this long after their last action (a closed tab's too)."""
     max_sessions: int = 1000
     """Visitor sessions held in server memory; beyond this the least recently used one is dropped."""
     upload_max_age_s: int = 3600
