@@ -17,9 +17,10 @@ class Settings:
     """K in Eq. 4: the most memory tokens kept per reference image (about 20 % of 256)."""
     reference_max_pixels: int = 448 * 448
     """Pixel budget of a reference image, as in the paper: about 256 visual tokens."""
-    description_max_new_tokens: int = 40
-    """Length cap of the self-description whose content words are the keywords."""
-    size_max_new_tokens: int = 8
+    description_max_new_tokens: int = 32
+    """Length cap of the self-description whose content words are the keywords. Decoding dominates the
+    cost of an introduction, and "one short sentence" rarely needs more."""
+    size_max_new_tokens: int = 5
     """Length cap of the answer to "what percentage of the image does the subject cover"."""
     area_pct_fallback: float = 100.0
     """alpha_c used when the size answer has no number or size word: K_c then equals the cap K."""
