@@ -213,16 +213,42 @@ def make_clip() -> list[dict]:
     ]
 
 
+def make_calibration() -> list[dict]:
+    """Image/mask pairs in the COCO single-instance style, for trying `python -m ego.calibrate`.
+
+    Each image has one subject pasted at a known place on the wall, so its mask is exact: white where
+    the subject's oval is (the paste mask above half opacity), black elsewhere.
+    """
+    subjects = {"cat": cat_face(), "cup": cup()}
+    placements = [("cat", (150, 144), (30, 40)), ("cat", (230, 222), (150, 50)),
+                  ("cup", (180, 163), (190, 110)), ("cup", (120, 109), (40, 150))]
+    pairs = []
+    for i, (subject, size, corner) in enumerate(placements, start=1):
+        canvas = wall((LONG_SIDE_PX, 300))
+        sprite = subjects[subject].resize(size, Image.Resampling.LANCZOS)
+        alpha = oval_mask(size)
+        canvas.paste(sprite, corner, alpha)
+        mask = Image.new("L", canvas.size, 0)
+        mask.paste(alpha.point(lambda v: 255 if v >= 128 else 0), corner)
+        stem = f"{subject}_{i}"
+        save_jpeg(canvas, HERE / f"calibration/images/{stem}.jpg")
+        (HERE / "calibration/masks").mkdir(parents=True, exist_ok=True)
+        mask.convert("1").save(HERE / f"calibration/masks/{stem}.png", optimize=True)
+        pairs.append({"image": f"calibration/images/{stem}.jpg", "mask": f"calibration/masks/{stem}.png"})
+    return pairs
+
+
 def main() -> None:
     rng = np.random.default_rng(SEED)
     listing = {
         "concepts": make_concepts(rng),
         "image_questions": make_scenes(rng),
         "video_questions": make_clip(),
+        "calibration": make_calibration(),
     }
     (HERE / "examples.json").write_text(json.dumps(listing, indent=2) + "\n", encoding="utf-8")
     for path in sorted(HERE.rglob("*")):
-        if path.suffix in {".jpg", ".mp4", ".json"}:
+        if path.suffix in {".jpg", ".png", ".mp4", ".json"}:
             print(f"{path.relative_to(HERE)}: {path.stat().st_size / 1024:.1f} KB")
 
 

@@ -19,7 +19,7 @@ def listing() -> dict:
 
 
 def test_listing_has_every_section(listing):
-    assert set(listing) == {"concepts", "image_questions", "video_questions"}
+    assert set(listing) == {"concepts", "image_questions", "video_questions", "calibration"}
     assert len(listing["concepts"]) >= 2
     assert listing["image_questions"] and listing["video_questions"]
 
@@ -56,6 +56,7 @@ def test_every_file_is_referenced_and_small(listing):
     referenced = {rel for concept in listing["concepts"] for rel in concept["images"]}
     referenced |= {q["image"] for q in listing["image_questions"]}
     referenced |= {q["video"] for q in listing["video_questions"]}
+    referenced |= {rel for pair in listing["calibration"] for rel in pair.values()}
     media = {
         path.relative_to(EXAMPLES).as_posix()
         for path in EXAMPLES.rglob("*")
@@ -65,3 +66,16 @@ def test_every_file_is_referenced_and_small(listing):
     for path in EXAMPLES.rglob("*"):
         if path.is_file() and "__pycache__" not in path.parts:
             assert path.stat().st_size < MAX_FILE_BYTES, path
+
+
+def test_calibration_pairs_share_stems_and_masks_are_binary(listing):
+    import numpy as np
+    from PIL import Image
+
+    assert len(listing["calibration"]) >= 2
+    for pair in listing["calibration"]:
+        image, mask = EXAMPLES / pair["image"], EXAMPLES / pair["mask"]
+        assert image.stem == mask.stem
+        values = np.unique(np.asarray(Image.open(mask).convert("L")))
+        assert set(values.tolist()) == {0, 255}
+        assert Image.open(mask).size == load_image(image).size
