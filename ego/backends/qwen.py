@@ -5,6 +5,10 @@ for Qwen3). Positions: 3-D M-RoPE computed by generate from input_ids + mm_token
 which is why generate always receives input_ids next to inputs_embeds. Concept-memory placeholders
 are `<|vision_pad|>`: in the real vocabularies, never expanded by the processors, typed as text
 (mm_token_type_ids 0), so they take ordinary 1-D positions like the paper's InternVL soft prompts.
+
+Qwen3-VL adds "deepstack" features (from three depths of its vision tower) to the hidden states of its
+first decoder layers at the visual positions. A memory keeps the projector output only, as the paper
+does; its soft-prompt rows get no deepstack residual, while the query image keeps its own.
 """
 
 from __future__ import annotations
