@@ -1,0 +1,45 @@
+"""Presets and the layers L."""
+
+import json
+
+import pytest
+from conftest import tiny_engine
+
+from ego import PRESETS, Ego
+from ego.presets import PAPER_LAYERS, depth_scaled_layers
+
+
+def test_paper_depth_gives_the_paper_layers():
+    assert depth_scaled_layers(48) == PAPER_LAYERS
+
+
+@pytest.mark.parametrize("depth", [2, 4, 24, 28, 36, 64])
+def test_depth_scaled_layers_keep_relative_depth(depth):
+    layers = depth_scaled_layers(depth)
+    assert all(0 <= layer < depth for layer in layers) and list(layers) == sorted(set(layers))
+    for layer in layers:  # each is the nearest layer to one of the paper's, at the same relative depth
+        assert any(abs(layer - paper * depth / 48) <= 0.5 for paper in PAPER_LAYERS)
+
+
+def test_qwen25_vl_7b_default_layers():
+    assert depth_scaled_layers(28) == (17, 18, 20, 21, 23)
+
+
+def test_every_real_preset_names_a_hub_checkpoint_and_a_known_family():
+    from ego.backends import families
+
+    for preset in PRESETS.values():
+        assert preset.family in families()
+        assert preset.tiny or "/" in preset.model_id
+    assert PRESETS["qwen2.5-vl-7b"].model_id == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert PRESETS["internvl3-14b"].layers == PAPER_LAYERS
+
+
+def test_layers_from_a_calibration_file(tmp_path):
+    path = tmp_path / "layers.json"
+    path.write_text(json.dumps({"model_id": "tiny-qwen2-vl", "layers": [0, 3]}))
+    engine = Ego.from_pretrained("tiny-qwen2-vl", layers=path)
+    assert engine.layers == (0, 3)
+    with pytest.raises(ValueError, match="between 0 and 3"):
+        Ego.from_pretrained("tiny-qwen2-vl", layers=[7])
+    assert tiny_engine("qwen2-vl").layers == depth_scaled_layers(4)
