@@ -35,6 +35,7 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
     from ego.settings import DEFAULT_SETTINGS
     from space.actions import Actions
     from space.examples import load_examples
+    from space.links import refuse_links
     from space.loading import LazyEngine
     from space.session import Session, forget
 
@@ -99,8 +100,20 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
             lambda: gr.File(visible=True), None, mine.exported, queue=False, **PRIVATE)
         then_refresh(mine.import_button.upload(act.import_concepts, [session, mine.import_button],
                                                [session, mine.records], api_name="import_concepts", **MODEL_EVENTS))
+    for block in demo.blocks.values():
+        refuse_links(block)  # a file payload that names a URL is refused, never downloaded
     demo.queue(max_size=s.queue_max_size)
     return demo
+
+
+def launch_options(settings) -> dict:
+    """The `demo.launch` arguments that enforce `settings` on the server (uploads, sessions, links)."""
+    from starlette.middleware import Middleware
+
+    from space.links import RefuseFileLinks
+
+    return dict(max_file_size=settings.max_upload_bytes, state_session_capacity=settings.max_sessions,
+                app_kwargs={"middleware": [Middleware(RefuseFileLinks)]})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,7 +171,7 @@ def _answer_box(label: str, elem_id: str, **kwargs) -> gr.Textbox:
 def _image_tab(s, examples) -> SimpleNamespace:
     with gr.Tab("Ask about an image", id="image"), gr.Row():
         with gr.Column():
-            image = photo_input(label="Photo", sources=["upload", "clipboard"], height=320)
+            image = photo_input(label="Photo", sources=["upload", "clipboard"], height=320, elem_id="image-photo")
             _hint(f"{IMAGE_FORMATS_TEXT}; up to {s.max_upload_mb} MiB and {s.max_image_pixels / 1e6:g} megapixels.")
             question = _question_box(s, "Is Chelsea in this photo?")
             compare = gr.Checkbox(label="Also answer without memory (the plain model)")
@@ -213,7 +226,8 @@ def _concepts_panel(s) -> SimpleNamespace:
     with gr.Accordion("Details (JSON)", open=False):
         records = gr.JSON(show_label=False)
     _hint(f"Your concepts live in this server's memory for this tab only and are deleted "
-          f"{s.session_ttl_s // 60} minutes after your last action here; uploads leave the server within "
+          f"{s.session_ttl_s // 60} minutes after your last action here (sooner if the server restarts or is "
+          f"very busy); uploads leave the server within "
           f"{(s.upload_max_age_s + s.upload_cleanup_interval_s) // 60} minutes. Export your concepts to keep "
           f"them. At most {s.max_concepts_per_session} concepts.")
     return SimpleNamespace(summary=summary, cards=cards, to_remove=to_remove, remove=remove, clear=clear,
@@ -253,8 +267,7 @@ def main(argv=None) -> None:
     quantization = None if args.quantization == "none" else args.quantization
     factory = functools.partial(Ego.from_pretrained, args.model, quantization=quantization, settings=settings)
     demo = build_demo(factory, settings, model_name=args.model)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share,
-                max_file_size=settings.max_upload_bytes, state_session_capacity=settings.max_sessions)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options(settings))
 
 
 if __name__ == "__main__":

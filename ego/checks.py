@@ -6,14 +6,21 @@ Each failure is an `InputError` whose message is one sentence that says what to 
 from __future__ import annotations
 
 import math
+import unicodedata
 
 from .errors import InputError
 from .settings import Settings
 
+_INVISIBLE = {"Cc", "Cf"}
+"""Unicode categories dropped from names: control and format characters."""
+
 
 def check_name(name, settings: Settings) -> str:
-    """A concept name with its white space folded; empty or too long is refused."""
-    name = " ".join(str(name or "").split())
+    """A concept name with its white space folded and invisible characters dropped; empty or too long is
+    refused. (Control and format characters, such as a right-to-left override or a zero-width space,
+    would make a name look like another one.)"""
+    name = "".join(ch for ch in str(name or "") if unicodedata.category(ch) not in _INVISIBLE or ch.isspace())
+    name = " ".join(name.split())
     if not name:
         raise InputError("Give the concept a name, for example 'my cat Chelsea'.")
     if len(name) > settings.max_name_chars:

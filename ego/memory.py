@@ -134,7 +134,8 @@ def read_concepts(path, *, max_concepts: int = 200) -> tuple[dict, list[Concept]
             concepts = []
             for i, entry in enumerate(entries):
                 embeddings = handle.get_tensor(f"c{i}.embeddings")
-                if embeddings.dim() != 2 or embeddings.shape[1] != hidden or not embeddings.is_floating_point():
+                if (embeddings.dim() != 2 or embeddings.shape[1] != hidden or not embeddings.is_floating_point()
+                        or not bool(torch.isfinite(embeddings).all())):
                     raise MemoryFileError(not_ours)
                 views = []
                 for j, view in enumerate(entry["views"]):
@@ -147,7 +148,7 @@ def read_concepts(path, *, max_concepts: int = 200) -> tuple[dict, list[Concept]
                         keywords_source=str(view.get("keywords_source", "model")),
                         area_source=str(view.get("area_source", "model")),
                     ))
-                if sum(v.k for v in views) != embeddings.shape[0]:
+                if sum(v.k for v in views) != embeddings.shape[0] or not all(map(_is_consistent, views)):
                     raise MemoryFileError(not_ours)
                 concepts.append(Concept(name=str(entry["name"]), embeddings=embeddings,
                                         model_id=str(document["model_id"]), views=tuple(views)))
@@ -156,6 +157,18 @@ def read_concepts(path, *, max_concepts: int = 200) -> tuple[dict, list[Concept]
     except (SafetensorError, KeyError, TypeError, ValueError, IndexError, OSError) as error:
         raise MemoryFileError(not_ours) from error
     return document, concepts
+
+
+def _is_consistent(view: ConceptView) -> bool:
+    """The grid, scores and kept indices of a view agree (the app draws pictures from the grid, so a
+    hostile file must not claim a grid larger than its data)."""
+    rows, cols = view.grid
+    indices, scores = view.token_indices, view.scores
+    if rows < 1 or cols < 1 or scores.dim() != 1 or not scores.is_floating_point() or rows * cols != scores.numel():
+        return False
+    if indices.dim() != 1 or indices.dtype != torch.int64 or indices.numel() != view.k:
+        return False
+    return indices.numel() == 0 or (int(indices.min()) >= 0 and int(indices.max()) < scores.numel())
 
 
 def load_concepts(path, engine) -> list[Concept]:

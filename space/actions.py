@@ -19,6 +19,7 @@ import time
 import traceback
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from ego import checks
 from ego.errors import InputError, MemoryFileError, ModelBusyError
@@ -153,9 +154,14 @@ class Actions:
                     yield session, str(answer), waiting, details
             finally:
                 stream.close()
-            if compare:
-                plain = engine.answer(question, (), image=image, max_new_tokens=self.settings.answer_max_new_tokens)
-                yield session, str(answer), str(plain), details
+            if compare:  # streamed too, so that Stop or a closed tab also ends this answer at once
+                stream = engine.stream_answer(question, (), image=image,
+                                              max_new_tokens=self.settings.answer_max_new_tokens)
+                try:
+                    for plain in stream:
+                        yield session, str(answer), str(plain), details
+                finally:
+                    stream.close()
 
     def ask_video(self, session: Session, video, question, progress=gr.Progress()):
         """Stream (session, sampled frames, answer, details) about a clip."""
@@ -211,7 +217,9 @@ class Actions:
         with for_visitor("exporting the concepts"):
             if not len(session):
                 raise InputError("There are no concepts to export yet; introduce or import one first.")
-            path = save_concepts(session.new_export_path(), session.concepts)
+            # In Gradio's file cache, whose sweep deletes it on time even if the session is evicted
+            # (eviction skips `forget`); a file elsewhere would stay until the server restarts.
+            path = save_concepts(session.new_export_path(get_upload_folder()), session.concepts)
         return session, str(path)
 
     def import_concepts(self, session: Session, file, progress=gr.Progress()):
@@ -225,8 +233,14 @@ class Actions:
             engine = self._engine(progress)
             concepts = load_concepts(path, engine)
             entries = []
-            for concept in concepts:
-                name = checks.check_name(concept.name, self.settings)
+            for number, concept in enumerate(concepts, 1):
+                try:
+                    name = checks.check_name(concept.name, self.settings)
+                except InputError:
+                    raise MemoryFileError(
+                        f"Concept {number} in this file has an empty name or one longer than "
+                        f"{self.settings.max_name_chars} characters; rename it where it was made and export it "
+                        f"again.") from None
                 if name != concept.name:
                     concept = type(concept)(name, concept.embeddings, concept.model_id, concept.views)
                 first = concept.views[0] if concept.views else None

@@ -113,11 +113,14 @@ class Session:
         with self._lock:
             self._entries = []
 
-    def new_export_path(self) -> Path:
-        """A fresh path for this visitor's export file; the previous export file is deleted."""
+    def new_export_path(self, folder: str | None = None) -> Path:
+        """A fresh path for this visitor's export file, in a new folder under `folder` (default: the
+        system's temporary folder); the previous export file is deleted."""
         with self._lock:
             self._remove_export()
-            self._export_dir = tempfile.mkdtemp(prefix="ego-export-")
+            if folder is not None:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+            self._export_dir = tempfile.mkdtemp(prefix="ego-export-", dir=folder)
             return Path(self._export_dir) / EXPORT_NAME
 
     def close(self) -> None:

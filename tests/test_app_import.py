@@ -60,5 +60,6 @@ def test_main_launches_with_the_limits_and_loads_the_model_lazily(monkeypatch):
     assert seen["server_name"] == "127.0.0.1" and seen["share"] is False
     assert seen["max_file_size"] == DEFAULT_SETTINGS.max_upload_mb * 1024 * 1024
     assert seen["state_session_capacity"] == DEFAULT_SETTINGS.max_sessions
+    assert [m.cls.__name__ for m in seen["app_kwargs"]["middleware"]] == ["RefuseFileLinks"]
     assert seen["demo"]._queue.max_size == DEFAULT_SETTINGS.queue_max_size
     assert not list((ROOT / "space").glob("*.pyi")), "building the demo wrote files next to the code"

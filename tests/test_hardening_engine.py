@@ -1,0 +1,267 @@
+"""The model under load and faults, through the Space: back-pressure, one model call at a time, out of
+memory, and answers that stop when the visitor stops them or closes the tab.
+
+One demo is launched for the module, with answers of up to 1024 tokens and a queue of 2. `ModelProbe`
+wraps the shared engine's `model.generate` to count the calls in flight, hold them at a gate, fail one,
+shorten them, or slow every token down: the tiny model writes 1024 tokens in about 2 s, a real one takes
+tens of seconds, and a test of stopping must not pass because the answer ended by itself.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_engine
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+import app
+from ego import DEFAULT_SETTINGS
+from space.examples import EXAMPLES_DIR
+
+SETTINGS = DEFAULT_SETTINGS.replace(answer_max_new_tokens=1024, queue_max_size=2)
+PHOTO = str(EXAMPLES_DIR / "concepts" / "chelsea_1.jpg")
+QUERY = str(EXAMPLES_DIR / "scenes" / "chelsea_query.jpg")
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    demo = app.build_demo(tiny_engine("qwen2.5-vl"), SETTINGS)
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                **app.launch_options(SETTINGS))
+    yield demo
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def url(demo) -> str:
+    return demo.local_url
+
+
+class ModelProbe:
+    """Stands in for `model.generate`: counts calls and calls in flight, and can hold, fail or shorten them."""
+
+    def __init__(self, generate):
+        self._generate = generate
+        self._count = threading.Lock()
+        self.calls = self.inside = self.most_inside = 0
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_next: BaseException | None = None
+        self.shorten = lambda call_number: None
+        """The largest max_new_tokens for call number n (1, 2, ...), or None for what the caller asked."""
+        self.seconds_per_token = 0.0
+
+    def __call__(self, *args, **kwargs):
+        with self._count:
+            self.calls += 1
+            number = self.calls
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        try:
+            self.gate.wait(timeout=60)
+            if self.fail_next is not None:
+                error, self.fail_next = self.fail_next, None
+                raise error
+            cap = self.shorten(number)
+            if cap is not None:
+                kwargs["max_new_tokens"] = min(kwargs.get("max_new_tokens") or cap, cap)
+            if self.seconds_per_token:
+                kwargs["stopping_criteria"] = StoppingCriteriaList([*kwargs.get("stopping_criteria", ()),
+                                                                    _SlowTokens(self.seconds_per_token)])
+            return self._generate(*args, **kwargs)
+        finally:
+            with self._count:
+                self.inside -= 1
+
+
+class _SlowTokens(StoppingCriteria):
+    """Never stops generation; takes `seconds` per token, like a large model."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __call__(self, input_ids, scores, **kwargs):
+        time.sleep(self.seconds)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class CountingLock:
+    """The engine's model lock, counting the threads that hold it or wait for it."""
+
+    def __init__(self, lock):
+        self._lock = lock
+        self._count = threading.Lock()
+        self.present = self.most_present = 0
+
+    def acquire(self, blocking=True, timeout=-1):
+        with self._count:
+            self.present += 1
+            self.most_present = max(self.most_present, self.present)
+        if self._lock.acquire(blocking, timeout):
+            return True
+        with self._count:
+            self.present -= 1
+        return False
+
+    def release(self):
+        self._lock.release()
+        with self._count:
+            self.present -= 1
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+@pytest.fixture
+def engine():
+    return tiny_engine("qwen2.5-vl")
+
+
+@pytest.fixture
+def probe(engine, monkeypatch):
+    probe = ModelProbe(engine.model.generate)
+    monkeypatch.setattr(engine.model, "generate", probe)
+    monkeypatch.setattr(engine, "_lock", CountingLock(engine._lock))
+    yield probe
+    probe.gate.set()
+    assert model_is_idle(engine, within_s=30), "a test left the model busy"
+
+
+def wait_for(condition, timeout_s: float = 30, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def generation_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "ego-generate" and t.is_alive()]
+
+
+def model_is_idle(engine, within_s: float) -> bool:
+    """No model call in flight, no generation thread, and the model lock free, within `within_s` seconds."""
+    generate = engine.model.generate
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        busy = getattr(generate, "inside", 0) or generation_threads()
+        if not busy and engine._lock.acquire(timeout=0.05):
+            engine._lock.release()
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def visitor(url) -> Client:
+    return Client(url, verbose=False)
+
+
+def introduce(client: Client, name: str):
+    return client.predict(name, [{"image": handle_file(PHOTO), "caption": None}], "tabby cat", False, 10,
+                          api_name="/introduce")
+
+
+def ask(client: Client, compare: bool = False):
+    return client.submit(handle_file(QUERY), "Describe the photo in detail.", compare, api_name="/ask_image")
+
+
+def test_a_full_queue_turns_visitors_away_and_the_model_runs_one_call_at_a_time(demo, url, engine, probe):
+    probe.shorten = lambda number: 4
+    first, second, third, fourth = (visitor(url) for _ in range(4))
+    probe.gate.clear()                                  # the first request holds the model until released
+    running = ask(first)
+    wait_for(lambda: probe.inside == 1, what="the first answer to start")
+    waiting = [second.submit("Cat", [{"image": handle_file(PHOTO), "caption": None}], "tabby", False, 10,
+                             api_name="/introduce")]
+    wait_for(lambda: len(demo._queue) == 1, timeout_s=10, what="the introduction to wait in the queue")
+    waiting.append(ask(third))
+    wait_for(lambda: len(demo._queue) == 2, timeout_s=10, what="the second answer to wait in the queue")
+    with pytest.raises(Exception, match="Queue is full"):
+        ask(fourth).result(timeout=30)
+    probe.gate.set()
+    for job in [running, *waiting]:
+        job.result(timeout=60)
+    assert probe.calls >= 3
+    assert probe.most_inside == 1, "two model calls ran at once"
+    assert engine._lock.most_present == 1, "a request waited inside the engine instead of in Gradio's queue"
+
+
+def test_out_of_memory_is_a_sentence_changes_nothing_and_the_next_request_works(url, engine, probe):
+    probe.shorten = lambda number: 4
+    client = visitor(url)
+    introduce(client, "Mine")
+    before = client.predict(api_name="/list_concepts")
+    out_of_memory = "CUDA out of memory. Tried to allocate 20.00 GiB"
+
+    probe.fail_next = torch.OutOfMemoryError(out_of_memory)
+    with pytest.raises(AppError, match="ran out of memory on this request; try a smaller image") as refused:
+        ask(client).result(timeout=60)
+    assert "20.00 GiB" not in str(refused.value)
+    probe.fail_next = torch.OutOfMemoryError(out_of_memory)
+    with pytest.raises(AppError, match="ran out of memory"):
+        introduce(client, "Other")
+    assert client.predict(api_name="/list_concepts") == before
+    assert model_is_idle(engine, within_s=2)
+
+    answer, _, details = ask(client).result(timeout=60)
+    assert isinstance(answer, str) and details["concepts_used"] == ["Mine"]
+
+
+@pytest.mark.parametrize("compare", [False, True], ids=["answer", "answer without memory"])
+def test_a_cancelled_answer_stops_its_generation_within_a_second(url, engine, probe, compare):
+    # With `compare`, the personalized answer is cut short and the answer without memory is the long one.
+    probe.shorten = lambda number: 2 if compare and number == 1 else None
+    probe.seconds_per_token = 0.02                      # 1024 tokens: about 20 s
+    job = ask(visitor(url), compare)
+    wait_for(lambda: probe.calls == 1 + compare and probe.inside == 1, what="the long answer to start")
+    time.sleep(0.3)                                     # a few tokens streamed
+    assert probe.inside == 1, "the answer ended by itself: nothing left to stop"
+    job.cancel()
+    assert model_is_idle(engine, within_s=1.0), "the cancelled answer kept the model busy"
+
+
+@pytest.mark.skipif(os.environ.get("EGO_SKIP_BROWSER") == "1", reason="EGO_SKIP_BROWSER=1")
+def test_closing_the_tab_stops_the_answer(url, engine, probe):
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install -y chromium (or set EGO_SKIP_BROWSER=1)"
+    from playwright.sync_api import expect, sync_playwright
+
+    probe.seconds_per_token = 0.02                      # 1024 tokens: about 20 s
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(30_000)
+            page.goto(url, wait_until="domcontentloaded")  # never "networkidle": Gradio keeps a stream open
+            page.get_by_role("tab", name="Ask about an image").click()
+            page.get_by_text("Is Chelsea in this photo? What is she doing?").first.click()
+            expect(page.locator("#image-photo img")).to_be_visible()
+            page.get_by_role("button", name="Ask", exact=True).first.click()
+            wait_for(lambda: probe.inside == 1, what="the answer to start")
+            time.sleep(0.3)
+            assert probe.inside == 1, "the answer ended by itself: nothing left to stop"
+            page.close()
+            assert model_is_idle(engine, within_s=5.0), "the answer went on after the tab was closed"
+        finally:
+            browser.close()
