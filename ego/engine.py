@@ -400,15 +400,18 @@ class Ego:
     def _model_call(self):
         """One model call at a time; an out-of-memory error frees memory and says what to change."""
         with self._lock:
+            out_of_memory = False
             try:
                 yield
-            except torch.OutOfMemoryError as error:
+            except torch.OutOfMemoryError:
+                out_of_memory = True  # handled below, once the exception and its frames are released
+            if out_of_memory:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 raise ModelBusyError(
                     "The model ran out of memory on this request; try a smaller image, a shorter clip or "
                     "fewer concepts, then ask again."
-                ) from error
+                )
 
 
 # ----------------------------------------------------------------------------------------------
