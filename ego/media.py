@@ -559,6 +559,20 @@ def _check_fps(fps: float | None, settings: Settings) -> float:
     return value
 
 
+def _already_loaded(video: tuple, settings: Settings) -> tuple[np.ndarray, dict]:
+    """A (frames, metadata) pair this function returned before (the app shows the frames, then asks about
+    them): checked for shape, size and metadata, not decoded again."""
+    frames, metadata = video
+    ok = (isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4 and frames.shape[3] == 3
+          and frames.shape[0] >= 1 and frames.shape[1] * frames.shape[2] <= settings.video_frame_max_pixels
+          and set(metadata) == set(_metadata(1, 1.0, [0], frames[:1], None))
+          and len(metadata.get("frames_indices") or ()) == frames.shape[0])
+    if not ok:
+        raise InputError("These decoded video frames are not in the form load_video returns; please pass the "
+                         "video file instead.")
+    return frames, metadata
+
+
 def _load_video_array(
     array: np.ndarray, settings: Settings, n: int, fps: float | None
 ) -> tuple[np.ndarray, dict]:
@@ -622,6 +636,8 @@ def load_video(
     n = settings.video_num_frames if num_frames is None else int(num_frames)
     if n < 1:
         raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+    if isinstance(source, tuple) and len(source) == 2 and isinstance(source[1], dict):
+        return _already_loaded(source, settings)
     if isinstance(source, np.ndarray):
         return _load_video_array(source, settings, n, fps)
     if isinstance(source, (list, tuple)):

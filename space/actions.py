@@ -87,9 +87,9 @@ class Actions:
             engine = self._engine(progress)
             started = time.perf_counter()
             progress(0.1, desc=f"Choosing the memory tokens of {len(paths)} photo{'s' * (len(paths) > 1)}…")
-            concept = engine.introduce(name, paths, keywords=(keywords or "").strip() or None,
+            pictures = [load_image(path, self.settings) for path in paths]  # decoded once, for both uses
+            concept = engine.introduce(name, pictures, keywords=(keywords or "").strip() or None,
                                        area_pct=None if auto_size else size_pct)
-            pictures = [load_image(path, self.settings) for path in paths]
             seconds = time.perf_counter() - started
             patches, heats = self._pictures([(concept, pictures)])
             report = views.introduction_report([concept], seconds)
@@ -112,8 +112,8 @@ class Actions:
             made = []
             for number, (name, paths) in enumerate(missing):
                 progress((number, len(missing)), desc=f"Introducing example concept {number + 1} of {len(missing)}…")
-                concept = engine.introduce(name, paths)
-                made.append((concept, [load_image(path, self.settings) for path in paths]))
+                pictures = [load_image(path, self.settings) for path in paths]
+                made.append((engine.introduce(name, pictures), pictures))
             seconds = time.perf_counter() - started
             patches, heats = self._pictures(made)
             report = views.introduction_report([c for c, _ in made], seconds)
@@ -175,7 +175,7 @@ class Actions:
             engine = self._engine(progress)
             started = time.perf_counter()
             answer, details = "", {}
-            stream = engine.stream_answer(question, session.concepts, video=video,
+            stream = engine.stream_answer(question, session.concepts, video=(frames, metadata),
                                           max_new_tokens=self.settings.answer_max_new_tokens)
             try:
                 for answer in stream:

@@ -689,3 +689,17 @@ def test_fuzz_mutated_videos(videos, kind, edits, cut):
         assert frames.dtype == np.uint8 and frames.ndim == 4 and frames.shape[3] == 3
         assert len(meta["frames_indices"]) == frames.shape[0] >= 1
     assert time.monotonic() - start < FUZZ_TIME_LIMIT_S
+
+
+def test_a_loaded_video_is_accepted_again_without_decoding(tmp_path):
+    """The app shows the sampled frames, then asks about them: the pair passes through, checked."""
+    frames = np.random.default_rng(0).integers(0, 255, (20, 48, 64, 3), dtype=np.uint8)
+    loaded = load_video(frames)
+    again = load_video(loaded)
+    assert again[0] is loaded[0] and again[1] == loaded[1]
+    with pytest.raises(InputError):
+        load_video((loaded[0][:, :, :, :2], loaded[1]))            # not RGB
+    with pytest.raises(InputError):
+        load_video((loaded[0][:3], loaded[1]))                      # frames and indices disagree
+    with pytest.raises(InputError):
+        load_video((loaded[0], {"fps": 1}))                         # not our metadata
