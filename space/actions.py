@@ -169,6 +169,7 @@ class Actions:
             if not video:
                 raise InputError("Add a video clip to ask about first.")
             question = checks.check_question(question, self.settings)
+            progress(0.05, desc=f"Decoding the clip and sampling {self.settings.video_num_frames} frames…")
             frames, metadata = load_video(video, self.settings)
             gallery = list(zip(list(frames), views.frame_captions(metadata)))
             yield session, gallery, "", {}
