@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -77,3 +79,44 @@ def photo(seed: int = 0, size=(300, 451)) -> Image.Image:
 @pytest.fixture
 def photos():
     return [photo(i) for i in range(3)]
+
+
+# --- the Space, served on loopback, and a real browser ----------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_demo(settings, *, show_error: bool = False):
+    """The Space on a tiny Qwen2.5-VL, launched on loopback with the production launch options."""
+    import app
+
+    demo = app.build_demo(tiny_engine("qwen2.5-vl"), settings)
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                show_error=show_error, **app.launch_options(settings))
+    try:
+        yield demo
+    finally:
+        demo.close()
+
+
+@contextlib.contextmanager
+def chromium_browser():
+    """Debian's Chromium driven by playwright (never `playwright install`)."""
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install -y chromium (or set EGO_SKIP_BROWSER=1)"
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 from pathlib import Path
 
 import pytest
-from conftest import tiny_engine
+from conftest import chromium_browser, running_demo
 from PIL import Image
 
-import app
 from ego import DEFAULT_SETTINGS
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 README_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "screenshot.png"
 """Refreshed only with EGO_UPDATE_SCREENSHOT=1, so a test run leaves the tree clean."""
 HOSTILE_NAME = '<img src=x onerror="window.__xss=1">'
@@ -30,33 +25,20 @@ if os.environ.get("EGO_SKIP_BROWSER") == "1":
     pytest.skip("EGO_SKIP_BROWSER=1: browser test skipped on request", allow_module_level=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def url():
-    demo = app.build_demo(tiny_engine("qwen2.5-vl"), DEFAULT_SETTINGS.replace(answer_max_new_tokens=24))
-    _, local_url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
-                                  quiet=True, show_error=True)
-    yield local_url
-    demo.close()
+    with running_demo(DEFAULT_SETTINGS.replace(answer_max_new_tokens=24), show_error=True) as demo:
+        yield demo.local_url
 
 
 @pytest.fixture(scope="module")
 def page(url):
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install -y chromium (or set EGO_SKIP_BROWSER=1)"
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium_browser() as browser:
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.set_default_timeout(WAIT_MS)
         page.goto(url, wait_until="domcontentloaded")  # never "networkidle": Gradio keeps a stream open
         yield page
-        browser.close()
 
 
 def test_introduce_ask_and_screenshot(page, tmp_path):

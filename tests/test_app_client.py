@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import pytest
-from conftest import tiny_engine
+from conftest import running_demo
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-import app
 from ego import DEFAULT_SETTINGS
 from space.examples import load_examples
 
@@ -19,19 +17,11 @@ ENDPOINTS = {"/introduce", "/ask_image", "/ask_video", "/list_concepts", "/remov
              "/import_concepts"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def url():
-    demo = app.build_demo(tiny_engine("qwen2.5-vl"), DEFAULT_SETTINGS.replace(answer_max_new_tokens=8))
-    _, local_url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
-                                  quiet=True, show_error=True)
-    yield local_url
-    demo.close()
+    with running_demo(DEFAULT_SETTINGS.replace(answer_max_new_tokens=8), show_error=True) as demo:
+        yield demo.local_url
 
 
 @pytest.fixture(scope="module")
@@ -141,16 +131,11 @@ def test_a_visitors_memory_is_freed_after_its_time_to_live(example, monkeypatch)
     real_forget = space.session.forget
     monkeypatch.setattr(space.session, "forget", lambda s: (freed.append(list(s.names)), real_forget(s)))
     settings = DEFAULT_SETTINGS.replace(answer_max_new_tokens=8, session_ttl_s=1)
-    demo = app.build_demo(tiny_engine("qwen2.5-vl"), settings)
-    _, local_url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
-                                  quiet=True, show_error=True)
-    try:
-        client = Client(local_url, verbose=False)
+    with running_demo(settings, show_error=True) as demo:
+        client = Client(demo.local_url, verbose=False)
         client.predict("Brief", photos_payload(example["photos"][:1]), api_name="/introduce")
         deadline = time.monotonic() + 10
         while not freed and time.monotonic() < deadline:
             time.sleep(0.2)
         assert freed == [["Brief"]]
         assert client.predict(api_name="/list_concepts") == []
-    finally:
-        demo.close()

@@ -19,14 +19,13 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import tiny_engine
+from conftest import running_demo, tiny_engine
 from gradio.utils import get_upload_folder
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import app
 from ego import DEFAULT_SETTINGS
 from space.actions import Actions
 from space.examples import EXAMPLES_DIR, Examples
@@ -42,21 +41,11 @@ APP_SOURCE_LINE = "Ego, the Space"
 SECRET = b"secret served on the loopback interface"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def demo():
-    demo = app.build_demo(tiny_engine("qwen2.5-vl"), SETTINGS)
-    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                **app.launch_options(SETTINGS))
-    yield demo
-    demo.close()
+    with running_demo(SETTINGS) as demo:
+        yield demo
 
 
 @pytest.fixture(scope="module")

@@ -12,42 +12,27 @@ from __future__ import annotations
 import os
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_engine
+from conftest import chromium_browser, running_demo, tiny_engine
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-import app
 from ego import DEFAULT_SETTINGS
 from space.examples import EXAMPLES_DIR
 
 SETTINGS = DEFAULT_SETTINGS.replace(answer_max_new_tokens=1024, queue_max_size=2)
 PHOTO = str(EXAMPLES_DIR / "concepts" / "chelsea_1.jpg")
 QUERY = str(EXAMPLES_DIR / "scenes" / "chelsea_query.jpg")
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def demo():
-    demo = app.build_demo(tiny_engine("qwen2.5-vl"), SETTINGS)
-    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                **app.launch_options(SETTINGS))
-    yield demo
-    demo.close()
+    with running_demo(SETTINGS) as demo:
+        yield demo
 
 
 @pytest.fixture(scope="module")
@@ -244,24 +229,19 @@ def test_a_cancelled_answer_stops_its_generation_within_a_second(url, engine, pr
 
 @pytest.mark.skipif(os.environ.get("EGO_SKIP_BROWSER") == "1", reason="EGO_SKIP_BROWSER=1")
 def test_closing_the_tab_stops_the_answer(url, engine, probe):
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install -y chromium (or set EGO_SKIP_BROWSER=1)"
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     probe.seconds_per_token = 0.02                      # 1024 tokens: about 20 s
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(30_000)
-            page.goto(url, wait_until="domcontentloaded")  # never "networkidle": Gradio keeps a stream open
-            page.get_by_role("tab", name="Ask about an image").click()
-            page.get_by_text("Is Chelsea in this photo? What is she doing?").first.click()
-            expect(page.locator("#image-photo img")).to_be_visible()
-            page.get_by_role("button", name="Ask", exact=True).first.click()
-            wait_for(lambda: probe.inside == 1, what="the answer to start")
-            time.sleep(0.3)
-            assert probe.inside == 1, "the answer ended by itself: nothing left to stop"
-            page.close()
-            assert model_is_idle(engine, within_s=5.0), "the answer went on after the tab was closed"
-        finally:
-            browser.close()
+    with chromium_browser() as browser:
+        page = browser.new_page()
+        page.set_default_timeout(30_000)
+        page.goto(url, wait_until="domcontentloaded")  # never "networkidle": Gradio keeps a stream open
+        page.get_by_role("tab", name="Ask about an image").click()
+        page.get_by_text("Is Chelsea in this photo? What is she doing?").first.click()
+        expect(page.locator("#image-photo img")).to_be_visible()
+        page.get_by_role("button", name="Ask", exact=True).first.click()
+        wait_for(lambda: probe.inside == 1, what="the answer to start")
+        time.sleep(0.3)
+        assert probe.inside == 1, "the answer ended by itself: nothing left to stop"
+        page.close()
+        assert model_is_idle(engine, within_s=5.0), "the answer went on after the tab was closed"
