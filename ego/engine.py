@@ -205,7 +205,8 @@ class Ego:
         prompt_ids = encoded.inputs["input_ids"].to(self.device)  # [1, L0]
         start = prompt_ids.shape[1]
         generate_kwargs = self.backend.generate_kwargs(encoded)
-        capture = AttentionCapture(layers=frozenset(self.layers), columns=columns, first_row=start)
+        capture = AttentionCapture(layers=frozenset(self.layers), columns=columns.to(self.device),  # no copy per step
+                                   first_row=start)
         timings["encode_s"] = clock.lap()
 
         # (2) Eq. 1: the self-description, greedy; attention rows are recorded as it is generated.
