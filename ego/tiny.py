@@ -12,8 +12,10 @@ uses them to measure cost and memory without a download): pass the real dimensio
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -114,4 +116,5 @@ def tiny_checkpoint(family: str, seed: int = 0) -> Path:
 @functools.lru_cache(maxsize=16)
 def _tiny_checkpoint_cached(family: str, seed: int) -> Path:
     directory = Path(tempfile.mkdtemp(prefix=f"ego-tiny-{family}-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)  # a temporary model, gone with the process
     return save_tiny(family, directory, seed=seed)
