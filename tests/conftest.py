@@ -110,7 +110,7 @@ def running_demo(settings, *, show_error: bool = False):
 
 @contextlib.contextmanager
 def chromium_browser():
-    """Debian's Chromium driven by playwright (never `playwright install`)."""
+    """Debian's Chromium driven by playwright (playwright never downloads a browser of its own)."""
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install -y chromium (or set EGO_SKIP_BROWSER=1)"
     from playwright.sync_api import sync_playwright
 
