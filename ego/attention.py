@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION_NAME = "ego_capture"
@@ -67,9 +67,12 @@ def _record(capture: AttentionCapture, layer: int, query, key, attention_mask, s
     lo, hi = max(capture.first_row - start, 0), min(capture.end_row - start, q_len)
     if lo >= hi:
         return
-    q = query[:1, :, lo:hi].float()                                        # [1, H, r, d]
-    k = repeat_kv(key[:1], query.shape[1] // key.shape[1]).float()          # [1, H, k_len, d]
-    scores = (q @ k.transpose(-1, -2)) * scaling                            # [1, H, r, k_len]
+    heads, kv_heads, rows = query.shape[1], key.shape[1], hi - lo
+    # GQA: query head h reads kv head h // (heads / kv_heads); group the query heads rather than repeat
+    # the keys, so the cached keys are never copied per head.
+    q = query[:1, :, lo:hi].float().view(1, kv_heads, heads // kv_heads, rows, -1)   # [1, Hkv, g, r, d]
+    k = key[:1].float().unsqueeze(2)                                                  # [1, Hkv, 1, k_len, d]
+    scores = (q @ k.transpose(-1, -2)).view(1, heads, rows, k_len) * scaling           # [1, H, r, k_len]
     positions = torch.arange(start + lo, start + hi, device=query.device)
     future = torch.arange(k_len, device=query.device)[None, :] > positions[:, None]   # causal: [r, k_len]
     scores = scores.masked_fill(future, float("-inf"))

@@ -38,7 +38,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import prompts
 from .media import load_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -122,64 +121,37 @@ class DescribedImage:
 
 
 def describe_with_attention(engine, image, mask=None) -> DescribedImage:
-    """Run the engine's self-description of `image` (as a reference image) with every text layer captured.
+    """The engine's own self-description of `image` (as a reference image), attention captured at every layer.
 
-    Mirrors `Ego._introduce_view` steps (1)-(3): same prompt, pixel budget and greedy decoding; the last
-    description token's row is recorded by one more forward (the first token of the size question), as
-    the engine does. With a `mask`, it is mapped onto the grid first, and an image whose mask covers no
-    visual token is skipped before the model runs. Raises SkipImage.
+    With a `mask`, it is mapped onto the token grid first, and an image whose mask covers no visual token
+    is skipped before the language model runs. Raises SkipImage.
     """
-    from .attention import AttentionCapture, capturing  # imports transformers: not needed for --help
-    from .engine import _extend, _keyword_positions, _strip_stop
+    from .engine import _keyword_positions  # imports transformers: not needed for --help
     from .errors import InputError
 
-    backend, settings, tokenizer = engine.backend, engine.settings, engine.backend.tokenizer
     try:
-        picture = load_image(image, settings)
+        picture = load_image(image, engine.settings)
         binary = binary_mask(mask) if mask is not None else None
     except InputError as error:
         raise SkipImage(f"unreadable: {error}") from error
-    encoded = backend.encode(
-        backend.chat_text([{"type": "image"}, {"type": "text", "text": prompts.DESCRIBE_PROMPT}]),
-        image=picture, image_max_pixels=settings.reference_max_pixels,
-        video_frame_max_pixels=settings.video_frame_max_pixels,
-    )
-    x_r = backend.encode_vision(encoded)
-    grid, columns = backend.grid(encoded), encoded.visual_columns
-    if x_r.shape[0] != columns.numel() or grid[0] * grid[1] != columns.numel():
-        raise RuntimeError(f"visual tokens disagree: {x_r.shape[0]} rows, {columns.numel()} columns, grid {grid}")
-    objects = object_tokens(binary, grid) if binary is not None else None
+    reference = engine.encode_reference(picture)
+    objects = object_tokens(binary, reference.grid) if binary is not None else None
     if objects is not None and not objects.any():
         raise SkipImage("the mask covers no visual token")
-    prompt_ids = encoded.inputs["input_ids"].to(engine.device)
-    start = prompt_ids.shape[1]
-    generate_kwargs = backend.generate_kwargs(encoded)
-    capture = AttentionCapture(layers=frozenset(range(engine.num_layers)), columns=columns, first_row=start)
-    with capturing(capture), torch.no_grad():
-        out = engine.model.generate(
-            input_ids=prompt_ids, **generate_kwargs, **engine.decoding,
-            max_new_tokens=settings.description_max_new_tokens, min_new_tokens=2, return_dict_in_generate=True,
-        )
-        description_ids = _strip_stop(out.sequences[0, start:].tolist(), backend.stop_token_ids)
-        if not description_ids:
-            raise SkipImage("the description is empty")
-        capture.end_row = start + len(description_ids)
-        follow = tokenizer(backend.continue_turn(prompts.SIZE_PROMPT), add_special_tokens=False).input_ids
-        sequence = torch.tensor([prompt_ids[0].tolist() + description_ids + follow], device=engine.device)
-        kwargs = _extend(generate_kwargs, sequence.shape[1])
-        kwargs.pop("mm_encoder_outputs", None)  # the image is in the cache already
-        engine.model.generate(input_ids=sequence, **kwargs, past_key_values=out.past_key_values,
-                              **engine.decoding, max_new_tokens=1)
-    positions, keywords = _keyword_positions(tokenizer, description_ids, content_only=True)
-    recorded = capture.recorded_positions()
-    rows = [start + i for i in positions if start + i in recorded]
+    described = engine.describe(reference, range(engine.num_layers), size_new_tokens=1)
+    if not described.ids:
+        raise SkipImage("the description is empty")
+    tokenizer = engine.backend.tokenizer
+    positions, keywords = _keyword_positions(tokenizer, described.ids, content_only=True)
+    recorded = described.capture.recorded_positions()
+    rows = [described.start + i for i in positions if described.start + i in recorded]
     if not rows:
         raise SkipImage("the description has no words")
-    attention = capture.matrix(rows)                                   # [num_layers, H, N_w, N_r]
+    attention = described.capture.matrix(rows)                         # [num_layers, H, N_w, N_r]
     importance = attention.mean(dim=2).mean(dim=1).cpu()               # [num_layers, N_r]
-    description = tokenizer.decode(description_ids, skip_special_tokens=True)
-    return DescribedImage(importance=importance, grid=(int(grid[0]), int(grid[1])), description=description,
-                          keywords=tuple(keywords), objects=objects)
+    description = tokenizer.decode(described.ids, skip_special_tokens=True)
+    return DescribedImage(importance=importance, grid=(int(reference.grid[0]), int(reference.grid[1])),
+                          description=description, keywords=tuple(keywords), objects=objects)
 
 
 # ------------------------------------------------------------------------------------------------

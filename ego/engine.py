@@ -29,6 +29,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from . import checks, prompts
 from .attention import ATTENTION_NAME, AttentionCapture, capturing
 from .backends import Backend, backend_for_model_type
+from .backends.base import Encoded
 from .errors import IncompatibleMemoryError, InputError, ModelBusyError
 from .media import load_image, load_video
 from .memory import Concept, ConceptView
@@ -62,6 +64,29 @@ class Answer(str):
         answer.concepts_used, answer.concepts_dropped = tuple(used), tuple(dropped)
         answer.context_tokens, answer.memory_tokens = context_tokens, memory_tokens
         return answer
+
+
+@dataclass
+class Reference:
+    """Step (1) for one reference image: the processor output and what the vision tower made of it."""
+
+    encoded: Encoded
+    rows: torch.Tensor
+    """X_R, the projector output: [N_r, D]."""
+    grid: tuple[int, int]
+
+
+@dataclass
+class Description:
+    """Steps (2) and (4) for one reference image."""
+
+    ids: list[int]
+    """The description's tokens (stop tokens removed), or the user's keywords tokenized."""
+    start: int
+    """Position of its first token in the conversation."""
+    capture: AttentionCapture
+    """Its tokens' attention over the N_r visual tokens, at the layers asked for."""
+    size_answer: str
 
 
 class Ego:
@@ -188,26 +213,31 @@ class Ego:
         embeddings = torch.cat([view_rows for _, view_rows in views]).to(self.memory_dtype)
         return Concept(name=name, embeddings=embeddings, model_id=self.model_id, views=tuple(v for v, _ in views))
 
-    def _introduce_view(self, picture, user_keywords, user_area_pct) -> tuple[ConceptView, torch.Tensor]:
-        timings, tokenizer, clock = {}, self.backend.tokenizer, _Stopwatch()
-
-        # (1) X_R: the projector output the LLM would receive for this image, [N_r, D].
+    def encode_reference(self, picture) -> "Reference":
+        """(1) X_R: the projector output the LLM would receive for this reference image, [N_r, D]."""
         encoded = self.backend.encode(
             self.backend.chat_text([{"type": "image"}, {"type": "text", "text": prompts.DESCRIBE_PROMPT}]),
             image=picture, image_max_pixels=self.settings.reference_max_pixels,
             video_frame_max_pixels=self.settings.video_frame_max_pixels,
         )
-        x_r = self.backend.encode_vision(encoded)
+        rows = self.backend.encode_vision(encoded)
         grid, columns = self.backend.grid(encoded), encoded.visual_columns
-        n_r = x_r.shape[0]
-        if n_r != columns.numel() or grid[0] * grid[1] != n_r:
-            raise RuntimeError(f"visual tokens disagree: {n_r} rows, {columns.numel()} columns, grid {grid}")
-        prompt_ids = encoded.inputs["input_ids"].to(self.device)  # [1, L0]
+        if rows.shape[0] != columns.numel() or grid[0] * grid[1] != rows.shape[0]:
+            raise RuntimeError(f"visual tokens disagree: {rows.shape[0]} rows, {columns.numel()} columns, grid {grid}")
+        return Reference(encoded=encoded, rows=rows, grid=grid)
+
+    def describe(self, reference: "Reference", layers, *, user_keywords=None, size_new_tokens: int,
+                 timings: dict | None = None) -> "Description":
+        """(2) and (4): the self-description (or the user's keywords) with the attention rows of its tokens
+        recorded at `layers`, then the size question in the same conversation."""
+        timings = {} if timings is None else timings
+        clock, tokenizer = _Stopwatch(), self.backend.tokenizer
+        prompt_ids = reference.encoded.inputs["input_ids"].to(self.device)  # [1, L0]
         start = prompt_ids.shape[1]
-        generate_kwargs = self.backend.generate_kwargs(encoded)
-        capture = AttentionCapture(layers=frozenset(self.layers), columns=columns.to(self.device),  # no copy per step
+        generate_kwargs = self.backend.generate_kwargs(reference.encoded)
+        capture = AttentionCapture(layers=frozenset(layers),
+                                   columns=reference.encoded.visual_columns.to(self.device),  # no copy per step
                                    first_row=start)
-        timings["encode_s"] = clock.lap()
 
         # (2) Eq. 1: the self-description, greedy; attention rows are recorded as it is generated.
         cache = None
@@ -235,10 +265,22 @@ class Ego:
                 size_kwargs.pop("mm_encoder_outputs", None)
             size_out = self.model.generate(
                 input_ids=sequence, **size_kwargs, past_key_values=cache, **self.decoding,
-                max_new_tokens=self.settings.size_max_new_tokens if user_area_pct is None else 1,
+                max_new_tokens=size_new_tokens,
             )
         size_answer = tokenizer.decode(size_out[0, sequence.shape[1]:], skip_special_tokens=True).strip()
         timings["size_s"] = clock.lap()
+        return Description(ids=description_ids, start=start, capture=capture, size_answer=size_answer)
+
+    def _introduce_view(self, picture, user_keywords, user_area_pct) -> tuple[ConceptView, torch.Tensor]:
+        timings, tokenizer, clock = {}, self.backend.tokenizer, _Stopwatch()
+        reference = self.encode_reference(picture)
+        x_r, grid, n_r = reference.rows, reference.grid, reference.rows.shape[0]
+        timings["encode_s"] = clock.lap()
+        described = self.describe(reference, self.layers, user_keywords=user_keywords,
+                                  size_new_tokens=self.settings.size_max_new_tokens if user_area_pct is None else 1,
+                                  timings=timings)                    # description_s, size_s
+        clock.lap()
+        description_ids, start, size_answer = described.ids, described.start, described.size_answer
 
         # Keywords: the description's content words (stop-words and punctuation dropped), or the user's.
         description = tokenizer.decode(description_ids, skip_special_tokens=True)
@@ -246,7 +288,7 @@ class Ego:
         keyword_rows = [start + i for i in positions]
 
         # (3) Eq. 3: I_j = mean over layers l in L, heads h, keywords n of A^{l,h}_{wr}[n, j].
-        attention = capture.matrix(keyword_rows)          # [|L|, H, N_w, N_r]
+        attention = described.capture.matrix(keyword_rows)          # [|L|, H, N_w, N_r]
         scores = attention.mean(dim=2).mean(dim=1).mean(dim=0).cpu()   # [N_r]
         timings["scores_s"] = clock.lap()
 

@@ -25,7 +25,6 @@ if os.environ.get("EGO_SKIP_BROWSER") == "1":
     pytest.skip("EGO_SKIP_BROWSER=1: browser test skipped on request", allow_module_level=True)
 
 
-
 @pytest.fixture(scope="module")
 def url():
     with running_demo(DEFAULT_SETTINGS.replace(answer_max_new_tokens=24), show_error=True) as demo:

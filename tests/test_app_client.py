@@ -17,7 +17,6 @@ ENDPOINTS = {"/introduce", "/ask_image", "/ask_video", "/list_concepts", "/remov
              "/import_concepts"}
 
 
-
 @pytest.fixture(scope="module")
 def url():
     with running_demo(DEFAULT_SETTINGS.replace(answer_max_new_tokens=8), show_error=True) as demo:

@@ -111,7 +111,9 @@ def test_planted_layer_ranks_first_and_file_loads(family, tmp_path, monkeypatch)
     grid = engine.backend.grid(encoded)
     objects = cal.object_tokens(_square_mask(), grid)
     assert 10 <= int(objects.sum()) < grid[0] * grid[1] // 2
-    monkeypatch.setattr(attention, "AttentionCapture", _planted(planted_layer, objects))
+    import ego.engine
+
+    monkeypatch.setattr(ego.engine, "AttentionCapture", _planted(planted_layer, objects))  # where describe() uses it
     pairs = [(f"p{i}", photo(i), _square_mask()) for i in range(2)]
     lines = []
     result = cal.calibrate(engine, pairs, keep=1, top_k=10, progress=lines.append)

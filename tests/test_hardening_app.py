@@ -41,7 +41,6 @@ APP_SOURCE_LINE = "Ego, the Space"
 SECRET = b"secret served on the loopback interface"
 
 
-
 @pytest.fixture(scope="module")
 def demo():
     with running_demo(SETTINGS) as demo:

@@ -28,7 +28,6 @@ PHOTO = str(EXAMPLES_DIR / "concepts" / "chelsea_1.jpg")
 QUERY = str(EXAMPLES_DIR / "scenes" / "chelsea_query.jpg")
 
 
-
 @pytest.fixture(scope="module")
 def demo():
     with running_demo(SETTINGS) as demo:
