@@ -5,6 +5,7 @@
 - `space.loading`: the one model of the process, loaded on first use behind a lock.
 - `space.views`: what the visitor sees (kept-token pictures, heat maps, reports, captions, records).
 - `space.examples`: the bundled examples (examples/examples.json) as absolute paths.
+- `space.pictures`: pictures for the page, written into Gradio's cache atomically (no race between visitors).
 
 app.py imports these only when it builds the demo (they import the engine, hence torch).
 """

@@ -30,6 +30,7 @@ from ego.settings import Settings
 from . import views
 from .examples import Examples
 from .loading import LazyEngine
+from .pictures import cached
 from .session import Entry, Session
 
 log = logging.getLogger("ego.space")
@@ -128,9 +129,10 @@ class Actions:
             for number, (picture, view) in enumerate(zip(pictures, concept.views), 1):
                 label = f"{concept.name} · photo {number}" if many else f"Photo {number}"
                 total = view.grid[0] * view.grid[1]
-                patches.append((views.patch_view(picture, view.grid, view.token_indices, px),
+                patches.append((cached(views.patch_view(picture, view.grid, view.token_indices, px)),
                                 f"{label} · {view.k} of {total} tokens kept"))
-                heats.append((views.heat_map(picture, view.grid, view.scores, px), f"{label} · token importance"))
+                heats.append((cached(views.heat_map(picture, view.grid, view.scores, px)),
+                              f"{label} · token importance"))
         return patches, heats
 
     # ------------------------------------------------------------------------------------------
@@ -171,7 +173,7 @@ class Actions:
             question = checks.check_question(question, self.settings)
             progress(0.05, desc=f"Decoding the clip and sampling {self.settings.video_num_frames} frames…")
             frames, metadata = load_video(video, self.settings)
-            gallery = list(zip(list(frames), views.frame_captions(metadata)))
+            gallery = list(zip([cached(frame) for frame in frames], views.frame_captions(metadata)))
             yield session, gallery, "", {}
             engine = self._engine(progress)
             started = time.perf_counter()
@@ -198,7 +200,7 @@ class Actions:
 
     def panel(self, session: Session):
         """(cards, remove dropdown, summary line, records) for the concept panel."""
-        cards = [(entry.thumbnail, views.concept_caption(entry.concept)) for entry in session.entries]
+        cards = [(cached(entry.thumbnail), views.concept_caption(entry.concept)) for entry in session.entries]
         summary = views.panel_summary(len(session), session.memory_tokens, self.settings.max_concepts_per_session)
         return cards, gr.Dropdown(choices=session.names, value=None), summary, self.records(session)
 

@@ -7,6 +7,7 @@ import threading
 
 import gradio as gr
 import pytest
+from PIL import Image
 from conftest import tiny_engine
 
 from ego import DEFAULT_SETTINGS
@@ -54,9 +55,10 @@ def test_introduce_adds_the_concept_and_shows_each_photo(act):
     assert out is session and session.names == ["Chelsea"]
     concept = session.concepts[0]
     assert len(patches) == len(heats) == 2 == len(concept.views)
-    for (picture, caption), view in zip(patches, concept.views):
+    for (path, caption), view in zip(patches, concept.views):
         rows, cols = view.grid
-        assert picture.size[0] * rows == picture.size[1] * cols  # drawn on the token grid
+        with Image.open(path) as picture:  # a file in Gradio's cache (space/pictures.py)
+            assert picture.size[0] * rows == picture.size[1] * cols  # drawn on the token grid
         assert f"{view.k} of {rows * cols} tokens kept" in caption
     assert "### Chelsea" in report and f"{concept.num_tokens} memory tokens from 2 photos" in report
 
