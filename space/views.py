@@ -161,7 +161,7 @@ def introduction_report(concepts: Sequence, seconds: float) -> str:
             f"### {escape_markdown(concept.name)}",
             f"{concept.num_tokens} memory tokens from {photos} photo{'s' if photos != 1 else ''}.",
             "",
-            "| # | Keywords | Size | Kept |",
+            "| Photo | Tokens kept | Size | Keywords |",  # the long, free-text column last: it takes the width
             "|---|---|---|---|",
         ]
         for number, view in enumerate(concept.views, 1):
@@ -170,7 +170,8 @@ def introduction_report(concepts: Sequence, seconds: float) -> str:
                 words += " (yours)"
             size = f"{view.area_pct:g} % ({_SIZE_SOURCE.get(view.area_source, view.area_source)})"
             total = int(view.grid[0]) * int(view.grid[1])
-            lines.append(f"| {number} | {escape_markdown(words)} | {escape_markdown(size)} | {view.k} of {total} |")
+            kept = f"{view.k}\u00a0of\u00a0{total}"  # no-break spaces: the cell never wraps
+            lines.append(f"| {number} | {kept} | {escape_markdown(size)} | {escape_markdown(words)} |")
         lines.append("")
     lines.append(f"Done in {seconds:.2f} s.")
     return "\n".join(lines)

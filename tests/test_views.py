@@ -112,7 +112,7 @@ def test_introduction_report_has_one_row_per_photo_and_escapes():
     rendered = MarkdownIt("commonmark").enable("table").render(report)
     assert "<script>" not in rendered and "<b>" not in rendered
     assert rendered.count("<tr>") == 3  # header + two photos
-    assert "8 of 100" in report and "6 of 20" in report and "1.23 s" in report
+    assert "| 8\u00a0of\u00a0100 |" in report and "| 6\u00a0of\u00a020 |" in report and "1.23 s" in report
 
 
 def test_records_and_details_are_json():
