@@ -405,7 +405,6 @@ def run(engine, sizes: Sizes, log=lambda message: None) -> dict:
 
 def _measure(engine, sizes: Sizes, log) -> dict:
     from ego.media import load_video
-    from ego.memory import Concept
 
     count = max(COUNTS)
     device = engine.device
@@ -457,8 +456,7 @@ def _measure(engine, sizes: Sizes, log) -> dict:
     concepts = list(introduced)
     for i in range(len(concepts), count):
         source = introduced[i % len(introduced)]
-        concepts.append(Concept(name=f"concept {i + 1}", embeddings=source.embeddings.clone(),
-                                model_id=source.model_id, views=source.views))
+        concepts.append(replace(source, name=f"concept {i + 1}"))
 
     # --- storage -------------------------------------------------------------------------------
     from ego import save_concepts

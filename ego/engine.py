@@ -209,9 +209,12 @@ class Ego:
         area_pct = checks.check_area_pct(area_pct)
         pictures = [load_image(image, self.settings) for image in images]  # all checked before any model call
         with self._model_call():
-            views = tuple(self._introduce_view(picture, user_keywords, area_pct) for picture in pictures)
-        embeddings = torch.cat([view_rows for _, view_rows in views]).to(self.memory_dtype)
-        return Concept(name=name, embeddings=embeddings, model_id=self.model_id, views=tuple(v for v, _ in views))
+            made = [self._introduce_view(picture, user_keywords, area_pct) for picture in pictures]
+        embeddings = torch.cat([rows for _, rows, _ in made]).to(self.memory_dtype)
+        residuals = (torch.cat([extra for _, _, extra in made], dim=1).to(self.memory_dtype)
+                     if self.backend.residual_levels else None)
+        return Concept(name=name, embeddings=embeddings, model_id=self.model_id,
+                       views=tuple(view for view, _, _ in made), residuals=residuals)
 
     def encode_reference(self, picture) -> "Reference":
         """(1) X_R: the projector output the LLM would receive for this reference image, [N_r, D]."""
@@ -271,7 +274,9 @@ class Ego:
         timings["size_s"] = clock.lap()
         return Description(ids=description_ids, start=start, capture=capture, size_answer=size_answer)
 
-    def _introduce_view(self, picture, user_keywords, user_area_pct) -> tuple[ConceptView, torch.Tensor]:
+    def _introduce_view(self, picture, user_keywords, user_area_pct
+                        ) -> tuple[ConceptView, torch.Tensor, torch.Tensor | None]:
+        """One reference image: (its view, its memory rows [K_c, D], their residuals [levels, K_c, D] or None)."""
         timings, tokenizer, clock = {}, self.backend.tokenizer, _Stopwatch()
         reference = self.encode_reference(picture)
         x_r, grid, n_r = reference.rows, reference.grid, reference.rows.shape[0]
@@ -303,6 +308,9 @@ class Ego:
         k = memory_size(area_pct, n_r, self.settings.k_cap_tokens)
         token_indices = torch.topk(scores, k).indices.sort().values
         rows = x_r[token_indices.to(x_r.device)].detach().cpu()      # [K_c, D]
+        residuals = self.backend.residual_rows(reference.encoded)    # [levels, N_r, D] (Qwen3-VL) or None
+        if residuals is not None:
+            residuals = residuals[:, token_indices.to(residuals.device)].detach().cpu()  # [levels, K_c, D]
         timings["selection_s"] = clock.lap()
 
         view = ConceptView(
@@ -312,7 +320,7 @@ class Ego:
             size_answer=size_answer, keywords_source="user" if user_keywords is not None else "model",
             area_source=area_source, timings_s=timings,
         )
-        return view, rows
+        return view, rows, residuals
 
     # ------------------------------------------------------------------------------------------
     # 3.2 Inference with memories as soft prompts
@@ -322,7 +330,7 @@ class Ego:
         """Answer `question` about an image or a video (or neither), knowing `concepts`."""
         with self._model_call():
             prepared = self._prepare_answer(question, concepts, image, video, max_new_tokens)
-            with torch.no_grad():
+            with torch.no_grad(), self.backend.memory_residuals(*prepared["residuals"]):
                 out = self.model.generate(**prepared["generate"])
         new = out[0, prepared["context_tokens"]:]
         text = self.backend.tokenizer.decode(new, skip_special_tokens=True).strip()
@@ -345,7 +353,7 @@ class Ego:
 
             def run():
                 try:
-                    with torch.no_grad():
+                    with torch.no_grad(), self.backend.memory_residuals(*prepared["residuals"]):
                         self.model.generate(**prepared["generate"], streamer=streamer,
                                             stopping_criteria=StoppingCriteriaList([_Stop()]))
                 except Exception as error:  # re-raised in the caller's thread below
@@ -381,7 +389,9 @@ class Ego:
             raise InputError("Ask about one image or one video at a time, not both.")
         concepts = list(concepts)
         for concept in concepts:
-            if concept.model_id != self.model_id or concept.embeddings.shape[1] != self.hidden_size:
+            levels = None if concept.residuals is None else concept.residuals.shape[0]
+            if (concept.model_id != self.model_id or concept.embeddings.shape[1] != self.hidden_size
+                    or levels not in (None, self.backend.residual_levels)):
                 raise IncompatibleMemoryError(
                     f"The concept {concept.name!r} was made with {concept.model_id}, not {self.model_id}; "
                     f"introduce it again with this model.")
@@ -430,11 +440,16 @@ class Ego:
         if int(slots.sum()) != memory.shape[0]:
             raise RuntimeError(f"{int(slots.sum())} memory placeholders for {memory.shape[0]} memory rows")
         embeds[0, slots] = memory.to(device=embeds.device, dtype=embeds.dtype)
+        residuals = None
+        if self.backend.residual_levels and kept:  # a memory saved without them adds nothing there
+            residuals = torch.cat([c.residuals if c.residuals is not None else c.embeddings.new_zeros(
+                self.backend.residual_levels, *c.embeddings.shape) for c in kept], dim=1)  # [levels, M, D]
         generate = dict(input_ids=input_ids, inputs_embeds=embeds, **self.backend.generate_kwargs(encoded),
                         max_new_tokens=max_new_tokens, **self.decoding)
         meta = dict(used=[c.name for c in kept], dropped=[c.name for c in dropped],
                     context_tokens=input_ids.shape[1], memory_tokens=int(memory.shape[0]))
-        return {"generate": generate, "meta": meta, "context_tokens": input_ids.shape[1]}
+        return {"generate": generate, "meta": meta, "context_tokens": input_ids.shape[1],
+                "residuals": (slots[None], residuals)}
 
     # ------------------------------------------------------------------------------------------
     # The model guard

@@ -1,6 +1,7 @@
 """Concept memories: what `introduce` keeps, and the file format that carries them between sessions.
 
-A file is one safetensors file: the tensors (memory rows, kept token indices, importance scores) plus,
+A file is one safetensors file: the tensors (memory rows, their residuals where the family has them, kept
+token indices, importance scores) plus,
 in the safetensors header's metadata, a JSON document with the format name and version, the model id
 and hidden size the memory belongs to, and each concept's name and per-view details. Nothing is ever
 unpickled; the header size is checked before it is parsed.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ FORMAT_NAME = "ego-concepts"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 """A safetensors header larger than this is refused before it is read (hostile files)."""
+MAX_RESIDUAL_LEVELS = 16
+"""More residual levels than any family has (Qwen3-VL: 3): a file claiming more is refused."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,10 @@ class Concept:
     """Memory rows, projector output at the kept tokens, views concatenated: float [sum K_c, D], CPU."""
     model_id: str
     views: tuple[ConceptView, ...]
+    residuals: torch.Tensor | None = None
+    """Per-token features that the family's language model adds at visual positions in its first layers,
+    at the kept tokens, views concatenated: float [levels, sum K_c, D], CPU (Qwen3-VL's deepstack
+    features, one level per tapped vision depth); None for families without them."""
 
     @property
     def num_tokens(self) -> int:
@@ -64,7 +71,8 @@ class Concept:
 
     @property
     def nbytes(self) -> int:
-        return self.embeddings.numel() * self.embeddings.element_size()
+        extra = 0 if self.residuals is None else self.residuals.numel() * self.residuals.element_size()
+        return self.embeddings.numel() * self.embeddings.element_size() + extra
 
 
 def save_concepts(path, concepts) -> Path:
@@ -80,6 +88,8 @@ def save_concepts(path, concepts) -> Path:
     tensors, entries = {}, []
     for i, concept in enumerate(concepts):
         tensors[f"c{i}.embeddings"] = concept.embeddings.detach().cpu().clone()
+        if concept.residuals is not None:
+            tensors[f"c{i}.residuals"] = concept.residuals.detach().cpu().clone()
         views = []
         for j, view in enumerate(concept.views):
             tensors[f"c{i}.v{j}.token_indices"] = view.token_indices.to(torch.int64).cpu().clone()
@@ -131,11 +141,17 @@ def read_concepts(path, *, max_concepts: int = 200) -> tuple[dict, list[Concept]
             if not isinstance(entries, list) or len(entries) > max_concepts:
                 raise MemoryFileError(f"A concept file may hold at most {max_concepts} concepts.")
             hidden = int(document["hidden_size"])
+            names = set(handle.keys())
             concepts = []
             for i, entry in enumerate(entries):
                 embeddings = handle.get_tensor(f"c{i}.embeddings")
-                if (embeddings.dim() != 2 or embeddings.shape[1] != hidden or not embeddings.is_floating_point()
-                        or not bool(torch.isfinite(embeddings).all())):
+                if not _is_finite_float(embeddings) or embeddings.dim() != 2 or embeddings.shape[1] != hidden:
+                    raise MemoryFileError(not_ours)
+                residuals = handle.get_tensor(f"c{i}.residuals") if f"c{i}.residuals" in names else None
+                if residuals is not None and (
+                        not _is_finite_float(residuals) or residuals.dim() != 3
+                        or not 1 <= residuals.shape[0] <= MAX_RESIDUAL_LEVELS
+                        or tuple(residuals.shape[1:]) != tuple(embeddings.shape)):
                     raise MemoryFileError(not_ours)
                 views = []
                 for j, view in enumerate(entry["views"]):
@@ -151,12 +167,16 @@ def read_concepts(path, *, max_concepts: int = 200) -> tuple[dict, list[Concept]
                 if sum(v.k for v in views) != embeddings.shape[0] or not all(map(_is_consistent, views)):
                     raise MemoryFileError(not_ours)
                 concepts.append(Concept(name=str(entry["name"]), embeddings=embeddings,
-                                        model_id=str(document["model_id"]), views=tuple(views)))
+                                        model_id=str(document["model_id"]), views=tuple(views), residuals=residuals))
     except MemoryFileError:
         raise
     except (SafetensorError, KeyError, TypeError, ValueError, IndexError, OSError) as error:
         raise MemoryFileError(not_ours) from error
     return document, concepts
+
+
+def _is_finite_float(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() and bool(torch.isfinite(tensor).all())
 
 
 def _is_consistent(view: ConceptView) -> bool:
@@ -179,5 +199,9 @@ def load_concepts(path, engine) -> list[Concept]:
             f"These concepts were made with {document['model_id']} and cannot be used with {engine.model_id}; "
             f"introduce them again with this model."
         )
+    levels = engine.backend.residual_levels
+    if any(c.residuals is not None and c.residuals.shape[0] != levels for c in concepts):
+        raise MemoryFileError("This concept file does not match the model it names; export the concepts again.")
     dtype = engine.memory_dtype
-    return [Concept(c.name, c.embeddings.to(dtype), c.model_id, c.views) for c in concepts]
+    return [replace(c, embeddings=c.embeddings.to(dtype),
+                    residuals=None if c.residuals is None else c.residuals.to(dtype)) for c in concepts]

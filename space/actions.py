@@ -12,6 +12,7 @@ handler changes the session only after all of its work succeeded.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import html
 import logging
 import os
@@ -245,7 +246,7 @@ class Actions:
                         f"{self.settings.max_name_chars} characters; rename it where it was made and export it "
                         f"again.") from None
                 if name != concept.name:
-                    concept = type(concept)(name, concept.embeddings, concept.model_id, concept.views)
+                    concept = dataclasses.replace(concept, name=name)
                 first = concept.views[0] if concept.views else None
                 picture = (views.token_map(first.grid, first.token_indices, self.settings.thumbnail_px) if first
                            else views.token_map((1, 1), [], self.settings.thumbnail_px))

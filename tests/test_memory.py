@@ -37,6 +37,44 @@ def test_round_trip_keeps_everything(concepts, tmp_path):
         engine.answer("Who?", concepts, image=q, max_new_tokens=4)
 
 
+def test_round_trip_keeps_qwen3_residuals(tmp_path):
+    engine = tiny_engine("qwen3-vl")
+    made = [engine.introduce("Chelsea", [photo(0), photo(1)], area_pct=12)]
+    loaded = load_concepts(save_concepts(tmp_path / "mine.ego", made), engine)
+    assert loaded[0].residuals is not None
+    torch.testing.assert_close(loaded[0].residuals, made[0].residuals, rtol=0, atol=0)
+
+
+def _rewritten(path, change):
+    """`path` with its tensors passed through `change(tensors)` (a hand-edited, hostile file)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        metadata = handle.metadata()
+    change(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("family, change", [
+    ("qwen3-vl", lambda t: t.update({"c0.residuals": t["c0.residuals"][:, :-1]})),           # rows != memory
+    ("qwen3-vl", lambda t: t.update({"c0.residuals": t["c0.residuals"] * float("nan")})),     # not finite
+    ("qwen3-vl", lambda t: t.update({"c0.residuals": t["c0.residuals"].repeat(20, 1, 1)})),   # absurd levels
+    ("qwen3-vl", lambda t: t.update({"c0.residuals": t["c0.residuals"].repeat(2, 1, 1)})),    # not this model's
+    ("qwen3-vl", lambda t: t.update({"c0.residuals": t["c0.residuals"].long()})),             # not float
+    ("qwen2-vl", lambda t: t.update({"c0.residuals": torch.zeros(1, *t["c0.embeddings"].shape)})),  # none here
+])
+def test_hostile_residuals_are_refused(tmp_path, family, change):
+    engine = tiny_engine(family)
+    made = [engine.introduce("Chelsea", [photo(0)], area_pct=12)]
+    path = _rewritten(save_concepts(tmp_path / "mine.ego", made), change)
+    with pytest.raises(MemoryFileError) as raised:
+        load_concepts(path, engine)
+    assert str(raised.value).endswith(".")
+
+
 def test_memory_from_another_family_is_refused(concepts, tmp_path):
     path = save_concepts(tmp_path / "mine.ego", concepts)
     with pytest.raises(IncompatibleMemoryError, match="introduce them again"):

@@ -7,6 +7,7 @@ method: no keywords, no attention, no selection.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -96,6 +97,23 @@ class Backend:
     def generate_kwargs(self, encoded: Encoded) -> dict[str, Any]:
         """Everything generate needs besides input_ids / inputs_embeds."""
         raise NotImplementedError
+
+    # --- residuals: visual features a family adds inside its language model ----------------------
+    @property
+    def residual_levels(self) -> int:
+        """How many per-token features the language model adds at visual positions after its first
+        layers (Qwen3-VL's deepstack: 3 on the real models); 0 for families that feed visual tokens once."""
+        return 0
+
+    def residual_rows(self, encoded: Encoded) -> torch.Tensor | None:
+        """Those features for the image last run through `encode_vision`: [levels, N, D] in the order of
+        its rows, or None when the family has none."""
+        return None
+
+    def memory_residuals(self, slots: torch.Tensor, residuals: torch.Tensor | None):
+        """A context manager: a generate call inside it gets `residuals` [levels, M, D] added at the memory
+        slots (bool [1, L], M of them True) the way the family adds them at an image's positions."""
+        return contextlib.nullcontext()
 
     # --- building models without a download ----------------------------------------------------
     @classmethod

@@ -6,13 +6,16 @@ which is why generate always receives input_ids next to inputs_embeds. Concept-m
 are `<|vision_pad|>`: in the real vocabularies, never expanded by the processors, typed as text
 (mm_token_type_ids 0), so they take ordinary 1-D positions like the paper's InternVL soft prompts.
 
-Qwen3-VL adds "deepstack" features (from three depths of its vision tower) to the hidden states of its
-first decoder layers at the visual positions. A memory keeps the projector output only, as the paper
-does; its soft-prompt rows get no deepstack residual, while the query image keeps its own.
+Qwen3-VL adds "deepstack" features (from three depths of its vision tower, each through its own merger)
+to the hidden states of its first three decoder layers at the visual positions. A token's projector
+output alone is therefore not all the model receives for it: a Qwen3-VL memory also keeps the deepstack
+features of its kept tokens (`Concept.residuals`), and a pre-hook on the language model adds them at the
+memory's positions, next to the query image's own, exactly as the model does for an image.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -31,6 +34,12 @@ class QwenBackend(Backend):
     placeholder_token = "<|vision_pad|>"
     memory_open = "<|vision_start|>"
     memory_close = "<|vision_end|>"
+
+    def __init__(self, model, processor, family: str):
+        super().__init__(model, processor, family)
+        self._memory: tuple[torch.Tensor, torch.Tensor] | None = None  # (slots [1, L], residuals [lv, M, D])
+        if self.residual_levels:
+            model.model.language_model.register_forward_pre_hook(self._add_memory_residuals, with_kwargs=True)
 
     def continue_turn(self, question: str) -> str:
         return f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
@@ -95,6 +104,45 @@ class QwenBackend(Backend):
         if encoded.encoder_outputs:
             kwargs["mm_encoder_outputs"] = dict(encoded.encoder_outputs)
         return kwargs
+
+    # --- Qwen3-VL's deepstack residuals ---------------------------------------------------------
+    @property
+    def residual_levels(self) -> int:
+        return len(getattr(self.model.config.vision_config, "deepstack_visual_indexes", None) or ())
+
+    def residual_rows(self, encoded: Encoded) -> torch.Tensor | None:
+        image = (encoded.encoder_outputs or {}).get("image")
+        if not self.residual_levels or image is None:
+            return None
+        # deepstack_features: per level, a tuple with one [N, D] tensor per image -> [levels, N, D]
+        return torch.stack([torch.cat(level, dim=0) for level in image.deepstack_features])
+
+    @contextlib.contextmanager
+    def memory_residuals(self, slots: torch.Tensor, residuals: torch.Tensor | None):
+        self._memory = None if residuals is None or not residuals.shape[1] else (slots, residuals)
+        try:
+            yield
+        finally:
+            self._memory = None
+
+    def _add_memory_residuals(self, module, args, kwargs):
+        """Pre-hook of the language model: on the prefill of a call inside `memory_residuals`, widen the
+        visual positions (`visual_pos_masks`, bool [1, L]) by the memory slots and merge the memory's
+        residuals into `deepstack_visual_embeds` (per level [n_visual, D], in position order)."""
+        embeds = kwargs.get("inputs_embeds")
+        if self._memory is None or embeds is None or embeds.shape[1] != self._memory[0].shape[1]:
+            return None  # not a memory call, or a decoding step: the memory is in the cache already
+        slots, residuals = (t.to(embeds.device) for t in self._memory)
+        visual, features = kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds")
+        joint = slots if visual is None else visual.to(embeds.device) | slots
+        merged = []
+        for level in range(residuals.shape[0]):
+            rows = embeds.new_zeros(int(joint.sum()), embeds.shape[-1])
+            rows[slots[joint]] = residuals[level].to(rows.dtype)
+            if visual is not None and features is not None:
+                rows[visual.to(embeds.device)[joint]] = features[level].to(rows.dtype)
+            merged.append(rows)
+        return args, {**kwargs, "visual_pos_masks": joint, "deepstack_visual_embeds": merged}
 
     # --- random-weight models of the real classes ----------------------------------------------
     @classmethod
