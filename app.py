@@ -111,9 +111,11 @@ def launch_options(settings) -> dict:
     from starlette.middleware import Middleware
 
     from space.links import RefuseFileLinks
+    from space.uploads import UploadQuota
 
+    quota = Middleware(UploadQuota, max_bytes=settings.max_cache_bytes, upload_bytes=settings.max_upload_bytes)
     return dict(max_file_size=settings.max_upload_bytes, state_session_capacity=settings.max_sessions,
-                app_kwargs={"middleware": [Middleware(RefuseFileLinks)]})
+                app_kwargs={"middleware": [Middleware(RefuseFileLinks), quota]})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -73,6 +73,9 @@ class Settings:
     they were written (checked every `upload_cleanup_interval_s`)."""
     upload_cleanup_interval_s: int = 600
     """How often the app's file cache is swept for files older than `upload_max_age_s`."""
+    max_cache_mb: int = 4096
+    """All files in the app's file cache together (uploads, pictures, exports), in MiB; an upload that
+    would pass it is refused (HTTP 503, "try again in a few minutes") until the sweep frees room."""
     thumbnail_px: int = 128
     """Side of the square thumbnail kept for each concept in the visitor's session."""
     patch_view_max_px: int = 448
@@ -84,6 +87,10 @@ class Settings:
     @property
     def max_upload_bytes(self) -> int:
         return self.max_upload_mb * 1024 * 1024
+
+    @property
+    def max_cache_bytes(self) -> int:
+        return self.max_cache_mb * 1024 * 1024
 
 
 DEFAULT_SETTINGS = Settings()

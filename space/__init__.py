@@ -6,6 +6,7 @@
 - `space.views`: what the visitor sees (kept-token pictures, heat maps, reports, captions, records).
 - `space.examples`: the bundled examples (examples/examples.json) as absolute paths.
 - `space.pictures`: pictures for the page, written into Gradio's cache atomically (no race between visitors).
+- `space.links`, `space.uploads`: the server never fetches a link; uploads stop before they fill the disk.
 
 app.py imports these only when it builds the demo (they import the engine, hence torch).
 """

@@ -60,6 +60,9 @@ def test_main_launches_with_the_limits_and_loads_the_model_lazily(monkeypatch):
     assert seen["server_name"] == "127.0.0.1" and seen["share"] is False
     assert seen["max_file_size"] == DEFAULT_SETTINGS.max_upload_mb * 1024 * 1024
     assert seen["state_session_capacity"] == DEFAULT_SETTINGS.max_sessions
-    assert [m.cls.__name__ for m in seen["app_kwargs"]["middleware"]] == ["RefuseFileLinks"]
+    links, quota = seen["app_kwargs"]["middleware"]
+    assert (links.cls.__name__, quota.cls.__name__) == ("RefuseFileLinks", "UploadQuota")
+    assert quota.kwargs == {"max_bytes": DEFAULT_SETTINGS.max_cache_mb * 1024 * 1024,
+                            "upload_bytes": DEFAULT_SETTINGS.max_upload_mb * 1024 * 1024}
     assert seen["demo"]._queue.max_size == DEFAULT_SETTINGS.queue_max_size
     assert not list((ROOT / "space").glob("*.pyi")), "building the demo wrote files next to the code"

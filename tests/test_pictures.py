@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 
 import numpy as np
@@ -21,6 +22,8 @@ def test_the_same_picture_gets_the_same_path_and_another_one_another(tmp_path):
     assert first == again != other
     with Image.open(first) as opened:
         assert opened.format == "WEBP" and opened.size == (96, 64)
+    with open(first, "rb") as file:  # named by Gradio's seeded hash: not computable from the picture alone
+        assert hashlib.sha256(file.read()).hexdigest() not in first
     assert not [path for path in tmp_path.rglob(".picture-*")], "a staging file was left behind"
 
 

@@ -1,0 +1,87 @@
+"""The app's file cache has a size limit: an upload that would pass it is refused before it is read.
+
+Gradio keeps every upload (and every picture and file the app returns) in its cache folder until the
+sweep (`delete_cache`) removes it, `upload_max_age_s` after it was written. Each upload is capped by
+`max_file_size`, but nothing caps their number: a script posting 25 MiB files for an hour would fill the
+disk of a Space, and then every visitor's request fails. This middleware counts the folder's bytes
+(recounted every few seconds, plus what it let in since) and answers an upload that would take the total
+past `max_cache_mb` with 503 and a sentence, before Gradio reads its body. Nothing a visitor already has
+is touched: their concepts live in memory, and the sweep frees room on its own schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+
+import anyio
+from gradio.utils import get_upload_folder
+
+FULL = "The server's upload space is full right now; please try again in a few minutes."
+_UPLOAD_ROUTE = re.compile(r"/gradio_api/(upload|process_recording)/?$")
+
+
+def folder_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of the regular files under `folder` (0 if it does not exist); links are not followed."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                stat = os.lstat(os.path.join(root, name))
+            except OSError:  # removed by the sweep while we walked
+                continue
+            total += stat.st_size
+    return total
+
+
+class UploadQuota:
+    """ASGI middleware: uploads that would take the cache folder past `max_bytes` get 503.
+
+    `upload_bytes` is what an upload without a Content-Length header is assumed to carry (the per-file
+    cap); `folder` defaults to Gradio's upload folder at the time of the request.
+    """
+
+    def __init__(self, app, *, max_bytes: int, upload_bytes: int, folder: str | None = None,
+                 recount_s: float = 2.0):
+        self.app = app
+        self.max_bytes, self.upload_bytes, self.folder, self.recount_s = max_bytes, upload_bytes, folder, recount_s
+        self._counted, self._counted_at, self._admitted = 0, -math.inf, 0
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] == "http" and scope.get("method") == "POST"
+                and _UPLOAD_ROUTE.search(scope.get("path", ""))):
+            declared = _content_length(scope)
+            incoming = self.upload_bytes if declared is None else declared
+            if await self._used() + incoming > self.max_bytes:
+                await _refuse(send)
+                return
+            self._admitted += incoming  # until the next recount sees it on disk
+        await self.app(scope, receive, send)
+
+    async def _used(self) -> int:
+        now = time.monotonic()
+        if now - self._counted_at >= self.recount_s:
+            folder = self.folder or get_upload_folder()
+            self._counted = await anyio.to_thread.run_sync(folder_bytes, folder)
+            self._counted_at, self._admitted = now, 0
+        return self._counted + self._admitted
+
+
+def _content_length(scope) -> int | None:
+    for key, value in scope.get("headers", []):
+        if key == b"content-length":
+            try:
+                return max(0, int(value))
+            except ValueError:
+                return None
+    return None
+
+
+async def _refuse(send) -> None:
+    body = FULL.encode()
+    await send({"type": "http.response.start", "status": 503,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode()), (b"retry-after", b"300")]})
+    await send({"type": "http.response.body", "body": body})

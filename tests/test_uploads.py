@@ -1,0 +1,109 @@
+"""space/uploads.py: uploads stop, with a sentence, before they fill the disk; the rest keeps working."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import gradio as gr
+import httpx
+import pytest
+from conftest import free_port
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from ego import DEFAULT_SETTINGS
+from space.uploads import FULL, UploadQuota, folder_bytes
+
+
+def storing_app(folder):
+    """A stand-in for Gradio's upload route: every POST body becomes a file in `folder`."""
+    numbers = itertools.count()
+
+    async def store(request):
+        (folder / f"upload-{next(numbers)}").write_bytes(await request.body())
+        return PlainTextResponse("stored")
+
+    async def other(request):
+        return PlainTextResponse("ok")
+
+    return Starlette(routes=[Route("/gradio_api/upload", store, methods=["POST"]),
+                             Route("/gradio_api/queue/join", other, methods=["POST"])])
+
+
+def client(folder, **options) -> TestClient:
+    options = {"max_bytes": 1000, "upload_bytes": 600, "folder": str(folder), "recount_s": 0.0, **options}
+    app = storing_app(folder)
+    app.add_middleware(UploadQuota, **options)
+    return TestClient(app)
+
+
+def test_uploads_are_refused_once_the_folder_would_pass_the_limit_and_taken_again_when_room_frees(tmp_path):
+    http = client(tmp_path)
+    assert http.post("/gradio_api/upload", content=b"a" * 400).status_code == 200
+    assert http.post("/gradio_api/upload", content=b"b" * 400).status_code == 200
+    refused = http.post("/gradio_api/upload", content=b"c" * 400)
+    assert refused.status_code == 503 and refused.text == FULL and refused.headers["retry-after"]
+    assert folder_bytes(tmp_path) == 800, "the refused upload reached the disk"
+    # Other routes are not uploads: they keep working while the folder is full.
+    assert http.post("/gradio_api/queue/join", content=b"{}").status_code == 200
+    (tmp_path / "upload-0").unlink()  # the sweep deletes an old file
+    assert http.post("/gradio_api/upload", content=b"d" * 400).status_code == 200
+
+
+def test_uploads_let_in_between_two_counts_are_counted_too(tmp_path):
+    """A burst faster than the recount: what was let in since the last count is added to it."""
+    http = client(tmp_path, recount_s=3600.0)
+    assert [http.post("/gradio_api/upload", content=b"x" * 300).status_code for _ in range(4)] == [200, 200, 200, 503]
+
+
+def test_an_upload_without_a_length_is_assumed_as_large_as_allowed(tmp_path):
+    http = client(tmp_path, upload_bytes=900)
+    (tmp_path / "old").write_bytes(b"o" * 200)
+
+    def chunks():
+        yield b"z" * 10
+
+    assert http.post("/gradio_api/upload", content=chunks()).status_code == 503  # 200 + 900 > 1000
+
+
+def test_folder_bytes_counts_nested_files_and_not_links(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "f").write_bytes(b"1" * 123)
+    (tmp_path / "g").write_bytes(b"2" * 7)
+    os.symlink(tmp_path / "g", tmp_path / "link")
+    assert folder_bytes(tmp_path) == 130 + os.lstat(tmp_path / "link").st_size
+    assert folder_bytes(tmp_path / "missing") == 0
+
+
+@pytest.fixture
+def small_cache_server(tmp_path, monkeypatch):
+    """A Gradio app launched with the Space's launch options, a 1 MiB cache and its own cache folder."""
+    import app
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    settings = DEFAULT_SETTINGS.replace(max_cache_mb=1, max_upload_mb=1)
+    with gr.Blocks() as demo:
+        gr.File()
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                **app.launch_options(settings))
+    try:
+        yield demo.local_url, tmp_path
+    finally:
+        demo.close()
+
+
+def test_the_space_launch_options_stop_uploads_at_the_cache_limit(small_cache_server):
+    url, folder = small_cache_server
+
+    def upload(size: int) -> httpx.Response:
+        return httpx.post(f"{url}gradio_api/upload", files={"files": ("clip.mp4", os.urandom(size), "video/mp4")},
+                          timeout=30)
+
+    accepted = [upload(300 * 1024).status_code for _ in range(3)]
+    assert accepted == [200, 200, 200]
+    refused = upload(300 * 1024)                                 # 4 x 300 KiB > 1 MiB
+    assert refused.status_code == 503 and refused.text == FULL
+    assert 900 * 1024 <= folder_bytes(folder) <= 1024 * 1024
