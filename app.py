@@ -23,6 +23,11 @@ MODEL_EVENTS = dict(concurrency_id="model", concurrency_limit=1)
 """Every event that runs the model waits for the one before it: one shared model, one call at a time."""
 PRIVATE = dict(api_visibility="private")
 """UI-only events: not part of the HTTP API."""
+CSS = """
+#report td, #report th { overflow-wrap: normal; word-break: normal; }
+#report td:nth-child(-n+2), #report th:nth-child(-n+2) { white-space: nowrap; }
+"""
+"""Gradio breaks Markdown table cells anywhere; the introduction report's two number columns must not wrap."""
 
 
 def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | None = None) -> gr.Blocks:
@@ -115,7 +120,7 @@ def launch_options(settings) -> dict:
 
     quota = Middleware(UploadQuota, max_bytes=settings.max_cache_bytes, upload_bytes=settings.max_upload_bytes)
     return dict(max_file_size=settings.max_upload_bytes, state_session_capacity=settings.max_sessions,
-                app_kwargs={"middleware": [Middleware(RefuseFileLinks), quota]})
+                app_kwargs={"middleware": [Middleware(RefuseFileLinks), quota]}, css=CSS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,7 +155,7 @@ def _introduce_tab(s, examples) -> SimpleNamespace:
                 gr.Examples([[n, p] for n, p in examples.concepts], [name, photos], cache_examples=False,
                             label="Example concepts")
         with gr.Column():
-            report = gr.Markdown(latex_delimiters=[])
+            report = gr.Markdown(latex_delimiters=[], elem_id="report")
             patches = gr.Gallery(label="Kept visual tokens (highlighted)", elem_id="patches", columns=2,
                                  height="auto", interactive=False, object_fit="contain")
             with gr.Accordion("Token importance heat maps (Eq. 3)", open=False):
