@@ -68,6 +68,9 @@ class Settings:
     """A visitor's concepts are freed this long after their last action (a closed tab's too)."""
     max_sessions: int = 1000
     """Visitor sessions held in server memory; beyond this the least recently used one is dropped."""
+    max_all_sessions_memory_mb: int = 4096
+    """Concept memory (rows, scores, thumbnails) all sessions together may hold, in MiB; beyond it new
+    concepts are refused until sessions expire. 4 GiB is about 11,000 one-photo concepts of Qwen2.5-VL-7B."""
     upload_max_age_s: int = 3600
     """Uploaded photos and clips, and files the app made, are deleted from the server this long after
     they were written (checked every `upload_cleanup_interval_s`)."""
@@ -91,6 +94,10 @@ class Settings:
     @property
     def max_cache_bytes(self) -> int:
         return self.max_cache_mb * 1024 * 1024
+
+    @property
+    def max_all_sessions_memory_bytes(self) -> int:
+        return self.max_all_sessions_memory_mb * 1024 * 1024
 
 
 DEFAULT_SETTINGS = Settings()

@@ -32,7 +32,7 @@ from . import views
 from .examples import Examples
 from .loading import LazyEngine
 from .pictures import cached
-from .session import Entry, Session
+from .session import Entry, MemoryBudget, Session
 
 log = logging.getLogger("ego.space")
 
@@ -64,6 +64,8 @@ class Actions:
         self._lazy = engine
         self.settings = settings
         self.examples = examples
+        self.budget = MemoryBudget(settings.max_all_sessions_memory_bytes)
+        """What all visitors' sessions may hold together: one per app, like the model."""
 
     def _engine(self, progress):
         """The model, loaded on first use; a load that fails is a server fault with its own sentence."""
@@ -86,6 +88,7 @@ class Actions:
             paths = _paths(photos)
             checks.check_reference_count(len(paths), self.settings)
             session.check_room([name], self.settings.max_concepts_per_session)
+            self.budget.check()  # before the model's work, not after
             engine = self._engine(progress)
             started = time.perf_counter()
             progress(0.1, desc=f"Choosing the memory tokens of {len(paths)} photo{'s' * (len(paths) > 1)}…")
@@ -96,7 +99,7 @@ class Actions:
             patches, heats = self._pictures([(concept, pictures)])
             report = views.introduction_report([concept], seconds)
             session.add([Entry(concept, views.thumbnail(pictures[0], self.settings.thumbnail_px))],
-                        self.settings.max_concepts_per_session)
+                        self.settings.max_concepts_per_session, self.budget)
         log.info("introduce: %d photos, %d tokens, %.2f s", len(paths), concept.num_tokens, seconds)
         return session, report, patches, heats
 
@@ -109,6 +112,7 @@ class Actions:
                            if self.examples.concepts else "This installation has no example concepts.")
                 return session, message, [], []
             session.check_room([name for name, _ in missing], self.settings.max_concepts_per_session)
+            self.budget.check()
             engine = self._engine(progress)
             started = time.perf_counter()
             made = []
@@ -120,7 +124,7 @@ class Actions:
             patches, heats = self._pictures(made)
             report = views.introduction_report([c for c, _ in made], seconds)
             session.add([Entry(c, views.thumbnail(p[0], self.settings.thumbnail_px)) for c, p in made],
-                        self.settings.max_concepts_per_session)
+                        self.settings.max_concepts_per_session, self.budget)
         return session, report, patches, heats
 
     def _pictures(self, made):
@@ -251,6 +255,6 @@ class Actions:
                 picture = (views.token_map(first.grid, first.token_indices, self.settings.thumbnail_px) if first
                            else views.token_map((1, 1), [], self.settings.thumbnail_px))
                 entries.append(Entry(concept, picture))
-            session.add(entries, self.settings.max_concepts_per_session)
+            session.add(entries, self.settings.max_concepts_per_session, self.budget)
         log.info("import: %d concepts", len(entries))
         return session, self.records(session)

@@ -4,13 +4,19 @@ Gradio keeps one `Session` per browser tab (or per `gradio_client.Client`) in se
 the live object to every handler of that visitor. Methods that change it check everything first, then
 change it under a lock, so a refused or failed request leaves the concepts exactly as they were, and
 two requests of one visitor that finish together cannot both slip under a limit.
+
+All sessions together are also held to one `MemoryBudget`: without it, `max_sessions` visitors with
+`max_concepts_per_session` concepts of five photos each could ask for tens of GiB of server memory
+(importing a file is enough, no model time needed), and the whole Space would be killed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +34,47 @@ class Entry:
     """Memory rows on the CPU, with the per-photo records."""
     thumbnail: Image.Image
     """A small square picture for the concept card."""
+
+    @property
+    def nbytes(self) -> int:
+        """Server memory this entry holds: its memory rows (and residuals), scores and thumbnail."""
+        scores = sum(view.scores.numel() * view.scores.element_size() for view in self.concept.views)
+        width, height = self.thumbnail.size
+        return self.concept.nbytes + scores + width * height * len(self.thumbnail.getbands())
+
+
+class MemoryBudget:
+    """The bytes that all visitors' sessions may hold together (`Settings.max_all_sessions_memory_mb`).
+
+    One per app, next to the model. It holds no visitor data, only weak references to the sessions that
+    added something: a session Gradio drops (its time-to-live, or the least recently used one beyond
+    `max_sessions`, which skips `forget`) stops counting as soon as Python frees it, with no callback.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def held(self) -> int:
+        return sum(session.nbytes for session in list(self._sessions))
+
+    def check(self, nbytes: int = 1) -> None:
+        """Raise InputError if `nbytes` more would pass the budget (by default: if it is spent)."""
+        if self.held() + nbytes > self.max_bytes:
+            raise InputError(
+                "The server is holding as many concepts as it can for all its visitors right now; your "
+                "concepts are unchanged. Try again later, or remove concepts you no longer need."
+            )
+
+    @contextlib.contextmanager
+    def admitting(self, session: Session, nbytes: int):
+        """`check(nbytes)`, then run the body (which adds them) while no other session can add, and count
+        `session` from then on."""
+        with self._lock:
+            self.check(nbytes)
+            yield
+            self._sessions.add(session)
 
 
 def name_key(name: str) -> str:
@@ -66,6 +113,11 @@ class Session:
     def memory_tokens(self) -> int:
         return sum(entry.concept.num_tokens for entry in self._entries)
 
+    @property
+    def nbytes(self) -> int:
+        """Server memory held by this visitor's concepts (read without the lock: a budget sums many)."""
+        return sum(entry.nbytes for entry in list(self._entries))
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -95,11 +147,15 @@ class Session:
             )
 
     # --- changing -------------------------------------------------------------------------------
-    def add(self, entries: list[Entry], max_concepts: int) -> None:
+    def add(self, entries: list[Entry], max_concepts: int, budget: MemoryBudget | None = None) -> None:
         """Add all of `entries`, or (InputError) none of them."""
         with self._lock:
             self.check_room([entry.concept.name for entry in entries], max_concepts)
-            self._entries.extend(entries)
+            if budget is None:
+                self._entries = self._entries + list(entries)
+                return
+            with budget.admitting(self, sum(entry.nbytes for entry in entries)):
+                self._entries = self._entries + list(entries)
 
     def remove(self, name: str) -> None:
         with self._lock:

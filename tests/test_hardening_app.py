@@ -6,6 +6,7 @@ small limits, and driven with gradio_client and plain HTTP.
 
 from __future__ import annotations
 
+import gc
 import http.server
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import running_demo, tiny_engine
+from conftest import photo, running_demo, tiny_engine
 from gradio.utils import get_upload_folder
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -150,6 +151,30 @@ def test_count_limits_leave_the_concepts_unchanged(url, mine):
     with pytest.raises(AppError, match="at most 3 concepts"):
         client.predict(handle_file(str(mine["file"])), api_name="/import_concepts")
     assert client.predict(api_name="/list_concepts") == before
+
+
+def test_all_sessions_share_one_memory_budget_and_a_dropped_session_frees_its_share(tmp_path):
+    """Two sessions at most, memory for one concept file of twelve concepts: a second visitor's
+    import is refused while the first holds the budget; once a third visitor makes Gradio drop the first
+    (least recently used), the room is back. The budget is counted from what the server really holds."""
+    from ego import save_concepts
+
+    engine = tiny_engine("qwen2.5-vl")
+    concepts = [engine.introduce(f"c{i}", [photo(i)], keywords="cat", area_pct=100) for i in range(12)]
+    file = save_concepts(tmp_path / "twelve.safetensors", concepts)
+    one_file = sum(c.nbytes for c in concepts) + 12 * SETTINGS.thumbnail_px ** 2 * 3  # rows + thumbnails
+    settings = SETTINGS.replace(max_sessions=2, max_concepts_per_session=12, max_all_sessions_memory_mb=1)
+    assert one_file < 1024 * 1024 < 2 * one_file, "the fixture no longer fits the budget it tests"
+    with running_demo(settings) as small:
+        first, second = visitor(small.local_url), visitor(small.local_url)
+        first.predict(handle_file(str(file)), api_name="/import_concepts")
+        with pytest.raises(AppError, match="as many concepts as it can.*your concepts are unchanged"):
+            second.predict(handle_file(str(file)), api_name="/import_concepts")
+        assert names(second) == [] and len(names(first)) == 12
+        names(visitor(small.local_url))  # a third session: Gradio drops the least recently used (first)
+        gc.collect()
+        second.predict(handle_file(str(file)), api_name="/import_concepts")
+        assert len(names(second)) == 12
 
 
 # ----------------------------------------------------------------------------------------------

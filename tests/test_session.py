@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import gc
 import os
+import threading
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from PIL import Image
 
 from ego.errors import InputError
 from ego.memory import Concept, ConceptView
-from space.session import Entry, Session, forget
+from space.session import Entry, MemoryBudget, Session, forget
 
 THUMB = Image.new("RGB", (8, 8))
 
@@ -72,3 +74,72 @@ def test_export_files_are_replaced_and_deleted_on_close():
     forget(session)
     assert not os.path.exists(second.parent) and session.names == []
     forget(None)  # a state that never held a Session
+
+
+# ----------------------------------------------------------------------------------------------
+# The budget all sessions share
+# ----------------------------------------------------------------------------------------------
+def entry_bytes(tokens: int = 3) -> int:
+    """Recomputed by hand: float32 rows [tokens, 8], float32 scores [16], an 8x8 RGB thumbnail."""
+    return tokens * 8 * 4 + 16 * 4 + 8 * 8 * 3
+
+
+def test_entry_and_session_bytes_count_rows_scores_and_thumbnail():
+    session = Session()
+    session.add([entry("Chelsea", 3), entry("Mug", 5)], 5)
+    assert entry("x", 3).nbytes == entry_bytes(3)
+    assert session.nbytes == entry_bytes(3) + entry_bytes(5)
+
+
+def test_the_budget_is_shared_by_all_sessions_and_a_refusal_changes_nothing():
+    budget = MemoryBudget(3 * entry_bytes())
+    first, second = Session(), Session()
+    first.add([entry("A"), entry("B")], 10, budget)
+    second.add([entry("C")], 10, budget)
+    assert budget.held() == 3 * entry_bytes()
+    with pytest.raises(InputError, match="as many concepts as it can.*your concepts are unchanged"):
+        second.add([entry("D")], 10, budget)
+    with pytest.raises(InputError):
+        budget.check()  # spent: checked before any model work
+    assert first.names == ["A", "B"] and second.names == ["C"]
+
+
+def test_room_comes_back_when_a_session_is_removed_from_closed_or_dropped():
+    budget = MemoryBudget(2 * entry_bytes())
+    kept, dropped = Session(), Session()
+    kept.add([entry("A")], 10, budget)
+    dropped.add([entry("B")], 10, budget)
+    with pytest.raises(InputError):
+        kept.add([entry("C")], 10, budget)
+    kept.remove("A")
+    kept.add([entry("C")], 10, budget)
+    dropped.close()                      # the time-to-live's callback
+    kept.add([entry("D")], 10, budget)
+    kept.clear()
+    third = Session()
+    third.add([entry("E"), entry("F")], 10, budget)
+    del third                            # Gradio drops a session without a callback (LRU eviction)
+    gc.collect()
+    assert budget.held() == 0
+    kept.add([entry("G"), entry("H")], 10, budget)
+
+
+def test_many_sessions_adding_at_once_never_pass_the_budget():
+    budget = MemoryBudget(10 * entry_bytes())
+    sessions = [Session() for _ in range(8)]
+    refused = []
+
+    def fill(session: Session, number: int):
+        for i in range(4):
+            try:
+                session.add([entry(f"{number}-{i}")], 10, budget)
+            except InputError:
+                refused.append(number)
+
+    threads = [threading.Thread(target=fill, args=(s, n)) for n, s in enumerate(sessions)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sum(len(s) for s in sessions) == 10 and len(refused) == 8 * 4 - 10
+    assert budget.held() == 10 * entry_bytes()
