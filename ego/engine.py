@@ -10,11 +10,14 @@ This module reads top to bottom like section 3 of the paper (arXiv 2603.09771):
            keywords: the importance I_j of each visual token (Eq. 3);
        (4) ask, in the same conversation, what share of the image the subject covers: alpha_c;
        (5) K_c = max(1, round(min(K, alpha_c * N_r / 100))) (Eq. 4);
-       (6) keep the top-K_c tokens, back in raster order; the memory is those rows of X_R.
+       (6) keep the top-K_c tokens, back in raster order; the memory is those rows of X_R (and, for a
+           family whose language model adds more visual features inside its layers, those tokens'
+           features too: `Concept.residuals`).
        Views of one concept are concatenated.
   3.2  Inference. The memories of the concepts in play go into the context, each after its name, as
-       soft prompts: placeholder tokens whose input embeddings are replaced by the memory rows, before
-       the query image or video and the question. With more concepts than fit, the ones whose memory
+       soft prompts: placeholder tokens whose input embeddings are replaced by the memory rows (the
+       residuals, if any, are added where the family adds an image's own), before the query image or
+       video and the question. With more concepts than fit, the ones whose memory
        tokens are most similar to the query's visual tokens are kept.
 
 Nothing here depends on the model family: `ego.backends` hides processors, prompts and vision towers.
