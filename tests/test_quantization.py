@@ -1,6 +1,7 @@
 """4-bit NF4 through bitsandbytes, on CPU, with the vision tower and lm_head kept unquantized."""
 
 import bitsandbytes as bnb
+import pytest
 import torch
 from conftest import photo, tiny_engine
 
@@ -16,9 +17,11 @@ def test_4bit_loads_the_language_model_in_nf4_and_keeps_vision_and_head():
     assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
 
 
-def test_4bit_introduce_and_answer():
-    engine = tiny_engine("qwen2.5-vl", quantization="4bit")
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])  # qwen3-vl: memories with deepstack residuals
+def test_4bit_introduce_and_answer(family):
+    engine = tiny_engine(family, quantization="4bit")
     concept = engine.introduce("Chelsea", [photo(0)])
     assert 1 <= concept.views[0].k <= 50 and concept.embeddings.dtype == engine.memory_dtype
+    assert concept.residuals is None or concept.residuals.dtype == engine.memory_dtype
     answer = engine.answer("Is Chelsea here?", [concept], image=photo(1), max_new_tokens=4)
     assert isinstance(answer, str) and answer.concepts_used == ("Chelsea",)
