@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from conftest import running_demo
@@ -12,6 +15,8 @@ from gradio_client.exceptions import AppError
 
 from ego import DEFAULT_SETTINGS
 from space.examples import load_examples
+
+ROOT = Path(__file__).resolve().parent.parent
 
 ENDPOINTS = {"/introduce", "/ask_image", "/ask_video", "/list_concepts", "/remove_concept", "/export_concepts",
              "/import_concepts"}
@@ -138,3 +143,25 @@ def test_a_visitors_memory_is_freed_after_its_time_to_live(example, monkeypatch)
             time.sleep(0.2)
         assert freed == [["Brief"]]
         assert client.predict(api_name="/list_concepts") == []
+
+
+def test_the_readme_http_example_runs_with_curl(url):
+    """The README's curl example, as written, against the Space; then a second session_hash, which sees
+    none of the first one's concepts, and a refused call, which ends in an error event with its sentence."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("Without Python's client"):]
+    script = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    assert "URL=http://127.0.0.1:7860/gradio_api" in script
+    script = script.replace("URL=http://127.0.0.1:7860/gradio_api", f"URL={url}gradio_api")
+    script += ('echo "--- another session"\nSESSION=another-$SESSION\ncall list_concepts "[]"\n'
+               'echo "--- refused"\nSESSION=${SESSION#another-}\ncall remove_concept \'["Nobody"]\'\n')
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    mine, other, refused = done.stdout.split("--- another session\n")[0], *done.stdout.split(
+        "--- another session\n")[1].split("--- refused\n")
+    listed, answered = (json.loads(line) for line in mine.strip().splitlines())
+    assert listed[0] is None and [record["name"] for record in listed[1]] == ["Chelsea"]
+    assert answered[0] is None and answered[3]["concepts_used"] == ["Chelsea"] and answered[1]
+    assert json.loads(other) == [None, []]
+    assert json.loads(refused)["error"] == "There is no concept with that name; pick one from the list."
