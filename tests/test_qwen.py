@@ -3,6 +3,7 @@ language model adds them at the memory's positions as it adds an image's own at 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import photo, tiny_engine
 from test_engine import reference_inputs
@@ -76,18 +77,20 @@ def test_families_without_deepstack_keep_no_residuals():
         assert engine.introduce("Chelsea", [photo(1)], area_pct=10).residuals is None
 
 
-def test_the_model_adds_memory_residuals_at_the_slots_and_the_images_own_at_its_tokens():
+@pytest.mark.parametrize("medium", ["image", "video"])
+def test_the_model_adds_memory_residuals_at_the_slots_and_the_images_own_at_its_tokens(medium):
     engine = tiny_engine("qwen3-vl")
     concepts = [engine.introduce(name, [photo(i)], keywords="subject", area_pct=area)
                 for i, (name, area) in enumerate([("Chelsea", 10), ("my mug", 4)])]
-    query = photo(9)
-    with _DeepstackRecorder(engine) as plain:  # no memory: the model's own deepstack input for the image
-        engine.answer("Who is here?", image=query, max_new_tokens=3)
+    frames = torch.randint(0, 255, (4, 64, 96, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    query = {"image": photo(9)} if medium == "image" else {"video": frames.numpy()}
+    with _DeepstackRecorder(engine) as plain:  # no memory: the model's own deepstack input for the query
+        engine.answer("Who is here?", max_new_tokens=3, **query)
     with _DeepstackRecorder(engine) as recorded:
-        ids = _prompt_ids(engine, lambda: engine.answer("Who is here?", concepts, image=query, max_new_tokens=3))
+        ids = _prompt_ids(engine, lambda: engine.answer("Who is here?", concepts, max_new_tokens=3, **query))
     prefill, *decoding = recorded.calls
     slots = ids == engine.backend.placeholder_id
-    image = ids == engine.model.config.image_token_id
+    image = ids == getattr(engine.model.config, f"{medium}_token_id")
     assert prefill["length"] == ids.numel() and int(slots.sum()) == sum(c.num_tokens for c in concepts)
     assert prefill["mask"][0].tolist() == (slots | image).tolist()
     joint = slots | image
