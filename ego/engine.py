@@ -61,11 +61,16 @@ class Answer(str):
     """Concepts left out because more were given than `max_concepts_in_context` (least similar first out)."""
     context_tokens: int
     memory_tokens: int
+    similarity: tuple[tuple[str, float], ...]
+    """(name, similarity) of every concept given, in the order given, when there was an image or a video to
+    compare with: how much its memory looks like the query's visual tokens (`concept_similarity`). The
+    ranking behind `concepts_dropped`; a hint of which concepts are in view, not a detection."""
 
-    def __new__(cls, text: str, *, used=(), dropped=(), context_tokens=0, memory_tokens=0):
+    def __new__(cls, text: str, *, used=(), dropped=(), context_tokens=0, memory_tokens=0, similarity=()):
         answer = super().__new__(cls, text)
         answer.concepts_used, answer.concepts_dropped = tuple(used), tuple(dropped)
         answer.context_tokens, answer.memory_tokens = context_tokens, memory_tokens
+        answer.similarity = tuple(similarity)
         return answer
 
 
@@ -409,12 +414,12 @@ class Ego:
                 video_frame_max_pixels=self.settings.video_frame_max_pixels,
             )
 
-        kept, dropped, probe = concepts, [], None
+        kept, dropped, probe, query_rows = concepts, [], None, None
         if len(concepts) > self.settings.max_concepts_in_context:
             if visual_block:
                 probe = encode(visual_block + [{"type": "text", "text": question}])
-                kept, dropped = select_concepts(concepts, self.backend.encode_vision(probe),
-                                                self.settings.max_concepts_in_context)
+                query_rows = self.backend.encode_vision(probe)                       # [N, D]
+                kept, dropped = select_concepts(concepts, query_rows, self.settings.max_concepts_in_context)
             else:  # nothing to compare with: keep the first ones, in the order given
                 kept, dropped = concepts[:self.settings.max_concepts_in_context], concepts[
                     self.settings.max_concepts_in_context:]
@@ -433,7 +438,10 @@ class Ego:
         if probe is not None:
             encoded.encoder_outputs = probe.encoder_outputs  # the query image was encoded once, for ranking
         elif visual_block:
-            self.backend.encode_vision(encoded)
+            query_rows = self.backend.encode_vision(encoded)                         # [N, D]
+        similarity = []
+        if concepts and query_rows is not None and query_rows.shape[0]:
+            similarity = list(zip([c.name for c in concepts], concept_similarity(concepts, query_rows)))
 
         input_ids = encoded.inputs["input_ids"].to(self.device)   # [1, L]
         with torch.no_grad():
@@ -450,7 +458,7 @@ class Ego:
         generate = dict(input_ids=input_ids, inputs_embeds=embeds, **self.backend.generate_kwargs(encoded),
                         max_new_tokens=max_new_tokens, **self.decoding)
         meta = dict(used=[c.name for c in kept], dropped=[c.name for c in dropped],
-                    context_tokens=input_ids.shape[1], memory_tokens=int(memory.shape[0]))
+                    context_tokens=input_ids.shape[1], memory_tokens=int(memory.shape[0]), similarity=similarity)
         return {"generate": generate, "meta": meta, "context_tokens": input_ids.shape[1],
                 "residuals": (slots[None], residuals)}
 
@@ -483,17 +491,21 @@ def memory_size(area_pct: float, n_r: int, k_cap: int) -> int:
     return max(1, int(math.floor(min(k_cap, area_pct * n_r / 100.0) + 0.5)))
 
 
-def select_concepts(concepts: Sequence[Concept], query_rows: torch.Tensor, keep: int):
-    """Keep the `keep` concepts most similar to the query's visual tokens [N, D], in the order given.
-
-    Similarity of a concept: the mean over its memory tokens of the best cosine similarity with any
-    query token (both are projector outputs, so they live in the same space).
-    """
+def concept_similarity(concepts: Sequence[Concept], query_rows: torch.Tensor) -> list[float]:
+    """For each concept, the mean over its memory tokens of the best cosine similarity with any of the
+    query's visual tokens [N, D] (both are projector outputs, so they live in the same space)."""
     query = F.normalize(query_rows.float(), dim=-1)
     scores = []
     for concept in concepts:
-        memory = F.normalize(concept.embeddings.to(query.device).float(), dim=-1)
+        memory = F.normalize(concept.embeddings.to(query.device).float(), dim=-1)   # [K, D]
         scores.append(float((memory @ query.T).max(dim=1).values.mean()))
+    return scores
+
+
+def select_concepts(concepts: Sequence[Concept], query_rows: torch.Tensor, keep: int):
+    """Keep the `keep` concepts most similar to the query's visual tokens [N, D] (`concept_similarity`),
+    in the order given; returns (kept, dropped), dropped least similar last."""
+    scores = concept_similarity(concepts, query_rows)
     ranked = sorted(range(len(concepts)), key=lambda i: -scores[i])
     chosen = set(ranked[:keep])
     kept = [c for i, c in enumerate(concepts) if i in chosen]

@@ -214,6 +214,7 @@ def answer_details(answer, seconds: float) -> dict:
         "memory_tokens": int(getattr(answer, "memory_tokens", 0)),
         "context_tokens": int(getattr(answer, "context_tokens", 0)),
         "seconds": round(float(seconds), 2),
+        "similarity": {name: round(float(score), 3) for name, score in getattr(answer, "similarity", ())},
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import photo, tiny_engine
@@ -229,6 +230,34 @@ def test_too_many_concepts_keeps_the_most_similar_to_the_query():
     other = engine.introduce("other", [photo(12, size=(120, 400))], area_pct=20)
     answer = engine_small.answer("Who is here?", [other, twin], image=query, max_new_tokens=2)
     assert answer.concepts_used == ("twin",) and answer.concepts_dropped == ("other",)
+
+
+def test_each_concepts_similarity_to_the_query_is_recomputed_from_the_vision_tower(family):
+    engine = tiny_engine(family)
+    query = photo(11)
+    concepts = [engine.introduce("other", [photo(12, size=(120, 400))], area_pct=20),
+                engine.introduce("twin", [query], area_pct=20)]
+    answer = engine.answer("Who is here?", concepts, image=query, max_new_tokens=2)
+    # The query's visual rows, independently: the processor at the query budget, then the vision tower.
+    text = engine.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Who is here?"}]}],
+        tokenize=False, add_generation_prompt=True)
+    inputs = engine.backend.encode(text, image=query, image_max_pixels=engine.settings.query_image_max_pixels,
+                                   video_frame_max_pixels=engine.settings.video_frame_max_pixels).inputs
+    with torch.no_grad():
+        pixels = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
+        pooled = engine.model.get_image_features(**pixels, return_dict=True).pooler_output
+    rows = torch.cat(list(pooled)) if isinstance(pooled, (tuple, list)) else pooled.reshape(-1, pooled.shape[-1])
+    q = rows.double().numpy()
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    expected = []
+    for concept in concepts:
+        m = concept.embeddings.double().numpy()
+        m /= np.linalg.norm(m, axis=1, keepdims=True)
+        expected.append((m @ q.T).max(axis=1).mean())
+    assert [name for name, _ in answer.similarity] == ["other", "twin"]
+    np.testing.assert_allclose([score for _, score in answer.similarity], expected, rtol=1e-4, atol=1e-4)
+    assert engine.answer("Who is here?", concepts, max_new_tokens=1).similarity == ()  # nothing to compare
 
 
 def test_memory_from_another_model_is_refused():

@@ -120,9 +120,11 @@ def test_records_and_details_are_json():
     assert json.loads(json.dumps(record)) == record
     assert record["tokens"] == 14 and record["photos"] == 2 and record["size_pct"] == [8.0, 30.0]
     assert record["keywords"] == ["tabby", "green", "<b>mine</b>"]
-    answer = SimpleNamespace(concepts_used=("Chelsea",), concepts_dropped=(), memory_tokens=14, context_tokens=300)
+    answer = SimpleNamespace(concepts_used=("Chelsea",), concepts_dropped=(), memory_tokens=14, context_tokens=300,
+                             similarity=(("Chelsea", 0.81234), ("my mug", 0.2)))
     assert views.answer_details(answer, 0.5) == {"concepts_used": ["Chelsea"], "concepts_dropped": [],
-                                                 "memory_tokens": 14, "context_tokens": 300, "seconds": 0.5}
+                                                 "memory_tokens": 14, "context_tokens": 300, "seconds": 0.5,
+                                                 "similarity": {"Chelsea": 0.812, "my mug": 0.2}}
 
 
 def test_frame_captions():
