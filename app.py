@@ -87,7 +87,8 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
         # Ask about an image; the answer without memory is shown only when asked for
         img.compare.change(lambda on: gr.Textbox(visible=on), img.compare, img.plain, queue=False, **PRIVATE)
         asking = img.ask.click(act.ask_image, [session, img.image, img.question, img.compare],
-                               [session, img.answer, img.plain, img.details], api_name="ask_image", **MODEL_EVENTS)
+                               [session, img.answer, img.plain, img.details, img.matches], api_name="ask_image",
+                               **MODEL_EVENTS)
         img.stop.click(None, cancels=[asking], **PRIVATE)
 
         # Ask about a video
@@ -191,9 +192,15 @@ def _image_tab(s, examples) -> SimpleNamespace:
         with gr.Column():
             answer = _answer_box("Answer (with your concepts)", "image-answer")
             plain = _answer_box("Answer without memory", "plain-answer", visible=False)
+            with gr.Accordion("Where each concept's memory matches the photo", open=False):
+                _hint("Brighter: that visual token of the photo looks more like one of the concept's memory "
+                      "tokens (cosine similarity, relative within each picture). A hint of where the model may "
+                      "see the concept, not a detection.")
+                matches = gr.Gallery(show_label=False, elem_id="matches", columns=2, height="auto",
+                                     interactive=False, object_fit="contain")
             details = gr.JSON(label="What went into the context")
     return SimpleNamespace(image=image, question=question, compare=compare, ask=ask, stop=stop, answer=answer,
-                           plain=plain, details=details)
+                           plain=plain, details=details, matches=matches)
 
 
 def _video_tab(s, examples) -> SimpleNamespace:

@@ -14,7 +14,7 @@ import importlib
 
 _EXPORTS = {
     "Answer": "engine", "Ego": "engine", "concept_similarity": "engine", "memory_size": "engine",
-    "select_concepts": "engine",
+    "select_concepts": "engine", "token_similarity": "engine",
     "IncompatibleMemoryError": "errors", "InputError": "errors", "MemoryFileError": "errors",
     "ModelBusyError": "errors",
     "Concept": "memory", "ConceptView": "memory", "load_concepts": "memory", "read_concepts": "memory",

@@ -65,12 +65,16 @@ class Answer(str):
     """(name, similarity) of every concept given, in the order given, when there was an image or a video to
     compare with: how much its memory looks like the query's visual tokens (`concept_similarity`). The
     ranking behind `concepts_dropped`; a hint of which concepts are in view, not a detection."""
+    similarity_maps: tuple[tuple[str, torch.Tensor], ...]
+    """(name, float32 [rows, cols] on CPU) of every concept given, for an image question: how much each
+    visual token of the image looks like the concept's memory (`token_similarity`), in raster order."""
 
-    def __new__(cls, text: str, *, used=(), dropped=(), context_tokens=0, memory_tokens=0, similarity=()):
+    def __new__(cls, text: str, *, used=(), dropped=(), context_tokens=0, memory_tokens=0, similarity=(),
+                similarity_maps=()):
         answer = super().__new__(cls, text)
         answer.concepts_used, answer.concepts_dropped = tuple(used), tuple(dropped)
         answer.context_tokens, answer.memory_tokens = context_tokens, memory_tokens
-        answer.similarity = tuple(similarity)
+        answer.similarity, answer.similarity_maps = tuple(similarity), tuple(similarity_maps)
         return answer
 
 
@@ -439,9 +443,15 @@ class Ego:
             encoded.encoder_outputs = probe.encoder_outputs  # the query image was encoded once, for ranking
         elif visual_block:
             query_rows = self.backend.encode_vision(encoded)                         # [N, D]
-        similarity = []
+        similarity, maps = [], []
         if concepts and query_rows is not None and query_rows.shape[0]:
-            similarity = list(zip([c.name for c in concepts], concept_similarity(concepts, query_rows)))
+            names = [c.name for c in concepts]
+            similarity = list(zip(names, concept_similarity(concepts, query_rows)))
+            located = self.backend.query_map(encoded if probe is None else probe) if picture is not None else None
+            if located is not None:
+                indices, grid = located
+                on_map = query_rows[indices.to(query_rows.device)]                     # [rows * cols, D]
+                maps = [(name, token_similarity(c, on_map).reshape(grid).cpu()) for name, c in zip(names, concepts)]
 
         input_ids = encoded.inputs["input_ids"].to(self.device)   # [1, L]
         with torch.no_grad():
@@ -458,7 +468,8 @@ class Ego:
         generate = dict(input_ids=input_ids, inputs_embeds=embeds, **self.backend.generate_kwargs(encoded),
                         max_new_tokens=max_new_tokens, **self.decoding)
         meta = dict(used=[c.name for c in kept], dropped=[c.name for c in dropped],
-                    context_tokens=input_ids.shape[1], memory_tokens=int(memory.shape[0]), similarity=similarity)
+                    context_tokens=input_ids.shape[1], memory_tokens=int(memory.shape[0]), similarity=similarity,
+                    similarity_maps=maps)
         return {"generate": generate, "meta": meta, "context_tokens": input_ids.shape[1],
                 "residuals": (slots[None], residuals)}
 
@@ -500,6 +511,14 @@ def concept_similarity(concepts: Sequence[Concept], query_rows: torch.Tensor) ->
         memory = F.normalize(concept.embeddings.to(query.device).float(), dim=-1)   # [K, D]
         scores.append(float((memory @ query.T).max(dim=1).values.mean()))
     return scores
+
+
+def token_similarity(concept: Concept, query_rows: torch.Tensor) -> torch.Tensor:
+    """For each of the query's visual tokens [N, D], its best cosine similarity with one of the concept's
+    memory rows: float32 [N]."""
+    query = F.normalize(query_rows.float(), dim=-1)
+    memory = F.normalize(concept.embeddings.to(query.device).float(), dim=-1)       # [K, D]
+    return (query @ memory.T).max(dim=1).values
 
 
 def select_concepts(concepts: Sequence[Concept], query_rows: torch.Tensor, keep: int):

@@ -144,31 +144,42 @@ class Actions:
     # Ask
     # ------------------------------------------------------------------------------------------
     def ask_image(self, session: Session, image, question, compare=False, progress=gr.Progress()):
-        """Stream (session, answer, answer without memory, details) about a photo."""
+        """Stream (session, answer, answer without memory, details, where each concept matches) about a photo."""
         with for_visitor("answering"):
             if not image:
                 raise InputError("Add a photo to ask about first.")
             question = checks.check_question(question, self.settings)
+            picture = load_image(image, self.settings)  # decoded once: for the model and the match pictures
             engine = self._engine(progress)
             started = time.perf_counter()
-            waiting = "(after the personalized answer)" if compare else ""
-            answer, details = "", {}
-            stream = engine.stream_answer(question, session.concepts, image=image,
+            plain = "(after the personalized answer)" if compare else ""
+            answer, details, matches = "", {}, []
+            stream = engine.stream_answer(question, session.concepts, image=picture,
                                           max_new_tokens=self.settings.answer_max_new_tokens)
             try:
-                for answer in stream:
+                for number, answer in enumerate(stream):
                     details = views.answer_details(answer, time.perf_counter() - started)
-                    yield session, str(answer), waiting, details
+                    if number == 0:  # the context, hence the maps, are known from the first piece on
+                        matches = self._matches(picture, answer)
+                    yield session, str(answer), plain, details, matches if number == 0 else gr.skip()
             finally:
                 stream.close()
             if compare:  # streamed too, so that Stop or a closed tab also ends this answer at once
-                stream = engine.stream_answer(question, (), image=image,
+                stream = engine.stream_answer(question, (), image=picture,
                                               max_new_tokens=self.settings.answer_max_new_tokens)
                 try:
                     for plain in stream:
-                        yield session, str(answer), str(plain), details
+                        yield session, str(answer), str(plain), details, gr.skip()
                 finally:
                     stream.close()
+            yield session, str(answer), str(plain), details, matches  # the final value of every output
+
+    def _matches(self, picture, answer) -> list[tuple[str, str]]:
+        """Gallery items: for each concept, the photo coloured by how much each visual token looks like its
+        memory (relative within the picture), captioned with the concept's overall similarity."""
+        overall = dict(answer.similarity)
+        return [(cached(views.heat_map(picture, tuple(grid.shape), grid.flatten(), self.settings.patch_view_max_px)),
+                 f"{name} · similarity {overall.get(name, 0.0):.2f}") for name, grid in answer.similarity_maps]
 
     def ask_video(self, session: Session, video, question, progress=gr.Progress()):
         """Stream (session, sampled frames, answer, details) about a clip."""

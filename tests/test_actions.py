@@ -113,14 +113,22 @@ def test_server_faults_are_logged_without_visitor_content(caplog):
     assert len(session) == 0
 
 
-def test_ask_image_streams_and_compares(act):
+def test_ask_image_streams_and_compares(act, engine):
     session = Session()
     act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), progress=quiet)
     steps = list(act.ask_image(session, QUERY, "Is Chelsea here?", True, progress=quiet))
-    _, answer, plain, details = steps[-1]
+    _, answer, plain, details, matches = steps[-1]
     assert isinstance(answer, str) and isinstance(plain, str)
     assert details["concepts_used"] == ["Chelsea"] and details["memory_tokens"] == session.concepts[0].num_tokens
     assert steps[0][2] == "(after the personalized answer)"
+    # One match picture per concept, drawn on the query's token grid, captioned with its similarity; sent
+    # with the first piece of the answer and again with the last, skipped in between.
+    (path, caption), = matches
+    assert caption == f"Chelsea · similarity {details['similarity']['Chelsea']:.2f}"
+    rows, cols = engine.answer("?", session.concepts, image=QUERY, max_new_tokens=1).similarity_maps[0][1].shape
+    with Image.open(path) as picture:
+        assert picture.size[0] * rows == picture.size[1] * cols
+    assert steps[0][4] == matches and all(step[4] == gr.skip() for step in steps[1:-1])
 
 
 def test_stopping_an_answer_frees_the_model(engine):

@@ -60,6 +60,9 @@ def test_introduce_ask_and_screenshot(page, tmp_path):
     page.get_by_role("button", name="Ask", exact=True).first.click()
     expect(page.locator("#image-answer textarea")).not_to_have_value("")
     expect(page.get_by_text('"Chelsea"').first).to_be_visible()
+    page.get_by_text("Where each concept's memory matches the photo").click()
+    expect(page.locator("#matches img")).to_have_count(1)      # one picture per concept
+    expect(page.locator("#matches").get_by_text("Chelsea · similarity")).to_be_visible()
 
     page.get_by_role("tab", name="Introduce").click()
     expect(page.locator("#patches img").first).to_be_visible()

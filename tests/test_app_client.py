@@ -65,8 +65,10 @@ def test_one_visitor_round_trip(url, example, tmp_path):
     json.dumps(listed)
 
     image, question = example["image"]
-    answer, plain, details = client.predict(handle_file(image), question, True, api_name="/ask_image")
+    answer, plain, details, matches = client.predict(handle_file(image), question, True, api_name="/ask_image")
     assert isinstance(answer, str) and isinstance(plain, str)
+    assert [item["caption"] for item in matches] == [
+        f"{example['name']} · similarity {details['similarity'][example['name']]:.2f}"]
     assert details["concepts_used"] == [example["name"]] and details["memory_tokens"] == concept["tokens"]
 
     video, question = example["video"]
@@ -93,8 +95,8 @@ def test_visitors_do_not_see_each_other(url, example):
     assert second.predict(api_name="/list_concepts") == []
 
     image, question = example["image"]
-    _, _, details = second.predict(handle_file(image), question, api_name="/ask_image")
-    assert details["concepts_used"] == []
+    _, _, details, matches = second.predict(handle_file(image), question, api_name="/ask_image")
+    assert details["concepts_used"] == [] and matches == []
     with pytest.raises(AppError, match="no concept with that name"):
         second.predict("Only mine", api_name="/remove_concept")
     with pytest.raises(AppError, match="no concepts to export"):

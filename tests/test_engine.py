@@ -232,7 +232,7 @@ def test_too_many_concepts_keeps_the_most_similar_to_the_query():
     assert answer.concepts_used == ("twin",) and answer.concepts_dropped == ("other",)
 
 
-def test_each_concepts_similarity_to_the_query_is_recomputed_from_the_vision_tower(family):
+def test_each_concepts_similarity_and_map_are_recomputed_from_the_vision_tower(family):
     engine = tiny_engine(family)
     query = photo(11)
     concepts = [engine.introduce("other", [photo(12, size=(120, 400))], area_pct=20),
@@ -257,6 +257,18 @@ def test_each_concepts_similarity_to_the_query_is_recomputed_from_the_vision_tow
         expected.append((m @ q.T).max(axis=1).mean())
     assert [name for name, _ in answer.similarity] == ["other", "twin"]
     np.testing.assert_allclose([score for _, score in answer.similarity], expected, rtol=1e-4, atol=1e-4)
+    # Maps: per visual token of the whole image, the best cosine similarity with the concept's memory rows.
+    if "image_grid_thw" in inputs:            # Qwen: every merged token, raster order
+        _, h, w = inputs["image_grid_thw"][0].tolist()
+        grid, on_map = (h // 2, w // 2), q
+    else:                                     # InternVL: the last tile is the whole image (thumbnail or only tile)
+        grid, on_map = (16, 16), q[-256:]
+    assert [name for name, _ in answer.similarity_maps] == ["other", "twin"]
+    for (_, actual), concept in zip(answer.similarity_maps, concepts):
+        m = concept.embeddings.double().numpy()
+        m /= np.linalg.norm(m, axis=1, keepdims=True)
+        assert tuple(actual.shape) == grid
+        np.testing.assert_allclose(actual.numpy(), (on_map @ m.T).max(axis=1).reshape(grid), rtol=1e-4, atol=1e-4)
     assert engine.answer("Who is here?", concepts, max_new_tokens=1).similarity == ()  # nothing to compare
 
 

@@ -91,7 +91,7 @@ def test_interleaved_visitors_see_only_their_own_concepts(url):
             for round_ in range(2):
                 name = f"{who}-{thread}-{round_}"
                 introduce(client, name)
-                _, _, details = client.predict(handle_file(QUERY), "Who is here?", False, api_name="/ask_image")
+                _, _, details, _ = client.predict(handle_file(QUERY), "Who is here?", False, api_name="/ask_image")
                 listed = names(client)
                 seen[who] += details["concepts_used"] + listed
                 assert name in details["concepts_used"] and name in listed

@@ -209,7 +209,7 @@ def test_out_of_memory_is_a_sentence_changes_nothing_and_the_next_request_works(
     assert client.predict(api_name="/list_concepts") == before
     assert model_is_idle(engine, within_s=2)
 
-    answer, _, details = ask(client).result(timeout=60)
+    answer, _, details, _ = ask(client).result(timeout=60)
     assert isinstance(answer, str) and details["concepts_used"] == ["Mine"]
 
 

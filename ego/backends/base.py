@@ -98,6 +98,12 @@ class Backend:
         """Everything generate needs besides input_ids / inputs_embeds."""
         raise NotImplementedError
 
+    def query_map(self, encoded: Encoded) -> tuple[torch.Tensor, tuple[int, int]] | None:
+        """For a prompt whose visual input is one image: the rows of `encode_vision`'s output that cover the
+        whole image in raster order (LongTensor [rows * cols]) and (rows, cols); None if the family has no
+        such map."""
+        return None
+
     # --- residuals: visual features a family adds inside its language model ----------------------
     @property
     def residual_levels(self) -> int:

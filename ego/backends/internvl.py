@@ -172,6 +172,14 @@ class InternVLBackend(Backend):
         # Several tiles: each tile's 16 x 16 block, tiles stacked top to bottom in processor order.
         return side * tiles, side
 
+    def query_map(self, encoded: Encoded) -> tuple[torch.Tensor, tuple[int, int]] | None:
+        # One tile: the image itself. Several: the processor appends a thumbnail of the whole image (the
+        # image resized to one tile) after the crops; its 16 x 16 tokens are the map.
+        tiles, per_tile = int(encoded.inputs["pixel_values"].shape[0]), self.tokens_per_tile
+        side = math.isqrt(per_tile)
+        first = (tiles - 1) * per_tile
+        return torch.arange(first, first + per_tile), (side, side)
+
     def generate_kwargs(self, encoded: Encoded) -> dict[str, Any]:
         skip = {"input_ids", "pixel_values"} if encoded.encoder_outputs else {"input_ids"}
         device = self.model.get_input_embeddings().weight.device

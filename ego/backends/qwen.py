@@ -97,6 +97,10 @@ class QwenBackend(Backend):
         merge = self.processor.image_processor.merge_size
         return h // merge, w // merge
 
+    def query_map(self, encoded: Encoded) -> tuple[torch.Tensor, tuple[int, int]] | None:
+        rows, cols = self.grid(encoded)  # one image: its merged tokens are the rows, in raster order
+        return torch.arange(rows * cols), (rows, cols)
+
     def generate_kwargs(self, encoded: Encoded) -> dict[str, Any]:
         skip = {"input_ids", "pixel_values", "pixel_values_videos"} if encoded.encoder_outputs else {"input_ids"}
         kwargs = {k: v.to(self.model.device) if torch.is_tensor(v) else v
