@@ -23,6 +23,9 @@ MODEL_EVENTS = dict(concurrency_id="model", concurrency_limit=1)
 """Every event that runs the model waits for the one before it: one shared model, one call at a time."""
 PRIVATE = dict(api_visibility="private")
 """UI-only events: not part of the HTTP API."""
+CHEAP = dict(queue=False)
+"""Events that never touch the model skip the queue: a queue full of questions leaves a visitor free to
+list, remove and export their concepts, and they take no place in `queue_max_size`."""
 CSS = """
 #report td, #report th { overflow-wrap: normal; word-break: normal; }
 #report td:nth-child(-n+2), #report th:nth-child(-n+2) { white-space: nowrap; }
@@ -72,7 +75,7 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
         panel = [mine.cards, mine.to_remove, mine.summary, mine.records]
 
         def then_refresh(event):
-            return event.then(act.panel, session, panel, **PRIVATE)
+            return event.then(act.panel, session, panel, **CHEAP, **PRIVATE)
 
         # Introduce
         intro.auto_size.change(lambda auto: gr.Slider(interactive=not auto), intro.auto_size, intro.size_pct,
@@ -97,18 +100,21 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
         vid.stop.click(None, cancels=[asking], **PRIVATE)
 
         # Your concepts
-        demo.load(act.panel, session, panel, **PRIVATE)
-        demo.load(act.list_concepts, session, [session, mine.records], api_name="list_concepts")
+        demo.load(act.panel, session, panel, **CHEAP, **PRIVATE)
+        demo.load(act.list_concepts, session, [session, mine.records], api_name="list_concepts", **CHEAP)
         then_refresh(mine.remove.click(act.remove_concept, [session, mine.to_remove], [session, mine.records],
-                                       api_name="remove_concept"))
-        then_refresh(mine.clear.click(act.clear_concepts, session, [session, mine.records], **PRIVATE))
-        mine.export.click(act.export_concepts, session, [session, mine.exported], api_name="export_concepts").success(
+                                       api_name="remove_concept", **CHEAP))
+        then_refresh(mine.clear.click(act.clear_concepts, session, [session, mine.records], **CHEAP, **PRIVATE))
+        mine.export.click(act.export_concepts, session, [session, mine.exported], api_name="export_concepts",
+                          **CHEAP).success(
             lambda: gr.File(visible=True), None, mine.exported, queue=False, **PRIVATE)
         then_refresh(mine.import_button.upload(act.import_concepts, [session, mine.import_button],
                                                [session, mine.records], api_name="import_concepts", **MODEL_EVENTS))
     for block in demo.blocks.values():
         refuse_links(block)  # a file payload that names a URL is refused, never downloaded
-    demo.queue(max_size=s.queue_max_size)
+    # api_open=False: an event that uses the queue can be reached only through it (Gradio leaves its
+    # direct REST route open everywhere but on HF Spaces, which would let a script skip the queue's limits).
+    demo.queue(max_size=s.queue_max_size, api_open=False)
     return demo
 
 

@@ -13,6 +13,7 @@ import os
 import threading
 import time
 
+import httpx
 import pytest
 import torch
 from conftest import chromium_browser, running_demo, tiny_engine
@@ -174,6 +175,8 @@ def ask(client: Client, compare: bool = False):
 def test_a_full_queue_turns_visitors_away_and_the_model_runs_one_call_at_a_time(demo, url, engine, probe):
     probe.shorten = lambda number: 4
     first, second, third, fourth = (visitor(url) for _ in range(4))
+    owner = visitor(url)
+    introduce(owner, "Kept")
     probe.gate.clear()                                  # the first request holds the model until released
     running = ask(first)
     wait_for(lambda: probe.inside == 1, what="the first answer to start")
@@ -184,6 +187,22 @@ def test_a_full_queue_turns_visitors_away_and_the_model_runs_one_call_at_a_time(
     wait_for(lambda: len(demo._queue) == 2, timeout_s=10, what="the second answer to wait in the queue")
     with pytest.raises(Exception, match="Queue is full"):
         ask(fourth).result(timeout=30)
+    # What does not need the model skips the queue, so a visitor in a browser (which posts such events to
+    # /run/, not to the queue) can still list, export and remove their concepts.
+    def direct(api_name: str, *data):
+        reply = httpx.post(f"{url}gradio_api/run/{api_name}", timeout=30,  # None: the session, filled by Gradio
+                           json={"data": [None, *data], "session_hash": owner.session_hash})
+        assert reply.status_code == 200, reply.text
+        return reply.json()["data"]
+
+    # ... while a request for the model cannot skip the queue that way.
+    skipping = httpx.post(f"{url}gradio_api/run/ask_image", timeout=30,
+                          json={"data": [None, None, "Hi?", False], "session_hash": owner.session_hash})
+    assert skipping.status_code == 404 and "join the queue" in skipping.text
+    assert [record["name"] for record in direct("list_concepts")[1]] == ["Kept"]
+    assert direct("export_concepts")[1]["path"].endswith(".safetensors")
+    assert direct("remove_concept", "Kept")[1] == []
+    assert len(demo._queue) == 2
     probe.gate.set()
     for job in [running, *waiting]:
         job.result(timeout=60)
