@@ -17,8 +17,8 @@ This module reads top to bottom like section 3 of the paper (arXiv 2603.09771):
   3.2  Inference. The memories of the concepts in play go into the context, each after its name, as
        soft prompts: placeholder tokens whose input embeddings are replaced by the memory rows (the
        residuals, if any, are added where the family adds an image's own), before the query image or
-       video and the question. With more concepts than fit, the ones whose memory
-       tokens are most similar to the query's visual tokens are kept.
+       video and the question. With more concepts than fit, the ones whose memory tokens are most
+       similar to the query's visual tokens are kept; that similarity is reported for every answer.
 
 Nothing here depends on the model family: `ego.backends` hides processors, prompts and vision towers.
 """
