@@ -1,5 +1,8 @@
-"""The README's Python example runs as written (on the tiny model instead of the 7B download)."""
+"""The README says what the code does: its Python example runs as written (on the tiny model instead of
+the 7B download), and its settings table is `ego.Settings`."""
 
+import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -17,3 +20,21 @@ def test_readme_python_example_runs(monkeypatch, tmp_path, capsys):
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "Chelsea" in printed and (tmp_path / "my-concepts.ego").exists()
+
+
+def test_the_settings_table_lists_every_setting_with_its_default():
+    """The README mirrors `ego.Settings`: every field is in the table, with its default value."""
+    from ego.settings import Settings
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Settings and limits"):readme.index("## Limits and privacy")]
+    listed = {}
+    for row in re.findall(r"^\| (`.+?) \| (.+?) \|", section, re.M):
+        names = re.findall(r"`(\w+)`", row[0])
+        values = [value.strip() for value in row[1].split(" / ")]
+        assert len(names) == len(values), row
+        for name, value in zip(names, values):
+            listed[name] = math.prod(float(part.replace(",", "")) for part in value.split("×"))
+    defaults = {field.name: getattr(Settings(), field.name) for field in dataclasses.fields(Settings)}
+    assert sorted(listed) == sorted(defaults)
+    assert {name: float(value) for name, value in defaults.items()} == listed
