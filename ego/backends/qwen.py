@@ -66,9 +66,10 @@ class QwenBackend(Backend):
                 "size": {"shortest_edge": min_pixels, "longest_edge": per_video},
                 "do_sample_frames": False,
                 "video_metadata": [VideoMetadata(**meta)],  # ego.media gives exactly its fields
+                # The reference (qwen-vl-utils) behaviour, and the default from transformers 5.22 on: each
+                # frame also within an even share of a whole-video budget (far above 8 frames' worth here).
+                "cap_pixels_per_frame": True,
             }
-            if self.family != "qwen2.5-vl":
-                kwargs["videos_kwargs"]["cap_pixels_per_frame"] = True
         inputs = dict(self.processor(**kwargs))
         ids = inputs["input_ids"][0]
         visual = (ids == self.model.config.image_token_id) | (ids == self.model.config.video_token_id)
