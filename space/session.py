@@ -13,6 +13,7 @@ All sessions together are also held to one `MemoryBudget`: without it, `max_sess
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import tempfile
 import threading
@@ -35,9 +36,10 @@ class Entry:
     thumbnail: Image.Image
     """A small square picture for the concept card."""
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
-        """Server memory this entry holds: its memory rows (and residuals), scores and thumbnail."""
+        """Server memory this entry holds: its memory rows (and residuals), scores and thumbnail (computed
+        once: a budget check sums it over every entry of every session)."""
         scores = sum(view.scores.numel() * view.scores.element_size() for view in self.concept.views)
         width, height = self.thumbnail.size
         return self.concept.nbytes + scores + width * height * len(self.thumbnail.getbands())
