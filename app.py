@@ -24,8 +24,8 @@ MODEL_EVENTS = dict(concurrency_id="model", concurrency_limit=1)
 PRIVATE = dict(api_visibility="private")
 """UI-only events: not part of the HTTP API."""
 CHEAP = dict(queue=False)
-"""Events that never touch the model skip the queue: a queue full of questions leaves a visitor free to
-list, remove and export their concepts, and they take no place in `queue_max_size`."""
+"""Events that never touch the model skip the queue (from the browser; `gradio_client` always joins it): a
+queue full of questions leaves a visitor free to list, remove and export their concepts."""
 CSS = """
 #report td, #report th { overflow-wrap: normal; word-break: normal; }
 #report td:nth-child(-n+2), #report th:nth-child(-n+2) { white-space: nowrap; }
