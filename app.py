@@ -186,7 +186,8 @@ def _image_tab(s, examples) -> SimpleNamespace:
     with gr.Tab("Ask about an image", id="image"), gr.Row():
         with gr.Column():
             image = photo_input(label="Photo", sources=["upload", "clipboard"], height=320, elem_id="image-photo")
-            _hint(f"{IMAGE_FORMATS_TEXT}; up to {s.max_upload_mb} MiB and {s.max_image_pixels / 1e6:g} megapixels.")
+            _hint(f"{IMAGE_FORMATS_TEXT}; up to {s.max_upload_mb} MiB and {s.max_image_pixels / 1e6:g} megapixels. "
+                  "No photo: ask about your concepts themselves (\"What colour are Chelsea's eyes?\").")
             question = _question_box(s, "Is Chelsea in this photo?")
             compare = gr.Checkbox(label="Also answer without memory (the plain model)")
             with gr.Row():

@@ -144,12 +144,14 @@ class Actions:
     # Ask
     # ------------------------------------------------------------------------------------------
     def ask_image(self, session: Session, image, question, compare=False, progress=gr.Progress()):
-        """Stream (session, answer, answer without memory, details, where each concept matches) about a photo."""
+        """Stream (session, answer, answer without memory, details, where each concept matches) about a photo,
+        or, without one, about the visitor's concepts themselves (their memories are the only visual input)."""
         with for_visitor("answering"):
-            if not image:
-                raise InputError("Add a photo to ask about first.")
+            if not image and not len(session):
+                raise InputError("Add a photo to ask about, or introduce a concept to ask about it without a photo.")
             question = checks.check_question(question, self.settings)
-            picture = load_image(image, self.settings)  # decoded once: for the model and the match pictures
+            # Decoded once: for the model and the match pictures.
+            picture = load_image(image, self.settings) if image else None
             engine = self._engine(progress)
             started = time.perf_counter()
             plain = "(after the personalized answer)" if compare else ""
@@ -177,6 +179,8 @@ class Actions:
     def _matches(self, picture, answer) -> list[tuple[str, str]]:
         """Gallery items: for each concept, the photo coloured by how much each visual token looks like its
         memory (relative within the picture), captioned with the concept's overall similarity."""
+        if picture is None:
+            return []
         overall = dict(answer.similarity)
         return [(cached(views.heat_map(picture, tuple(grid.shape), grid.flatten(), self.settings.patch_view_max_px)),
                  f"{name} · similarity {overall.get(name, 0.0):.2f}") for name, grid in answer.similarity_maps]

@@ -143,8 +143,20 @@ def test_stopping_an_answer_frees_the_model(engine):
     assert done.is_set(), "the model was still held by the stopped answer"
 
 
+def test_without_a_photo_the_question_is_about_the_concepts_themselves(act, engine):
+    session = Session()
+    act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), progress=quiet)
+    *_, (_, answer, _, details, matches) = act.ask_image(session, None, "What colour are Chelsea's eyes?",
+                                                         progress=quiet)
+    assert details["concepts_used"] == ["Chelsea"] and details["similarity"] == {} and matches == []
+    # The same prompt as the engine's own text-only answer: the memory is the only visual input.
+    expected = engine.answer("What colour are Chelsea's eyes?", session.concepts,
+                             max_new_tokens=act.settings.answer_max_new_tokens)
+    assert answer == str(expected) and details["context_tokens"] == expected.context_tokens
+
+
 def test_ask_refusals(act):
-    with pytest.raises(gr.Error, match="Add a photo"):
+    with pytest.raises(gr.Error, match="Add a photo to ask about, or introduce a concept"):
         list(act.ask_image(Session(), None, "Hi?", progress=quiet))
     with pytest.raises(gr.Error, match="Type a question"):
         list(act.ask_image(Session(), QUERY, "  ", progress=quiet))

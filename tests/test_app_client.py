@@ -69,6 +69,8 @@ def test_one_visitor_round_trip(url, example, tmp_path):
     assert isinstance(answer, str) and isinstance(plain, str)
     assert [item["caption"] for item in matches] == [
         f"{example['name']} · similarity {details['similarity'][example['name']]:.2f}"]
+    _, _, details, matches = client.predict(None, f"Describe {example['name']}.", api_name="/ask_image")
+    assert details["concepts_used"] == [example["name"]] and matches == []     # no photo: the memory alone
     assert details["concepts_used"] == [example["name"]] and details["memory_tokens"] == concept["tokens"]
 
     video, question = example["video"]
