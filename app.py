@@ -196,6 +196,10 @@ def _image_tab(s, examples) -> SimpleNamespace:
             if examples.image_questions:
                 gr.Examples([list(e) for e in examples.image_questions], [image, question], cache_examples=False,
                             label="Example questions")
+            if examples.text_questions:  # clicking one also clears the photo: the question is about the concepts
+                gr.Examples([[q] for q in examples.text_questions], [question], [image, question],
+                            fn=lambda text: (None, text), run_on_click=True, cache_examples=False,
+                            label="Questions without a photo (load the example concepts first)", **PRIVATE)
         with gr.Column():
             answer = _answer_box("Answer (with your concepts)", "image-answer")
             plain = _answer_box("Answer without memory", "plain-answer", visible=False)

@@ -238,12 +238,21 @@ def make_calibration() -> list[dict]:
     return pairs
 
 
+TEXT_QUESTIONS = [
+    # Asked without a photo: the concepts' memories are the only visual input.
+    {"question": "What colour are Chelsea's eyes?", "concepts": ["Chelsea"]},
+    {"question": "What does my mug stand on, and what colour is it?", "concepts": ["my mug"]},
+    {"question": "Which is bigger, my mug or the rocket?", "concepts": ["my mug", "the rocket"]},
+]
+
+
 def main() -> None:
     rng = np.random.default_rng(SEED)
     listing = {
         "concepts": make_concepts(rng),
         "image_questions": make_scenes(rng),
         "video_questions": make_clip(),
+        "text_questions": TEXT_QUESTIONS,
         "calibration": make_calibration(),
     }
     (HERE / "examples.json").write_text(json.dumps(listing, indent=2) + "\n", encoding="utf-8")

@@ -24,6 +24,8 @@ class Examples:
     """(image path, question)."""
     video_questions: list[tuple[str, str]] = field(default_factory=list)
     """(video path, question)."""
+    text_questions: list[str] = field(default_factory=list)
+    """Questions asked without a photo, about the example concepts themselves."""
 
 
 def load_examples(folder: Path | str = EXAMPLES_DIR) -> Examples:
@@ -53,4 +55,5 @@ def load_examples(folder: Path | str = EXAMPLES_DIR) -> Examples:
         video = path(entry.get("video", ""))
         if video and entry.get("question"):
             videos.append((video, str(entry["question"])))
-    return Examples(concepts, images, videos)
+    texts = [str(entry["question"]) for entry in document.get("text_questions", []) if entry.get("question")]
+    return Examples(concepts, images, videos, texts)

@@ -64,6 +64,13 @@ def test_introduce_ask_and_screenshot(page, tmp_path):
     expect(page.locator("#matches img")).to_have_count(1)      # one picture per concept
     expect(page.locator("#matches").get_by_text("Chelsea · similarity")).to_be_visible()
 
+    # A question without a photo, about the concept itself: the example clears the photo.
+    page.get_by_role("button", name="What colour are Chelsea's eyes?").click()
+    expect(page.locator("#image-photo img")).to_have_count(0)
+    page.get_by_role("button", name="Ask", exact=True).first.click()
+    expect(page.locator("#matches img")).to_have_count(0)      # nothing to draw the memory on
+    expect(page.locator("#image-answer textarea")).not_to_have_value("")
+
     page.get_by_role("tab", name="Introduce").click()
     expect(page.locator("#patches img").first).to_be_visible()
     screenshot = README_SCREENSHOT if os.environ.get("EGO_UPDATE_SCREENSHOT") == "1" else tmp_path / "shot.png"

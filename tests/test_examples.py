@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ego.media import load_image, load_video
+from space.examples import load_examples
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MAX_FILE_BYTES = 400 * 1024
@@ -19,9 +20,9 @@ def listing() -> dict:
 
 
 def test_listing_has_every_section(listing):
-    assert set(listing) == {"concepts", "image_questions", "video_questions", "calibration"}
+    assert set(listing) == {"concepts", "image_questions", "video_questions", "text_questions", "calibration"}
     assert len(listing["concepts"]) >= 2
-    assert listing["image_questions"] and listing["video_questions"]
+    assert listing["image_questions"] and listing["video_questions"] and listing["text_questions"]
 
 
 def test_concepts_load(listing):
@@ -42,6 +43,16 @@ def test_image_questions_load_and_name_known_concepts(listing):
         assert question["question"].strip().endswith("?")
         assert set(question["concepts"]) <= names
         assert load_image(EXAMPLES / question["image"]).mode == "RGB"
+
+
+def test_text_questions_name_known_concepts_and_load(listing):
+    names = {concept["name"] for concept in listing["concepts"]}
+    assert any(len(q["concepts"]) >= 2 for q in listing["text_questions"])   # two concepts, no photo
+    for question in listing["text_questions"]:
+        assert question["question"].strip().endswith("?") and question["concepts"]
+        assert set(question["concepts"]) <= names
+        assert all(name in question["question"] for name in question["concepts"])
+    assert load_examples(EXAMPLES).text_questions == [q["question"] for q in listing["text_questions"]]
 
 
 def test_video_questions_load(listing):
