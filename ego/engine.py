@@ -29,6 +29,7 @@ import contextlib
 import json
 import math
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -58,7 +59,8 @@ class Answer(str):
     concepts_used: tuple[str, ...]
     """Names of the concepts whose memories were in the context, in prompt order."""
     concepts_dropped: tuple[str, ...]
-    """Concepts left out because more were given than `max_concepts_in_context` (least similar first out)."""
+    """Concepts left out because more were given than `max_concepts_in_context` (`select_concepts`: those the
+    question names are kept first, then the most similar to the query), the lowest ranked last."""
     context_tokens: int
     memory_tokens: int
     similarity: tuple[tuple[str, float], ...]
@@ -423,10 +425,8 @@ class Ego:
             if visual_block:
                 probe = encode(visual_block + [{"type": "text", "text": question}])
                 query_rows = self.backend.encode_vision(probe)                       # [N, D]
-                kept, dropped = select_concepts(concepts, query_rows, self.settings.max_concepts_in_context)
-            else:  # nothing to compare with: keep the first ones, in the order given
-                kept, dropped = concepts[:self.settings.max_concepts_in_context], concepts[
-                    self.settings.max_concepts_in_context:]
+            kept, dropped = select_concepts(concepts, self.settings.max_concepts_in_context, question=question,
+                                            query_rows=query_rows)
 
         blocks = []
         if kept:
@@ -521,11 +521,21 @@ def token_similarity(concept: Concept, query_rows: torch.Tensor) -> torch.Tensor
     return (query @ memory.T).max(dim=1).values
 
 
-def select_concepts(concepts: Sequence[Concept], query_rows: torch.Tensor, keep: int):
-    """Keep the `keep` concepts most similar to the query's visual tokens [N, D] (`concept_similarity`),
-    in the order given; returns (kept, dropped), dropped least similar last."""
-    scores = concept_similarity(concepts, query_rows)
-    ranked = sorted(range(len(concepts)), key=lambda i: -scores[i])
+def named_in(question: str, name: str) -> bool:
+    """Whether `question` names the concept: the whole name, any case and spacing ("chelsea's" names Chelsea)."""
+    words = r"\s+".join(re.escape(word) for word in name.casefold().split())
+    return bool(words) and re.search(rf"(?<!\w){words}(?!\w)", question.casefold()) is not None
+
+
+def select_concepts(concepts: Sequence[Concept], keep: int, *, question: str = "",
+                    query_rows: torch.Tensor | None = None):
+    """Keep `keep` concepts, in the order given; returns (kept, dropped), the last dropped ranked lowest.
+
+    First the concepts the question names (the visitor asks about them), then the ones most similar to the
+    query's visual tokens [N, D] (`concept_similarity`), or, with nothing to compare with, the first ones.
+    """
+    scores = concept_similarity(concepts, query_rows) if query_rows is not None else [0.0] * len(concepts)
+    ranked = sorted(range(len(concepts)), key=lambda i: (not named_in(question, concepts[i].name), -scores[i], i))
     chosen = set(ranked[:keep])
     kept = [c for i, c in enumerate(concepts) if i in chosen]
     dropped = [concepts[i] for i in ranked[keep:]]

@@ -272,6 +272,33 @@ def test_each_concepts_similarity_and_map_are_recomputed_from_the_vision_tower(f
     assert engine.answer("Who is here?", concepts, max_new_tokens=1).similarity == ()  # nothing to compare
 
 
+def test_concepts_the_question_names_are_kept_before_the_most_similar():
+    engine = tiny_engine("qwen2-vl")
+    small = type(engine).__new__(type(engine))
+    small.__dict__.update(engine.__dict__)
+    small.settings = engine.settings.replace(max_concepts_in_context=1)
+    query = photo(11)
+    twin = engine.introduce("twin", [query], area_pct=20)              # the most similar to the query
+    other = engine.introduce("Other Cat", [photo(12, size=(120, 400))], area_pct=20)
+    named = small.answer("Is other cat's tail visible?", [twin, other], image=query, max_new_tokens=1)
+    assert named.concepts_used == ("Other Cat",) and named.concepts_dropped == ("twin",)
+    text_only = small.answer("What colour is OTHER CAT?", [twin, other], max_new_tokens=1)
+    assert text_only.concepts_used == ("Other Cat",)
+    unnamed = small.answer("What colour is it?", [twin, other], max_new_tokens=1)
+    assert unnamed.concepts_used == ("twin",)                            # nothing to go by: the first one
+
+
+@pytest.mark.parametrize("question, name, named", [
+    ("What colour are Chelsea's eyes?", "Chelsea", True), ("Is my   MUG here?", "my mug", True),
+    ("Are there Chelseas here?", "Chelsea", False), ("Is the mug here?", "my mug", False),
+    ("Where is Bo?", "Bob", False), ("", "Chelsea", False),
+])
+def test_a_question_names_a_concept_only_by_its_whole_name(question, name, named):
+    from ego.engine import named_in
+
+    assert named_in(question, name) is named
+
+
 def test_memory_from_another_model_is_refused():
     qwen2 = tiny_engine("qwen2-vl")
     concept = qwen2.introduce("Chelsea", [photo(0)], area_pct=10)
