@@ -163,6 +163,7 @@ class Actions:
                     details = views.answer_details(answer, time.perf_counter() - started)
                     if number == 0:  # the context, hence the maps, are known from the first piece on
                         matches = self._matches(picture, answer)
+                        self._tell_dropped(answer)
                     yield session, str(answer), plain, details, matches if number == 0 else gr.skip()
             finally:
                 stream.close()
@@ -175,6 +176,15 @@ class Actions:
                 finally:
                     stream.close()
             yield session, str(answer), str(plain), details, matches  # the final value of every output
+
+    def _tell_dropped(self, answer) -> None:
+        """A notice when some of the visitor's concepts did not fit in the context (counts only: the names
+        are in the details, where they are shown as text)."""
+        dropped = len(answer.concepts_dropped)
+        if dropped:
+            gr.Warning(f"{dropped} of your {dropped + len(answer.concepts_used)} concepts were left out of this "
+                       f"answer: at most {self.settings.max_concepts_in_context} fit. Those the question names "
+                       f"and those most like the photo or clip were kept; name a concept to keep it.")
 
     def _matches(self, picture, answer) -> list[tuple[str, str]]:
         """Gallery items: for each concept, the photo coloured by how much each visual token looks like its
@@ -201,8 +211,10 @@ class Actions:
             stream = engine.stream_answer(question, session.concepts, video=(frames, metadata),
                                           max_new_tokens=self.settings.answer_max_new_tokens)
             try:
-                for answer in stream:
+                for number, answer in enumerate(stream):
                     details = views.answer_details(answer, time.perf_counter() - started)
+                    if number == 0:
+                        self._tell_dropped(answer)
                     yield session, gr.skip(), str(answer), details
             finally:
                 stream.close()

@@ -155,6 +155,22 @@ def test_without_a_photo_the_question_is_about_the_concepts_themselves(act, engi
     assert answer == str(expected) and details["context_tokens"] == expected.context_tokens
 
 
+def test_a_visitor_is_told_when_concepts_did_not_fit(engine):
+    settings = SETTINGS.replace(max_concepts_in_context=1)
+    small = type(engine).__new__(type(engine))  # the same model, with the engine's limit at 1 too
+    small.__dict__.update(engine.__dict__)
+    small.settings = engine.settings.replace(max_concepts_in_context=1)
+    act = Actions(LazyEngine(small), settings, load_examples())
+    session = Session()
+    for name in ("Chelsea", "Tabby"):
+        act.introduce(session, name, gallery(CHELSEA[:1]), progress=quiet)
+    with pytest.warns(UserWarning, match="1 of your 2 concepts were left out of this answer: at most 1 fit"):
+        *_, (_, _, _, details, _) = act.ask_image(session, QUERY, "Is Tabby here?", progress=quiet)
+    assert details["concepts_used"] == ["Tabby"] and details["concepts_dropped"] == ["Chelsea"]
+    with pytest.warns(UserWarning, match="left out"):
+        list(act.ask_video(session, CLIP, "Who is here?", progress=quiet))
+
+
 def test_ask_refusals(act):
     with pytest.raises(gr.Error, match="Add a photo to ask about, or introduce a concept"):
         list(act.ask_image(Session(), None, "Hi?", progress=quiet))
