@@ -56,6 +56,14 @@ def tiny_engine(family: str, **kwargs):
     return _ENGINES[key]
 
 
+def with_settings(engine, **changes):
+    """The same model and backend as `engine` (nothing is loaded again), with some settings changed."""
+    other = type(engine).__new__(type(engine))
+    other.__dict__.update(engine.__dict__)
+    other.settings = engine.settings.replace(**changes)
+    return other
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

@@ -8,7 +8,7 @@ import threading
 import gradio as gr
 import pytest
 from PIL import Image
-from conftest import tiny_engine
+from conftest import tiny_engine, with_settings
 
 from ego import DEFAULT_SETTINGS
 from space.actions import Actions
@@ -157,10 +157,7 @@ def test_without_a_photo_the_question_is_about_the_concepts_themselves(act, engi
 
 def test_a_visitor_is_told_when_concepts_did_not_fit(engine):
     settings = SETTINGS.replace(max_concepts_in_context=1)
-    small = type(engine).__new__(type(engine))  # the same model, with the engine's limit at 1 too
-    small.__dict__.update(engine.__dict__)
-    small.settings = engine.settings.replace(max_concepts_in_context=1)
-    act = Actions(LazyEngine(small), settings, load_examples())
+    act = Actions(LazyEngine(with_settings(engine, max_concepts_in_context=1)), settings, load_examples())
     session = Session()
     for name in ("Chelsea", "Tabby"):
         act.introduce(session, name, gallery(CHELSEA[:1]), progress=quiet)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import photo, tiny_engine
+from conftest import photo, tiny_engine, with_settings
 from transformers import AutoModelForImageTextToText
 
 from ego import Concept, IncompatibleMemoryError, InputError, prompts
@@ -221,9 +221,7 @@ def test_closing_a_stream_stops_generation_and_frees_the_model():
 
 def test_too_many_concepts_keeps_the_most_similar_to_the_query():
     engine = tiny_engine("qwen2-vl")
-    engine_small = type(engine).__new__(type(engine))
-    engine_small.__dict__.update(engine.__dict__)
-    engine_small.settings = engine.settings.replace(max_concepts_in_context=1)
+    engine_small = with_settings(engine, max_concepts_in_context=1)
     query = photo(11)
     # A concept made from the query photo itself is the most similar one.
     twin = engine.introduce("twin", [query], area_pct=20)
@@ -274,9 +272,7 @@ def test_each_concepts_similarity_and_map_are_recomputed_from_the_vision_tower(f
 
 def test_concepts_the_question_names_are_kept_before_the_most_similar():
     engine = tiny_engine("qwen2-vl")
-    small = type(engine).__new__(type(engine))
-    small.__dict__.update(engine.__dict__)
-    small.settings = engine.settings.replace(max_concepts_in_context=1)
+    small = with_settings(engine, max_concepts_in_context=1)
     query = photo(11)
     twin = engine.introduce("twin", [query], area_pct=20)              # the most similar to the query
     other = engine.introduce("Other Cat", [photo(12, size=(120, 400))], area_pct=20)
