@@ -182,9 +182,10 @@ class Actions:
         are in the details, where they are shown as text)."""
         dropped = len(answer.concepts_dropped)
         if dropped:
+            then = "the ones most like the photo or clip" if answer.similarity else "your first ones"
             gr.Warning(f"{dropped} of your {dropped + len(answer.concepts_used)} concepts were left out of this "
-                       f"answer: at most {self.settings.max_concepts_in_context} fit. Those the question names "
-                       f"and those most like the photo or clip were kept; name a concept to keep it.")
+                       f"answer: at most {self.settings.max_concepts_in_context} fit. The ones the question names "
+                       f"were kept first, then {then}; name a concept to keep it.")
 
     def _matches(self, picture, answer) -> list[tuple[str, str]]:
         """Gallery items: for each concept, the photo coloured by how much each visual token looks like its

@@ -164,8 +164,10 @@ def test_a_visitor_is_told_when_concepts_did_not_fit(engine):
     with pytest.warns(UserWarning, match="1 of your 2 concepts were left out of this answer: at most 1 fit"):
         *_, (_, _, _, details, _) = act.ask_image(session, QUERY, "Is Tabby here?", progress=quiet)
     assert details["concepts_used"] == ["Tabby"] and details["concepts_dropped"] == ["Chelsea"]
-    with pytest.warns(UserWarning, match="left out"):
+    with pytest.warns(UserWarning, match="then the ones most like the photo or clip"):
         list(act.ask_video(session, CLIP, "Who is here?", progress=quiet))
+    with pytest.warns(UserWarning, match="then your first ones; name a concept to keep it"):
+        list(act.ask_image(session, None, "What colour is the fur?", progress=quiet))
 
 
 def test_ask_refusals(act):
