@@ -13,8 +13,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "Answer": "engine", "Ego": "engine", "concept_similarity": "engine", "memory_size": "engine",
-    "select_concepts": "engine", "token_similarity": "engine",
+    "Answer": "engine", "Ego": "engine", "memory_size": "engine", "select_concepts": "engine",
+    "similarity_to_query": "engine",
     "IncompatibleMemoryError": "errors", "InputError": "errors", "MemoryFileError": "errors",
     "ModelBusyError": "errors",
     "Concept": "memory", "ConceptView": "memory", "load_concepts": "memory", "read_concepts": "memory",

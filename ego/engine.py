@@ -65,11 +65,11 @@ class Answer(str):
     memory_tokens: int
     similarity: tuple[tuple[str, float], ...]
     """(name, similarity) of every concept given, in the order given, when there was an image or a video to
-    compare with: how much its memory looks like the query's visual tokens (`concept_similarity`). The
+    compare with: how much its memory looks like the query's visual tokens (`similarity_to_query`). The
     ranking behind `concepts_dropped`; a hint of which concepts are in view, not a detection."""
     similarity_maps: tuple[tuple[str, torch.Tensor], ...]
     """(name, float32 [rows, cols] on CPU) of every concept given, for an image question: how much each
-    visual token of the image looks like the concept's memory (`token_similarity`), in raster order."""
+    visual token of the image looks like the concept's memory (`similarity_to_query`), in raster order."""
 
     def __new__(cls, text: str, *, used=(), dropped=(), context_tokens=0, memory_tokens=0, similarity=(),
                 similarity_maps=()):
@@ -420,13 +420,22 @@ class Ego:
                 video_frame_max_pixels=self.settings.video_frame_max_pixels,
             )
 
-        kept, dropped, probe, query_rows = concepts, [], None, None
+        def compare(query: Encoded) -> tuple[list[float], list[torch.Tensor]]:
+            """Run the vision tower on the photo or clip (once: generate reuses it) and compare every concept
+            with its visual tokens (once: ranking, scores and maps share one cosine matrix per concept)."""
+            rows = self.backend.encode_vision(query)                                       # [N, D]
+            if not concepts or not rows.shape[0]:
+                return [], []
+            located = self.backend.query_map(query) if picture is not None else None
+            return similarity_to_query(concepts, rows, located)
+
+        kept, dropped, probe, scores, maps = concepts, [], None, [], []
         if len(concepts) > self.settings.max_concepts_in_context:
             if visual_block:
                 probe = encode(visual_block + [{"type": "text", "text": question}])
-                query_rows = self.backend.encode_vision(probe)                       # [N, D]
+                scores, maps = compare(probe)
             kept, dropped = select_concepts(concepts, self.settings.max_concepts_in_context, question=question,
-                                            query_rows=query_rows)
+                                            scores=scores or None)
 
         blocks = []
         if kept:
@@ -442,16 +451,9 @@ class Ego:
         if probe is not None:
             encoded.encoder_outputs = probe.encoder_outputs  # the query image was encoded once, for ranking
         elif visual_block:
-            query_rows = self.backend.encode_vision(encoded)                         # [N, D]
-        similarity, maps = [], []
-        if concepts and query_rows is not None and query_rows.shape[0]:
-            names = [c.name for c in concepts]
-            similarity = list(zip(names, concept_similarity(concepts, query_rows)))
-            located = self.backend.query_map(encoded if probe is None else probe) if picture is not None else None
-            if located is not None:
-                indices, grid = located
-                on_map = query_rows[indices.to(query_rows.device)]                     # [rows * cols, D]
-                maps = [(name, token_similarity(c, on_map).reshape(grid).cpu()) for name, c in zip(names, concepts)]
+            scores, maps = compare(encoded)
+        names = [c.name for c in concepts]
+        similarity, maps = list(zip(names, scores)), list(zip(names, maps))
 
         input_ids = encoded.inputs["input_ids"].to(self.device)   # [1, L]
         with torch.no_grad():
@@ -502,23 +504,27 @@ def memory_size(area_pct: float, n_r: int, k_cap: int) -> int:
     return max(1, int(math.floor(min(k_cap, area_pct * n_r / 100.0) + 0.5)))
 
 
-def concept_similarity(concepts: Sequence[Concept], query_rows: torch.Tensor) -> list[float]:
-    """For each concept, the mean over its memory tokens of the best cosine similarity with any of the
-    query's visual tokens [N, D] (both are projector outputs, so they live in the same space)."""
-    query = F.normalize(query_rows.float(), dim=-1)
-    scores = []
+def similarity_to_query(concepts: Sequence[Concept], query_rows: torch.Tensor,
+                        located: tuple[torch.Tensor, tuple[int, int]] | None = None
+                        ) -> tuple[list[float], list[torch.Tensor]]:
+    """How much each concept's memory looks like the query's visual tokens [N, D] (both are projector
+    outputs, so they live in the same space), from one cosine matrix per concept [K, N]:
+
+    - scores: per concept, the mean over its memory rows of the best cosine similarity with any query token;
+    - maps (with `located` = (indices [rows * cols], (rows, cols)) of the tokens that cover the whole image):
+      per concept, each of those tokens' best cosine similarity with one of its memory rows, float32
+      [rows, cols] on CPU.
+    """
+    query = F.normalize(query_rows.float(), dim=-1)                                   # [N, D]
+    indices = None if located is None else located[0].to(query.device)
+    scores, maps = [], []
     for concept in concepts:
-        memory = F.normalize(concept.embeddings.to(query.device).float(), dim=-1)   # [K, D]
-        scores.append(float((memory @ query.T).max(dim=1).values.mean()))
-    return scores
-
-
-def token_similarity(concept: Concept, query_rows: torch.Tensor) -> torch.Tensor:
-    """For each of the query's visual tokens [N, D], its best cosine similarity with one of the concept's
-    memory rows: float32 [N]."""
-    query = F.normalize(query_rows.float(), dim=-1)
-    memory = F.normalize(concept.embeddings.to(query.device).float(), dim=-1)       # [K, D]
-    return (query @ memory.T).max(dim=1).values
+        memory = F.normalize(concept.embeddings.to(query.device).float(), dim=-1)     # [K, D]
+        cosine = memory @ query.T                                                     # [K, N]
+        scores.append(float(cosine.max(dim=1).values.mean()))
+        if located is not None:
+            maps.append(cosine[:, indices].max(dim=0).values.reshape(located[1]).cpu())
+    return scores, maps
 
 
 def named_in(question: str, name: str) -> bool:
@@ -528,13 +534,14 @@ def named_in(question: str, name: str) -> bool:
 
 
 def select_concepts(concepts: Sequence[Concept], keep: int, *, question: str = "",
-                    query_rows: torch.Tensor | None = None):
+                    scores: Sequence[float] | None = None):
     """Keep `keep` concepts, in the order given; returns (kept, dropped), the last dropped ranked lowest.
 
-    First the concepts the question names (the visitor asks about them), then the ones most similar to the
-    query's visual tokens [N, D] (`concept_similarity`), or, with nothing to compare with, the first ones.
+    First the concepts the question names (the visitor asks about them), then the ones with the highest
+    `scores` (their similarity to the query, `similarity_to_query`), or, with nothing to compare with, the
+    first ones.
     """
-    scores = concept_similarity(concepts, query_rows) if query_rows is not None else [0.0] * len(concepts)
+    scores = list(scores) if scores is not None else [0.0] * len(concepts)
     ranked = sorted(range(len(concepts)), key=lambda i: (not named_in(question, concepts[i].name), -scores[i], i))
     chosen = set(ranked[:keep])
     kept = [c for i, c in enumerate(concepts) if i in chosen]
