@@ -178,6 +178,11 @@ def _question_box(s, placeholder: str) -> gr.Textbox:
                       info=f"Up to {s.max_question_chars} characters.")
 
 
+def _ask_buttons() -> tuple[gr.Button, gr.Button]:
+    with gr.Row():
+        return gr.Button("Ask", variant="primary"), gr.Button("Stop", variant="stop")
+
+
 def _answer_box(label: str, elem_id: str, **kwargs) -> gr.Textbox:
     return gr.Textbox(label=label, elem_id=elem_id, lines=6, max_lines=14, interactive=False, **kwargs)
 
@@ -190,9 +195,7 @@ def _image_tab(s, examples) -> SimpleNamespace:
                   "No photo: ask about your concepts themselves (\"What colour are Chelsea's eyes?\").")
             question = _question_box(s, "Is Chelsea in this photo?")
             compare = gr.Checkbox(label="Also answer without memory (the plain model)")
-            with gr.Row():
-                ask = gr.Button("Ask", variant="primary")
-                stop = gr.Button("Stop", variant="stop")
+            ask, stop = _ask_buttons()
             if examples.image_questions:
                 gr.Examples([list(e) for e in examples.image_questions], [image, question], cache_examples=False,
                             label="Example questions")
@@ -221,9 +224,7 @@ def _video_tab(s, examples) -> SimpleNamespace:
             _hint(f"Up to {s.max_video_duration_s:g} s and {s.max_upload_mb} MiB; "
                   f"{s.video_num_frames} frames are sampled evenly.")
             question = _question_box(s, "Is Chelsea in this video?")
-            with gr.Row():
-                ask = gr.Button("Ask", variant="primary")
-                stop = gr.Button("Stop", variant="stop")
+            ask, stop = _ask_buttons()
             if examples.video_questions:
                 gr.Examples([list(e) for e in examples.video_questions], [video, question], cache_examples=False,
                             label="Example questions")
