@@ -14,8 +14,11 @@
 #
 # Outputs go to $OUT (the device tool brings back what is written there; at most 8 files):
 #     $OUT/nf4/{results.json,results.md,latency.png,log.txt}  and  $OUT/bf16/{...}
-# Anywhere else it writes to bench/out/gpu/. Time limits (seconds) can be changed through the environment:
-# BENCH_BUILD_LIMIT_S (building the 16.6 GB random-weight folder), BENCH_RUN_LIMIT_S (each configuration).
+# Anywhere else it writes to bench/out/gpu/. Each configuration also profiles one introduction and the plain
+# and 20-concept questions (`--profile`, after its results are written). Time limits (seconds), through the
+# environment: BENCH_TOTAL_S (the whole script, default 570: the device tool's 600 s less a margin),
+# BENCH_BUILD_LIMIT_S (building the 16.6 GB random-weight folder, default 180), BENCH_BF16_RESERVE_S (kept for
+# the bf16 run, default 150). The 4-bit run, the target setting, goes first and gets the rest of the time.
 #
 # A rehearsal on a CPU (scaled-down 2B architecture, quick sizes, this machine's packages), e.g.:
 #     OUT=/tmp/gpu-rehearsal BENCH_DEVICE=cpu BENCH_MODEL=qwen2-vl-2b BENCH_SKIP_WHEELS=1 BENCH_FORCE_AVSTUB=1 \
@@ -24,8 +27,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT="${OUT:-bench/out/gpu}"
+TOTAL="${BENCH_TOTAL_S:-570}"
 BUILD_LIMIT="${BENCH_BUILD_LIMIT_S:-180}"
-RUN_LIMIT="${BENCH_RUN_LIMIT_S:-170}"
+BF16_RESERVE="${BENCH_BF16_RESERVE_S:-150}"
 MODEL="${BENCH_MODEL:-qwen2.5-vl-7b}"
 DEVICE="${BENCH_DEVICE:-cuda}"
 ARCH_ARGS="${BENCH_ARCH_ARGS:-}"      # e.g. "--text-layers 1 --vision-depth 1" (both commands get it)
@@ -69,6 +73,7 @@ fi
 export PYTHONPATH="${PYTHONPATH}:$(pwd)"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+df -h /tmp | tail -1 || true
 "$PYTHON" - <<'EOF' || { echo "environment check failed"; exit 1; }
 import importlib.metadata as m, torch, transformers
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
@@ -91,14 +96,18 @@ timeout "$BUILD_LIMIT" "$PYTHON" -m ego.architectures "$MODEL" "$ARCH_DIR" --dev
 du -sh "$ARCH_DIR" || true
 echo "== built after $(( $(date +%s) - started ))s"
 
-# 4. The two configurations, each with its own time limit; a failure in one does not stop the other.
+# 4. The two configurations, 4-bit first (the targets' setting); each has its own time limit, taken from what is
+#    left of TOTAL, and a failure in one does not stop the other.
 status=0
 for config in nf4:4bit bf16:none; do
     name="${config%%:*}"; quantization="${config#*:}"
-    echo "== $name (quantization $quantization, limit ${RUN_LIMIT}s)"
+    left=$(( TOTAL - ($(date +%s) - started) ))
+    if [ "$name" = nf4 ]; then limit=$(( left - BF16_RESERVE )); else limit=$(( left - 5 )); fi
+    if [ "$limit" -lt 30 ]; then echo "== $name skipped: ${limit}s left"; status=1; continue; fi
+    echo "== $name (quantization $quantization, limit ${limit}s)"
     # shellcheck disable=SC2086
-    timeout "$RUN_LIMIT" "$PYTHON" -m bench --model "$MODEL" --arch-dir "$ARCH_DIR" --quantization "$quantization" \
-        --device "$DEVICE" --repeats 3 $ARCH_ARGS $BENCH_ARGS --out "$OUT/$name" 2>&1 | tee "$OUT/$name/log.txt"
+    timeout "$limit" "$PYTHON" -m bench --model "$MODEL" --arch-dir "$ARCH_DIR" --quantization "$quantization" \
+        --device "$DEVICE" --repeats 3 --profile $ARCH_ARGS $BENCH_ARGS --out "$OUT/$name" 2>&1 | tee "$OUT/$name/log.txt"
     code=${PIPESTATUS[0]}
     [ "$code" -eq 0 ] || { echo "== $name exited with $code"; status=1; }
     echo "== $name done after $(( $(date +%s) - started ))s"

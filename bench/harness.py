@@ -22,8 +22,15 @@ The weights are random, so every answer is gibberish. To make the timings mean s
 generation runs to its length cap: each `model.generate` call made while measuring gets
 `min_new_tokens = max_new_tokens` and the stop tokens added to `suppress_tokens`
 (`forced_generation`, a wrapper put on the model object for the duration; the engine is not modified).
-So an introduction always generates a 40-token description and an 8-token size answer (the engine's caps),
+So an introduction always generates a 32-token description and a 5-token size answer (the engine's caps),
 and every answer exactly --new-tokens tokens.
+
+`--profile` adds, after the measurement, one profiled introduction and one profiled plain and 20-concept
+question (`torch.profiler`): wall time, the time the GPU was busy (the union of its kernels and copies),
+the kernels launched, and the operations that took the most device and host time; it goes into
+results.json ("profile"), results.md and the log. It answers "where does the time go" when a target is
+missed: a GPU that is busy most of the wall time is computing, one that is idle is waiting for Python and
+kernel launches.
 
 Memory: on CUDA, `torch.cuda.max_memory_allocated` (reset before each measured call; weights included);
 on a CPU, the process's peak resident set size (`VmHWM`, reset through /proc/self/clear_refs before each
@@ -132,6 +139,9 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--arch-dir", default=None,
                         help="for a real preset: folder where its random-weight copy is built, or reused when "
                              "it already holds the same build (default: a folder under the temp dir)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the measurement, profile one introduction and the plain and 20-concept "
+                             "questions (torch.profiler): device busy time, kernels, top operations")
     parser.add_argument("--text-layers", type=int, default=None,
                         help="for a real preset: cut the text model to this many layers (smoke tests)")
     parser.add_argument("--vision-depth", type=int, default=None,
@@ -165,6 +175,11 @@ def main(argv=None) -> int:
     results["targets"] = targets(results)
     write_outputs(results, out)
     _log(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'latency.png'}")
+    if args.profile:
+        # After the measured results are on disk: a profile that fails or runs out of time loses nothing.
+        results["profile"] = profile(engine, args.sizes, log=_log)
+        write_outputs(results, out)
+        _log(f"added the profile to {out / 'results.json'} and {out / 'results.md'}")
     return 0
 
 
@@ -386,10 +401,15 @@ def _median(values):
 # The run
 # ----------------------------------------------------------------------------------------------
 def run(engine, sizes: Sizes, log=lambda message: None) -> dict:
-    """Measure everything on `engine`; returns the results document (without the model meta and targets).
+    """Measure everything on `engine`; returns the results document (without the model meta and targets)."""
+    with bench_settings(engine, sizes):
+        return _measure(engine, sizes, log)
 
-    The engine's settings are widened for the run where needed (20 concepts in context, the answer length,
-    --quick's shorter introduction) and restored after."""
+
+@contextlib.contextmanager
+def bench_settings(engine, sizes: Sizes):
+    """The engine's settings widened where the benchmark needs it (20 concepts in context, the answer
+    length, --quick's shorter introduction), restored after."""
     settings = engine.settings
     engine.settings = settings.replace(
         max_concepts_in_context=max(max(COUNTS), settings.max_concepts_in_context),
@@ -398,7 +418,7 @@ def run(engine, sizes: Sizes, log=lambda message: None) -> dict:
         size_max_new_tokens=sizes.size_tokens or settings.size_max_new_tokens,
     )
     try:
-        return _measure(engine, sizes, log)
+        yield
     finally:
         engine.settings = settings
 
@@ -496,8 +516,12 @@ def _measure(engine, sizes: Sizes, log) -> dict:
     # order), so that a machine whose load drifts during the run shifts every scenario alike.
     runs = {name: {"latencies": [], "peaks": [], "generated": [], "tokens": None} for name, *_ in plan}
     for name, *_, call in plan:
+        started = time.perf_counter()
         with forced_generation(engine.model, stop_ids, []):
             runs[name]["tokens"] = call()
+        _sync(device)
+        # Logged as it goes: if the run is stopped by a time limit, the log still holds rough numbers.
+        log(f"warm-up {name:12s} {runs[name]['tokens'][0]:6d} context tokens  {time.perf_counter() - started:.3f} s")
     for repeat in range(sizes.repeats):
         for name, *_, call in (plan if repeat % 2 == 0 else plan[::-1]):
             memory.reset()
@@ -591,6 +615,107 @@ def references_in_context(engine, question: str, named_images, query, new_tokens
         out = engine.model.generate(**inputs, max_new_tokens=new_tokens, **decoding)
     engine.backend.tokenizer.decode(out[0, length:], skip_special_tokens=True)
     return length, 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Profile
+# ----------------------------------------------------------------------------------------------
+PROFILE_TOP = 8
+"""Operations listed per profiled call, by device time and by host time."""
+
+
+def profile(engine, sizes: Sizes, log=lambda message: None) -> dict:
+    """One profiled introduction, plain question and 20-concept question (after warm-ups elsewhere).
+
+    For each: the wall time under the profiler (its own overhead included, so above the medians), the time
+    the GPU was busy (union of the intervals of its kernels, copies and sets: overlapping work counted
+    once), the share of the wall time it was idle, the number of device operations launched, and the
+    operations with the most device time and the most host (self CPU) time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    device = engine.device
+    stop_ids = engine.backend.stop_token_ids
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    query = photo(1000, sizes.query_size)
+    made = {}
+
+    def introduce():
+        made["concept"] = engine.introduce("profiled", photo(0, sizes.reference_size))
+
+    def ask(n):
+        def call():
+            concepts = [replace(made["concept"], name=f"concept {i + 1}") for i in range(n)]
+            engine.answer(QUESTION, concepts, image=query, max_new_tokens=sizes.new_tokens)
+        return call
+
+    document = {"activities": [str(a).rsplit(".", 1)[-1] for a in activities],
+                "note": "one call each, under torch.profiler (its overhead inflates the wall time)"}
+    with bench_settings(engine, sizes):
+        for name, call in (("introduce", introduce), ("plain", ask(0)), (f"ego_{max(COUNTS)}", ask(max(COUNTS)))):
+            with forced_generation(engine.model, stop_ids, []):
+                _sync(device)
+                started = time.perf_counter()
+                with torch_profile(activities=activities) as profiler:
+                    call()
+                    _sync(device)
+                wall = time.perf_counter() - started
+            document[name] = summarize_profile(profiler, wall)
+            log(f"profile {name}: " + _profile_line(document[name]))
+            for line in profile_lines(name, document[name]):
+                log("  " + line)
+    return document
+
+
+def summarize_profile(profiler, wall_s: float) -> dict:
+    """Device busy time, launches and the top operations of one torch.profiler run."""
+    from torch.autograd import DeviceType
+
+    events = list(profiler.events())
+    on_device = [e for e in events if e.device_type != DeviceType.CPU]
+    intervals = sorted((e.time_range.start, e.time_range.end) for e in on_device)
+    busy_us, end = 0.0, float("-inf")
+    for start, stop in intervals:  # union of intervals: concurrent kernels are counted once
+        if stop > end:
+            busy_us += stop - max(start, end)
+            end = stop
+    by_kernel: dict[str, list] = {}
+    for e in on_device:
+        entry = by_kernel.setdefault(e.name, [0.0, 0])
+        entry[0] += e.time_range.elapsed_us()
+        entry[1] += 1
+    host = [e for e in profiler.key_averages() if e.device_type == DeviceType.CPU]
+    host.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    busy_s = busy_us / 1e6 if on_device else None
+    return {
+        "wall_s": wall_s,
+        "device_busy_s": busy_s,
+        "device_idle_share": None if busy_s is None else max(0.0, 1 - busy_s / wall_s),
+        "device_operations": len(on_device),
+        # Host time inside torch operations, all threads; the rest of the wall time on the host is Python
+        # (generate's loop, the engine) and waiting.
+        "host_ops_s": sum(e.self_cpu_time_total for e in host) / 1e6,
+        "top_device_ops": [{"name": name[:120], "s": us / 1e6, "count": count} for name, (us, count) in
+                           sorted(by_kernel.items(), key=lambda item: item[1][0], reverse=True)[:PROFILE_TOP]],
+        "top_host_ops": [{"name": e.key[:120], "self_s": e.self_cpu_time_total / 1e6, "count": e.count}
+                         for e in host[:PROFILE_TOP]],
+    }
+
+
+def _profile_line(entry: dict) -> str:
+    host = f"host time in torch operations {entry['host_ops_s']:.3f} s"
+    if entry["device_busy_s"] is None:
+        return f"wall {entry['wall_s']:.3f} s, {host} (no device activity recorded)"
+    return (f"wall {entry['wall_s']:.3f} s, device busy {entry['device_busy_s']:.3f} s "
+            f"(idle {entry['device_idle_share']:.0%}), {entry['device_operations']} device operations, {host}")
+
+
+def profile_lines(name: str, entry: dict) -> list[str]:
+    lines = [f"{name}: top device operations"] if entry["top_device_ops"] else []
+    lines += [f"  {op['s']:8.4f} s  x{op['count']:<6d} {op['name']}" for op in entry["top_device_ops"]]
+    lines.append(f"{name}: top host operations (self CPU time)")
+    lines += [f"  {op['self_s']:8.4f} s  x{op['count']:<6d} {op['name']}" for op in entry["top_host_ops"]]
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------
@@ -722,6 +847,20 @@ def markdown(results: dict) -> str:
                          f"{entry['measured']:.3f} | {'yes' if entry['met'] else 'no'} | "
                          f"{'yes' if entry['this_run_is_the_target_setting'] else 'no'} |")
         lines.append("")
+    if "profile" in results:
+        lines += ["## Profile (one call each under torch.profiler)", "",
+                  "| call | wall (s) | device busy (s) | device idle | device operations | host time in torch ops (s) |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        calls = {k: v for k, v in results["profile"].items() if isinstance(v, dict)}
+        for name, entry in calls.items():
+            busy = entry["device_busy_s"]
+            lines.append(f"| {name} | {entry['wall_s']:.3f} | {'-' if busy is None else f'{busy:.3f}'} | "
+                         f"{'-' if busy is None else format(entry['device_idle_share'], '.0%')} | "
+                         f"{entry['device_operations']} | {entry['host_ops_s']:.3f} |")
+        lines += ["", "```"]
+        for name, entry in calls.items():
+            lines += profile_lines(name, entry)
+        lines += ["```", ""]
     return "\n".join(lines)
 
 

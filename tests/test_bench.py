@@ -27,7 +27,7 @@ def quick(tmp_path_factory):
     from bench import main
 
     out = tmp_path_factory.mktemp("bench-out")
-    assert main(["--model", "tiny-qwen2.5-vl", "--quick", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["--model", "tiny-qwen2.5-vl", "--quick", "--device", "cpu", "--profile", "--out", str(out)]) == 0
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -38,6 +38,24 @@ def test_quick_run_writes_results_table_and_plot(quick):
     assert "| scenario | context tokens | latency (s) |" in table and "## Introduction" in table
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profile_covers_introduction_and_questions(quick):
+    out, results = quick
+    profile = results["profile"]
+    calls = {"introduce", "plain", "ego_20"}
+    assert calls <= set(profile)
+    for name in calls:
+        entry = profile[name]
+        # On a CPU nothing runs on a device; the host operations are the real ones of that call.
+        assert entry["device_busy_s"] is None and entry["device_operations"] == 0
+        assert 0 < entry["host_ops_s"] < entry["wall_s"]
+        names = [op["name"] for op in entry["top_host_ops"]]
+        assert len(names) == len(set(names)) > 0 and all(op["count"] >= 1 for op in entry["top_host_ops"])
+        assert [op["self_s"] for op in entry["top_host_ops"]] == sorted(
+            (op["self_s"] for op in entry["top_host_ops"]), reverse=True)
+    table = (out / "results.md").read_text()
+    assert "## Profile" in table and "ego_20: top host operations" in table
 
 
 def test_every_scenario_has_every_field(quick):
