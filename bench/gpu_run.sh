@@ -19,6 +19,8 @@
 # environment: BENCH_TOTAL_S (the whole script, default 570: the device tool's 600 s less a margin),
 # BENCH_BUILD_LIMIT_S (building the 16.6 GB random-weight folder, default 180), BENCH_BF16_RESERVE_S (kept for
 # the bf16 run, default 150). The 4-bit run, the target setting, goes first and gets the rest of the time.
+# BENCH_REPEATS (measured calls per scenario, default 3) and BENCH_PROFILE (the configurations that are
+# profiled, default "nf4 bf16"; profiling adds about a minute to each) trade detail for device time.
 #
 # A rehearsal on a CPU (scaled-down 2B architecture, quick sizes, this machine's packages), e.g.:
 #     OUT=/tmp/gpu-rehearsal BENCH_DEVICE=cpu BENCH_MODEL=qwen2-vl-2b BENCH_SKIP_WHEELS=1 BENCH_FORCE_AVSTUB=1 \
@@ -30,6 +32,8 @@ OUT="${OUT:-bench/out/gpu}"
 TOTAL="${BENCH_TOTAL_S:-570}"
 BUILD_LIMIT="${BENCH_BUILD_LIMIT_S:-180}"
 BF16_RESERVE="${BENCH_BF16_RESERVE_S:-150}"
+REPEATS="${BENCH_REPEATS:-3}"
+PROFILE="${BENCH_PROFILE-nf4 bf16}"
 MODEL="${BENCH_MODEL:-qwen2.5-vl-7b}"
 DEVICE="${BENCH_DEVICE:-cuda}"
 ARCH_ARGS="${BENCH_ARCH_ARGS:-}"      # e.g. "--text-layers 1 --vision-depth 1" (both commands get it)
@@ -104,10 +108,12 @@ for config in nf4:4bit bf16:none; do
     left=$(( TOTAL - ($(date +%s) - started) ))
     if [ "$name" = nf4 ]; then limit=$(( left - BF16_RESERVE )); else limit=$(( left - 5 )); fi
     if [ "$limit" -lt 30 ]; then echo "== $name skipped: ${limit}s left"; status=1; continue; fi
-    echo "== $name (quantization $quantization, limit ${limit}s)"
+    profile=""; case " $PROFILE " in *" $name "*) profile="--profile" ;; esac
+    echo "== $name (quantization $quantization, $REPEATS repeats, ${profile:-no profile}, limit ${limit}s)"
     # shellcheck disable=SC2086
     timeout "$limit" "$PYTHON" -m bench --model "$MODEL" --arch-dir "$ARCH_DIR" --quantization "$quantization" \
-        --device "$DEVICE" --repeats 3 --profile $ARCH_ARGS $BENCH_ARGS --out "$OUT/$name" 2>&1 | tee "$OUT/$name/log.txt"
+        --device "$DEVICE" --repeats "$REPEATS" $profile $ARCH_ARGS $BENCH_ARGS --out "$OUT/$name" 2>&1 \
+        | tee "$OUT/$name/log.txt"
     code=${PIPESTATUS[0]}
     [ "$code" -eq 0 ] || { echo "== $name exited with $code"; status=1; }
     echo "== $name done after $(( $(date +%s) - started ))s"

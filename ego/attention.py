@@ -73,15 +73,16 @@ def _record(capture: AttentionCapture, layer: int, query, key, attention_mask, s
     q = query[:1, :, lo:hi].float().view(1, kv_heads, heads // kv_heads, rows, -1)   # [1, Hkv, g, r, d]
     k = key[:1].float().unsqueeze(2)                                                  # [1, Hkv, 1, k_len, d]
     scores = (q @ k.transpose(-1, -2)).view(1, heads, rows, k_len) * scaling           # [1, H, r, k_len]
-    positions = torch.arange(start + lo, start + hi, device=query.device)
-    future = torch.arange(k_len, device=query.device)[None, :] > positions[:, None]   # causal: [r, k_len]
+    positions = range(start + lo, start + hi)  # Python ints: reading them back from the GPU would wait for it
+    future = (torch.arange(k_len, device=query.device)[None, :]
+              > torch.arange(positions.start, positions.stop, device=query.device)[:, None])  # causal: [r, k_len]
     scores = scores.masked_fill(future, float("-inf"))
     if attention_mask is not None:
         mask = attention_mask[:1, :, lo:hi, :k_len]
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
     probs = scores.softmax(-1)[0][:, :, capture.columns.to(query.device)]   # [H, r, N_r]
     store = capture.rows.setdefault(layer, {})
-    for i, position in enumerate(positions.tolist()):
+    for i, position in enumerate(positions):
         store[position] = probs[:, i].detach()
 
 

@@ -420,14 +420,14 @@ class Ego:
                 video_frame_max_pixels=self.settings.video_frame_max_pixels,
             )
 
-        def compare(query: Encoded) -> tuple[list[float], list[torch.Tensor]]:
+        def compare(query: Encoded, memory=None) -> tuple[list[float], list[torch.Tensor]]:
             """Run the vision tower on the photo or clip (once: generate reuses it) and compare every concept
-            with its visual tokens (once: ranking, scores and maps share one cosine matrix per concept)."""
+            with its visual tokens (once: ranking, scores and maps share one cosine matrix)."""
             rows = self.backend.encode_vision(query)                                       # [N, D]
             if not concepts or not rows.shape[0]:
                 return [], []
             located = self.backend.query_map(query) if picture is not None else None
-            return similarity_to_query(concepts, rows, located)
+            return similarity_to_query(concepts, rows, located, memory=memory)
 
         kept, dropped, probe, scores, maps = concepts, [], None, [], []
         if len(concepts) > self.settings.max_concepts_in_context:
@@ -448,10 +448,13 @@ class Ego:
             blocks.append({"type": "text", "text": prompts.MEMORY_INTRO + lines + prompts.MEMORY_OUTRO})
         blocks += visual_block + [{"type": "text", "text": question}]
         encoded = encode(blocks)
+        # The kept memories, on the device in one copy that serves the comparison and the context.
+        memory = (torch.cat([c.embeddings for c in kept]).to(self.device) if kept
+                  else torch.zeros(0, self.hidden_size, dtype=self.memory_dtype, device=self.device))  # [sum K, D]
         if probe is not None:
             encoded.encoder_outputs = probe.encoder_outputs  # the query image was encoded once, for ranking
         elif visual_block:
-            scores, maps = compare(encoded)
+            scores, maps = compare(encoded, memory)  # here every concept is kept
         names = [c.name for c in concepts]
         similarity, maps = list(zip(names, scores)), list(zip(names, maps))
 
@@ -459,7 +462,6 @@ class Ego:
         with torch.no_grad():
             embeds = self.model.get_input_embeddings()(input_ids).clone()  # [1, L, D]
         slots = input_ids[0] == self.backend.placeholder_id
-        memory = torch.cat([c.embeddings for c in kept]) if kept else embeds.new_zeros(0, embeds.shape[-1])
         if int(slots.sum()) != memory.shape[0]:
             raise RuntimeError(f"{int(slots.sum())} memory placeholders for {memory.shape[0]} memory rows")
         embeds[0, slots] = memory.to(device=embeds.device, dtype=embeds.dtype)
@@ -505,26 +507,34 @@ def memory_size(area_pct: float, n_r: int, k_cap: int) -> int:
 
 
 def similarity_to_query(concepts: Sequence[Concept], query_rows: torch.Tensor,
-                        located: tuple[torch.Tensor, tuple[int, int]] | None = None
-                        ) -> tuple[list[float], list[torch.Tensor]]:
+                        located: tuple[torch.Tensor, tuple[int, int]] | None = None, *,
+                        memory: torch.Tensor | None = None) -> tuple[list[float], list[torch.Tensor]]:
     """How much each concept's memory looks like the query's visual tokens [N, D] (both are projector
-    outputs, so they live in the same space), from one cosine matrix per concept [K, N]:
+    outputs, so they live in the same space), from one cosine matrix [sum K, N] for all concepts:
 
     - scores: per concept, the mean over its memory rows of the best cosine similarity with any query token;
     - maps (with `located` = (indices [rows * cols], (rows, cols)) of the tokens that cover the whole image):
       per concept, each of those tokens' best cosine similarity with one of its memory rows, float32
       [rows, cols] on CPU.
+
+    memory: the concepts' rows already concatenated [sum K, D], if the caller has them on the device.
+    All concepts go to the device in one copy and come back in one transfer: a per-concept copy and read-back
+    would make the host wait for the GPU once per concept, and decoding is host-bound.
     """
+    if not concepts:
+        return [], []
     query = F.normalize(query_rows.float(), dim=-1)                                   # [N, D]
-    indices = None if located is None else located[0].to(query.device)
-    scores, maps = [], []
-    for concept in concepts:
-        memory = F.normalize(concept.embeddings.to(query.device).float(), dim=-1)     # [K, D]
-        cosine = memory @ query.T                                                     # [K, N]
-        scores.append(float(cosine.max(dim=1).values.mean()))
-        if located is not None:
-            maps.append(cosine[:, indices].max(dim=0).values.reshape(located[1]).cpu())
-    return scores, maps
+    if memory is None:
+        memory = torch.cat([c.embeddings for c in concepts])                          # [sum K, D]
+    cosine = F.normalize(memory.to(query.device).float(), dim=-1) @ query.T          # [sum K, N]
+    parts = cosine.split([c.embeddings.shape[0] for c in concepts])                   # [K_c, N] each
+    scores = torch.stack([part.max(dim=1).values.mean() for part in parts])           # [C]
+    if located is None:
+        return scores.cpu().tolist(), []
+    indices = located[0].to(query.device)
+    maps = torch.stack([part[:, indices].max(dim=0).values for part in parts])        # [C, rows * cols]
+    scores, maps = scores.cpu().tolist(), maps.reshape(len(concepts), *located[1]).cpu()
+    return scores, list(maps.unbind(0))
 
 
 def named_in(question: str, name: str) -> bool:
