@@ -551,6 +551,9 @@ def _measure(engine, sizes: Sizes, log) -> dict:
         plain = scenarios["video_plain" if entry["medium"] == "video" else "plain"]
         entry["plain"] = plain["name"]
         entry["ratio_to_plain"] = entry["latency_s"] / plain["latency_s"]
+        # Noise from a busy host only ever adds time, so the fastest calls are a second, steadier estimate.
+        entry["fastest_s"] = min(entry["latency_runs_s"])
+        entry["fastest_ratio_to_plain"] = entry["fastest_s"] / min(plain["latency_runs_s"])
         entry["context_ratio_to_plain"] = entry["context_tokens"] / plain["context_tokens"]
     ego_context = {n: scenarios[f"ego_{n}"]["context_tokens"] for n in COUNTS}
     storage["context_tokens_per_concept"] = (ego_context[max(COUNTS)] - ego_context[min(COUNTS)]) / (
@@ -802,16 +805,18 @@ def markdown(results: dict) -> str:
         "",
         "## Questions",
         "",
-        "| scenario | context tokens | latency (s) | x plain | context x plain | peak memory (GiB) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| scenario | context tokens | latency (s) | x plain | fastest call (s) | x plain, fastest | "
+        "context x plain | peak memory (GiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for entry in results["scenarios"].values():
         lines.append(f"| {_label(entry)} | {entry['context_tokens']} | {entry['latency_s']:.3f} | "
-                     f"{entry['ratio_to_plain']:.2f} | {entry['context_ratio_to_plain']:.2f} | "
-                     f"{entry['peak_mem_gib']:.2f} |")
+                     f"{entry['ratio_to_plain']:.2f} | {entry['fastest_s']:.3f} | {entry['fastest_ratio_to_plain']:.2f} | "
+                     f"{entry['context_ratio_to_plain']:.2f} | {entry['peak_mem_gib']:.2f} |")
     lines += [
         "",
-        f"Ratios are against the plain question on the same medium. A concept adds "
+        f"Ratios are against the plain question on the same medium (medians, and the fastest of the "
+        f"{meta['sizes']['repeats']} calls: a busy host only ever adds time). A concept adds "
         f"{storage['context_tokens_per_concept']:.1f} context tokens; a full reference photo adds "
         f"{storage['reference_tokens_per_photo']:.1f}.",
         "",

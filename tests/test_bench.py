@@ -18,7 +18,8 @@ from ego.architectures import (ARCHITECTURES, MARKER, architecture, build_skelet
 
 SCENARIOS = {"plain", "ego_1", "ego_5", "ego_20", "refs_1", "refs_5", "refs_20", "video_plain", "video_ego_5"}
 SCENARIO_FIELDS = {"name", "medium", "method", "concepts", "context_tokens", "memory_tokens", "new_tokens",
-                   "latency_s", "latency_runs_s", "ratio_to_plain", "context_ratio_to_plain", "peak_mem_gib", "plain"}
+                   "latency_s", "latency_runs_s", "ratio_to_plain", "context_ratio_to_plain", "peak_mem_gib", "plain",
+                   "fastest_s", "fastest_ratio_to_plain"}
 STAGES = {"encode_s", "description_s", "size_s", "scores_s", "selection_s"}
 
 
@@ -70,6 +71,9 @@ def test_every_scenario_has_every_field(quick):
         for key in ("latency_s", "ratio_to_plain", "context_ratio_to_plain", "peak_mem_gib"):
             assert isinstance(entry[key], float) and entry[key] > 0, (name, key)
         assert len(entry["latency_runs_s"]) == results["meta"]["sizes"]["repeats"]
+        assert entry["fastest_s"] == min(entry["latency_runs_s"]) <= entry["latency_s"] + 1e-4
+        fastest_plain = min(scenarios[entry["plain"]]["latency_runs_s"])
+        assert entry["fastest_ratio_to_plain"] == pytest.approx(entry["fastest_s"] / fastest_plain)
         assert entry["new_tokens"] == forced, f"{name}: generation length was not forced"
     assert scenarios["plain"]["ratio_to_plain"] == 1.0 and scenarios["video_plain"]["ratio_to_plain"] == 1.0
     assert scenarios["video_ego_5"]["plain"] == "video_plain" and scenarios["ego_5"]["plain"] == "plain"
