@@ -116,6 +116,18 @@ def running_demo(settings, *, show_error: bool = False):
         demo.close()
 
 
+@pytest.fixture(scope="module")
+def demo(request):
+    """The Space launched once per test module, with the module's SETTINGS (and SHOW_ERROR, default False)."""
+    with running_demo(request.module.SETTINGS, show_error=getattr(request.module, "SHOW_ERROR", False)) as demo:
+        yield demo
+
+
+@pytest.fixture(scope="module")
+def url(demo) -> str:
+    return demo.local_url
+
+
 @contextlib.contextmanager
 def chromium_browser():
     """Debian's Chromium driven by playwright (playwright never downloads a browser of its own)."""

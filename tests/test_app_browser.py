@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import chromium_browser, running_demo
+from conftest import chromium_browser
 from PIL import Image
 
 from ego import DEFAULT_SETTINGS
@@ -20,15 +20,12 @@ README_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "screensho
 """Refreshed only with EGO_UPDATE_SCREENSHOT=1, so a test run leaves the tree clean."""
 HOSTILE_NAME = '<img src=x onerror="window.__xss=1">'
 WAIT_MS = 30_000
+SETTINGS = DEFAULT_SETTINGS.replace(answer_max_new_tokens=24)
+SHOW_ERROR = True
+"""The module's server (conftest's `demo` and `url` fixtures)."""
 
 if os.environ.get("EGO_SKIP_BROWSER") == "1":
     pytest.skip("EGO_SKIP_BROWSER=1: browser test skipped on request", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def url():
-    with running_demo(DEFAULT_SETTINGS.replace(answer_max_new_tokens=24), show_error=True) as demo:
-        yield demo.local_url
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,11 @@ from space.examples import load_examples
 
 ROOT = Path(__file__).resolve().parent.parent
 
+SETTINGS = DEFAULT_SETTINGS.replace(answer_max_new_tokens=8)
+SHOW_ERROR = True
+"""The module's server (conftest's `demo` and `url` fixtures)."""
 ENDPOINTS = {"/introduce", "/ask_image", "/ask_video", "/list_concepts", "/remove_concept", "/export_concepts",
              "/import_concepts"}
-
-
-@pytest.fixture(scope="module")
-def url():
-    with running_demo(DEFAULT_SETTINGS.replace(answer_max_new_tokens=8), show_error=True) as demo:
-        yield demo.local_url
 
 
 @pytest.fixture(scope="module")

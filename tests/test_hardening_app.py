@@ -42,17 +42,6 @@ APP_SOURCE_LINE = "Ego, the Space"
 SECRET = b"secret served on the loopback interface"
 
 
-@pytest.fixture(scope="module")
-def demo():
-    with running_demo(SETTINGS) as demo:
-        yield demo
-
-
-@pytest.fixture(scope="module")
-def url(demo) -> str:
-    return demo.local_url
-
-
 def visitor(url) -> Client:
     return Client(url, verbose=False)
 

@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import chromium_browser, running_demo, tiny_engine
+from conftest import chromium_browser, tiny_engine
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -27,17 +27,6 @@ from space.examples import EXAMPLES_DIR
 SETTINGS = DEFAULT_SETTINGS.replace(answer_max_new_tokens=1024, queue_max_size=2)
 PHOTO = str(EXAMPLES_DIR / "concepts" / "chelsea_1.jpg")
 QUERY = str(EXAMPLES_DIR / "scenes" / "chelsea_query.jpg")
-
-
-@pytest.fixture(scope="module")
-def demo():
-    with running_demo(SETTINGS) as demo:
-        yield demo
-
-
-@pytest.fixture(scope="module")
-def url(demo) -> str:
-    return demo.local_url
 
 
 class ModelProbe:
