@@ -429,11 +429,20 @@ class Ego:
             located = self.backend.query_map(query) if picture is not None else None
             return similarity_to_query(concepts, rows, located, memory=memory)
 
-        kept, dropped, probe, scores, maps = concepts, [], None, [], []
+        def on_device(group) -> torch.Tensor:
+            """The memories of `group` on the model's device, in one copy: [sum K, D]."""
+            if not group:
+                return torch.zeros(0, self.hidden_size, dtype=self.memory_dtype, device=self.device)
+            return torch.cat([c.embeddings for c in group]).to(self.device)
+
+        kept, dropped, probe, scores, maps, rows_of = concepts, [], None, [], [], None
         if len(concepts) > self.settings.max_concepts_in_context:
             if visual_block:
                 probe = encode(visual_block + [{"type": "text", "text": question}])
-                scores, maps = compare(probe)
+                everything = on_device(concepts)
+                scores, maps = compare(probe, everything)
+                # The kept ones' rows are taken from this copy below, not copied to the device again.
+                rows_of = dict(zip(map(id, concepts), everything.split([c.num_tokens for c in concepts])))
             kept, dropped = select_concepts(concepts, self.settings.max_concepts_in_context, question=question,
                                             scores=scores or None)
 
@@ -448,9 +457,8 @@ class Ego:
             blocks.append({"type": "text", "text": prompts.MEMORY_INTRO + lines + prompts.MEMORY_OUTRO})
         blocks += visual_block + [{"type": "text", "text": question}]
         encoded = encode(blocks)
-        # The kept memories, on the device in one copy that serves the comparison and the context.
-        memory = (torch.cat([c.embeddings for c in kept]).to(self.device) if kept
-                  else torch.zeros(0, self.hidden_size, dtype=self.memory_dtype, device=self.device))  # [sum K, D]
+        # The kept memories on the device: one copy serves the comparison and the context.
+        memory = torch.cat([rows_of[id(c)] for c in kept]) if rows_of else on_device(kept)   # [sum K, D]
         if probe is not None:
             encoded.encoder_outputs = probe.encoder_outputs  # the query image was encoded once, for ranking
         elif visual_block:

@@ -230,6 +230,38 @@ def test_too_many_concepts_keeps_the_most_similar_to_the_query():
     assert answer.concepts_used == ("twin",) and answer.concepts_dropped == ("other",)
 
 
+def test_with_concepts_left_out_the_kept_ones_memories_reach_the_language_model():
+    engine = tiny_engine("qwen2-vl")
+    engine_small = with_settings(engine, max_concepts_in_context=2)
+    query = photo(11)
+    # Different sizes, the kept ones not in a row: rows taken from the wrong concept would not fit or match.
+    concepts = [engine.introduce("far", [photo(12, size=(120, 400))], area_pct=4),
+                engine.introduce("twin", [query], area_pct=20),
+                engine.introduce("distant", [photo(13, size=(400, 120))], area_pct=2),
+                engine.introduce("Chelsea", [photo(14)], area_pct=10)]
+    recorder = _EmbedsRecorder(engine_small)
+    captured_ids = []
+    original = engine.model.generate
+
+    def spy(**kwargs):
+        captured_ids.append(kwargs["input_ids"].clone())
+        return original(**kwargs)
+
+    engine.model.generate = spy
+    try:
+        answer = engine_small.answer("Is Chelsea here?", concepts, image=query, max_new_tokens=2)
+    finally:
+        engine.model.generate = original
+        recorder.close()
+    assert answer.concepts_used == ("twin", "Chelsea")
+    kept = [concepts[1], concepts[3]]
+    ids, embeds = captured_ids[0][0], recorder.calls[0][0]
+    slots = (ids == engine.backend.placeholder_id).nonzero().squeeze(1)
+    memory = torch.cat([c.embeddings for c in kept])
+    assert slots.numel() == memory.shape[0] == answer.memory_tokens
+    torch.testing.assert_close(embeds[slots], memory.to(embeds.dtype))
+
+
 def test_each_concepts_similarity_and_map_are_recomputed_from_the_vision_tower(family):
     engine = tiny_engine(family)
     query = photo(11)
