@@ -127,12 +127,13 @@ class Ego:
     # ------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_PRESET, *, quantization="auto", device=None, layers=None,
-                        k_cap: int = 50, settings: Settings | None = None, seed: int = 0) -> "Ego":
+                        k_cap: int | None = None, settings: Settings | None = None, seed: int = 0) -> "Ego":
         """Load a preset name (see `ego.presets.PRESETS`), a Hub id or a local checkpoint folder.
 
         quantization: "auto" = 4-bit NF4 on CUDA, unquantized elsewhere; "4bit", "8bit" or None force it.
         layers: the attention layers L (indices, or a JSON file written by `python -m ego.calibrate`);
         by default the preset's calibrated layers, else the paper's layers scaled to this model's depth.
+        k_cap: K of Eq. 4; given, it replaces `settings.k_cap_tokens`, left out, the settings' value stands.
         """
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
@@ -176,7 +177,9 @@ class Ego:
         else:
             layers = depth_scaled_layers(num_layers)
             note = preset.layers_note if preset is not None else UNCALIBRATED
-        settings = (settings or DEFAULT_SETTINGS).replace(k_cap_tokens=k_cap)
+        settings = settings or DEFAULT_SETTINGS
+        if k_cap is not None:
+            settings = settings.replace(k_cap_tokens=k_cap)
         return cls(loaded, processor, family=family, backend_cls=backend_cls, model_id=model_id,
                    layers=layers, layers_note=note, settings=settings)
 

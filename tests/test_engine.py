@@ -129,6 +129,14 @@ def test_smaller_cap_keeps_fewer_tokens():
     assert concept.views[0].k == 8 and concept.embeddings.shape[0] == 8
 
 
+def test_k_cap_given_wins_and_left_out_keeps_the_settings():
+    from ego import Settings
+
+    assert tiny_engine("qwen2-vl", settings=Settings(k_cap_tokens=30)).settings.k_cap_tokens == 30
+    assert tiny_engine("qwen2-vl", settings=Settings(k_cap_tokens=30), k_cap=12).settings.k_cap_tokens == 12
+    assert tiny_engine("qwen2-vl").settings.k_cap_tokens == Settings().k_cap_tokens
+
+
 class _EmbedsRecorder:
     """Records the input embeddings the language model receives on its first (prefill) call."""
 
