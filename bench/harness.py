@@ -255,7 +255,7 @@ def environment(engine) -> dict:
         "hidden_size": engine.hidden_size, "attention_layers_L": list(engine.layers),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": version("transformers"), "bitsandbytes": version("bitsandbytes")},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "load_average_at_end": _load_average(),
         "platform": platform.platform(),
     }
@@ -634,8 +634,7 @@ def profile(engine, sizes: Sizes, log=lambda message: None) -> dict:
     the GPU was busy (union of the intervals of its kernels, copies and sets: overlapping work counted
     once), the share of the wall time it was idle, the number of device operations launched, and the
     operations with the most device time and the most host (self CPU) time."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
+    from torch.profiler import ProfilerActivity, profile as torch_profile
 
     device = engine.device
     stop_ids = engine.backend.stop_token_ids
@@ -811,7 +810,8 @@ def markdown(results: dict) -> str:
     ]
     for entry in results["scenarios"].values():
         lines.append(f"| {_label(entry)} | {entry['context_tokens']} | {entry['latency_s']:.3f} | "
-                     f"{entry['ratio_to_plain']:.2f} | {entry['fastest_s']:.3f} | {entry['fastest_ratio_to_plain']:.2f} | "
+                     f"{entry['ratio_to_plain']:.2f} | {entry['fastest_s']:.3f} | "
+                     f"{entry['fastest_ratio_to_plain']:.2f} | "
                      f"{entry['context_ratio_to_plain']:.2f} | {entry['peak_mem_gib']:.2f} |")
     lines += [
         "",
@@ -854,7 +854,8 @@ def markdown(results: dict) -> str:
         lines.append("")
     if "profile" in results:
         lines += ["## Profile (one call each under torch.profiler)", "",
-                  "| call | wall (s) | device busy (s) | device idle | device operations | host time in torch ops (s) |",
+                  "| call | wall (s) | device busy (s) | device idle | device operations "
+                  "| host time in torch ops (s) |",
                   "|---|---:|---:|---:|---:|---:|"]
         calls = {k: v for k, v in results["profile"].items() if isinstance(v, dict)}
         for name, entry in calls.items():

@@ -127,7 +127,7 @@ class Ego:
     # ------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_PRESET, *, quantization="auto", device=None, layers=None,
-                        k_cap: int | None = None, settings: Settings | None = None, seed: int = 0) -> "Ego":
+                        k_cap: int | None = None, settings: Settings | None = None, seed: int = 0) -> Ego:
         """Load a preset name (see `ego.presets.PRESETS`), a Hub id or a local checkpoint folder.
 
         quantization: "auto" = 4-bit NF4 on CUDA, unquantized elsewhere; "4bit", "8bit" or None force it.
@@ -184,7 +184,7 @@ class Ego:
                    layers=layers, layers_note=note, settings=settings)
 
     @classmethod
-    def tiny(cls, family: str, seed: int = 0, **kwargs) -> "Ego":
+    def tiny(cls, family: str, seed: int = 0, **kwargs) -> Ego:
         """A tiny random-weight model of `family`'s real architecture, built offline (for tests and demos)."""
         return cls.from_pretrained(f"tiny-{family}", seed=seed, **kwargs)
 
@@ -233,7 +233,7 @@ class Ego:
         return Concept(name=name, embeddings=embeddings, model_id=self.model_id,
                        views=tuple(view for view, _, _ in made), residuals=residuals)
 
-    def encode_reference(self, picture) -> "Reference":
+    def encode_reference(self, picture) -> Reference:
         """(1) X_R: the projector output the LLM would receive for this reference image, [N_r, D]."""
         encoded = self.backend.encode(
             self.backend.chat_text([{"type": "image"}, {"type": "text", "text": prompts.DESCRIBE_PROMPT}]),
@@ -246,8 +246,8 @@ class Ego:
             raise RuntimeError(f"visual tokens disagree: {rows.shape[0]} rows, {columns.numel()} columns, grid {grid}")
         return Reference(encoded=encoded, rows=rows, grid=grid)
 
-    def describe(self, reference: "Reference", layers, *, user_keywords=None, size_new_tokens: int,
-                 timings: dict | None = None) -> "Description":
+    def describe(self, reference: Reference, layers, *, user_keywords=None, size_new_tokens: int,
+                 timings: dict | None = None) -> Description:
         """(2) and (4): the self-description (or the user's keywords) with the attention rows of its tokens
         recorded at `layers`, then the size question in the same conversation."""
         timings = {} if timings is None else timings
@@ -373,7 +373,7 @@ class Ego:
                     with torch.no_grad(), self.backend.memory_residuals(*prepared["residuals"]):
                         self.model.generate(**prepared["generate"], streamer=streamer,
                                             stopping_criteria=StoppingCriteriaList([_Stop()]))
-                except Exception as error:  # re-raised in the caller's thread below
+                except Exception as error:  # noqa: BLE001 -- re-raised in the caller's thread below
                     failure.append(error)
                     streamer.end()
 

@@ -1,8 +1,7 @@
 """The attention capture: exact rows at the chosen layers only, in prefill and in cached decoding."""
 
 import torch
-from conftest import photo, tiny_engine
-from test_engine import eager_model, reference_inputs
+from conftest import eager_model, photo, reference_inputs, tiny_engine
 
 from ego.attention import AttentionCapture, capturing
 

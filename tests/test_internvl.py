@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import photo, tiny_engine
+
 from ego import IncompatibleMemoryError, load_concepts, save_concepts
 from ego.backends import backend_for_family, backend_for_model_type
 from ego.backends.internvl import InternVLBackend

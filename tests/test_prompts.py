@@ -1,10 +1,10 @@
 """Reading the model's answers: the size estimate and the keywords."""
 
 import pytest
+from conftest import tiny_engine
 
 from ego import prompts
 from ego.engine import _keyword_positions, memory_size
-from conftest import tiny_engine
 
 
 @pytest.mark.parametrize("answer, expected", [

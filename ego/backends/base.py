@@ -82,7 +82,8 @@ class Backend:
         raise NotImplementedError
 
     # --- vision -------------------------------------------------------------------------------
-    def encode(self, text: str, *, image=None, video=None, image_max_pixels: int, video_frame_max_pixels: int) -> Encoded:
+    def encode(self, text: str, *, image=None, video=None, image_max_pixels: int,
+               video_frame_max_pixels: int) -> Encoded:
         """Run the processor on one prompt with at most one image or one video ((frames, metadata))."""
         raise NotImplementedError
 
