@@ -10,7 +10,7 @@ import torch
 from conftest import eager_model, photo, reference_inputs, spy_on_generate, tiny_engine, with_settings
 
 from ego import Concept, IncompatibleMemoryError, InputError
-from ego.engine import _extend, _keyword_positions
+from ego.engine import _extend, keyword_positions
 
 
 def eager_importance(engine, family, picture, continuation_ids, keyword_offsets):
@@ -51,7 +51,7 @@ def test_eq3_eq4_match_eager_attention_on_the_generated_description(family):
     while description_ids and description_ids[-1] in engine.backend.stop_token_ids:
         description_ids.pop()
     assert engine.backend.tokenizer.decode(description_ids, skip_special_tokens=True) == view.description
-    offsets, _ = _keyword_positions(engine.backend.tokenizer, description_ids, content_only=True)
+    offsets, _ = keyword_positions(engine.backend.tokenizer, description_ids, content_only=True)
     expected, n_r = eager_importance(engine, family, picture, description_ids, offsets)
     torch.testing.assert_close(view.scores, expected, atol=2e-5, rtol=1e-4)
     assert view.grid[0] * view.grid[1] == n_r == view.scores.numel()
