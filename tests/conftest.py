@@ -166,6 +166,26 @@ def url(demo) -> str:
     return demo.local_url
 
 
+# The committed example photos, and a visitor of the Space through its HTTP API.
+EXAMPLE_PHOTO = str(Path(__file__).resolve().parent.parent / "examples" / "concepts" / "chelsea_1.jpg")
+EXAMPLE_QUERY = str(Path(__file__).resolve().parent.parent / "examples" / "scenes" / "chelsea_query.jpg")
+
+
+def visitor(url):
+    """A new visitor (a session of its own) of the Space at `url`, through gradio_client."""
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def introduce_through_api(client, name: str, photos=(EXAMPLE_PHOTO,)):
+    """A fast introduction: the visitor gives keywords and size, so the model does not describe the photo."""
+    from gradio_client import handle_file
+
+    return client.predict(name, [{"image": handle_file(p), "caption": None} for p in photos], "tabby cat", False,
+                          10, api_name="/introduce")
+
+
 @contextlib.contextmanager
 def chromium_browser():
     """Debian's Chromium driven by playwright (playwright never downloads a browser of its own)."""
