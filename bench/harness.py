@@ -255,7 +255,7 @@ def environment(engine) -> dict:
         "hidden_size": engine.hidden_size, "attention_layers_L": list(engine.layers),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": version("transformers"), "bitsandbytes": version("bitsandbytes")},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "load_average_at_end": _load_average(),
         "platform": platform.platform(),
     }
@@ -424,18 +424,31 @@ def bench_settings(engine, sizes: Sizes):
 
 
 def _measure(engine, sizes: Sizes, log) -> dict:
-    from ego.media import load_video
-
     count = max(COUNTS)
-    device = engine.device
-    memory = Memory(device)
-    stop_ids = engine.backend.stop_token_ids
+    memory = Memory(engine.device)
     references = [photo(i, sizes.reference_size) for i in range(count)]
     query = photo(1000, sizes.query_size)
     frames = video_frames(sizes.video_frames, sizes.video_size)
     weights_gib = memory.current_gib() if memory.cuda else engine.model.get_memory_footprint() / GIB
 
-    # --- introduction ------------------------------------------------------------------------
+    introduced, introduce = _measure_introduction(engine, sizes, memory, references, log)
+    concepts = _padded_concepts(introduced, count)
+    storage = _measure_storage(concepts, count)
+    plan = _question_plan(engine, sizes, concepts, references, query, frames)
+    runs = _run_plan(engine, sizes, memory, plan, log)
+    scenarios = _scenarios(plan, runs, log)
+    storage.update(_context_growth(scenarios))
+    return {
+        "meta": _meta(engine, sizes, memory, weights_gib, query, frames),
+        "introduce": introduce,
+        "storage": storage,
+        "scenarios": scenarios,
+    }
+
+
+def _measure_introduction(engine, sizes: Sizes, memory, references, log) -> tuple[list, dict]:
+    """One warm-up introduction, then `sizes.concepts_introduced` timed ones: (the concepts, their summary)."""
+    stop_ids = engine.backend.stop_token_ids
     log(f"introducing 1 warm-up + {sizes.concepts_introduced} concepts")
     introduced, records = [], []
     with forced_generation(engine.model, stop_ids, []):
@@ -443,11 +456,11 @@ def _measure(engine, sizes: Sizes, log) -> dict:
     for i in range(sizes.concepts_introduced):
         generated: list[int] = []
         memory.reset()
-        _sync(device)
+        _sync(engine.device)
         started = time.perf_counter()
         with forced_generation(engine.model, stop_ids, generated):
             concept = engine.introduce(f"concept {i + 1}", references[i])
-        _sync(device)
+        _sync(engine.device)
         total = time.perf_counter() - started
         stages = dict(concept.views[0].timings_s)
         records.append({"total_s": total, "peak_mem_gib": memory.peak_gib(), "stages": stages,
@@ -470,21 +483,26 @@ def _measure(engine, sizes: Sizes, log) -> dict:
     }
     log(f"introduction: {introduce['total_s']:.3f} s per concept (median), stages "
         + ", ".join(f"{k} {v:.3f}" for k, v in introduce["stages_s"].items()))
+    return introduced, introduce
 
-    # Up to 20 concepts: the introduced ones, then copies under new names (the memories' values do not
-    # change the cost of a question, only their number of rows does).
+
+def _padded_concepts(introduced: list, count: int) -> list:
+    """Up to `count` concepts: the introduced ones, then copies under new names (the memories' values do not
+    change the cost of a question, only their number of rows does)."""
     concepts = list(introduced)
     for i in range(len(concepts), count):
         source = introduced[i % len(introduced)]
         concepts.append(replace(source, name=f"concept {i + 1}"))
+    return concepts
 
-    # --- storage -------------------------------------------------------------------------------
+
+def _measure_storage(concepts: list, count: int) -> dict:
     from ego import save_concepts
 
     with tempfile.TemporaryDirectory(prefix="ego-bench-") as folder:
         one = save_concepts(Path(folder) / "one.safetensors", concepts[:1]).stat().st_size
         many = save_concepts(Path(folder) / "many.safetensors", concepts[:count]).stat().st_size
-    storage = {
+    return {
         "concept_nbytes": _median([c.nbytes for c in concepts[:count]]),
         "memory_tokens_per_concept": _median([c.num_tokens for c in concepts[:count]]),
         "memory_dtype": str(concepts[0].embeddings.dtype).replace("torch.", ""),
@@ -494,7 +512,10 @@ def _measure(engine, sizes: Sizes, log) -> dict:
         "file_mb_per_concept": many / count / 1e6,
     }
 
-    # --- questions -----------------------------------------------------------------------------
+
+def _question_plan(engine, sizes: Sizes, concepts, references, query, frames) -> list[tuple]:
+    """(name, medium, method, concepts, call) of every question scenario; a call returns (context tokens,
+    memory tokens)."""
     def ego(n, *, video=False):
         def call():
             answer = engine.answer(VIDEO_QUESTION if video else QUESTION, concepts[:n],
@@ -512,8 +533,13 @@ def _measure(engine, sizes: Sizes, log) -> dict:
     plan += [(f"refs_{n}", "image", "references", n, refs(n)) for n in COUNTS]
     plan += [("video_plain", "video", "plain", 0, ego(0, video=True)), ("video_ego_5", "video", "ego", 5,
                                                                         ego(5, video=True))]
-    # One warm-up call per scenario, then the repeats round-robin over the scenarios (alternating the
-    # order), so that a machine whose load drifts during the run shifts every scenario alike.
+    return plan
+
+
+def _run_plan(engine, sizes: Sizes, memory, plan: list[tuple], log) -> dict[str, dict]:
+    """One warm-up call per scenario, then the repeats round-robin over the scenarios (alternating the
+    order), so that a machine whose load drifts during the run shifts every scenario alike."""
+    device, stop_ids = engine.device, engine.backend.stop_token_ids
     runs = {name: {"latencies": [], "peaks": [], "generated": [], "tokens": None} for name, *_ in plan}
     for name, *_, call in plan:
         started = time.perf_counter()
@@ -535,6 +561,11 @@ def _measure(engine, sizes: Sizes, log) -> dict:
             if tokens != runs[name]["tokens"]:
                 raise RuntimeError(f"{name}: the context changed between calls ({runs[name]['tokens']} -> {tokens})")
         log(f"repeat {repeat + 1}/{sizes.repeats} done")
+    return runs
+
+
+def _scenarios(plan: list[tuple], runs: dict[str, dict], log) -> dict[str, dict]:
+    """Each scenario's medians, and its ratios to the plain question on the same medium."""
     scenarios = {}
     for name, medium, method, n, _ in plan:
         record = runs[name]
@@ -555,30 +586,36 @@ def _measure(engine, sizes: Sizes, log) -> dict:
         entry["fastest_s"] = min(entry["latency_runs_s"])
         entry["fastest_ratio_to_plain"] = entry["fastest_s"] / min(plain["latency_runs_s"])
         entry["context_ratio_to_plain"] = entry["context_tokens"] / plain["context_tokens"]
+    return scenarios
+
+
+def _context_growth(scenarios: dict[str, dict]) -> dict:
+    """Context tokens added per concept memory, and per reference photo, between the fewest and the most."""
     ego_context = {n: scenarios[f"ego_{n}"]["context_tokens"] for n in COUNTS}
-    storage["context_tokens_per_concept"] = (ego_context[max(COUNTS)] - ego_context[min(COUNTS)]) / (
-        max(COUNTS) - min(COUNTS))
-    storage["reference_tokens_per_photo"] = (scenarios[f"refs_{max(COUNTS)}"]["context_tokens"]
-                                             - scenarios[f"refs_{min(COUNTS)}"]["context_tokens"]) / (
-        max(COUNTS) - min(COUNTS))
+    return {
+        "context_tokens_per_concept": (ego_context[max(COUNTS)] - ego_context[min(COUNTS)]) / (
+            max(COUNTS) - min(COUNTS)),
+        "reference_tokens_per_photo": (scenarios[f"refs_{max(COUNTS)}"]["context_tokens"]
+                                       - scenarios[f"refs_{min(COUNTS)}"]["context_tokens"]) / (
+            max(COUNTS) - min(COUNTS)),
+    }
+
+
+def _meta(engine, sizes: Sizes, memory, weights_gib: float, query, frames) -> dict:
+    from ego.media import load_video
 
     return {
-        "meta": {
-            "sizes": asdict(sizes), "memory_measure": memory.kind, "weights_gib": weights_gib,
-            "settings": {k: getattr(engine.settings, k) for k in (
-                "k_cap_tokens", "reference_max_pixels", "query_image_max_pixels", "video_num_frames",
-                "video_frame_max_pixels", "description_max_new_tokens", "size_max_new_tokens",
-                "max_concepts_in_context")},
-            "question": QUESTION, "video_question": VIDEO_QUESTION,
-            "query_visual_tokens": visual_tokens(engine, image=query),
-            "video_visual_tokens": visual_tokens(engine, video=load_video(frames, engine.settings)),
-            "forced_lengths": "every generation runs to its cap: min_new_tokens = max_new_tokens, stop tokens "
-                              "suppressed",
-            "note": "random weights: the texts are meaningless, the costs are those of the architecture",
-        },
-        "introduce": introduce,
-        "storage": storage,
-        "scenarios": scenarios,
+        "sizes": asdict(sizes), "memory_measure": memory.kind, "weights_gib": weights_gib,
+        "settings": {k: getattr(engine.settings, k) for k in (
+            "k_cap_tokens", "reference_max_pixels", "query_image_max_pixels", "video_num_frames",
+            "video_frame_max_pixels", "description_max_new_tokens", "size_max_new_tokens",
+            "max_concepts_in_context")},
+        "question": QUESTION, "video_question": VIDEO_QUESTION,
+        "query_visual_tokens": visual_tokens(engine, image=query),
+        "video_visual_tokens": visual_tokens(engine, video=load_video(frames, engine.settings)),
+        "forced_lengths": "every generation runs to its cap: min_new_tokens = max_new_tokens, stop tokens "
+                          "suppressed",
+        "note": "random weights: the texts are meaningless, the costs are those of the architecture",
     }
 
 
@@ -634,8 +671,7 @@ def profile(engine, sizes: Sizes, log=lambda message: None) -> dict:
     the GPU was busy (union of the intervals of its kernels, copies and sets: overlapping work counted
     once), the share of the wall time it was idle, the number of device operations launched, and the
     operations with the most device time and the most host (self CPU) time."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
+    from torch.profiler import ProfilerActivity, profile as torch_profile
 
     device = engine.device
     stop_ids = engine.backend.stop_token_ids
@@ -811,7 +847,8 @@ def markdown(results: dict) -> str:
     ]
     for entry in results["scenarios"].values():
         lines.append(f"| {_label(entry)} | {entry['context_tokens']} | {entry['latency_s']:.3f} | "
-                     f"{entry['ratio_to_plain']:.2f} | {entry['fastest_s']:.3f} | {entry['fastest_ratio_to_plain']:.2f} | "
+                     f"{entry['ratio_to_plain']:.2f} | {entry['fastest_s']:.3f} | "
+                     f"{entry['fastest_ratio_to_plain']:.2f} | "
                      f"{entry['context_ratio_to_plain']:.2f} | {entry['peak_mem_gib']:.2f} |")
     lines += [
         "",
@@ -854,7 +891,8 @@ def markdown(results: dict) -> str:
         lines.append("")
     if "profile" in results:
         lines += ["## Profile (one call each under torch.profiler)", "",
-                  "| call | wall (s) | device busy (s) | device idle | device operations | host time in torch ops (s) |",
+                  "| call | wall (s) | device busy (s) | device idle | device operations "
+                  "| host time in torch ops (s) |",
                   "|---|---:|---:|---:|---:|---:|"]
         calls = {k: v for k, v in results["profile"].items() if isinstance(v, dict)}
         for name, entry in calls.items():

@@ -9,11 +9,15 @@ description's attention comes for free, without a second forward pass.
 
 The function is registered with both `AttentionInterface` and `AttentionMaskInterface`: for a name the
 mask interface does not know, transformers builds no mask at all.
+
+The active capture is held in a context variable: it belongs to the thread (or task) that opened it, so two
+engines capturing in two threads at once each record only their own model calls.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from dataclasses import dataclass, field
 
 import torch
@@ -47,18 +51,18 @@ class AttentionCapture:
         return set.intersection(*sets) if sets else set()
 
 
-_active: AttentionCapture | None = None
+_active: contextvars.ContextVar[AttentionCapture | None] = contextvars.ContextVar("ego_attention_capture",
+                                                                                  default=None)
 
 
 @contextlib.contextmanager
 def capturing(capture: AttentionCapture):
-    """Record attention rows into `capture` for the model calls made inside the block."""
-    global _active
-    _active = capture
+    """Record attention rows into `capture` for the model calls made inside the block, in this thread."""
+    token = _active.set(capture)
     try:
         yield capture
     finally:
-        _active = None
+        _active.reset(token)
 
 
 def _record(capture: AttentionCapture, layer: int, query, key, attention_mask, scaling) -> None:
@@ -88,7 +92,7 @@ def _record(capture: AttentionCapture, layer: int, query, key, attention_mask, s
 
 def capture_attention_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """SDPA, plus a record of the captured rows when this layer is in the active capture."""
-    capture = _active
+    capture = _active.get()
     layer = getattr(module, "layer_idx", None)
     if capture is not None and layer in capture.layers:
         _record(capture, layer, query, key, attention_mask,

@@ -126,7 +126,7 @@ def describe_with_attention(engine, image, mask=None) -> DescribedImage:
     With a `mask`, it is mapped onto the token grid first, and an image whose mask covers no visual token
     is skipped before the language model runs. Raises SkipImage.
     """
-    from .engine import _keyword_positions  # imports transformers: not needed for --help
+    from .engine import keyword_positions, layer_importance  # imports transformers: not needed for --help
     from .errors import InputError
 
     try:
@@ -142,13 +142,12 @@ def describe_with_attention(engine, image, mask=None) -> DescribedImage:
     if not described.ids:
         raise SkipImage("the description is empty")
     tokenizer = engine.backend.tokenizer
-    positions, keywords = _keyword_positions(tokenizer, described.ids, content_only=True)
+    positions, keywords = keyword_positions(tokenizer, described.ids, content_only=True)
     recorded = described.capture.recorded_positions()
     rows = [described.start + i for i in positions if described.start + i in recorded]
     if not rows:
         raise SkipImage("the description has no words")
-    attention = described.capture.matrix(rows)                         # [num_layers, H, N_w, N_r]
-    importance = attention.mean(dim=2).mean(dim=1).cpu()               # [num_layers, N_r]
+    importance = layer_importance(described.capture, rows)            # [num_layers, N_r]
     description = tokenizer.decode(described.ids, skip_special_tokens=True)
     return DescribedImage(importance=importance, grid=(int(reference.grid[0]), int(reference.grid[1])),
                           description=description, keywords=tuple(keywords), objects=objects)
@@ -249,7 +248,7 @@ def calibrate(engine, pairs: Iterable, keep: int = 5, top_k: int = 50,
     for index, pair in enumerate(pairs, 1):
         name, image, mask = pair if len(pair) == 3 else (_name_of(pair[0], index), *pair)
         try:
-            with engine._model_call():
+            with engine.exclusive_use():
                 described = describe_with_attention(engine, image, mask)
         except SkipImage as reason:
             skipped.append((name, str(reason)))

@@ -33,8 +33,9 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +104,67 @@ class Description:
     size_answer: str
 
 
+@dataclass
+class Query:
+    """A checked question (section 3.2's input): its text, the concepts given, at most one image or video."""
+
+    text: str
+    concepts: list[Concept]
+    picture: Any | None
+    clip: Any | None
+    """(frames, metadata) of a video, as `load_video` returns it."""
+    max_new_tokens: int
+
+    @property
+    def visual_block(self) -> list[dict]:
+        """The chat block of the image or video, if any."""
+        if self.picture is not None:
+            return [{"type": "image"}]
+        return [{"type": "video"}] if self.clip is not None else []
+
+
+@dataclass
+class Selection:
+    """Which concepts go into the context, and what comparing them with the query found."""
+
+    kept: list[Concept]
+    dropped: list[Concept]
+    """Lowest ranked last."""
+    probe: Encoded | None = None
+    """The query encoded for ranking, when there were more concepts than fit (its vision outputs are reused)."""
+    scores: list[float] = field(default_factory=list)
+    maps: list[torch.Tensor] = field(default_factory=list)
+    rows_on_device: dict[int, torch.Tensor] | None = None
+    """id(concept) -> its memory rows [K_c, D] in the one device copy made for the comparison."""
+
+    def kept_rows(self) -> torch.Tensor:
+        """The kept memories from the comparison's device copy: [sum K, D]."""
+        return torch.cat([self.rows_on_device[id(c)] for c in self.kept])
+
+
+@dataclass
+class PreparedAnswer:
+    """One question, ready for generate: its arguments and what the answer reports about its context."""
+
+    generate: dict[str, Any]
+    """Keyword arguments of `model.generate` (input_ids [1, L], inputs_embeds [1, L, D], ...)."""
+    slots: torch.Tensor
+    """The memory placeholders: bool [1, L]."""
+    residuals: torch.Tensor | None
+    """The kept memories' residuals [levels, M, D], added at the slots (`Backend.memory_residuals`)."""
+    used: list[str]
+    dropped: list[str]
+    context_tokens: int
+    memory_tokens: int
+    similarity: list[tuple[str, float]]
+    similarity_maps: list[tuple[str, torch.Tensor]]
+
+    def answer(self, text: str) -> Answer:
+        return Answer(text, used=self.used, dropped=self.dropped, context_tokens=self.context_tokens,
+                      memory_tokens=self.memory_tokens, similarity=self.similarity,
+                      similarity_maps=self.similarity_maps)
+
+
 class Ego:
     """A vision-language model that can be personalized with concepts, one model call at a time."""
 
@@ -127,12 +189,13 @@ class Ego:
     # ------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_PRESET, *, quantization="auto", device=None, layers=None,
-                        k_cap: int = 50, settings: Settings | None = None, seed: int = 0) -> "Ego":
+                        k_cap: int | None = None, settings: Settings | None = None, seed: int = 0) -> Ego:
         """Load a preset name (see `ego.presets.PRESETS`), a Hub id or a local checkpoint folder.
 
         quantization: "auto" = 4-bit NF4 on CUDA, unquantized elsewhere; "4bit", "8bit" or None force it.
         layers: the attention layers L (indices, or a JSON file written by `python -m ego.calibrate`);
         by default the preset's calibrated layers, else the paper's layers scaled to this model's depth.
+        k_cap: K of Eq. 4; given, it replaces `settings.k_cap_tokens`, left out, the settings' value stands.
         """
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
@@ -176,12 +239,14 @@ class Ego:
         else:
             layers = depth_scaled_layers(num_layers)
             note = preset.layers_note if preset is not None else UNCALIBRATED
-        settings = (settings or DEFAULT_SETTINGS).replace(k_cap_tokens=k_cap)
+        settings = settings or DEFAULT_SETTINGS
+        if k_cap is not None:
+            settings = settings.replace(k_cap_tokens=k_cap)
         return cls(loaded, processor, family=family, backend_cls=backend_cls, model_id=model_id,
                    layers=layers, layers_note=note, settings=settings)
 
     @classmethod
-    def tiny(cls, family: str, seed: int = 0, **kwargs) -> "Ego":
+    def tiny(cls, family: str, seed: int = 0, **kwargs) -> Ego:
         """A tiny random-weight model of `family`'s real architecture, built offline (for tests and demos)."""
         return cls.from_pretrained(f"tiny-{family}", seed=seed, **kwargs)
 
@@ -222,7 +287,7 @@ class Ego:
         user_keywords = checks.check_keywords(keywords)
         area_pct = checks.check_area_pct(area_pct)
         pictures = [load_image(image, self.settings) for image in images]  # all checked before any model call
-        with self._model_call():
+        with self.exclusive_use():
             made = [self._introduce_view(picture, user_keywords, area_pct) for picture in pictures]
         embeddings = torch.cat([rows for _, rows, _ in made]).to(self.memory_dtype)
         residuals = (torch.cat([extra for _, _, extra in made], dim=1).to(self.memory_dtype)
@@ -230,7 +295,7 @@ class Ego:
         return Concept(name=name, embeddings=embeddings, model_id=self.model_id,
                        views=tuple(view for view, _, _ in made), residuals=residuals)
 
-    def encode_reference(self, picture) -> "Reference":
+    def encode_reference(self, picture) -> Reference:
         """(1) X_R: the projector output the LLM would receive for this reference image, [N_r, D]."""
         encoded = self.backend.encode(
             self.backend.chat_text([{"type": "image"}, {"type": "text", "text": prompts.DESCRIBE_PROMPT}]),
@@ -243,8 +308,8 @@ class Ego:
             raise RuntimeError(f"visual tokens disagree: {rows.shape[0]} rows, {columns.numel()} columns, grid {grid}")
         return Reference(encoded=encoded, rows=rows, grid=grid)
 
-    def describe(self, reference: "Reference", layers, *, user_keywords=None, size_new_tokens: int,
-                 timings: dict | None = None) -> "Description":
+    def describe(self, reference: Reference, layers, *, user_keywords=None, size_new_tokens: int,
+                 timings: dict | None = None) -> Description:
         """(2) and (4): the self-description (or the user's keywords) with the attention rows of its tokens
         recorded at `layers`, then the size question in the same conversation."""
         timings = {} if timings is None else timings
@@ -303,12 +368,11 @@ class Ego:
 
         # Keywords: the description's content words (stop-words and punctuation dropped), or the user's.
         description = tokenizer.decode(description_ids, skip_special_tokens=True)
-        positions, keywords = _keyword_positions(tokenizer, description_ids, content_only=user_keywords is None)
+        positions, keywords = keyword_positions(tokenizer, description_ids, content_only=user_keywords is None)
         keyword_rows = [start + i for i in positions]
 
         # (3) Eq. 3: I_j = mean over layers l in L, heads h, keywords n of A^{l,h}_{wr}[n, j].
-        attention = described.capture.matrix(keyword_rows)          # [|L|, H, N_w, N_r]
-        scores = attention.mean(dim=2).mean(dim=1).mean(dim=0).cpu()   # [N_r]
+        scores = layer_importance(described.capture, keyword_rows).mean(dim=0)   # [N_r]
         timings["scores_s"] = clock.lap()
 
         # (5) Eq. 4, then (6) top-K_c tokens in raster order.
@@ -342,13 +406,13 @@ class Ego:
     def answer(self, question: str, concepts: Sequence[Concept] = (), *, image=None, video=None,
                max_new_tokens: int | None = None) -> Answer:
         """Answer `question` about an image or a video (or neither), knowing `concepts`."""
-        with self._model_call():
+        with self.exclusive_use():
             prepared = self._prepare_answer(question, concepts, image, video, max_new_tokens)
-            with torch.no_grad(), self.backend.memory_residuals(*prepared["residuals"]):
-                out = self.model.generate(**prepared["generate"])
-        new = out[0, prepared["context_tokens"]:]
+            with torch.no_grad(), self.backend.memory_residuals(prepared.slots, prepared.residuals):
+                out = self.model.generate(**prepared.generate)
+        new = out[0, prepared.context_tokens:]
         text = self.backend.tokenizer.decode(new, skip_special_tokens=True).strip()
-        return Answer(text, **prepared["meta"])
+        return prepared.answer(text)
 
     def stream_answer(self, question: str, concepts: Sequence[Concept] = (), *, image=None, video=None,
                       max_new_tokens: int | None = None) -> Iterator[Answer]:
@@ -360,17 +424,17 @@ class Ego:
                 return stop.is_set()
 
         stop, failure = threading.Event(), []
-        with self._model_call():
+        with self.exclusive_use():
             prepared = self._prepare_answer(question, concepts, image, video, max_new_tokens)
             streamer = TextIteratorStreamer(self.backend.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                             timeout=0.1)
 
             def run():
                 try:
-                    with torch.no_grad(), self.backend.memory_residuals(*prepared["residuals"]):
-                        self.model.generate(**prepared["generate"], streamer=streamer,
+                    with torch.no_grad(), self.backend.memory_residuals(prepared.slots, prepared.residuals):
+                        self.model.generate(**prepared.generate, streamer=streamer,
                                             stopping_criteria=StoppingCriteriaList([_Stop()]))
-                except Exception as error:  # re-raised in the caller's thread below
+                except Exception as error:  # noqa: BLE001 -- re-raised in the caller's thread below
                     failure.append(error)
                     streamer.end()
 
@@ -388,15 +452,37 @@ class Ego:
                     except StopIteration:
                         break
                     text += piece
-                    yield Answer(text, **prepared["meta"])
+                    yield prepared.answer(text)
             finally:
                 stop.set()
                 worker.join(self.settings.stream_stop_timeout_s)
             if failure:
                 raise failure[0]
-            yield Answer(text.strip(), **prepared["meta"])
+            yield prepared.answer(text.strip())
 
-    def _prepare_answer(self, question, concepts, image, video, max_new_tokens) -> dict:
+    def _prepare_answer(self, question, concepts, image, video, max_new_tokens) -> PreparedAnswer:
+        """Section 3.2 for one question: check it, choose the concepts, build the context, put the memories in."""
+        query = self._check_question(question, concepts, image, video, max_new_tokens)
+        selection = self._select_concepts(query)
+        encoded = self._encode_query(query, self._context_blocks(query, selection.kept))
+        memory = selection.kept_rows() if selection.rows_on_device else self._memories_on_device(selection.kept)
+        if selection.probe is not None:
+            encoded.encoder_outputs = selection.probe.encoder_outputs  # the query was encoded once, for ranking
+        elif query.visual_block:
+            selection.scores, selection.maps = self._compare(query, encoded, memory)  # every concept is kept
+        input_ids, embeds, slots = self._soft_prompt(encoded, memory)
+        names = [c.name for c in query.concepts]
+        return PreparedAnswer(
+            generate=dict(input_ids=input_ids, inputs_embeds=embeds, **self.backend.generate_kwargs(encoded),
+                          max_new_tokens=query.max_new_tokens, **self.decoding),
+            slots=slots[None], residuals=self._memory_residuals(selection.kept),
+            used=[c.name for c in selection.kept], dropped=[c.name for c in selection.dropped],
+            context_tokens=input_ids.shape[1], memory_tokens=int(memory.shape[0]),
+            similarity=list(zip(names, selection.scores)), similarity_maps=list(zip(names, selection.maps)),
+        )
+
+    def _check_question(self, question, concepts, image, video, max_new_tokens) -> Query:
+        """Every check before any model call: the text, the length cap, the concepts' model, the media."""
         question = prompts.neutralize(checks.check_question(question, self.settings), self.backend.special_strings)
         max_new_tokens = checks.check_max_new_tokens(max_new_tokens, self.settings)
         if image is not None and video is not None:
@@ -411,41 +497,49 @@ class Ego:
                     f"introduce it again with this model.")
         picture = load_image(image, self.settings) if image is not None else None
         clip = load_video(video, self.settings) if video is not None else None
-        visual_block = [{"type": "image"}] if picture is not None else [{"type": "video"}] if clip is not None else []
+        return Query(text=question, concepts=concepts, picture=picture, clip=clip, max_new_tokens=max_new_tokens)
 
-        def encode(text_blocks):
-            return self.backend.encode(
-                self.backend.chat_text(text_blocks), image=picture, video=clip,
-                image_max_pixels=self.settings.query_image_max_pixels,
-                video_frame_max_pixels=self.settings.video_frame_max_pixels,
-            )
+    def _encode_query(self, query: Query, text_blocks: list[dict]) -> Encoded:
+        return self.backend.encode(
+            self.backend.chat_text(text_blocks), image=query.picture, video=query.clip,
+            image_max_pixels=self.settings.query_image_max_pixels,
+            video_frame_max_pixels=self.settings.video_frame_max_pixels,
+        )
 
-        def compare(query: Encoded, memory=None) -> tuple[list[float], list[torch.Tensor]]:
-            """Run the vision tower on the photo or clip (once: generate reuses it) and compare every concept
-            with its visual tokens (once: ranking, scores and maps share one cosine matrix)."""
-            rows = self.backend.encode_vision(query)                                       # [N, D]
-            if not concepts or not rows.shape[0]:
-                return [], []
-            located = self.backend.query_map(query) if picture is not None else None
-            return similarity_to_query(concepts, rows, located, memory=memory)
+    def _compare(self, query: Query, encoded: Encoded, memory=None) -> tuple[list[float], list[torch.Tensor]]:
+        """Run the vision tower on the photo or clip (once: generate reuses it) and compare every concept
+        with its visual tokens (once: ranking, scores and maps share one cosine matrix)."""
+        rows = self.backend.encode_vision(encoded)                                      # [N, D]
+        if not query.concepts or not rows.shape[0]:
+            return [], []
+        located = self.backend.query_map(encoded) if query.picture is not None else None
+        return similarity_to_query(query.concepts, rows, located, memory=memory)
 
-        def on_device(group) -> torch.Tensor:
-            """The memories of `group` on the model's device, in one copy: [sum K, D]."""
-            if not group:
-                return torch.zeros(0, self.hidden_size, dtype=self.memory_dtype, device=self.device)
-            return torch.cat([c.embeddings for c in group]).to(self.device)
+    def _memories_on_device(self, group: Sequence[Concept]) -> torch.Tensor:
+        """The memories of `group` on the model's device, in one copy: [sum K, D]."""
+        if not group:
+            return torch.zeros(0, self.hidden_size, dtype=self.memory_dtype, device=self.device)
+        return torch.cat([c.embeddings for c in group]).to(self.device)
 
-        kept, dropped, probe, scores, maps, rows_of = concepts, [], None, [], [], None
-        if len(concepts) > self.settings.max_concepts_in_context:
-            if visual_block:
-                probe = encode(visual_block + [{"type": "text", "text": question}])
-                everything = on_device(concepts)
-                scores, maps = compare(probe, everything)
-                # The kept ones' rows are taken from this copy below, not copied to the device again.
-                rows_of = dict(zip(map(id, concepts), everything.split([c.num_tokens for c in concepts])))
-            kept, dropped = select_concepts(concepts, self.settings.max_concepts_in_context, question=question,
-                                            scores=scores or None)
+    def _select_concepts(self, query: Query) -> Selection:
+        """All the concepts, or, with more than fit, the named ones and then the most similar to the query."""
+        concepts, keep = query.concepts, self.settings.max_concepts_in_context
+        selection = Selection(kept=concepts, dropped=[])
+        if len(concepts) <= keep:
+            return selection
+        if query.visual_block:
+            selection.probe = self._encode_query(query, query.visual_block + [{"type": "text", "text": query.text}])
+            everything = self._memories_on_device(concepts)
+            selection.scores, selection.maps = self._compare(query, selection.probe, everything)
+            # The kept ones' rows are taken from this copy, not copied to the device again.
+            selection.rows_on_device = dict(zip(map(id, concepts),
+                                                everything.split([c.num_tokens for c in concepts])))
+        selection.kept, selection.dropped = select_concepts(concepts, keep, question=query.text,
+                                                            scores=selection.scores or None)
+        return selection
 
+    def _context_blocks(self, query: Query, kept: Sequence[Concept]) -> list[dict]:
+        """The user turn: the kept memories, each after its name, then the image or video and the question."""
         blocks = []
         if kept:
             special = self.backend.special_strings
@@ -455,17 +549,12 @@ class Ego:
                 f"{self.backend.memory_close}\n" for c in kept
             )
             blocks.append({"type": "text", "text": prompts.MEMORY_INTRO + lines + prompts.MEMORY_OUTRO})
-        blocks += visual_block + [{"type": "text", "text": question}]
-        encoded = encode(blocks)
-        # The kept memories on the device: one copy serves the comparison and the context.
-        memory = torch.cat([rows_of[id(c)] for c in kept]) if rows_of else on_device(kept)   # [sum K, D]
-        if probe is not None:
-            encoded.encoder_outputs = probe.encoder_outputs  # the query image was encoded once, for ranking
-        elif visual_block:
-            scores, maps = compare(encoded, memory)  # here every concept is kept
-        names = [c.name for c in concepts]
-        similarity, maps = list(zip(names, scores)), list(zip(names, maps))
+        return blocks + query.visual_block + [{"type": "text", "text": query.text}]
 
+    def _soft_prompt(self, encoded: Encoded, memory: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids [1, L], input embeddings [1, L, D] with the memory rows at the placeholders, the
+        placeholders: bool [L])."""
         input_ids = encoded.inputs["input_ids"].to(self.device)   # [1, L]
         with torch.no_grad():
             embeds = self.model.get_input_embeddings()(input_ids).clone()  # [1, L, D]
@@ -473,24 +562,24 @@ class Ego:
         if int(slots.sum()) != memory.shape[0]:
             raise RuntimeError(f"{int(slots.sum())} memory placeholders for {memory.shape[0]} memory rows")
         embeds[0, slots] = memory.to(device=embeds.device, dtype=embeds.dtype)
-        residuals = None
-        if self.backend.residual_levels and kept:  # a memory saved without them adds nothing there
-            residuals = torch.cat([c.residuals if c.residuals is not None else c.embeddings.new_zeros(
-                self.backend.residual_levels, *c.embeddings.shape) for c in kept], dim=1)  # [levels, M, D]
-        generate = dict(input_ids=input_ids, inputs_embeds=embeds, **self.backend.generate_kwargs(encoded),
-                        max_new_tokens=max_new_tokens, **self.decoding)
-        meta = dict(used=[c.name for c in kept], dropped=[c.name for c in dropped],
-                    context_tokens=input_ids.shape[1], memory_tokens=int(memory.shape[0]), similarity=similarity,
-                    similarity_maps=maps)
-        return {"generate": generate, "meta": meta, "context_tokens": input_ids.shape[1],
-                "residuals": (slots[None], residuals)}
+        return input_ids, embeds, slots
+
+    def _memory_residuals(self, kept: Sequence[Concept]) -> torch.Tensor | None:
+        """The kept memories' residuals [levels, M, D], for a family that adds them (a memory saved without
+        them adds nothing there); None otherwise."""
+        if not self.backend.residual_levels or not kept:
+            return None
+        return torch.cat([c.residuals if c.residuals is not None else c.embeddings.new_zeros(
+            self.backend.residual_levels, *c.embeddings.shape) for c in kept], dim=1)  # [levels, M, D]
 
     # ------------------------------------------------------------------------------------------
     # The model guard
     # ------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _model_call(self):
-        """One model call at a time; an out-of-memory error frees memory and says what to change."""
+    def exclusive_use(self):
+        """The model to the caller alone for the block (other callers wait): one model call at a time; an
+        out-of-memory error frees memory and says what to change. Every engine call takes it; code that drives
+        the engine's steps itself (`ego.calibrate`) takes it around them."""
         with self._lock:
             out_of_memory = False
             try:
@@ -567,7 +656,14 @@ def select_concepts(concepts: Sequence[Concept], keep: int, *, question: str = "
     return kept, dropped
 
 
-def _keyword_positions(tokenizer, ids: list[int], *, content_only: bool) -> tuple[list[int], list[str]]:
+def layer_importance(capture: AttentionCapture, keyword_rows: Sequence[int]) -> torch.Tensor:
+    """Eq. 3 per layer: I^l_j = mean over heads h and keywords n of A^{l,h}_{wr}[n, j], for the layers of
+    `capture` in increasing order: float32 [|L|, N_r] on CPU. The importance is its mean over the layers."""
+    attention = capture.matrix(list(keyword_rows))                  # [|L|, H, N_w, N_r]
+    return attention.mean(dim=2).mean(dim=1).cpu()                  # [|L|, N_r]
+
+
+def keyword_positions(tokenizer, ids: list[int], *, content_only: bool) -> tuple[list[int], list[str]]:
     """Indices (into `ids`) of the tokens that spell the keywords, and the keywords.
 
     Fallbacks, in order: content words; any word; every token (a description with no words at all).

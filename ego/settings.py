@@ -84,7 +84,7 @@ class Settings:
     patch_view_max_px: int = 448
     """Longest side of the pictures that show which visual tokens a concept kept."""
 
-    def replace(self, **changes) -> "Settings":
+    def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)
 
     @property

@@ -13,10 +13,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import pytest
+import torch
+from PIL import Image
 
 torch.set_num_threads(2)
 
@@ -62,6 +62,44 @@ def with_settings(engine, **changes):
     other.__dict__.update(engine.__dict__)
     other.settings = engine.settings.replace(**changes)
     return other
+
+
+def spy_on_generate(monkeypatch, engine) -> list[dict]:
+    """Until `monkeypatch` is undone, `engine.model.generate` records the keyword arguments of every call, then runs."""
+    calls, original = [], engine.model.generate
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return original(**kwargs)
+
+    monkeypatch.setattr(engine.model, "generate", spy)
+    return calls
+
+
+_EAGER: dict = {}
+
+
+def eager_model(family: str):
+    """The same tiny checkpoint under transformers' eager attention (returns full attention maps)."""
+    from transformers import AutoModelForImageTextToText
+
+    from ego.tiny import tiny_checkpoint
+
+    if family not in _EAGER:
+        _EAGER[family] = AutoModelForImageTextToText.from_pretrained(
+            tiny_checkpoint(family), attn_implementation="eager", dtype=torch.float32).eval()
+    return _EAGER[family]
+
+
+def reference_inputs(engine, picture) -> dict:
+    """The processor output for `picture` as a reference image, built here rather than by the engine."""
+    from ego import prompts
+
+    text = engine.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompts.DESCRIBE_PROMPT}]}],
+        tokenize=False, add_generation_prompt=True)
+    return engine.backend.encode(text, image=picture, image_max_pixels=448 * 448,
+                                 video_frame_max_pixels=448 * 448).inputs
 
 
 @pytest.fixture(params=FAMILIES)
@@ -126,6 +164,26 @@ def demo(request):
 @pytest.fixture(scope="module")
 def url(demo) -> str:
     return demo.local_url
+
+
+# The committed example photos, and a visitor of the Space through its HTTP API.
+EXAMPLE_PHOTO = str(Path(__file__).resolve().parent.parent / "examples" / "concepts" / "chelsea_1.jpg")
+EXAMPLE_QUERY = str(Path(__file__).resolve().parent.parent / "examples" / "scenes" / "chelsea_query.jpg")
+
+
+def visitor(url):
+    """A new visitor (a session of its own) of the Space at `url`, through gradio_client."""
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def introduce_through_api(client, name: str, photos=(EXAMPLE_PHOTO,)):
+    """A fast introduction: the visitor gives keywords and size, so the model does not describe the photo."""
+    from gradio_client import handle_file
+
+    return client.predict(name, [{"image": handle_file(p), "caption": None} for p in photos], "tabby cat", False,
+                          10, api_name="/introduce")
 
 
 @contextlib.contextmanager

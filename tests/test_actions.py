@@ -7,8 +7,8 @@ import threading
 
 import gradio as gr
 import pytest
-from PIL import Image
 from conftest import tiny_engine, with_settings
+from PIL import Image
 
 from ego import DEFAULT_SETTINGS
 from space.actions import Actions

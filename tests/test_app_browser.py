@@ -1,7 +1,8 @@
 """The Space in a real browser (Debian chromium driven by playwright): example, introduce, ask, screenshot.
 
 Needs Debian's /usr/bin/chromium (`apt-get install -y chromium`) and the `playwright` package, which is
-pointed at that browser and never downloads one of its own. Set EGO_SKIP_BROWSER=1 to skip this test on a machine without chromium.
+pointed at that browser and never downloads one of its own. Set EGO_SKIP_BROWSER=1 to skip this test on a
+machine without chromium.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The attention capture: exact rows at the chosen layers only, in prefill and in cached decoding."""
 
+import threading
+
 import torch
-from conftest import photo, tiny_engine
-from test_engine import eager_model, reference_inputs
+from conftest import eager_model, photo, reference_inputs, tiny_engine
 
 from ego.attention import AttentionCapture, capturing
 
@@ -52,3 +53,48 @@ def test_nothing_is_recorded_outside_a_capture():
     with torch.no_grad():
         engine.model(**inputs)
     assert capture.rows == {}
+
+
+def _prompt_capture(engine, inputs) -> AttentionCapture:
+    """A capture of every prompt row's attention over the image, at the engine's layers."""
+    columns = (inputs["input_ids"][0] == engine.model.config.image_token_id).nonzero().squeeze(1)
+    return AttentionCapture(layers=frozenset(engine.layers), columns=columns, first_row=0)
+
+
+def test_two_engines_capturing_in_two_threads_each_get_their_own_rows():
+    engines = [tiny_engine("qwen2-vl"), tiny_engine("qwen2.5-vl")]
+    inputs = [reference_inputs(engine, photo(4 + i)) for i, engine in enumerate(engines)]
+    alone = []
+    for engine, given in zip(engines, inputs):
+        with capturing(_prompt_capture(engine, given)) as capture, torch.no_grad():
+            engine.model(**given)
+        alone.append(capture)
+
+    # Both captures are open before either model runs, and stay open until both have run.
+    both_open, both_ran = threading.Barrier(2, timeout=60), threading.Barrier(2, timeout=60)
+    together, failures = [None, None], []
+
+    def run(index):
+        try:
+            engine, given = engines[index], inputs[index]
+            with capturing(_prompt_capture(engine, given)) as capture, torch.no_grad():
+                both_open.wait()
+                engine.model(**given)
+                both_ran.wait()
+            together[index] = capture
+        except Exception as error:  # noqa: BLE001 -- reported in the test's thread below
+            failures.append(error)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures
+    for engine, given, capture, expected in zip(engines, inputs, together, alone):
+        length = given["input_ids"].shape[1]
+        assert capture.recorded_positions() == set(range(length))
+        for layer in engine.layers:
+            assert set(capture.rows[layer]) == set(range(length))
+            for position in range(length):
+                torch.testing.assert_close(capture.rows[layer][position], expected.rows[layer][position])

@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import photo, tiny_engine
 from PIL import Image
 
-from conftest import photo, tiny_engine
-from ego import attention
-from ego import calibrate as cal
+from ego import attention, calibrate as cal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,7 +162,7 @@ def test_cli_main_writes_loadable_layers(tmp_path, capsys):
     assert document["images"] == 2 and document["keep"] == 2 and len(document["layers"]) == 2
     assert [s["image"] for s in document["skipped"]] == ["000002.jpg", "000003.jpg"]
     assert document["skipped"][0]["reason"] == "the mask covers no visual token"
-    assert document["ranking"][:2] == sorted(document["ranking"][:2], key=lambda l: -document["scores"][str(l)])
+    assert document["ranking"][:2] == sorted(document["ranking"][:2], key=lambda layer: -document["scores"][str(layer)])
     assert sorted(document["ranking"][:2]) == document["layers"]
     assert Ego.from_pretrained("tiny-internvl3", layers=out).layers == tuple(document["layers"])
 

@@ -2,8 +2,7 @@
 
 import pytest
 
-from ego import DEFAULT_SETTINGS, InputError
-from ego import checks
+from ego import DEFAULT_SETTINGS, InputError, checks
 
 
 def test_names_are_folded_and_bounded():

@@ -7,30 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import photo, tiny_engine, with_settings
-from transformers import AutoModelForImageTextToText
+from conftest import eager_model, photo, reference_inputs, spy_on_generate, tiny_engine, with_settings
 
-from ego import Concept, IncompatibleMemoryError, InputError, prompts
-from ego.engine import _extend, _keyword_positions
-from ego.tiny import tiny_checkpoint
-
-_EAGER: dict = {}
-
-
-def eager_model(family: str):
-    """The same tiny checkpoint under transformers' eager attention (returns full attention maps)."""
-    if family not in _EAGER:
-        _EAGER[family] = AutoModelForImageTextToText.from_pretrained(
-            tiny_checkpoint(family), attn_implementation="eager", dtype=torch.float32).eval()
-    return _EAGER[family]
-
-
-def reference_inputs(engine, picture):
-    text = engine.processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompts.DESCRIBE_PROMPT}]}],
-        tokenize=False, add_generation_prompt=True)
-    return engine.backend.encode(text, image=picture, image_max_pixels=448 * 448,
-                                 video_frame_max_pixels=448 * 448).inputs
+from ego import Concept, IncompatibleMemoryError, InputError
+from ego.engine import _extend, keyword_positions
 
 
 def eager_importance(engine, family, picture, continuation_ids, keyword_offsets):
@@ -71,7 +51,7 @@ def test_eq3_eq4_match_eager_attention_on_the_generated_description(family):
     while description_ids and description_ids[-1] in engine.backend.stop_token_ids:
         description_ids.pop()
     assert engine.backend.tokenizer.decode(description_ids, skip_special_tokens=True) == view.description
-    offsets, _ = _keyword_positions(engine.backend.tokenizer, description_ids, content_only=True)
+    offsets, _ = keyword_positions(engine.backend.tokenizer, description_ids, content_only=True)
     expected, n_r = eager_importance(engine, family, picture, description_ids, offsets)
     torch.testing.assert_close(view.scores, expected, atol=2e-5, rtol=1e-4)
     assert view.grid[0] * view.grid[1] == n_r == view.scores.numel()
@@ -129,6 +109,14 @@ def test_smaller_cap_keeps_fewer_tokens():
     assert concept.views[0].k == 8 and concept.embeddings.shape[0] == 8
 
 
+def test_k_cap_given_wins_and_left_out_keeps_the_settings():
+    from ego import Settings
+
+    assert tiny_engine("qwen2-vl", settings=Settings(k_cap_tokens=30)).settings.k_cap_tokens == 30
+    assert tiny_engine("qwen2-vl", settings=Settings(k_cap_tokens=30), k_cap=12).settings.k_cap_tokens == 12
+    assert tiny_engine("qwen2-vl").settings.k_cap_tokens == Settings().k_cap_tokens
+
+
 class _EmbedsRecorder:
     """Records the input embeddings the language model receives on its first (prefill) call."""
 
@@ -141,32 +129,24 @@ class _EmbedsRecorder:
         if kwargs.get("inputs_embeds") is not None:
             self.calls.append(kwargs["inputs_embeds"].detach().clone())
 
-    def close(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
         self.handle.remove()
 
 
 @pytest.mark.parametrize("medium", ["image", "video"])
-def test_memories_reach_the_language_model_at_placeholder_positions(family, medium, tmp_path):
+def test_memories_reach_the_language_model_at_placeholder_positions(family, medium, monkeypatch):
     engine = tiny_engine(family)
     concepts = [engine.introduce(name, [photo(i)], keywords="subject", area_pct=area) for i, (name, area) in
                 enumerate([("Chelsea", 10), ("my mug", 4), ("rocket", 2)])]
     frames = torch.randint(0, 255, (4, 64, 96, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     query = {"image": photo(9)} if medium == "image" else {"video": frames.numpy()}
-    recorder = _EmbedsRecorder(engine)
-    captured_ids = []
-    original = engine.model.generate
-
-    def spy(**kwargs):
-        captured_ids.append(kwargs["input_ids"].clone())
-        return original(**kwargs)
-
-    engine.model.generate = spy
-    try:
+    generate_calls = spy_on_generate(monkeypatch, engine)
+    with _EmbedsRecorder(engine) as recorder:
         answer = engine.answer("Who is here?", concepts, max_new_tokens=3, **query)
-    finally:
-        engine.model.generate = original
-        recorder.close()
-    ids = captured_ids[0][0]
+    ids = generate_calls[0]["input_ids"][0]
     embeds = recorder.calls[0][0]
     slots = (ids == engine.backend.placeholder_id).nonzero().squeeze(1)
     memory = torch.cat([c.embeddings for c in concepts])
@@ -230,7 +210,7 @@ def test_too_many_concepts_keeps_the_most_similar_to_the_query():
     assert answer.concepts_used == ("twin",) and answer.concepts_dropped == ("other",)
 
 
-def test_with_concepts_left_out_the_kept_ones_memories_reach_the_language_model():
+def test_with_concepts_left_out_the_kept_ones_memories_reach_the_language_model(monkeypatch):
     engine = tiny_engine("qwen2-vl")
     engine_small = with_settings(engine, max_concepts_in_context=2)
     query = photo(11)
@@ -239,23 +219,12 @@ def test_with_concepts_left_out_the_kept_ones_memories_reach_the_language_model(
                 engine.introduce("twin", [query], area_pct=20),
                 engine.introduce("distant", [photo(13, size=(400, 120))], area_pct=2),
                 engine.introduce("Chelsea", [photo(14)], area_pct=10)]
-    recorder = _EmbedsRecorder(engine_small)
-    captured_ids = []
-    original = engine.model.generate
-
-    def spy(**kwargs):
-        captured_ids.append(kwargs["input_ids"].clone())
-        return original(**kwargs)
-
-    engine.model.generate = spy
-    try:
+    generate_calls = spy_on_generate(monkeypatch, engine_small)
+    with _EmbedsRecorder(engine_small) as recorder:
         answer = engine_small.answer("Is Chelsea here?", concepts, image=query, max_new_tokens=2)
-    finally:
-        engine.model.generate = original
-        recorder.close()
     assert answer.concepts_used == ("twin", "Chelsea")
     kept = [concepts[1], concepts[3]]
-    ids, embeds = captured_ids[0][0], recorder.calls[0][0]
+    ids, embeds = generate_calls[0]["input_ids"][0], recorder.calls[0][0]
     slots = (ids == engine.backend.placeholder_id).nonzero().squeeze(1)
     memory = torch.cat([c.embeddings for c in kept])
     assert slots.numel() == memory.shape[0] == answer.memory_tokens
@@ -364,26 +333,23 @@ def test_special_tokens_typed_by_a_visitor_stay_text():
     assert isinstance(concept, Concept)
 
 
-def test_out_of_memory_is_reported_and_the_next_request_works():
+def test_out_of_memory_is_reported_and_the_next_request_works(monkeypatch):
     from ego import ModelBusyError
 
     engine = tiny_engine("qwen2-vl")
-    original = engine.model.generate
     calls = []
 
     def exhausted(**kwargs):
         calls.append(1)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    engine.model.generate = exhausted
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.model, "generate", exhausted)
         with pytest.raises(ModelBusyError, match="smaller image"):
             engine.answer("What is this?", image=photo(0), max_new_tokens=2)
         with pytest.raises(ModelBusyError):
             list(engine.stream_answer("What is this?", image=photo(0), max_new_tokens=2))
         with pytest.raises(ModelBusyError):
             engine.introduce("Chelsea", [photo(0)])
-    finally:
-        engine.model.generate = original
     assert len(calls) == 3
     assert engine.answer("What is this?", image=photo(0), max_new_tokens=2) is not None

@@ -20,7 +20,15 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import photo, running_demo, tiny_engine
+from conftest import (
+    EXAMPLE_PHOTO,
+    EXAMPLE_QUERY,
+    introduce_through_api as introduce,
+    photo,
+    running_demo,
+    tiny_engine,
+    visitor,
+)
 from gradio.utils import get_upload_folder
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -29,27 +37,16 @@ from safetensors.torch import save_file
 
 from ego import DEFAULT_SETTINGS
 from space.actions import Actions
-from space.examples import EXAMPLES_DIR, Examples
+from space.examples import Examples
 from space.loading import LazyEngine
 from space.session import Session, forget
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = DEFAULT_SETTINGS.replace(answer_max_new_tokens=4, max_concepts_per_session=3, max_upload_mb=1)
-PHOTO = str(EXAMPLES_DIR / "concepts" / "chelsea_1.jpg")
-QUERY = str(EXAMPLES_DIR / "scenes" / "chelsea_query.jpg")
+PHOTO, QUERY = EXAMPLE_PHOTO, EXAMPLE_QUERY
 PASSWD_LINE = "root:"
 APP_SOURCE_LINE = "Ego, the Space"
 SECRET = b"secret served on the loopback interface"
-
-
-def visitor(url) -> Client:
-    return Client(url, verbose=False)
-
-
-def introduce(client: Client, name: str, photos=(PHOTO,)):
-    """A fast introduction: the visitor gives keywords and size, so the model does not describe the photo."""
-    return client.predict(name, [{"image": handle_file(p), "caption": None} for p in photos], "tabby cat", False,
-                          10, api_name="/introduce")
 
 
 def names(client: Client) -> list[str]:

@@ -16,17 +16,22 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import chromium_browser, tiny_engine
+from conftest import (
+    EXAMPLE_PHOTO,
+    EXAMPLE_QUERY,
+    chromium_browser,
+    introduce_through_api as introduce,
+    tiny_engine,
+    visitor,
+)
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ego import DEFAULT_SETTINGS
-from space.examples import EXAMPLES_DIR
 
 SETTINGS = DEFAULT_SETTINGS.replace(answer_max_new_tokens=1024, queue_max_size=2)
-PHOTO = str(EXAMPLES_DIR / "concepts" / "chelsea_1.jpg")
-QUERY = str(EXAMPLES_DIR / "scenes" / "chelsea_query.jpg")
+PHOTO, QUERY = EXAMPLE_PHOTO, EXAMPLE_QUERY
 
 
 class ModelProbe:
@@ -146,15 +151,6 @@ def model_is_idle(engine, within_s: float) -> bool:
             return True
         time.sleep(0.02)
     return False
-
-
-def visitor(url) -> Client:
-    return Client(url, verbose=False)
-
-
-def introduce(client: Client, name: str):
-    return client.predict(name, [{"image": handle_file(PHOTO), "caption": None}], "tabby cat", False, 10,
-                          api_name="/introduce")
 
 
 def ask(client: Client, compare: bool = False):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import photo, spy_on_generate, tiny_engine
 
-from conftest import photo, tiny_engine
 from ego import IncompatibleMemoryError, load_concepts, save_concepts
 from ego.backends import backend_for_family, backend_for_model_type
 from ego.backends.internvl import InternVLBackend
@@ -116,11 +116,10 @@ def test_video_frames_use_the_native_video_path(engine):
     assert "Frame1: <img>" in text and "Frame3: <img>" in text
 
 
-def test_memory_rows_reach_the_llm_input_embeddings(engine):
+def test_memory_rows_reach_the_llm_input_embeddings(engine, monkeypatch):
     concept = engine.introduce("Chelsea", [photo(0)], keywords="tabby, green eyes", area_pct=10)
     assert concept.num_tokens == 26                            # round(min(50, 10% of 256))
-    prepared = engine._prepare_answer("Is Chelsea here?", [concept], photo(1), None, 3)
-    generate = prepared["generate"]
+    generate_calls = spy_on_generate(monkeypatch, engine)
     seen = []
 
     def grab(module, args, kwargs):
@@ -129,10 +128,10 @@ def test_memory_rows_reach_the_llm_input_embeddings(engine):
 
     handle = engine.model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        with torch.no_grad():
-            engine.model.generate(**generate)
+        engine.answer("Is Chelsea here?", [concept], image=photo(1), max_new_tokens=3)
     finally:
         handle.remove()
+    generate = generate_calls[0]
     embeds, ids = seen[0][0], generate["input_ids"][0]
     slots = (ids == engine.backend.placeholder_id).nonzero().squeeze(1)
     assert slots.numel() == 26 and int(slots[-1] - slots[0]) == 25

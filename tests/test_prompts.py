@@ -1,10 +1,10 @@
 """Reading the model's answers: the size estimate and the keywords."""
 
 import pytest
+from conftest import tiny_engine
 
 from ego import prompts
-from ego.engine import _keyword_positions, memory_size
-from conftest import tiny_engine
+from ego.engine import keyword_positions, memory_size
 
 
 @pytest.mark.parametrize("answer, expected", [
@@ -56,7 +56,7 @@ def test_keyword_tokens_spell_exactly_the_content_words():
     tokenizer = tiny_engine("qwen2-vl").backend.tokenizer
     text = "A red ceramic mug with a handle."
     ids = tokenizer(text, add_special_tokens=False).input_ids
-    positions, words = _keyword_positions(tokenizer, ids, content_only=True)
+    positions, words = keyword_positions(tokenizer, ids, content_only=True)
     assert words == ["red", "ceramic", "mug", "handle"]
     spelled = "".join(tokenizer.decode([ids[i]]) for i in positions).split()
     assert spelled == ["red", "ceramic", "mug", "handle"]
@@ -65,10 +65,10 @@ def test_keyword_tokens_spell_exactly_the_content_words():
 def test_description_without_content_words_falls_back_to_all_words_then_all_tokens():
     tokenizer = tiny_engine("qwen2-vl").backend.tokenizer
     ids = tokenizer("it is the one.", add_special_tokens=False).input_ids
-    positions, words = _keyword_positions(tokenizer, ids, content_only=True)
+    positions, words = keyword_positions(tokenizer, ids, content_only=True)
     assert words == ["it", "is", "the", "one"] and len(positions) == 4
     punctuation = tokenizer("...", add_special_tokens=False).input_ids
-    positions, words = _keyword_positions(tokenizer, punctuation, content_only=True)
+    positions, words = keyword_positions(tokenizer, punctuation, content_only=True)
     assert positions == list(range(len(punctuation))) and words == []
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import photo, tiny_engine
-from test_engine import reference_inputs
+from conftest import photo, reference_inputs, spy_on_generate, tiny_engine
 
 from ego.memory import Concept
 
@@ -33,22 +32,6 @@ class _DeepstackRecorder:
 
     def __exit__(self, *exc):
         self.handle.remove()
-
-
-def _prompt_ids(engine, call):
-    """The input_ids of the next generate call made inside `call`."""
-    captured, original = [], engine.model.generate
-
-    def spy(**kwargs):
-        captured.append(kwargs["input_ids"][0].clone())
-        return original(**kwargs)
-
-    engine.model.generate = spy
-    try:
-        call()
-    finally:
-        engine.model.generate = original
-    return captured[0]
 
 
 def test_a_qwen3_memory_keeps_the_deepstack_features_of_its_kept_tokens():
@@ -78,7 +61,7 @@ def test_families_without_deepstack_keep_no_residuals():
 
 
 @pytest.mark.parametrize("medium", ["image", "video"])
-def test_the_model_adds_memory_residuals_at_the_slots_and_the_images_own_at_its_tokens(medium):
+def test_the_model_adds_memory_residuals_at_the_slots_and_the_images_own_at_its_tokens(medium, monkeypatch):
     engine = tiny_engine("qwen3-vl")
     concepts = [engine.introduce(name, [photo(i)], keywords="subject", area_pct=area)
                 for i, (name, area) in enumerate([("Chelsea", 10), ("my mug", 4)])]
@@ -86,8 +69,10 @@ def test_the_model_adds_memory_residuals_at_the_slots_and_the_images_own_at_its_
     query = {"image": photo(9)} if medium == "image" else {"video": frames.numpy()}
     with _DeepstackRecorder(engine) as plain:  # no memory: the model's own deepstack input for the query
         engine.answer("Who is here?", max_new_tokens=3, **query)
+    generate_calls = spy_on_generate(monkeypatch, engine)
     with _DeepstackRecorder(engine) as recorded:
-        ids = _prompt_ids(engine, lambda: engine.answer("Who is here?", concepts, max_new_tokens=3, **query))
+        engine.answer("Who is here?", concepts, max_new_tokens=3, **query)
+    ids = generate_calls[0]["input_ids"][0]
     prefill, *decoding = recorded.calls
     slots = ids == engine.backend.placeholder_id
     image = ids == getattr(engine.model.config, f"{medium}_token_id")
@@ -103,11 +88,13 @@ def test_the_model_adds_memory_residuals_at_the_slots_and_the_images_own_at_its_
     assert decoding and all(c["length"] == 1 and c["mask"] is None and c["features"] is None for c in decoding)
 
 
-def test_without_an_image_the_memory_is_the_only_visual_input():
+def test_without_an_image_the_memory_is_the_only_visual_input(monkeypatch):
     engine = tiny_engine("qwen3-vl")
     concept = engine.introduce("Chelsea", [photo(2)], keywords="cat", area_pct=8)
+    generate_calls = spy_on_generate(monkeypatch, engine)
     with _DeepstackRecorder(engine) as recorded:
-        ids = _prompt_ids(engine, lambda: engine.answer("Tell me about Chelsea.", [concept], max_new_tokens=2))
+        engine.answer("Tell me about Chelsea.", [concept], max_new_tokens=2)
+    ids = generate_calls[0]["input_ids"][0]
     prefill = recorded.calls[0]
     slots = ids == engine.backend.placeholder_id
     assert prefill["mask"][0].tolist() == slots.tolist()
@@ -115,27 +102,24 @@ def test_without_an_image_the_memory_is_the_only_visual_input():
         torch.testing.assert_close(features, concept.residuals[level].to(features.dtype))
 
 
-def test_residuals_change_the_answer_and_a_memory_without_them_still_works():
+def test_residuals_change_the_answer_and_a_memory_without_them_still_works(monkeypatch):
     """The residuals reach the model's computation (the logits move), and a Qwen3-VL memory that has none
     (made before they were kept) is answered with zeros there, like the plain soft prompt."""
     engine = tiny_engine("qwen3-vl")
     concept = engine.introduce("Chelsea", [photo(6)], keywords="cat", area_pct=20)
     bare = Concept(concept.name, concept.embeddings, concept.model_id, concept.views)
-    logits = {}
-    for label, memory in (("with", concept), ("without", bare)):
-        captured, original = [], engine.model.generate
+    first_step_logits, original = [], engine.model.generate
 
-        def spy(**kwargs):
-            out = original(**kwargs, output_logits=True, return_dict_in_generate=True)
-            captured.append(out.logits[0])
-            return out.sequences
+    def generate_with_logits(**kwargs):
+        out = original(**kwargs, output_logits=True, return_dict_in_generate=True)
+        first_step_logits.append(out.logits[0])
+        return out.sequences
 
-        engine.model.generate = spy
-        try:
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.model, "generate", generate_with_logits)
+        for memory in (concept, bare):
             engine.answer("Is Chelsea here?", [memory], image=photo(7), max_new_tokens=1)
-        finally:
-            engine.model.generate = original
-        logits[label] = captured[0]
+    logits = dict(zip(("with", "without"), first_step_logits))
     assert not torch.allclose(logits["with"], logits["without"])
     zeros = concept.residuals.new_zeros(concept.residuals.shape)
     zeroed = Concept(concept.name, concept.embeddings, concept.model_id, concept.views, residuals=zeros)

@@ -7,6 +7,7 @@ method: no keywords, no attention, no selection.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -26,8 +27,9 @@ class Encoded:
     """Vision-tower outputs computed once and reused by generate (never encode an image twice)."""
 
 
-class Backend:
-    """One model family. Subclasses fill in the family-specific parts."""
+class Backend(abc.ABC):
+    """One model family. Subclasses fill in the abstract, family-specific parts and override a default only
+    where their family differs."""
 
     model_types: ClassVar[dict[str, tuple[str, ...]]] = {}
     """family name -> transformers config.model_type values it serves."""
@@ -40,6 +42,8 @@ class Backend:
     memory_open: ClassVar[str] = ""
     memory_close: ClassVar[str] = ""
     """Text around a memory's placeholders, so the model reads them as visual content."""
+    vision_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    """Processor outputs only the vision tower reads: left out of generate once its outputs are kept."""
 
     def __init__(self, model, processor, family: str):
         self.model = model
@@ -78,25 +82,33 @@ class Backend:
         )
 
     def continue_turn(self, question: str) -> str:
-        """Text that closes the assistant's answer and asks a follow-up in the same conversation."""
-        raise NotImplementedError
+        """Text that closes the assistant's answer and asks a follow-up in the same conversation (ChatML, the
+        chat format of every family so far)."""
+        return f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
     # --- vision -------------------------------------------------------------------------------
-    def encode(self, text: str, *, image=None, video=None, image_max_pixels: int, video_frame_max_pixels: int) -> Encoded:
+    @abc.abstractmethod
+    def encode(self, text: str, *, image=None, video=None, image_max_pixels: int,
+               video_frame_max_pixels: int) -> Encoded:
         """Run the processor on one prompt with at most one image or one video ((frames, metadata))."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def encode_vision(self, encoded: Encoded) -> torch.Tensor:
         """Run the vision tower + projector once; keep its output for generate; return the rows [N, D]."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def grid(self, encoded: Encoded) -> tuple[int, int]:
         """(rows, cols) of the image's visual tokens in raster order."""
-        raise NotImplementedError
 
     def generate_kwargs(self, encoded: Encoded) -> dict[str, Any]:
-        """Everything generate needs besides input_ids / inputs_embeds."""
-        raise NotImplementedError
+        """Everything generate needs besides input_ids / inputs_embeds: the processor's tensors on the model's
+        device and, once `encode_vision` kept the vision tower's outputs, those instead of the pixels."""
+        skip = {"input_ids", *self.vision_input_keys} if encoded.encoder_outputs else {"input_ids"}
+        device = self.model.get_input_embeddings().weight.device
+        kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in encoded.inputs.items() if k not in skip}
+        if encoded.encoder_outputs:
+            kwargs["mm_encoder_outputs"] = dict(encoded.encoder_outputs)
+        return kwargs
 
     def query_map(self, encoded: Encoded) -> tuple[torch.Tensor, tuple[int, int]] | None:
         """For a prompt whose visual input is one image: the rows of `encode_vision`'s output that cover the
@@ -123,6 +135,6 @@ class Backend:
 
     # --- building models without a download ----------------------------------------------------
     @classmethod
+    @abc.abstractmethod
     def build_random(cls, family: str, overrides: dict) -> tuple[Any, Any]:
         """(model, processor) of the real classes with random weights; tiny unless overrides say otherwise."""
-        raise NotImplementedError

@@ -102,9 +102,6 @@ class InternVLBackend(Backend):
         self.memory_close = getattr(processor, "end_image_token", None) or type(self).memory_close
         super().__init__(model, processor, family)
 
-    def continue_turn(self, question: str) -> str:
-        return f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
-
     @property
     def special_strings(self) -> list[str]:
         # The strings the processor expands are control text even if a tokenizer did not register them.
@@ -179,14 +176,6 @@ class InternVLBackend(Backend):
         side = math.isqrt(per_tile)
         first = (tiles - 1) * per_tile
         return torch.arange(first, first + per_tile), (side, side)
-
-    def generate_kwargs(self, encoded: Encoded) -> dict[str, Any]:
-        skip = {"input_ids", "pixel_values"} if encoded.encoder_outputs else {"input_ids"}
-        device = self.model.get_input_embeddings().weight.device
-        kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in encoded.inputs.items() if k not in skip}
-        if encoded.encoder_outputs:
-            kwargs["mm_encoder_outputs"] = dict(encoded.encoder_outputs)
-        return kwargs
 
     # --- random-weight models of the real classes ----------------------------------------------------
     @classmethod

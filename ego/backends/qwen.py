@@ -34,15 +34,13 @@ class QwenBackend(Backend):
     placeholder_token = "<|vision_pad|>"
     memory_open = "<|vision_start|>"
     memory_close = "<|vision_end|>"
+    vision_input_keys = ("pixel_values", "pixel_values_videos")
 
     def __init__(self, model, processor, family: str):
         super().__init__(model, processor, family)
         self._memory: tuple[torch.Tensor, torch.Tensor] | None = None  # (slots [1, L], residuals [lv, M, D])
         if self.residual_levels:
             model.model.language_model.register_forward_pre_hook(self._add_memory_residuals, with_kwargs=True)
-
-    def continue_turn(self, question: str) -> str:
-        return f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
     @property
     def _patch_px(self) -> int:
@@ -101,14 +99,6 @@ class QwenBackend(Backend):
     def query_map(self, encoded: Encoded) -> tuple[torch.Tensor, tuple[int, int]] | None:
         rows, cols = self.grid(encoded)  # one image: its merged tokens are the rows, in raster order
         return torch.arange(rows * cols), (rows, cols)
-
-    def generate_kwargs(self, encoded: Encoded) -> dict[str, Any]:
-        skip = {"input_ids", "pixel_values", "pixel_values_videos"} if encoded.encoder_outputs else {"input_ids"}
-        kwargs = {k: v.to(self.model.device) if torch.is_tensor(v) else v
-                  for k, v in encoded.inputs.items() if k not in skip}
-        if encoded.encoder_outputs:
-            kwargs["mm_encoder_outputs"] = dict(encoded.encoder_outputs)
-        return kwargs
 
     # --- Qwen3-VL's deepstack residuals ---------------------------------------------------------
     @property
