@@ -46,6 +46,7 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
     from space.links import refuse_links
     from space.loading import LazyEngine
     from space.session import Session, forget
+    from space.visitors import limit_requests_per_visitor
 
     engine = LazyEngine(engine_factory_or_engine, name=model_name)
     s = settings or getattr(engine_factory_or_engine, "settings", None) or DEFAULT_SETTINGS
@@ -115,6 +116,7 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
     # api_open=False: an event that uses the queue can be reached only through it (Gradio leaves its
     # direct REST route open everywhere but on HF Spaces, which would let a script skip the queue's limits).
     demo.queue(max_size=s.queue_max_size, api_open=False)
+    limit_requests_per_visitor(demo, MODEL_EVENTS["concurrency_id"], s.max_waiting_requests_per_visitor)
     return demo
 
 

@@ -38,11 +38,11 @@ class Entry:
 
     @functools.cached_property
     def nbytes(self) -> int:
-        """Server memory this entry holds: its memory rows (and residuals), scores and thumbnail (computed
-        once: a budget check sums it over every entry of every session)."""
-        scores = sum(view.scores.numel() * view.scores.element_size() for view in self.concept.views)
+        """Server memory this entry holds: everything its concept holds (rows, residuals, scores, indices and
+        every string) and its thumbnail (computed once: a budget check sums it over every entry of every
+        session)."""
         width, height = self.thumbnail.size
-        return self.concept.nbytes + scores + width * height * len(self.thumbnail.getbands())
+        return self.concept.held_bytes + width * height * len(self.thumbnail.getbands())
 
 
 class MemoryBudget:
