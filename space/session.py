@@ -91,6 +91,7 @@ class Session:
         self._entries: list[Entry] = []
         self._lock = threading.Lock()
         self._export_dir: str | None = None
+        self._note = ""
 
     def __deepcopy__(self, memo) -> Session:
         # gr.State deep-copies its default once per visitor; a lock cannot be copied, so make a new one.
@@ -122,6 +123,16 @@ class Session:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def tell(self, sentence: str) -> None:
+        """Keep a sentence for the concept panel's status line: what the visitor's last panel action did, or why
+        it could not (the browser shows no error of an event that skips the queue)."""
+        self._note = str(sentence)
+
+    def take_note(self) -> str:
+        """The sentence kept by `tell` (once), or ""."""
+        note, self._note = self._note, ""
+        return note
 
     def has(self, name: str) -> bool:
         key = name_key(name)
