@@ -15,6 +15,7 @@ from space.actions import Actions
 from space.examples import EXAMPLES_DIR, Examples, load_examples
 from space.loading import LazyEngine
 from space.session import Session
+from space.views import escape_markdown
 
 SETTINGS = DEFAULT_SETTINGS.replace(answer_max_new_tokens=8)
 CHELSEA = [str(EXAMPLES_DIR / "concepts" / f"chelsea_{i}.jpg") for i in (1, 2)]
@@ -232,12 +233,46 @@ def test_load_example_concepts_once(engine):
 def test_panel_lists_the_concepts(act):
     session = Session()
     act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), progress=quiet)
-    cards, dropdown, summary, records = act.panel(session)
+    cards, dropdown, summary, records, _ = act.panel(session)
     assert [caption for _, caption in cards] == [f"Chelsea · {session.concepts[0].num_tokens} tokens"]
     assert dropdown.choices == [("Chelsea", "Chelsea")] and "1 of 50 concepts" in summary
     assert records[0]["name"] == "Chelsea"
     act.remove_concept(session, "Chelsea")
     assert act.panel(session)[3] == []
+
+
+def test_every_panel_action_says_what_it_did_or_why_not_in_the_status_line(act, tmp_path):
+    """The panel's events skip the queue, and the browser shows no error of such an event: each one leaves its
+    sentence on the session for the status line, which shows it once."""
+    session = Session()
+    refusals = [
+        (lambda: act.remove_concept(session, None), "Pick the concept to remove from the list first."),
+        (lambda: act.remove_concept(session, "Nobody"), "There is no concept with that name; pick one from the list."),
+        (lambda: act.remove_concept(session, "Bad \ud800"), "The name contains characters that are not valid Unicode"),
+        (lambda: act.export_concepts(session), "There are no concepts to export yet"),
+        (lambda: act.import_concepts(session, None, progress=quiet), "Choose a concept file"),
+    ]
+    for action, sentence in refusals:
+        with pytest.raises(gr.Error):
+            action()
+        assert act.panel(session)[4].startswith(escape_markdown(sentence)[:40])
+        assert act.panel(session)[4] == "", "a status line outlived the action it was about"
+    act.clear_concepts(session)
+    assert act.status(session) == "There are no concepts to clear\\."
+    act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), progress=quiet)
+    _, exported = act.export_concepts(session)
+    file_box, status = act.show_export(session)
+    assert file_box.visible is True and status.startswith("Exported 1 concepts")
+    act.clear_concepts(session)
+    assert act.status(session) == "Removed all 1 of your concepts\\."
+    act.import_concepts(session, exported, progress=quiet)
+    assert act.status(session) == "Imported 1 concepts\\."
+    act.remove_concept(session, "Chelsea")
+    assert act.status(session) == "Removed the concept\\."
+    with pytest.raises(gr.Error):
+        act.export_concepts(session)
+    file_box, status = act.hide_export(session)
+    assert file_box.visible is False and file_box.value is None and status.startswith("There are no concepts")
 
 
 def test_a_model_that_cannot_load_is_a_sentence_and_is_retried(caplog):
