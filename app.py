@@ -108,8 +108,7 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
         then_refresh(mine.clear.click(act.clear_concepts, session, [session, mine.records], **CHEAP, **PRIVATE))
         exporting = mine.export.click(act.export_concepts, session, [session, mine.exported],
                                       api_name="export_concepts", **CHEAP)
-        exporting.success(act.show_export, session, [mine.exported, mine.status], **CHEAP, **PRIVATE)
-        exporting.failure(act.hide_export, session, [mine.exported, mine.status], **CHEAP, **PRIVATE)
+        exporting.then(act.after_export, [session, mine.exported], [mine.exported, mine.status], **CHEAP, **PRIVATE)
         then_refresh(mine.import_button.upload(act.import_concepts, [session, mine.import_button],
                                                [session, mine.records], api_name="import_concepts", **MODEL_EVENTS))
     for block in demo.blocks.values():

@@ -38,9 +38,10 @@ log = logging.getLogger("ego.space")
 
 
 @contextlib.contextmanager
-def for_visitor(doing: str, session: Session | None = None):
+def for_visitor(doing: str, session: Session | None = None, *, quietly: bool = False):
     """Turn exceptions into messages for the visitor; `doing` completes "while ..." in a fault message. With
-    `session`, the sentence is also kept for the concept panel's status line (`Session.tell`)."""
+    `session`, the sentence is also kept for the concept panel's status line (`Session.tell`); with `quietly`,
+    it is only kept there and nothing is raised (the body's work is then left undone)."""
     try:
         yield
     except gr.Error:
@@ -48,14 +49,24 @@ def for_visitor(doing: str, session: Session | None = None):
     except (InputError, MemoryFileError, ModelBusyError) as error:
         if session is not None:
             session.tell(str(error))
-        raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from None
+        if not quietly:
+            raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from None
     except Exception as error:  # noqa: BLE001 - a server fault; the visitor gets a sentence, the log the stack
         stack = "".join(traceback.format_tb(error.__traceback__))  # code lines only: no message, no values
         log.error("fault while %s: %s\n%s", doing, type(error).__name__, stack)
         sentence = f"Something went wrong on the server while {doing}; it has been logged. Please try again."
         if session is not None:
             session.tell(sentence)
-        raise gr.Error(sentence, print_exception=False) from None
+        if not quietly:
+            raise gr.Error(sentence, print_exception=False) from None
+
+
+def skipped_the_queue(request: gr.Request | None) -> bool:
+    """True for an event posted outside the queue (`/run/`: the browser's panel events). The browser shows no
+    error of such an event and runs none of the events chained after it, so its refusals are told in the
+    panel's status line instead of raised; through the queue (`gradio_client`, `/call/`) they stay errors."""
+    path = getattr(getattr(request, "request", None), "url", None)
+    return path is not None and "/run/" in path.path
 
 
 def _paths(gallery_value) -> list[str]:
@@ -247,8 +258,8 @@ class Actions:
         """The panel's status line: the sentence the visitor's last panel action left (Markdown-escaped)."""
         return views.escape_markdown(session.take_note())
 
-    def remove_concept(self, session: Session, name):
-        with for_visitor("removing the concept", session):
+    def remove_concept(self, session: Session, name, request: gr.Request = None):
+        with for_visitor("removing the concept", session, quietly=skipped_the_queue(request)):
             if not name:
                 raise InputError("Pick the concept to remove from the list first.")
             session.remove(checks.check_text(str(name), "name"))
@@ -261,25 +272,23 @@ class Actions:
         session.tell(f"Removed all {count} of your concepts." if count else "There are no concepts to clear.")
         return session, self.records(session)
 
-    def export_concepts(self, session: Session):
-        """Write the visitor's concepts to a safetensors file; returns (session, file path)."""
-        with for_visitor("exporting the concepts", session):
+    def export_concepts(self, session: Session, request: gr.Request = None):
+        """Write the visitor's concepts to a safetensors file; returns (session, file path, or None when the
+        browser's export was refused: the status line says why)."""
+        path = None
+        with for_visitor("exporting the concepts", session, quietly=skipped_the_queue(request)):
             if not len(session):
                 raise InputError("There are no concepts to export yet; introduce or import one first.")
             # In Gradio's file cache, whose sweep deletes it on time even if the session is evicted
             # (eviction skips `forget`); a file elsewhere would stay until the server restarts.
             path = save_concepts(session.new_export_path(get_upload_folder()), session.concepts)
             session.tell(f"Exported {len(session)} concepts: download the file below.")
-        return session, str(path)
+        return session, None if path is None else str(path)
 
-    def show_export(self, session: Session):
-        """(file box, status line) after an export: the box shows the new file."""
-        return gr.File(visible=True), self.status(session)
-
-    def hide_export(self, session: Session):
-        """(file box, status line) after a refused export: the box is emptied and hidden, with the badge the
-        failure left on it, and the status line says why."""
-        return gr.File(value=None, visible=False), self.status(session)
+    def after_export(self, session: Session, exported):
+        """(file box, status line) once an export ended: the box shows the new file, or is emptied and hidden
+        when the export was refused (with any badge it had), and the status line says which."""
+        return gr.File(value=exported or None, visible=bool(exported)), self.status(session)
 
     def import_concepts(self, session: Session, file, progress=gr.Progress()):
         """Add the concepts of a file written by /export_concepts (or ego.save_concepts)."""

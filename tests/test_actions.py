@@ -261,7 +261,7 @@ def test_every_panel_action_says_what_it_did_or_why_not_in_the_status_line(act, 
     assert act.status(session) == "There are no concepts to clear\\."
     act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), progress=quiet)
     _, exported = act.export_concepts(session)
-    file_box, status = act.show_export(session)
+    file_box, status = act.after_export(session, exported)
     assert file_box.visible is True and status.startswith("Exported 1 concepts")
     act.clear_concepts(session)
     assert act.status(session) == "Removed all 1 of your concepts\\."
@@ -271,8 +271,28 @@ def test_every_panel_action_says_what_it_did_or_why_not_in_the_status_line(act, 
     assert act.status(session) == "Removed the concept\\."
     with pytest.raises(gr.Error):
         act.export_concepts(session)
-    file_box, status = act.hide_export(session)
-    assert file_box.visible is False and file_box.value is None and status.startswith("There are no concepts")
+    file_box, status = act.after_export(session, exported)   # the file box still holds the earlier file
+    assert status.startswith("There are no concepts")
+
+
+class FromThePage:
+    """What Gradio hands a handler for an event the browser posted outside the queue (`/run/`)."""
+
+    class request:  # noqa: N801 - mirrors gr.Request.request
+        class url:  # noqa: N801
+            path = "/gradio_api/run/remove_concept"
+
+
+def test_a_refusal_outside_the_queue_is_told_in_the_status_line_not_raised(act):
+    """The browser shows no error of an event that skips the queue, and runs nothing chained after one that
+    failed: there the refusal is a sentence in the status line, the outputs are the unchanged concepts."""
+    session = Session()
+    assert act.remove_concept(session, None, FromThePage())[1] == []
+    assert act.status(session) == escape_markdown("Pick the concept to remove from the list first.")
+    _, exported = act.export_concepts(session, FromThePage())
+    file_box, status = act.after_export(session, exported)
+    assert exported is None and file_box.visible is False and file_box.value is None
+    assert status.startswith("There are no concepts to export yet")
 
 
 def test_a_model_that_cannot_load_is_a_sentence_and_is_retried(caplog):
