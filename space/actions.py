@@ -40,25 +40,24 @@ log = logging.getLogger("ego.space")
 @contextlib.contextmanager
 def for_visitor(doing: str, session: Session | None = None, *, quietly: bool = False):
     """Turn exceptions into messages for the visitor; `doing` completes "while ..." in a fault message. With
-    `session`, the sentence is also kept for the concept panel's status line (`Session.tell`); with `quietly`,
-    it is only kept there and nothing is raised (the body's work is then left undone)."""
+    `quietly`, the sentence is kept for the concept panel's status line (`Session.tell`) instead of raised, and
+    the body's work is left undone; a raised one is shown by the browser, so it is not kept (a kept sentence
+    would outlive the action it was about)."""
     try:
         yield
     except gr.Error:
         raise
     except (InputError, MemoryFileError, ModelBusyError) as error:
-        if session is not None:
-            session.tell(str(error))
         if not quietly:
             raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from None
+        session.tell(str(error))
     except Exception as error:  # noqa: BLE001 - a server fault; the visitor gets a sentence, the log the stack
         stack = "".join(traceback.format_tb(error.__traceback__))  # code lines only: no message, no values
         log.error("fault while %s: %s\n%s", doing, type(error).__name__, stack)
         sentence = f"Something went wrong on the server while {doing}; it has been logged. Please try again."
-        if session is not None:
-            session.tell(sentence)
         if not quietly:
             raise gr.Error(sentence, print_exception=False) from None
+        session.tell(sentence)
 
 
 def skipped_the_queue(request: gr.Request | None) -> bool:
@@ -292,7 +291,7 @@ class Actions:
 
     def import_concepts(self, session: Session, file, progress=gr.Progress()):
         """Add the concepts of a file written by /export_concepts (or ego.save_concepts)."""
-        with for_visitor("importing the concepts", session):
+        with for_visitor("importing the concepts"):
             path = getattr(file, "name", file)
             if not path:
                 raise InputError("Choose a concept file (.safetensors) exported from this app first.")
