@@ -28,7 +28,8 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_RESIDUAL_LEVELS = 16
 """More residual levels than any family has (Qwen3-VL: 3): a file claiming more is refused."""
 MAX_FILE_VIEWS_PER_CONCEPT = 16
-"""Reference views of one concept in a file (the engine takes at most `max_references_per_concept`)."""
+"""Reference views of one concept in a file read without a model (`load_concepts` takes the engine's
+`max_references_per_concept`)."""
 MAX_FILE_TEXT_CHARS = 1000
 """Longest name, model id, description or size answer in a file; also the most characters all keywords of one
 view may have together. A model's description is `description_max_new_tokens` (32) tokens, a visitor's
@@ -141,8 +142,10 @@ def save_concepts(path, concepts) -> Path:
     return path
 
 
-def read_concepts(path, *, max_concepts: int = 200) -> tuple[dict, list[Concept]]:
-    """Parse a concept file without a model: (header document, concepts). Raises MemoryFileError."""
+def read_concepts(path, *, max_concepts: int = 200, max_views: int = MAX_FILE_VIEWS_PER_CONCEPT
+                  ) -> tuple[dict, list[Concept]]:
+    """Parse a concept file without a model: (header document, concepts of at most `max_views` views each).
+    Raises MemoryFileError."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -191,9 +194,9 @@ def read_concepts(path, *, max_concepts: int = 200) -> tuple[dict, list[Concept]
                 if not entry["views"]:
                     raise MemoryFileError(f"Concept {i + 1} in this file has no reference views, so no memory; "
                                           f"introduce it again and export it again.")
-                if len(entry["views"]) > MAX_FILE_VIEWS_PER_CONCEPT:
-                    raise MemoryFileError(f"Concept {i + 1} in this file has more than {MAX_FILE_VIEWS_PER_CONCEPT} "
-                                          f"reference views; export the concepts again from this app.")
+                if len(entry["views"]) > max_views:
+                    raise MemoryFileError(f"Concept {i + 1} in this file has more than {max_views} reference "
+                                          f"views; a concept takes at most {max_views} photos.")
                 embeddings = handle.get_tensor(f"c{i}.embeddings")
                 if not _is_finite_float(embeddings) or embeddings.dim() != 2 or embeddings.shape[1] != hidden:
                     raise MemoryFileError(not_ours)
@@ -288,7 +291,8 @@ def _is_consistent(view: ConceptView) -> bool:
 
 def load_concepts(path, engine) -> list[Concept]:
     """Concepts from a file written by `save_concepts`, checked against `engine`'s model."""
-    document, concepts = read_concepts(path, max_concepts=engine.settings.max_concept_file_concepts)
+    document, concepts = read_concepts(path, max_concepts=engine.settings.max_concept_file_concepts,
+                                       max_views=engine.settings.max_references_per_concept)
     if document["model_id"] != engine.model_id or int(document["hidden_size"]) != engine.hidden_size:
         raise IncompatibleMemoryError(
             f"These concepts were made with {document['model_id']} and cannot be used with {engine.model_id}; "

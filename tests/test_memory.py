@@ -196,6 +196,8 @@ UNUSABLE = {
     "a million keywords": (_first_view(keywords=["w"] * 1_000_000), "more than 100 keywords"),
     "keywords of 5,000 characters": (_first_view(keywords=["w" * 50] * 100), "longer than 1000 characters"),
     "a description of 100,000 characters": (_first_view(description="d" * 100_000), "longer than 1000"),
+    "six views of one concept": (lambda t, d: d["concepts"][0].update(views=d["concepts"][0]["views"] * 3),
+                                 "more than 5 reference views; a concept takes at most 5 photos"),
     "an unknown key carrying a list": (_first_view(extra=list(range(100_000))), "not an Ego concept file"),
     "a keyword that is a list": (_first_view(keywords=[["tabby"]]), "not an Ego concept file"),
     "an unknown size source": (_first_view(area_source="x" * 10_000), "not an Ego concept file"),
