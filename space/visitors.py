@@ -18,13 +18,15 @@ TOO_MANY = ("You already have {count} requests waiting for the model; wait for a
 
 
 def client_address(request) -> str | None:
-    """The visitor's address: the connection's, or, when the connection comes from this machine (a tunnel such
-    as `--share`'s, or a local proxy), the first X-Forwarded-For address; None when it is not known."""
+    """The visitor's address: the connection's, or, when the connection comes from this machine or a private
+    network (a tunnel such as `--share`'s, a local proxy, a hosting platform's proxy, through which every
+    visitor would otherwise share one address), the first X-Forwarded-For address; None when it is not known."""
     host = getattr(getattr(request, "client", None), "host", None)
     if not host:
         return None
     try:
-        local = ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
+        local = address.is_loopback or address.is_private
     except ValueError:
         local = host == "localhost"
     if not local:
