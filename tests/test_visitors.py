@@ -15,7 +15,7 @@ def request(host, forwarded=None):
 
 
 @pytest.mark.parametrize("host, forwarded, expected", [
-    ("198.51.100.4", "203.0.113.7", "198.51.100.4"),       # a public peer: its own address; a header is not trusted
+    ("93.184.216.34", "203.0.113.7", "93.184.216.34"),     # a public peer: its own address; a header is not trusted
     ("127.0.0.1", "203.0.113.7, 10.0.0.1", "203.0.113.7"),  # a tunnel on this machine passes the visitor's on
     ("10.1.2.3", "203.0.113.9", "203.0.113.9"),            # a hosting platform's proxy on a private network
     ("127.0.0.1", None, None),                             # this machine, nothing passed on: not known
