@@ -46,6 +46,7 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
     from space.links import refuse_links
     from space.loading import LazyEngine
     from space.session import Session, forget
+    from space.visitors import limit_requests_per_visitor
 
     engine = LazyEngine(engine_factory_or_engine, name=model_name)
     s = settings or getattr(engine_factory_or_engine, "settings", None) or DEFAULT_SETTINGS
@@ -72,7 +73,7 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
             with gr.Column(scale=1, min_width=260):
                 mine = _concepts_panel(s)
 
-        panel = [mine.cards, mine.to_remove, mine.summary, mine.records]
+        panel = [mine.cards, mine.to_remove, mine.summary, mine.records, mine.status]
 
         def then_refresh(event):
             return event.then(act.panel, session, panel, **CHEAP, **PRIVATE)
@@ -105,9 +106,9 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
         then_refresh(mine.remove.click(act.remove_concept, [session, mine.to_remove], [session, mine.records],
                                        api_name="remove_concept", **CHEAP))
         then_refresh(mine.clear.click(act.clear_concepts, session, [session, mine.records], **CHEAP, **PRIVATE))
-        mine.export.click(act.export_concepts, session, [session, mine.exported], api_name="export_concepts",
-                          **CHEAP).success(
-            lambda: gr.File(visible=True), None, mine.exported, queue=False, **PRIVATE)
+        exporting = mine.export.click(act.export_concepts, session, [session, mine.exported],
+                                      api_name="export_concepts", **CHEAP)
+        exporting.then(act.after_export, [session, mine.exported], [mine.exported, mine.status], **CHEAP, **PRIVATE)
         then_refresh(mine.import_button.upload(act.import_concepts, [session, mine.import_button],
                                                [session, mine.records], api_name="import_concepts", **MODEL_EVENTS))
     for block in demo.blocks.values():
@@ -115,6 +116,7 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
     # api_open=False: an event that uses the queue can be reached only through it (Gradio leaves its
     # direct REST route open everywhere but on HF Spaces, which would let a script skip the queue's limits).
     demo.queue(max_size=s.queue_max_size, api_open=False)
+    limit_requests_per_visitor(demo, MODEL_EVENTS["concurrency_id"], s.max_waiting_requests_per_visitor)
     return demo
 
 
@@ -240,6 +242,9 @@ def _video_tab(s, examples) -> SimpleNamespace:
 def _concepts_panel(s) -> SimpleNamespace:
     gr.Markdown("## Your concepts")
     summary = gr.Markdown(latex_delimiters=[])
+    # What the last Remove, Clear, Export or Import did, or why it could not: the browser shows no error of an
+    # event that skips the queue, so these events say it here.
+    status = gr.Markdown(latex_delimiters=[], elem_id="panel-status")
     cards = gr.Gallery(show_label=False, elem_id="cards", columns=2, fit_columns=False, height=240,
                        interactive=False, object_fit="cover", allow_preview=False)
     with gr.Row():
@@ -256,8 +261,8 @@ def _concepts_panel(s) -> SimpleNamespace:
           f"very busy); uploads leave the server within "
           f"{(s.upload_max_age_s + s.upload_cleanup_interval_s) // 60} minutes. Export your concepts to keep "
           f"them. At most {s.max_concepts_per_session} concepts.")
-    return SimpleNamespace(summary=summary, cards=cards, to_remove=to_remove, remove=remove, clear=clear,
-                           export=export, exported=exported, import_button=import_button, records=records)
+    return SimpleNamespace(summary=summary, status=status, cards=cards, to_remove=to_remove, remove=remove,
+                           clear=clear, export=export, exported=exported, import_button=import_button, records=records)
 
 
 # ----------------------------------------------------------------------------------------------

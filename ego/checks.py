@@ -15,11 +15,30 @@ _INVISIBLE = {"Cc", "Cf"}
 """Unicode categories dropped from names: control and format characters."""
 
 
+def is_valid_text(text: str) -> bool:
+    """True if `text` can be written as UTF-8: no lone surrogate (U+D800..U+DFFF), which JSON escapes such as
+    "\\ud800" can smuggle into a Python string and which no reply, file or tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_text(text: str, what: str) -> str:
+    """`text` unchanged, or InputError if it holds invalid Unicode; `what` names the field in the sentence."""
+    if not is_valid_text(text):
+        raise InputError(f"The {what} contains characters that are not valid Unicode (a lone surrogate); "
+                         f"please type it again.")
+    return text
+
+
 def check_name(name, settings: Settings) -> str:
     """A concept name with its white space folded and invisible characters dropped; empty or too long is
     refused. (Control and format characters, such as a right-to-left override or a zero-width space,
     would make a name look like another one.)"""
-    name = "".join(ch for ch in str(name or "") if unicodedata.category(ch) not in _INVISIBLE or ch.isspace())
+    name = check_text(str(name or ""), "name")
+    name = "".join(ch for ch in name if unicodedata.category(ch) not in _INVISIBLE or ch.isspace())
     name = " ".join(name.split())
     if not name:
         raise InputError("Give the concept a name, for example 'my cat Chelsea'.")
@@ -29,7 +48,7 @@ def check_name(name, settings: Settings) -> str:
 
 
 def check_question(question, settings: Settings) -> str:
-    question = str(question or "").strip()
+    question = check_text(str(question or ""), "question").strip()
     if not question:
         raise InputError("Type a question first, for example 'Is Chelsea in this photo?'.")
     if len(question) > settings.max_question_chars:
@@ -52,7 +71,7 @@ def check_keywords(keywords) -> list[str] | None:
         return None
     if isinstance(keywords, str):
         keywords = keywords.replace(";", ",").split(",")
-    words = [" ".join(str(k).split()) for k in keywords]
+    words = [" ".join(check_text(str(k), "keywords").split()) for k in keywords]
     words = [w for w in words if w]
     if not words:
         raise InputError("Give at least one keyword (for example 'tabby, green eyes'), or leave the field empty "

@@ -285,6 +285,8 @@ class Ego:
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         checks.check_reference_count(len(images), self.settings, name)
         user_keywords = checks.check_keywords(keywords)
+        if user_keywords is not None:  # tokenized into the prompt: a family's image token must stay plain text
+            user_keywords = [prompts.neutralize(word, self.backend.special_strings) for word in user_keywords]
         area_pct = checks.check_area_pct(area_pct)
         pictures = [load_image(image, self.settings) for image in images]  # all checked before any model call
         with self.exclusive_use():

@@ -10,12 +10,15 @@ unpickled; the header size is checked before it is parsed.
 from __future__ import annotations
 
 import json
+import math
 import struct
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from .checks import is_valid_text
 from .errors import IncompatibleMemoryError, MemoryFileError
 
 FORMAT_NAME = "ego-concepts"
@@ -24,6 +27,19 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 """A safetensors header larger than this is refused before it is read (hostile files)."""
 MAX_RESIDUAL_LEVELS = 16
 """More residual levels than any family has (Qwen3-VL: 3): a file claiming more is refused."""
+MAX_FILE_VIEWS_PER_CONCEPT = 16
+"""Reference views of one concept in a file read without a model (`load_concepts` takes the engine's
+`max_references_per_concept`)."""
+MAX_FILE_TEXT_CHARS = 1000
+"""Longest name, model id, description or size answer in a file; also the most characters all keywords of one
+view may have together. A model's description is `description_max_new_tokens` (32) tokens, a visitor's
+keywords at most 200 characters: a file beyond this was not written by Ego, and would make every listing of
+the visitor's concepts large."""
+MAX_FILE_KEYWORDS_PER_VIEW = 100
+_SOURCES = {"keywords_source": ("model", "user"), "area_source": ("model", "user", "fallback")}
+_DOCUMENT_KEYS = {"format", "version", "model_id", "hidden_size", "concepts"}
+_CONCEPT_KEYS = {"name", "views"}
+_VIEW_KEYS = {"grid", "k", "area_pct", "keywords", "description", "size_answer", "keywords_source", "area_source"}
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,23 @@ class Concept:
         extra = 0 if self.residuals is None else self.residuals.numel() * self.residuals.element_size()
         return self.embeddings.numel() * self.embeddings.element_size() + extra
 
+    @property
+    def held_bytes(self) -> int:
+        """Everything this concept holds in memory: the storage of its rows, residuals, kept indices and scores,
+        and every string (name, model id, keywords, descriptions), as Python counts them."""
+        tensors = [self.embeddings, self.residuals, *(t for v in self.views for t in (v.token_indices, v.scores))]
+        total = sum(_storage_bytes(t) for t in tensors if t is not None)
+        total += sys.getsizeof(self.name) + sys.getsizeof(self.model_id) + sys.getsizeof(self.views)
+        for view in self.views:
+            texts = (view.description, view.size_answer, view.keywords_source, view.area_source, *view.keywords)
+            total += sys.getsizeof(view) + sys.getsizeof(view.keywords) + sum(map(sys.getsizeof, texts))
+        return total
+
+
+def _storage_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of the memory behind `tensor` (a slice keeps its whole storage alive)."""
+    return max(tensor.untyped_storage().nbytes(), tensor.numel() * tensor.element_size())
+
 
 def save_concepts(path, concepts) -> Path:
     """Write concepts of one model to a single safetensors file; returns the path."""
@@ -109,8 +142,10 @@ def save_concepts(path, concepts) -> Path:
     return path
 
 
-def read_concepts(path, *, max_concepts: int = 200) -> tuple[dict, list[Concept]]:
-    """Parse a concept file without a model: (header document, concepts). Raises MemoryFileError."""
+def read_concepts(path, *, max_concepts: int = 200, max_views: int = MAX_FILE_VIEWS_PER_CONCEPT
+                  ) -> tuple[dict, list[Concept]]:
+    """Parse a concept file without a model: (header document, concepts of at most `max_views` views each).
+    Raises MemoryFileError."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -129,21 +164,39 @@ def read_concepts(path, *, max_concepts: int = 200) -> tuple[dict, list[Concept]
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
-            document = json.loads(metadata["ego"])
+            try:
+                document = json.loads(metadata["ego"])
+            except RecursionError:
+                raise MemoryFileError("This concept file's description nests deeper than any Ego file does; "
+                                      "export the concepts again from this app.") from None
             if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
                 raise MemoryFileError(not_ours)
             if document.get("version") != FORMAT_VERSION:
                 raise MemoryFileError(
-                    f"This concept file has format version {document.get('version')!r}; this version of Ego reads "
-                    f"version {FORMAT_VERSION}. Re-export the concepts with this version."
+                    f"This concept file has format version {_shown(document.get('version'))}; this version of Ego "
+                    f"reads version {FORMAT_VERSION}. Re-export the concepts with this version."
                 )
             entries = document["concepts"]
             if not isinstance(entries, list) or len(entries) > max_concepts:
                 raise MemoryFileError(f"A concept file may hold at most {max_concepts} concepts.")
-            hidden = int(document["hidden_size"])
+            _check_keys(document, _DOCUMENT_KEYS)
+            model_id = _file_text(document["model_id"], "model name")
+            hidden = document["hidden_size"]
+            if type(hidden) is not int or hidden < 1:
+                raise MemoryFileError(not_ours)
             names = set(handle.keys())
             concepts = []
             for i, entry in enumerate(entries):
+                if not isinstance(entry, dict) or not isinstance(entry.get("views"), list):
+                    raise MemoryFileError(not_ours)
+                _check_keys(entry, _CONCEPT_KEYS)
+                name = _file_text(entry["name"], "concept name")
+                if not entry["views"]:
+                    raise MemoryFileError(f"Concept {i + 1} in this file has no reference views, so no memory; "
+                                          f"introduce it again and export it again.")
+                if len(entry["views"]) > max_views:
+                    raise MemoryFileError(f"Concept {i + 1} in this file has more than {max_views} reference "
+                                          f"views; a concept takes at most {max_views} photos.")
                 embeddings = handle.get_tensor(f"c{i}.embeddings")
                 if not _is_finite_float(embeddings) or embeddings.dim() != 2 or embeddings.shape[1] != hidden:
                     raise MemoryFileError(not_ours)
@@ -153,26 +206,71 @@ def read_concepts(path, *, max_concepts: int = 200) -> tuple[dict, list[Concept]
                         or not 1 <= residuals.shape[0] <= MAX_RESIDUAL_LEVELS
                         or tuple(residuals.shape[1:]) != tuple(embeddings.shape)):
                     raise MemoryFileError(not_ours)
-                views = []
-                for j, view in enumerate(entry["views"]):
-                    views.append(ConceptView(
-                        token_indices=handle.get_tensor(f"c{i}.v{j}.token_indices"),
-                        scores=handle.get_tensor(f"c{i}.v{j}.scores"),
-                        grid=(int(view["grid"][0]), int(view["grid"][1])), k=int(view["k"]),
-                        area_pct=float(view["area_pct"]), keywords=tuple(str(w) for w in view["keywords"]),
-                        description=str(view["description"]), size_answer=str(view.get("size_answer", "")),
-                        keywords_source=str(view.get("keywords_source", "model")),
-                        area_source=str(view.get("area_source", "model")),
-                    ))
+                views = [_read_view(handle, i, j, view) for j, view in enumerate(entry["views"])]
+                if any(view.k < 1 for view in views) or embeddings.shape[0] == 0:
+                    raise MemoryFileError(f"Concept {i + 1} in this file keeps no memory tokens from one of its "
+                                          f"photos, so it cannot be recognised; introduce it again and export it "
+                                          f"again.")
                 if sum(v.k for v in views) != embeddings.shape[0] or not all(map(_is_consistent, views)):
                     raise MemoryFileError(not_ours)
-                concepts.append(Concept(name=str(entry["name"]), embeddings=embeddings,
-                                        model_id=str(document["model_id"]), views=tuple(views), residuals=residuals))
+                concepts.append(Concept(name=name, embeddings=embeddings, model_id=model_id, views=tuple(views),
+                                        residuals=residuals))
     except MemoryFileError:
         raise
-    except (SafetensorError, KeyError, TypeError, ValueError, IndexError, OSError) as error:
+    except (SafetensorError, KeyError, TypeError, ValueError, IndexError, OSError, RecursionError) as error:
         raise MemoryFileError(not_ours) from error
     return document, concepts
+
+
+def _read_view(handle, i: int, j: int, view) -> ConceptView:
+    """One view's record, every field checked for type, range and size (MemoryFileError)."""
+    if not isinstance(view, dict):
+        raise TypeError("a view is not an object")
+    _check_keys(view, _VIEW_KEYS)
+    grid, k, area_pct, keywords = view["grid"], view["k"], view["area_pct"], view["keywords"]
+    if (not isinstance(grid, list) or len(grid) != 2 or any(type(n) is not int for n in grid) or type(k) is not int
+            or type(area_pct) not in (int, float) or not math.isfinite(area_pct) or not 0 <= area_pct <= 100):
+        raise TypeError("a view's grid, k or area is not what Ego writes")
+    if not isinstance(keywords, list) or len(keywords) > MAX_FILE_KEYWORDS_PER_VIEW:
+        raise MemoryFileError(f"A photo of a concept in this file has more than {MAX_FILE_KEYWORDS_PER_VIEW} "
+                              f"keywords; export the concepts again from this app.")
+    keywords = tuple(_file_text(word, "keyword") for word in keywords)
+    if sum(map(len, keywords)) > MAX_FILE_TEXT_CHARS:
+        raise MemoryFileError(f"The keywords of a photo in this file are longer than {MAX_FILE_TEXT_CHARS} "
+                              f"characters together; export the concepts again from this app.")
+    sources = {key: view.get(key, "model") for key in _SOURCES}
+    if any(value not in _SOURCES[key] for key, value in sources.items()):
+        raise TypeError("an unknown source")
+    return ConceptView(
+        token_indices=handle.get_tensor(f"c{i}.v{j}.token_indices"), scores=handle.get_tensor(f"c{i}.v{j}.scores"),
+        grid=(grid[0], grid[1]), k=k, area_pct=float(area_pct), keywords=keywords,
+        description=_file_text(view["description"], "description"),
+        size_answer=_file_text(view.get("size_answer", ""), "size answer"), **sources,
+    )
+
+
+def _file_text(value, what: str) -> str:
+    """A string of a concept file, bounded and valid Unicode (MemoryFileError otherwise)."""
+    if not isinstance(value, str):
+        raise TypeError(f"the {what} is not a string")
+    if len(value) > MAX_FILE_TEXT_CHARS:
+        raise MemoryFileError(f"A {what} in this concept file is longer than {MAX_FILE_TEXT_CHARS} characters; "
+                              f"export the concepts again from this app.")
+    if not is_valid_text(value):
+        raise MemoryFileError(f"A {what} in this concept file is not valid Unicode (it holds a lone surrogate); "
+                              f"export the concepts again from this app.")
+    return value
+
+
+def _check_keys(record: dict, allowed: set[str]) -> None:
+    """Keys Ego does not write are refused: a file cannot carry data that no check looks at."""
+    if not set(record) <= allowed:
+        raise TypeError("a key Ego does not write")
+
+
+def _shown(value) -> str:
+    """A value of a hostile file, short and printable, for a message."""
+    return ascii(value)[:20]
 
 
 def _is_finite_float(tensor: torch.Tensor) -> bool:
@@ -193,7 +291,8 @@ def _is_consistent(view: ConceptView) -> bool:
 
 def load_concepts(path, engine) -> list[Concept]:
     """Concepts from a file written by `save_concepts`, checked against `engine`'s model."""
-    document, concepts = read_concepts(path, max_concepts=engine.settings.max_concept_file_concepts)
+    document, concepts = read_concepts(path, max_concepts=engine.settings.max_concept_file_concepts,
+                                       max_views=engine.settings.max_references_per_concept)
     if document["model_id"] != engine.model_id or int(document["hidden_size"]) != engine.hidden_size:
         raise IncompatibleMemoryError(
             f"These concepts were made with {document['model_id']} and cannot be used with {engine.model_id}; "

@@ -83,6 +83,10 @@ class Settings:
     """Side of the square thumbnail kept for each concept in the visitor's session."""
     patch_view_max_px: int = 448
     """Longest side of the pictures that show which visual tokens a concept kept."""
+    max_waiting_requests_per_visitor: int = 4
+    """Model requests (introductions, questions, imports) one visitor may have queued or running at once, counted
+    per session and per client address where it is known; one more is refused with a sentence, so that one
+    visitor or script cannot fill the queue that all visitors share."""
 
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)

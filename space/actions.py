@@ -38,19 +38,34 @@ log = logging.getLogger("ego.space")
 
 
 @contextlib.contextmanager
-def for_visitor(doing: str):
-    """Turn exceptions into messages for the visitor; `doing` completes "while ..." in a fault message."""
+def for_visitor(doing: str, session: Session | None = None, *, quietly: bool = False):
+    """Turn exceptions into messages for the visitor; `doing` completes "while ..." in a fault message. With
+    `quietly`, the sentence is kept for the concept panel's status line (`Session.tell`) instead of raised, and
+    the body's work is left undone; a raised one is shown by the browser, so it is not kept (a kept sentence
+    would outlive the action it was about)."""
     try:
         yield
     except gr.Error:
         raise
     except (InputError, MemoryFileError, ModelBusyError) as error:
-        raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from None
+        if not quietly:
+            raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from None
+        session.tell(str(error))
     except Exception as error:  # noqa: BLE001 - a server fault; the visitor gets a sentence, the log the stack
         stack = "".join(traceback.format_tb(error.__traceback__))  # code lines only: no message, no values
         log.error("fault while %s: %s\n%s", doing, type(error).__name__, stack)
-        raise gr.Error(f"Something went wrong on the server while {doing}; it has been logged. Please try again.",
-                       print_exception=False) from None
+        sentence = f"Something went wrong on the server while {doing}; it has been logged. Please try again."
+        if not quietly:
+            raise gr.Error(sentence, print_exception=False) from None
+        session.tell(sentence)
+
+
+def skipped_the_queue(request: gr.Request | None) -> bool:
+    """True for an event posted outside the queue (`/run/`: the browser's panel events). The browser shows no
+    error of such an event and runs none of the events chained after it, so its refusals are told in the
+    panel's status line instead of raised; through the queue (`gradio_client`, `/call/`) they stay errors."""
+    path = getattr(getattr(request, "request", None), "url", None)
+    return path is not None and "/run/" in path.path
 
 
 def _paths(gallery_value) -> list[str]:
@@ -232,31 +247,47 @@ class Actions:
         return [views.concept_record(concept) for concept in session.concepts]
 
     def panel(self, session: Session):
-        """(cards, remove dropdown, summary line, records) for the concept panel."""
+        """(cards, remove dropdown, summary line, records, status line) for the concept panel."""
         cards = [(cached(entry.thumbnail), views.concept_caption(entry.concept)) for entry in session.entries]
         summary = views.panel_summary(len(session), session.memory_tokens, self.settings.max_concepts_per_session)
-        return cards, gr.Dropdown(choices=session.names, value=None), summary, self.records(session)
+        return (cards, gr.Dropdown(choices=session.names, value=None), summary, self.records(session),
+                self.status(session))
 
-    def remove_concept(self, session: Session, name):
-        with for_visitor("removing the concept"):
+    def status(self, session: Session) -> str:
+        """The panel's status line: the sentence the visitor's last panel action left (Markdown-escaped)."""
+        return views.escape_markdown(session.take_note())
+
+    def remove_concept(self, session: Session, name, request: gr.Request = None):
+        with for_visitor("removing the concept", session, quietly=skipped_the_queue(request)):
             if not name:
                 raise InputError("Pick the concept to remove from the list first.")
-            session.remove(str(name))
+            session.remove(checks.check_text(str(name), "name"))
+            session.tell("Removed the concept.")
         return session, self.records(session)
 
     def clear_concepts(self, session: Session):
+        count = len(session)
         session.clear()
+        session.tell(f"Removed all {count} of your concepts." if count else "There are no concepts to clear.")
         return session, self.records(session)
 
-    def export_concepts(self, session: Session):
-        """Write the visitor's concepts to a safetensors file; returns (session, file path)."""
-        with for_visitor("exporting the concepts"):
+    def export_concepts(self, session: Session, request: gr.Request = None):
+        """Write the visitor's concepts to a safetensors file; returns (session, file path, or None when the
+        browser's export was refused: the status line says why)."""
+        path = None
+        with for_visitor("exporting the concepts", session, quietly=skipped_the_queue(request)):
             if not len(session):
                 raise InputError("There are no concepts to export yet; introduce or import one first.")
             # In Gradio's file cache, whose sweep deletes it on time even if the session is evicted
             # (eviction skips `forget`); a file elsewhere would stay until the server restarts.
             path = save_concepts(session.new_export_path(get_upload_folder()), session.concepts)
-        return session, str(path)
+            session.tell(f"Exported {len(session)} concepts: download the file below.")
+        return session, None if path is None else str(path)
+
+    def after_export(self, session: Session, exported):
+        """(file box, status line) once an export ended: the box shows the new file, or is emptied and hidden
+        when the export was refused (with any badge it had), and the status line says which."""
+        return gr.File(value=exported or None, visible=bool(exported)), self.status(session)
 
     def import_concepts(self, session: Session, file, progress=gr.Progress()):
         """Add the concepts of a file written by /export_concepts (or ego.save_concepts)."""
@@ -284,5 +315,6 @@ class Actions:
                            else views.token_map((1, 1), [], self.settings.thumbnail_px))
                 entries.append(Entry(concept, picture))
             session.add(entries, self.settings.max_concepts_per_session, self.budget)
+            session.tell(f"Imported {len(entries)} concepts.")
         log.info("import: %d concepts", len(entries))
         return session, self.records(session)

@@ -38,11 +38,11 @@ class Entry:
 
     @functools.cached_property
     def nbytes(self) -> int:
-        """Server memory this entry holds: its memory rows (and residuals), scores and thumbnail (computed
-        once: a budget check sums it over every entry of every session)."""
-        scores = sum(view.scores.numel() * view.scores.element_size() for view in self.concept.views)
+        """Server memory this entry holds: everything its concept holds (rows, residuals, scores, indices and
+        every string) and its thumbnail (computed once: a budget check sums it over every entry of every
+        session)."""
         width, height = self.thumbnail.size
-        return self.concept.nbytes + scores + width * height * len(self.thumbnail.getbands())
+        return self.concept.held_bytes + width * height * len(self.thumbnail.getbands())
 
 
 class MemoryBudget:
@@ -91,6 +91,7 @@ class Session:
         self._entries: list[Entry] = []
         self._lock = threading.Lock()
         self._export_dir: str | None = None
+        self._note = ""
 
     def __deepcopy__(self, memo) -> Session:
         # gr.State deep-copies its default once per visitor; a lock cannot be copied, so make a new one.
@@ -122,6 +123,16 @@ class Session:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def tell(self, sentence: str) -> None:
+        """Keep a sentence for the concept panel's status line: what the visitor's last panel action did, or why
+        it could not (the browser shows no error of an event that skips the queue)."""
+        self._note = str(sentence)
+
+    def take_note(self) -> str:
+        """The sentence kept by `tell` (once), or ""."""
+        note, self._note = self._note, ""
+        return note
 
     def has(self, name: str) -> bool:
         key = name_key(name)

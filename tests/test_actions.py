@@ -15,6 +15,7 @@ from space.actions import Actions
 from space.examples import EXAMPLES_DIR, Examples, load_examples
 from space.loading import LazyEngine
 from space.session import Session
+from space.views import escape_markdown
 
 SETTINGS = DEFAULT_SETTINGS.replace(answer_max_new_tokens=8)
 CHELSEA = [str(EXAMPLES_DIR / "concepts" / f"chelsea_{i}.jpg") for i in (1, 2)]
@@ -232,12 +233,62 @@ def test_load_example_concepts_once(engine):
 def test_panel_lists_the_concepts(act):
     session = Session()
     act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), progress=quiet)
-    cards, dropdown, summary, records = act.panel(session)
+    cards, dropdown, summary, records, _ = act.panel(session)
     assert [caption for _, caption in cards] == [f"Chelsea · {session.concepts[0].num_tokens} tokens"]
     assert dropdown.choices == [("Chelsea", "Chelsea")] and "1 of 50 concepts" in summary
     assert records[0]["name"] == "Chelsea"
     act.remove_concept(session, "Chelsea")
     assert act.panel(session)[3] == []
+
+
+def test_every_panel_action_says_what_it_did_or_why_not_in_the_status_line(act, tmp_path):
+    """What a panel action did is kept on the session for the status line, shown once; a refusal raised as an
+    error (through the queue, which the browser shows) is not kept, or it would outlive its action."""
+    session = Session()
+    refusals = [
+        (lambda: act.remove_concept(session, None), "Pick the concept to remove from the list first."),
+        (lambda: act.remove_concept(session, "Nobody"), "There is no concept with that name; pick one from the list."),
+        (lambda: act.remove_concept(session, "Bad \ud800"), "The name contains characters that are not valid Unicode"),
+        (lambda: act.export_concepts(session), "There are no concepts to export yet"),
+        (lambda: act.import_concepts(session, None, progress=quiet), "Choose a concept file"),
+    ]
+    for action, sentence in refusals:
+        with pytest.raises(gr.Error, match=sentence[:30]):
+            action()
+        assert act.panel(session)[4] == "", "a refusal shown as an error was also kept for the status line"
+    act.clear_concepts(session)
+    assert act.status(session) == "There are no concepts to clear\\."
+    assert act.status(session) == "", "a status line outlived the action it was about"
+    act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), progress=quiet)
+    _, exported = act.export_concepts(session)
+    file_box, status = act.after_export(session, exported)
+    assert file_box.visible is True and status.startswith("Exported 1 concepts")
+    act.clear_concepts(session)
+    assert act.status(session) == "Removed all 1 of your concepts\\."
+    act.import_concepts(session, exported, progress=quiet)
+    assert act.panel(session)[4] == "Imported 1 concepts\\."
+    act.remove_concept(session, "Chelsea")
+    assert act.status(session) == "Removed the concept\\."
+
+
+class FromThePage:
+    """What Gradio hands a handler for an event the browser posted outside the queue (`/run/`)."""
+
+    class request:  # noqa: N801 - mirrors gr.Request.request
+        class url:  # noqa: N801
+            path = "/gradio_api/run/remove_concept"
+
+
+def test_a_refusal_outside_the_queue_is_told_in_the_status_line_not_raised(act):
+    """The browser shows no error of an event that skips the queue, and runs nothing chained after one that
+    failed: there the refusal is a sentence in the status line, the outputs are the unchanged concepts."""
+    session = Session()
+    assert act.remove_concept(session, None, FromThePage())[1] == []
+    assert act.status(session) == escape_markdown("Pick the concept to remove from the list first.")
+    _, exported = act.export_concepts(session, FromThePage())
+    file_box, status = act.after_export(session, exported)
+    assert exported is None and file_box.visible is False and file_box.value is None
+    assert status.startswith("There are no concepts to export yet")
 
 
 def test_a_model_that_cannot_load_is_a_sentence_and_is_retried(caplog):

@@ -87,3 +87,22 @@ def test_visitor_text_is_shown_not_run(page):
     expect(page.get_by_role("heading", name=HOSTILE_NAME)).to_be_visible()
     assert page.evaluate("window.__xss") is None
     assert page.locator("img[src='x']").count() == 0
+
+
+def test_panel_actions_that_cannot_act_say_why_where_the_visitor_looks(url):
+    """Remove, Export and Clear skip the queue, and the browser shows no error of such an event: each says why
+    in the panel's status line, and a refused export leaves no error badge behind."""
+    from playwright.sync_api import expect
+
+    with chromium_browser() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(WAIT_MS)
+        page.goto(url, wait_until="domcontentloaded")
+        status = page.locator("#panel-status")
+        page.get_by_role("button", name="Remove", exact=True).click()
+        expect(status).to_contain_text("Pick the concept to remove from the list first.")
+        page.get_by_role("button", name="Export to a file").click()
+        expect(status).to_contain_text("There are no concepts to export yet; introduce or import one first.")
+        page.get_by_role("button", name="Clear all").click()
+        expect(status).to_contain_text("There are no concepts to clear.")
+        expect(page.get_by_label("Your concept file")).to_be_hidden()

@@ -306,6 +306,22 @@ def view_setter(**changes):
     return lambda tensors, document: document["concepts"][0]["views"][0].update(changes)
 
 
+def keeps_nothing(tensors, document):
+    """The concept's one view keeps k = 0 tokens, and its tensors agree (no memory rows, no indices)."""
+    document["concepts"][0]["views"][0]["k"] = 0
+    for key in ("c0.embeddings", "c0.v0.token_indices"):
+        tensors[key] = tensors[key][:0].clone()
+
+
+def nested_text(path: Path, out: Path, depth: int) -> Path:
+    """A copy whose keywords nest `depth` lists deep, written as text (json.dumps cannot go that deep)."""
+    tensors, document = read_file(path)
+    document["concepts"][0]["views"][0]["keywords"] = "NESTED"
+    text = json.dumps(document).replace('"NESTED"', "[" * depth + "]" * depth)
+    save_file(tensors, str(out), metadata={"ego": text})
+    return out
+
+
 NOT_OURS = "not an Ego concept file"
 HOSTILE = {
     # name: (how the file is made from the exported one, what the visitor is told)
@@ -340,6 +356,16 @@ HOSTILE = {
     "invisible name": (lambda good, out: rewritten(good, out, name_setter("\u200b\u202e")), "empty name"),
     "duplicate names": (lambda good, out: rewritten(good, out, name_setter("Twin", "twin ")), "more than once"),
     "a name taken": (lambda good, out: rewritten(good, out, name_setter(" mine")), "already have a concept named"),
+    "no views": (lambda good, out: rewritten(good, out, lambda t, d: d["concepts"][0].update(views=[])),
+                 "no reference views"),
+    "a view that keeps no tokens": (lambda good, out: rewritten(good, out, keeps_nothing), "keeps no memory tokens"),
+    "metadata nested 100,000 deep": (lambda good, out: nested_text(good, out, 100_000), "nests deeper"),
+    "a lone surrogate in the name": (lambda good, out: rewritten(good, out, name_setter("Mi\ud800ne")),
+                                     "not valid Unicode"),
+    "a lone surrogate in a keyword": (lambda good, out: rewritten(good, out, view_setter(keywords=["\udfff"])),
+                                      "not valid Unicode"),
+    "60,000 keywords": (lambda good, out: rewritten(good, out, view_setter(keywords=["w"] * 60_000)),
+                        "more than 100 keywords"),
 }
 
 
@@ -353,6 +379,39 @@ def test_hostile_concept_files_are_refused_and_change_nothing(mine, tmp_path, ca
     assert str(refused.value).rstrip("'\"").endswith(".")
     assert client.predict(api_name="/list_concepts") == mine["records"]
     assert not list(tmp_path.glob("*.mark")), "a pickle was loaded"
+
+
+def raw_queue_call(url: str, session_hash: str, fn_index: int, data: list) -> dict:
+    """Like `queue_call`, with the JSON written by hand (ASCII escapes), so text no client would encode (a lone
+    surrogate) reaches the server as a script can send it."""
+    body = json.dumps({"data": data, "fn_index": fn_index, "session_hash": session_hash})
+    joined = httpx.post(f"{url}gradio_api/queue/join", content=body, timeout=30,
+                        headers={"content-type": "application/json"})
+    joined.raise_for_status()
+    with httpx.stream("GET", f"{url}gradio_api/queue/data", params={"session_hash": session_hash},
+                      timeout=60) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                message = json.loads(line[5:])
+                if message.get("msg") == "process_completed":
+                    return message
+    raise AssertionError("the event never completed")
+
+
+def test_text_that_is_not_valid_unicode_gets_a_sentence_and_the_session_keeps_working(url, mine):
+    client = mine["client"]
+    index = {dep.get("api_name"): i for i, dep in enumerate(client.config["dependencies"])}
+    for api_name, data, field in [
+        ("introduce", [None, "Chel\ud800sea", [], "tabby", False, 10], "name"),
+        ("ask_image", [None, None, "Is \udfff here?", False], "question"),
+        ("remove_concept", [None, "Mi\ud800ne"], "name"),
+    ]:
+        reply = raw_queue_call(url, client.session_hash, index[api_name], data)
+        assert reply["success"] is False
+        assert f"The {field} contains characters that are not valid Unicode" in reply["output"]["error"]
+        assert client.predict(api_name="/list_concepts") == mine["records"]
+    answer, *_ = client.predict(handle_file(QUERY), "Is Mine here?", False, api_name="/ask_image")
+    assert isinstance(answer, str)
 
 
 def test_round_trip_and_names_that_look_like_paths_or_html(url, mine, tmp_path):

@@ -30,7 +30,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ego import DEFAULT_SETTINGS
 
-SETTINGS = DEFAULT_SETTINGS.replace(answer_max_new_tokens=1024, queue_max_size=2)
+SETTINGS = DEFAULT_SETTINGS.replace(answer_max_new_tokens=1024, queue_max_size=2, max_waiting_requests_per_visitor=1)
 PHOTO, QUERY = EXAMPLE_PHOTO, EXAMPLE_QUERY
 
 
@@ -194,6 +194,46 @@ def test_a_full_queue_turns_visitors_away_and_the_model_runs_one_call_at_a_time(
     assert probe.calls >= 3
     assert probe.most_inside == 1, "two model calls ran at once"
     assert engine._lock.most_present == 1, "a request waited inside the engine instead of in Gradio's queue"
+
+
+def join(url: str, client: Client, api_name: str, data: list, session_hash: str | None = None,
+         address: str | None = None) -> httpx.Response:
+    """Join the queue for `api_name` as a script would (raw HTTP), in `client`'s session unless another is
+    given, with an X-Forwarded-For address if given (as a tunnel such as --share's passes it on)."""
+    fn_index = next(i for i, dep in enumerate(client.config["dependencies"]) if dep.get("api_name") == api_name)
+    headers = {"x-forwarded-for": address} if address else {}
+    return httpx.post(f"{url}gradio_api/queue/join", timeout=30, headers=headers,
+                      json={"data": [None, *data], "fn_index": fn_index,
+                            "session_hash": session_hash or client.session_hash})
+
+
+def test_one_visitor_cannot_fill_the_queue_and_others_keep_being_served(demo, url, engine, probe):
+    """At most `max_waiting_requests_per_visitor` (here 1) model requests per session, and per client address
+    where it is known; one more gets a sentence, other visitors still get in."""
+    probe.shorten = lambda number: 4
+    greedy, other = visitor(url), visitor(url)
+    probe.gate.clear()
+    running = ask(greedy)
+    wait_for(lambda: probe.inside == 1, what="the first answer to start")
+    question = [{"path": None}, "Hi?", False]
+    refused = join(url, greedy, "ask_image", question)         # the same session: one is already there
+    assert refused.status_code == 400
+    assert "You already have 1 requests waiting for the model; wait for an answer" in refused.json()["detail"]
+    waiting = [ask(other)]                                      # another visitor is still served
+    wait_for(lambda: len(demo._queue) == 1, timeout_s=10, what="the other visitor's answer to wait")
+    # A script opening new sessions from one address (behind a tunnel, which passes the address on).
+    first = join(url, other, "ask_image", question, session_hash="script-session-1", address="203.0.113.7")
+    assert first.status_code == 200, first.text
+    second = join(url, other, "ask_image", question, session_hash="script-session-2", address="203.0.113.7")
+    assert second.status_code == 400 and "already have 1 requests" in second.json()["detail"]
+    assert len(demo._queue) == 2
+    probe.gate.set()
+    running.result(timeout=60)
+    for job in waiting:
+        job.result(timeout=60)
+    wait_for(lambda: len(demo._queue) == 0, timeout_s=30, what="the queue to empty")
+    answer, *_ = ask(greedy).result(timeout=60)                 # a finished request frees the visitor's place
+    assert isinstance(answer, str)
 
 
 def test_out_of_memory_is_a_sentence_changes_nothing_and_the_next_request_works(url, engine, probe):

@@ -139,3 +139,86 @@ def test_public_api_names():
     for name in ["Ego", "Concept", "ConceptView", "InputError", "save_concepts", "load_concepts", "Settings"]:
         assert hasattr(ego, name)
     assert issubclass(ego.InputError, ValueError) and issubclass(ego.IncompatibleMemoryError, ValueError)
+
+
+# ----------------------------------------------------------------------------------------------
+# Every field of the file's metadata is bounded and checked
+# ----------------------------------------------------------------------------------------------
+def _with_document(path, out, change):
+    """A copy of the concept file at `path` whose tensors and JSON document went through `change`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        document = json.loads(handle.metadata()["ego"])
+    text = change(tensors, document)  # a change may return the document's text itself
+    save_file(tensors, str(out), metadata={"ego": text or json.dumps(document)})
+    return out
+
+
+def _first_view(**changes):
+    return lambda tensors, document: document["concepts"][0]["views"][0].update(changes)
+
+
+def _no_views(tensors, document):
+    document["concepts"][0]["views"] = []
+
+
+def _keeps_nothing(tensors, document):
+    """One view that keeps k = 0 tokens, with tensors that agree (zero memory rows, no indices)."""
+    document["concepts"] = document["concepts"][1:2]
+    document["concepts"][0]["views"][0]["k"] = 0
+    tensors["c0.embeddings"] = tensors.pop("c1.embeddings")[:0].clone()
+    tensors["c0.v0.token_indices"] = tensors.pop("c1.v0.token_indices")[:0].clone()
+    tensors["c0.v0.scores"] = tensors.pop("c1.v0.scores")
+    for key in [k for k in tensors if k.startswith("c0.v1")]:
+        del tensors[key]
+
+
+def _nested(depth):
+    """Keywords nested `depth` lists deep, written as text (json.dumps itself cannot go that deep)."""
+    def change(tensors, document):
+        document["concepts"][0]["views"][0]["keywords"] = "NESTED"
+        return json.dumps(document).replace('"NESTED"', "[" * depth + "]" * depth)
+    return change
+
+
+UNUSABLE = {
+    # name: (change, the sentence's words)
+    "a concept with no views": (_no_views, "no reference views"),
+    "a view that keeps no tokens": (_keeps_nothing, "keeps no memory tokens"),
+    "metadata nested 100,000 deep": (_nested(100_000), "nests deeper"),
+    "a lone surrogate in a name": (lambda t, d: d["concepts"][0].update(name="Chel\ud800sea"), "not valid Unicode"),
+    "a lone surrogate in a keyword": (_first_view(keywords=["tabby", "\udfff"]), "not valid Unicode"),
+    "a lone surrogate in a description": (_first_view(description="a cat \ud83d"), "not valid Unicode"),
+    "a lone surrogate in the model name": (lambda t, d: d.update(model_id="Qwen\ud800"), "not valid Unicode"),
+    "a million keywords": (_first_view(keywords=["w"] * 1_000_000), "more than 100 keywords"),
+    "keywords of 5,000 characters": (_first_view(keywords=["w" * 50] * 100), "longer than 1000 characters"),
+    "a description of 100,000 characters": (_first_view(description="d" * 100_000), "longer than 1000"),
+    "six views of one concept": (lambda t, d: d["concepts"][0].update(views=d["concepts"][0]["views"] * 3),
+                                 "more than 5 reference views; a concept takes at most 5 photos"),
+    "an unknown key carrying a list": (_first_view(extra=list(range(100_000))), "not an Ego concept file"),
+    "a keyword that is a list": (_first_view(keywords=[["tabby"]]), "not an Ego concept file"),
+    "an unknown size source": (_first_view(area_source="x" * 10_000), "not an Ego concept file"),
+    "a size that is not a number": (_first_view(area_pct=float("nan")), "not an Ego concept file"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNUSABLE))
+def test_unusable_or_oversized_metadata_is_refused_with_a_sentence(tmp_path, concepts, case):
+    change, words = UNUSABLE[case]
+    good = save_concepts(tmp_path / "good.ego", concepts)
+    path = _with_document(good, tmp_path / "bad.ego", change)
+    with pytest.raises(MemoryFileError, match=words) as refused:
+        load_concepts(path, tiny_engine("qwen2-vl"))
+    assert str(refused.value).endswith(".")
+
+
+def test_a_refused_version_is_shown_short_and_printable(tmp_path, concepts):
+    good = save_concepts(tmp_path / "good.ego", concepts)
+    path = _with_document(good, tmp_path / "bad.ego", lambda t, d: d.update(version="\ud800" + "9" * 100_000))
+    with pytest.raises(MemoryFileError, match="format version") as refused:
+        load_concepts(path, tiny_engine("qwen2-vl"))
+    assert len(str(refused.value)) < 300
+    str(refused.value).encode("utf-8")

@@ -79,16 +79,35 @@ def test_export_files_are_replaced_and_deleted_on_close():
 # ----------------------------------------------------------------------------------------------
 # The budget all sessions share
 # ----------------------------------------------------------------------------------------------
-def entry_bytes(tokens: int = 3) -> int:
-    """Recomputed by hand: float32 rows [tokens, 8], float32 scores [16], an 8x8 RGB thumbnail."""
-    return tokens * 8 * 4 + 16 * 4 + 8 * 8 * 3
+def tensor_bytes(tokens: int = 3) -> int:
+    """Recomputed by hand: float32 rows [tokens, 8], float32 scores [16], int64 kept indices [tokens], an 8x8
+    RGB thumbnail."""
+    return tokens * 8 * 4 + 16 * 4 + tokens * 8 + 8 * 8 * 3
 
 
-def test_entry_and_session_bytes_count_rows_scores_and_thumbnail():
+def entry_bytes(tokens: int = 3, name: str = "x") -> int:
+    """What an entry like the budget tests' ones is counted as (the names of one test have one length)."""
+    return entry(name, tokens).nbytes
+
+
+def test_entry_and_session_bytes_count_rows_scores_indices_thumbnail_and_text():
     session = Session()
     session.add([entry("Chelsea", 3), entry("Mug", 5)], 5)
-    assert entry("x", 3).nbytes == entry_bytes(3)
-    assert session.nbytes == entry_bytes(3) + entry_bytes(5)
+    for tokens in (3, 5):
+        text = len("x") + len("tiny") + len("cat") + len("a cat") + len("model") * 2
+        assert tensor_bytes(tokens) + text <= entry("x", tokens).nbytes <= tensor_bytes(tokens) + 2048
+    assert session.nbytes == entry("Chelsea", 3).nbytes + entry("Mug", 5).nbytes
+
+
+def test_every_string_a_concept_holds_is_counted():
+    """A concept with many long keywords and a long description holds that text: the budget must see it."""
+    small = entry("x")
+    view = small.concept.views[0]
+    words = tuple(f"{number:04d}" + "w" * 96 for number in range(1000))   # 100,000 characters
+    big_view = ConceptView(token_indices=view.token_indices, scores=view.scores, grid=view.grid, k=view.k,
+                           area_pct=view.area_pct, keywords=words, description="d" * 50_000)
+    big = Entry(Concept("x", small.concept.embeddings, "tiny", (big_view,)), THUMB)
+    assert big.nbytes - small.nbytes >= 100_000 + 50_000
 
 
 def test_the_budget_is_shared_by_all_sessions_and_a_refusal_changes_nothing():
@@ -125,7 +144,7 @@ def test_room_comes_back_when_a_session_is_removed_from_closed_or_dropped():
 
 
 def test_many_sessions_adding_at_once_never_pass_the_budget():
-    budget = MemoryBudget(10 * entry_bytes())
+    budget = MemoryBudget(10 * entry_bytes(name="0-0"))
     sessions = [Session() for _ in range(8)]
     refused = []
 
@@ -142,4 +161,4 @@ def test_many_sessions_adding_at_once_never_pass_the_budget():
     for thread in threads:
         thread.join(timeout=30)
     assert sum(len(s) for s in sessions) == 10 and len(refused) == 8 * 4 - 10
-    assert budget.held() == 10 * entry_bytes()
+    assert budget.held() == 10 * entry_bytes(name="0-0")
