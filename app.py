@@ -40,6 +40,7 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
     model_name: shown in the header before a lazily loaded model is there.
     """
     # These import the engine, hence torch: only when a demo is built, never on `import app`.
+    from ego.presets import layers_summary
     from ego.settings import DEFAULT_SETTINGS
     from space.actions import Actions
     from space.examples import load_examples
@@ -60,7 +61,8 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
             "Show the model one to five photos of *your* cat, mug or friend and give it a name. The model "
             "picks the few visual tokens that represent it and keeps them as a memory; ask about new photos "
             "and clips and the memory goes back into its context. No training. "
-            f"[Paper]({PAPER_URL}) · model: `{engine.name or 'loaded on first use'}`",
+            f"[Paper]({PAPER_URL}) · model: `{engine.name or 'loaded on first use'}` · "
+            f"{layers_summary(engine.name)}",
             latex_delimiters=[],
         )
         with gr.Row(equal_height=False):
