@@ -1,10 +1,7 @@
 """Each rule of the method pinned on its own, recomputed here rather than read back from what the engine stored.
 
 Random weights say nothing useful, so where a rule needs the model to say something (the size answer), the
-test writes a tiny model's weights so that its greedy answer is known: a "bigram" language model whose
-attention and MLP outputs are zero (the residual stream is the current token's embedding) and whose output
-layer maps each chosen token to the next one. It is the real architecture and the real engine path; only
-the weights are chosen.
+test writes a tiny model's weights so that its greedy answer is known (`conftest.bigram_engine`).
 """
 
 from __future__ import annotations
@@ -13,45 +10,14 @@ import math
 
 import pytest
 import torch
-from conftest import photo, tiny_engine, with_settings
+from conftest import bigram_engine, photo, tiny_engine, with_settings
 
-from ego import Ego
 from ego.memory import Concept
 
 
 def eq4(area_pct: float, n_r: int, cap: int) -> int:
     """K_c = max(1, round(min(K, alpha * N_r / 100))), halves up, written again here."""
     return max(1, math.floor(min(cap, area_pct * n_r / 100) + 0.5))
-
-
-def single_token(tokenizer, text: str) -> int:
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    assert len(ids) == 1, (text, ids)
-    return ids[0]
-
-
-def bigram_engine(family: str, says: str, *, repeat_last: bool = False) -> Ego:
-    """A fresh tiny engine whose every assistant turn is `says` (one token per character), then its stop
-    token; with `repeat_last`, it repeats the last character forever instead (an answer cut by the cap)."""
-    engine = Ego.tiny(family)
-    model, tokenizer = engine.model, engine.backend.tokenizer
-    language = model.model.language_model
-    assert not model.config.get_text_config().tie_word_embeddings or model.lm_head.weight is not \
-        language.embed_tokens.weight
-    prompt_end = tokenizer(engine.backend.continue_turn("x"), add_special_tokens=False).input_ids[-1]
-    chain = [prompt_end] + [single_token(tokenizer, ch) for ch in says]
-    following = list(zip(chain, chain[1:]))
-    following.append((chain[-1], chain[-1] if repeat_last else engine.backend.stop_token_ids[0]))
-    with torch.no_grad():
-        for layer in language.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        head = model.lm_head.weight
-        head.zero_()
-        for current, following_token in following:
-            state = language.norm(language.embed_tokens.weight[current][None].float().to(head.dtype))[0]
-            head[following_token] += 40 * state / state.norm() ** 2
-    return engine
 
 
 # --- alpha: the parsed size answer, or the flagged fallback ---------------------------------------------------
