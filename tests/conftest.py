@@ -100,6 +100,21 @@ def bigram_engine(family: str, says: str, *, repeat_last: bool = False):
     return engine
 
 
+def sharpen_attention(model, factor: float) -> None:
+    """Scale every text layer's queries and keys by `factor` (attention logits by factor squared), so that a
+    tiny random model's attention is peaked instead of nearly uniform: a test-only change of weights."""
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            attention = layer.self_attn
+            for name in ("q", "k"):
+                norm = getattr(attention, f"{name}_norm", None)  # Qwen3: RMSNorm after the projection
+                scaled = [norm.weight] if norm is not None else [
+                    p for p in (getattr(attention, f"{name}_proj").weight, getattr(attention, f"{name}_proj").bias)
+                    if p is not None]
+                for parameter in scaled:
+                    parameter.mul_(factor)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

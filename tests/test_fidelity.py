@@ -10,9 +10,12 @@ import math
 
 import pytest
 import torch
-from conftest import bigram_engine, photo, tiny_engine, with_settings
+from conftest import bigram_engine, photo, sharpen_attention, tiny_engine, with_settings
+from transformers import AutoModelForImageTextToText
 
+from ego import prompts
 from ego.memory import Concept
+from ego.tiny import tiny_checkpoint
 
 
 def eq4(area_pct: float, n_r: int, cap: int) -> int:
@@ -147,3 +150,59 @@ def _runs(indices: torch.Tensor) -> list[int]:
     """The first index of each run of consecutive indices."""
     values = indices.tolist()
     return [v for i, v in enumerate(values) if i == 0 or values[i - 1] != v - 1]
+
+
+# --- Eq. 3 with a margin: peaked attention, keyword positions known without the engine's helper ---------------
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl", "internvl3"])
+def test_eq3_scores_match_eager_attention_far_beyond_the_tolerance(family):
+    # The description is "the mop." one token per character, so its keyword tokens are known by construction:
+    # "mop" is the only content word (offsets 4, 5, 6); the paper's keywords add "the" (0, 1, 2).
+    says = "the mop."
+    engine = with_settings(bigram_engine(family, says), description_max_new_tokens=12, size_max_new_tokens=2)
+    sharpen_attention(engine.model, 30.0)
+    picture = photo(4)
+    view = engine.introduce("Mop", [picture]).views[0]
+    assert view.description == says and view.keywords == ("mop",)
+
+    eager = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint(family), attn_implementation="eager",
+                                                        dtype=torch.float32).eval()
+    eager.load_state_dict(engine.model.state_dict())
+    text = engine.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompts.DESCRIBE_PROMPT}]}],
+        tokenize=False, add_generation_prompt=True)
+    inputs = engine.backend.encode(text, image=picture, image_max_pixels=engine.settings.reference_max_pixels,
+                                   video_frame_max_pixels=engine.settings.video_frame_max_pixels).inputs
+    start = inputs["input_ids"].shape[1]
+    description = [engine.backend.tokenizer(ch, add_special_tokens=False).input_ids[0] for ch in says]
+    ids = torch.cat([inputs["input_ids"], torch.tensor([description])], dim=1)
+    grown = ids.shape[1] - start
+    forward = {}
+    for key, value in inputs.items():
+        if key == "input_ids":
+            continue
+        if torch.is_tensor(value) and value.dim() == 2 and value.shape[0] == 1 and key.endswith(("mask", "_ids")):
+            value = torch.cat([value, value.new_full((1, grown), 1 if key == "attention_mask" else 0)], dim=1)
+        forward[key] = value
+    with torch.no_grad():
+        out = eager(input_ids=ids, **forward, output_attentions=True)
+    image_id = getattr(eager.config, "image_token_id", None)
+    columns = (ids[0] == (image_id if image_id is not None else eager.config.image_token_index)).nonzero().squeeze(1)
+
+    def eq3(offsets):
+        rows = torch.tensor([start + i for i in offsets])
+        block = torch.stack([out.attentions[layer][0] for layer in engine.layers])[:, :, rows][:, :, :, columns]
+        n_layers, n_heads, n_words, _ = block.shape                      # [|L|, H, N_w, N_r]
+        return block.sum(dim=(0, 1, 2)) / (n_layers * n_heads * n_words)
+
+    expected = eq3([4, 5, 6])
+    tolerance = dict(atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(view.scores, expected, **tolerance)
+    # The margin: the scores differ far beyond the tolerance, so a constant vector or the wrong keyword
+    # tokens (every word, or every token) cannot pass.
+    assert float(expected.max() - expected.min()) > 1000 * tolerance["atol"]
+    for wrong in ([0, 1, 2, 4, 5, 6], list(range(len(says)))):
+        assert not torch.allclose(view.scores, eq3(wrong), **tolerance)
+    assert not torch.allclose(view.scores, torch.full_like(expected, float(expected.mean())), **tolerance)
+    paper = with_settings(engine, keywords_drop_stopwords=False).introduce("Mop", [picture]).views[0]
+    assert paper.keywords == ("the", "mop")
+    torch.testing.assert_close(paper.scores, eq3([0, 1, 2, 4, 5, 6]), **tolerance)
