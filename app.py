@@ -40,6 +40,7 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
     model_name: shown in the header before a lazily loaded model is there.
     """
     # These import the engine, hence torch: only when a demo is built, never on `import app`.
+    from ego.presets import layers_summary
     from ego.settings import DEFAULT_SETTINGS
     from space.actions import Actions
     from space.examples import load_examples
@@ -61,7 +62,8 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
             "Show the model one to five photos of *your* cat, mug or friend and give it a name. The model "
             "picks the few visual tokens that represent it and keeps them as a memory; ask about new photos "
             "and clips and the memory goes back into its context. No training. "
-            f"[Paper]({PAPER_URL}) · model: `{engine.name or 'loaded on first use'}`",
+            f"[Paper]({PAPER_URL}) · model: `{engine.name or 'loaded on first use'}` · "
+            f"{layers_summary(engine.name)}",
             latex_delimiters=[],
         )
         with gr.Row(equal_height=False):
@@ -283,18 +285,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
                         help="port (env GRADIO_SERVER_PORT; default 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    parser.add_argument("--protocol", choices=["ours", "paper"], default=os.environ.get("EGO_PROTOCOL", "ours"),
+                        help="paper: the paper's choices (Settings.paper(): one 448x448 query tile, bf16, 50-token "
+                             "description, punctuation-only keywords); ours: the defaults (env EGO_PROTOCOL)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     import functools
 
-    from ego import DEFAULT_SETTINGS, Ego
+    from ego import DEFAULT_SETTINGS, Ego, Settings
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    settings = DEFAULT_SETTINGS
+    settings = Settings.paper() if args.protocol == "paper" else DEFAULT_SETTINGS
     quantization = None if args.quantization == "none" else args.quantization
     factory = functools.partial(Ego.from_pretrained, args.model, quantization=quantization, settings=settings)
     demo = build_demo(factory, settings, model_name=args.model)

@@ -96,11 +96,13 @@ class Sizes:
     repeats: int
     description_tokens: int | None = None
     size_tokens: int | None = None
-    """Lengths of the introduction's two generations (forced); None = the engine's settings (40 and 8)."""
+    """Lengths of the introduction's two generations (forced); None = the engine's caps. The full run forces 5
+    size tokens, what an answer such as "35%." takes with its stop token: the size cap (24) is room for a whole
+    sentence, which a random model would always fill."""
 
 
 FULL = Sizes(concepts_introduced=20, query_size=(1024, 768), reference_size=(448, 448), video_frames=16,
-             video_size=(640, 480), new_tokens=32, repeats=3)
+             video_size=(640, 480), new_tokens=32, repeats=3, size_tokens=5)
 QUICK = Sizes(concepts_introduced=2, query_size=(448, 336), reference_size=(224, 224), video_frames=8,
               video_size=(224, 224), new_tokens=4, repeats=1, description_tokens=8, size_tokens=2)
 

@@ -142,7 +142,8 @@ def describe_with_attention(engine, image, mask=None) -> DescribedImage:
     if not described.ids:
         raise SkipImage("the description is empty")
     tokenizer = engine.backend.tokenizer
-    positions, keywords = keyword_positions(tokenizer, described.ids, content_only=True)
+    positions, keywords = keyword_positions(tokenizer, described.ids,
+                                            content_only=engine.settings.keywords_drop_stopwords)
     recorded = described.capture.recorded_positions()
     rows = [described.start + i for i in positions if described.start + i in recorded]
     if not rows:
@@ -300,6 +301,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="auto = 4-bit on CUDA, unquantized elsewhere")
     parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many image/mask pairs")
+    parser.add_argument("--protocol", choices=["ours", "paper"], default="ours",
+                        help="paper: the paper's choices (Settings.paper(): bf16, 50-token description, "
+                             "punctuation-only keywords, original system prompt); ours: the defaults")
     return parser
 
 
@@ -315,7 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     quantization = None if args.quantization == "none" else args.quantization
     print(f"Loading {args.model} ...", file=sys.stderr, flush=True)
-    engine = Ego.from_pretrained(args.model, quantization=quantization, device=args.device)
+    from .settings import DEFAULT_SETTINGS, Settings
+
+    settings = Settings.paper() if args.protocol == "paper" else DEFAULT_SETTINGS
+    engine = Ego.from_pretrained(args.model, quantization=quantization, device=args.device, settings=settings)
     print(f"{engine.model_id}: {engine.num_layers} text layers; {len(pairs)} image/mask pairs; "
           f"keep {args.keep}, precision@{args.top_k}", file=sys.stderr, flush=True)
     result = calibrate(engine, [(image.name, image, mask) for image, mask in pairs], keep=args.keep,

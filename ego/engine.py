@@ -102,6 +102,8 @@ class Description:
     capture: AttentionCapture
     """Its tokens' attention over the N_r visual tokens, at the layers asked for."""
     size_answer: str
+    size_cut: bool = False
+    """Whether the size answer stopped at its length cap rather than at a stop token."""
 
 
 @dataclass
@@ -210,6 +212,8 @@ class Ego:
             path, model_id = model, str(model)
         device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if quantization == "auto":
+            quantization = (settings or DEFAULT_SETTINGS).model_quantization
+        if quantization == "auto":
             quantization = "4bit" if device.startswith("cuda") else None
         tiny = preset is not None and preset.tiny
         dtype = torch.float32 if tiny and not device.startswith("cuda") else torch.bfloat16
@@ -297,10 +301,13 @@ class Ego:
         return Concept(name=name, embeddings=embeddings, model_id=self.model_id,
                        views=tuple(view for view, _, _ in made), residuals=residuals)
 
+    def _chat_text(self, content: list[dict]) -> str:
+        return self.backend.chat_text(content, original_system=self.settings.system_prompt == "original")
+
     def encode_reference(self, picture) -> Reference:
         """(1) X_R: the projector output the LLM would receive for this reference image, [N_r, D]."""
         encoded = self.backend.encode(
-            self.backend.chat_text([{"type": "image"}, {"type": "text", "text": prompts.DESCRIBE_PROMPT}]),
+            self._chat_text([{"type": "image"}, {"type": "text", "text": prompts.DESCRIBE_PROMPT}]),
             image=picture, image_max_pixels=self.settings.reference_max_pixels,
             video_frame_max_pixels=self.settings.video_frame_max_pixels,
         )
@@ -351,9 +358,12 @@ class Ego:
                 input_ids=sequence, **size_kwargs, past_key_values=cache, **self.decoding,
                 max_new_tokens=size_new_tokens,
             )
-        size_answer = tokenizer.decode(size_out[0, sequence.shape[1]:], skip_special_tokens=True).strip()
+        size_ids = size_out[0, sequence.shape[1]:].tolist()
+        size_answer = tokenizer.decode(size_ids, skip_special_tokens=True).strip()
+        size_cut = len(size_ids) >= size_new_tokens and size_ids[-1] not in self.backend.stop_token_ids
         timings["size_s"] = clock.lap()
-        return Description(ids=description_ids, start=start, capture=capture, size_answer=size_answer)
+        return Description(ids=description_ids, start=start, capture=capture, size_answer=size_answer,
+                           size_cut=size_cut)
 
     def _introduce_view(self, picture, user_keywords, user_area_pct
                         ) -> tuple[ConceptView, torch.Tensor, torch.Tensor | None]:
@@ -368,9 +378,11 @@ class Ego:
         clock.lap()
         description_ids, start, size_answer = described.ids, described.start, described.size_answer
 
-        # Keywords: the description's content words (stop-words and punctuation dropped), or the user's.
+        # Keywords: the description's content words (stop-words and punctuation dropped; with
+        # keywords_drop_stopwords off, as in the paper, only punctuation), or the user's.
         description = tokenizer.decode(description_ids, skip_special_tokens=True)
-        positions, keywords = keyword_positions(tokenizer, description_ids, content_only=user_keywords is None)
+        content_only = user_keywords is None and self.settings.keywords_drop_stopwords
+        positions, keywords = keyword_positions(tokenizer, description_ids, content_only=content_only)
         keyword_rows = [start + i for i in positions]
 
         # (3) Eq. 3: I_j = mean over layers l in L, heads h, keywords n of A^{l,h}_{wr}[n, j].
@@ -382,9 +394,8 @@ class Ego:
             area_pct, area_source = user_area_pct, "user"
             size_answer = ""
         else:
-            parsed = prompts.parse_area_pct(size_answer)
-            area_pct, area_source = (parsed, "model") if parsed is not None else (
-                self.settings.area_pct_fallback, "fallback")
+            area_pct, area_source = prompts.read_area_pct(size_answer, described.size_cut,
+                                                          self.settings.area_pct_fallback)
         k = memory_size(area_pct, n_r, self.settings.k_cap_tokens)
         token_indices = torch.topk(scores, k).indices.sort().values
         rows = x_r[token_indices.to(x_r.device)].detach().cpu()      # [K_c, D]
@@ -503,7 +514,7 @@ class Ego:
 
     def _encode_query(self, query: Query, text_blocks: list[dict]) -> Encoded:
         return self.backend.encode(
-            self.backend.chat_text(text_blocks), image=query.picture, video=query.clip,
+            self._chat_text(text_blocks), image=query.picture, video=query.clip,
             image_max_pixels=self.settings.query_image_max_pixels,
             video_frame_max_pixels=self.settings.video_frame_max_pixels,
         )
@@ -550,7 +561,8 @@ class Ego:
                 f"{prompts.neutralize(c.name, special)}: {self.backend.memory_open}{pad * c.num_tokens}"
                 f"{self.backend.memory_close}\n" for c in kept
             )
-            blocks.append({"type": "text", "text": prompts.MEMORY_INTRO + lines + prompts.MEMORY_OUTRO})
+            intro, outro = prompts.memory_prompt(self.settings.memory_prompt)
+            blocks.append({"type": "text", "text": intro + lines + outro})
         return blocks + query.visual_block + [{"type": "text", "text": query.text}]
 
     def _soft_prompt(self, encoded: Encoded, memory: torch.Tensor

@@ -64,7 +64,8 @@ class ConceptView:
     """The model's raw answer to the size question ("" when the user gave the size)."""
     keywords_source: str = "model"
     area_source: str = "model"
-    """"model", "user" or "fallback" (the size answer had no number)."""
+    """"model", "user", "fallback" (the size answer had no number) or "truncated" (it stopped at its length cap
+    inside a number, so the number it meant is unknown): the last two use `Settings.area_pct_fallback`."""
     timings_s: dict = field(default_factory=dict, compare=False)
     """Seconds spent per stage (encode, description, size, scores, selection); not saved."""
 

@@ -21,7 +21,9 @@ PAPER_LAYERS = (29, 30, 35, 36, 39)
 PAPER_DEPTH = 48
 """InternVL3-14B's calibrated layers and its number of text layers (indices read as 0-based)."""
 
-UNCALIBRATED = "depth-scaled from the paper's InternVL3-14B layers (29, 30, 35, 36, 39 of 48); not yet calibrated"
+UNCALIBRATED = ("depth-scaled, not calibrated: the paper's InternVL3-14B layers (29, 30, 35, 36, 39 of 48) at the same "
+                "relative depth of this model; calibrate them with `python -m ego.calibrate`")
+TINY_UNCALIBRATED = "tiny random model: depth-scaled, not calibrated"
 
 PAPER_LAYERS_NOTE = (
     "the paper's calibration for InternVL3-14B (Appendix B.2): layers 29, 30, 35, 36, 39 of its 48 LLM layers, read "
@@ -62,11 +64,11 @@ PRESETS: dict[str, Preset] = {
         Preset("internvl3-8b", "OpenGVLab/InternVL3-8B-hf", "internvl3"),
         Preset("internvl3-2b", "OpenGVLab/InternVL3-2B-hf", "internvl3"),
         Preset("internvl3-1b", "OpenGVLab/InternVL3-1B-hf", "internvl3"),
-        Preset("tiny-qwen2-vl", "tiny-qwen2-vl", "qwen2-vl", layers_note="tiny random model: depth-scaled", tiny=True),
-        Preset("tiny-qwen2.5-vl", "tiny-qwen2.5-vl", "qwen2.5-vl", layers_note="tiny random model: depth-scaled",
+        Preset("tiny-qwen2-vl", "tiny-qwen2-vl", "qwen2-vl", layers_note=TINY_UNCALIBRATED, tiny=True),
+        Preset("tiny-qwen2.5-vl", "tiny-qwen2.5-vl", "qwen2.5-vl", layers_note=TINY_UNCALIBRATED,
                tiny=True),
-        Preset("tiny-qwen3-vl", "tiny-qwen3-vl", "qwen3-vl", layers_note="tiny random model: depth-scaled", tiny=True),
-        Preset("tiny-internvl3", "tiny-internvl3", "internvl3", layers_note="tiny random model: depth-scaled",
+        Preset("tiny-qwen3-vl", "tiny-qwen3-vl", "qwen3-vl", layers_note=TINY_UNCALIBRATED, tiny=True),
+        Preset("tiny-internvl3", "tiny-internvl3", "internvl3", layers_note=TINY_UNCALIBRATED,
                tiny=True),
     ]
 }
@@ -74,3 +76,11 @@ PRESETS: dict[str, Preset] = {
 
 def resolve(name: str) -> Preset | None:
     return PRESETS.get(name.strip().lower())
+
+
+def layers_summary(model: str | None) -> str:
+    """A short line for the Space's header: whether `model`'s attention layers L are calibrated."""
+    preset = resolve(model) if model else None
+    if preset is not None and preset.layers is not None:
+        return "attention layers: the paper's calibration"
+    return "attention layers: depth-scaled from the paper's, not calibrated for this model"

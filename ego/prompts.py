@@ -18,6 +18,17 @@ SIZE_PROMPT = (
 )
 MEMORY_INTRO = "Here are personal concepts you know, each shown by a few visual tokens from the user's photos:\n"
 MEMORY_OUTRO = "When one of them appears, call it by its name.\n"
+MEMORY_PROMPTS = {
+    "name": (MEMORY_INTRO, MEMORY_OUTRO),
+    "neutral": ("Personal concepts, each shown by a few visual tokens:\n", ""),
+}
+"""(text before the memory lines, text after them) of each `Settings.memory_prompt`."""
+
+
+def memory_prompt(wording: str) -> tuple[str, str]:
+    if wording not in MEMORY_PROMPTS:
+        raise ValueError(f"memory_prompt must be one of {sorted(MEMORY_PROMPTS)}; got {wording!r}.")
+    return MEMORY_PROMPTS[wording]
 
 # Words that carry no visual evidence about the subject: English function words, plus the words a
 # model uses to talk about the photo itself ("The image shows ..."), whose attention spreads over the
@@ -52,42 +63,125 @@ def word_spans(text: str, *, content_only: bool) -> list[tuple[int, int]]:
     return [m.span() for m in _WORD.finditer(text) if not content_only or m.group(0).lower() not in STOPWORDS]
 
 
-_NUMBER = r"(\d{1,3}(?:\.\d+)?)"
-_RANGE = re.compile(_NUMBER + r"\s*%?\s*(?:-|–|to)\s*" + _NUMBER)
-_SINGLE = re.compile(_NUMBER)
+_UNIT_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+               "sixteen seventeen eighteen nineteen").split()
+_TENS_WORDS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+_NUMBER_WORD = re.compile(
+    r"\b(?:(?P<hundred>(?:a|one)\s+hundred)|(?P<tens>" + "|".join(_TENS_WORDS) + r")(?:[\s-]+(?P<tens_unit>"
+    + "|".join(_UNIT_WORDS[1:10]) + r"))?|(?P<unit>" + "|".join(_UNIT_WORDS) + r"))\b")
+_DENOMINATORS = {"half": 2, "halves": 2, "third": 3, "thirds": 3, "quarter": 4, "quarters": 4, "fourth": 4,
+                 "fourths": 4, "fifth": 5, "fifths": 5, "sixth": 6, "sixths": 6, "eighth": 8, "eighths": 8,
+                 "tenth": 10, "tenths": 10}
+_FRACTION_WORDS = re.compile(r"\b(?P<count>an?|\d+)[\s-]+(?P<part>" + "|".join(_DENOMINATORS) + r")\b")
+_FRACTION = re.compile(r"(?<![\d.])(?P<num>\d+)\s*/\s*(?P<den>\d+)(?![\d.])")
+_DIMENSIONS = re.compile(r"\b\d+\s*[x×]\s*\d+\b|\b\d+(?:\.\d+)?\s*(?:px|pixels?|mp|megapixels?)\b")
+_PERCENT = r"\s*(?:%|percent\b|per\s*cent\b|pct\b)"
+_BELOW = r"less than|fewer than|under|below|at most|no more than|not more than|up to|<"
+_ABOVE = r"more than|over|above|at least|greater than|>"
+_HEDGE = r"(?:(?:about|around|approximately|approx\.?|roughly|nearly|almost|maybe|perhaps|some|~)\s*)?"
+
+
+def _number(name: str) -> str:
+    return rf"(?<![\d.])(?P<{name}>\d+(?:\.\d+)?)(?!\.?\d)"
+
+
+def _amount(percent: str) -> re.Pattern:
+    """A stated share: a range (its middle), a bound ("less than 10%"), or one number, in that order of
+    preference; `percent` is the unit the number must carry ("" for a bare number, which must then not be
+    followed by a word other than "of": "1 dog" is a count, not a share)."""
+    bare = r"(?!\s*(?!of\b)[^\W\d_])" if not percent else ""
+    return re.compile(
+        r"(?:between\s+|from\s+)?" + _number("low") + r"(?:" + _PERCENT + r")?\s*(?:-|to|and)\s*" + _number("high")
+        + percent + bare + r"|(?:(?P<below>" + _BELOW + r")|(?P<above>" + _ABOVE + r"))?\s*" + _HEDGE
+        + _number("value") + percent + bare)
+
+
+_PERCENT_AMOUNT, _BARE_AMOUNT = _amount(_PERCENT), _amount("")
+# An answer cut by the length cap that ends inside a number ("It covers about 6", "between 20% and",
+# "twenty") may have meant another one ("65", "between 20% and 30%", "twenty-five").
+_CUT_IN_NUMBER = re.compile(
+    r"(?:\d[\d.,/\s]*|\d\s*%?\s*(?:-|to|and)\s*|\b(?:" + "|".join(_UNIT_WORDS + _TENS_WORDS + ["a", "an", "hundred"])
+    + r")[\s-]*)$")
 # Size words, checked longest phrase first; the value is the percentage they usually mean.
 _SIZE_WORDS = [
     ("almost all", 90), ("nearly all", 90), ("almost the entire", 90), ("nearly the entire", 90),
     ("entire", 100), ("whole", 100), ("fills", 90), ("full", 100), ("majority", 65), ("most", 70),
-    ("three quarters", 75), ("three-quarters", 75), ("two thirds", 67), ("two-thirds", 67),
-    ("half", 50), ("a third", 33), ("one third", 33), ("quarter", 25), ("a fifth", 20),
-    ("large", 60), ("big", 60), ("medium", 35), ("moderate", 35), ("small", 10), ("little", 10),
+    ("half", 50), ("large", 60), ("big", 60), ("medium", 35), ("moderate", 35), ("small", 10), ("little", 10),
     ("tiny", 5), ("minor", 10),
 ]
 
 
-def parse_area_pct(answer: str) -> float | None:
+def _spell_out(text: str) -> str:
+    """Number words as digits ("twenty-five" -> "25", "a hundred" -> "100"), fraction words and numeric
+    fractions as percentages ("two thirds" -> "66.667%", "1/3" -> "33.333%")."""
+    def number(match: re.Match) -> str:
+        if match.group("hundred"):
+            return "100"
+        if match.group("tens"):
+            tens = (_TENS_WORDS.index(match.group("tens")) + 2) * 10
+            return str(tens + (_UNIT_WORDS.index(match.group("tens_unit")) if match.group("tens_unit") else 0))
+        return str(_UNIT_WORDS.index(match.group("unit")))
+
+    def fraction_word(match: re.Match) -> str:
+        count = 1 if match.group("count") in ("a", "an") else int(match.group("count"))
+        return f"{100 * count / _DENOMINATORS[match.group('part')]:.3f}%"
+
+    def fraction(match: re.Match) -> str:
+        num, den = int(match.group("num")), int(match.group("den"))
+        return f"{100 * num / den:.3f}%" if 0 < num <= den else match.group(0)
+
+    text = _NUMBER_WORD.sub(number, text)
+    text = _FRACTION_WORDS.sub(fraction_word, text)
+    return _FRACTION.sub(fraction, text)
+
+
+def parse_area_pct(answer: str, *, cut: bool = False) -> float | None:
     """The subject's share of the image in percent (1..100) from a model's answer, or None.
 
-    "About 35%." -> 35; "35-40 percent" -> 37.5 (middle of a range); "0.35" -> 35 (a fraction);
-    "The dog covers most of the image" -> 70 (size words); "banana" -> None.
+    Read in this order: a percentage anywhere in the answer ("The dog covers about 35% of the frame"),
+    a range's middle ("35-40 percent" -> 37.5, "between 20% and 30%" -> 25), a bound's middle ("less than
+    10%" -> 5, "more than 80%" -> 90), fractions ("1/3", "a third", "two thirds"), spelled-out numbers
+    ("fifteen percent"); then a bare number not followed by a word ("35", "0.35" -> 35, but not "1 dog");
+    then size words ("most of the image" -> 70). Image dimensions ("1920x1080", "448 pixels") are ignored.
+
+    cut: the answer stopped at the length cap; if it stopped inside a number ("It covers about 6"), the
+    number it meant is unknown and the answer is unreadable (None).
     """
-    text = answer.strip().lower()
-    if not text:
+    text = answer.strip().lower().replace("–", "-").replace("—", "-")
+    if not text or (cut and _CUT_IN_NUMBER.search(text)):
         return None
-    if match := _RANGE.search(text):
-        low, high = float(match.group(1)), float(match.group(2))
-        if low <= high:
-            return _clamp((low + high) / 2)
-    if match := _SINGLE.search(text):
-        value = float(match.group(1))
-        if "." in match.group(1) and value < 1 and "%" not in text[match.end():match.end() + 2]:
-            value *= 100  # "0.35": a fraction of the image
-        return _clamp(value)
+    text = _DIMENSIONS.sub(" ", _spell_out(text))
+    for pattern in (_PERCENT_AMOUNT, _BARE_AMOUNT):
+        if match := pattern.search(text):
+            return _clamp(_value(match, fraction_allowed=pattern is _BARE_AMOUNT))
     for phrase, value in _SIZE_WORDS:
         if re.search(r"\b" + re.escape(phrase) + r"\b", text):
             return float(value)
     return None
+
+
+def read_area_pct(answer: str, cut: bool, fallback_pct: float) -> tuple[float, str]:
+    """alpha_c and where it came from: ("model") the parsed answer; ("truncated") the fallback, because the
+    answer stopped at its length cap inside a number; ("fallback") the fallback, because it had no size."""
+    parsed = parse_area_pct(answer, cut=cut)
+    if parsed is not None:
+        return parsed, "model"
+    return float(fallback_pct), "truncated" if cut and parse_area_pct(answer) is not None else "fallback"
+
+
+def _value(match: re.Match, *, fraction_allowed: bool) -> float:
+    low, high, single = match.group("low"), match.group("high"), match.group("value")
+    if low is not None:
+        low, high = float(low), float(high)
+        return (low + high) / 2 if low <= high else low
+    value = float(single)
+    if fraction_allowed and "." in single and value < 1:
+        value *= 100  # "0.35": a fraction of the image
+    if match.group("below"):
+        return value / 2  # "less than 10%": the middle of 0..10
+    if match.group("above"):
+        return (value + 100) / 2  # "more than 80%": the middle of 80..100
+    return value
 
 
 def _clamp(value: float) -> float:

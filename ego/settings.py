@@ -20,12 +20,29 @@ class Settings:
     description_max_new_tokens: int = 32
     """Length cap of the self-description whose content words are the keywords. Decoding dominates the
     cost of an introduction, and "one short sentence" rarely needs more."""
-    size_max_new_tokens: int = 5
-    """Length cap of the answer to "what percentage of the image does the subject cover"."""
+    size_max_new_tokens: int = 24
+    """Length cap of the answer to "what percentage of the image does the subject cover": room for a full
+    sentence with a three-digit number ("The subject covers approximately 100% of the image.") in every
+    family's tokenizer, which spell numbers one digit per token. A model that answers "30" stops after three
+    tokens; an answer cut by the cap inside a number is unreadable (`area_source` "truncated")."""
     area_pct_fallback: float = 100.0
     """alpha_c used when the size answer has no number or size word: K_c then equals the cap K."""
     max_concepts_in_context: int = 20
     """Above this many concepts, the ones most similar to the query's visual tokens are kept."""
+    keywords_drop_stopwords: bool = True
+    """Keywords are the description's words without punctuation AND without stop-words and words about the
+    photo itself ("image", "shows"), whose attention spreads over the whole picture. The paper keeps every
+    word and drops only punctuation (False)."""
+    memory_prompt: str = "name"
+    """Wording around the memories in a question: "name" ends with "When one of them appears, call it by its
+    name."; "neutral" lists them and says nothing of what to do (no push to name a concept that is absent)."""
+    system_prompt: str = "template"
+    """"template": the checkpoint's chat template as shipped (Qwen's has "You are a helpful assistant.", the
+    InternVL3 `-hf` one has none); "original": the system prompt of the model's original release where its
+    template differs (InternVL3's `internvl2_5` conversation template), as the paper's harness used."""
+    model_quantization: str | None = "auto"
+    """How `Ego.from_pretrained(quantization="auto")` loads the weights: "auto" = 4-bit NF4 on CUDA and
+    unquantized elsewhere; "4bit", "8bit"; None = unquantized bf16 on CUDA, as in the paper."""
 
     # --- questions ------------------------------------------------------------------------------
     query_image_max_pixels: int = 1024 * 28 * 28
@@ -87,6 +104,24 @@ class Settings:
     """Model requests (introductions, questions, imports) one visitor may have queued or running at once, counted
     per session and per client address where it is known; one more is refused with a sentence, so that one
     visitor or script cannot fill the queue that all visitors share."""
+
+    def __post_init__(self):
+        if self.memory_prompt not in ("name", "neutral"):
+            raise ValueError(f'memory_prompt must be "name" or "neutral"; got {self.memory_prompt!r}.')
+        if self.system_prompt not in ("template", "original"):
+            raise ValueError(f'system_prompt must be "template" or "original"; got {self.system_prompt!r}.')
+        if self.model_quantization not in ("auto", "4bit", "8bit", None):
+            raise ValueError(f'model_quantization must be "auto", "4bit", "8bit" or None; '
+                             f'got {self.model_quantization!r}.')
+
+    @classmethod
+    def paper(cls, **changes) -> Settings:
+        """The paper's protocol where it is known (README, "Paper protocol"): one 448x448 tile per query image
+        on InternVL3 (the same pixel budget on Qwen, where the paper is silent), bf16 weights without
+        quantization, a 50-token description, punctuation-only keywords, the model's original system
+        prompt, and a memory prompt that asks nothing."""
+        return cls(query_image_max_pixels=448 * 448, model_quantization=None, description_max_new_tokens=50,
+                   keywords_drop_stopwords=False, system_prompt="original", memory_prompt="neutral").replace(**changes)
 
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)

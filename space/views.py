@@ -149,7 +149,8 @@ def escape_markdown(text) -> str:
     return "".join(out)
 
 
-_SIZE_SOURCE = {"model": "model's estimate", "user": "set by you", "fallback": "no estimate, so the cap applies"}
+_SIZE_SOURCE = {"model": "model's estimate", "user": "set by you", "fallback": "no estimate, so the cap applies",
+                "truncated": "estimate cut off mid-number, so the cap applies"}
 
 
 def introduction_report(concepts: Sequence, seconds: float) -> str:

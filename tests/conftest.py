@@ -100,6 +100,55 @@ def reference_inputs(engine, picture) -> dict:
         tokenize=False, add_generation_prompt=True)
     return engine.backend.encode(text, image=picture, image_max_pixels=448 * 448,
                                  video_frame_max_pixels=448 * 448).inputs
+def _single_token(tokenizer, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert len(ids) == 1, (text, ids)
+    return ids[0]
+
+
+def bigram_engine(family: str, says: str, *, repeat_last: bool = False):
+    """A fresh tiny engine whose every assistant turn is `says` (one token per character, each character once),
+    then its stop token; with `repeat_last`, it repeats the last character forever (an answer cut by a cap).
+
+    The real architecture and the real engine path, with chosen weights: attention and MLP outputs are zero,
+    so the residual stream at a position is that token's embedding, and the output layer maps each token of
+    the chain to the next one. Attention probabilities (what Eq. 3 reads) are still computed as usual.
+    """
+    from ego import Ego
+
+    engine = Ego.tiny(family)
+    model, tokenizer = engine.model, engine.backend.tokenizer
+    language = model.model.language_model
+    assert model.lm_head.weight is not language.embed_tokens.weight  # untied: the output layer is free
+    prompt_end = tokenizer(engine.backend.continue_turn("x"), add_special_tokens=False).input_ids[-1]
+    chain = [prompt_end] + [_single_token(tokenizer, ch) for ch in says]
+    following = list(zip(chain, chain[1:]))
+    following.append((chain[-1], chain[-1] if repeat_last else engine.backend.stop_token_ids[0]))
+    with torch.no_grad():
+        for layer in language.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        head = model.lm_head.weight
+        head.zero_()
+        for current, next_token in following:
+            state = language.norm(language.embed_tokens.weight[current][None].to(head.dtype))[0]
+            head[next_token] += 40 * state / state.norm() ** 2
+    return engine
+
+
+def sharpen_attention(model, factor: float) -> None:
+    """Scale every text layer's queries and keys by `factor` (attention logits by factor squared), so that a
+    tiny random model's attention is peaked instead of nearly uniform: a test-only change of weights."""
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            attention = layer.self_attn
+            for name in ("q", "k"):
+                norm = getattr(attention, f"{name}_norm", None)  # Qwen3: RMSNorm after the projection
+                scaled = [norm.weight] if norm is not None else [
+                    p for p in (getattr(attention, f"{name}_proj").weight, getattr(attention, f"{name}_proj").bias)
+                    if p is not None]
+                for parameter in scaled:
+                    parameter.mul_(factor)
 
 
 @pytest.fixture(params=FAMILIES)

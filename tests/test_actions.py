@@ -274,8 +274,8 @@ def test_every_panel_action_says_what_it_did_or_why_not_in_the_status_line(act, 
 class FromThePage:
     """What Gradio hands a handler for an event the browser posted outside the queue (`/run/`)."""
 
-    class request:  # noqa: N801 - mirrors gr.Request.request
-        class url:  # noqa: N801
+    class request:
+        class url:
             path = "/gradio_api/run/remove_concept"
 
 

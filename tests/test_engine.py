@@ -336,9 +336,6 @@ def test_special_tokens_typed_by_a_visitor_stay_text():
     assert isinstance(concept, Concept)
 
 
-<<<<<<< HEAD
-def test_out_of_memory_is_reported_and_the_next_request_works(monkeypatch):
-=======
 def test_special_tokens_typed_as_keywords_stay_text(family):
     """A family's image and video tokens typed as keywords would otherwise reach the processor as placeholders
     ("Image features and image tokens do not match")."""
@@ -351,8 +348,7 @@ def test_special_tokens_typed_as_keywords_stay_text(family):
     assert not any(token in word for word in concept.views[0].keywords for token in media)
 
 
-def test_out_of_memory_is_reported_and_the_next_request_works():
->>>>>>> i10
+def test_out_of_memory_is_reported_and_the_next_request_works(monkeypatch):
     from ego import ModelBusyError
 
     engine = tiny_engine("qwen2-vl")

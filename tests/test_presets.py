@@ -43,3 +43,22 @@ def test_layers_from_a_calibration_file(tmp_path):
     with pytest.raises(ValueError, match="between 0 and 3"):
         Ego.from_pretrained("tiny-qwen2-vl", layers=[7])
     assert tiny_engine("qwen2-vl").layers == depth_scaled_layers(4)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_the_layers_note_and_the_header_say_whether_the_layers_are_calibrated(name):
+    from ego.presets import layers_summary
+
+    preset = PRESETS[name]
+    if preset.layers is None:
+        assert "depth-scaled, not calibrated" in preset.layers_note
+        assert "not calibrated" in layers_summary(name)
+    else:
+        assert "calibration" in preset.layers_note and "not calibrated" not in layers_summary(name)
+
+
+def test_a_model_outside_the_presets_is_said_to_be_depth_scaled():
+    from ego.presets import UNCALIBRATED, layers_summary
+
+    assert "not calibrated" in layers_summary("someone/Some-VL-7B") and "depth-scaled, not calibrated" in UNCALIBRATED
+    assert "not calibrated" in tiny_engine("qwen2-vl").layers_note

@@ -34,7 +34,10 @@ def test_the_settings_table_lists_every_setting_with_its_default():
         values = [value.strip() for value in row[1].split(" / ")]
         assert len(names) == len(values), row
         for name, value in zip(names, values):
-            listed[name] = math.prod(float(part.replace(",", "")) for part in value.split("×"))
+            words = value.strip('"')
+            listed[name] = words if words != value or words in ("true", "false", "none") else \
+                math.prod(float(part.replace(",", "")) for part in value.split("×"))
     defaults = {field.name: getattr(Settings(), field.name) for field in dataclasses.fields(Settings)}
     assert sorted(listed) == sorted(defaults)
-    assert {name: float(value) for name, value in defaults.items()} == listed
+    assert {name: str(value).lower() if isinstance(value, (bool, str)) or value is None else float(value)
+            for name, value in defaults.items()} == listed

@@ -75,11 +75,17 @@ class Backend(abc.ABC):
                 ids.add(value)
         return sorted(ids)
 
-    def chat_text(self, content: list[dict]) -> str:
-        """The prompt for one user turn (`content`: text/image/video blocks) ending in the generation prompt."""
-        return self.processor.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
+    original_system_prompt: str | None = None
+    """The default system prompt of the model's original release, where the checkpoint's chat template has
+    a different one (or none); None when the template already carries the original's."""
+
+    def chat_text(self, content: list[dict], *, original_system: bool = False) -> str:
+        """The prompt for one user turn (`content`: text/image/video blocks) ending in the generation prompt;
+        with `original_system`, preceded by `original_system_prompt` (if the family has one)."""
+        messages = [{"role": "user", "content": content}]
+        if original_system and self.original_system_prompt:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.original_system_prompt}]})
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def continue_turn(self, question: str) -> str:
         """Text that closes the assistant's answer and asks a follow-up in the same conversation (ChatML, the

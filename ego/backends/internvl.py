@@ -92,6 +92,10 @@ class InternVLBackend(Backend):
     placeholder_token = "<|vision_pad|>"
     memory_open = "<img>"
     memory_close = "</img>"
+    # The `internvl2_5` conversation template of the original (remote-code) InternVL3 checkpoints starts every
+    # conversation with this system message; the `-hf` conversions' chat template has none.
+    original_system_prompt = ("你是书生·万象，英文名是InternVL，"
+                              "是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。")
 
     def __init__(self, model, processor, family: str):
         tokenizer = processor.tokenizer
