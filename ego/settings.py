@@ -26,6 +26,12 @@ class Settings:
     """alpha_c used when the size answer has no number or size word: K_c then equals the cap K."""
     max_concepts_in_context: int = 20
     """Above this many concepts, the ones most similar to the query's visual tokens are kept."""
+    memory_selection: str = "attention"
+    """Which visual tokens of a reference image its memory keeps: "attention" (Eq. 3, the method), "uniform"
+    (evenly spaced in raster order) or "whole_image" (all N_r tokens); the last two are Table 3's ablations."""
+    memory_size_rule: str = "area"
+    """How many tokens a reference image keeps: "area" (Eq. 4, from the subject's share of the image) or "fixed"
+    (K for every image: Table 3's fixed in-context budget)."""
 
     # --- questions ------------------------------------------------------------------------------
     query_image_max_pixels: int = 1024 * 28 * 28
