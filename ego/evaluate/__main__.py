@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--protocol", choices=["ours", "paper"], default="ours")
     run.add_argument("--quantization", default="auto", help="auto, 4bit, 8bit or none")
     run.add_argument("--cache", default=None, help="concept cache folder (default: OUT/concept-cache)")
+    run.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                     help="change one engine setting (ego/settings.py), e.g. --set k_cap_tokens=30; repeatable")
+    run.add_argument("--max-new-tokens", type=int, default=None,
+                     help="cap every answer at N tokens (default: 4 yes/no, 16 options, 64 open and captions)")
     _judge_options(run)
 
     judge = commands.add_parser("judge", help="judge the stored open answers of a run again (no model needed)")
@@ -72,6 +76,22 @@ def _parser() -> argparse.ArgumentParser:
     _judge_options(judge)
     judge.add_argument("--model", default=None, help="with --judge self: the model that judges")
     return parser
+
+
+def settings_changes(pairs: list[str]) -> dict:
+    """--set NAME=VALUE pairs, each value converted to the type of the setting it changes."""
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    changes = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in fields or not value:
+            raise InputError(f"--set {pair!r}: give NAME=VALUE with NAME one of the fields of ego/settings.py.")
+        kind = type(getattr(Settings(), name))
+        try:
+            changes[name] = value if kind is str else kind(value)
+        except ValueError as error:
+            raise InputError(f"--set {pair!r}: {name} takes a {kind.__name__}.") from error
+    return changes
 
 
 def _judge_options(parser) -> None:
@@ -85,7 +105,7 @@ def _judge_options(parser) -> None:
 def load_engine(model: str, quantization: str, settings: Settings):
     from ..engine import Ego
 
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     import torch
 
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -103,7 +123,7 @@ def run(args) -> list[dict]:
     if args.benchmark != "table3" and any(n not in LOADERS for n in names):
         raise InputError(f"Unknown benchmark {args.benchmark!r}; choose one of {', '.join(LOADERS)}, "
                          f"{', '.join(TABLES)} or table3.")
-    settings = protocol_settings(args.protocol)
+    settings = protocol_settings(args.protocol).replace(**settings_changes(args.set))
     oracle = args.model == "oracle"
     engine = None if oracle else load_engine(args.model, args.quantization, settings)
     judge = make_judge(args.judge, engine=engine, url=args.judge_url, model=args.judge_model)
@@ -122,10 +142,12 @@ def run(args) -> list[dict]:
             max_concepts_in_context=max(run_settings.max_concepts_in_context, len(benchmark.concepts)))
         config = {"benchmark": name, "paper_key": paper_key, "data": str(data), "model": args.model,
                   "protocol": args.protocol, "refs": refs, "quantization": args.quantization,
-                  "settings": dataclasses.asdict(run_settings), "limit": args.limit, "judge": judge.spec}
+                  "settings": dataclasses.asdict(run_settings), "max_new_tokens": args.max_new_tokens,
+                  "limit": args.limit, "judge": judge.spec}
         document = runner.run_benchmark(
             benchmark, None if oracle else runner.with_settings(engine, run_settings), folder, config, cache=cache,
-            respond=oracle_answerer(data) if oracle else None, limit=args.limit, judge=judge, paper_key=paper_key)
+            respond=oracle_answerer(data) if oracle else None, limit=args.limit, judge=judge, paper_key=paper_key,
+            max_new_tokens=args.max_new_tokens)
         if document is not None:
             documents.append(document)
     if len(jobs) > 1 and documents:

@@ -29,7 +29,7 @@ RESUMABLE_EXCEPT = ("limit", "judge")
 
 def process_share() -> tuple[int, int]:
     """(rank, number of processes) of a data-parallel launch; (0, 1) when started plainly."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def shard(items, rank: int, world: int) -> list:
@@ -103,12 +103,13 @@ def concepts_for(benchmark: Benchmark, engine, cache: Path, rank: int = 0, world
 
 
 # --- answering --------------------------------------------------------------------------------------------
-def model_answer(engine):
+def model_answer(engine, max_new_tokens: int | None = None):
     """The answerer used for real runs: `engine.answer` with every concept of the benchmark in context."""
     def respond(query: Query, concepts: list, media: Path) -> dict:
         kind = {"video": str(media)} if query.is_video else {"image": str(media)}
-        answer = engine.answer(query.question, concepts, max_new_tokens=MAX_NEW_TOKENS[query.kind], **kind)
-        return {"raw": str(answer), "used": list(answer.used), "context_tokens": answer.context_tokens}
+        cap = min(MAX_NEW_TOKENS[query.kind], max_new_tokens or MAX_NEW_TOKENS[query.kind])
+        answer = engine.answer(query.question, concepts, max_new_tokens=cap, **kind)
+        return {"raw": str(answer), "used": list(answer.concepts_used), "context_tokens": answer.context_tokens}
     return respond
 
 
@@ -200,10 +201,15 @@ def merge(benchmark: Benchmark, out: Path, limit=None) -> list[dict]:
         for record in _read_jsonl(part):
             by_key.setdefault(record["key"], record)
     records = [by_key[q.key] for q in benchmark.queries[:limit] if q.key in by_key]
-    with open(out / "predictions.jsonl", "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+    _write_jsonl(out / "predictions.jsonl", records)
     return records
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    partial = path.with_suffix(".partial")
+    with open(partial, "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+    os.replace(partial, path)
 
 
 def compute_metrics(benchmark: Benchmark, records: list[dict]) -> dict:
@@ -241,7 +247,7 @@ def recognition(benchmark: Benchmark, records: list[dict]) -> dict:
             result["per_split"] = {
                 split: _brief(scoring.recognition_metrics(
                     [v for m, v in per_image.items() if benchmark.split_of[m] == split], concepts))
-                for split in sorted(set(benchmark.split_of[m] for m in per_image))}
+                for split in sorted({benchmark.split_of[m] for m in per_image})}
     else:
         pair_records = []
         for media, (truth, yes) in per_image.items():
@@ -295,8 +301,8 @@ def summary_markdown(documents: list[dict]) -> str:
                   f"{config.get('refs')} reference photo(s) per concept; the paper's backbone is InternVL3-14B.")
         if config.get("limit"):
             notes.add(f"Limited to the first {config['limit']} queries per benchmark: not a full run.")
-    lines += ["", "Precision, recall and F1: mean of per-unit precision and of per-unit recall where defined, F1 "
-              "their harmonic mean (macro_f1 and micro_f1 are in metrics.json; the paper's formula is not known).",
+    lines += ["", ("Precision, recall and F1: mean of per-unit precision and of per-unit recall where defined, F1 "
+                   "their harmonic mean (macro_f1 and micro_f1 are in metrics.json; the paper's formula is not known)."),
               "The prompts are this harness's own (the paper does not publish its prompts); see docs/evaluation.md.",
               ""] + [f"- {n}" for n in sorted(notes)]
     return "\n".join(lines) + "\n"
@@ -310,7 +316,8 @@ def with_settings(engine, settings):
 
 
 def run_benchmark(benchmark: Benchmark, engine, out: Path, config: dict, *, cache: Path, respond=None,
-                  limit=None, judge=None, progress: bool = True, paper_key: str | None = None) -> dict | None:
+                  limit=None, judge=None, progress: bool = True, paper_key: str | None = None,
+                  max_new_tokens: int | None = None) -> dict | None:
     """The whole run of one benchmark in this process (a share of it in a data-parallel launch); the
     metrics document on rank 0, None on the others. With no engine, `respond` answers without concepts."""
     rank, world = process_share()
@@ -318,7 +325,7 @@ def run_benchmark(benchmark: Benchmark, engine, out: Path, config: dict, *, cach
     out.mkdir(parents=True, exist_ok=True)
     _check_config(out, config)
     concepts = {} if engine is None else concepts_for(benchmark, engine, cache, rank, world)
-    answer_share(benchmark, concepts, respond or model_answer(engine), out, config, limit=limit, judge=judge,
+    answer_share(benchmark, concepts, respond or model_answer(engine, max_new_tokens), out, config, limit=limit, judge=judge,
                  rank=rank, world=world, progress=progress)
     if rank != 0:
         return None
@@ -328,22 +335,24 @@ def run_benchmark(benchmark: Benchmark, engine, out: Path, config: dict, *, cach
 
 
 def rejudge(out: Path, judge) -> dict:
-    """Judge the stored open answers of a finished run again, rewriting predictions, metrics and summary."""
-    from .datasets import LOADERS
-
+    """Judge the stored open answers of a run again (neither the model nor the data is needed), rewriting
+    predictions, metrics and summary."""
     path = out / "metrics.json"
     if not path.is_file():
         raise InputError(f"{out} has no metrics.json; give the folder of a finished run.")
-    document = json.loads(path.read_text())
-    config = document["config"]
-    benchmark = LOADERS[config["benchmark"]](Path(config["data"]), config["refs"])
-    queries = {q.key: q for q in benchmark.queries}
+    config = json.loads(path.read_text())["config"]
     records = _read_jsonl(out / "predictions.jsonl")
+    if not any(r["kind"] == "open" for r in records):
+        raise InputError(f"{out} holds no open answers to judge (only open-ended VQA needs a judge).")
     for record in records:
         if record["kind"] == "open":
-            record.update(score_record(queries[record["key"]], record["raw"], benchmark, judge))
-    with open(out / "predictions.jsonl", "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+            verdict, reply = judge(record["question"], str(record["gold"]), record["raw"])
+            record.update(verdict=verdict, judge=judge.spec, judge_reply=reply)
+    _write_jsonl(out / "predictions.jsonl", records)
+    by_key = {r["key"]: r for r in records}
+    for part in (out / "parts").glob("*.jsonl"):  # a later resumption merges the parts: they get the verdicts too
+        _write_jsonl(part, [by_key.get(r["key"], r) for r in _read_jsonl(part)])
     config["judge"] = judge.spec
+    (out / "run.json").write_text(json.dumps(config, indent=1, sort_keys=True))
+    benchmark = Benchmark(config["benchmark"], "vqa", Path(config["data"]), {}, [])
     return write_results(benchmark, out, config, records, config.get("paper_key"))
