@@ -169,7 +169,11 @@ def answer_share(benchmark: Benchmark, concepts: dict, respond, out: Path, confi
     todo = [q for q in queries if q.key not in done]
     in_context = list(concepts.values())
     bar = Progress(len(todo), f"{benchmark.name} (process {rank + 1}/{world})") if progress and todo else None
-    with open(parts / f"rank{rank}.jsonl", "a") as log:
+    log_path = parts / f"rank{rank}.jsonl"
+    if log_path.is_file():  # drop a line cut short by a crash, so the next record starts on its own line
+        text = log_path.read_bytes()
+        log_path.write_bytes(text[: text.rfind(b"\n") + 1])
+    with open(log_path, "a") as log:
         for query in todo:
             answered = respond(query, in_context, benchmark.root / query.media)
             record = {"key": query.key, "kind": query.kind, "media": query.media, "question": query.question,
