@@ -34,7 +34,8 @@ def test_the_settings_table_lists_every_setting_with_its_default():
         values = [value.strip() for value in row[1].split(" / ")]
         assert len(names) == len(values), row
         for name, value in zip(names, values):
-            listed[name] = math.prod(float(part.replace(",", "")) for part in value.split("×"))
+            listed[name] = (value.strip('"') if value.startswith('"') else
+                            math.prod(float(part.replace(",", "")) for part in value.split("×")))
     defaults = {field.name: getattr(Settings(), field.name) for field in dataclasses.fields(Settings)}
     assert sorted(listed) == sorted(defaults)
-    assert {name: float(value) for name, value in defaults.items()} == listed
+    assert {name: value if isinstance(value, str) else float(value) for name, value in defaults.items()} == listed
