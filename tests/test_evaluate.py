@@ -4,6 +4,7 @@ merge to the whole, and open answers are re-judged through an OpenAI-compatible 
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,10 +13,11 @@ from pathlib import Path
 import pytest
 from conftest import tiny_engine
 
+from ego import InputError
 from ego.evaluate import __main__ as cli
 from ego.evaluate import runner
 from ego.evaluate.datasets import LOADERS, make_fixture
-from ego.evaluate.judge import EndpointJudge, InputError
+from ego.evaluate.judge import EndpointJudge
 from ego.evaluate.oracle import oracle_answerer
 
 FAST = ["--set", "description_max_new_tokens=3", "--set", "size_max_new_tokens=1", "--max-new-tokens", "3"]
@@ -95,10 +97,10 @@ def test_every_benchmark_runs_on_a_tiny_model(data, tmp_path, engine):
         assert len(predictions) == 1 and all({"question", "raw", "parsed", "verdict"} <= set(r) for r in predictions)
         assert name in (tmp_path / name / "summary.md").read_text()
     assert engine.calls["answer"] == len(cli.TABLES["all"])
-    # concepts are introduced once per dataset and settings: the VQA run of a dataset finds them cached
-    distinct = {(LOADERS[n](data, 1).name.split("-")[0] if "multi" not in n else "multi", c)
-                for n in cli.TABLES["all"] for c in LOADERS[n](data, 1).concepts}
-    assert engine.calls["introduce"] <= len(distinct) + 4
+    # a concept is introduced once for all the benchmarks that share its name and photos (e.g. rec and VQA)
+    distinct = {(name, tuple(str(p) for p in refs))
+                for n in cli.TABLES["all"] for name, refs in LOADERS[n](data, 1).concepts.items()}
+    assert engine.calls["introduce"] == len(distinct) == 17
 
 
 def test_table3_runs_each_engine_variant(data, tmp_path, engine):
@@ -159,6 +161,15 @@ def test_data_parallel_shares_merge_to_the_whole(data, tmp_path):
     records = runner.merge(benchmark, tmp_path)
     assert [r["key"] for r in records] == [q.key for q in benchmark.queries]
     assert runner.write_results(benchmark, tmp_path, config, records)["metrics"]["f1"] == 1.0
+
+
+def test_progress_line_estimates_the_time_left():
+    stream = io.StringIO()
+    bar = runner.Progress(4, "bench", stream=stream)
+    bar.started -= 8.0                                       # two answers took 8 s: two more take about 8 s
+    bar.shown, bar.done = float("-inf"), 1
+    bar.step()
+    assert "2/4" in stream.getvalue() and "~8s left" in stream.getvalue()
 
 
 class _JudgeServer(BaseHTTPRequestHandler):

@@ -305,8 +305,9 @@ def summary_markdown(documents: list[dict]) -> str:
                   f"{config.get('refs')} reference photo(s) per concept; the paper's backbone is InternVL3-14B.")
         if config.get("limit"):
             notes.add(f"Limited to the first {config['limit']} queries per benchmark: not a full run.")
-    lines += ["", ("Precision, recall and F1: mean of per-unit precision and of per-unit recall where defined, F1 "
-                   "their harmonic mean (macro_f1 and micro_f1 are in metrics.json; the paper's formula is not known)."),
+    lines += ["", ("Precision, recall and F1: mean of per-unit precision and of per-unit recall where defined, "
+                   "F1 their harmonic mean (macro_f1 and micro_f1 are in metrics.json; the paper's formula is not "
+                   "known)."),
               "The prompts are this harness's own (the paper does not publish its prompts); see docs/evaluation.md.",
               ""] + [f"- {n}" for n in sorted(notes)]
     return "\n".join(lines) + "\n"
@@ -329,8 +330,8 @@ def run_benchmark(benchmark: Benchmark, engine, out: Path, config: dict, *, cach
     out.mkdir(parents=True, exist_ok=True)
     _check_config(out, config)
     concepts = {} if engine is None else concepts_for(benchmark, engine, cache, rank, world)
-    answer_share(benchmark, concepts, respond or model_answer(engine, max_new_tokens), out, config, limit=limit, judge=judge,
-                 rank=rank, world=world, progress=progress)
+    answer_share(benchmark, concepts, respond or model_answer(engine, max_new_tokens), out, config, limit=limit,
+                 judge=judge, rank=rank, world=world, progress=progress)
     if rank != 0:
         return None
     if world > 1:
