@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,18 +33,20 @@ def data(tmp_path_factory) -> Path:
 def engine(monkeypatch):
     """The session's tiny Qwen2.5-VL (the command would load the same preset), with its calls counted."""
     engine = tiny_engine("qwen2.5-vl")
-    calls = {"answer": 0, "introduce": 0}
+    calls, asked = {"answer": 0, "introduce": 0}, []
     for name in calls:
         real = getattr(engine, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
             calls[_name] += 1
+            if _name == "answer":
+                asked.append((args[0], len(args[1])))
             return _real(*args, **kwargs)
         monkeypatch.setattr(engine, name, counted)
     monkeypatch.setattr(cli, "load_engine", lambda *args, **kwargs: engine)
-    engine.calls = calls
+    engine.calls, engine.asked = calls, asked
     yield engine
-    del engine.calls
+    del engine.calls, engine.asked
 
 
 def _lines(path: Path) -> list[dict]:
@@ -104,13 +107,23 @@ def test_every_benchmark_runs_on_a_tiny_model(data, tmp_path, engine):
 
 
 def test_table3_runs_each_engine_variant(data, tmp_path, engine):
-    assert cli.main(["run", "--benchmark", "table3", "--data", str(data), "--model", "tiny-qwen2.5-vl", "--out",
-                     str(tmp_path), "--limit", "1", *FAST]) == 0
-    for variant, (changes, refs) in cli.TABLE3.items():
-        document = json.loads((tmp_path / variant / "metrics.json").read_text())
+    small = tmp_path / "data"
+    shutil.copytree(data / "yollava-data", small / "yollava-data", ignore=shutil.ignore_patterns("gamma"))
+    out = tmp_path / "out"
+    assert cli.main(["run", "--benchmark", "table3", "--data", str(small), "--model", "tiny-qwen2.5-vl", "--out",
+                     str(out), "--limit", "1", *FAST]) == 0
+    # variants that differ only in what answers read share their concepts: fixed K, whole image, uniform, 5 views
+    assert engine.calls["introduce"] == 2 * 4
+    for variant, (changes, refs, keywords) in cli.TABLE3.items():
+        document = json.loads((out / variant / "metrics.json").read_text())
         assert document["paper"]["source"].startswith("Table 3")
         assert all(document["settings"][k] == v for k, v in changes.items()) and document["config"]["refs"] == refs
-    assert "keywords-only not run" in (tmp_path / "summary.md").read_text()
+        assert document["config"]["keywords_in_prompt"] == keywords
+    assert len(engine.asked) == len(cli.TABLE3)
+    with_keywords = sorted(n for question, n in engine.asked if question.startswith("Personal concepts you know"))
+    assert with_keywords == [0, 2]                  # keywords alone, then keywords after the two memories
+    summary = (out / "summary.md").read_text()
+    assert all(f"| table3/{variant} | f1 % |" in summary for variant in cli.TABLE3)
 
 
 def test_resume_repeats_no_query_and_a_changed_config_is_refused(data, tmp_path, engine, capsys):

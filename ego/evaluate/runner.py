@@ -68,10 +68,16 @@ def _file_sha1(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
 
+ANSWER_ONLY_SETTINGS = ("max_concepts_in_context", "max_question_chars")
+"""Settings that only answers read: a concept introduced under other values of these is the same concept."""
+
+
 def concept_key(engine, name: str, references: list[Path]) -> str:
-    """What a cached concept depends on: the model, its layers, every setting, the name and the photos."""
+    """What a cached concept depends on: the model, its layers, every setting an introduction may read, the
+    name and the photos."""
+    settings = {k: v for k, v in dataclasses.asdict(engine.settings).items() if k not in ANSWER_ONLY_SETTINGS}
     material = json.dumps({
-        "model": engine.model_id, "layers": list(engine.layers), "settings": dataclasses.asdict(engine.settings),
+        "model": engine.model_id, "layers": list(engine.layers), "settings": settings,
         "name": name, "references": [(p.name, _file_sha1(p)) for p in references],
     }, sort_keys=True)
     return hashlib.sha256(material.encode()).hexdigest()[:16]
@@ -103,12 +109,34 @@ def concepts_for(benchmark: Benchmark, engine, cache: Path, rank: int = 0, world
 
 
 # --- answering --------------------------------------------------------------------------------------------
-def model_answer(engine, max_new_tokens: int | None = None):
-    """The answerer used for real runs: `engine.answer` with every concept of the benchmark in context."""
+KEYWORDS_IN_PROMPT = ("none", "only", "append")
+KEYWORDS_PREFIX = "Personal concepts you know, each described by its keywords: {described}\n"
+
+
+def keywords_prefix(concepts) -> str:
+    """The concepts' keywords as text ("alpha: red, circle; beta: ..."), for Table 3's keyword rows: the
+    keywords alone stand in for a memory, or follow it."""
+    described = []
+    for concept in concepts:
+        words = list(dict.fromkeys(word for view in concept.views for word in view.keywords))
+        described.append(f"{concept.name}: {', '.join(words)}")
+    return KEYWORDS_PREFIX.format(described="; ".join(described))
+
+
+def model_answer(engine, max_new_tokens: int | None = None, keywords_in_prompt: str = "none"):
+    """The answerer used for real runs: `engine.answer` with every concept of the benchmark in context (with
+    keywords_in_prompt "append" their keywords also lead the question; with "only" the keywords replace them)."""
+    if keywords_in_prompt not in KEYWORDS_IN_PROMPT:
+        raise InputError(f"keywords_in_prompt must be one of {KEYWORDS_IN_PROMPT}; got {keywords_in_prompt!r}.")
+
     def respond(query: Query, concepts: list, media: Path) -> dict:
         kind = {"video": str(media)} if query.is_video else {"image": str(media)}
         cap = min(MAX_NEW_TOKENS[query.kind], max_new_tokens or MAX_NEW_TOKENS[query.kind])
-        answer = engine.answer(query.question, concepts, max_new_tokens=cap, **kind)
+        question = query.question
+        if keywords_in_prompt != "none":
+            question = keywords_prefix(concepts) + question
+            concepts = [] if keywords_in_prompt == "only" else concepts
+        answer = engine.answer(question, concepts, max_new_tokens=cap, **kind)
         return {"raw": str(answer), "used": list(answer.concepts_used), "context_tokens": answer.context_tokens}
     return respond
 
@@ -295,7 +323,8 @@ def summary_markdown(documents: list[dict]) -> str:
         n = metrics.get("n", metrics.get("n_images"))
         ours = "—" if value is None else f"{100 * value:.1f}"
         baseline = paper.get("baseline") or {}
-        lines.append(f"| {doc['benchmark']} | {name} % | {ours} | {n} | {paper.get('ego', '—')} | "
+        label = doc.get("config", {}).get("paper_key") or doc["benchmark"]
+        lines.append(f"| {label} | {name} % | {ours} | {n} | {paper.get('ego', '—')} | "
                      f"{baseline.get('name', '—')} {baseline.get('value', '')} | "
                      f"{paper.get('source', 'not reported')} ({paper.get('confidence', '—')}) |")
         if "judge" in metrics:
@@ -322,7 +351,7 @@ def with_settings(engine, settings):
 
 def run_benchmark(benchmark: Benchmark, engine, out: Path, config: dict, *, cache: Path, respond=None,
                   limit=None, judge=None, progress: bool = True, paper_key: str | None = None,
-                  max_new_tokens: int | None = None) -> dict | None:
+                  max_new_tokens: int | None = None, keywords_in_prompt: str = "none") -> dict | None:
     """The whole run of one benchmark in this process (a share of it in a data-parallel launch); the
     metrics document on rank 0, None on the others. With no engine, `respond` answers without concepts."""
     rank, world = process_share()
@@ -330,8 +359,9 @@ def run_benchmark(benchmark: Benchmark, engine, out: Path, config: dict, *, cach
     out.mkdir(parents=True, exist_ok=True)
     _check_config(out, config)
     concepts = {} if engine is None else concepts_for(benchmark, engine, cache, rank, world)
-    answer_share(benchmark, concepts, respond or model_answer(engine, max_new_tokens), out, config, limit=limit,
-                 judge=judge, rank=rank, world=world, progress=progress)
+    respond = respond or model_answer(engine, max_new_tokens, keywords_in_prompt)
+    answer_share(benchmark, concepts, respond, out, config, limit=limit, judge=judge, rank=rank, world=world,
+                 progress=progress)
     if rank != 0:
         return None
     if world > 1:
