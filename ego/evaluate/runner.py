@@ -149,7 +149,8 @@ def score_record(query: Query, raw: str, benchmark: Benchmark, judge=None) -> di
         record.update(parsed=parsed, verdict=(parsed is True) == (query.concept in benchmark.truth[query.media]))
     elif query.kind == "option":
         parsed = scoring.parse_option(raw, query.options)
-        record.update(parsed=parsed, parsed_pekit=scoring.parse_option_pekit(raw), verdict=parsed == query.gold)
+        gold = str(query.gold).strip().upper()
+        record.update(parsed=parsed, parsed_pekit=scoring.parse_option_pekit(raw), verdict=parsed == gold)
     elif query.kind == "caption":
         named = sorted(scoring.names_in_caption(raw, benchmark.concepts))
         record.update(parsed=named, verdict=set(query.gold) <= set(named))
@@ -252,7 +253,7 @@ def compute_metrics(benchmark: Benchmark, records: list[dict]) -> dict:
     result = scoring.accuracy([r["verdict"] for r in records], [r["group"] for r in records])
     if any(r["kind"] == "option" for r in records):
         result["accuracy_pekit_parser"] = scoring.accuracy(
-            [r["parsed_pekit"] == r["gold"] for r in records if r["kind"] == "option"])["accuracy"]
+            [r["parsed_pekit"] == str(r["gold"]).strip().upper() for r in records if r["kind"] == "option"])["accuracy"]
     judged = {r.get("judge") for r in records if r["kind"] == "open"}
     if judged:
         result["judge"] = ", ".join(sorted(str(j) for j in judged))
