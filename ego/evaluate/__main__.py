@@ -66,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="results folder (a run resumes into it)")
     run.add_argument("--limit", type=int, default=None, help="only the first N queries of each benchmark")
     run.add_argument("--refs", type=int, default=1, help="reference photos per concept (1 to 5)")
-    run.add_argument("--protocol", choices=["ours", "paper"], default="ours")
+    run.add_argument("--protocol", choices=["ours", "paper"], default="ours",
+                     help="ours: the library's default settings; paper: Settings.paper(), the settings the paper "
+                          "states")
     run.add_argument("--quantization", default="auto", help="auto, 4bit, 8bit or none")
     run.add_argument("--cache", default=None, help="concept cache folder (default: OUT/concept-cache)")
     run.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
