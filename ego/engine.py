@@ -396,8 +396,10 @@ class Ego:
         else:
             area_pct, area_source = prompts.read_area_pct(size_answer, described.size_cut,
                                                           self.settings.area_pct_fallback)
-        k = memory_size(area_pct, n_r, self.settings.k_cap_tokens)
-        token_indices = torch.topk(scores, k).indices.sort().values
+        k = (memory_size(area_pct, n_r, self.settings.k_cap_tokens) if self.settings.memory_size_rule == "area"
+             else min(n_r, self.settings.k_cap_tokens))
+        token_indices = select_tokens(scores, k, self.settings.memory_selection)
+        k = int(token_indices.numel())                                # N_r when the whole image is kept
         rows = x_r[token_indices.to(x_r.device)].detach().cpu()      # [K_c, D]
         residuals = self.backend.residual_rows(reference.encoded)    # [levels, N_r, D] (Qwen3-VL) or None
         if residuals is not None:
@@ -615,6 +617,22 @@ class Ego:
 def memory_size(area_pct: float, n_r: int, k_cap: int) -> int:
     """Eq. 4: K_c = max(1, round(min(K, alpha_c * N_r / 100))), rounding halves up."""
     return max(1, int(math.floor(min(k_cap, area_pct * n_r / 100.0) + 0.5)))
+
+
+MEMORY_SELECTIONS = ("attention", "uniform", "whole_image")
+
+
+def select_tokens(scores: torch.Tensor, k: int, selection: str = "attention") -> torch.Tensor:
+    """Indices (raster order) of the tokens a memory keeps from scores [N_r]: the top k by attention (the
+    method), k evenly spaced ones, or all of them (the ablations of Table 3)."""
+    n_r = scores.numel()
+    if selection == "attention":
+        return torch.topk(scores, k).indices.sort().values
+    if selection == "uniform":
+        return torch.linspace(0, n_r - 1, k).round().long().unique()
+    if selection == "whole_image":
+        return torch.arange(n_r)
+    raise ValueError(f"memory_selection must be one of {MEMORY_SELECTIONS}; got {selection!r}.")
 
 
 def similarity_to_query(concepts: Sequence[Concept], query_rows: torch.Tensor,

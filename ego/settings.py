@@ -43,6 +43,12 @@ class Settings:
     model_quantization: str | None = "auto"
     """How `Ego.from_pretrained(quantization="auto")` loads the weights: "auto" = 4-bit NF4 on CUDA and
     unquantized elsewhere; "4bit", "8bit"; None = unquantized bf16 on CUDA, as in the paper."""
+    memory_selection: str = "attention"
+    """Which visual tokens of a reference image its memory keeps: "attention" (Eq. 3, the method), "uniform"
+    (evenly spaced in raster order) or "whole_image" (all N_r tokens); the last two are Table 3's ablations."""
+    memory_size_rule: str = "area"
+    """How many tokens a reference image keeps: "area" (Eq. 4, from the subject's share of the image) or "fixed"
+    (K for every image: Table 3's fixed in-context budget)."""
 
     # --- questions ------------------------------------------------------------------------------
     query_image_max_pixels: int = 1024 * 28 * 28

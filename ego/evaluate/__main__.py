@@ -1,0 +1,196 @@
+"""python -m ego.evaluate {make-fixture, run, judge}: the paper's benchmarks in their published layouts.
+
+    python -m ego.evaluate make-fixture /tmp/fixture
+    python -m ego.evaluate run --benchmark yollava-rec --data /data --model internvl3-14b --out runs/yollava
+    python -m ego.evaluate judge runs/multi-vqa --judge openai --judge-url http://localhost:8000/v1 --judge-model m
+
+docs/evaluation.md gives the datasets, the command per table, the time on one GPU and what differs from the
+paper's protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from ..errors import InputError
+from ..settings import Settings
+from . import runner
+from .datasets import LOADERS, make_fixture
+from .judge import make_judge
+from .oracle import oracle_answerer
+
+TABLES = {
+    "table1": ["yollava-rec", "myvlm-rec", "thisismy-rec", "thisismy-multi-rec", "rap-multi-rec"],
+    "table2": ["yollava-vqa", "myvlm-cap", "thisismy-multi-vqa", "thisismy-multi-cap", "thisismy-video-vqa"],
+}
+TABLES["all"] = TABLES["table1"] + TABLES["table2"]
+KEYWORDS_QUESTION_CHARS = 20_000
+"""Question length allowed when every concept's keywords lead it (40 concepts of about ten words each)."""
+TABLE3 = {
+    # variant -> (engine settings it changes, reference photos, keywords in the prompt); all on Yo'LLaVA
+    # recognition with the in-context budget fixed at K (about 20 % of a reference photo's tokens)
+    "keywords-only": ({"memory_size_rule": "fixed", "max_question_chars": KEYWORDS_QUESTION_CHARS}, 1, "only"),
+    "full-image": ({"memory_selection": "whole_image"}, 1, "none"),
+    "full-image-keywords": ({"memory_selection": "whole_image", "max_question_chars": KEYWORDS_QUESTION_CHARS}, 1,
+                            "append"),
+    "uniform": ({"memory_selection": "uniform", "memory_size_rule": "fixed"}, 1, "none"),
+    "ego-1-view": ({"memory_size_rule": "fixed"}, 1, "none"),
+    "ego-5-views": ({"memory_size_rule": "fixed"}, 5, "none"),
+}
+
+
+def protocol_settings(protocol: str) -> Settings:
+    """"ours": the engine's defaults; "paper": the settings the paper states (448x448 single-tile queries...)."""
+    return Settings.paper() if protocol == "paper" else Settings()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ego.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    fixture = commands.add_parser("make-fixture", help="write small synthetic data in every supported layout")
+    fixture.add_argument("directory")
+    fixture.add_argument("--seed", type=int, default=0)
+
+    run = commands.add_parser("run", help="run a benchmark (or a whole table) and write its results")
+    run.add_argument("--benchmark", required=True,
+                     help=f"one of {', '.join(LOADERS)}, or a table: {', '.join([*TABLES, 'table3'])}")
+    run.add_argument("--data", required=True, help="the folder that holds the datasets (docs/evaluation.md)")
+    run.add_argument("--model", required=True,
+                     help="a preset (e.g. internvl3-14b, qwen2.5-vl-7b, tiny-qwen2.5-vl), a Hub id or a folder; "
+                          "'oracle' answers from a fixture's ground truth")
+    run.add_argument("--out", required=True, help="results folder (a run resumes into it)")
+    run.add_argument("--limit", type=int, default=None, help="only the first N queries of each benchmark")
+    run.add_argument("--refs", type=int, default=1, help="reference photos per concept (1 to 5)")
+    run.add_argument("--protocol", choices=["ours", "paper"], default="ours",
+                     help="ours: the library's default settings; paper: Settings.paper(), the settings the paper "
+                          "states")
+    run.add_argument("--quantization", default="auto", help="auto, 4bit, 8bit or none")
+    run.add_argument("--cache", default=None, help="concept cache folder (default: OUT/concept-cache)")
+    run.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                     help="change one engine setting (ego/settings.py), e.g. --set k_cap_tokens=30; repeatable")
+    run.add_argument("--max-new-tokens", type=int, default=None,
+                     help="cap every answer at N tokens (default: 4 yes/no, 16 options, 64 open and captions)")
+    _judge_options(run)
+
+    judge = commands.add_parser("judge", help="judge the stored open answers of a run again (no model needed)")
+    judge.add_argument("out")
+    _judge_options(judge)
+    judge.add_argument("--model", default=None, help="with --judge self: the model that judges")
+    return parser
+
+
+def settings_changes(pairs: list[str]) -> dict:
+    """--set NAME=VALUE pairs, each value converted to the type of the setting it changes."""
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    changes = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in fields or not value:
+            raise InputError(f"--set {pair!r}: give NAME=VALUE with NAME one of the fields of ego/settings.py.")
+        kind = type(getattr(Settings(), name))
+        try:
+            changes[name] = value if kind is str else kind(value)
+        except ValueError as error:
+            raise InputError(f"--set {pair!r}: {name} takes a {kind.__name__}.") from error
+    return changes
+
+
+def _judge_options(parser) -> None:
+    parser.add_argument("--judge", choices=["rule", "self", "openai"], default="rule",
+                        help="judge of open answers: rule (offline, not comparable), self (the evaluated model, "
+                             "biased) or openai (any OpenAI-compatible endpoint)")
+    parser.add_argument("--judge-url", default="", help="e.g. https://api.openai.com/v1 or http://localhost:8000/v1")
+    parser.add_argument("--judge-model", default="", help="e.g. gpt-3.5-turbo")
+
+
+def load_engine(model: str, quantization: str, settings: Settings):
+    from ..engine import Ego
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    import torch
+
+    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    return Ego.from_pretrained(model, quantization=None if quantization == "none" else quantization, device=device,
+                               settings=settings, k_cap=settings.k_cap_tokens)
+
+
+def run(args) -> list[dict]:
+    if not 1 <= args.refs <= 5:
+        raise InputError("--refs must be between 1 and 5.")
+    if args.limit is not None and args.limit < 1:
+        raise InputError("--limit must be at least 1.")
+    data, out = Path(args.data).resolve(), Path(args.out)
+    names = TABLES.get(args.benchmark, [args.benchmark])
+    if args.benchmark != "table3" and any(n not in LOADERS for n in names):
+        raise InputError(f"Unknown benchmark {args.benchmark!r}; choose one of {', '.join(LOADERS)}, "
+                         f"{', '.join(TABLES)} or table3.")
+    settings = protocol_settings(args.protocol).replace(**settings_changes(args.set))
+    oracle = args.model == "oracle"
+    engine = None if oracle else load_engine(args.model, args.quantization, settings)
+    judge = make_judge(args.judge, engine=engine, url=args.judge_url, model=args.judge_model)
+    cache = Path(args.cache) if args.cache else out / "concept-cache"
+    jobs = []  # (benchmark name, paper key, folder, settings changes, refs, keywords in the prompt)
+    if args.benchmark == "table3":
+        jobs = [("yollava-rec", f"table3/{v}", out / v, changes, refs, keywords)
+                for v, (changes, refs, keywords) in TABLE3.items()]
+    else:
+        several = len(names) > 1
+        jobs = [(n, n, out / n if several else out, {}, args.refs, "none") for n in names]
+    documents = []
+    for name, paper_key, folder, changes, refs, keywords in jobs:
+        benchmark = LOADERS[name](data, refs)
+        run_settings = settings.replace(**changes)
+        run_settings = run_settings.replace(
+            max_concepts_in_context=max(run_settings.max_concepts_in_context, len(benchmark.concepts)))
+        config = {"benchmark": name, "paper_key": paper_key, "data": str(data), "model": args.model,
+                  "protocol": args.protocol, "refs": refs, "keywords_in_prompt": keywords,
+                  "quantization": args.quantization,
+                  "settings": dataclasses.asdict(run_settings), "max_new_tokens": args.max_new_tokens,
+                  "limit": args.limit, "judge": judge.spec}
+        document = runner.run_benchmark(
+            benchmark, None if oracle else runner.with_settings(engine, run_settings), folder, config, cache=cache,
+            respond=oracle_answerer(data) if oracle else None, limit=args.limit, judge=judge, paper_key=paper_key,
+            max_new_tokens=args.max_new_tokens, keywords_in_prompt=keywords)
+        if document is not None:
+            documents.append(document)
+    if len(jobs) > 1 and documents:
+        (out / "summary.md").write_text(runner.summary_markdown(documents))
+    if documents:
+        print((out / "summary.md").read_text())
+    return documents
+
+
+def judge_again(args) -> dict:
+    engine = None
+    if args.judge == "self":
+        if not args.model:
+            raise InputError("--judge self needs --model (the model that answered).")
+        engine = load_engine(args.model, "auto", Settings())
+    judge = make_judge(args.judge, engine=engine, url=args.judge_url, model=args.judge_model)
+    document = runner.rejudge(Path(args.out), judge)
+    print((Path(args.out) / "summary.md").read_text())
+    return document
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "make-fixture":
+            print(make_fixture(args.directory, seed=args.seed))
+        elif args.command == "run":
+            run(args)
+        else:
+            judge_again(args)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""`python -m ego.evaluate` end to end on the synthetic fixture: the oracle scores 100, a tiny model runs every
+benchmark, a resumed run repeats nothing, a changed configuration is refused, shares of a data-parallel launch
+merge to the whole, and open answers are re-judged through an OpenAI-compatible endpoint on loopback."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from conftest import tiny_engine
+
+from ego import InputError
+from ego.evaluate import __main__ as cli, runner
+from ego.evaluate.datasets import LOADERS, make_fixture
+from ego.evaluate.judge import EndpointJudge
+from ego.evaluate.oracle import oracle_answerer
+
+FAST = ["--set", "description_max_new_tokens=3", "--set", "size_max_new_tokens=1", "--max-new-tokens", "3"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_fixture(tmp_path_factory.mktemp("fixture"))
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    """The session's tiny Qwen2.5-VL (the command would load the same preset), with its calls counted."""
+    engine = tiny_engine("qwen2.5-vl")
+    calls, asked = {"answer": 0, "introduce": 0}, []
+    for name in calls:
+        real = getattr(engine, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            if _name == "answer":
+                asked.append((args[0], len(args[1])))
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(engine, name, counted)
+    monkeypatch.setattr(cli, "load_engine", lambda *args, **kwargs: engine)
+    engine.calls, engine.asked = calls, asked
+    yield engine
+    del engine.calls, engine.asked
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_fixture_layouts_are_read_as_published(data):
+    counts = {name: (len(load(data, 1).concepts), len(load(data, 1).queries)) for name, load in LOADERS.items()}
+    assert counts == {
+        "yollava-rec": (3, 9 * 3), "yollava-vqa": (3, 3), "myvlm-rec": (3, 6 * 3), "myvlm-cap": (3, 6),
+        "thisismy-rec": (3, 12 * 3), "thisismy-multi-rec": (4, 4 * 4), "thisismy-multi-vqa": (4, 4),
+        "thisismy-multi-cap": (4, 4), "rap-multi-rec": (4, 4 * 4), "thisismy-video-vqa": (3, 2),
+    }
+    yollava = LOADERS["yollava-rec"](data, 5)
+    assert all("negative_example" not in str(p) for refs in yollava.concepts.values() for p in refs)
+    assert [p.name for p in yollava.concepts["alpha"]] == ["0.png", "1.png", "2.png"]
+    rap = LOADERS["rap-multi-rec"](data, 1)
+    assert ("H", "Parrot_1") in rap.pairs and "Anns ball" in LOADERS["thisismy-rec"](data, 1).concepts
+    with pytest.raises(InputError, match="Yo'LLaVA"):
+        LOADERS["yollava-rec"](data / "myvlm", 1)
+
+
+def test_oracle_scores_100_on_every_benchmark(data, tmp_path):
+    assert cli.main(["run", "--benchmark", "all", "--data", str(data), "--model", "oracle", "--out",
+                     str(tmp_path)]) == 0
+    for name in cli.TABLES["all"]:
+        document = json.loads((tmp_path / name / "metrics.json").read_text())
+        metrics = document["metrics"]
+        main = {"recognition": "f1", "vqa": "accuracy", "caption": "recall"}[LOADERS[name](data, 1).kind]
+        assert metrics[main] == 1.0, name
+        assert all(r["verdict"] is True for r in _lines(tmp_path / name / "predictions.jsonl")), name
+        if main == "f1":
+            assert metrics["precision"] == metrics["recall"] == metrics["micro_f1"] == 1.0
+            assert metrics["n_positive"] > 0 and metrics["n_negative"] > 0
+    assert "| thisismy-multi-vqa | accuracy % | 100.0 | 4 | 72.2 | RAP 53.7" in (tmp_path / "summary.md").read_text()
+
+
+def test_every_benchmark_runs_on_a_tiny_model(data, tmp_path, engine):
+    assert cli.main(["run", "--benchmark", "all", "--data", str(data), "--model", "tiny-qwen2.5-vl", "--out",
+                     str(tmp_path), "--limit", "1", *FAST]) == 0
+    for name in cli.TABLES["all"]:
+        document = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert set(document) >= {"benchmark", "model", "settings", "metrics", "paper"}
+        assert document["benchmark"] == name and document["model"] == "tiny-qwen2.5-vl"
+        assert document["paper"]["ego"] > 0
+        kind = LOADERS[name](data, 1).kind
+        wanted = {"recognition": {"precision", "recall", "f1", "n_positive", "n_negative", "macro_f1", "micro_f1"},
+                  "vqa": {"accuracy", "n"}, "caption": {"recall", "n"}}[kind]
+        assert wanted <= set(document["metrics"]), name
+        predictions = _lines(tmp_path / name / "predictions.jsonl")
+        assert len(predictions) == 1 and all({"question", "raw", "parsed", "verdict"} <= set(r) for r in predictions)
+        assert name in (tmp_path / name / "summary.md").read_text()
+    assert engine.calls["answer"] == len(cli.TABLES["all"])
+    # a concept is introduced once for all the benchmarks that share its name and photos (e.g. rec and VQA)
+    distinct = {(name, tuple(str(p) for p in refs))
+                for n in cli.TABLES["all"] for name, refs in LOADERS[n](data, 1).concepts.items()}
+    assert engine.calls["introduce"] == len(distinct) == 17
+
+
+def test_table3_runs_each_engine_variant(data, tmp_path, engine):
+    small = tmp_path / "data"
+    shutil.copytree(data / "yollava-data", small / "yollava-data", ignore=shutil.ignore_patterns("gamma"))
+    out = tmp_path / "out"
+    assert cli.main(["run", "--benchmark", "table3", "--data", str(small), "--model", "tiny-qwen2.5-vl", "--out",
+                     str(out), "--limit", "1", *FAST]) == 0
+    # variants that differ only in what answers read share their concepts: fixed K, whole image, uniform, 5 views
+    assert engine.calls["introduce"] == 2 * 4
+    for variant, (changes, refs, keywords) in cli.TABLE3.items():
+        document = json.loads((out / variant / "metrics.json").read_text())
+        assert document["paper"]["source"].startswith("Table 3")
+        assert all(document["settings"][k] == v for k, v in changes.items()) and document["config"]["refs"] == refs
+        assert document["config"]["keywords_in_prompt"] == keywords
+    assert len(engine.asked) == len(cli.TABLE3)
+    with_keywords = sorted(n for question, n in engine.asked if question.startswith("Personal concepts you know"))
+    assert with_keywords == [0, 2]                  # keywords alone, then keywords after the two memories
+    summary = (out / "summary.md").read_text()
+    assert all(f"| table3/{variant} | f1 % |" in summary for variant in cli.TABLE3)
+
+
+def test_resume_repeats_no_query_and_a_changed_config_is_refused(data, tmp_path, engine, capsys):
+    args = ["run", "--benchmark", "yollava-rec", "--data", str(data), "--model", "tiny-qwen2.5-vl", "--out",
+            str(tmp_path), *FAST]
+    assert cli.main([*args, "--limit", "2"]) == 0
+    assert engine.calls == {"answer": 2, "introduce": 3}
+    assert cli.main([*args, "--limit", "4"]) == 0
+    assert engine.calls == {"answer": 4, "introduce": 3}                  # 2 new queries, concepts from the cache
+    assert cli.main([*args, "--limit", "4"]) == 0
+    assert engine.calls["answer"] == 4
+    predictions = _lines(tmp_path / "predictions.jsonl")
+    assert len({r["key"] for r in predictions}) == len(predictions) == 4
+
+    part = tmp_path / "parts" / "rank0.jsonl"
+    lines = part.read_text().splitlines()
+    part.write_text("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2])   # the process died mid-line
+    assert cli.main([*args, "--limit", "4"]) == 0
+    assert engine.calls["answer"] == 5                                     # only the cut answer is asked again
+    assert [r["key"] for r in _lines(tmp_path / "predictions.jsonl")] == [r["key"] for r in predictions]
+    before = (tmp_path / "predictions.jsonl").read_text()
+
+    assert cli.main([*args, "--limit", "4", "--refs", "2"]) == 2
+    assert "refs" in capsys.readouterr().err
+    assert engine.calls["answer"] == 5 and (tmp_path / "predictions.jsonl").read_text() == before
+
+
+def test_data_parallel_shares_merge_to_the_whole(data, tmp_path):
+    benchmark = LOADERS["thisismy-multi-rec"](data, 1)
+    oracle, asked = oracle_answerer(data), []
+
+    def respond(query, concepts, media):
+        asked.append(query.key)
+        return oracle(query, concepts, media)
+
+    config = {"benchmark": benchmark.name, "model": "oracle"}
+    for rank in (0, 1):
+        runner.answer_share(benchmark, {}, respond, tmp_path, config, rank=rank, world=2, progress=False)
+    runner.wait_for_parts(tmp_path, 2, since=0.0, timeout_s=5)
+    shares = [{r["key"] for r in _lines(tmp_path / "parts" / f"rank{r}.jsonl")} for r in (0, 1)]
+    assert shares[0] and shares[1] and not shares[0] & shares[1]
+    assert sorted(asked) == sorted(q.key for q in benchmark.queries)
+    records = runner.merge(benchmark, tmp_path)
+    assert [r["key"] for r in records] == [q.key for q in benchmark.queries]
+    assert runner.write_results(benchmark, tmp_path, config, records)["metrics"]["f1"] == 1.0
+
+
+def test_progress_line_estimates_the_time_left():
+    stream = io.StringIO()
+    bar = runner.Progress(4, "bench", stream=stream)
+    bar.started -= 8.0                                       # two answers took 8 s: two more take about 8 s
+    bar.shown, bar.done = float("-inf"), 1
+    bar.step()
+    assert "2/4" in stream.getvalue() and "~8s left" in stream.getvalue()
+
+
+class _JudgeServer(BaseHTTPRequestHandler):
+    seen: list = []
+    reply = "No."
+    status = 200
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": type(self).reply}}]})
+        self.send_response(type(self).status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(payload.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def judge_server():
+    _JudgeServer.seen, _JudgeServer.status = [], 200
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _JudgeServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_open_answers_are_judged_again_by_an_endpoint(data, tmp_path, judge_server, monkeypatch):
+    monkeypatch.setenv("EGO_JUDGE_API_KEY", "secret-for-test")
+    assert cli.main(["run", "--benchmark", "thisismy-multi-vqa", "--data", str(data), "--model", "oracle",
+                     "--out", str(tmp_path)]) == 0
+    answers = [r["raw"] for r in _lines(tmp_path / "predictions.jsonl")]
+    assert json.loads((tmp_path / "metrics.json").read_text())["metrics"]["accuracy"] == 1.0   # rule judge
+    assert cli.main(["judge", str(tmp_path), "--judge", "openai", "--judge-url", judge_server + "/v1",
+                     "--judge-model", "judge-model"]) == 0
+    document = json.loads((tmp_path / "metrics.json").read_text())
+    assert document["metrics"]["accuracy"] == 0.0 and "judge-model" in document["metrics"]["judge"]
+    assert [r["raw"] for r in _lines(tmp_path / "predictions.jsonl")] == answers
+    request = _JudgeServer.seen[0]
+    assert request["path"] == "/v1/chat/completions" and request["auth"] == "Bearer secret-for-test"
+    assert request["body"]["model"] == "judge-model" and request["body"]["temperature"] == 0
+    assert "Predicted Answer: It is Orange." in request["body"]["messages"][0]["content"]
+    assert len(_JudgeServer.seen) == 4
+    assert "secret-for-test" not in "".join(p.read_text() for p in tmp_path.rglob("*") if p.is_file())
+
+
+def test_endpoint_errors_say_what_to_check(judge_server):
+    _JudgeServer.status = 401
+    with pytest.raises(InputError, match="HTTP 401.*key"):
+        EndpointJudge(judge_server + "/v1", "m")("q", "a", "p")
+    with pytest.raises(InputError, match="could not be reached"):
+        EndpointJudge("http://127.0.0.1:9/v1", "m", timeout_s=2)("q", "a", "p")
+    with pytest.raises(InputError, match="--judge-url"):
+        EndpointJudge("", "m")

@@ -1,0 +1,85 @@
+"""Scoring rules of the evaluation harness, on hand-made answers with hand-computed results."""
+
+from __future__ import annotations
+
+import pytest
+
+from ego.evaluate import scoring
+from ego.evaluate.judge import RuleJudge, read_verdict
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("Yes.", True), ("yes", True), ("YES!", True), ("No, it is not.", False), ("no", False),
+    ("I think yes, it is there", True), ("Well... no. Yes?", False), ("Certainly not", None), ("", None),
+    ("Nope", None), ("Yesterday it was here", None),
+])
+def test_yes_no(answer, expected):
+    assert scoring.parse_yes_no(answer) is expected
+
+
+OPTIONS = {"A": "Cat", "B": "Dog"}
+
+
+@pytest.mark.parametrize("answer, strict, pekit", [
+    ("B", "B", "B"), ("(A)", "A", "A"), ("A.", "A", "A"), ("B) Dog", "B", "B"), ("A: Cat", "A", "A"),
+    ("The answer is B.", "B", "B"), ("Answer: a", "A", "A"),
+    ("A dog sits on the mat.", "B", "A"),           # the article "A" is not the letter A
+    ("a cat and a dog", None, "A"), ("I am not sure", None, None), ("It is a dog", "B", None),
+])
+def test_two_option_letters(answer, strict, pekit):
+    assert scoring.parse_option(answer, OPTIONS) == strict
+    assert scoring.parse_option_pekit(answer) == pekit
+
+
+def test_caption_names_longest_first_and_apostrophes():
+    names = ["Casey", "Caseys son", "H", "Parrot_1", "Bluey"]
+    assert scoring.names_in_caption("Casey's son rides a board.", names) == {"Caseys son"}
+    assert scoring.names_in_caption("Casey's son and Casey ride.", names) == {"Casey", "Caseys son"}
+    assert scoring.names_in_caption("Hello there, bluey and PARROT_1!", names) == {"Bluey", "Parrot_1"}
+    assert scoring.names_in_caption("An H on the wall", names) == {"H"}
+    assert scoring.names_in_caption("Blueys are", names) == set()
+
+
+def test_caption_recall():
+    result = scoring.caption_recall([({"A", "B"}, {"A"}), ({"C"}, {"C", "A"})])
+    assert result["recall"] == pytest.approx(2 / 3)
+    assert result["recall_mean_per_image"] == pytest.approx((0.5 + 1.0) / 2)
+    assert result["all_names_rate"] == pytest.approx(0.5)
+    assert result["n"] == 2 and result["n_names"] == 3
+
+
+def test_recognition_variants_by_hand():
+    records = [({"a"}, {"a"}), ({"a"}, set()), ({"b"}, {"a", "b"}), (set(), set())]
+    m = scoring.recognition_metrics(records, ["a", "b"])
+    # a: detected 2, truth 2, correct 1 -> P .5 R .5; b: detected 1, truth 1, correct 1 -> P 1 R 1
+    assert m["precision"] == pytest.approx(0.75) and m["recall"] == pytest.approx(0.75)
+    assert m["f1"] == pytest.approx(0.75) and m["macro_f1"] == pytest.approx(0.75)
+    assert m["micro_precision"] == pytest.approx(2 / 3) and m["micro_recall"] == pytest.approx(2 / 3)
+    assert m["n_positive"] == 3 and m["n_negative"] == 5
+    assert m["weighted_accuracy"] == pytest.approx((2 / 3 + 4 / 5) / 2)
+
+
+def test_recognition_variants_differ_when_a_unit_is_never_detected():
+    records = [({"a"}, set()), ({"a"}, set()), ({"b"}, {"b"})]
+    m = scoring.recognition_metrics(records, ["a", "b"])
+    assert m["precision"] == pytest.approx(1.0)                  # a's precision is undefined: left out
+    assert m["macro_precision_undefined_as_zero"] == pytest.approx(0.5)
+    assert m["recall"] == pytest.approx(0.5)
+    assert m["f1"] == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+    assert m["macro_f1"] == pytest.approx(0.5)
+    assert m["micro_precision"] == pytest.approx(1.0) and m["micro_recall"] == pytest.approx(1 / 3)
+
+
+def test_accuracy_counts_unparsed_as_wrong():
+    m = scoring.accuracy([True, False, None, True], groups=["x", "x", "x", "y"])
+    assert m["accuracy"] == pytest.approx(0.5) and m["n"] == 4 and m["unparsed"] == 1
+    assert m["accuracy_mean_per_concept"] == pytest.approx((1 / 3 + 1) / 2)
+
+
+def test_rule_judge_and_verdict_reading():
+    judge = RuleJudge()
+    assert judge("What color is Ann's ball?", "Orange", "It is orange.")[0] is True
+    assert judge("What color is Ann's ball?", "Orange", "It is blue.")[0] is False
+    assert judge("Q", "Gray shirt and arrow pointing right", "a gray shirt; the arrow points right")[0] is True
+    assert judge("Q", "Gray shirt and arrow pointing right", "a gray shirt")[0] is False
+    assert read_verdict("Yes.") is True and read_verdict("No") is False and read_verdict("Maybe") is None
