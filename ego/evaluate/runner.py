@@ -283,7 +283,7 @@ def recognition(benchmark: Benchmark, records: list[dict]) -> dict:
                 for split in sorted({benchmark.split_of[m] for m in per_image})}
     else:
         pair_records = []
-        for media, (truth, yes) in per_image.items():
+        for media, (_truth, yes) in per_image.items():
             full_truth = set(benchmark.truth[media])
             pair_records.append(({p for p in benchmark.pairs if set(p) <= full_truth and set(p) <= asked[media]},
                                  {p for p in benchmark.pairs if set(p) <= yes}))
