@@ -76,6 +76,14 @@ def spy_on_generate(monkeypatch, engine) -> list[dict]:
     return calls
 
 
+
+def generate_call(engine, question: str, concepts=(), *, image=None) -> dict:
+    """The keyword arguments `engine.answer` passes to `model.generate` for this question (one token generated)."""
+    with pytest.MonkeyPatch.context() as patch:
+        calls = spy_on_generate(patch, engine)
+        engine.answer(question, concepts, image=image, max_new_tokens=1)
+    return calls[0]
+
 _EAGER: dict = {}
 
 

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import bigram_engine, photo, sharpen_attention, tiny_engine, with_settings
+from conftest import bigram_engine, generate_call, photo, sharpen_attention, tiny_engine, with_settings
 from transformers import AutoModelForImageTextToText
 
 from ego import prompts
@@ -78,9 +78,9 @@ def test_each_name_is_followed_by_exactly_its_own_memory(family):
     engine = tiny_engine(family)
     concepts = _concepts(engine)
     assert concepts[0].num_tokens != concepts[1].num_tokens
-    prepared = engine._prepare_answer("Who is here?", concepts, photo(5), None, 4)
-    ids = prepared["generate"]["input_ids"][0].tolist()
-    embeds = prepared["generate"]["inputs_embeds"][0]
+    generate = generate_call(engine, "Who is here?", concepts, image=photo(5))
+    ids = generate["input_ids"][0].tolist()
+    embeds = generate["inputs_embeds"][0]
     tokenizer, pad = engine.backend.tokenizer, engine.backend.placeholder_id
     opening = tokenizer(engine.backend.memory_open, add_special_tokens=False).input_ids
     for concept in concepts:
@@ -102,8 +102,8 @@ def test_the_memory_precedes_the_query_image_and_the_question_follows_it(family)
     engine = tiny_engine(family)
     concepts = _concepts(engine)
     question = "Is Rex on the sofa?"
-    prepared = engine._prepare_answer(question, concepts, photo(5), None, 4)
-    ids = prepared["generate"]["input_ids"][0].tolist()
+    generate = generate_call(engine, question, concepts, image=photo(5))
+    ids = generate["input_ids"][0].tolist()
     config = engine.model.config
     image_id = getattr(config, "image_token_id", None)
     image_id = image_id if image_id is not None else config.image_token_index
@@ -120,8 +120,7 @@ def test_the_memory_precedes_the_query_image_and_the_question_follows_it(family)
 def test_memory_slots_have_consecutive_text_positions_and_the_image_grid_comes_after(family):
     engine = tiny_engine(family)
     concepts = _concepts(engine)
-    prepared = engine._prepare_answer("Who is here?", concepts, photo(5), None, 4)
-    generate = prepared["generate"]
+    generate = generate_call(engine, "Who is here?", concepts, image=photo(5))
     input_ids = generate["input_ids"]
     positions, _ = engine.model.model.get_rope_index(
         input_ids, generate["mm_token_type_ids"], image_grid_thw=generate["image_grid_thw"],

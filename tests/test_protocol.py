@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import bigram_engine, photo, tiny_engine, with_settings
+from conftest import bigram_engine, generate_call, photo, tiny_engine, with_settings
 
 from ego import DEFAULT_SETTINGS, Settings
 
@@ -29,8 +29,8 @@ def test_an_unknown_choice_is_refused(field, value):
 
 
 def _image_tokens(engine, picture) -> int:
-    prepared = engine._prepare_answer("What is this?", [], picture, None, 4)
-    return int((prepared["generate"]["input_ids"] == engine.model.config.image_token_id).sum())
+    generate = generate_call(engine, "What is this?", [], image=picture)
+    return int((generate["input_ids"] == engine.model.config.image_token_id).sum())
 
 
 def test_internvl_queries_are_one_448_tile_under_the_paper_protocol():
@@ -58,7 +58,7 @@ def test_the_neutral_memory_prompt_asks_nothing():
     tokenizer = engine.backend.tokenizer
 
     def context(settings_engine) -> str:
-        ids = settings_engine._prepare_answer("Who?", [concept], None, None, 4)["generate"]["input_ids"][0]
+        ids = generate_call(settings_engine, "Who?", [concept], image=None)["input_ids"][0]
         return tokenizer.decode(ids)
 
     assert "call it by its name" in context(engine)
