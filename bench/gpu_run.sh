@@ -95,7 +95,7 @@ EOF
 # 3. The random-weight folder of the real architecture, built once on the GPU in bf16, used by both runs.
 echo "== building $MODEL's architecture in $ARCH_DIR (limit ${BUILD_LIMIT}s)"
 # shellcheck disable=SC2086  # ARCH_ARGS / BENCH_ARGS are word lists on purpose
-timeout "$BUILD_LIMIT" "$PYTHON" -m ego.architectures "$MODEL" "$ARCH_DIR" --device "$DEVICE" $ARCH_ARGS \
+timeout "$BUILD_LIMIT" "$PYTHON" -m ego.random_models.architectures "$MODEL" "$ARCH_DIR" --device "$DEVICE" $ARCH_ARGS \
     || { echo "building the architecture failed or timed out"; exit 1; }
 du -sh "$ARCH_DIR" || true
 echo "== built after $(( $(date +%s) - started ))s"

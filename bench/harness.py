@@ -119,7 +119,7 @@ def parse_args(argv) -> argparse.Namespace:
     )
     parser.add_argument("--model", default="tiny-qwen2.5-vl",
                         help="a tiny preset (tiny-qwen2.5-vl, ...), a real preset (qwen2.5-vl-7b, ...: random "
-                             "weights of its real architecture, built by ego.architectures), or a local "
+                             "weights of its real architecture, built by ego.random_models.architectures), or a local "
                              "checkpoint folder (default: tiny-qwen2.5-vl)")
     parser.add_argument("--quantization", default="auto", choices=["auto", "4bit", "8bit", "none"],
                         help="auto = 4-bit on CUDA, unquantized elsewhere (default: auto)")
@@ -195,8 +195,8 @@ def _log(message: str) -> None:
 def load_engine(args):
     """(engine, meta) for --model: a tiny preset, a real preset's random-weight architecture, or a folder."""
     from ego import Ego
-    from ego.architectures import ARCHITECTURES, cached_random_architecture, describe
     from ego.presets import resolve
+    from ego.random_models.architectures import ARCHITECTURES, cached_random_architecture, describe
 
     quantization = None if args.quantization == "none" else args.quantization
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -204,7 +204,7 @@ def load_engine(args):
     meta = {"model": args.model, "quantization": args.quantization, "requested_device": device}
     started = time.perf_counter()
     if preset is not None and preset.tiny:
-        meta["model_kind"] = "tiny random-weight model of the real classes (ego.tiny)"
+        meta["model_kind"] = "tiny random-weight model of the real classes (ego.random_models)"
         engine = Ego.from_pretrained(args.model, quantization=quantization, device=device)
     elif args.model.strip().lower() in ARCHITECTURES:
         name = args.model.strip().lower()
@@ -216,7 +216,7 @@ def load_engine(args):
         cached_random_architecture(name, folder, text_layers=args.text_layers, vision_depth=args.vision_depth,
                                    device=device)
         meta["architecture_build_s"] = round(time.perf_counter() - build_started, 2)
-        meta["model_kind"] = "random weights of the real architecture (ego.architectures)"
+        meta["model_kind"] = "random weights of the real architecture (ego.random_models.architectures)"
         meta["architecture"] = describe(name, text_layers=args.text_layers, vision_depth=args.vision_depth)
         meta["model_path"] = str(folder)
         engine = Ego.from_pretrained(str(folder), quantization=quantization, device=device)

@@ -49,7 +49,6 @@ from .media import load_image, load_video
 from .memory import Concept, ConceptView
 from .presets import DEFAULT_PRESET, UNCALIBRATED, depth_scaled_layers, resolve
 from .settings import DEFAULT_SETTINGS, Settings
-from .tiny import tiny_checkpoint
 
 QUANTIZATIONS = ("auto", "4bit", "8bit", None)
 
@@ -205,6 +204,8 @@ class Ego:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}; got {quantization!r}.")
         preset = resolve(model)
         if preset is not None and preset.tiny:
+            from .random_models import tiny_checkpoint
+
             path, model_id = tiny_checkpoint(preset.family, seed), preset.model_id + (f"-seed{seed}" if seed else "")
         elif preset is not None:
             path, model_id = preset.model_id, preset.model_id

@@ -91,7 +91,7 @@ def eager_model(family: str):
     """The same tiny checkpoint under transformers' eager attention (returns full attention maps)."""
     from transformers import AutoModelForImageTextToText
 
-    from ego.tiny import tiny_checkpoint
+    from ego.random_models import tiny_checkpoint
 
     if family not in _EAGER:
         _EAGER[family] = AutoModelForImageTextToText.from_pretrained(

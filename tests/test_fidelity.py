@@ -15,7 +15,7 @@ from transformers import AutoModelForImageTextToText
 
 from ego import prompts
 from ego.memory import Concept
-from ego.tiny import tiny_checkpoint
+from ego.random_models import tiny_checkpoint
 
 
 def eq4(area_pct: float, n_r: int, cap: int) -> int:

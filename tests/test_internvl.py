@@ -72,7 +72,7 @@ def test_placeholder_is_a_real_unexpanded_special_token(engine):
 
 def test_placeholder_falls_back_for_vocabularies_without_vision_pad():
     from ego.backends.internvl import pick_placeholder
-    from ego.tiny import build_tokenizer
+    from ego.random_models.tokenizer import build_tokenizer
 
     internlm_like = build_tokenizer(["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
                                      "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"],
@@ -215,18 +215,3 @@ def test_4bit_on_cpu():
     assert concept.embeddings.dtype == quantized.memory_dtype and concept.num_tokens == 50   # min(50, 20% of 256)
     answer = quantized.answer("Is Chelsea here?", [concept], image=photo(1), max_new_tokens=3)
     assert answer.memory_tokens == concept.num_tokens
-
-
-def test_build_random_takes_real_dimension_overrides():
-    model, processor = InternVLBackend.build_random("internvl3", {
-        "text_config": {"hidden_size": 96, "intermediate_size": 160, "num_hidden_layers": 3,
-                        "num_attention_heads": 6, "num_key_value_heads": 2},
-        "vision_config": {"hidden_size": 80, "intermediate_size": 96, "num_hidden_layers": 1,
-                          "num_attention_heads": 4, "image_size": 224},
-    })
-    config = model.config
-    assert config.text_config.num_hidden_layers == 3 and config.text_config.hidden_size == 96
-    assert config.vision_config.hidden_size == 80 and tuple(config.vision_config.image_size) == (224, 224)
-    assert config.image_seq_length == processor.image_seq_length == 64     # (224 / 14)^2 / 4
-    assert model.model.multi_modal_projector.linear_1.in_features == 80 * 4
-    assert config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")

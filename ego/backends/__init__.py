@@ -1,8 +1,8 @@
 """Model families behind one small interface (`Backend`), and the registry that picks one.
 
 Adding a family = one file with a `Backend` subclass (its `model_types` names the families it serves) + one
-entry in `BACKENDS` below (and presets in `ego/presets.py`). The method in `ego/engine.py` only talks to
-`Backend`.
+entry in `BACKENDS` below (and presets in `ego/presets.py`; a random-weight builder in `ego/random_models/` for
+the tests). The method in `ego/engine.py` only talks to `Backend`.
 """
 
 from __future__ import annotations

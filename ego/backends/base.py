@@ -138,9 +138,3 @@ class Backend(abc.ABC):
         """A context manager: a generate call inside it gets `residuals` [levels, M, D] added at the memory
         slots (bool [1, L], M of them True) the way the family adds them at an image's positions."""
         return contextlib.nullcontext()
-
-    # --- building models without a download ----------------------------------------------------
-    @classmethod
-    @abc.abstractmethod
-    def build_random(cls, family: str, overrides: dict) -> tuple[Any, Any]:
-        """(model, processor) of the real classes with random weights; tiny unless overrides say otherwise."""

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from ..tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, build_tokenizer
 from .base import Backend, Encoded
 
 
@@ -138,57 +137,3 @@ class QwenBackend(Backend):
                 rows[visual.to(embeds.device)[joint]] = features[level].to(rows.dtype)
             merged.append(rows)
         return args, {**kwargs, "visual_pos_masks": joint, "deepstack_visual_embeds": merged}
-
-    # --- random-weight models of the real classes ----------------------------------------------
-    @classmethod
-    def build_random(cls, family: str, overrides: dict) -> tuple[Any, Any]:
-        import transformers as tf
-
-        tokenizer = build_tokenizer(
-            QWEN_SPECIAL_TOKENS, chat_template=QWEN_CHAT_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        )
-        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-        patch = 16 if family == "qwen3-vl" else 14
-        text = dict(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-            eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"],
-            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 2, 2]},
-        )
-        # Vision dims of at least 64 so every Linear can be 4-bit (bitsandbytes' CPU blocksize).
-        if family == "qwen2-vl":
-            vision = dict(depth=2, embed_dim=64, num_heads=2, mlp_ratio=2, hidden_size=64, patch_size=patch)
-            config_cls, model_cls, proc_cls = tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLProcessor
-            video_cls = tf.Qwen2VLVideoProcessor
-        elif family == "qwen2.5-vl":
-            vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64,
-                          fullatt_block_indexes=[1], window_size=112, patch_size=patch)
-            config_cls, model_cls, proc_cls = (tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration,
-                                               tf.Qwen2_5_VLProcessor)
-            video_cls = tf.Qwen2VLVideoProcessor
-        elif family == "qwen3-vl":
-            text.update(head_dim=16)
-            text["rope_parameters"] = dict(text["rope_parameters"], mrope_interleaved=True)
-            vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64,
-                          num_position_embeddings=256, deepstack_visual_indexes=[0], patch_size=patch)
-            config_cls, model_cls, proc_cls = tf.Qwen3VLConfig, tf.Qwen3VLForConditionalGeneration, tf.Qwen3VLProcessor
-            video_cls = tf.Qwen3VLVideoProcessor
-        else:
-            raise ValueError(f"{family!r} is not a Qwen family.")
-        text.update(overrides.get("text_config", {}))
-        vision.update(overrides.get("vision_config", {}))
-        config = config_cls(
-            text_config=text, vision_config=vision,
-            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        )
-        model = model_cls(config).eval()
-        model.generation_config.eos_token_id = ids["<|im_end|>"]
-        model.generation_config.pad_token_id = ids["<|endoftext|>"]
-        model.generation_config.do_sample = False
-        pixel = dict(patch_size=patch, merge_size=2, temporal_patch_size=2)
-        image_processor = tf.Qwen2VLImageProcessor(**pixel)
-        video_processor = video_cls(**pixel)
-        processor = proc_cls(image_processor=image_processor, tokenizer=tokenizer,
-                             video_processor=video_processor, chat_template=QWEN_CHAT_TEMPLATE)
-        return model, processor

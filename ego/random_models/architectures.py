@@ -3,9 +3,9 @@
 Why: the benchmark (`python -m bench`) measures what personalization costs on the real architecture of a
 preset (the default is Qwen2.5-VL-7B-Instruct). Cost and memory depend on the shapes, not on the values
 of the weights, so a folder with random weights of the real shapes, the real classes and the offline
-tokenizer of `ego.tiny` measures them as well as the checkpoint would, with nothing to download.
+tokenizer of `ego.random_models` measures them as well as the checkpoint would, with nothing to download.
 
-    from ego.architectures import random_architecture
+    from ego.random_models.architectures import random_architecture
     folder = random_architecture("qwen2.5-vl-7b", "/tmp/arch-7b", device="cuda")   # 16.6 GB of bf16 weights
     engine = Ego.from_pretrained(str(folder))
 
@@ -14,13 +14,13 @@ The weights are made directly in `dtype` (bfloat16 by default) on `device`: a 7B
 smoke tests; every other dimension (hidden sizes, heads, vocabulary) stays the real one.
 
 The vocabulary size in the config is the real one (the embedding and `lm_head` have their real shapes),
-while the tokenizer is the small offline one of `ego.tiny` and the special-token ids in the config are
+while the tokenizer is the small offline one of `ego.random_models` and the special-token ids in the config are
 taken from it, as for the tiny models. Prompts therefore tokenize into somewhat different numbers of text
 tokens than with the real tokenizer; visual and memory tokens, which dominate the context, are exact.
 
-Where the numbers come from (the official `config.json` files are not reachable from these machines; each
-value below agrees across the copies cited, all of which were loaded from or fine-tuned from the named
-checkpoint, and the parameter counts computed from them match the published sizes, see `PARAMS_B`):
+Where the numbers come from (each value below agrees across the copies cited, all of which were loaded from or
+fine-tuned from the named checkpoint, and the parameter counts computed from them match the published sizes,
+`Architecture.params_b`):
 
 * Qwen/Qwen2.5-VL-7B-Instruct: huggingface.co/Artanic30/Wiki-R1-7B config.json (a fine-tune whose
   `_name_or_path` is Qwen2.5-VL-7B-Instruct), huggingface.co/BonnieOne/GUI-Critic-R1 config.json, and a
@@ -45,10 +45,9 @@ checkpoint, and the parameter counts computed from them match the published size
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,7 +67,6 @@ class Architecture:
     params_b: float
     """Published parameter count in billions (the checkpoint's safetensors total), for a sanity check."""
     source: str = ""
-    notes: dict = field(default_factory=dict)
 
     @property
     def vocab_size(self) -> int:
@@ -154,9 +152,6 @@ ARCHITECTURES: dict[str, Architecture] = {
     ]
 }
 
-PARAMS_B = {name: a.params_b for name, a in ARCHITECTURES.items()}
-
-
 def architecture(name: str) -> Architecture:
     key = name.strip().lower()
     if key not in ARCHITECTURES:
@@ -165,8 +160,8 @@ def architecture(name: str) -> Architecture:
 
 
 def overrides(name: str, *, text_layers: int | None = None, vision_depth: int | None = None) -> dict:
-    """`{"text_config": ..., "vision_config": ...}` for `Backend.build_random`: the real dimensions, optionally
-    with fewer text layers / vision blocks (the index lists that point into the vision blocks are cut to fit)."""
+    """`{"text_config": ..., "vision_config": ...}` for `ego.random_models.build_random`: the real dimensions,
+    optionally with fewer text layers / vision blocks (the index lists into the vision blocks are cut to fit)."""
     arch = architecture(name)
     text, vision = copy.deepcopy(arch.text_config), copy.deepcopy(arch.vision_config)
     if text_layers is not None:
@@ -185,48 +180,25 @@ def overrides(name: str, *, text_layers: int | None = None, vision_depth: int | 
     return {"text_config": text, "vision_config": vision}
 
 
-@contextlib.contextmanager
-def _parameters_on(device):
-    """Create every nn.Parameter on `device` (e.g. "meta") while other tensors (the tokenizer's) stay where
-    they are. `torch.device("meta")` as a context would also catch the offline tokenizer's training."""
-    target = torch.device(device)
-    register = torch.nn.Module.register_parameter
-
-    def register_on_device(module, name, param):
-        register(module, name, param)
-        if param is not None and param.device != target:
-            moved = module._parameters[name]
-            module._parameters[name] = type(moved)(moved.to(target), requires_grad=moved.requires_grad)
-
-    torch.nn.Module.register_parameter = register_on_device
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
-
-
 def build_skeleton(name: str, *, text_layers: int | None = None, vision_depth: int | None = None):
     """(model on the meta device, processor) of the architecture: the config, class and processor, no memory."""
-    from .backends import backend_for_family
+    from accelerate import init_empty_weights
+
+    from . import build_random
 
     arch = architecture(name)
-    backend_cls = backend_for_family(arch.family)
-    with _parameters_on("meta"):
-        model, processor = backend_cls.build_random(
-            arch.family, overrides(name, text_layers=text_layers, vision_depth=vision_depth))
+    # Parameters only: the offline tokenizer's training, inside the builder, keeps its real tensors.
+    with init_empty_weights(include_buffers=False):
+        model, processor = build_random(arch.family, overrides(name, text_layers=text_layers,
+                                                                vision_depth=vision_depth))
     if model.config.tie_word_embeddings != arch.tie_word_embeddings:
         generation_config = model.generation_config
         model.config.tie_word_embeddings = arch.tie_word_embeddings
-        with _parameters_on("meta"):
+        with init_empty_weights(include_buffers=False):
             model = type(model)._from_config(model.config)
         model.generation_config = generation_config
+    model.tie_weights()  # tied inside the context, the shared weight would have been registered as a new one
     return model, processor
-
-
-def parameter_count(name: str, *, text_layers: int | None = None, vision_depth: int | None = None) -> int:
-    """Parameters of the architecture (tied embeddings counted once), computed on the meta device."""
-    model, _ = build_skeleton(name, text_layers=text_layers, vision_depth=vision_depth)
-    return sum(p.numel() for p in model.parameters())
 
 
 def random_architecture(name: str, directory, *, text_layers: int | None = None, vision_depth: int | None = None,
@@ -288,11 +260,11 @@ def cached_random_architecture(name: str, directory, **kwargs) -> Path:
 
 
 def main(argv=None) -> int:
-    """`python -m ego.architectures NAME DIR [--device cuda] [--text-layers N] [--vision-depth N]`."""
+    """`python -m ego.random_models.architectures NAME DIR [--device cuda] [--text-layers N] [--vision-depth N]`."""
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m ego.architectures",
+        prog="python -m ego.random_models.architectures",
         description="Write a from_pretrained-ready folder with random weights (bf16) of a preset's real "
                     "architecture; a folder that already holds the same build is reused.")
     parser.add_argument("name", choices=sorted(ARCHITECTURES))
