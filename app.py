@@ -33,24 +33,28 @@ CSS = """
 """Gradio breaks Markdown table cells anywhere; the introduction report's two number columns must not wrap."""
 
 
-def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | None = None) -> gr.Blocks:
-    """The Blocks of the Space, around an engine (`ego.Ego`) or a no-argument function that makes one.
+def build_demo(engine_factory_or_engine, space_settings=None, *, settings=None,
+               model_name: str | None = None) -> gr.Blocks:
+    """The Blocks of the Space, around an engine (`ego.Ego`) or a function that makes one, called on first use
+    as `factory(settings=settings)` (e.g. `functools.partial(Ego.from_pretrained, "qwen2.5-vl-7b")`).
 
-    settings: the limits the app shows and enforces (default: the engine's, else ego.DEFAULT_SETTINGS).
+    space_settings: the Space's own limits (`space.settings.SpaceSettings`: queue, sessions, file cache, ...).
+    settings: the engine settings (`ego.Settings`) a factory's engine gets; an engine brings its own
+    (`engine.with_settings(...)` for other ones). The page shows and enforces the engine's limits.
     model_name: shown in the header before a lazily loaded model is there.
     """
     # These import the engine, hence torch: only when a demo is built, never on `import app`.
     from ego.presets import layers_summary
-    from ego.settings import DEFAULT_SETTINGS
     from space.actions import Actions
     from space.examples import load_examples
     from space.links import refuse_links
     from space.loading import LazyEngine
     from space.session import Session, forget
+    from space.settings import DEFAULT_SPACE_SETTINGS
     from space.visitors import limit_requests_per_visitor
 
-    engine = LazyEngine(engine_factory_or_engine, name=model_name)
-    s = settings or getattr(engine_factory_or_engine, "settings", None) or DEFAULT_SETTINGS
+    engine = LazyEngine(engine_factory_or_engine, settings=settings, name=model_name)
+    s, limits = space_settings or DEFAULT_SPACE_SETTINGS, engine.settings
     examples = load_examples()
     act = Actions(engine, s, examples)
 
@@ -69,9 +73,9 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 with gr.Tabs():
-                    intro = _introduce_tab(s, examples)
-                    img = _image_tab(s, examples)
-                    vid = _video_tab(s, examples)
+                    intro = _introduce_tab(limits, examples)
+                    img = _image_tab(limits, examples)
+                    vid = _video_tab(limits, examples)
             with gr.Column(scale=1, min_width=260):
                 mine = _concepts_panel(s)
 
@@ -122,15 +126,18 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
     return demo
 
 
-def launch_options(settings) -> dict:
-    """The `demo.launch` arguments that enforce `settings` on the server (uploads, sessions, links)."""
+def launch_options(settings, space_settings=None) -> dict:
+    """The `demo.launch` arguments that enforce the limits on the server (uploads, sessions, links): the
+    engine's `settings` (`ego.Settings`) and the Space's `space_settings` (default: SpaceSettings())."""
     from starlette.middleware import Middleware
 
     from space.links import RefuseFileLinks
+    from space.settings import DEFAULT_SPACE_SETTINGS
     from space.uploads import UploadQuota
 
-    quota = Middleware(UploadQuota, max_bytes=settings.max_cache_bytes, upload_bytes=settings.max_upload_bytes)
-    return dict(max_file_size=settings.max_upload_bytes, state_session_capacity=settings.max_sessions,
+    space = space_settings or DEFAULT_SPACE_SETTINGS
+    quota = Middleware(UploadQuota, max_bytes=space.max_cache_bytes, upload_bytes=settings.max_upload_bytes)
+    return dict(max_file_size=settings.max_upload_bytes, state_session_capacity=space.max_sessions,
                 app_kwargs={"middleware": [Middleware(RefuseFileLinks), quota]}, css=CSS)
 
 
@@ -301,8 +308,8 @@ def main(argv=None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     settings = Settings.paper() if args.protocol == "paper" else DEFAULT_SETTINGS
     quantization = None if args.quantization == "none" else args.quantization
-    factory = functools.partial(Ego.from_pretrained, args.model, quantization=quantization, settings=settings)
-    demo = build_demo(factory, settings, model_name=args.model)
+    factory = functools.partial(Ego.from_pretrained, args.model, quantization=quantization)
+    demo = build_demo(factory, settings=settings, model_name=args.model)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options(settings))
 
 

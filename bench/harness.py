@@ -15,15 +15,15 @@ round-robin over the question scenarios, so that load drifting on a shared machi
   - with the 1, 5 and 20 full reference photos in the context instead ("refs_N": the prompt a user
     would write without Ego, built with the processor directly, the same text around each photo as
     around each memory, photos before the query image);
-* one question about a video (8 sampled frames), plainly and with 5 concepts;
+* one question about a video (the engine's `video_num_frames` sampled frames), plainly and with 5 concepts;
 * the bytes a concept takes in memory (`Concept.nbytes`) and in a file (`ego.save_concepts`).
 
 The weights are random, so every answer is gibberish. To make the timings mean something, every
 generation runs to its length cap: each `model.generate` call made while measuring gets
 `min_new_tokens = max_new_tokens` and the stop tokens added to `suppress_tokens`
 (`forced_generation`, a wrapper put on the model object for the duration; the engine is not modified).
-So an introduction always generates a 32-token description and a 5-token size answer (the engine's caps),
-and every answer exactly --new-tokens tokens.
+So an introduction always generates a description of the engine's `description_max_new_tokens` and a size
+answer of `Sizes.size_tokens` (see there), and every answer exactly --new-tokens tokens.
 
 `--profile` adds, after the measurement, one profiled introduction and one profiled plain and 20-concept
 question (`torch.profiler`): wall time, the time the GPU was busy (the union of its kernels and copies),
@@ -67,7 +67,7 @@ VIDEO_QUESTION = "Is anyone or anything I know in this video? Say who it is and 
 GIB = 1024 ** 3
 
 TARGETS = {
-    # name: (target, comparison, what it applies to) -- from the issue that asked for this benchmark
+    # name: (target, comparison, what it applies to): the budgets the project holds itself to (bench/RESULTS.md)
     "introduce_s_per_concept": (1.0, "<=", "qwen2.5-vl-7b architecture, 4-bit, one H200"),
     "latency_ratio_5_concepts": (1.05, "<=", "qwen2.5-vl-7b architecture on a GPU: Ego with 5 concepts over "
                                               "the plain question"),
@@ -97,8 +97,8 @@ class Sizes:
     description_tokens: int | None = None
     size_tokens: int | None = None
     """Lengths of the introduction's two generations (forced); None = the engine's caps. The full run forces 5
-    size tokens, what an answer such as "35%." takes with its stop token: the size cap (24) is room for a whole
-    sentence, which a random model would always fill."""
+    size tokens, what an answer such as "35%." takes with its stop token: the size cap (`size_max_new_tokens`) is
+    room for a whole sentence, which a random model would always fill."""
 
 
 FULL = Sizes(concepts_introduced=20, query_size=(1024, 768), reference_size=(448, 448), video_frames=16,
@@ -404,25 +404,19 @@ def _median(values):
 # ----------------------------------------------------------------------------------------------
 def run(engine, sizes: Sizes, log=lambda message: None) -> dict:
     """Measure everything on `engine`; returns the results document (without the model meta and targets)."""
-    with bench_settings(engine, sizes):
-        return _measure(engine, sizes, log)
+    return _measure(bench_engine(engine, sizes), sizes, log)
 
 
-@contextlib.contextmanager
-def bench_settings(engine, sizes: Sizes):
-    """The engine's settings widened where the benchmark needs it (20 concepts in context, the answer
-    length, --quick's shorter introduction), restored after."""
+def bench_engine(engine, sizes: Sizes):
+    """The same engine with its settings widened where the benchmark needs it (20 concepts in context, the
+    answer length, --quick's shorter introduction)."""
     settings = engine.settings
-    engine.settings = settings.replace(
+    return engine.with_settings(
         max_concepts_in_context=max(max(COUNTS), settings.max_concepts_in_context),
         answer_max_new_tokens_limit=max(sizes.new_tokens, settings.answer_max_new_tokens_limit),
         description_max_new_tokens=sizes.description_tokens or settings.description_max_new_tokens,
         size_max_new_tokens=sizes.size_tokens or settings.size_max_new_tokens,
     )
-    try:
-        yield
-    finally:
-        engine.settings = settings
 
 
 def _measure(engine, sizes: Sizes, log) -> dict:
@@ -675,6 +669,7 @@ def profile(engine, sizes: Sizes, log=lambda message: None) -> dict:
     operations with the most device time and the most host (self CPU) time."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
+    engine = bench_engine(engine, sizes)
     device = engine.device
     stop_ids = engine.backend.stop_token_ids
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -692,19 +687,18 @@ def profile(engine, sizes: Sizes, log=lambda message: None) -> dict:
 
     document = {"activities": [str(a).rsplit(".", 1)[-1] for a in activities],
                 "note": "one call each, under torch.profiler (its overhead inflates the wall time)"}
-    with bench_settings(engine, sizes):
-        for name, call in (("introduce", introduce), ("plain", ask(0)), (f"ego_{max(COUNTS)}", ask(max(COUNTS)))):
-            with forced_generation(engine.model, stop_ids, []):
+    for name, call in (("introduce", introduce), ("plain", ask(0)), (f"ego_{max(COUNTS)}", ask(max(COUNTS)))):
+        with forced_generation(engine.model, stop_ids, []):
+            _sync(device)
+            started = time.perf_counter()
+            with torch_profile(activities=activities) as profiler:
+                call()
                 _sync(device)
-                started = time.perf_counter()
-                with torch_profile(activities=activities) as profiler:
-                    call()
-                    _sync(device)
-                wall = time.perf_counter() - started
-            document[name] = summarize_profile(profiler, wall)
-            log(f"profile {name}: " + _profile_line(document[name]))
-            for line in profile_lines(name, document[name]):
-                log("  " + line)
+            wall = time.perf_counter() - started
+        document[name] = summarize_profile(profiler, wall)
+        log(f"profile {name}: " + _profile_line(document[name]))
+        for line in profile_lines(name, document[name]):
+            log("  " + line)
     return document
 
 

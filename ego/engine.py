@@ -17,8 +17,9 @@ This module reads top to bottom like section 3 of the paper (arXiv 2603.09771):
   3.2  Inference. The memories of the concepts in play go into the context, each after its name, as
        soft prompts: placeholder tokens whose input embeddings are replaced by the memory rows (the
        residuals, if any, are added where the family adds an image's own), before the query image or
-       video and the question. With more concepts than fit, the ones whose memory tokens are most
-       similar to the query's visual tokens are kept; that similarity is reported for every answer.
+       video and the question. With more concepts than fit (`max_concepts_in_context`), the ones the
+       question names are kept first, then those whose memory tokens are most similar to the query's
+       visual tokens; that similarity is reported for every answer.
 
 Nothing here depends on the model family: `ego.backends` hides processors, prompts and vision towers.
 """
@@ -26,6 +27,7 @@ Nothing here depends on the model family: `ego.backends` hides processors, promp
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import queue
@@ -249,6 +251,14 @@ class Ego:
             settings = settings.replace(k_cap_tokens=k_cap)
         return cls(loaded, processor, family=family, backend_cls=backend_cls, model_id=model_id,
                    layers=layers, layers_note=note, settings=settings)
+
+    def with_settings(self, settings: Settings | None = None, /, **changes) -> Ego:
+        """The same loaded model (nothing is loaded again, and it still runs one call at a time) with other
+        settings: `settings` in place of this engine's, then `changes` to single fields, e.g.
+        `engine.with_settings(k_cap_tokens=30)` or `engine.with_settings(Settings.paper())`."""
+        other = copy.copy(self)
+        other.settings = (settings or self.settings).replace(**changes)
+        return other
 
     @classmethod
     def tiny(cls, family: str, seed: int = 0, **kwargs) -> Ego:

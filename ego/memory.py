@@ -20,6 +20,7 @@ import torch
 
 from .checks import is_valid_text
 from .errors import IncompatibleMemoryError, MemoryFileError
+from .settings import DEFAULT_SETTINGS
 
 FORMAT_NAME = "ego-concepts"
 FORMAT_VERSION = 1
@@ -32,7 +33,7 @@ MAX_FILE_VIEWS_PER_CONCEPT = 16
 `max_references_per_concept`)."""
 MAX_FILE_TEXT_CHARS = 1000
 """Longest name, model id, description or size answer in a file; also the most characters all keywords of one
-view may have together. A model's description is `description_max_new_tokens` (32) tokens, a visitor's
+view may have together. A model's description is `description_max_new_tokens` tokens, a visitor's
 keywords at most 200 characters: a file beyond this was not written by Ego, and would make every listing of
 the visitor's concepts large."""
 MAX_FILE_KEYWORDS_PER_VIEW = 100
@@ -143,8 +144,8 @@ def save_concepts(path, concepts) -> Path:
     return path
 
 
-def read_concepts(path, *, max_concepts: int = 200, max_views: int = MAX_FILE_VIEWS_PER_CONCEPT
-                  ) -> tuple[dict, list[Concept]]:
+def read_concepts(path, *, max_concepts: int = DEFAULT_SETTINGS.max_concept_file_concepts,
+                  max_views: int = MAX_FILE_VIEWS_PER_CONCEPT) -> tuple[dict, list[Concept]]:
     """Parse a concept file without a model: (header document, concepts of at most `max_views` views each).
     Raises MemoryFileError."""
     from safetensors import SafetensorError, safe_open

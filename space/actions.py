@@ -26,13 +26,13 @@ from ego import checks
 from ego.errors import InputError, MemoryFileError, ModelBusyError
 from ego.media import load_image, load_video
 from ego.memory import load_concepts, save_concepts
-from ego.settings import Settings
 
 from . import views
 from .examples import Examples
 from .loading import LazyEngine
 from .pictures import cached
 from .session import Entry, MemoryBudget, Session
+from .settings import SpaceSettings
 
 log = logging.getLogger("ego.space")
 
@@ -75,9 +75,14 @@ def _paths(gallery_value) -> list[str]:
 
 
 class Actions:
-    def __init__(self, engine: LazyEngine, settings: Settings, examples: Examples):
+    def __init__(self, engine: LazyEngine, settings: SpaceSettings, examples: Examples):
+        if not isinstance(settings, SpaceSettings):
+            raise TypeError(f"Actions take the Space's settings (space.settings.SpaceSettings), not "
+                            f"{type(settings).__name__}: the engine's limits come from the engine.")
         self._lazy = engine
         self.settings = settings
+        self.limits = engine.settings
+        """The engine's settings (`ego.Settings`): the limits it enforces, shown and checked here too."""
         self.examples = examples
         self.budget = MemoryBudget(settings.max_all_sessions_memory_bytes)
         """What all visitors' sessions may hold together: one per app, like the model."""
@@ -99,15 +104,15 @@ class Actions:
                   progress=gr.Progress()):
         """Introduce a concept from 1-5 photos; returns (session, report, kept-token pictures, heat maps)."""
         with for_visitor("introducing the concept"):
-            name = checks.check_name(name, self.settings)
+            name = checks.check_name(name, self.limits)
             paths = _paths(photos)
-            checks.check_reference_count(len(paths), self.settings)
+            checks.check_reference_count(len(paths), self.limits)
             session.check_room([name], self.settings.max_concepts_per_session)
             self.budget.check()  # before the model's work, not after
             engine = self._engine(progress)
             started = time.perf_counter()
             progress(0.1, desc=f"Choosing the memory tokens of {len(paths)} photo{'s' * (len(paths) > 1)}…")
-            pictures = [load_image(path, self.settings) for path in paths]  # decoded once, for both uses
+            pictures = [load_image(path, self.limits) for path in paths]  # decoded once, for both uses
             concept = engine.introduce(name, pictures, keywords=(keywords or "").strip() or None,
                                        area_pct=None if auto_size else size_pct)
             seconds = time.perf_counter() - started
@@ -133,7 +138,7 @@ class Actions:
             made = []
             for number, (name, paths) in enumerate(missing):
                 progress((number, len(missing)), desc=f"Introducing example concept {number + 1} of {len(missing)}…")
-                pictures = [load_image(path, self.settings) for path in paths]
+                pictures = [load_image(path, self.limits) for path in paths]
                 made.append((engine.introduce(name, pictures), pictures))
             seconds = time.perf_counter() - started
             patches, heats = self._pictures(made)
@@ -164,15 +169,15 @@ class Actions:
         with for_visitor("answering"):
             if not image and not len(session):
                 raise InputError("Add a photo to ask about, or introduce a concept to ask about it without a photo.")
-            question = checks.check_question(question, self.settings)
+            question = checks.check_question(question, self.limits)
             # Decoded once: for the model and the match pictures.
-            picture = load_image(image, self.settings) if image else None
+            picture = load_image(image, self.limits) if image else None
             engine = self._engine(progress)
             started = time.perf_counter()
             plain = "(after the personalized answer)" if compare else ""
             answer, details, matches = "", {}, []
             stream = engine.stream_answer(question, session.concepts, image=picture,
-                                          max_new_tokens=self.settings.answer_max_new_tokens)
+                                          max_new_tokens=self.limits.answer_max_new_tokens)
             try:
                 for number, answer in enumerate(stream):
                     details = views.answer_details(answer, time.perf_counter() - started)
@@ -184,7 +189,7 @@ class Actions:
                 stream.close()
             if compare:  # streamed too, so that Stop or a closed tab also ends this answer at once
                 stream = engine.stream_answer(question, (), image=picture,
-                                              max_new_tokens=self.settings.answer_max_new_tokens)
+                                              max_new_tokens=self.limits.answer_max_new_tokens)
                 try:
                     for plain in stream:
                         yield session, str(answer), str(plain), details, gr.skip()
@@ -199,7 +204,7 @@ class Actions:
         if dropped:
             then = "the ones most like the photo or clip" if answer.similarity else "your first ones"
             gr.Warning(f"{dropped} of your {dropped + len(answer.concepts_used)} concepts were left out of this "
-                       f"answer: at most {self.settings.max_concepts_in_context} fit. The ones the question names "
+                       f"answer: at most {self.limits.max_concepts_in_context} fit. The ones the question names "
                        f"were kept first, then {then}; name a concept to keep it.")
 
     def _matches(self, picture, answer) -> list[tuple[str, str]]:
@@ -216,16 +221,16 @@ class Actions:
         with for_visitor("answering"):
             if not video:
                 raise InputError("Add a video clip to ask about first.")
-            question = checks.check_question(question, self.settings)
-            progress(0.05, desc=f"Decoding the clip and sampling {self.settings.video_num_frames} frames…")
-            frames, metadata = load_video(video, self.settings)
+            question = checks.check_question(question, self.limits)
+            progress(0.05, desc=f"Decoding the clip and sampling {self.limits.video_num_frames} frames…")
+            frames, metadata = load_video(video, self.limits)
             gallery = list(zip([cached(frame) for frame in frames], views.frame_captions(metadata)))
             yield session, gallery, "", {}
             engine = self._engine(progress)
             started = time.perf_counter()
             answer, details = "", {}
             stream = engine.stream_answer(question, session.concepts, video=(frames, metadata),
-                                          max_new_tokens=self.settings.answer_max_new_tokens)
+                                          max_new_tokens=self.limits.answer_max_new_tokens)
             try:
                 for number, answer in enumerate(stream):
                     details = views.answer_details(answer, time.perf_counter() - started)
@@ -295,18 +300,18 @@ class Actions:
             path = getattr(file, "name", file)
             if not path:
                 raise InputError("Choose a concept file (.safetensors) exported from this app first.")
-            if os.path.getsize(path) > self.settings.max_upload_bytes:
-                raise InputError(f"Concept files are at most {self.settings.max_upload_mb} MiB.")
+            if os.path.getsize(path) > self.limits.max_upload_bytes:
+                raise InputError(f"Concept files are at most {self.limits.max_upload_mb} MiB.")
             engine = self._engine(progress)
             concepts = load_concepts(path, engine)
             entries = []
             for number, concept in enumerate(concepts, 1):
                 try:
-                    name = checks.check_name(concept.name, self.settings)
+                    name = checks.check_name(concept.name, self.limits)
                 except InputError:
                     raise MemoryFileError(
                         f"Concept {number} in this file has an empty name or one longer than "
-                        f"{self.settings.max_name_chars} characters; rename it where it was made and export it "
+                        f"{self.limits.max_name_chars} characters; rename it where it was made and export it "
                         f"again.") from None
                 if name != concept.name:
                     concept = dataclasses.replace(concept, name=name)

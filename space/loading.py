@@ -7,6 +7,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from ego.settings import DEFAULT_SETTINGS, Settings
+
 log = logging.getLogger("ego.space")
 
 LOADING_MESSAGE = "Loading the model; the first request after a restart takes a minute or two…"
@@ -15,16 +17,23 @@ LOADING_MESSAGE = "Loading the model; the first request after a restart takes a 
 class LazyEngine:
     """Holds an engine, or a factory that makes one the first time it is needed.
 
-    Two first visitors do not load the model twice: the factory runs under a lock. A factory that
+    The engine's settings are known before it is loaded (the page shows its limits): those of the engine
+    given, or those a factory is called with (`factory(settings=...)`), so the Space and its engine never
+    disagree. Two first visitors do not load the model twice: the factory runs under a lock. A factory that
     fails is tried again on the next request (the error reaches the visitor as a sentence).
     """
 
-    def __init__(self, source, *, name: str | None = None):
+    def __init__(self, source, *, settings: Settings | None = None, name: str | None = None):
         if hasattr(source, "introduce"):          # an engine already loaded
+            if settings is not None and settings != source.settings:
+                raise ValueError("These settings differ from the engine's; give the engine "
+                                 "`engine.with_settings(...)` instead.")
             self._engine, self._factory = source, None
+            self.settings = source.settings
             self.name = name or getattr(source, "model_id", None)
         elif callable(source):
             self._engine, self._factory = None, source
+            self.settings = settings or DEFAULT_SETTINGS
             self.name = name
         else:
             raise TypeError("build the demo from an engine or from a function that returns one")
@@ -43,7 +52,9 @@ class LazyEngine:
                 if progress is not None:
                     progress(0, desc=LOADING_MESSAGE)
                 started = time.perf_counter()
-                engine = self._factory()
+                engine = self._factory(settings=self.settings)
+                if engine.settings != self.settings:
+                    raise RuntimeError("The engine factory ignored the settings it was given.")
                 log.info("model %s loaded in %.1f s", getattr(engine, "model_id", "?"), time.perf_counter() - started)
                 self._engine = engine
                 self.name = self.name or getattr(engine, "model_id", None)

@@ -46,7 +46,7 @@ class Entry:
 
 
 class MemoryBudget:
-    """The bytes that all visitors' sessions may hold together (`Settings.max_all_sessions_memory_mb`).
+    """The bytes that all visitors' sessions may hold together (`SpaceSettings.max_all_sessions_memory_mb`).
 
     One per app, next to the model. It holds no visitor data, only weak references to the sessions that
     added something: a session Gradio drops (its time-to-live, or the least recently used one beyond

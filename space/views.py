@@ -66,7 +66,7 @@ def _draw_grid(pixels: np.ndarray, cell: int) -> None:
         pixels[:, edge] = pixels[:, edge] * (1 - GRID_ALPHA) + color * GRID_ALPHA
 
 
-def patch_view(photo: Image.Image, grid: tuple[int, int], token_indices, max_px: int = 448) -> Image.Image:
+def patch_view(photo: Image.Image, grid: tuple[int, int], token_indices, max_px: int) -> Image.Image:
     """The photo with its visual-token grid drawn, the kept tokens tinted and outlined, the rest dimmed."""
     pixels, cell = _on_grid(photo, grid, max_px)
     mask = kept_mask(grid, token_indices)
@@ -84,7 +84,7 @@ def patch_view(photo: Image.Image, grid: tuple[int, int], token_indices, max_px:
     return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8))
 
 
-def heat_map(photo: Image.Image, grid: tuple[int, int], scores, max_px: int = 448) -> Image.Image:
+def heat_map(photo: Image.Image, grid: tuple[int, int], scores, max_px: int) -> Image.Image:
     """The importance I_j (Eq. 3) of every visual token, as colour over a grey copy of the photo."""
     rows, cols = int(grid[0]), int(grid[1])
     values = np.asarray(scores.tolist() if hasattr(scores, "tolist") else scores, dtype=np.float32)
@@ -107,7 +107,7 @@ def colormap(values: np.ndarray) -> np.ndarray:
     return _INFERNO[low] * (1 - frac) + _INFERNO[low + 1] * frac
 
 
-def token_map(grid: tuple[int, int], token_indices, px: int = 128) -> Image.Image:
+def token_map(grid: tuple[int, int], token_indices, px: int) -> Image.Image:
     """The kept tokens alone, on a dark square: the thumbnail of a concept imported without photos."""
     rows, cols = int(grid[0]), int(grid[1])
     cell = max(1, px // max(rows, cols))
@@ -120,7 +120,7 @@ def token_map(grid: tuple[int, int], token_indices, px: int = 128) -> Image.Imag
     return canvas
 
 
-def thumbnail(photo: Image.Image, px: int = 128) -> Image.Image:
+def thumbnail(photo: Image.Image, px: int) -> Image.Image:
     """A square centre crop of the photo, `px` pixels a side."""
     photo = photo.convert("RGB")
     side = min(photo.size)

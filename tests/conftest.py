@@ -56,14 +56,6 @@ def tiny_engine(family: str, **kwargs):
     return _ENGINES[key]
 
 
-def with_settings(engine, **changes):
-    """The same model and backend as `engine` (nothing is loaded again), with some settings changed."""
-    other = type(engine).__new__(type(engine))
-    other.__dict__.update(engine.__dict__)
-    other.settings = engine.settings.replace(**changes)
-    return other
-
-
 def spy_on_generate(monkeypatch, engine) -> list[dict]:
     """Until `monkeypatch` is undone, `engine.model.generate` records the keyword arguments of every call, then runs."""
     calls, original = [], engine.model.generate
@@ -198,13 +190,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_demo(settings, *, show_error: bool = False):
-    """The Space on a tiny Qwen2.5-VL, launched on loopback with the production launch options."""
+def running_demo(settings, space_settings=None, *, show_error: bool = False):
+    """The Space on a tiny Qwen2.5-VL with the engine `settings` (an `ego.Settings`) and the Space's
+    `space_settings`, launched on loopback with the production launch options."""
     import app
 
-    demo = app.build_demo(tiny_engine("qwen2.5-vl"), settings)
+    demo = app.build_demo(tiny_engine("qwen2.5-vl").with_settings(settings), space_settings)
     demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                show_error=show_error, **app.launch_options(settings))
+                show_error=show_error, **app.launch_options(settings, space_settings))
     try:
         yield demo
     finally:
@@ -213,8 +206,10 @@ def running_demo(settings, *, show_error: bool = False):
 
 @pytest.fixture(scope="module")
 def demo(request):
-    """The Space launched once per test module, with the module's SETTINGS (and SHOW_ERROR, default False)."""
-    with running_demo(request.module.SETTINGS, show_error=getattr(request.module, "SHOW_ERROR", False)) as demo:
+    """The Space launched once per test module, with the module's SETTINGS (the engine's), SPACE_SETTINGS and
+    SHOW_ERROR (defaults: the Space's defaults, False)."""
+    with running_demo(request.module.SETTINGS, getattr(request.module, "SPACE_SETTINGS", None),
+                      show_error=getattr(request.module, "SHOW_ERROR", False)) as demo:
         yield demo
 
 

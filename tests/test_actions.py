@@ -7,7 +7,7 @@ import threading
 
 import gradio as gr
 import pytest
-from conftest import tiny_engine, with_settings
+from conftest import tiny_engine
 from PIL import Image
 
 from ego import DEFAULT_SETTINGS
@@ -15,9 +15,11 @@ from space.actions import Actions
 from space.examples import EXAMPLES_DIR, Examples, load_examples
 from space.loading import LazyEngine
 from space.session import Session
+from space.settings import SpaceSettings
 from space.views import escape_markdown
 
 SETTINGS = DEFAULT_SETTINGS.replace(answer_max_new_tokens=8)
+SPACE = SpaceSettings()
 CHELSEA = [str(EXAMPLES_DIR / "concepts" / f"chelsea_{i}.jpg") for i in (1, 2)]
 QUERY = str(EXAMPLES_DIR / "scenes" / "chelsea_query.jpg")
 CLIP = str(EXAMPLES_DIR / "clip.mp4")
@@ -29,19 +31,19 @@ def quiet(*args, **kwargs):
 
 @pytest.fixture(scope="module")
 def engine():
-    return tiny_engine("qwen2.5-vl")
+    return tiny_engine("qwen2.5-vl").with_settings(SETTINGS)
 
 
 @pytest.fixture
 def act(engine):
-    return Actions(LazyEngine(engine), SETTINGS, load_examples())
+    return Actions(LazyEngine(engine), SPACE, load_examples())
 
 
 @pytest.fixture(scope="module")
 def one_concept(engine):
     """A session holding one concept, shared by tests that must leave it unchanged."""
     session = Session()
-    Actions(LazyEngine(engine), SETTINGS, load_examples()).introduce(session, "Chelsea", gallery(CHELSEA[:1]),
+    Actions(LazyEngine(engine), SPACE, load_examples()).introduce(session, "Chelsea", gallery(CHELSEA[:1]),
                                                                      progress=quiet)
     return session
 
@@ -98,6 +100,7 @@ def test_duplicate_names_are_refused_with_escaped_text(act):
 
 class BrokenEngine:
     model_id = "broken"
+    settings = SETTINGS
 
     def introduce(self, name, *args, **kwargs):
         message = "internal failure about " + name + " in /tmp/gradio/secret_holiday.jpg"
@@ -105,7 +108,7 @@ class BrokenEngine:
 
 
 def test_server_faults_are_logged_without_visitor_content(caplog):
-    act = Actions(LazyEngine(BrokenEngine()), SETTINGS, load_examples())
+    act = Actions(LazyEngine(BrokenEngine()), SPACE, load_examples())
     session = Session()
     with caplog.at_level(logging.INFO, logger="ego.space"), pytest.raises(gr.Error, match="Something went wrong"):
         act.introduce(session, "Secret Name", gallery(CHELSEA[:1]), progress=quiet)
@@ -133,7 +136,7 @@ def test_ask_image_streams_and_compares(act, engine):
 
 
 def test_stopping_an_answer_frees_the_model(engine):
-    act = Actions(LazyEngine(engine), SETTINGS.replace(answer_max_new_tokens=500), load_examples())
+    act = Actions(LazyEngine(engine.with_settings(answer_max_new_tokens=500)), SPACE, load_examples())
     stream = act.ask_image(Session(), QUERY, "Describe the photo.", progress=quiet)
     next(stream)
     stream.close()  # what Gradio does when the Stop button cancels the event
@@ -152,13 +155,12 @@ def test_without_a_photo_the_question_is_about_the_concepts_themselves(act, engi
     assert details["concepts_used"] == ["Chelsea"] and details["similarity"] == {} and matches == []
     # The same prompt as the engine's own text-only answer: the memory is the only visual input.
     expected = engine.answer("What colour are Chelsea's eyes?", session.concepts,
-                             max_new_tokens=act.settings.answer_max_new_tokens)
+                             max_new_tokens=act.limits.answer_max_new_tokens)
     assert answer == str(expected) and details["context_tokens"] == expected.context_tokens
 
 
 def test_a_visitor_is_told_when_concepts_did_not_fit(engine):
-    settings = SETTINGS.replace(max_concepts_in_context=1)
-    act = Actions(LazyEngine(with_settings(engine, max_concepts_in_context=1)), settings, load_examples())
+    act = Actions(LazyEngine(engine.with_settings(max_concepts_in_context=1)), SPACE, load_examples())
     session = Session()
     for name in ("Chelsea", "Tabby"):
         act.introduce(session, name, gallery(CHELSEA[:1]), progress=quiet)
@@ -204,7 +206,7 @@ def test_export_import_round_trip_and_refusals(act, tmp_path):
     other = Session()
     _, records = act.import_concepts(other, path, progress=quiet)
     assert records == act.records(session)
-    assert other.entries[0].thumbnail.size == (SETTINGS.thumbnail_px, SETTINGS.thumbnail_px)
+    assert other.entries[0].thumbnail.size == (SPACE.thumbnail_px, SPACE.thumbnail_px)
 
     garbage = tmp_path / "fake.safetensors"
     garbage.write_bytes(b"<script>alert(1)</script>" * 10)
@@ -220,7 +222,7 @@ def test_the_bundled_examples_are_complete():
 
 def test_load_example_concepts_once(engine):
     examples = Examples(concepts=[("Chelsea", CHELSEA[:1]), ("Bo", CHELSEA[1:])])
-    act = Actions(LazyEngine(engine), SETTINGS, examples)
+    act = Actions(LazyEngine(engine), SPACE, examples)
     session = Session()
     _, report, patches, _ = act.load_example_concepts(session, progress=quiet)
     names = ["Chelsea", "Bo"]
@@ -294,11 +296,11 @@ def test_a_refusal_outside_the_queue_is_told_in_the_status_line_not_raised(act):
 def test_a_model_that_cannot_load_is_a_sentence_and_is_retried(caplog):
     attempts = []
 
-    def factory():
+    def factory(settings):
         attempts.append(1)
         raise OSError("no weights here")
 
-    act = Actions(LazyEngine(factory), SETTINGS, load_examples())
+    act = Actions(LazyEngine(factory), SPACE, load_examples())
     for _ in range(2):
         with pytest.raises(gr.Error, match="model could not be loaded"):
             list(act.ask_image(Session(), QUERY, "Hi?", progress=quiet))

@@ -15,6 +15,7 @@ from gradio_client.exceptions import AppError
 
 from ego import DEFAULT_SETTINGS
 from space.examples import load_examples
+from space.settings import SpaceSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -135,8 +136,7 @@ def test_a_visitors_memory_is_freed_after_its_time_to_live(example, monkeypatch)
     freed = []
     real_forget = space.session.forget
     monkeypatch.setattr(space.session, "forget", lambda s: (freed.append(list(s.names)), real_forget(s)))
-    settings = DEFAULT_SETTINGS.replace(answer_max_new_tokens=8, session_ttl_s=1)
-    with running_demo(settings, show_error=True) as demo:
+    with running_demo(SETTINGS, SpaceSettings(session_ttl_s=1), show_error=True) as demo:
         client = Client(demo.local_url, verbose=False)
         client.predict("Brief", photos_payload(example["photos"][:1]), api_name="/introduce")
         deadline = time.monotonic() + 10

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import gradio as gr
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ["torch", "transformers", "torchvision", "safetensors", "av", "ego.engine", "ego.memory", "space.actions"]
@@ -51,6 +52,7 @@ def test_command_line_defaults_and_environment(monkeypatch):
 def test_main_launches_with_the_limits_and_loads_the_model_lazily(monkeypatch):
     import app
     from ego import DEFAULT_SETTINGS, Ego
+    from space.settings import SpaceSettings
 
     seen = {}
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: seen.update(kwargs, demo=self))
@@ -59,10 +61,23 @@ def test_main_launches_with_the_limits_and_loads_the_model_lazily(monkeypatch):
     assert "loaded" not in seen  # the model waits for its first visitor
     assert seen["server_name"] == "127.0.0.1" and seen["share"] is False
     assert seen["max_file_size"] == DEFAULT_SETTINGS.max_upload_mb * 1024 * 1024
-    assert seen["state_session_capacity"] == DEFAULT_SETTINGS.max_sessions
+    assert seen["state_session_capacity"] == SpaceSettings().max_sessions
     links, quota = seen["app_kwargs"]["middleware"]
     assert (links.cls.__name__, quota.cls.__name__) == ("RefuseFileLinks", "UploadQuota")
-    assert quota.kwargs == {"max_bytes": DEFAULT_SETTINGS.max_cache_mb * 1024 * 1024,
+    assert quota.kwargs == {"max_bytes": SpaceSettings().max_cache_mb * 1024 * 1024,
                             "upload_bytes": DEFAULT_SETTINGS.max_upload_mb * 1024 * 1024}
-    assert seen["demo"]._queue.max_size == DEFAULT_SETTINGS.queue_max_size
+    assert seen["demo"]._queue.max_size == SpaceSettings().queue_max_size
     assert not list((ROOT / "space").glob("*.pyi")), "building the demo wrote files next to the code"
+
+
+def test_the_app_cannot_be_built_with_settings_that_disagree_with_its_engine():
+    from conftest import tiny_engine
+
+    import app
+    from ego import DEFAULT_SETTINGS
+
+    engine = tiny_engine("qwen2.5-vl")
+    with pytest.raises(ValueError, match="with_settings"):
+        app.build_demo(engine, settings=DEFAULT_SETTINGS.replace(max_question_chars=10))
+    with pytest.raises(TypeError, match="SpaceSettings"):
+        app.build_demo(engine, DEFAULT_SETTINGS)  # the engine's settings where the Space's belong

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import eager_model, photo, reference_inputs, spy_on_generate, tiny_engine, with_settings
+from conftest import eager_model, photo, reference_inputs, spy_on_generate, tiny_engine
 
 from ego import Concept, IncompatibleMemoryError, InputError
 from ego.engine import _extend, keyword_positions
@@ -117,6 +117,32 @@ def test_k_cap_given_wins_and_left_out_keeps_the_settings():
     assert tiny_engine("qwen2-vl").settings.k_cap_tokens == Settings().k_cap_tokens
 
 
+
+def test_with_settings_is_the_same_model_with_other_settings_and_one_call_at_a_time():
+    import threading
+
+    from ego import Settings
+
+    engine = tiny_engine("qwen2-vl")
+    small = engine.with_settings(k_cap_tokens=8)
+    assert small.settings == engine.settings.replace(k_cap_tokens=8) and engine.settings.k_cap_tokens == 50
+    assert small.model is engine.model and small.backend is engine.backend
+    assert engine.with_settings(Settings.paper(), k_cap_tokens=8).settings == Settings.paper(k_cap_tokens=8)
+    assert small.introduce("Chelsea", [photo(5)], area_pct=100).views[0].k == 8
+    # Both share the model, so both wait for each other.
+    entered = threading.Event()
+
+    def use_small():
+        with small.exclusive_use():
+            entered.set()
+
+    with engine.exclusive_use():
+        worker = threading.Thread(target=use_small, daemon=True)
+        worker.start()
+        assert not entered.wait(0.3)
+    worker.join(5)
+    assert entered.is_set()
+
 class _EmbedsRecorder:
     """Records the input embeddings the language model receives on its first (prefill) call."""
 
@@ -201,7 +227,7 @@ def test_closing_a_stream_stops_generation_and_frees_the_model():
 
 def test_too_many_concepts_keeps_the_most_similar_to_the_query():
     engine = tiny_engine("qwen2-vl")
-    engine_small = with_settings(engine, max_concepts_in_context=1)
+    engine_small = engine.with_settings(max_concepts_in_context=1)
     query = photo(11)
     # A concept made from the query photo itself is the most similar one.
     twin = engine.introduce("twin", [query], area_pct=20)
@@ -212,7 +238,7 @@ def test_too_many_concepts_keeps_the_most_similar_to_the_query():
 
 def test_with_concepts_left_out_the_kept_ones_memories_reach_the_language_model(monkeypatch):
     engine = tiny_engine("qwen2-vl")
-    engine_small = with_settings(engine, max_concepts_in_context=2)
+    engine_small = engine.with_settings(max_concepts_in_context=2)
     query = photo(11)
     # Different sizes, the kept ones not in a row: rows taken from the wrong concept would not fit or match.
     concepts = [engine.introduce("far", [photo(12, size=(120, 400))], area_pct=4),
@@ -273,7 +299,7 @@ def test_each_concepts_similarity_and_map_are_recomputed_from_the_vision_tower(f
 
 def test_concepts_the_question_names_are_kept_before_the_most_similar():
     engine = tiny_engine("qwen2-vl")
-    small = with_settings(engine, max_concepts_in_context=1)
+    small = engine.with_settings(max_concepts_in_context=1)
     query = photo(11)
     twin = engine.introduce("twin", [query], area_pct=20)              # the most similar to the query
     other = engine.introduce("Other Cat", [photo(12, size=(120, 400))], area_pct=20)

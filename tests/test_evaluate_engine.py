@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import photo, tiny_engine, with_settings
+from conftest import photo, tiny_engine
 
 from ego.engine import select_tokens
 
@@ -22,7 +22,7 @@ def picture():
 
 
 def _introduce(engine, picture, area_pct=40.0, **changes):
-    return with_settings(engine, **changes).introduce("cup", [picture], keywords=["red", "cup"], area_pct=area_pct)
+    return engine.with_settings(**changes).introduce("cup", [picture], keywords=["red", "cup"], area_pct=area_pct)
 
 
 def test_attention_selection_keeps_the_top_scores(engine, picture):

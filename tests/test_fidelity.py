@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import bigram_engine, generate_call, photo, sharpen_attention, tiny_engine, with_settings
+from conftest import bigram_engine, generate_call, photo, sharpen_attention, tiny_engine
 from transformers import AutoModelForImageTextToText
 
 from ego import prompts
@@ -25,7 +25,7 @@ def eq4(area_pct: float, n_r: int, cap: int) -> int:
 
 # --- alpha: the parsed size answer, or the flagged fallback ---------------------------------------------------
 def test_alpha_is_the_models_size_answer():
-    engine = with_settings(bigram_engine("internvl3", "5%"), description_max_new_tokens=6)
+    engine = bigram_engine("internvl3", "5%").with_settings(description_max_new_tokens=6)
     concept = engine.introduce("Mug", [photo(1)])
     view = concept.views[0]
     config = engine.model.config
@@ -40,7 +40,7 @@ def test_alpha_is_the_models_size_answer():
 
 
 def test_a_size_answer_cut_inside_a_number_falls_back_and_says_so():
-    engine = with_settings(bigram_engine("internvl3", "5", repeat_last=True), description_max_new_tokens=4,
+    engine = bigram_engine("internvl3", "5", repeat_last=True).with_settings(description_max_new_tokens=4,
                            size_max_new_tokens=4)
     view = engine.introduce("Mug", [photo(1)]).views[0]
     assert view.size_answer == "5555"
@@ -157,7 +157,7 @@ def test_eq3_scores_match_eager_attention_far_beyond_the_tolerance(family):
     # The description is "the mop." one token per character, so its keyword tokens are known by construction:
     # "mop" is the only content word (offsets 4, 5, 6); the paper's keywords add "the" (0, 1, 2).
     says = "the mop."
-    engine = with_settings(bigram_engine(family, says), description_max_new_tokens=12, size_max_new_tokens=2)
+    engine = bigram_engine(family, says).with_settings(description_max_new_tokens=12, size_max_new_tokens=2)
     sharpen_attention(engine.model, 30.0)
     picture = photo(4)
     view = engine.introduce("Mop", [picture]).views[0]
@@ -202,6 +202,6 @@ def test_eq3_scores_match_eager_attention_far_beyond_the_tolerance(family):
     for wrong in ([0, 1, 2, 4, 5, 6], list(range(len(says)))):
         assert not torch.allclose(view.scores, eq3(wrong), **tolerance)
     assert not torch.allclose(view.scores, torch.full_like(expected, float(expected.mean())), **tolerance)
-    paper = with_settings(engine, keywords_drop_stopwords=False).introduce("Mop", [picture]).views[0]
+    paper = engine.with_settings(keywords_drop_stopwords=False).introduce("Mop", [picture]).views[0]
     assert paper.keywords == ("the", "mop")
     torch.testing.assert_close(paper.scores, eq3([0, 1, 2, 4, 5, 6]), **tolerance)

@@ -40,9 +40,11 @@ from space.actions import Actions
 from space.examples import Examples
 from space.loading import LazyEngine
 from space.session import Session, forget
+from space.settings import SpaceSettings
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = DEFAULT_SETTINGS.replace(answer_max_new_tokens=4, max_concepts_per_session=3, max_upload_mb=1)
+SETTINGS = DEFAULT_SETTINGS.replace(answer_max_new_tokens=4, max_upload_mb=1)
+SPACE_SETTINGS = SpaceSettings(max_concepts_per_session=3)
 PHOTO, QUERY = EXAMPLE_PHOTO, EXAMPLE_QUERY
 PASSWD_LINE = "root:"
 APP_SOURCE_LINE = "Ego, the Space"
@@ -148,10 +150,10 @@ def test_all_sessions_share_one_memory_budget_and_a_dropped_session_frees_its_sh
     engine = tiny_engine("qwen2.5-vl")
     concepts = [engine.introduce(f"c{i}", [photo(i)], keywords="cat", area_pct=100) for i in range(12)]
     file = save_concepts(tmp_path / "twelve.safetensors", concepts)
-    one_file = sum(c.nbytes for c in concepts) + 12 * SETTINGS.thumbnail_px ** 2 * 3  # rows + thumbnails
-    settings = SETTINGS.replace(max_sessions=2, max_concepts_per_session=12, max_all_sessions_memory_mb=1)
+    one_file = sum(c.nbytes for c in concepts) + 12 * SPACE_SETTINGS.thumbnail_px ** 2 * 3  # rows + thumbnails
+    space = SPACE_SETTINGS.replace(max_sessions=2, max_concepts_per_session=12, max_all_sessions_memory_mb=1)
     assert one_file < 1024 * 1024 < 2 * one_file, "the fixture no longer fits the budget it tests"
-    with running_demo(settings) as small:
+    with running_demo(SETTINGS, space) as small:
         first, second = visitor(small.local_url), visitor(small.local_url)
         first.predict(handle_file(str(file)), api_name="/import_concepts")
         with pytest.raises(AppError, match="as many concepts as it can.*your concepts are unchanged"):
@@ -436,7 +438,7 @@ def test_round_trip_and_names_that_look_like_paths_or_html(url, mine, tmp_path):
 def test_an_export_lives_in_the_swept_file_cache(mine):
     """Gradio evicts sessions beyond `max_sessions` without calling `forget`; an export file in Gradio's
     cache is still deleted by the cache sweep, one anywhere else would stay until a restart."""
-    act = Actions(LazyEngine(tiny_engine("qwen2.5-vl")), SETTINGS, Examples())
+    act = Actions(LazyEngine(tiny_engine("qwen2.5-vl").with_settings(SETTINGS)), SPACE_SETTINGS, Examples())
     session = Session()
     act.import_concepts(session, str(mine["file"]), progress=lambda *args, **kwargs: None)
     _, exported = act.export_concepts(session)

@@ -29,8 +29,10 @@ from gradio_client.exceptions import AppError
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ego import DEFAULT_SETTINGS
+from space.settings import SpaceSettings
 
-SETTINGS = DEFAULT_SETTINGS.replace(answer_max_new_tokens=1024, queue_max_size=2, max_waiting_requests_per_visitor=1)
+SETTINGS = DEFAULT_SETTINGS.replace(answer_max_new_tokens=1024)
+SPACE_SETTINGS = SpaceSettings(queue_max_size=2, max_waiting_requests_per_visitor=1)
 PHOTO, QUERY = EXAMPLE_PHOTO, EXAMPLE_QUERY
 
 

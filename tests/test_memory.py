@@ -5,7 +5,7 @@ import struct
 
 import pytest
 import torch
-from conftest import photo, tiny_engine, with_settings
+from conftest import photo, tiny_engine
 
 import ego
 from ego import IncompatibleMemoryError, MemoryFileError, load_concepts, save_concepts
@@ -122,7 +122,7 @@ def test_wrong_version_says_so(tmp_path, concepts):
 def test_too_many_concepts_in_a_file_are_refused(tmp_path, concepts):
     engine = tiny_engine("qwen2-vl")
     path = save_concepts(tmp_path / "many.ego", concepts * 3)
-    small = with_settings(engine, max_concept_file_concepts=5)
+    small = engine.with_settings(max_concept_file_concepts=5)
     with pytest.raises(MemoryFileError, match="at most 5"):
         load_concepts(path, small)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import bigram_engine, generate_call, photo, tiny_engine, with_settings
+from conftest import bigram_engine, generate_call, photo, tiny_engine
 
 from ego import DEFAULT_SETTINGS, Settings
 
@@ -36,7 +36,7 @@ def _image_tokens(engine, picture) -> int:
 def test_internvl_queries_are_one_448_tile_under_the_paper_protocol():
     engine = tiny_engine("internvl3")
     big = photo(3, size=(900, 900))
-    paper = with_settings(engine, query_image_max_pixels=Settings.paper().query_image_max_pixels)
+    paper = engine.with_settings(query_image_max_pixels=Settings.paper().query_image_max_pixels)
     assert _image_tokens(paper, big) == engine.backend.tokens_per_tile == 256
     assert _image_tokens(engine, big) > 256  # ours: a few tiles and the thumbnail
 
@@ -45,11 +45,11 @@ def test_the_original_system_prompt_opens_internvl_prompts_under_the_paper_proto
     engine = tiny_engine("internvl3")
     original = engine.backend.original_system_prompt
     assert original.startswith("你是书生·万象")
-    paper = with_settings(engine, system_prompt="original")
+    paper = engine.with_settings(system_prompt="original")
     assert paper._chat_text([{"type": "text", "text": "hi"}]).startswith(f"<|im_start|>system\n{original}<|im_end|>")
     assert original not in engine._chat_text([{"type": "text", "text": "hi"}])
     qwen = tiny_engine("qwen2.5-vl")  # its template's own system prompt is the original's
-    assert with_settings(qwen, system_prompt="original")._chat_text([]) == qwen._chat_text([])
+    assert qwen.with_settings(system_prompt="original")._chat_text([]) == qwen._chat_text([])
 
 
 def test_the_neutral_memory_prompt_asks_nothing():
@@ -62,15 +62,15 @@ def test_the_neutral_memory_prompt_asks_nothing():
         return tokenizer.decode(ids)
 
     assert "call it by its name" in context(engine)
-    neutral = context(with_settings(engine, memory_prompt="neutral"))
+    neutral = context(engine.with_settings(memory_prompt="neutral"))
     assert "call it by its name" not in neutral and "Rex: " in neutral
 
 
 def test_paper_keywords_keep_every_word_and_drop_only_punctuation():
-    engine = with_settings(bigram_engine("internvl3", "the mop."), description_max_new_tokens=10,
+    engine = bigram_engine("internvl3", "the mop.").with_settings(description_max_new_tokens=10,
                            size_max_new_tokens=2)
     ours = engine.introduce("Mop", [photo(1)]).views[0]
-    paper = with_settings(engine, keywords_drop_stopwords=False).introduce("Mop", [photo(1)]).views[0]
+    paper = engine.with_settings(keywords_drop_stopwords=False).introduce("Mop", [photo(1)]).views[0]
     assert ours.description == paper.description == "the mop."
     assert ours.keywords == ("mop",)
     assert paper.keywords == ("the", "mop")

@@ -22,12 +22,8 @@ def test_readme_python_example_runs(monkeypatch, tmp_path, capsys):
     assert "Chelsea" in printed and (tmp_path / "my-concepts.ego").exists()
 
 
-def test_the_settings_table_lists_every_setting_with_its_default():
-    """The README mirrors `ego.Settings`: every field is in the table, with its default value."""
-    from ego.settings import Settings
-
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## Settings and limits"):readme.index("## Limits and privacy")]
+def _table(section: str) -> dict:
+    """{setting: default} of a Markdown settings table (numbers as floats, words lower-case)."""
     listed = {}
     for row in re.findall(r"^\| (`.+?) \| (.+?) \|", section, re.M):
         names = re.findall(r"`(\w+)`", row[0])
@@ -37,7 +33,23 @@ def test_the_settings_table_lists_every_setting_with_its_default():
             words = value.strip('"')
             listed[name] = words if words != value or words in ("true", "false", "none") else \
                 math.prod(float(part.replace(",", "")) for part in value.split("×"))
-    defaults = {field.name: getattr(Settings(), field.name) for field in dataclasses.fields(Settings)}
-    assert sorted(listed) == sorted(defaults)
-    assert {name: str(value).lower() if isinstance(value, (bool, str)) or value is None else float(value)
-            for name, value in defaults.items()} == listed
+    return listed
+
+
+def _defaults(cls) -> dict:
+    return {field.name: str(value).lower() if isinstance(value, (bool, str)) or value is None else float(value)
+            for field in dataclasses.fields(cls) for value in [getattr(cls(), field.name)]}
+
+
+def test_the_settings_tables_list_every_setting_with_its_default():
+    """The docs mirror `ego.Settings` and `space.settings.SpaceSettings`: each field in its own table, with its
+    default value, and no field in both."""
+    from ego.settings import Settings
+    from space.settings import SpaceSettings
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    engine = readme[readme.index("### Engine settings"):readme.index("### Space settings")]
+    space = readme[readme.index("### Space settings"):readme.index("## Limits and privacy")]
+    assert _table(engine) == _defaults(Settings)
+    assert _table(space) == _defaults(SpaceSettings)
+    assert not {f.name for f in dataclasses.fields(Settings)} & {f.name for f in dataclasses.fields(SpaceSettings)}

@@ -15,6 +15,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from ego import DEFAULT_SETTINGS
+from space.settings import SpaceSettings
 from space.uploads import FULL, UploadQuota, folder_bytes
 
 
@@ -84,11 +85,11 @@ def small_cache_server(tmp_path, monkeypatch):
     import app
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
-    settings = DEFAULT_SETTINGS.replace(max_cache_mb=1, max_upload_mb=1)
+    settings = DEFAULT_SETTINGS.replace(max_upload_mb=1)
     with gr.Blocks() as demo:
         gr.File()
     demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                **app.launch_options(settings))
+                **app.launch_options(settings, SpaceSettings(max_cache_mb=1)))
     try:
         yield demo.local_url, tmp_path
     finally:

@@ -153,7 +153,7 @@ def run(args) -> list[dict]:
                   "settings": dataclasses.asdict(run_settings), "max_new_tokens": args.max_new_tokens,
                   "limit": args.limit, "judge": judge.spec}
         document = runner.run_benchmark(
-            benchmark, None if oracle else runner.with_settings(engine, run_settings), folder, config, cache=cache,
+            benchmark, None if oracle else engine.with_settings(run_settings), folder, config, cache=cache,
             respond=oracle_answerer(data) if oracle else None, limit=args.limit, judge=judge, paper_key=paper_key,
             max_new_tokens=args.max_new_tokens, keywords_in_prompt=keywords)
         if document is not None:

@@ -8,7 +8,6 @@ concepts, answers its share of the queries into its own part file, and rank 0 me
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -341,13 +340,6 @@ def summary_markdown(documents: list[dict]) -> str:
               "The prompts are this harness's own (the paper does not publish its prompts); see docs/evaluation.md.",
               ""] + [f"- {n}" for n in sorted(notes)]
     return "\n".join(lines) + "\n"
-
-
-def with_settings(engine, settings):
-    """The same loaded model with other settings (nothing is loaded again)."""
-    other = copy.copy(engine)
-    other.settings = settings
-    return other
 
 
 def run_benchmark(benchmark: Benchmark, engine, out: Path, config: dict, *, cache: Path, respond=None,

@@ -1,0 +1,59 @@
+"""Every limit and default that only the Space has, in one place, with units in the names.
+
+The engine's limits (question length, photos per concept, upload size, answer length, ...) are not here: the
+Space reads them from its engine (`engine.settings`, an `ego.Settings`), so the two can never disagree. The
+settings table of docs/privacy-and-limits.md mirrors both classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SpaceSettings:
+    # --- the app --------------------------------------------------------------------------------
+    queue_max_size: int = 32
+    """Requests waiting for the model before new ones are turned away."""
+    session_ttl_s: int = 3600
+    """A visitor's concepts are freed this long after their last action (a closed tab's too)."""
+    max_sessions: int = 1000
+    """Visitor sessions held in server memory; beyond this the least recently used one is dropped."""
+    max_all_sessions_memory_mb: int = 4096
+    """Concept memory (rows, scores, thumbnails) all sessions together may hold, in MiB; beyond it new
+    concepts are refused until sessions expire. 4 GiB is about 11,000 one-photo concepts of Qwen2.5-VL-7B."""
+    upload_max_age_s: int = 3600
+    """Uploaded photos and clips, and files the app made, are deleted from the server this long after
+    they were written (checked every `upload_cleanup_interval_s`)."""
+    upload_cleanup_interval_s: int = 600
+    """How often the app's file cache is swept for files older than `upload_max_age_s`."""
+    max_cache_mb: int = 4096
+    """All files in the app's file cache together (uploads, pictures, exports), in MiB; an upload that
+    would pass it is refused (HTTP 503, "try again in a few minutes") until the sweep frees room."""
+    thumbnail_px: int = 128
+    """Side of the square thumbnail kept for each concept in the visitor's session."""
+    patch_view_max_px: int = 448
+    """Longest side of the pictures that show which visual tokens a concept kept."""
+    max_waiting_requests_per_visitor: int = 4
+    """Model requests (introductions, questions, imports) one visitor may have queued or running at once, counted
+    per session and per client address where it is known; one more is refused with a sentence, so that one
+    visitor or script cannot fill the queue that all visitors share."""
+
+    # --- limits on what a visitor keeps ---------------------------------------------------------
+    max_concepts_per_session: int = 50
+    """Concepts one visitor may hold in their session."""
+
+    def replace(self, **changes) -> SpaceSettings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def max_cache_bytes(self) -> int:
+        return self.max_cache_mb * 1024 * 1024
+
+    @property
+    def max_all_sessions_memory_bytes(self) -> int:
+        return self.max_all_sessions_memory_mb * 1024 * 1024
+
+
+DEFAULT_SPACE_SETTINGS = SpaceSettings()
