@@ -2,25 +2,26 @@
 # The GPU runs of the benchmark, in one go: random weights of the real Qwen2.5-VL-7B architecture,
 # 4-bit NF4 (the default on CUDA) and bf16, on one GPU. See bench/RESULTS.md.
 #
-# Made for the workplace's GPU machine (the `device` tool): its image has torch 2.11 (CUDA 13),
-# transformers 5.17, no bitsandbytes, no PyAV and no network. Before sending it, here, in the repo root:
+# Made for an offline GPU machine whose image may lack the pinned libraries (e.g. torch 2.11 with CUDA 13,
+# an older transformers, no bitsandbytes, no PyAV, no network). Before copying the repository there, here, in
+# the repo root:
 #
 #     bash bench/fetch_wheels.sh     # transformers 5.23.0, bitsandbytes 0.50.2, regex -> bench/wheels/ (gitignored)
 #
-# then run it there with the wheels carried along (about 55 MiB; the limit is 64 MiB), naming the H200
-# (the introduction target is stated for one H200):
+# then run it there with bench/wheels/ copied along (about 55 MiB), on one H200 (the introduction target is
+# stated for one H200), with a 600 s budget:
 #
-#     device run: command "bash bench/gpu_run.sh", carry ["bench/wheels"], kind nvidia-h200, timeout_s 600
+#     OUT=/some/folder bash bench/gpu_run.sh
 #
-# Outputs go to $OUT (the device tool brings back what is written there; at most 8 files):
+# Outputs go to $OUT:
 #     $OUT/nf4/{results.json,results.md,latency.png,log.txt}  and  $OUT/bf16/{...}
 # Anywhere else it writes to bench/out/gpu/. Each configuration also profiles one introduction and the plain
 # and 20-concept questions (`--profile`, after its results are written). Time limits (seconds), through the
-# environment: BENCH_TOTAL_S (the whole script, default 570: the device tool's 600 s less a margin),
+# environment: BENCH_TOTAL_S (the whole script, default 570: a 600 s budget less a margin),
 # BENCH_BUILD_LIMIT_S (building the 16.6 GB random-weight folder, default 180), BENCH_BF16_RESERVE_S (kept for
 # the bf16 run, default 150). The 4-bit run, the target setting, goes first and gets the rest of the time.
 # BENCH_REPEATS (measured calls per scenario, default 3) and BENCH_PROFILE (the configurations that are
-# profiled, default "nf4 bf16"; profiling adds about a minute to each) trade detail for device time.
+# profiled, default "nf4 bf16"; profiling adds about a minute to each) trade detail for GPU time.
 #
 # A rehearsal on a CPU (scaled-down 2B architecture, quick sizes, this machine's packages), e.g.:
 #     OUT=/tmp/gpu-rehearsal BENCH_DEVICE=cpu BENCH_MODEL=qwen2-vl-2b BENCH_SKIP_WHEELS=1 BENCH_FORCE_AVSTUB=1 \

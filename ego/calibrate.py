@@ -1,4 +1,4 @@
-"""Layer calibration (paper section 3, "Phase 0"; research/paper.md section 1.3): which LLM layers'
+"""Layer calibration (paper section 3, "Phase 0"): which LLM layers'
 keyword-to-image attention best finds the described object.
 
     python -m ego.calibrate --model internvl3-14b --images coco/images --masks coco/masks --keep 5

@@ -1,6 +1,6 @@
 """The words the engine says to the model, and how it reads the model's answers.
 
-The paper does not publish its prompts; these are ours (research/paper.md §1.4). Parsing is lenient:
+The paper does not publish its prompts; these are ours (docs/method.md). Parsing is lenient:
 a model that answers "About 35%." or "35-40 percent" or "most of the image" is understood, and
 anything else falls back to a documented default (Settings.area_pct_fallback).
 """

@@ -14,7 +14,8 @@ The paper's main backbone is InternVL3-14B. How this family meets the method:
   `query_image_max_pixels=448*448` to reproduce the paper exactly.
 * Video: the processor's native video path with the frames as one (T, H, W, 3) uint8 array: each
   frame becomes one 448x448 tile written as "FrameN: <img>256 x <IMG_CONTEXT></img>", the layout the
-  InternVL processor produces (and what the paper's notes suggest, research/paper.md section 1.7).
+  InternVL processor produces (InternVL's own multi-frame format; the paper does not say how it samples or
+  lays out frames).
   The processor merges the frames into `pixel_values`, so the vision tower sees them as images.
 * Positions: ordinary 1-D RoPE (a Qwen2 decoder); a soft prompt of K memory rows needs nothing special.
 * Encoding once: InternVL's forward accepts `mm_encoder_outputs` (transformers 5.23), so
@@ -30,8 +31,8 @@ like in Qwen2.5) and is one token. InternVL never uses it: the processor only ex
 placeholder) and `<video>`. (A tokenizer without it, e.g. an InternLM2-based InternVL2.5 `-hf`
 conversion, which shares model_type "internvl", gets the first of `PLACEHOLDER_CANDIDATES` it has.)
 The memory is wrapped in `<img>` ... `</img>` (the processor's start/end image tokens), InternVL's own
-image delimiters, so the LLM reads it as (a few tokens of) visual content, as suggested in
-research/paper.md section 1.5.
+image delimiters, so the LLM reads it as (a few tokens of) visual content (the paper does not publish
+its template; docs/method.md).
 """
 
 from __future__ import annotations
