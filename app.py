@@ -38,10 +38,10 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
     """
     # These import the engine, hence torch: only when a demo is built, never on `import app`.
     from ego.settings import DEFAULT_SETTINGS
+    from space import api, guidance
     from space.actions import Actions
     from space.examples import load_examples
     from space.links import refuse_links
-    from space import api, guidance
     from space.loading import LazyEngine
     from space.resume import Sessions
     from space.session import Session

@@ -100,9 +100,9 @@ def save_concepts(path, concepts, thumbnails=None) -> Path:
         if concept.residuals is not None:
             tensors[f"c{i}.residuals"] = concept.residuals.detach().cpu().clone()
         if thumbnails[i] is not None:
-            pixels = thumbnails[i].convert("RGB").tobytes()
             width, height = thumbnails[i].size
-            tensors[f"c{i}.thumbnail"] = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).reshape(height, width, 3)
+            pixels = bytearray(thumbnails[i].convert("RGB").tobytes())
+            tensors[f"c{i}.thumbnail"] = torch.frombuffer(pixels, dtype=torch.uint8).reshape(height, width, 3)
         views = []
         for j, view in enumerate(concept.views):
             tensors[f"c{i}.v{j}.token_indices"] = view.token_indices.to(torch.int64).cpu().clone()
@@ -203,7 +203,7 @@ def read_thumbnails(path, count: int) -> list:
                     continue
                 pixels = handle.get_tensor(f"c{i}.thumbnail")
                 if (pixels.dtype != torch.uint8 or pixels.dim() != 3 or pixels.shape[2] != 3
-                        or not 1 <= pixels.shape[0] <= MAX_THUMBNAIL_PX or not 1 <= pixels.shape[1] <= MAX_THUMBNAIL_PX):
+                        or not all(1 <= side <= MAX_THUMBNAIL_PX for side in pixels.shape[:2])):
                     continue
                 pictures[i] = Image.fromarray(pixels.contiguous().numpy())
     except (SafetensorError, OSError):

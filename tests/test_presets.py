@@ -43,3 +43,16 @@ def test_layers_from_a_calibration_file(tmp_path):
     with pytest.raises(ValueError, match="between 0 and 3"):
         Ego.from_pretrained("tiny-qwen2-vl", layers=[7])
     assert tiny_engine("qwen2-vl").layers == depth_scaled_layers(4)
+
+
+@pytest.mark.parametrize("cuda, expected", [(True, "qwen2.5-vl-7b"), (False, "qwen2-vl-2b")])
+def test_the_default_model_follows_the_machine(monkeypatch, cuda, expected):
+    import torch
+
+    from ego.presets import default_preset
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert default_preset() == expected
+    preset = PRESETS[expected]
+    assert not preset.tiny and preset.model_id.startswith("Qwen/")  # a real checkpoint, never the tiny model
+
