@@ -88,7 +88,8 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
         introducing = intro.button.click(act.introduce, [session, *form], introduced, api_name="introduce",
                                          api_description=api.INTRODUCE, **MODEL_EVENTS)
         then_refresh(introducing)
-        introducing.success(guidance.after_introduce, [session, intro.name], form, **CHEAP, **PRIVATE)
+        # Queued (not CHEAP): only an event on the queue can show the visitor a message.
+        introducing.success(guidance.after_introduce, [session, intro.name], form, **PRIVATE)
         then_refresh(intro.examples_button.click(act.load_example_concepts, session, introduced,
                                                  **MODEL_EVENTS, **PRIVATE))
 
@@ -98,7 +99,7 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
                                               [q for _, q in examples.image_questions] + examples.text_questions)
         img.compare.change(lambda on: gr.Textbox(visible=on), img.compare, img.plain, queue=False, **PRIVATE)
         img_triggers = [img.ask.click, img.question.submit]
-        gr.on(img_triggers, hint, [session, img.question], None, **CHEAP, **PRIVATE)
+        gr.on(img_triggers, hint, [session, img.question], None, **PRIVATE)  # queued: it shows a message
         gr.on(img_triggers, None, js=scroll_to_js("image-answer"), **PRIVATE)
         asking = gr.on(img_triggers, guidance.thinking, None, img.answer, **CHEAP, **PRIVATE).then(
             act.ask_image, [session, img.image, img.question, img.compare],
@@ -108,7 +109,7 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
 
         # Ask about a video
         vid_triggers = [vid.ask.click, vid.question.submit]
-        gr.on(vid_triggers, hint, [session, vid.question], None, **CHEAP, **PRIVATE)
+        gr.on(vid_triggers, hint, [session, vid.question], None, **PRIVATE)
         gr.on(vid_triggers, None, js=scroll_to_js("video-answer"), **PRIVATE)
         asking = gr.on(vid_triggers, guidance.thinking, None, vid.answer, **CHEAP, **PRIVATE).then(
             act.ask_video, [session, vid.video, vid.question], [session, vid.frames, vid.answer, vid.details],
@@ -202,9 +203,11 @@ def _introduce_tab(s, examples) -> SimpleNamespace:
                            heats=heats)
 
 
-def _question_box(s, placeholder: str) -> gr.Textbox:
-    return gr.Textbox(label="Question", lines=2, max_length=s.max_question_chars, placeholder=placeholder,
-                      info=f"Up to {s.max_question_chars} characters. Enter asks; Shift+Enter starts a new line.")
+def _question_box(s, placeholder: str, elem_id: str) -> gr.Textbox:
+    # One line that grows to four as the question wraps: on a one-line box Gradio sends Enter as "submit".
+    return gr.Textbox(label="Question", lines=1, max_lines=4, max_length=s.max_question_chars,
+                      placeholder=placeholder, elem_id=elem_id,
+                      info=f"Up to {s.max_question_chars} characters. Enter asks.")
 
 
 def _ask_buttons() -> tuple[gr.Button, gr.Button]:
@@ -224,7 +227,7 @@ def _image_tab(s, examples) -> SimpleNamespace:
                                     elem_id="image-photo")
                 _hint(f"{IMAGE_FORMATS_TEXT}; up to {s.max_upload_mb} MiB and {s.max_image_pixels / 1e6:g} "
                       "megapixels. No photo: ask about your concepts themselves (\"What colour are Chelsea's eyes?\").")
-                question = _question_box(s, "Is Chelsea in this photo?")
+                question = _question_box(s, "Is Chelsea in this photo?", "image-question")
                 compare = gr.Checkbox(label="Also answer without memory (the plain model)")
                 ask, stop = _ask_buttons()
             with gr.Column():
@@ -255,7 +258,7 @@ def _video_tab(s, examples) -> SimpleNamespace:
                 video = gr.Video(label="Clip", sources=["upload"], height=320)
                 _hint(f"Up to {s.max_video_duration_s:g} s and {s.max_upload_mb} MiB; "
                       f"{s.video_num_frames} frames are sampled evenly.")
-                question = _question_box(s, "Is Chelsea in this video?")
+                question = _question_box(s, "Is Chelsea in this video?", "video-question")
                 ask, stop = _ask_buttons()
             with gr.Column():
                 answer = _answer_box("Answer (with your concepts)", "video-answer")

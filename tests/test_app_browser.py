@@ -1,4 +1,5 @@
-"""The Space in a real browser (Debian chromium driven by playwright): example, introduce, ask, screenshot.
+"""The Space in a real browser (Debian chromium driven by playwright): example, introduce, ask, screenshot;
+a reload that keeps the concepts; a second tab on a phone-sized screen.
 
 Needs Debian's /usr/bin/chromium (`apt-get install -y chromium`) and the `playwright` package, which is
 pointed at that browser and never downloads one of its own. Set EGO_SKIP_BROWSER=1 to skip this test on a machine without chromium.
@@ -31,7 +32,7 @@ if os.environ.get("EGO_SKIP_BROWSER") == "1":
 @pytest.fixture(scope="module")
 def page(url):
     with chromium_browser() as browser:
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()  # a second tab may join
         page.set_default_timeout(WAIT_MS)
         page.goto(url, wait_until="domcontentloaded")  # never "networkidle": Gradio keeps a stream open
         yield page
@@ -46,13 +47,18 @@ def test_introduce_ask_and_screenshot(page, tmp_path):
     # An example fills the name and the reference photos.
     page.get_by_text("Chelsea", exact=True).first.click()
     expect(page.get_by_label("Name")).to_have_value("Chelsea")
+    page.get_by_text("Advanced (reset after each concept)").click()
+    page.get_by_label("Keywords").fill("tabby, green eyes")
     introduce.click()
     expect(page.get_by_text("memory tokens from 3 photos")).to_be_visible()
+    expect(page.get_by_text("“Chelsea” is introduced")).to_be_visible()   # a success message
+    expect(page.get_by_label("Name")).to_have_value("")                   # the form is cleared ...
+    expect(page.get_by_label("Keywords")).to_have_value("")               # ... and its options reset
     expect(page.locator("#patches img")).to_have_count(3)      # each photo with its kept tokens
     expect(page.locator("#cards").get_by_text("Chelsea ·")).to_be_visible()
 
     # Ask about an example photo; the answer streams in and names the concept used.
-    page.get_by_role("tab", name="Ask about an image").click()
+    page.get_by_role("tab", name="Ask: image").click()
     page.get_by_text("Is Chelsea in this photo? What is she doing?").first.click()
     page.get_by_role("button", name="Ask", exact=True).first.click()
     expect(page.locator("#image-answer textarea")).not_to_have_value("")
@@ -61,10 +67,11 @@ def test_introduce_ask_and_screenshot(page, tmp_path):
     expect(page.locator("#matches img")).to_have_count(1)      # one picture per concept
     expect(page.locator("#matches").get_by_text("Chelsea · similarity")).to_be_visible()
 
-    # A question without a photo, about the concept itself: the example clears the photo.
+    # A question without a photo, about the concept itself: the example clears the photo; Enter asks.
     page.get_by_role("button", name="What colour are Chelsea's eyes?").click()
     expect(page.locator("#image-photo img")).to_have_count(0)
-    page.get_by_role("button", name="Ask", exact=True).first.click()
+    page.locator("#image-answer textarea").evaluate("box => { box.value = ''; }")
+    page.locator("#image-question").locator("textarea, input").first.press("Enter")
     expect(page.locator("#matches img")).to_have_count(0)      # nothing to draw the memory on
     expect(page.locator("#image-answer textarea")).not_to_have_value("")
 
@@ -80,9 +87,50 @@ def test_visitor_text_is_shown_not_run(page):
     from playwright.sync_api import expect
 
     page.get_by_role("tab", name="Introduce").click()
-    page.get_by_label("Name").fill(HOSTILE_NAME)           # the example photos are still there
+    page.get_by_text("Chelsea", exact=True).first.click()  # the example's photos
+    page.get_by_label("Name").fill(HOSTILE_NAME)
     page.get_by_role("button", name="Introduce", exact=True).click()
     expect(page.locator("#cards").get_by_text(HOSTILE_NAME[:12])).to_be_visible()
     expect(page.get_by_role("heading", name=HOSTILE_NAME)).to_be_visible()
     assert page.evaluate("window.__xss") is None
     assert page.locator("img[src='x']").count() == 0
+
+
+def test_a_reload_keeps_the_concepts_after_a_warning(page):
+    from playwright.sync_api import expect
+
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.type), dialog.accept()))
+    page.reload(wait_until="domcontentloaded")
+    assert dialogs == ["beforeunload"]            # concepts never exported: leaving the page asks first
+    expect(page.locator("#cards").get_by_text("Chelsea ·")).to_be_visible()
+    expect(page.get_by_text("2 of 50 concepts")).to_be_visible()
+
+    # Clear all asks first; keeping them changes nothing.
+    page.get_by_role("button", name="Clear all").click()
+    page.get_by_role("button", name="Keep them").click()
+    expect(page.get_by_role("button", name="Clear all")).to_be_visible()
+    expect(page.get_by_text("2 of 50 concepts")).to_be_visible()
+
+
+def test_a_second_tab_on_a_phone_has_the_concepts_and_every_tab_label(page):
+    from playwright.sync_api import expect
+
+    phone = page.context.new_page()                # same browser, so the same stored token
+    phone.set_viewport_size({"width": 390, "height": 844})
+    phone.set_default_timeout(WAIT_MS)
+    phone.goto(page.url, wait_until="domcontentloaded")
+    expect(phone.locator("#cards").get_by_text("Chelsea ·")).to_be_visible()
+    for label in ("Introduce", "Ask: image", "Ask: video"):
+        tab = phone.get_by_role("tab", name=label, exact=True)
+        expect(tab).to_be_visible()
+        box = tab.bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 390, label
+    # The answer box comes right under the Ask button, before the examples.
+    phone.get_by_role("tab", name="Ask: image").click()
+    ask = phone.get_by_role("button", name="Ask", exact=True).first.bounding_box()
+    answer = phone.locator("#image-answer").bounding_box()
+    examples = phone.get_by_text("Example questions").first.bounding_box()
+    assert ask["y"] < answer["y"] < examples["y"]
+    phone.close()
+
