@@ -105,7 +105,8 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
             act.ask_image, [session, img.image, img.question, img.compare],
             [session, img.answer, img.plain, img.details, img.matches], api_name="ask_image",
             api_description=api.ASK_IMAGE, **MODEL_EVENTS)
-        img.stop.click(guidance.mark_stopped, img.answer, img.answer, cancels=[asking], **CHEAP, **PRIVATE)
+        img.stop.click(None, cancels=[asking], **PRIVATE).then(guidance.mark_stopped, img.answer, img.answer,
+                                                            **CHEAP, **PRIVATE)
 
         # Ask about a video
         vid_triggers = [vid.ask.click, vid.question.submit]
@@ -114,7 +115,8 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
         asking = gr.on(vid_triggers, guidance.thinking, None, vid.answer, **CHEAP, **PRIVATE).then(
             act.ask_video, [session, vid.video, vid.question], [session, vid.frames, vid.answer, vid.details],
             api_name="ask_video", api_description=api.ASK_VIDEO, **MODEL_EVENTS)
-        vid.stop.click(guidance.mark_stopped, vid.answer, vid.answer, cancels=[asking], **CHEAP, **PRIVATE)
+        vid.stop.click(None, cancels=[asking], **PRIVATE).then(guidance.mark_stopped, vid.answer, vid.answer,
+                                                            **CHEAP, **PRIVATE)
 
         # Your concepts: a reload (or another tab of this browser) takes over the session its token names
         then_refresh(demo.load(sessions.resume, [session, browser_token], [session, browser_token],
