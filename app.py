@@ -119,10 +119,11 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
                                                             **CHEAP, **PRIVATE)
 
         # Your concepts: a reload (or another tab of this browser) takes over the session its token names
+        # One chain, not two load events: each returns the session, and the second to finish would win.
         then_refresh(demo.load(sessions.resume, [session, browser_token], [session, browser_token],
-                               **CHEAP, **PRIVATE))
-        demo.load(act.list_concepts, session, [session, mine.records], api_name="list_concepts",
-                  api_description=api.LIST_CONCEPTS, **CHEAP)
+                               **CHEAP, **PRIVATE).then(
+            act.list_concepts, session, [session, mine.records], api_name="list_concepts",
+            api_description=api.LIST_CONCEPTS, **CHEAP))
         then_refresh(mine.remove.click(act.remove_concept, [session, mine.to_remove], [session, mine.records],
                                        api_name="remove_concept", api_description=api.REMOVE_CONCEPT, **CHEAP))
         confirm = [mine.clear, mine.confirm_row]

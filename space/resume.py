@@ -17,7 +17,8 @@ import secrets
 import threading
 import weakref
 
-from .session import Session, forget
+from . import session as visitor_session
+from .session import Session
 
 TOKEN_BYTES = 32
 """256 random bits: a token cannot be guessed, so one visitor cannot take over another's concepts."""
@@ -65,4 +66,4 @@ class Sessions:
             self._holders.pop(session, None)
             for token in [t for t, s in self._by_token.items() if s is session]:
                 del self._by_token[token]
-        forget(session)
+        visitor_session.forget(session)
