@@ -141,6 +141,7 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
                                                api_description=api.IMPORT_CONCEPTS, **MODEL_EVENTS))
         demo.load(None, js=ON_LOAD_JS, **PRIVATE)
         api.document_examples(examples, intro=intro, img=img, vid=vid, mine=mine)
+    api.photos_are_required(demo, intro.photos.label)
     for block in demo.blocks.values():
         refuse_links(block)  # a file payload that names a URL is refused, never downloaded
     # api_open=False: an event that uses the queue can be reached only through it (Gradio leaves its

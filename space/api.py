@@ -39,7 +39,8 @@ def _file(path: str) -> dict:
         path = Path(path).resolve().relative_to(ROOT).as_posix()
     except ValueError:
         path = str(path)
-    return {"path": path, "meta": {"_type": "gradio.FileData"}, "orig_name": Path(path).name}
+    # "url" too: the page writes a file argument as handle_file('<url>').
+    return {"path": path, "url": path, "meta": {"_type": "gradio.FileData"}, "orig_name": Path(path).name}
 
 
 def _example(component, payload) -> None:
@@ -68,3 +69,21 @@ def document_examples(examples: Examples, *, intro, img, vid, mine) -> None:
         _example(vid.video, _file(clip))
         _example(vid.question, question)
     _example(mine.import_button, _file(EXPORTED_FILE))
+
+
+def photos_are_required(demo, label: str) -> None:
+    """The page writes a parameter that has an initial value with that value instead of its example: the
+    empty photo list of /introduce would make its snippet fail. The photos have no useful default (the
+    handler needs one to five), so the API info says so (wrapped on the instance, like `_example`)."""
+    api_info = demo.get_api_info
+
+    def get_api_info(*args, **kwargs):
+        info = api_info(*args, **kwargs)
+        for endpoint in (info or {}).get("named_endpoints", {}).values():
+            for parameter in endpoint.get("parameters", []):
+                if parameter.get("label") == label:
+                    parameter["parameter_has_default"], parameter["parameter_default"] = False, None
+        return info
+
+    demo.get_api_info = get_api_info
+

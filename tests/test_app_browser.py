@@ -31,6 +31,9 @@ if os.environ.get("EGO_SKIP_BROWSER") == "1":
 
 @pytest.fixture(scope="module")
 def page(url):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)  # a busy machine: the model's steps can take more than the default 5 s
     with chromium_browser() as browser:
         page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()  # a second tab may join
         page.set_default_timeout(WAIT_MS)

@@ -65,6 +65,9 @@ def test_the_api_page_documents_each_endpoint_and_its_examples_run(url):
         assert endpoint["description"] and not endpoint["description"].startswith(("Stream (", "(session")), name
         assert all(not re.fullmatch(r"value_\d+", r["label"]) for r in endpoint["returns"]), name
 
+    photos = api["/introduce"]["parameters"][1]
+    assert photos["parameter_name"] == "photos" and not photos["parameter_has_default"]  # the page shows the example
+
     def run(name):
         return client.predict(*[_as_snippet_runs_it(p["example_input"]) for p in api[name]["parameters"]],
                               api_name=name)
