@@ -38,7 +38,7 @@ view may have together. A model's description is `description_max_new_tokens` (3
 keywords at most 200 characters: a file beyond this was not written by Ego, and would make every listing of
 the visitor's concepts large."""
 MAX_FILE_KEYWORDS_PER_VIEW = 100
-_SOURCES = {"keywords_source": ("model", "user"), "area_source": ("model", "user", "fallback")}
+_SOURCES = {"keywords_source": ("model", "user"), "area_source": ("model", "user", "fallback", "truncated")}
 _DOCUMENT_KEYS = {"format", "version", "model_id", "hidden_size", "concepts"}
 _CONCEPT_KEYS = {"name", "views"}
 _VIEW_KEYS = {"grid", "k", "area_pct", "keywords", "description", "size_answer", "keywords_source", "area_source"}

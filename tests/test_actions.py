@@ -283,7 +283,7 @@ def test_every_panel_action_says_what_it_did_or_why_not_in_the_status_line(act, 
     act.clear_concepts(session)
     assert act.status(session) == "Removed all 1 of your concepts\\."
     act.import_concepts(session, exported, progress=quiet)
-    assert act.panel(session)[4] == "Imported 1 concepts\\."
+    assert act.panel(session)[4] == "Imported 1 concept\\."
     act.remove_concept(session, "Chelsea")
     assert act.status(session) == "Removed the concept\\."
 

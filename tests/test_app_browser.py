@@ -103,13 +103,14 @@ def test_visitor_text_is_shown_not_run(page):
     assert page.locator("img[src='x']").count() == 0
 
 
-def test_panel_actions_that_cannot_act_say_why_where_the_visitor_looks(url):
+def test_panel_actions_that_cannot_act_say_why_where_the_visitor_looks(page, url):
     """Remove, Export and Clear skip the queue, and the browser shows no error of such an event: each says why
     in the panel's status line, and a refused export leaves no error badge behind."""
     from playwright.sync_api import expect
 
-    with chromium_browser() as browser:
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    stranger = page.context.browser.new_context(viewport={"width": 1280, "height": 1000})  # no token: no concepts
+    try:
+        page = stranger.new_page()
         page.set_default_timeout(WAIT_MS)
         page.goto(url, wait_until="domcontentloaded")
         status = page.locator("#panel-status")
@@ -121,6 +122,8 @@ def test_panel_actions_that_cannot_act_say_why_where_the_visitor_looks(url):
         page.get_by_role("button", name="Yes, remove all my concepts").click()
         expect(status).to_contain_text("There are no concepts to clear.")
         expect(page.get_by_label("Your concept file")).to_be_hidden()
+    finally:
+        stranger.close()
 
 
 def test_a_reload_keeps_the_concepts_after_a_warning(page):
