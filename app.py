@@ -1,6 +1,6 @@
 """Ego, the Space: introduce your own concepts to a vision-language model, then ask about photos and clips.
 
-    python app.py                                # the default model (Qwen2.5-VL-7B, 4-bit on a GPU)
+    python app.py                                # Qwen2.5-VL-7B in 4-bit on a GPU; Qwen2-VL-2B on a CPU-only machine
     python app.py --model tiny-qwen2.5-vl        # a tiny random model: no download, answers are noise
 
 This file only lays out the page and wires events to `space.actions`. Importing it loads no model and
@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from space.components import IMAGE_FORMATS_TEXT, photo_input
+from space.page import CSS, EXPORTED_JS, ON_LOAD_JS, TRACK_CONCEPTS_JS, scroll_to_js
 
 PAPER_URL = "https://arxiv.org/abs/2603.09771"
 MODEL_EVENTS = dict(concurrency_id="model", concurrency_limit=1)
@@ -26,30 +27,27 @@ PRIVATE = dict(api_visibility="private")
 CHEAP = dict(queue=False)
 """Events that never touch the model skip the queue (from the browser; `gradio_client` always joins it): a
 queue full of questions leaves a visitor free to list, remove and export their concepts."""
-CSS = """
-#report td, #report th { overflow-wrap: normal; word-break: normal; }
-#report td:nth-child(-n+2), #report th:nth-child(-n+2) { white-space: nowrap; }
-"""
-"""Gradio breaks Markdown table cells anywhere; the introduction report's two number columns must not wrap."""
 
 
 def build_demo(engine_factory_or_engine, space_settings=None, *, settings=None,
-               model_name: str | None = None) -> gr.Blocks:
+               model_name: str | None = None, model_note: str = "") -> gr.Blocks:
     """The Blocks of the Space, around an engine (`ego.Ego`) or a function that makes one, called on first use
     as `factory(settings=settings)` (e.g. `functools.partial(Ego.from_pretrained, "qwen2.5-vl-7b")`).
 
     space_settings: the Space's own limits (`space.settings.SpaceSettings`: queue, sessions, file cache, ...).
     settings: the engine settings (`ego.Settings`) a factory's engine gets; an engine brings its own
     (`engine.with_settings(...)` for other ones). The page shows and enforces the engine's limits.
-    model_name: shown in the header before a lazily loaded model is there.
+    model_name: shown in the header before a lazily loaded model is there; model_note: why this model.
     """
     # These import the engine, hence torch: only when a demo is built, never on `import app`.
     from ego.presets import layers_summary
+    from space import api, guidance
     from space.actions import Actions
     from space.examples import load_examples
     from space.links import refuse_links
     from space.loading import LazyEngine
-    from space.session import Session, forget
+    from space.resume import Sessions
+    from space.session import Session
     from space.settings import DEFAULT_SPACE_SETTINGS
     from space.visitors import limit_requests_per_visitor
 
@@ -57,16 +55,18 @@ def build_demo(engine_factory_or_engine, space_settings=None, *, settings=None,
     s, limits = space_settings or DEFAULT_SPACE_SETTINGS, engine.settings
     examples = load_examples()
     act = Actions(engine, s, examples)
+    sessions = Sessions()
 
     with gr.Blocks(title="Ego: personalize a vision-language model", analytics_enabled=False,
                    delete_cache=(s.upload_cleanup_interval_s, s.upload_max_age_s)) as demo:
-        session = gr.State(Session(), time_to_live=s.session_ttl_s, delete_callback=forget)
+        session = gr.State(Session(), time_to_live=s.session_ttl_s, delete_callback=sessions.release)
+        browser_token = gr.BrowserState(None)  # names this browser's session on the server (space/resume.py)
         gr.Markdown(
             "# Ego: teach a vision-language model your own concepts\n"
             "Show the model one to five photos of *your* cat, mug or friend and give it a name. The model "
             "picks the few visual tokens that represent it and keeps them as a memory; ask about new photos "
             "and clips and the memory goes back into its context. No training. "
-            f"[Paper]({PAPER_URL}) · model: `{engine.name or 'loaded on first use'}` · "
+            f"[Paper]({PAPER_URL}) · model: `{engine.name or 'loaded on first use'}`{model_note} · "
             f"{layers_summary(engine.name)}",
             latex_delimiters=[],
         )
@@ -82,41 +82,73 @@ def build_demo(engine_factory_or_engine, space_settings=None, *, settings=None,
         panel = [mine.cards, mine.to_remove, mine.summary, mine.records, mine.status]
 
         def then_refresh(event):
-            return event.then(act.panel, session, panel, **CHEAP, **PRIVATE)
+            return event.then(act.panel, session, panel, **CHEAP, **PRIVATE).then(
+                None, mine.summary, None, js=TRACK_CONCEPTS_JS, **PRIVATE)
 
         # Introduce
         intro.auto_size.change(lambda auto: gr.Slider(interactive=not auto), intro.auto_size, intro.size_pct,
                                queue=False, **PRIVATE)
         introduced = [session, intro.report, intro.patches, intro.heats]
-        then_refresh(intro.button.click(
-            act.introduce, [session, intro.name, intro.photos, intro.keywords, intro.auto_size, intro.size_pct],
-            introduced, api_name="introduce", **MODEL_EVENTS))
+        form = [intro.name, intro.photos, intro.keywords, intro.auto_size, intro.size_pct]
+        intro.button.click(None, js=scroll_to_js("report"), **PRIVATE)
+        introducing = intro.button.click(act.introduce, [session, *form], introduced, api_name="introduce",
+                                         api_description=api.INTRODUCE, **MODEL_EVENTS)
+        then_refresh(introducing)
+        # Queued (not CHEAP): only an event on the queue can show the visitor a message.
+        introducing.success(guidance.after_introduce, [session, intro.name], form, **PRIVATE)
         then_refresh(intro.examples_button.click(act.load_example_concepts, session, introduced,
                                                  **MODEL_EVENTS, **PRIVATE))
 
-        # Ask about an image; the answer without memory is shown only when asked for
+        # Ask about an image (Ask, or Enter in the question); the answer without memory only when asked for.
+        # "Thinking…" fills the answer box at once, then the model's event streams the answer over it.
+        hint = guidance.example_concepts_hint([n for n, _ in examples.concepts],
+                                              [q for _, q in examples.image_questions] + examples.text_questions)
         img.compare.change(lambda on: gr.Textbox(visible=on), img.compare, img.plain, queue=False, **PRIVATE)
-        asking = img.ask.click(act.ask_image, [session, img.image, img.question, img.compare],
-                               [session, img.answer, img.plain, img.details, img.matches], api_name="ask_image",
-                               **MODEL_EVENTS)
-        img.stop.click(None, cancels=[asking], **PRIVATE)
+        img_triggers = [img.ask.click, img.question.submit]
+        gr.on(img_triggers, hint, [session, img.question], None, **PRIVATE)  # queued: it shows a message
+        gr.on(img_triggers, None, js=scroll_to_js("image-answer"), **PRIVATE)
+        asking = gr.on(img_triggers, guidance.thinking, None, img.answer, **CHEAP, **PRIVATE).then(
+            act.ask_image, [session, img.image, img.question, img.compare],
+            [session, img.answer, img.plain, img.details, img.matches], api_name="ask_image",
+            api_description=api.ASK_IMAGE, **MODEL_EVENTS)
+        img.stop.click(None, cancels=[asking], **PRIVATE).then(guidance.mark_stopped, img.answer, img.answer,
+                                                            **CHEAP, **PRIVATE)
 
         # Ask about a video
-        asking = vid.ask.click(act.ask_video, [session, vid.video, vid.question],
-                               [session, vid.frames, vid.answer, vid.details], api_name="ask_video", **MODEL_EVENTS)
-        vid.stop.click(None, cancels=[asking], **PRIVATE)
+        vid_triggers = [vid.ask.click, vid.question.submit]
+        gr.on(vid_triggers, hint, [session, vid.question], None, **PRIVATE)
+        gr.on(vid_triggers, None, js=scroll_to_js("video-answer"), **PRIVATE)
+        asking = gr.on(vid_triggers, guidance.thinking, None, vid.answer, **CHEAP, **PRIVATE).then(
+            act.ask_video, [session, vid.video, vid.question], [session, vid.frames, vid.answer, vid.details],
+            api_name="ask_video", api_description=api.ASK_VIDEO, **MODEL_EVENTS)
+        vid.stop.click(None, cancels=[asking], **PRIVATE).then(guidance.mark_stopped, vid.answer, vid.answer,
+                                                            **CHEAP, **PRIVATE)
 
-        # Your concepts
-        demo.load(act.panel, session, panel, **CHEAP, **PRIVATE)
-        demo.load(act.list_concepts, session, [session, mine.records], api_name="list_concepts", **CHEAP)
+        # Your concepts: a reload (or another tab of this browser) takes over the session its token names
+        # One chain, not two load events: each returns the session, and the second to finish would win.
+        then_refresh(demo.load(sessions.resume, [session, browser_token], [session, browser_token],
+                               **CHEAP, **PRIVATE).then(
+            act.list_concepts, session, [session, mine.records], api_name="list_concepts",
+            api_description=api.LIST_CONCEPTS, **CHEAP))
         then_refresh(mine.remove.click(act.remove_concept, [session, mine.to_remove], [session, mine.records],
-                                       api_name="remove_concept", **CHEAP))
-        then_refresh(mine.clear.click(act.clear_concepts, session, [session, mine.records], **CHEAP, **PRIVATE))
+                                       api_name="remove_concept", api_description=api.REMOVE_CONCEPT, **CHEAP))
+        confirm = [mine.clear, mine.confirm_row]
+        mine.clear.click(lambda: (gr.Button(visible=False), gr.Row(visible=True)), None, confirm, **CHEAP, **PRIVATE)
+        mine.cancel_clear.click(lambda: (gr.Button(visible=True), gr.Row(visible=False)), None, confirm,
+                                **CHEAP, **PRIVATE)
+        then_refresh(mine.confirm_clear.click(act.clear_concepts, session, [session, mine.records],
+                                              **CHEAP, **PRIVATE)).then(
+            lambda: (gr.Button(visible=True), gr.Row(visible=False)), None, confirm, **CHEAP, **PRIVATE)
         exporting = mine.export.click(act.export_concepts, session, [session, mine.exported],
-                                      api_name="export_concepts", **CHEAP)
+                                      api_name="export_concepts", api_description=api.EXPORT_CONCEPTS, **CHEAP)
         exporting.then(act.after_export, [session, mine.exported], [mine.exported, mine.status], **CHEAP, **PRIVATE)
+        exporting.success(None, js=EXPORTED_JS, queue=False, **PRIVATE)
         then_refresh(mine.import_button.upload(act.import_concepts, [session, mine.import_button],
-                                               [session, mine.records], api_name="import_concepts", **MODEL_EVENTS))
+                                               [session, mine.records], api_name="import_concepts",
+                                               api_description=api.IMPORT_CONCEPTS, **MODEL_EVENTS))
+        demo.load(None, js=ON_LOAD_JS, **PRIVATE)
+        api.document_examples(examples, intro=intro, img=img, vid=vid, mine=mine)
+    api.photos_are_required(demo, intro.photos.label)
     for block in demo.blocks.values():
         refuse_links(block)  # a file payload that names a URL is refused, never downloaded
     # api_open=False: an event that uses the queue can be reached only through it (Gradio leaves its
@@ -149,44 +181,48 @@ def _hint(text: str) -> None:
 
 
 def _introduce_tab(s, examples) -> SimpleNamespace:
-    with gr.Tab("Introduce", id="introduce"), gr.Row():
-        with gr.Column():
-            name = gr.Textbox(label="Name", placeholder="Chelsea", max_length=s.max_name_chars,
-                              info=f"Up to {s.max_name_chars} characters, unique among your concepts.")
-            photos = gr.Gallery(label=f"Reference photos (1 to {s.max_references_per_concept})", type="filepath",
-                                file_types=["image"], interactive=True, columns=5, height=220, object_fit="cover")
-            _hint(f"{IMAGE_FORMATS_TEXT}; up to {s.max_upload_mb} MiB and "
-                  f"{s.max_image_pixels / 1e6:g} megapixels each. One clear photo is enough; more views help.")
-            with gr.Accordion("Advanced", open=False):
-                keywords = gr.Textbox(label="Keywords", placeholder="tabby, green eyes, white paws",
-                                      info="Comma-separated words whose attention picks the tokens. "
-                                           "Empty: the model describes the photo.")
-                auto_size = gr.Checkbox(value=True, label="Let the model estimate the size")
-                size_pct = gr.Slider(1, 100, value=25, step=1, interactive=False,
-                                     label="Subject size (% of each photo)",
-                                     info=f"Tokens kept per photo: about size × tokens / 100, "
-                                          f"at most {s.k_cap_tokens}.")
-            with gr.Row():
-                button = gr.Button("Introduce", variant="primary")
-                examples_button = gr.Button("Load the example concepts")
-            if examples.concepts:
-                gr.Examples([[n, p] for n, p in examples.concepts], [name, photos], cache_examples=False,
-                            label="Example concepts")
-        with gr.Column():
-            report = gr.Markdown(latex_delimiters=[], elem_id="report")
-            patches = gr.Gallery(label="Kept visual tokens (highlighted)", elem_id="patches", columns=2,
-                                 height="auto", interactive=False, object_fit="contain")
-            with gr.Accordion("Token importance heat maps (Eq. 3)", open=False):
-                heats = gr.Gallery(show_label=False, elem_id="heats", columns=2, height="auto", interactive=False,
-                                   object_fit="contain")
+    with gr.Tab("Introduce", id="introduce"):
+        with gr.Row():
+            with gr.Column():
+                name = gr.Textbox(label="Name", placeholder="Chelsea", max_length=s.max_name_chars,
+                                  info=f"Up to {s.max_name_chars} characters, unique among your concepts.")
+                photos = gr.Gallery(label=f"Reference photos (1 to {s.max_references_per_concept})",
+                                    type="filepath", file_types=["image"], interactive=True, columns=5, height=220,
+                                    object_fit="cover")
+                _hint(f"{IMAGE_FORMATS_TEXT}; up to {s.max_upload_mb} MiB and "
+                      f"{s.max_image_pixels / 1e6:g} megapixels each. One clear photo is enough; more views help.")
+                with gr.Accordion("Advanced (reset after each concept)", open=False):
+                    keywords = gr.Textbox(label="Keywords", placeholder="tabby, green eyes, white paws",
+                                          info="Comma-separated words whose attention picks the tokens. "
+                                               "Empty: the model describes the photo.")
+                    auto_size = gr.Checkbox(value=True, label="Let the model estimate the size")
+                    size_pct = gr.Slider(1, 100, value=25, step=1, interactive=False,
+                                         label="Subject size (% of each photo)",
+                                         info=f"Tokens kept per photo: about size × tokens / 100, "
+                                              f"at most {s.k_cap_tokens}.")
+                with gr.Row():
+                    button = gr.Button("Introduce", variant="primary")
+                    examples_button = gr.Button("Load the example concepts")
+            with gr.Column():  # on a phone this column comes right under the buttons, before the examples
+                report = gr.Markdown(label="Introduction report", latex_delimiters=[], elem_id="report")
+                patches = gr.Gallery(label="Kept visual tokens (highlighted)", elem_id="patches", columns=2,
+                                     height="auto", interactive=False, object_fit="contain")
+                with gr.Accordion("Token importance heat maps (Eq. 3)", open=False):
+                    heats = gr.Gallery(label="Token importance heat maps", show_label=False, elem_id="heats",
+                                       columns=2, height="auto", interactive=False, object_fit="contain")
+        if examples.concepts:
+            gr.Examples([[n, p] for n, p in examples.concepts], [name, photos], cache_examples=False,
+                        label="Example concepts")
     return SimpleNamespace(name=name, photos=photos, keywords=keywords, auto_size=auto_size, size_pct=size_pct,
                            button=button, examples_button=examples_button, report=report, patches=patches,
                            heats=heats)
 
 
-def _question_box(s, placeholder: str) -> gr.Textbox:
-    return gr.Textbox(label="Question", lines=2, max_length=s.max_question_chars, placeholder=placeholder,
-                      info=f"Up to {s.max_question_chars} characters.")
+def _question_box(s, placeholder: str, elem_id: str) -> gr.Textbox:
+    # One line that grows to four as the question wraps: on a one-line box Gradio sends Enter as "submit".
+    return gr.Textbox(label="Question", lines=1, max_lines=4, max_length=s.max_question_chars,
+                      placeholder=placeholder, elem_id=elem_id,
+                      info=f"Up to {s.max_question_chars} characters. Enter asks.")
 
 
 def _ask_buttons() -> tuple[gr.Button, gr.Button]:
@@ -199,51 +235,54 @@ def _answer_box(label: str, elem_id: str, **kwargs) -> gr.Textbox:
 
 
 def _image_tab(s, examples) -> SimpleNamespace:
-    with gr.Tab("Ask about an image", id="image"), gr.Row():
-        with gr.Column():
-            image = photo_input(label="Photo", sources=["upload", "clipboard"], height=320, elem_id="image-photo")
-            _hint(f"{IMAGE_FORMATS_TEXT}; up to {s.max_upload_mb} MiB and {s.max_image_pixels / 1e6:g} megapixels. "
-                  "No photo: ask about your concepts themselves (\"What colour are Chelsea's eyes?\").")
-            question = _question_box(s, "Is Chelsea in this photo?")
-            compare = gr.Checkbox(label="Also answer without memory (the plain model)")
-            ask, stop = _ask_buttons()
-            if examples.image_questions:
-                gr.Examples([list(e) for e in examples.image_questions], [image, question], cache_examples=False,
-                            label="Example questions")
-            if examples.text_questions:  # clicking one also clears the photo: the question is about the concepts
-                gr.Examples([[q] for q in examples.text_questions], [question], [image, question],
-                            fn=lambda text: (None, text), run_on_click=True, cache_examples=False,
-                            label="Questions without a photo (load the example concepts first)", **PRIVATE)
-        with gr.Column():
-            answer = _answer_box("Answer (with your concepts)", "image-answer")
-            plain = _answer_box("Answer without memory", "plain-answer", visible=False)
-            with gr.Accordion("Where each concept's memory matches the photo", open=False):
-                _hint("Brighter: that visual token of the photo looks more like one of the concept's memory "
-                      "tokens (cosine similarity, relative within each picture). A hint of where the model may "
-                      "see the concept, not a detection.")
-                matches = gr.Gallery(show_label=False, elem_id="matches", columns=2, height="auto",
-                                     interactive=False, object_fit="contain")
-            details = gr.JSON(label="What went into the context")
+    with gr.Tab("Ask: image", id="image"):
+        with gr.Row():
+            with gr.Column():
+                image = photo_input(label="Photo", sources=["upload", "clipboard"], height=320,
+                                    elem_id="image-photo")
+                _hint(f"{IMAGE_FORMATS_TEXT}; up to {s.max_upload_mb} MiB and {s.max_image_pixels / 1e6:g} "
+                      "megapixels. No photo: ask about your concepts themselves (\"What colour are Chelsea's eyes?\").")
+                question = _question_box(s, "Is Chelsea in this photo?", "image-question")
+                compare = gr.Checkbox(label="Also answer without memory (the plain model)")
+                ask, stop = _ask_buttons()
+            with gr.Column():
+                answer = _answer_box("Answer (with your concepts)", "image-answer")
+                plain = _answer_box("Answer without memory", "plain-answer", visible=False)
+                with gr.Accordion("Where each concept's memory matches the photo", open=False):
+                    _hint("Brighter: that visual token of the photo looks more like one of the concept's memory "
+                          "tokens (cosine similarity, relative within each picture). A hint of where the model "
+                          "may see the concept, not a detection.")
+                    matches = gr.Gallery(label="Where each concept matches", show_label=False, elem_id="matches",
+                                         columns=2, height="auto", interactive=False, object_fit="contain")
+                details = gr.JSON(label="What went into the context")
+        if examples.image_questions:
+            gr.Examples([list(e) for e in examples.image_questions], [image, question], cache_examples=False,
+                        label="Example questions (about the example concepts: load them on the Introduce tab)")
+        if examples.text_questions:  # clicking one also clears the photo: the question is about the concepts
+            gr.Examples([[q] for q in examples.text_questions], [question], [image, question],
+                        fn=lambda text: (None, text), run_on_click=True, cache_examples=False,
+                        label="Questions without a photo (load the example concepts first)", **PRIVATE)
     return SimpleNamespace(image=image, question=question, compare=compare, ask=ask, stop=stop, answer=answer,
                            plain=plain, details=details, matches=matches)
 
 
 def _video_tab(s, examples) -> SimpleNamespace:
-    with gr.Tab("Ask about a video", id="video"), gr.Row():
-        with gr.Column():
-            video = gr.Video(label="Clip", sources=["upload"], height=320)
-            _hint(f"Up to {s.max_video_duration_s:g} s and {s.max_upload_mb} MiB; "
-                  f"{s.video_num_frames} frames are sampled evenly.")
-            question = _question_box(s, "Is Chelsea in this video?")
-            ask, stop = _ask_buttons()
-            if examples.video_questions:
-                gr.Examples([list(e) for e in examples.video_questions], [video, question], cache_examples=False,
-                            label="Example questions")
-        with gr.Column():
-            frames = gr.Gallery(label="Frames the model sees", elem_id="frames", columns=4, height="auto",
-                                interactive=False, object_fit="contain")
-            answer = _answer_box("Answer (with your concepts)", "video-answer")
-            details = gr.JSON(label="What went into the context")
+    with gr.Tab("Ask: video", id="video"):
+        with gr.Row():
+            with gr.Column():
+                video = gr.Video(label="Clip", sources=["upload"], height=320)
+                _hint(f"Up to {s.max_video_duration_s:g} s and {s.max_upload_mb} MiB; "
+                      f"{s.video_num_frames} frames are sampled evenly.")
+                question = _question_box(s, "Is Chelsea in this video?", "video-question")
+                ask, stop = _ask_buttons()
+            with gr.Column():
+                answer = _answer_box("Answer (with your concepts)", "video-answer")
+                frames = gr.Gallery(label="Frames the model sees", elem_id="frames", columns=4, height="auto",
+                                    interactive=False, object_fit="contain")
+                details = gr.JSON(label="What went into the context")
+        if examples.video_questions:
+            gr.Examples([list(e) for e in examples.video_questions], [video, question], cache_examples=False,
+                        label="Example questions (about the example concepts: load them on the Introduce tab)")
     return SimpleNamespace(video=video, question=question, ask=ask, stop=stop, frames=frames, answer=answer,
                            details=details)
 
@@ -260,30 +299,35 @@ def _concepts_panel(s) -> SimpleNamespace:
         to_remove = gr.Dropdown(label="Concept", choices=[], allow_custom_value=True, scale=2)
         remove = gr.Button("Remove", scale=1, size="sm")
     clear = gr.Button("Clear all", size="sm")
+    with gr.Row(visible=False) as confirm_row:
+        confirm_clear = gr.Button("Yes, remove all my concepts", variant="stop", size="sm")
+        cancel_clear = gr.Button("Keep them", size="sm")
     export = gr.Button("Export to a file", size="sm")
     exported = gr.File(label="Your concept file", interactive=False, visible=False)
     import_button = gr.UploadButton("Import a concept file", file_types=[".safetensors"], type="filepath", size="sm")
     with gr.Accordion("Details (JSON)", open=False):
-        records = gr.JSON(show_label=False)
-    _hint(f"Your concepts live in this server's memory for this tab only and are deleted "
-          f"{s.session_ttl_s // 60} minutes after your last action here (sooner if the server restarts or is "
-          f"very busy); uploads leave the server within "
+        records = gr.JSON(label="Your concepts", show_label=False)
+    _hint(f"Your concepts live in this server's memory: a reload or another tab of this browser brings them "
+          f"back, and they are deleted {s.session_ttl_s // 60} minutes after your last action here (sooner if the "
+          f"server restarts or is very busy); uploads leave the server within "
           f"{(s.upload_max_age_s + s.upload_cleanup_interval_s) // 60} minutes. Export your concepts to keep "
           f"them. At most {s.max_concepts_per_session} concepts.")
     return SimpleNamespace(summary=summary, status=status, cards=cards, to_remove=to_remove, remove=remove,
-                           clear=clear, export=export, exported=exported, import_button=import_button, records=records)
+                           clear=clear, confirm_row=confirm_row, confirm_clear=confirm_clear,
+                           cancel_clear=cancel_clear, export=export, exported=exported, import_button=import_button,
+                           records=records)
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    from ego.presets import DEFAULT_PRESET, PRESETS
+    from ego.presets import CPU_DEFAULT_PRESET, DEFAULT_PRESET, PRESETS
 
     parser = argparse.ArgumentParser(description="Ego: the Gradio Space.")
-    parser.add_argument("--model", default=os.environ.get("EGO_MODEL", DEFAULT_PRESET),
-                        help=f"a preset ({', '.join(PRESETS)}), a Hub id or a local folder "
-                             f"(env EGO_MODEL; default {DEFAULT_PRESET})")
+    parser.add_argument("--model", default=os.environ.get("EGO_MODEL") or None,
+                        help=f"a preset ({', '.join(PRESETS)}), a Hub id or a local folder (env EGO_MODEL; "
+                             f"default {DEFAULT_PRESET} with a CUDA GPU, {CPU_DEFAULT_PRESET} without one)")
     parser.add_argument("--quantization", choices=["auto", "4bit", "8bit", "none"],
                         default=os.environ.get("EGO_QUANTIZATION", "auto"),
                         help="auto: 4-bit on a GPU, none on a CPU (env EGO_QUANTIZATION)")
@@ -298,18 +342,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def choose_model(model: str | None) -> tuple[str, str]:
+    """(the model to serve, a note for the header): the one named, else the default for this machine."""
+    from ego.presets import DEFAULT_PRESET, default_preset
+
+    if model:
+        return model, ""
+    chosen = default_preset()
+    if chosen == DEFAULT_PRESET:
+        return chosen, " (4-bit on this GPU)"
+    return chosen, (" (a small model: this server has no GPU, and the default 7B model would take minutes per "
+                    "answer on its CPU)")
+
+
 def main(argv=None) -> None:
     import functools
 
     from ego import DEFAULT_SETTINGS, Ego, Settings
 
     args = parse_args(argv)
+    model, model_note = choose_model(args.model)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     settings = Settings.paper() if args.protocol == "paper" else DEFAULT_SETTINGS
     quantization = None if args.quantization == "none" else args.quantization
-    factory = functools.partial(Ego.from_pretrained, args.model, quantization=quantization)
-    demo = build_demo(factory, settings=settings, model_name=args.model)
+    factory = functools.partial(Ego.from_pretrained, model, quantization=quantization)
+    demo = build_demo(factory, settings=settings, model_name=model, model_note=model_note)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options(settings))
 
 

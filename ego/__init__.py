@@ -18,8 +18,8 @@ _EXPORTS = {
     "IncompatibleMemoryError": "errors", "InputError": "errors", "MemoryFileError": "errors",
     "ModelBusyError": "errors",
     "Concept": "memory", "ConceptView": "memory", "load_concepts": "memory", "read_concepts": "memory",
-    "save_concepts": "memory",
-    "DEFAULT_PRESET": "presets", "PRESETS": "presets",
+    "read_thumbnails": "memory", "save_concepts": "memory",
+    "DEFAULT_PRESET": "presets", "CPU_DEFAULT_PRESET": "presets", "PRESETS": "presets",
     "DEFAULT_SETTINGS": "settings", "Settings": "settings",
 }
 

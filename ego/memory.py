@@ -1,7 +1,7 @@
 """Concept memories: what `introduce` keeps, and the file format that carries them between sessions.
 
 A file is one safetensors file: the tensors (memory rows, their residuals where the family has them, kept
-token indices, importance scores) plus,
+token indices, importance scores, and optionally a small square thumbnail per concept) plus,
 in the safetensors header's metadata, a JSON document with the format name and version, the model id
 and hidden size the memory belongs to, and each concept's name and per-view details. Nothing is ever
 unpickled; the header size is checked before it is parsed.
@@ -26,6 +26,8 @@ FORMAT_NAME = "ego-concepts"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 """A safetensors header larger than this is refused before it is read (hostile files)."""
+MAX_THUMBNAIL_PX = 512
+"""A thumbnail larger than this on either side is ignored on reading (the app writes 128 px ones)."""
 MAX_RESIDUAL_LEVELS = 16
 """More residual levels than any family has (Qwen3-VL: 3): a file claiming more is refused."""
 MAX_FILE_VIEWS_PER_CONCEPT = 16
@@ -37,7 +39,7 @@ view may have together. A model's description is `description_max_new_tokens` to
 keywords at most 200 characters: a file beyond this was not written by Ego, and would make every listing of
 the visitor's concepts large."""
 MAX_FILE_KEYWORDS_PER_VIEW = 100
-_SOURCES = {"keywords_source": ("model", "user"), "area_source": ("model", "user", "fallback")}
+_SOURCES = {"keywords_source": ("model", "user"), "area_source": ("model", "user", "fallback", "truncated")}
 _DOCUMENT_KEYS = {"format", "version", "model_id", "hidden_size", "concepts"}
 _CONCEPT_KEYS = {"name", "views"}
 _VIEW_KEYS = {"grid", "k", "area_pct", "keywords", "description", "size_answer", "keywords_source", "area_source"}
@@ -110,11 +112,18 @@ def _storage_bytes(tensor: torch.Tensor) -> int:
     return max(tensor.untyped_storage().nbytes(), tensor.numel() * tensor.element_size())
 
 
-def save_concepts(path, concepts) -> Path:
-    """Write concepts of one model to a single safetensors file; returns the path."""
+def save_concepts(path, concepts, thumbnails=None) -> Path:
+    """Write concepts of one model to a single safetensors file; returns the path.
+
+    thumbnails: optional, one PIL image (or None) per concept, stored as uint8 [H, W, 3] tensors
+    `c{i}.thumbnail`; files without them load as before, and readers that do not know them ignore them.
+    """
     from safetensors.torch import save_file
 
     concepts = list(concepts)
+    thumbnails = list(thumbnails) if thumbnails is not None else [None] * len(concepts)
+    if len(thumbnails) != len(concepts):
+        raise ValueError(f"{len(thumbnails)} thumbnails for {len(concepts)} concepts; give one (or None) each.")
     if not concepts:
         raise MemoryFileError("There are no concepts to save; introduce at least one first.")
     model_ids = {c.model_id for c in concepts}
@@ -125,6 +134,10 @@ def save_concepts(path, concepts) -> Path:
         tensors[f"c{i}.embeddings"] = concept.embeddings.detach().cpu().clone()
         if concept.residuals is not None:
             tensors[f"c{i}.residuals"] = concept.residuals.detach().cpu().clone()
+        if thumbnails[i] is not None:
+            width, height = thumbnails[i].size
+            pixels = bytearray(thumbnails[i].convert("RGB").tobytes())
+            tensors[f"c{i}.thumbnail"] = torch.frombuffer(pixels, dtype=torch.uint8).reshape(height, width, 3)
         views = []
         for j, view in enumerate(concept.views):
             tensors[f"c{i}.v{j}.token_indices"] = view.token_indices.to(torch.int64).cpu().clone()
@@ -273,6 +286,29 @@ def _check_keys(record: dict, allowed: set[str]) -> None:
 def _shown(value) -> str:
     """A value of a hostile file, short and printable, for a message."""
     return ascii(value)[:20]
+
+
+def read_thumbnails(path, count: int) -> list:
+    """The thumbnails `save_concepts` stored for the first `count` concepts of a file already read with
+    `read_concepts`: a PIL image per concept, None where there is none or it is not a small RGB picture."""
+    from PIL import Image
+    from safetensors import SafetensorError, safe_open
+
+    pictures = [None] * count
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            names = set(handle.keys())
+            for i in range(count):
+                if f"c{i}.thumbnail" not in names:
+                    continue
+                pixels = handle.get_tensor(f"c{i}.thumbnail")
+                if (pixels.dtype != torch.uint8 or pixels.dim() != 3 or pixels.shape[2] != 3
+                        or not all(1 <= side <= MAX_THUMBNAIL_PX for side in pixels.shape[:2])):
+                    continue
+                pictures[i] = Image.fromarray(pixels.contiguous().numpy())
+    except (SafetensorError, OSError):
+        return [None] * count
+    return pictures
 
 
 def _is_finite_float(tensor: torch.Tensor) -> bool:

@@ -50,6 +50,23 @@ class Preset:
 
 
 DEFAULT_PRESET = "qwen2.5-vl-7b"
+"""The model on a machine with a CUDA GPU: Qwen2.5-VL-7B, 4-bit NF4 (about 6.4 GiB of weights)."""
+CPU_DEFAULT_PRESET = "qwen2-vl-2b"
+"""The model on a machine without one. Unquantized on a CPU the 7B holds about 16 GB of memory and takes
+minutes per answer. Qwen2-VL-2B (a 1.5B language model and a 0.7B vision tower, about 4.4 GB in bf16) is the
+smallest Qwen checkpoint: the same backend as the default, the same dynamic-resolution visual tokens (a
+448x448 reference photo is 256 tokens, as in the paper), and about a quarter of the 7B's work per token.
+InternVL3-1B is smaller still, but its 0.5B language model is the weaker reader of the description and size
+prompts the method depends on, and a query photo there is up to 1,280 tokens (four tiles and a thumbnail)."""
+
+
+def default_preset(cuda_available: bool | None = None) -> str:
+    """The preset served when none is named: the 7B on a CUDA machine, the small one on a CPU-only one."""
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    return DEFAULT_PRESET if cuda_available else CPU_DEFAULT_PRESET
 
 PRESETS: dict[str, Preset] = {
     p.name: p

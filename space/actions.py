@@ -25,7 +25,7 @@ from gradio.utils import get_upload_folder
 from ego import checks
 from ego.errors import InputError, MemoryFileError, ModelBusyError
 from ego.media import load_image, load_video
-from ego.memory import load_concepts, save_concepts
+from ego.memory import load_concepts, read_thumbnails, save_concepts
 
 from . import views
 from .examples import Examples
@@ -285,7 +285,8 @@ class Actions:
                 raise InputError("There are no concepts to export yet; introduce or import one first.")
             # In Gradio's file cache, whose sweep deletes it on time even if the session is evicted
             # (eviction skips `forget`); a file elsewhere would stay until the server restarts.
-            path = save_concepts(session.new_export_path(get_upload_folder()), session.concepts)
+            path = save_concepts(session.new_export_path(get_upload_folder()), session.concepts,
+                                 [entry.thumbnail for entry in session.entries])
             session.tell(f"Exported {len(session)} concepts: download the file below.")
         return session, None if path is None else str(path)
 
@@ -295,7 +296,8 @@ class Actions:
         return gr.File(value=exported or None, visible=bool(exported)), self.status(session)
 
     def import_concepts(self, session: Session, file, progress=gr.Progress()):
-        """Add the concepts of a file written by /export_concepts (or ego.save_concepts)."""
+        """Add the concepts of a file written by /export_concepts (or ego.save_concepts); names the visitor
+        already has are skipped and listed in a message, with their thumbnails where the file has them."""
         with for_visitor("importing the concepts"):
             path = getattr(file, "name", file)
             if not path:
@@ -304,8 +306,9 @@ class Actions:
                 raise InputError(f"Concept files are at most {self.limits.max_upload_mb} MiB.")
             engine = self._engine(progress)
             concepts = load_concepts(path, engine)
-            entries = []
-            for number, concept in enumerate(concepts, 1):
+            thumbnails = read_thumbnails(path, len(concepts))
+            entries, skipped = [], []
+            for number, (concept, thumbnail) in enumerate(zip(concepts, thumbnails), 1):
                 try:
                     name = checks.check_name(concept.name, self.limits)
                 except InputError:
@@ -315,11 +318,24 @@ class Actions:
                         f"again.") from None
                 if name != concept.name:
                     concept = dataclasses.replace(concept, name=name)
+                if session.has(name):
+                    skipped.append(name)
+                    continue
                 first = concept.views[0] if concept.views else None
-                picture = (views.token_map(first.grid, first.token_indices, self.settings.thumbnail_px) if first
+                picture = (views.thumbnail(thumbnail, self.settings.thumbnail_px) if thumbnail is not None
+                           else views.token_map(first.grid, first.token_indices, self.settings.thumbnail_px) if first
                            else views.token_map((1, 1), [], self.settings.thumbnail_px))
                 entries.append(Entry(concept, picture))
+            if skipped and not entries:
+                listed = ", ".join(f"'{name}'" for name in skipped)
+                raise InputError(f"You already have a concept named {listed}: every concept in this file is "
+                                 f"already yours, so nothing was added. Remove yours first to import the file's.")
             session.add(entries, self.settings.max_concepts_per_session, self.budget)
-            session.tell(f"Imported {len(entries)} concepts.")
-        log.info("import: %d concepts", len(entries))
+            added = f"Imported {len(entries)} concept{'s' * (len(entries) != 1)}."
+            session.tell(added if not skipped else f"{added} Skipped {len(skipped)} already yours.")
+        if skipped:
+            listed = ", ".join(f"“{html.escape(name, quote=False)}”" for name in skipped)
+            gr.Warning(f"Added {len(entries)} concept{'s' * (len(entries) != 1)}; skipped {listed}: you already "
+                       f"have a concept with that name (remove yours first to import the file's).")
+        log.info("import: %d concepts, %d skipped", len(entries), len(skipped))
         return session, self.records(session)

@@ -206,13 +206,30 @@ def test_export_import_round_trip_and_refusals(act, tmp_path):
     other = Session()
     _, records = act.import_concepts(other, path, progress=quiet)
     assert records == act.records(session)
-    assert other.entries[0].thumbnail.size == (SPACE.thumbnail_px, SPACE.thumbnail_px)
+    # The card keeps the photo's thumbnail (the file carries it), not the drawing of the kept tokens.
+    assert other.entries[0].thumbnail.tobytes() == session.entries[0].thumbnail.tobytes()
 
     garbage = tmp_path / "fake.safetensors"
     garbage.write_bytes(b"<script>alert(1)</script>" * 10)
     with pytest.raises(gr.Error, match="not an Ego concept file"):
         act.import_concepts(other, str(garbage), progress=quiet)
     assert len(other) == 1
+
+
+def test_import_adds_the_new_names_and_names_the_ones_it_skipped(act, engine, tmp_path):
+    from ego import save_concepts
+
+    made = [engine.introduce(name, [CHELSEA[0]], area_pct=10) for name in ("Chelsea", "Bo", "Tom")]
+    path = save_concepts(tmp_path / "three.safetensors", made)
+    session = Session()
+    act.introduce(session, "chelsea", gallery(CHELSEA[:1]), progress=quiet)
+    kept = session.concepts[0]
+    with pytest.warns(UserWarning, match="Added 2 concepts; skipped “Chelsea”"):
+        act.import_concepts(session, str(path), progress=quiet)
+    assert session.names == ["chelsea", "Bo", "Tom"] and session.concepts[0] is kept
+    with pytest.raises(gr.Error, match="already have a concept named 'Chelsea', 'Bo', 'Tom'"):
+        act.import_concepts(session, str(path), progress=quiet)
+    assert session.names == ["chelsea", "Bo", "Tom"]
 
 
 def test_the_bundled_examples_are_complete():
@@ -268,7 +285,7 @@ def test_every_panel_action_says_what_it_did_or_why_not_in_the_status_line(act, 
     act.clear_concepts(session)
     assert act.status(session) == "Removed all 1 of your concepts\\."
     act.import_concepts(session, exported, progress=quiet)
-    assert act.panel(session)[4] == "Imported 1 concepts\\."
+    assert act.panel(session)[4] == "Imported 1 concept\\."
     act.remove_concept(session, "Chelsea")
     assert act.status(session) == "Removed the concept\\."
 

@@ -1,4 +1,5 @@
-"""The Space in a real browser (Debian chromium driven by playwright): example, introduce, ask, screenshot.
+"""The Space in a real browser (Debian chromium driven by playwright): example, introduce, ask, screenshot;
+a reload that keeps the concepts; a second tab on a phone-sized screen.
 
 Needs Debian's /usr/bin/chromium (`apt-get install -y chromium`) and the `playwright` package, which is
 pointed at that browser and never downloads one of its own. Set EGO_SKIP_BROWSER=1 to skip this test on a
@@ -31,8 +32,11 @@ if os.environ.get("EGO_SKIP_BROWSER") == "1":
 
 @pytest.fixture(scope="module")
 def page(url):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)  # a busy machine: the model's steps can take more than the default 5 s
     with chromium_browser() as browser:
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()  # a second tab may join
         page.set_default_timeout(WAIT_MS)
         page.goto(url, wait_until="domcontentloaded")  # never "networkidle": Gradio keeps a stream open
         yield page
@@ -49,11 +53,13 @@ def test_introduce_ask_and_screenshot(page, tmp_path):
     expect(page.get_by_label("Name")).to_have_value("Chelsea")
     introduce.click()
     expect(page.get_by_text("memory tokens from 3 photos")).to_be_visible()
+    expect(page.get_by_text("“Chelsea” is introduced")).to_be_visible()   # a success message
+    expect(page.get_by_label("Name")).to_have_value("")                   # the form is cleared
     expect(page.locator("#patches img")).to_have_count(3)      # each photo with its kept tokens
     expect(page.locator("#cards").get_by_text("Chelsea ·")).to_be_visible()
 
     # Ask about an example photo; the answer streams in and names the concept used.
-    page.get_by_role("tab", name="Ask about an image").click()
+    page.get_by_role("tab", name="Ask: image").click()
     page.get_by_text("Is Chelsea in this photo? What is she doing?").first.click()
     page.get_by_role("button", name="Ask", exact=True).first.click()
     expect(page.locator("#image-answer textarea")).not_to_have_value("")
@@ -62,17 +68,19 @@ def test_introduce_ask_and_screenshot(page, tmp_path):
     expect(page.locator("#matches img")).to_have_count(1)      # one picture per concept
     expect(page.locator("#matches").get_by_text("Chelsea · similarity")).to_be_visible()
 
-    # A question without a photo, about the concept itself: the example clears the photo.
+    # A question without a photo, about the concept itself: the example clears the photo; Enter asks.
     page.get_by_role("button", name="What colour are Chelsea's eyes?").click()
     expect(page.locator("#image-photo img")).to_have_count(0)
-    page.get_by_role("button", name="Ask", exact=True).first.click()
+    page.locator("#image-answer textarea").evaluate("box => { box.value = ''; }")
+    page.locator("#image-question").locator("textarea, input").first.press("Enter")
     expect(page.locator("#matches img")).to_have_count(0)      # nothing to draw the memory on
     expect(page.locator("#image-answer textarea")).not_to_have_value("")
 
     page.get_by_role("tab", name="Introduce").click()
     expect(page.locator("#patches img").first).to_be_visible()
     screenshot = README_SCREENSHOT if os.environ.get("EGO_UPDATE_SCREENSHOT") == "1" else tmp_path / "shot.png"
-    picture = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
+    shot = page.screenshot(full_page=True, style=".toast-wrap { display: none !important; }")  # no messages
+    picture = Image.open(io.BytesIO(shot)).convert("RGB")
     picture.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(screenshot, optimize=True)
     assert screenshot.stat().st_size < 600_000
 
@@ -81,21 +89,28 @@ def test_visitor_text_is_shown_not_run(page):
     from playwright.sync_api import expect
 
     page.get_by_role("tab", name="Introduce").click()
-    page.get_by_label("Name").fill(HOSTILE_NAME)           # the example photos are still there
+    page.get_by_role("gridcell", name="Chelsea", exact=True).click()  # the example's photos ...
+    expect(page.get_by_label("Name")).to_have_value("Chelsea")
+    page.get_by_label("Name").fill(HOSTILE_NAME)                      # ... under another name
+    page.get_by_text("Advanced (reset after each concept)").click()
+    page.get_by_label("Keywords").fill("tabby, green eyes")
     page.get_by_role("button", name="Introduce", exact=True).click()
     expect(page.locator("#cards").get_by_text(HOSTILE_NAME[:12])).to_be_visible()
     expect(page.get_by_role("heading", name=HOSTILE_NAME)).to_be_visible()
+    expect(page.get_by_text("tabby, green eyes (yours)").first).to_be_visible()  # the keywords were used ...
+    expect(page.get_by_label("Keywords")).to_have_value("")                     # ... then reset
     assert page.evaluate("window.__xss") is None
     assert page.locator("img[src='x']").count() == 0
 
 
-def test_panel_actions_that_cannot_act_say_why_where_the_visitor_looks(url):
+def test_panel_actions_that_cannot_act_say_why_where_the_visitor_looks(page, url):
     """Remove, Export and Clear skip the queue, and the browser shows no error of such an event: each says why
     in the panel's status line, and a refused export leaves no error badge behind."""
     from playwright.sync_api import expect
 
-    with chromium_browser() as browser:
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    stranger = page.context.browser.new_context(viewport={"width": 1280, "height": 1000})  # no token: no concepts
+    try:
+        page = stranger.new_page()
         page.set_default_timeout(WAIT_MS)
         page.goto(url, wait_until="domcontentloaded")
         status = page.locator("#panel-status")
@@ -104,5 +119,48 @@ def test_panel_actions_that_cannot_act_say_why_where_the_visitor_looks(url):
         page.get_by_role("button", name="Export to a file").click()
         expect(status).to_contain_text("There are no concepts to export yet; introduce or import one first.")
         page.get_by_role("button", name="Clear all").click()
+        page.get_by_role("button", name="Yes, remove all my concepts").click()
         expect(status).to_contain_text("There are no concepts to clear.")
         expect(page.get_by_label("Your concept file")).to_be_hidden()
+    finally:
+        stranger.close()
+
+
+def test_a_reload_keeps_the_concepts_after_a_warning(page):
+    from playwright.sync_api import expect
+
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.type), dialog.accept()))
+    page.reload(wait_until="domcontentloaded")
+    assert dialogs == ["beforeunload"]            # concepts never exported: leaving the page asks first
+    expect(page.locator("#cards").get_by_text("Chelsea ·")).to_be_visible()
+    expect(page.get_by_text("2 of 50 concepts")).to_be_visible()
+
+    # Clear all asks first; keeping them changes nothing.
+    page.get_by_role("button", name="Clear all").click()
+    page.get_by_role("button", name="Keep them").click()
+    expect(page.get_by_role("button", name="Clear all")).to_be_visible()
+    expect(page.get_by_text("2 of 50 concepts")).to_be_visible()
+
+
+def test_a_second_tab_on_a_phone_has_the_concepts_and_every_tab_label(page):
+    from playwright.sync_api import expect
+
+    phone = page.context.new_page()                # same browser, so the same stored token
+    phone.set_viewport_size({"width": 390, "height": 844})
+    phone.set_default_timeout(WAIT_MS)
+    phone.goto(page.url, wait_until="domcontentloaded")
+    expect(phone.locator("#cards").get_by_text("Chelsea ·")).to_be_visible()
+    for label in ("Introduce", "Ask: image", "Ask: video"):
+        tab = phone.get_by_role("tab", name=label, exact=True)
+        expect(tab).to_be_visible()
+        box = tab.bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 390, label
+    # The answer box comes right under the Ask button, before the examples.
+    phone.get_by_role("tab", name="Ask: image").click()
+    ask = phone.get_by_role("button", name="Ask", exact=True).first.bounding_box()
+    answer = phone.locator("#image-answer").bounding_box()
+    examples = phone.get_by_text("Example questions").first.bounding_box()
+    assert ask["y"] < answer["y"] < examples["y"]
+    phone.close()
+

@@ -46,6 +46,43 @@ def test_the_api_is_exactly_the_named_endpoints(url):
     assert introduce == ["name", "photos", "keywords", "auto_size", "size_pct"]
 
 
+def _as_snippet_runs_it(value):
+    """An example argument of the "Use via API" page as its snippet sends it, run from the repository root
+    (`handle_file('examples/...')`)."""
+    if isinstance(value, dict) and value.get("meta", {}).get("_type") == "gradio.FileData":
+        assert not str(value["path"]).startswith(("http://", "https://")), "this app refuses links"
+        return handle_file(str(ROOT / value["path"]))
+    if isinstance(value, dict):
+        return {key: _as_snippet_runs_it(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_as_snippet_runs_it(item) for item in value]
+    return value
+
+
+def test_the_api_page_documents_each_endpoint_and_its_examples_run(url):
+    client = Client(url, verbose=False)
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for name, endpoint in api.items():
+        assert endpoint["description"] and not endpoint["description"].startswith(("Stream (", "(session")), name
+        assert all(not re.fullmatch(r"value_\d+", r["label"]) for r in endpoint["returns"]), name
+
+    photos = api["/introduce"]["parameters"][1]
+    assert photos["parameter_name"] == "photos" and not photos["parameter_has_default"]  # the page shows the example
+
+    def run(name):
+        return client.predict(*[_as_snippet_runs_it(p["example_input"]) for p in api[name]["parameters"]],
+                              api_name=name)
+
+    report, patches, _ = run("/introduce")
+    introduced = [p["example_input"] for p in api["/introduce"]["parameters"]][0]
+    assert introduced in report and len(patches) == 3
+    answer, _, details, _ = run("/ask_image")
+    assert details["concepts_used"] == [introduced]
+    frames, _, details = run("/ask_video")
+    assert len(frames) == SETTINGS.video_num_frames and details["concepts_used"] == [introduced]
+    assert run("/remove_concept") == []
+
+
 def test_one_visitor_round_trip(url, example, tmp_path):
     client = Client(url, verbose=False)
     assert client.predict(api_name="/list_concepts") == []

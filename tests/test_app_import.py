@@ -33,13 +33,12 @@ def test_import_app_is_fast_and_loads_nothing():
 
 def test_command_line_defaults_and_environment(monkeypatch):
     import app
-    from ego import DEFAULT_PRESET
 
     for name in ("EGO_MODEL", "EGO_QUANTIZATION", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT"):
         monkeypatch.delenv(name, raising=False)
     args = app.parse_args([])
     assert (args.model, args.quantization, args.host, args.port, args.share) == (
-        DEFAULT_PRESET, "auto", "127.0.0.1", 7860, False)
+        None, "auto", "127.0.0.1", 7860, False)  # no model named: the machine decides (below)
 
     monkeypatch.setenv("EGO_MODEL", "tiny-qwen2-vl")
     monkeypatch.setenv("EGO_QUANTIZATION", "none")
@@ -70,6 +69,29 @@ def test_main_launches_with_the_limits_and_loads_the_model_lazily(monkeypatch):
     assert not list((ROOT / "space").glob("*.pyi")), "building the demo wrote files next to the code"
 
 
+@pytest.mark.parametrize("cuda", [True, False])
+def test_with_no_model_named_the_app_serves_the_machine_default_and_says_so(monkeypatch, cuda):
+    import torch
+
+    import app
+    from ego import CPU_DEFAULT_PRESET, DEFAULT_PRESET, Ego
+
+    monkeypatch.delenv("EGO_MODEL", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    seen = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: seen.update(demo=self))
+    monkeypatch.setattr(Ego, "from_pretrained", classmethod(lambda cls, *a, **k: seen.update(args=a, kwargs=k)))
+    app.main([])
+    header = next(block.value for block in seen["demo"].blocks.values()
+                  if isinstance(block, gr.Markdown) and str(block.value).startswith("# Ego"))
+    expected = DEFAULT_PRESET if cuda else CPU_DEFAULT_PRESET
+    assert f"model: `{expected}`" in header
+    assert ("no GPU" in header) is (not cuda)
+    assert "loaded" not in seen and "args" not in seen      # still lazily loaded: nothing downloaded
+    # A named model is served as named, whatever the machine.
+    assert app.choose_model("tiny-qwen2-vl") == ("tiny-qwen2-vl", "")
+
+
 def test_the_app_cannot_be_built_with_settings_that_disagree_with_its_engine():
     from conftest import tiny_engine
 
@@ -81,3 +103,4 @@ def test_the_app_cannot_be_built_with_settings_that_disagree_with_its_engine():
         app.build_demo(engine, settings=DEFAULT_SETTINGS.replace(max_question_chars=10))
     with pytest.raises(TypeError, match="SpaceSettings"):
         app.build_demo(engine, DEFAULT_SETTINGS)  # the engine's settings where the Space's belong
+

@@ -281,7 +281,7 @@ def test_closing_the_tab_stops_the_answer(url, engine, probe):
         page = browser.new_page()
         page.set_default_timeout(30_000)
         page.goto(url, wait_until="domcontentloaded")  # never "networkidle": Gradio keeps a stream open
-        page.get_by_role("tab", name="Ask about an image").click()
+        page.get_by_role("tab", name="Ask: image").click()
         page.get_by_text("Is Chelsea in this photo? What is she doing?").first.click()
         expect(page.locator("#image-photo img")).to_be_visible()
         page.get_by_role("button", name="Ask", exact=True).first.click()

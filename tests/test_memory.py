@@ -75,6 +75,35 @@ def test_hostile_residuals_are_refused(tmp_path, family, change):
     assert str(raised.value).endswith(".")
 
 
+def test_thumbnails_round_trip_and_old_files_still_load(concepts, tmp_path):
+    from PIL import Image
+
+    engine = tiny_engine("qwen2-vl")
+    picture = Image.frombytes("RGB", (6, 4), bytes(range(72)))
+    path = save_concepts(tmp_path / "mine.ego", concepts, [picture, None])
+    assert [c.name for c in load_concepts(path, engine)] == ["Chelsea", "my mug"]
+    first, second = ego.read_thumbnails(path, 2)
+    assert first.size == (6, 4) and first.tobytes() == picture.tobytes() and second is None
+    # A file written without thumbnails (as before they existed) loads, with none.
+    plain = save_concepts(tmp_path / "plain.ego", concepts)
+    assert len(load_concepts(plain, engine)) == 2 and ego.read_thumbnails(plain, 2) == [None, None]
+    with pytest.raises(ValueError, match="one \\(or None\\) each"):
+        save_concepts(tmp_path / "x.ego", concepts, [picture])
+
+
+@pytest.mark.parametrize("thumbnail", [
+    torch.zeros(4, 4, 3, dtype=torch.float32),       # not bytes
+    torch.zeros(4, 4, dtype=torch.uint8),            # not RGB
+    torch.zeros(4, 4, 4, dtype=torch.uint8),         # four channels
+    torch.zeros(600, 4, 3, dtype=torch.uint8),       # larger than a thumbnail
+])
+def test_odd_thumbnails_are_ignored_not_drawn(concepts, tmp_path, thumbnail):
+    engine = tiny_engine("qwen2-vl")
+    path = _rewritten(save_concepts(tmp_path / "mine.ego", concepts), lambda t: t.update({"c0.thumbnail": thumbnail}))
+    assert len(load_concepts(path, engine)) == 2
+    assert ego.read_thumbnails(path, 2) == [None, None]
+
+
 def test_memory_from_another_family_is_refused(concepts, tmp_path):
     path = save_concepts(tmp_path / "mine.ego", concepts)
     with pytest.raises(IncompatibleMemoryError, match="introduce them again"):

@@ -62,3 +62,16 @@ def test_a_model_outside_the_presets_is_said_to_be_depth_scaled():
 
     assert "not calibrated" in layers_summary("someone/Some-VL-7B") and "depth-scaled, not calibrated" in UNCALIBRATED
     assert "not calibrated" in tiny_engine("qwen2-vl").layers_note
+
+
+@pytest.mark.parametrize("cuda, expected", [(True, "qwen2.5-vl-7b"), (False, "qwen2-vl-2b")])
+def test_the_default_model_follows_the_machine(monkeypatch, cuda, expected):
+    import torch
+
+    from ego.presets import default_preset
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert default_preset() == expected
+    preset = PRESETS[expected]
+    assert not preset.tiny and preset.model_id.startswith("Qwen/")  # a real checkpoint, never the tiny model
+

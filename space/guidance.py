@@ -1,0 +1,55 @@
+"""Small cheap handlers that tell the visitor where they stand: after Introduce, before an answer, after
+Stop, before an example question that needs the example concepts. None of them runs the model."""
+
+from __future__ import annotations
+
+import html
+
+import gradio as gr
+
+from .session import Session, name_key
+
+THINKING = "Thinking… (the first words can take a few seconds; Stop ends the answer)"
+"""Shown in an answer box from the moment Ask is pressed until the first word arrives."""
+STOPPED = " (stopped)"
+
+
+def after_introduce(session: Session, name):
+    """A success message, and the form cleared with its Advanced options back at their defaults (the next
+    concept starts from scratch: keywords and a manual size belong to one concept).
+
+    Returns (name, photos, keywords, auto_size, size_pct)."""
+    count = len(session)
+    shown = html.escape(" ".join(str(name or "").split()), quote=False)  # gr.Info renders HTML
+    gr.Info(f"“{shown}” is introduced: ask about it on the Ask tabs.")
+    if count == 1:
+        gr.Info("Your concepts stay on this server for a while (a reload brings them back); "
+                "use Export to a file under Your concepts to keep them.")
+    return "", None, "", True, 25
+
+
+def thinking():
+    return THINKING
+
+
+def mark_stopped(answer) -> str:
+    """The answer box after Stop: what had streamed, marked as cut short."""
+    text = "" if answer is None or str(answer) == THINKING else str(answer)
+    return text if text.endswith(STOPPED.strip()) else (text + STOPPED).strip()
+
+
+def example_concepts_hint(example_names: list[str], example_questions: list[str]):
+    """A handler (session, question) that warns when an example question names example concepts the
+    visitor has not loaded: without them the model answers as if it had never seen them."""
+    known_questions = {" ".join(q.split()).casefold() for q in example_questions}
+
+    def hint(session: Session, question) -> None:
+        text = " ".join(str(question or "").split()).casefold()
+        if text not in known_questions:
+            return
+        missing = [n for n in example_names if name_key(n) in text and not session.has(n)]
+        if missing:
+            gr.Warning("This example question is about the example concepts, which you have not loaded: "
+                       "press “Load the example concepts” on the Introduce tab first, then ask again.")
+
+    return hint

@@ -1,0 +1,57 @@
+"""What the page does in the browser itself: styles, and the few scripts no Python handler can run.
+
+No engine, no torch: app.py imports this at the top.
+"""
+
+from __future__ import annotations
+
+CSS = """
+#report td, #report th { overflow-wrap: normal; word-break: normal; }
+#report td:nth-child(-n+2), #report th:nth-child(-n+2) { white-space: nowrap; }
+#report td:last-child { overflow-wrap: anywhere; }
+#report table { width: 100%; table-layout: auto; }
+:is(button, input, textarea, select, [role="tab"], a):focus-visible {
+    outline: 3px solid #2563eb !important; outline-offset: 2px;
+}
+@media (max-width: 640px) {
+    #report table { font-size: 0.85em; }
+    #report td, #report th { padding: 4px 6px; }
+}
+"""
+"""Gradio breaks Markdown table cells anywhere: the report's two number columns must not wrap, its keyword
+column wraps inside the page (a phone too). Every control shows a clear ring when reached by keyboard."""
+
+ON_LOAD_JS = """
+() => {
+    window.egoUnsaved = false;
+    window.addEventListener("beforeunload", (event) => {
+        if (window.egoUnsaved) { event.preventDefault(); event.returnValue = ""; }
+    });
+    const describe = () => {
+        for (const img of document.querySelectorAll(".gallery img:not([alt]), table img:not([alt]), "
+                                                    + "button img:not([alt]), img[alt='']")) {
+            const file = decodeURIComponent((img.getAttribute("src") || "").split("/").pop() || "");
+            const name = file.replace(/\\.[a-z0-9]+$/i, "").replace(/[-_]+/g, " ").trim();
+            img.setAttribute("alt", name ? "Example: " + name : "Example picture");
+        }
+    };
+    describe();
+    new MutationObserver(describe).observe(document.body, { childList: true, subtree: true });
+}
+"""
+"""Runs once per page load: the warning before leaving a page whose concepts were never exported (the
+server still holds them for a reload, but not forever), and alt text for example thumbnails (Gradio draws
+them without), named after the example file."""
+
+TRACK_CONCEPTS_JS = """
+(summary) => { window.egoUnsaved = !!summary && !String(summary).startsWith("No concepts"); }
+"""
+"""After the concept panel changes: concepts that were not exported since make leaving the page ask first."""
+
+EXPORTED_JS = "() => { window.egoUnsaved = false; }"
+
+
+def scroll_to_js(elem_id: str) -> str:
+    """Bring a result into view when its button is pressed (on a phone it sits below the inputs)."""
+    return (f"(...args) => {{ document.getElementById({elem_id!r})?.scrollIntoView("
+            f"{{behavior: 'smooth', block: 'nearest'}}); return args; }}")

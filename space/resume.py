@@ -1,0 +1,69 @@
+"""A reload, or a second tab of the same browser, gets the visitor's concepts back.
+
+The browser keeps one random token (`gr.BrowserState`, in its local storage); the server keeps, for each
+token, the `Session` it names. On page load the tab presents its token: while the server still holds that
+session, the tab's `gr.State` takes it over; otherwise the tab keeps its new, empty session under a new
+token. The token is 256 random bits, sent in a request body (never in an address) and never logged; the
+memories themselves never leave the server this way.
+
+Expiry is unchanged: the registry holds weak references only, so a session lives exactly as long as some
+tab's `gr.State` holds it (`SpaceSettings.session_ttl_s` after that tab's last action, or Gradio dropping it
+beyond `max_sessions`). A session shared by several tabs is emptied only when the last of them lets go.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import weakref
+
+from . import session as visitor_session
+from .session import Session
+
+TOKEN_BYTES = 32
+"""256 random bits: a token cannot be guessed, so one visitor cannot take over another's concepts."""
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+class Sessions:
+    """token -> the `Session` it names, held weakly, with how many tabs hold each one."""
+
+    def __init__(self):
+        self._by_token: weakref.WeakValueDictionary[str, Session] = weakref.WeakValueDictionary()
+        self._holders: weakref.WeakKeyDictionary[Session, int] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._by_token)
+
+    def resume(self, session: Session, token) -> tuple[Session, str]:
+        """On page load: (the session this tab should use, the token the browser should keep).
+
+        `session` is the tab's fresh one; `token` what the browser kept (None, "" or stale on a first visit).
+        """
+        with self._lock:
+            known = self._by_token.get(token) if isinstance(token, str) and token else None
+            if known is not None and known is not session:
+                self._holders[known] = self._holders.get(known, 0) + 1
+                return known, token
+            if known is session:
+                return session, token
+            token = new_token()
+            self._by_token[token] = session
+            self._holders[session] = self._holders.get(session, 0) + 1
+            return session, token
+
+    def release(self, session) -> None:
+        """`gr.State(delete_callback=...)`: one tab let go of `session`; the last one empties it."""
+        with self._lock:
+            holders = self._holders.get(session, 0) if isinstance(session, Session) else 0
+            if holders > 1:
+                self._holders[session] = holders - 1
+                return
+            self._holders.pop(session, None)
+            for token in [t for t, s in self._by_token.items() if s is session]:
+                del self._by_token[token]
+        visitor_session.forget(session)

@@ -1,0 +1,77 @@
+"""space/resume.py: a reload or a second tab takes over the session its browser's token names."""
+
+from __future__ import annotations
+
+import gc
+
+from space.resume import Sessions
+from space.session import Session
+
+
+class Concept:
+    """What a Session entry needs here: a name (the registry never looks inside a concept)."""
+
+    def __init__(self, name):
+        self.name = name
+
+
+def holding(*names) -> Session:
+    session = Session()
+    session._entries = [type("Entry", (), {"concept": Concept(name), "nbytes": 0})() for name in names]
+    return session
+
+
+def test_a_first_visit_gets_a_new_unguessable_token():
+    sessions = Sessions()
+    fresh = Session()
+    kept, token = sessions.resume(fresh, None)
+    assert kept is fresh and isinstance(token, str) and len(token) >= 43   # 256 bits, base64
+    other, second = sessions.resume(Session(), "")
+    assert second != token and other is not fresh
+
+
+def test_a_reload_and_a_second_tab_get_the_same_concepts():
+    sessions = Sessions()
+    first = holding("Chelsea")
+    _, token = sessions.resume(first, None)
+    reloaded, same = sessions.resume(Session(), token)
+    assert reloaded is first and same == token and reloaded.names == ["Chelsea"]
+
+
+def test_a_stale_or_forged_token_gets_an_empty_session_and_a_new_token():
+    sessions = Sessions()
+    _, token = sessions.resume(holding("Chelsea"), None)
+    fresh = Session()
+    kept, new = sessions.resume(fresh, token[:-1] + ("A" if token[-1] != "A" else "B"))
+    assert kept is fresh and len(kept) == 0 and new != token
+
+
+def test_the_last_tab_to_let_go_empties_the_session_and_its_token_is_forgotten():
+    sessions = Sessions()
+    first = holding("Chelsea")
+    _, token = sessions.resume(first, None)
+    sessions.resume(Session(), token)                  # a second tab
+    sessions.release(first)                           # the first tab's state expires
+    assert first.names == ["Chelsea"]                 # the second tab still has them
+    assert sessions.resume(Session(), token)[0] is first
+    sessions.release(first)
+    sessions.release(first)                           # the last holder
+    assert len(first) == 0
+    fresh = Session()
+    assert sessions.resume(fresh, token)[0] is fresh  # nothing comes back once it was freed
+
+
+def test_a_session_gradio_drops_without_a_callback_is_not_kept_alive():
+    sessions = Sessions()
+    token = sessions.resume(holding("Chelsea"), None)[1]  # nothing else holds it: like an evicted state
+    gc.collect()
+    assert len(sessions) == 0
+    fresh = Session()
+    assert sessions.resume(fresh, token)[0] is fresh
+
+
+def test_release_of_a_session_never_registered_still_frees_it():
+    sessions = Sessions()
+    client = holding("Chelsea")                       # a gradio_client visitor: no page load, no token
+    sessions.release(client)
+    assert len(client) == 0
