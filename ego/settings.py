@@ -96,7 +96,7 @@ class Settings:
 
     @classmethod
     def paper(cls, **changes) -> Settings:
-        """The paper's protocol where it is known (README, "Paper protocol"): one 448x448 tile per query image
+        """The paper's protocol where it is known (docs/method.md, "Paper protocol"): one 448x448 tile per query image
         on InternVL3 (the same pixel budget on Qwen, where the paper is silent), bf16 weights without
         quantization, a 50-token description, punctuation-only keywords, the model's original system
         prompt, and a memory prompt that asks nothing."""

@@ -183,11 +183,11 @@ def test_a_visitors_memory_is_freed_after_its_time_to_live(example, monkeypatch)
         assert client.predict(api_name="/list_concepts") == []
 
 
-def test_the_readme_http_example_runs_with_curl(url):
-    """The README's curl example, as written, against the Space; then a second session_hash, which sees
+def test_the_http_api_curl_example_runs(url):
+    """docs/http-api.md's curl example, as written, against the Space; then a second session_hash, which sees
     none of the first one's concepts, and a refused call, which ends in an error event with its sentence."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("Without Python's client"):]
+    doc = (ROOT / "docs" / "http-api.md").read_text(encoding="utf-8")
+    section = doc[doc.index("Without Python's client"):]
     script = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     assert "URL=http://127.0.0.1:7860/gradio_api" in script
     script = script.replace("URL=http://127.0.0.1:7860/gradio_api", f"URL={url}gradio_api")

@@ -1,5 +1,5 @@
-"""The README says what the code does: its Python example runs as written (on the tiny model instead of
-the 7B download), and its settings table is `ego.Settings`."""
+"""The README and docs/ say what the code does: their Python examples run as written (on the tiny model instead
+of the 7B download), their settings tables are `ego.Settings` and `SpaceSettings`, and their links lead somewhere."""
 
 import dataclasses
 import math
@@ -9,17 +9,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_readme_python_example_runs(monkeypatch, tmp_path, capsys):
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## Python API"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def _run_python_example(text: str, tmp_path, monkeypatch) -> None:
+    """Run the first ```python block of `text` on the tiny Qwen2.5-VL, from the repository root."""
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     assert 'Ego.from_pretrained("qwen2.5-vl-7b")' in code
     code = code.replace('Ego.from_pretrained("qwen2.5-vl-7b")', 'Ego.from_pretrained("tiny-qwen2.5-vl")')
     code = code.replace('"my-concepts.ego"', repr(str(tmp_path / "my-concepts.ego")))
     monkeypatch.chdir(ROOT)
-    exec(compile(code, "README.md", "exec"), {})
+    exec(compile(code, "example", "exec"), {})
+
+
+def test_the_python_api_example_runs(monkeypatch, tmp_path, capsys):
+    _run_python_example((ROOT / "docs" / "python-api.md").read_text(encoding="utf-8"), tmp_path, monkeypatch)
     printed = capsys.readouterr().out
     assert "Chelsea" in printed and (tmp_path / "my-concepts.ego").exists()
+
+
+def test_the_readme_tour_example_runs(monkeypatch, tmp_path, capsys):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    _run_python_example(readme[readme.index("## A short tour"):], tmp_path, monkeypatch)
+    assert capsys.readouterr().out.strip()   # the answer, printed
+
+
+def test_every_relative_link_of_the_docs_leads_to_a_file():
+    for doc in [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text(encoding="utf-8")):
+            assert (doc.parent / target).exists(), f"{doc.name} links to {target}, which is not there"
 
 
 def _table(section: str) -> dict:
@@ -42,14 +57,14 @@ def _defaults(cls) -> dict:
 
 
 def test_the_settings_tables_list_every_setting_with_its_default():
-    """The docs mirror `ego.Settings` and `space.settings.SpaceSettings`: each field in its own table, with its
-    default value, and no field in both."""
+    """docs/privacy-and-limits.md mirrors `ego.Settings` and `space.settings.SpaceSettings`: each field in its own
+    table, with its default value, and no field in both."""
     from ego.settings import Settings
     from space.settings import SpaceSettings
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    engine = readme[readme.index("### Engine settings"):readme.index("### Space settings")]
-    space = readme[readme.index("### Space settings"):readme.index("## Limits and privacy")]
+    doc = (ROOT / "docs" / "privacy-and-limits.md").read_text(encoding="utf-8")
+    engine = doc[doc.index("### Engine settings"):doc.index("### Space settings")]
+    space = doc[doc.index("### Space settings"):]
     assert _table(engine) == _defaults(Settings)
     assert _table(space) == _defaults(SpaceSettings)
     assert not {f.name for f in dataclasses.fields(Settings)} & {f.name for f in dataclasses.fields(SpaceSettings)}
