@@ -6,6 +6,7 @@ import contextlib
 import ipaddress
 import os
 import socket
+import threading
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,6 +68,18 @@ def spy_on_generate(monkeypatch, engine) -> list[dict]:
     monkeypatch.setattr(engine.model, "generate", spy)
     return calls
 
+
+
+def model_is_free(engine, *, within_s: float) -> bool:
+    """Whether another caller gets the model (`engine.exclusive_use`) within `within_s` seconds."""
+    entered = threading.Event()
+
+    def use():
+        with engine.exclusive_use():
+            entered.set()
+
+    threading.Thread(target=use, daemon=True).start()
+    return entered.wait(within_s)
 
 
 def generate_call(engine, question: str, concepts=(), *, image=None) -> dict:
@@ -189,13 +202,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+_SPACE_ENGINES: dict = {}
+
+
+def space_engine(settings):
+    """The engine `running_demo(settings)` serves: the tiny Qwen2.5-VL with these settings, one per settings, so
+    that a test can watch or patch the very engine its Space uses."""
+    if settings not in _SPACE_ENGINES:
+        _SPACE_ENGINES[settings] = tiny_engine("qwen2.5-vl").with_settings(settings)
+    return _SPACE_ENGINES[settings]
+
+
 @contextlib.contextmanager
 def running_demo(settings, space_settings=None, *, show_error: bool = False):
     """The Space on a tiny Qwen2.5-VL with the engine `settings` (an `ego.Settings`) and the Space's
     `space_settings`, launched on loopback with the production launch options."""
     import app
 
-    demo = app.build_demo(tiny_engine("qwen2.5-vl").with_settings(settings), space_settings)
+    demo = app.build_demo(space_engine(settings), space_settings)
     demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
                 show_error=show_error, **app.launch_options(settings, space_settings))
     try:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import eager_model, photo, reference_inputs, spy_on_generate, tiny_engine
+from conftest import eager_model, model_is_free, photo, reference_inputs, spy_on_generate, tiny_engine
 
 from ego import Concept, IncompatibleMemoryError, InputError
 from ego.engine import _extend, keyword_positions
@@ -218,8 +218,7 @@ def test_closing_a_stream_stops_generation_and_frees_the_model():
     stream = engine.stream_answer("Describe this photo.", image=photo(8), max_new_tokens=200)
     next(stream)
     stream.close()
-    assert engine._lock.acquire(timeout=2), "the model lock was not released"
-    engine._lock.release()
+    assert model_is_free(engine, within_s=2), "the model was not released"
     import threading
 
     assert not any(t.name == "ego-generate" and t.is_alive() for t in threading.enumerate())

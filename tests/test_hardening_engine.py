@@ -21,7 +21,7 @@ from conftest import (
     EXAMPLE_QUERY,
     chromium_browser,
     introduce_through_api as introduce,
-    tiny_engine,
+    space_engine,
     visitor,
 )
 from gradio_client import Client, handle_file
@@ -117,7 +117,7 @@ class CountingLock:
 
 @pytest.fixture
 def engine():
-    return tiny_engine("qwen2.5-vl")
+    return space_engine(SETTINGS)   # the engine the module's Space serves
 
 
 @pytest.fixture

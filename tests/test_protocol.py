@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import bigram_engine, generate_call, photo, tiny_engine
 
 from ego import DEFAULT_SETTINGS, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_paper_protocol_holds_the_papers_known_choices():
@@ -46,10 +50,15 @@ def test_the_original_system_prompt_opens_internvl_prompts_under_the_paper_proto
     original = engine.backend.original_system_prompt
     assert original.startswith("你是书生·万象")
     paper = engine.with_settings(system_prompt="original")
-    assert paper._chat_text([{"type": "text", "text": "hi"}]).startswith(f"<|im_start|>system\n{original}<|im_end|>")
-    assert original not in engine._chat_text([{"type": "text", "text": "hi"}])
+    assert _prompt(paper).startswith(f"<|im_start|>system\n{original}<|im_end|>")
+    assert original not in _prompt(engine)
     qwen = tiny_engine("qwen2.5-vl")  # its template's own system prompt is the original's
-    assert qwen.with_settings(system_prompt="original")._chat_text([]) == qwen._chat_text([])
+    assert _prompt(qwen.with_settings(system_prompt="original")) == _prompt(qwen)
+
+
+def _prompt(engine) -> str:
+    """The text of the prompt `engine.answer` gives the model for a plain question."""
+    return engine.backend.tokenizer.decode(generate_call(engine, "hi")["input_ids"][0])
 
 
 def test_the_neutral_memory_prompt_asks_nothing():
@@ -76,11 +85,21 @@ def test_paper_keywords_keep_every_word_and_drop_only_punctuation():
     assert paper.keywords == ("the", "mop")
 
 
-def test_the_commands_take_the_paper_protocol():
+def test_the_commands_take_the_paper_protocol(monkeypatch):
     import app
-    from ego.calibrate import _parser
+    from ego import Ego
+    from ego.calibrate import main
 
     assert app.parse_args(["--protocol", "paper"]).protocol == "paper"
     assert app.parse_args([]).protocol == "ours"
-    args = _parser().parse_args(["--model", "m", "--images", "i", "--masks", "k", "--protocol", "paper"])
-    assert args.protocol == "paper"
+    loaded = {}
+
+    def record(cls, model, **kwargs):
+        loaded.update(kwargs)
+        raise SystemExit(0)   # the settings are all this test needs; no model is loaded
+
+    monkeypatch.setattr(Ego, "from_pretrained", classmethod(record))
+    folder = str(ROOT / "examples" / "calibration")
+    with pytest.raises(SystemExit):
+        main(["--model", "m", "--images", f"{folder}/images", "--masks", f"{folder}/masks", "--protocol", "paper"])
+    assert loaded["settings"] == Settings.paper()
