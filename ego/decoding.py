@@ -71,7 +71,7 @@ def allow_compiled_decoding(model) -> bool:
 class Decoder:
     """The one place that decides how the engine's `model.generate` calls decode (`Ego.decoding`)."""
 
-    def __init__(self, model, mode: str, *, max_cache_tokens: int):
+    def __init__(self, model, mode: str, *, max_cache_tokens: int, backend: str = "inductor"):
         self.model = model
         self.device = model.get_input_embeddings().weight.device
         wanted = resolve_mode(mode, self.device)
@@ -89,7 +89,9 @@ class Decoder:
             from transformers import CompileConfig
 
             cuda = self.device.type == "cuda"
-            self.compile_config = CompileConfig(fullgraph=False, mode="reduce-overhead" if cuda else "default")
+            # CUDA graphs ("reduce-overhead") are inductor's, on CUDA only.
+            mode = ("reduce-overhead" if cuda else "default") if backend == "inductor" else None
+            self.compile_config = CompileConfig(fullgraph=False, backend=backend, mode=mode)
             self.compile_config._compile_all_devices = True  # transformers compiles only on accelerators otherwise
             self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ego-decode",
                                                                    initializer=self._remember_thread)

@@ -186,7 +186,8 @@ class Ego:
         self.layers = tuple(sorted({int(layer) for layer in layers}))
         self.layers_note = layers_note
         self._lock = threading.Lock()  # one model call at a time; concurrent callers wait
-        self.decoder = Decoder(model, settings.decoding, max_cache_tokens=settings.static_cache_max_tokens)
+        self.decoder = Decoder(model, settings.decoding, max_cache_tokens=settings.static_cache_max_tokens,
+                               backend=settings.compile_backend)
 
     # ------------------------------------------------------------------------------------------
     # Loading

@@ -51,6 +51,10 @@ class Settings:
     """Capacity of the static KV cache of compiled decoding, in tokens (prompt + generated): sized once, so that
     prompt lengths and token budgets never recompile the decode step; a longer generation decodes eagerly.
     About 57 KiB per token for Qwen2.5-VL-7B (470 MiB in all)."""
+    compile_backend: str = "inductor"
+    """`torch.compile` backend of compiled decoding: "inductor" generates kernels for the decode step (with CUDA
+    graphs on CUDA); "aot_eager" traces the same graph and runs it with PyTorch's own kernels: seconds to compile
+    instead of minutes on a CPU, which is what the tests use."""
 
     # --- questions ------------------------------------------------------------------------------
     query_image_max_pixels: int = 1024 * 28 * 28
