@@ -98,6 +98,13 @@ class Decoder:
             self._generate = model.generate
             model.generate = self.generate   # this model object's generate: every call site goes through it
 
+    def close(self) -> None:
+        """Give the model its own `generate` back and end the decode thread (before another `Decoder` takes over)."""
+        if self.compiled and self.model.__dict__.get("generate") == self.generate:
+            del self.model.generate
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
     @property
     def compiled(self) -> bool:
         return self.mode == "compiled"

@@ -265,27 +265,41 @@ class Ego:
         return {"do_sample": False, "suppress_tokens": self.backend.unspeakable_token_ids,
                 **self.decoder.generate_kwargs}
 
+    def set_decoding(self, mode: str) -> None:
+        """Decode from now on in `mode` ("auto", "eager" or "compiled"), on the same loaded model (the benchmark
+        measures both side by side); a compiled step is compiled again at the next call or `warm_up`."""
+        with self.exclusive_use():
+            settings = self.settings.replace(decoding=mode)   # checks the mode
+            self.decoder.close()
+            self.decoder = Decoder(self.model, mode, max_cache_tokens=settings.static_cache_max_tokens,
+                                   backend=settings.compile_backend)
+            self.settings = settings
+
     @property
     def needs_warm_up(self) -> bool:
         """Whether the first generation would compile the decode step (`warm_up` does it ahead)."""
         return self.decoder.compiled and self.decoder.warm_up_s is None
 
     def warm_up(self) -> float:
-        """Compile the decode step now rather than on a visitor's first question: a 3-token answer about a photo
-        and the size question of an introduction (a continuation on a filled cache, whose positions reach
-        the step in another shape). Seconds taken."""
+        """Compile the decode step now rather than on a visitor's first question: 3-token answers about a photo and
+        about a clip, and the size question of an introduction (a continuation on a filled cache). Their decode
+        steps reach the model with different keyword arguments (positions in another shape, a clip's grid), each
+        a graph of its own. Seconds taken."""
+        import numpy as np
         from PIL import Image
 
         started = time.perf_counter()
         picture = Image.new("RGB", (64, 64), (120, 90, 60))
+        clip = load_video(np.full((2, 64, 64, 3), 90, dtype=np.uint8), self.settings)
         with self.exclusive_use(), torch.no_grad():
-            encoded = self.backend.encode(
-                self._chat_text([{"type": "image"}, {"type": "text", "text": "Hello."}]), image=picture,
-                image_max_pixels=self.settings.query_image_max_pixels,
-                video_frame_max_pixels=self.settings.video_frame_max_pixels)
-            self.model.generate(input_ids=encoded.inputs["input_ids"].to(self.device),
-                                **self.backend.generate_kwargs(encoded), **self.decoding,
-                                max_new_tokens=3, min_new_tokens=3)
+            for block, media in (({"type": "image"}, {"image": picture}), ({"type": "video"}, {"video": clip})):
+                encoded = self.backend.encode(
+                    self._chat_text([block, {"type": "text", "text": "Hello."}]), **media,
+                    image_max_pixels=self.settings.query_image_max_pixels,
+                    video_frame_max_pixels=self.settings.video_frame_max_pixels)
+                self.model.generate(input_ids=encoded.inputs["input_ids"].to(self.device),
+                                    **self.backend.generate_kwargs(encoded), **self.decoding,
+                                    max_new_tokens=3, min_new_tokens=3)
             self.describe(self.encode_reference(picture), self.layers, user_keywords=["colour"], size_new_tokens=3)
         return self.decoder.record_warm_up(started)
 
