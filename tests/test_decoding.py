@@ -24,10 +24,36 @@ COMPILED = Settings(decoding="compiled", compile_backend="aot_eager")
 
 
 @pytest.fixture(scope="module")
-def compiled():
-    engine = Ego.tiny("qwen2.5-vl", settings=COMPILED)
-    engine.warm_up()
-    return engine
+def compiled_in_the_space():
+    """The compiled engine, compiled the way the Space does it: on first use, with a message for the visitor."""
+    from space.loading import LazyEngine
+
+    engine, messages = Ego.tiny("qwen2.5-vl", settings=COMPILED), []
+    assert engine.needs_warm_up
+    assert LazyEngine(engine).get(lambda fraction, desc: messages.append(desc)) is engine
+    return engine, messages
+
+
+@pytest.fixture(scope="module")
+def compiled(compiled_in_the_space):
+    return compiled_in_the_space[0]
+
+
+def test_the_space_compiles_on_first_use_and_says_so(compiled_in_the_space):
+    from space.loading import WARM_UP_MESSAGE, LazyEngine
+
+    engine, messages = compiled_in_the_space
+    assert messages == [WARM_UP_MESSAGE]
+    assert not engine.needs_warm_up and engine.decoder.warm_up_s > 0
+    later = []
+    LazyEngine(engine).get(lambda fraction, desc: later.append(desc))
+    assert later == []                                    # compiled once
+
+
+def _text_inputs(engine) -> dict:
+    """A text-only question as the engine would encode it (the processor's tensors)."""
+    text = engine.backend.chat_text([{"type": "text", "text": "Say hello."}])
+    return engine.backend.encode(text, image_max_pixels=448 * 448, video_frame_max_pixels=448 * 448).inputs
 
 
 def _greedy(model, engine, inputs, new_tokens):
@@ -162,10 +188,9 @@ def test_every_compiled_generation_runs_on_the_decode_thread(compiled):
             threads.append(threading.current_thread().name)
             return False
 
-    ids = compiled.backend.tokenizer("hello there", return_tensors="pt").input_ids
     with torch.no_grad():
-        compiled.model.generate(input_ids=ids, max_new_tokens=3, stopping_criteria=StoppingCriteriaList([Record()]),
-                                **compiled.decoding)
+        compiled.model.generate(**_text_inputs(compiled), max_new_tokens=3,
+                                stopping_criteria=StoppingCriteriaList([Record()]), **compiled.decoding)
     assert threads and all(name.startswith("ego-decode") for name in threads)
     assert threading.current_thread().name not in threads
 
@@ -182,12 +207,12 @@ def test_streaming_and_stop_work_with_compiled_decoding(compiled):
 
 
 def test_a_generation_longer_than_the_static_cache_decodes_eagerly(compiled, monkeypatch):
-    ids = compiled.backend.tokenizer("hello there", return_tensors="pt").input_ids
+    inputs = _text_inputs(compiled)
     with torch.no_grad():
-        fitting = compiled.model.generate(input_ids=ids, max_new_tokens=6, return_dict_in_generate=True,
+        fitting = compiled.model.generate(**inputs, max_new_tokens=6, return_dict_in_generate=True,
                                           **compiled.decoding)
-        monkeypatch.setattr(compiled.decoder, "max_cache_tokens", ids.shape[1] + 5)
-        longer = compiled.model.generate(input_ids=ids, max_new_tokens=6, return_dict_in_generate=True,
+        monkeypatch.setattr(compiled.decoder, "max_cache_tokens", inputs["input_ids"].shape[1] + 5)
+        longer = compiled.model.generate(**inputs, max_new_tokens=6, return_dict_in_generate=True,
                                          **compiled.decoding)
     assert isinstance(fitting.past_key_values, StaticCache)
     assert not isinstance(longer.past_key_values, StaticCache)
