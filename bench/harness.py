@@ -185,11 +185,12 @@ def main(argv=None) -> int:
     load_at_start = _load_average()
     modes = decoding_modes(args)
     engine, model_meta = load_engine(args, modes[0])
-    runs = {}
+    runs, traces = {}, {}
     for mode in modes:  # the last one is the primary run: compiled when both are measured
         if engine.decoder.mode != mode:
             engine.set_decoding(mode)
         compile_meta = warm_up(engine, _log)
+        traces[mode] = greedy_trace(engine, args.sizes)
         runs[mode] = run(engine, args.sizes, log=_log)
         runs[mode]["meta"]["decoding"] = engine.decoder.mode
         runs[mode]["meta"]["compile"] = finish_compile_meta(compile_meta)
@@ -200,6 +201,8 @@ def main(argv=None) -> int:
         results["decoding_runs"] = {mode: {k: doc[k] for k in ("introduce", "scenarios")} | {
             "meta": {k: doc["meta"][k] for k in ("decoding", "compile")}} for mode, doc in runs.items()}
         results["decoding_comparison"] = compare_decoding(runs)
+        results["decoding_equality"] = compare_traces(traces["eager"], traces["compiled"])
+        _log("compiled vs eager: " + json.dumps(results["decoding_equality"]))
     results["targets"] = targets(results)
     write_outputs(results, out)
     _log(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'latency.png'}")
@@ -251,6 +254,45 @@ def finish_compile_meta(meta: dict) -> dict:
             "recompiles_at_warm_up": warm["recompiles"] - before["recompiles"],
             "graphs_during_run": end["graphs"] - warm["graphs"],
             "recompiles_during_run": end["recompiles"] - warm["recompiles"]}
+
+
+EQUALITY_TOKENS = 16
+"""Greedy tokens compared between eager and compiled decoding (forced, stop tokens suppressed)."""
+LOGIT_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5}
+"""Largest |compiled - eager| logit accepted while the tokens agree: float32 differs only by the order of
+operations; bf16 (and NF4's bf16 compute) rounds each fused kernel's result differently, on logits of order 10."""
+
+
+def greedy_trace(engine, sizes: Sizes) -> dict:
+    """The first EQUALITY_TOKENS greedy tokens of a question about the query photo, and their logits."""
+    query = photo(1000, sizes.query_size)
+    encoded = engine.backend.encode(
+        engine.backend.chat_text([{"type": "image"}, {"type": "text", "text": QUESTION}]), image=query,
+        image_max_pixels=engine.settings.query_image_max_pixels,
+        video_frame_max_pixels=engine.settings.video_frame_max_pixels)
+    inputs = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in encoded.inputs.items()}
+    decoding = dict(engine.decoding)
+    decoding["suppress_tokens"] = sorted(set(decoding["suppress_tokens"]) | set(engine.backend.stop_token_ids))
+    with torch.no_grad(), engine.exclusive_use():
+        out = engine.model.generate(**inputs, max_new_tokens=EQUALITY_TOKENS, min_new_tokens=EQUALITY_TOKENS,
+                                    output_logits=True, return_dict_in_generate=True, **decoding)
+    return {"tokens": out.sequences[0, inputs["input_ids"].shape[1]:].tolist(),
+            "logits": torch.stack(out.logits)[:, 0].float().cpu(),          # [tokens, vocab]
+            "dtype": str(engine.memory_dtype).replace("torch.", "")}
+
+
+def compare_traces(eager: dict, compiled: dict) -> dict:
+    """Whether compiled decoding gives eager's greedy tokens, and how far its logits are from eager's while
+    the tokens agree (after a different token the two continue different texts)."""
+    same = [a == b for a, b in zip(eager["tokens"], compiled["tokens"])]
+    agree = same.index(False) if False in same else len(same)
+    compared = max(1, agree)  # the first token's logits come from the same prompt in both
+    difference = (eager["logits"][:compared] - compiled["logits"][:compared]).abs().max().item()
+    tolerance = LOGIT_TOLERANCE.get(eager["dtype"], 0.5)
+    return {"tokens": len(same), "tokens_equal": agree == len(same), "first_different_token": None if agree == len(
+        same) else agree, "max_abs_logit_difference": difference, "logits_compared": compared,
+        "max_abs_logit": eager["logits"][:compared].abs().max().item(), "tolerance": tolerance,
+        "within_tolerance": difference <= tolerance}
 
 
 def compare_decoding(runs: dict) -> dict:
@@ -1028,7 +1070,14 @@ def markdown(results: dict) -> str:
         "",
     ]
     if "decoding_comparison" in results:
+        equal = results["decoding_equality"]
+        agreement = ("all equal" if equal["tokens_equal"] else
+                     f"first difference at token {equal['first_different_token']}")
         lines += ["## Decoding: eager and compiled, the same model in one run", "",
+                  f"Greedy tokens of a question about the query photo: {equal['tokens']} compared, {agreement}"
+                  f"; largest logit difference over the first {equal['logits_compared']} "
+                  f"{equal['max_abs_logit_difference']:.2e} (logits up to {equal['max_abs_logit']:.1f}; tolerance "
+                  f"{equal['tolerance']}: {'within' if equal['within_tolerance'] else 'OUTSIDE'}).", "",
                   "| scenario | eager (s) | compiled (s) | speed-up | first token eager / compiled (s) "
                   "| decode eager / compiled (ms/token) | decode speed-up |", "|---|---:|---:|---:|---|---|---:|"]
         for name, row in results["decoding_comparison"].items():

@@ -112,6 +112,9 @@ def test_eager_and_compiled_decoding_are_measured_side_by_side(quick):
     # The same work in both modes: the same contexts and forced lengths.
     for name in SCENARIOS:
         assert runs["eager"]["scenarios"][name]["context_tokens"] == results["scenarios"][name]["context_tokens"]
+    equality = results["decoding_equality"]    # float32 on a CPU: the same greedy tokens, the same logits
+    assert equality["tokens_equal"] and equality["tokens"] == 16 and equality["logits_compared"] == 16
+    assert equality["within_tolerance"] and equality["max_abs_logit_difference"] <= 1e-3
     table = (out / "results.md").read_text()
     assert "## Decoding: eager and compiled" in table and "- decoding: compiled (aot_eager" in table
 
