@@ -399,7 +399,7 @@ class Ego:
                                    first_row=start, end_row=start + len(description_ids), call_start=0)
         with capturing(capture), torch.no_grad():
             prefix = self.model(input_ids=sequence[:, :-1], **_extend(generate_kwargs, length - 1),
-                                past_key_values=cache, use_cache=True)
+                                past_key_values=cache, use_cache=True, logits_to_keep=1)  # no [L, vocab] logits
         size_kwargs = _extend(generate_kwargs, length)
         size_kwargs.pop("mm_encoder_outputs", None)  # the image is in the cache: its rows would be scattered twice
         with torch.no_grad():
