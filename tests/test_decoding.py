@@ -127,12 +127,20 @@ def test_auto_is_compiled_on_cuda_and_eager_elsewhere():
     assert not eager.needs_warm_up and eager.decoder.cache(10) is None
 
 
-def test_bitsandbytes_4bit_quantizer_is_flagged_compileable_for_this_model_only():
-    first = Ego.tiny("qwen2-vl", quantization="4bit", device="cpu").model
-    second = Ego.tiny("qwen2-vl", quantization="4bit", device="cpu").model
-    assert not first.hf_quantizer.is_compileable          # transformers' own answer for bitsandbytes 4-bit
-    assert allow_compiled_decoding(first) and first.hf_quantizer.is_compileable
-    assert not second.hf_quantizer.is_compileable         # the class itself is left alone
+def test_bitsandbytes_4bit_compiles_for_this_model_only_and_gives_the_eager_tokens():
+    eager = Ego.tiny("qwen2-vl", quantization="4bit", device="cpu")
+    assert not eager.model.hf_quantizer.is_compileable    # transformers' own answer for bitsandbytes 4-bit
+    fast = Ego.tiny("qwen2-vl", quantization="4bit", device="cpu", settings=COMPILED)
+    assert fast.decoder.mode == "compiled" and fast.model.hf_quantizer.is_compileable
+    assert not eager.model.hf_quantizer.is_compileable    # the class itself is left alone
+    assert allow_compiled_decoding(eager.model) and eager.model.hf_quantizer.is_compileable
+    inputs = _text_inputs(fast)
+    with torch.no_grad():
+        expected = eager.model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, **eager.decoding)
+        out = fast.model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, return_dict_in_generate=True,
+                                  **fast.decoding)
+    assert out.sequences.tolist() == expected.tolist()    # through the 4-bit layers, compiled
+    assert isinstance(out.past_key_values, StaticCache) and hasattr(fast.model, "_compiled_call")
     eight = Ego.tiny("qwen2-vl", quantization="8bit", device="cpu", settings=COMPILED)
     assert eight.decoder.mode == "eager"                  # not compileable: decoded eagerly
 
