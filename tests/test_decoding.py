@@ -225,3 +225,15 @@ def test_a_generation_longer_than_the_static_cache_decodes_eagerly(compiled, mon
     assert isinstance(fitting.past_key_values, StaticCache)
     assert not isinstance(longer.past_key_values, StaticCache)
     assert longer.sequences.tolist() == fitting.sequences.tolist()
+
+
+def test_a_compile_failure_leaves_the_space_answering_eagerly(caplog):
+    from space.loading import LazyEngine
+
+    engine = Ego.tiny("qwen2-vl", settings=Settings(decoding="compiled", compile_backend="no-such-backend"))
+    assert engine.needs_warm_up
+    assert LazyEngine(engine).get() is engine
+    assert "compiling the decode step failed" in caplog.text
+    assert engine.decoder.mode == "eager" and not engine.needs_warm_up and "compile_config" not in engine.decoding
+    plain = tiny_engine("qwen2-vl")
+    assert engine.answer("Say hello.", max_new_tokens=4) == plain.answer("Say hello.", max_new_tokens=4)
