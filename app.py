@@ -339,6 +339,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--protocol", choices=["ours", "paper"], default=os.environ.get("EGO_PROTOCOL", "ours"),
                         help="paper: the paper's choices (Settings.paper(): one 448x448 query tile, bf16, 50-token "
                              "description, punctuation-only keywords); ours: the defaults (env EGO_PROTOCOL)")
+    parser.add_argument("--decoding", choices=["auto", "eager", "compiled"],
+                        default=os.environ.get("EGO_DECODING", "auto"),
+                        help="auto: compiled on a GPU (compiled once at the first request), eager on a CPU "
+                             "(env EGO_DECODING)")
     return parser.parse_args(argv)
 
 
@@ -364,7 +368,7 @@ def main(argv=None) -> None:
     model, model_note = choose_model(args.model)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    settings = Settings.paper() if args.protocol == "paper" else DEFAULT_SETTINGS
+    settings = (Settings.paper() if args.protocol == "paper" else DEFAULT_SETTINGS).replace(decoding=args.decoding)
     quantization = None if args.quantization == "none" else args.quantization
     factory = functools.partial(Ego.from_pretrained, model, quantization=quantization)
     demo = build_demo(factory, settings=settings, model_name=model, model_note=model_note)

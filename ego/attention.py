@@ -4,11 +4,14 @@ A real model must never materialise every layer's full L x L attention (28 layer
 Instead the text layers run under a registered attention function, `ego_capture`: it delegates to
 PyTorch SDPA for the actual output, and only for the layers in `L`, while a capture is active, it also
 computes softmax(q k^T * scaling) for the query rows of the description and keeps their columns at
-the reference image's visual tokens. It runs during generation (one query row per step), so the
-description's attention comes for free, without a second forward pass.
+the reference image's visual tokens.
 
 The function is registered with both `AttentionInterface` and `AttentionMaskInterface`: for a name the
 mask interface does not know, transformers builds no mask at all.
+
+Capture happens in eager forwards only: an introduction generates its description like any answer, then
+records the rows in one forward over the prompt and the description (the same numbers, by causality), so
+that decoding can be compiled; inside a compiled graph the function is plain SDPA.
 
 The active capture is held in a context variable: it belongs to the thread (or task) that opened it, so two
 engines capturing in two threads at once each record only their own model calls.
@@ -37,6 +40,10 @@ class AttentionCapture:
     first_row: int
     """Absolute query positions in [first_row, end_row) are recorded: the description's tokens."""
     end_row: int = 1 << 62
+    call_start: int | None = None
+    """Absolute position of every recorded call's first query row, for a forward over a whole sequence into a
+    cache of fixed capacity (a static cache: its key length is its capacity, not the sequence's); None: the
+    keys of a call end at its last query row (a dynamic cache, or none)."""
     rows: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
     """layer -> absolute query position -> attention probabilities over the visual tokens [H, N_r]."""
 
@@ -67,7 +74,8 @@ def capturing(capture: AttentionCapture):
 
 def _record(capture: AttentionCapture, layer: int, query, key, attention_mask, scaling) -> None:
     q_len, k_len = query.shape[2], key.shape[2]
-    start = k_len - q_len  # absolute position of this call's first query row (batch of one, cache before it)
+    # Absolute position of this call's first query row (batch of one, cache before it).
+    start = k_len - q_len if capture.call_start is None else capture.call_start
     lo, hi = max(capture.first_row - start, 0), min(capture.end_row - start, q_len)
     if lo >= hi:
         return
@@ -92,6 +100,8 @@ def _record(capture: AttentionCapture, layer: int, query, key, attention_mask, s
 
 def capture_attention_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """SDPA, plus a record of the captured rows when this layer is in the active capture."""
+    if torch.compiler.is_compiling():  # a compiled decode step: never a capture (see ego.decoding)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     capture = _active.get()
     layer = getattr(module, "layer_idx", None)
     if capture is not None and layer in capture.layers:

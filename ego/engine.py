@@ -6,8 +6,8 @@ This module reads top to bottom like section 3 of the paper (arXiv 2603.09771):
        (1) encode it with the model's own vision tower + projector: X_R, [N_r, D];
        (2) ask the model to describe the subject (greedy); its content words are the keywords (Eq. 1);
        (3) read the attention the keyword tokens pay to the N_r visual tokens at the layers L,
-           captured while the description is generated (Eq. 2), and average it over layers, heads and
-           keywords: the importance I_j of each visual token (Eq. 3);
+           recorded in one forward over the prompt and the description once it is generated (Eq. 2), and
+           average it over layers, heads and keywords: the importance I_j of each visual token (Eq. 3);
        (4) ask, in the same conversation, what share of the image the subject covers: alpha_c;
        (5) K_c = max(1, round(min(K, alpha_c * N_r / 100))) (Eq. 4);
        (6) keep the top-K_c tokens, back in raster order; the memory is those rows of X_R (and, for a
@@ -46,6 +46,7 @@ from . import checks, prompts
 from .attention import ATTENTION_NAME, AttentionCapture, capturing
 from .backends import Backend, backend_for_model_type
 from .backends.base import Encoded
+from .decoding import Decoder
 from .errors import IncompatibleMemoryError, InputError, ModelBusyError
 from .media import load_image, load_video
 from .memory import Concept, ConceptView
@@ -186,6 +187,8 @@ class Ego:
         self.layers = tuple(sorted({int(layer) for layer in layers}))
         self.layers_note = layers_note
         self._lock = threading.Lock()  # one model call at a time; concurrent callers wait
+        self.decoder = Decoder(model, settings.decoding, max_cache_tokens=settings.static_cache_max_tokens,
+                               backend=settings.compile_backend)
 
     # ------------------------------------------------------------------------------------------
     # Loading
@@ -255,9 +258,15 @@ class Ego:
     def with_settings(self, settings: Settings | None = None, /, **changes) -> Ego:
         """The same loaded model (nothing is loaded again, and it still runs one call at a time) with other
         settings: `settings` in place of this engine's, then `changes` to single fields, e.g.
-        `engine.with_settings(k_cap_tokens=30)` or `engine.with_settings(Settings.paper())`."""
+        `engine.with_settings(k_cap_tokens=30)` or `engine.with_settings(Settings.paper())`. It shares this
+        engine's decoder (and its compiled step) unless the decoding settings differ."""
         other = copy.copy(self)
         other.settings = (settings or self.settings).replace(**changes)
+        decoding = ("decoding", "static_cache_max_tokens", "compile_backend")
+        if any(getattr(other.settings, name) != getattr(self.settings, name) for name in decoding):
+            other.decoder = Decoder(self.model, other.settings.decoding,
+                                    max_cache_tokens=other.settings.static_cache_max_tokens,
+                                    backend=other.settings.compile_backend)
         return other
 
     @classmethod
@@ -268,8 +277,48 @@ class Ego:
     @property
     def decoding(self) -> dict:
         """Greedy decoding (the paper: a deterministic description beats sampled ones), never emitting a
-        visual placeholder token."""
-        return {"do_sample": False, "suppress_tokens": self.backend.unspeakable_token_ids}
+        visual placeholder token; compiled decode steps when `decoder.mode` is "compiled" (`ego.decoding`).
+        Every generate call of the engine takes these keyword arguments."""
+        return {"do_sample": False, "suppress_tokens": self.backend.unspeakable_token_ids,
+                **self.decoder.generate_kwargs}
+
+    def set_decoding(self, mode: str) -> None:
+        """Decode from now on in `mode` ("auto", "eager" or "compiled"), on the same loaded model (the benchmark
+        measures both side by side); a compiled step is compiled again at the next call or `warm_up`."""
+        with self.exclusive_use():
+            settings = self.settings.replace(decoding=mode)   # checks the mode
+            self.decoder.close()
+            self.decoder = Decoder(self.model, mode, max_cache_tokens=settings.static_cache_max_tokens,
+                                   backend=settings.compile_backend)
+            self.settings = settings
+
+    @property
+    def needs_warm_up(self) -> bool:
+        """Whether the first generation would compile the decode step (`warm_up` does it ahead)."""
+        return self.decoder.compiled and self.decoder.warm_up_s is None
+
+    def warm_up(self) -> float:
+        """Compile the decode step now rather than on a visitor's first question: 3-token answers about a photo and
+        about a clip, and the size question of an introduction (a continuation on a filled cache). Their decode
+        steps reach the model with different keyword arguments (positions in another shape, a clip's grid), each
+        a graph of its own. Seconds taken."""
+        import numpy as np
+        from PIL import Image
+
+        started = time.perf_counter()
+        picture = Image.new("RGB", (64, 64), (120, 90, 60))
+        clip = load_video(np.full((2, 64, 64, 3), 90, dtype=np.uint8), self.settings)
+        with self.exclusive_use(), torch.no_grad():
+            for block, media in (({"type": "image"}, {"image": picture}), ({"type": "video"}, {"video": clip})):
+                encoded = self.backend.encode(
+                    self._chat_text([block, {"type": "text", "text": "Hello."}]), **media,
+                    image_max_pixels=self.settings.query_image_max_pixels,
+                    video_frame_max_pixels=self.settings.video_frame_max_pixels)
+                self.model.generate(input_ids=encoded.inputs["input_ids"].to(self.device),
+                                    **self.backend.generate_kwargs(encoded), **self.decoding,
+                                    max_new_tokens=3, min_new_tokens=3)
+            self.describe(self.encode_reference(picture), self.layers, user_keywords=["colour"], size_new_tokens=3)
+        return self.decoder.record_warm_up(started)
 
     @property
     def num_layers(self) -> int:
@@ -331,45 +380,51 @@ class Ego:
     def describe(self, reference: Reference, layers, *, user_keywords=None, size_new_tokens: int,
                  timings: dict | None = None) -> Description:
         """(2) and (4): the self-description (or the user's keywords) with the attention rows of its tokens
-        recorded at `layers`, then the size question in the same conversation."""
+        recorded at `layers`, then the size question in the same conversation.
+
+        The description is generated like any answer (compiled decoding where it is on); then ONE eager forward
+        over prompt + description + the size question's turn (all but its last token) records the description
+        tokens' rows: by causality they are the numbers generation would have seen, and no capture runs
+        inside a compiled decode step. The size question is answered on that forward's cache."""
         timings = {} if timings is None else timings
         clock, tokenizer = _Stopwatch(), self.backend.tokenizer
         prompt_ids = reference.encoded.inputs["input_ids"].to(self.device)  # [1, L0]
         start = prompt_ids.shape[1]
         generate_kwargs = self.backend.generate_kwargs(reference.encoded)
-        capture = AttentionCapture(layers=frozenset(layers),
-                                   columns=reference.encoded.visual_columns.to(self.device),  # no copy per step
-                                   first_row=start)
 
-        # (2) Eq. 1: the self-description, greedy; attention rows are recorded as it is generated.
-        cache = None
-        with capturing(capture), torch.no_grad():
+        # (2) Eq. 1: the self-description, greedy.
+        with torch.no_grad():
             if user_keywords is None:
                 out = self.model.generate(
                     input_ids=prompt_ids, **generate_kwargs, **self.decoding,
                     max_new_tokens=self.settings.description_max_new_tokens, min_new_tokens=2,
-                    return_dict_in_generate=True,
                 )
-                description_ids = _strip_stop(out.sequences[0, start:].tolist(), self.backend.stop_token_ids)
-                cache = out.past_key_values
+                description_ids = _strip_stop(out[0, start:].tolist(), self.backend.stop_token_ids)
             else:
                 description_ids = tokenizer(", ".join(user_keywords), add_special_tokens=False).input_ids
-            capture.end_row = start + len(description_ids)
-            timings["description_s"] = clock.lap()
+        timings["description_s"] = clock.lap()
 
-            # (4) alpha_c, asked in the same conversation so the image and description stay cached. The
-            # forward over the new tokens also records the last description token's attention row,
-            # which generation never fed back to the model.
-            follow = tokenizer(self.backend.continue_turn(prompts.SIZE_PROMPT), add_special_tokens=False).input_ids
-            sequence = torch.tensor([prompt_ids[0].tolist() + description_ids + follow], device=self.device)
-            size_kwargs = _extend(generate_kwargs, sequence.shape[1])
-            if cache is not None:  # the image is already in the cache: encoder outputs would be scattered twice
-                size_kwargs.pop("mm_encoder_outputs", None)
+        # (3)'s input and (4): the conversation so far, the size question asked in it. One forward over all but
+        # its last token records the description's rows [start, start + len) at `layers` and fills the cache;
+        # generate feeds the last token and answers.
+        follow = tokenizer(self.backend.continue_turn(prompts.SIZE_PROMPT), add_special_tokens=False).input_ids
+        sequence = torch.tensor([prompt_ids[0].tolist() + description_ids + follow], device=self.device)  # [1, L]
+        length = sequence.shape[1]
+        cache = self.decoder.cache(length + size_new_tokens)  # the static cache, or None: a dynamic one
+        capture = AttentionCapture(layers=frozenset(layers),
+                                   columns=reference.encoded.visual_columns.to(self.device),
+                                   first_row=start, end_row=start + len(description_ids), call_start=0)
+        with capturing(capture), torch.no_grad():
+            prefix = self.model(input_ids=sequence[:, :-1], **_extend(generate_kwargs, length - 1),
+                                past_key_values=cache, use_cache=True, logits_to_keep=1)  # no [L, vocab] logits
+        size_kwargs = _extend(generate_kwargs, length)
+        size_kwargs.pop("mm_encoder_outputs", None)  # the image is in the cache: its rows would be scattered twice
+        with torch.no_grad():
             size_out = self.model.generate(
-                input_ids=sequence, **size_kwargs, past_key_values=cache, **self.decoding,
+                input_ids=sequence, **size_kwargs, past_key_values=prefix.past_key_values, **self.decoding,
                 max_new_tokens=size_new_tokens,
             )
-        size_ids = size_out[0, sequence.shape[1]:].tolist()
+        size_ids = size_out[0, length:].tolist()
         size_answer = tokenizer.decode(size_ids, skip_special_tokens=True).strip()
         size_cut = len(size_ids) >= size_new_tokens and size_ids[-1] not in self.backend.stop_token_ids
         timings["size_s"] = clock.lap()

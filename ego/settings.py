@@ -51,6 +51,18 @@ class Settings:
     memory_size_rule: str = "area"
     """How many tokens a reference image keeps: "area" (Eq. 4, from the subject's share of the image) or "fixed"
     (K for every image: Table 3's fixed in-context budget)."""
+    decoding: str = "auto"
+    """How answers and introductions decode (`ego.decoding`): "compiled" = eager prefill, then a compiled decode
+    step over a static KV cache (CUDA graphs on CUDA; compiled once, at the first call or `Ego.warm_up`);
+    "eager" = transformers' plain loop; "auto" = compiled on CUDA, eager elsewhere."""
+    static_cache_max_tokens: int = 8192
+    """Capacity of the static KV cache of compiled decoding, in tokens (prompt + generated): sized once, so that
+    prompt lengths and token budgets never recompile the decode step; a longer generation decodes eagerly.
+    About 57 KiB per token for Qwen2.5-VL-7B (470 MiB in all)."""
+    compile_backend: str = "inductor"
+    """`torch.compile` backend of compiled decoding: "inductor" generates kernels for the decode step (with CUDA
+    graphs on CUDA); "aot_eager" traces the same graph and runs it with PyTorch's own kernels: seconds to compile
+    instead of minutes on a CPU, which is what the tests use."""
 
     # --- questions ------------------------------------------------------------------------------
     query_image_max_pixels: int = 1024 * 28 * 28
@@ -90,6 +102,8 @@ class Settings:
             raise ValueError(f'memory_prompt must be "name" or "neutral"; got {self.memory_prompt!r}.')
         if self.system_prompt not in ("template", "original"):
             raise ValueError(f'system_prompt must be "template" or "original"; got {self.system_prompt!r}.')
+        if self.decoding not in ("auto", "eager", "compiled"):
+            raise ValueError(f'decoding must be "auto", "eager" or "compiled"; got {self.decoding!r}.')
         if self.model_quantization not in ("auto", "4bit", "8bit", None):
             raise ValueError(f'model_quantization must be "auto", "4bit", "8bit" or None; '
                              f'got {self.model_quantization!r}.')

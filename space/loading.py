@@ -12,6 +12,7 @@ from ego.settings import DEFAULT_SETTINGS, Settings
 log = logging.getLogger("ego.space")
 
 LOADING_MESSAGE = "Loading the model; the first request after a restart takes a minute or two…"
+WARM_UP_MESSAGE = "Preparing fast answers: compiling the model's decoding, once after a restart (about a minute)…"
 
 
 class LazyEngine:
@@ -20,7 +21,8 @@ class LazyEngine:
     The engine's settings are known before it is loaded (the page shows its limits): those of the engine
     given, or those a factory is called with (`factory(settings=...)`), so the Space and its engine never
     disagree. Two first visitors do not load the model twice: the factory runs under a lock. A factory that
-    fails is tried again on the next request (the error reaches the visitor as a sentence).
+    fails is tried again on the next request (the error reaches the visitor as a sentence). An engine that
+    decodes compiled is compiled on first use too (`Ego.warm_up`), with its own message.
     """
 
     def __init__(self, source, *, settings: Settings | None = None, name: str | None = None):
@@ -44,8 +46,9 @@ class LazyEngine:
         return self._engine is not None
 
     def get(self, progress: Callable | None = None):
-        """The engine; loads it first if needed, telling the visitor through `progress`."""
-        if self._engine is not None:
+        """The engine; loads it (and compiles its decoding) first if needed, telling the visitor through
+        `progress`."""
+        if self._engine is not None and not getattr(self._engine, "needs_warm_up", False):
             return self._engine
         with self._lock:
             if self._engine is None:
@@ -58,4 +61,17 @@ class LazyEngine:
                 log.info("model %s loaded in %.1f s", getattr(engine, "model_id", "?"), time.perf_counter() - started)
                 self._engine = engine
                 self.name = self.name or getattr(engine, "model_id", None)
+            if getattr(self._engine, "needs_warm_up", False):
+                self._warm_up(progress)
         return self._engine
+
+    def _warm_up(self, progress: Callable | None) -> None:
+        """Compile the decode step; if compiling fails, the Space answers with eager decoding instead."""
+        if progress is not None:
+            progress(0, desc=WARM_UP_MESSAGE)
+        try:
+            log.info("decode step compiled in %.1f s", self._engine.warm_up())
+        except Exception as error:  # noqa: BLE001 - any compiler failure; eager decoding still answers
+            log.error("compiling the decode step failed (%s: %s); decoding eagerly", type(error).__name__, error)
+            self._engine.set_decoding("eager")
+            self.settings = self._engine.settings   # the same limits; decoding now eager

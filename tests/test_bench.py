@@ -13,7 +13,7 @@ import pytest
 SCENARIOS = {"plain", "ego_1", "ego_5", "ego_20", "refs_1", "refs_5", "refs_20", "video_plain", "video_ego_5"}
 SCENARIO_FIELDS = {"name", "medium", "method", "concepts", "context_tokens", "memory_tokens", "new_tokens",
                    "latency_s", "latency_runs_s", "ratio_to_plain", "context_ratio_to_plain", "peak_mem_gib", "plain",
-                   "fastest_s", "fastest_ratio_to_plain"}
+                   "fastest_s", "fastest_ratio_to_plain", "ttft_s", "decode_ms_per_token"}
 STAGES = {"encode_s", "description_s", "size_s", "scores_s", "selection_s"}
 
 
@@ -22,7 +22,9 @@ def quick(tmp_path_factory):
     from bench import main
 
     out = tmp_path_factory.mktemp("bench-out")
-    assert main(["--model", "tiny-qwen2.5-vl", "--quick", "--device", "cpu", "--profile", "--out", str(out)]) == 0
+    # Both decodings side by side, as on a GPU; "aot_eager" compiles the decode step in seconds on a CPU.
+    assert main(["--model", "tiny-qwen2.5-vl", "--quick", "--device", "cpu", "--profile", "--decoding", "both",
+                 "--compile-backend", "aot_eager", "--out", str(out)]) == 0
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -69,8 +71,39 @@ def test_every_scenario_has_every_field(quick):
         fastest_plain = min(scenarios[entry["plain"]]["latency_runs_s"])
         assert entry["fastest_ratio_to_plain"] == pytest.approx(entry["fastest_s"] / fastest_plain)
         assert entry["new_tokens"] == forced, f"{name}: generation length was not forced"
+        # The first token comes after the prompt is built and prefilled, before the call ends; the tokens after it
+        # take time each.
+        assert 0 < entry["ttft_s"] < entry["latency_s"] and entry["decode_ms_per_token"] > 0, name
+        assert entry["ttft_s"] + (forced - 1) * entry["decode_ms_per_token"] / 1000 <= entry["latency_s"] + 1e-3
     assert scenarios["plain"]["ratio_to_plain"] == 1.0 and scenarios["video_plain"]["ratio_to_plain"] == 1.0
     assert scenarios["video_ego_5"]["plain"] == "video_plain" and scenarios["ego_5"]["plain"] == "plain"
+
+
+def test_eager_and_compiled_decoding_are_measured_side_by_side(quick):
+    out, results = quick
+    assert results["meta"]["decoding"] == "compiled"       # the primary run
+    runs = results["decoding_runs"]
+    assert {mode: run["meta"]["decoding"] for mode, run in runs.items()} == {"eager": "eager", "compiled": "compiled"}
+    assert runs["compiled"]["scenarios"] == results["scenarios"]
+    compiled, eager = runs["compiled"]["meta"]["compile"], runs["eager"]["meta"]["compile"]
+    assert compiled["backend"] == "aot_eager" and compiled["warm_up_s"] > 0 and compiled["graphs_at_warm_up"] >= 1
+    assert compiled["recompiles_during_run"] == 0 and compiled["graphs_during_run"] == 0  # compiled once, at warm-up
+    assert eager["backend"] is None and eager["graphs_at_warm_up"] == 0
+    comparison = results["decoding_comparison"]
+    assert set(comparison) == SCENARIOS | {"introduce"}
+    for name in SCENARIOS:
+        row, a, b = comparison[name], runs["eager"]["scenarios"][name], runs["compiled"]["scenarios"][name]
+        assert row["decode_ms_per_token_eager"] == a["decode_ms_per_token"]
+        assert row["ttft_s_compiled"] == b["ttft_s"]
+        assert row["speedup_decode"] == pytest.approx(a["decode_ms_per_token"] / b["decode_ms_per_token"])
+    # The same work in both modes: the same contexts and forced lengths.
+    for name in SCENARIOS:
+        assert runs["eager"]["scenarios"][name]["context_tokens"] == results["scenarios"][name]["context_tokens"]
+    equality = results["decoding_equality"]    # float32 on a CPU: the same greedy tokens, the same logits
+    assert equality["tokens_equal"] and equality["tokens"] == 16 and equality["logits_compared"] == 16
+    assert equality["within_tolerance"] and equality["max_abs_logit_difference"] <= 1e-3
+    table = (out / "results.md").read_text()
+    assert "## Decoding: eager and compiled" in table and "- decoding: compiled (aot_eager" in table
 
 
 def test_context_grows_with_concepts_and_photos_cost_more_than_memories(quick):
@@ -101,6 +134,9 @@ def test_introduction_storage_meta_and_targets(quick):
     assert meta["command"].startswith("python -m bench --model tiny-qwen2.5-vl --quick")
     assert meta["memory_measure"].startswith("cpu_peak_rss")
     assert set(results["targets"]) == {
-        "introduce_s_per_concept", "latency_ratio_5_concepts", "latency_ratio_20_concepts",
-        "context_tokens_per_concept", "stored_mb_per_concept", "peak_gib_20_concepts"}
+        "decode_ms_per_token", "introduce_s_per_concept", "plain_answer_s", "latency_ratio_5_concepts",
+        "latency_ratio_20_concepts", "compile_warm_up_s", "context_tokens_per_concept", "stored_mb_per_concept",
+        "peak_gib_20_concepts"}
+    assert results["targets"]["decode_ms_per_token"]["measured"] == results["scenarios"]["plain"]["decode_ms_per_token"]
+    assert intro["description_decode_ms_per_token"] > 0
     assert all(isinstance(t["met"], bool) for t in results["targets"].values())

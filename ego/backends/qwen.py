@@ -123,6 +123,8 @@ class QwenBackend(Backend):
         """Pre-hook of the language model: on the prefill of a call inside `memory_residuals`, widen the
         visual positions (`visual_pos_masks`, bool [1, L]) by the memory slots and merge the memory's
         residuals into `deepstack_visual_embeds` (per level [n_visual, D], in position order)."""
+        if torch.compiler.is_compiling():
+            return None  # a compiled decoding step (one token): never a prefill, and no guard on `_memory`
         embeds = kwargs.get("inputs_embeds")
         if self._memory is None or embeds is None or embeds.shape[1] != self._memory[0].shape[1]:
             return None  # not a memory call, or a decoding step: the memory is in the cache already

@@ -1,0 +1,169 @@
+"""How `generate` decodes: eagerly, or with a compiled decode step over one static KV cache.
+
+Decoding a 7B model on a GPU is bound by the host, not the GPU: eager decoding launches about 1,260 kernels
+per generated token and the GPU waits between them (bench/RESULTS.md). Compiled decoding removes that wait:
+
+* the prefill stays eager (it carries the photo or clip, the memory rows, Qwen3-VL's residuals and the
+  M-RoPE inputs, whose shapes change with every prompt); transformers' `generate` already splits the two and
+  calls a `torch.compile`d model only for the decode steps (`CompileConfig`; `mode="reduce-overhead"` on
+  CUDA, which records CUDA graphs; inductor's default mode elsewhere, for tests on a CPU);
+* the decode steps need a cache of fixed shape: ONE `StaticCache` per batch size, sized once to
+  `Settings.static_cache_max_tokens` and reset before each call, so that neither the prompt length nor the
+  token budget recompiles the step, and CUDA graphs see the same cache addresses on every call (a new cache
+  per call would make them record again, and after enough of that fall back to eager);
+* every compiled `generate` runs on one thread of its own: CUDA-graph trees are kept per thread, and the
+  Space calls the model from a pool of threads (and streams from another);
+* a call whose prompt plus budget exceeds the ceiling, or that brings its own cache (a conversation's
+  follow-up), decodes on that cache instead: eagerly if it is a dynamic cache.
+
+The 4-bit default (bitsandbytes NF4): transformers 5.23 compiles the decode step only if the model's quantizer
+says it can be compiled, and its bitsandbytes 4-bit quantizer says no, although bitsandbytes' `Linear4bit`
+supports `torch.compile` and CUDA graphs since 0.46. This module flags that one quantizer instance as
+compileable (`allow_compiled_decoding`) rather than writing a decode loop of its own: `generate` then keeps
+doing everything else (logits processors, stop criteria, streaming, M-RoPE positions). Whether NF4, bf16 or
+torchao int4 is the fastest compiled path is measured by `bench/gpu_run.sh`.
+
+Attention capture (Eq. 3's input) never runs inside the compiled step: an introduction records the rows it
+needs in one eager forward after the description is generated (`Ego.describe`), and the capture function
+passes straight to SDPA while a graph is being traced (`ego.attention`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextvars
+import logging
+import threading
+import time
+
+import torch
+
+log = logging.getLogger("ego.decoding")
+
+DECODING_MODES = ("auto", "eager", "compiled")
+
+
+def resolve_mode(mode: str, device: torch.device) -> str:
+    """"eager" or "compiled": "auto" is compiled on CUDA, eager elsewhere."""
+    if mode not in DECODING_MODES:
+        raise ValueError(f"decoding must be one of {DECODING_MODES}; got {mode!r}.")
+    if mode == "auto":
+        return "compiled" if device.type == "cuda" else "eager"
+    return mode
+
+
+def allow_compiled_decoding(model) -> bool:
+    """Whether `generate` may compile this model's decode step; flags a bitsandbytes 4-bit quantizer as
+    compileable (only this model's quantizer object: its class is swapped for a subclass that says so)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or quantizer.is_compileable:
+        return True
+    if getattr(model, "is_loaded_in_4bit", False) and type(quantizer).__name__ == "Bnb4BitHfQuantizer":
+        base = type(quantizer)
+        quantizer.__class__ = type(f"Compileable{base.__name__}", (base,), {
+            "is_compileable": property(lambda self: True),
+            "__doc__": "bitsandbytes' Linear4bit supports torch.compile and CUDA graphs (bitsandbytes >= 0.46).",
+        })
+        return True
+    return False
+
+
+class Decoder:
+    """The one place that decides how the engine's `model.generate` calls decode (`Ego.decoding`)."""
+
+    def __init__(self, model, mode: str, *, max_cache_tokens: int, backend: str = "inductor"):
+        self.model = model
+        self.device = model.get_input_embeddings().weight.device
+        wanted = resolve_mode(mode, self.device)
+        if wanted == "compiled" and not allow_compiled_decoding(model):
+            log.warning("this model's quantization cannot be compiled; decoding eagerly")
+            wanted = "eager"
+        self.mode = wanted
+        self.max_cache_tokens = int(max_cache_tokens)
+        self.compile_config = None
+        self.warm_up_s: float | None = None
+        self._caches: dict[int, object] = {}   # batch size -> its StaticCache [layers x (K, V) of max_cache_tokens]
+        self._thread_id: int | None = None
+        self._executor = None
+        if self.mode == "compiled":
+            from transformers import CompileConfig
+
+            cuda = self.device.type == "cuda"
+            # CUDA graphs ("reduce-overhead") are inductor's, on CUDA only.
+            mode = ("reduce-overhead" if cuda else "default") if backend == "inductor" else None
+            self.compile_config = CompileConfig(fullgraph=False, backend=backend, mode=mode)
+            self.compile_config._compile_all_devices = True  # transformers compiles only on accelerators otherwise
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ego-decode",
+                                                                   initializer=self._remember_thread)
+            self._generate = model.generate
+            model.generate = self.generate   # this model object's generate: every call site goes through it
+
+    def close(self) -> None:
+        """Give the model its own `generate` back and end the decode thread (before another `Decoder` takes over)."""
+        if self.compiled and self.model.__dict__.get("generate") == self.generate:
+            del self.model.generate
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    @property
+    def compiled(self) -> bool:
+        return self.mode == "compiled"
+
+    @property
+    def generate_kwargs(self) -> dict:
+        """What `Ego.decoding` adds to every generate call."""
+        return {"compile_config": self.compile_config} if self.compiled else {}
+
+    def cache(self, length: int, batch_size: int = 1):
+        """The shared static cache of `batch_size`, emptied, if `length` tokens fit in it; None when decoding
+        eagerly or the sequence is longer than the ceiling (the caller then lets transformers make a cache)."""
+        if not self.compiled or length > self.max_cache_tokens:
+            return None
+        cache = self._caches.get(batch_size)
+        if cache is None:
+            from transformers import StaticCache
+
+            cache = self._caches[batch_size] = StaticCache(config=self.model.config.get_text_config(decoder=True),
+                                                           max_cache_len=self.max_cache_tokens)
+        cache.reset()
+        return cache
+
+    def generate(self, *args, **kwargs):
+        """`model.generate` on the decode thread, on the shared static cache unless the call brings a cache."""
+        if threading.get_ident() == self._thread_id:
+            return self._run(args, kwargs)
+        context = contextvars.copy_context()  # e.g. an attention capture opened by the caller
+        return self._executor.submit(context.run, self._run, args, kwargs).result()
+
+    def _remember_thread(self):
+        self._thread_id = threading.get_ident()
+
+    def _run(self, args, kwargs):
+        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
+            prompt = kwargs.get("input_ids", args[0] if args else None)
+            if prompt is None:
+                prompt = kwargs.get("inputs_embeds")
+            budget = kwargs.get("max_new_tokens")
+            if prompt is not None and budget is not None:
+                cache = self.cache(int(prompt.shape[1]) + int(budget), int(prompt.shape[0]))
+                if cache is None:
+                    log.info("a %d-token generation is longer than the static cache (%d): decoding it eagerly",
+                             int(prompt.shape[1]) + int(budget), self.max_cache_tokens)
+                else:
+                    kwargs = {**kwargs, "past_key_values": cache}
+        return self._generate(*args, **kwargs)
+
+    def record_warm_up(self, started: float) -> float:
+        self.warm_up_s = time.perf_counter() - started
+        return self.warm_up_s
+
+
+def compile_counts() -> dict:
+    """Graphs dynamo has compiled in this process, and how many of those compilations were recompilations (a
+    guard failed on a frame compiled before): the benchmark reports them to show the decode step compiles once."""
+    from torch._dynamo import convert_frame
+    from torch._dynamo.utils import counters
+
+    per_frame = getattr(convert_frame, "FRAME_COMPILE_COUNTER", {})
+    return {"graphs": int(counters["stats"]["unique_graphs"]), "frames_compiled": int(counters["frames"]["ok"]),
+            "recompiles": int(sum(max(0, count - 1) for count in per_frame.values()))}

@@ -1,0 +1,239 @@
+"""Decoding (ego.decoding): compiled and eager decoding give the same tokens; the introduction records its
+attention rows in one eager forward after the description, with the numbers generation would have seen.
+
+The compiled engine is built and warmed up once for the module, with the "aot_eager" backend: dynamo captures
+the decode step and AOTAutograd traces it exactly as for inductor, but no kernels are generated, so it compiles
+in seconds rather than the minutes inductor takes on two CPU cores (the graph, the guards, the static cache and
+the decode thread are the same).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import FAMILIES, eager_model, photo, reference_inputs, tiny_engine
+from transformers import StaticCache, StoppingCriteria, StoppingCriteriaList
+
+from ego import Ego, Settings, prompts
+from ego.decoding import allow_compiled_decoding, compile_counts, resolve_mode
+from ego.engine import _extend, keyword_positions, layer_importance
+
+COMPILED = Settings(decoding="compiled", compile_backend="aot_eager")
+
+
+@pytest.fixture(scope="module")
+def compiled_in_the_space():
+    """The compiled engine, compiled the way the Space does it: on first use, with a message for the visitor."""
+    from space.loading import LazyEngine
+
+    engine, messages = Ego.tiny("qwen2.5-vl", settings=COMPILED), []
+    assert engine.needs_warm_up
+    assert LazyEngine(engine).get(lambda fraction, desc: messages.append(desc)) is engine
+    return engine, messages
+
+
+@pytest.fixture(scope="module")
+def compiled(compiled_in_the_space):
+    return compiled_in_the_space[0]
+
+
+def test_the_space_compiles_on_first_use_and_says_so(compiled_in_the_space):
+    from space.loading import WARM_UP_MESSAGE, LazyEngine
+
+    engine, messages = compiled_in_the_space
+    assert messages == [WARM_UP_MESSAGE]
+    assert not engine.needs_warm_up and engine.decoder.warm_up_s > 0
+    later = []
+    LazyEngine(engine).get(lambda fraction, desc: later.append(desc))
+    assert later == []                                    # compiled once
+
+
+def _text_inputs(engine) -> dict:
+    """A text-only question as the engine would encode it (the processor's tensors)."""
+    text = engine.backend.chat_text([{"type": "text", "text": "Say hello."}])
+    return engine.backend.encode(text, image_max_pixels=448 * 448, video_frame_max_pixels=448 * 448).inputs
+
+
+def _greedy(model, engine, inputs, new_tokens):
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
+                             suppress_tokens=engine.backend.unspeakable_token_ids)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+# --------------------------------------------------------------------------------------------------
+# The introduction's rows, recorded after generation
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_description_rows_scores_and_kept_tokens_equal_eager_attention_over_the_conversation(family):
+    """The rows the engine records equal what a model with eager attention computes over the same conversation
+    (prompt, the greedy description, the size question), which is what capturing them during generation gave;
+    so do Eq. 3's scores and the kept tokens, and the size answer is the greedy continuation of it."""
+    engine, model = tiny_engine(family), eager_model(family)
+    picture, size_tokens = photo(5), 6
+    described = engine.describe(engine.encode_reference(picture), engine.layers, size_new_tokens=size_tokens)
+
+    inputs = reference_inputs(engine, picture)
+    start = inputs["input_ids"].shape[1]
+    stops = engine.backend.stop_token_ids
+    description = _greedy(model, engine, {**inputs}, engine.settings.description_max_new_tokens)
+    while description and description[-1] in stops:
+        description.pop()
+    assert described.ids == description and described.start == start
+    follow = engine.backend.tokenizer(engine.backend.continue_turn(prompts.SIZE_PROMPT),
+                                      add_special_tokens=False).input_ids
+    sequence = torch.tensor([inputs["input_ids"][0].tolist() + description + follow])
+    forward = {k: v for k, v in _extend(inputs, sequence.shape[1]).items() if k != "input_ids"}
+    with torch.no_grad():
+        attentions = model(input_ids=sequence, **forward, output_attentions=True).attentions
+    columns = (sequence[0] == model.config.image_token_id).nonzero().squeeze(1)
+    positions = range(start, start + len(description))
+
+    assert described.capture.recorded_positions() == set(positions)       # the description's rows, no others
+    for layer in engine.layers:
+        for position in positions:
+            torch.testing.assert_close(described.capture.rows[layer][position],
+                                       attentions[layer][0, :, position, columns], atol=1e-6, rtol=1e-5)
+
+    offsets, _ = keyword_positions(engine.backend.tokenizer, description, content_only=True)
+    rows = torch.tensor([start + i for i in offsets])
+    block = torch.stack([attentions[layer][0] for layer in engine.layers])[:, :, rows][:, :, :, columns]
+    expected = block.sum(dim=(0, 1, 2)) / (block.shape[0] * block.shape[1] * block.shape[2])   # Eq. 3: [N_r]
+    scores = layer_importance(described.capture, rows.tolist()).mean(dim=0)
+    torch.testing.assert_close(scores, expected, atol=2e-6, rtol=1e-5)
+    for k in (1, 10, 50):
+        assert sorted(torch.topk(scores, k).indices.tolist()) == sorted(torch.topk(expected, k).indices.tolist())
+
+    with torch.no_grad():
+        size = _greedy(model, engine, {"input_ids": sequence, **forward}, size_tokens)
+    assert described.size_answer == engine.backend.tokenizer.decode(size, skip_special_tokens=True).strip()
+
+
+# --------------------------------------------------------------------------------------------------
+# Modes and settings
+# --------------------------------------------------------------------------------------------------
+def test_auto_is_compiled_on_cuda_and_eager_elsewhere():
+    assert resolve_mode("auto", torch.device("cuda", 0)) == "compiled"
+    assert resolve_mode("auto", torch.device("cpu")) == "eager"
+    assert resolve_mode("compiled", torch.device("cpu")) == "compiled"
+    with pytest.raises(ValueError, match="decoding"):
+        resolve_mode("fast", torch.device("cpu"))
+    with pytest.raises(ValueError, match="decoding"):
+        Settings(decoding="fast")
+    eager = tiny_engine("qwen2-vl")
+    assert eager.decoder.mode == "eager" and "compile_config" not in eager.decoding
+    assert not eager.needs_warm_up and eager.decoder.cache(10) is None
+
+
+def test_bitsandbytes_4bit_compiles_for_this_model_only_and_gives_the_eager_tokens():
+    eager = Ego.tiny("qwen2-vl", quantization="4bit", device="cpu")
+    assert not eager.model.hf_quantizer.is_compileable    # transformers' own answer for bitsandbytes 4-bit
+    fast = Ego.tiny("qwen2-vl", quantization="4bit", device="cpu", settings=COMPILED)
+    assert fast.decoder.mode == "compiled" and fast.model.hf_quantizer.is_compileable
+    assert not eager.model.hf_quantizer.is_compileable    # the class itself is left alone
+    assert allow_compiled_decoding(eager.model) and eager.model.hf_quantizer.is_compileable
+    inputs = _text_inputs(fast)
+    with torch.no_grad():
+        expected = eager.model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, **eager.decoding)
+        out = fast.model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, return_dict_in_generate=True,
+                                  **fast.decoding)
+    assert out.sequences.tolist() == expected.tolist()    # through the 4-bit layers, compiled
+    assert isinstance(out.past_key_values, StaticCache) and hasattr(fast.model, "_compiled_call")
+    eight = Ego.tiny("qwen2-vl", quantization="8bit", device="cpu", settings=COMPILED)
+    assert eight.decoder.mode == "eager"                  # not compileable: decoded eagerly
+
+
+# --------------------------------------------------------------------------------------------------
+# Compiled decoding (one engine for the module)
+# --------------------------------------------------------------------------------------------------
+def test_compiled_and_eager_decoding_give_the_same_greedy_tokens(compiled):
+    eager = tiny_engine("qwen2.5-vl")
+    picture = photo(7)
+    text = compiled.backend.chat_text([{"type": "image"}, {"type": "text", "text": "What is in this photo?"}])
+    inputs = compiled.backend.encode(text, image=picture, image_max_pixels=448 * 448,
+                                     video_frame_max_pixels=448 * 448).inputs
+    with torch.no_grad():
+        out = compiled.model.generate(**inputs, max_new_tokens=16, min_new_tokens=16, **compiled.decoding,
+                                      return_dict_in_generate=True)
+        expected = eager.model.generate(**inputs, max_new_tokens=16, min_new_tokens=16, **eager.decoding)
+    assert out.sequences.tolist() == expected.tolist()
+    # It decoded on the shared static cache, through transformers' compiled call.
+    assert isinstance(out.past_key_values, StaticCache) and out.past_key_values is compiled.decoder._caches[1]
+    assert hasattr(compiled.model, "_compiled_call") and compiled.decoder.warm_up_s > 0
+    # And the engine's answers are the eager engine's, with and without concepts.
+    concept = eager.introduce("Chelsea", [photo(8)], keywords="cat", area_pct=10)
+    for concepts in ([], [concept]):
+        assert compiled.answer("Who is here?", concepts, image=picture, max_new_tokens=12) == \
+            eager.answer("Who is here?", concepts, image=picture, max_new_tokens=12)
+
+
+def test_compiled_introduction_equals_the_eager_one(compiled):
+    eager = tiny_engine("qwen2.5-vl")
+    fast, slow = (engine.introduce("Chelsea", [photo(9)]) for engine in (compiled, eager))
+    a, b = fast.views[0], slow.views[0]
+    assert (a.description, a.size_answer, a.k) == (b.description, b.size_answer, b.k)
+    assert a.token_indices.tolist() == b.token_indices.tolist()
+    torch.testing.assert_close(a.scores, b.scores, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fast.embeddings, slow.embeddings)
+
+
+def test_new_prompt_lengths_and_budgets_do_not_recompile(compiled):
+    before = compile_counts()
+    concept = compiled.introduce("mug", [photo(10, size=(200, 300))])
+    for size, budget in (((240, 160), 3), ((480, 320), 9)):
+        compiled.answer("What is here?", [concept], image=photo(11, size=size), max_new_tokens=budget)
+    compiled.answer("Say something.", max_new_tokens=5)
+    assert compile_counts() == before
+
+
+def test_every_compiled_generation_runs_on_the_decode_thread(compiled):
+    threads = []
+
+    class Record(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            threads.append(threading.current_thread().name)
+            return False
+
+    with torch.no_grad():
+        compiled.model.generate(**_text_inputs(compiled), max_new_tokens=3,
+                                stopping_criteria=StoppingCriteriaList([Record()]), **compiled.decoding)
+    assert threads and all(name.startswith("ego-decode") for name in threads)
+    assert threading.current_thread().name not in threads
+
+
+def test_streaming_and_stop_work_with_compiled_decoding(compiled):
+    picture = photo(12)
+    whole = compiled.answer("Describe this.", image=picture, max_new_tokens=12)
+    pieces = list(compiled.stream_answer("Describe this.", image=picture, max_new_tokens=12))
+    assert pieces[-1] == whole and len(pieces) > 2
+    stream = compiled.stream_answer("Describe this.", image=picture, max_new_tokens=200)
+    next(stream)
+    stream.close()    # Stop: the generation ends, the model is free again
+    assert compiled.answer("Describe this.", image=picture, max_new_tokens=12) == whole
+
+
+def test_a_generation_longer_than_the_static_cache_decodes_eagerly(compiled, monkeypatch):
+    inputs = _text_inputs(compiled)
+    with torch.no_grad():
+        fitting = compiled.model.generate(**inputs, max_new_tokens=6, return_dict_in_generate=True,
+                                          **compiled.decoding)
+        monkeypatch.setattr(compiled.decoder, "max_cache_tokens", inputs["input_ids"].shape[1] + 5)
+        longer = compiled.model.generate(**inputs, max_new_tokens=6, return_dict_in_generate=True,
+                                         **compiled.decoding)
+    assert isinstance(fitting.past_key_values, StaticCache)
+    assert not isinstance(longer.past_key_values, StaticCache)
+    assert longer.sequences.tolist() == fitting.sequences.tolist()
+
+
+def test_a_compile_failure_leaves_the_space_answering_eagerly(caplog):
+    from space.loading import LazyEngine
+
+    engine = Ego.tiny("qwen2-vl", settings=Settings(decoding="compiled", compile_backend="no-such-backend"))
+    assert engine.needs_warm_up
+    assert LazyEngine(engine).get() is engine
+    assert "compiling the decode step failed" in caplog.text
+    assert engine.decoder.mode == "eager" and not engine.needs_warm_up and "compile_config" not in engine.decoding
+    plain = tiny_engine("qwen2-vl")
+    assert engine.answer("Say hello.", max_new_tokens=4) == plain.answer("Say hello.", max_new_tokens=4)
