@@ -259,14 +259,15 @@ class Ego:
         """The same loaded model (nothing is loaded again, and it still runs one call at a time) with other
         settings: `settings` in place of this engine's, then `changes` to single fields, e.g.
         `engine.with_settings(k_cap_tokens=30)` or `engine.with_settings(Settings.paper())`. It shares this
-        engine's decoder (and its compiled step) unless the decoding settings differ."""
-        other = copy.copy(self)
-        other.settings = (settings or self.settings).replace(**changes)
+        engine's decoder (and its compiled step), so the decoding settings cannot change here."""
+        new = (settings or self.settings).replace(**changes)
         decoding = ("decoding", "static_cache_max_tokens", "compile_backend")
-        if any(getattr(other.settings, name) != getattr(self.settings, name) for name in decoding):
-            other.decoder = Decoder(self.model, other.settings.decoding,
-                                    max_cache_tokens=other.settings.static_cache_max_tokens,
-                                    backend=other.settings.compile_backend)
+        if any(getattr(new, name) != getattr(self.settings, name) for name in decoding):
+            # A compiled decoder takes over the model's own `generate`: one decoder per loaded model.
+            raise ValueError("How the model decodes belongs to the loaded model, not to one engine: use "
+                             "engine.set_decoding(...), or load it with those settings.")
+        other = copy.copy(self)
+        other.settings = new
         return other
 
     @classmethod

@@ -126,7 +126,9 @@ def test_with_settings_is_the_same_model_with_other_settings_and_one_call_at_a_t
     engine = tiny_engine("qwen2-vl")
     small = engine.with_settings(k_cap_tokens=8)
     assert small.settings == engine.settings.replace(k_cap_tokens=8) and engine.settings.k_cap_tokens == 50
-    assert small.model is engine.model and small.backend is engine.backend
+    assert small.model is engine.model and small.backend is engine.backend and small.decoder is engine.decoder
+    with pytest.raises(ValueError, match="set_decoding"):
+        engine.with_settings(decoding="compiled")   # one decoder per loaded model
     assert engine.with_settings(Settings.paper(), k_cap_tokens=8).settings == Settings.paper(k_cap_tokens=8)
     assert small.introduce("Chelsea", [photo(5)], area_pct=100).views[0].k == 8
     # Both share the model, so both wait for each other.
