@@ -21,6 +21,10 @@ from space.components import IMAGE_FORMATS_TEXT, photo_input
 PAPER_URL = "https://arxiv.org/abs/2603.09771"
 MODEL_EVENTS = dict(concurrency_id="model", concurrency_limit=1)
 """Every event that runs the model waits for the one before it: one shared model, one call at a time."""
+ANSWER_GROUP = "answers"
+"""Questions run side by side, up to `answer_batch_max_size`: their handlers hand them to one scheduler that answers
+those arriving together in one batched generation (`space.scheduler`); the engine still makes one model call at a
+time, so an introduction and a batch of answers take turns."""
 PRIVATE = dict(api_visibility="private")
 """UI-only events: not part of the HTTP API."""
 CHEAP = dict(queue=False)
@@ -53,6 +57,7 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
     s = settings or getattr(engine_factory_or_engine, "settings", None) or DEFAULT_SETTINGS
     examples = load_examples()
     act = Actions(engine, s, examples)
+    answer_events = dict(concurrency_id=ANSWER_GROUP, concurrency_limit=s.answer_batch_max_size)
 
     with gr.Blocks(title="Ego: personalize a vision-language model", analytics_enabled=False,
                    delete_cache=(s.upload_cleanup_interval_s, s.upload_max_age_s)) as demo:
@@ -94,12 +99,12 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
         img.compare.change(lambda on: gr.Textbox(visible=on), img.compare, img.plain, queue=False, **PRIVATE)
         asking = img.ask.click(act.ask_image, [session, img.image, img.question, img.compare],
                                [session, img.answer, img.plain, img.details, img.matches], api_name="ask_image",
-                               **MODEL_EVENTS)
+                               **answer_events)
         img.stop.click(None, cancels=[asking], **PRIVATE)
 
         # Ask about a video
         asking = vid.ask.click(act.ask_video, [session, vid.video, vid.question],
-                               [session, vid.frames, vid.answer, vid.details], api_name="ask_video", **MODEL_EVENTS)
+                               [session, vid.frames, vid.answer, vid.details], api_name="ask_video", **answer_events)
         vid.stop.click(None, cancels=[asking], **PRIVATE)
 
         # Your concepts
@@ -118,7 +123,7 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
     # api_open=False: an event that uses the queue can be reached only through it (Gradio leaves its
     # direct REST route open everywhere but on HF Spaces, which would let a script skip the queue's limits).
     demo.queue(max_size=s.queue_max_size, api_open=False)
-    limit_requests_per_visitor(demo, MODEL_EVENTS["concurrency_id"], s.max_waiting_requests_per_visitor)
+    limit_requests_per_visitor(demo, (MODEL_EVENTS["concurrency_id"], ANSWER_GROUP), s.max_waiting_requests_per_visitor)
     return demo
 
 

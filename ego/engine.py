@@ -644,6 +644,15 @@ class Ego:
     # ------------------------------------------------------------------------------------------
     # The model guard
     # ------------------------------------------------------------------------------------------
+    def unguarded(self) -> Ego:
+        """This engine (the same model) without its one-call-at-a-time lock, for a process that runs one call at
+        a time by itself: a worker forked from this one (ZeroGPU) must not take a lock that the fork copied, as a
+        thread that no longer exists there may have held it."""
+        other = type(self).__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other._lock = contextlib.nullcontext()
+        return other
+
     @contextlib.contextmanager
     def exclusive_use(self):
         """The model to the caller alone for the block (other callers wait): one model call at a time; an
