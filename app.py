@@ -299,6 +299,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     import functools
 
+    from space.zerogpu import on_zero_gpu
+
+    zero_gpu = on_zero_gpu()
+    if zero_gpu:
+        import spaces  # noqa: F401 -- before torch: it sets up ZeroGPU's CUDA emulation in this process
+
     from ego import DEFAULT_SETTINGS, Ego, Settings
 
     args = parse_args(argv)
@@ -306,8 +312,12 @@ def main(argv=None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     settings = Settings.paper() if args.protocol == "paper" else DEFAULT_SETTINGS
     quantization = None if args.quantization == "none" else args.quantization
-    factory = functools.partial(Ego.from_pretrained, args.model, quantization=quantization, settings=settings)
-    demo = build_demo(factory, settings, model_name=args.model)
+    if zero_gpu and quantization == "auto":
+        quantization = None  # bf16: 4-bit quantization would run at start on the CPU, under the emulation
+    factory = functools.partial(Ego.from_pretrained, args.model, quantization=quantization, settings=settings,
+                                **({"device": "cuda"} if zero_gpu else {}))
+    # On ZeroGPU the model is loaded now, onto "cuda", so that launch packs it for the GPU workers.
+    demo = build_demo(factory() if zero_gpu else factory, settings, model_name=args.model)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options(settings))
 
 

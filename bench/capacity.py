@@ -42,7 +42,7 @@ def measured_from_results(results: dict) -> Measured:
     intro = results["introduce"]
     token_s = intro["stages_s"]["description_s"] / intro["description_tokens"]
     fixed = {name: scenario["latency_s"] - scenario["new_tokens"] * token_s
-             for name, scenario in results["scenarios"].items()}
+             for name, scenario in results["scenarios"].items() if "latency_s" in scenario}  # not concurrent_N
     return Measured(token_s=token_s, answer_fixed_s=fixed, introduction_s=intro["total_s"])
 
 
