@@ -147,6 +147,9 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="after the measurement, profile one introduction and the plain and 20-concept "
                              "questions (torch.profiler): device busy time, kernels, top operations")
+    parser.add_argument("--no-concurrency", dest="concurrency", action="store_false",
+                        help="leave out the concurrency scenarios (1, 4 and 8 visitors asking at the same moment), "
+                             "measured after the other results are written")
     parser.add_argument("--text-layers", type=int, default=None,
                         help="for a real preset: cut the text model to this many layers (smoke tests)")
     parser.add_argument("--vision-depth", type=int, default=None,
@@ -180,6 +183,12 @@ def main(argv=None) -> int:
     results["targets"] = targets(results)
     write_outputs(results, out)
     _log(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'latency.png'}")
+    if args.concurrency:
+        # After the single-question results are on disk, like the profile: a run out of time loses nothing.
+        with bench_settings(engine, args.sizes):
+            results["scenarios"].update(measure_concurrency(engine, args.sizes, log=_log))
+        write_outputs(results, out)
+        _log(f"added the concurrency scenarios to {out / 'results.json'} and {out / 'results.md'}")
     if args.profile:
         # After the measured results are on disk: a profile that fails or runs out of time loses nothing.
         results["profile"] = profile(engine, args.sizes, log=_log)
@@ -443,7 +452,6 @@ def _measure(engine, sizes: Sizes, log) -> dict:
     runs = _run_plan(engine, sizes, memory, plan, log)
     scenarios = _scenarios(plan, runs, log)
     storage.update(_context_growth(scenarios))
-    scenarios.update(measure_concurrency(engine, sizes, memory, concepts[:CONCURRENT_CONCEPTS], log))
     return {
         "meta": _meta(engine, sizes, memory, weights_gib, query, frames),
         "introduce": introduce,
@@ -595,8 +603,9 @@ def _scenarios(plan: list[tuple], runs: dict[str, dict], log) -> dict[str, dict]
     return scenarios
 
 
-def measure_concurrency(engine, sizes: Sizes, memory, concepts, log) -> dict[str, dict]:
-    """Visitors who ask at the same moment (`VISITORS`), each with `concepts` and a photo of their own, through the
+def measure_concurrency(engine, sizes: Sizes, log=lambda message: None) -> dict[str, dict]:
+    """Visitors who ask at the same moment (`VISITORS`), each with the memories of CONCURRENT_CONCEPTS concepts (one
+    introduced, under several names: the rows' values do not change the cost) and a photo of their own, through the
     Space's answer scheduler (`space.scheduler`): batched (up to `answer_batch_max_size`, within its window), and
     one at a time (a scheduler with batches of 1: the n-th visitor waits for n - 1 answers first). Per visitor,
     latency = from asking to the whole answer; throughput = answers / (last answer - first question).
@@ -606,8 +615,10 @@ def measure_concurrency(engine, sizes: Sizes, memory, concepts, log) -> dict[str
     settings = engine.settings
     batched = AnswerScheduler(settings.answer_batch_window_s, settings.answer_batch_max_size)
     serial = AnswerScheduler(0.0, 1)
-    stop_ids, device = engine.backend.stop_token_ids, engine.device
+    stop_ids, device, memory = engine.backend.stop_token_ids, engine.device, Memory(engine.device)
     queries = [photo(2000 + i, sizes.query_size) for i in range(max(VISITORS))]
+    introduced = engine.introduce("concept 1", photo(0, sizes.reference_size), keywords="object", area_pct=20)
+    concepts = _padded_concepts([introduced], CONCURRENT_CONCEPTS)
     scenarios = {}
     for count in VISITORS:
         records = {"batched": [], "serial": []}

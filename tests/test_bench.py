@@ -205,6 +205,6 @@ def test_concurrency_scenarios_report_throughput_and_latency(quick):
         # a round's answers all come within its window, which is at least its slowest visitor's latency, itself at
         # least the visitors-th smallest latency of all rounds
         assert entry["throughput_per_s"] <= visitors / (runs[visitors - 1] - 1e-4) * 1.001
-        assert entry["context_tokens"] == results["scenarios"]["ego_5"]["context_tokens"]
+        assert entry["context_tokens"] > results["scenarios"]["plain"]["context_tokens"]   # the memories are in
     table = (out / "results.md").read_text()
     assert "## Visitors asking at the same moment" in table and table.count("\n| 8 |") == 1
