@@ -21,6 +21,11 @@
 # the bf16 run, default 150). The 4-bit run, the target setting, goes first and gets the rest of the time.
 # BENCH_REPEATS (measured calls per scenario, default 3) and BENCH_PROFILE (the configurations that are
 # profiled, default "nf4 bf16"; profiling adds about a minute to each) trade detail for device time.
+# BENCH_CONCURRENCY (the configurations that also measure 1, 4 and 8 visitors asking at the same moment, batched
+# and one at a time: results.json's concurrent_1/4/8, default "nf4", the target's setting) adds about 70 s to each
+# with 3 repeats (8 visitors one at a time take 8 answers per round); it runs after that configuration's other
+# results are written and before its profile. For a run that must fit with everything, BENCH_PROFILE="nf4" leaves
+# the bf16 configuration unprofiled.
 #
 # A rehearsal on a CPU (scaled-down 2B architecture, quick sizes, this machine's packages), e.g.:
 #     OUT=/tmp/gpu-rehearsal BENCH_DEVICE=cpu BENCH_MODEL=qwen2-vl-2b BENCH_SKIP_WHEELS=1 BENCH_FORCE_AVSTUB=1 \
@@ -34,6 +39,7 @@ BUILD_LIMIT="${BENCH_BUILD_LIMIT_S:-180}"
 BF16_RESERVE="${BENCH_BF16_RESERVE_S:-150}"
 REPEATS="${BENCH_REPEATS:-3}"
 PROFILE="${BENCH_PROFILE-nf4 bf16}"
+CONCURRENCY="${BENCH_CONCURRENCY-nf4}"
 MODEL="${BENCH_MODEL:-qwen2.5-vl-7b}"
 DEVICE="${BENCH_DEVICE:-cuda}"
 ARCH_ARGS="${BENCH_ARCH_ARGS:-}"      # e.g. "--text-layers 1 --vision-depth 1" (both commands get it)
@@ -109,10 +115,12 @@ for config in nf4:4bit bf16:none; do
     if [ "$name" = nf4 ]; then limit=$(( left - BF16_RESERVE )); else limit=$(( left - 5 )); fi
     if [ "$limit" -lt 30 ]; then echo "== $name skipped: ${limit}s left"; status=1; continue; fi
     profile=""; case " $PROFILE " in *" $name "*) profile="--profile" ;; esac
-    echo "== $name (quantization $quantization, $REPEATS repeats, ${profile:-no profile}, limit ${limit}s)"
+    concurrency="--no-concurrency"; case " $CONCURRENCY " in *" $name "*) concurrency="" ;; esac
+    echo "== $name (quantization $quantization, $REPEATS repeats, ${profile:-no profile}," \
+         "${concurrency:-with concurrency}, limit ${limit}s)"
     # shellcheck disable=SC2086
     timeout "$limit" "$PYTHON" -m bench --model "$MODEL" --arch-dir "$ARCH_DIR" --quantization "$quantization" \
-        --device "$DEVICE" --repeats "$REPEATS" $profile $ARCH_ARGS $BENCH_ARGS --out "$OUT/$name" 2>&1 \
+        --device "$DEVICE" --repeats "$REPEATS" $profile $concurrency $ARCH_ARGS $BENCH_ARGS --out "$OUT/$name" 2>&1 \
         | tee "$OUT/$name/log.txt"
     code=${PIPESTATUS[0]}
     [ "$code" -eq 0 ] || { echo "== $name exited with $code"; status=1; }
