@@ -50,12 +50,14 @@ def _in_worker(connection, function, payload: bytes) -> None:
 
 class ForkedGPU:
     """A stand-in for the `spaces` package's `GPU` decorator with its process boundary: each call runs in a fresh
-    forked process; `calls` records the durations asked for."""
+    forked process; `calls` records the GPU time each call asked for (its `duration`)."""
 
     def __init__(self):
         self.calls: list[float] = []
+        self.exit_codes: list[int | None] = []
+        """Exit code of each streaming worker once its stream ended."""
 
-    def GPU(self, function=None, *, duration=None):  # noqa: N802 -- the name spaces uses
+    def GPU(self, function=None, *, duration=None):  # the name `spaces` uses
         if function is None:
             return lambda f: self.GPU(f, duration=duration)
 
@@ -101,8 +103,6 @@ class ForkedGPU:
                 raise value
             return value
         return call
-
-    exit_codes: list = []
 
 
 @pytest.fixture(scope="module")
