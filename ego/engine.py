@@ -496,15 +496,18 @@ class Ego:
                 except (InputError, MemoryFileError) as error:
                     results[index] = error
             if prepared:
-                texts = self._generate_batch(list(prepared.values()), [stops[i] for i in prepared],
+                order = list(prepared)  # batch row -> request index
+                texts = self._generate_batch(list(prepared.values()), [stops[i] for i in order],
                                              None if on_text is None else
-                                             lambda row, answer: on_text(list(prepared)[row], answer))
+                                             lambda row, answer: on_text(order[row], answer))
                 for index, text in zip(prepared, texts):
                     results[index] = prepared[index].answer(text)
         return results
 
     def _generate_batch(self, prepared: list[PreparedAnswer], stops: list, on_text) -> list[str]:
         """One `generate` for the prepared questions (`ego.batching`), each row ended on its own; their texts."""
+        from transformers import StoppingCriteriaList
+
         tokenizer, stop_ids = self.backend.tokenizer, self.backend.stop_token_ids
         pad_id = self.model.generation_config.pad_token_id
         pad_id = pad_id if pad_id is not None else stop_ids[0]
@@ -520,8 +523,6 @@ class Ego:
             on_text(row, prepared[row].answer(text))
 
         control = batching.RowControl(start, budgets, stops, stop_ids, on_step if on_text is not None else None)
-        from transformers import StoppingCriteriaList
-
         with torch.no_grad(), self.backend.memory_residuals(slots, residuals):
             out = self.model.generate(**{**kwargs, **self.decoding}, stopping_criteria=StoppingCriteriaList([control]))
         rows = out[:, start:].tolist()
