@@ -88,6 +88,13 @@ class ForkedGPU:
                 finally:
                     if not ended:
                         connection.send_bytes(b"stop")
+                        deadline = time.monotonic() + CALL_TIMEOUT_S
+                        try:
+                            while process.is_alive() and time.monotonic() < deadline:  # a full pipe would block it
+                                if connection.poll(0.05):
+                                    connection.recv_bytes()
+                        except EOFError:  # the worker closed its end: it is done
+                            pass
                     process.join(CALL_TIMEOUT_S)
                     self.exit_codes.append(process.exitcode)
             return stream
