@@ -22,9 +22,10 @@ PAPER_URL = "https://arxiv.org/abs/2603.09771"
 MODEL_EVENTS = dict(concurrency_id="model", concurrency_limit=1)
 """Every event that runs the model waits for the one before it: one shared model, one call at a time."""
 ANSWER_GROUP = "answers"
-"""Questions run side by side, up to `answer_batch_max_size`: their handlers hand them to one scheduler that answers
-those arriving together in one batched generation (`space.scheduler`); the engine still makes one model call at a
-time, so an introduction and a batch of answers take turns."""
+"""With `answer_batch_max_size` above 1, questions run side by side, up to that many: their handlers hand them to one
+scheduler that answers those arriving together in one batched generation (`space.scheduler`); the engine still makes
+one model call at a time, so an introduction and a batch of answers take turns. With 1, questions wait in the
+model's group like every other model request."""
 PRIVATE = dict(api_visibility="private")
 """UI-only events: not part of the HTTP API."""
 CHEAP = dict(queue=False)
@@ -57,7 +58,8 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
     s = settings or getattr(engine_factory_or_engine, "settings", None) or DEFAULT_SETTINGS
     examples = load_examples()
     act = Actions(engine, s, examples)
-    answer_events = dict(concurrency_id=ANSWER_GROUP, concurrency_limit=s.answer_batch_max_size)
+    answer_events = (dict(concurrency_id=ANSWER_GROUP, concurrency_limit=s.answer_batch_max_size)
+                     if s.answer_batch_max_size > 1 else MODEL_EVENTS)
 
     with gr.Blocks(title="Ego: personalize a vision-language model", analytics_enabled=False,
                    delete_cache=(s.upload_cleanup_interval_s, s.upload_max_age_s)) as demo:
