@@ -22,6 +22,11 @@ from space.page import CSS, EXPORTED_JS, ON_LOAD_JS, TRACK_CONCEPTS_JS, scroll_t
 PAPER_URL = "https://arxiv.org/abs/2603.09771"
 MODEL_EVENTS = dict(concurrency_id="model", concurrency_limit=1)
 """Every event that runs the model waits for the one before it: one shared model, one call at a time."""
+ANSWER_GROUP = "answers"
+"""With `answer_batch_max_size` above 1, questions run side by side, up to that many: their handlers hand them to one
+scheduler that answers those arriving together in one batched generation (`space.scheduler`); the engine still makes
+one model call at a time, so an introduction and a batch of answers take turns. With 1, questions wait in the
+model's group like every other model request."""
 PRIVATE = dict(api_visibility="private")
 """UI-only events: not part of the HTTP API."""
 CHEAP = dict(queue=False)
@@ -53,6 +58,8 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
     examples = load_examples()
     act = Actions(engine, s, examples)
     sessions = Sessions()
+    answer_events = (dict(concurrency_id=ANSWER_GROUP, concurrency_limit=s.answer_batch_max_size)
+                     if s.answer_batch_max_size > 1 else MODEL_EVENTS)
 
     with gr.Blocks(title="Ego: personalize a vision-language model", analytics_enabled=False,
                    delete_cache=(s.upload_cleanup_interval_s, s.upload_max_age_s)) as demo:
@@ -107,7 +114,7 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
         asking = gr.on(img_triggers, guidance.thinking, None, img.answer, **CHEAP, **PRIVATE).then(
             act.ask_image, [session, img.image, img.question, img.compare],
             [session, img.answer, img.plain, img.details, img.matches], api_name="ask_image",
-            api_description=api.ASK_IMAGE, **MODEL_EVENTS)
+            api_description=api.ASK_IMAGE, **answer_events)
         img.stop.click(None, cancels=[asking], **PRIVATE).then(guidance.mark_stopped, img.answer, img.answer,
                                                             **CHEAP, **PRIVATE)
 
@@ -117,7 +124,7 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
         gr.on(vid_triggers, None, js=scroll_to_js("video-answer"), **PRIVATE)
         asking = gr.on(vid_triggers, guidance.thinking, None, vid.answer, **CHEAP, **PRIVATE).then(
             act.ask_video, [session, vid.video, vid.question], [session, vid.frames, vid.answer, vid.details],
-            api_name="ask_video", api_description=api.ASK_VIDEO, **MODEL_EVENTS)
+            api_name="ask_video", api_description=api.ASK_VIDEO, **answer_events)
         vid.stop.click(None, cancels=[asking], **PRIVATE).then(guidance.mark_stopped, vid.answer, vid.answer,
                                                             **CHEAP, **PRIVATE)
 
@@ -151,7 +158,7 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
     # api_open=False: an event that uses the queue can be reached only through it (Gradio leaves its
     # direct REST route open everywhere but on HF Spaces, which would let a script skip the queue's limits).
     demo.queue(max_size=s.queue_max_size, api_open=False)
-    limit_requests_per_visitor(demo, MODEL_EVENTS["concurrency_id"], s.max_waiting_requests_per_visitor)
+    limit_requests_per_visitor(demo, (MODEL_EVENTS["concurrency_id"], ANSWER_GROUP), s.max_waiting_requests_per_visitor)
     return demo
 
 
@@ -356,6 +363,12 @@ def choose_model(model: str | None) -> tuple[str, str]:
 def main(argv=None) -> None:
     import functools
 
+    from space.zerogpu import on_zero_gpu
+
+    zero_gpu = on_zero_gpu()
+    if zero_gpu:
+        import spaces  # noqa: F401 -- before torch: it sets up ZeroGPU's CUDA emulation in this process
+
     from ego import DEFAULT_SETTINGS, Ego, Settings
 
     args = parse_args(argv)
@@ -364,8 +377,14 @@ def main(argv=None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     settings = (Settings.paper() if args.protocol == "paper" else DEFAULT_SETTINGS).replace(decoding=args.decoding)
     quantization = None if args.quantization == "none" else args.quantization
-    factory = functools.partial(Ego.from_pretrained, model, quantization=quantization, settings=settings)
-    demo = build_demo(factory, settings, model_name=model, model_note=model_note)
+    if zero_gpu:
+        settings = settings.replace(decoding="eager")  # ZeroGPU does not support torch.compile
+        if quantization == "auto":
+            quantization = None  # bf16: 4-bit quantization would run at start on the CPU, under the emulation
+    factory = functools.partial(Ego.from_pretrained, model, quantization=quantization, settings=settings,
+                                **({"device": "cuda"} if zero_gpu else {}))
+    # On ZeroGPU the model is loaded now, onto "cuda", so that launch packs it for the GPU workers.
+    demo = build_demo(factory() if zero_gpu else factory, settings, model_name=model, model_note=model_note)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options(settings))
 
 

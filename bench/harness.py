@@ -62,6 +62,9 @@ from PIL import Image
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 COUNTS = (1, 5, 20)
 """Numbers of concepts (or reference photos) in the context."""
+VISITORS = (1, 4, 8)
+"""Numbers of visitors asking at the same moment (the concurrency scenarios), each with CONCURRENT_CONCEPTS."""
+CONCURRENT_CONCEPTS = 5
 QUESTION = "Is anyone or anything I know in this picture? Say who it is and what they are doing."
 VIDEO_QUESTION = "Is anyone or anything I know in this video? Say who it is and what they do."
 GIB = 1024 ** 3
@@ -150,6 +153,9 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="after the measurement, profile one introduction and the plain and 20-concept "
                              "questions (torch.profiler): device busy time, kernels, top operations")
+    parser.add_argument("--no-concurrency", dest="concurrency", action="store_false",
+                        help="leave out the concurrency scenarios (1, 4 and 8 visitors asking at the same moment), "
+                             "measured after the other results are written")
     parser.add_argument("--text-layers", type=int, default=None,
                         help="for a real preset: cut the text model to this many layers (smoke tests)")
     parser.add_argument("--vision-depth", type=int, default=None,
@@ -206,6 +212,12 @@ def main(argv=None) -> int:
     results["targets"] = targets(results)
     write_outputs(results, out)
     _log(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'latency.png'}")
+    if args.concurrency:
+        # After the single-question results are on disk, like the profile: a run out of time loses nothing.
+        with bench_settings(engine, args.sizes):
+            results["scenarios"].update(measure_concurrency(engine, args.sizes, log=_log))
+        write_outputs(results, out)
+        _log(f"added the concurrency scenarios to {out / 'results.json'} and {out / 'results.md'}")
     if args.profile:
         # After the measured results are on disk: a profile that fails or runs out of time loses nothing.
         results["profile"] = profile(engine, args.sizes, log=_log)
@@ -761,6 +773,97 @@ def _scenarios(plan: list[tuple], runs: dict[str, dict], log) -> dict[str, dict]
     return scenarios
 
 
+def measure_concurrency(engine, sizes: Sizes, log=lambda message: None) -> dict[str, dict]:
+    """Visitors who ask at the same moment (`VISITORS`), each with the memories of CONCURRENT_CONCEPTS concepts (one
+    introduced, under several names: the rows' values do not change the cost) and a photo of their own, through the
+    Space's answer scheduler (`space.scheduler`): batched (up to `answer_batch_max_size`, within its window), and
+    one at a time (a scheduler with batches of 1: the n-th visitor waits for n - 1 answers first). Per visitor,
+    latency = from asking to the whole answer; throughput = answers / (last answer - first question).
+    `throughput_ratio` is the batched throughput over the one-at-a-time throughput of the same visitors."""
+    from space.scheduler import AnswerScheduler
+
+    settings = engine.settings
+    batched = AnswerScheduler(settings.answer_batch_window_s, settings.answer_batch_max_size)
+    serial = AnswerScheduler(0.0, 1)
+    stop_ids, device, memory = engine.backend.stop_token_ids, engine.device, Memory(engine.device)
+    queries = [photo(2000 + i, sizes.query_size) for i in range(max(VISITORS))]
+    introduced = engine.introduce("concept 1", photo(0, sizes.reference_size), keywords="object", area_pct=20)
+    concepts = _padded_concepts([introduced], CONCURRENT_CONCEPTS)
+    scenarios = {}
+    for count in VISITORS:
+        records = {"batched": [], "serial": []}
+        peaks = []
+        for repeat in range(sizes.repeats + 1):                      # the first round is a warm-up
+            for mode, scheduler in (("batched", batched), ("serial", serial)):
+                memory.reset()
+                with forced_generation(engine.model, stop_ids, []):
+                    asked, answered, contexts = _visit_together(engine, scheduler, queries[:count], concepts, sizes)
+                _sync(device)
+                if repeat:
+                    records[mode].append((asked, answered))
+                    peaks.append(memory.peak_gib())
+        entry = _concurrency_entry(count, records, contexts, max(peaks), sizes)
+        scenarios[entry["name"]] = entry
+        log(f"{entry['name']:14s} {count} visitors: {entry['throughput_per_s']:.2f} answers/s "
+            f"({entry['throughput_ratio']:.2f}x one at a time), latency p50 {entry['latency_p50_s']:.3f} s, "
+            f"p95 {entry['latency_p95_s']:.3f} s")
+    return scenarios
+
+
+def _visit_together(engine, scheduler, queries, concepts, sizes: Sizes):
+    """Each visitor asks from a thread of their own, all at once: (asked at, answered at, context tokens) per
+    visitor, in seconds of `time.perf_counter`."""
+    import threading
+
+    count = len(queries)
+    asked, answered, contexts, failures = [0.0] * count, [0.0] * count, [0] * count, []
+    start = threading.Barrier(count)
+
+    def visitor(index):
+        start.wait()
+        asked[index] = time.perf_counter()
+        try:
+            *_, answer = scheduler.stream(engine, QUESTION, concepts, image=queries[index],
+                                          max_new_tokens=sizes.new_tokens)
+        except Exception as error:  # noqa: BLE001 -- raised below, in the benchmark's thread
+            failures.append(error)
+            return
+        answered[index], contexts[index] = time.perf_counter(), answer.context_tokens
+
+    threads = [threading.Thread(target=visitor, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return asked, answered, contexts
+
+
+def _concurrency_entry(count: int, records: dict, contexts: list[int], peak_gib: float, sizes: Sizes) -> dict:
+    def latencies(mode):
+        return [done - start for asked, answered in records[mode] for start, done in zip(asked, answered)]
+
+    def throughput(mode):
+        return _median([len(asked) / (max(answered) - min(asked)) for asked, answered in records[mode]])
+
+    batched, serial = sorted(latencies("batched")), sorted(latencies("serial"))
+    return {
+        "name": f"concurrent_{count}", "medium": "image", "method": "ego", "concepts": CONCURRENT_CONCEPTS,
+        "visitors": count, "context_tokens": int(_median(contexts)), "new_tokens": sizes.new_tokens,
+        "throughput_per_s": throughput("batched"), "one_at_a_time_throughput_per_s": throughput("serial"),
+        "throughput_ratio": throughput("batched") / throughput("serial"),
+        "latency_p50_s": _percentile(batched, 50), "latency_p95_s": _percentile(batched, 95),
+        "one_at_a_time_latency_p50_s": _percentile(serial, 50), "one_at_a_time_latency_p95_s": _percentile(serial, 95),
+        "latency_runs_s": [round(v, 4) for v in batched], "peak_mem_gib": peak_gib,
+    }
+
+
+def _percentile(values, share: float) -> float:
+    """The `share`-th percentile, linear between the closest ranks (numpy's default)."""
+    return float(np.percentile(np.asarray(values, dtype=float), share))
+
+
 def _context_growth(scenarios: dict[str, dict]) -> dict:
     """Context tokens added per concept memory, and per reference photo, between the fewest and the most."""
     ego_context = {n: scenarios[f"ego_{n}"]["context_tokens"] for n in COUNTS}
@@ -1030,7 +1133,7 @@ def markdown(results: dict) -> str:
         "context x plain | first token (s) | decode (ms/token) | peak memory (GiB) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for entry in results["scenarios"].values():
+    for entry in (e for e in results["scenarios"].values() if "visitors" not in e):
         lines.append(f"| {_label(entry)} | {entry['context_tokens']} | {entry['latency_s']:.3f} | "
                      f"{entry['ratio_to_plain']:.2f} | {entry['fastest_s']:.3f} | "
                      f"{entry['fastest_ratio_to_plain']:.2f} | "
@@ -1043,6 +1146,7 @@ def markdown(results: dict) -> str:
         f"{storage['context_tokens_per_concept']:.1f} context tokens; a full reference photo adds "
         f"{storage['reference_tokens_per_photo']:.1f}.",
         "",
+        *concurrency_lines(results["scenarios"]),
         f"## Introduction of a concept (one {intro['reference_size'][0]}x{intro['reference_size'][1]} photo, "
         f"{intro['reference_visual_tokens']} visual tokens; median of {intro['concepts_measured']} after 1 warm-up)",
         "",
@@ -1116,6 +1220,23 @@ def markdown(results: dict) -> str:
             lines += profile_lines(name, entry)
         lines += ["```", ""]
     return "\n".join(lines)
+
+
+def concurrency_lines(scenarios: dict) -> list[str]:
+    """The concurrency table of results.md (empty for a results file without it)."""
+    entries = [e for e in scenarios.values() if "visitors" in e]
+    if not entries:
+        return []
+    lines = [f"## Visitors asking at the same moment ({CONCURRENT_CONCEPTS} concepts and a photo each)", "",
+             "| visitors | answers/s batched | answers/s one at a time | ratio | latency p50 (s) | latency p95 (s) "
+             "| one at a time p50 (s) | one at a time p95 (s) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in entries:
+        lines.append(f"| {e['visitors']} | {e['throughput_per_s']:.3f} | {e['one_at_a_time_throughput_per_s']:.3f} | "
+                     f"{e['throughput_ratio']:.2f} | {e['latency_p50_s']:.3f} | {e['latency_p95_s']:.3f} | "
+                     f"{e['one_at_a_time_latency_p50_s']:.3f} | {e['one_at_a_time_latency_p95_s']:.3f} |")
+    return lines + ["", "Batched: questions that arrive together share one generation (the Space's scheduler, "
+                        "`answer_batch_max_size`, `answer_batch_window_s`); one at a time: each waits for the "
+                        "answers before it.", ""]
 
 
 def plot(results: dict, path: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "AnswerRequest": "batching",
     "Answer": "engine", "Ego": "engine", "memory_size": "engine", "select_concepts": "engine",
     "similarity_to_query": "engine",
     "IncompatibleMemoryError": "errors", "InputError": "errors", "MemoryFileError": "errors",

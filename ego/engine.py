@@ -32,7 +32,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,12 +40,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import checks, prompts
+from . import batching, checks, prompts
 from .attention import ATTENTION_NAME, AttentionCapture, capturing
 from .backends import Backend, backend_for_model_type
 from .backends.base import Encoded
+from .batching import AnswerRequest
 from .decoding import Decoder
-from .errors import IncompatibleMemoryError, InputError, ModelBusyError
+from .errors import IncompatibleMemoryError, InputError, MemoryFileError, ModelBusyError
 from .media import load_image, load_video
 from .memory import Concept, ConceptView
 from .presets import DEFAULT_PRESET, UNCALIBRATED, depth_scaled_layers, resolve
@@ -524,6 +525,61 @@ class Ego:
                 raise failure[0]
             yield prepared.answer(text.strip())
 
+    def answer_batch(self, requests: Sequence[AnswerRequest], *, stops: Sequence[threading.Event | None] | None = None,
+                     on_text: Callable[[int, Answer], None] | None = None) -> list[Answer | Exception]:
+        """Answer several questions (`ego.batching.AnswerRequest`: the arguments of `answer`) with one batched
+        generation; each answer equals the one `answer` gives for its request alone.
+
+        Returns, per request in order, its `Answer`, or the error that request alone raised while it was checked
+        and prepared (an `InputError`, `IncompatibleMemoryError`, ...): one visitor's mistake ends only their
+        question. stops: per request, an event that, once set, ends that request's answer where it is (the others
+        go on). on_text(index, answer so far) is called as each request's answer grows, in the calling thread.
+        """
+        requests = list(requests)
+        stops = list(stops) if stops is not None else [None] * len(requests)
+        results: list[Answer | Exception | None] = [None] * len(requests)
+        with self.exclusive_use():
+            prepared: dict[int, PreparedAnswer] = {}
+            for index, request in enumerate(requests):
+                try:
+                    prepared[index] = self._prepare_answer(request.question, request.concepts, request.image,
+                                                           request.video, request.max_new_tokens)
+                except (InputError, MemoryFileError) as error:
+                    results[index] = error
+            if prepared:
+                order = list(prepared)  # batch row -> request index
+                texts = self._generate_batch(list(prepared.values()), [stops[i] for i in order],
+                                             None if on_text is None else
+                                             lambda row, answer: on_text(order[row], answer))
+                for index, text in zip(prepared, texts):
+                    results[index] = prepared[index].answer(text)
+        return results
+
+    def _generate_batch(self, prepared: list[PreparedAnswer], stops: list, on_text) -> list[str]:
+        """One `generate` for the prepared questions (`ego.batching`), each row ended on its own; their texts."""
+        from transformers import StoppingCriteriaList
+
+        tokenizer, stop_ids = self.backend.tokenizer, self.backend.stop_token_ids
+        pad_id = self.model.generation_config.pad_token_id
+        pad_id = pad_id if pad_id is not None else stop_ids[0]
+        kwargs = batching.collate([p.generate for p in prepared], pad_id)
+        start = kwargs["input_ids"].shape[1]                                                   # L
+        slots = batching.left_pad_mask([p.slots for p in prepared], start)                     # bool [B, L]
+        extra = [p.residuals for p in prepared if p.residuals is not None]
+        residuals = torch.cat(extra, dim=1) if extra else None                                 # [levels, M, D]
+        budgets = [p.generate["max_new_tokens"] for p in prepared]
+
+        def on_step(row: int, ids: list[int]) -> None:
+            text = tokenizer.decode(batching.row_tokens(ids, budgets[row], stop_ids), skip_special_tokens=True)
+            on_text(row, prepared[row].answer(text))
+
+        control = batching.RowControl(start, budgets, stops, stop_ids, on_step if on_text is not None else None)
+        with torch.no_grad(), self.backend.memory_residuals(slots, residuals):
+            out = self.model.generate(**{**kwargs, **self.decoding}, stopping_criteria=StoppingCriteriaList([control]))
+        rows = out[:, start:].tolist()
+        return [tokenizer.decode(batching.row_tokens(ids, budget, stop_ids), skip_special_tokens=True).strip()
+                for ids, budget in zip(rows, budgets)]
+
     def _prepare_answer(self, question, concepts, image, video, max_new_tokens) -> PreparedAnswer:
         """Section 3.2 for one question: check it, choose the concepts, build the context, put the memories in."""
         query = self._check_question(question, concepts, image, video, max_new_tokens)
@@ -640,6 +696,15 @@ class Ego:
     # ------------------------------------------------------------------------------------------
     # The model guard
     # ------------------------------------------------------------------------------------------
+    def unguarded(self) -> Ego:
+        """This engine (the same model) without its one-call-at-a-time lock, for a process that runs one call at
+        a time by itself: a worker forked from this one (ZeroGPU) must not take a lock that the fork copied, as a
+        thread that no longer exists there may have held it."""
+        other = type(self).__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other._lock = contextlib.nullcontext()
+        return other
+
     @contextlib.contextmanager
     def exclusive_use(self):
         """The model to the caller alone for the block (other callers wait): one model call at a time; an

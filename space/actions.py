@@ -32,7 +32,9 @@ from . import views
 from .examples import Examples
 from .loading import LazyEngine
 from .pictures import cached
+from .scheduler import AnswerScheduler
 from .session import Entry, MemoryBudget, Session
+from .zerogpu import call_seconds, gpu, on_zero_gpu
 
 log = logging.getLogger("ego.space")
 
@@ -81,6 +83,38 @@ class Actions:
         self.examples = examples
         self.budget = MemoryBudget(settings.max_all_sessions_memory_bytes)
         """What all visitors' sessions may hold together: one per app, like the model."""
+        self.answers = AnswerScheduler(settings.answer_batch_window_s, settings.answer_batch_max_size)
+        """Questions of different visitors that arrive together are answered by one batched generation."""
+        self.zero_gpu = on_zero_gpu()
+        """On ZeroGPU each model call runs in a GPU worker process (`space.zerogpu`), one visitor's per call."""
+        fixed_s, per_token_s = settings.zero_gpu_call_fixed_s, settings.zero_gpu_call_per_token_s
+        per_photo = settings.description_max_new_tokens + settings.size_max_new_tokens
+        self._stream_on_gpu = gpu(self._stream_in_worker, duration=call_seconds(fixed_s, per_token_s))
+        self._introduce_on_gpu = gpu(self._introduce_in_worker, duration=lambda name, pictures, *rest: (
+            fixed_s + per_token_s * per_photo * len(pictures)))
+
+    # ------------------------------------------------------------------------------------------
+    # Model calls: picklable arguments and results, so that on ZeroGPU they can run in a GPU worker
+    # ------------------------------------------------------------------------------------------
+    def _worker_engine(self):
+        """The engine inside a model call: on ZeroGPU, in the forked worker, without its lock (`Ego.unguarded`)."""
+        engine = self._lazy.get()
+        return engine.unguarded() if self.zero_gpu else engine
+
+    def _stream_in_worker(self, question, concepts, image, video, max_new_tokens):
+        yield from self._worker_engine().stream_answer(question, concepts, image=image, video=video,
+                                                       max_new_tokens=max_new_tokens)
+
+    def _introduce_in_worker(self, name, pictures, keywords, area_pct):
+        return self._worker_engine().introduce(name, pictures, keywords=keywords, area_pct=area_pct)
+
+    def _answer_stream(self, engine, question, concepts, *, image=None, video=None):
+        """The answer as it grows (`ego.Answer`s): on ZeroGPU from a GPU call of this visitor's own, elsewhere
+        from the scheduler that answers questions arriving together in one batch. Closing it ends the answer."""
+        budget = self.settings.answer_max_new_tokens
+        if self.zero_gpu:
+            return self._stream_on_gpu(question, tuple(concepts), image, video, budget)
+        return self.answers.stream(engine, question, concepts, image=image, video=video, max_new_tokens=budget)
 
     def _engine(self, progress):
         """The model, loaded on first use; a load that fails is a server fault with its own sentence."""
@@ -104,12 +138,12 @@ class Actions:
             checks.check_reference_count(len(paths), self.settings)
             session.check_room([name], self.settings.max_concepts_per_session)
             self.budget.check()  # before the model's work, not after
-            engine = self._engine(progress)
+            self._engine(progress)  # loaded (and a failed load reported) before the model call
             started = time.perf_counter()
             progress(0.1, desc=f"Choosing the memory tokens of {len(paths)} photo{'s' * (len(paths) > 1)}…")
             pictures = [load_image(path, self.settings) for path in paths]  # decoded once, for both uses
-            concept = engine.introduce(name, pictures, keywords=(keywords or "").strip() or None,
-                                       area_pct=None if auto_size else size_pct)
+            concept = self._introduce_on_gpu(name, pictures, (keywords or "").strip() or None,
+                                             None if auto_size else size_pct)
             seconds = time.perf_counter() - started
             patches, heats = self._pictures([(concept, pictures)])
             report = views.introduction_report([concept], seconds)
@@ -128,13 +162,13 @@ class Actions:
                 return session, message, [], []
             session.check_room([name for name, _ in missing], self.settings.max_concepts_per_session)
             self.budget.check()
-            engine = self._engine(progress)
+            self._engine(progress)
             started = time.perf_counter()
             made = []
             for number, (name, paths) in enumerate(missing):
                 progress((number, len(missing)), desc=f"Introducing example concept {number + 1} of {len(missing)}…")
                 pictures = [load_image(path, self.settings) for path in paths]
-                made.append((engine.introduce(name, pictures), pictures))
+                made.append((self._introduce_on_gpu(name, pictures, None, None), pictures))
             seconds = time.perf_counter() - started
             patches, heats = self._pictures(made)
             report = views.introduction_report([c for c, _ in made], seconds)
@@ -171,8 +205,7 @@ class Actions:
             started = time.perf_counter()
             plain = "(after the personalized answer)" if compare else ""
             answer, details, matches = "", {}, []
-            stream = engine.stream_answer(question, session.concepts, image=picture,
-                                          max_new_tokens=self.settings.answer_max_new_tokens)
+            stream = self._answer_stream(engine, question, session.concepts, image=picture)
             try:
                 for number, answer in enumerate(stream):
                     details = views.answer_details(answer, time.perf_counter() - started)
@@ -183,8 +216,7 @@ class Actions:
             finally:
                 stream.close()
             if compare:  # streamed too, so that Stop or a closed tab also ends this answer at once
-                stream = engine.stream_answer(question, (), image=picture,
-                                              max_new_tokens=self.settings.answer_max_new_tokens)
+                stream = self._answer_stream(engine, question, (), image=picture)
                 try:
                     for plain in stream:
                         yield session, str(answer), str(plain), details, gr.skip()
@@ -224,8 +256,7 @@ class Actions:
             engine = self._engine(progress)
             started = time.perf_counter()
             answer, details = "", {}
-            stream = engine.stream_answer(question, session.concepts, video=(frames, metadata),
-                                          max_new_tokens=self.settings.answer_max_new_tokens)
+            stream = self._answer_stream(engine, question, session.concepts, video=(frames, metadata))
             try:
                 for number, answer in enumerate(stream):
                     details = views.answer_details(answer, time.perf_counter() - started)

@@ -24,6 +24,10 @@ from ego.architectures import (
 )
 
 SCENARIOS = {"plain", "ego_1", "ego_5", "ego_20", "refs_1", "refs_5", "refs_20", "video_plain", "video_ego_5"}
+CONCURRENT = {"concurrent_1", "concurrent_4", "concurrent_8"}
+CONCURRENT_FIELDS = {"visitors", "throughput_per_s", "latency_p50_s", "latency_p95_s", "throughput_ratio",
+                     "one_at_a_time_throughput_per_s", "one_at_a_time_latency_p50_s", "one_at_a_time_latency_p95_s",
+                     "latency_runs_s", "context_tokens", "peak_mem_gib"}
 SCENARIO_FIELDS = {"name", "medium", "method", "concepts", "context_tokens", "memory_tokens", "new_tokens",
                    "latency_s", "latency_runs_s", "ratio_to_plain", "context_ratio_to_plain", "peak_mem_gib", "plain",
                    "fastest_s", "fastest_ratio_to_plain", "ttft_s", "decode_ms_per_token"}
@@ -70,7 +74,7 @@ def test_profile_covers_introduction_and_questions(quick):
 
 def test_every_scenario_has_every_field(quick):
     _, results = quick
-    scenarios = results["scenarios"]
+    scenarios = {name: entry for name, entry in results["scenarios"].items() if name not in CONCURRENT}
     assert set(scenarios) == SCENARIOS
     forced = results["meta"]["sizes"]["new_tokens"]
     for name, entry in scenarios.items():
@@ -216,3 +220,27 @@ def test_scaled_down_real_architecture_loads_and_introduces(tmp_path):
     stamp = weights.stat().st_mtime_ns
     assert cached_random_architecture(name, folder, text_layers=1, vision_depth=1) == folder
     assert weights.stat().st_mtime_ns == stamp
+
+
+def test_concurrency_scenarios_report_throughput_and_latency(quick):
+    out, results = quick
+    entries = {name: results["scenarios"][name] for name in CONCURRENT}
+    for name, entry in entries.items():
+        assert set(entry) >= CONCURRENT_FIELDS, name
+        visitors = int(name.removeprefix("concurrent_"))
+        assert entry["visitors"] == visitors and entry["concepts"] == 5
+        assert len(entry["latency_runs_s"]) == visitors * results["meta"]["sizes"]["repeats"]
+        runs = sorted(entry["latency_runs_s"])
+        # percentiles of the per-visitor latencies, recomputed here (numpy's linear rule, by hand)
+        for share, key in ((50, "latency_p50_s"), (95, "latency_p95_s")):
+            rank = share / 100 * (len(runs) - 1)
+            low, high = int(rank), min(int(rank) + 1, len(runs) - 1)
+            assert entry[key] == pytest.approx(runs[low] + (rank - low) * (runs[high] - runs[low]), abs=1e-3)
+        assert entry["throughput_ratio"] == pytest.approx(
+            entry["throughput_per_s"] / entry["one_at_a_time_throughput_per_s"])
+        # a round's answers all come within its window, which is at least its slowest visitor's latency, itself at
+        # least the visitors-th smallest latency of all rounds
+        assert entry["throughput_per_s"] <= visitors / (runs[visitors - 1] - 1e-4) * 1.001
+        assert entry["context_tokens"] > results["scenarios"]["plain"]["context_tokens"]   # the memories are in
+    table = (out / "results.md").read_text()
+    assert "## Visitors asking at the same moment" in table and table.count("\n| 8 |") == 1
