@@ -26,7 +26,6 @@ Nothing here depends on the model family: `ego.backends` hides processors, promp
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import queue

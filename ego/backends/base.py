@@ -99,7 +99,8 @@ class Backend(abc.ABC):
         return None
 
     def restore_positions(self, saved: Any) -> None:
-        """Put back what `save_positions` returned."""
+        """Put back what `save_positions` returned (a family that keeps nothing has nothing to put back)."""
+        return None
 
     # --- vision -------------------------------------------------------------------------------
     @abc.abstractmethod
