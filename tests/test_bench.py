@@ -180,3 +180,21 @@ def test_scaled_down_real_architecture_loads_and_introduces(tmp_path):
     stamp = weights.stat().st_mtime_ns
     assert cached_random_architecture(name, folder, text_layers=1, vision_depth=1) == folder
     assert weights.stat().st_mtime_ns == stamp
+
+
+def test_the_follow_up_computes_only_its_own_tokens(quick):
+    out, results = quick
+    conversation = results["conversation"]
+    first, follow_up = conversation["first"], conversation["follow_up"]
+    assert conversation["concepts"] == 5
+    assert first["prefill_tokens"] == first["context_tokens"] == results["scenarios"]["ego_5"]["context_tokens"]
+    # The follow-up's context is the first one, the first answer and the new turn; only the last is computed.
+    assert (follow_up["context_tokens"]
+            == first["context_tokens"] + first["new_tokens"] + follow_up["prefill_tokens"] - 1)
+    assert 0 < follow_up["prefill_tokens"] < first["prefill_tokens"] / 4
+    forced = results["meta"]["sizes"]["new_tokens"]
+    for entry in (first, follow_up):
+        assert entry["new_tokens"] == forced
+        assert 0 < entry["ttft_s"] <= entry["latency_s"]
+        assert len(entry["latency_runs_s"]) == results["meta"]["sizes"]["repeats"]
+    assert "## A conversation: a follow-up on the cached context" in (out / "results.md").read_text()
