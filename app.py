@@ -10,6 +10,7 @@ no torch: the engine is imported when the demo is built, and the model is loaded
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 from types import SimpleNamespace
@@ -90,17 +91,36 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
         then_refresh(intro.examples_button.click(act.load_example_concepts, session, introduced,
                                                  **MODEL_EVENTS, **PRIVATE))
 
-        # Ask about an image; the answer without memory is shown only when asked for
+        # Ask about an image: a conversation; the answer without memory is shown only when asked for
         img.compare.change(lambda on: gr.Textbox(visible=on), img.compare, img.plain, queue=False, **PRIVATE)
-        asking = img.ask.click(act.ask_image, [session, img.image, img.question, img.compare],
-                               [session, img.answer, img.plain, img.details, img.matches], api_name="ask_image",
-                               **MODEL_EVENTS)
+        asking = img.ask.click(act.chat_image, [session, img.image, img.question, img.compare],
+                               [session, img.chat, img.question, img.plain, img.details, img.matches],
+                               **MODEL_EVENTS, **PRIVATE)
         img.stop.click(None, cancels=[asking], **PRIVATE)
+        for ending in (img.new.click, img.image.change):  # a new photo starts a new conversation too
+            ending(functools.partial(act.new_conversation, tab="image"), session, [session, img.chat], **CHEAP,
+                   **PRIVATE)
 
-        # Ask about a video
-        asking = vid.ask.click(act.ask_video, [session, vid.video, vid.question],
-                               [session, vid.frames, vid.answer, vid.details], api_name="ask_video", **MODEL_EVENTS)
+        # Ask about a video: a conversation
+        asking = vid.ask.click(act.chat_video, [session, vid.video, vid.question],
+                               [session, vid.frames, vid.chat, vid.question, vid.details], **MODEL_EVENTS,
+                               **PRIVATE)
         vid.stop.click(None, cancels=[asking], **PRIVATE)
+        for ending in (vid.new.click, vid.video.change):
+            ending(functools.partial(act.new_conversation, tab="video"), session, [session, vid.chat], **CHEAP,
+                   **PRIVATE)
+
+        # The HTTP API of the ask tabs: each /ask_ call starts a conversation, /follow_up continues the last one
+        with gr.Column(visible=False):
+            api = SimpleNamespace(ask_image=gr.Button(), ask_video=gr.Button(), follow_up=gr.Button(),
+                                  question=gr.Textbox(label="Question"), answer=gr.Textbox(label="Answer"))
+        api.ask_image.click(act.ask_image, [session, img.image, img.question, img.compare],
+                            [session, api.answer, img.plain, img.details, img.matches], api_name="ask_image",
+                            **MODEL_EVENTS)
+        api.ask_video.click(act.ask_video, [session, vid.video, vid.question],
+                            [session, vid.frames, api.answer, vid.details], api_name="ask_video", **MODEL_EVENTS)
+        api.follow_up.click(act.follow_up, [session, api.question], [session, api.answer],
+                            api_name="follow_up", **MODEL_EVENTS)
 
         # Your concepts
         demo.load(act.panel, session, panel, **CHEAP, **PRIVATE)
@@ -191,6 +211,14 @@ def _answer_box(label: str, elem_id: str, **kwargs) -> gr.Textbox:
     return gr.Textbox(label=label, elem_id=elem_id, lines=6, max_lines=14, interactive=False, **kwargs)
 
 
+def _chat_view(elem_id: str) -> tuple[gr.Chatbot, gr.Button]:
+    """The conversation so far (visitor text shown as text: no Markdown, no HTML) and its "New conversation"."""
+    view = gr.Chatbot(label="Conversation (with your concepts)", elem_id=elem_id, height=360, render_markdown=False,
+                      latex_delimiters=[], feedback_options=None, buttons=["copy"],
+                      placeholder="Ask a first question; then follow-ups about the same photo or clip.")
+    return view, gr.Button("New conversation", size="sm", elem_id=f"{elem_id}-new")
+
+
 def _image_tab(s, examples) -> SimpleNamespace:
     with gr.Tab("Ask about an image", id="image"), gr.Row():
         with gr.Column():
@@ -198,7 +226,7 @@ def _image_tab(s, examples) -> SimpleNamespace:
             _hint(f"{IMAGE_FORMATS_TEXT}; up to {s.max_upload_mb} MiB and {s.max_image_pixels / 1e6:g} megapixels. "
                   "No photo: ask about your concepts themselves (\"What colour are Chelsea's eyes?\").")
             question = _question_box(s, "Is Chelsea in this photo?")
-            compare = gr.Checkbox(label="Also answer without memory (the plain model)")
+            compare = gr.Checkbox(label="Also answer the first question without memory (the plain model)")
             ask, stop = _ask_buttons()
             if examples.image_questions:
                 gr.Examples([list(e) for e in examples.image_questions], [image, question], cache_examples=False,
@@ -208,8 +236,8 @@ def _image_tab(s, examples) -> SimpleNamespace:
                             fn=lambda text: (None, text), run_on_click=True, cache_examples=False,
                             label="Questions without a photo (load the example concepts first)", **PRIVATE)
         with gr.Column():
-            answer = _answer_box("Answer (with your concepts)", "image-answer")
-            plain = _answer_box("Answer without memory", "plain-answer", visible=False)
+            chat, new = _chat_view("image-chat")
+            plain = _answer_box("First answer without memory", "plain-answer", visible=False)
             with gr.Accordion("Where each concept's memory matches the photo", open=False):
                 _hint("Brighter: that visual token of the photo looks more like one of the concept's memory "
                       "tokens (cosine similarity, relative within each picture). A hint of where the model may "
@@ -217,7 +245,7 @@ def _image_tab(s, examples) -> SimpleNamespace:
                 matches = gr.Gallery(show_label=False, elem_id="matches", columns=2, height="auto",
                                      interactive=False, object_fit="contain")
             details = gr.JSON(label="What went into the context")
-    return SimpleNamespace(image=image, question=question, compare=compare, ask=ask, stop=stop, answer=answer,
+    return SimpleNamespace(image=image, question=question, compare=compare, ask=ask, stop=stop, chat=chat, new=new,
                            plain=plain, details=details, matches=matches)
 
 
@@ -235,9 +263,9 @@ def _video_tab(s, examples) -> SimpleNamespace:
         with gr.Column():
             frames = gr.Gallery(label="Frames the model sees", elem_id="frames", columns=4, height="auto",
                                 interactive=False, object_fit="contain")
-            answer = _answer_box("Answer (with your concepts)", "video-answer")
+            chat, new = _chat_view("video-chat")
             details = gr.JSON(label="What went into the context")
-    return SimpleNamespace(video=video, question=question, ask=ask, stop=stop, frames=frames, answer=answer,
+    return SimpleNamespace(video=video, question=question, ask=ask, stop=stop, frames=frames, chat=chat, new=new,
                            details=details)
 
 
