@@ -1,4 +1,5 @@
-"""The Space in a real browser (Debian chromium driven by playwright): example, introduce, ask, screenshot.
+"""The Space in a real browser (Debian chromium driven by playwright): example, introduce, a two-turn conversation,
+screenshot.
 
 Needs Debian's /usr/bin/chromium (`apt-get install -y chromium`) and the `playwright` package, which is
 pointed at that browser and never downloads one of its own. Set EGO_SKIP_BROWSER=1 to skip this test on a
@@ -31,6 +32,9 @@ if os.environ.get("EGO_SKIP_BROWSER") == "1":
 
 @pytest.fixture(scope="module")
 def page(url):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)  # a model call on a busy machine takes longer than playwright's 5 s
     with chromium_browser() as browser:
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.set_default_timeout(WAIT_MS)
@@ -55,19 +59,36 @@ def test_introduce_ask_and_screenshot(page, tmp_path):
     # Ask about an example photo; the answer streams in and names the concept used.
     page.get_by_role("tab", name="Ask about an image").click()
     page.get_by_text("Is Chelsea in this photo? What is she doing?").first.click()
-    page.get_by_role("button", name="Ask", exact=True).first.click()
-    expect(page.locator("#image-answer textarea")).not_to_have_value("")
+    question = page.get_by_label("Question").first
+    expect(question).to_have_value("Is Chelsea in this photo? What is she doing?")   # the example is filled in
+    ask = page.get_by_role("button", name="Ask", exact=True).first
+    ask.click()
+    chat = page.locator("#image-chat")
+    expect(chat.locator("[data-testid='bot']")).to_have_count(1)
+    expect(chat.locator("[data-testid='bot']").first).not_to_have_text("")
     expect(page.get_by_text('"Chelsea"').first).to_be_visible()
     page.get_by_text("Where each concept's memory matches the photo").click()
     expect(page.locator("#matches img")).to_have_count(1)      # one picture per concept
     expect(page.locator("#matches").get_by_text("Chelsea · similarity")).to_be_visible()
 
+    # A follow-up about the same photo: a second turn in the same conversation, the message box emptied.
+    expect(question).to_have_value("")
+    question.fill("What is she holding?")
+    ask.click()
+    expect(chat.locator("[data-testid='bot']")).to_have_count(2)
+    expect(chat.locator("[data-testid='user']").nth(1)).to_contain_text("What is she holding?")
+    expect(chat.locator("[data-testid='user']").first).to_contain_text("Is Chelsea in this photo? What is she doing?")
+    expect(question).to_have_value("")
+    page.locator("#image-chat-new").click()                     # "New conversation" empties the view
+    expect(chat.locator("[data-testid='bot']")).to_have_count(0)
+
     # A question without a photo, about the concept itself: the example clears the photo.
     page.get_by_role("button", name="What colour are Chelsea's eyes?").click()
     expect(page.locator("#image-photo img")).to_have_count(0)
-    page.get_by_role("button", name="Ask", exact=True).first.click()
+    ask.click()
     expect(page.locator("#matches img")).to_have_count(0)      # nothing to draw the memory on
-    expect(page.locator("#image-answer textarea")).not_to_have_value("")
+    expect(chat.locator("[data-testid='bot']")).to_have_count(1)
+    expect(chat.locator("[data-testid='user']")).to_contain_text("What colour are Chelsea's eyes?")
 
     page.get_by_role("tab", name="Introduce").click()
     expect(page.locator("#patches img").first).to_be_visible()
