@@ -25,7 +25,7 @@ def concepts():
 
 def chelsea(engine, concepts):
     if engine.model_id not in concepts:
-        concepts[engine.model_id] = engine.introduce("Chelsea", [photo(1)], area_pct=10)
+        concepts[engine.model_id] = engine.introduce("Chelsea", [photo(1)], keywords=["tabby cat"], area_pct=10)
     return concepts[engine.model_id]
 
 
@@ -136,3 +136,16 @@ def test_a_one_question_answer_computes_its_whole_context():
     engine = tiny_engine("qwen2-vl")
     answer = engine.answer("Describe this photo.", image=photo(2), max_new_tokens=3)
     assert answer.prefill_tokens == answer.context_tokens > 0
+
+
+@pytest.mark.parametrize("family", ["qwen3-vl", "internvl3"])
+def test_a_conversation_about_a_clip_follows_up_on_its_cache(family, concepts):
+    engine = tiny_engine(family)
+    concept = chelsea(engine, concepts)
+    clip = [photo(seed) for seed in (4, 5, 6, 7)]
+    chat, reference = engine.chat([concept], video=clip), engine.chat([concept], video=clip)
+    assert chat.ask("Who is here?", max_new_tokens=4) == reference.ask("Who is here?", max_new_tokens=4)
+    engine.chat([concept], image=photo(2)).ask("And here?", max_new_tokens=4)   # another conversation between
+    cached = chat.ask(FOLLOW_UPS[0], max_new_tokens=4)
+    assert cached == reference.ask(FOLLOW_UPS[0], max_new_tokens=4, use_cache=False)
+    assert cached.prefill_tokens <= new_tokens(engine, FOLLOW_UPS[0]) + 1
