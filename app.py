@@ -97,9 +97,10 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
                                [session, img.chat, img.question, img.plain, img.details, img.matches],
                                **MODEL_EVENTS, **PRIVATE)
         img.stop.click(None, cancels=[asking], **PRIVATE)
-        for ending in (img.new.click, img.image.change):  # a new photo starts a new conversation too
-            ending(functools.partial(act.new_conversation, tab="image"), session, [session, img.chat], **CHEAP,
-                   **PRIVATE)
+        # A new photo, or "New conversation", ends the tab's conversation and stops its answer.
+        for ending in (img.new.click, img.image.change):
+            ending(None, cancels=[asking], **PRIVATE).then(functools.partial(act.new_conversation, tab="image"),
+                                                           session, [session, img.chat], **CHEAP, **PRIVATE)
 
         # Ask about a video: a conversation
         asking = vid.ask.click(act.chat_video, [session, vid.video, vid.question],
@@ -107,8 +108,8 @@ def build_demo(engine_factory_or_engine, settings=None, *, model_name: str | Non
                                **PRIVATE)
         vid.stop.click(None, cancels=[asking], **PRIVATE)
         for ending in (vid.new.click, vid.video.change):
-            ending(functools.partial(act.new_conversation, tab="video"), session, [session, vid.chat], **CHEAP,
-                   **PRIVATE)
+            ending(None, cancels=[asking], **PRIVATE).then(functools.partial(act.new_conversation, tab="video"),
+                                                           session, [session, vid.chat], **CHEAP, **PRIVATE)
 
         # The HTTP API of the ask tabs: each /ask_ call starts a conversation, /follow_up continues the last one
         with gr.Column(visible=False):

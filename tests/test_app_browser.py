@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -31,15 +32,34 @@ if os.environ.get("EGO_SKIP_BROWSER") == "1":
 
 
 @pytest.fixture(scope="module")
-def page(url):
+def browser():
+    """One browser for the module: playwright's sync API cannot start a second one while the first runs."""
+    with chromium_browser() as browser:
+        yield browser
+
+
+@pytest.fixture(scope="module")
+def page(url, browser):
     from playwright.sync_api import expect
 
     expect.set_options(timeout=WAIT_MS)  # a model call on a busy machine takes longer than playwright's 5 s
-    with chromium_browser() as browser:
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.set_default_timeout(WAIT_MS)
-        page.goto(url, wait_until="domcontentloaded")  # never "networkidle": Gradio keeps a stream open
-        yield page
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(WAIT_MS)
+    page.goto(url, wait_until="domcontentloaded")  # never "networkidle": Gradio keeps a stream open
+    yield page
+
+
+def settled(locator, quiet_s: float = 1.0) -> None:
+    """Wait until `locator`'s text stops changing for `quiet_s` (a streamed answer has ended)."""
+    deadline, last, since = time.monotonic() + WAIT_MS / 1000, None, time.monotonic()
+    while time.monotonic() < deadline:
+        text = locator.inner_text()
+        if text != last:
+            last, since = text, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the answer kept changing")
 
 
 def test_introduce_ask_and_screenshot(page, tmp_path):
@@ -73,6 +93,7 @@ def test_introduce_ask_and_screenshot(page, tmp_path):
 
     # A follow-up about the same photo: a second turn in the same conversation, the message box emptied.
     expect(question).to_have_value("")
+    settled(chat.locator("[data-testid='bot']").first)  # a click while the answer streams would be dropped
     question.fill("What is she holding?")
     ask.click()
     expect(chat.locator("[data-testid='bot']")).to_have_count(2)
@@ -110,20 +131,19 @@ def test_visitor_text_is_shown_not_run(page):
     assert page.locator("img[src='x']").count() == 0
 
 
-def test_panel_actions_that_cannot_act_say_why_where_the_visitor_looks(url):
+def test_panel_actions_that_cannot_act_say_why_where_the_visitor_looks(url, browser):
     """Remove, Export and Clear skip the queue, and the browser shows no error of such an event: each says why
     in the panel's status line, and a refused export leaves no error badge behind."""
     from playwright.sync_api import expect
 
-    with chromium_browser() as browser:
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.set_default_timeout(WAIT_MS)
-        page.goto(url, wait_until="domcontentloaded")
-        status = page.locator("#panel-status")
-        page.get_by_role("button", name="Remove", exact=True).click()
-        expect(status).to_contain_text("Pick the concept to remove from the list first.")
-        page.get_by_role("button", name="Export to a file").click()
-        expect(status).to_contain_text("There are no concepts to export yet; introduce or import one first.")
-        page.get_by_role("button", name="Clear all").click()
-        expect(status).to_contain_text("There are no concepts to clear.")
-        expect(page.get_by_label("Your concept file")).to_be_hidden()
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(WAIT_MS)
+    page.goto(url, wait_until="domcontentloaded")
+    status = page.locator("#panel-status")
+    page.get_by_role("button", name="Remove", exact=True).click()
+    expect(status).to_contain_text("Pick the concept to remove from the list first.")
+    page.get_by_role("button", name="Export to a file").click()
+    expect(status).to_contain_text("There are no concepts to export yet; introduce or import one first.")
+    page.get_by_role("button", name="Clear all").click()
+    expect(status).to_contain_text("There are no concepts to clear.")
+    expect(page.get_by_label("Your concept file")).to_be_hidden()
