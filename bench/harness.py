@@ -16,6 +16,9 @@ round-robin over the question scenarios, so that load drifting on a shared machi
     would write without Ego, built with the processor directly, the same text around each photo as
     around each memory, photos before the query image);
 * one question about a video (8 sampled frames), plainly and with 5 concepts;
+* a conversation about the query image with 5 concepts (`Ego.chat`): the first question, then a short
+  follow-up answered on the conversation's cached context; for each, the context tokens it computed
+  (`Answer.prefill_tokens`), the time to its first generated token and its latency;
 * the bytes a concept takes in memory (`Concept.nbytes`) and in a file (`ego.save_concepts`).
 
 The weights are random, so every answer is gibberish. To make the timings mean something, every
@@ -67,6 +70,8 @@ VISITORS = (1, 4, 8)
 CONCURRENT_CONCEPTS = 5
 QUESTION = "Is anyone or anything I know in this picture? Say who it is and what they are doing."
 VIDEO_QUESTION = "Is anyone or anything I know in this video? Say who it is and what they do."
+FOLLOW_UP = "What are they holding?"
+CONVERSATION_CONCEPTS = 5
 GIB = 1024 ** 3
 
 TARGETS = {
@@ -605,11 +610,13 @@ def _measure(engine, sizes: Sizes, log) -> dict:
     runs = _run_plan(engine, sizes, memory, plan, log)
     scenarios = _scenarios(plan, runs, log)
     storage.update(_context_growth(scenarios))
+    conversation = _measure_conversation(engine, sizes, memory, concepts[:CONVERSATION_CONCEPTS], query, log)
     return {
         "meta": _meta(engine, sizes, memory, weights_gib, query, frames),
         "introduce": introduce,
         "storage": storage,
         "scenarios": scenarios,
+        "conversation": conversation,
     }
 
 
@@ -744,6 +751,74 @@ def token_times(call: dict, started: float) -> tuple[float, float]:
     ttft = call["first_s"] - started
     decode_ms = (call["end_s"] - call["first_s"]) / max(1, call["new_tokens"] - 1) * 1000
     return ttft, decode_ms
+
+
+@contextlib.contextmanager
+def first_token_times(model, times: list):
+    """Every `model.generate` call inside appends to `times` the moment its first new token reached the host
+    (a streamer's second `put`: the first is the prompt)."""
+    original = model.generate
+
+    class FirstToken:
+        def __init__(self):
+            self.puts = 0
+
+        def put(self, value):
+            self.puts += 1
+            if self.puts == 2:
+                times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def generate(*args, **kwargs):
+        kwargs.setdefault("streamer", FirstToken())
+        return original(*args, **kwargs)
+
+    wrapped = "generate" in vars(model)  # inside another wrapper (`forced_generation`): put that one back
+    model.generate = generate
+    try:
+        yield times
+    finally:
+        if wrapped:
+            model.generate = original
+        else:
+            del model.generate
+
+
+def _measure_conversation(engine, sizes: Sizes, memory, concepts, query, log) -> dict:
+    """A conversation about the query photo knowing `concepts` (`Ego.chat`): the first question, then a short
+    follow-up on the conversation's cache. One warm-up conversation, then --repeats measured ones."""
+    device, stop_ids = engine.device, engine.backend.stop_token_ids
+    turns = {"first": [], "follow_up": []}
+    for repeat in range(sizes.repeats + 1):
+        chat = engine.chat(concepts, image=query)
+        for name, question in (("first", QUESTION), ("follow_up", FOLLOW_UP)):
+            memory.reset()
+            _sync(device)
+            firsts, generated = [], []
+            started = time.perf_counter()
+            with forced_generation(engine.model, stop_ids, generated), first_token_times(engine.model, firsts):
+                answer = chat.ask(question, max_new_tokens=sizes.new_tokens)
+            _sync(device)
+            latency = time.perf_counter() - started
+            if repeat:
+                turns[name].append({"latency_s": latency, "ttft_s": firsts[0] - started,
+                                    "prefill_tokens": answer.prefill_tokens, "context_tokens": answer.context_tokens,
+                                    "new_tokens": generated[0], "peak_mem_gib": memory.peak_gib()})
+    document = {"concepts": len(concepts), "question": QUESTION, "follow_up_question": FOLLOW_UP}
+    for name, records in turns.items():
+        document[name] = {
+            "prefill_tokens": records[0]["prefill_tokens"], "context_tokens": records[0]["context_tokens"],
+            "new_tokens": records[0]["new_tokens"],
+            "ttft_s": _median([r["ttft_s"] for r in records]), "latency_s": _median([r["latency_s"] for r in records]),
+            "latency_runs_s": [round(r["latency_s"], 4) for r in records],
+            "peak_mem_gib": max(r["peak_mem_gib"] for r in records),
+        }
+        entry = document[name]
+        log(f"conversation {name:9s} {entry['prefill_tokens']:6d} prefill of {entry['context_tokens']:6d} context "
+            f"tokens  first token {entry['ttft_s']:.3f} s  latency {entry['latency_s']:.3f} s")
+    return document
 
 
 def _scenarios(plan: list[tuple], runs: dict[str, dict], log) -> dict[str, dict]:
@@ -1147,6 +1222,20 @@ def markdown(results: dict) -> str:
         f"{storage['reference_tokens_per_photo']:.1f}.",
         "",
         *concurrency_lines(results["scenarios"]),
+    ]
+    conversation = results.get("conversation")  # (results written before conversations have none)
+    if conversation:
+        lines += ["## A conversation: a follow-up on the cached context", "",
+                  "| question | context tokens | computed (prefill) tokens | first token (s) | latency (s) "
+                  "| peak memory (GiB) |", "|---|---:|---:|---:|---:|---:|"]
+        for name, label in (("first", "first question"), ("follow_up", "follow-up")):
+            entry = conversation[name]
+            lines.append(f"| {label} | {entry['context_tokens']} | {entry['prefill_tokens']} | "
+                         f"{entry['ttft_s']:.3f} | {entry['latency_s']:.3f} | {entry['peak_mem_gib']:.2f} |")
+        lines += ["", f"The query image with {conversation['concepts']} concepts, asked "
+                  f"\"{conversation['question']}\", then \"{conversation['follow_up_question']}\": the follow-up "
+                  f"computes only its own tokens on the conversation's cache (`Ego.chat`).", ""]
+    lines += [
         f"## Introduction of a concept (one {intro['reference_size'][0]}x{intro['reference_size'][1]} photo, "
         f"{intro['reference_visual_tokens']} visual tokens; median of {intro['concepts_measured']} after 1 warm-up)",
         "",

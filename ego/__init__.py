@@ -14,7 +14,7 @@ import importlib
 
 _EXPORTS = {
     "AnswerRequest": "batching",
-    "Answer": "engine", "Ego": "engine", "memory_size": "engine", "select_concepts": "engine",
+    "Answer": "engine", "Chat": "engine", "Ego": "engine", "memory_size": "engine", "select_concepts": "engine",
     "similarity_to_query": "engine",
     "IncompatibleMemoryError": "errors", "InputError": "errors", "MemoryFileError": "errors",
     "ModelBusyError": "errors",

@@ -29,6 +29,7 @@ from ego.memory import load_concepts, read_thumbnails, save_concepts
 from ego.settings import Settings
 
 from . import views
+from .conversations import Conversations, messages
 from .examples import Examples
 from .loading import LazyEngine
 from .pictures import cached
@@ -193,8 +194,9 @@ class Actions:
     # Ask
     # ------------------------------------------------------------------------------------------
     def ask_image(self, session: Session, image, question, compare=False, progress=gr.Progress()):
-        """Stream (session, answer, answer without memory, details, where each concept matches) about a photo,
-        or, without one, about the visitor's concepts themselves (their memories are the only visual input)."""
+        """Start a conversation about a photo, or, without one, about the visitor's concepts themselves (their
+        memories are the only visual input); stream (session, answer, answer without memory, details, where each
+        concept matches)."""
         with for_visitor("answering"):
             if not image and not len(session):
                 raise InputError("Add a photo to ask about, or introduce a concept to ask about it without a photo.")
@@ -205,6 +207,10 @@ class Actions:
             started = time.perf_counter()
             plain = "(after the personalized answer)" if compare else ""
             answer, details, matches = "", {}, []
+            # The first answer comes from the scheduler (batched with other visitors' questions); the conversation
+            # takes it as its first turn, and its follow-ups run on its own cache.
+            chat = engine.chat(session.concepts, image=picture)
+            session.conversations.start("image", chat)
             stream = self._answer_stream(engine, question, session.concepts, image=picture)
             try:
                 for number, answer in enumerate(stream):
@@ -215,6 +221,8 @@ class Actions:
                     yield session, str(answer), plain, details, matches if number == 0 else gr.skip()
             finally:
                 stream.close()
+                if str(answer):  # stopped or not, the answer so far is the conversation's first turn
+                    chat.adopt(question, answer)
             if compare:  # streamed too, so that Stop or a closed tab also ends this answer at once
                 stream = self._answer_stream(engine, question, (), image=picture)
                 try:
@@ -244,7 +252,7 @@ class Actions:
                  f"{name} · similarity {overall.get(name, 0.0):.2f}") for name, grid in answer.similarity_maps]
 
     def ask_video(self, session: Session, video, question, progress=gr.Progress()):
-        """Stream (session, sampled frames, answer, details) about a clip."""
+        """Start a conversation about a clip; stream (session, sampled frames, answer, details)."""
         with for_visitor("answering"):
             if not video:
                 raise InputError("Add a video clip to ask about first.")
@@ -256,6 +264,8 @@ class Actions:
             engine = self._engine(progress)
             started = time.perf_counter()
             answer, details = "", {}
+            chat = engine.chat(session.concepts, video=(frames, metadata))
+            session.conversations.start("video", chat)
             stream = self._answer_stream(engine, question, session.concepts, video=(frames, metadata))
             try:
                 for number, answer in enumerate(stream):
@@ -265,7 +275,74 @@ class Actions:
                     yield session, gr.skip(), str(answer), details
             finally:
                 stream.close()
+                if str(answer):
+                    chat.adopt(question, answer)
             yield session, gallery, str(answer), details
+
+    # ------------------------------------------------------------------------------------------
+    # Conversations
+    # ------------------------------------------------------------------------------------------
+    def follow_up(self, session: Session, question, progress=gr.Progress()):
+        """Ask a follow-up in the conversation the visitor started last (/ask_image or /ask_video), on its cached
+        photo or clip and memories; stream (session, answer)."""
+        chats = session.conversations
+        for answer in self._follow_up(chats, chats.current, question, progress):
+            yield session, answer
+
+    def _follow_up(self, chats: Conversations, tab: str | None, question, progress):
+        """Stream the text of a follow-up in the `tab`'s conversation, on its cached context."""
+        with for_visitor("answering"):
+            if self.zero_gpu:  # a conversation's cache lives in one process; ZeroGPU answers in a new one each time
+                raise InputError("Follow-up questions are not available on this server's GPU; ask a new question "
+                                 "about the photo or clip instead.")
+            chat = chats.get(tab) if tab else None
+            if chat is None or not chat.turns:
+                raise InputError("There is no conversation to follow up yet: ask a first question about a photo "
+                                 "(/ask_image) or a clip (/ask_video).")
+            question = checks.check_question(question, self.settings)
+            self._engine(progress)
+            stream = chat.stream(question, max_new_tokens=self.settings.answer_max_new_tokens)
+            answer = ""
+            try:
+                for answer in stream:
+                    yield str(answer)
+            finally:
+                stream.close()
+            yield str(answer)
+
+    def chat_image(self, session: Session, image, message, compare=False, progress=gr.Progress()):
+        """The image tab's message: a first one starts a conversation about the photo (as /ask_image), a later one
+        follows it up. Streams (session, chat view, message box, answer without memory, details, where each concept
+        matches); the message box empties once the question is taken."""
+        chats = session.conversations
+        chat = chats.get("image")
+        if chat is not None and chat.turns:
+            before = list(chat.turns)
+            for answer in self._follow_up(chats, "image", message, progress):
+                yield session, messages(before, message, answer), "", gr.skip(), gr.skip(), gr.skip()
+            yield session, messages(chat.turns), "", gr.skip(), gr.skip(), gr.skip()
+            return
+        for _, answer, plain, details, matches in self.ask_image(session, image, message, compare, progress):
+            yield session, messages([], message, answer), "", plain, details, matches
+
+    def chat_video(self, session: Session, video, message, progress=gr.Progress()):
+        """The video tab's message: a first one starts a conversation about the clip (as /ask_video), a later one
+        follows it up. Streams (session, frames, chat view, message box, details)."""
+        chats = session.conversations
+        chat = chats.get("video")
+        if chat is not None and chat.turns:
+            before = list(chat.turns)
+            for answer in self._follow_up(chats, "video", message, progress):
+                yield session, gr.skip(), messages(before, message, answer), "", gr.skip()
+            yield session, gr.skip(), messages(chat.turns), "", gr.skip()
+            return
+        for _, frames, answer, details in self.ask_video(session, video, message, progress):
+            yield session, frames, messages([], message, answer), "", details
+
+    def new_conversation(self, session: Session, tab: str):
+        """End the tab's conversation (the next message starts one); returns (session, empty chat view)."""
+        session.conversations.end(tab)
+        return session, []
 
     # ------------------------------------------------------------------------------------------
     # The concept panel

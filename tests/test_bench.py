@@ -244,3 +244,21 @@ def test_concurrency_scenarios_report_throughput_and_latency(quick):
         assert entry["context_tokens"] > results["scenarios"]["plain"]["context_tokens"]   # the memories are in
     table = (out / "results.md").read_text()
     assert "## Visitors asking at the same moment" in table and table.count("\n| 8 |") == 1
+
+
+def test_the_follow_up_computes_only_its_own_tokens(quick):
+    out, results = quick
+    conversation = results["conversation"]
+    first, follow_up = conversation["first"], conversation["follow_up"]
+    assert conversation["concepts"] == 5
+    assert first["prefill_tokens"] == first["context_tokens"] == results["scenarios"]["ego_5"]["context_tokens"]
+    # The follow-up's context is the first one, the first answer and the new turn; only the last is computed.
+    assert (follow_up["context_tokens"]
+            == first["context_tokens"] + first["new_tokens"] + follow_up["prefill_tokens"] - 1)
+    assert 0 < follow_up["prefill_tokens"] < first["prefill_tokens"] / 4
+    forced = results["meta"]["sizes"]["new_tokens"]
+    for entry in (first, follow_up):
+        assert entry["new_tokens"] == forced
+        assert 0 < entry["ttft_s"] <= entry["latency_s"]
+        assert len(entry["latency_runs_s"]) == results["meta"]["sizes"]["repeats"]
+    assert "## A conversation: a follow-up on the cached context" in (out / "results.md").read_text()
