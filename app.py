@@ -10,6 +10,7 @@ no torch: the engine is imported when the demo is built, and the model is loaded
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 from types import SimpleNamespace
@@ -22,6 +23,11 @@ from space.page import CSS, EXPORTED_JS, ON_LOAD_JS, TRACK_CONCEPTS_JS, scroll_t
 PAPER_URL = "https://arxiv.org/abs/2603.09771"
 MODEL_EVENTS = dict(concurrency_id="model", concurrency_limit=1)
 """Every event that runs the model waits for the one before it: one shared model, one call at a time."""
+ANSWER_GROUP = "answers"
+"""With `answer_batch_max_size` above 1, questions run side by side, up to that many: their handlers hand them to one
+scheduler that answers those arriving together in one batched generation (`space.scheduler`); the engine still makes
+one model call at a time, so an introduction and a batch of answers take turns. With 1, questions wait in the
+model's group like every other model request."""
 PRIVATE = dict(api_visibility="private")
 """UI-only events: not part of the HTTP API."""
 CHEAP = dict(queue=False)
@@ -56,6 +62,8 @@ def build_demo(engine_factory_or_engine, space_settings=None, *, settings=None,
     examples = load_examples()
     act = Actions(engine, s, examples)
     sessions = Sessions()
+    answer_events = (dict(concurrency_id=ANSWER_GROUP, concurrency_limit=s.answer_batch_max_size)
+                     if s.answer_batch_max_size > 1 else MODEL_EVENTS)
 
     with gr.Blocks(title="Ego: personalize a vision-language model", analytics_enabled=False,
                    delete_cache=(s.upload_cleanup_interval_s, s.upload_max_age_s)) as demo:
@@ -99,30 +107,51 @@ def build_demo(engine_factory_or_engine, space_settings=None, *, settings=None,
         then_refresh(intro.examples_button.click(act.load_example_concepts, session, introduced,
                                                  **MODEL_EVENTS, **PRIVATE))
 
-        # Ask about an image (Ask, or Enter in the question); the answer without memory only when asked for.
-        # "Thinking…" fills the answer box at once, then the model's event streams the answer over it.
+        # Ask about an image: a conversation (Ask, or Enter in the message box); the first answer also without
+        # memory only when asked for. "Thinking…" shows in the conversation at once, then the answer streams over it.
         hint = guidance.example_concepts_hint([n for n, _ in examples.concepts],
                                               [q for _, q in examples.image_questions] + examples.text_questions)
         img.compare.change(lambda on: gr.Textbox(visible=on), img.compare, img.plain, queue=False, **PRIVATE)
         img_triggers = [img.ask.click, img.question.submit]
         gr.on(img_triggers, hint, [session, img.question], None, **PRIVATE)  # queued: it shows a message
-        gr.on(img_triggers, None, js=scroll_to_js("image-answer"), **PRIVATE)
-        asking = gr.on(img_triggers, guidance.thinking, None, img.answer, **CHEAP, **PRIVATE).then(
-            act.ask_image, [session, img.image, img.question, img.compare],
-            [session, img.answer, img.plain, img.details, img.matches], api_name="ask_image",
-            api_description=api.ASK_IMAGE, **MODEL_EVENTS)
-        img.stop.click(None, cancels=[asking], **PRIVATE).then(guidance.mark_stopped, img.answer, img.answer,
+        gr.on(img_triggers, None, js=scroll_to_js("image-chat"), **PRIVATE)
+        asking = gr.on(img_triggers, guidance.thinking_in_chat, [img.chat, img.question], img.chat,
+                       **CHEAP, **PRIVATE).then(
+            act.chat_image, [session, img.image, img.question, img.compare],
+            [session, img.chat, img.question, img.plain, img.details, img.matches], **answer_events, **PRIVATE)
+        img.stop.click(None, cancels=[asking], **PRIVATE).then(guidance.mark_stopped_in_chat, img.chat, img.chat,
                                                             **CHEAP, **PRIVATE)
+        # A new photo, or "New conversation", ends the tab's conversation and stops its answer.
+        for ending in (img.new.click, img.image.change):
+            ending(None, cancels=[asking], **PRIVATE).then(functools.partial(act.new_conversation, tab="image"),
+                                                           session, [session, img.chat], **CHEAP, **PRIVATE)
 
-        # Ask about a video
+        # Ask about a video: a conversation
         vid_triggers = [vid.ask.click, vid.question.submit]
         gr.on(vid_triggers, hint, [session, vid.question], None, **PRIVATE)
-        gr.on(vid_triggers, None, js=scroll_to_js("video-answer"), **PRIVATE)
-        asking = gr.on(vid_triggers, guidance.thinking, None, vid.answer, **CHEAP, **PRIVATE).then(
-            act.ask_video, [session, vid.video, vid.question], [session, vid.frames, vid.answer, vid.details],
-            api_name="ask_video", api_description=api.ASK_VIDEO, **MODEL_EVENTS)
-        vid.stop.click(None, cancels=[asking], **PRIVATE).then(guidance.mark_stopped, vid.answer, vid.answer,
+        gr.on(vid_triggers, None, js=scroll_to_js("video-chat"), **PRIVATE)
+        asking = gr.on(vid_triggers, guidance.thinking_in_chat, [vid.chat, vid.question], vid.chat,
+                       **CHEAP, **PRIVATE).then(
+            act.chat_video, [session, vid.video, vid.question],
+            [session, vid.frames, vid.chat, vid.question, vid.details], **answer_events, **PRIVATE)
+        vid.stop.click(None, cancels=[asking], **PRIVATE).then(guidance.mark_stopped_in_chat, vid.chat, vid.chat,
                                                             **CHEAP, **PRIVATE)
+        for ending in (vid.new.click, vid.video.change):
+            ending(None, cancels=[asking], **PRIVATE).then(functools.partial(act.new_conversation, tab="video"),
+                                                           session, [session, vid.chat], **CHEAP, **PRIVATE)
+
+        # The HTTP API of the ask tabs: each /ask_ call starts a conversation, /follow_up continues the last one
+        with gr.Column(visible=False):
+            hidden = SimpleNamespace(ask_image=gr.Button(), ask_video=gr.Button(), follow_up=gr.Button(),
+                                     question=gr.Textbox(label="Question"), answer=gr.Textbox(label="Answer"))
+        hidden.ask_image.click(act.ask_image, [session, img.image, img.question, img.compare],
+                               [session, hidden.answer, img.plain, img.details, img.matches], api_name="ask_image",
+                               api_description=api.ASK_IMAGE, **answer_events)
+        hidden.ask_video.click(act.ask_video, [session, vid.video, vid.question],
+                               [session, vid.frames, hidden.answer, vid.details], api_name="ask_video",
+                               api_description=api.ASK_VIDEO, **answer_events)
+        hidden.follow_up.click(act.follow_up, [session, hidden.question], [session, hidden.answer],
+                               api_name="follow_up", api_description=api.FOLLOW_UP, **MODEL_EVENTS)
 
         # Your concepts: a reload (or another tab of this browser) takes over the session its token names
         # One chain, not two load events: each returns the session, and the second to finish would win.
@@ -154,7 +183,7 @@ def build_demo(engine_factory_or_engine, space_settings=None, *, settings=None,
     # api_open=False: an event that uses the queue can be reached only through it (Gradio leaves its
     # direct REST route open everywhere but on HF Spaces, which would let a script skip the queue's limits).
     demo.queue(max_size=s.queue_max_size, api_open=False)
-    limit_requests_per_visitor(demo, MODEL_EVENTS["concurrency_id"], s.max_waiting_requests_per_visitor)
+    limit_requests_per_visitor(demo, (MODEL_EVENTS["concurrency_id"], ANSWER_GROUP), s.max_waiting_requests_per_visitor)
     return demo
 
 
@@ -234,6 +263,14 @@ def _answer_box(label: str, elem_id: str, **kwargs) -> gr.Textbox:
     return gr.Textbox(label=label, elem_id=elem_id, lines=6, max_lines=14, interactive=False, **kwargs)
 
 
+def _chat_view(elem_id: str) -> tuple[gr.Chatbot, gr.Button]:
+    """The conversation so far (visitor text shown as text: no Markdown, no HTML) and its "New conversation"."""
+    view = gr.Chatbot(label="Conversation (with your concepts)", elem_id=elem_id, height=360, render_markdown=False,
+                      latex_delimiters=[], feedback_options=None, buttons=["copy"],
+                      placeholder="Ask a first question; then follow-ups about the same photo or clip.")
+    return view, gr.Button("New conversation", size="sm", elem_id=f"{elem_id}-new")
+
+
 def _image_tab(s, examples) -> SimpleNamespace:
     with gr.Tab("Ask: image", id="image"):
         with gr.Row():
@@ -243,11 +280,11 @@ def _image_tab(s, examples) -> SimpleNamespace:
                 _hint(f"{IMAGE_FORMATS_TEXT}; up to {s.max_upload_mb} MiB and {s.max_image_pixels / 1e6:g} "
                       "megapixels. No photo: ask about your concepts themselves (\"What colour are Chelsea's eyes?\").")
                 question = _question_box(s, "Is Chelsea in this photo?", "image-question")
-                compare = gr.Checkbox(label="Also answer without memory (the plain model)")
+                compare = gr.Checkbox(label="Also answer the first question without memory (the plain model)")
                 ask, stop = _ask_buttons()
             with gr.Column():
-                answer = _answer_box("Answer (with your concepts)", "image-answer")
-                plain = _answer_box("Answer without memory", "plain-answer", visible=False)
+                chat, new = _chat_view("image-chat")
+                plain = _answer_box("First answer without memory", "plain-answer", visible=False)
                 with gr.Accordion("Where each concept's memory matches the photo", open=False):
                     _hint("Brighter: that visual token of the photo looks more like one of the concept's memory "
                           "tokens (cosine similarity, relative within each picture). A hint of where the model "
@@ -262,7 +299,7 @@ def _image_tab(s, examples) -> SimpleNamespace:
             gr.Examples([[q] for q in examples.text_questions], [question], [image, question],
                         fn=lambda text: (None, text), run_on_click=True, cache_examples=False,
                         label="Questions without a photo (load the example concepts first)", **PRIVATE)
-    return SimpleNamespace(image=image, question=question, compare=compare, ask=ask, stop=stop, answer=answer,
+    return SimpleNamespace(image=image, question=question, compare=compare, ask=ask, stop=stop, chat=chat, new=new,
                            plain=plain, details=details, matches=matches)
 
 
@@ -276,14 +313,14 @@ def _video_tab(s, examples) -> SimpleNamespace:
                 question = _question_box(s, "Is Chelsea in this video?", "video-question")
                 ask, stop = _ask_buttons()
             with gr.Column():
-                answer = _answer_box("Answer (with your concepts)", "video-answer")
+                chat, new = _chat_view("video-chat")
                 frames = gr.Gallery(label="Frames the model sees", elem_id="frames", columns=4, height="auto",
                                     interactive=False, object_fit="contain")
                 details = gr.JSON(label="What went into the context")
         if examples.video_questions:
             gr.Examples([list(e) for e in examples.video_questions], [video, question], cache_examples=False,
                         label="Example questions (about the example concepts: load them on the Introduce tab)")
-    return SimpleNamespace(video=video, question=question, ask=ask, stop=stop, frames=frames, answer=answer,
+    return SimpleNamespace(video=video, question=question, ask=ask, stop=stop, frames=frames, chat=chat, new=new,
                            details=details)
 
 
@@ -362,6 +399,12 @@ def choose_model(model: str | None) -> tuple[str, str]:
 def main(argv=None) -> None:
     import functools
 
+    from space.zerogpu import on_zero_gpu
+
+    zero_gpu = on_zero_gpu()
+    if zero_gpu:
+        import spaces  # noqa: F401 -- before torch: it sets up ZeroGPU's CUDA emulation in this process
+
     from ego import DEFAULT_SETTINGS, Ego, Settings
 
     args = parse_args(argv)
@@ -370,8 +413,15 @@ def main(argv=None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     settings = (Settings.paper() if args.protocol == "paper" else DEFAULT_SETTINGS).replace(decoding=args.decoding)
     quantization = None if args.quantization == "none" else args.quantization
-    factory = functools.partial(Ego.from_pretrained, model, quantization=quantization)
-    demo = build_demo(factory, settings=settings, model_name=model, model_note=model_note)
+    if zero_gpu:
+        settings = settings.replace(decoding="eager")  # ZeroGPU does not support torch.compile
+        if quantization == "auto":
+            quantization = None  # bf16: 4-bit quantization would run at start on the CPU, under the emulation
+    factory = functools.partial(Ego.from_pretrained, model, quantization=quantization,
+                                **({"device": "cuda"} if zero_gpu else {}))
+    # On ZeroGPU the model is loaded now, onto "cuda", so that launch packs it for the GPU workers.
+    demo = build_demo(factory(settings=settings) if zero_gpu else factory, settings=settings, model_name=model,
+                      model_note=model_note)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options(settings))
 
 

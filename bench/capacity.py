@@ -7,6 +7,9 @@
   eager decoding as an answer's), each question scenario's latency for its 32 tokens, and an introduction;
 - derived: an answer's fixed cost (vision tower, prefill, setup) = its measured latency minus 32 decode steps;
   an answer of n tokens then costs fixed + n * seconds per token;
+- measured, where the run has its concurrency scenarios (`concurrent_4`, `concurrent_8`): the step cost of a batch
+  of B, taken as B / its throughput ratio to one at a time (that ratio also carries the per-question vision tower
+  and prefill, which a batch does not share, so it is a slight overestimate of the step cost alone);
 - assumed: visitors arrive independently (Poisson), each active visitor asks one question every `think_s`
   seconds, every answer has the same length, and a batch of B answers decodes in `step_factor` times the time
   of one (1.0: purely host-bound steps; larger: the GPU work per step grows with the batch). Queueing is the
@@ -35,6 +38,9 @@ class Measured:
     """Scenario name -> an answer's cost besides its decode steps (vision tower, prefill, setup)."""
     introduction_s: float
     """Introducing a concept from one photo (description and size forced to their caps)."""
+    batch_step_factor: dict | None = None
+    """Visitors B -> the step cost of a batch of B over a lone step, from the run's concurrency scenarios
+    (`concurrent_B`, B > 1): B / their throughput ratio to one at a time; None when the run has none."""
 
 
 def measured_from_results(results: dict) -> Measured:
@@ -42,8 +48,11 @@ def measured_from_results(results: dict) -> Measured:
     intro = results["introduce"]
     token_s = intro["stages_s"]["description_s"] / intro["description_tokens"]
     fixed = {name: scenario["latency_s"] - scenario["new_tokens"] * token_s
-             for name, scenario in results["scenarios"].items()}
-    return Measured(token_s=token_s, answer_fixed_s=fixed, introduction_s=intro["total_s"])
+             for name, scenario in results["scenarios"].items() if "latency_s" in scenario}  # not concurrent_N
+    factors = {s["visitors"]: s["visitors"] / s["throughput_ratio"]
+               for s in results["scenarios"].values() if s.get("visitors", 1) > 1 and s.get("throughput_ratio")}
+    return Measured(token_s=token_s, answer_fixed_s=fixed, introduction_s=intro["total_s"],
+                    batch_step_factor=factors or None)
 
 
 def answer_s(measured: Measured, scenario: str, new_tokens: int, step_factor: float = 1.0) -> float:
@@ -102,6 +111,8 @@ def table(measured: Measured, *, scenario: str, new_tokens: int, latency_factor:
         service = answer_s(measured, scenario, new_tokens, factor)
         rate = max_arrivals_per_s(service, batch, target)
         name = "one at a time" if batch == 1 else f"batches of up to {batch}"
+        if batch > 1 and (measured.batch_step_factor or {}).get(batch) == factor:
+            name += " (step cost measured)"
         lines.append(f"| {name} | {factor:.2f} | {service:.2f} | {batch / service:.2f} | {rate:.2f} | "
                      f"{visitors(rate, think_s):.0f} |")
     return "\n".join(lines)
@@ -120,7 +131,8 @@ def main(argv=None) -> int:
           f"{measured.introduction_s:.2f} s; fixed cost of an answer: "
           + ", ".join(f"{name} {value:.3f} s" for name, value in measured.answer_fixed_s.items()) + "\n")
     print(table(measured, scenario=args.scenario, new_tokens=args.new_tokens, latency_factor=args.latency_factor,
-                think_s=args.think_s, batches=((1, 1.0), (8, 1.0), (8, 1.25), (8, 2.0), (16, 1.5))))
+                think_s=args.think_s, batches=((1, 1.0), (8, 1.0), (8, 1.25), (8, 2.0), (16, 1.5),
+                                               *sorted((measured.batch_step_factor or {}).items()))))
     return 0
 
 

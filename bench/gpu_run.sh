@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs of the benchmark, in one go: random weights of the real Qwen2.5-VL-7B architecture,
 # 4-bit NF4 (the default on CUDA) and bf16, each decoded eagerly and compiled (static KV cache, CUDA graphs)
-# side by side on the same loaded model, on one GPU, in under 8 minutes. See bench/RESULTS.md.
+# side by side on the same loaded model, on one GPU, in under 9 minutes. See bench/RESULTS.md.
 #
 # Made for an offline GPU machine whose image may lack the pinned libraries (e.g. torch 2.11 with CUDA 13,
 # an older transformers, no bitsandbytes, no PyAV, no network). Before copying the repository there, here, in
@@ -21,12 +21,15 @@
 # meta.compile) and measures compiled decoding; results.json holds both (`decoding_runs`, `decoding_comparison`,
 # and `decoding_equality`: the first 16 greedy tokens and logits of compiled against eager), its top level the
 # compiled run (meta.decoding "compiled"). TORCH_LOGS=recompiles puts the reason of any recompilation in the log.
-# Time limits (seconds), through the environment: BENCH_TOTAL_S (the whole script, default 470: under 8
+# Time limits (seconds), through the environment: BENCH_TOTAL_S (the whole script, default 540: under 9
 # minutes), BENCH_BUILD_LIMIT_S (building the 16.6 GB random-weight folder, default 150), BENCH_BF16_RESERVE_S
 # (kept for the bf16 run, default 160). The 4-bit run, the target setting, goes first and gets the rest of the
 # time. BENCH_REPEATS (measured calls per scenario, default 2), BENCH_CONCEPTS (concepts introduced for real,
 # default 5; the rest up to 20 are copies) and BENCH_PROFILE (the configurations whose compiled run is
 # profiled, default none; "nf4" adds about a minute) trade detail for GPU time.
+# BENCH_CONCURRENCY (the configurations that also measure 1, 4 and 8 visitors asking at the same moment, batched
+# and one at a time: results.json's concurrent_1/4/8, default "nf4", the target's setting) adds about a minute
+# to that configuration; it runs after its other results are written and before its profile.
 #
 # A rehearsal on a CPU (scaled-down 2B architecture, quick sizes, this machine's packages), e.g.:
 #     OUT=/tmp/gpu-rehearsal BENCH_DEVICE=cpu BENCH_MODEL=qwen2-vl-2b BENCH_SKIP_WHEELS=1 BENCH_FORCE_AVSTUB=1 \
@@ -36,12 +39,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT="${OUT:-bench/out/gpu}"
-TOTAL="${BENCH_TOTAL_S:-470}"
+TOTAL="${BENCH_TOTAL_S:-540}"
 BUILD_LIMIT="${BENCH_BUILD_LIMIT_S:-150}"
 BF16_RESERVE="${BENCH_BF16_RESERVE_S:-160}"
 REPEATS="${BENCH_REPEATS:-2}"
 CONCEPTS="${BENCH_CONCEPTS:-5}"
 PROFILE="${BENCH_PROFILE-}"
+CONCURRENCY="${BENCH_CONCURRENCY-nf4}"
 MODEL="${BENCH_MODEL:-qwen2.5-vl-7b}"
 DEVICE="${BENCH_DEVICE:-cuda}"
 ARCH_ARGS="${BENCH_ARCH_ARGS:-}"      # e.g. "--text-layers 1 --vision-depth 1" (both commands get it)
@@ -118,11 +122,13 @@ for config in nf4:4bit bf16:none; do
     if [ "$name" = nf4 ]; then limit=$(( left - BF16_RESERVE )); else limit=$(( left - 5 )); fi
     if [ "$limit" -lt 30 ]; then echo "== $name skipped: ${limit}s left"; status=1; continue; fi
     profile=""; case " $PROFILE " in *" $name "*) profile="--profile" ;; esac
-    echo "== $name (quantization $quantization, eager and compiled, $REPEATS repeats, ${profile:-no profile}, limit ${limit}s)"
+    concurrency="--no-concurrency"; case " $CONCURRENCY " in *" $name "*) concurrency="" ;; esac
+    echo "== $name (quantization $quantization, eager and compiled, $REPEATS repeats, ${profile:-no profile}," \
+         "${concurrency:-with concurrency}, limit ${limit}s)"
     # shellcheck disable=SC2086
     timeout "$limit" "$PYTHON" -m bench --model "$MODEL" --arch-dir "$ARCH_DIR" --quantization "$quantization" \
-        --device "$DEVICE" --decoding both --repeats "$REPEATS" --concepts "$CONCEPTS" $profile $ARCH_ARGS \
-        $BENCH_ARGS --out "$OUT/$name" 2>&1 \
+        --device "$DEVICE" --decoding both --repeats "$REPEATS" --concepts "$CONCEPTS" $profile $concurrency \
+        $ARCH_ARGS $BENCH_ARGS --out "$OUT/$name" 2>&1 \
         | tee "$OUT/$name/log.txt"
     code=${PIPESTATUS[0]}
     [ "$code" -eq 0 ] || { echo "== $name exited with $code"; status=1; }

@@ -16,6 +16,9 @@ round-robin over the question scenarios, so that load drifting on a shared machi
     would write without Ego, built with the processor directly, the same text around each photo as
     around each memory, photos before the query image);
 * one question about a video (the engine's `video_num_frames` sampled frames), plainly and with 5 concepts;
+* a conversation about the query image with 5 concepts (`Ego.chat`): the first question, then a short
+  follow-up answered on the conversation's cached context; for each, the context tokens it computed
+  (`Answer.prefill_tokens`), the time to its first generated token and its latency;
 * the bytes a concept takes in memory (`Concept.nbytes`) and in a file (`ego.save_concepts`).
 
 The weights are random, so every answer is gibberish. To make the timings mean something, every
@@ -62,8 +65,13 @@ from PIL import Image
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 COUNTS = (1, 5, 20)
 """Numbers of concepts (or reference photos) in the context."""
+VISITORS = (1, 4, 8)
+"""Numbers of visitors asking at the same moment (the concurrency scenarios), each with CONCURRENT_CONCEPTS."""
+CONCURRENT_CONCEPTS = 5
 QUESTION = "Is anyone or anything I know in this picture? Say who it is and what they are doing."
 VIDEO_QUESTION = "Is anyone or anything I know in this video? Say who it is and what they do."
+FOLLOW_UP = "What are they holding?"
+CONVERSATION_CONCEPTS = 5
 GIB = 1024 ** 3
 
 TARGETS = {
@@ -151,6 +159,9 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="after the measurement, profile one introduction and the plain and 20-concept "
                              "questions (torch.profiler): device busy time, kernels, top operations")
+    parser.add_argument("--no-concurrency", dest="concurrency", action="store_false",
+                        help="leave out the concurrency scenarios (1, 4 and 8 visitors asking at the same moment), "
+                             "measured after the other results are written")
     parser.add_argument("--text-layers", type=int, default=None,
                         help="for a real preset: cut the text model to this many layers (smoke tests)")
     parser.add_argument("--vision-depth", type=int, default=None,
@@ -207,6 +218,11 @@ def main(argv=None) -> int:
     results["targets"] = targets(results)
     write_outputs(results, out)
     _log(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'latency.png'}")
+    if args.concurrency:
+        # After the single-question results are on disk, like the profile: a run out of time loses nothing.
+        results["scenarios"].update(measure_concurrency(bench_engine(engine, args.sizes), args.sizes, log=_log))
+        write_outputs(results, out)
+        _log(f"added the concurrency scenarios to {out / 'results.json'} and {out / 'results.md'}")
     if args.profile:
         # After the measured results are on disk: a profile that fails or runs out of time loses nothing.
         results["profile"] = profile(engine, args.sizes, log=_log)
@@ -588,11 +604,13 @@ def _measure(engine, sizes: Sizes, log) -> dict:
     runs = _run_plan(engine, sizes, memory, plan, log)
     scenarios = _scenarios(plan, runs, log)
     storage.update(_context_growth(scenarios))
+    conversation = _measure_conversation(engine, sizes, memory, concepts[:CONVERSATION_CONCEPTS], query, log)
     return {
         "meta": _meta(engine, sizes, memory, weights_gib, query, frames),
         "introduce": introduce,
         "storage": storage,
         "scenarios": scenarios,
+        "conversation": conversation,
     }
 
 
@@ -729,6 +747,74 @@ def token_times(call: dict, started: float) -> tuple[float, float]:
     return ttft, decode_ms
 
 
+@contextlib.contextmanager
+def first_token_times(model, times: list):
+    """Every `model.generate` call inside appends to `times` the moment its first new token reached the host
+    (a streamer's second `put`: the first is the prompt)."""
+    original = model.generate
+
+    class FirstToken:
+        def __init__(self):
+            self.puts = 0
+
+        def put(self, value):
+            self.puts += 1
+            if self.puts == 2:
+                times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def generate(*args, **kwargs):
+        kwargs.setdefault("streamer", FirstToken())
+        return original(*args, **kwargs)
+
+    wrapped = "generate" in vars(model)  # inside another wrapper (`forced_generation`): put that one back
+    model.generate = generate
+    try:
+        yield times
+    finally:
+        if wrapped:
+            model.generate = original
+        else:
+            del model.generate
+
+
+def _measure_conversation(engine, sizes: Sizes, memory, concepts, query, log) -> dict:
+    """A conversation about the query photo knowing `concepts` (`Ego.chat`): the first question, then a short
+    follow-up on the conversation's cache. One warm-up conversation, then --repeats measured ones."""
+    device, stop_ids = engine.device, engine.backend.stop_token_ids
+    turns = {"first": [], "follow_up": []}
+    for repeat in range(sizes.repeats + 1):
+        chat = engine.chat(concepts, image=query)
+        for name, question in (("first", QUESTION), ("follow_up", FOLLOW_UP)):
+            memory.reset()
+            _sync(device)
+            firsts, generated = [], []
+            started = time.perf_counter()
+            with forced_generation(engine.model, stop_ids, generated), first_token_times(engine.model, firsts):
+                answer = chat.ask(question, max_new_tokens=sizes.new_tokens)
+            _sync(device)
+            latency = time.perf_counter() - started
+            if repeat:
+                turns[name].append({"latency_s": latency, "ttft_s": firsts[0] - started,
+                                    "prefill_tokens": answer.prefill_tokens, "context_tokens": answer.context_tokens,
+                                    "new_tokens": generated[0], "peak_mem_gib": memory.peak_gib()})
+    document = {"concepts": len(concepts), "question": QUESTION, "follow_up_question": FOLLOW_UP}
+    for name, records in turns.items():
+        document[name] = {
+            "prefill_tokens": records[0]["prefill_tokens"], "context_tokens": records[0]["context_tokens"],
+            "new_tokens": records[0]["new_tokens"],
+            "ttft_s": _median([r["ttft_s"] for r in records]), "latency_s": _median([r["latency_s"] for r in records]),
+            "latency_runs_s": [round(r["latency_s"], 4) for r in records],
+            "peak_mem_gib": max(r["peak_mem_gib"] for r in records),
+        }
+        entry = document[name]
+        log(f"conversation {name:9s} {entry['prefill_tokens']:6d} prefill of {entry['context_tokens']:6d} context "
+            f"tokens  first token {entry['ttft_s']:.3f} s  latency {entry['latency_s']:.3f} s")
+    return document
+
+
 def _scenarios(plan: list[tuple], runs: dict[str, dict], log) -> dict[str, dict]:
     """Each scenario's medians, and its ratios to the plain question on the same medium."""
     scenarios = {}
@@ -754,6 +840,98 @@ def _scenarios(plan: list[tuple], runs: dict[str, dict], log) -> dict[str, dict]
         entry["fastest_ratio_to_plain"] = entry["fastest_s"] / min(plain["latency_runs_s"])
         entry["context_ratio_to_plain"] = entry["context_tokens"] / plain["context_tokens"]
     return scenarios
+
+
+def measure_concurrency(engine, sizes: Sizes, log=lambda message: None) -> dict[str, dict]:
+    """Visitors who ask at the same moment (`VISITORS`), each with the memories of CONCURRENT_CONCEPTS concepts (one
+    introduced, under several names: the rows' values do not change the cost) and a photo of their own, through the
+    Space's answer scheduler (`space.scheduler`): batched (up to `answer_batch_max_size`, within its window), and
+    one at a time (a scheduler with batches of 1: the n-th visitor waits for n - 1 answers first). Per visitor,
+    latency = from asking to the whole answer; throughput = answers / (last answer - first question).
+    `throughput_ratio` is the batched throughput over the one-at-a-time throughput of the same visitors."""
+    from space.scheduler import AnswerScheduler
+    from space.settings import DEFAULT_SPACE_SETTINGS
+
+    space = DEFAULT_SPACE_SETTINGS   # the Space's batching, as it is served
+    batched = AnswerScheduler(space.answer_batch_window_s, space.answer_batch_max_size)
+    serial = AnswerScheduler(0.0, 1)
+    stop_ids, device, memory = engine.backend.stop_token_ids, engine.device, Memory(engine.device)
+    queries = [photo(2000 + i, sizes.query_size) for i in range(max(VISITORS))]
+    introduced = engine.introduce("concept 1", photo(0, sizes.reference_size), keywords="object", area_pct=20)
+    concepts = _padded_concepts([introduced], CONCURRENT_CONCEPTS)
+    scenarios = {}
+    for count in VISITORS:
+        records = {"batched": [], "serial": []}
+        peaks = []
+        for repeat in range(sizes.repeats + 1):                      # the first round is a warm-up
+            for mode, scheduler in (("batched", batched), ("serial", serial)):
+                memory.reset()
+                with forced_generation(engine.model, stop_ids, []):
+                    asked, answered, contexts = _visit_together(engine, scheduler, queries[:count], concepts, sizes)
+                _sync(device)
+                if repeat:
+                    records[mode].append((asked, answered))
+                    peaks.append(memory.peak_gib())
+        entry = _concurrency_entry(count, records, contexts, max(peaks), sizes)
+        scenarios[entry["name"]] = entry
+        log(f"{entry['name']:14s} {count} visitors: {entry['throughput_per_s']:.2f} answers/s "
+            f"({entry['throughput_ratio']:.2f}x one at a time), latency p50 {entry['latency_p50_s']:.3f} s, "
+            f"p95 {entry['latency_p95_s']:.3f} s")
+    return scenarios
+
+
+def _visit_together(engine, scheduler, queries, concepts, sizes: Sizes):
+    """Each visitor asks from a thread of their own, all at once: (asked at, answered at, context tokens) per
+    visitor, in seconds of `time.perf_counter`."""
+    import threading
+
+    count = len(queries)
+    asked, answered, contexts, failures = [0.0] * count, [0.0] * count, [0] * count, []
+    start = threading.Barrier(count)
+
+    def visitor(index):
+        start.wait()
+        asked[index] = time.perf_counter()
+        try:
+            *_, answer = scheduler.stream(engine, QUESTION, concepts, image=queries[index],
+                                          max_new_tokens=sizes.new_tokens)
+        except Exception as error:  # noqa: BLE001 -- raised below, in the benchmark's thread
+            failures.append(error)
+            return
+        answered[index], contexts[index] = time.perf_counter(), answer.context_tokens
+
+    threads = [threading.Thread(target=visitor, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return asked, answered, contexts
+
+
+def _concurrency_entry(count: int, records: dict, contexts: list[int], peak_gib: float, sizes: Sizes) -> dict:
+    def latencies(mode):
+        return [done - start for asked, answered in records[mode] for start, done in zip(asked, answered)]
+
+    def throughput(mode):
+        return _median([len(asked) / (max(answered) - min(asked)) for asked, answered in records[mode]])
+
+    batched, serial = sorted(latencies("batched")), sorted(latencies("serial"))
+    return {
+        "name": f"concurrent_{count}", "medium": "image", "method": "ego", "concepts": CONCURRENT_CONCEPTS,
+        "visitors": count, "context_tokens": int(_median(contexts)), "new_tokens": sizes.new_tokens,
+        "throughput_per_s": throughput("batched"), "one_at_a_time_throughput_per_s": throughput("serial"),
+        "throughput_ratio": throughput("batched") / throughput("serial"),
+        "latency_p50_s": _percentile(batched, 50), "latency_p95_s": _percentile(batched, 95),
+        "one_at_a_time_latency_p50_s": _percentile(serial, 50), "one_at_a_time_latency_p95_s": _percentile(serial, 95),
+        "latency_runs_s": [round(v, 4) for v in batched], "peak_mem_gib": peak_gib,
+    }
+
+
+def _percentile(values, share: float) -> float:
+    """The `share`-th percentile, linear between the closest ranks (numpy's default)."""
+    return float(np.percentile(np.asarray(values, dtype=float), share))
 
 
 def _context_growth(scenarios: dict[str, dict]) -> dict:
@@ -1025,7 +1203,7 @@ def markdown(results: dict) -> str:
         "context x plain | first token (s) | decode (ms/token) | peak memory (GiB) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for entry in results["scenarios"].values():
+    for entry in (e for e in results["scenarios"].values() if "visitors" not in e):
         lines.append(f"| {_label(entry)} | {entry['context_tokens']} | {entry['latency_s']:.3f} | "
                      f"{entry['ratio_to_plain']:.2f} | {entry['fastest_s']:.3f} | "
                      f"{entry['fastest_ratio_to_plain']:.2f} | "
@@ -1038,6 +1216,21 @@ def markdown(results: dict) -> str:
         f"{storage['context_tokens_per_concept']:.1f} context tokens; a full reference photo adds "
         f"{storage['reference_tokens_per_photo']:.1f}.",
         "",
+        *concurrency_lines(results["scenarios"]),
+    ]
+    conversation = results.get("conversation")  # (results written before conversations have none)
+    if conversation:
+        lines += ["## A conversation: a follow-up on the cached context", "",
+                  "| question | context tokens | computed (prefill) tokens | first token (s) | latency (s) "
+                  "| peak memory (GiB) |", "|---|---:|---:|---:|---:|---:|"]
+        for name, label in (("first", "first question"), ("follow_up", "follow-up")):
+            entry = conversation[name]
+            lines.append(f"| {label} | {entry['context_tokens']} | {entry['prefill_tokens']} | "
+                         f"{entry['ttft_s']:.3f} | {entry['latency_s']:.3f} | {entry['peak_mem_gib']:.2f} |")
+        lines += ["", f"The query image with {conversation['concepts']} concepts, asked "
+                  f"\"{conversation['question']}\", then \"{conversation['follow_up_question']}\": the follow-up "
+                  f"computes only its own tokens on the conversation's cache (`Ego.chat`).", ""]
+    lines += [
         f"## Introduction of a concept (one {intro['reference_size'][0]}x{intro['reference_size'][1]} photo, "
         f"{intro['reference_visual_tokens']} visual tokens; median of {intro['concepts_measured']} after 1 warm-up)",
         "",
@@ -1111,6 +1304,23 @@ def markdown(results: dict) -> str:
             lines += profile_lines(name, entry)
         lines += ["```", ""]
     return "\n".join(lines)
+
+
+def concurrency_lines(scenarios: dict) -> list[str]:
+    """The concurrency table of results.md (empty for a results file without it)."""
+    entries = [e for e in scenarios.values() if "visitors" in e]
+    if not entries:
+        return []
+    lines = [f"## Visitors asking at the same moment ({CONCURRENT_CONCEPTS} concepts and a photo each)", "",
+             "| visitors | answers/s batched | answers/s one at a time | ratio | latency p50 (s) | latency p95 (s) "
+             "| one at a time p50 (s) | one at a time p95 (s) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in entries:
+        lines.append(f"| {e['visitors']} | {e['throughput_per_s']:.3f} | {e['one_at_a_time_throughput_per_s']:.3f} | "
+                     f"{e['throughput_ratio']:.2f} | {e['latency_p50_s']:.3f} | {e['latency_p95_s']:.3f} | "
+                     f"{e['one_at_a_time_latency_p50_s']:.3f} | {e['one_at_a_time_latency_p95_s']:.3f} |")
+    return lines + ["", "Batched: questions that arrive together share one generation (the Space's scheduler, "
+                        "`answer_batch_max_size`, `answer_batch_window_s`); one at a time: each waits for the "
+                        "answers before it.", ""]
 
 
 def plot(results: dict, path: Path) -> None:

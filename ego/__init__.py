@@ -13,7 +13,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "Answer": "engine", "Ego": "engine", "memory_size": "engine", "select_concepts": "engine",
+    "AnswerRequest": "batching",
+    "Answer": "engine", "Chat": "engine", "Ego": "engine", "memory_size": "engine", "select_concepts": "engine",
     "similarity_to_query": "engine",
     "IncompatibleMemoryError": "errors", "InputError": "errors", "MemoryFileError": "errors",
     "ModelBusyError": "errors",

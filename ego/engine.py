@@ -34,7 +34,9 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,12 +44,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import checks, prompts
+from . import batching, checks, prompts
 from .attention import ATTENTION_NAME, AttentionCapture, capturing
 from .backends import Backend, backend_for_model_type
 from .backends.base import Encoded
+from .batching import AnswerRequest
 from .decoding import Decoder
-from .errors import IncompatibleMemoryError, InputError, ModelBusyError
+from .errors import IncompatibleMemoryError, InputError, MemoryFileError, ModelBusyError
 from .media import load_image, load_video
 from .memory import Concept, ConceptView
 from .presets import DEFAULT_PRESET, UNCALIBRATED, depth_scaled_layers, resolve
@@ -73,12 +76,15 @@ class Answer(str):
     similarity_maps: tuple[tuple[str, torch.Tensor], ...]
     """(name, float32 [rows, cols] on CPU) of every concept given, for an image question: how much each
     visual token of the image looks like the concept's memory (`similarity_to_query`), in raster order."""
+    prefill_tokens: int
+    """Context tokens this answer computed; in a conversation's follow-up, the rest came from its cache."""
 
     def __new__(cls, text: str, *, used=(), dropped=(), context_tokens=0, memory_tokens=0, similarity=(),
-                similarity_maps=()):
+                similarity_maps=(), prefill_tokens=None):
         answer = super().__new__(cls, text)
         answer.concepts_used, answer.concepts_dropped = tuple(used), tuple(dropped)
         answer.context_tokens, answer.memory_tokens = context_tokens, memory_tokens
+        answer.prefill_tokens = context_tokens if prefill_tokens is None else prefill_tokens
         answer.similarity, answer.similarity_maps = tuple(similarity), tuple(similarity_maps)
         return answer
 
@@ -162,6 +168,8 @@ class PreparedAnswer:
     memory_tokens: int
     similarity: list[tuple[str, float]]
     similarity_maps: list[tuple[str, torch.Tensor]]
+    encoded: Encoded | None = None
+    """The processor output (on CPU, pixels included): what a conversation recomputes its context from."""
 
     def answer(self, text: str) -> Answer:
         return Answer(text, used=self.used, dropped=self.dropped, context_tokens=self.context_tokens,
@@ -189,6 +197,7 @@ class Ego:
         self._lock = threading.Lock()  # one model call at a time; concurrent callers wait
         self.decoder = Decoder(model, settings.decoding, max_cache_tokens=settings.static_cache_max_tokens,
                                backend=settings.compile_backend)
+        self._cached_chats: OrderedDict[int, weakref.ref] = OrderedDict()  # least recently used first
 
     # ------------------------------------------------------------------------------------------
     # Loading
@@ -542,6 +551,61 @@ class Ego:
                 raise failure[0]
             yield prepared.answer(text.strip())
 
+    def answer_batch(self, requests: Sequence[AnswerRequest], *, stops: Sequence[threading.Event | None] | None = None,
+                     on_text: Callable[[int, Answer], None] | None = None) -> list[Answer | Exception]:
+        """Answer several questions (`ego.batching.AnswerRequest`: the arguments of `answer`) with one batched
+        generation; each answer equals the one `answer` gives for its request alone.
+
+        Returns, per request in order, its `Answer`, or the error that request alone raised while it was checked
+        and prepared (an `InputError`, `IncompatibleMemoryError`, ...): one visitor's mistake ends only their
+        question. stops: per request, an event that, once set, ends that request's answer where it is (the others
+        go on). on_text(index, answer so far) is called as each request's answer grows, in the calling thread.
+        """
+        requests = list(requests)
+        stops = list(stops) if stops is not None else [None] * len(requests)
+        results: list[Answer | Exception | None] = [None] * len(requests)
+        with self.exclusive_use():
+            prepared: dict[int, PreparedAnswer] = {}
+            for index, request in enumerate(requests):
+                try:
+                    prepared[index] = self._prepare_answer(request.question, request.concepts, request.image,
+                                                           request.video, request.max_new_tokens)
+                except (InputError, MemoryFileError) as error:
+                    results[index] = error
+            if prepared:
+                order = list(prepared)  # batch row -> request index
+                texts = self._generate_batch(list(prepared.values()), [stops[i] for i in order],
+                                             None if on_text is None else
+                                             lambda row, answer: on_text(order[row], answer))
+                for index, text in zip(prepared, texts):
+                    results[index] = prepared[index].answer(text)
+        return results
+
+    def _generate_batch(self, prepared: list[PreparedAnswer], stops: list, on_text) -> list[str]:
+        """One `generate` for the prepared questions (`ego.batching`), each row ended on its own; their texts."""
+        from transformers import StoppingCriteriaList
+
+        tokenizer, stop_ids = self.backend.tokenizer, self.backend.stop_token_ids
+        pad_id = self.model.generation_config.pad_token_id
+        pad_id = pad_id if pad_id is not None else stop_ids[0]
+        kwargs = batching.collate([p.generate for p in prepared], pad_id)
+        start = kwargs["input_ids"].shape[1]                                                   # L
+        slots = batching.left_pad_mask([p.slots for p in prepared], start)                     # bool [B, L]
+        extra = [p.residuals for p in prepared if p.residuals is not None]
+        residuals = torch.cat(extra, dim=1) if extra else None                                 # [levels, M, D]
+        budgets = [p.generate["max_new_tokens"] for p in prepared]
+
+        def on_step(row: int, ids: list[int]) -> None:
+            text = tokenizer.decode(batching.row_tokens(ids, budgets[row], stop_ids), skip_special_tokens=True)
+            on_text(row, prepared[row].answer(text))
+
+        control = batching.RowControl(start, budgets, stops, stop_ids, on_step if on_text is not None else None)
+        with torch.no_grad(), self.backend.memory_residuals(slots, residuals):
+            out = self.model.generate(**{**kwargs, **self.decoding}, stopping_criteria=StoppingCriteriaList([control]))
+        rows = out[:, start:].tolist()
+        return [tokenizer.decode(batching.row_tokens(ids, budget, stop_ids), skip_special_tokens=True).strip()
+                for ids, budget in zip(rows, budgets)]
+
     def _prepare_answer(self, question, concepts, image, video, max_new_tokens) -> PreparedAnswer:
         """Section 3.2 for one question: check it, choose the concepts, build the context, put the memories in."""
         query = self._check_question(question, concepts, image, video, max_new_tokens)
@@ -561,6 +625,7 @@ class Ego:
             used=[c.name for c in selection.kept], dropped=[c.name for c in selection.dropped],
             context_tokens=input_ids.shape[1], memory_tokens=int(memory.shape[0]),
             similarity=list(zip(names, selection.scores)), similarity_maps=list(zip(names, selection.maps)),
+            encoded=encoded,
         )
 
     def _check_question(self, question, concepts, image, video, max_new_tokens) -> Query:
@@ -569,6 +634,13 @@ class Ego:
         max_new_tokens = checks.check_max_new_tokens(max_new_tokens, self.settings)
         if image is not None and video is not None:
             raise InputError("Ask about one image or one video at a time, not both.")
+        concepts = self._check_compatible(concepts)
+        picture = load_image(image, self.settings) if image is not None else None
+        clip = load_video(video, self.settings) if video is not None else None
+        return Query(text=question, concepts=concepts, picture=picture, clip=clip, max_new_tokens=max_new_tokens)
+
+    def _check_compatible(self, concepts: Sequence[Concept]) -> list[Concept]:
+        """The concepts, if every one was made with this model (else `IncompatibleMemoryError`)."""
         concepts = list(concepts)
         for concept in concepts:
             levels = None if concept.residuals is None else concept.residuals.shape[0]
@@ -577,9 +649,7 @@ class Ego:
                 raise IncompatibleMemoryError(
                     f"The concept {concept.name!r} was made with {concept.model_id}, not {self.model_id}; "
                     f"introduce it again with this model.")
-        picture = load_image(image, self.settings) if image is not None else None
-        clip = load_video(video, self.settings) if video is not None else None
-        return Query(text=question, concepts=concepts, picture=picture, clip=clip, max_new_tokens=max_new_tokens)
+        return concepts
 
     def _encode_query(self, query: Query, text_blocks: list[dict]) -> Encoded:
         return self.backend.encode(
@@ -656,8 +726,51 @@ class Ego:
             self.backend.residual_levels, *c.embeddings.shape) for c in kept], dim=1)  # [levels, M, D]
 
     # ------------------------------------------------------------------------------------------
+    # 3.2 in a conversation: follow-up questions on the cached context
+    # ------------------------------------------------------------------------------------------
+    def chat(self, concepts: Sequence[Concept] = (), *, image=None, video=None) -> Chat:
+        """A conversation about one image or video (or neither), knowing `concepts`: its first question encodes
+        the photo or clip and the memories once, each follow-up computes only its own tokens (`Chat`)."""
+        if image is not None and video is not None:
+            raise InputError("Ask about one image or one video at a time, not both.")
+        concepts = self._check_compatible(concepts)
+        picture = load_image(image, self.settings) if image is not None else None
+        clip = load_video(video, self.settings) if video is not None else None
+        return Chat(self, concepts, picture, clip)
+
+    def _keep_cache(self, chat: Chat) -> None:
+        """Mark `chat`'s cache the most recently used, then drop the least recently used caches until all of
+        them together fit `max_cached_conversations_mb` (a conversation whose cache was dropped recomputes it on
+        its next question)."""
+        self._cached_chats.pop(id(chat), None)
+        self._cached_chats[id(chat)] = weakref.ref(chat)
+        holding = []
+        for key, ref in list(self._cached_chats.items()):
+            held = ref()
+            if held is None or held.cache_bytes == 0:
+                del self._cached_chats[key]
+            else:
+                holding.append(held)
+        total, budget = sum(held.cache_bytes for held in holding), self.settings.max_cached_conversations_bytes
+        for held in holding:                                  # least recently used first, `chat` last
+            if total <= budget:
+                break
+            total -= held.cache_bytes
+            held.drop_cache()
+            del self._cached_chats[id(held)]
+
+    # ------------------------------------------------------------------------------------------
     # The model guard
     # ------------------------------------------------------------------------------------------
+    def unguarded(self) -> Ego:
+        """This engine (the same model) without its one-call-at-a-time lock, for a process that runs one call at
+        a time by itself: a worker forked from this one (ZeroGPU) must not take a lock that the fork copied, as a
+        thread that no longer exists there may have held it."""
+        other = type(self).__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other._lock = contextlib.nullcontext()
+        return other
+
     @contextlib.contextmanager
     def exclusive_use(self):
         """The model to the caller alone for the block (other callers wait): one model call at a time; an
@@ -676,6 +789,231 @@ class Ego:
                     "The model ran out of memory on this request; try a smaller image, a shorter clip or "
                     "fewer concepts, then ask again."
                 )
+
+
+@dataclass
+class _Turn:
+    """One question of a conversation, ready for generate."""
+
+    question: str
+    generate: dict[str, Any]
+    """Keyword arguments of `model.generate`: the whole conversation's input_ids [1, T] and inputs_embeds
+    [1, T, D], and its cache when it is reused."""
+    slots: torch.Tensor
+    """The memory placeholders in the whole conversation: bool [1, T]."""
+    length: int
+    """T, the conversation's tokens before this answer."""
+    prefill_tokens: int
+    prepared: PreparedAnswer | None = None
+    """The first question's preparation (section 3.2); None for a follow-up."""
+
+
+class Chat:
+    """A conversation with the engine about one image or video (or neither), knowing some concepts.
+
+    The first question is answered as `Ego.answer` answers it (concepts chosen, memories placed at their
+    placeholders, the photo or clip encoded) and the key/value cache of the conversation is kept; a follow-up
+    closes the previous answer, opens a new user turn (`Backend.continue_turn`) and computes only those
+    tokens on that cache. Asked with `use_cache=False`, or after the engine dropped its cache
+    (`max_cached_conversations_mb`), a conversation recomputes its whole token sequence: the same greedy answer.
+    """
+
+    def __init__(self, engine: Ego, concepts: Sequence[Concept], picture, clip):
+        self.engine = engine
+        self.concepts, self.picture, self.clip = tuple(concepts), picture, clip
+        self.turns: list[tuple[str, Answer]] = []
+        """(question, Answer) of every question answered so far."""
+        self._ids: list[int] = []
+        """The conversation so far: the first context, then each answer (stop tokens removed) and user turn."""
+        self._slots = torch.zeros(0, dtype=torch.bool)
+        """The first context's memory placeholders, bool [L0] on CPU."""
+        self._memory: torch.Tensor | None = None
+        """The memory rows at those placeholders [M, D] on CPU, and their residuals [levels, M, D] or None."""
+        self._residuals: torch.Tensor | None = None
+        self._inputs: dict[str, Any] = {}
+        """The first question's processor output (pixels included), to recompute the context from."""
+        self._details: dict[str, Any] = {}
+        """What every answer reports about the first context (`Answer` fields)."""
+        self._cache = None
+        self._positions = None
+        """The backend's position state after this conversation's last generate (`Backend.save_positions`)."""
+        self._adopted: tuple[str, str] | None = None
+        """(question, answer text) of a first turn answered elsewhere, until the next question prepares it."""
+
+    @property
+    def cache_bytes(self) -> int:
+        """Memory held by the conversation's key/value cache (0 when it has none)."""
+        if self._cache is None:
+            return 0
+        return sum(t.numel() * t.element_size() for layer in self._cache.layers
+                   for t in (layer.keys, layer.values) if torch.is_tensor(t))
+
+    def drop_cache(self) -> None:
+        self._cache, self._positions = None, None
+
+    def ask(self, question: str, *, max_new_tokens: int | None = None, use_cache: bool = True) -> Answer:
+        """Answer `question` in this conversation. use_cache=False recomputes the whole conversation."""
+        with self.engine.exclusive_use():
+            turn = self._begin(question, max_new_tokens, use_cache)
+            return self._finish(turn, self._generate(turn))
+
+    def stream(self, question: str, *, max_new_tokens: int | None = None, use_cache: bool = True
+               ) -> Iterator[Answer]:
+        """Like `ask`, yielding the text so far as it is generated. Closing the iterator stops generation; the
+        answer so far stays in the conversation."""
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return stop.is_set()
+
+        stop, failure, outputs = threading.Event(), [], []
+        with self.engine.exclusive_use():
+            turn = self._begin(question, max_new_tokens, use_cache)
+            streamer = TextIteratorStreamer(self.engine.backend.tokenizer, skip_prompt=True,
+                                            skip_special_tokens=True, timeout=0.1)
+
+            def run():
+                try:
+                    outputs.append(self._generate(turn, streamer=streamer,
+                                                  stopping_criteria=StoppingCriteriaList([_Stop()])))
+                except Exception as error:  # noqa: BLE001 -- re-raised in the caller's thread below
+                    failure.append(error)
+                    streamer.end()
+
+            worker = threading.Thread(target=run, name="ego-generate", daemon=True)
+            worker.start()
+            text, answer = "", None
+            try:
+                while True:
+                    try:
+                        piece = next(streamer)
+                    except queue.Empty:
+                        if not worker.is_alive():
+                            break
+                        continue
+                    except StopIteration:
+                        break
+                    text += piece
+                    yield self._answer(text, turn)
+            finally:
+                stop.set()
+                worker.join()  # no time limit: generation writes the conversation's cache until it ends
+                if outputs:
+                    answer = self._finish(turn, outputs[0])
+            if failure:
+                raise failure[0]
+            yield answer
+
+    def adopt(self, question: str, answer: Answer) -> None:
+        """Take `answer`, given to `question` elsewhere (`Ego.answer_batch`, with other visitors' questions), as
+        this conversation's first turn. No model call now: the next question recomputes the context and that
+        answer once (as after a dropped cache), then keeps the conversation's cache."""
+        if self.turns:
+            raise InputError("Only a conversation with no question yet can take a first answer given elsewhere.")
+        self._adopted = (str(question), str(answer))
+        self.turns.append((str(question).strip(), answer))
+
+    def _context_from_adopted(self) -> None:
+        """The first context of an adopted turn, prepared as `Ego.answer` prepares it, then its answer's tokens."""
+        question, text = self._adopted
+        prepared = self.engine._prepare_answer(question, self.concepts, self.picture, self.clip, None)
+        self._remember_context(prepared)
+        self._ids = self._ids + self.engine.backend.tokenizer(text, add_special_tokens=False).input_ids
+        self._adopted = None
+
+    def _begin(self, question, max_new_tokens, use_cache: bool) -> _Turn:
+        """Every check, then the generate arguments: the first question's as `Ego.answer` prepares them, a
+        follow-up's for the whole conversation (its cache, if kept, holds all but the new tokens)."""
+        engine, settings = self.engine, self.engine.settings
+        if len(self.turns) >= settings.max_conversation_turns:
+            raise InputError(f"A conversation holds at most {settings.max_conversation_turns} questions; "
+                             f"start a new conversation to ask more.")
+        if not self.turns:
+            prepared = engine._prepare_answer(question, self.concepts, self.picture, self.clip, max_new_tokens)
+            # Its own cache: without one, compiled decoding would lend its shared static cache, which the next
+            # request resets, so the conversation could not be continued on it.
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=engine.model.config.get_text_config())
+            return _Turn(question=str(question).strip(),
+                         generate=dict(prepared.generate, past_key_values=cache, return_dict_in_generate=True),
+                         slots=prepared.slots, length=prepared.context_tokens,
+                         prefill_tokens=prepared.context_tokens, prepared=prepared)
+        text = checks.check_question(question, settings)
+        max_new_tokens = checks.check_max_new_tokens(max_new_tokens, settings)
+        if self._adopted is not None:
+            self._context_from_adopted()
+        said = prompts.neutralize(text, engine.backend.special_strings)
+        new_ids = engine.backend.tokenizer(engine.backend.continue_turn(said), add_special_tokens=False).input_ids
+        ids = self._ids + new_ids
+        if len(ids) + max_new_tokens > settings.max_conversation_context_tokens:
+            raise InputError(f"This conversation is full ({settings.max_conversation_context_tokens} tokens of "
+                             f"context); start a new conversation to ask more.")
+        input_ids = torch.tensor([ids], device=engine.device)                          # [1, T]
+        with torch.no_grad():
+            embeds = engine.model.get_input_embeddings()(input_ids).clone()             # [1, T, D]
+        slots = torch.zeros(1, len(ids), dtype=torch.bool)
+        slots[0, :self._slots.numel()] = self._slots
+        embeds[0, slots[0].to(embeds.device)] = self._memory.to(device=embeds.device, dtype=embeds.dtype)
+        # The processor's tensors grown to the whole conversation (the new tokens are text), pixels included.
+        kwargs = _extend(engine.backend.generate_kwargs(Encoded(inputs=self._inputs, visual_columns=slots[0])),
+                         len(ids))
+        cache = self._cache if use_cache else None
+        if cache is not None:  # the photo or clip is in the cache: its pixels are not read again
+            kwargs = {k: v for k, v in kwargs.items() if k not in engine.backend.vision_input_keys}
+            engine.backend.restore_positions(self._positions)
+        return _Turn(question=text, slots=slots, length=len(ids),
+                     prefill_tokens=len(ids) - (cache.get_seq_length() if cache is not None else 0),
+                     generate=dict(input_ids=input_ids, inputs_embeds=embeds, past_key_values=cache, **kwargs,
+                                   max_new_tokens=max_new_tokens, return_dict_in_generate=True,
+                                   **engine.decoding))
+
+    def _generate(self, turn: _Turn, **extra):
+        """generate for one turn (the memory's residuals added where the family adds them); a failure leaves the
+        conversation without a cache, since a half-written one cannot be continued."""
+        residuals = turn.prepared.residuals if turn.prepared is not None else self._residuals
+        try:
+            with torch.no_grad(), self.engine.backend.memory_residuals(turn.slots, residuals):
+                return self.engine.model.generate(**turn.generate, **extra)
+        except BaseException:
+            self.drop_cache()
+            raise
+
+    def _finish(self, turn: _Turn, out) -> Answer:
+        """Record the turn: its answer's tokens join the conversation, and the cache is kept for the next."""
+        engine = self.engine
+        generated = out.sequences[0, turn.length:].tolist()
+        answer_ids = _strip_stop(generated, engine.backend.stop_token_ids)
+        text = engine.backend.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+        if turn.prepared is not None:
+            self._remember_context(turn.prepared)
+        else:
+            self._ids = turn.generate["input_ids"][0].tolist()
+        self._ids = self._ids + answer_ids
+        self._cache = out.past_key_values
+        if self._cache.get_seq_length() > len(self._ids):   # a removed stop token the next turn writes itself
+            self._cache.crop(len(self._ids))
+        self._positions = engine.backend.save_positions()
+        engine._keep_cache(self)
+        answer = self._answer(text, turn)
+        self.turns.append((turn.question, answer))
+        return answer
+
+    def _remember_context(self, prepared: PreparedAnswer) -> None:
+        """Keep what a follow-up needs of the first context: its tokens, memory rows and processor output."""
+        self._ids = prepared.generate["input_ids"][0].tolist()
+        self._slots = prepared.slots[0].cpu()
+        self._memory = prepared.generate["inputs_embeds"][0, prepared.slots[0]].cpu()   # [M, D]
+        self._residuals = prepared.residuals
+        self._inputs = {k: v for k, v in prepared.encoded.inputs.items() if k != "input_ids"}
+        self._details = dict(used=prepared.used, dropped=prepared.dropped, memory_tokens=prepared.memory_tokens,
+                             similarity=prepared.similarity, similarity_maps=prepared.similarity_maps)
+
+    def _answer(self, text: str, turn: _Turn) -> Answer:
+        if turn.prepared is not None:
+            return turn.prepared.answer(text)
+        return Answer(text, context_tokens=turn.length, prefill_tokens=turn.prefill_tokens, **self._details)
 
 
 # ----------------------------------------------------------------------------------------------

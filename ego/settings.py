@@ -80,6 +80,16 @@ class Settings:
     """The largest length cap a caller may ask for."""
     stream_stop_timeout_s: float = 1.0
     """How long a stopped stream waits for its generation thread to end."""
+    max_conversation_turns: int = 20
+    """Questions in one conversation (`Ego.chat`); one more is refused with a sentence to start a new one."""
+    max_conversation_context_tokens: int = 16384
+    """Tokens one conversation may reach: its first context, every question and answer, and the next answer's
+    length cap. Past it, a follow-up is refused with a sentence to start a new conversation."""
+    max_cached_conversations_mb: float = 2048
+    """Key/value caches all conversations together keep for their follow-ups, in MiB (on the model's device);
+    beyond it the least recently used caches are dropped, and their conversations recompute their context on
+    the next question (the same answer, more slowly). A 1,000-token photo conversation of Qwen2.5-VL-7B holds
+    about 60 MiB."""
 
     # --- limits on what a visitor sends ---------------------------------------------------------
     max_references_per_concept: int = 5
@@ -124,6 +134,9 @@ class Settings:
     def max_upload_bytes(self) -> int:
         return self.max_upload_mb * 1024 * 1024
 
+    @property
+    def max_cached_conversations_bytes(self) -> int:
+        return int(self.max_cached_conversations_mb * 1024 * 1024)
 
 
 DEFAULT_SETTINGS = Settings()

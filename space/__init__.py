@@ -7,6 +7,8 @@
 - `space.examples`: the bundled examples (examples/examples.json) as absolute paths.
 - `space.pictures`: pictures for the page, written into Gradio's cache atomically (no race between visitors).
 - `space.links`, `space.uploads`: the server never fetches a link; uploads stop before they fill the disk.
+- `space.scheduler`: visitors' questions that arrive together answered by one batched generation.
+- `space.zerogpu`: on Hugging Face ZeroGPU, model calls in a GPU worker process (`spaces.GPU`).
 
 app.py imports these only when it builds the demo (they import the engine, hence torch).
 """

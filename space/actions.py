@@ -28,11 +28,14 @@ from ego.media import load_image, load_video
 from ego.memory import load_concepts, read_thumbnails, save_concepts
 
 from . import views
+from .conversations import Conversations, messages
 from .examples import Examples
 from .loading import LazyEngine
 from .pictures import cached
+from .scheduler import AnswerScheduler
 from .session import Entry, MemoryBudget, Session
 from .settings import SpaceSettings
+from .zerogpu import call_seconds, gpu, on_zero_gpu
 
 log = logging.getLogger("ego.space")
 
@@ -86,6 +89,38 @@ class Actions:
         self.examples = examples
         self.budget = MemoryBudget(settings.max_all_sessions_memory_bytes)
         """What all visitors' sessions may hold together: one per app, like the model."""
+        self.answers = AnswerScheduler(settings.answer_batch_window_s, settings.answer_batch_max_size)
+        """Questions of different visitors that arrive together are answered by one batched generation."""
+        self.zero_gpu = on_zero_gpu()
+        """On ZeroGPU each model call runs in a GPU worker process (`space.zerogpu`), one visitor's per call."""
+        fixed_s, per_token_s = settings.zero_gpu_call_fixed_s, settings.zero_gpu_call_per_token_s
+        per_photo = self.limits.description_max_new_tokens + self.limits.size_max_new_tokens
+        self._stream_on_gpu = gpu(self._stream_in_worker, duration=call_seconds(fixed_s, per_token_s))
+        self._introduce_on_gpu = gpu(self._introduce_in_worker, duration=lambda name, pictures, *rest: (
+            fixed_s + per_token_s * per_photo * len(pictures)))
+
+    # ------------------------------------------------------------------------------------------
+    # Model calls: picklable arguments and results, so that on ZeroGPU they can run in a GPU worker
+    # ------------------------------------------------------------------------------------------
+    def _worker_engine(self):
+        """The engine inside a model call: on ZeroGPU, in the forked worker, without its lock (`Ego.unguarded`)."""
+        engine = self._lazy.get()
+        return engine.unguarded() if self.zero_gpu else engine
+
+    def _stream_in_worker(self, question, concepts, image, video, max_new_tokens):
+        yield from self._worker_engine().stream_answer(question, concepts, image=image, video=video,
+                                                       max_new_tokens=max_new_tokens)
+
+    def _introduce_in_worker(self, name, pictures, keywords, area_pct):
+        return self._worker_engine().introduce(name, pictures, keywords=keywords, area_pct=area_pct)
+
+    def _answer_stream(self, engine, question, concepts, *, image=None, video=None):
+        """The answer as it grows (`ego.Answer`s): on ZeroGPU from a GPU call of this visitor's own, elsewhere
+        from the scheduler that answers questions arriving together in one batch. Closing it ends the answer."""
+        budget = self.limits.answer_max_new_tokens
+        if self.zero_gpu:
+            return self._stream_on_gpu(question, tuple(concepts), image, video, budget)
+        return self.answers.stream(engine, question, concepts, image=image, video=video, max_new_tokens=budget)
 
     def _engine(self, progress):
         """The model, loaded on first use; a load that fails is a server fault with its own sentence."""
@@ -109,12 +144,12 @@ class Actions:
             checks.check_reference_count(len(paths), self.limits)
             session.check_room([name], self.settings.max_concepts_per_session)
             self.budget.check()  # before the model's work, not after
-            engine = self._engine(progress)
+            self._engine(progress)  # loaded (and a failed load reported) before the model call
             started = time.perf_counter()
             progress(0.1, desc=f"Choosing the memory tokens of {len(paths)} photo{'s' * (len(paths) > 1)}…")
             pictures = [load_image(path, self.limits) for path in paths]  # decoded once, for both uses
-            concept = engine.introduce(name, pictures, keywords=(keywords or "").strip() or None,
-                                       area_pct=None if auto_size else size_pct)
+            concept = self._introduce_on_gpu(name, pictures, (keywords or "").strip() or None,
+                                             None if auto_size else size_pct)
             seconds = time.perf_counter() - started
             patches, heats = self._pictures([(concept, pictures)])
             report = views.introduction_report([concept], seconds)
@@ -133,13 +168,13 @@ class Actions:
                 return session, message, [], []
             session.check_room([name for name, _ in missing], self.settings.max_concepts_per_session)
             self.budget.check()
-            engine = self._engine(progress)
+            self._engine(progress)
             started = time.perf_counter()
             made = []
             for number, (name, paths) in enumerate(missing):
                 progress((number, len(missing)), desc=f"Introducing example concept {number + 1} of {len(missing)}…")
                 pictures = [load_image(path, self.limits) for path in paths]
-                made.append((engine.introduce(name, pictures), pictures))
+                made.append((self._introduce_on_gpu(name, pictures, None, None), pictures))
             seconds = time.perf_counter() - started
             patches, heats = self._pictures(made)
             report = views.introduction_report([c for c, _ in made], seconds)
@@ -164,8 +199,9 @@ class Actions:
     # Ask
     # ------------------------------------------------------------------------------------------
     def ask_image(self, session: Session, image, question, compare=False, progress=gr.Progress()):
-        """Stream (session, answer, answer without memory, details, where each concept matches) about a photo,
-        or, without one, about the visitor's concepts themselves (their memories are the only visual input)."""
+        """Start a conversation about a photo, or, without one, about the visitor's concepts themselves (their
+        memories are the only visual input); stream (session, answer, answer without memory, details, where each
+        concept matches)."""
         with for_visitor("answering"):
             if not image and not len(session):
                 raise InputError("Add a photo to ask about, or introduce a concept to ask about it without a photo.")
@@ -176,8 +212,11 @@ class Actions:
             started = time.perf_counter()
             plain = "(after the personalized answer)" if compare else ""
             answer, details, matches = "", {}, []
-            stream = engine.stream_answer(question, session.concepts, image=picture,
-                                          max_new_tokens=self.limits.answer_max_new_tokens)
+            # The first answer comes from the scheduler (batched with other visitors' questions); the conversation
+            # takes it as its first turn, and its follow-ups run on its own cache.
+            chat = engine.chat(session.concepts, image=picture)
+            session.conversations.start("image", chat)
+            stream = self._answer_stream(engine, question, session.concepts, image=picture)
             try:
                 for number, answer in enumerate(stream):
                     details = views.answer_details(answer, time.perf_counter() - started)
@@ -187,9 +226,10 @@ class Actions:
                     yield session, str(answer), plain, details, matches if number == 0 else gr.skip()
             finally:
                 stream.close()
+                if str(answer):  # stopped or not, the answer so far is the conversation's first turn
+                    chat.adopt(question, answer)
             if compare:  # streamed too, so that Stop or a closed tab also ends this answer at once
-                stream = engine.stream_answer(question, (), image=picture,
-                                              max_new_tokens=self.limits.answer_max_new_tokens)
+                stream = self._answer_stream(engine, question, (), image=picture)
                 try:
                     for plain in stream:
                         yield session, str(answer), str(plain), details, gr.skip()
@@ -217,7 +257,7 @@ class Actions:
                  f"{name} · similarity {overall.get(name, 0.0):.2f}") for name, grid in answer.similarity_maps]
 
     def ask_video(self, session: Session, video, question, progress=gr.Progress()):
-        """Stream (session, sampled frames, answer, details) about a clip."""
+        """Start a conversation about a clip; stream (session, sampled frames, answer, details)."""
         with for_visitor("answering"):
             if not video:
                 raise InputError("Add a video clip to ask about first.")
@@ -229,8 +269,9 @@ class Actions:
             engine = self._engine(progress)
             started = time.perf_counter()
             answer, details = "", {}
-            stream = engine.stream_answer(question, session.concepts, video=(frames, metadata),
-                                          max_new_tokens=self.limits.answer_max_new_tokens)
+            chat = engine.chat(session.concepts, video=(frames, metadata))
+            session.conversations.start("video", chat)
+            stream = self._answer_stream(engine, question, session.concepts, video=(frames, metadata))
             try:
                 for number, answer in enumerate(stream):
                     details = views.answer_details(answer, time.perf_counter() - started)
@@ -239,7 +280,74 @@ class Actions:
                     yield session, gr.skip(), str(answer), details
             finally:
                 stream.close()
+                if str(answer):
+                    chat.adopt(question, answer)
             yield session, gallery, str(answer), details
+
+    # ------------------------------------------------------------------------------------------
+    # Conversations
+    # ------------------------------------------------------------------------------------------
+    def follow_up(self, session: Session, question, progress=gr.Progress()):
+        """Ask a follow-up in the conversation the visitor started last (/ask_image or /ask_video), on its cached
+        photo or clip and memories; stream (session, answer)."""
+        chats = session.conversations
+        for answer in self._follow_up(chats, chats.current, question, progress):
+            yield session, answer
+
+    def _follow_up(self, chats: Conversations, tab: str | None, question, progress):
+        """Stream the text of a follow-up in the `tab`'s conversation, on its cached context."""
+        with for_visitor("answering"):
+            if self.zero_gpu:  # a conversation's cache lives in one process; ZeroGPU answers in a new one each time
+                raise InputError("Follow-up questions are not available on this server's GPU; ask a new question "
+                                 "about the photo or clip instead.")
+            chat = chats.get(tab) if tab else None
+            if chat is None or not chat.turns:
+                raise InputError("There is no conversation to follow up yet: ask a first question about a photo "
+                                 "(/ask_image) or a clip (/ask_video).")
+            question = checks.check_question(question, self.settings)
+            self._engine(progress)
+            stream = chat.stream(question, max_new_tokens=self.limits.answer_max_new_tokens)
+            answer = ""
+            try:
+                for answer in stream:
+                    yield str(answer)
+            finally:
+                stream.close()
+            yield str(answer)
+
+    def chat_image(self, session: Session, image, message, compare=False, progress=gr.Progress()):
+        """The image tab's message: a first one starts a conversation about the photo (as /ask_image), a later one
+        follows it up. Streams (session, chat view, message box, answer without memory, details, where each concept
+        matches); the message box empties once the question is taken."""
+        chats = session.conversations
+        chat = chats.get("image")
+        if chat is not None and chat.turns:
+            before = list(chat.turns)
+            for answer in self._follow_up(chats, "image", message, progress):
+                yield session, messages(before, message, answer), "", gr.skip(), gr.skip(), gr.skip()
+            yield session, messages(chat.turns), "", gr.skip(), gr.skip(), gr.skip()
+            return
+        for _, answer, plain, details, matches in self.ask_image(session, image, message, compare, progress):
+            yield session, messages([], message, answer), "", plain, details, matches
+
+    def chat_video(self, session: Session, video, message, progress=gr.Progress()):
+        """The video tab's message: a first one starts a conversation about the clip (as /ask_video), a later one
+        follows it up. Streams (session, frames, chat view, message box, details)."""
+        chats = session.conversations
+        chat = chats.get("video")
+        if chat is not None and chat.turns:
+            before = list(chat.turns)
+            for answer in self._follow_up(chats, "video", message, progress):
+                yield session, gr.skip(), messages(before, message, answer), "", gr.skip()
+            yield session, gr.skip(), messages(chat.turns), "", gr.skip()
+            return
+        for _, frames, answer, details in self.ask_video(session, video, message, progress):
+            yield session, frames, messages([], message, answer), "", details
+
+    def new_conversation(self, session: Session, tab: str):
+        """End the tab's conversation (the next message starts one); returns (session, empty chat view)."""
+        session.conversations.end(tab)
+        return session, []
 
     # ------------------------------------------------------------------------------------------
     # The concept panel

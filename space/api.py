@@ -22,6 +22,8 @@ ASK_IMAGE = ("Ask a question about a photo, with your concepts' memories in the 
              "true, what went into the context, and per concept where its memory matches the photo.")
 ASK_VIDEO = ("Ask a question about a clip (8 frames sampled evenly), with your concepts' memories in the "
              "context. Returns the frames the model saw, the answer and what went into the context.")
+FOLLOW_UP = ("Ask a follow-up question in your latest conversation (the one /ask_image or /ask_video started): "
+             "the same photo or clip and concepts, the answers so far in the context. Returns the answer.")
 LIST_CONCEPTS = "Your concepts: name, memory tokens, photos, keywords and size per photo."
 REMOVE_CONCEPT = "Remove one of your concepts by name. Returns your concepts that remain."
 EXPORT_CONCEPTS = "Write your concepts to one .safetensors file (no pickle) to keep them or move them."

@@ -38,6 +38,22 @@ def mark_stopped(answer) -> str:
     return text if text.endswith(STOPPED.strip()) else (text + STOPPED).strip()
 
 
+def thinking_in_chat(history, question) -> list[dict]:
+    """The conversation view the moment a question is asked: the question, and "Thinking…" as its answer."""
+    shown = [dict(message) for message in (history or [])]
+    if str(question or "").strip():
+        shown += [{"role": "user", "content": str(question)}, {"role": "assistant", "content": THINKING}]
+    return shown
+
+
+def mark_stopped_in_chat(history) -> list[dict]:
+    """The conversation view after Stop: its last answer marked as cut short."""
+    shown = [dict(message) for message in (history or [])]
+    if shown and shown[-1].get("role") == "assistant":
+        shown[-1]["content"] = mark_stopped(shown[-1].get("content"))
+    return shown
+
+
 def example_concepts_hint(example_names: list[str], example_questions: list[str]):
     """A handler (session, question) that warns when an example question names example concepts the
     visitor has not loaded: without them the model answers as if it had never seen them."""

@@ -26,6 +26,8 @@ from PIL import Image
 from ego.errors import InputError
 from ego.memory import Concept
 
+from .conversations import Conversations
+
 EXPORT_NAME = "ego-concepts.safetensors"
 
 
@@ -92,6 +94,8 @@ class Session:
         self._lock = threading.Lock()
         self._export_dir: str | None = None
         self._note = ""
+        self.conversations = Conversations()
+        """The visitor's conversations about a photo or a clip (server memory only, like the concepts)."""
 
     def __deepcopy__(self, memo) -> Session:
         # gr.State deep-copies its default once per visitor; a lock cannot be copied, so make a new one.

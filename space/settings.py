@@ -39,6 +39,16 @@ class SpaceSettings:
     """Model requests (introductions, questions, imports) one visitor may have queued or running at once, counted
     per session and per client address where it is known; one more is refused with a sentence, so that one
     visitor or script cannot fill the queue that all visitors share."""
+    answer_batch_max_size: int = 8
+    """Questions (of different visitors) answered together by one batched generation, at most; 1 answers them
+    one at a time. Introductions are always one at a time."""
+    answer_batch_window_s: float = 0.05
+    """How long the first waiting question waits for others to join its batch, in seconds."""
+    zero_gpu_call_fixed_s: float = 20.0
+    zero_gpu_call_per_token_s: float = 0.1
+    """On ZeroGPU, the GPU time a model call asks for: the fixed part plus this much per token of its budget (an
+    introduction: per token of its description and size answers), with a margin over the measured ~0.03 s per
+    token and ~1 s per photo."""
 
     # --- limits on what a visitor keeps ---------------------------------------------------------
     max_concepts_per_session: int = 50

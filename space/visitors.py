@@ -35,26 +35,29 @@ def client_address(request) -> str | None:
     return forwarded or None
 
 
-def _requests_for(queue, concurrency_id: str) -> list:
-    """The events of `concurrency_id` that are waiting in `queue` or running."""
-    waiting = getattr(queue.event_queue_per_concurrency_id.get(concurrency_id), "queue", [])
+def _requests_for(queue, concurrency_ids: set[str]) -> list:
+    """The events of `concurrency_ids` that are waiting in `queue` or running."""
+    waiting = [event for concurrency_id in concurrency_ids
+               for event in getattr(queue.event_queue_per_concurrency_id.get(concurrency_id), "queue", [])]
     running = [event for job in queue.active_jobs if job for event in job]
-    return [event for event in [*waiting, *running] if event.concurrency_id == concurrency_id]
+    return [event for event in [*waiting, *running] if event.concurrency_id in concurrency_ids]
 
 
-def limit_requests_per_visitor(demo, concurrency_id: str, max_requests: int) -> None:
-    """Refuse a request of `concurrency_id` from a session or address with `max_requests` already there."""
+def limit_requests_per_visitor(demo, concurrency_id: str | tuple[str, ...], max_requests: int) -> None:
+    """Refuse a request of `concurrency_id` (one or several: their requests count together) from a session or
+    address with `max_requests` already there."""
+    concurrency_ids = {concurrency_id} if isinstance(concurrency_id, str) else set(concurrency_id)
     queue = demo._queue
     push = queue.push
     joining = asyncio.Lock()  # count and join as one step: two requests sent together cannot both slip under
 
     async def push_within_limit(body, request, username):
         fn = demo.fns.get(body.fn_index) if body.fn_index is not None else None
-        if fn is None or fn.concurrency_id != concurrency_id:
+        if fn is None or fn.concurrency_id not in concurrency_ids:
             return await push(body, request, username)
         async with joining:
             address = client_address(request)
-            theirs = _requests_for(queue, concurrency_id)
+            theirs = _requests_for(queue, concurrency_ids)
             same_session = sum(body.session_hash is not None and e.session_hash == body.session_hash for e in theirs)
             same_address = sum(address is not None and client_address(e.request) == address for e in theirs)
             if max(same_session, same_address) >= max_requests:

@@ -322,3 +322,42 @@ def test_a_model_that_cannot_load_is_a_sentence_and_is_retried(caplog):
         with pytest.raises(gr.Error, match="model could not be loaded"):
             list(act.ask_image(Session(), QUERY, "Hi?", progress=quiet))
     assert len(attempts) == 2 and "OSError" in caplog.text
+
+
+def test_a_conversation_in_the_image_tab_follows_up_on_the_same_photo(act, engine):
+    session = Session()
+    act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), progress=quiet)
+    with pytest.raises(gr.Error, match="no conversation to follow up yet"):
+        list(act.follow_up(session, "And now?", progress=quiet))
+    steps = list(act.chat_image(session, QUERY, "Is Chelsea here?", progress=quiet))
+    _, view, box, _, details, matches = steps[-1]
+    first = view[-1]["content"]
+    assert view[0] == {"role": "user", "content": "Is Chelsea here?"} and box == ""
+    assert details["concepts_used"] == ["Chelsea"] and len(matches) == 1
+    # A follow-up streams into the same view; the details and matches of the first answer stay.
+    steps = list(act.chat_image(session, QUERY, "What is she holding?", progress=quiet))
+    _, view, box, *rest = steps[-1]
+    assert [m["content"] for m in view[::2]] == ["Is Chelsea here?", "What is she holding?"]
+    assert view[1]["content"] == first and rest == [gr.skip()] * 3
+    reference = engine.chat(session.concepts, image=QUERY)
+    reference.ask("Is Chelsea here?", max_new_tokens=SETTINGS.answer_max_new_tokens)
+    expected = reference.ask("What is she holding?", max_new_tokens=SETTINGS.answer_max_new_tokens, use_cache=False)
+    assert view[3]["content"] == str(expected)
+    # The HTTP API's follow-up continues the same conversation; "New conversation" ends it.
+    *_, (_, answer) = act.follow_up(session, "And the wall?", progress=quiet)
+    assert answer == str(reference.ask("And the wall?", max_new_tokens=SETTINGS.answer_max_new_tokens))
+    assert act.new_conversation(session, "image") == (session, [])
+    with pytest.raises(gr.Error, match="no conversation to follow up yet"):
+        list(act.follow_up(session, "And now?", progress=quiet))
+    _, view, *_ = list(act.chat_image(session, QUERY, "Is Chelsea here?", progress=quiet))[-1]
+    assert len(view) == 2 and view[1]["content"] == first
+
+
+def test_a_refused_follow_up_keeps_the_question_and_the_conversation(act):
+    session = Session()
+    *_, (_, frames, answer, _) = act.ask_video(session, CLIP, "What happens?", progress=quiet)
+    with pytest.raises(gr.Error, match="Type a question"):
+        list(act.chat_video(session, CLIP, "   ", progress=quiet))
+    _, _, view, box, _ = list(act.chat_video(session, CLIP, "And then?", progress=quiet))[-1]
+    assert [m["content"] for m in view] == ["What happens?", answer, "And then?", view[3]["content"]]
+    assert box == "" and len(session.conversations.get("video").turns) == 2

@@ -1,5 +1,5 @@
-"""The Space in a real browser (Debian chromium driven by playwright): example, introduce, ask, screenshot;
-a reload that keeps the concepts; a second tab on a phone-sized screen.
+"""The Space in a real browser (Debian chromium driven by playwright): example, introduce, a two-turn conversation,
+screenshot; a reload that keeps the concepts; a second tab on a phone-sized screen.
 
 Needs Debian's /usr/bin/chromium (`apt-get install -y chromium`) and the `playwright` package, which is
 pointed at that browser and never downloads one of its own. Set EGO_SKIP_BROWSER=1 to skip this test on a
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,19 @@ def page(url):
         yield page
 
 
+def settled(locator, quiet_s: float = 1.0) -> None:
+    """Wait until `locator`'s text stops changing for `quiet_s` (a streamed answer has ended)."""
+    deadline, last, since = time.monotonic() + WAIT_MS / 1000, None, time.monotonic()
+    while time.monotonic() < deadline:
+        text = locator.inner_text()
+        if text != last:
+            last, since = text, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the answer kept changing")
+
+
 def test_introduce_ask_and_screenshot(page, tmp_path):
     from playwright.sync_api import expect
 
@@ -61,20 +75,37 @@ def test_introduce_ask_and_screenshot(page, tmp_path):
     # Ask about an example photo; the answer streams in and names the concept used.
     page.get_by_role("tab", name="Ask: image").click()
     page.get_by_text("Is Chelsea in this photo? What is she doing?").first.click()
-    page.get_by_role("button", name="Ask", exact=True).first.click()
-    expect(page.locator("#image-answer textarea")).not_to_have_value("")
+    question = page.get_by_label("Question").first
+    expect(question).to_have_value("Is Chelsea in this photo? What is she doing?")   # the example is filled in
+    ask = page.get_by_role("button", name="Ask", exact=True).first
+    ask.click()
+    chat = page.locator("#image-chat")
+    expect(chat.locator("[data-testid='bot']")).to_have_count(1)
+    expect(chat.locator("[data-testid='bot']").first).not_to_have_text("")
     expect(page.get_by_text('"Chelsea"').first).to_be_visible()
     page.get_by_text("Where each concept's memory matches the photo").click()
     expect(page.locator("#matches img")).to_have_count(1)      # one picture per concept
     expect(page.locator("#matches").get_by_text("Chelsea · similarity")).to_be_visible()
 
+    # A follow-up about the same photo: a second turn in the same conversation, the message box emptied.
+    expect(question).to_have_value("")
+    settled(chat.locator("[data-testid='bot']").first)  # a click while the answer streams would be dropped
+    question.fill("What is she holding?")
+    ask.click()
+    expect(chat.locator("[data-testid='bot']")).to_have_count(2)
+    expect(chat.locator("[data-testid='user']").nth(1)).to_contain_text("What is she holding?")
+    expect(chat.locator("[data-testid='user']").first).to_contain_text("Is Chelsea in this photo? What is she doing?")
+    expect(question).to_have_value("")
+    page.locator("#image-chat-new").click()                     # "New conversation" empties the view
+    expect(chat.locator("[data-testid='bot']")).to_have_count(0)
+
     # A question without a photo, about the concept itself: the example clears the photo; Enter asks.
     page.get_by_role("button", name="What colour are Chelsea's eyes?").click()
     expect(page.locator("#image-photo img")).to_have_count(0)
-    page.locator("#image-answer textarea").evaluate("box => { box.value = ''; }")
     page.locator("#image-question").locator("textarea, input").first.press("Enter")
     expect(page.locator("#matches img")).to_have_count(0)      # nothing to draw the memory on
-    expect(page.locator("#image-answer textarea")).not_to_have_value("")
+    expect(chat.locator("[data-testid='bot']")).to_have_count(1)
+    expect(chat.locator("[data-testid='user']")).to_contain_text("What colour are Chelsea's eyes?")
 
     page.get_by_role("tab", name="Introduce").click()
     expect(page.locator("#patches img").first).to_be_visible()
@@ -159,7 +190,7 @@ def test_a_second_tab_on_a_phone_has_the_concepts_and_every_tab_label(page):
     # The answer box comes right under the Ask button, before the examples.
     phone.get_by_role("tab", name="Ask: image").click()
     ask = phone.get_by_role("button", name="Ask", exact=True).first.bounding_box()
-    answer = phone.locator("#image-answer").bounding_box()
+    answer = phone.locator("#image-chat").bounding_box()
     examples = phone.get_by_text("Example questions").first.bounding_box()
     assert ask["y"] < answer["y"] < examples["y"]
     phone.close()

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import running_demo
+from conftest import running_demo, tiny_engine
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = DEFAULT_SETTINGS.replace(answer_max_new_tokens=8)
 SHOW_ERROR = True
 """The module's server (conftest's `demo` and `url` fixtures)."""
-ENDPOINTS = {"/introduce", "/ask_image", "/ask_video", "/list_concepts", "/remove_concept", "/export_concepts",
-             "/import_concepts"}
+ENDPOINTS = {"/introduce", "/ask_image", "/ask_video", "/follow_up", "/list_concepts", "/remove_concept",
+             "/export_concepts", "/import_concepts"}
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +203,35 @@ def test_the_http_api_curl_example_runs(url):
     assert answered[0] is None and answered[3]["concepts_used"] == ["Chelsea"] and answered[1]
     assert json.loads(other) == [None, []]
     assert json.loads(refused)["error"] == "There is no concept with that name; pick one from the list."
+
+
+def test_the_readme_conversation_runs_with_gradio_client_and_curl(url, capsys):
+    """The README's two-turn examples as written: /ask_image starts a conversation, /follow_up continues it
+    (the answer a cached follow-up gives); a follow-up with no conversation is refused with a sentence."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("Each `/ask_image` or `/ask_video` call starts a conversation"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert 'Client("http://127.0.0.1:7860/")' in code and "/follow_up" in code
+    scope = {}
+    exec(compile(code.replace("http://127.0.0.1:7860/", url), "README.md", "exec"), scope)
+    printed = capsys.readouterr().out
+    # The answers the engine gives to the same two questions, the second recomputed without a cache.
+    engine = tiny_engine("qwen2.5-vl")
+    chat = engine.chat([engine.introduce("Chelsea", [str(ROOT / "examples/concepts/chelsea_1.jpg")])],
+                       image=str(ROOT / "examples/scenes/chelsea_query.jpg"))
+    first = chat.ask("Is Chelsea in this photo?", max_new_tokens=SETTINGS.answer_max_new_tokens)
+    second = chat.ask("What is she doing?", max_new_tokens=SETTINGS.answer_max_new_tokens, use_cache=False)
+    assert scope["answer"] == str(first) and printed.endswith(f"{first}\n{second}\n")
+    with pytest.raises(AppError, match="no conversation to follow up yet"):
+        Client(url, verbose=False).predict("What is she doing?", api_name="/follow_up")
+
+    first = re.search(r"```bash\n(.*?)```", readme[readme.index("Without Python's client"):], re.S).group(1)
+    second = re.search(r"```bash\n(.*?)```", readme[readme.index("A conversation over HTTP"):], re.S).group(1)
+    script = (first + 'echo "--- conversation"\n' + second).replace("URL=http://127.0.0.1:7860/gradio_api",
+                                                                   f"URL={url}gradio_api")
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    asked, followed = (json.loads(line) for line in done.stdout.split("--- conversation\n")[1].strip().splitlines())
+    assert asked[0] is None and asked[3]["concepts_used"] == ["Chelsea"]
+    assert followed[0] is None and isinstance(followed[1], str) and len(followed) == 2

@@ -32,6 +32,21 @@ def test_token_cost_and_fixed_cost_come_from_the_run():
     assert answer_s(measured, "plain", 100, step_factor=1.5) == pytest.approx(3.36)  # 0.36 + 100 * 0.03
 
 
+def test_a_measured_batch_step_cost_comes_from_the_concurrency_scenarios(tmp_path, capsys):
+    run = json.loads(json.dumps(SMALL_RUN))
+    run["scenarios"]["concurrent_1"] = {"visitors": 1, "throughput_ratio": 0.9}
+    run["scenarios"]["concurrent_8"] = {"visitors": 8, "throughput_ratio": 5.0}
+    measured = measured_from_results(run)
+    assert measured.batch_step_factor == {8: pytest.approx(1.6)}          # 8 / 5.0
+    assert measured_from_results(SMALL_RUN).batch_step_factor is None
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(run))
+    assert main(["--results", str(path), "--scenario", "ego_5"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "step cost measured" in line)
+    # 0.56 s fixed + 64 tokens * 0.02 s * 1.6
+    assert row.startswith("| batches of up to 8 (step cost measured) | 1.60 | 2.61 |")
+
+
 def test_the_committed_gpu_run_reads_as_the_document_says():
     measured = measured_from_results(json.loads(DEFAULT_RESULTS.read_text(encoding="utf-8")))
     assert measured.token_s * 1000 == pytest.approx(30.36, abs=0.01)              # 971.66 ms / 32 tokens

@@ -31,8 +31,9 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from ego import DEFAULT_SETTINGS
 from space.settings import SpaceSettings
 
+# Batches of 1: every model request waits in one Gradio queue, one at a time (test_app_batching.py has batches).
 SETTINGS = DEFAULT_SETTINGS.replace(answer_max_new_tokens=1024)
-SPACE_SETTINGS = SpaceSettings(queue_max_size=2, max_waiting_requests_per_visitor=1)
+SPACE_SETTINGS = SpaceSettings(queue_max_size=2, max_waiting_requests_per_visitor=1, answer_batch_max_size=1)
 PHOTO, QUERY = EXAMPLE_PHOTO, EXAMPLE_QUERY
 
 

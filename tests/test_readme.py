@@ -68,3 +68,20 @@ def test_the_settings_tables_list_every_setting_with_its_default():
     assert _table(engine) == _defaults(Settings)
     assert _table(space) == _defaults(SpaceSettings)
     assert not {f.name for f in dataclasses.fields(Settings)} & {f.name for f in dataclasses.fields(SpaceSettings)}
+
+
+def test_the_conversations_doc_example_runs(monkeypatch, capsys):
+    doc = (ROOT / "docs" / "conversations.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    assert 'Ego.from_pretrained("qwen2.5-vl-7b")' in code
+    code = code.replace('Ego.from_pretrained("qwen2.5-vl-7b")', 'Ego.from_pretrained("tiny-qwen2.5-vl")')
+    code = code.replace("chat.ask(", "chat.ask(max_new_tokens=4, question=").replace(
+        "chat.stream(", "chat.stream(max_new_tokens=4, question=")
+    monkeypatch.chdir(ROOT)
+    scope = {}
+    exec(compile(code, "conversations.md", "exec"), scope)
+    first, again = scope["first"], scope["again"]
+    assert first.prefill_tokens == first.context_tokens
+    assert 0 < again.prefill_tokens < again.context_tokens - first.context_tokens + 2
+    asked = "['Is Chelsea in this photo?', 'What is she doing?', 'And the colour of the wall?']"
+    assert asked in capsys.readouterr().out

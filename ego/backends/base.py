@@ -92,6 +92,16 @@ class Backend(abc.ABC):
         chat format of every family so far)."""
         return f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
+    def save_positions(self) -> Any:
+        """Position state the model keeps on itself after a generate and reads to continue from a cache (None
+        when the family keeps none). A conversation saves it after each answer and restores it before its next
+        cached question, since another conversation's generate in between overwrites it."""
+        return None
+
+    def restore_positions(self, saved: Any) -> None:
+        """Put back what `save_positions` returned (a family that keeps nothing has nothing to put back)."""
+        return None
+
     # --- vision -------------------------------------------------------------------------------
     @abc.abstractmethod
     def encode(self, text: str, *, image=None, video=None, image_max_pixels: int,

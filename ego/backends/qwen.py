@@ -99,6 +99,15 @@ class QwenBackend(Backend):
         rows, cols = self.grid(encoded)  # one image: its merged tokens are the rows, in raster order
         return torch.arange(rows * cols), (rows, cols)
 
+    # --- M-RoPE positions of a cached conversation ----------------------------------------------
+    def save_positions(self) -> torch.Tensor | None:
+        # transformers keeps the offset between a token's index and its M-RoPE position after the image on the
+        # model (`rope_deltas`, [1, 1]), and continues a cached sequence from it.
+        return self.model.model.rope_deltas
+
+    def restore_positions(self, saved: torch.Tensor | None) -> None:
+        self.model.model.rope_deltas = saved
+
     # --- Qwen3-VL's deepstack residuals ---------------------------------------------------------
     @property
     def residual_levels(self) -> int:

@@ -1,0 +1,52 @@
+"""One visitor's conversations: the value of the app's second `gr.State`.
+
+Each ask tab holds at most one conversation (`ego.Chat`) about its photo or clip; the HTTP API's `/follow_up`
+continues the one the visitor started last. A conversation holds the model's key/value cache for its
+follow-ups (bounded for all visitors together by `Settings.max_cached_conversations_mb`), so it lives only in
+this server's memory and is never copied or saved.
+"""
+
+from __future__ import annotations
+
+import threading
+
+TABS = ("image", "video")
+
+
+class Conversations:
+    """The visitor's current conversation in each ask tab, and which of them was started last."""
+
+    def __init__(self):
+        self._chats: dict[str, object] = {}
+        self.current: str | None = None
+        self._lock = threading.Lock()
+
+    def __deepcopy__(self, memo) -> Conversations:
+        # gr.State deep-copies its default once per visitor: each one starts with no conversation.
+        return Conversations()
+
+    def get(self, tab: str):
+        """The tab's conversation, or None."""
+        return self._chats.get(tab)
+
+    def start(self, tab: str, chat) -> None:
+        """`chat` replaces the tab's conversation and becomes the one `/follow_up` continues."""
+        with self._lock:
+            self._chats[tab] = chat
+            self.current = tab
+
+    def end(self, tab: str) -> None:
+        """The tab has no conversation any more (a new photo or clip, or "New conversation")."""
+        with self._lock:
+            self._chats.pop(tab, None)
+            if self.current == tab:
+                self.current = next(iter(self._chats), None)
+
+
+def messages(turns, question: str | None = None, partial: str | None = None) -> list[dict]:
+    """The chat view's value: each (question, answer) turn as a user and an assistant message, then the question
+    being answered with its answer so far."""
+    shown = []
+    for asked, answered in list(turns) + ([(question, partial or "")] if question is not None else []):
+        shown += [{"role": "user", "content": str(asked)}, {"role": "assistant", "content": str(answered)}]
+    return shown

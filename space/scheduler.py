@@ -1,0 +1,118 @@
+"""Questions that arrive together are answered together: one batched generation for several visitors.
+
+Decoding is host-bound (`bench/RESULTS.md`): one decode step for eight sequences costs about what one costs. So
+the Space does not answer questions strictly one after another. Each visitor's handler (a Gradio worker thread)
+puts its question in one queue and reads its own answer back as it grows; one worker thread owns the model calls:
+it takes the first waiting question, waits up to `answer_batch_window_s` for more (up to `answer_batch_max_size`
+in all), and answers them with one `Ego.answer_batch`. Every visitor keeps their own stream: the worker hands
+each answer's text to its visitor as it grows, and a visitor's Stop (the handler's generator being closed) ends
+only that visitor's answer, in the queue or in the batch.
+
+Gradio's own `batch=True` is not used: a batched Gradio function returns whole outputs, it cannot stream each
+visitor's answer or stop one of them. Introductions do not come here: they stay one at a time (docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ego.batching import AnswerRequest
+
+log = logging.getLogger("ego.space")
+
+
+@dataclass
+class _Ticket:
+    """One visitor's question on its way through the scheduler."""
+
+    engine: object
+    request: AnswerRequest
+    stop: threading.Event = field(default_factory=threading.Event)
+    updates: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    """("text", Answer so far), then ("done", Answer) or ("error", exception)."""
+
+
+class AnswerScheduler:
+    """One queue of questions and one worker thread that answers them in batches (see the module's text)."""
+
+    def __init__(self, window_s: float, max_batch: int):
+        if max_batch < 1 or window_s < 0:
+            raise ValueError("answer_batch_max_size must be at least 1 and answer_batch_window_s at least 0.")
+        self.window_s, self.max_batch = float(window_s), int(max_batch)
+        self._waiting: queue.SimpleQueue[_Ticket] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._starting = threading.Lock()
+        self.batch_sizes: list[int] = []
+        """The size of every batch answered so far (the server log says the same)."""
+
+    def stream(self, engine, question, concepts=(), *, image=None, video=None,
+               max_new_tokens=None) -> Iterator:
+        """Like `engine.stream_answer`: the answer's text so far as it grows (`ego.Answer`), the whole answer
+        last; closing the iterator ends this answer alone."""
+        ticket = _Ticket(engine, AnswerRequest(question, tuple(concepts), image, video, max_new_tokens))
+        self._start()
+        self._waiting.put(ticket)
+        try:
+            while True:
+                try:
+                    kind, value = ticket.updates.get(timeout=1.0)
+                except queue.Empty:
+                    if not self._worker.is_alive():
+                        raise RuntimeError("the answer scheduler's worker thread has ended") from None
+                    continue
+                if kind == "error":
+                    raise value
+                yield value
+                if kind == "done":
+                    return
+        finally:
+            ticket.stop.set()   # a visitor who left or pressed Stop: their row ends, the others go on
+
+    def _start(self) -> None:
+        with self._starting:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._serve, name="ego-answers", daemon=True)
+                self._worker.start()
+
+    def _serve(self) -> None:
+        while True:
+            batch = self._gather()
+            if batch:
+                self._answer(batch)
+
+    def _gather(self) -> list[_Ticket]:
+        """The first waiting question, and those that arrive within the window after it (up to the maximum);
+        questions whose visitor left while they waited are dropped."""
+        batch = [self._waiting.get()]
+        deadline = time.monotonic() + self.window_s
+        while len(batch) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            try:
+                batch.append(self._waiting.get(timeout=remaining) if remaining > 0 else self._waiting.get_nowait())
+            except queue.Empty:
+                break
+        return [ticket for ticket in batch if not ticket.stop.is_set()]
+
+    def _answer(self, batch: list[_Ticket]) -> None:
+        engine = batch[0].engine
+        same = [ticket for ticket in batch if ticket.engine is engine]
+        for other in batch:
+            if other.engine is not engine:   # another engine (not in the Space, which has one): a later batch
+                self._waiting.put(other)
+        started = time.perf_counter()
+        try:
+            results = engine.answer_batch([t.request for t in same], stops=[t.stop for t in same],
+                                          on_text=lambda index, answer: same[index].updates.put(("text", answer)))
+        except Exception as error:  # noqa: BLE001 -- every visitor of the batch gets it; the worker goes on
+            for ticket in same:
+                ticket.updates.put(("error", error))
+            return
+        for ticket, result in zip(same, results):
+            ticket.updates.put(("error", result) if isinstance(result, Exception) else ("done", result))
+        self.batch_sizes.append(len(same))
+        log.info("answered a batch of %d in %.2f s", len(same), time.perf_counter() - started)

@@ -1,0 +1,151 @@
+"""Several visitors' questions in one batched generation: each answer equals the same question asked alone."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAMILIES, photo, spy_on_generate, tiny_engine
+
+from ego import InputError
+from ego.batching import AnswerRequest, collate
+
+SMALL = dict(query_image_max_pixels=224 * 224, reference_max_pixels=224 * 224, video_frame_max_pixels=112 * 112,
+             video_num_frames=4)
+
+
+def clip(seed: int) -> np.ndarray:
+    return np.random.RandomState(seed).randint(0, 255, (4, 96, 128, 3)).astype(np.uint8)
+
+
+_SETUPS: dict = {}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def setup(request):
+    return build_setup(request.param)
+
+
+@pytest.fixture(scope="module")
+def one_family():
+    """Stop, streaming and errors are the same code on every family: one family is enough."""
+    return build_setup("qwen2.5-vl")
+
+
+def build_setup(family: str):
+    """(engine, three concepts of 1, 2 and 1 photos, a mix of questions, their answers alone): images, a video, no
+    media; 0 to 3 concepts; questions and budgets of different lengths. Built once per family."""
+    if family in _SETUPS:
+        return _SETUPS[family]
+    engine = tiny_engine(family).with_settings(**SMALL)
+    cat = engine.introduce("Chelsea", [photo(1)], keywords="tabby cat", area_pct=8)
+    mug = engine.introduce("Mug", [photo(2), photo(3)], keywords="white mug", area_pct=3)
+    rocket = engine.introduce("Rocket", [photo(4)], keywords="rocket", area_pct=15)
+    requests = [
+        AnswerRequest("Is Chelsea in this photo?", (cat,), image=photo(5), max_new_tokens=7),
+        AnswerRequest("What happens in this clip, and where is the mug that Chelsea likes to sit next to?",
+                      (cat, mug), video=clip(6), max_new_tokens=11),
+        AnswerRequest("Hi", (), max_new_tokens=4),
+        AnswerRequest("Which of them is here?", (mug, rocket, cat), image=photo(7, size=(240, 160)), max_new_tokens=9),
+        AnswerRequest("Describe it.", (), image=photo(8), max_new_tokens=6),
+    ]
+    lone = [alone(engine, r) for r in requests]
+    _SETUPS[family] = engine, (cat, mug, rocket), requests, lone
+    return _SETUPS[family]
+
+
+def alone(engine, request: AnswerRequest):
+    return engine.answer(request.question, request.concepts, image=request.image, video=request.video,
+                         max_new_tokens=request.max_new_tokens)
+
+
+def test_every_batched_answer_equals_the_same_question_asked_alone(setup):
+    engine, _, requests, lone = setup
+    batched = engine.answer_batch(requests)
+    assert [str(a) for a in batched] == [str(a) for a in lone]
+    for a, b in zip(batched, lone):
+        assert (a.concepts_used, a.context_tokens, a.memory_tokens) == (b.concepts_used, b.context_tokens,
+                                                                         b.memory_tokens)
+        assert [name for name, _ in a.similarity] == [name for name, _ in b.similarity]
+        assert np.allclose([s for _, s in a.similarity], [s for _, s in b.similarity], atol=1e-5)
+    # the same questions in another order and another grouping answer the same
+    reordered = engine.answer_batch(requests[::-1][:2])
+    assert [str(a) for a in reordered] == [str(a) for a in lone[::-1][:2]]
+
+
+def test_each_row_gets_only_its_own_memories_and_no_padding(setup, monkeypatch):
+    engine, concepts, requests, _ = setup
+    calls = spy_on_generate(monkeypatch, engine)
+    engine.answer_batch(requests)
+    (kwargs,) = calls
+    embeds, mask, ids = kwargs["inputs_embeds"], kwargs["attention_mask"], kwargs["input_ids"]    # [B, L, D], [B, L]
+    placeholder = engine.backend.placeholder_id
+    every_row = {c.name: c.embeddings.to(embeds.dtype) for c in concepts}                        # [K_c, D] each
+    for row, request in enumerate(requests):
+        real = mask[row].bool()
+        # left padding: the row's real tokens are one block at the end, and they are this request's context
+        assert real[real.nonzero()[0, 0]:].all() and real[-1]
+        lone = engine._prepare_answer(request.question, request.concepts, request.image, request.video,
+                                      request.max_new_tokens)
+        assert torch.equal(ids[row][real], lone.generate["input_ids"][0])
+        mine = torch.cat([c.embeddings for c in request.concepts]).to(embeds.dtype) if request.concepts else None
+        slots = ids[row] == placeholder
+        if mine is None:
+            assert not slots.any()
+        else:
+            assert torch.equal(embeds[row][slots], mine)
+        # no memory row of a concept this visitor did not give appears anywhere in their row
+        for name, rows in every_row.items():
+            if name in {c.name for c in request.concepts}:
+                continue
+            hits = (embeds[row][:, None, :] == rows[None]).all(dim=-1)                            # [L, K_c]
+            assert not hits.any(), (row, name)
+
+
+def test_a_stop_ends_only_its_own_answer(one_family):
+    engine, _, requests, lone = one_family
+    stops = [threading.Event() for _ in requests]
+    seen: dict[int, list[str]] = {i: [] for i in range(len(requests))}
+
+    def on_text(index, answer):
+        seen[index].append(str(answer))
+        if index == 1 and len(seen[1]) == 2:
+            stops[1].set()
+
+    batched = engine.answer_batch(requests, stops=stops, on_text=on_text)
+    cut = str(batched[1])
+    assert len(seen[1]) == 3 and str(lone[1]).startswith(cut) and cut != str(lone[1])
+    assert [str(a) for i, a in enumerate(batched) if i != 1] == [str(a) for i, a in enumerate(lone) if i != 1]
+    # streaming: each request's text grows piece by piece into its final answer
+    for index, texts in seen.items():
+        assert texts, index
+        assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+        assert texts[-1].strip() == str(batched[index])
+
+
+def test_a_bad_question_fails_alone(one_family):
+    engine, (cat, _, _), requests, lone = one_family
+    mixed = [requests[0], AnswerRequest("   ", (cat,), image=photo(5)), requests[2],
+             AnswerRequest("Hi?", (), image=photo(0), video=clip(1))]
+    results = engine.answer_batch(mixed)
+    assert isinstance(results[1], InputError) and isinstance(results[3], InputError)
+    assert [str(results[0]), str(results[2])] == [str(lone[0]), str(lone[2])]
+
+
+def test_collate_pads_on_the_left_and_concatenates_per_image_inputs():
+    short = dict(input_ids=torch.tensor([[5, 6]]), attention_mask=torch.ones(1, 2, dtype=torch.long),
+                 inputs_embeds=torch.ones(1, 2, 3), image_grid_thw=torch.tensor([[1, 2, 2]]), max_new_tokens=4,
+                 do_sample=False)
+    long = dict(input_ids=torch.tensor([[7, 8, 9]]), attention_mask=torch.ones(1, 3, dtype=torch.long),
+                inputs_embeds=2 * torch.ones(1, 3, 3), image_grid_thw=torch.tensor([[1, 4, 4]]), max_new_tokens=9,
+                do_sample=False)
+    merged = collate([short, long], pad_id=0)
+    assert merged["input_ids"].tolist() == [[0, 5, 6], [7, 8, 9]]
+    assert merged["attention_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert merged["inputs_embeds"][0, 0].tolist() == [0, 0, 0] and merged["inputs_embeds"][1, 0].tolist() == [2, 2, 2]
+    assert merged["image_grid_thw"].tolist() == [[1, 2, 2], [1, 4, 4]]
+    assert merged["max_new_tokens"] == 9 and merged["do_sample"] is False
+    with pytest.raises(ValueError, match="share do_sample"):
+        collate([short, dict(long, do_sample=True)], pad_id=0)

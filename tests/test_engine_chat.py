@@ -1,0 +1,176 @@
+"""Conversations (`Ego.chat`): follow-ups on the cached context give the answers of a full recomputation."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import photo, spy_on_generate, tiny_engine
+
+from ego import AnswerRequest, InputError
+
+FOLLOW_UPS = ["What is she holding?", "And the colour of the wall?"]
+
+
+def new_tokens(engine, question: str) -> int:
+    """Tokens a follow-up adds: the previous answer closed, the question in a new user turn."""
+    return len(engine.backend.tokenizer(engine.backend.continue_turn(question), add_special_tokens=False).input_ids)
+
+
+@pytest.fixture(scope="module")
+def concepts():
+    return {}
+
+
+def chelsea(engine, concepts):
+    if engine.model_id not in concepts:
+        concepts[engine.model_id] = engine.introduce("Chelsea", [photo(1)], keywords=["tabby cat"], area_pct=10)
+    return concepts[engine.model_id]
+
+
+def test_cached_follow_ups_equal_recomputed_ones_with_another_conversation_in_between(family, concepts,
+                                                                                        monkeypatch):
+    engine = tiny_engine(family)
+    concept = chelsea(engine, concepts)
+    chat = engine.chat([concept], image=photo(3))
+    first = chat.ask("Is Chelsea here?", max_new_tokens=6)
+    assert first.prefill_tokens == first.context_tokens and first.concepts_used == ("Chelsea",)
+    # Another conversation (no photo: other positions) runs between the first question and the follow-ups.
+    engine.chat([concept]).ask("Who is Chelsea?", max_new_tokens=6)
+    reference = engine.chat([concept], image=photo(3))
+    assert reference.ask("Is Chelsea here?", max_new_tokens=6) == first
+    calls = spy_on_generate(monkeypatch, engine)
+    for question in FOLLOW_UPS:
+        cached = chat.ask(question, max_new_tokens=6)
+        recomputed = reference.ask(question, max_new_tokens=6, use_cache=False)
+        assert cached == recomputed
+        assert cached.context_tokens == recomputed.context_tokens == recomputed.prefill_tokens
+        # Only the new tokens were computed: the question's turn, and the last answer token if it was cut.
+        assert new_tokens(engine, question) <= cached.prefill_tokens <= new_tokens(engine, question) + 1
+        assert cached.concepts_used == ("Chelsea",)
+    cached_call, recomputed_call = calls[0], calls[1]
+    for call in (cached_call, recomputed_call):
+        ids, embeds = call["input_ids"][0], call["inputs_embeds"][0]
+        slots = ids == engine.backend.placeholder_id
+        torch.testing.assert_close(embeds[slots].float(), concept.embeddings.float())   # memory rows in place
+        assert embeds.shape[0] == ids.shape[0]
+    assert not any(key in cached_call for key in engine.backend.vision_input_keys)      # the photo is cached
+    assert cached_call["past_key_values"].get_seq_length() > 0
+    assert "pixel_values" in recomputed_call and recomputed_call["past_key_values"] is None
+    assert [q for q, _ in chat.turns] == ["Is Chelsea here?", *FOLLOW_UPS]
+
+
+def test_a_stream_follow_up_ends_in_the_answer_and_closing_it_keeps_the_answer_so_far(concepts):
+    engine = tiny_engine("qwen3-vl")
+    concept = chelsea(engine, concepts)
+    chat, reference = engine.chat([concept], image=photo(3)), engine.chat([concept], image=photo(3))
+    assert list(chat.stream("Is Chelsea here?", max_new_tokens=5))[-1] == reference.ask("Is Chelsea here?",
+                                                                                         max_new_tokens=5)
+    parts = list(chat.stream(FOLLOW_UPS[0], max_new_tokens=5))
+    assert parts[-1] == reference.ask(FOLLOW_UPS[0], max_new_tokens=5, use_cache=False)
+    assert parts[-1].prefill_tokens < parts[-1].context_tokens
+
+    stream = chat.stream("Describe everything in great detail.", max_new_tokens=200)
+    next(stream)
+    stream.close()
+    assert engine._lock.acquire(timeout=2), "the model lock was not released"
+    engine._lock.release()
+    assert not any(t.name == "ego-generate" and t.is_alive() for t in threading.enumerate())
+    assert len(chat.turns) == 3                                   # the stopped answer stays in the conversation
+    reference.ask("Describe everything in great detail.", max_new_tokens=200)  # (a longer, complete answer)
+    assert chat.ask(FOLLOW_UPS[1], max_new_tokens=5).prefill_tokens < chat.turns[-1][1].context_tokens
+
+
+def test_the_least_recently_used_cache_is_dropped_and_its_conversation_recomputed(concepts):
+    base = tiny_engine("qwen2.5-vl")
+    concept = chelsea(base, concepts)
+    probe = base.chat([concept], image=photo(3))
+    probe.ask("Is Chelsea here?", max_new_tokens=4)
+    # Room for about one and a half conversations' caches.
+    engine = base.with_settings(max_cached_conversations_mb=probe.cache_bytes * 1.5 / 2**20)
+    first, second = engine.chat([concept], image=photo(3)), engine.chat([concept], image=photo(4))
+    first.ask("Is Chelsea here?", max_new_tokens=4)
+    assert first.cache_bytes > 0
+    second.ask("Is Chelsea here?", max_new_tokens=4)
+    assert first.cache_bytes == 0 and second.cache_bytes > 0      # the older one made room
+    again = first.ask(FOLLOW_UPS[0], max_new_tokens=4)
+    assert again.prefill_tokens == again.context_tokens           # recomputed from scratch
+    assert again == probe.ask(FOLLOW_UPS[0], max_new_tokens=4)    # the same answer as a cached follow-up
+    assert second.cache_bytes == 0 and first.cache_bytes > 0
+    assert second.ask(FOLLOW_UPS[0], max_new_tokens=4).prefill_tokens == second.turns[-1][1].context_tokens
+
+
+def test_a_full_conversation_says_to_start_a_new_one_and_keeps_its_turns(concepts):
+    base = tiny_engine("internvl3")
+    concept = chelsea(base, concepts)
+    engine = base.with_settings(max_conversation_turns=2)
+    chat = engine.chat([concept], image=photo(3))
+    first = chat.ask("Is Chelsea here?", max_new_tokens=4)
+    with pytest.raises(InputError, match="Type a question"):
+        chat.ask("   ")
+    chat.ask(FOLLOW_UPS[0], max_new_tokens=4)
+    with pytest.raises(InputError, match="start a new conversation"):
+        chat.ask(FOLLOW_UPS[1], max_new_tokens=4)
+    assert [q for q, _ in chat.turns] == ["Is Chelsea here?", FOLLOW_UPS[0]]
+
+    room = first.context_tokens + 4 + new_tokens(base, FOLLOW_UPS[0]) + 1 + 4
+    engine = base.with_settings(max_conversation_context_tokens=room)
+    chat = engine.chat([concept], image=photo(3))
+    chat.ask("Is Chelsea here?", max_new_tokens=4)
+    with pytest.raises(InputError, match="start a new conversation"):
+        chat.ask(FOLLOW_UPS[0], max_new_tokens=100)
+    assert len(chat.turns) == 1
+    assert chat.ask(FOLLOW_UPS[0], max_new_tokens=4).prefill_tokens < first.context_tokens
+
+
+def test_a_conversation_refuses_bad_media_before_any_model_call():
+    engine = tiny_engine("qwen2-vl")
+    with pytest.raises(InputError, match="one image or one video"):
+        engine.chat(image=photo(1), video=[photo(2), photo(3)])
+    with pytest.raises(InputError):
+        engine.chat(image=b"not an image")
+
+
+def test_a_one_question_answer_computes_its_whole_context():
+    engine = tiny_engine("qwen2-vl")
+    answer = engine.answer("Describe this photo.", image=photo(2), max_new_tokens=3)
+    assert answer.prefill_tokens == answer.context_tokens > 0
+
+
+@pytest.mark.parametrize("family", ["qwen3-vl", "internvl3"])
+def test_a_conversation_about_a_clip_follows_up_on_its_cache(family, concepts):
+    engine = tiny_engine(family)
+    concept = chelsea(engine, concepts)
+    clip = [photo(seed) for seed in (4, 5, 6, 7)]
+    chat, reference = engine.chat([concept], video=clip), engine.chat([concept], video=clip)
+    assert chat.ask("Who is here?", max_new_tokens=4) == reference.ask("Who is here?", max_new_tokens=4)
+    engine.chat([concept], image=photo(2)).ask("And here?", max_new_tokens=4)   # another conversation between
+    cached = chat.ask(FOLLOW_UPS[0], max_new_tokens=4)
+    assert cached == reference.ask(FOLLOW_UPS[0], max_new_tokens=4, use_cache=False)
+    assert cached.prefill_tokens <= new_tokens(engine, FOLLOW_UPS[0]) + 1
+
+
+def test_a_first_answer_given_elsewhere_is_taken_as_the_first_turn():
+    """`Chat.adopt`: the Space answers first questions in batches with other visitors' and hands the answer to
+    the conversation; its next question recomputes the context and that answer once, later ones use its cache."""
+    engine = tiny_engine("qwen2-vl")
+    concept = engine.introduce("Rex", [photo(0)], keywords="dog", area_pct=5)
+    made_here = engine.chat([concept], image=photo(1))
+    first = made_here.ask("Who is here?", max_new_tokens=6)
+    tokenizer = engine.backend.tokenizer
+    assert tokenizer.decode(tokenizer(str(first), add_special_tokens=False).input_ids) == str(first)  # text round trip
+
+    adopted = engine.chat([concept], image=photo(1))
+    given = engine.answer_batch([AnswerRequest("Who is here?", [concept], photo(1), None, 6)])[0]
+    assert str(given) == str(first)
+    adopted.adopt("Who is here?", given)
+    assert adopted.turns == [("Who is here?", given)]
+    second = adopted.ask("And then?", max_new_tokens=6)
+    assert second.prefill_tokens == second.context_tokens          # the whole context, computed once
+    assert str(second) == str(made_here.ask("And then?", max_new_tokens=6))
+    third = adopted.ask("More?", max_new_tokens=6)
+    assert third.prefill_tokens < third.context_tokens / 4            # then on its own cache
+    assert str(third) == str(made_here.ask("More?", max_new_tokens=6))
+    with pytest.raises(InputError, match="no question yet"):
+        adopted.adopt("Again?", third)

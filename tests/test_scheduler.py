@@ -1,0 +1,102 @@
+"""The Space's answer scheduler: visitors who ask together are answered by one batched generation, each with
+their own stream and Stop."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from conftest import photo, tiny_engine
+
+from ego import InputError
+from space.scheduler import AnswerScheduler
+
+SMALL = dict(query_image_max_pixels=224 * 224, reference_max_pixels=224 * 224)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return tiny_engine("qwen2.5-vl").with_settings(**SMALL)
+
+
+@pytest.fixture(scope="module")
+def asks(engine):
+    """Four visitors' questions (question, concepts, photo, budget) and their answers asked alone."""
+    cat = engine.introduce("Chelsea", [photo(1)], keywords="cat", area_pct=8)
+    mug = engine.introduce("Mug", [photo(2)], keywords="mug", area_pct=4)
+    asks = [("Is Chelsea here?", (cat,), photo(3), 6), ("What is on the table next to the mug?", (cat, mug),
+                                                         photo(4), 9),
+            ("Hi", (), None, 4), ("Where is the mug?", (mug,), photo(5), 7)]
+    lone = [str(engine.answer(q, c, image=i, max_new_tokens=n)) for q, c, i, n in asks]
+    return asks, lone
+
+
+def visit_together(scheduler, engine, asks, *, before=None):
+    """Each question from a thread of its own (like Gradio's handler threads), all started together; per visitor
+    the list of texts streamed, or the error raised."""
+    seen: list = [None] * len(asks)
+    start = threading.Barrier(len(asks))
+
+    def visitor(index, question, concepts, image, budget):
+        start.wait()
+        texts = []
+        try:
+            stream = scheduler.stream(engine, question, concepts, image=image, max_new_tokens=budget)
+            for answer in stream:
+                texts.append(str(answer))
+                if before is not None and before(index, texts):
+                    stream.close()
+                    break
+            seen[index] = texts
+        except Exception as error:  # noqa: BLE001 -- the test looks at it
+            seen[index] = error
+
+    threads = [threading.Thread(target=visitor, args=(i, *ask)) for i, ask in enumerate(asks)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return seen
+
+
+def test_visitors_who_ask_together_share_one_batch_and_get_their_own_answers(engine, asks):
+    questions, lone = asks
+    scheduler = AnswerScheduler(window_s=2.0, max_batch=8)
+    seen = visit_together(scheduler, engine, questions)
+    assert scheduler.batch_sizes == [4]
+    assert [texts[-1] for texts in seen] == lone
+    for texts in seen:
+        assert all(b.startswith(a.rstrip()) for a, b in zip(texts, texts[1:]))   # each visitor's own stream
+
+
+def test_the_batch_size_is_capped(engine, asks):
+    questions, lone = asks
+    scheduler = AnswerScheduler(window_s=2.0, max_batch=3)
+    seen = visit_together(scheduler, engine, questions)
+    assert sorted(scheduler.batch_sizes) == [1, 3]
+    assert [texts[-1] for texts in seen] == lone
+
+
+def test_one_visitors_stop_ends_only_their_answer(engine, asks):
+    questions, lone = asks
+    scheduler = AnswerScheduler(window_s=2.0, max_batch=8)
+    seen = visit_together(scheduler, engine, questions, before=lambda index, texts: index == 1 and len(texts) == 2)
+    assert len(seen[1]) == 2 and lone[1].startswith(seen[1][-1].strip())
+    assert [seen[i][-1] for i in (0, 2, 3)] == [lone[i] for i in (0, 2, 3)]
+    # the model is free again: the next question is answered
+    assert list(scheduler.stream(engine, *questions[2][:2], image=None, max_new_tokens=4))[-1] == lone[2]
+
+
+def test_a_bad_question_fails_alone_and_the_worker_goes_on(engine, asks):
+    questions, lone = asks
+    bad = [questions[0], ("   ", (), photo(3), 5), questions[2]]
+    scheduler = AnswerScheduler(window_s=2.0, max_batch=8)
+    seen = visit_together(scheduler, engine, bad)
+    assert isinstance(seen[1], InputError)
+    assert [seen[0][-1], seen[2][-1]] == [lone[0], lone[2]]
+    assert list(scheduler.stream(engine, *questions[2][:2], max_new_tokens=4))[-1] == lone[2]
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="at least 1"):
+        AnswerScheduler(window_s=0.1, max_batch=0)
