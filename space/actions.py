@@ -304,7 +304,7 @@ class Actions:
             if chat is None or not chat.turns:
                 raise InputError("There is no conversation to follow up yet: ask a first question about a photo "
                                  "(/ask_image) or a clip (/ask_video).")
-            question = checks.check_question(question, self.settings)
+            question = checks.check_question(question, self.limits)
             self._engine(progress)
             stream = chat.stream(question, max_new_tokens=self.limits.answer_max_new_tokens)
             answer = ""
