@@ -205,15 +205,15 @@ def test_the_http_api_curl_example_runs(url):
     assert json.loads(refused)["error"] == "There is no concept with that name; pick one from the list."
 
 
-def test_the_readme_conversation_runs_with_gradio_client_and_curl(url, capsys):
-    """The README's two-turn examples as written: /ask_image starts a conversation, /follow_up continues it
+def test_the_http_api_conversation_runs_with_gradio_client_and_curl(url, capsys):
+    """docs/http-api.md's two-turn examples as written: /ask_image starts a conversation, /follow_up continues it
     (the answer a cached follow-up gives); a follow-up with no conversation is refused with a sentence."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("Each `/ask_image` or `/ask_video` call starts a conversation"):]
+    doc = (ROOT / "docs" / "http-api.md").read_text(encoding="utf-8")
+    section = doc[doc.index("Each `/ask_image` or `/ask_video` call starts a conversation"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert 'Client("http://127.0.0.1:7860/")' in code and "/follow_up" in code
     scope = {}
-    exec(compile(code.replace("http://127.0.0.1:7860/", url), "README.md", "exec"), scope)
+    exec(compile(code.replace("http://127.0.0.1:7860/", url), "http-api.md", "exec"), scope)
     printed = capsys.readouterr().out
     # The answers the engine gives to the same two questions, the second recomputed without a cache.
     engine = tiny_engine("qwen2.5-vl")
@@ -225,8 +225,8 @@ def test_the_readme_conversation_runs_with_gradio_client_and_curl(url, capsys):
     with pytest.raises(AppError, match="no conversation to follow up yet"):
         Client(url, verbose=False).predict("What is she doing?", api_name="/follow_up")
 
-    first = re.search(r"```bash\n(.*?)```", readme[readme.index("Without Python's client"):], re.S).group(1)
-    second = re.search(r"```bash\n(.*?)```", readme[readme.index("A conversation over HTTP"):], re.S).group(1)
+    first = re.search(r"```bash\n(.*?)```", doc[doc.index("Without Python's client"):], re.S).group(1)
+    second = re.search(r"```bash\n(.*?)```", doc[doc.index("A conversation over HTTP"):], re.S).group(1)
     script = (first + 'echo "--- conversation"\n' + second).replace("URL=http://127.0.0.1:7860/gradio_api",
                                                                    f"URL={url}gradio_api")
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True,
