@@ -15,6 +15,7 @@ test:  ## the whole suite, offline (a few minutes on 2 CPU cores)
 
 lint:
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 format:
 	$(BIN)/ruff format .

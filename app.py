@@ -35,8 +35,9 @@ CHEAP = dict(queue=False)
 queue full of questions leaves a visitor free to list, remove and export their concepts."""
 
 
-def build_demo(engine_factory_or_engine, space_settings=None, *, settings=None,
-               model_name: str | None = None, model_note: str = "") -> gr.Blocks:
+def build_demo(
+    engine_factory_or_engine, space_settings=None, *, settings=None, model_name: str | None = None, model_note: str = ""
+) -> gr.Blocks:
     """The Blocks of the Space, around an engine (`ego.Ego`) or a function that makes one, called on first use
     as `factory(settings=settings)` (e.g. `functools.partial(Ego.from_pretrained, "qwen2.5-vl-7b")`).
 
@@ -62,11 +63,17 @@ def build_demo(engine_factory_or_engine, space_settings=None, *, settings=None,
     examples = load_examples()
     act = Actions(engine, s, examples)
     sessions = Sessions()
-    answer_events = (dict(concurrency_id=ANSWER_GROUP, concurrency_limit=s.answer_batch_max_size)
-                     if s.answer_batch_max_size > 1 else MODEL_EVENTS)
+    answer_events = (
+        dict(concurrency_id=ANSWER_GROUP, concurrency_limit=s.answer_batch_max_size)
+        if s.answer_batch_max_size > 1
+        else MODEL_EVENTS
+    )
 
-    with gr.Blocks(title="Ego: personalize a vision-language model", analytics_enabled=False,
-                   delete_cache=(s.upload_cleanup_interval_s, s.upload_max_age_s)) as demo:
+    with gr.Blocks(
+        title="Ego: personalize a vision-language model",
+        analytics_enabled=False,
+        delete_cache=(s.upload_cleanup_interval_s, s.upload_max_age_s),
+    ) as demo:
         session = gr.State(Session(), time_to_live=s.session_ttl_s, delete_callback=sessions.release)
         browser_token = gr.BrowserState(None)  # names this browser's session on the server (space/resume.py)
         gr.Markdown(
@@ -91,90 +98,163 @@ def build_demo(engine_factory_or_engine, space_settings=None, *, settings=None,
 
         def then_refresh(event):
             return event.then(act.panel, session, panel, **CHEAP, **PRIVATE).then(
-                None, mine.summary, None, js=TRACK_CONCEPTS_JS, **PRIVATE)
+                None, mine.summary, None, js=TRACK_CONCEPTS_JS, **PRIVATE
+            )
 
         # Introduce
-        intro.auto_size.change(lambda auto: gr.Slider(interactive=not auto), intro.auto_size, intro.size_pct,
-                               queue=False, **PRIVATE)
+        intro.auto_size.change(
+            lambda auto: gr.Slider(interactive=not auto), intro.auto_size, intro.size_pct, queue=False, **PRIVATE
+        )
         introduced = [session, intro.report, intro.patches, intro.heats]
         form = [intro.name, intro.photos, intro.keywords, intro.auto_size, intro.size_pct]
         intro.button.click(None, js=scroll_to_js("report"), **PRIVATE)
-        introducing = intro.button.click(act.introduce, [session, *form], introduced, api_name="introduce",
-                                         api_description=api.INTRODUCE, **MODEL_EVENTS)
+        introducing = intro.button.click(
+            act.introduce,
+            [session, *form],
+            introduced,
+            api_name="introduce",
+            api_description=api.INTRODUCE,
+            **MODEL_EVENTS,
+        )
         then_refresh(introducing)
         # Queued (not CHEAP): only an event on the queue can show the visitor a message.
         introducing.success(guidance.after_introduce, [session, intro.name], form, **PRIVATE)
-        then_refresh(intro.examples_button.click(act.load_example_concepts, session, introduced,
-                                                 **MODEL_EVENTS, **PRIVATE))
+        then_refresh(
+            intro.examples_button.click(act.load_example_concepts, session, introduced, **MODEL_EVENTS, **PRIVATE)
+        )
 
         # Ask about an image: a conversation (Ask, or Enter in the message box); the first answer also without
         # memory only when asked for. "Thinking…" shows in the conversation at once, then the answer streams over it.
-        hint = guidance.example_concepts_hint([n for n, _ in examples.concepts],
-                                              [q for _, q in examples.image_questions] + examples.text_questions)
+        hint = guidance.example_concepts_hint(
+            [n for n, _ in examples.concepts], [q for _, q in examples.image_questions] + examples.text_questions
+        )
         img.compare.change(lambda on: gr.Textbox(visible=on), img.compare, img.plain, queue=False, **PRIVATE)
         img_triggers = [img.ask.click, img.question.submit]
         gr.on(img_triggers, hint, [session, img.question], None, **PRIVATE)  # queued: it shows a message
         gr.on(img_triggers, None, js=scroll_to_js("image-chat"), **PRIVATE)
-        asking = gr.on(img_triggers, guidance.thinking_in_chat, [img.chat, img.question], img.chat,
-                       **CHEAP, **PRIVATE).then(
-            act.chat_image, [session, img.image, img.question, img.compare],
-            [session, img.chat, img.question, img.plain, img.details, img.matches], **answer_events, **PRIVATE)
-        img.stop.click(None, cancels=[asking], **PRIVATE).then(guidance.mark_stopped_in_chat, img.chat, img.chat,
-                                                            **CHEAP, **PRIVATE)
+        asking = gr.on(
+            img_triggers, guidance.thinking_in_chat, [img.chat, img.question], img.chat, **CHEAP, **PRIVATE
+        ).then(
+            act.chat_image,
+            [session, img.image, img.question, img.compare],
+            [session, img.chat, img.question, img.plain, img.details, img.matches],
+            **answer_events,
+            **PRIVATE,
+        )
+        img.stop.click(None, cancels=[asking], **PRIVATE).then(
+            guidance.mark_stopped_in_chat, img.chat, img.chat, **CHEAP, **PRIVATE
+        )
         # A new photo, or "New conversation", ends the tab's conversation and stops its answer.
         for ending in (img.new.click, img.image.change):
-            ending(None, cancels=[asking], **PRIVATE).then(functools.partial(act.new_conversation, tab="image"),
-                                                           session, [session, img.chat], **CHEAP, **PRIVATE)
+            ending(None, cancels=[asking], **PRIVATE).then(
+                functools.partial(act.new_conversation, tab="image"), session, [session, img.chat], **CHEAP, **PRIVATE
+            )
 
         # Ask about a video: a conversation
         vid_triggers = [vid.ask.click, vid.question.submit]
         gr.on(vid_triggers, hint, [session, vid.question], None, **PRIVATE)
         gr.on(vid_triggers, None, js=scroll_to_js("video-chat"), **PRIVATE)
-        asking = gr.on(vid_triggers, guidance.thinking_in_chat, [vid.chat, vid.question], vid.chat,
-                       **CHEAP, **PRIVATE).then(
-            act.chat_video, [session, vid.video, vid.question],
-            [session, vid.frames, vid.chat, vid.question, vid.details], **answer_events, **PRIVATE)
-        vid.stop.click(None, cancels=[asking], **PRIVATE).then(guidance.mark_stopped_in_chat, vid.chat, vid.chat,
-                                                            **CHEAP, **PRIVATE)
+        asking = gr.on(
+            vid_triggers, guidance.thinking_in_chat, [vid.chat, vid.question], vid.chat, **CHEAP, **PRIVATE
+        ).then(
+            act.chat_video,
+            [session, vid.video, vid.question],
+            [session, vid.frames, vid.chat, vid.question, vid.details],
+            **answer_events,
+            **PRIVATE,
+        )
+        vid.stop.click(None, cancels=[asking], **PRIVATE).then(
+            guidance.mark_stopped_in_chat, vid.chat, vid.chat, **CHEAP, **PRIVATE
+        )
         for ending in (vid.new.click, vid.video.change):
-            ending(None, cancels=[asking], **PRIVATE).then(functools.partial(act.new_conversation, tab="video"),
-                                                           session, [session, vid.chat], **CHEAP, **PRIVATE)
+            ending(None, cancels=[asking], **PRIVATE).then(
+                functools.partial(act.new_conversation, tab="video"), session, [session, vid.chat], **CHEAP, **PRIVATE
+            )
 
         # The HTTP API of the ask tabs: each /ask_ call starts a conversation, /follow_up continues the last one
         with gr.Column(visible=False):
-            hidden = SimpleNamespace(ask_image=gr.Button(), ask_video=gr.Button(), follow_up=gr.Button(),
-                                     question=gr.Textbox(label="Question"), answer=gr.Textbox(label="Answer"))
-        hidden.ask_image.click(act.ask_image, [session, img.image, img.question, img.compare],
-                               [session, hidden.answer, img.plain, img.details, img.matches], api_name="ask_image",
-                               api_description=api.ASK_IMAGE, **answer_events)
-        hidden.ask_video.click(act.ask_video, [session, vid.video, vid.question],
-                               [session, vid.frames, hidden.answer, vid.details], api_name="ask_video",
-                               api_description=api.ASK_VIDEO, **answer_events)
-        hidden.follow_up.click(act.follow_up, [session, hidden.question], [session, hidden.answer],
-                               api_name="follow_up", api_description=api.FOLLOW_UP, **MODEL_EVENTS)
+            hidden = SimpleNamespace(
+                ask_image=gr.Button(),
+                ask_video=gr.Button(),
+                follow_up=gr.Button(),
+                question=gr.Textbox(label="Question"),
+                answer=gr.Textbox(label="Answer"),
+            )
+        hidden.ask_image.click(
+            act.ask_image,
+            [session, img.image, img.question, img.compare],
+            [session, hidden.answer, img.plain, img.details, img.matches],
+            api_name="ask_image",
+            api_description=api.ASK_IMAGE,
+            **answer_events,
+        )
+        hidden.ask_video.click(
+            act.ask_video,
+            [session, vid.video, vid.question],
+            [session, vid.frames, hidden.answer, vid.details],
+            api_name="ask_video",
+            api_description=api.ASK_VIDEO,
+            **answer_events,
+        )
+        hidden.follow_up.click(
+            act.follow_up,
+            [session, hidden.question],
+            [session, hidden.answer],
+            api_name="follow_up",
+            api_description=api.FOLLOW_UP,
+            **MODEL_EVENTS,
+        )
 
         # Your concepts: a reload (or another tab of this browser) takes over the session its token names
         # One chain, not two load events: each returns the session, and the second to finish would win.
-        then_refresh(demo.load(sessions.resume, [session, browser_token], [session, browser_token],
-                               **CHEAP, **PRIVATE).then(
-            act.list_concepts, session, [session, mine.records], api_name="list_concepts",
-            api_description=api.LIST_CONCEPTS, **CHEAP))
-        then_refresh(mine.remove.click(act.remove_concept, [session, mine.to_remove], [session, mine.records],
-                                       api_name="remove_concept", api_description=api.REMOVE_CONCEPT, **CHEAP))
+        then_refresh(
+            demo.load(sessions.resume, [session, browser_token], [session, browser_token], **CHEAP, **PRIVATE).then(
+                act.list_concepts,
+                session,
+                [session, mine.records],
+                api_name="list_concepts",
+                api_description=api.LIST_CONCEPTS,
+                **CHEAP,
+            )
+        )
+        then_refresh(
+            mine.remove.click(
+                act.remove_concept,
+                [session, mine.to_remove],
+                [session, mine.records],
+                api_name="remove_concept",
+                api_description=api.REMOVE_CONCEPT,
+                **CHEAP,
+            )
+        )
         confirm = [mine.clear, mine.confirm_row]
         mine.clear.click(lambda: (gr.Button(visible=False), gr.Row(visible=True)), None, confirm, **CHEAP, **PRIVATE)
-        mine.cancel_clear.click(lambda: (gr.Button(visible=True), gr.Row(visible=False)), None, confirm,
-                                **CHEAP, **PRIVATE)
-        then_refresh(mine.confirm_clear.click(act.clear_concepts, session, [session, mine.records],
-                                              **CHEAP, **PRIVATE)).then(
-            lambda: (gr.Button(visible=True), gr.Row(visible=False)), None, confirm, **CHEAP, **PRIVATE)
-        exporting = mine.export.click(act.export_concepts, session, [session, mine.exported],
-                                      api_name="export_concepts", api_description=api.EXPORT_CONCEPTS, **CHEAP)
+        mine.cancel_clear.click(
+            lambda: (gr.Button(visible=True), gr.Row(visible=False)), None, confirm, **CHEAP, **PRIVATE
+        )
+        then_refresh(
+            mine.confirm_clear.click(act.clear_concepts, session, [session, mine.records], **CHEAP, **PRIVATE)
+        ).then(lambda: (gr.Button(visible=True), gr.Row(visible=False)), None, confirm, **CHEAP, **PRIVATE)
+        exporting = mine.export.click(
+            act.export_concepts,
+            session,
+            [session, mine.exported],
+            api_name="export_concepts",
+            api_description=api.EXPORT_CONCEPTS,
+            **CHEAP,
+        )
         exporting.then(act.after_export, [session, mine.exported], [mine.exported, mine.status], **CHEAP, **PRIVATE)
         exporting.success(None, js=EXPORTED_JS, queue=False, **PRIVATE)
-        then_refresh(mine.import_button.upload(act.import_concepts, [session, mine.import_button],
-                                               [session, mine.records], api_name="import_concepts",
-                                               api_description=api.IMPORT_CONCEPTS, **MODEL_EVENTS))
+        then_refresh(
+            mine.import_button.upload(
+                act.import_concepts,
+                [session, mine.import_button],
+                [session, mine.records],
+                api_name="import_concepts",
+                api_description=api.IMPORT_CONCEPTS,
+                **MODEL_EVENTS,
+            )
+        )
         demo.load(None, js=ON_LOAD_JS, **PRIVATE)
         api.document_examples(examples, intro=intro, img=img, vid=vid, mine=mine)
     api.photos_are_required(demo, intro.photos.label)
@@ -198,8 +278,12 @@ def launch_options(settings, space_settings=None) -> dict:
 
     space = space_settings or DEFAULT_SPACE_SETTINGS
     quota = Middleware(UploadQuota, max_bytes=space.max_cache_bytes, upload_bytes=settings.max_upload_bytes)
-    return dict(max_file_size=settings.max_upload_bytes, state_session_capacity=space.max_sessions,
-                app_kwargs={"middleware": [Middleware(RefuseFileLinks), quota]}, css=CSS)
+    return dict(
+        max_file_size=settings.max_upload_bytes,
+        state_session_capacity=space.max_sessions,
+        app_kwargs={"middleware": [Middleware(RefuseFileLinks), quota]},
+        css=CSS,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,45 +297,94 @@ def _introduce_tab(s, examples) -> SimpleNamespace:
     with gr.Tab("Introduce", id="introduce"):
         with gr.Row():
             with gr.Column():
-                name = gr.Textbox(label="Name", placeholder="Chelsea", max_length=s.max_name_chars,
-                                  info=f"Up to {s.max_name_chars} characters, unique among your concepts.")
-                photos = gr.Gallery(label=f"Reference photos (1 to {s.max_references_per_concept})",
-                                    type="filepath", file_types=["image"], interactive=True, columns=5, height=220,
-                                    object_fit="cover")
-                _hint(f"{IMAGE_FORMATS_TEXT}; up to {s.max_upload_mb} MiB and "
-                      f"{s.max_image_pixels / 1e6:g} megapixels each. One clear photo is enough; more views help.")
+                name = gr.Textbox(
+                    label="Name",
+                    placeholder="Chelsea",
+                    max_length=s.max_name_chars,
+                    info=f"Up to {s.max_name_chars} characters, unique among your concepts.",
+                )
+                photos = gr.Gallery(
+                    label=f"Reference photos (1 to {s.max_references_per_concept})",
+                    type="filepath",
+                    file_types=["image"],
+                    interactive=True,
+                    columns=5,
+                    height=220,
+                    object_fit="cover",
+                )
+                _hint(
+                    f"{IMAGE_FORMATS_TEXT}; up to {s.max_upload_mb} MiB and "
+                    f"{s.max_image_pixels / 1e6:g} megapixels each. One clear photo is enough; more views help."
+                )
                 with gr.Accordion("Advanced (reset after each concept)", open=False):
-                    keywords = gr.Textbox(label="Keywords", placeholder="tabby, green eyes, white paws",
-                                          info="Comma-separated words whose attention picks the tokens. "
-                                               "Empty: the model describes the photo.")
+                    keywords = gr.Textbox(
+                        label="Keywords",
+                        placeholder="tabby, green eyes, white paws",
+                        info="Comma-separated words whose attention picks the tokens. "
+                        "Empty: the model describes the photo.",
+                    )
                     auto_size = gr.Checkbox(value=True, label="Let the model estimate the size")
-                    size_pct = gr.Slider(1, 100, value=25, step=1, interactive=False,
-                                         label="Subject size (% of each photo)",
-                                         info=f"Tokens kept per photo: about size × tokens / 100, "
-                                              f"at most {s.k_cap_tokens}.")
+                    size_pct = gr.Slider(
+                        1,
+                        100,
+                        value=25,
+                        step=1,
+                        interactive=False,
+                        label="Subject size (% of each photo)",
+                        info=f"Tokens kept per photo: about size × tokens / 100, at most {s.k_cap_tokens}.",
+                    )
                 with gr.Row():
                     button = gr.Button("Introduce", variant="primary")
                     examples_button = gr.Button("Load the example concepts")
             with gr.Column():  # on a phone this column comes right under the buttons, before the examples
                 report = gr.Markdown(label="Introduction report", latex_delimiters=[], elem_id="report")
-                patches = gr.Gallery(label="Kept visual tokens (highlighted)", elem_id="patches", columns=2,
-                                     height="auto", interactive=False, object_fit="contain")
+                patches = gr.Gallery(
+                    label="Kept visual tokens (highlighted)",
+                    elem_id="patches",
+                    columns=2,
+                    height="auto",
+                    interactive=False,
+                    object_fit="contain",
+                )
                 with gr.Accordion("Token importance heat maps (Eq. 3)", open=False):
-                    heats = gr.Gallery(label="Token importance heat maps", show_label=False, elem_id="heats",
-                                       columns=2, height="auto", interactive=False, object_fit="contain")
+                    heats = gr.Gallery(
+                        label="Token importance heat maps",
+                        show_label=False,
+                        elem_id="heats",
+                        columns=2,
+                        height="auto",
+                        interactive=False,
+                        object_fit="contain",
+                    )
         if examples.concepts:
-            gr.Examples([[n, p] for n, p in examples.concepts], [name, photos], cache_examples=False,
-                        label="Example concepts")
-    return SimpleNamespace(name=name, photos=photos, keywords=keywords, auto_size=auto_size, size_pct=size_pct,
-                           button=button, examples_button=examples_button, report=report, patches=patches,
-                           heats=heats)
+            gr.Examples(
+                [[n, p] for n, p in examples.concepts], [name, photos], cache_examples=False, label="Example concepts"
+            )
+    return SimpleNamespace(
+        name=name,
+        photos=photos,
+        keywords=keywords,
+        auto_size=auto_size,
+        size_pct=size_pct,
+        button=button,
+        examples_button=examples_button,
+        report=report,
+        patches=patches,
+        heats=heats,
+    )
 
 
 def _question_box(s, placeholder: str, elem_id: str) -> gr.Textbox:
     # One line that grows to four as the question wraps: on a one-line box Gradio sends Enter as "submit".
-    return gr.Textbox(label="Question", lines=1, max_lines=4, max_length=s.max_question_chars,
-                      placeholder=placeholder, elem_id=elem_id,
-                      info=f"Up to {s.max_question_chars} characters. Enter asks.")
+    return gr.Textbox(
+        label="Question",
+        lines=1,
+        max_lines=4,
+        max_length=s.max_question_chars,
+        placeholder=placeholder,
+        elem_id=elem_id,
+        info=f"Up to {s.max_question_chars} characters. Enter asks.",
+    )
 
 
 def _ask_buttons() -> tuple[gr.Button, gr.Button]:
@@ -265,9 +398,16 @@ def _answer_box(label: str, elem_id: str, **kwargs) -> gr.Textbox:
 
 def _chat_view(elem_id: str) -> tuple[gr.Chatbot, gr.Button]:
     """The conversation so far (visitor text shown as text: no Markdown, no HTML) and its "New conversation"."""
-    view = gr.Chatbot(label="Conversation (with your concepts)", elem_id=elem_id, height=360, render_markdown=False,
-                      latex_delimiters=[], feedback_options=None, buttons=["copy"],
-                      placeholder="Ask a first question; then follow-ups about the same photo or clip.")
+    view = gr.Chatbot(
+        label="Conversation (with your concepts)",
+        elem_id=elem_id,
+        height=360,
+        render_markdown=False,
+        latex_delimiters=[],
+        feedback_options=None,
+        buttons=["copy"],
+        placeholder="Ask a first question; then follow-ups about the same photo or clip.",
+    )
     return view, gr.Button("New conversation", size="sm", elem_id=f"{elem_id}-new")
 
 
@@ -275,10 +415,11 @@ def _image_tab(s, examples) -> SimpleNamespace:
     with gr.Tab("Ask: image", id="image"):
         with gr.Row():
             with gr.Column():
-                image = photo_input(label="Photo", sources=["upload", "clipboard"], height=320,
-                                    elem_id="image-photo")
-                _hint(f"{IMAGE_FORMATS_TEXT}; up to {s.max_upload_mb} MiB and {s.max_image_pixels / 1e6:g} "
-                      "megapixels. No photo: ask about your concepts themselves (\"What colour are Chelsea's eyes?\").")
+                image = photo_input(label="Photo", sources=["upload", "clipboard"], height=320, elem_id="image-photo")
+                _hint(
+                    f"{IMAGE_FORMATS_TEXT}; up to {s.max_upload_mb} MiB and {s.max_image_pixels / 1e6:g} "
+                    'megapixels. No photo: ask about your concepts themselves ("What colour are Chelsea\'s eyes?").'
+                )
                 question = _question_box(s, "Is Chelsea in this photo?", "image-question")
                 compare = gr.Checkbox(label="Also answer the first question without memory (the plain model)")
                 ask, stop = _ask_buttons()
@@ -286,21 +427,51 @@ def _image_tab(s, examples) -> SimpleNamespace:
                 chat, new = _chat_view("image-chat")
                 plain = _answer_box("First answer without memory", "plain-answer", visible=False)
                 with gr.Accordion("Where each concept's memory matches the photo", open=False):
-                    _hint("Brighter: that visual token of the photo looks more like one of the concept's memory "
-                          "tokens (cosine similarity, relative within each picture). A hint of where the model "
-                          "may see the concept, not a detection.")
-                    matches = gr.Gallery(label="Where each concept matches", show_label=False, elem_id="matches",
-                                         columns=2, height="auto", interactive=False, object_fit="contain")
+                    _hint(
+                        "Brighter: that visual token of the photo looks more like one of the concept's memory "
+                        "tokens (cosine similarity, relative within each picture). A hint of where the model "
+                        "may see the concept, not a detection."
+                    )
+                    matches = gr.Gallery(
+                        label="Where each concept matches",
+                        show_label=False,
+                        elem_id="matches",
+                        columns=2,
+                        height="auto",
+                        interactive=False,
+                        object_fit="contain",
+                    )
                 details = gr.JSON(label="What went into the context")
         if examples.image_questions:
-            gr.Examples([list(e) for e in examples.image_questions], [image, question], cache_examples=False,
-                        label="Example questions (about the example concepts: load them on the Introduce tab)")
+            gr.Examples(
+                [list(e) for e in examples.image_questions],
+                [image, question],
+                cache_examples=False,
+                label="Example questions (about the example concepts: load them on the Introduce tab)",
+            )
         if examples.text_questions:  # clicking one also clears the photo: the question is about the concepts
-            gr.Examples([[q] for q in examples.text_questions], [question], [image, question],
-                        fn=lambda text: (None, text), run_on_click=True, cache_examples=False,
-                        label="Questions without a photo (load the example concepts first)", **PRIVATE)
-    return SimpleNamespace(image=image, question=question, compare=compare, ask=ask, stop=stop, chat=chat, new=new,
-                           plain=plain, details=details, matches=matches)
+            gr.Examples(
+                [[q] for q in examples.text_questions],
+                [question],
+                [image, question],
+                fn=lambda text: (None, text),
+                run_on_click=True,
+                cache_examples=False,
+                label="Questions without a photo (load the example concepts first)",
+                **PRIVATE,
+            )
+    return SimpleNamespace(
+        image=image,
+        question=question,
+        compare=compare,
+        ask=ask,
+        stop=stop,
+        chat=chat,
+        new=new,
+        plain=plain,
+        details=details,
+        matches=matches,
+    )
 
 
 def _video_tab(s, examples) -> SimpleNamespace:
@@ -308,20 +479,33 @@ def _video_tab(s, examples) -> SimpleNamespace:
         with gr.Row():
             with gr.Column():
                 video = gr.Video(label="Clip", sources=["upload"], height=320)
-                _hint(f"Up to {s.max_video_duration_s:g} s and {s.max_upload_mb} MiB; "
-                      f"{s.video_num_frames} frames are sampled evenly.")
+                _hint(
+                    f"Up to {s.max_video_duration_s:g} s and {s.max_upload_mb} MiB; "
+                    f"{s.video_num_frames} frames are sampled evenly."
+                )
                 question = _question_box(s, "Is Chelsea in this video?", "video-question")
                 ask, stop = _ask_buttons()
             with gr.Column():
                 chat, new = _chat_view("video-chat")
-                frames = gr.Gallery(label="Frames the model sees", elem_id="frames", columns=4, height="auto",
-                                    interactive=False, object_fit="contain")
+                frames = gr.Gallery(
+                    label="Frames the model sees",
+                    elem_id="frames",
+                    columns=4,
+                    height="auto",
+                    interactive=False,
+                    object_fit="contain",
+                )
                 details = gr.JSON(label="What went into the context")
         if examples.video_questions:
-            gr.Examples([list(e) for e in examples.video_questions], [video, question], cache_examples=False,
-                        label="Example questions (about the example concepts: load them on the Introduce tab)")
-    return SimpleNamespace(video=video, question=question, ask=ask, stop=stop, frames=frames, chat=chat, new=new,
-                           details=details)
+            gr.Examples(
+                [list(e) for e in examples.video_questions],
+                [video, question],
+                cache_examples=False,
+                label="Example questions (about the example concepts: load them on the Introduce tab)",
+            )
+    return SimpleNamespace(
+        video=video, question=question, ask=ask, stop=stop, frames=frames, chat=chat, new=new, details=details
+    )
 
 
 def _concepts_panel(s) -> SimpleNamespace:
@@ -330,8 +514,16 @@ def _concepts_panel(s) -> SimpleNamespace:
     # What the last Remove, Clear, Export or Import did, or why it could not: the browser shows no error of an
     # event that skips the queue, so these events say it here.
     status = gr.Markdown(latex_delimiters=[], elem_id="panel-status")
-    cards = gr.Gallery(show_label=False, elem_id="cards", columns=2, fit_columns=False, height=240,
-                       interactive=False, object_fit="cover", allow_preview=False)
+    cards = gr.Gallery(
+        show_label=False,
+        elem_id="cards",
+        columns=2,
+        fit_columns=False,
+        height=240,
+        interactive=False,
+        object_fit="cover",
+        allow_preview=False,
+    )
     with gr.Row():
         to_remove = gr.Dropdown(label="Concept", choices=[], allow_custom_value=True, scale=2)
         remove = gr.Button("Remove", scale=1, size="sm")
@@ -344,15 +536,28 @@ def _concepts_panel(s) -> SimpleNamespace:
     import_button = gr.UploadButton("Import a concept file", file_types=[".safetensors"], type="filepath", size="sm")
     with gr.Accordion("Details (JSON)", open=False):
         records = gr.JSON(label="Your concepts", show_label=False)
-    _hint(f"Your concepts live in this server's memory: a reload or another tab of this browser brings them "
-          f"back, and they are deleted {s.session_ttl_s // 60} minutes after your last action here (sooner if the "
-          f"server restarts or is very busy); uploads leave the server within "
-          f"{(s.upload_max_age_s + s.upload_cleanup_interval_s) // 60} minutes. Export your concepts to keep "
-          f"them. At most {s.max_concepts_per_session} concepts.")
-    return SimpleNamespace(summary=summary, status=status, cards=cards, to_remove=to_remove, remove=remove,
-                           clear=clear, confirm_row=confirm_row, confirm_clear=confirm_clear,
-                           cancel_clear=cancel_clear, export=export, exported=exported, import_button=import_button,
-                           records=records)
+    _hint(
+        f"Your concepts live in this server's memory: a reload or another tab of this browser brings them "
+        f"back, and they are deleted {s.session_ttl_s // 60} minutes after your last action here (sooner if the "
+        f"server restarts or is very busy); uploads leave the server within "
+        f"{(s.upload_max_age_s + s.upload_cleanup_interval_s) // 60} minutes. Export your concepts to keep "
+        f"them. At most {s.max_concepts_per_session} concepts."
+    )
+    return SimpleNamespace(
+        summary=summary,
+        status=status,
+        cards=cards,
+        to_remove=to_remove,
+        remove=remove,
+        clear=clear,
+        confirm_row=confirm_row,
+        confirm_clear=confirm_clear,
+        cancel_clear=cancel_clear,
+        export=export,
+        exported=exported,
+        import_button=import_button,
+        records=records,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,24 +567,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     from ego.presets import CPU_DEFAULT_PRESET, DEFAULT_PRESET, PRESETS
 
     parser = argparse.ArgumentParser(description="Ego: the Gradio Space.")
-    parser.add_argument("--model", default=os.environ.get("EGO_MODEL") or None,
-                        help=f"a preset ({', '.join(PRESETS)}), a Hub id or a local folder (env EGO_MODEL; "
-                             f"default {DEFAULT_PRESET} with a CUDA GPU, {CPU_DEFAULT_PRESET} without one)")
-    parser.add_argument("--quantization", choices=["auto", "4bit", "8bit", "none"],
-                        default=os.environ.get("EGO_QUANTIZATION", "auto"),
-                        help="auto: 4-bit on a GPU, none on a CPU (env EGO_QUANTIZATION)")
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                        help="address to listen on (env GRADIO_SERVER_NAME; default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
-                        help="port (env GRADIO_SERVER_PORT; default 7860)")
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("EGO_MODEL") or None,
+        help=f"a preset ({', '.join(PRESETS)}), a Hub id or a local folder (env EGO_MODEL; "
+        f"default {DEFAULT_PRESET} with a CUDA GPU, {CPU_DEFAULT_PRESET} without one)",
+    )
+    parser.add_argument(
+        "--quantization",
+        choices=["auto", "4bit", "8bit", "none"],
+        default=os.environ.get("EGO_QUANTIZATION", "auto"),
+        help="auto: 4-bit on a GPU, none on a CPU (env EGO_QUANTIZATION)",
+    )
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        help="address to listen on (env GRADIO_SERVER_NAME; default 127.0.0.1: this machine only)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+        help="port (env GRADIO_SERVER_PORT; default 7860)",
+    )
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
-    parser.add_argument("--protocol", choices=["ours", "paper"], default=os.environ.get("EGO_PROTOCOL", "ours"),
-                        help="paper: the paper's choices (Settings.paper(): one 448x448 query tile, bf16, 50-token "
-                             "description, punctuation-only keywords); ours: the defaults (env EGO_PROTOCOL)")
-    parser.add_argument("--decoding", choices=["auto", "eager", "compiled"],
-                        default=os.environ.get("EGO_DECODING", "auto"),
-                        help="auto: compiled on a GPU (compiled once at the first request), eager on a CPU "
-                             "(env EGO_DECODING)")
+    parser.add_argument(
+        "--protocol",
+        choices=["ours", "paper"],
+        default=os.environ.get("EGO_PROTOCOL", "ours"),
+        help="paper: the paper's choices (Settings.paper(): one 448x448 query tile, bf16, 50-token "
+        "description, punctuation-only keywords); ours: the defaults (env EGO_PROTOCOL)",
+    )
+    parser.add_argument(
+        "--decoding",
+        choices=["auto", "eager", "compiled"],
+        default=os.environ.get("EGO_DECODING", "auto"),
+        help="auto: compiled on a GPU (compiled once at the first request), eager on a CPU (env EGO_DECODING)",
+    )
     return parser.parse_args(argv)
 
 
@@ -392,8 +616,9 @@ def choose_model(model: str | None) -> tuple[str, str]:
     chosen = default_preset()
     if chosen == DEFAULT_PRESET:
         return chosen, " (4-bit on this GPU)"
-    return chosen, (" (a small model: this server has no GPU, and the default 7B model would take minutes per "
-                    "answer on its CPU)")
+    return chosen, (
+        " (a small model: this server has no GPU, and the default 7B model would take minutes per answer on its CPU)"
+    )
 
 
 def main(argv=None) -> None:
@@ -417,11 +642,13 @@ def main(argv=None) -> None:
         settings = settings.replace(decoding="eager")  # ZeroGPU does not support torch.compile
         if quantization == "auto":
             quantization = None  # bf16: 4-bit quantization would run at start on the CPU, under the emulation
-    factory = functools.partial(Ego.from_pretrained, model, quantization=quantization,
-                                **({"device": "cuda"} if zero_gpu else {}))
+    factory = functools.partial(
+        Ego.from_pretrained, model, quantization=quantization, **({"device": "cuda"} if zero_gpu else {})
+    )
     # On ZeroGPU the model is loaded now, onto "cuda", so that launch packs it for the GPU workers.
-    demo = build_demo(factory(settings=settings) if zero_gpu else factory, settings=settings, model_name=model,
-                      model_note=model_note)
+    demo = build_demo(
+        factory(settings=settings) if zero_gpu else factory, settings=settings, model_name=model, model_note=model_note
+    )
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options(settings))
 
 

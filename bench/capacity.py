@@ -47,12 +47,19 @@ def measured_from_results(results: dict) -> Measured:
     """Read a `python -m bench` results.json (parsed) into the inputs of the capacity model."""
     intro = results["introduce"]
     token_s = intro["stages_s"]["description_s"] / intro["description_tokens"]
-    fixed = {name: scenario["latency_s"] - scenario["new_tokens"] * token_s
-             for name, scenario in results["scenarios"].items() if "latency_s" in scenario}  # not concurrent_N
-    factors = {s["visitors"]: s["visitors"] / s["throughput_ratio"]
-               for s in results["scenarios"].values() if s.get("visitors", 1) > 1 and s.get("throughput_ratio")}
-    return Measured(token_s=token_s, answer_fixed_s=fixed, introduction_s=intro["total_s"],
-                    batch_step_factor=factors or None)
+    fixed = {
+        name: scenario["latency_s"] - scenario["new_tokens"] * token_s
+        for name, scenario in results["scenarios"].items()
+        if "latency_s" in scenario
+    }  # not concurrent_N
+    factors = {
+        s["visitors"]: s["visitors"] / s["throughput_ratio"]
+        for s in results["scenarios"].values()
+        if s.get("visitors", 1) > 1 and s.get("throughput_ratio")
+    }
+    return Measured(
+        token_s=token_s, answer_fixed_s=fixed, introduction_s=intro["total_s"], batch_step_factor=factors or None
+    )
 
 
 def answer_s(measured: Measured, scenario: str, new_tokens: int, step_factor: float = 1.0) -> float:
@@ -64,11 +71,11 @@ def erlang_c(servers: int, offered_load: float) -> float:
     """Probability that an arrival waits in an M/M/c queue (`offered_load` = arrival rate x service time)."""
     if offered_load >= servers:
         return 1.0
-    term, below = 1.0, 1.0          # a^k / k! for k = 0, and the sum of those terms for k < c
+    term, below = 1.0, 1.0  # a^k / k! for k = 0, and the sum of those terms for k < c
     for k in range(1, servers):
         term *= offered_load / k
         below += term
-    top = term * offered_load / servers * servers / (servers - offered_load)   # a^c / c! * c / (c - a)
+    top = term * offered_load / servers * servers / (servers - offered_load)  # a^c / c! * c / (c - a)
     return top / (below + top)
 
 
@@ -98,23 +105,39 @@ def visitors(arrivals_per_s: float, think_s: float) -> float:
     return arrivals_per_s * think_s
 
 
-def table(measured: Measured, *, scenario: str, new_tokens: int, latency_factor: float, think_s: float,
-          batches: tuple[tuple[int, float], ...]) -> str:
+def table(
+    measured: Measured,
+    *,
+    scenario: str,
+    new_tokens: int,
+    latency_factor: float,
+    think_s: float,
+    batches: tuple[tuple[int, float], ...],
+) -> str:
     lone = answer_s(measured, scenario, new_tokens)
     target = latency_factor * lone
-    lines = [(f"A lone answer ({scenario}, {new_tokens} tokens): {lone:.2f} s; latency target (mean): "
-              f"{target:.2f} s; one question per visitor every {think_s:.0f} s."), "",
-             ("| serving | step cost x lone | answer (s) | answers/s at capacity | answers/s at target | "
-              "active visitors at target |"),
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        (
+            f"A lone answer ({scenario}, {new_tokens} tokens): {lone:.2f} s; latency target (mean): "
+            f"{target:.2f} s; one question per visitor every {think_s:.0f} s."
+        ),
+        "",
+        (
+            "| serving | step cost x lone | answer (s) | answers/s at capacity | answers/s at target | "
+            "active visitors at target |"
+        ),
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for batch, factor in batches:
         service = answer_s(measured, scenario, new_tokens, factor)
         rate = max_arrivals_per_s(service, batch, target)
         name = "one at a time" if batch == 1 else f"batches of up to {batch}"
         if batch > 1 and (measured.batch_step_factor or {}).get(batch) == factor:
             name += " (step cost measured)"
-        lines.append(f"| {name} | {factor:.2f} | {service:.2f} | {batch / service:.2f} | {rate:.2f} | "
-                     f"{visitors(rate, think_s):.0f} |")
+        lines.append(
+            f"| {name} | {factor:.2f} | {service:.2f} | {batch / service:.2f} | {rate:.2f} | "
+            f"{visitors(rate, think_s):.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -127,12 +150,29 @@ def main(argv=None) -> int:
     parser.add_argument("--think-s", type=float, default=60.0, help="seconds between one visitor's questions")
     args = parser.parse_args(argv)
     measured = measured_from_results(json.loads(args.results.read_text(encoding="utf-8")))
-    print(f"Measured ({args.results}): {measured.token_s * 1000:.1f} ms per generated token; introduction "
-          f"{measured.introduction_s:.2f} s; fixed cost of an answer: "
-          + ", ".join(f"{name} {value:.3f} s" for name, value in measured.answer_fixed_s.items()) + "\n")
-    print(table(measured, scenario=args.scenario, new_tokens=args.new_tokens, latency_factor=args.latency_factor,
-                think_s=args.think_s, batches=((1, 1.0), (8, 1.0), (8, 1.25), (8, 2.0), (16, 1.5),
-                                               *sorted((measured.batch_step_factor or {}).items()))))
+    print(
+        f"Measured ({args.results}): {measured.token_s * 1000:.1f} ms per generated token; introduction "
+        f"{measured.introduction_s:.2f} s; fixed cost of an answer: "
+        + ", ".join(f"{name} {value:.3f} s" for name, value in measured.answer_fixed_s.items())
+        + "\n"
+    )
+    print(
+        table(
+            measured,
+            scenario=args.scenario,
+            new_tokens=args.new_tokens,
+            latency_factor=args.latency_factor,
+            think_s=args.think_s,
+            batches=(
+                (1, 1.0),
+                (8, 1.0),
+                (8, 1.25),
+                (8, 2.0),
+                (16, 1.5),
+                *sorted((measured.batch_step_factor or {}).items()),
+            ),
+        )
+    )
     return 0
 
 

@@ -72,27 +72,40 @@ QUESTION = "Is anyone or anything I know in this picture? Say who it is and what
 VIDEO_QUESTION = "Is anyone or anything I know in this video? Say who it is and what they do."
 FOLLOW_UP = "What are they holding?"
 CONVERSATION_CONCEPTS = 5
-GIB = 1024 ** 3
+GIB = 1024**3
 
 TARGETS = {
     # name: (target, what it applies to): the budgets the project holds itself to (bench/RESULTS.md); every
     # target is an upper bound. The speed targets are those of compiled decoding; the storage and context ones
     # those of the method.
-    "decode_ms_per_token": (8.0, "qwen2.5-vl-7b architecture, 4-bit, one H100/H200, batch 1: the plain question's "
-                                 "generated tokens after the first, per token"),
+    "decode_ms_per_token": (
+        8.0,
+        "qwen2.5-vl-7b architecture, 4-bit, one H100/H200, batch 1: the plain question's "
+        "generated tokens after the first, per token",
+    ),
     "introduce_s_per_concept": (0.5, "qwen2.5-vl-7b architecture, 4-bit, one H100/H200"),
-    "plain_answer_s": (0.4, "qwen2.5-vl-7b architecture, 4-bit, one H100/H200: a 32-token answer about a "
-                            "~1,000-token photo"),
-    "latency_ratio_5_concepts": (1.05, "qwen2.5-vl-7b architecture on a GPU: Ego with 5 concepts over the plain "
-                                       "question"),
-    "latency_ratio_20_concepts": (1.05, "qwen2.5-vl-7b architecture on a GPU: Ego with 20 concepts over the plain "
-                                        "question"),
+    "plain_answer_s": (
+        0.4,
+        "qwen2.5-vl-7b architecture, 4-bit, one H100/H200: a 32-token answer about a ~1,000-token photo",
+    ),
+    "latency_ratio_5_concepts": (
+        1.05,
+        "qwen2.5-vl-7b architecture on a GPU: Ego with 5 concepts over the plain question",
+    ),
+    "latency_ratio_20_concepts": (
+        1.05,
+        "qwen2.5-vl-7b architecture on a GPU: Ego with 20 concepts over the plain question",
+    ),
     "compile_warm_up_s": (90.0, "qwen2.5-vl-7b architecture, 4-bit, one H100/H200: compiling the decode step"),
-    "context_tokens_per_concept": (50, "any model: context tokens a concept adds (its name, the two markers, the "
-                                       "memory rows)"),
+    "context_tokens_per_concept": (
+        50,
+        "any model: context tokens a concept adds (its name, the two markers, the memory rows)",
+    ),
     "stored_mb_per_concept": (0.4, "qwen2.5-vl-7b: bytes per concept in a concept file, in MB (10^6)"),
-    "peak_gib_20_concepts": (9.0, "qwen2.5-vl-7b architecture, 4-bit, one GPU: 20 concepts and a 1000-token query "
-                                  "image"),
+    "peak_gib_20_concepts": (
+        9.0,
+        "qwen2.5-vl-7b architecture, 4-bit, one GPU: 20 concepts and a 1000-token query image",
+    ),
 }
 
 
@@ -116,10 +129,27 @@ class Sizes:
     room for a whole sentence, which a random model would always fill."""
 
 
-FULL = Sizes(concepts_introduced=20, query_size=(1024, 768), reference_size=(448, 448), video_frames=16,
-             video_size=(640, 480), new_tokens=32, repeats=3, size_tokens=5)
-QUICK = Sizes(concepts_introduced=2, query_size=(448, 336), reference_size=(224, 224), video_frames=8,
-              video_size=(224, 224), new_tokens=4, repeats=1, description_tokens=8, size_tokens=2)
+FULL = Sizes(
+    concepts_introduced=20,
+    query_size=(1024, 768),
+    reference_size=(448, 448),
+    video_frames=16,
+    video_size=(640, 480),
+    new_tokens=32,
+    repeats=3,
+    size_tokens=5,
+)
+QUICK = Sizes(
+    concepts_introduced=2,
+    query_size=(448, 336),
+    reference_size=(224, 224),
+    video_frames=8,
+    video_size=(224, 224),
+    new_tokens=4,
+    repeats=1,
+    description_tokens=8,
+    size_tokens=2,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,50 +159,99 @@ def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Measure what personalization costs: introduction, questions with 0/1/5/20 concepts "
-                    "against the same questions with full reference photos in context, a video question, "
-                    "and storage per concept. Writes results.json, results.md and latency.png.",
+        "against the same questions with full reference photos in context, a video question, "
+        "and storage per concept. Writes results.json, results.md and latency.png.",
     )
-    parser.add_argument("--model", default="tiny-qwen2.5-vl",
-                        help="a tiny preset (tiny-qwen2.5-vl, ...), a real preset (qwen2.5-vl-7b, ...: random "
-                             "weights of its real architecture, built by ego.random_models.architectures), or a local "
-                             "checkpoint folder (default: tiny-qwen2.5-vl)")
-    parser.add_argument("--quantization", default="auto", choices=["auto", "4bit", "8bit", "none"],
-                        help="auto = 4-bit on CUDA, unquantized elsewhere (default: auto)")
+    parser.add_argument(
+        "--model",
+        default="tiny-qwen2.5-vl",
+        help="a tiny preset (tiny-qwen2.5-vl, ...), a real preset (qwen2.5-vl-7b, ...: random "
+        "weights of its real architecture, built by ego.random_models.architectures), or a local "
+        "checkpoint folder (default: tiny-qwen2.5-vl)",
+    )
+    parser.add_argument(
+        "--quantization",
+        default="auto",
+        choices=["auto", "4bit", "8bit", "none"],
+        help="auto = 4-bit on CUDA, unquantized elsewhere (default: auto)",
+    )
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help=f"measured calls per scenario after one warm-up; the median is reported "
-                             f"(default: {FULL.repeats}, --quick: {QUICK.repeats})")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes, 1 repeat, few tokens: a smoke test of the harness")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"measured calls per scenario after one warm-up; the median is reported "
+        f"(default: {FULL.repeats}, --quick: {QUICK.repeats})",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes, 1 repeat, few tokens: a smoke test of the harness"
+    )
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: bench/out/)")
-    parser.add_argument("--new-tokens", type=int, default=None,
-                        help=f"tokens generated per answer, forced (default: {FULL.new_tokens}, "
-                             f"--quick: {QUICK.new_tokens})")
-    parser.add_argument("--concepts", type=int, default=None,
-                        help=f"concepts introduced for real, at most 20; the others up to 20 are copies "
-                             f"(default: {FULL.concepts_introduced}, --quick: {QUICK.concepts_introduced})")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice); 1 steadies CPU timings on a busy machine")
-    parser.add_argument("--arch-dir", default=None,
-                        help="for a real preset: folder where its random-weight copy is built, or reused when "
-                             "it already holds the same build (default: a folder under the temp dir)")
-    parser.add_argument("--profile", action="store_true",
-                        help="after the measurement, profile one introduction and the plain and 20-concept "
-                             "questions (torch.profiler): device busy time, kernels, top operations")
-    parser.add_argument("--no-concurrency", dest="concurrency", action="store_false",
-                        help="leave out the concurrency scenarios (1, 4 and 8 visitors asking at the same moment), "
-                             "measured after the other results are written")
-    parser.add_argument("--text-layers", type=int, default=None,
-                        help="for a real preset: cut the text model to this many layers (smoke tests)")
-    parser.add_argument("--vision-depth", type=int, default=None,
-                        help="for a real preset: cut the vision tower to this many blocks (smoke tests)")
-    parser.add_argument("--decoding", default="auto", choices=["auto", "eager", "compiled", "both"],
-                        help="how answers decode (ego.decoding); both = eager, then compiled, on the same loaded "
-                             "model, side by side in one results.json; auto = both on CUDA, eager elsewhere "
-                             "(default: auto)")
-    parser.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager"],
-                        help="torch.compile backend of compiled decoding (default: inductor; aot_eager compiles "
-                             "in seconds on a CPU, for smoke tests)")
+    parser.add_argument(
+        "--new-tokens",
+        type=int,
+        default=None,
+        help=f"tokens generated per answer, forced (default: {FULL.new_tokens}, --quick: {QUICK.new_tokens})",
+    )
+    parser.add_argument(
+        "--concepts",
+        type=int,
+        default=None,
+        help=f"concepts introduced for real, at most 20; the others up to 20 are copies "
+        f"(default: {FULL.concepts_introduced}, --quick: {QUICK.concepts_introduced})",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice); 1 steadies CPU timings on a busy machine",
+    )
+    parser.add_argument(
+        "--arch-dir",
+        default=None,
+        help="for a real preset: folder where its random-weight copy is built, or reused when "
+        "it already holds the same build (default: a folder under the temp dir)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the measurement, profile one introduction and the plain and 20-concept "
+        "questions (torch.profiler): device busy time, kernels, top operations",
+    )
+    parser.add_argument(
+        "--no-concurrency",
+        dest="concurrency",
+        action="store_false",
+        help="leave out the concurrency scenarios (1, 4 and 8 visitors asking at the same moment), "
+        "measured after the other results are written",
+    )
+    parser.add_argument(
+        "--text-layers",
+        type=int,
+        default=None,
+        help="for a real preset: cut the text model to this many layers (smoke tests)",
+    )
+    parser.add_argument(
+        "--vision-depth",
+        type=int,
+        default=None,
+        help="for a real preset: cut the vision tower to this many blocks (smoke tests)",
+    )
+    parser.add_argument(
+        "--decoding",
+        default="auto",
+        choices=["auto", "eager", "compiled", "both"],
+        help="how answers decode (ego.decoding); both = eager, then compiled, on the same loaded "
+        "model, side by side in one results.json; auto = both on CUDA, eager elsewhere "
+        "(default: auto)",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        choices=["inductor", "aot_eager"],
+        help="torch.compile backend of compiled decoding (default: inductor; aot_eager compiles "
+        "in seconds on a CPU, for smoke tests)",
+    )
     args = parser.parse_args(argv)
     base = QUICK if args.quick else FULL
     sizes = replace(
@@ -207,11 +286,19 @@ def main(argv=None) -> int:
         runs[mode]["meta"]["decoding"] = engine.decoder.mode
         runs[mode]["meta"]["compile"] = finish_compile_meta(compile_meta)
     results = runs[modes[-1]]
-    results["meta"] = {**model_meta, **results["meta"], **environment(engine),
-                       "load_average_at_start": load_at_start, "command": "python -m bench " + shlex.join(argv)}
+    results["meta"] = {
+        **model_meta,
+        **results["meta"],
+        **environment(engine),
+        "load_average_at_start": load_at_start,
+        "command": "python -m bench " + shlex.join(argv),
+    }
     if len(runs) > 1:
-        results["decoding_runs"] = {mode: {k: doc[k] for k in ("introduce", "scenarios")} | {
-            "meta": {k: doc["meta"][k] for k in ("decoding", "compile")}} for mode, doc in runs.items()}
+        results["decoding_runs"] = {
+            mode: {k: doc[k] for k in ("introduce", "scenarios")}
+            | {"meta": {k: doc["meta"][k] for k in ("decoding", "compile")}}
+            for mode, doc in runs.items()
+        }
         results["decoding_comparison"] = compare_decoding(runs)
         results["decoding_equality"] = compare_traces(traces["eager"], traces["compiled"])
         _log("compiled vs eager: " + json.dumps(results["decoding_equality"]))
@@ -266,11 +353,14 @@ def finish_compile_meta(meta: dict) -> dict:
     from ego.decoding import compile_counts
 
     before, warm, end = meta.pop("before"), meta.pop("after_warm_up"), compile_counts()
-    return {**meta, "warm_up_s": meta.get("warm_up_s"),
-            "graphs_at_warm_up": warm["graphs"] - before["graphs"],
-            "recompiles_at_warm_up": warm["recompiles"] - before["recompiles"],
-            "graphs_during_run": end["graphs"] - warm["graphs"],
-            "recompiles_during_run": end["recompiles"] - warm["recompiles"]}
+    return {
+        **meta,
+        "warm_up_s": meta.get("warm_up_s"),
+        "graphs_at_warm_up": warm["graphs"] - before["graphs"],
+        "recompiles_at_warm_up": warm["recompiles"] - before["recompiles"],
+        "graphs_during_run": end["graphs"] - warm["graphs"],
+        "recompiles_during_run": end["recompiles"] - warm["recompiles"],
+    }
 
 
 EQUALITY_TOKENS = 16
@@ -284,18 +374,28 @@ def greedy_trace(engine, sizes: Sizes) -> dict:
     """The first EQUALITY_TOKENS greedy tokens of a question about the query photo, and their logits."""
     query = photo(1000, sizes.query_size)
     encoded = engine.backend.encode(
-        engine.backend.chat_text([{"type": "image"}, {"type": "text", "text": QUESTION}]), image=query,
+        engine.backend.chat_text([{"type": "image"}, {"type": "text", "text": QUESTION}]),
+        image=query,
         image_max_pixels=engine.settings.query_image_max_pixels,
-        video_frame_max_pixels=engine.settings.video_frame_max_pixels)
+        video_frame_max_pixels=engine.settings.video_frame_max_pixels,
+    )
     inputs = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in encoded.inputs.items()}
     decoding = dict(engine.decoding)
     decoding["suppress_tokens"] = sorted(set(decoding["suppress_tokens"]) | set(engine.backend.stop_token_ids))
     with torch.no_grad(), engine.exclusive_use():
-        out = engine.model.generate(**inputs, max_new_tokens=EQUALITY_TOKENS, min_new_tokens=EQUALITY_TOKENS,
-                                    output_logits=True, return_dict_in_generate=True, **decoding)
-    return {"tokens": out.sequences[0, inputs["input_ids"].shape[1]:].tolist(),
-            "logits": torch.stack(out.logits)[:, 0].float().cpu(),          # [tokens, vocab]
-            "dtype": str(engine.memory_dtype).replace("torch.", "")}
+        out = engine.model.generate(
+            **inputs,
+            max_new_tokens=EQUALITY_TOKENS,
+            min_new_tokens=EQUALITY_TOKENS,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **decoding,
+        )
+    return {
+        "tokens": out.sequences[0, inputs["input_ids"].shape[1] :].tolist(),
+        "logits": torch.stack(out.logits)[:, 0].float().cpu(),  # [tokens, vocab]
+        "dtype": str(engine.memory_dtype).replace("torch.", ""),
+    }
 
 
 def compare_traces(eager: dict, compiled: dict) -> dict:
@@ -306,10 +406,16 @@ def compare_traces(eager: dict, compiled: dict) -> dict:
     compared = max(1, agree)  # the first token's logits come from the same prompt in both
     difference = (eager["logits"][:compared] - compiled["logits"][:compared]).abs().max().item()
     tolerance = LOGIT_TOLERANCE.get(eager["dtype"], 0.5)
-    return {"tokens": len(same), "tokens_equal": agree == len(same), "first_different_token": None if agree == len(
-        same) else agree, "max_abs_logit_difference": difference, "logits_compared": compared,
-        "max_abs_logit": eager["logits"][:compared].abs().max().item(), "tolerance": tolerance,
-        "within_tolerance": difference <= tolerance}
+    return {
+        "tokens": len(same),
+        "tokens_equal": agree == len(same),
+        "first_different_token": None if agree == len(same) else agree,
+        "max_abs_logit_difference": difference,
+        "logits_compared": compared,
+        "max_abs_logit": eager["logits"][:compared].abs().max().item(),
+        "tolerance": tolerance,
+        "within_tolerance": difference <= tolerance,
+    }
 
 
 def compare_decoding(runs: dict) -> dict:
@@ -319,13 +425,18 @@ def compare_decoding(runs: dict) -> dict:
     table = {}
     for name in compiled["scenarios"]:
         a, b = eager["scenarios"][name], compiled["scenarios"][name]
-        table[name] = {f"{key}_{mode}": doc[key] for key in ("latency_s", "ttft_s", "decode_ms_per_token")
-                       for mode, doc in (("eager", a), ("compiled", b))}
+        table[name] = {
+            f"{key}_{mode}": doc[key]
+            for key in ("latency_s", "ttft_s", "decode_ms_per_token")
+            for mode, doc in (("eager", a), ("compiled", b))
+        }
         table[name]["speedup_latency"] = a["latency_s"] / b["latency_s"]
         table[name]["speedup_decode"] = a["decode_ms_per_token"] / b["decode_ms_per_token"]
-    table["introduce"] = {"latency_s_eager": eager["introduce"]["total_s"],
-                          "latency_s_compiled": compiled["introduce"]["total_s"],
-                          "speedup_latency": eager["introduce"]["total_s"] / compiled["introduce"]["total_s"]}
+    table["introduce"] = {
+        "latency_s_eager": eager["introduce"]["total_s"],
+        "latency_s_compiled": compiled["introduce"]["total_s"],
+        "speedup_latency": eager["introduce"]["total_s"] / compiled["introduce"]["total_s"],
+    }
     return table
 
 
@@ -346,13 +457,22 @@ def load_engine(args, decoding: str = "eager"):
         engine = Ego.from_pretrained(args.model, quantization=quantization, device=device, settings=settings)
     elif args.model.strip().lower() in ARCHITECTURES:
         name = args.model.strip().lower()
-        folder = Path(args.arch_dir) if args.arch_dir else Path(tempfile.gettempdir()) / "ego-arch" / (
-            name + (f"-L{args.text_layers}" if args.text_layers else "") + (
-                f"-V{args.vision_depth}" if args.vision_depth else ""))
+        folder = (
+            Path(args.arch_dir)
+            if args.arch_dir
+            else Path(tempfile.gettempdir())
+            / "ego-arch"
+            / (
+                name
+                + (f"-L{args.text_layers}" if args.text_layers else "")
+                + (f"-V{args.vision_depth}" if args.vision_depth else "")
+            )
+        )
         _log(f"random-weight {name} architecture in {folder} (built once, then reused)")
         build_started = time.perf_counter()
-        cached_random_architecture(name, folder, text_layers=args.text_layers, vision_depth=args.vision_depth,
-                                   device=device)
+        cached_random_architecture(
+            name, folder, text_layers=args.text_layers, vision_depth=args.vision_depth, device=device
+        )
         meta["architecture_build_s"] = round(time.perf_counter() - build_started, 2)
         meta["model_kind"] = "random weights of the real architecture (ego.random_models.architectures)"
         meta["architecture"] = describe(name, text_layers=args.text_layers, vision_depth=args.vision_depth)
@@ -363,14 +483,22 @@ def load_engine(args, decoding: str = "eager"):
         meta["model_path"] = str(Path(args.model).resolve())
         engine = Ego.from_pretrained(args.model, quantization=quantization, device=device, settings=settings)
     else:
-        raise SystemExit(f"--model {args.model!r} is neither a preset with a recorded architecture "
-                         f"({', '.join(ARCHITECTURES)}), a tiny preset, nor a folder.")
+        raise SystemExit(
+            f"--model {args.model!r} is neither a preset with a recorded architecture "
+            f"({', '.join(ARCHITECTURES)}), a tiny preset, nor a folder."
+        )
     meta["load_s"] = round(time.perf_counter() - started - meta.get("architecture_build_s", 0.0), 2)
-    meta["quantization_effective"] = ("4bit" if getattr(engine.model, "is_loaded_in_4bit", False) else
-                                      "8bit" if getattr(engine.model, "is_loaded_in_8bit", False) else
-                                      f"none ({str(engine.memory_dtype).replace('torch.', '')})")
-    _log(f"loaded {engine.model_id} on {engine.device} ({engine.memory_dtype}, quantization {args.quantization}) "
-         f"in {meta['load_s']} s")
+    meta["quantization_effective"] = (
+        "4bit"
+        if getattr(engine.model, "is_loaded_in_4bit", False)
+        else "8bit"
+        if getattr(engine.model, "is_loaded_in_8bit", False)
+        else f"none ({str(engine.memory_dtype).replace('torch.', '')})"
+    )
+    _log(
+        f"loaded {engine.model_id} on {engine.device} ({engine.memory_dtype}, quantization {args.quantization}) "
+        f"in {meta['load_s']} s"
+    )
     return engine, meta
 
 
@@ -390,11 +518,20 @@ def environment(engine) -> dict:
     else:
         described = f"CPU: {_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     return {
-        "device": described, "device_type": device.type, "dtype": str(engine.memory_dtype).replace("torch.", ""),
-        "model_id": engine.model_id, "family": engine.family, "text_layers": engine.num_layers,
-        "hidden_size": engine.hidden_size, "attention_layers_L": list(engine.layers),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": version("transformers"), "bitsandbytes": version("bitsandbytes")},
+        "device": described,
+        "device_type": device.type,
+        "dtype": str(engine.memory_dtype).replace("torch.", ""),
+        "model_id": engine.model_id,
+        "family": engine.family,
+        "text_layers": engine.num_layers,
+        "hidden_size": engine.hidden_size,
+        "attention_layers_L": list(engine.layers),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": version("transformers"),
+            "bitsandbytes": version("bitsandbytes"),
+        },
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "load_average_at_end": _load_average(),
         "platform": platform.platform(),
@@ -533,8 +670,9 @@ def forced_generation(model, stop_ids, log: list, calls: list | None = None):
         if prompt is not None and torch.is_tensor(sequences):
             log.append(int(sequences.shape[1] - prompt.shape[1]))
             if clock is not None:
-                calls.append({"start_s": started, "first_s": clock.first_s, "end_s": time.perf_counter(),
-                              "new_tokens": log[-1]})
+                calls.append(
+                    {"start_s": started, "first_s": clock.first_s, "end_s": time.perf_counter(), "new_tokens": log[-1]}
+                )
         return out
 
     own = model.__dict__.get("generate")  # compiled decoding puts its own generate on the model object
@@ -632,9 +770,16 @@ def _measure_introduction(engine, sizes: Sizes, memory, references, log) -> tupl
         _sync(engine.device)
         total = time.perf_counter() - started
         stages = dict(concept.views[0].timings_s)
-        records.append({"total_s": total, "peak_mem_gib": memory.peak_gib(), "stages": stages,
-                        "generated": generated, "k": concept.num_tokens,
-                        "decode_ms": token_times(calls[0], started)[1]})   # the description's generate
+        records.append(
+            {
+                "total_s": total,
+                "peak_mem_gib": memory.peak_gib(),
+                "stages": stages,
+                "generated": generated,
+                "k": concept.num_tokens,
+                "decode_ms": token_times(calls[0], started)[1],
+            }
+        )  # the description's generate
         introduced.append(concept)
     stage_names = list(records[0]["stages"])
     introduce = {
@@ -652,8 +797,10 @@ def _measure_introduction(engine, sizes: Sizes, memory, references, log) -> tupl
         "description_decode_ms_per_token": _median([r["decode_ms"] for r in records]),
         "peak_mem_gib": max(r["peak_mem_gib"] for r in records),
     }
-    log(f"introduction: {introduce['total_s']:.3f} s per concept (median), stages "
-        + ", ".join(f"{k} {v:.3f}" for k, v in introduce["stages_s"].items()))
+    log(
+        f"introduction: {introduce['total_s']:.3f} s per concept (median), stages "
+        + ", ".join(f"{k} {v:.3f}" for k, v in introduce["stages_s"].items())
+    )
     return introduced, introduce
 
 
@@ -687,23 +834,32 @@ def _measure_storage(concepts: list, count: int) -> dict:
 def _question_plan(engine, sizes: Sizes, concepts, references, query, frames) -> list[tuple]:
     """(name, medium, method, concepts, call) of every question scenario; a call returns (context tokens,
     memory tokens)."""
+
     def ego(n, *, video=False):
         def call():
-            answer = engine.answer(VIDEO_QUESTION if video else QUESTION, concepts[:n],
-                                   image=None if video else query, video=frames if video else None,
-                                   max_new_tokens=sizes.new_tokens)
+            answer = engine.answer(
+                VIDEO_QUESTION if video else QUESTION,
+                concepts[:n],
+                image=None if video else query,
+                video=frames if video else None,
+                max_new_tokens=sizes.new_tokens,
+            )
             return answer.context_tokens, answer.memory_tokens
+
         return call
 
     def refs(n):
-        return lambda: references_in_context(engine, QUESTION, [(c.name, references[i]) for i, c in
-                                                                   enumerate(concepts[:n])], query, sizes.new_tokens)
+        return lambda: references_in_context(
+            engine, QUESTION, [(c.name, references[i]) for i, c in enumerate(concepts[:n])], query, sizes.new_tokens
+        )
 
     plan = [("plain", "image", "plain", 0, ego(0))]
     plan += [(f"ego_{n}", "image", "ego", n, ego(n)) for n in COUNTS]
     plan += [(f"refs_{n}", "image", "references", n, refs(n)) for n in COUNTS]
-    plan += [("video_plain", "video", "plain", 0, ego(0, video=True)), ("video_ego_5", "video", "ego", 5,
-                                                                        ego(5, video=True))]
+    plan += [
+        ("video_plain", "video", "plain", 0, ego(0, video=True)),
+        ("video_ego_5", "video", "ego", 5, ego(5, video=True)),
+    ]
     return plan
 
 
@@ -711,8 +867,10 @@ def _run_plan(engine, sizes: Sizes, memory, plan: list[tuple], log) -> dict[str,
     """One warm-up call per scenario, then the repeats round-robin over the scenarios (alternating the
     order), so that a machine whose load drifts during the run shifts every scenario alike."""
     device, stop_ids = engine.device, engine.backend.stop_token_ids
-    runs = {name: {"latencies": [], "peaks": [], "generated": [], "tokens": None, "ttft": [], "decode_ms": []}
-            for name, *_ in plan}
+    runs = {
+        name: {"latencies": [], "peaks": [], "generated": [], "tokens": None, "ttft": [], "decode_ms": []}
+        for name, *_ in plan
+    }
     for name, *_, call in plan:
         started = time.perf_counter()
         with forced_generation(engine.model, stop_ids, []):
@@ -721,7 +879,7 @@ def _run_plan(engine, sizes: Sizes, memory, plan: list[tuple], log) -> dict[str,
         # Logged as it goes: if the run is stopped by a time limit, the log still holds rough numbers.
         log(f"warm-up {name:12s} {runs[name]['tokens'][0]:6d} context tokens  {time.perf_counter() - started:.3f} s")
     for repeat in range(sizes.repeats):
-        for name, *_, call in (plan if repeat % 2 == 0 else plan[::-1]):
+        for name, *_, call in plan if repeat % 2 == 0 else plan[::-1]:
             memory.reset()
             _sync(device)
             started, calls = time.perf_counter(), []
@@ -729,7 +887,7 @@ def _run_plan(engine, sizes: Sizes, memory, plan: list[tuple], log) -> dict[str,
                 tokens = call()
             _sync(device)
             runs[name]["latencies"].append(time.perf_counter() - started)
-            ttft, decode_ms = token_times(calls[-1], started)   # the answer's generate
+            ttft, decode_ms = token_times(calls[-1], started)  # the answer's generate
             runs[name]["ttft"].append(ttft)
             runs[name]["decode_ms"].append(decode_ms)
             runs[name]["peaks"].append(memory.peak_gib())
@@ -797,21 +955,32 @@ def _measure_conversation(engine, sizes: Sizes, memory, concepts, query, log) ->
             _sync(device)
             latency = time.perf_counter() - started
             if repeat:
-                turns[name].append({"latency_s": latency, "ttft_s": firsts[0] - started,
-                                    "prefill_tokens": answer.prefill_tokens, "context_tokens": answer.context_tokens,
-                                    "new_tokens": generated[0], "peak_mem_gib": memory.peak_gib()})
+                turns[name].append(
+                    {
+                        "latency_s": latency,
+                        "ttft_s": firsts[0] - started,
+                        "prefill_tokens": answer.prefill_tokens,
+                        "context_tokens": answer.context_tokens,
+                        "new_tokens": generated[0],
+                        "peak_mem_gib": memory.peak_gib(),
+                    }
+                )
     document = {"concepts": len(concepts), "question": QUESTION, "follow_up_question": FOLLOW_UP}
     for name, records in turns.items():
         document[name] = {
-            "prefill_tokens": records[0]["prefill_tokens"], "context_tokens": records[0]["context_tokens"],
+            "prefill_tokens": records[0]["prefill_tokens"],
+            "context_tokens": records[0]["context_tokens"],
             "new_tokens": records[0]["new_tokens"],
-            "ttft_s": _median([r["ttft_s"] for r in records]), "latency_s": _median([r["latency_s"] for r in records]),
+            "ttft_s": _median([r["ttft_s"] for r in records]),
+            "latency_s": _median([r["latency_s"] for r in records]),
             "latency_runs_s": [round(r["latency_s"], 4) for r in records],
             "peak_mem_gib": max(r["peak_mem_gib"] for r in records),
         }
         entry = document[name]
-        log(f"conversation {name:9s} {entry['prefill_tokens']:6d} prefill of {entry['context_tokens']:6d} context "
-            f"tokens  first token {entry['ttft_s']:.3f} s  latency {entry['latency_s']:.3f} s")
+        log(
+            f"conversation {name:9s} {entry['prefill_tokens']:6d} prefill of {entry['context_tokens']:6d} context "
+            f"tokens  first token {entry['ttft_s']:.3f} s  latency {entry['latency_s']:.3f} s"
+        )
     return document
 
 
@@ -822,15 +991,24 @@ def _scenarios(plan: list[tuple], runs: dict[str, dict], log) -> dict[str, dict]
         record = runs[name]
         context_tokens, memory_tokens = record["tokens"]
         scenarios[name] = {
-            "name": name, "medium": medium, "method": method, "concepts": n,
-            "context_tokens": int(context_tokens), "memory_tokens": int(memory_tokens),
-            "new_tokens": _median(record["generated"]), "latency_s": _median(record["latencies"]),
-            "latency_runs_s": [round(v, 4) for v in record["latencies"]], "peak_mem_gib": max(record["peaks"]),
-            "ttft_s": _median(record["ttft"]), "decode_ms_per_token": _median(record["decode_ms"]),
+            "name": name,
+            "medium": medium,
+            "method": method,
+            "concepts": n,
+            "context_tokens": int(context_tokens),
+            "memory_tokens": int(memory_tokens),
+            "new_tokens": _median(record["generated"]),
+            "latency_s": _median(record["latencies"]),
+            "latency_runs_s": [round(v, 4) for v in record["latencies"]],
+            "peak_mem_gib": max(record["peaks"]),
+            "ttft_s": _median(record["ttft"]),
+            "decode_ms_per_token": _median(record["decode_ms"]),
         }
-        log(f"{name:12s} {context_tokens:6d} context tokens  {scenarios[name]['latency_s']:.3f} s  "
+        log(
+            f"{name:12s} {context_tokens:6d} context tokens  {scenarios[name]['latency_s']:.3f} s  "
             f"first token {scenarios[name]['ttft_s']:.3f} s  {scenarios[name]['decode_ms_per_token']:.2f} ms/token  "
-            f"peak {scenarios[name]['peak_mem_gib']:.2f} GiB")
+            f"peak {scenarios[name]['peak_mem_gib']:.2f} GiB"
+        )
     for entry in scenarios.values():
         plain = scenarios["video_plain" if entry["medium"] == "video" else "plain"]
         entry["plain"] = plain["name"]
@@ -852,7 +1030,7 @@ def measure_concurrency(engine, sizes: Sizes, log=lambda message: None) -> dict[
     from space.scheduler import AnswerScheduler
     from space.settings import DEFAULT_SPACE_SETTINGS
 
-    space = DEFAULT_SPACE_SETTINGS   # the Space's batching, as it is served
+    space = DEFAULT_SPACE_SETTINGS  # the Space's batching, as it is served
     batched = AnswerScheduler(space.answer_batch_window_s, space.answer_batch_max_size)
     serial = AnswerScheduler(0.0, 1)
     stop_ids, device, memory = engine.backend.stop_token_ids, engine.device, Memory(engine.device)
@@ -863,7 +1041,7 @@ def measure_concurrency(engine, sizes: Sizes, log=lambda message: None) -> dict[
     for count in VISITORS:
         records = {"batched": [], "serial": []}
         peaks = []
-        for repeat in range(sizes.repeats + 1):                      # the first round is a warm-up
+        for repeat in range(sizes.repeats + 1):  # the first round is a warm-up
             for mode, scheduler in (("batched", batched), ("serial", serial)):
                 memory.reset()
                 with forced_generation(engine.model, stop_ids, []):
@@ -874,9 +1052,11 @@ def measure_concurrency(engine, sizes: Sizes, log=lambda message: None) -> dict[
                     peaks.append(memory.peak_gib())
         entry = _concurrency_entry(count, records, contexts, max(peaks), sizes)
         scenarios[entry["name"]] = entry
-        log(f"{entry['name']:14s} {count} visitors: {entry['throughput_per_s']:.2f} answers/s "
+        log(
+            f"{entry['name']:14s} {count} visitors: {entry['throughput_per_s']:.2f} answers/s "
             f"({entry['throughput_ratio']:.2f}x one at a time), latency p50 {entry['latency_p50_s']:.3f} s, "
-            f"p95 {entry['latency_p95_s']:.3f} s")
+            f"p95 {entry['latency_p95_s']:.3f} s"
+        )
     return scenarios
 
 
@@ -893,8 +1073,9 @@ def _visit_together(engine, scheduler, queries, concepts, sizes: Sizes):
         start.wait()
         asked[index] = time.perf_counter()
         try:
-            *_, answer = scheduler.stream(engine, QUESTION, concepts, image=queries[index],
-                                          max_new_tokens=sizes.new_tokens)
+            *_, answer = scheduler.stream(
+                engine, QUESTION, concepts, image=queries[index], max_new_tokens=sizes.new_tokens
+            )
         except Exception as error:  # noqa: BLE001 -- raised below, in the benchmark's thread
             failures.append(error)
             return
@@ -919,13 +1100,22 @@ def _concurrency_entry(count: int, records: dict, contexts: list[int], peak_gib:
 
     batched, serial = sorted(latencies("batched")), sorted(latencies("serial"))
     return {
-        "name": f"concurrent_{count}", "medium": "image", "method": "ego", "concepts": CONCURRENT_CONCEPTS,
-        "visitors": count, "context_tokens": int(_median(contexts)), "new_tokens": sizes.new_tokens,
-        "throughput_per_s": throughput("batched"), "one_at_a_time_throughput_per_s": throughput("serial"),
+        "name": f"concurrent_{count}",
+        "medium": "image",
+        "method": "ego",
+        "concepts": CONCURRENT_CONCEPTS,
+        "visitors": count,
+        "context_tokens": int(_median(contexts)),
+        "new_tokens": sizes.new_tokens,
+        "throughput_per_s": throughput("batched"),
+        "one_at_a_time_throughput_per_s": throughput("serial"),
         "throughput_ratio": throughput("batched") / throughput("serial"),
-        "latency_p50_s": _percentile(batched, 50), "latency_p95_s": _percentile(batched, 95),
-        "one_at_a_time_latency_p50_s": _percentile(serial, 50), "one_at_a_time_latency_p95_s": _percentile(serial, 95),
-        "latency_runs_s": [round(v, 4) for v in batched], "peak_mem_gib": peak_gib,
+        "latency_p50_s": _percentile(batched, 50),
+        "latency_p95_s": _percentile(batched, 95),
+        "one_at_a_time_latency_p50_s": _percentile(serial, 50),
+        "one_at_a_time_latency_p95_s": _percentile(serial, 95),
+        "latency_runs_s": [round(v, 4) for v in batched],
+        "peak_mem_gib": peak_gib,
     }
 
 
@@ -938,11 +1128,12 @@ def _context_growth(scenarios: dict[str, dict]) -> dict:
     """Context tokens added per concept memory, and per reference photo, between the fewest and the most."""
     ego_context = {n: scenarios[f"ego_{n}"]["context_tokens"] for n in COUNTS}
     return {
-        "context_tokens_per_concept": (ego_context[max(COUNTS)] - ego_context[min(COUNTS)]) / (
-            max(COUNTS) - min(COUNTS)),
-        "reference_tokens_per_photo": (scenarios[f"refs_{max(COUNTS)}"]["context_tokens"]
-                                       - scenarios[f"refs_{min(COUNTS)}"]["context_tokens"]) / (
-            max(COUNTS) - min(COUNTS)),
+        "context_tokens_per_concept": (ego_context[max(COUNTS)] - ego_context[min(COUNTS)])
+        / (max(COUNTS) - min(COUNTS)),
+        "reference_tokens_per_photo": (
+            scenarios[f"refs_{max(COUNTS)}"]["context_tokens"] - scenarios[f"refs_{min(COUNTS)}"]["context_tokens"]
+        )
+        / (max(COUNTS) - min(COUNTS)),
     }
 
 
@@ -950,16 +1141,27 @@ def _meta(engine, sizes: Sizes, memory, weights_gib: float, query, frames) -> di
     from ego.media import load_video
 
     return {
-        "sizes": asdict(sizes), "memory_measure": memory.kind, "weights_gib": weights_gib,
-        "settings": {k: getattr(engine.settings, k) for k in (
-            "k_cap_tokens", "reference_max_pixels", "query_image_max_pixels", "video_num_frames",
-            "video_frame_max_pixels", "description_max_new_tokens", "size_max_new_tokens",
-            "max_concepts_in_context")},
-        "question": QUESTION, "video_question": VIDEO_QUESTION,
+        "sizes": asdict(sizes),
+        "memory_measure": memory.kind,
+        "weights_gib": weights_gib,
+        "settings": {
+            k: getattr(engine.settings, k)
+            for k in (
+                "k_cap_tokens",
+                "reference_max_pixels",
+                "query_image_max_pixels",
+                "video_num_frames",
+                "video_frame_max_pixels",
+                "description_max_new_tokens",
+                "size_max_new_tokens",
+                "max_concepts_in_context",
+            )
+        },
+        "question": QUESTION,
+        "video_question": VIDEO_QUESTION,
         "query_visual_tokens": visual_tokens(engine, image=query),
         "video_visual_tokens": visual_tokens(engine, video=load_video(frames, engine.settings)),
-        "forced_lengths": "every generation runs to its cap: min_new_tokens = max_new_tokens, stop tokens "
-                          "suppressed",
+        "forced_lengths": "every generation runs to its cap: min_new_tokens = max_new_tokens, stop tokens suppressed",
         "note": "random weights: the texts are meaningless, the costs are those of the architecture",
     }
 
@@ -968,9 +1170,12 @@ def visual_tokens(engine, *, image=None, video=None) -> int:
     """Visual tokens the processor gives a query image or video (no model call)."""
     block = {"type": "image"} if image is not None else {"type": "video"}
     encoded = engine.backend.encode(
-        engine.backend.chat_text([block]), image=image, video=video,
+        engine.backend.chat_text([block]),
+        image=image,
+        video=video,
         image_max_pixels=engine.settings.query_image_max_pixels,
-        video_frame_max_pixels=engine.settings.video_frame_max_pixels)
+        video_frame_max_pixels=engine.settings.video_frame_max_pixels,
+    )
     return int(encoded.visual_columns.numel())
 
 
@@ -988,9 +1193,11 @@ def references_in_context(engine, question: str, named_images, query, new_tokens
     image_processor = processor.image_processor
     patch_px = image_processor.patch_size * image_processor.merge_size
     inputs = processor(
-        text=[engine.backend.chat_text(blocks)], images=[image for _, image in named_images] + [query],
-        images_kwargs={"size": {"shortest_edge": patch_px ** 2 * 4,
-                                "longest_edge": engine.settings.query_image_max_pixels}},
+        text=[engine.backend.chat_text(blocks)],
+        images=[image for _, image in named_images] + [query],
+        images_kwargs={
+            "size": {"shortest_edge": patch_px**2 * 4, "longest_edge": engine.settings.query_image_max_pixels}
+        },
         return_tensors="pt",
     )
     inputs = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in dict(inputs).items()}
@@ -1032,10 +1239,13 @@ def profile(engine, sizes: Sizes, log=lambda message: None) -> dict:
         def call():
             concepts = [replace(made["concept"], name=f"concept {i + 1}") for i in range(n)]
             engine.answer(QUESTION, concepts, image=query, max_new_tokens=sizes.new_tokens)
+
         return call
 
-    document = {"activities": [str(a).rsplit(".", 1)[-1] for a in activities],
-                "note": "one call each, under torch.profiler (its overhead inflates the wall time)"}
+    document = {
+        "activities": [str(a).rsplit(".", 1)[-1] for a in activities],
+        "note": "one call each, under torch.profiler (its overhead inflates the wall time)",
+    }
     for name, call in (("introduce", introduce), ("plain", ask(0)), (f"ego_{max(COUNTS)}", ask(max(COUNTS)))):
         with forced_generation(engine.model, stop_ids, []):
             _sync(device)
@@ -1079,10 +1289,13 @@ def summarize_profile(profiler, wall_s: float) -> dict:
         # Host time inside torch operations, all threads; the rest of the wall time on the host is Python
         # (generate's loop, the engine) and waiting.
         "host_ops_s": sum(e.self_cpu_time_total for e in host) / 1e6,
-        "top_device_ops": [{"name": name[:120], "s": us / 1e6, "count": count} for name, (us, count) in
-                           sorted(by_kernel.items(), key=lambda item: item[1][0], reverse=True)[:PROFILE_TOP]],
-        "top_host_ops": [{"name": e.key[:120], "self_s": e.self_cpu_time_total / 1e6, "count": e.count}
-                         for e in host[:PROFILE_TOP]],
+        "top_device_ops": [
+            {"name": name[:120], "s": us / 1e6, "count": count}
+            for name, (us, count) in sorted(by_kernel.items(), key=lambda item: item[1][0], reverse=True)[:PROFILE_TOP]
+        ],
+        "top_host_ops": [
+            {"name": e.key[:120], "self_s": e.self_cpu_time_total / 1e6, "count": e.count} for e in host[:PROFILE_TOP]
+        ],
     }
 
 
@@ -1090,8 +1303,10 @@ def _profile_line(entry: dict) -> str:
     host = f"host time in torch operations {entry['host_ops_s']:.3f} s"
     if entry["device_busy_s"] is None:
         return f"wall {entry['wall_s']:.3f} s, {host} (no device activity recorded)"
-    return (f"wall {entry['wall_s']:.3f} s, device busy {entry['device_busy_s']:.3f} s "
-            f"(idle {entry['device_idle_share']:.0%}), {entry['device_operations']} device operations, {host}")
+    return (
+        f"wall {entry['wall_s']:.3f} s, device busy {entry['device_busy_s']:.3f} s "
+        f"(idle {entry['device_idle_share']:.0%}), {entry['device_operations']} device operations, {host}"
+    )
 
 
 def profile_lines(name: str, entry: dict) -> list[str]:
@@ -1124,17 +1339,27 @@ def targets(results: dict) -> dict:
         "peak_gib_20_concepts": scenarios["ego_20"]["peak_mem_gib"],
     }
     applies = {
-        "decode_ms_per_token": compiled_4bit, "introduce_s_per_concept": compiled_4bit,
-        "plain_answer_s": compiled_4bit, "latency_ratio_5_concepts": on_gpu, "latency_ratio_20_concepts": on_gpu,
-        "compile_warm_up_s": compiled_4bit, "context_tokens_per_concept": True, "stored_mb_per_concept": default_arch,
+        "decode_ms_per_token": compiled_4bit,
+        "introduce_s_per_concept": compiled_4bit,
+        "plain_answer_s": compiled_4bit,
+        "latency_ratio_5_concepts": on_gpu,
+        "latency_ratio_20_concepts": on_gpu,
+        "compile_warm_up_s": compiled_4bit,
+        "context_tokens_per_concept": True,
+        "stored_mb_per_concept": default_arch,
         "peak_gib_20_concepts": gpu_4bit and scenarios["ego_20"]["context_tokens"] > 0,
     }
     document = {}
     for name, (target, scope) in TARGETS.items():
         value = measured[name]
-        document[name] = {"target": target, "comparison": "<=", "measured": value,
-                          "met": bool(value is not None and value <= target), "applies_to": scope,
-                          "this_run_is_the_target_setting": bool(applies[name])}
+        document[name] = {
+            "target": target,
+            "comparison": "<=",
+            "measured": value,
+            "met": bool(value is not None and value <= target),
+            "applies_to": scope,
+            "this_run_is_the_target_setting": bool(applies[name]),
+        }
     return document
 
 
@@ -1162,10 +1387,12 @@ def _json_default(value):
 def _compile_line(compile_meta: dict) -> str:
     if not compile_meta.get("backend"):
         return " (nothing compiled)"
-    return (f" ({compile_meta['backend']}, mode {compile_meta['mode']}: compiled in {compile_meta['warm_up_s']:.1f} s, "
-            f"{compile_meta['graphs_at_warm_up']} graphs and {compile_meta['recompiles_at_warm_up']} recompilations "
-            f"at warm-up, {compile_meta['graphs_during_run']} graphs and {compile_meta['recompiles_during_run']} "
-            f"recompilations during the scenarios)")
+    return (
+        f" ({compile_meta['backend']}, mode {compile_meta['mode']}: compiled in {compile_meta['warm_up_s']:.1f} s, "
+        f"{compile_meta['graphs_at_warm_up']} graphs and {compile_meta['recompiles_at_warm_up']} recompilations "
+        f"at warm-up, {compile_meta['graphs_during_run']} graphs and {compile_meta['recompiles_during_run']} "
+        f"recompilations during the scenarios)"
+    )
 
 
 _LABELS = {"plain": "plain question, one image", "video_plain": "plain question, one video"}
@@ -1204,11 +1431,13 @@ def markdown(results: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for entry in (e for e in results["scenarios"].values() if "visitors" not in e):
-        lines.append(f"| {_label(entry)} | {entry['context_tokens']} | {entry['latency_s']:.3f} | "
-                     f"{entry['ratio_to_plain']:.2f} | {entry['fastest_s']:.3f} | "
-                     f"{entry['fastest_ratio_to_plain']:.2f} | "
-                     f"{entry['context_ratio_to_plain']:.2f} | {entry['ttft_s']:.3f} | "
-                     f"{entry['decode_ms_per_token']:.2f} | {entry['peak_mem_gib']:.2f} |")
+        lines.append(
+            f"| {_label(entry)} | {entry['context_tokens']} | {entry['latency_s']:.3f} | "
+            f"{entry['ratio_to_plain']:.2f} | {entry['fastest_s']:.3f} | "
+            f"{entry['fastest_ratio_to_plain']:.2f} | "
+            f"{entry['context_ratio_to_plain']:.2f} | {entry['ttft_s']:.3f} | "
+            f"{entry['decode_ms_per_token']:.2f} | {entry['peak_mem_gib']:.2f} |"
+        )
     lines += [
         "",
         f"Ratios are against the plain question on the same medium (medians, and the fastest of the "
@@ -1220,16 +1449,26 @@ def markdown(results: dict) -> str:
     ]
     conversation = results.get("conversation")  # (results written before conversations have none)
     if conversation:
-        lines += ["## A conversation: a follow-up on the cached context", "",
-                  "| question | context tokens | computed (prefill) tokens | first token (s) | latency (s) "
-                  "| peak memory (GiB) |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "## A conversation: a follow-up on the cached context",
+            "",
+            "| question | context tokens | computed (prefill) tokens | first token (s) | latency (s) "
+            "| peak memory (GiB) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for name, label in (("first", "first question"), ("follow_up", "follow-up")):
             entry = conversation[name]
-            lines.append(f"| {label} | {entry['context_tokens']} | {entry['prefill_tokens']} | "
-                         f"{entry['ttft_s']:.3f} | {entry['latency_s']:.3f} | {entry['peak_mem_gib']:.2f} |")
-        lines += ["", f"The query image with {conversation['concepts']} concepts, asked "
-                  f"\"{conversation['question']}\", then \"{conversation['follow_up_question']}\": the follow-up "
-                  f"computes only its own tokens on the conversation's cache (`Ego.chat`).", ""]
+            lines.append(
+                f"| {label} | {entry['context_tokens']} | {entry['prefill_tokens']} | "
+                f"{entry['ttft_s']:.3f} | {entry['latency_s']:.3f} | {entry['peak_mem_gib']:.2f} |"
+            )
+        lines += [
+            "",
+            f"The query image with {conversation['concepts']} concepts, asked "
+            f'"{conversation["question"]}", then "{conversation["follow_up_question"]}": the follow-up '
+            f"computes only its own tokens on the conversation's cache (`Ego.chat`).",
+            "",
+        ]
     lines += [
         f"## Introduction of a concept (one {intro['reference_size'][0]}x{intro['reference_size'][1]} photo, "
         f"{intro['reference_visual_tokens']} visual tokens; median of {intro['concepts_measured']} after 1 warm-up)",
@@ -1259,46 +1498,66 @@ def markdown(results: dict) -> str:
     ]
     if "decoding_comparison" in results:
         equal = results["decoding_equality"]
-        agreement = ("all equal" if equal["tokens_equal"] else
-                     f"first difference at token {equal['first_different_token']}")
-        lines += ["## Decoding: eager and compiled, the same model in one run", "",
-                  f"Greedy tokens of a question about the query photo: {equal['tokens']} compared, {agreement}"
-                  f"; largest logit difference over the first {equal['logits_compared']} "
-                  f"{equal['max_abs_logit_difference']:.2e} (logits up to {equal['max_abs_logit']:.1f}; tolerance "
-                  f"{equal['tolerance']}: {'within' if equal['within_tolerance'] else 'OUTSIDE'}).", "",
-                  "| scenario | eager (s) | compiled (s) | speed-up | first token eager / compiled (s) "
-                  "| decode eager / compiled (ms/token) | decode speed-up |", "|---|---:|---:|---:|---|---|---:|"]
+        agreement = (
+            "all equal" if equal["tokens_equal"] else f"first difference at token {equal['first_different_token']}"
+        )
+        lines += [
+            "## Decoding: eager and compiled, the same model in one run",
+            "",
+            f"Greedy tokens of a question about the query photo: {equal['tokens']} compared, {agreement}"
+            f"; largest logit difference over the first {equal['logits_compared']} "
+            f"{equal['max_abs_logit_difference']:.2e} (logits up to {equal['max_abs_logit']:.1f}; tolerance "
+            f"{equal['tolerance']}: {'within' if equal['within_tolerance'] else 'OUTSIDE'}).",
+            "",
+            "| scenario | eager (s) | compiled (s) | speed-up | first token eager / compiled (s) "
+            "| decode eager / compiled (ms/token) | decode speed-up |",
+            "|---|---:|---:|---:|---|---|---:|",
+        ]
         for name, row in results["decoding_comparison"].items():
             if name == "introduce":
-                lines.append(f"| introduction | {row['latency_s_eager']:.3f} | {row['latency_s_compiled']:.3f} | "
-                             f"{row['speedup_latency']:.2f} | | | |")
+                lines.append(
+                    f"| introduction | {row['latency_s_eager']:.3f} | {row['latency_s_compiled']:.3f} | "
+                    f"{row['speedup_latency']:.2f} | | | |"
+                )
                 continue
-            lines.append(f"| {name} | {row['latency_s_eager']:.3f} | {row['latency_s_compiled']:.3f} | "
-                         f"{row['speedup_latency']:.2f} | {row['ttft_s_eager']:.3f} / {row['ttft_s_compiled']:.3f} | "
-                         f"{row['decode_ms_per_token_eager']:.2f} / {row['decode_ms_per_token_compiled']:.2f} | "
-                         f"{row['speedup_decode']:.2f} |")
+            lines.append(
+                f"| {name} | {row['latency_s_eager']:.3f} | {row['latency_s_compiled']:.3f} | "
+                f"{row['speedup_latency']:.2f} | {row['ttft_s_eager']:.3f} / {row['ttft_s_compiled']:.3f} | "
+                f"{row['decode_ms_per_token_eager']:.2f} / {row['decode_ms_per_token_compiled']:.2f} | "
+                f"{row['speedup_decode']:.2f} |"
+            )
         runs = results.get("decoding_runs", {})
         lines += [""] + [f"- {mode}:" + _compile_line(doc["meta"]["compile"]) for mode, doc in runs.items()] + [""]
     if "targets" in results:
-        lines += ["## Targets", "",
-                  "| target | measured | met | this run is the target's setting |", "|---|---:|---|---|"]
+        lines += [
+            "## Targets",
+            "",
+            "| target | measured | met | this run is the target's setting |",
+            "|---|---:|---|---|",
+        ]
         for name, entry in results["targets"].items():
             measured = "-" if entry["measured"] is None else f"{entry['measured']:.3f}"
-            lines.append(f"| {name} {entry['comparison']} {entry['target']} ({entry['applies_to']}) | "
-                         f"{measured} | {'yes' if entry['met'] else 'no'} | "
-                         f"{'yes' if entry['this_run_is_the_target_setting'] else 'no'} |")
+            lines.append(
+                f"| {name} {entry['comparison']} {entry['target']} ({entry['applies_to']}) | "
+                f"{measured} | {'yes' if entry['met'] else 'no'} | "
+                f"{'yes' if entry['this_run_is_the_target_setting'] else 'no'} |"
+            )
         lines.append("")
     if "profile" in results:
-        lines += ["## Profile (one call each under torch.profiler)", "",
-                  "| call | wall (s) | device busy (s) | device idle | device operations "
-                  "| host time in torch ops (s) |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "## Profile (one call each under torch.profiler)",
+            "",
+            "| call | wall (s) | device busy (s) | device idle | device operations | host time in torch ops (s) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         calls = {k: v for k, v in results["profile"].items() if isinstance(v, dict)}
         for name, entry in calls.items():
             busy = entry["device_busy_s"]
-            lines.append(f"| {name} | {entry['wall_s']:.3f} | {'-' if busy is None else f'{busy:.3f}'} | "
-                         f"{'-' if busy is None else format(entry['device_idle_share'], '.0%')} | "
-                         f"{entry['device_operations']} | {entry['host_ops_s']:.3f} |")
+            lines.append(
+                f"| {name} | {entry['wall_s']:.3f} | {'-' if busy is None else f'{busy:.3f}'} | "
+                f"{'-' if busy is None else format(entry['device_idle_share'], '.0%')} | "
+                f"{entry['device_operations']} | {entry['host_ops_s']:.3f} |"
+            )
         lines += ["", "```"]
         for name, entry in calls.items():
             lines += profile_lines(name, entry)
@@ -1311,16 +1570,26 @@ def concurrency_lines(scenarios: dict) -> list[str]:
     entries = [e for e in scenarios.values() if "visitors" in e]
     if not entries:
         return []
-    lines = [f"## Visitors asking at the same moment ({CONCURRENT_CONCEPTS} concepts and a photo each)", "",
-             "| visitors | answers/s batched | answers/s one at a time | ratio | latency p50 (s) | latency p95 (s) "
-             "| one at a time p50 (s) | one at a time p95 (s) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"## Visitors asking at the same moment ({CONCURRENT_CONCEPTS} concepts and a photo each)",
+        "",
+        "| visitors | answers/s batched | answers/s one at a time | ratio | latency p50 (s) | latency p95 (s) "
+        "| one at a time p50 (s) | one at a time p95 (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for e in entries:
-        lines.append(f"| {e['visitors']} | {e['throughput_per_s']:.3f} | {e['one_at_a_time_throughput_per_s']:.3f} | "
-                     f"{e['throughput_ratio']:.2f} | {e['latency_p50_s']:.3f} | {e['latency_p95_s']:.3f} | "
-                     f"{e['one_at_a_time_latency_p50_s']:.3f} | {e['one_at_a_time_latency_p95_s']:.3f} |")
-    return lines + ["", "Batched: questions that arrive together share one generation (the Space's scheduler, "
-                        "`answer_batch_max_size`, `answer_batch_window_s`); one at a time: each waits for the "
-                        "answers before it.", ""]
+        lines.append(
+            f"| {e['visitors']} | {e['throughput_per_s']:.3f} | {e['one_at_a_time_throughput_per_s']:.3f} | "
+            f"{e['throughput_ratio']:.2f} | {e['latency_p50_s']:.3f} | {e['latency_p95_s']:.3f} | "
+            f"{e['one_at_a_time_latency_p50_s']:.3f} | {e['one_at_a_time_latency_p95_s']:.3f} |"
+        )
+    return lines + [
+        "",
+        "Batched: questions that arrive together share one generation (the Space's scheduler, "
+        "`answer_batch_max_size`, `answer_batch_window_s`); one at a time: each waits for the "
+        "answers before it.",
+        "",
+    ]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -1344,8 +1613,11 @@ def plot(results: dict, path: Path) -> None:
     for axis in (left, right):
         axis.grid(alpha=0.3)
         axis.legend()
-    figure.suptitle(f"{meta.get('model')} ({meta.get('quantization_effective')}), {meta.get('device')}, "
-                    f"{meta['sizes']['new_tokens']} new tokens", fontsize=10)
+    figure.suptitle(
+        f"{meta.get('model')} ({meta.get('quantization_effective')}), {meta.get('device')}, "
+        f"{meta['sizes']['new_tokens']} new tokens",
+        fontsize=10,
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -14,14 +14,27 @@ import importlib
 
 _EXPORTS = {
     "AnswerRequest": "batching",
-    "Answer": "engine", "Chat": "engine", "Ego": "engine", "memory_size": "engine", "select_concepts": "engine",
+    "Answer": "engine",
+    "Chat": "engine",
+    "Ego": "engine",
+    "memory_size": "engine",
+    "select_concepts": "engine",
     "similarity_to_query": "engine",
-    "IncompatibleMemoryError": "errors", "InputError": "errors", "MemoryFileError": "errors",
+    "IncompatibleMemoryError": "errors",
+    "InputError": "errors",
+    "MemoryFileError": "errors",
     "ModelBusyError": "errors",
-    "Concept": "memory", "ConceptView": "memory", "load_concepts": "memory", "read_concepts": "memory",
-    "read_thumbnails": "memory", "save_concepts": "memory",
-    "DEFAULT_PRESET": "presets", "CPU_DEFAULT_PRESET": "presets", "PRESETS": "presets",
-    "DEFAULT_SETTINGS": "settings", "Settings": "settings",
+    "Concept": "memory",
+    "ConceptView": "memory",
+    "load_concepts": "memory",
+    "read_concepts": "memory",
+    "read_thumbnails": "memory",
+    "save_concepts": "memory",
+    "DEFAULT_PRESET": "presets",
+    "CPU_DEFAULT_PRESET": "presets",
+    "PRESETS": "presets",
+    "DEFAULT_SETTINGS": "settings",
+    "Settings": "settings",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -49,17 +49,16 @@ class AttentionCapture:
 
     def matrix(self, positions: list[int]) -> torch.Tensor:
         """A^{l,h}_{wr} for the given query positions: [|L|, H, N_w, N_r] (float32)."""
-        return torch.stack([
-            torch.stack([self.rows[layer][p] for p in positions], dim=1) for layer in sorted(self.layers)
-        ])
+        return torch.stack(
+            [torch.stack([self.rows[layer][p] for p in positions], dim=1) for layer in sorted(self.layers)]
+        )
 
     def recorded_positions(self) -> set[int]:
         sets = [set(self.rows.get(layer, {})) for layer in self.layers]
         return set.intersection(*sets) if sets else set()
 
 
-_active: contextvars.ContextVar[AttentionCapture | None] = contextvars.ContextVar("ego_attention_capture",
-                                                                                  default=None)
+_active: contextvars.ContextVar[AttentionCapture | None] = contextvars.ContextVar("ego_attention_capture", default=None)
 
 
 @contextlib.contextmanager
@@ -82,17 +81,19 @@ def _record(capture: AttentionCapture, layer: int, query, key, attention_mask, s
     heads, kv_heads, rows = query.shape[1], key.shape[1], hi - lo
     # GQA: query head h reads kv head h // (heads / kv_heads); group the query heads rather than repeat
     # the keys, so the cached keys are never copied per head.
-    q = query[:1, :, lo:hi].float().view(1, kv_heads, heads // kv_heads, rows, -1)   # [1, Hkv, g, r, d]
-    k = key[:1].float().unsqueeze(2)                                                  # [1, Hkv, 1, k_len, d]
-    scores = (q @ k.transpose(-1, -2)).view(1, heads, rows, k_len) * scaling           # [1, H, r, k_len]
+    q = query[:1, :, lo:hi].float().view(1, kv_heads, heads // kv_heads, rows, -1)  # [1, Hkv, g, r, d]
+    k = key[:1].float().unsqueeze(2)  # [1, Hkv, 1, k_len, d]
+    scores = (q @ k.transpose(-1, -2)).view(1, heads, rows, k_len) * scaling  # [1, H, r, k_len]
     positions = range(start + lo, start + hi)  # Python ints: reading them back from the GPU would wait for it
-    future = (torch.arange(k_len, device=query.device)[None, :]
-              > torch.arange(positions.start, positions.stop, device=query.device)[:, None])  # causal: [r, k_len]
+    future = (
+        torch.arange(k_len, device=query.device)[None, :]
+        > torch.arange(positions.start, positions.stop, device=query.device)[:, None]
+    )  # causal: [r, k_len]
     scores = scores.masked_fill(future, float("-inf"))
     if attention_mask is not None:
         mask = attention_mask[:1, :, lo:hi, :k_len]
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    probs = scores.softmax(-1)[0][:, :, capture.columns.to(query.device)]   # [H, r, N_r]
+    probs = scores.softmax(-1)[0][:, :, capture.columns.to(query.device)]  # [H, r, N_r]
     store = capture.rows.setdefault(layer, {})
     for i, position in enumerate(positions):
         store[position] = probs[:, i].detach()
@@ -105,8 +106,7 @@ def capture_attention_forward(module, query, key, value, attention_mask, scaling
     capture = _active.get()
     layer = getattr(module, "layer_idx", None)
     if capture is not None and layer in capture.layers:
-        _record(capture, layer, query, key, attention_mask,
-                scaling if scaling is not None else query.shape[-1] ** -0.5)
+        _record(capture, layer, query, key, attention_mask, scaling if scaling is not None else query.shape[-1] ** -0.5)
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 

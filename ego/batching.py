@@ -53,14 +53,17 @@ def collate(calls: Sequence[dict], pad_id: int) -> dict:
         elif key == "mm_encoder_outputs":
             kinds = dict.fromkeys(kind for value in values for kind in value)
             merged[key] = {kind: _merge_outputs([value[kind] for value in values if kind in value]) for kind in kinds}
-        elif torch.is_tensor(first) and first.dim() >= 2 and all(
-                call[key].shape[:2] == call["input_ids"].shape for call in calls if key in call):
+        elif (
+            torch.is_tensor(first)
+            and first.dim() >= 2
+            and all(call[key].shape[:2] == call["input_ids"].shape for call in calls if key in call)
+        ):
             if len(values) != len(calls):
                 raise ValueError(f"{key} is given for some questions of the batch and not others")
             fill = pad_id if key == "input_ids" else 0
-            merged[key] = torch.cat([_left_pad(value, length, fill) for value in values])   # [B, L, ...]
+            merged[key] = torch.cat([_left_pad(value, length, fill) for value in values])  # [B, L, ...]
         elif torch.is_tensor(first):
-            merged[key] = torch.cat(values)                     # per image or video: grids, seconds per grid
+            merged[key] = torch.cat(values)  # per image or video: grids, seconds per grid
         else:
             if any(value != first for value in values):
                 raise ValueError(f"the questions of a batch must share {key}")
@@ -113,15 +116,21 @@ class RowControl(StoppingCriteria):
     with the row's generated ids so far (stop tokens included).
     """
 
-    def __init__(self, start: int, budgets: Sequence[int], stops: Sequence[threading.Event | None],
-                 stop_ids: Sequence[int], on_step: Callable[[int, list[int]], None] | None = None):
+    def __init__(
+        self,
+        start: int,
+        budgets: Sequence[int],
+        stops: Sequence[threading.Event | None],
+        stop_ids: Sequence[int],
+        on_step: Callable[[int, list[int]], None] | None = None,
+    ):
         self.start, self.budgets, self.stops = start, list(budgets), list(stops)
         self.stop_ids = set(stop_ids)
         self.on_step = on_step
         self.ended = [False] * len(self.budgets)
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        new = input_ids[:, self.start:].tolist()                             # [B][t]
+        new = input_ids[:, self.start :].tolist()  # [B][t]
         done = []
         for row, ids in enumerate(new):
             if not self.ended[row]:

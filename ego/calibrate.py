@@ -74,7 +74,7 @@ def object_tokens(mask, grid: tuple[int, int], *, min_coverage: float = MIN_COVE
     binary = torch.from_numpy(np.ascontiguousarray(binary_mask(mask)))
     height, width = binary.shape
     rows, cols = int(grid[0]), int(grid[1])
-    coverage = F.adaptive_avg_pool2d(binary.float()[None, None], (rows, cols))[0, 0]   # [rows, cols]
+    coverage = F.adaptive_avg_pool2d(binary.float()[None, None], (rows, cols))[0, 0]  # [rows, cols]
     centre_y = ((torch.arange(rows) + 0.5) * height / rows).long().clamp(max=height - 1)
     centre_x = ((torch.arange(cols) + 0.5) * width / cols).long().clamp(max=width - 1)
     centre = binary[centre_y][:, centre_x]
@@ -84,7 +84,7 @@ def object_tokens(mask, grid: tuple[int, int], *, min_coverage: float = MIN_COVE
 def precision_at_k(importance: torch.Tensor, objects: torch.Tensor, k: int) -> torch.Tensor:
     """importance [num_layers, N]; objects Bool [N] -> share of each layer's top-k tokens on the object [num_layers]."""
     k = max(1, min(int(k), importance.shape[-1]))
-    top = importance.float().topk(k, dim=-1).indices                        # [num_layers, k]
+    top = importance.float().topk(k, dim=-1).indices  # [num_layers, k]
     return objects.to(importance.device)[top].float().mean(dim=-1).cpu()
 
 
@@ -142,16 +142,22 @@ def describe_with_attention(engine, image, mask=None) -> DescribedImage:
     if not described.ids:
         raise SkipImage("the description is empty")
     tokenizer = engine.backend.tokenizer
-    positions, keywords = keyword_positions(tokenizer, described.ids,
-                                            content_only=engine.settings.keywords_drop_stopwords)
+    positions, keywords = keyword_positions(
+        tokenizer, described.ids, content_only=engine.settings.keywords_drop_stopwords
+    )
     recorded = described.capture.recorded_positions()
     rows = [described.start + i for i in positions if described.start + i in recorded]
     if not rows:
         raise SkipImage("the description has no words")
-    importance = layer_importance(described.capture, rows)            # [num_layers, N_r]
+    importance = layer_importance(described.capture, rows)  # [num_layers, N_r]
     description = tokenizer.decode(described.ids, skip_special_tokens=True)
-    return DescribedImage(importance=importance, grid=(int(reference.grid[0]), int(reference.grid[1])),
-                          description=description, keywords=tuple(keywords), objects=objects)
+    return DescribedImage(
+        importance=importance,
+        grid=(int(reference.grid[0]), int(reference.grid[1])),
+        description=description,
+        keywords=tuple(keywords),
+        objects=objects,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,7 +198,7 @@ class CalibrationResult:
     @property
     def layers(self) -> tuple[int, ...]:
         """The best `keep` layers, in increasing order (the set L)."""
-        return tuple(sorted(self.ranking[:self.keep]))
+        return tuple(sorted(self.ranking[: self.keep]))
 
     @property
     def scores(self) -> dict[int, float]:
@@ -231,8 +237,9 @@ class CalibrationResult:
         return "\n".join(lines)
 
 
-def calibrate(engine, pairs: Iterable, keep: int = 5, top_k: int = 50,
-              progress: Callable[[str], None] | None = None) -> CalibrationResult:
+def calibrate(
+    engine, pairs: Iterable, keep: int = 5, top_k: int = 50, progress: Callable[[str], None] | None = None
+) -> CalibrationResult:
     """Rank `engine`'s text layers by how well their keyword attention lands on the object.
 
     pairs: (image, mask) or (name, image, mask) items; images and masks are paths, PIL images or arrays.
@@ -261,13 +268,23 @@ def calibrate(engine, pairs: Iterable, keep: int = 5, top_k: int = 50,
         names.append(name)
         descriptions.append(described.description)
         best = int(precision.argmax())
-        _say(progress, f"[{index}/{len(pairs)}] {name}: {int(objects.sum())}/{objects.numel()} object tokens, "
-                       f"best layer {best} (precision {float(precision[best]):.2f}); "
-                       f"keywords: {', '.join(described.keywords[:8])}")
+        _say(
+            progress,
+            f"[{index}/{len(pairs)}] {name}: {int(objects.sum())}/{objects.numel()} object tokens, "
+            f"best layer {best} (precision {float(precision[best]):.2f}); "
+            f"keywords: {', '.join(described.keywords[:8])}",
+        )
     precision = torch.stack(rows) if rows else torch.zeros(0, engine.num_layers)
-    return CalibrationResult(model_id=engine.model_id, num_layers=engine.num_layers, top_k=int(top_k),
-                             keep=int(keep), precision=precision, names=tuple(names), skipped=tuple(skipped),
-                             descriptions=tuple(descriptions))
+    return CalibrationResult(
+        model_id=engine.model_id,
+        num_layers=engine.num_layers,
+        top_k=int(top_k),
+        keep=int(keep),
+        precision=precision,
+        names=tuple(names),
+        skipped=tuple(skipped),
+        descriptions=tuple(descriptions),
+    )
 
 
 def _name_of(image, index: int) -> str:
@@ -286,24 +303,35 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ego.calibrate",
         description="Rank a model's LLM layers by how well the attention of its self-description's keywords "
-                    "lands on the object of single-instance masks (COCO style), and write the best ones as JSON "
-                    "for Ego.from_pretrained(..., layers=FILE).",
+        "lands on the object of single-instance masks (COCO style), and write the best ones as JSON "
+        "for Ego.from_pretrained(..., layers=FILE).",
     )
     parser.add_argument("--model", required=True, help="preset name (see ego.presets), Hub id or local checkpoint")
     parser.add_argument("--images", required=True, help="folder of images")
-    parser.add_argument("--masks", required=True,
-                        help="folder of binary masks, one per image, same file stem (object = white: non-zero, "
-                             "or >= 128 in 0-255 masks)")
+    parser.add_argument(
+        "--masks",
+        required=True,
+        help="folder of binary masks, one per image, same file stem (object = white: non-zero, "
+        "or >= 128 in 0-255 masks)",
+    )
     parser.add_argument("--keep", type=int, default=5, help="how many layers to keep (default 5, as in the paper)")
     parser.add_argument("--top-k", type=int, default=50, help="K of precision@K (default 50)")
     parser.add_argument("--out", help="output JSON (default calibration-<model>.json)")
-    parser.add_argument("--quantization", default="auto", choices=["auto", "4bit", "8bit", "none"],
-                        help="auto = 4-bit on CUDA, unquantized elsewhere")
+    parser.add_argument(
+        "--quantization",
+        default="auto",
+        choices=["auto", "4bit", "8bit", "none"],
+        help="auto = 4-bit on CUDA, unquantized elsewhere",
+    )
     parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many image/mask pairs")
-    parser.add_argument("--protocol", choices=["ours", "paper"], default="ours",
-                        help="paper: the paper's choices (Settings.paper(): bf16, 50-token description, "
-                             "punctuation-only keywords, original system prompt); ours: the defaults")
+    parser.add_argument(
+        "--protocol",
+        choices=["ours", "paper"],
+        default="ours",
+        help="paper: the paper's choices (Settings.paper(): bf16, 50-token description, "
+        "punctuation-only keywords, original system prompt); ours: the defaults",
+    )
     return parser
 
 
@@ -311,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     pairs = find_pairs(args.images, args.masks)
     if args.limit is not None:
-        pairs = pairs[:max(0, args.limit)]
+        pairs = pairs[: max(0, args.limit)]
     if not pairs:
         print(f"No image in {args.images} has a mask with the same file name stem in {args.masks}.", file=sys.stderr)
         return 2
@@ -323,19 +351,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = Settings.paper() if args.protocol == "paper" else DEFAULT_SETTINGS
     engine = Ego.from_pretrained(args.model, quantization=quantization, device=args.device, settings=settings)
-    print(f"{engine.model_id}: {engine.num_layers} text layers; {len(pairs)} image/mask pairs; "
-          f"keep {args.keep}, precision@{args.top_k}", file=sys.stderr, flush=True)
-    result = calibrate(engine, [(image.name, image, mask) for image, mask in pairs], keep=args.keep,
-                       top_k=args.top_k, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(
+        f"{engine.model_id}: {engine.num_layers} text layers; {len(pairs)} image/mask pairs; "
+        f"keep {args.keep}, precision@{args.top_k}",
+        file=sys.stderr,
+        flush=True,
+    )
+    result = calibrate(
+        engine,
+        [(image.name, image, mask) for image, mask in pairs],
+        keep=args.keep,
+        top_k=args.top_k,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
     if result.images == 0:
         print("No image could be scored (see the lines above); nothing written.", file=sys.stderr)
         return 1
     print(result.table())
     out = Path(args.out) if args.out else Path(f"calibration-{_slug(args.model)}.json")
     result.write(out)
-    print(f"\nBest {args.keep} layers: {list(result.layers)} ({result.images} images, "
-          f"{len(result.skipped)} skipped). Written to {out}; use them with "
-          f"Ego.from_pretrained({args.model!r}, layers={str(out)!r}).")
+    print(
+        f"\nBest {args.keep} layers: {list(result.layers)} ({result.images} images, "
+        f"{len(result.skipped)} skipped). Written to {out}; use them with "
+        f"Ego.from_pretrained({args.model!r}, layers={str(out)!r})."
+    )
     return 0
 
 

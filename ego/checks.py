@@ -28,8 +28,9 @@ def is_valid_text(text: str) -> bool:
 def check_text(text: str, what: str) -> str:
     """`text` unchanged, or InputError if it holds invalid Unicode; `what` names the field in the sentence."""
     if not is_valid_text(text):
-        raise InputError(f"The {what} contains characters that are not valid Unicode (a lone surrogate); "
-                         f"please type it again.")
+        raise InputError(
+            f"The {what} contains characters that are not valid Unicode (a lone surrogate); please type it again."
+        )
     return text
 
 
@@ -61,8 +62,9 @@ def check_reference_count(count: int, settings: Settings, name: str = "the conce
     if count < 1:
         raise InputError(f"Add at least one reference photo of {name} (up to {limit}).")
     if count > limit:
-        raise InputError(f"A concept takes at most {limit} reference photos; you gave {count}. "
-                         f"Keep the {limit} clearest ones.")
+        raise InputError(
+            f"A concept takes at most {limit} reference photos; you gave {count}. Keep the {limit} clearest ones."
+        )
 
 
 def check_keywords(keywords) -> list[str] | None:
@@ -74,8 +76,10 @@ def check_keywords(keywords) -> list[str] | None:
     words = [" ".join(check_text(str(k), "keywords").split()) for k in keywords]
     words = [w for w in words if w]
     if not words:
-        raise InputError("Give at least one keyword (for example 'tabby, green eyes'), or leave the field empty "
-                         "to let the model describe the photo.")
+        raise InputError(
+            "Give at least one keyword (for example 'tabby, green eyes'), or leave the field empty "
+            "to let the model describe the photo."
+        )
     if sum(len(w) for w in words) > 200:
         raise InputError("Keep the keywords under 200 characters in total.")
     return words

@@ -79,10 +79,17 @@ def single_instances(document: dict, *, min_area_pct: float = DEFAULT_MIN_AREA_P
         area_pct = 100.0 * float(annotation["area"]) / (image["height"] * image["width"])
         if area_pct < min_area_pct:
             continue
-        picks.append(Pick(image_id=image["id"], file_name=image["file_name"],
-                          category=categories.get(annotation["category_id"], str(annotation["category_id"])),
-                          area_pct=round(area_pct, 2), annotation=annotation, height=image["height"],
-                          width=image["width"]))
+        picks.append(
+            Pick(
+                image_id=image["id"],
+                file_name=image["file_name"],
+                category=categories.get(annotation["category_id"], str(annotation["category_id"])),
+                area_pct=round(area_pct, 2),
+                annotation=annotation,
+                height=image["height"],
+                width=image["width"],
+            )
+        )
     return picks
 
 
@@ -102,8 +109,14 @@ def balanced(picks: Sequence[Pick], count: int) -> list[Pick]:
     return chosen
 
 
-def build(annotations: str | Path, images: str | Path, out: str | Path, *, count: int = DEFAULT_COUNT,
-          min_area_pct: float = DEFAULT_MIN_AREA_PCT) -> dict:
+def build(
+    annotations: str | Path,
+    images: str | Path,
+    out: str | Path,
+    *,
+    count: int = DEFAULT_COUNT,
+    min_area_pct: float = DEFAULT_MIN_AREA_PCT,
+) -> dict:
     """Write the calibration set (module docstring) and return its manifest."""
     images, out = Path(images), Path(out)
     document = json.loads(Path(annotations).read_text(encoding="utf-8"))
@@ -119,40 +132,66 @@ def build(annotations: str | Path, images: str | Path, out: str | Path, *, count
         shutil.copyfile(source, out / "images" / pick.file_name)
         mask = instance_mask(pick.annotation, pick.height, pick.width)
         Image.fromarray((mask * 255).astype(np.uint8)).save(out / "masks" / f"{Path(pick.file_name).stem}.png")
-        written.append({"image_id": pick.image_id, "file_name": pick.file_name, "category": pick.category,
-                        "area_pct": pick.area_pct})
+        written.append(
+            {
+                "image_id": pick.image_id,
+                "file_name": pick.file_name,
+                "category": pick.category,
+                "area_pct": pick.area_pct,
+            }
+        )
     per_category: dict[str, int] = {}
     for entry in written:
         per_category[entry["category"]] = per_category.get(entry["category"], 0) + 1
     manifest = {
-        "source": str(annotations), "rule": "exactly one annotation per image, not a crowd region",
-        "min_area_pct": min_area_pct, "count_asked": count, "count": len(written),
-        "per_category": dict(sorted(per_category.items())), "missing_images": missing, "images": written,
+        "source": str(annotations),
+        "rule": "exactly one annotation per image, not a crowd region",
+        "min_area_pct": min_area_pct,
+        "count_asked": count,
+        "count": len(written),
+        "per_category": dict(sorted(per_category.items())),
+        "missing_images": missing,
+        "images": written,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     return manifest
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ego.coco",
-                                     description="Build the layer-calibration set (images and single-instance "
-                                                 "masks) from a COCO instances_*.json file and its images.")
+    parser = argparse.ArgumentParser(
+        prog="python -m ego.coco",
+        description="Build the layer-calibration set (images and single-instance "
+        "masks) from a COCO instances_*.json file and its images.",
+    )
     parser.add_argument("--annotations", required=True, help="COCO instances_*.json")
     parser.add_argument("--images", required=True, help="the folder of its images (e.g. val2017)")
     parser.add_argument("--out", required=True, help="output folder (images/, masks/, manifest.json)")
     parser.add_argument("--count", type=int, default=DEFAULT_COUNT, help=f"images at most (default {DEFAULT_COUNT})")
-    parser.add_argument("--min-area-pct", type=float, default=DEFAULT_MIN_AREA_PCT,
-                        help=f"smallest instance, in percent of the image (default {DEFAULT_MIN_AREA_PCT:g})")
+    parser.add_argument(
+        "--min-area-pct",
+        type=float,
+        default=DEFAULT_MIN_AREA_PCT,
+        help=f"smallest instance, in percent of the image (default {DEFAULT_MIN_AREA_PCT:g})",
+    )
     args = parser.parse_args(argv)
     try:
         manifest = build(args.annotations, args.images, args.out, count=args.count, min_area_pct=args.min_area_pct)
     except (OSError, ValueError, KeyError) as error:
-        print(f"Could not build the set from {args.annotations}: {error}. Give a COCO instances_*.json file "
-              f"and the folder of its images.", file=sys.stderr)
+        print(
+            f"Could not build the set from {args.annotations}: {error}. Give a COCO instances_*.json file "
+            f"and the folder of its images.",
+            file=sys.stderr,
+        )
         return 2
-    print(f"{manifest['count']} images in {len(manifest['per_category'])} categories written to {args.out}"
-          + (f"; {len(manifest['missing_images'])} images not found in {args.images}" if manifest["missing_images"]
-             else ""), file=sys.stderr)
+    print(
+        f"{manifest['count']} images in {len(manifest['per_category'])} categories written to {args.out}"
+        + (
+            f"; {len(manifest['missing_images'])} images not found in {args.images}"
+            if manifest["missing_images"]
+            else ""
+        ),
+        file=sys.stderr,
+    )
     return 0 if manifest["count"] else 1
 
 

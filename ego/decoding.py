@@ -44,7 +44,7 @@ DECODING_MODES = ("auto", "eager", "compiled")
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
-    """"eager" or "compiled": "auto" is compiled on CUDA, eager elsewhere."""
+    """ "eager" or "compiled": "auto" is compiled on CUDA, eager elsewhere."""
     if mode not in DECODING_MODES:
         raise ValueError(f"decoding must be one of {DECODING_MODES}; got {mode!r}.")
     if mode == "auto":
@@ -60,10 +60,14 @@ def allow_compiled_decoding(model) -> bool:
         return True
     if getattr(model, "is_loaded_in_4bit", False) and type(quantizer).__name__ == "Bnb4BitHfQuantizer":
         base = type(quantizer)
-        quantizer.__class__ = type(f"Compileable{base.__name__}", (base,), {
-            "is_compileable": property(lambda self: True),
-            "__doc__": "bitsandbytes' Linear4bit supports torch.compile and CUDA graphs (bitsandbytes >= 0.46).",
-        })
+        quantizer.__class__ = type(
+            f"Compileable{base.__name__}",
+            (base,),
+            {
+                "is_compileable": property(lambda self: True),
+                "__doc__": "bitsandbytes' Linear4bit supports torch.compile and CUDA graphs (bitsandbytes >= 0.46).",
+            },
+        )
         return True
     return False
 
@@ -82,7 +86,7 @@ class Decoder:
         self.max_cache_tokens = int(max_cache_tokens)
         self.compile_config = None
         self.warm_up_s: float | None = None
-        self._caches: dict[int, object] = {}   # batch size -> its StaticCache [layers x (K, V) of max_cache_tokens]
+        self._caches: dict[int, object] = {}  # batch size -> its StaticCache [layers x (K, V) of max_cache_tokens]
         self._thread_id: int | None = None
         self._executor = None
         if self.mode == "compiled":
@@ -93,10 +97,11 @@ class Decoder:
             mode = ("reduce-overhead" if cuda else "default") if backend == "inductor" else None
             self.compile_config = CompileConfig(fullgraph=False, backend=backend, mode=mode)
             self.compile_config._compile_all_devices = True  # transformers compiles only on accelerators otherwise
-            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ego-decode",
-                                                                   initializer=self._remember_thread)
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="ego-decode", initializer=self._remember_thread
+            )
             self._generate = model.generate
-            model.generate = self.generate   # this model object's generate: every call site goes through it
+            model.generate = self.generate  # this model object's generate: every call site goes through it
 
     def close(self) -> None:
         """Give the model its own `generate` back and end the decode thread (before another `Decoder` takes over)."""
@@ -123,8 +128,9 @@ class Decoder:
         if cache is None:
             from transformers import StaticCache
 
-            cache = self._caches[batch_size] = StaticCache(config=self.model.config.get_text_config(decoder=True),
-                                                           max_cache_len=self.max_cache_tokens)
+            cache = self._caches[batch_size] = StaticCache(
+                config=self.model.config.get_text_config(decoder=True), max_cache_len=self.max_cache_tokens
+            )
         cache.reset()
         return cache
 
@@ -147,8 +153,11 @@ class Decoder:
             if prompt is not None and budget is not None:
                 cache = self.cache(int(prompt.shape[1]) + int(budget), int(prompt.shape[0]))
                 if cache is None:
-                    log.info("a %d-token generation is longer than the static cache (%d): decoding it eagerly",
-                             int(prompt.shape[1]) + int(budget), self.max_cache_tokens)
+                    log.info(
+                        "a %d-token generation is longer than the static cache (%d): decoding it eagerly",
+                        int(prompt.shape[1]) + int(budget),
+                        self.max_cache_tokens,
+                    )
                 else:
                     kwargs = {**kwargs, "past_key_values": cache}
         return self._generate(*args, **kwargs)
@@ -165,5 +174,8 @@ def compile_counts() -> dict:
     from torch._dynamo.utils import counters
 
     per_frame = getattr(convert_frame, "FRAME_COMPILE_COUNTER", {})
-    return {"graphs": int(counters["stats"]["unique_graphs"]), "frames_compiled": int(counters["frames"]["ok"]),
-            "recompiles": int(sum(max(0, count - 1) for count in per_frame.values()))}
+    return {
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "frames_compiled": int(counters["frames"]["ok"]),
+        "recompiles": int(sum(max(0, count - 1) for count in per_frame.values())),
+    }

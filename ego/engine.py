@@ -79,8 +79,18 @@ class Answer(str):
     prefill_tokens: int
     """Context tokens this answer computed; in a conversation's follow-up, the rest came from its cache."""
 
-    def __new__(cls, text: str, *, used=(), dropped=(), context_tokens=0, memory_tokens=0, similarity=(),
-                similarity_maps=(), prefill_tokens=None):
+    def __new__(
+        cls,
+        text: str,
+        *,
+        used=(),
+        dropped=(),
+        context_tokens=0,
+        memory_tokens=0,
+        similarity=(),
+        similarity_maps=(),
+        prefill_tokens=None,
+    ):
         answer = super().__new__(cls, text)
         answer.concepts_used, answer.concepts_dropped = tuple(used), tuple(dropped)
         answer.context_tokens, answer.memory_tokens = context_tokens, memory_tokens
@@ -172,16 +182,32 @@ class PreparedAnswer:
     """The processor output (on CPU, pixels included): what a conversation recomputes its context from."""
 
     def answer(self, text: str) -> Answer:
-        return Answer(text, used=self.used, dropped=self.dropped, context_tokens=self.context_tokens,
-                      memory_tokens=self.memory_tokens, similarity=self.similarity,
-                      similarity_maps=self.similarity_maps)
+        return Answer(
+            text,
+            used=self.used,
+            dropped=self.dropped,
+            context_tokens=self.context_tokens,
+            memory_tokens=self.memory_tokens,
+            similarity=self.similarity,
+            similarity_maps=self.similarity_maps,
+        )
 
 
 class Ego:
     """A vision-language model that can be personalized with concepts, one model call at a time."""
 
-    def __init__(self, model, processor, *, family: str, backend_cls: type[Backend], model_id: str,
-                 layers: Sequence[int], layers_note: str = "", settings: Settings = DEFAULT_SETTINGS):
+    def __init__(
+        self,
+        model,
+        processor,
+        *,
+        family: str,
+        backend_cls: type[Backend],
+        model_id: str,
+        layers: Sequence[int],
+        layers_note: str = "",
+        settings: Settings = DEFAULT_SETTINGS,
+    ):
         self.model = model
         self.processor = processor
         self.family = family
@@ -195,16 +221,29 @@ class Ego:
         self.layers = tuple(sorted({int(layer) for layer in layers}))
         self.layers_note = layers_note
         self._lock = threading.Lock()  # one model call at a time; concurrent callers wait
-        self.decoder = Decoder(model, settings.decoding, max_cache_tokens=settings.static_cache_max_tokens,
-                               backend=settings.compile_backend)
+        self.decoder = Decoder(
+            model,
+            settings.decoding,
+            max_cache_tokens=settings.static_cache_max_tokens,
+            backend=settings.compile_backend,
+        )
         self._cached_chats: OrderedDict[int, weakref.ref] = OrderedDict()  # least recently used first
 
     # ------------------------------------------------------------------------------------------
     # Loading
     # ------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, model: str = DEFAULT_PRESET, *, quantization="auto", device=None, layers=None,
-                        k_cap: int | None = None, settings: Settings | None = None, seed: int = 0) -> Ego:
+    def from_pretrained(
+        cls,
+        model: str = DEFAULT_PRESET,
+        *,
+        quantization="auto",
+        device=None,
+        layers=None,
+        k_cap: int | None = None,
+        settings: Settings | None = None,
+        seed: int = 0,
+    ) -> Ego:
         """Load a preset name (see `ego.presets.PRESETS`), a Hub id or a local checkpoint folder.
 
         quantization: "auto" = 4-bit NF4 on CUDA, unquantized elsewhere; "4bit", "8bit" or None force it.
@@ -236,7 +275,8 @@ class Ego:
         config = AutoConfig.from_pretrained(path)
         family, backend_cls = backend_for_model_type(config.model_type)
         kwargs = {
-            "dtype": dtype, "device_map": {"": device},
+            "dtype": dtype,
+            "device_map": {"": device},
             "attn_implementation": {"text_config": ATTENTION_NAME, "vision_config": "sdpa"},
         }
         if quantization is not None:
@@ -244,9 +284,15 @@ class Ego:
 
             skip = list(backend_cls.unquantized_modules)  # full module paths; a custom list replaces the default
             kwargs["quantization_config"] = (
-                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip)
-                if quantization == "4bit" else BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+                BitsAndBytesConfig(
+                    load_in_4bit=True,
+                    bnb_4bit_quant_type="nf4",
+                    bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=dtype,
+                    llm_int8_skip_modules=skip,
+                )
+                if quantization == "4bit"
+                else BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
             )
         loaded = AutoModelForImageTextToText.from_pretrained(path, **kwargs).eval()
         processor = AutoProcessor.from_pretrained(path)
@@ -261,8 +307,16 @@ class Ego:
         settings = settings or DEFAULT_SETTINGS
         if k_cap is not None:
             settings = settings.replace(k_cap_tokens=k_cap)
-        return cls(loaded, processor, family=family, backend_cls=backend_cls, model_id=model_id,
-                   layers=layers, layers_note=note, settings=settings)
+        return cls(
+            loaded,
+            processor,
+            family=family,
+            backend_cls=backend_cls,
+            model_id=model_id,
+            layers=layers,
+            layers_note=note,
+            settings=settings,
+        )
 
     def with_settings(self, settings: Settings | None = None, /, **changes) -> Ego:
         """The same loaded model (nothing is loaded again, and it still runs one call at a time) with other
@@ -273,8 +327,10 @@ class Ego:
         decoding = ("decoding", "static_cache_max_tokens", "compile_backend")
         if any(getattr(new, name) != getattr(self.settings, name) for name in decoding):
             # A compiled decoder takes over the model's own `generate`: one decoder per loaded model.
-            raise ValueError("How the model decodes belongs to the loaded model, not to one engine: use "
-                             "engine.set_decoding(...), or load it with those settings.")
+            raise ValueError(
+                "How the model decodes belongs to the loaded model, not to one engine: use "
+                "engine.set_decoding(...), or load it with those settings."
+            )
         other = copy.copy(self)
         other.settings = new
         return other
@@ -289,17 +345,21 @@ class Ego:
         """Greedy decoding (the paper: a deterministic description beats sampled ones), never emitting a
         visual placeholder token; compiled decode steps when `decoder.mode` is "compiled" (`ego.decoding`).
         Every generate call of the engine takes these keyword arguments."""
-        return {"do_sample": False, "suppress_tokens": self.backend.unspeakable_token_ids,
-                **self.decoder.generate_kwargs}
+        return {
+            "do_sample": False,
+            "suppress_tokens": self.backend.unspeakable_token_ids,
+            **self.decoder.generate_kwargs,
+        }
 
     def set_decoding(self, mode: str) -> None:
         """Decode from now on in `mode` ("auto", "eager" or "compiled"), on the same loaded model (the benchmark
         measures both side by side); a compiled step is compiled again at the next call or `warm_up`."""
         with self.exclusive_use():
-            settings = self.settings.replace(decoding=mode)   # checks the mode
+            settings = self.settings.replace(decoding=mode)  # checks the mode
             self.decoder.close()
-            self.decoder = Decoder(self.model, mode, max_cache_tokens=settings.static_cache_max_tokens,
-                                   backend=settings.compile_backend)
+            self.decoder = Decoder(
+                self.model, mode, max_cache_tokens=settings.static_cache_max_tokens, backend=settings.compile_backend
+            )
             self.settings = settings
 
     @property
@@ -321,12 +381,18 @@ class Ego:
         with self.exclusive_use(), torch.no_grad():
             for block, media in (({"type": "image"}, {"image": picture}), ({"type": "video"}, {"video": clip})):
                 encoded = self.backend.encode(
-                    self._chat_text([block, {"type": "text", "text": "Hello."}]), **media,
+                    self._chat_text([block, {"type": "text", "text": "Hello."}]),
+                    **media,
                     image_max_pixels=self.settings.query_image_max_pixels,
-                    video_frame_max_pixels=self.settings.video_frame_max_pixels)
-                self.model.generate(input_ids=encoded.inputs["input_ids"].to(self.device),
-                                    **self.backend.generate_kwargs(encoded), **self.decoding,
-                                    max_new_tokens=3, min_new_tokens=3)
+                    video_frame_max_pixels=self.settings.video_frame_max_pixels,
+                )
+                self.model.generate(
+                    input_ids=encoded.inputs["input_ids"].to(self.device),
+                    **self.backend.generate_kwargs(encoded),
+                    **self.decoding,
+                    max_new_tokens=3,
+                    min_new_tokens=3,
+                )
             self.describe(self.encode_reference(picture), self.layers, user_keywords=["colour"], size_new_tokens=3)
         return self.decoder.record_warm_up(started)
 
@@ -366,10 +432,18 @@ class Ego:
         with self.exclusive_use():
             made = [self._introduce_view(picture, user_keywords, area_pct) for picture in pictures]
         embeddings = torch.cat([rows for _, rows, _ in made]).to(self.memory_dtype)
-        residuals = (torch.cat([extra for _, _, extra in made], dim=1).to(self.memory_dtype)
-                     if self.backend.residual_levels else None)
-        return Concept(name=name, embeddings=embeddings, model_id=self.model_id,
-                       views=tuple(view for view, _, _ in made), residuals=residuals)
+        residuals = (
+            torch.cat([extra for _, _, extra in made], dim=1).to(self.memory_dtype)
+            if self.backend.residual_levels
+            else None
+        )
+        return Concept(
+            name=name,
+            embeddings=embeddings,
+            model_id=self.model_id,
+            views=tuple(view for view, _, _ in made),
+            residuals=residuals,
+        )
 
     def _chat_text(self, content: list[dict]) -> str:
         return self.backend.chat_text(content, original_system=self.settings.system_prompt == "original")
@@ -378,7 +452,8 @@ class Ego:
         """(1) X_R: the projector output the LLM would receive for this reference image, [N_r, D]."""
         encoded = self.backend.encode(
             self._chat_text([{"type": "image"}, {"type": "text", "text": prompts.DESCRIBE_PROMPT}]),
-            image=picture, image_max_pixels=self.settings.reference_max_pixels,
+            image=picture,
+            image_max_pixels=self.settings.reference_max_pixels,
             video_frame_max_pixels=self.settings.video_frame_max_pixels,
         )
         rows = self.backend.encode_vision(encoded)
@@ -387,8 +462,9 @@ class Ego:
             raise RuntimeError(f"visual tokens disagree: {rows.shape[0]} rows, {columns.numel()} columns, grid {grid}")
         return Reference(encoded=encoded, rows=rows, grid=grid)
 
-    def describe(self, reference: Reference, layers, *, user_keywords=None, size_new_tokens: int,
-                 timings: dict | None = None) -> Description:
+    def describe(
+        self, reference: Reference, layers, *, user_keywords=None, size_new_tokens: int, timings: dict | None = None
+    ) -> Description:
         """(2) and (4): the self-description (or the user's keywords) with the attention rows of its tokens
         recorded at `layers`, then the size question in the same conversation.
 
@@ -406,8 +482,11 @@ class Ego:
         with torch.no_grad():
             if user_keywords is None:
                 out = self.model.generate(
-                    input_ids=prompt_ids, **generate_kwargs, **self.decoding,
-                    max_new_tokens=self.settings.description_max_new_tokens, min_new_tokens=2,
+                    input_ids=prompt_ids,
+                    **generate_kwargs,
+                    **self.decoding,
+                    max_new_tokens=self.settings.description_max_new_tokens,
+                    min_new_tokens=2,
                 )
                 description_ids = _strip_stop(out[0, start:].tolist(), self.backend.stop_token_ids)
             else:
@@ -421,36 +500,54 @@ class Ego:
         sequence = torch.tensor([prompt_ids[0].tolist() + description_ids + follow], device=self.device)  # [1, L]
         length = sequence.shape[1]
         cache = self.decoder.cache(length + size_new_tokens)  # the static cache, or None: a dynamic one
-        capture = AttentionCapture(layers=frozenset(layers),
-                                   columns=reference.encoded.visual_columns.to(self.device),
-                                   first_row=start, end_row=start + len(description_ids), call_start=0)
+        capture = AttentionCapture(
+            layers=frozenset(layers),
+            columns=reference.encoded.visual_columns.to(self.device),
+            first_row=start,
+            end_row=start + len(description_ids),
+            call_start=0,
+        )
         with capturing(capture), torch.no_grad():
-            prefix = self.model(input_ids=sequence[:, :-1], **_extend(generate_kwargs, length - 1),
-                                past_key_values=cache, use_cache=True, logits_to_keep=1)  # no [L, vocab] logits
+            prefix = self.model(
+                input_ids=sequence[:, :-1],
+                **_extend(generate_kwargs, length - 1),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )  # no [L, vocab] logits
         size_kwargs = _extend(generate_kwargs, length)
         size_kwargs.pop("mm_encoder_outputs", None)  # the image is in the cache: its rows would be scattered twice
         with torch.no_grad():
             size_out = self.model.generate(
-                input_ids=sequence, **size_kwargs, past_key_values=prefix.past_key_values, **self.decoding,
+                input_ids=sequence,
+                **size_kwargs,
+                past_key_values=prefix.past_key_values,
+                **self.decoding,
                 max_new_tokens=size_new_tokens,
             )
         size_ids = size_out[0, length:].tolist()
         size_answer = tokenizer.decode(size_ids, skip_special_tokens=True).strip()
         size_cut = len(size_ids) >= size_new_tokens and size_ids[-1] not in self.backend.stop_token_ids
         timings["size_s"] = clock.lap()
-        return Description(ids=description_ids, start=start, capture=capture, size_answer=size_answer,
-                           size_cut=size_cut)
+        return Description(
+            ids=description_ids, start=start, capture=capture, size_answer=size_answer, size_cut=size_cut
+        )
 
-    def _introduce_view(self, picture, user_keywords, user_area_pct
-                        ) -> tuple[ConceptView, torch.Tensor, torch.Tensor | None]:
+    def _introduce_view(
+        self, picture, user_keywords, user_area_pct
+    ) -> tuple[ConceptView, torch.Tensor, torch.Tensor | None]:
         """One reference image: (its view, its memory rows [K_c, D], their residuals [levels, K_c, D] or None)."""
         timings, tokenizer, clock = {}, self.backend.tokenizer, _Stopwatch()
         reference = self.encode_reference(picture)
         x_r, grid, n_r = reference.rows, reference.grid, reference.rows.shape[0]
         timings["encode_s"] = clock.lap()
-        described = self.describe(reference, self.layers, user_keywords=user_keywords,
-                                  size_new_tokens=self.settings.size_max_new_tokens if user_area_pct is None else 1,
-                                  timings=timings)                    # description_s, size_s
+        described = self.describe(
+            reference,
+            self.layers,
+            user_keywords=user_keywords,
+            size_new_tokens=self.settings.size_max_new_tokens if user_area_pct is None else 1,
+            timings=timings,
+        )  # description_s, size_s
         clock.lap()
         description_ids, start, size_answer = described.ids, described.start, described.size_answer
 
@@ -462,7 +559,7 @@ class Ego:
         keyword_rows = [start + i for i in positions]
 
         # (3) Eq. 3: I_j = mean over layers l in L, heads h, keywords n of A^{l,h}_{wr}[n, j].
-        scores = layer_importance(described.capture, keyword_rows).mean(dim=0)   # [N_r]
+        scores = layer_importance(described.capture, keyword_rows).mean(dim=0)  # [N_r]
         timings["scores_s"] = clock.lap()
 
         # (5) Eq. 4, then (6) top-K_c tokens in raster order.
@@ -470,43 +567,67 @@ class Ego:
             area_pct, area_source = user_area_pct, "user"
             size_answer = ""
         else:
-            area_pct, area_source = prompts.read_area_pct(size_answer, described.size_cut,
-                                                          self.settings.area_pct_fallback)
-        k = (memory_size(area_pct, n_r, self.settings.k_cap_tokens) if self.settings.memory_size_rule == "area"
-             else min(n_r, self.settings.k_cap_tokens))
+            area_pct, area_source = prompts.read_area_pct(
+                size_answer, described.size_cut, self.settings.area_pct_fallback
+            )
+        k = (
+            memory_size(area_pct, n_r, self.settings.k_cap_tokens)
+            if self.settings.memory_size_rule == "area"
+            else min(n_r, self.settings.k_cap_tokens)
+        )
         token_indices = select_tokens(scores, k, self.settings.memory_selection)
-        k = int(token_indices.numel())                                # N_r when the whole image is kept
-        rows = x_r[token_indices.to(x_r.device)].detach().cpu()      # [K_c, D]
-        residuals = self.backend.residual_rows(reference.encoded)    # [levels, N_r, D] (Qwen3-VL) or None
+        k = int(token_indices.numel())  # N_r when the whole image is kept
+        rows = x_r[token_indices.to(x_r.device)].detach().cpu()  # [K_c, D]
+        residuals = self.backend.residual_rows(reference.encoded)  # [levels, N_r, D] (Qwen3-VL) or None
         if residuals is not None:
             residuals = residuals[:, token_indices.to(residuals.device)].detach().cpu()  # [levels, K_c, D]
         timings["selection_s"] = clock.lap()
 
         view = ConceptView(
-            token_indices=token_indices, scores=scores.float(), grid=grid, k=k, area_pct=float(area_pct),
+            token_indices=token_indices,
+            scores=scores.float(),
+            grid=grid,
+            k=k,
+            area_pct=float(area_pct),
             keywords=tuple(user_keywords) if user_keywords is not None else tuple(keywords),
             description=description if user_keywords is None else ", ".join(user_keywords),
-            size_answer=size_answer, keywords_source="user" if user_keywords is not None else "model",
-            area_source=area_source, timings_s=timings,
+            size_answer=size_answer,
+            keywords_source="user" if user_keywords is not None else "model",
+            area_source=area_source,
+            timings_s=timings,
         )
         return view, rows, residuals
 
     # ------------------------------------------------------------------------------------------
     # 3.2 Inference with memories as soft prompts
     # ------------------------------------------------------------------------------------------
-    def answer(self, question: str, concepts: Sequence[Concept] = (), *, image=None, video=None,
-               max_new_tokens: int | None = None) -> Answer:
+    def answer(
+        self,
+        question: str,
+        concepts: Sequence[Concept] = (),
+        *,
+        image=None,
+        video=None,
+        max_new_tokens: int | None = None,
+    ) -> Answer:
         """Answer `question` about an image or a video (or neither), knowing `concepts`."""
         with self.exclusive_use():
             prepared = self._prepare_answer(question, concepts, image, video, max_new_tokens)
             with torch.no_grad(), self.backend.memory_residuals(prepared.slots, prepared.residuals):
                 out = self.model.generate(**prepared.generate)
-        new = out[0, prepared.context_tokens:]
+        new = out[0, prepared.context_tokens :]
         text = self.backend.tokenizer.decode(new, skip_special_tokens=True).strip()
         return prepared.answer(text)
 
-    def stream_answer(self, question: str, concepts: Sequence[Concept] = (), *, image=None, video=None,
-                      max_new_tokens: int | None = None) -> Iterator[Answer]:
+    def stream_answer(
+        self,
+        question: str,
+        concepts: Sequence[Concept] = (),
+        *,
+        image=None,
+        video=None,
+        max_new_tokens: int | None = None,
+    ) -> Iterator[Answer]:
         """Like `answer`, yielding the text so far as it is generated. Closing the iterator stops generation."""
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -517,14 +638,16 @@ class Ego:
         stop, failure = threading.Event(), []
         with self.exclusive_use():
             prepared = self._prepare_answer(question, concepts, image, video, max_new_tokens)
-            streamer = TextIteratorStreamer(self.backend.tokenizer, skip_prompt=True, skip_special_tokens=True,
-                                            timeout=0.1)
+            streamer = TextIteratorStreamer(
+                self.backend.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.1
+            )
 
             def run():
                 try:
                     with torch.no_grad(), self.backend.memory_residuals(prepared.slots, prepared.residuals):
-                        self.model.generate(**prepared.generate, streamer=streamer,
-                                            stopping_criteria=StoppingCriteriaList([_Stop()]))
+                        self.model.generate(
+                            **prepared.generate, streamer=streamer, stopping_criteria=StoppingCriteriaList([_Stop()])
+                        )
                 except Exception as error:  # noqa: BLE001 -- re-raised in the caller's thread below
                     failure.append(error)
                     streamer.end()
@@ -551,8 +674,13 @@ class Ego:
                 raise failure[0]
             yield prepared.answer(text.strip())
 
-    def answer_batch(self, requests: Sequence[AnswerRequest], *, stops: Sequence[threading.Event | None] | None = None,
-                     on_text: Callable[[int, Answer], None] | None = None) -> list[Answer | Exception]:
+    def answer_batch(
+        self,
+        requests: Sequence[AnswerRequest],
+        *,
+        stops: Sequence[threading.Event | None] | None = None,
+        on_text: Callable[[int, Answer], None] | None = None,
+    ) -> list[Answer | Exception]:
         """Answer several questions (`ego.batching.AnswerRequest`: the arguments of `answer`) with one batched
         generation; each answer equals the one `answer` gives for its request alone.
 
@@ -568,15 +696,18 @@ class Ego:
             prepared: dict[int, PreparedAnswer] = {}
             for index, request in enumerate(requests):
                 try:
-                    prepared[index] = self._prepare_answer(request.question, request.concepts, request.image,
-                                                           request.video, request.max_new_tokens)
+                    prepared[index] = self._prepare_answer(
+                        request.question, request.concepts, request.image, request.video, request.max_new_tokens
+                    )
                 except (InputError, MemoryFileError) as error:
                     results[index] = error
             if prepared:
                 order = list(prepared)  # batch row -> request index
-                texts = self._generate_batch(list(prepared.values()), [stops[i] for i in order],
-                                             None if on_text is None else
-                                             lambda row, answer: on_text(order[row], answer))
+                texts = self._generate_batch(
+                    list(prepared.values()),
+                    [stops[i] for i in order],
+                    None if on_text is None else lambda row, answer: on_text(order[row], answer),
+                )
                 for index, text in zip(prepared, texts):
                     results[index] = prepared[index].answer(text)
         return results
@@ -589,10 +720,10 @@ class Ego:
         pad_id = self.model.generation_config.pad_token_id
         pad_id = pad_id if pad_id is not None else stop_ids[0]
         kwargs = batching.collate([p.generate for p in prepared], pad_id)
-        start = kwargs["input_ids"].shape[1]                                                   # L
-        slots = batching.left_pad_mask([p.slots for p in prepared], start)                     # bool [B, L]
+        start = kwargs["input_ids"].shape[1]  # L
+        slots = batching.left_pad_mask([p.slots for p in prepared], start)  # bool [B, L]
         extra = [p.residuals for p in prepared if p.residuals is not None]
-        residuals = torch.cat(extra, dim=1) if extra else None                                 # [levels, M, D]
+        residuals = torch.cat(extra, dim=1) if extra else None  # [levels, M, D]
         budgets = [p.generate["max_new_tokens"] for p in prepared]
 
         def on_step(row: int, ids: list[int]) -> None:
@@ -603,8 +734,10 @@ class Ego:
         with torch.no_grad(), self.backend.memory_residuals(slots, residuals):
             out = self.model.generate(**{**kwargs, **self.decoding}, stopping_criteria=StoppingCriteriaList([control]))
         rows = out[:, start:].tolist()
-        return [tokenizer.decode(batching.row_tokens(ids, budget, stop_ids), skip_special_tokens=True).strip()
-                for ids, budget in zip(rows, budgets)]
+        return [
+            tokenizer.decode(batching.row_tokens(ids, budget, stop_ids), skip_special_tokens=True).strip()
+            for ids, budget in zip(rows, budgets)
+        ]
 
     def _prepare_answer(self, question, concepts, image, video, max_new_tokens) -> PreparedAnswer:
         """Section 3.2 for one question: check it, choose the concepts, build the context, put the memories in."""
@@ -619,12 +752,21 @@ class Ego:
         input_ids, embeds, slots = self._soft_prompt(encoded, memory)
         names = [c.name for c in query.concepts]
         return PreparedAnswer(
-            generate=dict(input_ids=input_ids, inputs_embeds=embeds, **self.backend.generate_kwargs(encoded),
-                          max_new_tokens=query.max_new_tokens, **self.decoding),
-            slots=slots[None], residuals=self._memory_residuals(selection.kept),
-            used=[c.name for c in selection.kept], dropped=[c.name for c in selection.dropped],
-            context_tokens=input_ids.shape[1], memory_tokens=int(memory.shape[0]),
-            similarity=list(zip(names, selection.scores)), similarity_maps=list(zip(names, selection.maps)),
+            generate=dict(
+                input_ids=input_ids,
+                inputs_embeds=embeds,
+                **self.backend.generate_kwargs(encoded),
+                max_new_tokens=query.max_new_tokens,
+                **self.decoding,
+            ),
+            slots=slots[None],
+            residuals=self._memory_residuals(selection.kept),
+            used=[c.name for c in selection.kept],
+            dropped=[c.name for c in selection.dropped],
+            context_tokens=input_ids.shape[1],
+            memory_tokens=int(memory.shape[0]),
+            similarity=list(zip(names, selection.scores)),
+            similarity_maps=list(zip(names, selection.maps)),
             encoded=encoded,
         )
 
@@ -644,16 +786,22 @@ class Ego:
         concepts = list(concepts)
         for concept in concepts:
             levels = None if concept.residuals is None else concept.residuals.shape[0]
-            if (concept.model_id != self.model_id or concept.embeddings.shape[1] != self.hidden_size
-                    or levels not in (None, self.backend.residual_levels)):
+            if (
+                concept.model_id != self.model_id
+                or concept.embeddings.shape[1] != self.hidden_size
+                or levels not in (None, self.backend.residual_levels)
+            ):
                 raise IncompatibleMemoryError(
                     f"The concept {concept.name!r} was made with {concept.model_id}, not {self.model_id}; "
-                    f"introduce it again with this model.")
+                    f"introduce it again with this model."
+                )
         return concepts
 
     def _encode_query(self, query: Query, text_blocks: list[dict]) -> Encoded:
         return self.backend.encode(
-            self._chat_text(text_blocks), image=query.picture, video=query.clip,
+            self._chat_text(text_blocks),
+            image=query.picture,
+            video=query.clip,
             image_max_pixels=self.settings.query_image_max_pixels,
             video_frame_max_pixels=self.settings.video_frame_max_pixels,
         )
@@ -661,7 +809,7 @@ class Ego:
     def _compare(self, query: Query, encoded: Encoded, memory=None) -> tuple[list[float], list[torch.Tensor]]:
         """Run the vision tower on the photo or clip (once: generate reuses it) and compare every concept
         with its visual tokens (once: ranking, scores and maps share one cosine matrix)."""
-        rows = self.backend.encode_vision(encoded)                                      # [N, D]
+        rows = self.backend.encode_vision(encoded)  # [N, D]
         if not query.concepts or not rows.shape[0]:
             return [], []
         located = self.backend.query_map(encoded) if query.picture is not None else None
@@ -684,10 +832,10 @@ class Ego:
             everything = self._memories_on_device(concepts)
             selection.scores, selection.maps = self._compare(query, selection.probe, everything)
             # The kept ones' rows are taken from this copy, not copied to the device again.
-            selection.rows_on_device = dict(zip(map(id, concepts),
-                                                everything.split([c.num_tokens for c in concepts])))
-        selection.kept, selection.dropped = select_concepts(concepts, keep, question=query.text,
-                                                            scores=selection.scores or None)
+            selection.rows_on_device = dict(zip(map(id, concepts), everything.split([c.num_tokens for c in concepts])))
+        selection.kept, selection.dropped = select_concepts(
+            concepts, keep, question=query.text, scores=selection.scores or None
+        )
         return selection
 
     def _context_blocks(self, query: Query, kept: Sequence[Concept]) -> list[dict]:
@@ -698,17 +846,17 @@ class Ego:
             pad = self.backend.placeholder_token
             lines = "".join(
                 f"{prompts.neutralize(c.name, special)}: {self.backend.memory_open}{pad * c.num_tokens}"
-                f"{self.backend.memory_close}\n" for c in kept
+                f"{self.backend.memory_close}\n"
+                for c in kept
             )
             intro, outro = prompts.memory_prompt(self.settings.memory_prompt)
             blocks.append({"type": "text", "text": intro + lines + outro})
         return blocks + query.visual_block + [{"type": "text", "text": query.text}]
 
-    def _soft_prompt(self, encoded: Encoded, memory: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _soft_prompt(self, encoded: Encoded, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids [1, L], input embeddings [1, L, D] with the memory rows at the placeholders, the
         placeholders: bool [L])."""
-        input_ids = encoded.inputs["input_ids"].to(self.device)   # [1, L]
+        input_ids = encoded.inputs["input_ids"].to(self.device)  # [1, L]
         with torch.no_grad():
             embeds = self.model.get_input_embeddings()(input_ids).clone()  # [1, L, D]
         slots = input_ids[0] == self.backend.placeholder_id
@@ -722,8 +870,15 @@ class Ego:
         them adds nothing there); None otherwise."""
         if not self.backend.residual_levels or not kept:
             return None
-        return torch.cat([c.residuals if c.residuals is not None else c.embeddings.new_zeros(
-            self.backend.residual_levels, *c.embeddings.shape) for c in kept], dim=1)  # [levels, M, D]
+        return torch.cat(
+            [
+                c.residuals
+                if c.residuals is not None
+                else c.embeddings.new_zeros(self.backend.residual_levels, *c.embeddings.shape)
+                for c in kept
+            ],
+            dim=1,
+        )  # [levels, M, D]
 
     # ------------------------------------------------------------------------------------------
     # 3.2 in a conversation: follow-up questions on the cached context
@@ -752,7 +907,7 @@ class Ego:
             else:
                 holding.append(held)
         total, budget = sum(held.cache_bytes for held in holding), self.settings.max_cached_conversations_bytes
-        for held in holding:                                  # least recently used first, `chat` last
+        for held in holding:  # least recently used first, `chat` last
             if total <= budget:
                 break
             total -= held.cache_bytes
@@ -845,8 +1000,12 @@ class Chat:
         """Memory held by the conversation's key/value cache (0 when it has none)."""
         if self._cache is None:
             return 0
-        return sum(t.numel() * t.element_size() for layer in self._cache.layers
-                   for t in (layer.keys, layer.values) if torch.is_tensor(t))
+        return sum(
+            t.numel() * t.element_size()
+            for layer in self._cache.layers
+            for t in (layer.keys, layer.values)
+            if torch.is_tensor(t)
+        )
 
     def drop_cache(self) -> None:
         self._cache, self._positions = None, None
@@ -857,8 +1016,7 @@ class Chat:
             turn = self._begin(question, max_new_tokens, use_cache)
             return self._finish(turn, self._generate(turn))
 
-    def stream(self, question: str, *, max_new_tokens: int | None = None, use_cache: bool = True
-               ) -> Iterator[Answer]:
+    def stream(self, question: str, *, max_new_tokens: int | None = None, use_cache: bool = True) -> Iterator[Answer]:
         """Like `ask`, yielding the text so far as it is generated. Closing the iterator stops generation; the
         answer so far stays in the conversation."""
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -870,13 +1028,15 @@ class Chat:
         stop, failure, outputs = threading.Event(), [], []
         with self.engine.exclusive_use():
             turn = self._begin(question, max_new_tokens, use_cache)
-            streamer = TextIteratorStreamer(self.engine.backend.tokenizer, skip_prompt=True,
-                                            skip_special_tokens=True, timeout=0.1)
+            streamer = TextIteratorStreamer(
+                self.engine.backend.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.1
+            )
 
             def run():
                 try:
-                    outputs.append(self._generate(turn, streamer=streamer,
-                                                  stopping_criteria=StoppingCriteriaList([_Stop()])))
+                    outputs.append(
+                        self._generate(turn, streamer=streamer, stopping_criteria=StoppingCriteriaList([_Stop()]))
+                    )
                 except Exception as error:  # noqa: BLE001 -- re-raised in the caller's thread below
                     failure.append(error)
                     streamer.end()
@@ -927,8 +1087,10 @@ class Chat:
         follow-up's for the whole conversation (its cache, if kept, holds all but the new tokens)."""
         engine, settings = self.engine, self.engine.settings
         if len(self.turns) >= settings.max_conversation_turns:
-            raise InputError(f"A conversation holds at most {settings.max_conversation_turns} questions; "
-                             f"start a new conversation to ask more.")
+            raise InputError(
+                f"A conversation holds at most {settings.max_conversation_turns} questions; "
+                f"start a new conversation to ask more."
+            )
         if not self.turns:
             prepared = engine._prepare_answer(question, self.concepts, self.picture, self.clip, max_new_tokens)
             # Its own cache: without one, compiled decoding would lend its shared static cache, which the next
@@ -936,10 +1098,14 @@ class Chat:
             from transformers import DynamicCache
 
             cache = DynamicCache(config=engine.model.config.get_text_config())
-            return _Turn(question=str(question).strip(),
-                         generate=dict(prepared.generate, past_key_values=cache, return_dict_in_generate=True),
-                         slots=prepared.slots, length=prepared.context_tokens,
-                         prefill_tokens=prepared.context_tokens, prepared=prepared)
+            return _Turn(
+                question=str(question).strip(),
+                generate=dict(prepared.generate, past_key_values=cache, return_dict_in_generate=True),
+                slots=prepared.slots,
+                length=prepared.context_tokens,
+                prefill_tokens=prepared.context_tokens,
+                prepared=prepared,
+            )
         text = checks.check_question(question, settings)
         max_new_tokens = checks.check_max_new_tokens(max_new_tokens, settings)
         if self._adopted is not None:
@@ -948,26 +1114,39 @@ class Chat:
         new_ids = engine.backend.tokenizer(engine.backend.continue_turn(said), add_special_tokens=False).input_ids
         ids = self._ids + new_ids
         if len(ids) + max_new_tokens > settings.max_conversation_context_tokens:
-            raise InputError(f"This conversation is full ({settings.max_conversation_context_tokens} tokens of "
-                             f"context); start a new conversation to ask more.")
-        input_ids = torch.tensor([ids], device=engine.device)                          # [1, T]
+            raise InputError(
+                f"This conversation is full ({settings.max_conversation_context_tokens} tokens of "
+                f"context); start a new conversation to ask more."
+            )
+        input_ids = torch.tensor([ids], device=engine.device)  # [1, T]
         with torch.no_grad():
-            embeds = engine.model.get_input_embeddings()(input_ids).clone()             # [1, T, D]
+            embeds = engine.model.get_input_embeddings()(input_ids).clone()  # [1, T, D]
         slots = torch.zeros(1, len(ids), dtype=torch.bool)
-        slots[0, :self._slots.numel()] = self._slots
+        slots[0, : self._slots.numel()] = self._slots
         embeds[0, slots[0].to(embeds.device)] = self._memory.to(device=embeds.device, dtype=embeds.dtype)
         # The processor's tensors grown to the whole conversation (the new tokens are text), pixels included.
-        kwargs = _extend(engine.backend.generate_kwargs(Encoded(inputs=self._inputs, visual_columns=slots[0])),
-                         len(ids))
+        kwargs = _extend(
+            engine.backend.generate_kwargs(Encoded(inputs=self._inputs, visual_columns=slots[0])), len(ids)
+        )
         cache = self._cache if use_cache else None
         if cache is not None:  # the photo or clip is in the cache: its pixels are not read again
             kwargs = {k: v for k, v in kwargs.items() if k not in engine.backend.vision_input_keys}
             engine.backend.restore_positions(self._positions)
-        return _Turn(question=text, slots=slots, length=len(ids),
-                     prefill_tokens=len(ids) - (cache.get_seq_length() if cache is not None else 0),
-                     generate=dict(input_ids=input_ids, inputs_embeds=embeds, past_key_values=cache, **kwargs,
-                                   max_new_tokens=max_new_tokens, return_dict_in_generate=True,
-                                   **engine.decoding))
+        return _Turn(
+            question=text,
+            slots=slots,
+            length=len(ids),
+            prefill_tokens=len(ids) - (cache.get_seq_length() if cache is not None else 0),
+            generate=dict(
+                input_ids=input_ids,
+                inputs_embeds=embeds,
+                past_key_values=cache,
+                **kwargs,
+                max_new_tokens=max_new_tokens,
+                return_dict_in_generate=True,
+                **engine.decoding,
+            ),
+        )
 
     def _generate(self, turn: _Turn, **extra):
         """generate for one turn (the memory's residuals added where the family adds them); a failure leaves the
@@ -983,7 +1162,7 @@ class Chat:
     def _finish(self, turn: _Turn, out) -> Answer:
         """Record the turn: its answer's tokens join the conversation, and the cache is kept for the next."""
         engine = self.engine
-        generated = out.sequences[0, turn.length:].tolist()
+        generated = out.sequences[0, turn.length :].tolist()
         answer_ids = _strip_stop(generated, engine.backend.stop_token_ids)
         text = engine.backend.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
         if turn.prepared is not None:
@@ -992,7 +1171,7 @@ class Chat:
             self._ids = turn.generate["input_ids"][0].tolist()
         self._ids = self._ids + answer_ids
         self._cache = out.past_key_values
-        if self._cache.get_seq_length() > len(self._ids):   # a removed stop token the next turn writes itself
+        if self._cache.get_seq_length() > len(self._ids):  # a removed stop token the next turn writes itself
             self._cache.crop(len(self._ids))
         self._positions = engine.backend.save_positions()
         engine._keep_cache(self)
@@ -1004,11 +1183,16 @@ class Chat:
         """Keep what a follow-up needs of the first context: its tokens, memory rows and processor output."""
         self._ids = prepared.generate["input_ids"][0].tolist()
         self._slots = prepared.slots[0].cpu()
-        self._memory = prepared.generate["inputs_embeds"][0, prepared.slots[0]].cpu()   # [M, D]
+        self._memory = prepared.generate["inputs_embeds"][0, prepared.slots[0]].cpu()  # [M, D]
         self._residuals = prepared.residuals
         self._inputs = {k: v for k, v in prepared.encoded.inputs.items() if k != "input_ids"}
-        self._details = dict(used=prepared.used, dropped=prepared.dropped, memory_tokens=prepared.memory_tokens,
-                             similarity=prepared.similarity, similarity_maps=prepared.similarity_maps)
+        self._details = dict(
+            used=prepared.used,
+            dropped=prepared.dropped,
+            memory_tokens=prepared.memory_tokens,
+            similarity=prepared.similarity,
+            similarity_maps=prepared.similarity_maps,
+        )
 
     def _answer(self, text: str, turn: _Turn) -> Answer:
         if turn.prepared is not None:
@@ -1040,9 +1224,13 @@ def select_tokens(scores: torch.Tensor, k: int, selection: str = "attention") ->
     raise ValueError(f"memory_selection must be one of {MEMORY_SELECTIONS}; got {selection!r}.")
 
 
-def similarity_to_query(concepts: Sequence[Concept], query_rows: torch.Tensor,
-                        located: tuple[torch.Tensor, tuple[int, int]] | None = None, *,
-                        memory: torch.Tensor | None = None) -> tuple[list[float], list[torch.Tensor]]:
+def similarity_to_query(
+    concepts: Sequence[Concept],
+    query_rows: torch.Tensor,
+    located: tuple[torch.Tensor, tuple[int, int]] | None = None,
+    *,
+    memory: torch.Tensor | None = None,
+) -> tuple[list[float], list[torch.Tensor]]:
     """How much each concept's memory looks like the query's visual tokens [N, D] (both are projector
     outputs, so they live in the same space), from one cosine matrix [sum K, N] for all concepts:
 
@@ -1057,16 +1245,16 @@ def similarity_to_query(concepts: Sequence[Concept], query_rows: torch.Tensor,
     """
     if not concepts:
         return [], []
-    query = F.normalize(query_rows.float(), dim=-1)                                   # [N, D]
+    query = F.normalize(query_rows.float(), dim=-1)  # [N, D]
     if memory is None:
-        memory = torch.cat([c.embeddings for c in concepts])                          # [sum K, D]
-    cosine = F.normalize(memory.to(query.device).float(), dim=-1) @ query.T          # [sum K, N]
-    parts = cosine.split([c.embeddings.shape[0] for c in concepts])                   # [K_c, N] each
-    scores = torch.stack([part.max(dim=1).values.mean() for part in parts])           # [C]
+        memory = torch.cat([c.embeddings for c in concepts])  # [sum K, D]
+    cosine = F.normalize(memory.to(query.device).float(), dim=-1) @ query.T  # [sum K, N]
+    parts = cosine.split([c.embeddings.shape[0] for c in concepts])  # [K_c, N] each
+    scores = torch.stack([part.max(dim=1).values.mean() for part in parts])  # [C]
     if located is None:
         return scores.cpu().tolist(), []
     indices = located[0].to(query.device)
-    maps = torch.stack([part[:, indices].max(dim=0).values for part in parts])        # [C, rows * cols]
+    maps = torch.stack([part[:, indices].max(dim=0).values for part in parts])  # [C, rows * cols]
     scores, maps = scores.cpu().tolist(), maps.reshape(len(concepts), *located[1]).cpu()
     return scores, list(maps.unbind(0))
 
@@ -1077,8 +1265,9 @@ def named_in(question: str, name: str) -> bool:
     return bool(words) and re.search(rf"(?<!\w){words}(?!\w)", question.casefold()) is not None
 
 
-def select_concepts(concepts: Sequence[Concept], keep: int, *, question: str = "",
-                    scores: Sequence[float] | None = None):
+def select_concepts(
+    concepts: Sequence[Concept], keep: int, *, question: str = "", scores: Sequence[float] | None = None
+):
     """Keep `keep` concepts, in the order given; returns (kept, dropped), the last dropped ranked lowest.
 
     First the concepts the question names (the visitor asks about them), then the ones with the highest
@@ -1096,8 +1285,8 @@ def select_concepts(concepts: Sequence[Concept], keep: int, *, question: str = "
 def layer_importance(capture: AttentionCapture, keyword_rows: Sequence[int]) -> torch.Tensor:
     """Eq. 3 per layer: I^l_j = mean over heads h and keywords n of A^{l,h}_{wr}[n, j], for the layers of
     `capture` in increasing order: float32 [|L|, N_r] on CPU. The importance is its mean over the layers."""
-    attention = capture.matrix(list(keyword_rows))                  # [|L|, H, N_w, N_r]
-    return attention.mean(dim=2).mean(dim=1).cpu()                  # [|L|, N_r]
+    attention = capture.matrix(list(keyword_rows))  # [|L|, H, N_w, N_r]
+    return attention.mean(dim=2).mean(dim=1).cpu()  # [|L|, N_r]
 
 
 def keyword_positions(tokenizer, ids: list[int], *, content_only: bool) -> tuple[list[int], list[str]]:
@@ -1105,13 +1294,16 @@ def keyword_positions(tokenizer, ids: list[int], *, content_only: bool) -> tuple
 
     Fallbacks, in order: content words; any word; every token (a description with no words at all).
     """
-    ends = [len(tokenizer.decode(ids[:i + 1], skip_special_tokens=True)) for i in range(len(ids))]
+    ends = [len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)) for i in range(len(ids))]
     starts = [0] + ends[:-1]
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    for only in ([True, False] if content_only else [False]):
+    for only in [True, False] if content_only else [False]:
         spans = prompts.word_spans(text, content_only=only)
-        positions = [i for i, (a, b) in enumerate(zip(starts, ends))
-                     if b > a and any(a < end and start < b for start, end in spans)]
+        positions = [
+            i
+            for i, (a, b) in enumerate(zip(starts, ends))
+            if b > a and any(a < end and start < b for start, end in spans)
+        ]
         if positions:
             words = prompts.content_words(text) if only else [text[a:b].lower() for a, b in spans]
             return positions, list(dict.fromkeys(words))

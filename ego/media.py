@@ -177,23 +177,16 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 def _image_from_array(arr: Any) -> Image.Image:
     """A uint8 array (H,W,3), (H,W,4) or (H,W) as a PIL image, without trusting its layout."""
     if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8:
-        raise InputError(
-            "This image array is not 8-bit; please send an RGB uint8 array of shape (H, W, 3)."
-        )
+        raise InputError("This image array is not 8-bit; please send an RGB uint8 array of shape (H, W, 3).")
     if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4)):
         return Image.fromarray(np.ascontiguousarray(arr))  # L, RGB or RGBA from the shape
-    raise InputError(
-        f"This image array has shape {arr.shape}; please send an RGB uint8 array of shape "
-        "(H, W, 3)."
-    )
+    raise InputError(f"This image array has shape {arr.shape}; please send an RGB uint8 array of shape (H, W, 3).")
 
 
 def _decode(im: Image.Image, settings: Settings) -> Image.Image:
     """Check the declared size, then decode, orient and convert an opened (lazy) image."""
     if im.format is not None and im.format not in _IMAGE_RESULT_FORMATS:
-        raise InputError(
-            f"{im.format} images are not accepted; please upload a {_IMAGE_FORMATS_TEXT} image."
-        )
+        raise InputError(f"{im.format} images are not accepted; please upload a {_IMAGE_FORMATS_TEXT} image.")
     width, height = im.size
     _check_dimensions(width, height, settings)
     try:
@@ -203,9 +196,7 @@ def _decode(im: Image.Image, settings: Settings) -> Image.Image:
     except InputError:
         raise
     except Image.DecompressionBombError:
-        raise InputError(
-            "This image is too large to decode safely; please upload a smaller image."
-        ) from None
+        raise InputError("This image is too large to decode safely; please upload a smaller image.") from None
     except Exception:  # noqa: BLE001 - a damaged file can make PIL raise almost anything
         raise InputError(
             "This image is damaged or incomplete and could not be decoded; please upload it again "
@@ -220,13 +211,10 @@ def _open_image(fp: BinaryIO, settings: Settings) -> Image.Image:
         im = Image.open(fp, formats=IMAGE_FORMATS)
     except Image.DecompressionBombError:
         raise InputError(
-            "This image declares far too many pixels to decode safely; please upload a smaller "
-            "image."
+            "This image declares far too many pixels to decode safely; please upload a smaller image."
         ) from None
     except Exception:  # noqa: BLE001 - UnidentifiedImageError, SyntaxError, struct.error, ...
-        raise InputError(
-            f"This file is not a supported image; please upload a {_IMAGE_FORMATS_TEXT} image."
-        ) from None
+        raise InputError(f"This file is not a supported image; please upload a {_IMAGE_FORMATS_TEXT} image.") from None
     return _decode(im, settings)
 
 
@@ -256,10 +244,7 @@ def load_image(source: Any, settings: Settings = DEFAULT_SETTINGS) -> Image.Imag
     if isinstance(source, (str, os.PathLike)):
         with _open_regular_file(source, settings, "image") as fh:
             return _open_image(fh, settings)
-    raise InputError(
-        f"This is not an image ({type(source).__name__}); please upload a {_IMAGE_FORMATS_TEXT} "
-        "image."
-    )
+    raise InputError(f"This is not an image ({type(source).__name__}); please upload a {_IMAGE_FORMATS_TEXT} image.")
 
 
 # --- videos -------------------------------------------------------------------------------------
@@ -524,9 +509,7 @@ def _decode_video(fh: BinaryIO, settings: Settings, n: int) -> tuple[np.ndarray,
     """
     demuxer = _video_demuxer(fh.read(_SNIFF_BYTES))
     if demuxer is None:
-        raise InputError(
-            f"This file is not a supported video; please upload a {_VIDEO_FORMATS_TEXT} clip."
-        )
+        raise InputError(f"This file is not a supported video; please upload a {_VIDEO_FORMATS_TEXT} clip.")
     deadline = _Deadline(settings.max_video_decode_s)
     deadline.check()
 
@@ -563,19 +546,24 @@ def _already_loaded(video: tuple, settings: Settings) -> tuple[np.ndarray, dict]
     """A (frames, metadata) pair this function returned before (the app shows the frames, then asks about
     them): checked for shape, size and metadata, not decoded again."""
     frames, metadata = video
-    ok = (isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4 and frames.shape[3] == 3
-          and frames.shape[0] >= 1 and frames.shape[1] * frames.shape[2] <= settings.video_frame_max_pixels
-          and set(metadata) == set(_metadata(1, 1.0, [0], frames[:1], None))
-          and len(metadata.get("frames_indices") or ()) == frames.shape[0])
+    ok = (
+        isinstance(frames, np.ndarray)
+        and frames.dtype == np.uint8
+        and frames.ndim == 4
+        and frames.shape[3] == 3
+        and frames.shape[0] >= 1
+        and frames.shape[1] * frames.shape[2] <= settings.video_frame_max_pixels
+        and set(metadata) == set(_metadata(1, 1.0, [0], frames[:1], None))
+        and len(metadata.get("frames_indices") or ()) == frames.shape[0]
+    )
     if not ok:
-        raise InputError("These decoded video frames are not in the form load_video returns; please pass the "
-                         "video file instead.")
+        raise InputError(
+            "These decoded video frames are not in the form load_video returns; please pass the video file instead."
+        )
     return frames, metadata
 
 
-def _load_video_array(
-    array: np.ndarray, settings: Settings, n: int, fps: float | None
-) -> tuple[np.ndarray, dict]:
+def _load_video_array(array: np.ndarray, settings: Settings, n: int, fps: float | None) -> tuple[np.ndarray, dict]:
     """Sample and downscale frames that are already decoded."""
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[3] != 3:
         raise InputError(
@@ -591,15 +579,11 @@ def _load_video_array(
         raise _too_long(total / rate, settings)
     indices = sample_indices(total, n)
     sink = _FrameSink(settings)
-    frames = np.stack(
-        [sink.add(Image.fromarray(np.ascontiguousarray(array[i]))) for i in indices]
-    )
+    frames = np.stack([sink.add(Image.fromarray(np.ascontiguousarray(array[i]))) for i in indices])
     return frames, _metadata(total, rate, indices, frames, None)
 
 
-def _load_video_images(
-    images: Sequence[Any], settings: Settings, n: int, fps: float | None
-) -> tuple[np.ndarray, dict]:
+def _load_video_images(images: Sequence[Any], settings: Settings, n: int, fps: float | None) -> tuple[np.ndarray, dict]:
     """Sample a list of images; each kept one goes through :func:`load_image` and all its checks."""
     rate = _check_fps(fps, settings)
     total = len(images)
@@ -654,7 +638,4 @@ def load_video(
     if isinstance(source, (str, os.PathLike)):
         with _open_regular_file(source, settings, "video") as fh:
             return _decode_video(fh, settings, n)
-    raise InputError(
-        f"This is not a video ({type(source).__name__}); please upload a {_VIDEO_FORMATS_TEXT} "
-        "clip."
-    )
+    raise InputError(f"This is not a video ({type(source).__name__}); please upload a {_VIDEO_FORMATS_TEXT} clip.")

@@ -142,23 +142,34 @@ def save_concepts(path, concepts, thumbnails=None) -> Path:
         for j, view in enumerate(concept.views):
             tensors[f"c{i}.v{j}.token_indices"] = view.token_indices.to(torch.int64).cpu().clone()
             tensors[f"c{i}.v{j}.scores"] = view.scores.float().cpu().clone()
-            views.append({
-                "grid": list(view.grid), "k": view.k, "area_pct": view.area_pct, "keywords": list(view.keywords),
-                "description": view.description, "size_answer": view.size_answer,
-                "keywords_source": view.keywords_source, "area_source": view.area_source,
-            })
+            views.append(
+                {
+                    "grid": list(view.grid),
+                    "k": view.k,
+                    "area_pct": view.area_pct,
+                    "keywords": list(view.keywords),
+                    "description": view.description,
+                    "size_answer": view.size_answer,
+                    "keywords_source": view.keywords_source,
+                    "area_source": view.area_source,
+                }
+            )
         entries.append({"name": concept.name, "views": views})
     document = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "model_id": concepts[0].model_id,
-        "hidden_size": int(concepts[0].embeddings.shape[1]), "concepts": entries,
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "model_id": concepts[0].model_id,
+        "hidden_size": int(concepts[0].embeddings.shape[1]),
+        "concepts": entries,
     }
     path = Path(path)
     save_file(tensors, str(path), metadata={"ego": json.dumps(document)})
     return path
 
 
-def read_concepts(path, *, max_concepts: int = DEFAULT_SETTINGS.max_concept_file_concepts,
-                  max_views: int = MAX_FILE_VIEWS_PER_CONCEPT) -> tuple[dict, list[Concept]]:
+def read_concepts(
+    path, *, max_concepts: int = DEFAULT_SETTINGS.max_concept_file_concepts, max_views: int = MAX_FILE_VIEWS_PER_CONCEPT
+) -> tuple[dict, list[Concept]]:
     """Parse a concept file without a model: (header document, concepts of at most `max_views` views each).
     Raises MemoryFileError."""
     from safetensors import SafetensorError, safe_open
@@ -182,8 +193,10 @@ def read_concepts(path, *, max_concepts: int = DEFAULT_SETTINGS.max_concept_file
             try:
                 document = json.loads(metadata["ego"])
             except RecursionError:
-                raise MemoryFileError("This concept file's description nests deeper than any Ego file does; "
-                                      "export the concepts again from this app.") from None
+                raise MemoryFileError(
+                    "This concept file's description nests deeper than any Ego file does; "
+                    "export the concepts again from this app."
+                ) from None
             if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
                 raise MemoryFileError(not_ours)
             if document.get("version") != FORMAT_VERSION:
@@ -207,29 +220,40 @@ def read_concepts(path, *, max_concepts: int = DEFAULT_SETTINGS.max_concept_file
                 _check_keys(entry, _CONCEPT_KEYS)
                 name = _file_text(entry["name"], "concept name")
                 if not entry["views"]:
-                    raise MemoryFileError(f"Concept {i + 1} in this file has no reference views, so no memory; "
-                                          f"introduce it again and export it again.")
+                    raise MemoryFileError(
+                        f"Concept {i + 1} in this file has no reference views, so no memory; "
+                        f"introduce it again and export it again."
+                    )
                 if len(entry["views"]) > max_views:
-                    raise MemoryFileError(f"Concept {i + 1} in this file has more than {max_views} reference "
-                                          f"views; a concept takes at most {max_views} photos.")
+                    raise MemoryFileError(
+                        f"Concept {i + 1} in this file has more than {max_views} reference "
+                        f"views; a concept takes at most {max_views} photos."
+                    )
                 embeddings = handle.get_tensor(f"c{i}.embeddings")
                 if not _is_finite_float(embeddings) or embeddings.dim() != 2 or embeddings.shape[1] != hidden:
                     raise MemoryFileError(not_ours)
                 residuals = handle.get_tensor(f"c{i}.residuals") if f"c{i}.residuals" in names else None
                 if residuals is not None and (
-                        not _is_finite_float(residuals) or residuals.dim() != 3
-                        or not 1 <= residuals.shape[0] <= MAX_RESIDUAL_LEVELS
-                        or tuple(residuals.shape[1:]) != tuple(embeddings.shape)):
+                    not _is_finite_float(residuals)
+                    or residuals.dim() != 3
+                    or not 1 <= residuals.shape[0] <= MAX_RESIDUAL_LEVELS
+                    or tuple(residuals.shape[1:]) != tuple(embeddings.shape)
+                ):
                     raise MemoryFileError(not_ours)
                 views = [_read_view(handle, i, j, view) for j, view in enumerate(entry["views"])]
                 if any(view.k < 1 for view in views) or embeddings.shape[0] == 0:
-                    raise MemoryFileError(f"Concept {i + 1} in this file keeps no memory tokens from one of its "
-                                          f"photos, so it cannot be recognised; introduce it again and export it "
-                                          f"again.")
+                    raise MemoryFileError(
+                        f"Concept {i + 1} in this file keeps no memory tokens from one of its "
+                        f"photos, so it cannot be recognised; introduce it again and export it "
+                        f"again."
+                    )
                 if sum(v.k for v in views) != embeddings.shape[0] or not all(map(_is_consistent, views)):
                     raise MemoryFileError(not_ours)
-                concepts.append(Concept(name=name, embeddings=embeddings, model_id=model_id, views=tuple(views),
-                                        residuals=residuals))
+                concepts.append(
+                    Concept(
+                        name=name, embeddings=embeddings, model_id=model_id, views=tuple(views), residuals=residuals
+                    )
+                )
     except MemoryFileError:
         raise
     except (SafetensorError, KeyError, TypeError, ValueError, IndexError, OSError, RecursionError) as error:
@@ -243,24 +267,40 @@ def _read_view(handle, i: int, j: int, view) -> ConceptView:
         raise TypeError("a view is not an object")
     _check_keys(view, _VIEW_KEYS)
     grid, k, area_pct, keywords = view["grid"], view["k"], view["area_pct"], view["keywords"]
-    if (not isinstance(grid, list) or len(grid) != 2 or any(type(n) is not int for n in grid) or type(k) is not int
-            or type(area_pct) not in (int, float) or not math.isfinite(area_pct) or not 0 <= area_pct <= 100):
+    if (
+        not isinstance(grid, list)
+        or len(grid) != 2
+        or any(type(n) is not int for n in grid)
+        or type(k) is not int
+        or type(area_pct) not in (int, float)
+        or not math.isfinite(area_pct)
+        or not 0 <= area_pct <= 100
+    ):
         raise TypeError("a view's grid, k or area is not what Ego writes")
     if not isinstance(keywords, list) or len(keywords) > MAX_FILE_KEYWORDS_PER_VIEW:
-        raise MemoryFileError(f"A photo of a concept in this file has more than {MAX_FILE_KEYWORDS_PER_VIEW} "
-                              f"keywords; export the concepts again from this app.")
+        raise MemoryFileError(
+            f"A photo of a concept in this file has more than {MAX_FILE_KEYWORDS_PER_VIEW} "
+            f"keywords; export the concepts again from this app."
+        )
     keywords = tuple(_file_text(word, "keyword") for word in keywords)
     if sum(map(len, keywords)) > MAX_FILE_TEXT_CHARS:
-        raise MemoryFileError(f"The keywords of a photo in this file are longer than {MAX_FILE_TEXT_CHARS} "
-                              f"characters together; export the concepts again from this app.")
+        raise MemoryFileError(
+            f"The keywords of a photo in this file are longer than {MAX_FILE_TEXT_CHARS} "
+            f"characters together; export the concepts again from this app."
+        )
     sources = {key: view.get(key, "model") for key in _SOURCES}
     if any(value not in _SOURCES[key] for key, value in sources.items()):
         raise TypeError("an unknown source")
     return ConceptView(
-        token_indices=handle.get_tensor(f"c{i}.v{j}.token_indices"), scores=handle.get_tensor(f"c{i}.v{j}.scores"),
-        grid=(grid[0], grid[1]), k=k, area_pct=float(area_pct), keywords=keywords,
+        token_indices=handle.get_tensor(f"c{i}.v{j}.token_indices"),
+        scores=handle.get_tensor(f"c{i}.v{j}.scores"),
+        grid=(grid[0], grid[1]),
+        k=k,
+        area_pct=float(area_pct),
+        keywords=keywords,
         description=_file_text(view["description"], "description"),
-        size_answer=_file_text(view.get("size_answer", ""), "size answer"), **sources,
+        size_answer=_file_text(view.get("size_answer", ""), "size answer"),
+        **sources,
     )
 
 
@@ -269,11 +309,15 @@ def _file_text(value, what: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"the {what} is not a string")
     if len(value) > MAX_FILE_TEXT_CHARS:
-        raise MemoryFileError(f"A {what} in this concept file is longer than {MAX_FILE_TEXT_CHARS} characters; "
-                              f"export the concepts again from this app.")
+        raise MemoryFileError(
+            f"A {what} in this concept file is longer than {MAX_FILE_TEXT_CHARS} characters; "
+            f"export the concepts again from this app."
+        )
     if not is_valid_text(value):
-        raise MemoryFileError(f"A {what} in this concept file is not valid Unicode (it holds a lone surrogate); "
-                              f"export the concepts again from this app.")
+        raise MemoryFileError(
+            f"A {what} in this concept file is not valid Unicode (it holds a lone surrogate); "
+            f"export the concepts again from this app."
+        )
     return value
 
 
@@ -302,8 +346,12 @@ def read_thumbnails(path, count: int) -> list:
                 if f"c{i}.thumbnail" not in names:
                     continue
                 pixels = handle.get_tensor(f"c{i}.thumbnail")
-                if (pixels.dtype != torch.uint8 or pixels.dim() != 3 or pixels.shape[2] != 3
-                        or not all(1 <= side <= MAX_THUMBNAIL_PX for side in pixels.shape[:2])):
+                if (
+                    pixels.dtype != torch.uint8
+                    or pixels.dim() != 3
+                    or pixels.shape[2] != 3
+                    or not all(1 <= side <= MAX_THUMBNAIL_PX for side in pixels.shape[:2])
+                ):
                     continue
                 pictures[i] = Image.fromarray(pixels.contiguous().numpy())
     except (SafetensorError, OSError):
@@ -329,8 +377,11 @@ def _is_consistent(view: ConceptView) -> bool:
 
 def load_concepts(path, engine) -> list[Concept]:
     """Concepts from a file written by `save_concepts`, checked against `engine`'s model."""
-    document, concepts = read_concepts(path, max_concepts=engine.settings.max_concept_file_concepts,
-                                       max_views=engine.settings.max_references_per_concept)
+    document, concepts = read_concepts(
+        path,
+        max_concepts=engine.settings.max_concept_file_concepts,
+        max_views=engine.settings.max_references_per_concept,
+    )
     if document["model_id"] != engine.model_id or int(document["hidden_size"]) != engine.hidden_size:
         raise IncompatibleMemoryError(
             f"These concepts were made with {document['model_id']} and cannot be used with {engine.model_id}; "
@@ -340,5 +391,7 @@ def load_concepts(path, engine) -> list[Concept]:
     if any(c.residuals is not None and c.residuals.shape[0] != levels for c in concepts):
         raise MemoryFileError("This concept file does not match the model it names; export the concepts again.")
     dtype = engine.memory_dtype
-    return [replace(c, embeddings=c.embeddings.to(dtype),
-                    residuals=None if c.residuals is None else c.residuals.to(dtype)) for c in concepts]
+    return [
+        replace(c, embeddings=c.embeddings.to(dtype), residuals=None if c.residuals is None else c.residuals.to(dtype))
+        for c in concepts
+    ]

@@ -21,8 +21,10 @@ PAPER_LAYERS = (29, 30, 35, 36, 39)
 PAPER_DEPTH = 48
 """InternVL3-14B's calibrated layers and its number of text layers (indices read as 0-based)."""
 
-UNCALIBRATED = ("depth-scaled, not calibrated: the paper's InternVL3-14B layers (29, 30, 35, 36, 39 of 48) at the same "
-                "relative depth of this model; calibrate them with `python -m ego.calibrate`")
+UNCALIBRATED = (
+    "depth-scaled, not calibrated: the paper's InternVL3-14B layers (29, 30, 35, 36, 39 of 48) at the same "
+    "relative depth of this model; calibrate them with `python -m ego.calibrate`"
+)
 TINY_UNCALIBRATED = "tiny random model: depth-scaled, not calibrated"
 
 PAPER_LAYERS_NOTE = (
@@ -68,6 +70,7 @@ def default_preset(cuda_available: bool | None = None) -> str:
         cuda_available = torch.cuda.is_available()
     return DEFAULT_PRESET if cuda_available else CPU_DEFAULT_PRESET
 
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
@@ -76,17 +79,20 @@ PRESETS: dict[str, Preset] = {
         Preset("qwen2-vl-2b", "Qwen/Qwen2-VL-2B-Instruct", "qwen2-vl"),
         Preset("qwen3-vl-4b", "Qwen/Qwen3-VL-4B-Instruct", "qwen3-vl"),
         Preset("qwen3-vl-8b", "Qwen/Qwen3-VL-8B-Instruct", "qwen3-vl"),
-        Preset("internvl3-14b", "OpenGVLab/InternVL3-14B-hf", "internvl3", layers=PAPER_LAYERS,
-               layers_note=PAPER_LAYERS_NOTE),
+        Preset(
+            "internvl3-14b",
+            "OpenGVLab/InternVL3-14B-hf",
+            "internvl3",
+            layers=PAPER_LAYERS,
+            layers_note=PAPER_LAYERS_NOTE,
+        ),
         Preset("internvl3-8b", "OpenGVLab/InternVL3-8B-hf", "internvl3"),
         Preset("internvl3-2b", "OpenGVLab/InternVL3-2B-hf", "internvl3"),
         Preset("internvl3-1b", "OpenGVLab/InternVL3-1B-hf", "internvl3"),
         Preset("tiny-qwen2-vl", "tiny-qwen2-vl", "qwen2-vl", layers_note=TINY_UNCALIBRATED, tiny=True),
-        Preset("tiny-qwen2.5-vl", "tiny-qwen2.5-vl", "qwen2.5-vl", layers_note=TINY_UNCALIBRATED,
-               tiny=True),
+        Preset("tiny-qwen2.5-vl", "tiny-qwen2.5-vl", "qwen2.5-vl", layers_note=TINY_UNCALIBRATED, tiny=True),
         Preset("tiny-qwen3-vl", "tiny-qwen3-vl", "qwen3-vl", layers_note=TINY_UNCALIBRATED, tiny=True),
-        Preset("tiny-internvl3", "tiny-internvl3", "internvl3", layers_note=TINY_UNCALIBRATED,
-               tiny=True),
+        Preset("tiny-internvl3", "tiny-internvl3", "internvl3", layers_note=TINY_UNCALIBRATED, tiny=True),
     ]
 }
 

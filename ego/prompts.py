@@ -30,10 +30,12 @@ def memory_prompt(wording: str) -> tuple[str, str]:
         raise ValueError(f"memory_prompt must be one of {sorted(MEMORY_PROMPTS)}; got {wording!r}.")
     return MEMORY_PROMPTS[wording]
 
+
 # Words that carry no visual evidence about the subject: English function words, plus the words a
 # model uses to talk about the photo itself ("The image shows ..."), whose attention spreads over the
 # whole picture rather than the subject.
-STOPWORDS = frozenset("""
+STOPWORDS = frozenset(
+    """
 a an the this that these those it its it's is are was were be been being am has have had do does did
 of in on at to from by for with without about above below under over into onto out up down off near
 and or but nor so yet as than then there here which who whom whose what when where why how
@@ -42,7 +44,8 @@ i me my we our you your he him his she her they them their one ones also just on
 will would should may might must shall s t
 image photo photograph picture shot scene frame subject main visible shows showing shown depicts
 depicting appears appearing seen features featuring looks looking sentence describe description
-""".split())
+""".split()
+)
 
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*", re.UNICODE)
 
@@ -63,15 +66,38 @@ def word_spans(text: str, *, content_only: bool) -> list[tuple[int, int]]:
     return [m.span() for m in _WORD.finditer(text) if not content_only or m.group(0).lower() not in STOPWORDS]
 
 
-_UNIT_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-               "sixteen seventeen eighteen nineteen").split()
+_UNIT_WORDS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen"
+).split()
 _TENS_WORDS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
 _NUMBER_WORD = re.compile(
-    r"\b(?:(?P<hundred>(?:a|one)\s+hundred)|(?P<tens>" + "|".join(_TENS_WORDS) + r")(?:[\s-]+(?P<tens_unit>"
-    + "|".join(_UNIT_WORDS[1:10]) + r"))?|(?P<unit>" + "|".join(_UNIT_WORDS) + r"))\b")
-_DENOMINATORS = {"half": 2, "halves": 2, "third": 3, "thirds": 3, "quarter": 4, "quarters": 4, "fourth": 4,
-                 "fourths": 4, "fifth": 5, "fifths": 5, "sixth": 6, "sixths": 6, "eighth": 8, "eighths": 8,
-                 "tenth": 10, "tenths": 10}
+    r"\b(?:(?P<hundred>(?:a|one)\s+hundred)|(?P<tens>"
+    + "|".join(_TENS_WORDS)
+    + r")(?:[\s-]+(?P<tens_unit>"
+    + "|".join(_UNIT_WORDS[1:10])
+    + r"))?|(?P<unit>"
+    + "|".join(_UNIT_WORDS)
+    + r"))\b"
+)
+_DENOMINATORS = {
+    "half": 2,
+    "halves": 2,
+    "third": 3,
+    "thirds": 3,
+    "quarter": 4,
+    "quarters": 4,
+    "fourth": 4,
+    "fourths": 4,
+    "fifth": 5,
+    "fifths": 5,
+    "sixth": 6,
+    "sixths": 6,
+    "eighth": 8,
+    "eighths": 8,
+    "tenth": 10,
+    "tenths": 10,
+}
 _FRACTION_WORDS = re.compile(r"\b(?P<count>an?|\d+)[\s-]+(?P<part>" + "|".join(_DENOMINATORS) + r")\b")
 _FRACTION = re.compile(r"(?<![\d.])(?P<num>\d+)\s*/\s*(?P<den>\d+)(?![\d.])")
 _DIMENSIONS = re.compile(r"\b\d+\s*[x×]\s*\d+\b|\b\d+(?:\.\d+)?\s*(?:px|pixels?|mp|megapixels?)\b")
@@ -91,29 +117,62 @@ def _amount(percent: str) -> re.Pattern:
     followed by a word other than "of": "1 dog" is a count, not a share)."""
     bare = r"(?!\s*(?!of\b)[^\W\d_])" if not percent else ""
     return re.compile(
-        r"(?:between\s+|from\s+)?" + _number("low") + r"(?:" + _PERCENT + r")?\s*(?:-|to|and)\s*" + _number("high")
-        + percent + bare + r"|(?:(?P<below>" + _BELOW + r")|(?P<above>" + _ABOVE + r"))?\s*" + _HEDGE
-        + _number("value") + percent + bare)
+        r"(?:between\s+|from\s+)?"
+        + _number("low")
+        + r"(?:"
+        + _PERCENT
+        + r")?\s*(?:-|to|and)\s*"
+        + _number("high")
+        + percent
+        + bare
+        + r"|(?:(?P<below>"
+        + _BELOW
+        + r")|(?P<above>"
+        + _ABOVE
+        + r"))?\s*"
+        + _HEDGE
+        + _number("value")
+        + percent
+        + bare
+    )
 
 
 _PERCENT_AMOUNT, _BARE_AMOUNT = _amount(_PERCENT), _amount("")
 # An answer cut by the length cap that ends inside a number ("It covers about 6", "between 20% and",
 # "twenty") may have meant another one ("65", "between 20% and 30%", "twenty-five").
 _CUT_IN_NUMBER = re.compile(
-    r"(?:\d[\d.,/\s]*|\d\s*%?\s*(?:-|to|and)\s*|\b(?:" + "|".join(_UNIT_WORDS + _TENS_WORDS + ["a", "an", "hundred"])
-    + r")[\s-]*)$")
+    r"(?:\d[\d.,/\s]*|\d\s*%?\s*(?:-|to|and)\s*|\b(?:"
+    + "|".join(_UNIT_WORDS + _TENS_WORDS + ["a", "an", "hundred"])
+    + r")[\s-]*)$"
+)
 # Size words, checked longest phrase first; the value is the percentage they usually mean.
 _SIZE_WORDS = [
-    ("almost all", 90), ("nearly all", 90), ("almost the entire", 90), ("nearly the entire", 90),
-    ("entire", 100), ("whole", 100), ("fills", 90), ("full", 100), ("majority", 65), ("most", 70),
-    ("half", 50), ("large", 60), ("big", 60), ("medium", 35), ("moderate", 35), ("small", 10), ("little", 10),
-    ("tiny", 5), ("minor", 10),
+    ("almost all", 90),
+    ("nearly all", 90),
+    ("almost the entire", 90),
+    ("nearly the entire", 90),
+    ("entire", 100),
+    ("whole", 100),
+    ("fills", 90),
+    ("full", 100),
+    ("majority", 65),
+    ("most", 70),
+    ("half", 50),
+    ("large", 60),
+    ("big", 60),
+    ("medium", 35),
+    ("moderate", 35),
+    ("small", 10),
+    ("little", 10),
+    ("tiny", 5),
+    ("minor", 10),
 ]
 
 
 def _spell_out(text: str) -> str:
     """Number words as digits ("twenty-five" -> "25", "a hundred" -> "100"), fraction words and numeric
     fractions as percentages ("two thirds" -> "66.667%", "1/3" -> "33.333%")."""
+
     def number(match: re.Match) -> str:
         if match.group("hundred"):
             return "100"

@@ -115,8 +115,9 @@ class Settings:
         if self.decoding not in ("auto", "eager", "compiled"):
             raise ValueError(f'decoding must be "auto", "eager" or "compiled"; got {self.decoding!r}.')
         if self.model_quantization not in ("auto", "4bit", "8bit", None):
-            raise ValueError(f'model_quantization must be "auto", "4bit", "8bit" or None; '
-                             f'got {self.model_quantization!r}.')
+            raise ValueError(
+                f'model_quantization must be "auto", "4bit", "8bit" or None; got {self.model_quantization!r}.'
+            )
 
     @classmethod
     def paper(cls, **changes) -> Settings:
@@ -124,8 +125,14 @@ class Settings:
         on InternVL3 (the same pixel budget on Qwen, where the paper is silent), bf16 weights without
         quantization, a 50-token description, punctuation-only keywords, the model's original system
         prompt, and a memory prompt that asks nothing."""
-        return cls(query_image_max_pixels=448 * 448, model_quantization=None, description_max_new_tokens=50,
-                   keywords_drop_stopwords=False, system_prompt="original", memory_prompt="neutral").replace(**changes)
+        return cls(
+            query_image_max_pixels=448 * 448,
+            model_quantization=None,
+            description_max_new_tokens=50,
+            keywords_drop_stopwords=False,
+            system_prompt="original",
+            memory_prompt="neutral",
+        ).replace(**changes)
 
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)

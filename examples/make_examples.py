@@ -67,9 +67,7 @@ def save_jpeg(im: Image.Image, path: Path) -> None:
 def oval_mask(size: tuple[int, int], feather: int = FEATHER_PX) -> Image.Image:
     """A soft-edged ellipse filling ``size``: pastes the subject without its rectangular frame."""
     mask = Image.new("L", size, 0)
-    ImageDraw.Draw(mask).ellipse(
-        (feather, feather, size[0] - 1 - feather, size[1] - 1 - feather), fill=255
-    )
+    ImageDraw.Draw(mask).ellipse((feather, feather, size[0] - 1 - feather, size[1] - 1 - feather), fill=255)
     return mask.filter(ImageFilter.GaussianBlur(feather / 2))
 
 
@@ -220,8 +218,12 @@ def make_calibration() -> list[dict]:
     the subject's oval is (the paste mask above half opacity), black elsewhere.
     """
     subjects = {"cat": cat_face(), "cup": cup()}
-    placements = [("cat", (150, 144), (30, 40)), ("cat", (230, 222), (150, 50)),
-                  ("cup", (180, 163), (190, 110)), ("cup", (120, 109), (40, 150))]
+    placements = [
+        ("cat", (150, 144), (30, 40)),
+        ("cat", (230, 222), (150, 50)),
+        ("cup", (180, 163), (190, 110)),
+        ("cup", (120, 109), (40, 150)),
+    ]
     pairs = []
     for i, (subject, size, corner) in enumerate(placements, start=1):
         canvas = wall((LONG_SIDE_PX, 300))

@@ -80,8 +80,10 @@ def _paths(gallery_value) -> list[str]:
 class Actions:
     def __init__(self, engine: LazyEngine, settings: SpaceSettings, examples: Examples):
         if not isinstance(settings, SpaceSettings):
-            raise TypeError(f"Actions take the Space's settings (space.settings.SpaceSettings), not "
-                            f"{type(settings).__name__}: the engine's limits come from the engine.")
+            raise TypeError(
+                f"Actions take the Space's settings (space.settings.SpaceSettings), not "
+                f"{type(settings).__name__}: the engine's limits come from the engine."
+            )
         self._lazy = engine
         self.settings = settings
         self.limits = engine.settings
@@ -96,8 +98,10 @@ class Actions:
         fixed_s, per_token_s = settings.zero_gpu_call_fixed_s, settings.zero_gpu_call_per_token_s
         per_photo = self.limits.description_max_new_tokens + self.limits.size_max_new_tokens
         self._stream_on_gpu = gpu(self._stream_in_worker, duration=call_seconds(fixed_s, per_token_s))
-        self._introduce_on_gpu = gpu(self._introduce_in_worker, duration=lambda name, pictures, *rest: (
-            fixed_s + per_token_s * per_photo * len(pictures)))
+        self._introduce_on_gpu = gpu(
+            self._introduce_in_worker,
+            duration=lambda name, pictures, *rest: fixed_s + per_token_s * per_photo * len(pictures),
+        )
 
     # ------------------------------------------------------------------------------------------
     # Model calls: picklable arguments and results, so that on ZeroGPU they can run in a GPU worker
@@ -108,8 +112,9 @@ class Actions:
         return engine.unguarded() if self.zero_gpu else engine
 
     def _stream_in_worker(self, question, concepts, image, video, max_new_tokens):
-        yield from self._worker_engine().stream_answer(question, concepts, image=image, video=video,
-                                                       max_new_tokens=max_new_tokens)
+        yield from self._worker_engine().stream_answer(
+            question, concepts, image=image, video=video, max_new_tokens=max_new_tokens
+        )
 
     def _introduce_in_worker(self, name, pictures, keywords, area_pct):
         return self._worker_engine().introduce(name, pictures, keywords=keywords, area_pct=area_pct)
@@ -129,14 +134,18 @@ class Actions:
         except Exception as error:  # noqa: BLE001 - missing weights, no GPU memory, bad install, ...
             stack = "".join(traceback.format_tb(error.__traceback__))
             log.error("the model could not be loaded: %s: %s\n%s", type(error).__name__, error, stack)
-            raise gr.Error("The model could not be loaded on this server; the details are in the server's log. "
-                           "Please try again later.", print_exception=False) from None
+            raise gr.Error(
+                "The model could not be loaded on this server; the details are in the server's log. "
+                "Please try again later.",
+                print_exception=False,
+            ) from None
 
     # ------------------------------------------------------------------------------------------
     # Introduce
     # ------------------------------------------------------------------------------------------
-    def introduce(self, session: Session, name, photos, keywords=None, auto_size=True, size_pct=25,
-                  progress=gr.Progress()):
+    def introduce(
+        self, session: Session, name, photos, keywords=None, auto_size=True, size_pct=25, progress=gr.Progress()
+    ):
         """Introduce a concept from 1-5 photos; returns (session, report, kept-token pictures, heat maps)."""
         with for_visitor("introducing the concept"):
             name = checks.check_name(name, self.limits)
@@ -148,13 +157,17 @@ class Actions:
             started = time.perf_counter()
             progress(0.1, desc=f"Choosing the memory tokens of {len(paths)} photo{'s' * (len(paths) > 1)}…")
             pictures = [load_image(path, self.limits) for path in paths]  # decoded once, for both uses
-            concept = self._introduce_on_gpu(name, pictures, (keywords or "").strip() or None,
-                                             None if auto_size else size_pct)
+            concept = self._introduce_on_gpu(
+                name, pictures, (keywords or "").strip() or None, None if auto_size else size_pct
+            )
             seconds = time.perf_counter() - started
             patches, heats = self._pictures([(concept, pictures)])
             report = views.introduction_report([concept], seconds)
-            session.add([Entry(concept, views.thumbnail(pictures[0], self.settings.thumbnail_px))],
-                        self.settings.max_concepts_per_session, self.budget)
+            session.add(
+                [Entry(concept, views.thumbnail(pictures[0], self.settings.thumbnail_px))],
+                self.settings.max_concepts_per_session,
+                self.budget,
+            )
         log.info("introduce: %d photos, %d tokens, %.2f s", len(paths), concept.num_tokens, seconds)
         return session, report, patches, heats
 
@@ -163,8 +176,11 @@ class Actions:
         with for_visitor("introducing the example concepts"):
             missing = [(name, paths) for name, paths in self.examples.concepts if not session.has(name)]
             if not missing:
-                message = ("Your concepts already include all the example concepts."
-                           if self.examples.concepts else "This installation has no example concepts.")
+                message = (
+                    "Your concepts already include all the example concepts."
+                    if self.examples.concepts
+                    else "This installation has no example concepts."
+                )
                 return session, message, [], []
             session.check_room([name for name, _ in missing], self.settings.max_concepts_per_session)
             self.budget.check()
@@ -178,8 +194,11 @@ class Actions:
             seconds = time.perf_counter() - started
             patches, heats = self._pictures(made)
             report = views.introduction_report([c for c, _ in made], seconds)
-            session.add([Entry(c, views.thumbnail(p[0], self.settings.thumbnail_px)) for c, p in made],
-                        self.settings.max_concepts_per_session, self.budget)
+            session.add(
+                [Entry(c, views.thumbnail(p[0], self.settings.thumbnail_px)) for c, p in made],
+                self.settings.max_concepts_per_session,
+                self.budget,
+            )
         return session, report, patches, heats
 
     def _pictures(self, made):
@@ -189,10 +208,15 @@ class Actions:
             for number, (picture, view) in enumerate(zip(pictures, concept.views), 1):
                 label = f"{concept.name} · photo {number}" if many else f"Photo {number}"
                 total = view.grid[0] * view.grid[1]
-                patches.append((cached(views.patch_view(picture, view.grid, view.token_indices, px)),
-                                f"{label} · {view.k} of {total} tokens kept"))
-                heats.append((cached(views.heat_map(picture, view.grid, view.scores, px)),
-                              f"{label} · token importance"))
+                patches.append(
+                    (
+                        cached(views.patch_view(picture, view.grid, view.token_indices, px)),
+                        f"{label} · {view.k} of {total} tokens kept",
+                    )
+                )
+                heats.append(
+                    (cached(views.heat_map(picture, view.grid, view.scores, px)), f"{label} · token importance")
+                )
         return patches, heats
 
     # ------------------------------------------------------------------------------------------
@@ -243,9 +267,11 @@ class Actions:
         dropped = len(answer.concepts_dropped)
         if dropped:
             then = "the ones most like the photo or clip" if answer.similarity else "your first ones"
-            gr.Warning(f"{dropped} of your {dropped + len(answer.concepts_used)} concepts were left out of this "
-                       f"answer: at most {self.limits.max_concepts_in_context} fit. The ones the question names "
-                       f"were kept first, then {then}; name a concept to keep it.")
+            gr.Warning(
+                f"{dropped} of your {dropped + len(answer.concepts_used)} concepts were left out of this "
+                f"answer: at most {self.limits.max_concepts_in_context} fit. The ones the question names "
+                f"were kept first, then {then}; name a concept to keep it."
+            )
 
     def _matches(self, picture, answer) -> list[tuple[str, str]]:
         """Gallery items: for each concept, the photo coloured by how much each visual token looks like its
@@ -253,8 +279,13 @@ class Actions:
         if picture is None:
             return []
         overall = dict(answer.similarity)
-        return [(cached(views.heat_map(picture, tuple(grid.shape), grid.flatten(), self.settings.patch_view_max_px)),
-                 f"{name} · similarity {overall.get(name, 0.0):.2f}") for name, grid in answer.similarity_maps]
+        return [
+            (
+                cached(views.heat_map(picture, tuple(grid.shape), grid.flatten(), self.settings.patch_view_max_px)),
+                f"{name} · similarity {overall.get(name, 0.0):.2f}",
+            )
+            for name, grid in answer.similarity_maps
+        ]
 
     def ask_video(self, session: Session, video, question, progress=gr.Progress()):
         """Start a conversation about a clip; stream (session, sampled frames, answer, details)."""
@@ -298,12 +329,16 @@ class Actions:
         """Stream the text of a follow-up in the `tab`'s conversation, on its cached context."""
         with for_visitor("answering"):
             if self.zero_gpu:  # a conversation's cache lives in one process; ZeroGPU answers in a new one each time
-                raise InputError("Follow-up questions are not available on this server's GPU; ask a new question "
-                                 "about the photo or clip instead.")
+                raise InputError(
+                    "Follow-up questions are not available on this server's GPU; ask a new question "
+                    "about the photo or clip instead."
+                )
             chat = chats.get(tab) if tab else None
             if chat is None or not chat.turns:
-                raise InputError("There is no conversation to follow up yet: ask a first question about a photo "
-                                 "(/ask_image) or a clip (/ask_video).")
+                raise InputError(
+                    "There is no conversation to follow up yet: ask a first question about a photo "
+                    "(/ask_image) or a clip (/ask_video)."
+                )
             question = checks.check_question(question, self.limits)
             self._engine(progress)
             stream = chat.stream(question, max_new_tokens=self.limits.answer_max_new_tokens)
@@ -363,8 +398,13 @@ class Actions:
         """(cards, remove dropdown, summary line, records, status line) for the concept panel."""
         cards = [(cached(entry.thumbnail), views.concept_caption(entry.concept)) for entry in session.entries]
         summary = views.panel_summary(len(session), session.memory_tokens, self.settings.max_concepts_per_session)
-        return (cards, gr.Dropdown(choices=session.names, value=None), summary, self.records(session),
-                self.status(session))
+        return (
+            cards,
+            gr.Dropdown(choices=session.names, value=None),
+            summary,
+            self.records(session),
+            self.status(session),
+        )
 
     def status(self, session: Session) -> str:
         """The panel's status line: the sentence the visitor's last panel action left (Markdown-escaped)."""
@@ -393,8 +433,11 @@ class Actions:
                 raise InputError("There are no concepts to export yet; introduce or import one first.")
             # In Gradio's file cache, whose sweep deletes it on time even if the session is evicted
             # (eviction skips `forget`); a file elsewhere would stay until the server restarts.
-            path = save_concepts(session.new_export_path(get_upload_folder()), session.concepts,
-                                 [entry.thumbnail for entry in session.entries])
+            path = save_concepts(
+                session.new_export_path(get_upload_folder()),
+                session.concepts,
+                [entry.thumbnail for entry in session.entries],
+            )
             session.tell(f"Exported {len(session)} concepts: download the file below.")
         return session, None if path is None else str(path)
 
@@ -423,27 +466,36 @@ class Actions:
                     raise MemoryFileError(
                         f"Concept {number} in this file has an empty name or one longer than "
                         f"{self.limits.max_name_chars} characters; rename it where it was made and export it "
-                        f"again.") from None
+                        f"again."
+                    ) from None
                 if name != concept.name:
                     concept = dataclasses.replace(concept, name=name)
                 if session.has(name):
                     skipped.append(name)
                     continue
                 first = concept.views[0] if concept.views else None
-                picture = (views.thumbnail(thumbnail, self.settings.thumbnail_px) if thumbnail is not None
-                           else views.token_map(first.grid, first.token_indices, self.settings.thumbnail_px) if first
-                           else views.token_map((1, 1), [], self.settings.thumbnail_px))
+                picture = (
+                    views.thumbnail(thumbnail, self.settings.thumbnail_px)
+                    if thumbnail is not None
+                    else views.token_map(first.grid, first.token_indices, self.settings.thumbnail_px)
+                    if first
+                    else views.token_map((1, 1), [], self.settings.thumbnail_px)
+                )
                 entries.append(Entry(concept, picture))
             if skipped and not entries:
                 listed = ", ".join(f"'{name}'" for name in skipped)
-                raise InputError(f"You already have a concept named {listed}: every concept in this file is "
-                                 f"already yours, so nothing was added. Remove yours first to import the file's.")
+                raise InputError(
+                    f"You already have a concept named {listed}: every concept in this file is "
+                    f"already yours, so nothing was added. Remove yours first to import the file's."
+                )
             session.add(entries, self.settings.max_concepts_per_session, self.budget)
             added = f"Imported {len(entries)} concept{'s' * (len(entries) != 1)}."
             session.tell(added if not skipped else f"{added} Skipped {len(skipped)} already yours.")
         if skipped:
             listed = ", ".join(f"“{html.escape(name, quote=False)}”" for name in skipped)
-            gr.Warning(f"Added {len(entries)} concept{'s' * (len(entries) != 1)}; skipped {listed}: you already "
-                       f"have a concept with that name (remove yours first to import the file's).")
+            gr.Warning(
+                f"Added {len(entries)} concept{'s' * (len(entries) != 1)}; skipped {listed}: you already "
+                f"have a concept with that name (remove yours first to import the file's)."
+            )
         log.info("import: %d concepts, %d skipped", len(entries), len(skipped))
         return session, self.records(session)

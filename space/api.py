@@ -14,21 +14,31 @@ from .examples import Examples
 
 ROOT = Path(__file__).resolve().parent.parent
 
-INTRODUCE = ("Introduce a concept: a name and one to five photos of it. The model picks the visual tokens that "
-             "represent it and keeps them as a memory in your session. Returns a report (keywords, size, tokens "
-             "kept per photo), each photo with its kept tokens highlighted, and each photo's token importance.")
-ASK_IMAGE = ("Ask a question about a photo, with your concepts' memories in the model's context (no photo: ask "
-             "about your concepts themselves). Returns the answer, the plain model's answer when compare is "
-             "true, what went into the context, and per concept where its memory matches the photo.")
-ASK_VIDEO = ("Ask a question about a clip (8 frames sampled evenly), with your concepts' memories in the "
-             "context. Returns the frames the model saw, the answer and what went into the context.")
-FOLLOW_UP = ("Ask a follow-up question in your latest conversation (the one /ask_image or /ask_video started): "
-             "the same photo or clip and concepts, the answers so far in the context. Returns the answer.")
+INTRODUCE = (
+    "Introduce a concept: a name and one to five photos of it. The model picks the visual tokens that "
+    "represent it and keeps them as a memory in your session. Returns a report (keywords, size, tokens "
+    "kept per photo), each photo with its kept tokens highlighted, and each photo's token importance."
+)
+ASK_IMAGE = (
+    "Ask a question about a photo, with your concepts' memories in the model's context (no photo: ask "
+    "about your concepts themselves). Returns the answer, the plain model's answer when compare is "
+    "true, what went into the context, and per concept where its memory matches the photo."
+)
+ASK_VIDEO = (
+    "Ask a question about a clip (8 frames sampled evenly), with your concepts' memories in the "
+    "context. Returns the frames the model saw, the answer and what went into the context."
+)
+FOLLOW_UP = (
+    "Ask a follow-up question in your latest conversation (the one /ask_image or /ask_video started): "
+    "the same photo or clip and concepts, the answers so far in the context. Returns the answer."
+)
 LIST_CONCEPTS = "Your concepts: name, memory tokens, photos, keywords and size per photo."
 REMOVE_CONCEPT = "Remove one of your concepts by name. Returns your concepts that remain."
 EXPORT_CONCEPTS = "Write your concepts to one .safetensors file (no pickle) to keep them or move them."
-IMPORT_CONCEPTS = ("Add the concepts of a file made by export_concepts with the same model. Names you already "
-                   "have are skipped (and named in a message). Returns your concepts.")
+IMPORT_CONCEPTS = (
+    "Add the concepts of a file made by export_concepts with the same model. Names you already "
+    "have are skipped (and named in a message). Returns your concepts."
+)
 
 EXPORTED_FILE = "ego-concepts.safetensors"
 """The file that export_concepts writes (its name in the import example)."""
@@ -59,7 +69,7 @@ def document_examples(examples: Examples, *, intro, img, vid, mine) -> None:
         _example(intro.name, name)
         _example(intro.photos, [{"image": _file(p)} for p in photos])
         _example(mine.to_remove, name)
-    _example(intro.keywords, "")     # empty: the model describes the photo
+    _example(intro.keywords, "")  # empty: the model describes the photo
     _example(intro.size_pct, 25)
     _example(img.compare, False)
     if examples.image_questions:
@@ -88,4 +98,3 @@ def photos_are_required(demo, label: str) -> None:
         return info
 
     demo.get_api_info = get_api_info
-

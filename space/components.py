@@ -24,8 +24,10 @@ def photo_input(**kwargs) -> gr.Image:
         except gr.Error:
             raise
         except Exception:  # noqa: BLE001 - PIL's UnidentifiedImageError, DecompressionBombError, OSError, ...
-            raise gr.Error(f"This file is not an image this app can read; please upload a {IMAGE_FORMATS_TEXT} "
-                           f"photo.", print_exception=False) from None
+            raise gr.Error(
+                f"This file is not an image this app can read; please upload a {IMAGE_FORMATS_TEXT} photo.",
+                print_exception=False,
+            ) from None
 
     image.preprocess = preprocess
     return image

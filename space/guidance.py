@@ -23,8 +23,10 @@ def after_introduce(session: Session, name):
     shown = html.escape(" ".join(str(name or "").split()), quote=False)  # gr.Info renders HTML
     gr.Info(f"“{shown}” is introduced: ask about it on the Ask tabs.")
     if count == 1:
-        gr.Info("Your concepts stay on this server for a while (a reload brings them back); "
-                "use Export to a file under Your concepts to keep them.")
+        gr.Info(
+            "Your concepts stay on this server for a while (a reload brings them back); "
+            "use Export to a file under Your concepts to keep them."
+        )
     return "", None, "", True, 25
 
 
@@ -65,7 +67,9 @@ def example_concepts_hint(example_names: list[str], example_questions: list[str]
             return
         missing = [n for n in example_names if name_key(n) in text and not session.has(n)]
         if missing:
-            gr.Warning("This example question is about the example concepts, which you have not loaded: "
-                       "press “Load the example concepts” on the Introduce tab first, then ask again.")
+            gr.Warning(
+                "This example question is about the example concepts, which you have not loaded: "
+                "press “Load the example concepts” on the Introduce tab first, then ask again."
+            )
 
     return hint

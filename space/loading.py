@@ -26,10 +26,11 @@ class LazyEngine:
     """
 
     def __init__(self, source, *, settings: Settings | None = None, name: str | None = None):
-        if hasattr(source, "introduce"):          # an engine already loaded
+        if hasattr(source, "introduce"):  # an engine already loaded
             if settings is not None and settings != source.settings:
-                raise ValueError("These settings differ from the engine's; give the engine "
-                                 "`engine.with_settings(...)` instead.")
+                raise ValueError(
+                    "These settings differ from the engine's; give the engine `engine.with_settings(...)` instead."
+                )
             self._engine, self._factory = source, None
             self.settings = source.settings
             self.name = name or getattr(source, "model_id", None)
@@ -74,4 +75,4 @@ class LazyEngine:
         except Exception as error:  # noqa: BLE001 - any compiler failure; eager decoding still answers
             log.error("compiling the decode step failed (%s: %s); decoding eagerly", type(error).__name__, error)
             self._engine.set_decoding("eager")
-            self.settings = self._engine.settings   # the same limits; decoding now eager
+            self.settings = self._engine.settings  # the same limits; decoding now eager

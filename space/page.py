@@ -53,5 +53,7 @@ EXPORTED_JS = "() => { window.egoUnsaved = false; }"
 
 def scroll_to_js(elem_id: str) -> str:
     """Bring a result into view when its button is pressed (on a phone it sits below the inputs)."""
-    return (f"(...args) => {{ document.getElementById({elem_id!r})?.scrollIntoView("
-            f"{{behavior: 'smooth', block: 'nearest'}}); return args; }}")
+    return (
+        f"(...args) => {{ document.getElementById({elem_id!r})?.scrollIntoView("
+        f"{{behavior: 'smooth', block: 'nearest'}}); return args; }}"
+    )

@@ -50,8 +50,7 @@ class AnswerScheduler:
         self.batch_sizes: list[int] = []
         """The size of every batch answered so far (the server log says the same)."""
 
-    def stream(self, engine, question, concepts=(), *, image=None, video=None,
-               max_new_tokens=None) -> Iterator:
+    def stream(self, engine, question, concepts=(), *, image=None, video=None, max_new_tokens=None) -> Iterator:
         """Like `engine.stream_answer`: the answer's text so far as it grows (`ego.Answer`), the whole answer
         last; closing the iterator ends this answer alone."""
         ticket = _Ticket(engine, AnswerRequest(question, tuple(concepts), image, video, max_new_tokens))
@@ -71,7 +70,7 @@ class AnswerScheduler:
                 if kind == "done":
                     return
         finally:
-            ticket.stop.set()   # a visitor who left or pressed Stop: their row ends, the others go on
+            ticket.stop.set()  # a visitor who left or pressed Stop: their row ends, the others go on
 
     def _start(self) -> None:
         with self._starting:
@@ -102,12 +101,15 @@ class AnswerScheduler:
         engine = batch[0].engine
         same = [ticket for ticket in batch if ticket.engine is engine]
         for other in batch:
-            if other.engine is not engine:   # another engine (not in the Space, which has one): a later batch
+            if other.engine is not engine:  # another engine (not in the Space, which has one): a later batch
                 self._waiting.put(other)
         started = time.perf_counter()
         try:
-            results = engine.answer_batch([t.request for t in same], stops=[t.stop for t in same],
-                                          on_text=lambda index, answer: same[index].updates.put(("text", answer)))
+            results = engine.answer_batch(
+                [t.request for t in same],
+                stops=[t.stop for t in same],
+                on_text=lambda index, answer: same[index].updates.put(("text", answer)),
+            )
         except Exception as error:  # noqa: BLE001 -- every visitor of the batch gets it; the worker goes on
             for ticket in same:
                 ticket.updates.put(("error", error))

@@ -43,15 +43,13 @@ class UploadQuota:
     cap); `folder` defaults to Gradio's upload folder at the time of the request.
     """
 
-    def __init__(self, app, *, max_bytes: int, upload_bytes: int, folder: str | None = None,
-                 recount_s: float = 2.0):
+    def __init__(self, app, *, max_bytes: int, upload_bytes: int, folder: str | None = None, recount_s: float = 2.0):
         self.app = app
         self.max_bytes, self.upload_bytes, self.folder, self.recount_s = max_bytes, upload_bytes, folder, recount_s
         self._counted, self._counted_at, self._admitted = 0, -math.inf, 0
 
     async def __call__(self, scope, receive, send):
-        if (scope["type"] == "http" and scope.get("method") == "POST"
-                and _UPLOAD_ROUTE.search(scope.get("path", ""))):
+        if scope["type"] == "http" and scope.get("method") == "POST" and _UPLOAD_ROUTE.search(scope.get("path", "")):
             declared = _content_length(scope)
             incoming = self.upload_bytes if declared is None else declared
             if await self._used() + incoming > self.max_bytes:
@@ -81,7 +79,15 @@ def _content_length(scope) -> int | None:
 
 async def _refuse(send) -> None:
     body = FULL.encode()
-    await send({"type": "http.response.start", "status": 503,
-                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                            (b"content-length", str(len(body)).encode()), (b"retry-after", b"300")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", b"300"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -70,17 +70,17 @@ def patch_view(photo: Image.Image, grid: tuple[int, int], token_indices, max_px:
     """The photo with its visual-token grid drawn, the kept tokens tinted and outlined, the rest dimmed."""
     pixels, cell = _on_grid(photo, grid, max_px)
     mask = kept_mask(grid, token_indices)
-    kept = _upsample(mask, cell)[..., None]                                  # [H, W, 1]
+    kept = _upsample(mask, cell)[..., None]  # [H, W, 1]
     amber = np.array(KEPT_RGB, dtype=np.float32)
     pixels = np.where(kept, pixels * (1 - TINT) + amber * TINT, pixels * DIM)
     _draw_grid(pixels, cell)
     border = max(1, cell // 12)
     for r, c in zip(*np.nonzero(mask)):
         y, x = r * cell, c * cell
-        pixels[y:y + border, x:x + cell] = amber
-        pixels[y + cell - border:y + cell, x:x + cell] = amber
-        pixels[y:y + cell, x:x + border] = amber
-        pixels[y:y + cell, x + cell - border:x + cell] = amber
+        pixels[y : y + border, x : x + cell] = amber
+        pixels[y + cell - border : y + cell, x : x + cell] = amber
+        pixels[y : y + cell, x : x + border] = amber
+        pixels[y : y + cell, x + cell - border : x + cell] = amber
     return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8))
 
 
@@ -149,8 +149,12 @@ def escape_markdown(text) -> str:
     return "".join(out)
 
 
-_SIZE_SOURCE = {"model": "model's estimate", "user": "set by you", "fallback": "no estimate, so the cap applies",
-                "truncated": "estimate cut off mid-number, so the cap applies"}
+_SIZE_SOURCE = {
+    "model": "model's estimate",
+    "user": "set by you",
+    "fallback": "no estimate, so the cap applies",
+    "truncated": "estimate cut off mid-number, so the cap applies",
+}
 
 
 def introduction_report(concepts: Sequence, seconds: float) -> str:
@@ -220,7 +224,7 @@ def answer_details(answer, seconds: float) -> dict:
 
 
 def frame_captions(metadata: dict) -> list[str]:
-    """"frame 5 · 0.5 s" for each sampled frame (source index and time)."""
+    """ "frame 5 · 0.5 s" for each sampled frame (source index and time)."""
     fps = float(metadata.get("fps") or metadata.get("source_fps") or 0) or None
     captions = []
     for index in metadata.get("frames_indices", []):

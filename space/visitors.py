@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 
-TOO_MANY = ("You already have {count} requests waiting for the model; wait for an answer (or stop one) before "
-            "sending another.")
+TOO_MANY = (
+    "You already have {count} requests waiting for the model; wait for an answer (or stop one) before sending another."
+)
 
 
 def client_address(request) -> str | None:
@@ -37,8 +38,11 @@ def client_address(request) -> str | None:
 
 def _requests_for(queue, concurrency_ids: set[str]) -> list:
     """The events of `concurrency_ids` that are waiting in `queue` or running."""
-    waiting = [event for concurrency_id in concurrency_ids
-               for event in getattr(queue.event_queue_per_concurrency_id.get(concurrency_id), "queue", [])]
+    waiting = [
+        event
+        for concurrency_id in concurrency_ids
+        for event in getattr(queue.event_queue_per_concurrency_id.get(concurrency_id), "queue", [])
+    ]
     running = [event for job in queue.active_jobs if job for event in job]
     return [event for event in [*waiting, *running] if event.concurrency_id in concurrency_ids]
 

@@ -45,7 +45,9 @@ def gpu(function: Callable, *, duration: Callable | None = None) -> Callable:
 def call_seconds(fixed_s: float, per_token_s: float) -> Callable:
     """A `duration` for a model call whose token budget is its argument `max_new_tokens` (keyword or last
     positional): `fixed_s + per_token_s * max_new_tokens` seconds."""
+
     def seconds(*args, max_new_tokens=None, **kwargs) -> float:
         budget = max_new_tokens if max_new_tokens is not None else (args[-1] if args else 0)
         return fixed_s + per_token_s * int(budget or 0)
+
     return seconds

@@ -69,7 +69,6 @@ def spy_on_generate(monkeypatch, engine) -> list[dict]:
     return calls
 
 
-
 def model_is_free(engine, *, within_s: float) -> bool:
     """Whether another caller gets the model (`engine.exclusive_use`) within `within_s` seconds."""
     entered = threading.Event()
@@ -89,6 +88,7 @@ def generate_call(engine, question: str, concepts=(), *, image=None) -> dict:
         engine.answer(question, concepts, image=image, max_new_tokens=1)
     return calls[0]
 
+
 _EAGER: dict = {}
 
 
@@ -100,7 +100,8 @@ def eager_model(family: str):
 
     if family not in _EAGER:
         _EAGER[family] = AutoModelForImageTextToText.from_pretrained(
-            tiny_checkpoint(family), attn_implementation="eager", dtype=torch.float32).eval()
+            tiny_checkpoint(family), attn_implementation="eager", dtype=torch.float32
+        ).eval()
     return _EAGER[family]
 
 
@@ -110,9 +111,14 @@ def reference_inputs(engine, picture) -> dict:
 
     text = engine.processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompts.DESCRIBE_PROMPT}]}],
-        tokenize=False, add_generation_prompt=True)
-    return engine.backend.encode(text, image=picture, image_max_pixels=448 * 448,
-                                 video_frame_max_pixels=448 * 448).inputs
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    return engine.backend.encode(
+        text, image=picture, image_max_pixels=448 * 448, video_frame_max_pixels=448 * 448
+    ).inputs
+
+
 def _single_token(tokenizer, text: str) -> int:
     ids = tokenizer(text, add_special_tokens=False).input_ids
     assert len(ids) == 1, (text, ids)
@@ -157,9 +163,15 @@ def sharpen_attention(model, factor: float) -> None:
             attention = layer.self_attn
             for name in ("q", "k"):
                 norm = getattr(attention, f"{name}_norm", None)  # Qwen3: RMSNorm after the projection
-                scaled = [norm.weight] if norm is not None else [
-                    p for p in (getattr(attention, f"{name}_proj").weight, getattr(attention, f"{name}_proj").bias)
-                    if p is not None]
+                scaled = (
+                    [norm.weight]
+                    if norm is not None
+                    else [
+                        p
+                        for p in (getattr(attention, f"{name}_proj").weight, getattr(attention, f"{name}_proj").bias)
+                        if p is not None
+                    ]
+                )
                 for parameter in scaled:
                     parameter.mul_(factor)
 
@@ -192,8 +204,15 @@ def photos():
 # --- the Space, served on loopback, and a real browser ----------------------------------------------
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def free_port() -> int:
@@ -220,8 +239,14 @@ def running_demo(settings, space_settings=None, *, show_error: bool = False):
     import app
 
     demo = app.build_demo(space_engine(settings), space_settings)
-    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                show_error=show_error, **app.launch_options(settings, space_settings))
+    demo.launch(
+        server_name="127.0.0.1",
+        server_port=free_port(),
+        prevent_thread_lock=True,
+        quiet=True,
+        show_error=show_error,
+        **app.launch_options(settings, space_settings),
+    )
     try:
         yield demo
     finally:
@@ -232,8 +257,11 @@ def running_demo(settings, space_settings=None, *, show_error: bool = False):
 def demo(request):
     """The Space launched once per test module, with the module's SETTINGS (the engine's), SPACE_SETTINGS and
     SHOW_ERROR (defaults: the Space's defaults, False)."""
-    with running_demo(request.module.SETTINGS, getattr(request.module, "SPACE_SETTINGS", None),
-                      show_error=getattr(request.module, "SHOW_ERROR", False)) as demo:
+    with running_demo(
+        request.module.SETTINGS,
+        getattr(request.module, "SPACE_SETTINGS", None),
+        show_error=getattr(request.module, "SHOW_ERROR", False),
+    ) as demo:
         yield demo
 
 
@@ -258,8 +286,14 @@ def introduce_through_api(client, name: str, photos=(EXAMPLE_PHOTO,)):
     """A fast introduction: the visitor gives keywords and size, so the model does not describe the photo."""
     from gradio_client import handle_file
 
-    return client.predict(name, [{"image": handle_file(p), "caption": None} for p in photos], "tabby cat", False,
-                          10, api_name="/introduce")
+    return client.predict(
+        name,
+        [{"image": handle_file(p), "caption": None} for p in photos],
+        "tabby cat",
+        False,
+        10,
+        api_name="/introduce",
+    )
 
 
 @contextlib.contextmanager

@@ -43,8 +43,9 @@ def act(engine):
 def one_concept(engine):
     """A session holding one concept, shared by tests that must leave it unchanged."""
     session = Session()
-    Actions(LazyEngine(engine), SPACE, load_examples()).introduce(session, "Chelsea", gallery(CHELSEA[:1]),
-                                                                     progress=quiet)
+    Actions(LazyEngine(engine), SPACE, load_examples()).introduce(
+        session, "Chelsea", gallery(CHELSEA[:1]), progress=quiet
+    )
     return session
 
 
@@ -73,13 +74,16 @@ def test_user_keywords_and_size_are_used(act):
     assert view.keywords == ("tabby", "green eyes") and view.area_pct == 10.0 and view.area_source == "user"
 
 
-@pytest.mark.parametrize("name, photos, message", [
-    ("", CHELSEA, "Give the concept a name"),
-    ("x" * 41, CHELSEA, "at most 40 characters"),
-    ("Bo", [], "Add at least one reference photo"),
-    ("Bo", CHELSEA * 3, "at most 5 reference photos"),
-    ("Bo", [str(EXAMPLES_DIR / "examples.json")], "JPEG"),
-])
+@pytest.mark.parametrize(
+    "name, photos, message",
+    [
+        ("", CHELSEA, "Give the concept a name"),
+        ("x" * 41, CHELSEA, "at most 40 characters"),
+        ("Bo", [], "Add at least one reference photo"),
+        ("Bo", CHELSEA * 3, "at most 5 reference photos"),
+        ("Bo", [str(EXAMPLES_DIR / "examples.json")], "JPEG"),
+    ],
+)
 def test_refused_introductions_change_nothing(act, one_concept, name, photos, message):
     session = one_concept
     before = session.concepts
@@ -127,7 +131,7 @@ def test_ask_image_streams_and_compares(act, engine):
     assert steps[0][2] == "(after the personalized answer)"
     # One match picture per concept, drawn on the query's token grid, captioned with its similarity; sent
     # with the first piece of the answer and again with the last, skipped in between.
-    (path, caption), = matches
+    ((path, caption),) = matches
     assert caption == f"Chelsea · similarity {details['similarity']['Chelsea']:.2f}"
     rows, cols = engine.answer("?", session.concepts, image=QUERY, max_new_tokens=1).similarity_maps[0][1].shape
     with Image.open(path) as picture:
@@ -150,12 +154,14 @@ def test_stopping_an_answer_frees_the_model(engine):
 def test_without_a_photo_the_question_is_about_the_concepts_themselves(act, engine):
     session = Session()
     act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), progress=quiet)
-    *_, (_, answer, _, details, matches) = act.ask_image(session, None, "What colour are Chelsea's eyes?",
-                                                         progress=quiet)
+    *_, (_, answer, _, details, matches) = act.ask_image(
+        session, None, "What colour are Chelsea's eyes?", progress=quiet
+    )
     assert details["concepts_used"] == ["Chelsea"] and details["similarity"] == {} and matches == []
     # The same prompt as the engine's own text-only answer: the memory is the only visual input.
-    expected = engine.answer("What colour are Chelsea's eyes?", session.concepts,
-                             max_new_tokens=act.limits.answer_max_new_tokens)
+    expected = engine.answer(
+        "What colour are Chelsea's eyes?", session.concepts, max_new_tokens=act.limits.answer_max_new_tokens
+    )
     assert answer == str(expected) and details["context_tokens"] == expected.context_tokens
 
 

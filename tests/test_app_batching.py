@@ -24,8 +24,9 @@ def test_visitors_who_ask_together_get_one_batch_and_their_own_answers(url, capl
     first, second, third = visitor(url), visitor(url), visitor(url)
     introduce_through_api(first, "Chelsea")
     questions = [(first, "Is Chelsea here?"), (second, "What is in this photo?"), (third, "Describe it.")]
-    jobs = [client.submit(handle_file(EXAMPLE_QUERY), question, api_name="/ask_image")
-            for client, question in questions]
+    jobs = [
+        client.submit(handle_file(EXAMPLE_QUERY), question, api_name="/ask_image") for client, question in questions
+    ]
     answers = [job.result(timeout=120)[0] for job in jobs]
 
     chelsea = first.predict(api_name="/list_concepts")
@@ -33,9 +34,11 @@ def test_visitors_who_ask_together_get_one_batch_and_their_own_answers(url, capl
     # each visitor's answer is the one their question gets alone (the first with their concept, the others without)
     picture = load_image(EXAMPLE_QUERY, engine.settings)
     concept = engine.introduce("Chelsea", [EXAMPLE_PHOTO], keywords="tabby cat", area_pct=10)
-    alone = [engine.answer("Is Chelsea here?", [concept], image=picture, max_new_tokens=8),
-             engine.answer("What is in this photo?", image=picture, max_new_tokens=8),
-             engine.answer("Describe it.", image=picture, max_new_tokens=8)]
+    alone = [
+        engine.answer("Is Chelsea here?", [concept], image=picture, max_new_tokens=8),
+        engine.answer("What is in this photo?", image=picture, max_new_tokens=8),
+        engine.answer("Describe it.", image=picture, max_new_tokens=8),
+    ]
     assert answers == [str(a) for a in alone]
     assert "answered a batch of 3" in caplog.text
 
@@ -46,8 +49,7 @@ def test_one_visitors_stop_leaves_the_others_answer_whole(url, caplog):
     staying, leaving = visitor(url), visitor(url)
     kept = staying.submit(handle_file(EXAMPLE_QUERY), "What is in this photo?", api_name="/ask_image")
     cancelled = leaving.submit(handle_file(EXAMPLE_QUERY), "Describe it.", api_name="/ask_image")
-    time.sleep(1.0)          # both are waiting in the batching window
+    time.sleep(1.0)  # both are waiting in the batching window
     cancelled.cancel()
     picture = load_image(EXAMPLE_QUERY, engine.settings)
-    assert kept.result(timeout=120)[0] == str(engine.answer("What is in this photo?", image=picture,
-                                                            max_new_tokens=8))
+    assert kept.result(timeout=120)[0] == str(engine.answer("What is in this photo?", image=picture, max_new_tokens=8))

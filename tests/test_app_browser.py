@@ -67,16 +67,16 @@ def test_introduce_ask_and_screenshot(page, tmp_path):
     expect(page.get_by_label("Name")).to_have_value("Chelsea")
     introduce.click()
     expect(page.get_by_text("memory tokens from 3 photos")).to_be_visible()
-    expect(page.get_by_text("“Chelsea” is introduced")).to_be_visible()   # a success message
-    expect(page.get_by_label("Name")).to_have_value("")                   # the form is cleared
-    expect(page.locator("#patches img")).to_have_count(3)      # each photo with its kept tokens
+    expect(page.get_by_text("“Chelsea” is introduced")).to_be_visible()  # a success message
+    expect(page.get_by_label("Name")).to_have_value("")  # the form is cleared
+    expect(page.locator("#patches img")).to_have_count(3)  # each photo with its kept tokens
     expect(page.locator("#cards").get_by_text("Chelsea ·")).to_be_visible()
 
     # Ask about an example photo; the answer streams in and names the concept used.
     page.get_by_role("tab", name="Ask: image").click()
     page.get_by_text("Is Chelsea in this photo? What is she doing?").first.click()
     question = page.get_by_label("Question").first
-    expect(question).to_have_value("Is Chelsea in this photo? What is she doing?")   # the example is filled in
+    expect(question).to_have_value("Is Chelsea in this photo? What is she doing?")  # the example is filled in
     ask = page.get_by_role("button", name="Ask", exact=True).first
     ask.click()
     chat = page.locator("#image-chat")
@@ -84,7 +84,7 @@ def test_introduce_ask_and_screenshot(page, tmp_path):
     expect(chat.locator("[data-testid='bot']").first).not_to_have_text("")
     expect(page.get_by_text('"Chelsea"').first).to_be_visible()
     page.get_by_text("Where each concept's memory matches the photo").click()
-    expect(page.locator("#matches img")).to_have_count(1)      # one picture per concept
+    expect(page.locator("#matches img")).to_have_count(1)  # one picture per concept
     expect(page.locator("#matches").get_by_text("Chelsea · similarity")).to_be_visible()
 
     # A follow-up about the same photo: a second turn in the same conversation, the message box emptied.
@@ -96,14 +96,14 @@ def test_introduce_ask_and_screenshot(page, tmp_path):
     expect(chat.locator("[data-testid='user']").nth(1)).to_contain_text("What is she holding?")
     expect(chat.locator("[data-testid='user']").first).to_contain_text("Is Chelsea in this photo? What is she doing?")
     expect(question).to_have_value("")
-    page.locator("#image-chat-new").click()                     # "New conversation" empties the view
+    page.locator("#image-chat-new").click()  # "New conversation" empties the view
     expect(chat.locator("[data-testid='bot']")).to_have_count(0)
 
     # A question without a photo, about the concept itself: the example clears the photo; Enter asks.
     page.get_by_role("button", name="What colour are Chelsea's eyes?").click()
     expect(page.locator("#image-photo img")).to_have_count(0)
     page.locator("#image-question").locator("textarea, input").first.press("Enter")
-    expect(page.locator("#matches img")).to_have_count(0)      # nothing to draw the memory on
+    expect(page.locator("#matches img")).to_have_count(0)  # nothing to draw the memory on
     expect(chat.locator("[data-testid='bot']")).to_have_count(1)
     expect(chat.locator("[data-testid='user']")).to_contain_text("What colour are Chelsea's eyes?")
 
@@ -122,14 +122,14 @@ def test_visitor_text_is_shown_not_run(page):
     page.get_by_role("tab", name="Introduce").click()
     page.get_by_role("gridcell", name="Chelsea", exact=True).click()  # the example's photos ...
     expect(page.get_by_label("Name")).to_have_value("Chelsea")
-    page.get_by_label("Name").fill(HOSTILE_NAME)                      # ... under another name
+    page.get_by_label("Name").fill(HOSTILE_NAME)  # ... under another name
     page.get_by_text("Advanced (reset after each concept)").click()
     page.get_by_label("Keywords").fill("tabby, green eyes")
     page.get_by_role("button", name="Introduce", exact=True).click()
     expect(page.locator("#cards").get_by_text(HOSTILE_NAME[:12])).to_be_visible()
     expect(page.get_by_role("heading", name=HOSTILE_NAME)).to_be_visible()
     expect(page.get_by_text("tabby, green eyes (yours)").first).to_be_visible()  # the keywords were used ...
-    expect(page.get_by_label("Keywords")).to_have_value("")                     # ... then reset
+    expect(page.get_by_label("Keywords")).to_have_value("")  # ... then reset
     assert page.evaluate("window.__xss") is None
     assert page.locator("img[src='x']").count() == 0
 
@@ -163,7 +163,7 @@ def test_a_reload_keeps_the_concepts_after_a_warning(page):
     dialogs = []
     page.on("dialog", lambda dialog: (dialogs.append(dialog.type), dialog.accept()))
     page.reload(wait_until="domcontentloaded")
-    assert dialogs == ["beforeunload"]            # concepts never exported: leaving the page asks first
+    assert dialogs == ["beforeunload"]  # concepts never exported: leaving the page asks first
     expect(page.locator("#cards").get_by_text("Chelsea ·")).to_be_visible()
     expect(page.get_by_text("2 of 50 concepts")).to_be_visible()
 
@@ -177,7 +177,7 @@ def test_a_reload_keeps_the_concepts_after_a_warning(page):
 def test_a_second_tab_on_a_phone_has_the_concepts_and_every_tab_label(page):
     from playwright.sync_api import expect
 
-    phone = page.context.new_page()                # same browser, so the same stored token
+    phone = page.context.new_page()  # same browser, so the same stored token
     phone.set_viewport_size({"width": 390, "height": 844})
     phone.set_default_timeout(WAIT_MS)
     phone.goto(page.url, wait_until="domcontentloaded")
@@ -194,4 +194,3 @@ def test_a_second_tab_on_a_phone_has_the_concepts_and_every_tab_label(page):
     examples = phone.get_by_text("Example questions").first.bounding_box()
     assert ask["y"] < answer["y"] < examples["y"]
     phone.close()
-

@@ -22,16 +22,28 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = DEFAULT_SETTINGS.replace(answer_max_new_tokens=8)
 SHOW_ERROR = True
 """The module's server (conftest's `demo` and `url` fixtures)."""
-ENDPOINTS = {"/introduce", "/ask_image", "/ask_video", "/follow_up", "/list_concepts", "/remove_concept",
-             "/export_concepts", "/import_concepts"}
+ENDPOINTS = {
+    "/introduce",
+    "/ask_image",
+    "/ask_video",
+    "/follow_up",
+    "/list_concepts",
+    "/remove_concept",
+    "/export_concepts",
+    "/import_concepts",
+}
 
 
 @pytest.fixture(scope="module")
 def example():
     examples = load_examples()
     name, photos = examples.concepts[0]
-    return {"name": name, "photos": photos[:2], "image": examples.image_questions[0],
-            "video": examples.video_questions[0]}
+    return {
+        "name": name,
+        "photos": photos[:2],
+        "image": examples.image_questions[0],
+        "video": examples.video_questions[0],
+    }
 
 
 def photos_payload(paths):
@@ -70,8 +82,9 @@ def test_the_api_page_documents_each_endpoint_and_its_examples_run(url):
     assert photos["parameter_name"] == "photos" and not photos["parameter_has_default"]  # the page shows the example
 
     def run(name):
-        return client.predict(*[_as_snippet_runs_it(p["example_input"]) for p in api[name]["parameters"]],
-                              api_name=name)
+        return client.predict(
+            *[_as_snippet_runs_it(p["example_input"]) for p in api[name]["parameters"]], api_name=name
+        )
 
     report, patches, _ = run("/introduce")
     introduced = [p["example_input"] for p in api["/introduce"]["parameters"]][0]
@@ -87,8 +100,7 @@ def test_one_visitor_round_trip(url, example, tmp_path):
     client = Client(url, verbose=False)
     assert client.predict(api_name="/list_concepts") == []
 
-    report, patches, heats = client.predict(example["name"], photos_payload(example["photos"]),
-                                            api_name="/introduce")
+    report, patches, heats = client.predict(example["name"], photos_payload(example["photos"]), api_name="/introduce")
     assert example["name"] in report and len(patches) == len(heats) == len(example["photos"])
     assert all("tokens kept" in item["caption"] for item in patches)
 
@@ -103,9 +115,10 @@ def test_one_visitor_round_trip(url, example, tmp_path):
     answer, plain, details, matches = client.predict(handle_file(image), question, True, api_name="/ask_image")
     assert isinstance(answer, str) and isinstance(plain, str)
     assert [item["caption"] for item in matches] == [
-        f"{example['name']} · similarity {details['similarity'][example['name']]:.2f}"]
+        f"{example['name']} · similarity {details['similarity'][example['name']]:.2f}"
+    ]
     _, _, details, matches = client.predict(None, f"Describe {example['name']}.", api_name="/ask_image")
-    assert details["concepts_used"] == [example["name"]] and matches == []     # no photo: the memory alone
+    assert details["concepts_used"] == [example["name"]] and matches == []  # no photo: the memory alone
     assert details["concepts_used"] == [example["name"]] and details["memory_tokens"] == concept["tokens"]
 
     video, question = example["video"]
@@ -187,17 +200,22 @@ def test_the_http_api_curl_example_runs(url):
     """docs/http-api.md's curl example, as written, against the Space; then a second session_hash, which sees
     none of the first one's concepts, and a refused call, which ends in an error event with its sentence."""
     doc = (ROOT / "docs" / "http-api.md").read_text(encoding="utf-8")
-    section = doc[doc.index("Without Python's client"):]
+    section = doc[doc.index("Without Python's client") :]
     script = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     assert "URL=http://127.0.0.1:7860/gradio_api" in script
     script = script.replace("URL=http://127.0.0.1:7860/gradio_api", f"URL={url}gradio_api")
-    script += ('echo "--- another session"\nSESSION=another-$SESSION\ncall list_concepts "[]"\n'
-               'echo "--- refused"\nSESSION=${SESSION#another-}\ncall remove_concept \'["Nobody"]\'\n')
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    script += (
+        'echo "--- another session"\nSESSION=another-$SESSION\ncall list_concepts "[]"\n'
+        'echo "--- refused"\nSESSION=${SESSION#another-}\ncall remove_concept \'["Nobody"]\'\n'
+    )
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
-    mine, other, refused = done.stdout.split("--- another session\n")[0], *done.stdout.split(
-        "--- another session\n")[1].split("--- refused\n")
+    mine, other, refused = (
+        done.stdout.split("--- another session\n")[0],
+        *done.stdout.split("--- another session\n")[1].split("--- refused\n"),
+    )
     listed, answered = (json.loads(line) for line in mine.strip().splitlines())
     assert listed[0] is None and [record["name"] for record in listed[1]] == ["Chelsea"]
     assert answered[0] is None and answered[3]["concepts_used"] == ["Chelsea"] and answered[1]
@@ -209,7 +227,7 @@ def test_the_http_api_conversation_runs_with_gradio_client_and_curl(url, capsys)
     """docs/http-api.md's two-turn examples as written: /ask_image starts a conversation, /follow_up continues it
     (the answer a cached follow-up gives); a follow-up with no conversation is refused with a sentence."""
     doc = (ROOT / "docs" / "http-api.md").read_text(encoding="utf-8")
-    section = doc[doc.index("Each `/ask_image` or `/ask_video` call starts a conversation"):]
+    section = doc[doc.index("Each `/ask_image` or `/ask_video` call starts a conversation") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert 'Client("http://127.0.0.1:7860/")' in code and "/follow_up" in code
     scope = {}
@@ -217,20 +235,24 @@ def test_the_http_api_conversation_runs_with_gradio_client_and_curl(url, capsys)
     printed = capsys.readouterr().out
     # The answers the engine gives to the same two questions, the second recomputed without a cache.
     engine = tiny_engine("qwen2.5-vl")
-    chat = engine.chat([engine.introduce("Chelsea", [str(ROOT / "examples/concepts/chelsea_1.jpg")])],
-                       image=str(ROOT / "examples/scenes/chelsea_query.jpg"))
+    chat = engine.chat(
+        [engine.introduce("Chelsea", [str(ROOT / "examples/concepts/chelsea_1.jpg")])],
+        image=str(ROOT / "examples/scenes/chelsea_query.jpg"),
+    )
     first = chat.ask("Is Chelsea in this photo?", max_new_tokens=SETTINGS.answer_max_new_tokens)
     second = chat.ask("What is she doing?", max_new_tokens=SETTINGS.answer_max_new_tokens, use_cache=False)
     assert scope["answer"] == str(first) and printed.endswith(f"{first}\n{second}\n")
     with pytest.raises(AppError, match="no conversation to follow up yet"):
         Client(url, verbose=False).predict("What is she doing?", api_name="/follow_up")
 
-    first = re.search(r"```bash\n(.*?)```", doc[doc.index("Without Python's client"):], re.S).group(1)
-    second = re.search(r"```bash\n(.*?)```", doc[doc.index("A conversation over HTTP"):], re.S).group(1)
-    script = (first + 'echo "--- conversation"\n' + second).replace("URL=http://127.0.0.1:7860/gradio_api",
-                                                                   f"URL={url}gradio_api")
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    first = re.search(r"```bash\n(.*?)```", doc[doc.index("Without Python's client") :], re.S).group(1)
+    second = re.search(r"```bash\n(.*?)```", doc[doc.index("A conversation over HTTP") :], re.S).group(1)
+    script = (first + 'echo "--- conversation"\n' + second).replace(
+        "URL=http://127.0.0.1:7860/gradio_api", f"URL={url}gradio_api"
+    )
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     asked, followed = (json.loads(line) for line in done.stdout.split("--- conversation\n")[1].strip().splitlines())
     assert asked[0] is None and asked[3]["concepts_used"] == ["Chelsea"]

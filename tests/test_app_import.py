@@ -24,8 +24,9 @@ def test_import_app_is_fast_and_loads_nothing():
         f"print(json.dumps({{'seconds': seconds, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))\n"
     )
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=60, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True
+    )
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["heavy"] == [], f"import app loaded {report['heavy']}"
     assert report["seconds"] < 10, f"import app took {report['seconds']:.1f} s"
@@ -38,7 +39,12 @@ def test_command_line_defaults_and_environment(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     args = app.parse_args([])
     assert (args.model, args.quantization, args.host, args.port, args.share) == (
-        None, "auto", "127.0.0.1", 7860, False)  # no model named: the machine decides (below)
+        None,
+        "auto",
+        "127.0.0.1",
+        7860,
+        False,
+    )  # no model named: the machine decides (below)
 
     monkeypatch.setenv("EGO_MODEL", "tiny-qwen2-vl")
     monkeypatch.setenv("EGO_QUANTIZATION", "none")
@@ -63,8 +69,10 @@ def test_main_launches_with_the_limits_and_loads_the_model_lazily(monkeypatch):
     assert seen["state_session_capacity"] == SpaceSettings().max_sessions
     links, quota = seen["app_kwargs"]["middleware"]
     assert (links.cls.__name__, quota.cls.__name__) == ("RefuseFileLinks", "UploadQuota")
-    assert quota.kwargs == {"max_bytes": SpaceSettings().max_cache_mb * 1024 * 1024,
-                            "upload_bytes": DEFAULT_SETTINGS.max_upload_mb * 1024 * 1024}
+    assert quota.kwargs == {
+        "max_bytes": SpaceSettings().max_cache_mb * 1024 * 1024,
+        "upload_bytes": DEFAULT_SETTINGS.max_upload_mb * 1024 * 1024,
+    }
     assert seen["demo"]._queue.max_size == SpaceSettings().queue_max_size
     assert not list((ROOT / "space").glob("*.pyi")), "building the demo wrote files next to the code"
 
@@ -82,12 +90,15 @@ def test_with_no_model_named_the_app_serves_the_machine_default_and_says_so(monk
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: seen.update(demo=self))
     monkeypatch.setattr(Ego, "from_pretrained", classmethod(lambda cls, *a, **k: seen.update(args=a, kwargs=k)))
     app.main([])
-    header = next(block.value for block in seen["demo"].blocks.values()
-                  if isinstance(block, gr.Markdown) and str(block.value).startswith("# Ego"))
+    header = next(
+        block.value
+        for block in seen["demo"].blocks.values()
+        if isinstance(block, gr.Markdown) and str(block.value).startswith("# Ego")
+    )
     expected = DEFAULT_PRESET if cuda else CPU_DEFAULT_PRESET
     assert f"model: `{expected}`" in header
     assert ("no GPU" in header) is (not cuda)
-    assert "loaded" not in seen and "args" not in seen      # still lazily loaded: nothing downloaded
+    assert "loaded" not in seen and "args" not in seen  # still lazily loaded: nothing downloaded
     # A named model is served as named, whatever the machine.
     assert app.choose_model("tiny-qwen2-vl") == ("tiny-qwen2-vl", "")
 
@@ -103,4 +114,3 @@ def test_the_app_cannot_be_built_with_settings_that_disagree_with_its_engine():
         app.build_demo(engine, settings=DEFAULT_SETTINGS.replace(max_question_chars=10))
     with pytest.raises(TypeError, match="SpaceSettings"):
         app.build_demo(engine, DEFAULT_SETTINGS)  # the engine's settings where the Space's belong
-

@@ -14,36 +14,50 @@ def test_captured_rows_equal_eager_rows_in_prefill_and_decode():
     inputs = reference_inputs(engine, photo(3))
     ids = inputs["input_ids"]
     start = ids.shape[1]
-    extra = torch.tensor([[5, 17, 42, 99]])       # four text tokens after the prompt
+    extra = torch.tensor([[5, 17, 42, 99]])  # four text tokens after the prompt
     full = torch.cat([ids, extra], dim=1)
     columns = (ids[0] == engine.model.config.image_token_id).nonzero().squeeze(1)
     capture = AttentionCapture(layers=frozenset({1, 3}), columns=columns, first_row=start)
     mm = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
 
     def per_token(length):
-        return dict(attention_mask=torch.ones(1, length, dtype=torch.long),
-                    mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"],
-                                                 torch.zeros(1, length - start, dtype=torch.long)], 1))
+        return dict(
+            attention_mask=torch.ones(1, length, dtype=torch.long),
+            mm_token_type_ids=torch.cat(
+                [inputs["mm_token_type_ids"], torch.zeros(1, length - start, dtype=torch.long)], 1
+            ),
+        )
 
     with capturing(capture), torch.no_grad():
         # prefill over prompt + 3 tokens, then a cached step whose only new query row is the 4th token
-        first = engine.model.generate(input_ids=full[:, :-1], **per_token(full.shape[1] - 1), **mm,
-                                      max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
-        grid = {"image_grid_thw": inputs["image_grid_thw"]}   # the image is in the cache: no pixels again
-        engine.model.generate(input_ids=full, **per_token(full.shape[1]), **grid, past_key_values=first.past_key_values,
-                              max_new_tokens=1, do_sample=False)
-    assert set(capture.rows) == {1, 3}                      # only the chosen layers
+        first = engine.model.generate(
+            input_ids=full[:, :-1],
+            **per_token(full.shape[1] - 1),
+            **mm,
+            max_new_tokens=1,
+            do_sample=False,
+            return_dict_in_generate=True,
+        )
+        grid = {"image_grid_thw": inputs["image_grid_thw"]}  # the image is in the cache: no pixels again
+        engine.model.generate(
+            input_ids=full,
+            **per_token(full.shape[1]),
+            **grid,
+            past_key_values=first.past_key_values,
+            max_new_tokens=1,
+            do_sample=False,
+        )
+    assert set(capture.rows) == {1, 3}  # only the chosen layers
     assert {start, start + 1, start + 2, start + 3} <= capture.recorded_positions()
-    assert min(capture.recorded_positions()) == start          # nothing before first_row
+    assert min(capture.recorded_positions()) == start  # nothing before first_row
     with torch.no_grad():
-        eager = eager_model(family)(input_ids=full, **per_token(full.shape[1]), **mm,
-                                    output_attentions=True).attentions
+        eager = eager_model(family)(input_ids=full, **per_token(full.shape[1]), **mm, output_attentions=True).attentions
     for layer in (1, 3):
         for offset in range(4):
-            expected = eager[layer][0, :, start + offset, columns]           # [H, N_r]
+            expected = eager[layer][0, :, start + offset, columns]  # [H, N_r]
             torch.testing.assert_close(capture.rows[layer][start + offset], expected, atol=1e-6, rtol=1e-5)
     matrix = capture.matrix([start, start + 3])
-    assert matrix.shape == (2, eager[1].shape[1], 2, columns.numel())        # [|L|, H, N_w, N_r]
+    assert matrix.shape == (2, eager[1].shape[1], 2, columns.numel())  # [|L|, H, N_w, N_r]
 
 
 def test_nothing_is_recorded_outside_a_capture():

@@ -31,8 +31,12 @@ def test_a_backend_must_implement_the_family_specific_parts():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_gets_the_vision_outputs_instead_of_the_pixels_once_they_are_kept(family):
     backend = tiny_engine(family).backend
-    encoded = backend.encode(backend.chat_text([{"type": "image"}, {"type": "text", "text": prompts.DESCRIBE_PROMPT}]),
-                             image=photo(1), image_max_pixels=448 * 448, video_frame_max_pixels=448 * 448)
+    encoded = backend.encode(
+        backend.chat_text([{"type": "image"}, {"type": "text", "text": prompts.DESCRIBE_PROMPT}]),
+        image=photo(1),
+        image_max_pixels=448 * 448,
+        video_frame_max_pixels=448 * 448,
+    )
     before = backend.generate_kwargs(encoded)
     assert "pixel_values" in before and "input_ids" not in before and "mm_encoder_outputs" not in before
     backend.encode_vision(encoded)

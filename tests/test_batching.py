@@ -12,8 +12,12 @@ from conftest import FAMILIES, photo, spy_on_generate, tiny_engine
 from ego import InputError
 from ego.batching import AnswerRequest, collate
 
-SMALL = dict(query_image_max_pixels=224 * 224, reference_max_pixels=224 * 224, video_frame_max_pixels=112 * 112,
-             video_num_frames=4)
+SMALL = dict(
+    query_image_max_pixels=224 * 224,
+    reference_max_pixels=224 * 224,
+    video_frame_max_pixels=112 * 112,
+    video_num_frames=4,
+)
 
 
 def clip(seed: int) -> np.ndarray:
@@ -45,8 +49,12 @@ def build_setup(family: str):
     rocket = engine.introduce("Rocket", [photo(4)], keywords="rocket", area_pct=15)
     requests = [
         AnswerRequest("Is Chelsea in this photo?", (cat,), image=photo(5), max_new_tokens=7),
-        AnswerRequest("What happens in this clip, and where is the mug that Chelsea likes to sit next to?",
-                      (cat, mug), video=clip(6), max_new_tokens=11),
+        AnswerRequest(
+            "What happens in this clip, and where is the mug that Chelsea likes to sit next to?",
+            (cat, mug),
+            video=clip(6),
+            max_new_tokens=11,
+        ),
         AnswerRequest("Hi", (), max_new_tokens=4),
         AnswerRequest("Which of them is here?", (mug, rocket, cat), image=photo(7, size=(240, 160)), max_new_tokens=9),
         AnswerRequest("Describe it.", (), image=photo(8), max_new_tokens=6),
@@ -57,8 +65,13 @@ def build_setup(family: str):
 
 
 def alone(engine, request: AnswerRequest):
-    return engine.answer(request.question, request.concepts, image=request.image, video=request.video,
-                         max_new_tokens=request.max_new_tokens)
+    return engine.answer(
+        request.question,
+        request.concepts,
+        image=request.image,
+        video=request.video,
+        max_new_tokens=request.max_new_tokens,
+    )
 
 
 def test_every_batched_answer_equals_the_same_question_asked_alone(setup):
@@ -66,8 +79,11 @@ def test_every_batched_answer_equals_the_same_question_asked_alone(setup):
     batched = engine.answer_batch(requests)
     assert [str(a) for a in batched] == [str(a) for a in lone]
     for a, b in zip(batched, lone):
-        assert (a.concepts_used, a.context_tokens, a.memory_tokens) == (b.concepts_used, b.context_tokens,
-                                                                         b.memory_tokens)
+        assert (a.concepts_used, a.context_tokens, a.memory_tokens) == (
+            b.concepts_used,
+            b.context_tokens,
+            b.memory_tokens,
+        )
         assert [name for name, _ in a.similarity] == [name for name, _ in b.similarity]
         assert np.allclose([s for _, s in a.similarity], [s for _, s in b.similarity], atol=1e-5)
     # the same questions in another order and another grouping answer the same
@@ -80,15 +96,16 @@ def test_each_row_gets_only_its_own_memories_and_no_padding(setup, monkeypatch):
     calls = spy_on_generate(monkeypatch, engine)
     engine.answer_batch(requests)
     (kwargs,) = calls
-    embeds, mask, ids = kwargs["inputs_embeds"], kwargs["attention_mask"], kwargs["input_ids"]    # [B, L, D], [B, L]
+    embeds, mask, ids = kwargs["inputs_embeds"], kwargs["attention_mask"], kwargs["input_ids"]  # [B, L, D], [B, L]
     placeholder = engine.backend.placeholder_id
-    every_row = {c.name: c.embeddings.to(embeds.dtype) for c in concepts}                        # [K_c, D] each
+    every_row = {c.name: c.embeddings.to(embeds.dtype) for c in concepts}  # [K_c, D] each
     for row, request in enumerate(requests):
         real = mask[row].bool()
         # left padding: the row's real tokens are one block at the end, and they are this request's context
-        assert real[real.nonzero()[0, 0]:].all() and real[-1]
-        lone = engine._prepare_answer(request.question, request.concepts, request.image, request.video,
-                                      request.max_new_tokens)
+        assert real[real.nonzero()[0, 0] :].all() and real[-1]
+        lone = engine._prepare_answer(
+            request.question, request.concepts, request.image, request.video, request.max_new_tokens
+        )
         assert torch.equal(ids[row][real], lone.generate["input_ids"][0])
         mine = torch.cat([c.embeddings for c in request.concepts]).to(embeds.dtype) if request.concepts else None
         slots = ids[row] == placeholder
@@ -100,7 +117,7 @@ def test_each_row_gets_only_its_own_memories_and_no_padding(setup, monkeypatch):
         for name, rows in every_row.items():
             if name in {c.name for c in request.concepts}:
                 continue
-            hits = (embeds[row][:, None, :] == rows[None]).all(dim=-1)                            # [L, K_c]
+            hits = (embeds[row][:, None, :] == rows[None]).all(dim=-1)  # [L, K_c]
             assert not hits.any(), (row, name)
 
 
@@ -127,20 +144,34 @@ def test_a_stop_ends_only_its_own_answer(one_family):
 
 def test_a_bad_question_fails_alone(one_family):
     engine, (cat, _, _), requests, lone = one_family
-    mixed = [requests[0], AnswerRequest("   ", (cat,), image=photo(5)), requests[2],
-             AnswerRequest("Hi?", (), image=photo(0), video=clip(1))]
+    mixed = [
+        requests[0],
+        AnswerRequest("   ", (cat,), image=photo(5)),
+        requests[2],
+        AnswerRequest("Hi?", (), image=photo(0), video=clip(1)),
+    ]
     results = engine.answer_batch(mixed)
     assert isinstance(results[1], InputError) and isinstance(results[3], InputError)
     assert [str(results[0]), str(results[2])] == [str(lone[0]), str(lone[2])]
 
 
 def test_collate_pads_on_the_left_and_concatenates_per_image_inputs():
-    short = dict(input_ids=torch.tensor([[5, 6]]), attention_mask=torch.ones(1, 2, dtype=torch.long),
-                 inputs_embeds=torch.ones(1, 2, 3), image_grid_thw=torch.tensor([[1, 2, 2]]), max_new_tokens=4,
-                 do_sample=False)
-    long = dict(input_ids=torch.tensor([[7, 8, 9]]), attention_mask=torch.ones(1, 3, dtype=torch.long),
-                inputs_embeds=2 * torch.ones(1, 3, 3), image_grid_thw=torch.tensor([[1, 4, 4]]), max_new_tokens=9,
-                do_sample=False)
+    short = dict(
+        input_ids=torch.tensor([[5, 6]]),
+        attention_mask=torch.ones(1, 2, dtype=torch.long),
+        inputs_embeds=torch.ones(1, 2, 3),
+        image_grid_thw=torch.tensor([[1, 2, 2]]),
+        max_new_tokens=4,
+        do_sample=False,
+    )
+    long = dict(
+        input_ids=torch.tensor([[7, 8, 9]]),
+        attention_mask=torch.ones(1, 3, dtype=torch.long),
+        inputs_embeds=2 * torch.ones(1, 3, 3),
+        image_grid_thw=torch.tensor([[1, 4, 4]]),
+        max_new_tokens=9,
+        do_sample=False,
+    )
     merged = collate([short, long], pad_id=0)
     assert merged["input_ids"].tolist() == [[0, 5, 6], [7, 8, 9]]
     assert merged["attention_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]

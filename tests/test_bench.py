@@ -12,12 +12,38 @@ import pytest
 
 SCENARIOS = {"plain", "ego_1", "ego_5", "ego_20", "refs_1", "refs_5", "refs_20", "video_plain", "video_ego_5"}
 CONCURRENT = {"concurrent_1", "concurrent_4", "concurrent_8"}
-CONCURRENT_FIELDS = {"visitors", "throughput_per_s", "latency_p50_s", "latency_p95_s", "throughput_ratio",
-                     "one_at_a_time_throughput_per_s", "one_at_a_time_latency_p50_s", "one_at_a_time_latency_p95_s",
-                     "latency_runs_s", "context_tokens", "peak_mem_gib"}
-SCENARIO_FIELDS = {"name", "medium", "method", "concepts", "context_tokens", "memory_tokens", "new_tokens",
-                   "latency_s", "latency_runs_s", "ratio_to_plain", "context_ratio_to_plain", "peak_mem_gib", "plain",
-                   "fastest_s", "fastest_ratio_to_plain", "ttft_s", "decode_ms_per_token"}
+CONCURRENT_FIELDS = {
+    "visitors",
+    "throughput_per_s",
+    "latency_p50_s",
+    "latency_p95_s",
+    "throughput_ratio",
+    "one_at_a_time_throughput_per_s",
+    "one_at_a_time_latency_p50_s",
+    "one_at_a_time_latency_p95_s",
+    "latency_runs_s",
+    "context_tokens",
+    "peak_mem_gib",
+}
+SCENARIO_FIELDS = {
+    "name",
+    "medium",
+    "method",
+    "concepts",
+    "context_tokens",
+    "memory_tokens",
+    "new_tokens",
+    "latency_s",
+    "latency_runs_s",
+    "ratio_to_plain",
+    "context_ratio_to_plain",
+    "peak_mem_gib",
+    "plain",
+    "fastest_s",
+    "fastest_ratio_to_plain",
+    "ttft_s",
+    "decode_ms_per_token",
+}
 STAGES = {"encode_s", "description_s", "size_s", "scores_s", "selection_s"}
 
 
@@ -27,8 +53,25 @@ def quick(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bench-out")
     # Both decodings side by side, as on a GPU; "aot_eager" compiles the decode step in seconds on a CPU.
-    assert main(["--model", "tiny-qwen2.5-vl", "--quick", "--device", "cpu", "--profile", "--decoding", "both",
-                 "--compile-backend", "aot_eager", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                "tiny-qwen2.5-vl",
+                "--quick",
+                "--device",
+                "cpu",
+                "--profile",
+                "--decoding",
+                "both",
+                "--compile-backend",
+                "aot_eager",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -54,7 +97,8 @@ def test_profile_covers_introduction_and_questions(quick):
         names = [op["name"] for op in entry["top_host_ops"]]
         assert len(names) == len(set(names)) > 0 and all(op["count"] >= 1 for op in entry["top_host_ops"])
         assert [op["self_s"] for op in entry["top_host_ops"]] == sorted(
-            (op["self_s"] for op in entry["top_host_ops"]), reverse=True)
+            (op["self_s"] for op in entry["top_host_ops"]), reverse=True
+        )
     table = (out / "results.md").read_text()
     assert "## Profile" in table and "ego_20: top host operations" in table
 
@@ -85,7 +129,7 @@ def test_every_scenario_has_every_field(quick):
 
 def test_eager_and_compiled_decoding_are_measured_side_by_side(quick):
     out, results = quick
-    assert results["meta"]["decoding"] == "compiled"       # the primary run
+    assert results["meta"]["decoding"] == "compiled"  # the primary run
     runs = results["decoding_runs"]
     assert {mode: run["meta"]["decoding"] for mode, run in runs.items()} == {"eager": "eager", "compiled": "compiled"}
     assert runs["compiled"]["scenarios"] == results["scenarios"]
@@ -103,7 +147,7 @@ def test_eager_and_compiled_decoding_are_measured_side_by_side(quick):
     # The same work in both modes: the same contexts and forced lengths.
     for name in SCENARIOS:
         assert runs["eager"]["scenarios"][name]["context_tokens"] == results["scenarios"][name]["context_tokens"]
-    equality = results["decoding_equality"]    # float32 on a CPU: the same greedy tokens, the same logits
+    equality = results["decoding_equality"]  # float32 on a CPU: the same greedy tokens, the same logits
     assert equality["tokens_equal"] and equality["tokens"] == 16 and equality["logits_compared"] == 16
     assert equality["within_tolerance"] and equality["max_abs_logit_difference"] <= 1e-3
     table = (out / "results.md").read_text()
@@ -113,8 +157,12 @@ def test_eager_and_compiled_decoding_are_measured_side_by_side(quick):
 def test_context_grows_with_concepts_and_photos_cost_more_than_memories(quick):
     _, results = quick
     s = results["scenarios"]
-    assert s["plain"]["context_tokens"] < s["ego_1"]["context_tokens"] < s["ego_5"]["context_tokens"] \
+    assert (
+        s["plain"]["context_tokens"]
+        < s["ego_1"]["context_tokens"]
+        < s["ego_5"]["context_tokens"]
         < s["ego_20"]["context_tokens"]
+    )
     for n in (1, 5, 20):
         assert s[f"refs_{n}"]["context_tokens"] > s[f"ego_{n}"]["context_tokens"]
         assert s[f"refs_{n}"]["memory_tokens"] == 0 and s[f"ego_{n}"]["memory_tokens"] > 0
@@ -138,9 +186,16 @@ def test_introduction_storage_meta_and_targets(quick):
     assert meta["command"].startswith("python -m bench --model tiny-qwen2.5-vl --quick")
     assert meta["memory_measure"].startswith("cpu_peak_rss")
     assert set(results["targets"]) == {
-        "decode_ms_per_token", "introduce_s_per_concept", "plain_answer_s", "latency_ratio_5_concepts",
-        "latency_ratio_20_concepts", "compile_warm_up_s", "context_tokens_per_concept", "stored_mb_per_concept",
-        "peak_gib_20_concepts"}
+        "decode_ms_per_token",
+        "introduce_s_per_concept",
+        "plain_answer_s",
+        "latency_ratio_5_concepts",
+        "latency_ratio_20_concepts",
+        "compile_warm_up_s",
+        "context_tokens_per_concept",
+        "stored_mb_per_concept",
+        "peak_gib_20_concepts",
+    }
     assert results["targets"]["decode_ms_per_token"]["measured"] == results["scenarios"]["plain"]["decode_ms_per_token"]
     assert intro["description_decode_ms_per_token"] > 0
     assert all(isinstance(t["met"], bool) for t in results["targets"].values())

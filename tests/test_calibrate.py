@@ -31,16 +31,16 @@ def _square_mask(size=(300, 451), box=(0.0, 0.0, 0.5, 0.5)) -> np.ndarray:
     """A uint8 0/255 mask with the box (top, left, bottom, right as fractions) set."""
     h, w = size
     mask = np.zeros((h, w), dtype=np.uint8)
-    mask[int(box[0] * h):int(box[2] * h), int(box[1] * w):int(box[3] * w)] = 255
+    mask[int(box[0] * h) : int(box[2] * h), int(box[1] * w) : int(box[3] * w)] = 255
     return mask
 
 
 def test_object_tokens_coverage_and_centre_rules():
     mask = np.zeros((40, 40), dtype=bool)
-    mask[0:10, 0:10] = True          # cell (0, 0) of a 4x4 grid of 10x10 cells: fully covered
-    mask[10:16, 10:20] = True        # cell (1, 1): 60 % covered, centre (15, 15) covered
-    mask[20:24, 20:30] = True        # cell (2, 2): 40 % covered, centre (25, 25) not covered
-    mask[35, 35] = True              # cell (3, 3): one pixel, exactly its centre
+    mask[0:10, 0:10] = True  # cell (0, 0) of a 4x4 grid of 10x10 cells: fully covered
+    mask[10:16, 10:20] = True  # cell (1, 1): 60 % covered, centre (15, 15) covered
+    mask[20:24, 20:30] = True  # cell (2, 2): 40 % covered, centre (25, 25) not covered
+    mask[35, 35] = True  # cell (3, 3): one pixel, exactly its centre
     tokens = cal.object_tokens(mask, (4, 4)).view(4, 4)
     assert tokens[0, 0] and tokens[1, 1] and tokens[3, 3]
     assert not tokens[2, 2]
@@ -53,9 +53,13 @@ def test_object_tokens_coverage_and_centre_rules():
 
 def test_precision_at_k():
     objects = torch.tensor([True, True, False, False, False, False])
-    importance = torch.tensor([[0.9, 0.8, 0.1, 0.0, 0.0, 0.0],     # both top-2 on the object
-                               [0.9, 0.0, 0.8, 0.0, 0.0, 0.0],     # one of two
-                               [0.0, 0.0, 0.9, 0.8, 0.0, 0.0]])    # none
+    importance = torch.tensor(
+        [
+            [0.9, 0.8, 0.1, 0.0, 0.0, 0.0],  # both top-2 on the object
+            [0.9, 0.0, 0.8, 0.0, 0.0, 0.0],  # one of two
+            [0.0, 0.0, 0.9, 0.8, 0.0, 0.0],
+        ]
+    )  # none
     assert cal.precision_at_k(importance, objects, 2).tolist() == [1.0, 0.5, 0.0]
     assert cal.precision_at_k(importance, objects, 100).tolist() == pytest.approx([1 / 3] * 3)  # K capped at N
 
@@ -88,7 +92,7 @@ def _planted(layer: int, objects: torch.Tensor):
 
     class Planted(attention.AttentionCapture):
         def matrix(self, positions):
-            matrix = super().matrix(positions)                       # [layers, H, N_w, N_r]
+            matrix = super().matrix(positions)  # [layers, H, N_w, N_r]
             planted = torch.zeros(matrix.shape[-1])
             planted[objects] = 1.0 / int(objects.sum())
             matrix[sorted(self.layers).index(layer)] = planted
@@ -104,9 +108,12 @@ def test_planted_layer_ranks_first_and_file_loads(family, tmp_path, monkeypatch)
     engine = short_engine(family)
     planted_layer = engine.num_layers - 2
     # The visual grid of a 300x451 reference image on this model (16x16 on InternVL; Qwen's is not square).
-    encoded = engine.backend.encode(engine.backend.chat_text([{"type": "image"}]), image=photo(0),
-                                    image_max_pixels=engine.settings.reference_max_pixels,
-                                    video_frame_max_pixels=engine.settings.video_frame_max_pixels)
+    encoded = engine.backend.encode(
+        engine.backend.chat_text([{"type": "image"}]),
+        image=photo(0),
+        image_max_pixels=engine.settings.reference_max_pixels,
+        video_frame_max_pixels=engine.settings.video_frame_max_pixels,
+    )
     grid = engine.backend.grid(encoded)
     objects = cal.object_tokens(_square_mask(), grid)
     assert 10 <= int(objects.sum()) < grid[0] * grid[1] // 2
@@ -151,8 +158,22 @@ def test_cli_main_writes_loadable_layers(tmp_path, capsys):
     Image.fromarray(np.zeros((300, 451), dtype=np.uint8)).save(masks / "000002.png")
     (masks / "000003.png").write_bytes(b"not a png")
     out = tmp_path / "calibration.json"
-    code = cal.main(["--model", "tiny-internvl3", "--images", str(images), "--masks", str(masks),
-                     "--keep", "2", "--top-k", "20", "--out", str(out)])
+    code = cal.main(
+        [
+            "--model",
+            "tiny-internvl3",
+            "--images",
+            str(images),
+            "--masks",
+            str(masks),
+            "--keep",
+            "2",
+            "--top-k",
+            "20",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     captured = capsys.readouterr()
     assert "[3/4] 000002.jpg: skipped (the mask covers no visual token)" in captured.err
@@ -172,8 +193,23 @@ def test_cli_runs_as_a_module_and_refuses_when_nothing_matches(tmp_path):
     (tmp_path / "i").mkdir(), (tmp_path / "m").mkdir()
     photo(0).save(tmp_path / "i" / "a.jpg")
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    run = subprocess.run([sys.executable, "-m", "ego.calibrate", "--model", "tiny-internvl3", "--images",
-                          str(tmp_path / "i"), "--masks", str(tmp_path / "m")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ego.calibrate",
+            "--model",
+            "tiny-internvl3",
+            "--images",
+            str(tmp_path / "i"),
+            "--masks",
+            str(tmp_path / "m"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2, run.stderr[-2000:]
     assert "same file name stem" in run.stderr

@@ -35,9 +35,12 @@ def test_reference_count_and_answer_length():
 @pytest.mark.parametrize("surrogate", ["\ud800", "\udfff", "\ud83d"])
 def test_text_that_is_not_valid_unicode_is_refused_with_a_sentence(surrogate):
     """A lone surrogate (a JSON payload can carry one as an escape) cannot be encoded by any reply or tokenizer."""
-    for check, what in [(lambda t: checks.check_name(t, DEFAULT_SETTINGS), "name"),
-                        (lambda t: checks.check_question(t, DEFAULT_SETTINGS), "question"),
-                        (checks.check_keywords, "keywords"), (lambda t: checks.check_keywords([t]), "keywords")]:
+    for check, what in [
+        (lambda t: checks.check_name(t, DEFAULT_SETTINGS), "name"),
+        (lambda t: checks.check_question(t, DEFAULT_SETTINGS), "question"),
+        (checks.check_keywords, "keywords"),
+        (lambda t: checks.check_keywords([t]), "keywords"),
+    ]:
         with pytest.raises(InputError, match=f"The {what} contains characters that are not valid Unicode"):
             check(f"my cat {surrogate} Chelsea")
     assert checks.check_name("Chelsea \U0001f408", DEFAULT_SETTINGS) == "Chelsea \U0001f408"  # a real emoji

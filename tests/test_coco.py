@@ -40,38 +40,65 @@ def compressed_rle(mask: np.ndarray) -> dict:
     return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}  # as instances_*.json stores it
 
 
-POLYGON_MASK = rectangle(10, 10, 30, 40)       # 20 x 30 = 600 px = 25 % of 2400
-RLE_MASK = rectangle(0, 30, 20, 60)            # 600 px
-UNCOMPRESSED_MASK = rectangle(5, 5, 25, 25)    # 400 px
+POLYGON_MASK = rectangle(10, 10, 30, 40)  # 20 x 30 = 600 px = 25 % of 2400
+RLE_MASK = rectangle(0, 30, 20, 60)  # 600 px
+UNCOMPRESSED_MASK = rectangle(5, 5, 25, 25)  # 400 px
 
 
 def annotation(ann_id, image_id, category_id, segmentation, area, iscrowd=0) -> dict:
-    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "segmentation": segmentation,
-            "area": float(area), "bbox": [0.0, 0.0, 1.0, 1.0], "iscrowd": iscrowd}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "segmentation": segmentation,
+        "area": float(area),
+        "bbox": [0.0, 0.0, 1.0, 1.0],
+        "iscrowd": iscrowd,
+    }
 
 
 @pytest.fixture(scope="module")
 def fixture(tmp_path_factory):
     root = tmp_path_factory.mktemp("coco")
     (root / "val").mkdir()
-    images = [{"id": i, "file_name": f"{i:012d}.jpg", "height": H, "width": W, "license": 1,
-               "coco_url": "", "date_captured": "", "flickr_url": ""} for i in range(1, 9)]
+    images = [
+        {
+            "id": i,
+            "file_name": f"{i:012d}.jpg",
+            "height": H,
+            "width": W,
+            "license": 1,
+            "coco_url": "",
+            "date_captured": "",
+            "flickr_url": "",
+        }
+        for i in range(1, 9)
+    ]
     for image in images:
         Image.new("RGB", (W, H), (image["id"] * 20, 90, 30)).save(root / "val" / image["file_name"])
     polygon = [[10.0, 10.0, 40.0, 10.0, 40.0, 30.0, 10.0, 30.0]]  # x, y pairs of the rectangle's corners
     annotations = [
-        annotation(1, 1, 18, polygon, 600),                                        # kept: polygon
-        annotation(2, 2, 17, compressed_rle(RLE_MASK), 600),                       # kept: compressed RLE
-        annotation(3, 3, 18, uncompressed_rle(UNCOMPRESSED_MASK), 400),            # kept: uncompressed RLE
-        annotation(4, 4, 18, polygon, 600), annotation(5, 4, 17, polygon, 600),    # two instances
-        annotation(6, 5, 1, uncompressed_rle(RLE_MASK), 600, iscrowd=1),           # a crowd only
-        annotation(7, 6, 1, [[0.0, 0.0, 4.0, 0.0, 4.0, 4.0]], 8),                  # below the minimum area
-        annotation(8, 7, 1, polygon, 600), annotation(9, 7, 1, uncompressed_rle(RLE_MASK), 600, iscrowd=1),
-    ]                                                                              # image 8: nothing at all
-    document = {"info": {}, "licenses": [], "images": images, "annotations": annotations,
-                "categories": [{"id": 1, "name": "person", "supercategory": "person"},
-                               {"id": 17, "name": "cat", "supercategory": "animal"},
-                               {"id": 18, "name": "dog", "supercategory": "animal"}]}
+        annotation(1, 1, 18, polygon, 600),  # kept: polygon
+        annotation(2, 2, 17, compressed_rle(RLE_MASK), 600),  # kept: compressed RLE
+        annotation(3, 3, 18, uncompressed_rle(UNCOMPRESSED_MASK), 400),  # kept: uncompressed RLE
+        annotation(4, 4, 18, polygon, 600),
+        annotation(5, 4, 17, polygon, 600),  # two instances
+        annotation(6, 5, 1, uncompressed_rle(RLE_MASK), 600, iscrowd=1),  # a crowd only
+        annotation(7, 6, 1, [[0.0, 0.0, 4.0, 0.0, 4.0, 4.0]], 8),  # below the minimum area
+        annotation(8, 7, 1, polygon, 600),
+        annotation(9, 7, 1, uncompressed_rle(RLE_MASK), 600, iscrowd=1),
+    ]  # image 8: nothing at all
+    document = {
+        "info": {},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [
+            {"id": 1, "name": "person", "supercategory": "person"},
+            {"id": 17, "name": "cat", "supercategory": "animal"},
+            {"id": 18, "name": "dog", "supercategory": "animal"},
+        ],
+    }
     (root / "instances_val.json").write_text(json.dumps(document))
     return root
 
@@ -105,9 +132,33 @@ def test_categories_take_turns_up_to_the_count(fixture):
 
 
 def test_the_command_writes_the_set_and_says_so(fixture, tmp_path, capsys):
-    assert coco.main(["--annotations", str(fixture / "instances_val.json"), "--images", str(fixture / "val"),
-                      "--out", str(tmp_path / "out"), "--count", "2"]) == 0
+    assert (
+        coco.main(
+            [
+                "--annotations",
+                str(fixture / "instances_val.json"),
+                "--images",
+                str(fixture / "val"),
+                "--out",
+                str(tmp_path / "out"),
+                "--count",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "2 images in 2 categories" in capsys.readouterr().err
-    assert coco.main(["--annotations", str(tmp_path / "nothing.json"), "--images", str(fixture / "val"),
-                      "--out", str(tmp_path / "out2")]) == 2
+    assert (
+        coco.main(
+            [
+                "--annotations",
+                str(tmp_path / "nothing.json"),
+                "--images",
+                str(fixture / "val"),
+                "--out",
+                str(tmp_path / "out2"),
+            ]
+        )
+        == 2
+    )
     assert "instances_*.json" in capsys.readouterr().err

@@ -47,7 +47,7 @@ def test_the_space_compiles_on_first_use_and_says_so(compiled_in_the_space):
     assert not engine.needs_warm_up and engine.decoder.warm_up_s > 0
     later = []
     LazyEngine(engine).get(lambda fraction, desc: later.append(desc))
-    assert later == []                                    # compiled once
+    assert later == []  # compiled once
 
 
 def _text_inputs(engine) -> dict:
@@ -58,9 +58,10 @@ def _text_inputs(engine) -> dict:
 
 def _greedy(model, engine, inputs, new_tokens):
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
-                             suppress_tokens=engine.backend.unspeakable_token_ids)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+        out = model.generate(
+            **inputs, max_new_tokens=new_tokens, do_sample=False, suppress_tokens=engine.backend.unspeakable_token_ids
+        )
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,8 +83,9 @@ def test_description_rows_scores_and_kept_tokens_equal_eager_attention_over_the_
     while description and description[-1] in stops:
         description.pop()
     assert described.ids == description and described.start == start
-    follow = engine.backend.tokenizer(engine.backend.continue_turn(prompts.SIZE_PROMPT),
-                                      add_special_tokens=False).input_ids
+    follow = engine.backend.tokenizer(
+        engine.backend.continue_turn(prompts.SIZE_PROMPT), add_special_tokens=False
+    ).input_ids
     sequence = torch.tensor([inputs["input_ids"][0].tolist() + description + follow])
     forward = {k: v for k, v in _extend(inputs, sequence.shape[1]).items() if k != "input_ids"}
     with torch.no_grad():
@@ -91,16 +93,20 @@ def test_description_rows_scores_and_kept_tokens_equal_eager_attention_over_the_
     columns = (sequence[0] == model.config.image_token_id).nonzero().squeeze(1)
     positions = range(start, start + len(description))
 
-    assert described.capture.recorded_positions() == set(positions)       # the description's rows, no others
+    assert described.capture.recorded_positions() == set(positions)  # the description's rows, no others
     for layer in engine.layers:
         for position in positions:
-            torch.testing.assert_close(described.capture.rows[layer][position],
-                                       attentions[layer][0, :, position, columns], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(
+                described.capture.rows[layer][position],
+                attentions[layer][0, :, position, columns],
+                atol=1e-6,
+                rtol=1e-5,
+            )
 
     offsets, _ = keyword_positions(engine.backend.tokenizer, description, content_only=True)
     rows = torch.tensor([start + i for i in offsets])
     block = torch.stack([attentions[layer][0] for layer in engine.layers])[:, :, rows][:, :, :, columns]
-    expected = block.sum(dim=(0, 1, 2)) / (block.shape[0] * block.shape[1] * block.shape[2])   # Eq. 3: [N_r]
+    expected = block.sum(dim=(0, 1, 2)) / (block.shape[0] * block.shape[1] * block.shape[2])  # Eq. 3: [N_r]
     scores = layer_importance(described.capture, rows.tolist()).mean(dim=0)
     torch.testing.assert_close(scores, expected, atol=2e-6, rtol=1e-5)
     for k in (1, 10, 50):
@@ -129,20 +135,21 @@ def test_auto_is_compiled_on_cuda_and_eager_elsewhere():
 
 def test_bitsandbytes_4bit_compiles_for_this_model_only_and_gives_the_eager_tokens():
     eager = Ego.tiny("qwen2-vl", quantization="4bit", device="cpu")
-    assert not eager.model.hf_quantizer.is_compileable    # transformers' own answer for bitsandbytes 4-bit
+    assert not eager.model.hf_quantizer.is_compileable  # transformers' own answer for bitsandbytes 4-bit
     fast = Ego.tiny("qwen2-vl", quantization="4bit", device="cpu", settings=COMPILED)
     assert fast.decoder.mode == "compiled" and fast.model.hf_quantizer.is_compileable
-    assert not eager.model.hf_quantizer.is_compileable    # the class itself is left alone
+    assert not eager.model.hf_quantizer.is_compileable  # the class itself is left alone
     assert allow_compiled_decoding(eager.model) and eager.model.hf_quantizer.is_compileable
     inputs = _text_inputs(fast)
     with torch.no_grad():
         expected = eager.model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, **eager.decoding)
-        out = fast.model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, return_dict_in_generate=True,
-                                  **fast.decoding)
-    assert out.sequences.tolist() == expected.tolist()    # through the 4-bit layers, compiled
+        out = fast.model.generate(
+            **inputs, max_new_tokens=8, min_new_tokens=8, return_dict_in_generate=True, **fast.decoding
+        )
+    assert out.sequences.tolist() == expected.tolist()  # through the 4-bit layers, compiled
     assert isinstance(out.past_key_values, StaticCache) and hasattr(fast.model, "_compiled_call")
     eight = Ego.tiny("qwen2-vl", quantization="8bit", device="cpu", settings=COMPILED)
-    assert eight.decoder.mode == "eager"                  # not compileable: decoded eagerly
+    assert eight.decoder.mode == "eager"  # not compileable: decoded eagerly
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,11 +159,13 @@ def test_compiled_and_eager_decoding_give_the_same_greedy_tokens(compiled):
     eager = tiny_engine("qwen2.5-vl")
     picture = photo(7)
     text = compiled.backend.chat_text([{"type": "image"}, {"type": "text", "text": "What is in this photo?"}])
-    inputs = compiled.backend.encode(text, image=picture, image_max_pixels=448 * 448,
-                                     video_frame_max_pixels=448 * 448).inputs
+    inputs = compiled.backend.encode(
+        text, image=picture, image_max_pixels=448 * 448, video_frame_max_pixels=448 * 448
+    ).inputs
     with torch.no_grad():
-        out = compiled.model.generate(**inputs, max_new_tokens=16, min_new_tokens=16, **compiled.decoding,
-                                      return_dict_in_generate=True)
+        out = compiled.model.generate(
+            **inputs, max_new_tokens=16, min_new_tokens=16, **compiled.decoding, return_dict_in_generate=True
+        )
         expected = eager.model.generate(**inputs, max_new_tokens=16, min_new_tokens=16, **eager.decoding)
     assert out.sequences.tolist() == expected.tolist()
     # It decoded on the shared static cache, through transformers' compiled call.
@@ -165,8 +174,9 @@ def test_compiled_and_eager_decoding_give_the_same_greedy_tokens(compiled):
     # And the engine's answers are the eager engine's, with and without concepts.
     concept = eager.introduce("Chelsea", [photo(8)], keywords="cat", area_pct=10)
     for concepts in ([], [concept]):
-        assert compiled.answer("Who is here?", concepts, image=picture, max_new_tokens=12) == \
-            eager.answer("Who is here?", concepts, image=picture, max_new_tokens=12)
+        assert compiled.answer("Who is here?", concepts, image=picture, max_new_tokens=12) == eager.answer(
+            "Who is here?", concepts, image=picture, max_new_tokens=12
+        )
 
 
 def test_compiled_introduction_equals_the_eager_one(compiled):
@@ -197,8 +207,12 @@ def test_every_compiled_generation_runs_on_the_decode_thread(compiled):
             return False
 
     with torch.no_grad():
-        compiled.model.generate(**_text_inputs(compiled), max_new_tokens=3,
-                                stopping_criteria=StoppingCriteriaList([Record()]), **compiled.decoding)
+        compiled.model.generate(
+            **_text_inputs(compiled),
+            max_new_tokens=3,
+            stopping_criteria=StoppingCriteriaList([Record()]),
+            **compiled.decoding,
+        )
     assert threads and all(name.startswith("ego-decode") for name in threads)
     assert threading.current_thread().name not in threads
 
@@ -210,18 +224,16 @@ def test_streaming_and_stop_work_with_compiled_decoding(compiled):
     assert pieces[-1] == whole and len(pieces) > 2
     stream = compiled.stream_answer("Describe this.", image=picture, max_new_tokens=200)
     next(stream)
-    stream.close()    # Stop: the generation ends, the model is free again
+    stream.close()  # Stop: the generation ends, the model is free again
     assert compiled.answer("Describe this.", image=picture, max_new_tokens=12) == whole
 
 
 def test_a_generation_longer_than_the_static_cache_decodes_eagerly(compiled, monkeypatch):
     inputs = _text_inputs(compiled)
     with torch.no_grad():
-        fitting = compiled.model.generate(**inputs, max_new_tokens=6, return_dict_in_generate=True,
-                                          **compiled.decoding)
+        fitting = compiled.model.generate(**inputs, max_new_tokens=6, return_dict_in_generate=True, **compiled.decoding)
         monkeypatch.setattr(compiled.decoder, "max_cache_tokens", inputs["input_ids"].shape[1] + 5)
-        longer = compiled.model.generate(**inputs, max_new_tokens=6, return_dict_in_generate=True,
-                                         **compiled.decoding)
+        longer = compiled.model.generate(**inputs, max_new_tokens=6, return_dict_in_generate=True, **compiled.decoding)
     assert isinstance(fitting.past_key_values, StaticCache)
     assert not isinstance(longer.past_key_values, StaticCache)
     assert longer.sequences.tolist() == fitting.sequences.tolist()

@@ -25,8 +25,8 @@ def eager_importance(engine, family, picture, continuation_ids, keyword_offsets)
         out = model(input_ids=ids, **forward, output_attentions=True)
     columns = (ids[0] == model.config.image_token_id).nonzero().squeeze(1)
     rows = torch.tensor([start + i for i in keyword_offsets])
-    attention = torch.stack([out.attentions[layer][0] for layer in engine.layers])   # [|L|, H, T, T]
-    block = attention[:, :, rows][:, :, :, columns]                                  # [|L|, H, N_w, N_r]
+    attention = torch.stack([out.attentions[layer][0] for layer in engine.layers])  # [|L|, H, T, T]
+    block = attention[:, :, rows][:, :, :, columns]  # [|L|, H, N_w, N_r]
     # mean over keywords, then heads, then layers, written out as sums to stay independent of the code
     n_layers, n_heads, n_words, _ = block.shape
     return block.sum(dim=(0, 1, 2)) / (n_layers * n_heads * n_words), columns.numel()
@@ -45,9 +45,10 @@ def test_eq3_eq4_match_eager_attention_on_the_generated_description(family):
     # The description the engine saw, regenerated greedily by the eager model from the same prompt.
     inputs = reference_inputs(engine, picture)
     with torch.no_grad():
-        generated = eager_model(family).generate(**inputs, max_new_tokens=engine.settings.description_max_new_tokens,
-                                                 min_new_tokens=2, **engine.decoding)
-    description_ids = generated[0, inputs["input_ids"].shape[1]:].tolist()
+        generated = eager_model(family).generate(
+            **inputs, max_new_tokens=engine.settings.description_max_new_tokens, min_new_tokens=2, **engine.decoding
+        )
+    description_ids = generated[0, inputs["input_ids"].shape[1] :].tolist()
     while description_ids and description_ids[-1] in engine.backend.stop_token_ids:
         description_ids.pop()
     assert engine.backend.tokenizer.decode(description_ids, skip_special_tokens=True) == view.description
@@ -65,22 +66,21 @@ def test_fixed_and_dynamic_k_with_user_keywords(family, area_pct):
     """Keywords and size given by the user: the rows read are exactly the keyword tokens."""
     engine = tiny_engine(family)
     picture = photo(2)
-    concept = engine.introduce("my mug", [picture], keywords=["red", "ceramic mug"],
-                               area_pct=area_pct)
+    concept = engine.introduce("my mug", [picture], keywords=["red", "ceramic mug"], area_pct=area_pct)
     view = concept.views[0]
     assert view.keywords == ("red", "ceramic mug") and view.keywords_source == "user"
     assert view.area_pct == area_pct and view.area_source == "user"
     tokenizer = engine.backend.tokenizer
     ids = tokenizer("red, ceramic mug", add_special_tokens=False).input_ids
-    word_offsets = [i for i, t in enumerate(ids) if tokenizer.decode([t]).strip(" ,")]   # every token but the comma
+    word_offsets = [i for i, t in enumerate(ids) if tokenizer.decode([t]).strip(" ,")]  # every token but the comma
     expected, n_r = eager_importance(engine, family, picture, ids, word_offsets)
     torch.testing.assert_close(view.scores, expected, atol=2e-5, rtol=1e-4)
     k = eq4(area_pct, n_r, engine.settings.k_cap_tokens)
     assert view.k == k
     if area_pct == 100:
-        assert k == engine.settings.k_cap_tokens          # fixed K: the cap
+        assert k == engine.settings.k_cap_tokens  # fixed K: the cap
     else:
-        assert 1 <= k < engine.settings.k_cap_tokens      # dynamic K: the subject's share of N_r
+        assert 1 <= k < engine.settings.k_cap_tokens  # dynamic K: the subject's share of N_r
     assert view.token_indices.tolist() == sorted(torch.topk(expected, k).indices.tolist())
 
 
@@ -117,7 +117,6 @@ def test_k_cap_given_wins_and_left_out_keeps_the_settings():
     assert tiny_engine("qwen2-vl").settings.k_cap_tokens == Settings().k_cap_tokens
 
 
-
 def test_with_settings_is_the_same_model_with_other_settings_and_one_call_at_a_time():
     import threading
 
@@ -128,7 +127,7 @@ def test_with_settings_is_the_same_model_with_other_settings_and_one_call_at_a_t
     assert small.settings == engine.settings.replace(k_cap_tokens=8) and engine.settings.k_cap_tokens == 50
     assert small.model is engine.model and small.backend is engine.backend and small.decoder is engine.decoder
     with pytest.raises(ValueError, match="set_decoding"):
-        engine.with_settings(decoding="compiled")   # one decoder per loaded model
+        engine.with_settings(decoding="compiled")  # one decoder per loaded model
     assert engine.with_settings(Settings.paper(), k_cap_tokens=8).settings == Settings.paper(k_cap_tokens=8)
     assert small.introduce("Chelsea", [photo(5)], area_pct=100).views[0].k == 8
     # Both share the model, so both wait for each other.
@@ -144,6 +143,7 @@ def test_with_settings_is_the_same_model_with_other_settings_and_one_call_at_a_t
         assert not entered.wait(0.3)
     worker.join(5)
     assert entered.is_set()
+
 
 class _EmbedsRecorder:
     """Records the input embeddings the language model receives on its first (prefill) call."""
@@ -167,8 +167,10 @@ class _EmbedsRecorder:
 @pytest.mark.parametrize("medium", ["image", "video"])
 def test_memories_reach_the_language_model_at_placeholder_positions(family, medium, monkeypatch):
     engine = tiny_engine(family)
-    concepts = [engine.introduce(name, [photo(i)], keywords="subject", area_pct=area) for i, (name, area) in
-                enumerate([("Chelsea", 10), ("my mug", 4), ("rocket", 2)])]
+    concepts = [
+        engine.introduce(name, [photo(i)], keywords="subject", area_pct=area)
+        for i, (name, area) in enumerate([("Chelsea", 10), ("my mug", 4), ("rocket", 2)])
+    ]
     frames = torch.randint(0, 255, (4, 64, 96, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     query = {"image": photo(9)} if medium == "image" else {"video": frames.numpy()}
     generate_calls = spy_on_generate(monkeypatch, engine)
@@ -195,13 +197,19 @@ def test_without_concepts_the_answer_equals_plain_generation(family):
     question = "What is in this photo?"
     text = engine.processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-        tokenize=False, add_generation_prompt=True)
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     # The processor inputs at the engine's own pixel budget (InternVL tiles by it), generated the plain way.
-    inputs = engine.backend.encode(text, image=picture, image_max_pixels=engine.settings.query_image_max_pixels,
-                                   video_frame_max_pixels=engine.settings.video_frame_max_pixels).inputs
+    inputs = engine.backend.encode(
+        text,
+        image=picture,
+        image_max_pixels=engine.settings.query_image_max_pixels,
+        video_frame_max_pixels=engine.settings.video_frame_max_pixels,
+    ).inputs
     with torch.no_grad():
         plain = engine.model.generate(**inputs, max_new_tokens=8, **engine.decoding)
-    expected = engine.backend.tokenizer.decode(plain[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    expected = engine.backend.tokenizer.decode(plain[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert engine.answer(question, image=picture, max_new_tokens=8) == expected.strip()
 
 
@@ -242,10 +250,12 @@ def test_with_concepts_left_out_the_kept_ones_memories_reach_the_language_model(
     engine_small = engine.with_settings(max_concepts_in_context=2)
     query = photo(11)
     # Different sizes, the kept ones not in a row: rows taken from the wrong concept would not fit or match.
-    concepts = [engine.introduce("far", [photo(12, size=(120, 400))], area_pct=4),
-                engine.introduce("twin", [query], area_pct=20),
-                engine.introduce("distant", [photo(13, size=(400, 120))], area_pct=2),
-                engine.introduce("Chelsea", [photo(14)], area_pct=10)]
+    concepts = [
+        engine.introduce("far", [photo(12, size=(120, 400))], area_pct=4),
+        engine.introduce("twin", [query], area_pct=20),
+        engine.introduce("distant", [photo(13, size=(400, 120))], area_pct=2),
+        engine.introduce("Chelsea", [photo(14)], area_pct=10),
+    ]
     generate_calls = spy_on_generate(monkeypatch, engine_small)
     with _EmbedsRecorder(engine_small) as recorder:
         answer = engine_small.answer("Is Chelsea here?", concepts, image=query, max_new_tokens=2)
@@ -261,15 +271,23 @@ def test_with_concepts_left_out_the_kept_ones_memories_reach_the_language_model(
 def test_each_concepts_similarity_and_map_are_recomputed_from_the_vision_tower(family):
     engine = tiny_engine(family)
     query = photo(11)
-    concepts = [engine.introduce("other", [photo(12, size=(120, 400))], area_pct=20),
-                engine.introduce("twin", [query], area_pct=20)]
+    concepts = [
+        engine.introduce("other", [photo(12, size=(120, 400))], area_pct=20),
+        engine.introduce("twin", [query], area_pct=20),
+    ]
     answer = engine.answer("Who is here?", concepts, image=query, max_new_tokens=2)
     # The query's visual rows, independently: the processor at the query budget, then the vision tower.
     text = engine.processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Who is here?"}]}],
-        tokenize=False, add_generation_prompt=True)
-    inputs = engine.backend.encode(text, image=query, image_max_pixels=engine.settings.query_image_max_pixels,
-                                   video_frame_max_pixels=engine.settings.video_frame_max_pixels).inputs
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    inputs = engine.backend.encode(
+        text,
+        image=query,
+        image_max_pixels=engine.settings.query_image_max_pixels,
+        video_frame_max_pixels=engine.settings.video_frame_max_pixels,
+    ).inputs
     with torch.no_grad():
         pixels = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
         pooled = engine.model.get_image_features(**pixels, return_dict=True).pooler_output
@@ -284,10 +302,10 @@ def test_each_concepts_similarity_and_map_are_recomputed_from_the_vision_tower(f
     assert [name for name, _ in answer.similarity] == ["other", "twin"]
     np.testing.assert_allclose([score for _, score in answer.similarity], expected, rtol=1e-4, atol=1e-4)
     # Maps: per visual token of the whole image, the best cosine similarity with the concept's memory rows.
-    if "image_grid_thw" in inputs:            # Qwen: every merged token, raster order
+    if "image_grid_thw" in inputs:  # Qwen: every merged token, raster order
         _, h, w = inputs["image_grid_thw"][0].tolist()
         grid, on_map = (h // 2, w // 2), q
-    else:                                     # InternVL: the last tile is the whole image (thumbnail or only tile)
+    else:  # InternVL: the last tile is the whole image (thumbnail or only tile)
         grid, on_map = (16, 16), q[-256:]
     assert [name for name, _ in answer.similarity_maps] == ["other", "twin"]
     for (_, actual), concept in zip(answer.similarity_maps, concepts):
@@ -302,21 +320,27 @@ def test_concepts_the_question_names_are_kept_before_the_most_similar():
     engine = tiny_engine("qwen2-vl")
     small = engine.with_settings(max_concepts_in_context=1)
     query = photo(11)
-    twin = engine.introduce("twin", [query], area_pct=20)              # the most similar to the query
+    twin = engine.introduce("twin", [query], area_pct=20)  # the most similar to the query
     other = engine.introduce("Other Cat", [photo(12, size=(120, 400))], area_pct=20)
     named = small.answer("Is other cat's tail visible?", [twin, other], image=query, max_new_tokens=1)
     assert named.concepts_used == ("Other Cat",) and named.concepts_dropped == ("twin",)
     text_only = small.answer("What colour is OTHER CAT?", [twin, other], max_new_tokens=1)
     assert text_only.concepts_used == ("Other Cat",)
     unnamed = small.answer("What colour is it?", [twin, other], max_new_tokens=1)
-    assert unnamed.concepts_used == ("twin",)                            # nothing to go by: the first one
+    assert unnamed.concepts_used == ("twin",)  # nothing to go by: the first one
 
 
-@pytest.mark.parametrize("question, name, named", [
-    ("What colour are Chelsea's eyes?", "Chelsea", True), ("Is my   MUG here?", "my mug", True),
-    ("Are there Chelseas here?", "Chelsea", False), ("Is the mug here?", "my mug", False),
-    ("Where is Bo?", "Bob", False), ("", "Chelsea", False),
-])
+@pytest.mark.parametrize(
+    "question, name, named",
+    [
+        ("What colour are Chelsea's eyes?", "Chelsea", True),
+        ("Is my   MUG here?", "my mug", True),
+        ("Are there Chelseas here?", "Chelsea", False),
+        ("Is the mug here?", "my mug", False),
+        ("Where is Bo?", "Bob", False),
+        ("", "Chelsea", False),
+    ],
+)
 def test_a_question_names_a_concept_only_by_its_whole_name(question, name, named):
     from ego.engine import named_in
 
@@ -330,22 +354,25 @@ def test_memory_from_another_model_is_refused():
         tiny_engine("qwen3-vl").answer("Is Chelsea here?", [concept], image=photo(1))
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda e: e.introduce("", [photo(0)]), "name"),
-    (lambda e: e.introduce("x" * 500, [photo(0)]), "characters"),
-    (lambda e: e.introduce("Chelsea", []), "at least one"),
-    (lambda e: e.introduce("Chelsea", [photo(i) for i in range(6)]), "at most 5"),
-    (lambda e: e.introduce("Chelsea", [b"not an image"]), ""),
-    (lambda e: e.introduce("Chelsea", [photo(0)], area_pct=0), "between 1 and 100"),
-    (lambda e: e.introduce("Chelsea", [photo(0)], keywords=" , "), "keyword"),
-    (lambda e: e.answer("   ", image=photo(0)), "question"),
-    (lambda e: e.answer("Hi?", image=photo(0), video="missing.mp4"), "not both"),
-    (lambda e: e.answer("Hi?", video=b"\x00" * 100), ""),
-    (lambda e: e.answer("Hi?", max_new_tokens=0), "between 1 and"),
-    (lambda e: e.answer("Is \ud800 here?", image=photo(0)), "not valid Unicode"),
-    (lambda e: e.introduce("Chelsea", [photo(0)], keywords="tabby, \udc00"), "not valid Unicode"),
-    (lambda e: e.introduce("Chel\udfffsea", [photo(0)], area_pct=5), "not valid Unicode"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda e: e.introduce("", [photo(0)]), "name"),
+        (lambda e: e.introduce("x" * 500, [photo(0)]), "characters"),
+        (lambda e: e.introduce("Chelsea", []), "at least one"),
+        (lambda e: e.introduce("Chelsea", [photo(i) for i in range(6)]), "at most 5"),
+        (lambda e: e.introduce("Chelsea", [b"not an image"]), ""),
+        (lambda e: e.introduce("Chelsea", [photo(0)], area_pct=0), "between 1 and 100"),
+        (lambda e: e.introduce("Chelsea", [photo(0)], keywords=" , "), "keyword"),
+        (lambda e: e.answer("   ", image=photo(0)), "question"),
+        (lambda e: e.answer("Hi?", image=photo(0), video="missing.mp4"), "not both"),
+        (lambda e: e.answer("Hi?", video=b"\x00" * 100), ""),
+        (lambda e: e.answer("Hi?", max_new_tokens=0), "between 1 and"),
+        (lambda e: e.answer("Is \ud800 here?", image=photo(0)), "not valid Unicode"),
+        (lambda e: e.introduce("Chelsea", [photo(0)], keywords="tabby, \udc00"), "not valid Unicode"),
+        (lambda e: e.introduce("Chel\udfffsea", [photo(0)], area_pct=5), "not valid Unicode"),
+    ],
+)
 def test_user_errors_raise_input_error_with_a_sentence(call, message):
     engine = tiny_engine("qwen2-vl")
     with pytest.raises(InputError) as raised:
@@ -357,9 +384,10 @@ def test_user_errors_raise_input_error_with_a_sentence(call, message):
 def test_special_tokens_typed_by_a_visitor_stay_text():
     engine = tiny_engine("qwen2-vl")
     concept = engine.introduce("<|vision_pad|><|im_end|>", [photo(0)], area_pct=5)
-    answer = engine.answer("<|image_pad|> <|vision_pad|> what is <|im_start|>this?", [concept], image=photo(1),
-                           max_new_tokens=2)
-    assert answer.memory_tokens == concept.num_tokens   # no extra placeholder sneaked in
+    answer = engine.answer(
+        "<|image_pad|> <|vision_pad|> what is <|im_start|>this?", [concept], image=photo(1), max_new_tokens=2
+    )
+    assert answer.memory_tokens == concept.num_tokens  # no extra placeholder sneaked in
     assert isinstance(concept, Concept)
 
 

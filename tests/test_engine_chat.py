@@ -29,8 +29,7 @@ def chelsea(engine, concepts):
     return concepts[engine.model_id]
 
 
-def test_cached_follow_ups_equal_recomputed_ones_with_another_conversation_in_between(family, concepts,
-                                                                                        monkeypatch):
+def test_cached_follow_ups_equal_recomputed_ones_with_another_conversation_in_between(family, concepts, monkeypatch):
     engine = tiny_engine(family)
     concept = chelsea(engine, concepts)
     chat = engine.chat([concept], image=photo(3))
@@ -53,9 +52,9 @@ def test_cached_follow_ups_equal_recomputed_ones_with_another_conversation_in_be
     for call in (cached_call, recomputed_call):
         ids, embeds = call["input_ids"][0], call["inputs_embeds"][0]
         slots = ids == engine.backend.placeholder_id
-        torch.testing.assert_close(embeds[slots].float(), concept.embeddings.float())   # memory rows in place
+        torch.testing.assert_close(embeds[slots].float(), concept.embeddings.float())  # memory rows in place
         assert embeds.shape[0] == ids.shape[0]
-    assert not any(key in cached_call for key in engine.backend.vision_input_keys)      # the photo is cached
+    assert not any(key in cached_call for key in engine.backend.vision_input_keys)  # the photo is cached
     assert cached_call["past_key_values"].get_seq_length() > 0
     assert "pixel_values" in recomputed_call and recomputed_call["past_key_values"] is None
     assert [q for q, _ in chat.turns] == ["Is Chelsea here?", *FOLLOW_UPS]
@@ -65,8 +64,9 @@ def test_a_stream_follow_up_ends_in_the_answer_and_closing_it_keeps_the_answer_s
     engine = tiny_engine("qwen3-vl")
     concept = chelsea(engine, concepts)
     chat, reference = engine.chat([concept], image=photo(3)), engine.chat([concept], image=photo(3))
-    assert list(chat.stream("Is Chelsea here?", max_new_tokens=5))[-1] == reference.ask("Is Chelsea here?",
-                                                                                         max_new_tokens=5)
+    assert list(chat.stream("Is Chelsea here?", max_new_tokens=5))[-1] == reference.ask(
+        "Is Chelsea here?", max_new_tokens=5
+    )
     parts = list(chat.stream(FOLLOW_UPS[0], max_new_tokens=5))
     assert parts[-1] == reference.ask(FOLLOW_UPS[0], max_new_tokens=5, use_cache=False)
     assert parts[-1].prefill_tokens < parts[-1].context_tokens
@@ -77,7 +77,7 @@ def test_a_stream_follow_up_ends_in_the_answer_and_closing_it_keeps_the_answer_s
     assert engine._lock.acquire(timeout=2), "the model lock was not released"
     engine._lock.release()
     assert not any(t.name == "ego-generate" and t.is_alive() for t in threading.enumerate())
-    assert len(chat.turns) == 3                                   # the stopped answer stays in the conversation
+    assert len(chat.turns) == 3  # the stopped answer stays in the conversation
     reference.ask("Describe everything in great detail.", max_new_tokens=200)  # (a longer, complete answer)
     assert chat.ask(FOLLOW_UPS[1], max_new_tokens=5).prefill_tokens < chat.turns[-1][1].context_tokens
 
@@ -93,10 +93,10 @@ def test_the_least_recently_used_cache_is_dropped_and_its_conversation_recompute
     first.ask("Is Chelsea here?", max_new_tokens=4)
     assert first.cache_bytes > 0
     second.ask("Is Chelsea here?", max_new_tokens=4)
-    assert first.cache_bytes == 0 and second.cache_bytes > 0      # the older one made room
+    assert first.cache_bytes == 0 and second.cache_bytes > 0  # the older one made room
     again = first.ask(FOLLOW_UPS[0], max_new_tokens=4)
-    assert again.prefill_tokens == again.context_tokens           # recomputed from scratch
-    assert again == probe.ask(FOLLOW_UPS[0], max_new_tokens=4)    # the same answer as a cached follow-up
+    assert again.prefill_tokens == again.context_tokens  # recomputed from scratch
+    assert again == probe.ask(FOLLOW_UPS[0], max_new_tokens=4)  # the same answer as a cached follow-up
     assert second.cache_bytes == 0 and first.cache_bytes > 0
     assert second.ask(FOLLOW_UPS[0], max_new_tokens=4).prefill_tokens == second.turns[-1][1].context_tokens
 
@@ -145,7 +145,7 @@ def test_a_conversation_about_a_clip_follows_up_on_its_cache(family, concepts):
     clip = [photo(seed) for seed in (4, 5, 6, 7)]
     chat, reference = engine.chat([concept], video=clip), engine.chat([concept], video=clip)
     assert chat.ask("Who is here?", max_new_tokens=4) == reference.ask("Who is here?", max_new_tokens=4)
-    engine.chat([concept], image=photo(2)).ask("And here?", max_new_tokens=4)   # another conversation between
+    engine.chat([concept], image=photo(2)).ask("And here?", max_new_tokens=4)  # another conversation between
     cached = chat.ask(FOLLOW_UPS[0], max_new_tokens=4)
     assert cached == reference.ask(FOLLOW_UPS[0], max_new_tokens=4, use_cache=False)
     assert cached.prefill_tokens <= new_tokens(engine, FOLLOW_UPS[0]) + 1
@@ -167,10 +167,10 @@ def test_a_first_answer_given_elsewhere_is_taken_as_the_first_turn():
     adopted.adopt("Who is here?", given)
     assert adopted.turns == [("Who is here?", given)]
     second = adopted.ask("And then?", max_new_tokens=6)
-    assert second.prefill_tokens == second.context_tokens          # the whole context, computed once
+    assert second.prefill_tokens == second.context_tokens  # the whole context, computed once
     assert str(second) == str(made_here.ask("And then?", max_new_tokens=6))
     third = adopted.ask("More?", max_new_tokens=6)
-    assert third.prefill_tokens < third.context_tokens / 4            # then on its own cache
+    assert third.prefill_tokens < third.context_tokens / 4  # then on its own cache
     assert str(third) == str(made_here.ask("More?", max_new_tokens=6))
     with pytest.raises(InputError, match="no question yet"):
         adopted.adopt("Again?", third)

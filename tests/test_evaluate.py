@@ -41,6 +41,7 @@ def engine(monkeypatch):
             if _name == "answer":
                 asked.append((args[0], len(args[1])))
             return _real(*args, **kwargs)
+
         monkeypatch.setattr(engine, name, counted)
     monkeypatch.setattr(cli, "load_engine", lambda *args, **kwargs: engine)
     engine.calls, engine.asked = calls, asked
@@ -55,9 +56,16 @@ def _lines(path: Path) -> list[dict]:
 def test_fixture_layouts_are_read_as_published(data):
     counts = {name: (len(load(data, 1).concepts), len(load(data, 1).queries)) for name, load in LOADERS.items()}
     assert counts == {
-        "yollava-rec": (3, 9 * 3), "yollava-vqa": (3, 3), "myvlm-rec": (3, 6 * 3), "myvlm-cap": (3, 6),
-        "thisismy-rec": (3, 12 * 3), "thisismy-multi-rec": (4, 4 * 4), "thisismy-multi-vqa": (4, 4),
-        "thisismy-multi-cap": (4, 4), "rap-multi-rec": (4, 4 * 4), "thisismy-video-vqa": (3, 2),
+        "yollava-rec": (3, 9 * 3),
+        "yollava-vqa": (3, 3),
+        "myvlm-rec": (3, 6 * 3),
+        "myvlm-cap": (3, 6),
+        "thisismy-rec": (3, 12 * 3),
+        "thisismy-multi-rec": (4, 4 * 4),
+        "thisismy-multi-vqa": (4, 4),
+        "thisismy-multi-cap": (4, 4),
+        "rap-multi-rec": (4, 4 * 4),
+        "thisismy-video-vqa": (3, 2),
     }
     yollava = LOADERS["yollava-rec"](data, 5)
     assert all("negative_example" not in str(p) for refs in yollava.concepts.values() for p in refs)
@@ -69,8 +77,9 @@ def test_fixture_layouts_are_read_as_published(data):
 
 
 def test_oracle_scores_100_on_every_benchmark(data, tmp_path):
-    assert cli.main(["run", "--benchmark", "all", "--data", str(data), "--model", "oracle", "--out",
-                     str(tmp_path)]) == 0
+    assert (
+        cli.main(["run", "--benchmark", "all", "--data", str(data), "--model", "oracle", "--out", str(tmp_path)]) == 0
+    )
     for name in cli.TABLES["all"]:
         document = json.loads((tmp_path / name / "metrics.json").read_text())
         metrics = document["metrics"]
@@ -84,24 +93,47 @@ def test_oracle_scores_100_on_every_benchmark(data, tmp_path):
 
 
 def test_every_benchmark_runs_on_a_tiny_model(data, tmp_path, engine):
-    assert cli.main(["run", "--benchmark", "all", "--data", str(data), "--model", "tiny-qwen2.5-vl", "--out",
-                     str(tmp_path), "--limit", "1", *FAST]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                "--benchmark",
+                "all",
+                "--data",
+                str(data),
+                "--model",
+                "tiny-qwen2.5-vl",
+                "--out",
+                str(tmp_path),
+                "--limit",
+                "1",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     for name in cli.TABLES["all"]:
         document = json.loads((tmp_path / name / "metrics.json").read_text())
         assert set(document) >= {"benchmark", "model", "settings", "metrics", "paper"}
         assert document["benchmark"] == name and document["model"] == "tiny-qwen2.5-vl"
         assert document["paper"]["ego"] > 0
         kind = LOADERS[name](data, 1).kind
-        wanted = {"recognition": {"precision", "recall", "f1", "n_positive", "n_negative", "macro_f1", "micro_f1"},
-                  "vqa": {"accuracy", "n"}, "caption": {"recall", "n"}}[kind]
+        wanted = {
+            "recognition": {"precision", "recall", "f1", "n_positive", "n_negative", "macro_f1", "micro_f1"},
+            "vqa": {"accuracy", "n"},
+            "caption": {"recall", "n"},
+        }[kind]
         assert wanted <= set(document["metrics"]), name
         predictions = _lines(tmp_path / name / "predictions.jsonl")
         assert len(predictions) == 1 and all({"question", "raw", "parsed", "verdict"} <= set(r) for r in predictions)
         assert name in (tmp_path / name / "summary.md").read_text()
     assert engine.calls["answer"] == len(cli.TABLES["all"])
     # a concept is introduced once for all the benchmarks that share its name and photos (e.g. rec and VQA)
-    distinct = {(name, tuple(str(p) for p in refs))
-                for n in cli.TABLES["all"] for name, refs in LOADERS[n](data, 1).concepts.items()}
+    distinct = {
+        (name, tuple(str(p) for p in refs))
+        for n in cli.TABLES["all"]
+        for name, refs in LOADERS[n](data, 1).concepts.items()
+    }
     assert engine.calls["introduce"] == len(distinct) == 17
 
 
@@ -109,8 +141,25 @@ def test_table3_runs_each_engine_variant(data, tmp_path, engine):
     small = tmp_path / "data"
     shutil.copytree(data / "yollava-data", small / "yollava-data", ignore=shutil.ignore_patterns("gamma"))
     out = tmp_path / "out"
-    assert cli.main(["run", "--benchmark", "table3", "--data", str(small), "--model", "tiny-qwen2.5-vl", "--out",
-                     str(out), "--limit", "1", *FAST]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                "--benchmark",
+                "table3",
+                "--data",
+                str(small),
+                "--model",
+                "tiny-qwen2.5-vl",
+                "--out",
+                str(out),
+                "--limit",
+                "1",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     # variants that differ only in what answers read share their concepts: fixed K, whole image, uniform, 5 views
     assert engine.calls["introduce"] == 2 * 4
     for variant, (changes, refs, keywords) in cli.TABLE3.items():
@@ -120,18 +169,28 @@ def test_table3_runs_each_engine_variant(data, tmp_path, engine):
         assert document["config"]["keywords_in_prompt"] == keywords
     assert len(engine.asked) == len(cli.TABLE3)
     with_keywords = sorted(n for question, n in engine.asked if question.startswith("Personal concepts you know"))
-    assert with_keywords == [0, 2]                  # keywords alone, then keywords after the two memories
+    assert with_keywords == [0, 2]  # keywords alone, then keywords after the two memories
     summary = (out / "summary.md").read_text()
     assert all(f"| table3/{variant} | f1 % |" in summary for variant in cli.TABLE3)
 
 
 def test_resume_repeats_no_query_and_a_changed_config_is_refused(data, tmp_path, engine, capsys):
-    args = ["run", "--benchmark", "yollava-rec", "--data", str(data), "--model", "tiny-qwen2.5-vl", "--out",
-            str(tmp_path), *FAST]
+    args = [
+        "run",
+        "--benchmark",
+        "yollava-rec",
+        "--data",
+        str(data),
+        "--model",
+        "tiny-qwen2.5-vl",
+        "--out",
+        str(tmp_path),
+        *FAST,
+    ]
     assert cli.main([*args, "--limit", "2"]) == 0
     assert engine.calls == {"answer": 2, "introduce": 3}
     assert cli.main([*args, "--limit", "4"]) == 0
-    assert engine.calls == {"answer": 4, "introduce": 3}                  # 2 new queries, concepts from the cache
+    assert engine.calls == {"answer": 4, "introduce": 3}  # 2 new queries, concepts from the cache
     assert cli.main([*args, "--limit", "4"]) == 0
     assert engine.calls["answer"] == 4
     predictions = _lines(tmp_path / "predictions.jsonl")
@@ -139,9 +198,9 @@ def test_resume_repeats_no_query_and_a_changed_config_is_refused(data, tmp_path,
 
     part = tmp_path / "parts" / "rank0.jsonl"
     lines = part.read_text().splitlines()
-    part.write_text("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2])   # the process died mid-line
+    part.write_text("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2])  # the process died mid-line
     assert cli.main([*args, "--limit", "4"]) == 0
-    assert engine.calls["answer"] == 5                                     # only the cut answer is asked again
+    assert engine.calls["answer"] == 5  # only the cut answer is asked again
     assert [r["key"] for r in _lines(tmp_path / "predictions.jsonl")] == [r["key"] for r in predictions]
     before = (tmp_path / "predictions.jsonl").read_text()
 
@@ -173,7 +232,7 @@ def test_data_parallel_shares_merge_to_the_whole(data, tmp_path):
 def test_progress_line_estimates_the_time_left():
     stream = io.StringIO()
     bar = runner.Progress(4, "bench", stream=stream)
-    bar.started -= 8.0                                       # two answers took 8 s: two more take about 8 s
+    bar.started -= 8.0  # two answers took 8 s: two more take about 8 s
     bar.shown, bar.done = float("-inf"), 1
     bar.step()
     assert "2/4" in stream.getvalue() and "~8s left" in stream.getvalue()
@@ -210,12 +269,39 @@ def judge_server():
 
 def test_open_answers_are_judged_again_by_an_endpoint(data, tmp_path, judge_server, monkeypatch):
     monkeypatch.setenv("EGO_JUDGE_API_KEY", "secret-for-test")
-    assert cli.main(["run", "--benchmark", "thisismy-multi-vqa", "--data", str(data), "--model", "oracle",
-                     "--out", str(tmp_path)]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                "--benchmark",
+                "thisismy-multi-vqa",
+                "--data",
+                str(data),
+                "--model",
+                "oracle",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     answers = [r["raw"] for r in _lines(tmp_path / "predictions.jsonl")]
-    assert json.loads((tmp_path / "metrics.json").read_text())["metrics"]["accuracy"] == 1.0   # rule judge
-    assert cli.main(["judge", str(tmp_path), "--judge", "openai", "--judge-url", judge_server + "/v1",
-                     "--judge-model", "judge-model"]) == 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["metrics"]["accuracy"] == 1.0  # rule judge
+    assert (
+        cli.main(
+            [
+                "judge",
+                str(tmp_path),
+                "--judge",
+                "openai",
+                "--judge-url",
+                judge_server + "/v1",
+                "--judge-model",
+                "judge-model",
+            ]
+        )
+        == 0
+    )
     document = json.loads((tmp_path / "metrics.json").read_text())
     assert document["metrics"]["accuracy"] == 0.0 and "judge-model" in document["metrics"]["judge"]
     assert [r["raw"] for r in _lines(tmp_path / "predictions.jsonl")] == answers

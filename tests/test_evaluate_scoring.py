@@ -8,11 +8,22 @@ from ego.evaluate import scoring
 from ego.evaluate.judge import RuleJudge, read_verdict
 
 
-@pytest.mark.parametrize("answer, expected", [
-    ("Yes.", True), ("yes", True), ("YES!", True), ("No, it is not.", False), ("no", False),
-    ("I think yes, it is there", True), ("Well... no. Yes?", False), ("Certainly not", None), ("", None),
-    ("Nope", None), ("Yesterday it was here", None),
-])
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("Yes.", True),
+        ("yes", True),
+        ("YES!", True),
+        ("No, it is not.", False),
+        ("no", False),
+        ("I think yes, it is there", True),
+        ("Well... no. Yes?", False),
+        ("Certainly not", None),
+        ("", None),
+        ("Nope", None),
+        ("Yesterday it was here", None),
+    ],
+)
 def test_yes_no(answer, expected):
     assert scoring.parse_yes_no(answer) is expected
 
@@ -20,12 +31,22 @@ def test_yes_no(answer, expected):
 OPTIONS = {"A": "Cat", "B": "Dog"}
 
 
-@pytest.mark.parametrize("answer, strict, pekit", [
-    ("B", "B", "B"), ("(A)", "A", "A"), ("A.", "A", "A"), ("B) Dog", "B", "B"), ("A: Cat", "A", "A"),
-    ("The answer is B.", "B", "B"), ("Answer: a", "A", "A"),
-    ("A dog sits on the mat.", "B", "A"),           # the article "A" is not the letter A
-    ("a cat and a dog", None, "A"), ("I am not sure", None, None), ("It is a dog", "B", None),
-])
+@pytest.mark.parametrize(
+    "answer, strict, pekit",
+    [
+        ("B", "B", "B"),
+        ("(A)", "A", "A"),
+        ("A.", "A", "A"),
+        ("B) Dog", "B", "B"),
+        ("A: Cat", "A", "A"),
+        ("The answer is B.", "B", "B"),
+        ("Answer: a", "A", "A"),
+        ("A dog sits on the mat.", "B", "A"),  # the article "A" is not the letter A
+        ("a cat and a dog", None, "A"),
+        ("I am not sure", None, None),
+        ("It is a dog", "B", None),
+    ],
+)
 def test_two_option_letters(answer, strict, pekit):
     assert scoring.parse_option(answer, OPTIONS) == strict
     assert scoring.parse_option_pekit(answer) == pekit
@@ -62,7 +83,7 @@ def test_recognition_variants_by_hand():
 def test_recognition_variants_differ_when_a_unit_is_never_detected():
     records = [({"a"}, set()), ({"a"}, set()), ({"b"}, {"b"})]
     m = scoring.recognition_metrics(records, ["a", "b"])
-    assert m["precision"] == pytest.approx(1.0)                  # a's precision is undefined: left out
+    assert m["precision"] == pytest.approx(1.0)  # a's precision is undefined: left out
     assert m["macro_precision_undefined_as_zero"] == pytest.approx(0.5)
     assert m["recall"] == pytest.approx(0.5)
     assert m["f1"] == pytest.approx(2 * 1.0 * 0.5 / 1.5)

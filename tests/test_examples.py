@@ -47,7 +47,7 @@ def test_image_questions_load_and_name_known_concepts(listing):
 
 def test_text_questions_name_known_concepts_and_load(listing):
     names = {concept["name"] for concept in listing["concepts"]}
-    assert any(len(q["concepts"]) >= 2 for q in listing["text_questions"])   # two concepts, no photo
+    assert any(len(q["concepts"]) >= 2 for q in listing["text_questions"])  # two concepts, no photo
     for question in listing["text_questions"]:
         assert question["question"].strip().endswith("?") and question["concepts"]
         assert set(question["concepts"]) <= names

@@ -30,9 +30,11 @@ def test_alpha_is_the_models_size_answer():
     view = concept.views[0]
     config = engine.model.config
     # One 448 px tile, 14 px patches, pixel shuffle 0.5: the number of visual tokens, from the config alone.
-    tile, patch = (torch.tensor(config.vision_config.image_size).flatten()[0].item(),
-                   torch.tensor(config.vision_config.patch_size).flatten()[0].item())
-    n_r = round((tile / patch) ** 2 * config.downsample_ratio ** 2)
+    tile, patch = (
+        torch.tensor(config.vision_config.image_size).flatten()[0].item(),
+        torch.tensor(config.vision_config.patch_size).flatten()[0].item(),
+    )
+    n_r = round((tile / patch) ** 2 * config.downsample_ratio**2)
     assert view.size_answer == "5%"
     assert (view.area_pct, view.area_source) == (5.0, "model")
     assert view.k == eq4(5, n_r, engine.settings.k_cap_tokens) == concept.embeddings.shape[0]
@@ -40,8 +42,9 @@ def test_alpha_is_the_models_size_answer():
 
 
 def test_a_size_answer_cut_inside_a_number_falls_back_and_says_so():
-    engine = bigram_engine("internvl3", "5", repeat_last=True).with_settings(description_max_new_tokens=4,
-                           size_max_new_tokens=4)
+    engine = bigram_engine("internvl3", "5", repeat_last=True).with_settings(
+        description_max_new_tokens=4, size_max_new_tokens=4
+    )
     view = engine.introduce("Mug", [photo(1)]).views[0]
     assert view.size_answer == "5555"
     assert (view.area_pct, view.area_source) == (engine.settings.area_pct_fallback, "truncated")
@@ -58,9 +61,14 @@ def test_each_view_keeps_tokens_in_proportion_to_its_own_visual_tokens():
     factor = 28  # 14 px patches, 2x2 merge
     expected_n_r = []
     for picture in pictures:
-        height, width = smart_resize(picture.height, picture.width, factor=factor, min_pixels=4 * factor ** 2,
-                                     max_pixels=engine.settings.reference_max_pixels)
-        expected_n_r.append(height * width // factor ** 2)
+        height, width = smart_resize(
+            picture.height,
+            picture.width,
+            factor=factor,
+            min_pixels=4 * factor**2,
+            max_pixels=engine.settings.reference_max_pixels,
+        )
+        expected_n_r.append(height * width // factor**2)
     assert expected_n_r[0] != expected_n_r[1]
     expected_k = [eq4(10, n_r, engine.settings.k_cap_tokens) for n_r in expected_n_r]
     assert expected_k[0] != expected_k[1]
@@ -86,14 +94,14 @@ def test_each_name_is_followed_by_exactly_its_own_memory(family):
     for concept in concepts:
         name = tokenizer(f"{concept.name}: ", add_special_tokens=False).input_ids
         marker = name + opening
-        starts = [i for i in range(len(ids)) if ids[i:i + len(marker)] == marker]
+        starts = [i for i in range(len(ids)) if ids[i : i + len(marker)] == marker]
         assert len(starts) == 1, concept.name
         first = starts[0] + len(marker)
         run = 0
         while ids[first + run] == pad:
             run += 1
         assert run == concept.num_tokens, concept.name
-        held = embeds[first:first + run].float().cpu()
+        held = embeds[first : first + run].float().cpu()
         assert torch.equal(held, concept.embeddings.to(embeds.dtype).float()), concept.name
 
 
@@ -111,7 +119,7 @@ def test_the_memory_precedes_the_query_image_and_the_question_follows_it(family)
     image = [i for i, t in enumerate(ids) if t == image_id]
     assert slots and image
     assert max(slots) < min(image)
-    text_after = engine.backend.tokenizer.decode(ids[max(image) + 1:])
+    text_after = engine.backend.tokenizer.decode(ids[max(image) + 1 :])
     assert question in text_after
 
 
@@ -123,24 +131,31 @@ def test_memory_slots_have_consecutive_text_positions_and_the_image_grid_comes_a
     generate = generate_call(engine, "Who is here?", concepts, image=photo(5))
     input_ids = generate["input_ids"]
     positions, _ = engine.model.model.get_rope_index(
-        input_ids, generate["mm_token_type_ids"], image_grid_thw=generate["image_grid_thw"],
-        attention_mask=generate["attention_mask"])                        # [3, 1, L]
+        input_ids,
+        generate["mm_token_type_ids"],
+        image_grid_thw=generate["image_grid_thw"],
+        attention_mask=generate["attention_mask"],
+    )  # [3, 1, L]
     positions = positions[:, 0].cpu()
     ids = input_ids[0].cpu()
     slots = (ids == engine.backend.placeholder_id).nonzero().squeeze(1)
     image = (ids == engine.model.config.image_token_id).nonzero().squeeze(1)
     for run_start, concept in zip(_runs(slots), concepts):
         run = torch.arange(run_start, run_start + concept.num_tokens)
-        slot_positions = positions[:, run]                                # [3, K_c]
+        slot_positions = positions[:, run]  # [3, K_c]
         # Text positions: the three axes agree, and each slot is one step after the previous token.
         assert torch.equal(slot_positions[0], slot_positions[1]) and torch.equal(slot_positions[0], slot_positions[2])
         assert torch.equal(slot_positions[0], positions[0, run_start - 1] + 1 + torch.arange(concept.num_tokens))
-    grid = positions[:, image]                                            # [3, N]
+    grid = positions[:, image]  # [3, N]
     assert int(grid.min()) > int(positions[:, slots].max())
-    rows, cols = engine.backend.grid(engine.backend.encode(
-        engine.backend.chat_text([{"type": "image"}]), image=photo(5),
-        image_max_pixels=engine.settings.query_image_max_pixels,
-        video_frame_max_pixels=engine.settings.video_frame_max_pixels))
+    rows, cols = engine.backend.grid(
+        engine.backend.encode(
+            engine.backend.chat_text([{"type": "image"}]),
+            image=photo(5),
+            image_max_pixels=engine.settings.query_image_max_pixels,
+            video_frame_max_pixels=engine.settings.video_frame_max_pixels,
+        )
+    )
     # The image's tokens spread over a 2-D grid: rows x cols distinct (height, width) positions.
     assert len({(int(h), int(w)) for h, w in zip(grid[1], grid[2])}) == rows * cols
 
@@ -163,14 +178,21 @@ def test_eq3_scores_match_eager_attention_far_beyond_the_tolerance(family):
     view = engine.introduce("Mop", [picture]).views[0]
     assert view.description == says and view.keywords == ("mop",)
 
-    eager = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint(family), attn_implementation="eager",
-                                                        dtype=torch.float32).eval()
+    eager = AutoModelForImageTextToText.from_pretrained(
+        tiny_checkpoint(family), attn_implementation="eager", dtype=torch.float32
+    ).eval()
     eager.load_state_dict(engine.model.state_dict())
     text = engine.processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompts.DESCRIBE_PROMPT}]}],
-        tokenize=False, add_generation_prompt=True)
-    inputs = engine.backend.encode(text, image=picture, image_max_pixels=engine.settings.reference_max_pixels,
-                                   video_frame_max_pixels=engine.settings.video_frame_max_pixels).inputs
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    inputs = engine.backend.encode(
+        text,
+        image=picture,
+        image_max_pixels=engine.settings.reference_max_pixels,
+        video_frame_max_pixels=engine.settings.video_frame_max_pixels,
+    ).inputs
     start = inputs["input_ids"].shape[1]
     description = [engine.backend.tokenizer(ch, add_special_tokens=False).input_ids[0] for ch in says]
     ids = torch.cat([inputs["input_ids"], torch.tensor([description])], dim=1)
@@ -190,7 +212,7 @@ def test_eq3_scores_match_eager_attention_far_beyond_the_tolerance(family):
     def eq3(offsets):
         rows = torch.tensor([start + i for i in offsets])
         block = torch.stack([out.attentions[layer][0] for layer in engine.layers])[:, :, rows][:, :, :, columns]
-        n_layers, n_heads, n_words, _ = block.shape                      # [|L|, H, N_w, N_r]
+        n_layers, n_heads, n_words, _ = block.shape  # [|L|, H, N_w, N_r]
         return block.sum(dim=(0, 1, 2)) / (n_layers * n_heads * n_words)
 
     expected = eq3([4, 5, 6])

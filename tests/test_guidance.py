@@ -13,7 +13,7 @@ from space.session import Session
 def test_stop_marks_what_had_streamed_once():
     assert mark_stopped("Chelsea is on the") == "Chelsea is on the (stopped)"
     assert mark_stopped("Chelsea is on the (stopped)") == "Chelsea is on the (stopped)"
-    assert mark_stopped(THINKING) == "(stopped)"       # stopped before the first word
+    assert mark_stopped(THINKING) == "(stopped)"  # stopped before the first word
     assert mark_stopped(None) == "(stopped)"
 
 
@@ -23,11 +23,11 @@ def test_after_introduce_clears_the_form_and_resets_the_advanced_options(capsys)
     form = after_introduce(session, "<b>Chelsea</b>")  # gr.Info outside a request prints its message
     assert form == ("", None, "", True, 25)
     shown = capsys.readouterr().out
-    assert "&lt;b&gt;Chelsea&lt;/b&gt;" in shown and "<b>" not in shown   # visitor text, escaped
-    assert "Export" in shown                                             # the first concept: a nudge to export
+    assert "&lt;b&gt;Chelsea&lt;/b&gt;" in shown and "<b>" not in shown  # visitor text, escaped
+    assert "Export" in shown  # the first concept: a nudge to export
     session._entries = [object(), object()]
     after_introduce(session, "Bo")
-    assert "Export" not in capsys.readouterr().out                      # once is enough
+    assert "Export" not in capsys.readouterr().out  # once is enough
 
 
 def test_an_example_question_without_its_concepts_gets_a_hint():
@@ -36,8 +36,8 @@ def test_an_example_question_without_its_concepts_gets_a_hint():
         hint(Session(), "Who is next to  my mug?")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        hint(Session(), "Describe the sky.")              # an example that needs no concept
+        hint(Session(), "Describe the sky.")  # an example that needs no concept
         hint(Session(), "Who is next to my mug, really?")  # the visitor's own question
         loaded = Session()
         loaded.has = lambda name: True
-        hint(loaded, "Who is next to my mug?")            # the concepts are there
+        hint(loaded, "Who is next to my mug?")  # the concepts are there

@@ -150,7 +150,7 @@ def test_all_sessions_share_one_memory_budget_and_a_dropped_session_frees_its_sh
     engine = tiny_engine("qwen2.5-vl")
     concepts = [engine.introduce(f"c{i}", [photo(i)], keywords="cat", area_pct=100) for i in range(12)]
     file = save_concepts(tmp_path / "twelve.safetensors", concepts)
-    one_file = sum(c.nbytes for c in concepts) + 12 * SPACE_SETTINGS.thumbnail_px ** 2 * 3  # rows + thumbnails
+    one_file = sum(c.nbytes for c in concepts) + 12 * SPACE_SETTINGS.thumbnail_px**2 * 3  # rows + thumbnails
     space = SPACE_SETTINGS.replace(max_sessions=2, max_concepts_per_session=12, max_all_sessions_memory_mb=1)
     assert one_file < 1024 * 1024 < 2 * one_file, "the fixture no longer fits the budget it tests"
     with running_demo(SETTINGS, space) as small:
@@ -158,7 +158,7 @@ def test_all_sessions_share_one_memory_budget_and_a_dropped_session_frees_its_sh
         first.predict(handle_file(str(file)), api_name="/import_concepts")
         with pytest.raises(AppError, match="as many concepts as it can.*your concepts are unchanged"):
             second.predict(handle_file(str(file)), api_name="/import_concepts")
-        assert len(names(first)) == 12 and names(second) == []     # first is now the least recently used
+        assert len(names(first)) == 12 and names(second) == []  # first is now the least recently used
         names(visitor(small.local_url))  # a third session: Gradio drops the least recently used (first)
         gc.collect()
         second.predict(handle_file(str(file)), api_name="/import_concepts")
@@ -193,7 +193,7 @@ def loopback_server():
 
 @pytest.fixture(params=["private", "public"])
 def link_checks(request, monkeypatch):
-    """"private": Gradio's own check refuses loopback addresses. "public": the check is told the loopback
+    """ "private": Gradio's own check refuses loopback addresses. "public": the check is told the loopback
     server is public, as any public host would be, so only the app's own refusal stands."""
     if request.param == "public":
         import safehttpx
@@ -207,8 +207,18 @@ def link_checks(request, monkeypatch):
 
 def test_file_routes_serve_no_host_file_and_fetch_no_link(url, loopback_server, link_checks):
     server, hits = loopback_server
-    targets = ["/etc/passwd", "../app.py", "..%2Fapp.py", "%2Fetc%2Fpasswd", str(ROOT / "app.py"), "app.py",
-               str(ROOT / ".gitignore"), "/proc/self/environ", f"{server}/photo.jpg", "HTTP://127.0.0.1:1/x"]
+    targets = [
+        "/etc/passwd",
+        "../app.py",
+        "..%2Fapp.py",
+        "%2Fetc%2Fpasswd",
+        str(ROOT / "app.py"),
+        "app.py",
+        str(ROOT / ".gitignore"),
+        "/proc/self/environ",
+        f"{server}/photo.jpg",
+        "HTTP://127.0.0.1:1/x",
+    ]
     for target in targets:
         for route in ("file=", "file/"):
             response = httpx.get(f"{url}gradio_api/{route}{target}", timeout=30)
@@ -224,8 +234,11 @@ def queue_call(url: str, client: Client, api_name: str, data: list) -> dict:
     """Send raw `data` (State input first) to an endpoint in `client`'s session; the final message."""
     fn_index = next(i for i, dep in enumerate(client.config["dependencies"]) if dep.get("api_name") == api_name)
     session = client.session_hash
-    joined = httpx.post(f"{url}gradio_api/queue/join", json={"data": [None, *data], "fn_index": fn_index,
-                                                               "session_hash": session}, timeout=30)
+    joined = httpx.post(
+        f"{url}gradio_api/queue/join",
+        json={"data": [None, *data], "fn_index": fn_index, "session_hash": session},
+        timeout=30,
+    )
     joined.raise_for_status()
     with httpx.stream("GET", f"{url}gradio_api/queue/data", params={"session_hash": session}, timeout=60) as stream:
         for line in stream.iter_lines():
@@ -240,12 +253,22 @@ def test_file_payloads_naming_host_files_or_links_are_refused(url, mine, loopbac
     server, hits = loopback_server
     client = mine["client"]
     # Host files that would be valid inputs (a photo, a concept file) too: only uploads are read.
-    for path in ["/etc/passwd", "../app.py", str(ROOT / "app.py"), "/proc/self/environ", QUERY, str(mine["file"]),
-                 f"{server}/photo.jpg", f"{server}/concepts.safetensors"]:
+    for path in [
+        "/etc/passwd",
+        "../app.py",
+        str(ROOT / "app.py"),
+        "/proc/self/environ",
+        QUERY,
+        str(mine["file"]),
+        f"{server}/photo.jpg",
+        f"{server}/concepts.safetensors",
+    ]:
         file = {"path": path, "meta": {"_type": "gradio.FileData"}}
-        for api_name, data in [("introduce", ["Sneaky", [{"image": file, "caption": None}], "cat", False, 10]),
-                               ("ask_image", [file, "What is this?", False]),
-                               ("import_concepts", [file])]:
+        for api_name, data in [
+            ("introduce", ["Sneaky", [{"image": file, "caption": None}], "cat", False, 10]),
+            ("ask_image", [file, "What is this?", False]),
+            ("import_concepts", [file]),
+        ]:
             message = queue_call(url, client, api_name, data)
             text = json.dumps(message)
             assert message["success"] is False, (api_name, path, text)
@@ -301,6 +324,7 @@ def name_setter(*new_names):
         for number in range(1, len(new_names)):
             for suffix in ("embeddings", "v0.token_indices", "v0.scores"):
                 tensors[f"c{number}.{suffix}"] = tensors[f"c0.{suffix}"].clone()
+
     return change
 
 
@@ -335,39 +359,69 @@ HOSTILE = {
     "giant header length": (lambda good, out: written(out, struct.pack("<Q", 1 << 60) + b"{}"), NOT_OURS),
     "plain safetensors": (lambda good, out: save_file({"x": torch.zeros(3)}, str(out)) or out, NOT_OURS),
     "wrong version": (lambda good, out: rewritten(good, out, setter("version", 99)), "format version 99"),
-    "another model": (lambda good, out: rewritten(good, out, setter("model_id", "someone/another-model")),
-                      "cannot be used with"),
-    "huge tensor shape": (lambda good, out: raw_safetensors(out, {
-        "__metadata__": {"ego": json.dumps(read_file(good)[1])},
-        "c0.embeddings": {"dtype": "F32", "shape": [1 << 30, 1 << 20], "data_offsets": [0, 1 << 52]}}, b"\0" * 64),
-        NOT_OURS),
-    "offsets past the end": (lambda good, out: raw_safetensors(out, {
-        "__metadata__": {"ego": json.dumps(read_file(good)[1])},
-        "c0.embeddings": {"dtype": "F32", "shape": [4, 4], "data_offsets": [1 << 40, (1 << 40) + 64]}}, b"\0" * 64),
-        NOT_OURS),
+    "another model": (
+        lambda good, out: rewritten(good, out, setter("model_id", "someone/another-model")),
+        "cannot be used with",
+    ),
+    "huge tensor shape": (
+        lambda good, out: raw_safetensors(
+            out,
+            {
+                "__metadata__": {"ego": json.dumps(read_file(good)[1])},
+                "c0.embeddings": {"dtype": "F32", "shape": [1 << 30, 1 << 20], "data_offsets": [0, 1 << 52]},
+            },
+            b"\0" * 64,
+        ),
+        NOT_OURS,
+    ),
+    "offsets past the end": (
+        lambda good, out: raw_safetensors(
+            out,
+            {
+                "__metadata__": {"ego": json.dumps(read_file(good)[1])},
+                "c0.embeddings": {"dtype": "F32", "shape": [4, 4], "data_offsets": [1 << 40, (1 << 40) + 64]},
+            },
+            b"\0" * 64,
+        ),
+        NOT_OURS,
+    ),
     "grid larger than its data": (lambda good, out: rewritten(good, out, view_setter(grid=[4096, 4096])), NOT_OURS),
     "negative grid": (lambda good, out: rewritten(good, out, view_setter(grid=[-11, -11])), NOT_OURS),
-    "not a number in the memory": (lambda good, out: rewritten(
-        good, out, lambda tensors, document: tensors["c0.embeddings"].fill_(float("nan"))), NOT_OURS),
-    "thousands of concepts": (lambda good, out: rewritten(
-        good, out, lambda tensors, document: document.update(concepts=[{"name": f"c{i}", "views": []}
-                                                                       for i in range(5000)])),
-        "at most 200 concepts"),
+    "not a number in the memory": (
+        lambda good, out: rewritten(good, out, lambda tensors, document: tensors["c0.embeddings"].fill_(float("nan"))),
+        NOT_OURS,
+    ),
+    "thousands of concepts": (
+        lambda good, out: rewritten(
+            good,
+            out,
+            lambda tensors, document: document.update(concepts=[{"name": f"c{i}", "views": []} for i in range(5000)]),
+        ),
+        "at most 200 concepts",
+    ),
     "name too long": (lambda good, out: rewritten(good, out, name_setter("x" * 41)), "longer than 40 characters"),
     "empty name": (lambda good, out: rewritten(good, out, name_setter("  ")), "empty name"),
     "invisible name": (lambda good, out: rewritten(good, out, name_setter("\u200b\u202e")), "empty name"),
     "duplicate names": (lambda good, out: rewritten(good, out, name_setter("Twin", "twin ")), "more than once"),
     "a name taken": (lambda good, out: rewritten(good, out, name_setter(" mine")), "already have a concept named"),
-    "no views": (lambda good, out: rewritten(good, out, lambda t, d: d["concepts"][0].update(views=[])),
-                 "no reference views"),
+    "no views": (
+        lambda good, out: rewritten(good, out, lambda t, d: d["concepts"][0].update(views=[])),
+        "no reference views",
+    ),
     "a view that keeps no tokens": (lambda good, out: rewritten(good, out, keeps_nothing), "keeps no memory tokens"),
     "metadata nested 100,000 deep": (lambda good, out: nested_text(good, out, 100_000), "nests deeper"),
-    "a lone surrogate in the name": (lambda good, out: rewritten(good, out, name_setter("Mi\ud800ne")),
-                                     "not valid Unicode"),
-    "a lone surrogate in a keyword": (lambda good, out: rewritten(good, out, view_setter(keywords=["\udfff"])),
-                                      "not valid Unicode"),
-    "60,000 keywords": (lambda good, out: rewritten(good, out, view_setter(keywords=["w"] * 60_000)),
-                        "more than 100 keywords"),
+    "a lone surrogate in the name": (
+        lambda good, out: rewritten(good, out, name_setter("Mi\ud800ne")),
+        "not valid Unicode",
+    ),
+    "a lone surrogate in a keyword": (
+        lambda good, out: rewritten(good, out, view_setter(keywords=["\udfff"])),
+        "not valid Unicode",
+    ),
+    "60,000 keywords": (
+        lambda good, out: rewritten(good, out, view_setter(keywords=["w"] * 60_000)),
+        "more than 100 keywords",
+    ),
 }
 
 
@@ -387,11 +441,13 @@ def raw_queue_call(url: str, session_hash: str, fn_index: int, data: list) -> di
     """Like `queue_call`, with the JSON written by hand (ASCII escapes), so text no client would encode (a lone
     surrogate) reaches the server as a script can send it."""
     body = json.dumps({"data": data, "fn_index": fn_index, "session_hash": session_hash})
-    joined = httpx.post(f"{url}gradio_api/queue/join", content=body, timeout=30,
-                        headers={"content-type": "application/json"})
+    joined = httpx.post(
+        f"{url}gradio_api/queue/join", content=body, timeout=30, headers={"content-type": "application/json"}
+    )
     joined.raise_for_status()
-    with httpx.stream("GET", f"{url}gradio_api/queue/data", params={"session_hash": session_hash},
-                      timeout=60) as stream:
+    with httpx.stream(
+        "GET", f"{url}gradio_api/queue/data", params={"session_hash": session_hash}, timeout=60
+    ) as stream:
         for line in stream.iter_lines():
             if line.startswith("data:"):
                 message = json.loads(line[5:])
@@ -426,9 +482,9 @@ def test_round_trip_and_names_that_look_like_paths_or_html(url, mine, tmp_path):
     records = other.predict(handle_file(str(path)), api_name="/import_concepts")
     assert [r["name"] for r in records] == ["../../etc/passwd", "<img src=x onerror=alert(1)>", "abcd"]
     exported = Path(other.predict(api_name="/export_concepts"))
-    assert exported.name == "ego-concepts.safetensors"           # a name never becomes a path
+    assert exported.name == "ego-concepts.safetensors"  # a name never becomes a path
     assert not (ROOT / "etc").exists() and not Path(get_upload_folder(), "etc", "passwd").exists()
-    with pytest.raises(AppError) as refused:                     # the name comes back in a message: escaped
+    with pytest.raises(AppError) as refused:  # the name comes back in a message: escaped
         other.predict(handle_file(str(path)), api_name="/import_concepts")
     message = str(refused.value)
     assert "&lt;img src=x onerror=alert(1)&gt;" in message and "<img" not in message
@@ -474,8 +530,13 @@ def test_session_ids_and_visitor_text_are_never_logged(url, tmp_path, capfd, cap
     private_file.write_bytes(b"not a concept file")
     capfd.readouterr()
     with caplog.at_level(logging.DEBUG):
-        run = subprocess.run([sys.executable, "-c", VISITOR_SCRIPT, url, PHOTO, QUERY, str(private_file)],
-                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+        run = subprocess.run(
+            [sys.executable, "-c", VISITOR_SCRIPT, url, PHOTO, QUERY, str(private_file)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
         assert run.returncode == 0, run.stderr
     session_hash = run.stdout.split()[-1]
     captured = capfd.readouterr()

@@ -66,8 +66,9 @@ class ModelProbe:
             if cap is not None:
                 kwargs["max_new_tokens"] = min(kwargs.get("max_new_tokens") or cap, cap)
             if self.seconds_per_token:
-                kwargs["stopping_criteria"] = StoppingCriteriaList([*kwargs.get("stopping_criteria", ()),
-                                                                    _SlowTokens(self.seconds_per_token)])
+                kwargs["stopping_criteria"] = StoppingCriteriaList(
+                    [*kwargs.get("stopping_criteria", ()), _SlowTokens(self.seconds_per_token)]
+                )
             return self._generate(*args, **kwargs)
         finally:
             with self._count:
@@ -118,7 +119,7 @@ class CountingLock:
 
 @pytest.fixture
 def engine():
-    return space_engine(SETTINGS)   # the engine the module's Space serves
+    return space_engine(SETTINGS)  # the engine the module's Space serves
 
 
 @pytest.fixture
@@ -165,27 +166,37 @@ def test_a_full_queue_turns_visitors_away_and_the_model_runs_one_call_at_a_time(
     first, second, third, fourth = (visitor(url) for _ in range(4))
     owner = visitor(url)
     introduce(owner, "Kept")
-    probe.gate.clear()                                  # the first request holds the model until released
+    probe.gate.clear()  # the first request holds the model until released
     running = ask(first)
     wait_for(lambda: probe.inside == 1, what="the first answer to start")
-    waiting = [second.submit("Cat", [{"image": handle_file(PHOTO), "caption": None}], "tabby", False, 10,
-                             api_name="/introduce")]
+    waiting = [
+        second.submit(
+            "Cat", [{"image": handle_file(PHOTO), "caption": None}], "tabby", False, 10, api_name="/introduce"
+        )
+    ]
     wait_for(lambda: len(demo._queue) == 1, timeout_s=10, what="the introduction to wait in the queue")
     waiting.append(ask(third))
     wait_for(lambda: len(demo._queue) == 2, timeout_s=10, what="the second answer to wait in the queue")
     with pytest.raises(Exception, match="Queue is full"):
         ask(fourth).result(timeout=30)
+
     # What does not need the model skips the queue, so a visitor in a browser (which posts such events to
     # /run/, not to the queue) can still list, export and remove their concepts.
     def direct(api_name: str, *data):
-        reply = httpx.post(f"{url}gradio_api/run/{api_name}", timeout=30,  # None: the session, filled by Gradio
-                           json={"data": [None, *data], "session_hash": owner.session_hash})
+        reply = httpx.post(
+            f"{url}gradio_api/run/{api_name}",
+            timeout=30,  # None: the session, filled by Gradio
+            json={"data": [None, *data], "session_hash": owner.session_hash},
+        )
         assert reply.status_code == 200, reply.text
         return reply.json()["data"]
 
     # ... while a request for the model cannot skip the queue that way.
-    skipping = httpx.post(f"{url}gradio_api/run/ask_image", timeout=30,
-                          json={"data": [None, None, "Hi?", False], "session_hash": owner.session_hash})
+    skipping = httpx.post(
+        f"{url}gradio_api/run/ask_image",
+        timeout=30,
+        json={"data": [None, None, "Hi?", False], "session_hash": owner.session_hash},
+    )
     assert skipping.status_code == 404 and "join the queue" in skipping.text
     assert [record["name"] for record in direct("list_concepts")[1]] == ["Kept"]
     assert direct("export_concepts")[1]["path"].endswith(".safetensors")
@@ -199,15 +210,19 @@ def test_a_full_queue_turns_visitors_away_and_the_model_runs_one_call_at_a_time(
     assert engine._lock.most_present == 1, "a request waited inside the engine instead of in Gradio's queue"
 
 
-def join(url: str, client: Client, api_name: str, data: list, session_hash: str | None = None,
-         address: str | None = None) -> httpx.Response:
+def join(
+    url: str, client: Client, api_name: str, data: list, session_hash: str | None = None, address: str | None = None
+) -> httpx.Response:
     """Join the queue for `api_name` as a script would (raw HTTP), in `client`'s session unless another is
     given, with an X-Forwarded-For address if given (as a tunnel such as --share's passes it on)."""
     fn_index = next(i for i, dep in enumerate(client.config["dependencies"]) if dep.get("api_name") == api_name)
     headers = {"x-forwarded-for": address} if address else {}
-    return httpx.post(f"{url}gradio_api/queue/join", timeout=30, headers=headers,
-                      json={"data": [None, *data], "fn_index": fn_index,
-                            "session_hash": session_hash or client.session_hash})
+    return httpx.post(
+        f"{url}gradio_api/queue/join",
+        timeout=30,
+        headers=headers,
+        json={"data": [None, *data], "fn_index": fn_index, "session_hash": session_hash or client.session_hash},
+    )
 
 
 def test_one_visitor_cannot_fill_the_queue_and_others_keep_being_served(demo, url, engine, probe):
@@ -219,10 +234,10 @@ def test_one_visitor_cannot_fill_the_queue_and_others_keep_being_served(demo, ur
     running = ask(greedy)
     wait_for(lambda: probe.inside == 1, what="the first answer to start")
     question = [{"path": None}, "Hi?", False]
-    refused = join(url, greedy, "ask_image", question)         # the same session: one is already there
+    refused = join(url, greedy, "ask_image", question)  # the same session: one is already there
     assert refused.status_code == 400
     assert "You already have 1 requests waiting for the model; wait for an answer" in refused.json()["detail"]
-    waiting = [ask(other)]                                      # another visitor is still served
+    waiting = [ask(other)]  # another visitor is still served
     wait_for(lambda: len(demo._queue) == 1, timeout_s=10, what="the other visitor's answer to wait")
     # A script opening new sessions from one address (behind a tunnel, which passes the address on).
     first = join(url, other, "ask_image", question, session_hash="script-session-1", address="203.0.113.7")
@@ -235,7 +250,7 @@ def test_one_visitor_cannot_fill_the_queue_and_others_keep_being_served(demo, ur
     for job in waiting:
         job.result(timeout=60)
     wait_for(lambda: len(demo._queue) == 0, timeout_s=30, what="the queue to empty")
-    answer, *_ = ask(greedy).result(timeout=60)                 # a finished request frees the visitor's place
+    answer, *_ = ask(greedy).result(timeout=60)  # a finished request frees the visitor's place
     assert isinstance(answer, str)
 
 
@@ -264,10 +279,10 @@ def test_out_of_memory_is_a_sentence_changes_nothing_and_the_next_request_works(
 def test_a_cancelled_answer_stops_its_generation_within_a_second(url, engine, probe, compare):
     # With `compare`, the personalized answer is cut short and the answer without memory is the long one.
     probe.shorten = lambda number: 2 if compare and number == 1 else None
-    probe.seconds_per_token = 0.02                      # 1024 tokens: about 20 s
+    probe.seconds_per_token = 0.02  # 1024 tokens: about 20 s
     job = ask(visitor(url), compare)
     wait_for(lambda: probe.calls == 1 + compare and probe.inside == 1, what="the long answer to start")
-    time.sleep(0.3)                                     # a few tokens streamed
+    time.sleep(0.3)  # a few tokens streamed
     assert probe.inside == 1, "the answer ended by itself: nothing left to stop"
     job.cancel()
     assert model_is_idle(engine, within_s=1.0), "the cancelled answer kept the model busy"
@@ -277,7 +292,7 @@ def test_a_cancelled_answer_stops_its_generation_within_a_second(url, engine, pr
 def test_closing_the_tab_stops_the_answer(url, engine, probe):
     from playwright.sync_api import expect
 
-    probe.seconds_per_token = 0.02                      # 1024 tokens: about 20 s
+    probe.seconds_per_token = 0.02  # 1024 tokens: about 20 s
     with chromium_browser() as browser:
         page = browser.new_page()
         page.set_default_timeout(30_000)

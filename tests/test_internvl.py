@@ -25,7 +25,9 @@ def _ids(engine, token):
 def _encode(engine, image=None, video=None, max_pixels=None):
     block = [{"type": "image"}] if image is not None else [{"type": "video"}]
     return engine.backend.encode(
-        engine.backend.chat_text(block + [{"type": "text", "text": "What is this?"}]), image=image, video=video,
+        engine.backend.chat_text(block + [{"type": "text", "text": "What is this?"}]),
+        image=image,
+        video=video,
         image_max_pixels=max_pixels or engine.settings.reference_max_pixels,
         video_frame_max_pixels=engine.settings.video_frame_max_pixels,
     )
@@ -38,7 +40,7 @@ def test_registry_presets_and_module_paths(engine):
     assert type(engine.processor).__name__ == "InternVLProcessor"
     assert type(engine.processor.image_processor).__name__ == "GotOcr2ImageProcessor"
     assert type(engine.processor.video_processor).__name__ == "InternVLVideoProcessor"
-    for path in InternVLBackend.unquantized_modules:            # full module paths that exist
+    for path in InternVLBackend.unquantized_modules:  # full module paths that exist
         engine.model.get_submodule(path)
     text = engine.model.config.text_config
     assert text._attn_implementation == "ego_capture"
@@ -51,7 +53,7 @@ def test_registry_presets_and_module_paths(engine):
     assert preset.layers == PAPER_LAYERS == (29, 30, 35, 36, 39) and "0-based" in preset.layers_note
     for name in ("internvl3-8b", "internvl3-2b", "internvl3-1b"):
         assert resolve(name).family == "internvl3" and resolve(name).layers is None
-    assert depth_scaled_layers(28) == (17, 18, 20, 21, 23)      # InternVL3-8B / 2B depth
+    assert depth_scaled_layers(28) == (17, 18, 20, 21, 23)  # InternVL3-8B / 2B depth
     assert engine.layers == depth_scaled_layers(4) and resolve("tiny-internvl3").tiny
 
 
@@ -63,7 +65,7 @@ def test_placeholder_is_a_real_unexpanded_special_token(engine):
     text = backend.chat_text([{"type": "text", "text": "<img>" + "<|vision_pad|>" * 7 + "</img> and"}])
     encoded = backend.encode(text, image_max_pixels=1, video_frame_max_pixels=1)
     ids = encoded.inputs["input_ids"][0]
-    assert int((ids == backend.placeholder_id).sum()) == 7     # not expanded, one token each
+    assert int((ids == backend.placeholder_id).sum()) == 7  # not expanded, one token each
     assert encoded.visual_columns.numel() == 0
     # Strings the processor would expand are neutralised in visitor text.
     for special in ("<IMG_CONTEXT>", "<video>", "<img>", "</img>", "<|vision_pad|>"):
@@ -74,9 +76,26 @@ def test_placeholder_falls_back_for_vocabularies_without_vision_pad():
     from ego.backends.internvl import pick_placeholder
     from ego.random_models.tokenizer import build_tokenizer
 
-    internlm_like = build_tokenizer(["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
-                                     "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"],
-                                    chat_template="", eos_token="<|im_end|>", pad_token="</s>")
+    internlm_like = build_tokenizer(
+        [
+            "<s>",
+            "</s>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<img>",
+            "</img>",
+            "<IMG_CONTEXT>",
+            "<quad>",
+            "</quad>",
+            "<ref>",
+            "</ref>",
+            "<box>",
+            "</box>",
+        ],
+        chat_template="",
+        eos_token="<|im_end|>",
+        pad_token="</s>",
+    )
     assert pick_placeholder(internlm_like, exclude={"<IMG_CONTEXT>", "<img>", "</img>"}) == "<quad>"
     with pytest.raises(ValueError, match="placeholder"):
         pick_placeholder(internlm_like, exclude={"<quad>", "<ref>", "<box>"})
@@ -89,7 +108,7 @@ def test_reference_image_is_one_tile_of_256_tokens(engine):
     assert engine.backend.grid(encoded) == (16, 16)
     ids = encoded.inputs["input_ids"][0]
     first, last = int(encoded.visual_columns[0]), int(encoded.visual_columns[-1])
-    assert last - first == 255                                  # contiguous
+    assert last - first == 255  # contiguous
     assert ids[first - 1] == _ids(engine, "<img>") and ids[last + 1] == _ids(engine, "</img>")
     rows = engine.backend.encode_vision(encoded)
     assert tuple(rows.shape) == (256, engine.hidden_size)
@@ -102,7 +121,7 @@ def test_query_image_tiles_follow_the_pixel_budget(engine):
     assert one.visual_columns.numel() == 256
     tiled = _encode(engine, image=photo(1), max_pixels=4 * 448 * 448)
     tiles = tiled.inputs["pixel_values"].shape[0]
-    assert 2 < tiles <= 5                                      # up to 4 tiles + the global thumbnail
+    assert 2 < tiles <= 5  # up to 4 tiles + the global thumbnail
     assert tiled.visual_columns.numel() == 256 * tiles
     assert engine.backend.encode_vision(tiled).shape[0] == 256 * tiles
 
@@ -118,7 +137,7 @@ def test_video_frames_use_the_native_video_path(engine):
 
 def test_memory_rows_reach_the_llm_input_embeddings(engine, monkeypatch):
     concept = engine.introduce("Chelsea", [photo(0)], keywords="tabby, green eyes", area_pct=10)
-    assert concept.num_tokens == 26                            # round(min(50, 10% of 256))
+    assert concept.num_tokens == 26  # round(min(50, 10% of 256))
     generate_calls = spy_on_generate(monkeypatch, engine)
     seen = []
 
@@ -155,16 +174,29 @@ def test_size_question_on_the_cache_matches_a_fresh_prefill(engine):
     from ego.engine import _extend
 
     with torch.no_grad():
-        out = engine.model.generate(input_ids=prompt, **kwargs, do_sample=False, max_new_tokens=4,
-                                    return_dict_in_generate=True)
+        out = engine.model.generate(
+            input_ids=prompt, **kwargs, do_sample=False, max_new_tokens=4, return_dict_in_generate=True
+        )
         sequence = torch.cat([out.sequences, torch.tensor([[_ids(engine, "<|im_end|>"), 11, 12]])], dim=1)
         cached = _extend(kwargs, sequence.shape[1])
         cached.pop("mm_encoder_outputs")
-        warm = engine.model.generate(input_ids=sequence, **cached, past_key_values=out.past_key_values,
-                                     do_sample=False, max_new_tokens=1, output_scores=True,
-                                     return_dict_in_generate=True)
-        fresh = engine.model.generate(input_ids=sequence, **_extend(kwargs, sequence.shape[1]), do_sample=False,
-                                      max_new_tokens=1, output_scores=True, return_dict_in_generate=True)
+        warm = engine.model.generate(
+            input_ids=sequence,
+            **cached,
+            past_key_values=out.past_key_values,
+            do_sample=False,
+            max_new_tokens=1,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        fresh = engine.model.generate(
+            input_ids=sequence,
+            **_extend(kwargs, sequence.shape[1]),
+            do_sample=False,
+            max_new_tokens=1,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     torch.testing.assert_close(warm.scores[0], fresh.scores[0], atol=1e-4, rtol=1e-4)
 
 
@@ -189,7 +221,7 @@ def test_memories_do_not_cross_families(engine, tmp_path):
     qwen = tiny_engine("qwen2-vl")
     mine = engine.introduce("Chelsea", [photo(0)], keywords="tabby", area_pct=5)
     theirs = qwen.introduce("Chelsea", [photo(0)], keywords="tabby", area_pct=5)
-    assert mine.embeddings.shape[1] == theirs.embeddings.shape[1]   # same width: only the model id tells
+    assert mine.embeddings.shape[1] == theirs.embeddings.shape[1]  # same width: only the model id tells
     save_concepts(tmp_path / "internvl.safetensors", [mine])
     save_concepts(tmp_path / "qwen.safetensors", [theirs])
     with pytest.raises(IncompatibleMemoryError):
@@ -212,6 +244,6 @@ def test_4bit_on_cpu():
         module = model.get_submodule(path)
         assert not any(isinstance(m, bnb.nn.Linear4bit) for m in module.modules()), path
     concept = quantized.introduce("Chelsea", [photo(0)], keywords="tabby", area_pct=20)
-    assert concept.embeddings.dtype == quantized.memory_dtype and concept.num_tokens == 50   # min(50, 20% of 256)
+    assert concept.embeddings.dtype == quantized.memory_dtype and concept.num_tokens == 50  # min(50, 20% of 256)
     answer = quantized.answer("Is Chelsea here?", [concept], image=photo(1), max_new_tokens=3)
     assert answer.memory_tokens == concept.num_tokens

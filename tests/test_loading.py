@@ -32,6 +32,7 @@ def test_loads_once_under_concurrent_first_use():
     lazy = LazyEngine(factory, name="fake-preset")
     assert not lazy.loaded
     got = []
+
     def visit():
         got.append(lazy.get(lambda *args, **kwargs: messages.append(kwargs)))
 

@@ -390,9 +390,7 @@ def check_outcome(data: bytes) -> None:
     assert time.monotonic() - start < FUZZ_TIME_LIMIT_S
 
 
-FUZZ = hsettings(
-    max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
-)
+FUZZ = hsettings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @FUZZ
@@ -404,9 +402,7 @@ def test_fuzz_random_bytes(data):
 @FUZZ
 @given(
     seed=st.sampled_from(sorted(_SEEDS)),
-    edits=st.lists(
-        st.tuples(st.integers(min_value=0), st.integers(0, 255)), min_size=1, max_size=12
-    ),
+    edits=st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), min_size=1, max_size=12),
     cut=st.one_of(st.none(), st.integers(min_value=1)),
 )
 def test_fuzz_mutated_images(seed, edits, cut):
@@ -438,9 +434,7 @@ def test_sample_indices():
 # --- videos -------------------------------------------------------------------------------------
 
 
-def check_clip(
-    frames: np.ndarray, meta: dict, total: int = 20, n: int = 8, fps: float = 10.0
-) -> None:
+def check_clip(frames: np.ndarray, meta: dict, total: int = 20, n: int = 8, fps: float = 10.0) -> None:
     expected = sample_indices(total, n)
     assert frames.dtype == np.uint8 and frames.ndim == 4 and frames.shape[3] == 3
     assert frames.shape[0] == len(expected)
@@ -668,9 +662,7 @@ def test_decode_budget_is_checked_inside_the_decode_loop(videos, monkeypatch):
 @hsettings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(
     kind=st.sampled_from(["mp4", "webm", "avi"]),
-    edits=st.lists(
-        st.tuples(st.integers(min_value=0), st.integers(0, 255)), min_size=1, max_size=10
-    ),
+    edits=st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), min_size=1, max_size=10),
     cut=st.one_of(st.none(), st.integers(min_value=16)),
 )
 def test_fuzz_mutated_videos(videos, kind, edits, cut):
@@ -698,8 +690,8 @@ def test_a_loaded_video_is_accepted_again_without_decoding(tmp_path):
     again = load_video(loaded)
     assert again[0] is loaded[0] and again[1] == loaded[1]
     with pytest.raises(InputError):
-        load_video((loaded[0][:, :, :, :2], loaded[1]))            # not RGB
+        load_video((loaded[0][:, :, :, :2], loaded[1]))  # not RGB
     with pytest.raises(InputError):
-        load_video((loaded[0][:3], loaded[1]))                      # frames and indices disagree
+        load_video((loaded[0][:3], loaded[1]))  # frames and indices disagree
     with pytest.raises(InputError):
-        load_video((loaded[0], {"fps": 1}))                         # not our metadata
+        load_video((loaded[0], {"fps": 1}))  # not our metadata

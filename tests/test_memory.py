@@ -14,8 +14,10 @@ from ego import IncompatibleMemoryError, MemoryFileError, load_concepts, save_co
 @pytest.fixture(scope="module")
 def concepts():
     engine = tiny_engine("qwen2-vl")
-    return [engine.introduce("Chelsea", [photo(0), photo(1)], area_pct=12),
-            engine.introduce("my mug", [photo(2)], keywords="red mug", area_pct=5)]
+    return [
+        engine.introduce("Chelsea", [photo(0), photo(1)], area_pct=12),
+        engine.introduce("my mug", [photo(2)], keywords="red mug", area_pct=5),
+    ]
 
 
 def test_round_trip_keeps_everything(concepts, tmp_path):
@@ -29,12 +31,19 @@ def test_round_trip_keeps_everything(concepts, tmp_path):
         for v1, v2 in zip(before.views, after.views):
             assert v1.token_indices.tolist() == v2.token_indices.tolist()
             torch.testing.assert_close(v1.scores, v2.scores, rtol=0, atol=0)
-            assert (v1.grid, v1.k, v1.area_pct, v1.keywords, v1.description, v1.area_source) == \
-                   (v2.grid, v2.k, v2.area_pct, v2.keywords, v2.description, v2.area_source)
+            assert (v1.grid, v1.k, v1.area_pct, v1.keywords, v1.description, v1.area_source) == (
+                v2.grid,
+                v2.k,
+                v2.area_pct,
+                v2.keywords,
+                v2.description,
+                v2.area_source,
+            )
     # A loaded memory answers like the original.
     q = photo(5)
-    assert engine.answer("Who?", loaded, image=q, max_new_tokens=4) == \
-        engine.answer("Who?", concepts, image=q, max_new_tokens=4)
+    assert engine.answer("Who?", loaded, image=q, max_new_tokens=4) == engine.answer(
+        "Who?", concepts, image=q, max_new_tokens=4
+    )
 
 
 def test_round_trip_keeps_qwen3_residuals(tmp_path):
@@ -58,14 +67,17 @@ def _rewritten(path, change):
     return path
 
 
-@pytest.mark.parametrize("family, change", [
-    ("qwen3-vl", lambda t: t.update({"c0.residuals": t["c0.residuals"][:, :-1]})),           # rows != memory
-    ("qwen3-vl", lambda t: t.update({"c0.residuals": t["c0.residuals"] * float("nan")})),     # not finite
-    ("qwen3-vl", lambda t: t.update({"c0.residuals": t["c0.residuals"].repeat(20, 1, 1)})),   # absurd levels
-    ("qwen3-vl", lambda t: t.update({"c0.residuals": t["c0.residuals"].repeat(2, 1, 1)})),    # not this model's
-    ("qwen3-vl", lambda t: t.update({"c0.residuals": t["c0.residuals"].long()})),             # not float
-    ("qwen2-vl", lambda t: t.update({"c0.residuals": torch.zeros(1, *t["c0.embeddings"].shape)})),  # none here
-])
+@pytest.mark.parametrize(
+    "family, change",
+    [
+        ("qwen3-vl", lambda t: t.update({"c0.residuals": t["c0.residuals"][:, :-1]})),  # rows != memory
+        ("qwen3-vl", lambda t: t.update({"c0.residuals": t["c0.residuals"] * float("nan")})),  # not finite
+        ("qwen3-vl", lambda t: t.update({"c0.residuals": t["c0.residuals"].repeat(20, 1, 1)})),  # absurd levels
+        ("qwen3-vl", lambda t: t.update({"c0.residuals": t["c0.residuals"].repeat(2, 1, 1)})),  # not this model's
+        ("qwen3-vl", lambda t: t.update({"c0.residuals": t["c0.residuals"].long()})),  # not float
+        ("qwen2-vl", lambda t: t.update({"c0.residuals": torch.zeros(1, *t["c0.embeddings"].shape)})),  # none here
+    ],
+)
 def test_hostile_residuals_are_refused(tmp_path, family, change):
     engine = tiny_engine(family)
     made = [engine.introduce("Chelsea", [photo(0)], area_pct=12)]
@@ -91,12 +103,15 @@ def test_thumbnails_round_trip_and_old_files_still_load(concepts, tmp_path):
         save_concepts(tmp_path / "x.ego", concepts, [picture])
 
 
-@pytest.mark.parametrize("thumbnail", [
-    torch.zeros(4, 4, 3, dtype=torch.float32),       # not bytes
-    torch.zeros(4, 4, dtype=torch.uint8),            # not RGB
-    torch.zeros(4, 4, 4, dtype=torch.uint8),         # four channels
-    torch.zeros(600, 4, 3, dtype=torch.uint8),       # larger than a thumbnail
-])
+@pytest.mark.parametrize(
+    "thumbnail",
+    [
+        torch.zeros(4, 4, 3, dtype=torch.float32),  # not bytes
+        torch.zeros(4, 4, dtype=torch.uint8),  # not RGB
+        torch.zeros(4, 4, 4, dtype=torch.uint8),  # four channels
+        torch.zeros(600, 4, 3, dtype=torch.uint8),  # larger than a thumbnail
+    ],
+)
 def test_odd_thumbnails_are_ignored_not_drawn(concepts, tmp_path, thumbnail):
     engine = tiny_engine("qwen2-vl")
     path = _rewritten(save_concepts(tmp_path / "mine.ego", concepts), lambda t: t.update({"c0.thumbnail": thumbnail}))
@@ -207,9 +222,11 @@ def _keeps_nothing(tensors, document):
 
 def _nested(depth):
     """Keywords nested `depth` lists deep, written as text (json.dumps itself cannot go that deep)."""
+
     def change(tensors, document):
         document["concepts"][0]["views"][0]["keywords"] = "NESTED"
         return json.dumps(document).replace('"NESTED"', "[" * depth + "]" * depth)
+
     return change
 
 
@@ -225,8 +242,10 @@ UNUSABLE = {
     "a million keywords": (_first_view(keywords=["w"] * 1_000_000), "more than 100 keywords"),
     "keywords of 5,000 characters": (_first_view(keywords=["w" * 50] * 100), "longer than 1000 characters"),
     "a description of 100,000 characters": (_first_view(description="d" * 100_000), "longer than 1000"),
-    "six views of one concept": (lambda t, d: d["concepts"][0].update(views=d["concepts"][0]["views"] * 3),
-                                 "more than 5 reference views; a concept takes at most 5 photos"),
+    "six views of one concept": (
+        lambda t, d: d["concepts"][0].update(views=d["concepts"][0]["views"] * 3),
+        "more than 5 reference views; a concept takes at most 5 photos",
+    ),
     "an unknown key carrying a list": (_first_view(extra=list(range(100_000))), "not an Ego concept file"),
     "a keyword that is a list": (_first_view(keywords=[["tabby"]]), "not an Ego concept file"),
     "an unknown size source": (_first_view(area_source="x" * 10_000), "not an Ego concept file"),

@@ -17,11 +17,14 @@ def requirements(name: str) -> list[str]:
     return [re.sub(r"\s+", "", line) for line in lines if line and not line.startswith("-r")]
 
 
-@pytest.mark.parametrize("listed, name", [
-    (PROJECT["dependencies"], "requirements.txt"),
-    (PROJECT["optional-dependencies"]["dev"], "requirements-dev.txt"),
-    (PROJECT["optional-dependencies"]["examples"], "requirements-examples.txt"),
-])
+@pytest.mark.parametrize(
+    "listed, name",
+    [
+        (PROJECT["dependencies"], "requirements.txt"),
+        (PROJECT["optional-dependencies"]["dev"], "requirements-dev.txt"),
+        (PROJECT["optional-dependencies"]["examples"], "requirements-examples.txt"),
+    ],
+)
 def test_pyproject_lists_the_requirements_files(listed, name):
     assert [re.sub(r"\s+", "", item) for item in listed] == requirements(name)
 

@@ -74,4 +74,3 @@ def test_the_default_model_follows_the_machine(monkeypatch, cuda, expected):
     assert default_preset() == expected
     preset = PRESETS[expected]
     assert not preset.tiny and preset.model_id.startswith("Qwen/")  # a real checkpoint, never the tiny model
-

@@ -7,54 +7,57 @@ from ego import DEFAULT_SETTINGS, prompts
 from ego.engine import keyword_positions, memory_size
 
 
-@pytest.mark.parametrize("answer, expected", [
-    ("About 35%.", 35.0),
-    ("35", 35.0),
-    ("35-40 percent", 37.5),
-    ("Between 20 and 30%", 25.0),
-    ("between 20% and 30%", 25.0),
-    ("The subject covers between 20% and 30% of the image.", 25.0),
-    ("roughly 10 to 20 %", 15.0),
-    ("It covers 15–25% of the frame.", 20.0),
-    ("The subject covers 0.35 of the image.", 35.0),
-    ("It covers 250% of the frame", 100.0),
-    ("0%", 1.0),
-    ("It covers about 60%.", 60.0),
-    ("The subject covers 100% of the image.", 100.0),
-    ("The subject covers approximately 100% of the image area.", 100.0),
-    ("The subject covers about 30% of the image.", 30.0),
-    ("The mug takes up roughly 12.5 percent of the picture.", 12.5),
-    ("I estimate 45 per cent.", 45.0),
-    ("The image is 1920x1080 and the dog covers 30%", 30.0),
-    ("In this 448 x 448 photo the cat covers 20%.", 20.0),
-    ("The photo is 640 pixels wide; the mug takes up 12%", 12.0),
-    ("1 dog covers 30%", 30.0),
-    ("There is 1 dog; it covers about 40", 40.0),
-    ("2 cats sit on the sofa, together about 25% of the image", 25.0),
-    ("1/3", 100 / 3),
-    ("About 1/4 of the image.", 25.0),
-    ("one-third", 100 / 3),
-    ("It covers a third of the picture.", 100 / 3),
-    ("roughly two thirds of the frame", 200 / 3),
-    ("three-quarters", 75.0),
-    ("About a quarter of the frame.", 25.0),
-    ("fifteen percent", 15.0),
-    ("Twenty-five percent.", 25.0),
-    ("about seventy percent of the photo", 70.0),
-    ("one hundred percent", 100.0),
-    ("less than 10%", 5.0),
-    ("The cup covers less than 5% of the image.", 2.5),
-    ("It covers under 1%.", 1.0),
-    ("more than 80%", 90.0),
-    ("At least 60% of the frame.", 80.0),
-    ("~40%", 40.0),
-    ("Answer: 70", 70.0),
-    ("The dog covers most of the image", 70.0),
-    ("It fills almost all of the picture.", 90.0),
-    ("About half.", 50.0),
-    ("A small part of the photo", 10.0),
-    ("The whole image", 100.0),
-])
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("About 35%.", 35.0),
+        ("35", 35.0),
+        ("35-40 percent", 37.5),
+        ("Between 20 and 30%", 25.0),
+        ("between 20% and 30%", 25.0),
+        ("The subject covers between 20% and 30% of the image.", 25.0),
+        ("roughly 10 to 20 %", 15.0),
+        ("It covers 15–25% of the frame.", 20.0),
+        ("The subject covers 0.35 of the image.", 35.0),
+        ("It covers 250% of the frame", 100.0),
+        ("0%", 1.0),
+        ("It covers about 60%.", 60.0),
+        ("The subject covers 100% of the image.", 100.0),
+        ("The subject covers approximately 100% of the image area.", 100.0),
+        ("The subject covers about 30% of the image.", 30.0),
+        ("The mug takes up roughly 12.5 percent of the picture.", 12.5),
+        ("I estimate 45 per cent.", 45.0),
+        ("The image is 1920x1080 and the dog covers 30%", 30.0),
+        ("In this 448 x 448 photo the cat covers 20%.", 20.0),
+        ("The photo is 640 pixels wide; the mug takes up 12%", 12.0),
+        ("1 dog covers 30%", 30.0),
+        ("There is 1 dog; it covers about 40", 40.0),
+        ("2 cats sit on the sofa, together about 25% of the image", 25.0),
+        ("1/3", 100 / 3),
+        ("About 1/4 of the image.", 25.0),
+        ("one-third", 100 / 3),
+        ("It covers a third of the picture.", 100 / 3),
+        ("roughly two thirds of the frame", 200 / 3),
+        ("three-quarters", 75.0),
+        ("About a quarter of the frame.", 25.0),
+        ("fifteen percent", 15.0),
+        ("Twenty-five percent.", 25.0),
+        ("about seventy percent of the photo", 70.0),
+        ("one hundred percent", 100.0),
+        ("less than 10%", 5.0),
+        ("The cup covers less than 5% of the image.", 2.5),
+        ("It covers under 1%.", 1.0),
+        ("more than 80%", 90.0),
+        ("At least 60% of the frame.", 80.0),
+        ("~40%", 40.0),
+        ("Answer: 70", 70.0),
+        ("The dog covers most of the image", 70.0),
+        ("It fills almost all of the picture.", 90.0),
+        ("About half.", 50.0),
+        ("A small part of the photo", 10.0),
+        ("The whole image", 100.0),
+    ],
+)
 def test_size_answers_are_understood(answer, expected):
     assert prompts.parse_area_pct(answer) == pytest.approx(expected, abs=1e-3)
 
@@ -64,26 +67,32 @@ def test_unreadable_size_answers_give_none(answer):
     assert prompts.parse_area_pct(answer) is None
 
 
-@pytest.mark.parametrize("answer", [
-    "It covers about 6",            # "60%." cut after its first digit
-    "The subject covers 1",         # "100%"
-    "The subject covers about 30",  # "30%" or "300"? the cut hides it
-    "between 20% and",              # a range without its end
-    "It covers 12.",                # "12.5%"
-    "about twenty",                 # "twenty-five"
-    "roughly 1/",
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "It covers about 6",  # "60%." cut after its first digit
+        "The subject covers 1",  # "100%"
+        "The subject covers about 30",  # "30%" or "300"? the cut hides it
+        "between 20% and",  # a range without its end
+        "It covers 12.",  # "12.5%"
+        "about twenty",  # "twenty-five"
+        "roughly 1/",
+    ],
+)
 def test_an_answer_cut_inside_a_number_is_unreadable(answer):
     assert prompts.parse_area_pct(answer, cut=True) is None
     value, source = prompts.read_area_pct(answer, True, 100.0)
     assert (value, source) == (100.0, "truncated")
 
 
-@pytest.mark.parametrize("answer, expected", [
-    ("The subject covers about 30% of the", 30.0),   # the number was complete before the cut
-    ("It covers a third of the", 100 / 3),
-    ("The dog covers most of the", 70.0),
-])
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("The subject covers about 30% of the", 30.0),  # the number was complete before the cut
+        ("It covers a third of the", 100 / 3),
+        ("The dog covers most of the", 70.0),
+    ],
+)
 def test_an_answer_cut_after_its_number_is_read(answer, expected):
     assert prompts.parse_area_pct(answer, cut=True) == pytest.approx(expected, abs=1e-3)
     assert prompts.read_area_pct(answer, True, 100.0) == (pytest.approx(expected, abs=1e-3), "model")
@@ -103,10 +112,18 @@ def test_unreadable_size_falls_back_to_the_cap():
     assert memory_size(DEFAULT_SETTINGS.area_pct_fallback, 30, 50) == 30
 
 
-@pytest.mark.parametrize("area, n_r, cap, expected", [
-    (100, 256, 50, 50), (10, 256, 50, 26), (1, 256, 50, 3), (1, 40, 50, 1), (0.5, 10, 50, 1), (50, 1, 50, 1),
-    (25, 10, 50, 3),  # 2.5 rounds half up
-])
+@pytest.mark.parametrize(
+    "area, n_r, cap, expected",
+    [
+        (100, 256, 50, 50),
+        (10, 256, 50, 26),
+        (1, 256, 50, 3),
+        (1, 40, 50, 1),
+        (0.5, 10, 50, 1),
+        (50, 1, 50, 1),
+        (25, 10, 50, 3),  # 2.5 rounds half up
+    ],
+)
 def test_eq4(area, n_r, cap, expected):
     assert memory_size(area, n_r, cap) == expected
 
@@ -145,8 +162,10 @@ def test_neutralize_breaks_every_special_token():
 
 # Qwen2 / Qwen2.5 / Qwen3 (and InternVL3, which uses Qwen2.5's tokenizer) split text before BPE with this
 # pattern: one piece per digit. Every piece is at least one token, and an English word of the sentence one.
-_QWEN_PRETOKENIZER = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                      r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN_PRETOKENIZER = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _LONG_SIZE_ANSWERS = [
     "The subject covers approximately 100% of the image area.",
     "I would estimate that the subject covers about 100 percent of the image.",

@@ -25,8 +25,9 @@ def test_the_paper_protocol_holds_the_papers_known_choices():
     assert (ours.keywords_drop_stopwords, ours.system_prompt, ours.memory_prompt) == (True, "template", "name")
 
 
-@pytest.mark.parametrize("field, value", [("memory_prompt", "polite"), ("system_prompt", "mine"),
-                                          ("model_quantization", "2bit")])
+@pytest.mark.parametrize(
+    "field, value", [("memory_prompt", "polite"), ("system_prompt", "mine"), ("model_quantization", "2bit")]
+)
 def test_an_unknown_choice_is_refused(field, value):
     with pytest.raises(ValueError, match=field):
         Settings(**{field: value})
@@ -76,8 +77,7 @@ def test_the_neutral_memory_prompt_asks_nothing():
 
 
 def test_paper_keywords_keep_every_word_and_drop_only_punctuation():
-    engine = bigram_engine("internvl3", "the mop.").with_settings(description_max_new_tokens=10,
-                           size_max_new_tokens=2)
+    engine = bigram_engine("internvl3", "the mop.").with_settings(description_max_new_tokens=10, size_max_new_tokens=2)
     ours = engine.introduce("Mop", [photo(1)]).views[0]
     paper = engine.with_settings(keywords_drop_stopwords=False).introduce("Mop", [photo(1)]).views[0]
     assert ours.description == paper.description == "the mop."
@@ -96,7 +96,7 @@ def test_the_commands_take_the_paper_protocol(monkeypatch):
 
     def record(cls, model, **kwargs):
         loaded.update(kwargs)
-        raise SystemExit(0)   # the settings are all this test needs; no model is loaded
+        raise SystemExit(0)  # the settings are all this test needs; no model is loaded
 
     monkeypatch.setattr(Ego, "from_pretrained", classmethod(record))
     folder = str(ROOT / "examples" / "calibration")

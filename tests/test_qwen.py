@@ -21,11 +21,13 @@ class _DeepstackRecorder:
 
     def _hook(self, module, args, kwargs):
         mask, features = kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds")
-        self.calls.append({
-            "length": kwargs["inputs_embeds"].shape[1],
-            "mask": None if mask is None else mask.clone(),
-            "features": None if features is None else [f.detach().clone() for f in features],
-        })
+        self.calls.append(
+            {
+                "length": kwargs["inputs_embeds"].shape[1],
+                "mask": None if mask is None else mask.clone(),
+                "features": None if features is None else [f.detach().clone() for f in features],
+            }
+        )
 
     def __enter__(self):
         return self
@@ -45,9 +47,10 @@ def test_a_qwen3_memory_keeps_the_deepstack_features_of_its_kept_tokens():
     for picture, view in zip(pictures, concept.views):
         inputs = reference_inputs(engine, picture)
         with torch.no_grad():
-            out = engine.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                                  image_grid_thw=inputs["image_grid_thw"], return_dict=True)
-        per_level = torch.stack([level[0] for level in out.deepstack_features])   # [levels, N_r, D]
+            out = engine.model.get_image_features(
+                pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"], return_dict=True
+            )
+        per_level = torch.stack([level[0] for level in out.deepstack_features])  # [levels, N_r, D]
         expected.append(per_level[:, view.token_indices])
     torch.testing.assert_close(concept.residuals, torch.cat(expected, dim=1).to(concept.residuals.dtype))
     assert concept.nbytes == (concept.embeddings.numel() + concept.residuals.numel()) * 4
@@ -63,8 +66,10 @@ def test_families_without_deepstack_keep_no_residuals():
 @pytest.mark.parametrize("medium", ["image", "video"])
 def test_the_model_adds_memory_residuals_at_the_slots_and_the_images_own_at_its_tokens(medium, monkeypatch):
     engine = tiny_engine("qwen3-vl")
-    concepts = [engine.introduce(name, [photo(i)], keywords="subject", area_pct=area)
-                for i, (name, area) in enumerate([("Chelsea", 10), ("my mug", 4)])]
+    concepts = [
+        engine.introduce(name, [photo(i)], keywords="subject", area_pct=area)
+        for i, (name, area) in enumerate([("Chelsea", 10), ("my mug", 4)])
+    ]
     frames = torch.randint(0, 255, (4, 64, 96, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     query = {"image": photo(9)} if medium == "image" else {"video": frames.numpy()}
     with _DeepstackRecorder(engine) as plain:  # no memory: the model's own deepstack input for the query
@@ -124,5 +129,6 @@ def test_residuals_change_the_answer_and_a_memory_without_them_still_works(monke
     zeros = concept.residuals.new_zeros(concept.residuals.shape)
     zeroed = Concept(concept.name, concept.embeddings, concept.model_id, concept.views, residuals=zeros)
     query = photo(7)
-    assert engine.answer("Is Chelsea here?", [bare], image=query, max_new_tokens=4) == \
-        engine.answer("Is Chelsea here?", [zeroed], image=query, max_new_tokens=4)
+    assert engine.answer("Is Chelsea here?", [bare], image=query, max_new_tokens=4) == engine.answer(
+        "Is Chelsea here?", [zeroed], image=query, max_new_tokens=4
+    )

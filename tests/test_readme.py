@@ -27,8 +27,8 @@ def test_the_python_api_example_runs(monkeypatch, tmp_path, capsys):
 
 def test_the_readme_tour_example_runs(monkeypatch, tmp_path, capsys):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    _run_python_example(readme[readme.index("## A short tour"):], tmp_path, monkeypatch)
-    assert capsys.readouterr().out.strip()   # the answer, printed
+    _run_python_example(readme[readme.index("## A short tour") :], tmp_path, monkeypatch)
+    assert capsys.readouterr().out.strip()  # the answer, printed
 
 
 def test_every_relative_link_of_the_docs_leads_to_a_file():
@@ -46,14 +46,20 @@ def _table(section: str) -> dict:
         assert len(names) == len(values), row
         for name, value in zip(names, values):
             words = value.strip('"')
-            listed[name] = words if words != value or words in ("true", "false", "none") else \
-                math.prod(float(part.replace(",", "")) for part in value.split("×"))
+            listed[name] = (
+                words
+                if words != value or words in ("true", "false", "none")
+                else math.prod(float(part.replace(",", "")) for part in value.split("×"))
+            )
     return listed
 
 
 def _defaults(cls) -> dict:
-    return {field.name: str(value).lower() if isinstance(value, (bool, str)) or value is None else float(value)
-            for field in dataclasses.fields(cls) for value in [getattr(cls(), field.name)]}
+    return {
+        field.name: str(value).lower() if isinstance(value, (bool, str)) or value is None else float(value)
+        for field in dataclasses.fields(cls)
+        for value in [getattr(cls(), field.name)]
+    }
 
 
 def test_the_settings_tables_list_every_setting_with_its_default():
@@ -63,8 +69,8 @@ def test_the_settings_tables_list_every_setting_with_its_default():
     from space.settings import SpaceSettings
 
     doc = (ROOT / "docs" / "privacy-and-limits.md").read_text(encoding="utf-8")
-    engine = doc[doc.index("### Engine settings"):doc.index("### Space settings")]
-    space = doc[doc.index("### Space settings"):]
+    engine = doc[doc.index("### Engine settings") : doc.index("### Space settings")]
+    space = doc[doc.index("### Space settings") :]
     assert _table(engine) == _defaults(Settings)
     assert _table(space) == _defaults(SpaceSettings)
     assert not {f.name for f in dataclasses.fields(Settings)} & {f.name for f in dataclasses.fields(SpaceSettings)}
@@ -76,7 +82,8 @@ def test_the_conversations_doc_example_runs(monkeypatch, capsys):
     assert 'Ego.from_pretrained("qwen2.5-vl-7b")' in code
     code = code.replace('Ego.from_pretrained("qwen2.5-vl-7b")', 'Ego.from_pretrained("tiny-qwen2.5-vl")')
     code = code.replace("chat.ask(", "chat.ask(max_new_tokens=4, question=").replace(
-        "chat.stream(", "chat.stream(max_new_tokens=4, question=")
+        "chat.stream(", "chat.stream(max_new_tokens=4, question="
+    )
     monkeypatch.chdir(ROOT)
     scope = {}
     exec(compile(code, "conversations.md", "exec"), scope)

@@ -25,7 +25,7 @@ def test_a_first_visit_gets_a_new_unguessable_token():
     sessions = Sessions()
     fresh = Session()
     kept, token = sessions.resume(fresh, None)
-    assert kept is fresh and isinstance(token, str) and len(token) >= 43   # 256 bits, base64
+    assert kept is fresh and isinstance(token, str) and len(token) >= 43  # 256 bits, base64
     other, second = sessions.resume(Session(), "")
     assert second != token and other is not fresh
 
@@ -50,12 +50,12 @@ def test_the_last_tab_to_let_go_empties_the_session_and_its_token_is_forgotten()
     sessions = Sessions()
     first = holding("Chelsea")
     _, token = sessions.resume(first, None)
-    sessions.resume(Session(), token)                  # a second tab
-    sessions.release(first)                           # the first tab's state expires
-    assert first.names == ["Chelsea"]                 # the second tab still has them
+    sessions.resume(Session(), token)  # a second tab
+    sessions.release(first)  # the first tab's state expires
+    assert first.names == ["Chelsea"]  # the second tab still has them
     assert sessions.resume(Session(), token)[0] is first
     sessions.release(first)
-    sessions.release(first)                           # the last holder
+    sessions.release(first)  # the last holder
     assert len(first) == 0
     fresh = Session()
     assert sessions.resume(fresh, token)[0] is fresh  # nothing comes back once it was freed
@@ -72,6 +72,6 @@ def test_a_session_gradio_drops_without_a_callback_is_not_kept_alive():
 
 def test_release_of_a_session_never_registered_still_frees_it():
     sessions = Sessions()
-    client = holding("Chelsea")                       # a gradio_client visitor: no page load, no token
+    client = holding("Chelsea")  # a gradio_client visitor: no page load, no token
     sessions.release(client)
     assert len(client) == 0

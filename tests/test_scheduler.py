@@ -24,9 +24,12 @@ def asks(engine):
     """Four visitors' questions (question, concepts, photo, budget) and their answers asked alone."""
     cat = engine.introduce("Chelsea", [photo(1)], keywords="cat", area_pct=8)
     mug = engine.introduce("Mug", [photo(2)], keywords="mug", area_pct=4)
-    asks = [("Is Chelsea here?", (cat,), photo(3), 6), ("What is on the table next to the mug?", (cat, mug),
-                                                         photo(4), 9),
-            ("Hi", (), None, 4), ("Where is the mug?", (mug,), photo(5), 7)]
+    asks = [
+        ("Is Chelsea here?", (cat,), photo(3), 6),
+        ("What is on the table next to the mug?", (cat, mug), photo(4), 9),
+        ("Hi", (), None, 4),
+        ("Where is the mug?", (mug,), photo(5), 7),
+    ]
     lone = [str(engine.answer(q, c, image=i, max_new_tokens=n)) for q, c, i, n in asks]
     return asks, lone
 
@@ -66,7 +69,7 @@ def test_visitors_who_ask_together_share_one_batch_and_get_their_own_answers(eng
     assert scheduler.batch_sizes == [4]
     assert [texts[-1] for texts in seen] == lone
     for texts in seen:
-        assert all(b.startswith(a.rstrip()) for a, b in zip(texts, texts[1:]))   # each visitor's own stream
+        assert all(b.startswith(a.rstrip()) for a, b in zip(texts, texts[1:]))  # each visitor's own stream
 
 
 def test_the_batch_size_is_capped(engine, asks):

@@ -19,8 +19,15 @@ THUMB = Image.new("RGB", (8, 8))
 
 
 def entry(name: str, tokens: int = 3) -> Entry:
-    view = ConceptView(token_indices=torch.arange(tokens), scores=torch.rand(16), grid=(4, 4), k=tokens,
-                       area_pct=10.0, keywords=("cat",), description="a cat")
+    view = ConceptView(
+        token_indices=torch.arange(tokens),
+        scores=torch.rand(16),
+        grid=(4, 4),
+        k=tokens,
+        area_pct=10.0,
+        keywords=("cat",),
+        description="a cat",
+    )
     return Entry(Concept(name, torch.zeros(tokens, 8), "tiny", (view,)), THUMB)
 
 
@@ -103,9 +110,16 @@ def test_every_string_a_concept_holds_is_counted():
     """A concept with many long keywords and a long description holds that text: the budget must see it."""
     small = entry("x")
     view = small.concept.views[0]
-    words = tuple(f"{number:04d}" + "w" * 96 for number in range(1000))   # 100,000 characters
-    big_view = ConceptView(token_indices=view.token_indices, scores=view.scores, grid=view.grid, k=view.k,
-                           area_pct=view.area_pct, keywords=words, description="d" * 50_000)
+    words = tuple(f"{number:04d}" + "w" * 96 for number in range(1000))  # 100,000 characters
+    big_view = ConceptView(
+        token_indices=view.token_indices,
+        scores=view.scores,
+        grid=view.grid,
+        k=view.k,
+        area_pct=view.area_pct,
+        keywords=words,
+        description="d" * 50_000,
+    )
     big = Entry(Concept("x", small.concept.embeddings, "tiny", (big_view,)), THUMB)
     assert big.nbytes - small.nbytes >= 100_000 + 50_000
 
@@ -132,12 +146,12 @@ def test_room_comes_back_when_a_session_is_removed_from_closed_or_dropped():
         kept.add([entry("C")], 10, budget)
     kept.remove("A")
     kept.add([entry("C")], 10, budget)
-    dropped.close()                      # the time-to-live's callback
+    dropped.close()  # the time-to-live's callback
     kept.add([entry("D")], 10, budget)
     kept.clear()
     third = Session()
     third.add([entry("E"), entry("F")], 10, budget)
-    del third                            # Gradio drops a session without a callback (LRU eviction)
+    del third  # Gradio drops a session without a callback (LRU eviction)
     gc.collect()
     assert budget.held() == 0
     kept.add([entry("G"), entry("H")], 10, budget)

@@ -30,8 +30,12 @@ def storing_app(folder):
     async def other(request):
         return PlainTextResponse("ok")
 
-    return Starlette(routes=[Route("/gradio_api/upload", store, methods=["POST"]),
-                             Route("/gradio_api/queue/join", other, methods=["POST"])])
+    return Starlette(
+        routes=[
+            Route("/gradio_api/upload", store, methods=["POST"]),
+            Route("/gradio_api/queue/join", other, methods=["POST"]),
+        ]
+    )
 
 
 def client(folder, **options) -> TestClient:
@@ -88,8 +92,13 @@ def small_cache_server(tmp_path, monkeypatch):
     settings = DEFAULT_SETTINGS.replace(max_upload_mb=1)
     with gr.Blocks() as demo:
         gr.File()
-    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                **app.launch_options(settings, SpaceSettings(max_cache_mb=1)))
+    demo.launch(
+        server_name="127.0.0.1",
+        server_port=free_port(),
+        prevent_thread_lock=True,
+        quiet=True,
+        **app.launch_options(settings, SpaceSettings(max_cache_mb=1)),
+    )
     try:
         yield demo.local_url, tmp_path
     finally:
@@ -100,11 +109,12 @@ def test_the_space_launch_options_stop_uploads_at_the_cache_limit(small_cache_se
     url, folder = small_cache_server
 
     def upload(size: int) -> httpx.Response:
-        return httpx.post(f"{url}gradio_api/upload", files={"files": ("clip.mp4", os.urandom(size), "video/mp4")},
-                          timeout=30)
+        return httpx.post(
+            f"{url}gradio_api/upload", files={"files": ("clip.mp4", os.urandom(size), "video/mp4")}, timeout=30
+        )
 
     accepted = [upload(300 * 1024).status_code for _ in range(3)]
     assert accepted == [200, 200, 200]
-    refused = upload(300 * 1024)                                 # 4 x 300 KiB > 1 MiB
+    refused = upload(300 * 1024)  # 4 x 300 KiB > 1 MiB
     assert refused.status_code == 503 and refused.text == FULL
     assert 900 * 1024 <= folder_bytes(folder) <= 1024 * 1024

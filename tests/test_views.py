@@ -24,9 +24,14 @@ def cell_centres(rows, cols, cell):
     return {(r, c): (r * cell + cell // 2, c * cell + cell // 2) for r in range(rows) for c in range(cols)}
 
 
-@pytest.mark.parametrize("grid, indices", [
-    ((5, 7), [0, 8, 34]), ((3, 11), [10, 11, 32]), ((16, 16), list(range(0, 256, 7))),
-])
+@pytest.mark.parametrize(
+    "grid, indices",
+    [
+        ((5, 7), [0, 8, 34]),
+        ((3, 11), [10, 11, 32]),
+        ((16, 16), list(range(0, 256, 7))),
+    ],
+)
 def test_patch_view_marks_exactly_the_kept_cells(grid, indices):
     rows, cols = grid
     picture = views.patch_view(grey_photo(), grid, torch.tensor(indices), max_px=448)
@@ -100,10 +105,26 @@ def test_escape_markdown_keeps_visitor_text_literal(text):
 
 
 def fake_concept(name="Chelsea"):
-    view = SimpleNamespace(keywords=("tabby", "green"), keywords_source="model", area_pct=8.0, area_source="model",
-                           grid=(10, 10), k=8, token_indices=torch.arange(8), scores=torch.rand(100))
-    user_view = SimpleNamespace(keywords=("<b>mine</b>",), keywords_source="user", area_pct=30.0, area_source="user",
-                                grid=(4, 5), k=6, token_indices=torch.arange(6), scores=torch.rand(20))
+    view = SimpleNamespace(
+        keywords=("tabby", "green"),
+        keywords_source="model",
+        area_pct=8.0,
+        area_source="model",
+        grid=(10, 10),
+        k=8,
+        token_indices=torch.arange(8),
+        scores=torch.rand(100),
+    )
+    user_view = SimpleNamespace(
+        keywords=("<b>mine</b>",),
+        keywords_source="user",
+        area_pct=30.0,
+        area_source="user",
+        grid=(4, 5),
+        k=6,
+        token_indices=torch.arange(6),
+        scores=torch.rand(20),
+    )
     return SimpleNamespace(name=name, num_tokens=14, views=(view, user_view), model_id="tiny-qwen2.5-vl")
 
 
@@ -120,11 +141,21 @@ def test_records_and_details_are_json():
     assert json.loads(json.dumps(record)) == record
     assert record["tokens"] == 14 and record["photos"] == 2 and record["size_pct"] == [8.0, 30.0]
     assert record["keywords"] == ["tabby", "green", "<b>mine</b>"]
-    answer = SimpleNamespace(concepts_used=("Chelsea",), concepts_dropped=(), memory_tokens=14, context_tokens=300,
-                             similarity=(("Chelsea", 0.81234), ("my mug", 0.2)))
-    assert views.answer_details(answer, 0.5) == {"concepts_used": ["Chelsea"], "concepts_dropped": [],
-                                                 "memory_tokens": 14, "context_tokens": 300, "seconds": 0.5,
-                                                 "similarity": {"Chelsea": 0.812, "my mug": 0.2}}
+    answer = SimpleNamespace(
+        concepts_used=("Chelsea",),
+        concepts_dropped=(),
+        memory_tokens=14,
+        context_tokens=300,
+        similarity=(("Chelsea", 0.81234), ("my mug", 0.2)),
+    )
+    assert views.answer_details(answer, 0.5) == {
+        "concepts_used": ["Chelsea"],
+        "concepts_dropped": [],
+        "memory_tokens": 14,
+        "context_tokens": 300,
+        "seconds": 0.5,
+        "similarity": {"Chelsea": 0.812, "my mug": 0.2},
+    }
 
 
 def test_frame_captions():

@@ -66,12 +66,14 @@ class ForkedGPU:
             self.calls.append(duration(*args, **kwargs) if callable(duration) else 60)
             ours, theirs = multiprocessing.get_context("fork").Pipe()
             process = multiprocessing.get_context("fork").Process(
-                target=_in_worker, args=(theirs, function, pickle.dumps((args, kwargs))), daemon=True)
+                target=_in_worker, args=(theirs, function, pickle.dumps((args, kwargs))), daemon=True
+            )
             process.start()
             theirs.close()
             return process, ours
 
         if inspect.isgeneratorfunction(function):
+
             def stream(*args, **kwargs):
                 process, connection = run(*args, **kwargs)
                 ended = False
@@ -98,6 +100,7 @@ class ForkedGPU:
                             pass
                     process.join(CALL_TIMEOUT_S)
                     self.exit_codes.append(process.exitcode)
+
             return stream
 
         def call(*args, **kwargs):
@@ -110,6 +113,7 @@ class ForkedGPU:
             if kind == "error":
                 raise value
             return value
+
         return call
 
 
@@ -137,6 +141,7 @@ def test_off_zero_gpu_the_decorator_changes_nothing(monkeypatch):
 
     def call():
         return 1
+
     assert zerogpu.gpu(call) is call and not zerogpu.on_zero_gpu()
 
 
@@ -197,5 +202,6 @@ def test_the_ask_handler_streams_from_the_worker(zero, engine):
     from space.session import Session
 
     outputs = list(act.ask_image(Session(), photo(5), "What is this?"))
-    assert outputs[-1][1] == str(engine.answer("What is this?", image=photo(5),
-                                               max_new_tokens=engine.settings.answer_max_new_tokens))
+    assert outputs[-1][1] == str(
+        engine.answer("What is this?", image=photo(5), max_new_tokens=engine.settings.answer_max_new_tokens)
+    )

@@ -43,9 +43,7 @@ def backend_for_model_type(model_type: str) -> tuple[str, type[Backend]]:
         for family, model_types in cls.model_types.items():
             if model_type in model_types:
                 return family, cls
-    raise ValueError(
-        f"Model type {model_type!r} is not supported; supported families: {', '.join(families())}."
-    )
+    raise ValueError(f"Model type {model_type!r} is not supported; supported families: {', '.join(families())}.")
 
 
 __all__ = ["BACKENDS", "Backend", "backend_for_family", "backend_for_model_type", "families"]

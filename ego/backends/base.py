@@ -104,8 +104,9 @@ class Backend(abc.ABC):
 
     # --- vision -------------------------------------------------------------------------------
     @abc.abstractmethod
-    def encode(self, text: str, *, image=None, video=None, image_max_pixels: int,
-               video_frame_max_pixels: int) -> Encoded:
+    def encode(
+        self, text: str, *, image=None, video=None, image_max_pixels: int, video_frame_max_pixels: int
+    ) -> Encoded:
         """Run the processor on one prompt with at most one image or one video ((frames, metadata))."""
 
     @abc.abstractmethod

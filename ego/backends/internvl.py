@@ -46,7 +46,9 @@ from .base import Backend, Encoded
 
 # The named tokens InternVLProcessor reads from the tokenizer (as in the real tokenizer_config.json).
 INTERNVL_NAMED_TOKENS = {
-    "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
     "video_token": "<video>",
 }
 # Memory placeholders in order of preference: tokens of the vocabulary that the processor never expands.
@@ -61,8 +63,10 @@ def pick_placeholder(tokenizer, exclude=()) -> str:
     for token in PLACEHOLDER_CANDIDATES:
         if token in vocabulary and token not in exclude:
             return token
-    raise ValueError(f"This tokenizer has none of {', '.join(PLACEHOLDER_CANDIDATES)}; "
-                     f"the InternVL backend needs one of them as the concept-memory placeholder.")
+    raise ValueError(
+        f"This tokenizer has none of {', '.join(PLACEHOLDER_CANDIDATES)}; "
+        f"the InternVL backend needs one of them as the concept-memory placeholder."
+    )
 
 
 class InternVLBackend(Backend):
@@ -73,8 +77,9 @@ class InternVLBackend(Backend):
     memory_close = "</img>"
     # The `internvl2_5` conversation template of the original (remote-code) InternVL3 checkpoints starts every
     # conversation with this system message; the `-hf` conversions' chat template has none.
-    original_system_prompt = ("你是书生·万象，英文名是InternVL，"
-                              "是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。")
+    original_system_prompt = (
+        "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+    )
 
     def __init__(self, model, processor, family: str):
         tokenizer = processor.tokenizer
@@ -117,7 +122,8 @@ class InternVLBackend(Backend):
             tiles = self._tiles_for(image_max_pixels)
             kwargs["images"] = [image]
             kwargs["images_kwargs"] = (
-                {"size": size, "crop_to_patches": False} if tiles == 1
+                {"size": size, "crop_to_patches": False}
+                if tiles == 1
                 else {"size": size, "crop_to_patches": True, "min_patches": 1, "max_patches": tiles}
             )
         if video is not None:
@@ -139,11 +145,12 @@ class InternVLBackend(Backend):
         device = self.model.get_input_embeddings().weight.device
         with torch.no_grad():
             outputs["image"] = self.model.get_image_features(
-                pixel_values=inputs["pixel_values"].to(device), return_dict=True,
+                pixel_values=inputs["pixel_values"].to(device),
+                return_dict=True,
             )
         encoded.encoder_outputs = outputs
-        features = outputs["image"].pooler_output            # [tiles or frames, 256, D]
-        return features.reshape(-1, features.shape[-1])      # [N, D] projector output, the rows the LLM receives
+        features = outputs["image"].pooler_output  # [tiles or frames, 256, D]
+        return features.reshape(-1, features.shape[-1])  # [N, D] projector output, the rows the LLM receives
 
     def grid(self, encoded: Encoded) -> tuple[int, int]:
         side = math.isqrt(self.tokens_per_tile)

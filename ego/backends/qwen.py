@@ -78,13 +78,15 @@ class QwenBackend(Backend):
             if "pixel_values" in inputs:
                 outputs["image"] = self.model.get_image_features(
                     pixel_values=inputs["pixel_values"].to(self.model.device),
-                    image_grid_thw=inputs["image_grid_thw"].to(self.model.device), return_dict=True,
+                    image_grid_thw=inputs["image_grid_thw"].to(self.model.device),
+                    return_dict=True,
                 )
                 rows.extend(outputs["image"].pooler_output)
             if "pixel_values_videos" in inputs:
                 outputs["video"] = self.model.get_video_features(
                     pixel_values_videos=inputs["pixel_values_videos"].to(self.model.device),
-                    video_grid_thw=inputs["video_grid_thw"].to(self.model.device), return_dict=True,
+                    video_grid_thw=inputs["video_grid_thw"].to(self.model.device),
+                    return_dict=True,
                 )
                 rows.extend(outputs["video"].pooler_output)
         encoded.encoder_outputs = outputs

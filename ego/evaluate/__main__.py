@@ -35,8 +35,11 @@ TABLE3 = {
     # recognition with the in-context budget fixed at K (about 20 % of a reference photo's tokens)
     "keywords-only": ({"memory_size_rule": "fixed", "max_question_chars": KEYWORDS_QUESTION_CHARS}, 1, "only"),
     "full-image": ({"memory_selection": "whole_image"}, 1, "none"),
-    "full-image-keywords": ({"memory_selection": "whole_image", "max_question_chars": KEYWORDS_QUESTION_CHARS}, 1,
-                            "append"),
+    "full-image-keywords": (
+        {"memory_selection": "whole_image", "max_question_chars": KEYWORDS_QUESTION_CHARS},
+        1,
+        "append",
+    ),
     "uniform": ({"memory_selection": "uniform", "memory_size_rule": "fixed"}, 1, "none"),
     "ego-1-view": ({"memory_size_rule": "fixed"}, 1, "none"),
     "ego-5-views": ({"memory_size_rule": "fixed"}, 5, "none"),
@@ -44,37 +47,54 @@ TABLE3 = {
 
 
 def protocol_settings(protocol: str) -> Settings:
-    """"ours": the engine's defaults; "paper": the settings the paper states (448x448 single-tile queries...)."""
+    """ "ours": the engine's defaults; "paper": the settings the paper states (448x448 single-tile queries...)."""
     return Settings.paper() if protocol == "paper" else Settings()
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ego.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ego.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     fixture = commands.add_parser("make-fixture", help="write small synthetic data in every supported layout")
     fixture.add_argument("directory")
     fixture.add_argument("--seed", type=int, default=0)
 
     run = commands.add_parser("run", help="run a benchmark (or a whole table) and write its results")
-    run.add_argument("--benchmark", required=True,
-                     help=f"one of {', '.join(LOADERS)}, or a table: {', '.join([*TABLES, 'table3'])}")
+    run.add_argument(
+        "--benchmark", required=True, help=f"one of {', '.join(LOADERS)}, or a table: {', '.join([*TABLES, 'table3'])}"
+    )
     run.add_argument("--data", required=True, help="the folder that holds the datasets (docs/evaluation.md)")
-    run.add_argument("--model", required=True,
-                     help="a preset (e.g. internvl3-14b, qwen2.5-vl-7b, tiny-qwen2.5-vl), a Hub id or a folder; "
-                          "'oracle' answers from a fixture's ground truth")
+    run.add_argument(
+        "--model",
+        required=True,
+        help="a preset (e.g. internvl3-14b, qwen2.5-vl-7b, tiny-qwen2.5-vl), a Hub id or a folder; "
+        "'oracle' answers from a fixture's ground truth",
+    )
     run.add_argument("--out", required=True, help="results folder (a run resumes into it)")
     run.add_argument("--limit", type=int, default=None, help="only the first N queries of each benchmark")
     run.add_argument("--refs", type=int, default=1, help="reference photos per concept (1 to 5)")
-    run.add_argument("--protocol", choices=["ours", "paper"], default="ours",
-                     help="ours: the library's default settings; paper: Settings.paper(), the settings the paper "
-                          "states")
+    run.add_argument(
+        "--protocol",
+        choices=["ours", "paper"],
+        default="ours",
+        help="ours: the library's default settings; paper: Settings.paper(), the settings the paper states",
+    )
     run.add_argument("--quantization", default="auto", help="auto, 4bit, 8bit or none")
     run.add_argument("--cache", default=None, help="concept cache folder (default: OUT/concept-cache)")
-    run.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                     help="change one engine setting (ego/settings.py), e.g. --set k_cap_tokens=30; repeatable")
-    run.add_argument("--max-new-tokens", type=int, default=None,
-                     help="cap every answer at N tokens (default: 4 yes/no, 16 options, 64 open and captions)")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="change one engine setting (ego/settings.py), e.g. --set k_cap_tokens=30; repeatable",
+    )
+    run.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="cap every answer at N tokens (default: 4 yes/no, 16 options, 64 open and captions)",
+    )
     _judge_options(run)
 
     judge = commands.add_parser("judge", help="judge the stored open answers of a run again (no model needed)")
@@ -101,9 +121,13 @@ def settings_changes(pairs: list[str]) -> dict:
 
 
 def _judge_options(parser) -> None:
-    parser.add_argument("--judge", choices=["rule", "self", "openai"], default="rule",
-                        help="judge of open answers: rule (offline, not comparable), self (the evaluated model, "
-                             "biased) or openai (any OpenAI-compatible endpoint)")
+    parser.add_argument(
+        "--judge",
+        choices=["rule", "self", "openai"],
+        default="rule",
+        help="judge of open answers: rule (offline, not comparable), self (the evaluated model, "
+        "biased) or openai (any OpenAI-compatible endpoint)",
+    )
     parser.add_argument("--judge-url", default="", help="e.g. https://api.openai.com/v1 or http://localhost:8000/v1")
     parser.add_argument("--judge-model", default="", help="e.g. gpt-3.5-turbo")
 
@@ -115,8 +139,13 @@ def load_engine(model: str, quantization: str, settings: Settings):
     import torch
 
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    return Ego.from_pretrained(model, quantization=None if quantization == "none" else quantization, device=device,
-                               settings=settings, k_cap=settings.k_cap_tokens)
+    return Ego.from_pretrained(
+        model,
+        quantization=None if quantization == "none" else quantization,
+        device=device,
+        settings=settings,
+        k_cap=settings.k_cap_tokens,
+    )
 
 
 def run(args) -> list[dict]:
@@ -127,8 +156,9 @@ def run(args) -> list[dict]:
     data, out = Path(args.data).resolve(), Path(args.out)
     names = TABLES.get(args.benchmark, [args.benchmark])
     if args.benchmark != "table3" and any(n not in LOADERS for n in names):
-        raise InputError(f"Unknown benchmark {args.benchmark!r}; choose one of {', '.join(LOADERS)}, "
-                         f"{', '.join(TABLES)} or table3.")
+        raise InputError(
+            f"Unknown benchmark {args.benchmark!r}; choose one of {', '.join(LOADERS)}, {', '.join(TABLES)} or table3."
+        )
     settings = protocol_settings(args.protocol).replace(**settings_changes(args.set))
     oracle = args.model == "oracle"
     engine = None if oracle else load_engine(args.model, args.quantization, settings)
@@ -136,8 +166,10 @@ def run(args) -> list[dict]:
     cache = Path(args.cache) if args.cache else out / "concept-cache"
     jobs = []  # (benchmark name, paper key, folder, settings changes, refs, keywords in the prompt)
     if args.benchmark == "table3":
-        jobs = [("yollava-rec", f"table3/{v}", out / v, changes, refs, keywords)
-                for v, (changes, refs, keywords) in TABLE3.items()]
+        jobs = [
+            ("yollava-rec", f"table3/{v}", out / v, changes, refs, keywords)
+            for v, (changes, refs, keywords) in TABLE3.items()
+        ]
     else:
         several = len(names) > 1
         jobs = [(n, n, out / n if several else out, {}, args.refs, "none") for n in names]
@@ -146,16 +178,35 @@ def run(args) -> list[dict]:
         benchmark = LOADERS[name](data, refs)
         run_settings = settings.replace(**changes)
         run_settings = run_settings.replace(
-            max_concepts_in_context=max(run_settings.max_concepts_in_context, len(benchmark.concepts)))
-        config = {"benchmark": name, "paper_key": paper_key, "data": str(data), "model": args.model,
-                  "protocol": args.protocol, "refs": refs, "keywords_in_prompt": keywords,
-                  "quantization": args.quantization,
-                  "settings": dataclasses.asdict(run_settings), "max_new_tokens": args.max_new_tokens,
-                  "limit": args.limit, "judge": judge.spec}
+            max_concepts_in_context=max(run_settings.max_concepts_in_context, len(benchmark.concepts))
+        )
+        config = {
+            "benchmark": name,
+            "paper_key": paper_key,
+            "data": str(data),
+            "model": args.model,
+            "protocol": args.protocol,
+            "refs": refs,
+            "keywords_in_prompt": keywords,
+            "quantization": args.quantization,
+            "settings": dataclasses.asdict(run_settings),
+            "max_new_tokens": args.max_new_tokens,
+            "limit": args.limit,
+            "judge": judge.spec,
+        }
         document = runner.run_benchmark(
-            benchmark, None if oracle else engine.with_settings(run_settings), folder, config, cache=cache,
-            respond=oracle_answerer(data) if oracle else None, limit=args.limit, judge=judge, paper_key=paper_key,
-            max_new_tokens=args.max_new_tokens, keywords_in_prompt=keywords)
+            benchmark,
+            None if oracle else engine.with_settings(run_settings),
+            folder,
+            config,
+            cache=cache,
+            respond=oracle_answerer(data) if oracle else None,
+            limit=args.limit,
+            judge=judge,
+            paper_key=paper_key,
+            max_new_tokens=args.max_new_tokens,
+            keywords_in_prompt=keywords,
+        )
         if document is not None:
             documents.append(document)
     if len(jobs) > 1 and documents:

@@ -70,8 +70,7 @@ def natural_key(path: Path):
 
 def _images(folder: Path) -> list[Path]:
     """The image files directly in `folder` (sub-folders such as Yo'LLaVA's negative_example/ are ignored)."""
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-                  key=natural_key)
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
 
 
 def _folders(folder: Path) -> list[Path]:
@@ -82,8 +81,10 @@ def _find(root: Path, candidates: list[str], what: str, source: str) -> Path:
     for candidate in candidates:
         if (root / candidate).is_dir():
             return root / candidate
-    raise InputError(f"The {what} was not found under {root} (looked for {', '.join(candidates)}). {source} "
-                     "See docs/evaluation.md for the expected tree.")
+    raise InputError(
+        f"The {what} was not found under {root} (looked for {', '.join(candidates)}). {source} "
+        "See docs/evaluation.md for the expected tree."
+    )
 
 
 def _refs(folder: Path, n_refs: int) -> list[Path]:
@@ -102,8 +103,16 @@ def _recognition_queries(root: Path, images: list[Path], names: list[str]) -> li
     for image in images:
         rel = _rel(root, image)
         for name in names:
-            queries.append(Query(key=f"{rel}|{name}", kind="yesno", question=REC_PROMPT.format(name=name),
-                                 media=rel, concept=name, group=rel))
+            queries.append(
+                Query(
+                    key=f"{rel}|{name}",
+                    kind="yesno",
+                    question=REC_PROMPT.format(name=name),
+                    media=rel,
+                    concept=name,
+                    group=rel,
+                )
+            )
     return queries
 
 
@@ -112,19 +121,23 @@ def _resolve_listed(base: Path, listed: str, anchor: str) -> Path:
     the `anchor` folder on (the JSON files were written relative to other roots)."""
     parts = Path(listed).parts
     if anchor in parts:
-        candidate = base.joinpath(*parts[parts.index(anchor):])
+        candidate = base.joinpath(*parts[parts.index(anchor) :])
         if candidate.is_file():
             return candidate
     candidate = (base / listed).resolve()
     if candidate.is_file():
         return candidate
-    raise InputError(f"{listed} is named in the question file but was not found under {base}; check that the "
-                     "dataset was extracted completely.")
+    raise InputError(
+        f"{listed} is named in the question file but was not found under {base}; check that the "
+        "dataset was extracted completely."
+    )
 
 
 # --- Yo'LLaVA ---------------------------------------------------------------------------------------------
-YOLLAVA_SOURCE = ("Get it with `git lfs clone https://github.com/WisconsinAIVision/YoLLaVA` (yollava-data/) or from "
-                  "https://huggingface.co/datasets/thaoshibe/YoLLaVA.")
+YOLLAVA_SOURCE = (
+    "Get it with `git lfs clone https://github.com/WisconsinAIVision/YoLLaVA` (yollava-data/) or from "
+    "https://huggingface.co/datasets/thaoshibe/YoLLaVA."
+)
 
 
 def _yollava_dir(root: Path) -> Path:
@@ -144,8 +157,9 @@ def load_yollava_rec(root: Path, n_refs: int) -> Benchmark:
         for image in _images(folder):
             images.append(image)
             truth[_rel(root, image)] = [folder.name]
-    return Benchmark("yollava-rec", "recognition", root, concepts,
-                     _recognition_queries(root, images, sorted(concepts)), truth=truth)
+    return Benchmark(
+        "yollava-rec", "recognition", root, concepts, _recognition_queries(root, images, sorted(concepts)), truth=truth
+    )
 
 
 def _option_queries(root: Path, base: Path, document: dict, anchor: str, names: dict[str, str]) -> list[Query]:
@@ -161,13 +175,33 @@ def _option_queries(root: Path, base: Path, document: dict, anchor: str, names: 
             is_video = media.suffix.lower() not in IMAGE_SUFFIXES
             if options:
                 question = OPTION_PROMPT.format(question=text, a=options["A"], b=options["B"])
-                queries.append(Query(key=f"{rel}|{raw}", kind="option", question=question, media=rel, group=name,
-                                     raw_question=raw, options=dict(options), gold=record["correct_answer"],
-                                     is_video=is_video))
+                queries.append(
+                    Query(
+                        key=f"{rel}|{raw}",
+                        kind="option",
+                        question=question,
+                        media=rel,
+                        group=name,
+                        raw_question=raw,
+                        options=dict(options),
+                        gold=record["correct_answer"],
+                        is_video=is_video,
+                    )
+                )
             else:
                 gold = record.get("answer", record.get("correct_answer"))
-                queries.append(Query(key=f"{rel}|{raw}", kind="open", question=text, media=rel, group=name,
-                                     raw_question=raw, gold=gold, is_video=is_video))
+                queries.append(
+                    Query(
+                        key=f"{rel}|{raw}",
+                        kind="open",
+                        question=text,
+                        media=rel,
+                        group=name,
+                        raw_question=raw,
+                        gold=gold,
+                        is_video=is_video,
+                    )
+                )
     return queries
 
 
@@ -177,8 +211,9 @@ def load_yollava_vqa(root: Path, n_refs: int) -> Benchmark:
     if not path.is_file():
         raise InputError(f"{path} is missing; it ships with the Yo'LLaVA repository. {YOLLAVA_SOURCE}")
     document = json.loads(path.read_text())
-    return Benchmark("yollava-vqa", "vqa", root, yollava_concepts(root, n_refs),
-                     _option_queries(root, base, document, "test", {}))
+    return Benchmark(
+        "yollava-vqa", "vqa", root, yollava_concepts(root, n_refs), _option_queries(root, base, document, "test", {})
+    )
 
 
 # --- MyVLM -----------------------------------------------------------------------------------------------
@@ -201,13 +236,28 @@ def _myvlm(root: Path, n_refs: int) -> tuple[dict[str, list[Path]], list[tuple[s
 def load_myvlm_rec(root: Path, n_refs: int) -> Benchmark:
     concepts, tests = _myvlm(root, n_refs)
     truth = {_rel(root, image): [name] for name, image in tests}
-    return Benchmark("myvlm-rec", "recognition", root, concepts,
-                     _recognition_queries(root, [image for _, image in tests], sorted(concepts)), truth=truth)
+    return Benchmark(
+        "myvlm-rec",
+        "recognition",
+        root,
+        concepts,
+        _recognition_queries(root, [image for _, image in tests], sorted(concepts)),
+        truth=truth,
+    )
 
 
 def _caption_queries(root: Path, tests: list[tuple[list[str], Path]]) -> list[Query]:
-    return [Query(key=_rel(root, image), kind="caption", question=CAPTION_PROMPT, media=_rel(root, image),
-                  group=" and ".join(names), gold=list(names)) for names, image in tests]
+    return [
+        Query(
+            key=_rel(root, image),
+            kind="caption",
+            question=CAPTION_PROMPT,
+            media=_rel(root, image),
+            group=" and ".join(names),
+            gold=list(names),
+        )
+        for names, image in tests
+    ]
 
 
 def load_myvlm_cap(root: Path, n_refs: int) -> Benchmark:
@@ -216,13 +266,15 @@ def load_myvlm_cap(root: Path, n_refs: int) -> Benchmark:
 
 
 # --- This-Is-My-Img -------------------------------------------------------------------------------------
-THISISMY_SOURCE = ("Get This-is-My-Img from the Google Drive folder named in the README of "
-                   "https://github.com/vdorovatas/personalization_toolkit.")
+THISISMY_SOURCE = (
+    "Get This-is-My-Img from the Google Drive folder named in the README of "
+    "https://github.com/vdorovatas/personalization_toolkit."
+)
 THISISMY_SPLITS = ("Positive", "Negative (Hard)", "Negative (Other)", "Fake")
 
 
 def concept_name(folder_name: str) -> str:
-    """"Zaks dog coffee-dog" -> "Zaks dog coffee": the part after the last "-" is the category."""
+    """ "Zaks dog coffee-dog" -> "Zaks dog coffee": the part after the last "-" is the category."""
     return folder_name.rsplit("-", 1)[0] if "-" in folder_name else folder_name
 
 
@@ -253,17 +305,26 @@ def load_thisismy_rec(root: Path, n_refs: int) -> Benchmark:
                 images.append(image)
                 truth[rel] = [concept_name(folder.name)] if split == "Positive" else []
                 split_of[rel] = split
-    return Benchmark("thisismy-rec", "recognition", root, concepts,
-                     _recognition_queries(root, images, sorted(concepts)), truth=truth, split_of=split_of)
+    return Benchmark(
+        "thisismy-rec",
+        "recognition",
+        root,
+        concepts,
+        _recognition_queries(root, images, sorted(concepts)),
+        truth=truth,
+        split_of=split_of,
+    )
 
 
 def _pair(folder_name: str, names) -> tuple[str, ...]:
-    """"Casey_and_Caseys boosted board" -> ("Casey", "Caseys boosted board"), checked against the concepts."""
+    """ "Casey_and_Caseys boosted board" -> ("Casey", "Caseys boosted board"), checked against the concepts."""
     members = tuple(folder_name.split("_and_"))
     missing = [m for m in members if m not in names]
     if len(members) < 2 or missing:
-        raise InputError(f"Test folder {folder_name!r} should be named <A>_and_<B> after concepts in train/ "
-                         f"(not found: {', '.join(missing) or 'a second concept'}).")
+        raise InputError(
+            f"Test folder {folder_name!r} should be named <A>_and_<B> after concepts in train/ "
+            f"(not found: {', '.join(missing) or 'a second concept'})."
+        )
     return members
 
 
@@ -276,9 +337,15 @@ def _multi(root: Path, train: Path, test: Path, n_refs: int, strip_category: boo
 def _multi_rec(name: str, root: Path, concepts, tests) -> Benchmark:
     truth = {_rel(root, image): list(pair) for pair, image in tests}
     pairs = sorted({pair for pair, _ in tests})
-    return Benchmark(name, "recognition", root, concepts,
-                     _recognition_queries(root, [image for _, image in tests], sorted(concepts)),
-                     truth=truth, pairs=pairs)
+    return Benchmark(
+        name,
+        "recognition",
+        root,
+        concepts,
+        _recognition_queries(root, [image for _, image in tests], sorted(concepts)),
+        truth=truth,
+        pairs=pairs,
+    )
 
 
 def load_thisismy_multi_rec(root: Path, n_refs: int) -> Benchmark:
@@ -298,14 +365,21 @@ def load_thisismy_multi_vqa(root: Path, n_refs: int) -> Benchmark:
     if not path.is_file():
         raise InputError(f"{path} is missing. {THISISMY_SOURCE}")
     concepts = thisismy_concepts(root, "Multi-concept", n_refs)
-    return Benchmark("thisismy-multi-vqa", "vqa", root, concepts,
-                     _option_queries(root, base, json.loads(path.read_text()), "test", {}))
+    return Benchmark(
+        "thisismy-multi-vqa",
+        "vqa",
+        root,
+        concepts,
+        _option_queries(root, base, json.loads(path.read_text()), "test", {}),
+    )
 
 
 # --- RAP multi-concept ----------------------------------------------------------------------------------
-RAP_SOURCE = ("Get RAP's multi-concept images from the Google Drive file in the README of "
-              "https://github.com/Hoar012/RAP-MLLM and arrange them as rap/multi-concept/train_1view_pekit/<concept>/ "
-              "and rap/multi-concept/validation/<A>_and_<B>/.")
+RAP_SOURCE = (
+    "Get RAP's multi-concept images from the Google Drive file in the README of "
+    "https://github.com/Hoar012/RAP-MLLM and arrange them as rap/multi-concept/train_1view_pekit/<concept>/ "
+    "and rap/multi-concept/validation/<A>_and_<B>/."
+)
 
 
 def load_rap_multi_rec(root: Path, n_refs: int) -> Benchmark:
@@ -315,39 +389,58 @@ def load_rap_multi_rec(root: Path, n_refs: int) -> Benchmark:
 
 
 # --- video ----------------------------------------------------------------------------------------------
-VIDEO_FORMAT = ("this-is-my/video-qa.json: {\"<concept name>\": {\"./eval_segment/<id>.mp4\": {\"question\": \"... "
-                "<sks> ...\", \"options\": {\"A\": \"...\", \"B\": \"...\"}, \"correct_answer\": \"A\"}}} (or "
-                "\"answer\": \"...\" for an open question); concepts from This-is-My-Img/Single-concept/train/.")
+VIDEO_FORMAT = (
+    'this-is-my/video-qa.json: {"<concept name>": {"./eval_segment/<id>.mp4": {"question": "... '
+    '<sks> ...", "options": {"A": "...", "B": "..."}, "correct_answer": "A"}}} (or '
+    '"answer": "..." for an open question); concepts from This-is-My-Img/Single-concept/train/.'
+)
 
 
 def load_video_vqa(root: Path, n_refs: int) -> Benchmark:
     base = _find(root, ["this-is-my"], "video question set", "Write your own questions: " + VIDEO_FORMAT)
     path = base / "video-qa.json"
     if not path.is_file():
-        raise InputError(f"{path} is missing. The paper's video questions are not public; write them as "
-                         + VIDEO_FORMAT)
+        raise InputError(
+            f"{path} is missing. The paper's video questions are not public; write them as " + VIDEO_FORMAT
+        )
     concepts = thisismy_concepts(root, "Single-concept", n_refs)
     document = json.loads(path.read_text())
     unknown = sorted(set(document) - set(concepts))
     if unknown:
-        raise InputError(f"video-qa.json names concepts with no reference photos: {', '.join(unknown)}; use the "
-                         "names of This-is-My-Img/Single-concept/train/ without their category.")
-    return Benchmark("thisismy-video-vqa", "vqa", root, concepts,
-                     _option_queries(root, base, document, "eval_segment", {}))
+        raise InputError(
+            f"video-qa.json names concepts with no reference photos: {', '.join(unknown)}; use the "
+            "names of This-is-My-Img/Single-concept/train/ without their category."
+        )
+    return Benchmark(
+        "thisismy-video-vqa", "vqa", root, concepts, _option_queries(root, base, document, "eval_segment", {})
+    )
 
 
 LOADERS = {
-    "yollava-rec": load_yollava_rec, "yollava-vqa": load_yollava_vqa,
-    "myvlm-rec": load_myvlm_rec, "myvlm-cap": load_myvlm_cap,
-    "thisismy-rec": load_thisismy_rec, "thisismy-multi-rec": load_thisismy_multi_rec,
-    "thisismy-multi-vqa": load_thisismy_multi_vqa, "thisismy-multi-cap": load_thisismy_multi_cap,
-    "rap-multi-rec": load_rap_multi_rec, "thisismy-video-vqa": load_video_vqa,
+    "yollava-rec": load_yollava_rec,
+    "yollava-vqa": load_yollava_vqa,
+    "myvlm-rec": load_myvlm_rec,
+    "myvlm-cap": load_myvlm_cap,
+    "thisismy-rec": load_thisismy_rec,
+    "thisismy-multi-rec": load_thisismy_multi_rec,
+    "thisismy-multi-vqa": load_thisismy_multi_vqa,
+    "thisismy-multi-cap": load_thisismy_multi_cap,
+    "rap-multi-rec": load_rap_multi_rec,
+    "thisismy-video-vqa": load_video_vqa,
 }
 
 
 # --- the synthetic fixture --------------------------------------------------------------------------------
-_COLORS = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 170, 60), "yellow": (230, 200, 40),
-           "purple": (150, 60, 190), "orange": (240, 140, 30), "cyan": (40, 200, 210), "pink": (240, 120, 180)}
+_COLORS = {
+    "red": (220, 40, 40),
+    "blue": (40, 70, 220),
+    "green": (40, 170, 60),
+    "yellow": (230, 200, 40),
+    "purple": (150, 60, 190),
+    "orange": (240, 140, 30),
+    "cyan": (40, 200, 210),
+    "pink": (240, 120, 180),
+}
 
 
 def _draw(objects, rng: random.Random, size=(112, 112)):
@@ -405,14 +498,18 @@ def make_fixture(directory, seed: int = 0) -> Path:
     for name, (a, b) in colors.items():
         correct = "A" if a.lower() == look[name][1] else "B"
         listed = f"./yollava-data/test/{name}/0.png"
-        vqa[name] = {listed: {"question": "What color is <sks>?", "options": {"A": a, "B": b},
-                              "correct_answer": correct}}
+        vqa[name] = {
+            listed: {"question": "What color is <sks>?", "options": {"A": a, "B": b}, "correct_answer": correct}
+        }
         answers[f"yollava-data/test/{name}/0.png|What color is <sks>?"] = correct
     (yollava / "yollava-visual-qa.json").write_text(json.dumps(vqa, indent=1))
 
     myvlm = root / "myvlm" / "data"
-    for folder, obj in {"red_cube": ("square", "red"), "blue_ring": ("circle", "blue"),
-                        "green_star": ("triangle", "green")}.items():
+    for folder, obj in {
+        "red_cube": ("square", "red"),
+        "blue_ring": ("circle", "blue"),
+        "green_star": ("triangle", "green"),
+    }.items():
         captions = {}
         for i in range(3):
             save(myvlm / folder / f"{i}.jpg", [obj], [folder.replace("_", " ")])
@@ -420,8 +517,11 @@ def make_fixture(directory, seed: int = 0) -> Path:
         (myvlm / folder / "captions.json").write_text(json.dumps(captions))
 
     single = root / "This-is-My-Img" / "Single-concept"
-    things = {"Anns ball-ball": ("circle", "orange"), "Bens cup-cup": ("square", "cyan"),
-              "Cats hat-hat": ("triangle", "pink")}
+    things = {
+        "Anns ball-ball": ("circle", "orange"),
+        "Bens cup-cup": ("square", "cyan"),
+        "Cats hat-hat": ("triangle", "pink"),
+    }
     hard = {"orange": "purple", "cyan": "yellow", "pink": "red"}
     for folder, (shape, color) in things.items():
         name = concept_name(folder)
@@ -433,15 +533,21 @@ def make_fixture(directory, seed: int = 0) -> Path:
         save(single / "test" / "Fake" / folder / "0.png", [("circle" if shape != "circle" else "square", color)], [])
 
     multi = root / "This-is-My-Img" / "Multi-concept"
-    people = {"Ann-woman": ("square", "yellow"), "Anns ball-ball": ("circle", "orange"),
-              "Ben-man": ("triangle", "blue"), "Bens cup-cup": ("square", "cyan")}
+    people = {
+        "Ann-woman": ("square", "yellow"),
+        "Anns ball-ball": ("circle", "orange"),
+        "Ben-man": ("triangle", "blue"),
+        "Bens cup-cup": ("square", "cyan"),
+    }
     for folder, obj in people.items():
         for i in range(2):
             save(multi / "train" / folder / f"{i}.png", [obj], [concept_name(folder)])
     multi_vqa = {}
     for person, thing in (("Ann", "Anns ball"), ("Ben", "Bens cup")):
-        objects = [people[f"{person}-{'woman' if person == 'Ann' else 'man'}"],
-                   people[f"{thing}-{'ball' if 'ball' in thing else 'cup'}"]]
+        objects = [
+            people[f"{person}-{'woman' if person == 'Ann' else 'man'}"],
+            people[f"{thing}-{'ball' if 'ball' in thing else 'cup'}"],
+        ]
         records = {}
         for k in (1, 2):
             path = multi / "test" / f"{person}_and_{thing}" / f"{person}_{thing}_{k}_positive.png"
@@ -454,8 +560,12 @@ def make_fixture(directory, seed: int = 0) -> Path:
     (multi / "this-is-my-visual-qa-multi-concept.json").write_text(json.dumps(multi_vqa, indent=1))
 
     rap = root / "rap" / "multi-concept"
-    cartoons = {"Bingo": ("circle", "yellow"), "Bluey": ("circle", "blue"), "H": ("square", "purple"),
-                "Parrot_1": ("triangle", "green")}
+    cartoons = {
+        "Bingo": ("circle", "yellow"),
+        "Bluey": ("circle", "blue"),
+        "H": ("square", "purple"),
+        "Parrot_1": ("triangle", "green"),
+    }
     for name, obj in cartoons.items():
         save(rap / "train_1view_pekit" / name / "0.jpg", [obj], [name])
     for a, b in (("Bingo", "Bluey"), ("H", "Parrot_1")):
@@ -471,8 +581,9 @@ def make_fixture(directory, seed: int = 0) -> Path:
         options = {"A": color.capitalize(), "B": wrong} if i == 0 else {"A": wrong, "B": color.capitalize()}
         correct = "A" if i == 0 else "B"
         question = "What color is <sks> in this video?"
-        video_qa[name] = {f"./eval_segment/{path.name}": {"question": question, "options": options,
-                                                          "correct_answer": correct}}
+        video_qa[name] = {
+            f"./eval_segment/{path.name}": {"question": question, "options": options, "correct_answer": correct}
+        }
         answers[f"{_rel(root, path)}|{question}"] = correct
         present[_rel(root, path)] = [name]
     (root / "this-is-my" / "video-qa.json").write_text(json.dumps(video_qa, indent=1))

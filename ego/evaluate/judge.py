@@ -54,8 +54,9 @@ class RuleJudge:
         clauses = [c for c in _clauses(answer) if content_words(c.lower())]
         if not clauses:
             return None, "the reference answer has no content words"
-        ok = all(len(set(content_words(c.lower())) & predicted) * 2 >= len(set(content_words(c.lower())))
-                 for c in clauses)
+        ok = all(
+            len(set(content_words(c.lower())) & predicted) * 2 >= len(set(content_words(c.lower()))) for c in clauses
+        )
         return ok, "overlap" if ok else "missing words"
 
 
@@ -75,8 +76,9 @@ class ModelJudge:
         self.spec = f"self:{engine.model_id}"
 
     def __call__(self, question: str, answer: str, prediction: str) -> tuple[bool | None, str]:
-        reply = self.engine.answer(JUDGE_PROMPT.format(question=question, answer=answer, pred=prediction),
-                                   max_new_tokens=4)
+        reply = self.engine.answer(
+            JUDGE_PROMPT.format(question=question, answer=answer, pred=prediction), max_new_tokens=4
+        )
         return read_verdict(reply), str(reply)
 
 
@@ -86,8 +88,10 @@ class EndpointJudge:
 
     def __init__(self, url: str, model: str, timeout_s: float = 60.0):
         if not url or not model:
-            raise InputError("An endpoint judge needs --judge-url (e.g. https://api.openai.com/v1) and "
-                             "--judge-model (e.g. gpt-3.5-turbo).")
+            raise InputError(
+                "An endpoint judge needs --judge-url (e.g. https://api.openai.com/v1) and "
+                "--judge-model (e.g. gpt-3.5-turbo)."
+            )
         self.url = url.rstrip("/")
         if not self.url.endswith("/chat/completions"):
             self.url += "/chat/completions"
@@ -97,8 +101,15 @@ class EndpointJudge:
         self.note = f"{model} through an OpenAI-compatible endpoint, temperature 0"
 
     def __call__(self, question: str, answer: str, prediction: str) -> tuple[bool | None, str]:
-        body = json.dumps({"model": self.model, "temperature": 0, "messages": [
-            {"role": "user", "content": JUDGE_PROMPT.format(question=question, answer=answer, pred=prediction)}]})
+        body = json.dumps(
+            {
+                "model": self.model,
+                "temperature": 0,
+                "messages": [
+                    {"role": "user", "content": JUDGE_PROMPT.format(question=question, answer=answer, pred=prediction)}
+                ],
+            }
+        )
         headers = {"Content-Type": "application/json"}
         key = next((os.environ[v] for v in API_KEY_VARIABLES if os.environ.get(v)), None)
         if key:
@@ -108,13 +119,16 @@ class EndpointJudge:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 reply = json.loads(response.read())["choices"][0]["message"]["content"]
         except urllib.error.HTTPError as error:
-            raise InputError(f"The judge endpoint {self.url} answered HTTP {error.code}; check the URL, the model "
-                             f"name and the key in {' or '.join(API_KEY_VARIABLES)}.") from error
+            raise InputError(
+                f"The judge endpoint {self.url} answered HTTP {error.code}; check the URL, the model "
+                f"name and the key in {' or '.join(API_KEY_VARIABLES)}."
+            ) from error
         except (urllib.error.URLError, TimeoutError) as error:
             raise InputError(f"The judge endpoint {self.url} could not be reached ({error}); check the URL.") from error
         except (KeyError, IndexError, ValueError) as error:
-            raise InputError(f"The judge endpoint {self.url} did not answer like an OpenAI-compatible chat API.") \
-                from error
+            raise InputError(
+                f"The judge endpoint {self.url} did not answer like an OpenAI-compatible chat API."
+            ) from error
         return read_verdict(reply), str(reply)
 
 

@@ -55,8 +55,10 @@ class Progress:
             elapsed = now - self.started
             left = elapsed / self.done * (self.total - self.done)
             filled = int(20 * self.done / max(1, self.total))
-            self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (20 - filled)}] {self.done}/{self.total} "
-                              f"{elapsed:.0f}s elapsed, ~{left:.0f}s left ")
+            self.stream.write(
+                f"\r{self.label} [{'#' * filled}{'.' * (20 - filled)}] {self.done}/{self.total} "
+                f"{elapsed:.0f}s elapsed, ~{left:.0f}s left "
+            )
             if self.done == self.total:
                 self.stream.write("\n")
             self.stream.flush()
@@ -75,10 +77,16 @@ def concept_key(engine, name: str, references: list[Path]) -> str:
     """What a cached concept depends on: the model, its layers, every setting an introduction may read, the
     name and the photos."""
     settings = {k: v for k, v in dataclasses.asdict(engine.settings).items() if k not in ANSWER_ONLY_SETTINGS}
-    material = json.dumps({
-        "model": engine.model_id, "layers": list(engine.layers), "settings": settings,
-        "name": name, "references": [(p.name, _file_sha1(p)) for p in references],
-    }, sort_keys=True)
+    material = json.dumps(
+        {
+            "model": engine.model_id,
+            "layers": list(engine.layers),
+            "settings": settings,
+            "name": name,
+            "references": [(p.name, _file_sha1(p)) for p in references],
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
@@ -137,6 +145,7 @@ def model_answer(engine, max_new_tokens: int | None = None, keywords_in_prompt: 
             concepts = [] if keywords_in_prompt == "only" else concepts
         answer = engine.answer(question, concepts, max_new_tokens=cap, **kind)
         return {"raw": str(answer), "used": list(answer.concepts_used), "context_tokens": answer.context_tokens}
+
     return respond
 
 
@@ -178,15 +187,28 @@ def _check_config(out: Path, config: dict) -> None:
         before = {k: v for k, v in json.loads(path.read_text()).items() if k not in RESUMABLE_EXCEPT}
         if before != fixed:
             changed = sorted(k for k in set(before) | set(fixed) if before.get(k) != fixed.get(k))
-            raise InputError(f"{out} holds a run with another configuration (differs in: {', '.join(changed)}); "
-                             "give another --out, or delete that folder to start again.")
+            raise InputError(
+                f"{out} holds a run with another configuration (differs in: {', '.join(changed)}); "
+                "give another --out, or delete that folder to start again."
+            )
     else:
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(config, indent=1, sort_keys=True))
 
 
-def answer_share(benchmark: Benchmark, concepts: dict, respond, out: Path, config: dict, *, limit=None,
-                 judge=None, rank: int = 0, world: int = 1, progress: bool = True) -> int:
+def answer_share(
+    benchmark: Benchmark,
+    concepts: dict,
+    respond,
+    out: Path,
+    config: dict,
+    *,
+    limit=None,
+    judge=None,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+) -> int:
     """Answer this process's share of the queries not answered yet, appending each to its part file.
     Returns how many were asked now."""
     _check_config(out, config)
@@ -204,8 +226,16 @@ def answer_share(benchmark: Benchmark, concepts: dict, respond, out: Path, confi
     with open(log_path, "a") as log:
         for query in todo:
             answered = respond(query, in_context, benchmark.root / query.media)
-            record = {"key": query.key, "kind": query.kind, "media": query.media, "question": query.question,
-                      "concept": query.concept, "group": query.group, "gold": query.gold, **answered}
+            record = {
+                "key": query.key,
+                "kind": query.kind,
+                "media": query.media,
+                "question": query.question,
+                "concept": query.concept,
+                "group": query.group,
+                "gold": query.gold,
+                **answered,
+            }
             record.update(score_record(query, answered["raw"], benchmark, judge))
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -252,7 +282,8 @@ def compute_metrics(benchmark: Benchmark, records: list[dict]) -> dict:
     result = scoring.accuracy([r["verdict"] for r in records], [r["group"] for r in records])
     if any(r["kind"] == "option" for r in records):
         result["accuracy_pekit_parser"] = scoring.accuracy(
-            [r["parsed_pekit"] == str(r["gold"]).strip().upper() for r in records if r["kind"] == "option"])["accuracy"]
+            [r["parsed_pekit"] == str(r["gold"]).strip().upper() for r in records if r["kind"] == "option"]
+        )["accuracy"]
     judged = {r.get("judge") for r in records if r["kind"] == "open"}
     if judged:
         result["judge"] = ", ".join(sorted(str(j) for j in judged))
@@ -277,15 +308,23 @@ def recognition(benchmark: Benchmark, records: list[dict]) -> dict:
         result = by_concept
         if benchmark.split_of:
             result["per_split"] = {
-                split: _brief(scoring.recognition_metrics(
-                    [v for m, v in per_image.items() if benchmark.split_of[m] == split], concepts))
-                for split in sorted({benchmark.split_of[m] for m in per_image})}
+                split: _brief(
+                    scoring.recognition_metrics(
+                        [v for m, v in per_image.items() if benchmark.split_of[m] == split], concepts
+                    )
+                )
+                for split in sorted({benchmark.split_of[m] for m in per_image})
+            }
     else:
         pair_records = []
         for media, (_truth, yes) in per_image.items():
             full_truth = set(benchmark.truth[media])
-            pair_records.append(({p for p in benchmark.pairs if set(p) <= full_truth and set(p) <= asked[media]},
-                                 {p for p in benchmark.pairs if set(p) <= yes}))
+            pair_records.append(
+                (
+                    {p for p in benchmark.pairs if set(p) <= full_truth and set(p) <= asked[media]},
+                    {p for p in benchmark.pairs if set(p) <= yes},
+                )
+            )
         result = scoring.recognition_metrics(pair_records, benchmark.pairs)
         result["per_unit"] = {" & ".join(p): v for p, v in result["per_unit"].items()}
         result["aggregation"] += "; units are concept pairs (a pair is detected when all its members are)"
@@ -298,11 +337,18 @@ def _brief(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in ("per_unit", "aggregation")}
 
 
-def write_results(benchmark: Benchmark, out: Path, config: dict, records: list[dict], paper_key: str | None = None
-                  ) -> dict:
+def write_results(
+    benchmark: Benchmark, out: Path, config: dict, records: list[dict], paper_key: str | None = None
+) -> dict:
     metrics = compute_metrics(benchmark, records)
-    document = {"benchmark": benchmark.name, "model": config.get("model"), "settings": config.get("settings"),
-                "config": config, "metrics": metrics, "paper": PAPER_NUMBERS.get(paper_key or benchmark.name, {})}
+    document = {
+        "benchmark": benchmark.name,
+        "model": config.get("model"),
+        "settings": config.get("settings"),
+        "config": config,
+        "metrics": metrics,
+        "paper": PAPER_NUMBERS.get(paper_key or benchmark.name, {}),
+    }
     (out / "metrics.json").write_text(json.dumps(document, indent=1))
     (out / "summary.md").write_text(summary_markdown([document]))
     return document
@@ -313,8 +359,10 @@ MAIN_METRIC = {"recognition": "f1", "vqa": "accuracy", "caption": "recall"}
 
 def summary_markdown(documents: list[dict]) -> str:
     """Our numbers beside the paper's Ego and its strongest baseline, with what differs from its protocol."""
-    lines = ["| benchmark | metric | this run | n | Ego (paper) | strongest baseline (paper) | paper's source |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| benchmark | metric | this run | n | Ego (paper) | strongest baseline (paper) | paper's source |",
+        "|---|---|---|---|---|---|---|",
+    ]
     notes = set()
     for doc in documents:
         metrics, paper = doc["metrics"], doc["paper"]
@@ -324,27 +372,48 @@ def summary_markdown(documents: list[dict]) -> str:
         ours = "—" if value is None else f"{100 * value:.1f}"
         baseline = paper.get("baseline") or {}
         label = doc.get("config", {}).get("paper_key") or doc["benchmark"]
-        lines.append(f"| {label} | {name} % | {ours} | {n} | {paper.get('ego', '—')} | "
-                     f"{baseline.get('name', '—')} {baseline.get('value', '')} | "
-                     f"{paper.get('source', 'not reported')} ({paper.get('confidence', '—')}) |")
+        lines.append(
+            f"| {label} | {name} % | {ours} | {n} | {paper.get('ego', '—')} | "
+            f"{baseline.get('name', '—')} {baseline.get('value', '')} | "
+            f"{paper.get('source', 'not reported')} ({paper.get('confidence', '—')}) |"
+        )
         if "judge" in metrics:
             notes.add(f"Open answers judged by {metrics['judge']}; the paper's group used gpt-35-turbo.")
         config = doc.get("config", {})
-        notes.add(f"Model {config.get('model')} with the {config.get('protocol')} protocol and "
-                  f"{config.get('refs')} reference photo(s) per concept; the paper's backbone is InternVL3-14B.")
+        notes.add(
+            f"Model {config.get('model')} with the {config.get('protocol')} protocol and "
+            f"{config.get('refs')} reference photo(s) per concept; the paper's backbone is InternVL3-14B."
+        )
         if config.get("limit"):
             notes.add(f"Limited to the first {config['limit']} queries per benchmark: not a full run.")
-    lines += ["", ("Precision, recall and F1: mean of per-unit precision and of per-unit recall where defined, "
-                   "F1 their harmonic mean (macro_f1 and micro_f1 are in metrics.json; the paper's formula is not "
-                   "known)."),
-              "The prompts are this harness's own (the paper does not publish its prompts); see docs/evaluation.md.",
-              ""] + [f"- {n}" for n in sorted(notes)]
+    lines += [
+        "",
+        (
+            "Precision, recall and F1: mean of per-unit precision and of per-unit recall where defined, "
+            "F1 their harmonic mean (macro_f1 and micro_f1 are in metrics.json; the paper's formula is not "
+            "known)."
+        ),
+        "The prompts are this harness's own (the paper does not publish its prompts); see docs/evaluation.md.",
+        "",
+    ] + [f"- {n}" for n in sorted(notes)]
     return "\n".join(lines) + "\n"
 
 
-def run_benchmark(benchmark: Benchmark, engine, out: Path, config: dict, *, cache: Path, respond=None,
-                  limit=None, judge=None, progress: bool = True, paper_key: str | None = None,
-                  max_new_tokens: int | None = None, keywords_in_prompt: str = "none") -> dict | None:
+def run_benchmark(
+    benchmark: Benchmark,
+    engine,
+    out: Path,
+    config: dict,
+    *,
+    cache: Path,
+    respond=None,
+    limit=None,
+    judge=None,
+    progress: bool = True,
+    paper_key: str | None = None,
+    max_new_tokens: int | None = None,
+    keywords_in_prompt: str = "none",
+) -> dict | None:
     """The whole run of one benchmark in this process (a share of it in a data-parallel launch); the
     metrics document on rank 0, None on the others. With no engine, `respond` answers without concepts."""
     rank, world = process_share()
@@ -353,8 +422,9 @@ def run_benchmark(benchmark: Benchmark, engine, out: Path, config: dict, *, cach
     _check_config(out, config)
     concepts = {} if engine is None else concepts_for(benchmark, engine, cache, rank, world)
     respond = respond or model_answer(engine, max_new_tokens, keywords_in_prompt)
-    answer_share(benchmark, concepts, respond, out, config, limit=limit, judge=judge, rank=rank, world=world,
-                 progress=progress)
+    answer_share(
+        benchmark, concepts, respond, out, config, limit=limit, judge=judge, rank=rank, world=world, progress=progress
+    )
     if rank != 0:
         return None
     if world > 1:

@@ -97,8 +97,13 @@ def caption_recall(records) -> dict:
             per_image.append(hit / len(targets))
             all_found += hit == len(targets)
     n = len(per_image)
-    return {"recall": _ratio(found, wanted), "recall_mean_per_image": _mean(per_image),
-            "all_names_rate": _ratio(all_found, n), "n": n, "n_names": wanted}
+    return {
+        "recall": _ratio(found, wanted),
+        "recall_mean_per_image": _mean(per_image),
+        "all_names_rate": _ratio(all_found, n),
+        "n": n,
+        "n_names": wanted,
+    }
 
 
 def recognition_metrics(records, units) -> dict:
@@ -123,19 +128,27 @@ def recognition_metrics(records, units) -> dict:
     precision = {u: _ratio(correct[u], detected[u]) for u in units}
     recall = {u: _ratio(correct[u], gt[u]) for u in units}
     per_unit_f1 = {u: _harmonic(precision[u], recall[u]) for u in units if gt[u]}
-    macro_p, macro_r = _mean(v for v in precision.values() if v is not None), _mean(
-        v for v in recall.values() if v is not None)
+    macro_p, macro_r = (
+        _mean(v for v in precision.values() if v is not None),
+        _mean(v for v in recall.values() if v is not None),
+    )
     micro_p = _ratio(sum(correct.values()), sum(detected.values()))
     micro_r = _ratio(sum(correct.values()), sum(gt.values()))
     positive_accuracy = micro_r
     negative_accuracy = _ratio(true_negative, negative)
     return {
-        "precision": macro_p, "recall": macro_r, "f1": _harmonic(macro_p, macro_r),
+        "precision": macro_p,
+        "recall": macro_r,
+        "f1": _harmonic(macro_p, macro_r),
         "macro_f1": _mean(0.0 if v is None else v for v in per_unit_f1.values()),
         "macro_precision_undefined_as_zero": _mean(0.0 if v is None else v for v in precision.values()),
-        "micro_precision": micro_p, "micro_recall": micro_r, "micro_f1": _harmonic(micro_p, micro_r),
+        "micro_precision": micro_p,
+        "micro_recall": micro_r,
+        "micro_f1": _harmonic(micro_p, micro_r),
         "weighted_accuracy": _mean(v for v in (positive_accuracy, negative_accuracy) if v is not None),
-        "n_positive": sum(gt.values()), "n_negative": negative, "n_images": len(records),
+        "n_positive": sum(gt.values()),
+        "n_negative": negative,
+        "n_images": len(records),
         "per_unit": {u: {"detected": detected[u], "gt": gt[u], "correct": correct[u]} for u in units},
         "aggregation": "precision/recall: mean of per-unit values where defined; f1: their harmonic mean",
     }
@@ -145,8 +158,11 @@ def accuracy(verdicts, groups=None) -> dict:
     """Micro accuracy over questions (None counts as wrong and is reported as unparsed), plus the mean of
     per-group accuracies when `groups` (one label per verdict) is given."""
     verdicts = list(verdicts)
-    result = {"accuracy": _ratio(sum(v is True for v in verdicts), len(verdicts)), "n": len(verdicts),
-              "unparsed": sum(v is None for v in verdicts)}
+    result = {
+        "accuracy": _ratio(sum(v is True for v in verdicts), len(verdicts)),
+        "n": len(verdicts),
+        "unparsed": sum(v is None for v in verdicts),
+    }
     if groups is not None:
         by_group: dict = {}
         for verdict, group in zip(verdicts, groups):

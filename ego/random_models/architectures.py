@@ -81,76 +81,184 @@ class Architecture:
         return self.text_config["hidden_size"]
 
 
-_QWEN2_TEXT = dict(hidden_act="silu", rms_norm_eps=1e-6, use_sliding_window=False, sliding_window=32768,
-                   attention_dropout=0.0)
+_QWEN2_TEXT = dict(
+    hidden_act="silu", rms_norm_eps=1e-6, use_sliding_window=False, sliding_window=32768, attention_dropout=0.0
+)
 _QWEN2_ROPE = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]}
-_QWEN3_TEXT = dict(hidden_act="silu", rms_norm_eps=1e-6, head_dim=128, attention_bias=False, attention_dropout=0.0,
-                   max_position_embeddings=262144)
-_QWEN3_ROPE = {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [24, 20, 20],
-               "mrope_interleaved": True}
-_QWEN25_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, hidden_act="silu",
-                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                      fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, in_channels=3)
+_QWEN3_TEXT = dict(
+    hidden_act="silu",
+    rms_norm_eps=1e-6,
+    head_dim=128,
+    attention_bias=False,
+    attention_dropout=0.0,
+    max_position_embeddings=262144,
+)
+_QWEN3_ROPE = {
+    "rope_type": "default",
+    "rope_theta": 5_000_000.0,
+    "mrope_section": [24, 20, 20],
+    "mrope_interleaved": True,
+}
+_QWEN25_VISION = dict(
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    hidden_act="silu",
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+    tokens_per_second=2,
+    in_channels=3,
+)
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.preset: a
     for a in [
         Architecture(
-            "qwen2.5-vl-7b", "qwen2.5-vl", "Qwen/Qwen2.5-VL-7B-Instruct",
-            text_config=dict(_QWEN2_TEXT, vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                             num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                             max_position_embeddings=128000, max_window_layers=28, rope_parameters=dict(_QWEN2_ROPE)),
+            "qwen2.5-vl-7b",
+            "qwen2.5-vl",
+            "Qwen/Qwen2.5-VL-7B-Instruct",
+            text_config=dict(
+                _QWEN2_TEXT,
+                vocab_size=152064,
+                hidden_size=3584,
+                intermediate_size=18944,
+                num_hidden_layers=28,
+                num_attention_heads=28,
+                num_key_value_heads=4,
+                max_position_embeddings=128000,
+                max_window_layers=28,
+                rope_parameters=dict(_QWEN2_ROPE),
+            ),
             vision_config=dict(_QWEN25_VISION, out_hidden_size=3584),
-            tie_word_embeddings=False, params_b=8.29,
+            tie_word_embeddings=False,
+            params_b=8.29,
             source="huggingface.co/Artanic30/Wiki-R1-7B config.json; verl log of Qwen2.5-VL-7B-Instruct's config",
         ),
         Architecture(
-            "qwen2.5-vl-3b", "qwen2.5-vl", "Qwen/Qwen2.5-VL-3B-Instruct",
-            text_config=dict(_QWEN2_TEXT, vocab_size=151936, hidden_size=2048, intermediate_size=11008,
-                             num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
-                             max_position_embeddings=128000, max_window_layers=70, rope_parameters=dict(_QWEN2_ROPE)),
+            "qwen2.5-vl-3b",
+            "qwen2.5-vl",
+            "Qwen/Qwen2.5-VL-3B-Instruct",
+            text_config=dict(
+                _QWEN2_TEXT,
+                vocab_size=151936,
+                hidden_size=2048,
+                intermediate_size=11008,
+                num_hidden_layers=36,
+                num_attention_heads=16,
+                num_key_value_heads=2,
+                max_position_embeddings=128000,
+                max_window_layers=70,
+                rope_parameters=dict(_QWEN2_ROPE),
+            ),
             vision_config=dict(_QWEN25_VISION, out_hidden_size=2048),
-            tie_word_embeddings=True, params_b=3.75,
+            tie_word_embeddings=True,
+            params_b=3.75,
             source="huggingface.co/AngelSlim/Qwen2.5-VL-3B-Instruct-INT4-GPTQ and callgg/ocr-bf16 config.json",
         ),
         Architecture(
-            "qwen2-vl-2b", "qwen2-vl", "Qwen/Qwen2-VL-2B-Instruct",
-            text_config=dict(_QWEN2_TEXT, vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                             num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                             max_position_embeddings=32768, max_window_layers=28, rope_parameters=dict(_QWEN2_ROPE)),
-            vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, mlp_ratio=4, num_heads=16,
-                               hidden_act="quick_gelu", patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                               in_channels=3),
-            tie_word_embeddings=True, params_b=2.21,
+            "qwen2-vl-2b",
+            "qwen2-vl",
+            "Qwen/Qwen2-VL-2B-Instruct",
+            text_config=dict(
+                _QWEN2_TEXT,
+                vocab_size=151936,
+                hidden_size=1536,
+                intermediate_size=8960,
+                num_hidden_layers=28,
+                num_attention_heads=12,
+                num_key_value_heads=2,
+                max_position_embeddings=32768,
+                max_window_layers=28,
+                rope_parameters=dict(_QWEN2_ROPE),
+            ),
+            vision_config=dict(
+                depth=32,
+                embed_dim=1280,
+                hidden_size=1536,
+                mlp_ratio=4,
+                num_heads=16,
+                hidden_act="quick_gelu",
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                in_channels=3,
+            ),
+            tie_word_embeddings=True,
+            params_b=2.21,
             source="huggingface.co/onnx-community/Qwen2-VL-2B-Instruct and lightonai/MonoQwen2-VL-v0.1 config.json; "
-                   "vision defaults as in zszhong/Lyra_Qwen2VL_2B_ViT",
+            "vision defaults as in zszhong/Lyra_Qwen2VL_2B_ViT",
         ),
         Architecture(
-            "qwen3-vl-4b", "qwen3-vl", "Qwen/Qwen3-VL-4B-Instruct",
-            text_config=dict(_QWEN3_TEXT, vocab_size=151936, hidden_size=2560, intermediate_size=9728,
-                             num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-                             rope_parameters=dict(_QWEN3_ROPE)),
-            vision_config=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
-                               hidden_act="gelu_pytorch_tanh", patch_size=16, spatial_merge_size=2,
-                               temporal_patch_size=2, num_position_embeddings=2304,
-                               deepstack_visual_indexes=[5, 11, 17], in_channels=3),
-            tie_word_embeddings=True, params_b=4.44,
+            "qwen3-vl-4b",
+            "qwen3-vl",
+            "Qwen/Qwen3-VL-4B-Instruct",
+            text_config=dict(
+                _QWEN3_TEXT,
+                vocab_size=151936,
+                hidden_size=2560,
+                intermediate_size=9728,
+                num_hidden_layers=36,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                rope_parameters=dict(_QWEN3_ROPE),
+            ),
+            vision_config=dict(
+                depth=24,
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_heads=16,
+                out_hidden_size=2560,
+                hidden_act="gelu_pytorch_tanh",
+                patch_size=16,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                num_position_embeddings=2304,
+                deepstack_visual_indexes=[5, 11, 17],
+                in_channels=3,
+            ),
+            tie_word_embeddings=True,
+            params_b=4.44,
             source="public copies of Qwen3-VL-4B-Instruct's config.json in GitHub code",
         ),
         Architecture(
-            "qwen3-vl-8b", "qwen3-vl", "Qwen/Qwen3-VL-8B-Instruct",
-            text_config=dict(_QWEN3_TEXT, vocab_size=151936, hidden_size=4096, intermediate_size=12288,
-                             num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-                             rope_parameters=dict(_QWEN3_ROPE)),
-            vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
-                               hidden_act="gelu_pytorch_tanh", patch_size=16, spatial_merge_size=2,
-                               temporal_patch_size=2, num_position_embeddings=2304,
-                               deepstack_visual_indexes=[8, 16, 24], in_channels=3),
-            tie_word_embeddings=False, params_b=8.77,
+            "qwen3-vl-8b",
+            "qwen3-vl",
+            "Qwen/Qwen3-VL-8B-Instruct",
+            text_config=dict(
+                _QWEN3_TEXT,
+                vocab_size=151936,
+                hidden_size=4096,
+                intermediate_size=12288,
+                num_hidden_layers=36,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                rope_parameters=dict(_QWEN3_ROPE),
+            ),
+            vision_config=dict(
+                depth=27,
+                hidden_size=1152,
+                intermediate_size=4304,
+                num_heads=16,
+                out_hidden_size=4096,
+                hidden_act="gelu_pytorch_tanh",
+                patch_size=16,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                num_position_embeddings=2304,
+                deepstack_visual_indexes=[8, 16, 24],
+                in_channels=3,
+            ),
+            tie_word_embeddings=False,
+            params_b=8.77,
             source="huggingface.co/Steinate/Cortex and Chhagan005/CSM-DocExtract-8N config.json",
         ),
     ]
 }
+
 
 def architecture(name: str) -> Architecture:
     key = name.strip().lower()
@@ -189,8 +297,9 @@ def build_skeleton(name: str, *, text_layers: int | None = None, vision_depth: i
     arch = architecture(name)
     # Parameters only: the offline tokenizer's training, inside the builder, keeps its real tensors.
     with init_empty_weights(include_buffers=False):
-        model, processor = build_random(arch.family, overrides(name, text_layers=text_layers,
-                                                                vision_depth=vision_depth))
+        model, processor = build_random(
+            arch.family, overrides(name, text_layers=text_layers, vision_depth=vision_depth)
+        )
     if model.config.tie_word_embeddings != arch.tie_word_embeddings:
         generation_config = model.generation_config
         model.config.tie_word_embeddings = arch.tie_word_embeddings
@@ -201,9 +310,17 @@ def build_skeleton(name: str, *, text_layers: int | None = None, vision_depth: i
     return model, processor
 
 
-def random_architecture(name: str, directory, *, text_layers: int | None = None, vision_depth: int | None = None,
-                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                        max_shard_size: str = "4GB") -> Path:
+def random_architecture(
+    name: str,
+    directory,
+    *,
+    text_layers: int | None = None,
+    vision_depth: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    max_shard_size: str = "4GB",
+) -> Path:
     """Write a from_pretrained-ready folder with random weights of preset `name`'s real architecture.
 
     The weights are created directly in `dtype` on `device` (no float32 copy, nothing on the CPU when
@@ -222,8 +339,9 @@ def random_architecture(name: str, directory, *, text_layers: int | None = None,
     model.generation_config = copy.deepcopy(skeleton.generation_config)
     model.save_pretrained(directory, max_shard_size=max_shard_size)
     processor.save_pretrained(directory)
-    (directory / MARKER).write_text(json.dumps(describe(name, text_layers=text_layers, vision_depth=vision_depth,
-                                                        dtype=dtype, seed=seed), indent=2))
+    (directory / MARKER).write_text(
+        json.dumps(describe(name, text_layers=text_layers, vision_depth=vision_depth, dtype=dtype, seed=seed), indent=2)
+    )
     del model
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()
@@ -234,12 +352,18 @@ def describe(name: str, *, text_layers=None, vision_depth=None, dtype=torch.bflo
     """What `random_architecture` writes into the folder's marker file (also used to recognise a cached folder)."""
     arch = architecture(name)
     return {
-        "preset": arch.preset, "family": arch.family, "model_id": arch.model_id,
+        "preset": arch.preset,
+        "family": arch.family,
+        "model_id": arch.model_id,
         "text_layers": text_layers or arch.num_hidden_layers,
         "vision_depth": vision_depth or arch.vision_config["depth"],
-        "scaled_down": bool((text_layers and text_layers != arch.num_hidden_layers)
-                            or (vision_depth and vision_depth != arch.vision_config["depth"])),
-        "dtype": str(dtype).replace("torch.", ""), "seed": seed, "source": arch.source,
+        "scaled_down": bool(
+            (text_layers and text_layers != arch.num_hidden_layers)
+            or (vision_depth and vision_depth != arch.vision_config["depth"])
+        ),
+        "dtype": str(dtype).replace("torch.", ""),
+        "seed": seed,
+        "source": arch.source,
         "weights": "random (shapes, classes and processor of the real model; offline tokenizer)",
     }
 
@@ -248,8 +372,13 @@ def cached_random_architecture(name: str, directory, **kwargs) -> Path:
     """`random_architecture`, unless `directory` already holds the same build (its marker file matches)."""
     directory = Path(directory)
     marker = directory / MARKER
-    wanted = describe(name, text_layers=kwargs.get("text_layers"), vision_depth=kwargs.get("vision_depth"),
-                      dtype=kwargs.get("dtype", torch.bfloat16), seed=kwargs.get("seed", 0))
+    wanted = describe(
+        name,
+        text_layers=kwargs.get("text_layers"),
+        vision_depth=kwargs.get("vision_depth"),
+        dtype=kwargs.get("dtype", torch.bfloat16),
+        seed=kwargs.get("seed", 0),
+    )
     if marker.is_file() and (directory / "config.json").is_file():
         try:
             if json.loads(marker.read_text()) == wanted:
@@ -266,17 +395,27 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ego.random_models.architectures",
         description="Write a from_pretrained-ready folder with random weights (bf16) of a preset's real "
-                    "architecture; a folder that already holds the same build is reused.")
+        "architecture; a folder that already holds the same build is reused.",
+    )
     parser.add_argument("name", choices=sorted(ARCHITECTURES))
     parser.add_argument("directory")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the weights are made (default: cuda if available)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the weights are made (default: cuda if available)",
+    )
     parser.add_argument("--text-layers", type=int, help="fewer text layers (smoke tests)")
     parser.add_argument("--vision-depth", type=int, help="fewer vision blocks (smoke tests)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    folder = cached_random_architecture(args.name, args.directory, text_layers=args.text_layers,
-                                        vision_depth=args.vision_depth, device=args.device, seed=args.seed)
+    folder = cached_random_architecture(
+        args.name,
+        args.directory,
+        text_layers=args.text_layers,
+        vision_depth=args.vision_depth,
+        device=args.device,
+        seed=args.seed,
+    )
     print(folder)
     return 0
 

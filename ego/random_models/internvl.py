@@ -11,10 +11,30 @@ FAMILIES = ("internvl3",)
 
 # Special tokens of the real InternVL3-hf vocabulary (Qwen2.5-VL's, then InternVL's), in id order.
 INTERNVL_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-    "<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>", "<video>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+    "<video>",
 ]
 # The chat template of the InternVL3-hf checkpoints (transformers' conversion script): ChatML turns, an
 # image is `<IMG_CONTEXT>\n` and a video `<video>\n`, both expanded by the processor.
@@ -40,20 +60,33 @@ def build(family: str, overrides: dict) -> tuple[Any, Any]:
     if family not in FAMILIES:
         raise ValueError(f"{family!r} is not an InternVL family.")
     tokenizer = build_tokenizer(
-        INTERNVL_SPECIAL_TOKENS, chat_template=INTERNVL_CHAT_TEMPLATE, eos_token="<|im_end|>",
-        pad_token="<|endoftext|>", extra={"extra_special_tokens": dict(INTERNVL_NAMED_TOKENS)},
+        INTERNVL_SPECIAL_TOKENS,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra={"extra_special_tokens": dict(INTERNVL_NAMED_TOKENS)},
     )
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in INTERNVL_SPECIAL_TOKENS}
     text = dict(
-        model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"],
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False,
+        model_type="qwen2",
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        tie_word_embeddings=False,
     )
     # Vision dims of at least 64 so every Linear can be 4-bit (bitsandbytes' CPU blocksize); the real
     # tile geometry (448 px, 14 px patches -> 32 x 32 patches -> pixel shuffle 0.5 -> 256 tokens).
-    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=448, patch_size=14)
+    vision = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=448, patch_size=14
+    )
     text.update(overrides.get("text_config", {}))
     vision.update(overrides.get("vision_config", {}))
     top = {k: v for k, v in overrides.items() if k not in ("text_config", "vision_config")}
@@ -72,7 +105,10 @@ def build(family: str, overrides: dict) -> tuple[Any, Any]:
     image_processor = tf.GotOcr2ImageProcessor(crop_to_patches=False, min_patches=1, max_patches=12, **pixels)
     video_processor = tf.InternVLVideoProcessor(**pixels)
     processor = tf.InternVLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-        image_seq_length=config.image_seq_length, chat_template=INTERNVL_CHAT_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        image_seq_length=config.image_seq_length,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
     )
     return model, processor

@@ -38,21 +38,33 @@ def _tokenizer_json(special_tokens: tuple[str, ...], vocab_size: int) -> str:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(special_tokens),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(sentences, trainer)
     return tokenizer.to_str()
 
 
-def build_tokenizer(special_tokens, *, vocab_size: int = 800, chat_template: str,
-                    eos_token: str, pad_token: str, extra: dict | None = None):
+def build_tokenizer(
+    special_tokens,
+    *,
+    vocab_size: int = 800,
+    chat_template: str,
+    eos_token: str,
+    pad_token: str,
+    extra: dict | None = None,
+):
     """A byte-level BPE tokenizer (any text round-trips) with the real special tokens first."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer.from_str(_tokenizer_json(tuple(special_tokens), vocab_size))
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token=eos_token, pad_token=pad_token,
-        chat_template=chat_template, **(extra or {}),
+        tokenizer_object=tokenizer,
+        eos_token=eos_token,
+        pad_token=pad_token,
+        chat_template=chat_template,
+        **(extra or {}),
     )
