@@ -14,9 +14,12 @@ images, the mask of the one instance):
    token is "object" when the mask covers at least half of its cell (cell = its share of the image,
    ``adaptive_avg_pool2d`` bins) OR the pixel at the cell's centre is in the mask;
 4. the layer's score on the image is precision@K: the share of its K most important tokens that are
-   object tokens (K = --top-k, 50 by default, capped at the number of visual tokens).
+   object tokens (K = --top-k, 50 by default, capped at the number of visual tokens). Beside it, the size-fair
+   score: precision at K = the number of object tokens (R-precision), which a small object can reach 1.0 on while
+   its precision@50 cannot pass (object tokens) / 50.
 
-Layers are ranked by their mean score over the images (ties: lower index first); the best --keep
+Layers are ranked by their mean precision@K over the images (`--rank-by size-fair`: by the size-fair score;
+ties: lower index first); the best --keep
 layers are written as JSON ``{"model_id", "layers", "scores", "images", "top_k", ...}``, which
 ``Ego.from_pretrained(model, layers="calibration.json")`` reads. Layer indices are 0-based decoder
 layers (index 0 = the first transformer block; there is no embedding entry), the convention of the
@@ -86,6 +89,16 @@ def precision_at_k(importance: torch.Tensor, objects: torch.Tensor, k: int) -> t
     k = max(1, min(int(k), importance.shape[-1]))
     top = importance.float().topk(k, dim=-1).indices  # [num_layers, k]
     return objects.to(importance.device)[top].float().mean(dim=-1).cpu()
+
+
+def size_fair_precision(importance: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
+    """importance [num_layers, N]; objects Bool [N] -> precision at K = the number of object tokens [num_layers]:
+    1.0 when a layer's most important tokens are exactly the object's, whatever its size."""
+    return precision_at_k(importance, objects, int(objects.sum()))
+
+
+RANK_BY = ("precision", "size-fair")
+"""What `calibrate` ranks the layers by: precision@K (the paper's score) or the size-fair score."""
 
 
 def find_pairs(images_dir, masks_dir) -> list[tuple[Path, Path]]:
@@ -171,6 +184,10 @@ class CalibrationResult:
     keep: int
     precision: torch.Tensor
     """precision@K per image and layer: [images, num_layers]."""
+    size_fair: torch.Tensor | None = None
+    """precision at K = the image's number of object tokens, per image and layer: [images, num_layers]."""
+    rank_by: str = "precision"
+    """"precision" (precision@K) or "size-fair": which score the ranking and the chosen layers follow."""
     names: tuple[str, ...] = ()
     """The scored images, in the rows' order."""
     skipped: tuple[tuple[str, str], ...] = ()
@@ -190,9 +207,14 @@ class CalibrationResult:
         return self.precision.std(dim=0, unbiased=False) if self.images else torch.zeros(self.num_layers)
 
     @property
+    def size_fair_mean(self) -> torch.Tensor:
+        rows = self.size_fair
+        return rows.mean(dim=0) if rows is not None and rows.shape[0] else torch.zeros(self.num_layers)
+
+    @property
     def ranking(self) -> list[int]:
-        """All layers, best first (mean precision@K; ties: lower index first)."""
-        mean = self.mean.tolist()
+        """All layers, best first (by the mean of the `rank_by` score; ties: lower index first)."""
+        mean = (self.size_fair_mean if self.rank_by == "size-fair" else self.mean).tolist()
         return sorted(range(self.num_layers), key=lambda layer: (-round(mean[layer], 12), layer))
 
     @property
@@ -211,13 +233,18 @@ class CalibrationResult:
             "layers": list(self.layers),
             "scores": {str(layer): round(value, 6) for layer, value in self.scores.items()},
             "std": {str(layer): round(float(value), 6) for layer, value in enumerate(std)},
+            "size_fair_scores": {
+                str(layer): round(float(v), 6) for layer, v in enumerate(self.size_fair_mean.tolist())
+            },
+            "rank_by": self.rank_by,
             "ranking": self.ranking,
             "images": self.images,
             "top_k": self.top_k,
             "keep": self.keep,
             "num_layers": self.num_layers,
             "layer_index": "0-based decoder layers (0 = first transformer block)",
-            "metric": "precision@top_k of each layer's Eq. 3 importance (mean over heads and keywords)",
+            "metric": "precision@top_k of each layer's Eq. 3 importance (mean over heads and keywords); "
+            "size_fair_scores: precision at K = the image's number of object tokens",
             "mask_rule": MASK_RULE,
             "skipped": [{"image": name, "reason": reason} for name, reason in self.skipped],
         }
@@ -230,15 +257,21 @@ class CalibrationResult:
     def table(self) -> str:
         """One line per layer, best first; chosen layers are starred."""
         chosen, mean, std = set(self.layers), self.mean.tolist(), self.std.tolist()
-        lines = [f"{'rank':>4}  {'layer':>5}  {'precision@' + str(self.top_k):>13}  {'std':>6}"]
+        fair = self.size_fair_mean.tolist()
+        lines = [f"{'rank':>4}  {'layer':>5}  {'precision@' + str(self.top_k):>13}  {'std':>6}  {'size-fair':>9}"]
         for rank, layer in enumerate(self.ranking, 1):
             star = "  *" if layer in chosen else ""
-            lines.append(f"{rank:>4}  {layer:>5}  {mean[layer]:>13.4f}  {std[layer]:>6.4f}{star}")
+            lines.append(f"{rank:>4}  {layer:>5}  {mean[layer]:>13.4f}  {std[layer]:>6.4f}  {fair[layer]:>9.4f}{star}")
         return "\n".join(lines)
 
 
 def calibrate(
-    engine, pairs: Iterable, keep: int = 5, top_k: int = 50, progress: Callable[[str], None] | None = None
+    engine,
+    pairs: Iterable,
+    keep: int = 5,
+    top_k: int = 50,
+    progress: Callable[[str], None] | None = None,
+    rank_by: str = "precision",
 ) -> CalibrationResult:
     """Rank `engine`'s text layers by how well their keyword attention lands on the object.
 
@@ -252,7 +285,9 @@ def calibrate(
         raise ValueError(f"keep must be between 1 and {engine.num_layers}; got {keep}.")
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1; got {top_k}.")
-    rows, names, skipped, descriptions = [], [], [], []
+    if rank_by not in RANK_BY:
+        raise ValueError(f"rank_by must be one of {RANK_BY}; got {rank_by!r}.")
+    rows, fair_rows, names, skipped, descriptions = [], [], [], [], []
     for index, pair in enumerate(pairs, 1):
         name, image, mask = pair if len(pair) == 3 else (_name_of(pair[0], index), *pair)
         try:
@@ -265,6 +300,7 @@ def calibrate(
         objects = described.objects
         precision = precision_at_k(described.importance, objects, top_k)
         rows.append(precision)
+        fair_rows.append(size_fair_precision(described.importance, objects))
         names.append(name)
         descriptions.append(described.description)
         best = int(precision.argmax())
@@ -275,12 +311,15 @@ def calibrate(
             f"keywords: {', '.join(described.keywords[:8])}",
         )
     precision = torch.stack(rows) if rows else torch.zeros(0, engine.num_layers)
+    size_fair = torch.stack(fair_rows) if fair_rows else torch.zeros(0, engine.num_layers)
     return CalibrationResult(
         model_id=engine.model_id,
         num_layers=engine.num_layers,
         top_k=int(top_k),
         keep=int(keep),
         precision=precision,
+        size_fair=size_fair,
+        rank_by=rank_by,
         names=tuple(names),
         skipped=tuple(skipped),
         descriptions=tuple(descriptions),
@@ -316,6 +355,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--keep", type=int, default=5, help="how many layers to keep (default 5, as in the paper)")
     parser.add_argument("--top-k", type=int, default=50, help="K of precision@K (default 50)")
+    parser.add_argument(
+        "--rank-by",
+        choices=list(RANK_BY),
+        default="precision",
+        help="precision: mean precision@K (the paper's score, default); size-fair: mean precision at K = the "
+        "object's number of tokens (small objects count as much as large ones)",
+    )
     parser.add_argument("--out", help="output JSON (default calibration-<model>.json)")
     parser.add_argument(
         "--quantization",
@@ -363,6 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep=args.keep,
         top_k=args.top_k,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
+        rank_by=args.rank_by,
     )
     if result.images == 0:
         print("No image could be scored (see the lines above); nothing written.", file=sys.stderr)

@@ -64,6 +64,33 @@ def test_precision_at_k():
     assert cal.precision_at_k(importance, objects, 100).tolist() == pytest.approx([1 / 3] * 3)  # K capped at N
 
 
+def test_the_size_fair_score_is_precision_at_the_objects_own_size():
+    small = torch.tensor([True, False, False, False, False, False])  # one object token of six
+    importance = torch.tensor(
+        [
+            [0.9, 0.8, 0.7, 0.0, 0.0, 0.0],  # the object's token first: perfect at K = 1
+            [0.1, 0.9, 0.8, 0.0, 0.0, 0.0],  # the object's token third
+        ]
+    )
+    assert cal.size_fair_precision(importance, small).tolist() == [1.0, 0.0]
+    # precision@3 cannot tell them apart, and cannot pass 1/3 for a one-token object
+    assert cal.precision_at_k(importance, small, 3).tolist() == pytest.approx([1 / 3, 1 / 3])
+
+
+def test_the_ranking_follows_the_chosen_score():
+    precision = torch.tensor([[0.5, 0.4, 0.1]])  # layer 0 best by precision@K
+    size_fair = torch.tensor([[0.2, 0.9, 0.3]])  # layer 1 best by the size-fair score
+    by = {
+        rank_by: cal.CalibrationResult(
+            model_id="m", num_layers=3, top_k=50, keep=1, precision=precision, size_fair=size_fair, rank_by=rank_by
+        )
+        for rank_by in cal.RANK_BY
+    }
+    assert by["precision"].layers == (0,) and by["size-fair"].layers == (1,)
+    assert by["size-fair"].to_json()["size_fair_scores"]["1"] == pytest.approx(0.9)
+    assert by["size-fair"].to_json()["rank_by"] == "size-fair"
+
+
 def test_find_pairs_matches_stems(tmp_path):
     (tmp_path / "im").mkdir(), (tmp_path / "m").mkdir()
     for stem in ("a", "b", "c"):
@@ -170,6 +197,8 @@ def test_cli_main_writes_loadable_layers(tmp_path, capsys):
             "2",
             "--top-k",
             "20",
+            "--rank-by",
+            "size-fair",
             "--out",
             str(out),
         ]
@@ -183,7 +212,12 @@ def test_cli_main_writes_loadable_layers(tmp_path, capsys):
     assert document["images"] == 2 and document["keep"] == 2 and len(document["layers"]) == 2
     assert [s["image"] for s in document["skipped"]] == ["000002.jpg", "000003.jpg"]
     assert document["skipped"][0]["reason"] == "the mask covers no visual token"
-    assert document["ranking"][:2] == sorted(document["ranking"][:2], key=lambda layer: -document["scores"][str(layer)])
+    assert document["rank_by"] == "size-fair"
+    fair = document["size_fair_scores"]
+    assert document["ranking"][:2] == sorted(document["ranking"][:2], key=lambda layer: -fair[str(layer)])
+    assert min(fair[str(layer)] for layer in document["layers"]) >= max(
+        fair[str(layer)] for layer in range(document["num_layers"]) if layer not in document["layers"]
+    )
     assert sorted(document["ranking"][:2]) == document["layers"]
     assert Ego.from_pretrained("tiny-internvl3", layers=out).layers == tuple(document["layers"])
 
