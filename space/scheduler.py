@@ -37,6 +37,11 @@ class _Ticket:
     """("text", Answer so far), then ("done", Answer) or ("error", exception)."""
 
 
+def compiled_batch_size(waiting: int) -> int:
+    """The largest power of two not above `waiting` (at least 1): the batch sizes compiled decoding uses."""
+    return 1 << (max(1, int(waiting)).bit_length() - 1)
+
+
 class AnswerScheduler:
     """One queue of questions and one worker thread that answers them in batches (see the module's text)."""
 
@@ -45,6 +50,8 @@ class AnswerScheduler:
             raise ValueError("answer_batch_max_size must be at least 1 and answer_batch_window_s at least 0.")
         self.window_s, self.max_batch = float(window_s), int(max_batch)
         self._waiting: queue.SimpleQueue[_Ticket] = queue.SimpleQueue()
+        self._carried: list[_Ticket] = []
+        """Questions gathered for a batch but left for the next one (compiled decoding's batch sizes)."""
         self._worker: threading.Thread | None = None
         self._starting = threading.Lock()
         self.batch_sizes: list[int] = []
@@ -87,7 +94,7 @@ class AnswerScheduler:
     def _gather(self) -> list[_Ticket]:
         """The first waiting question, and those that arrive within the window after it (up to the maximum);
         questions whose visitor left while they waited are dropped."""
-        batch = [self._waiting.get()]
+        batch, self._carried = self._carried or [self._waiting.get()], []
         deadline = time.monotonic() + self.window_s
         while len(batch) < self.max_batch:
             remaining = deadline - time.monotonic()
@@ -103,6 +110,11 @@ class AnswerScheduler:
         for other in batch:
             if other.engine is not engine:  # another engine (not in the Space, which has one): a later batch
                 self._waiting.put(other)
+        if engine.decoder.compiled:
+            # Each batch size costs the compiled decoder a graph and a static cache: only 1, 2, 4, 8, ... are
+            # used, and the rest go first into the next batch.
+            take = compiled_batch_size(len(same))
+            same, self._carried = same[:take], same[take:]
         started = time.perf_counter()
         try:
             results = engine.answer_batch(

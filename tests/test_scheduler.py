@@ -9,7 +9,7 @@ import pytest
 from conftest import photo, tiny_engine
 
 from ego import InputError
-from space.scheduler import AnswerScheduler
+from space.scheduler import AnswerScheduler, compiled_batch_size
 
 SMALL = dict(query_image_max_pixels=224 * 224, reference_max_pixels=224 * 224)
 
@@ -78,6 +78,21 @@ def test_the_batch_size_is_capped(engine, asks):
     seen = visit_together(scheduler, engine, questions)
     assert sorted(scheduler.batch_sizes) == [1, 3]
     assert [texts[-1] for texts in seen] == lone
+
+
+def test_compiled_decoding_gets_batches_of_powers_of_two():
+    assert [compiled_batch_size(n) for n in range(1, 10)] == [1, 2, 2, 4, 4, 4, 4, 8, 8]
+
+
+def test_with_compiled_decoding_the_scheduler_uses_only_powers_of_two(engine, asks, monkeypatch):
+    """Three visitors together: a batch of 2, then the third first in the next one, each answer as alone. (The
+    decoder is only said to be compiled: the batch sizes are the scheduler's choice, the decoding stays eager.)"""
+    questions, lone = asks
+    monkeypatch.setattr(type(engine.decoder), "compiled", property(lambda decoder: decoder is engine.decoder))
+    scheduler = AnswerScheduler(window_s=2.0, max_batch=8)
+    seen = visit_together(scheduler, engine, questions[:3])
+    assert scheduler.batch_sizes == [2, 1]
+    assert [texts[-1] for texts in seen] == lone[:3]
 
 
 def test_one_visitors_stop_ends_only_their_answer(engine, asks):
