@@ -205,10 +205,13 @@ def build_demo(
             **MODEL_EVENTS,
         )
 
-        # Your concepts: a reload (or another tab of this browser) takes over the session its token names
-        # One chain, not two load events: each returns the session, and the second to finish would win.
+        # Your concepts: a reload (or another tab of this browser) takes over the session its token names, with
+        # its conversations shown. One chain, not two load events: each returns the session, and the second to
+        # finish would win.
+        resumed = demo.load(sessions.resume, [session, browser_token], [session, browser_token], **CHEAP, **PRIVATE)
+        resumed.then(act.shown_conversations, session, [img.chat, vid.chat], **CHEAP, **PRIVATE)
         then_refresh(
-            demo.load(sessions.resume, [session, browser_token], [session, browser_token], **CHEAP, **PRIVATE).then(
+            resumed.then(
                 act.list_concepts,
                 session,
                 [session, mine.records],

@@ -379,6 +379,12 @@ class Actions:
         for _, frames, answer, details in self.ask_video(session, video, message, progress):
             yield session, frames, messages([], message, answer), "", details
 
+    def shown_conversations(self, session: Session):
+        """(image tab's, video tab's) chat views of the conversations the session holds: after a reload, or in
+        another tab of the browser, the view shows the conversation that a follow-up would continue."""
+        chats = session.conversations
+        return tuple(messages(chat.turns) if chat is not None else [] for chat in map(chats.get, ("image", "video")))
+
     def new_conversation(self, session: Session, tab: str):
         """End the tab's conversation (the next message starts one); returns (session, empty chat view)."""
         session.conversations.end(tab)

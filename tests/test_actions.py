@@ -352,7 +352,12 @@ def test_a_conversation_in_the_image_tab_follows_up_on_the_same_photo(act, engin
     # The HTTP API's follow-up continues the same conversation; "New conversation" ends it.
     *_, (_, answer) = act.follow_up(session, "And the wall?", progress=quiet)
     assert answer == str(reference.ask("And the wall?", max_new_tokens=SETTINGS.answer_max_new_tokens))
+    # A reload shows the conversation a follow-up would continue, in its tab only.
+    shown_image, shown_video = act.shown_conversations(session)
+    assert [m["content"] for m in shown_image[::2]] == ["Is Chelsea here?", "What is she holding?", "And the wall?"]
+    assert shown_image[5]["content"] == answer and shown_video == []
     assert act.new_conversation(session, "image") == (session, [])
+    assert act.shown_conversations(session) == ([], [])
     with pytest.raises(gr.Error, match="no conversation to follow up yet"):
         list(act.follow_up(session, "And now?", progress=quiet))
     _, view, *_ = list(act.chat_image(session, QUERY, "Is Chelsea here?", progress=quiet))[-1]

@@ -166,6 +166,10 @@ def test_a_reload_keeps_the_concepts_after_a_warning(page):
     assert dialogs == ["beforeunload"]  # concepts never exported: leaving the page asks first
     expect(page.locator("#cards").get_by_text("Chelsea ·")).to_be_visible()
     expect(page.get_by_text("2 of 50 concepts")).to_be_visible()
+    # The image tab shows the conversation a follow-up would continue (the question about Chelsea's eyes).
+    page.get_by_role("tab", name="Ask: image").click()
+    expect(page.locator("#image-chat [data-testid='user']")).to_have_count(1)
+    expect(page.locator("#image-chat [data-testid='user']").first).to_contain_text("What colour are Chelsea's eyes?")
 
     # Clear all asks first; keeping them changes nothing.
     page.get_by_role("button", name="Clear all").click()
