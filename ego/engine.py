@@ -629,49 +629,20 @@ class Ego:
         max_new_tokens: int | None = None,
     ) -> Iterator[Answer]:
         """Like `answer`, yielding the text so far as it is generated. Closing the iterator stops generation."""
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        class _Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return stop.is_set()
-
-        stop, failure = threading.Event(), []
         with self.exclusive_use():
             prepared = self._prepare_answer(question, concepts, image, video, max_new_tokens)
-            streamer = TextIteratorStreamer(
-                self.backend.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.1
-            )
 
-            def run():
-                try:
-                    with torch.no_grad(), self.backend.memory_residuals(prepared.slots, prepared.residuals):
-                        self.model.generate(
-                            **prepared.generate, streamer=streamer, stopping_criteria=StoppingCriteriaList([_Stop()])
-                        )
-                except Exception as error:  # noqa: BLE001 -- re-raised in the caller's thread below
-                    failure.append(error)
-                    streamer.end()
+            def generate(**streaming):
+                with torch.no_grad(), self.backend.memory_residuals(prepared.slots, prepared.residuals):
+                    return self.model.generate(**prepared.generate, **streaming)
 
-            worker = threading.Thread(target=run, name="ego-generate", daemon=True)
-            worker.start()
+            pieces = _streamed(self.backend.tokenizer, generate, join_timeout_s=self.settings.stream_stop_timeout_s)
             text = ""
             try:
-                while True:
-                    try:
-                        piece = next(streamer)
-                    except queue.Empty:
-                        if not worker.is_alive():
-                            break
-                        continue
-                    except StopIteration:
-                        break
-                    text += piece
+                for text in pieces:
                     yield prepared.answer(text)
             finally:
-                stop.set()
-                worker.join(self.settings.stream_stop_timeout_s)
-            if failure:
-                raise failure[0]
+                pieces.close()
             yield prepared.answer(text.strip())
 
     def answer_batch(
@@ -1019,50 +990,20 @@ class Chat:
     def stream(self, question: str, *, max_new_tokens: int | None = None, use_cache: bool = True) -> Iterator[Answer]:
         """Like `ask`, yielding the text so far as it is generated. Closing the iterator stops generation; the
         answer so far stays in the conversation."""
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        class _Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return stop.is_set()
-
-        stop, failure, outputs = threading.Event(), [], []
+        outputs, answer = [], None
         with self.engine.exclusive_use():
             turn = self._begin(question, max_new_tokens, use_cache)
-            streamer = TextIteratorStreamer(
-                self.engine.backend.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.1
+            # No time limit on the join: generation writes the conversation's cache until it ends.
+            pieces = _streamed(
+                self.engine.backend.tokenizer, lambda **streaming: self._generate(turn, **streaming), outputs=outputs
             )
-
-            def run():
-                try:
-                    outputs.append(
-                        self._generate(turn, streamer=streamer, stopping_criteria=StoppingCriteriaList([_Stop()]))
-                    )
-                except Exception as error:  # noqa: BLE001 -- re-raised in the caller's thread below
-                    failure.append(error)
-                    streamer.end()
-
-            worker = threading.Thread(target=run, name="ego-generate", daemon=True)
-            worker.start()
-            text, answer = "", None
             try:
-                while True:
-                    try:
-                        piece = next(streamer)
-                    except queue.Empty:
-                        if not worker.is_alive():
-                            break
-                        continue
-                    except StopIteration:
-                        break
-                    text += piece
+                for text in pieces:
                     yield self._answer(text, turn)
             finally:
-                stop.set()
-                worker.join()  # no time limit: generation writes the conversation's cache until it ends
+                pieces.close()
                 if outputs:
                     answer = self._finish(turn, outputs[0])
-            if failure:
-                raise failure[0]
             yield answer
 
     def adopt(self, question: str, answer: Answer) -> None:
@@ -1308,6 +1249,54 @@ def keyword_positions(tokenizer, ids: list[int], *, content_only: bool) -> tuple
             words = prompts.content_words(text) if only else [text[a:b].lower() for a, b in spans]
             return positions, list(dict.fromkeys(words))
     return list(range(len(ids))), []
+
+
+def _streamed(
+    tokenizer, generate, *, join_timeout_s: float | None = None, outputs: list | None = None
+) -> Iterator[str]:
+    """The text so far as `generate(streamer=..., stopping_criteria=...)` produces it in a thread of its own (the
+    caller's thread stays free to hand each piece on). Closing the iterator stops generation at the next token and
+    waits for the thread (`join_timeout_s`; None: until it ends); generate's result is appended to `outputs`, and
+    its error is raised here."""
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    stop, failure = threading.Event(), []
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return stop.is_set()
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.1)
+
+    def run():
+        try:
+            result = generate(streamer=streamer, stopping_criteria=StoppingCriteriaList([_Stop()]))
+            if outputs is not None:
+                outputs.append(result)
+        except Exception as error:  # noqa: BLE001 -- re-raised in the caller's thread below
+            failure.append(error)
+            streamer.end()
+
+    worker = threading.Thread(target=run, name="ego-generate", daemon=True)
+    worker.start()
+    text = ""
+    try:
+        while True:
+            try:
+                piece = next(streamer)
+            except queue.Empty:
+                if not worker.is_alive():
+                    break
+                continue
+            except StopIteration:
+                break
+            text += piece
+            yield text
+    finally:
+        stop.set()
+        worker.join(join_timeout_s)
+    if failure:
+        raise failure[0]
 
 
 def _strip_stop(ids: list[int], stop_ids: list[int]) -> list[int]:

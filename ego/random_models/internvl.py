@@ -5,26 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from ..backends.internvl import INTERNVL_NAMED_TOKENS
+from .qwen import QWEN_SPECIAL_TOKENS
 from .tokenizer import build_tokenizer
 
 FAMILIES = ("internvl3",)
 
 # Special tokens of the real InternVL3-hf vocabulary (Qwen2.5-VL's, then InternVL's), in id order.
 INTERNVL_SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
+    *QWEN_SPECIAL_TOKENS,
     "<img>",
     "</img>",
     "<IMG_CONTEXT>",
