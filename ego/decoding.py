@@ -13,8 +13,11 @@ per generated token and the GPU waits between them (bench/RESULTS.md). Compiled 
   per call would make them record again, and after enough of that fall back to eager);
 * every compiled `generate` runs on one thread of its own: CUDA-graph trees are kept per thread, and the
   Space calls the model from a pool of threads (and streams from another);
-* a call whose prompt plus budget exceeds the ceiling, or that brings its own cache (a conversation's
-  follow-up), decodes on that cache instead: eagerly if it is a dynamic cache.
+* a call that brings a cache of its own (a conversation keeps one between its turns) decodes on the shared
+  static cache all the same: its keys and values are copied in before the prefill of the new tokens, and the
+  whole sequence's are copied back into the caller's cache afterwards, so that the conversation never keeps
+  (or sees) the shared cache, which the next request resets;
+* a call whose prompt plus budget exceeds the ceiling decodes eagerly, on its own cache or a dynamic one.
 
 The 4-bit default (bitsandbytes NF4): transformers 5.23 compiles the decode step only if the model's quantizer
 says it can be compiled, and its bitsandbytes 4-bit quantizer says no, although bitsandbytes' `Linear4bit`
@@ -145,26 +148,57 @@ class Decoder:
         self._thread_id = threading.get_ident()
 
     def _run(self, args, kwargs):
-        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
-            prompt = kwargs.get("input_ids", args[0] if args else None)
-            if prompt is None:
-                prompt = kwargs.get("inputs_embeds")
-            budget = kwargs.get("max_new_tokens")
-            if prompt is not None and budget is not None:
-                cache = self.cache(int(prompt.shape[1]) + int(budget), int(prompt.shape[0]))
-                if cache is None:
-                    log.info(
-                        "a %d-token generation is longer than the static cache (%d): decoding it eagerly",
-                        int(prompt.shape[1]) + int(budget),
-                        self.max_cache_tokens,
-                    )
-                else:
-                    kwargs = {**kwargs, "past_key_values": cache}
-        return self._generate(*args, **kwargs)
+        own = kwargs.get("past_key_values")
+        prompt = kwargs.get("input_ids", args[0] if args else None)
+        if prompt is None:
+            prompt = kwargs.get("inputs_embeds")
+        budget = kwargs.get("max_new_tokens")
+        if kwargs.get("use_cache", True) is False or prompt is None or budget is None or _is_static(own):
+            return self._generate(*args, **kwargs)
+        length = int(prompt.shape[1]) + int(budget)
+        cache = self.cache(length, int(prompt.shape[0]))
+        if cache is None:
+            log.info(
+                "a %d-token generation is longer than the static cache (%d): decoding it eagerly",
+                length,
+                self.max_cache_tokens,
+            )
+            return self._generate(*args, **kwargs)
+        if own is None:
+            return self._generate(*args, **{**kwargs, "past_key_values": cache})
+        _copy_into(own, cache)
+        out = self._generate(*args, **{**kwargs, "past_key_values": cache})
+        _copy_back(cache, own)
+        if not torch.is_tensor(out):
+            out.past_key_values = own
+        return out
 
     def record_warm_up(self, started: float) -> float:
         self.warm_up_s = time.perf_counter() - started
         return self.warm_up_s
+
+
+def _is_static(cache) -> bool:
+    return cache is not None and all(getattr(layer, "is_compileable", False) for layer in cache.layers)
+
+
+def _copy_into(own, static) -> None:
+    """The keys and values of the caller's cache (layers of [B, H_kv, T0, D]) into the emptied static cache:
+    its first T0 positions, and its length T0."""
+    for mine, shared in zip(own.layers, static.layers, strict=True):
+        if getattr(mine, "is_initialized", False) and mine.keys is not None and mine.keys.shape[-2] > 0:
+            shared.update(mine.keys, mine.values)
+
+
+def _copy_back(static, own) -> None:
+    """The whole sequence the static cache now holds (the caller's T0 tokens, the new prompt tokens and all
+    generated tokens but the last) into the caller's cache, as tensors of its own [B, H_kv, T, D]."""
+    own.reset()
+    for shared, mine in zip(static.layers, own.layers, strict=True):
+        if not shared.is_initialized:
+            continue
+        length = int(shared.get_seq_length())
+        mine.update(shared.keys[:, :, :length].clone(), shared.values[:, :, :length].clone())
 
 
 def compile_counts() -> dict:

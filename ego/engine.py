@@ -981,6 +981,14 @@ class Chat:
     def drop_cache(self) -> None:
         self._cache, self._positions = None, None
 
+    def _new_cache(self):
+        """An empty key/value cache of the conversation's own. Never None: compiled decoding would then lend its
+        shared static cache, which the next request resets; given this one, it decodes on the shared cache all the
+        same and copies the sequence back into this one (`ego.decoding`)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.engine.model.config.get_text_config())
+
     def ask(self, question: str, *, max_new_tokens: int | None = None, use_cache: bool = True) -> Answer:
         """Answer `question` in this conversation. use_cache=False recomputes the whole conversation."""
         with self.engine.exclusive_use():
@@ -1034,14 +1042,9 @@ class Chat:
             )
         if not self.turns:
             prepared = engine._prepare_answer(question, self.concepts, self.picture, self.clip, max_new_tokens)
-            # Its own cache: without one, compiled decoding would lend its shared static cache, which the next
-            # request resets, so the conversation could not be continued on it.
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=engine.model.config.get_text_config())
             return _Turn(
                 question=str(question).strip(),
-                generate=dict(prepared.generate, past_key_values=cache, return_dict_in_generate=True),
+                generate=dict(prepared.generate, past_key_values=self._new_cache(), return_dict_in_generate=True),
                 slots=prepared.slots,
                 length=prepared.context_tokens,
                 prefill_tokens=prepared.context_tokens,
@@ -1073,11 +1076,13 @@ class Chat:
         if cache is not None:  # the photo or clip is in the cache: its pixels are not read again
             kwargs = {k: v for k, v in kwargs.items() if k not in engine.backend.vision_input_keys}
             engine.backend.restore_positions(self._positions)
+        else:
+            cache = self._new_cache()
         return _Turn(
             question=text,
             slots=slots,
             length=len(ids),
-            prefill_tokens=len(ids) - (cache.get_seq_length() if cache is not None else 0),
+            prefill_tokens=len(ids) - cache.get_seq_length(),
             generate=dict(
                 input_ids=input_ids,
                 inputs_embeds=embeds,

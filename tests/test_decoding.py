@@ -228,6 +228,43 @@ def test_streaming_and_stop_work_with_compiled_decoding(compiled):
     assert compiled.answer("Describe this.", image=picture, max_new_tokens=12) == whole
 
 
+def test_a_conversation_decodes_on_the_shared_cache_and_keeps_a_cache_of_its_own(compiled, monkeypatch):
+    """Every turn of a conversation (first, adopted, cached follow-up, recomputed follow-up) decodes on the shared
+    static cache, and the conversation keeps a copy: another visitor's answer in between resets the shared cache
+    and changes nothing of the conversation's answers, which are the eager engine's."""
+    eager = tiny_engine("qwen2.5-vl")
+    concept = eager.introduce("Chelsea", [photo(20)], keywords="cat", area_pct=10)
+    caches = []
+    generate = compiled.decoder._generate
+
+    def spy(*args, **kwargs):
+        caches.append(kwargs.get("past_key_values"))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(compiled.decoder, "_generate", spy)
+    before = compile_counts()
+    said = {}
+    for engine in (compiled, eager):
+        asked, adopted = engine.chat([concept], image=photo(21)), engine.chat([concept], image=photo(22))
+        adopted.adopt("What is here?", engine.answer("What is here?", [concept], image=photo(22), max_new_tokens=6))
+        answers = [
+            asked.ask("Is Chelsea here?", max_new_tokens=6),
+            asked.ask("What colour is Chelsea?", max_new_tokens=6),
+            adopted.ask("And Chelsea?", max_new_tokens=6),
+        ]
+        engine.answer("Something else entirely.", image=photo(23, size=(200, 200)), max_new_tokens=9)
+        answers += [
+            asked.ask("Where is Chelsea?", max_new_tokens=6),
+            asked.ask("Anything else?", max_new_tokens=6, use_cache=False),
+            list(adopted.stream("Is she happy?", max_new_tokens=6))[-1],
+        ]
+        said[engine] = [str(answer) for answer in answers] + [chat._cache.get_seq_length() for chat in (asked, adopted)]
+        assert not {id(asked._cache), id(adopted._cache)} & {id(cache) for cache in compiled.decoder._caches.values()}
+    assert said[compiled] == said[eager]  # the same answers, and caches of the same lengths
+    assert len(caches) == 8 and all(cache is compiled.decoder._caches[1] for cache in caches)
+    assert compile_counts() == before  # a cache filled before the prefill does not recompile the step
+
+
 def test_a_generation_longer_than_the_static_cache_decodes_eagerly(compiled, monkeypatch):
     inputs = _text_inputs(compiled)
     with torch.no_grad():
