@@ -228,20 +228,25 @@ def test_streaming_and_stop_work_with_compiled_decoding(compiled):
     assert compiled.answer("Describe this.", image=picture, max_new_tokens=12) == whole
 
 
+def caches_decoded_on(decoder, monkeypatch) -> list:
+    """The cache each of the decoder's generate calls decodes on, from now on."""
+    caches, generate = [], decoder._generate
+
+    def spy(*args, **kwargs):
+        caches.append(kwargs.get("past_key_values"))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "_generate", spy)
+    return caches
+
+
 def test_a_conversation_decodes_on_the_shared_cache_and_keeps_a_cache_of_its_own(compiled, monkeypatch):
     """Every turn of a conversation (first, adopted, cached follow-up, recomputed follow-up) decodes on the shared
     static cache, and the conversation keeps a copy: another visitor's answer in between resets the shared cache
     and changes nothing of the conversation's answers, which are the eager engine's."""
     eager = tiny_engine("qwen2.5-vl")
     concept = eager.introduce("Chelsea", [photo(20)], keywords="cat", area_pct=10)
-    caches = []
-    generate = compiled.decoder._generate
-
-    def spy(*args, **kwargs):
-        caches.append(kwargs.get("past_key_values"))
-        return generate(*args, **kwargs)
-
-    monkeypatch.setattr(compiled.decoder, "_generate", spy)
+    caches = caches_decoded_on(compiled.decoder, monkeypatch)
     before = compile_counts()
     said = {}
     for engine in (compiled, eager):
@@ -263,6 +268,18 @@ def test_a_conversation_decodes_on_the_shared_cache_and_keeps_a_cache_of_its_own
     assert said[compiled] == said[eager]  # the same answers, and caches of the same lengths
     assert len(caches) == 8 and all(cache is compiled.decoder._caches[1] for cache in caches)
     assert compile_counts() == before  # a cache filled before the prefill does not recompile the step
+
+
+def test_batched_answers_decode_compiled_and_each_equals_its_eager_answer_alone(compiled, monkeypatch):
+    """Four visitors' questions (photos, a clip, none; 0 to 3 concepts; different budgets) in one compiled batch,
+    on the static cache of batch size 4: each answer is the eager engine's answer to that question alone."""
+    from test_batching import SMALL, build_setup
+
+    _, _, requests, lone = build_setup("qwen2.5-vl")
+    caches = caches_decoded_on(compiled.decoder, monkeypatch)
+    batched = compiled.with_settings(**SMALL).answer_batch(requests[:4])
+    assert [str(answer) for answer in batched] == [str(answer) for answer in lone[:4]]
+    assert caches == [compiled.decoder._caches[4]]
 
 
 def test_a_generation_longer_than_the_static_cache_decodes_eagerly(compiled, monkeypatch):
