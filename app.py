@@ -58,8 +58,11 @@ def build_demo(
     from space.settings import DEFAULT_SPACE_SETTINGS
     from space.visitors import limit_requests_per_visitor
 
-    engine = LazyEngine(engine_factory_or_engine, settings=settings, name=model_name)
-    s, limits = space_settings or DEFAULT_SPACE_SETTINGS, engine.settings
+    s = space_settings or DEFAULT_SPACE_SETTINGS
+    engine = LazyEngine(
+        engine_factory_or_engine, settings=settings, name=model_name, warm_up_batched=s.answer_batch_max_size > 1
+    )
+    limits = engine.settings
     examples = load_examples()
     act = Actions(engine, s, examples)
     sessions = Sessions()

@@ -39,11 +39,11 @@ class AnswerRequest:
     max_new_tokens: int | None = None
 
 
-def collate(calls: Sequence[dict], pad_id: int) -> dict:
+def collate(calls: Sequence[dict], pad_id: int, *, min_padding: int = 0) -> dict:
     """The keyword arguments of one `generate` call for several prepared ones (`PreparedAnswer.generate`), rows in
-    the order given: per-token tensors left-padded to the longest context and stacked, per-image tensors and the
-    vision tower's outputs concatenated, the token budget the largest of them."""
-    length = max(call["input_ids"].shape[1] for call in calls)
+    the order given: per-token tensors left-padded to the longest context plus `min_padding` and stacked, per-image
+    tensors and the vision tower's outputs concatenated, the token budget the largest of them."""
+    length = max(call["input_ids"].shape[1] for call in calls) + min_padding
     merged: dict[str, Any] = {}
     for key in dict.fromkeys(k for call in calls for k in call):
         values = [call[key] for call in calls if key in call]

@@ -17,7 +17,9 @@ per generated token and the GPU waits between them (bench/RESULTS.md). Compiled 
   static cache all the same: its keys and values are copied in before the prefill of the new tokens, and the
   whole sequence's are copied back into the caller's cache afterwards, so that the conversation never keeps
   (or sees) the shared cache, which the next request resets;
-* a call whose prompt plus budget exceeds the ceiling decodes eagerly, on its own cache or a dynamic one.
+* a call whose prompt plus budget exceeds the ceiling decodes eagerly, on its own cache or a dynamic one;
+* the graphs guard on the number of model classes transformers has seen (its output-capturing registry): a model
+  of another class loaded after the warm-up (not in the Space, which loads one) recompiles each graph once.
 
 The 4-bit default (bitsandbytes NF4): transformers 5.23 compiles the decode step only if the model's quantizer
 says it can be compiled, and its bitsandbytes 4-bit quantizer says no, although bitsandbytes' `Linear4bit`
@@ -44,6 +46,8 @@ import torch
 log = logging.getLogger("ego.decoding")
 
 DECODING_MODES = ("auto", "eager", "compiled")
+RECOMPILE_LIMIT = 64
+"""Compilations of the decode step torch may make in this process (its default, 8, is a handful of engines)."""
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
@@ -100,6 +104,11 @@ class Decoder:
             mode = ("reduce-overhead" if cuda else "default") if backend == "inductor" else None
             self.compile_config = CompileConfig(fullgraph=False, backend=backend, mode=mode)
             self.compile_config._compile_all_devices = True  # transformers compiles only on accelerators otherwise
+            # The decode step is one function compiled once per kind of call: a photo's, a clip's and the size
+            # question's steps, and the same two again for batches (`Ego.warm_up`); a model of another class, or a
+            # second engine in the process (tests, the benchmark), adds its own. Past torch's default of 8
+            # compilations per function dynamo stops compiling it and that step silently decodes eagerly.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="ego-decode", initializer=self._remember_thread
             )

@@ -367,17 +367,21 @@ class Ego:
         """Whether the first generation would compile the decode step (`warm_up` does it ahead)."""
         return self.decoder.compiled and self.decoder.warm_up_s is None
 
-    def warm_up(self) -> float:
+    def warm_up(self, *, batched: bool = False) -> float:
         """Compile the decode step now rather than on a visitor's first question: 3-token answers about a photo and
         about a clip, and the size question of an introduction (a continuation on a filled cache). Their decode
         steps reach the model with different keyword arguments (positions in another shape, a clip's grid), each
-        a graph of its own. Seconds taken."""
+        a graph of its own. batched: also two questions together about photos and about clips (`answer_batch`,
+        for a Space that batches its visitors): a batch's step is another graph (torch specialises a dimension of
+        size 1, so one row and several rows never share one), which then serves every batch size from 2 up, each
+        size recording its CUDA graph at its first batch. Seconds taken."""
         import numpy as np
         from PIL import Image
 
         started = time.perf_counter()
         picture = Image.new("RGB", (64, 64), (120, 90, 60))
-        clip = load_video(np.full((2, 64, 64, 3), 90, dtype=np.uint8), self.settings)
+        frames = np.full((2, 64, 64, 3), 90, dtype=np.uint8)  # [T, H, W, 3]
+        clip = load_video(frames, self.settings)
         with self.exclusive_use(), torch.no_grad():
             for block, media in (({"type": "image"}, {"image": picture}), ({"type": "video"}, {"video": clip})):
                 encoded = self.backend.encode(
@@ -394,6 +398,16 @@ class Ego:
                     min_new_tokens=3,
                 )
             self.describe(self.encode_reference(picture), self.layers, user_keywords=["colour"], size_new_tokens=3)
+        # After the one-row steps: a batch then recompiles the step with its batch dimension dynamic (one graph for
+        # every batch size); compiled first, a batch of 2 would be a graph for 2 rows only.
+        if batched:
+            for media in ({"image": picture}, {"video": frames}):
+                requests = [
+                    AnswerRequest(question, (), **media, max_new_tokens=3) for question in ("Hi.", "Hello there.")
+                ]
+                for result in self.answer_batch(requests):
+                    if isinstance(result, Exception):
+                        raise result
         return self.decoder.record_warm_up(started)
 
     @property
@@ -690,7 +704,10 @@ class Ego:
         tokenizer, stop_ids = self.backend.tokenizer, self.backend.stop_token_ids
         pad_id = self.model.generation_config.pad_token_id
         pad_id = pad_id if pad_id is not None else stop_ids[0]
-        kwargs = batching.collate([p.generate for p in prepared], pad_id)
+        # Every row of a batch starts with padding, the longest too: transformers builds the decode step's mask
+        # differently for a batch without any (a tensor of its own, not a view), and the compiled step guards on
+        # that, so a batch of equal lengths would compile a graph of its own in the middle of serving.
+        kwargs = batching.collate([p.generate for p in prepared], pad_id, min_padding=1 if len(prepared) > 1 else 0)
         start = kwargs["input_ids"].shape[1]  # L
         slots = batching.left_pad_mask([p.slots for p in prepared], start)  # bool [B, L]
         extra = [p.residuals for p in prepared if p.residuals is not None]

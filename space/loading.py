@@ -25,7 +25,9 @@ class LazyEngine:
     decodes compiled is compiled on first use too (`Ego.warm_up`), with its own message.
     """
 
-    def __init__(self, source, *, settings: Settings | None = None, name: str | None = None):
+    def __init__(
+        self, source, *, settings: Settings | None = None, name: str | None = None, warm_up_batched: bool = False
+    ):
         if hasattr(source, "introduce"):  # an engine already loaded
             if settings is not None and settings != source.settings:
                 raise ValueError(
@@ -40,6 +42,8 @@ class LazyEngine:
             self.name = name
         else:
             raise TypeError("build the demo from an engine or from a function that returns one")
+        self.warm_up_batched = warm_up_batched
+        """Whether the warm-up also compiles the step of batched answers (a Space that batches its visitors)."""
         self._lock = threading.Lock()
 
     @property
@@ -71,7 +75,7 @@ class LazyEngine:
         if progress is not None:
             progress(0, desc=WARM_UP_MESSAGE)
         try:
-            log.info("decode step compiled in %.1f s", self._engine.warm_up())
+            log.info("decode step compiled in %.1f s", self._engine.warm_up(batched=self.warm_up_batched))
         except Exception as error:  # noqa: BLE001 - any compiler failure; eager decoding still answers
             log.error("compiling the decode step failed (%s: %s); decoding eagerly", type(error).__name__, error)
             self._engine.set_decoding("eager")

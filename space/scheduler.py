@@ -111,7 +111,7 @@ class AnswerScheduler:
             if other.engine is not engine:  # another engine (not in the Space, which has one): a later batch
                 self._waiting.put(other)
         if engine.decoder.compiled:
-            # Each batch size costs the compiled decoder a graph and a static cache: only 1, 2, 4, 8, ... are
+            # Each batch size costs the compiled decoder a CUDA graph and a static cache: only 1, 2, 4, 8, ... are
             # used, and the rest go first into the next batch.
             take = compiled_batch_size(len(same))
             same, self._carried = same[:take], same[take:]

@@ -178,5 +178,8 @@ def test_collate_pads_on_the_left_and_concatenates_per_image_inputs():
     assert merged["inputs_embeds"][0, 0].tolist() == [0, 0, 0] and merged["inputs_embeds"][1, 0].tolist() == [2, 2, 2]
     assert merged["image_grid_thw"].tolist() == [[1, 2, 2], [1, 4, 4]]
     assert merged["max_new_tokens"] == 9 and merged["do_sample"] is False
+    padded = collate([short, long], pad_id=0, min_padding=1)  # every row starts with padding, the longest too
+    assert padded["input_ids"].tolist() == [[0, 0, 5, 6], [0, 7, 8, 9]]
+    assert padded["attention_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 1, 1]]
     with pytest.raises(ValueError, match="share do_sample"):
         collate([short, dict(long, do_sample=True)], pad_id=0)

@@ -9,6 +9,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 SCENARIOS = {"plain", "ego_1", "ego_5", "ego_20", "refs_1", "refs_5", "refs_20", "video_plain", "video_ego_5"}
 CONCURRENT = {"concurrent_1", "concurrent_4", "concurrent_8"}
@@ -52,6 +53,9 @@ def quick(tmp_path_factory):
     from bench import main
 
     out = tmp_path_factory.mktemp("bench-out")
+    # As in a process of its own: graphs compiled for other tests' engines of the same architecture would serve
+    # this one, and its warm-up would compile nothing.
+    torch._dynamo.reset()
     # Both decodings side by side, as on a GPU; "aot_eager" compiles the decode step in seconds on a CPU.
     assert (
         main(
@@ -136,6 +140,11 @@ def test_eager_and_compiled_decoding_are_measured_side_by_side(quick):
     compiled, eager = runs["compiled"]["meta"]["compile"], runs["eager"]["meta"]["compile"]
     assert compiled["backend"] == "aot_eager" and compiled["warm_up_s"] > 0 and compiled["graphs_at_warm_up"] >= 1
     assert compiled["recompiles_during_run"] == 0 and compiled["graphs_during_run"] == 0  # compiled once, at warm-up
+    # The warm-up compiled the batched step too: 4 and 8 visitors' batches compiled nothing more.
+    top = results["meta"]["compile"]
+    assert (
+        top["warm_up_batched"] and top["graphs_during_concurrency"] == 0 and top["recompiles_during_concurrency"] == 0
+    )
     assert eager["backend"] is None and eager["graphs_at_warm_up"] == 0
     comparison = results["decoding_comparison"]
     assert set(comparison) == SCENARIOS | {"introduce"}

@@ -28,9 +28,14 @@ def compiled_in_the_space():
     """The compiled engine, compiled the way the Space does it: on first use, with a message for the visitor."""
     from space.loading import LazyEngine
 
+    # Every family's classes loaded first, as the module's other tests load them: the compiled graphs guard on the
+    # size of transformers' registry of model classes, and a class new to it would recompile them once.
+    for family in FAMILIES:
+        tiny_engine(family)
     engine, messages = Ego.tiny("qwen2.5-vl", settings=COMPILED), []
     assert engine.needs_warm_up
-    assert LazyEngine(engine).get(lambda fraction, desc: messages.append(desc)) is engine
+    space = LazyEngine(engine, warm_up_batched=True)  # as a Space that batches its visitors
+    assert space.get(lambda fraction, desc: messages.append(desc)) is engine
     return engine, messages
 
 
@@ -273,13 +278,23 @@ def test_a_conversation_decodes_on_the_shared_cache_and_keeps_a_cache_of_its_own
 def test_batched_answers_decode_compiled_and_each_equals_its_eager_answer_alone(compiled, monkeypatch):
     """Four visitors' questions (photos, a clip, none; 0 to 3 concepts; different budgets) in one compiled batch,
     on the static cache of batch size 4: each answer is the eager engine's answer to that question alone."""
-    from test_batching import SMALL, build_setup
+    from test_batching import SMALL, build_setup, clip
+
+    from ego.batching import AnswerRequest
 
     _, _, requests, lone = build_setup("qwen2.5-vl")
     caches = caches_decoded_on(compiled.decoder, monkeypatch)
+    before = compile_counts()
     batched = compiled.with_settings(**SMALL).answer_batch(requests[:4])
     assert [str(answer) for answer in batched] == [str(answer) for answer in lone[:4]]
     assert caches == [compiled.decoder._caches[4]]
+    # The warm-up compiled the batched steps: batches of other sizes, of photos or clips, with or without
+    # different lengths, compile nothing more.
+    same = [AnswerRequest("Who?", (), image=photo(30), max_new_tokens=3)] * 2
+    clips = [AnswerRequest(f"What happens{'?' * i}", (), video=clip(31), max_new_tokens=3) for i in range(8)]
+    for batch in (same, same * 4, clips, clips[:2] + same):
+        assert all(not isinstance(answer, Exception) for answer in compiled.answer_batch(batch))
+    assert compile_counts() == before
 
 
 def test_a_generation_longer_than_the_static_cache_decodes_eagerly(compiled, monkeypatch):
