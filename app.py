@@ -58,13 +58,11 @@ def build_demo(
     from space.settings import DEFAULT_SPACE_SETTINGS
     from space.visitors import limit_requests_per_visitor
 
-    s = space_settings or DEFAULT_SPACE_SETTINGS
-    engine = LazyEngine(
-        engine_factory_or_engine, settings=settings, name=model_name, warm_up_batched=s.answer_batch_max_size > 1
-    )
-    limits = engine.settings
+    engine = LazyEngine(engine_factory_or_engine, settings=settings, name=model_name)
+    s, limits = space_settings or DEFAULT_SPACE_SETTINGS, engine.settings
     examples = load_examples()
     act = Actions(engine, s, examples)
+    engine.warm_up_batched = s.answer_batch_max_size > 1  # the Space batches its visitors: compile that step too
     sessions = Sessions()
     answer_events = (
         dict(concurrency_id=ANSWER_GROUP, concurrency_limit=s.answer_batch_max_size)
