@@ -275,6 +275,24 @@ def test_a_conversation_decodes_on_the_shared_cache_and_keeps_a_cache_of_its_own
     assert compile_counts() == before  # a cache filled before the prefill does not recompile the step
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen2.5-vl"])
+def test_every_family_continues_a_conversation_compiled_as_it_does_eagerly(family, monkeypatch):
+    """The copy into the shared cache and back holds for every family's cache and positions (Qwen2-VL's and
+    Qwen3-VL's M-RoPE offsets, Qwen3-VL's deepstack residuals at the memory slots, InternVL's plain positions)."""
+    fast, slow = Ego.tiny(family, settings=COMPILED), tiny_engine(family)
+    concept = slow.introduce("Chelsea", [photo(40)], keywords="cat", area_pct=10)
+    caches = caches_decoded_on(fast.decoder, monkeypatch)
+    said = {}
+    for engine in (fast, slow):
+        chat = engine.chat([concept], image=photo(41))
+        answers = [chat.ask("Is Chelsea here?", max_new_tokens=5), chat.ask("What colour?", max_new_tokens=5)]
+        engine.answer("Something else.", image=photo(42, size=(200, 200)), max_new_tokens=7)
+        answers.append(chat.ask("Where is Chelsea?", max_new_tokens=5))
+        said[engine] = [str(answer) for answer in answers] + [chat._cache.get_seq_length()]
+    assert said[fast] == said[slow]
+    assert len(caches) == 4 and all(cache is fast.decoder._caches[1] for cache in caches)  # on the shared cache
+
+
 def test_batched_answers_decode_compiled_and_each_equals_its_eager_answer_alone(compiled, monkeypatch):
     """Four visitors' questions (photos, a clip, none; 0 to 3 concepts; different budgets) in one compiled batch,
     on the static cache of batch size 4: each answer is the eager engine's answer to that question alone."""
