@@ -114,3 +114,24 @@ def test_the_app_cannot_be_built_with_settings_that_disagree_with_its_engine():
         app.build_demo(engine, settings=DEFAULT_SETTINGS.replace(max_question_chars=10))
     with pytest.raises(TypeError, match="SpaceSettings"):
         app.build_demo(engine, DEFAULT_SETTINGS)  # the engine's settings where the Space's belong
+
+
+def test_a_space_that_batches_its_visitors_compiles_the_batched_step_at_warm_up(monkeypatch):
+    from conftest import tiny_engine
+
+    import app
+    import space.loading
+    from space.settings import SpaceSettings
+
+    made = []
+
+    class Recorded(space.loading.LazyEngine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(space.loading, "LazyEngine", Recorded)
+    engine = tiny_engine("qwen2.5-vl")
+    app.build_demo(engine, SpaceSettings(answer_batch_max_size=1))
+    app.build_demo(engine, SpaceSettings(answer_batch_max_size=4))
+    assert [lazy.warm_up_batched for lazy in made] == [False, True]
