@@ -737,7 +737,8 @@ class Ego:
             encoded.encoder_outputs = selection.probe.encoder_outputs  # the query was encoded once, for ranking
         elif query.visual_block:
             selection.scores, selection.maps = self._compare(query, encoded, memory)  # every concept is kept
-        input_ids, embeds, slots = self._soft_prompt(encoded, memory)
+        placed = memory[:0] if self.settings.memory_keywords == "only" else memory  # keyword lines hold no rows
+        input_ids, embeds, slots = self._soft_prompt(encoded, placed)
         names = [c.name for c in query.concepts]
         return PreparedAnswer(
             generate=dict(
@@ -752,7 +753,7 @@ class Ego:
             used=[c.name for c in selection.kept],
             dropped=[c.name for c in selection.dropped],
             context_tokens=input_ids.shape[1],
-            memory_tokens=int(memory.shape[0]),
+            memory_tokens=int(slots.sum()),
             similarity=list(zip(names, selection.scores)),
             similarity_maps=list(zip(names, selection.maps)),
             encoded=encoded,
@@ -830,16 +831,22 @@ class Ego:
         """The user turn: the kept memories, each after its name, then the image or video and the question."""
         blocks = []
         if kept:
-            special = self.backend.special_strings
-            pad = self.backend.placeholder_token
-            lines = "".join(
-                f"{prompts.neutralize(c.name, special)}: {self.backend.memory_open}{pad * c.num_tokens}"
-                f"{self.backend.memory_close}\n"
-                for c in kept
-            )
+            lines = "".join(self._memory_line(c) for c in kept)
             intro, outro = prompts.memory_prompt(self.settings.memory_prompt)
             blocks.append({"type": "text", "text": intro + lines + outro})
         return blocks + query.visual_block + [{"type": "text", "text": query.text}]
+
+    def _memory_line(self, concept: Concept) -> str:
+        """One concept's line: its name, then its visual tokens' placeholders, its keywords, or both
+        (`Settings.memory_keywords`)."""
+        special, mode = self.backend.special_strings, self.settings.memory_keywords
+        parts = []
+        if mode != "only":
+            pad = self.backend.placeholder_token
+            parts.append(f"{self.backend.memory_open}{pad * concept.num_tokens}{self.backend.memory_close}")
+        if mode != "none":
+            parts.append(", ".join(prompts.neutralize(word, special) for word in concept.keywords))
+        return f"{prompts.neutralize(concept.name, special)}: {' '.join(parts)}\n"
 
     def _soft_prompt(self, encoded: Encoded, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids [1, L], input embeddings [1, L, D] with the memory rows at the placeholders, the
@@ -856,7 +863,7 @@ class Ego:
     def _memory_residuals(self, kept: Sequence[Concept]) -> torch.Tensor | None:
         """The kept memories' residuals [levels, M, D], for a family that adds them (a memory saved without
         them adds nothing there); None otherwise."""
-        if not self.backend.residual_levels or not kept:
+        if not self.backend.residual_levels or not kept or self.settings.memory_keywords == "only":
             return None
         return torch.cat(
             [

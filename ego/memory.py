@@ -90,6 +90,11 @@ class Concept:
         return int(self.embeddings.shape[0])
 
     @property
+    def keywords(self) -> tuple[str, ...]:
+        """The keywords of every view, each once, in the order the views first give them."""
+        return tuple(dict.fromkeys(word for view in self.views for word in view.keywords))
+
+    @property
     def nbytes(self) -> int:
         extra = 0 if self.residuals is None else self.residuals.numel() * self.residuals.element_size()
         return self.embeddings.numel() * self.embeddings.element_size() + extra

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+MEMORY_KEYWORDS = ("none", "append", "only")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -51,6 +53,11 @@ class Settings:
     memory_size_rule: str = "area"
     """How many tokens a reference image keeps: "area" (Eq. 4, from the subject's share of the image) or "fixed"
     (K for every image: Table 3's fixed in-context budget)."""
+    memory_keywords: str = "none"
+    """What a concept's line in the context holds besides its name: "none" (its visual tokens: the method),
+    "append" (its visual tokens, then its keywords as text) or "only" (its keywords as text, no visual token);
+    the keywords are the words whose attention ranked its tokens, of every view. The last two are the paper's
+    keyword rows (Table 3; Appendix B.3, "keywords in memory")."""
     decoding: str = "auto"
     """How answers and introductions decode (`ego.decoding`): "compiled" = eager prefill, then a compiled decode
     step over a static KV cache (CUDA graphs on CUDA; compiled once, at the first call or `Ego.warm_up`);
@@ -112,6 +119,8 @@ class Settings:
             raise ValueError(f'memory_prompt must be "name" or "neutral"; got {self.memory_prompt!r}.')
         if self.system_prompt not in ("template", "original"):
             raise ValueError(f'system_prompt must be "template" or "original"; got {self.system_prompt!r}.')
+        if self.memory_keywords not in MEMORY_KEYWORDS:
+            raise ValueError(f"memory_keywords must be one of {MEMORY_KEYWORDS}; got {self.memory_keywords!r}.")
         if self.decoding not in ("auto", "eager", "compiled"):
             raise ValueError(f'decoding must be "auto", "eager" or "compiled"; got {self.decoding!r}.')
         if self.model_quantization not in ("auto", "4bit", "8bit", None):

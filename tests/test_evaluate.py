@@ -34,15 +34,15 @@ def engine(monkeypatch):
     engine = tiny_engine("qwen2.5-vl")
     calls, asked = {"answer": 0, "introduce": 0}, []
     for name in calls:
-        real = getattr(engine, name)
+        real = getattr(type(engine), name)
 
-        def counted(*args, _real=real, _name=name, **kwargs):
+        def counted(self, *args, _real=real, _name=name, **kwargs):
             calls[_name] += 1
-            if _name == "answer":
-                asked.append((args[0], len(args[1])))
-            return _real(*args, **kwargs)
+            if _name == "answer":  # (question, concepts given, what their lines hold), with the run's settings
+                asked.append((args[0], len(args[1]), self.settings.memory_keywords))
+            return _real(self, *args, **kwargs)
 
-        monkeypatch.setattr(engine, name, counted)
+        monkeypatch.setattr(type(engine), name, counted)
     monkeypatch.setattr(cli, "load_engine", lambda *args, **kwargs: engine)
     engine.calls, engine.asked = calls, asked
     yield engine
@@ -162,14 +162,14 @@ def test_table3_runs_each_engine_variant(data, tmp_path, engine):
     )
     # variants that differ only in what answers read share their concepts: fixed K, whole image, uniform, 5 views
     assert engine.calls["introduce"] == 2 * 4
-    for variant, (changes, refs, keywords) in cli.TABLE3.items():
+    for variant, (changes, refs) in cli.TABLE3.items():
         document = json.loads((out / variant / "metrics.json").read_text())
         assert document["paper"]["source"].startswith("Table 3")
         assert all(document["settings"][k] == v for k, v in changes.items()) and document["config"]["refs"] == refs
-        assert document["config"]["keywords_in_prompt"] == keywords
-    assert len(engine.asked) == len(cli.TABLE3)
-    with_keywords = sorted(n for question, n in engine.asked if question.startswith("Personal concepts you know"))
-    assert with_keywords == [0, 2]  # keywords alone, then keywords after the two memories
+    # Every variant answers with both concepts; the keyword rows put their keywords in the concepts' lines.
+    assert [(n, lines) for _, n, lines in engine.asked] == [
+        (2, changes.get("memory_keywords", "none")) for changes, _ in cli.TABLE3.values()
+    ]
     summary = (out / "summary.md").read_text()
     assert all(f"| table3/{variant} | f1 % |" in summary for variant in cli.TABLE3)
 

@@ -64,3 +64,34 @@ def test_fixed_size_rule_ignores_the_subject_size(engine, picture):
 def test_unknown_selection_is_refused():
     with pytest.raises(ValueError, match="memory_selection"):
         select_tokens(torch.rand(10), 3, "random")
+
+
+@pytest.mark.parametrize("lines", ["none", "append", "only"])
+def test_keywords_in_memory_put_the_keywords_in_the_concepts_lines(engine, picture, lines):
+    cup = _introduce(engine, picture)
+    mug = engine.with_settings().introduce("mug", [photo(4, size=(224, 224))], keywords=["white", "mug"], area_pct=20)
+    asking = engine.with_settings(memory_keywords=lines)
+    prepared = asking._prepare_answer("Is the cup here?", [cup, mug], photo(5), None, 4)
+    ids = prepared.generate["input_ids"][0]
+    placeholders = ids == engine.backend.placeholder_id
+    text = engine.backend.tokenizer.decode(ids[~placeholders])
+    visual = f"{engine.backend.memory_open}{engine.backend.memory_close}"
+    expected = {
+        "none": [f"cup: {visual}\n", f"mug: {visual}\n"],
+        "append": [f"cup: {visual} red, cup\n", f"mug: {visual} white, mug\n"],
+        "only": ["cup: red, cup\n", "mug: white, mug\n"],
+    }[lines]
+    assert "".join(expected) in text
+    rows = torch.cat([cup.embeddings, mug.embeddings]) if lines != "only" else cup.embeddings[:0]
+    embeds = prepared.generate["inputs_embeds"][0]
+    assert prepared.memory_tokens == int(placeholders.sum()) == rows.shape[0]
+    assert torch.equal(embeds[placeholders], rows.to(embeds.dtype))
+    answer = asking.answer("Is the cup here?", [cup, mug], image=photo(5), max_new_tokens=3)
+    assert answer.memory_tokens == rows.shape[0] and answer.concepts_used == ("cup", "mug")
+
+
+def test_unknown_keywords_in_memory_are_refused():
+    from ego import Settings
+
+    with pytest.raises(ValueError, match="memory_keywords"):
+        Settings(memory_keywords="both")

@@ -28,21 +28,15 @@ TABLES = {
     "table2": ["yollava-vqa", "myvlm-cap", "thisismy-multi-vqa", "thisismy-multi-cap", "thisismy-video-vqa"],
 }
 TABLES["all"] = TABLES["table1"] + TABLES["table2"]
-KEYWORDS_QUESTION_CHARS = 20_000
-"""Question length allowed when every concept's keywords lead it (40 concepts of about ten words each)."""
 TABLE3 = {
-    # variant -> (engine settings it changes, reference photos, keywords in the prompt); all on Yo'LLaVA
-    # recognition with the in-context budget fixed at K (about 20 % of a reference photo's tokens)
-    "keywords-only": ({"memory_size_rule": "fixed", "max_question_chars": KEYWORDS_QUESTION_CHARS}, 1, "only"),
-    "full-image": ({"memory_selection": "whole_image"}, 1, "none"),
-    "full-image-keywords": (
-        {"memory_selection": "whole_image", "max_question_chars": KEYWORDS_QUESTION_CHARS},
-        1,
-        "append",
-    ),
-    "uniform": ({"memory_selection": "uniform", "memory_size_rule": "fixed"}, 1, "none"),
-    "ego-1-view": ({"memory_size_rule": "fixed"}, 1, "none"),
-    "ego-5-views": ({"memory_size_rule": "fixed"}, 5, "none"),
+    # variant -> (engine settings it changes, reference photos); all on Yo'LLaVA recognition with the in-context
+    # budget fixed at K (about 20 % of a reference photo's tokens)
+    "keywords-only": ({"memory_keywords": "only", "memory_size_rule": "fixed"}, 1),  # shares ego-1-view's concepts
+    "full-image": ({"memory_selection": "whole_image"}, 1),
+    "full-image-keywords": ({"memory_selection": "whole_image", "memory_keywords": "append"}, 1),
+    "uniform": ({"memory_selection": "uniform", "memory_size_rule": "fixed"}, 1),
+    "ego-1-view": ({"memory_size_rule": "fixed"}, 1),
+    "ego-5-views": ({"memory_size_rule": "fixed"}, 5),
 }
 
 
@@ -164,17 +158,14 @@ def run(args) -> list[dict]:
     engine = None if oracle else load_engine(args.model, args.quantization, settings)
     judge = make_judge(args.judge, engine=engine, url=args.judge_url, model=args.judge_model)
     cache = Path(args.cache) if args.cache else out / "concept-cache"
-    jobs = []  # (benchmark name, paper key, folder, settings changes, refs, keywords in the prompt)
+    jobs = []  # (benchmark name, paper key, folder, settings changes, refs)
     if args.benchmark == "table3":
-        jobs = [
-            ("yollava-rec", f"table3/{v}", out / v, changes, refs, keywords)
-            for v, (changes, refs, keywords) in TABLE3.items()
-        ]
+        jobs = [("yollava-rec", f"table3/{v}", out / v, changes, refs) for v, (changes, refs) in TABLE3.items()]
     else:
         several = len(names) > 1
-        jobs = [(n, n, out / n if several else out, {}, args.refs, "none") for n in names]
+        jobs = [(n, n, out / n if several else out, {}, args.refs) for n in names]
     documents = []
-    for name, paper_key, folder, changes, refs, keywords in jobs:
+    for name, paper_key, folder, changes, refs in jobs:
         benchmark = LOADERS[name](data, refs)
         run_settings = settings.replace(**changes)
         run_settings = run_settings.replace(
@@ -187,7 +178,6 @@ def run(args) -> list[dict]:
             "model": args.model,
             "protocol": args.protocol,
             "refs": refs,
-            "keywords_in_prompt": keywords,
             "quantization": args.quantization,
             "settings": dataclasses.asdict(run_settings),
             "max_new_tokens": args.max_new_tokens,
@@ -205,7 +195,6 @@ def run(args) -> list[dict]:
             judge=judge,
             paper_key=paper_key,
             max_new_tokens=args.max_new_tokens,
-            keywords_in_prompt=keywords,
         )
         if document is not None:
             documents.append(document)

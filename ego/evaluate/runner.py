@@ -69,7 +69,7 @@ def _file_sha1(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
 
-ANSWER_ONLY_SETTINGS = ("max_concepts_in_context", "max_question_chars")
+ANSWER_ONLY_SETTINGS = ("max_concepts_in_context", "max_question_chars", "memory_keywords")
 """Settings that only answers read: a concept introduced under other values of these is the same concept."""
 
 
@@ -116,34 +116,13 @@ def concepts_for(benchmark: Benchmark, engine, cache: Path, rank: int = 0, world
 
 
 # --- answering --------------------------------------------------------------------------------------------
-KEYWORDS_IN_PROMPT = ("none", "only", "append")
-KEYWORDS_PREFIX = "Personal concepts you know, each described by its keywords: {described}\n"
-
-
-def keywords_prefix(concepts) -> str:
-    """The concepts' keywords as text ("alpha: red, circle; beta: ..."), for Table 3's keyword rows: the
-    keywords alone stand in for a memory, or follow it."""
-    described = []
-    for concept in concepts:
-        words = list(dict.fromkeys(word for view in concept.views for word in view.keywords))
-        described.append(f"{concept.name}: {', '.join(words)}")
-    return KEYWORDS_PREFIX.format(described="; ".join(described))
-
-
-def model_answer(engine, max_new_tokens: int | None = None, keywords_in_prompt: str = "none"):
-    """The answerer used for real runs: `engine.answer` with every concept of the benchmark in context (with
-    keywords_in_prompt "append" their keywords also lead the question; with "only" the keywords replace them)."""
-    if keywords_in_prompt not in KEYWORDS_IN_PROMPT:
-        raise InputError(f"keywords_in_prompt must be one of {KEYWORDS_IN_PROMPT}; got {keywords_in_prompt!r}.")
+def model_answer(engine, max_new_tokens: int | None = None):
+    """The answerer used for real runs: `engine.answer` with every concept of the benchmark in context."""
 
     def respond(query: Query, concepts: list, media: Path) -> dict:
         kind = {"video": str(media)} if query.is_video else {"image": str(media)}
         cap = min(MAX_NEW_TOKENS[query.kind], max_new_tokens or MAX_NEW_TOKENS[query.kind])
-        question = query.question
-        if keywords_in_prompt != "none":
-            question = keywords_prefix(concepts) + question
-            concepts = [] if keywords_in_prompt == "only" else concepts
-        answer = engine.answer(question, concepts, max_new_tokens=cap, **kind)
+        answer = engine.answer(query.question, concepts, max_new_tokens=cap, **kind)
         return {"raw": str(answer), "used": list(answer.concepts_used), "context_tokens": answer.context_tokens}
 
     return respond
@@ -412,7 +391,6 @@ def run_benchmark(
     progress: bool = True,
     paper_key: str | None = None,
     max_new_tokens: int | None = None,
-    keywords_in_prompt: str = "none",
 ) -> dict | None:
     """The whole run of one benchmark in this process (a share of it in a data-parallel launch); the
     metrics document on rank 0, None on the others. With no engine, `respond` answers without concepts."""
@@ -421,7 +399,7 @@ def run_benchmark(
     out.mkdir(parents=True, exist_ok=True)
     _check_config(out, config)
     concepts = {} if engine is None else concepts_for(benchmark, engine, cache, rank, world)
-    respond = respond or model_answer(engine, max_new_tokens, keywords_in_prompt)
+    respond = respond or model_answer(engine, max_new_tokens)
     answer_share(
         benchmark, concepts, respond, out, config, limit=limit, judge=judge, rank=rank, world=world, progress=progress
     )
