@@ -78,6 +78,10 @@ class Answer(str):
     visual token of the image looks like the concept's memory (`similarity_to_query`), in raster order."""
     prefill_tokens: int
     """Context tokens this answer computed; in a conversation's follow-up, the rest came from its cache."""
+    token_ids: tuple[int, ...]
+    """The answer's tokens as generated, its stop token removed (a whole answer's; () in the pieces of a stream
+    and when only the text is known): a conversation that takes this answer as a turn (`Chat.adopt`) continues
+    from exactly these tokens, not from its text tokenized again."""
 
     def __new__(
         cls,
@@ -90,8 +94,10 @@ class Answer(str):
         similarity=(),
         similarity_maps=(),
         prefill_tokens=None,
+        token_ids=(),
     ):
         answer = super().__new__(cls, text)
+        answer.token_ids = tuple(int(token) for token in token_ids)
         answer.concepts_used, answer.concepts_dropped = tuple(used), tuple(dropped)
         answer.context_tokens, answer.memory_tokens = context_tokens, memory_tokens
         answer.prefill_tokens = context_tokens if prefill_tokens is None else prefill_tokens
@@ -181,9 +187,10 @@ class PreparedAnswer:
     encoded: Encoded | None = None
     """The processor output (on CPU, pixels included): what a conversation recomputes its context from."""
 
-    def answer(self, text: str) -> Answer:
+    def answer(self, text: str, token_ids=()) -> Answer:
         return Answer(
             text,
+            token_ids=token_ids,
             used=self.used,
             dropped=self.dropped,
             context_tokens=self.context_tokens,
@@ -631,7 +638,7 @@ class Ego:
                 out = self.model.generate(**prepared.generate)
         new = out[0, prepared.context_tokens :]
         text = self.backend.tokenizer.decode(new, skip_special_tokens=True).strip()
-        return prepared.answer(text)
+        return prepared.answer(text, _strip_stop(new.tolist(), self.backend.stop_token_ids))
 
     def stream_answer(
         self,
@@ -650,14 +657,19 @@ class Ego:
                 with torch.no_grad(), self.backend.memory_residuals(prepared.slots, prepared.residuals):
                     return self.model.generate(**prepared.generate, **streaming)
 
-            pieces = _streamed(self.backend.tokenizer, generate, join_timeout_s=self.settings.stream_stop_timeout_s)
+            outputs = []
+            pieces = _streamed(
+                self.backend.tokenizer, generate, join_timeout_s=self.settings.stream_stop_timeout_s, outputs=outputs
+            )
             text = ""
             try:
                 for text in pieces:
                     yield prepared.answer(text)
             finally:
                 pieces.close()
-            yield prepared.answer(text.strip())
+            # The tokens too, once generation ended (a stream stopped and still running after the timeout has none).
+            new = outputs[0][0, prepared.context_tokens :].tolist() if outputs else []
+            yield prepared.answer(text.strip(), _strip_stop(new, self.backend.stop_token_ids))
 
     def answer_batch(
         self,
@@ -688,17 +700,18 @@ class Ego:
                     results[index] = error
             if prepared:
                 order = list(prepared)  # batch row -> request index
-                texts = self._generate_batch(
+                answered = self._generate_batch(
                     list(prepared.values()),
                     [stops[i] for i in order],
                     None if on_text is None else lambda row, answer: on_text(order[row], answer),
                 )
-                for index, text in zip(prepared, texts):
-                    results[index] = prepared[index].answer(text)
+                for index, (text, ids) in zip(prepared, answered):
+                    results[index] = prepared[index].answer(text, ids)
         return results
 
-    def _generate_batch(self, prepared: list[PreparedAnswer], stops: list, on_text) -> list[str]:
-        """One `generate` for the prepared questions (`ego.batching`), each row ended on its own; their texts."""
+    def _generate_batch(self, prepared: list[PreparedAnswer], stops: list, on_text) -> list[tuple[str, list[int]]]:
+        """One `generate` for the prepared questions (`ego.batching`), each row ended on its own; their texts and
+        tokens."""
         from transformers import StoppingCriteriaList
 
         tokenizer, stop_ids = self.backend.tokenizer, self.backend.stop_token_ids
@@ -721,11 +734,8 @@ class Ego:
         control = batching.RowControl(start, budgets, stops, stop_ids, on_step if on_text is not None else None)
         with torch.no_grad(), self.backend.memory_residuals(slots, residuals):
             out = self.model.generate(**{**kwargs, **self.decoding}, stopping_criteria=StoppingCriteriaList([control]))
-        rows = out[:, start:].tolist()
-        return [
-            tokenizer.decode(batching.row_tokens(ids, budget, stop_ids), skip_special_tokens=True).strip()
-            for ids, budget in zip(rows, budgets)
-        ]
+        answers = [batching.row_tokens(ids, budget, stop_ids) for ids, budget in zip(out[:, start:].tolist(), budgets)]
+        return [(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids) for ids in answers]
 
     def _prepare_answer(self, question, concepts, image, video, max_new_tokens) -> PreparedAnswer:
         """Section 3.2 for one question: check it, choose the concepts, build the context, put the memories in."""
@@ -987,8 +997,9 @@ class Chat:
         self._cache = None
         self._positions = None
         """The backend's position state after this conversation's last generate (`Backend.save_positions`)."""
-        self._adopted: tuple[str, str] | None = None
-        """(question, answer text) of a first turn answered elsewhere, until the next question prepares it."""
+        self._adopted: list[tuple[str, list[int]]] = []
+        """(question, answer tokens) of the turns answered elsewhere since this conversation last asked the model,
+        until its next question adds them to its tokens."""
 
     @property
     def cache_bytes(self) -> int:
@@ -1039,21 +1050,36 @@ class Chat:
             yield answer
 
     def adopt(self, question: str, answer: Answer) -> None:
-        """Take `answer`, given to `question` elsewhere (`Ego.answer_batch`, with other visitors' questions), as
-        this conversation's first turn. No model call now: the next question recomputes the context and that
-        answer once (as after a dropped cache), then keeps the conversation's cache."""
-        if self.turns:
-            raise InputError("Only a conversation with no question yet can take a first answer given elsewhere.")
-        self._adopted = (str(question), str(answer))
+        """Take `answer`, given to `question` elsewhere, as this conversation's next turn: a first answer given in a
+        batch with other visitors' questions (`Ego.answer_batch`), or any answer given by a copy of this
+        conversation in another process (ZeroGPU's workers keep nothing between calls). No model call now: the
+        next question asked here adds those turns to the conversation's tokens and computes what its cache lacks
+        (everything, when it has none). The answer's own tokens are taken (`Answer.token_ids`), so the conversation
+        goes on exactly as if it had answered itself; an answer known only as text is tokenized again."""
+        ids = (
+            list(getattr(answer, "token_ids", ()))
+            or self.engine.backend.tokenizer(str(answer), add_special_tokens=False).input_ids
+        )
+        self._adopted.append((str(question), ids))
         self.turns.append((str(question).strip(), answer))
 
-    def _context_from_adopted(self) -> None:
-        """The first context of an adopted turn, prepared as `Ego.answer` prepares it, then its answer's tokens."""
-        question, text = self._adopted
-        prepared = self.engine._prepare_answer(question, self.concepts, self.picture, self.clip, None)
-        self._remember_context(prepared)
-        self._ids = self._ids + self.engine.backend.tokenizer(text, add_special_tokens=False).input_ids
-        self._adopted = None
+    def _add_adopted(self) -> None:
+        """The turns answered elsewhere, added to the conversation's tokens: the first context prepared as
+        `Ego.answer` prepares it, each later question's turn as a follow-up opens it (`Backend.continue_turn`),
+        and each answer's tokens."""
+        engine, backend = self.engine, self.engine.backend
+        while self._adopted:  # one turn at a time: a failure leaves the conversation as the turns before made it
+            question, answer_ids = self._adopted[0]
+            if not self._ids:
+                prepared = engine._prepare_answer(question, self.concepts, self.picture, self.clip, None)
+                self._remember_context(prepared)
+            else:
+                said = prompts.neutralize(checks.check_question(question, engine.settings), backend.special_strings)
+                self._ids = (
+                    self._ids + backend.tokenizer(backend.continue_turn(said), add_special_tokens=False).input_ids
+                )
+            self._ids = self._ids + answer_ids
+            self._adopted.pop(0)
 
     def _begin(self, question, max_new_tokens, use_cache: bool) -> _Turn:
         """Every check, then the generate arguments: the first question's as `Ego.answer` prepares them, a
@@ -1076,8 +1102,7 @@ class Chat:
             )
         text = checks.check_question(question, settings)
         max_new_tokens = checks.check_max_new_tokens(max_new_tokens, settings)
-        if self._adopted is not None:
-            self._context_from_adopted()
+        self._add_adopted()
         said = prompts.neutralize(text, engine.backend.special_strings)
         new_ids = engine.backend.tokenizer(engine.backend.continue_turn(said), add_special_tokens=False).input_ids
         ids = self._ids + new_ids
@@ -1145,7 +1170,7 @@ class Chat:
             self._cache.crop(len(self._ids))
         self._positions = engine.backend.save_positions()
         engine._keep_cache(self)
-        answer = self._answer(text, turn)
+        answer = self._answer(text, turn, answer_ids)
         self.turns.append((turn.question, answer))
         return answer
 
@@ -1164,10 +1189,12 @@ class Chat:
             similarity_maps=prepared.similarity_maps,
         )
 
-    def _answer(self, text: str, turn: _Turn) -> Answer:
+    def _answer(self, text: str, turn: _Turn, token_ids=()) -> Answer:
         if turn.prepared is not None:
-            return turn.prepared.answer(text)
-        return Answer(text, context_tokens=turn.length, prefill_tokens=turn.prefill_tokens, **self._details)
+            return turn.prepared.answer(text, token_ids)
+        return Answer(
+            text, context_tokens=turn.length, prefill_tokens=turn.prefill_tokens, token_ids=token_ids, **self._details
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import traceback
 import gradio as gr
 from gradio.utils import get_upload_folder
 
-from ego import checks
+from ego import Answer, checks
 from ego.errors import InputError, MemoryFileError, ModelBusyError
 from ego.media import load_image, load_video
 from ego.memory import load_concepts, read_thumbnails, save_concepts
@@ -98,6 +98,7 @@ class Actions:
         fixed_s, per_token_s = settings.zero_gpu_call_fixed_s, settings.zero_gpu_call_per_token_s
         per_photo = self.limits.description_max_new_tokens + self.limits.size_max_new_tokens
         self._stream_on_gpu = gpu(self._stream_in_worker, duration=call_seconds(fixed_s, per_token_s))
+        self._follow_up_on_gpu = gpu(self._follow_up_in_worker, duration=call_seconds(fixed_s, per_token_s))
         self._introduce_on_gpu = gpu(
             self._introduce_in_worker,
             duration=lambda name, pictures, *rest: fixed_s + per_token_s * per_photo * len(pictures),
@@ -115,6 +116,15 @@ class Actions:
         yield from self._worker_engine().stream_answer(
             question, concepts, image=image, video=video, max_new_tokens=max_new_tokens
         )
+
+    def _follow_up_in_worker(self, concepts, picture, clip, turns, question, max_new_tokens):
+        """A follow-up in a copy of the conversation: its concepts, photo or clip and turns so far ((question,
+        `ego.Answer` with its tokens) pairs); a ZeroGPU worker keeps no cache between calls, so the copy computes
+        the whole conversation once, then the answer (the same greedy answer as on a kept cache)."""
+        chat = self._worker_engine().chat(concepts, image=picture, video=clip)
+        for asked, answered in turns:
+            chat.adopt(asked, answered)
+        yield from chat.stream(question, max_new_tokens=max_new_tokens)
 
     def _introduce_in_worker(self, name, pictures, keywords, area_pct):
         return self._worker_engine().introduce(name, pictures, keywords=keywords, area_pct=area_pct)
@@ -328,11 +338,6 @@ class Actions:
     def _follow_up(self, chats: Conversations, tab: str | None, question, progress):
         """Stream the text of a follow-up in the `tab`'s conversation, on its cached context."""
         with for_visitor("answering"):
-            if self.zero_gpu:  # a conversation's cache lives in one process; ZeroGPU answers in a new one each time
-                raise InputError(
-                    "Follow-up questions are not available on this server's GPU; ask a new question "
-                    "about the photo or clip instead."
-                )
             chat = chats.get(tab) if tab else None
             if chat is None or not chat.turns:
                 raise InputError(
@@ -341,13 +346,20 @@ class Actions:
                 )
             question = checks.check_question(question, self.limits)
             self._engine(progress)
-            stream = chat.stream(question, max_new_tokens=self.limits.answer_max_new_tokens)
+            budget = self.limits.answer_max_new_tokens
+            if self.zero_gpu:  # the worker answers on a copy of the conversation; this one takes its answer
+                turns = [(asked, _tokens_of(answered)) for asked, answered in chat.turns]
+                stream = self._follow_up_on_gpu(chat.concepts, chat.picture, chat.clip, turns, question, budget)
+            else:
+                stream = chat.stream(question, max_new_tokens=budget)
             answer = ""
             try:
                 for answer in stream:
                     yield str(answer)
             finally:
                 stream.close()
+                if self.zero_gpu and str(answer):
+                    chat.adopt(question, answer)
             yield str(answer)
 
     def chat_image(self, session: Session, image, message, compare=False, progress=gr.Progress()):
@@ -505,3 +517,8 @@ class Actions:
             )
         log.info("import: %d concepts, %d skipped", len(entries), len(skipped))
         return session, self.records(session)
+
+
+def _tokens_of(answer) -> Answer:
+    """An answer's text and tokens, for a GPU worker to continue the conversation from (no pictures to pickle)."""
+    return Answer(str(answer), token_ids=getattr(answer, "token_ids", ()))

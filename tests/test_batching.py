@@ -78,6 +78,11 @@ def test_every_batched_answer_equals_the_same_question_asked_alone(setup):
     engine, _, requests, lone = setup
     batched = engine.answer_batch(requests)
     assert [str(a) for a in batched] == [str(a) for a in lone]
+    # their tokens too, which a conversation that adopts the answer continues from; a stream's last answer has them
+    assert [a.token_ids for a in batched] == [a.token_ids for a in lone] and all(a.token_ids for a in lone)
+    r = requests[1]
+    streamed = list(engine.stream_answer(r.question, r.concepts, video=r.video, max_new_tokens=r.max_new_tokens))
+    assert streamed[-1].token_ids == lone[1].token_ids and streamed[0].token_ids == ()
     for a, b in zip(batched, lone):
         assert (a.concepts_used, a.context_tokens, a.memory_tokens) == (
             b.concepts_used,

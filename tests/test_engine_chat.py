@@ -175,5 +175,34 @@ def test_a_first_answer_given_elsewhere_is_taken_as_the_first_turn():
     third = adopted.ask("More?", max_new_tokens=6)
     assert third.prefill_tokens < third.context_tokens / 4  # then on its own cache
     assert str(third) == str(made_here.ask("More?", max_new_tokens=6))
-    with pytest.raises(InputError, match="no question yet"):
-        adopted.adopt("Again?", third)
+
+
+def test_follow_ups_answered_elsewhere_are_taken_as_turns():
+    """A copy of a conversation in another process (a ZeroGPU worker) answers a follow-up; the conversation takes
+    it (`Chat.adopt` after its first turn) and goes on as if it had answered it itself."""
+    engine = tiny_engine("qwen2.5-vl")
+    concept = engine.introduce("Rex", [photo(0)], keywords="dog", area_pct=5)
+    questions = ["Who is here?", "And then?", "What colour is Rex?", "More?"]
+    made_here = engine.chat([concept], image=photo(1))
+    answers = [made_here.ask(question, max_new_tokens=6) for question in questions]
+
+    copy = engine.chat([concept], image=photo(1))  # nothing asked here: every turn was answered elsewhere
+    for question, answer in zip(questions[:3], answers):
+        copy.adopt(question, answer)
+    last = copy.ask(questions[3], max_new_tokens=6)
+    assert str(last) == str(answers[3]) and last.prefill_tokens == last.context_tokens == answers[3].context_tokens
+
+    kept = engine.chat([concept], image=photo(1))  # its own first turn, then one answered elsewhere
+    kept.ask(questions[0], max_new_tokens=6)
+    kept.adopt(questions[1], answers[1])
+    third = kept.ask(questions[2], max_new_tokens=6)
+    assert str(third) == str(answers[2]) and third.prefill_tokens < third.context_tokens / 4  # on its cache
+    assert [q for q, _ in kept.turns] == questions[:3]
+
+    # An answer known only as its text is tokenized again (the text of a random model's answer does not give
+    # back its tokens, so only the context's length can be compared).
+    text_only = engine.chat([concept], image=photo(1))
+    text_only.adopt(questions[0], str(answers[0]))
+    again = text_only.ask(questions[1], max_new_tokens=6)
+    retokenized = len(engine.backend.tokenizer(str(answers[0]), add_special_tokens=False).input_ids)
+    assert again.context_tokens == answers[1].context_tokens - len(answers[0].token_ids) + retokenized

@@ -205,3 +205,19 @@ def test_the_ask_handler_streams_from_the_worker(zero, engine):
     assert outputs[-1][1] == str(
         engine.answer("What is this?", image=photo(5), max_new_tokens=engine.settings.answer_max_new_tokens)
     )
+
+
+def test_follow_ups_are_answered_in_the_worker_on_a_copy_of_the_conversation(zero, engine):
+    """No cache outlives a ZeroGPU call: each follow-up sends the conversation's turns (their tokens) to the worker,
+    which recomputes it and answers; the visitor's conversation takes the answer as its turn."""
+    act, fake = zero
+    from space.session import Session
+
+    questions = ["What is this?", "And then?", "What colour is it?"]
+    *_, (session, first, *_rest) = act.ask_image(Session(), photo(6), questions[0])
+    later = [list(act.follow_up(session, question))[-1][1] for question in questions[1:]]
+    budget = engine.settings.answer_max_new_tokens
+    here = engine.chat([], image=photo(6))
+    assert [first, *later] == [str(here.ask(question, max_new_tokens=budget)) for question in questions]
+    assert [q for q, _ in session.conversations.get("image").turns] == questions
+    assert len(fake.calls) == 3 and set(fake.exit_codes[-2:]) == {0}  # each follow-up in a worker of its own
