@@ -352,6 +352,8 @@ def warm_up(engine, log, *, batched: bool = False) -> dict:
         log(f"compiling the decode step ({config.backend}, mode {config.mode})")
         meta["warm_up_s"] = engine.warm_up(batched=batched)
         meta["warm_up_batched"] = batched
+        meta["warm_up_steps_s"] = dict(engine.decoder.warm_up_steps_s)
+        log("compile time per step: " + ", ".join(f"{k} {v:.1f} s" for k, v in meta["warm_up_steps_s"].items()))
         log(f"compiled in {meta['warm_up_s']:.1f} s")
     meta["after_warm_up"] = compile_counts()
     return meta
@@ -1400,8 +1402,18 @@ def _compile_line(compile_meta: dict) -> str:
         f" ({compile_meta['backend']}, mode {compile_meta['mode']}: compiled in {compile_meta['warm_up_s']:.1f} s, "
         f"{compile_meta['graphs_at_warm_up']} graphs and {compile_meta['recompiles_at_warm_up']} recompilations "
         f"at warm-up, {compile_meta['graphs_during_run']} graphs and {compile_meta['recompiles_during_run']} "
-        f"recompilations during the scenarios)"
+        f"recompilations during the scenarios{_steps_text(compile_meta)})"
     )
+
+
+def _steps_text(compile_meta: dict) -> str:
+    """The warm-up's seconds per step, and what the concurrency scenarios compiled, where the run has them."""
+    text = ""
+    if compile_meta.get("warm_up_steps_s"):
+        text += "; warm-up steps: " + ", ".join(f"{k} {v:.1f} s" for k, v in compile_meta["warm_up_steps_s"].items())
+    if "graphs_during_concurrency" in compile_meta:
+        text += f"; {compile_meta['graphs_during_concurrency']} graphs during the concurrency scenarios"
+    return text
 
 
 _LABELS = {"plain": "plain question, one image", "video_plain": "plain question, one video"}

@@ -93,6 +93,8 @@ class Decoder:
         self.max_cache_tokens = int(max_cache_tokens)
         self.compile_config = None
         self.warm_up_s: float | None = None
+        self.warm_up_steps_s: dict[str, float] = {}
+        """Seconds of each step of the last warm-up (`Ego.warm_up`): mostly the compilation of its graph."""
         self._caches: dict[int, object] = {}  # batch size -> its StaticCache [layers x (K, V) of max_cache_tokens]
         self._thread_id: int | None = None
         self._executor = None

@@ -381,16 +381,19 @@ class Ego:
         a graph of its own. batched: also two questions together about photos and about clips (`answer_batch`,
         for a Space that batches its visitors): a batch's step is another graph (torch specialises a dimension of
         size 1, so one row and several rows never share one), which then serves every batch size from 2 up, each
-        size recording its CUDA graph at its first batch. Seconds taken."""
+        size recording its CUDA graph at its first batch. Seconds taken (per step: `decoder.warm_up_steps_s`)."""
         import numpy as np
         from PIL import Image
 
-        started = time.perf_counter()
+        started, steps, lap = time.perf_counter(), {}, _Stopwatch()
         picture = Image.new("RGB", (64, 64), (120, 90, 60))
         frames = np.full((2, 64, 64, 3), 90, dtype=np.uint8)  # [T, H, W, 3]
         clip = load_video(frames, self.settings)
         with self.exclusive_use(), torch.no_grad():
-            for block, media in (({"type": "image"}, {"image": picture}), ({"type": "video"}, {"video": clip})):
+            for kind, block, media in (
+                ("photo", {"type": "image"}, {"image": picture}),
+                ("clip", {"type": "video"}, {"video": clip}),
+            ):
                 encoded = self.backend.encode(
                     self._chat_text([block, {"type": "text", "text": "Hello."}]),
                     **media,
@@ -404,17 +407,21 @@ class Ego:
                     max_new_tokens=3,
                     min_new_tokens=3,
                 )
+                steps[kind] = lap.lap()
             self.describe(self.encode_reference(picture), self.layers, user_keywords=["colour"], size_new_tokens=3)
+            steps["introduction"] = lap.lap()
         # After the one-row steps: a batch then recompiles the step with its batch dimension dynamic (one graph for
         # every batch size); compiled first, a batch of 2 would be a graph for 2 rows only.
         if batched:
-            for media in ({"image": picture}, {"video": frames}):
+            for kind, media in (("batched_photos", {"image": picture}), ("batched_clips", {"video": frames})):
                 requests = [
                     AnswerRequest(question, (), **media, max_new_tokens=3) for question in ("Hi.", "Hello there.")
                 ]
                 for result in self.answer_batch(requests):
                     if isinstance(result, Exception):
                         raise result
+                steps[kind] = lap.lap()
+        self.decoder.warm_up_steps_s = steps
         return self.decoder.record_warm_up(started)
 
     @property
