@@ -228,7 +228,12 @@ def space_engine(settings):
     """The engine `running_demo(settings)` serves: the tiny Qwen2.5-VL with these settings, one per settings, so
     that a test can watch or patch the very engine its Space uses."""
     if settings not in _SPACE_ENGINES:
-        _SPACE_ENGINES[settings] = tiny_engine("qwen2.5-vl").with_settings(settings)
+        if settings.decoding == "compiled":  # how a model decodes belongs to the loaded model: one of its own
+            from ego import Ego
+
+            _SPACE_ENGINES[settings] = Ego.tiny("qwen2.5-vl", settings=settings)
+        else:
+            _SPACE_ENGINES[settings] = tiny_engine("qwen2.5-vl").with_settings(settings)
     return _SPACE_ENGINES[settings]
 
 

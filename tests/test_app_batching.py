@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
-from conftest import EXAMPLE_PHOTO, EXAMPLE_QUERY, introduce_through_api, tiny_engine, visitor
+from conftest import EXAMPLE_PHOTO, EXAMPLE_QUERY, introduce_through_api, running_demo, tiny_engine, visitor
 from gradio_client import handle_file
 
 from ego import DEFAULT_SETTINGS
@@ -53,3 +53,29 @@ def test_one_visitors_stop_leaves_the_others_answer_whole(url, caplog):
     cancelled.cancel()
     picture = load_image(EXAMPLE_QUERY, engine.settings)
     assert kept.result(timeout=120)[0] == str(engine.answer("What is in this photo?", image=picture, max_new_tokens=8))
+
+
+def test_with_compiled_decoding_visitors_keep_their_own_conversations():
+    """The Space decoding compiled (as on CUDA; "aot_eager" here): two visitors' first questions in one batch, then
+    their follow-ups in turns, each on a conversation that takes turns with the other's on the one shared static
+    cache; every answer is the eager engine's for that visitor's conversation alone."""
+    settings = SETTINGS.replace(decoding="compiled", compile_backend="aot_eager")
+    with running_demo(settings, SPACE_SETTINGS) as demo:
+        first, second = visitor(demo.local_url), visitor(demo.local_url)
+        introduce_through_api(first, "Chelsea")
+        jobs = [
+            client.submit(handle_file(EXAMPLE_QUERY), question, api_name="/ask_image")
+            for client, question in ((first, "Is Chelsea here?"), (second, "What is in this photo?"))
+        ]
+        said = {first: [jobs[0].result(timeout=300)[0]], second: [jobs[1].result(timeout=300)[0]]}
+        for question in ("And then?", "What colour is it?"):
+            for client in (first, second):
+                said[client].append(client.predict(question, api_name="/follow_up"))
+
+    engine = tiny_engine("qwen2.5-vl")
+    picture = load_image(EXAMPLE_QUERY, engine.settings)
+    concept = engine.introduce("Chelsea", [EXAMPLE_PHOTO], keywords="tabby cat", area_pct=10)
+    for client, concepts, opening in ((first, [concept], "Is Chelsea here?"), (second, [], "What is in this photo?")):
+        alone = engine.chat(concepts, image=picture)
+        expected = [alone.ask(q, max_new_tokens=8) for q in (opening, "And then?", "What colour is it?")]
+        assert said[client] == [str(answer) for answer in expected]
