@@ -295,7 +295,7 @@ def main(argv=None) -> int:
     }
     if len(runs) > 1:
         results["decoding_runs"] = {
-            mode: {k: doc[k] for k in ("introduce", "scenarios")}
+            mode: {k: doc[k] for k in ("introduce", "scenarios", "conversation") if k in doc}
             | {"meta": {k: doc["meta"][k] for k in ("decoding", "compile")}}
             for mode, doc in runs.items()
         }
@@ -430,12 +430,18 @@ def compare_traces(eager: dict, compiled: dict) -> dict:
 
 
 def compare_decoding(runs: dict) -> dict:
-    """Per scenario (and the introduction): latency, time to first token and decode time per token of each
-    mode, and the eager / compiled ratios."""
+    """Per scenario, per turn of the conversation (compiled on the shared static cache too) and for the
+    introduction: latency, time to first token and decode time per token of each mode, and the eager / compiled
+    ratios."""
     eager, compiled = runs["eager"], runs["compiled"]
+    pairs = [(name, eager["scenarios"][name], compiled["scenarios"][name]) for name in compiled["scenarios"]]
+    pairs += [
+        (f"conversation_{turn}", eager["conversation"][turn], compiled["conversation"][turn])
+        for turn in ("first", "follow_up")
+        if turn in eager.get("conversation", {}) and turn in compiled.get("conversation", {})
+    ]
     table = {}
-    for name in compiled["scenarios"]:
-        a, b = eager["scenarios"][name], compiled["scenarios"][name]
+    for name, a, b in pairs:
         table[name] = {
             f"{key}_{mode}": doc[key]
             for key in ("latency_s", "ttft_s", "decode_ms_per_token")
@@ -916,39 +922,6 @@ def token_times(call: dict, started: float) -> tuple[float, float]:
     return ttft, decode_ms
 
 
-@contextlib.contextmanager
-def first_token_times(model, times: list):
-    """Every `model.generate` call inside appends to `times` the moment its first new token reached the host
-    (a streamer's second `put`: the first is the prompt)."""
-    original = model.generate
-
-    class FirstToken:
-        def __init__(self):
-            self.puts = 0
-
-        def put(self, value):
-            self.puts += 1
-            if self.puts == 2:
-                times.append(time.perf_counter())
-
-        def end(self):
-            pass
-
-    def generate(*args, **kwargs):
-        kwargs.setdefault("streamer", FirstToken())
-        return original(*args, **kwargs)
-
-    wrapped = "generate" in vars(model)  # inside another wrapper (`forced_generation`): put that one back
-    model.generate = generate
-    try:
-        yield times
-    finally:
-        if wrapped:
-            model.generate = original
-        else:
-            del model.generate
-
-
 def _measure_conversation(engine, sizes: Sizes, memory, concepts, query, log) -> dict:
     """A conversation about the query photo knowing `concepts` (`Ego.chat`): the first question, then a short
     follow-up on the conversation's cache. One warm-up conversation, then --repeats measured ones."""
@@ -959,17 +932,19 @@ def _measure_conversation(engine, sizes: Sizes, memory, concepts, query, log) ->
         for name, question in (("first", QUESTION), ("follow_up", FOLLOW_UP)):
             memory.reset()
             _sync(device)
-            firsts, generated = [], []
+            calls, generated = [], []
             started = time.perf_counter()
-            with forced_generation(engine.model, stop_ids, generated), first_token_times(engine.model, firsts):
+            with forced_generation(engine.model, stop_ids, generated, calls):
                 answer = chat.ask(question, max_new_tokens=sizes.new_tokens)
             _sync(device)
             latency = time.perf_counter() - started
+            ttft, decode_ms = token_times(calls[-1], started)
             if repeat:
                 turns[name].append(
                     {
                         "latency_s": latency,
-                        "ttft_s": firsts[0] - started,
+                        "ttft_s": ttft,
+                        "decode_ms": decode_ms,
                         "prefill_tokens": answer.prefill_tokens,
                         "context_tokens": answer.context_tokens,
                         "new_tokens": generated[0],
@@ -983,6 +958,7 @@ def _measure_conversation(engine, sizes: Sizes, memory, concepts, query, log) ->
             "context_tokens": records[0]["context_tokens"],
             "new_tokens": records[0]["new_tokens"],
             "ttft_s": _median([r["ttft_s"] for r in records]),
+            "decode_ms_per_token": _median([r["decode_ms"] for r in records]),
             "latency_s": _median([r["latency_s"] for r in records]),
             "latency_runs_s": [round(r["latency_s"], 4) for r in records],
             "peak_mem_gib": max(r["peak_mem_gib"] for r in records),
@@ -990,7 +966,8 @@ def _measure_conversation(engine, sizes: Sizes, memory, concepts, query, log) ->
         entry = document[name]
         log(
             f"conversation {name:9s} {entry['prefill_tokens']:6d} prefill of {entry['context_tokens']:6d} context "
-            f"tokens  first token {entry['ttft_s']:.3f} s  latency {entry['latency_s']:.3f} s"
+            f"tokens  first token {entry['ttft_s']:.3f} s  {entry['decode_ms_per_token']:.2f} ms/token  "
+            f"latency {entry['latency_s']:.3f} s"
         )
     return document
 

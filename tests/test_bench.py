@@ -150,7 +150,9 @@ def test_eager_and_compiled_decoding_are_measured_side_by_side(quick):
     assert all(value > 0 for value in steps.values()) and sum(steps.values()) <= top["warm_up_s"]
     assert eager["backend"] is None and eager["graphs_at_warm_up"] == 0
     comparison = results["decoding_comparison"]
-    assert set(comparison) == SCENARIOS | {"introduce"}
+    assert set(comparison) == SCENARIOS | {"introduce", "conversation_first", "conversation_follow_up"}
+    follow_up = runs["compiled"]["conversation"]["follow_up"]
+    assert comparison["conversation_follow_up"]["decode_ms_per_token_compiled"] == follow_up["decode_ms_per_token"] > 0
     for name in SCENARIOS:
         row, a, b = comparison[name], runs["eager"]["scenarios"][name], runs["compiled"]["scenarios"][name]
         assert row["decode_ms_per_token_eager"] == a["decode_ms_per_token"]
