@@ -125,6 +125,7 @@ def test_visitor_text_is_shown_not_run(page):
     page.get_by_label("Name").fill(HOSTILE_NAME)  # ... under another name
     page.get_by_text("Advanced (reset after each concept)").click()
     page.get_by_label("Keywords").fill("tabby, green eyes")
+    expect(page.get_by_label("Keywords")).to_have_value("tabby, green eyes")  # taken before the click
     page.get_by_role("button", name="Introduce", exact=True).click()
     expect(page.locator("#cards").get_by_text(HOSTILE_NAME[:12])).to_be_visible()
     expect(page.get_by_role("heading", name=HOSTILE_NAME)).to_be_visible()
