@@ -110,7 +110,9 @@ class Decoder:
             # question's steps, and the same two again for batches (`Ego.warm_up`); a model of another class, or a
             # second engine in the process (tests, the benchmark), adds its own. Past torch's default of 8
             # compilations per function dynamo stops compiling it and that step silently decodes eagerly.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            config = torch._dynamo.config
+            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+            setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="ego-decode", initializer=self._remember_thread
             )
