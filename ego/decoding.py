@@ -94,6 +94,9 @@ class Decoder:
         self.compile_config = None
         self.warm_up_s: float | None = None
         self.warm_up_steps_s: dict[str, float] = {}
+        self.batches_compiled = True
+        """Whether a generation of several rows decodes compiled too; False once compiling their step failed
+        (`give_up_batches`): batches then decode eagerly and single questions stay compiled."""
         """Seconds of each step of the last warm-up (`Ego.warm_up`): mostly the compilation of its graph."""
         self._caches: dict[int, object] = {}  # batch size -> its StaticCache [layers x (K, V) of max_cache_tokens]
         self._thread_id: int | None = None
@@ -150,6 +153,14 @@ class Decoder:
         cache.reset()
         return cache
 
+    def give_up_batches(self, error: BaseException) -> None:
+        """Compiling the step of batched answers failed (at warm-up): batches decode eagerly from now on."""
+        log.error(
+            "compiling the batched decode step failed (%s: %s); batches decode eagerly", type(error).__name__, error
+        )
+        self.batches_compiled = False
+        self._caches = {rows: cache for rows, cache in self._caches.items() if rows == 1}  # theirs are not needed
+
     def generate(self, *args, **kwargs):
         """`model.generate` on the decode thread, on the shared static cache unless the call brings a cache."""
         if threading.get_ident() == self._thread_id:
@@ -168,6 +179,8 @@ class Decoder:
         budget = kwargs.get("max_new_tokens")
         if kwargs.get("use_cache", True) is False or prompt is None or budget is None or _is_static(own):
             return self._generate(*args, **kwargs)
+        if int(prompt.shape[0]) > 1 and not self.batches_compiled:
+            return self._generate(*args, **kwargs)  # on a dynamic cache: transformers then decodes eagerly
         length = int(prompt.shape[1]) + int(budget)
         cache = self.cache(length, int(prompt.shape[0]))
         if cache is None:

@@ -413,14 +413,17 @@ class Ego:
         # After the one-row steps: a batch then recompiles the step with its batch dimension dynamic (one graph for
         # every batch size); compiled first, a batch of 2 would be a graph for 2 rows only.
         if batched:
-            for kind, media in (("batched_photos", {"image": picture}), ("batched_clips", {"video": frames})):
-                requests = [
-                    AnswerRequest(question, (), **media, max_new_tokens=3) for question in ("Hi.", "Hello there.")
-                ]
-                for result in self.answer_batch(requests):
-                    if isinstance(result, Exception):
-                        raise result
-                steps[kind] = lap.lap()
+            try:
+                for kind, media in (("batched_photos", {"image": picture}), ("batched_clips", {"video": frames})):
+                    requests = [
+                        AnswerRequest(question, (), **media, max_new_tokens=3) for question in ("Hi.", "Hello there.")
+                    ]
+                    for result in self.answer_batch(requests):
+                        if isinstance(result, Exception):
+                            raise result
+                    steps[kind] = lap.lap()
+            except Exception as error:  # noqa: BLE001 -- any compiler failure: single questions stay compiled
+                self.decoder.give_up_batches(error)
         self.decoder.warm_up_steps_s = steps
         return self.decoder.record_warm_up(started)
 

@@ -336,3 +336,34 @@ def test_a_compile_failure_leaves_the_space_answering_eagerly(caplog):
     assert engine.decoder.mode == "eager" and not engine.needs_warm_up and "compile_config" not in engine.decoding
     plain = tiny_engine("qwen2-vl")
     assert engine.answer("Say hello.", max_new_tokens=4) == plain.answer("Say hello.", max_new_tokens=4)
+
+
+def test_a_batched_step_that_fails_to_compile_leaves_batches_eager_and_single_questions_compiled(caplog):
+    """A compiler that cannot take the batched step's dynamic batch dimension (a backend that refuses symbolic
+    shapes, standing in for any compiler failure there): the warm-up says so, batches decode eagerly with the same
+    answers, and single questions stay on the compiled step."""
+    import torch._dynamo
+
+    def static_shapes_only(graph, example_inputs):
+        symbolic = any(isinstance(x, torch.SymInt) for x in example_inputs) or any(
+            isinstance(size, torch.SymInt) for x in example_inputs if torch.is_tensor(x) for size in x.shape
+        )
+        if symbolic:
+            raise RuntimeError("this compiler takes static shapes only")
+        return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
+
+    torch._dynamo.reset()  # graphs of the module's other engines would serve this one: it must compile its own
+    torch._dynamo.register_backend(static_shapes_only, name="ego_static_shapes_only")
+    engine = Ego.tiny("qwen2.5-vl", settings=Settings(decoding="compiled", compile_backend="ego_static_shapes_only"))
+    engine.warm_up(batched=True)
+    assert "compiling the batched decode step failed" in caplog.text
+    assert engine.decoder.compiled and not engine.decoder.batches_compiled
+    eager = tiny_engine("qwen2.5-vl")
+    from ego.batching import AnswerRequest
+
+    requests = [AnswerRequest(q, (), image=photo(50), max_new_tokens=5) for q in ("Who?", "What is here, then?")]
+    assert [str(a) for a in engine.answer_batch(requests)] == [str(a) for a in eager.answer_batch(requests)]
+    assert engine.answer("Who?", image=photo(50), max_new_tokens=5) == eager.answer(
+        "Who?", image=photo(50), max_new_tokens=5
+    )
+    assert engine.decoder._caches.keys() == {1}  # single questions on the compiled step's cache, no batch cache
