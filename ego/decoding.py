@@ -82,7 +82,9 @@ def allow_compiled_decoding(model) -> bool:
 class Decoder:
     """The one place that decides how the engine's `model.generate` calls decode (`Ego.decoding`)."""
 
-    def __init__(self, model, mode: str, *, max_cache_tokens: int, backend: str = "inductor"):
+    def __init__(
+        self, model, mode: str, *, max_cache_tokens: int, backend: str = "inductor", batch_min_free_bytes: int = 0
+    ):
         self.model = model
         self.device = model.get_input_embeddings().weight.device
         wanted = resolve_mode(mode, self.device)
@@ -91,6 +93,9 @@ class Decoder:
             wanted = "eager"
         self.mode = wanted
         self.max_cache_tokens = int(max_cache_tokens)
+        self.batch_min_free_bytes = int(batch_min_free_bytes)
+        self._too_large: set[int] = set()
+        """Batch sizes whose static cache did not fit the GPU's free memory: they decode eagerly."""
         self.compile_config = None
         self.warm_up_s: float | None = None
         self.warm_up_steps_s: dict[str, float] = {}
@@ -141,17 +146,46 @@ class Decoder:
     def cache(self, length: int, batch_size: int = 1):
         """The shared static cache of `batch_size`, emptied, if `length` tokens fit in it; None when decoding
         eagerly or the sequence is longer than the ceiling (the caller then lets transformers make a cache)."""
-        if not self.compiled or length > self.max_cache_tokens:
+        if not self.compiled or length > self.max_cache_tokens or batch_size in self._too_large:
             return None
         cache = self._caches.get(batch_size)
         if cache is None:
             from transformers import StaticCache
+
+            free = self.free_bytes()
+            needed = batch_size * self.max_cache_tokens * self.bytes_per_token()
+            if batch_size > 1 and free is not None and free - needed < self.batch_min_free_bytes:
+                log.warning(
+                    "a static cache for batches of %d (%.2f GiB) would leave %.2f GiB of GPU memory free: "
+                    "batches of %d decode eagerly",
+                    batch_size,
+                    needed / 2**30,
+                    (free - needed) / 2**30,
+                    batch_size,
+                )
+                self._too_large.add(batch_size)
+                return None
 
             cache = self._caches[batch_size] = StaticCache(
                 config=self.model.config.get_text_config(decoder=True), max_cache_len=self.max_cache_tokens
             )
         cache.reset()
         return cache
+
+    def free_bytes(self) -> int | None:
+        """Free memory of the model's GPU, in bytes; None off CUDA (no limit is checked there)."""
+        if self.device.type != "cuda":
+            return None
+        return int(torch.cuda.mem_get_info(self.device)[0])
+
+    def bytes_per_token(self) -> int:
+        """Key/value cache bytes one token takes, over all layers: 2 x layers x key/value heads x head size x the
+        element size of the model's activations (57,344 for Qwen2.5-VL-7B in bf16)."""
+        config = self.model.config.get_text_config(decoder=True)
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        element = self.model.get_input_embeddings().weight.element_size()
+        return 2 * config.num_hidden_layers * heads * head_dim * element
 
     def give_up_batches(self, error: BaseException) -> None:
         """Compiling the step of batched answers failed (at warm-up): batches decode eagerly from now on."""
@@ -183,12 +217,13 @@ class Decoder:
             return self._generate(*args, **kwargs)  # on a dynamic cache: transformers then decodes eagerly
         length = int(prompt.shape[1]) + int(budget)
         cache = self.cache(length, int(prompt.shape[0]))
-        if cache is None:
-            log.info(
-                "a %d-token generation is longer than the static cache (%d): decoding it eagerly",
-                length,
-                self.max_cache_tokens,
-            )
+        if cache is None:  # too long for the static cache, or a batch whose cache does not fit the GPU
+            if length > self.max_cache_tokens:
+                log.info(
+                    "a %d-token generation is longer than the static cache (%d): decoding it eagerly",
+                    length,
+                    self.max_cache_tokens,
+                )
             return self._generate(*args, **kwargs)
         if own is None:
             return self._generate(*args, **{**kwargs, "past_key_values": cache})

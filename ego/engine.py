@@ -233,6 +233,7 @@ class Ego:
             settings.decoding,
             max_cache_tokens=settings.static_cache_max_tokens,
             backend=settings.compile_backend,
+            batch_min_free_bytes=int(settings.batch_cache_min_free_mb * 1024 * 1024),
         )
         self._cached_chats: OrderedDict[int, weakref.ref] = OrderedDict()  # least recently used first
 
@@ -331,7 +332,7 @@ class Ego:
         `engine.with_settings(k_cap_tokens=30)` or `engine.with_settings(Settings.paper())`. It shares this
         engine's decoder (and its compiled step), so the decoding settings cannot change here."""
         new = (settings or self.settings).replace(**changes)
-        decoding = ("decoding", "static_cache_max_tokens", "compile_backend")
+        decoding = ("decoding", "static_cache_max_tokens", "compile_backend", "batch_cache_min_free_mb")
         if any(getattr(new, name) != getattr(self.settings, name) for name in decoding):
             # A compiled decoder takes over the model's own `generate`: one decoder per loaded model.
             raise ValueError(
@@ -365,7 +366,11 @@ class Ego:
             settings = self.settings.replace(decoding=mode)  # checks the mode
             self.decoder.close()
             self.decoder = Decoder(
-                self.model, mode, max_cache_tokens=settings.static_cache_max_tokens, backend=settings.compile_backend
+                self.model,
+                mode,
+                max_cache_tokens=settings.static_cache_max_tokens,
+                backend=settings.compile_backend,
+                batch_min_free_bytes=int(settings.batch_cache_min_free_mb * 1024 * 1024),
             )
             self.settings = settings
 

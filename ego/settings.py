@@ -66,6 +66,11 @@ class Settings:
     """Capacity of the static KV cache of compiled decoding, in tokens (prompt + generated): sized once, so that
     prompt lengths and token budgets never recompile the decode step; a longer generation decodes eagerly.
     About 57 KiB per token for Qwen2.5-VL-7B (470 MiB in all)."""
+    batch_cache_min_free_mb: float = 2048
+    """GPU memory, in MiB, that the static cache of a batch of several questions must leave free when compiled
+    decoding first makes it (each batch size has its own: 2, 4 or 8 x `static_cache_max_tokens` tokens, 0.9 to
+    3.5 GiB for Qwen2.5-VL-7B): a batch size whose cache would leave less decodes eagerly, on caches as long as
+    its questions, so a small GPU still answers batches. The one-question cache is always made."""
     compile_backend: str = "inductor"
     """`torch.compile` backend of compiled decoding: "inductor" generates kernels for the decode step (with CUDA
     graphs on CUDA); "aot_eager" traces the same graph and runs it with PyTorch's own kernels: seconds to compile

@@ -338,6 +338,31 @@ def test_a_compile_failure_leaves_the_space_answering_eagerly(caplog):
     assert engine.answer("Say hello.", max_new_tokens=4) == plain.answer("Say hello.", max_new_tokens=4)
 
 
+def test_a_batch_whose_static_cache_would_not_fit_the_gpu_decodes_eagerly(compiled, monkeypatch, caplog):
+    """On a small GPU (free memory reported as 1 GiB, less than a batch cache plus `batch_cache_min_free_mb`),
+    batches of 8 decode eagerly with the same answers, and single questions keep their compiled cache."""
+    eager = tiny_engine("qwen2.5-vl")
+    decoder = compiled.decoder
+    # The cache one token takes, recomputed from the one-question cache the compiled answers filled.
+    shared = decoder._caches[1]
+    held = sum(t.numel() * t.element_size() for layer in shared.layers for t in (layer.keys, layer.values))
+    assert held == decoder.max_cache_tokens * decoder.bytes_per_token()
+
+    monkeypatch.setattr(decoder, "free_bytes", lambda: 2**30)
+    monkeypatch.setattr(decoder, "batch_min_free_bytes", 2 * 2**30)
+    monkeypatch.setattr(decoder, "_caches", {1: shared})
+    monkeypatch.setattr(decoder, "_too_large", set())
+    from ego.batching import AnswerRequest
+
+    requests = [AnswerRequest(f"Who is here{'?' * i}", (), image=photo(60), max_new_tokens=4) for i in range(8)]
+    assert [str(a) for a in compiled.answer_batch(requests)] == [str(a) for a in eager.answer_batch(requests)]
+    assert decoder._too_large == {8} and set(decoder._caches) == {1}
+    assert "batches of 8 decode eagerly" in caplog.text
+    assert compiled.answer("Who?", image=photo(60), max_new_tokens=4) == eager.answer(
+        "Who?", image=photo(60), max_new_tokens=4
+    )
+
+
 def test_a_batched_step_that_fails_to_compile_leaves_batches_eager_and_single_questions_compiled(caplog):
     """A compiler that cannot take the batched step's dynamic batch dimension (a backend that refuses symbolic
     shapes, standing in for any compiler failure there): the warm-up says so, batches decode eagerly with the same
