@@ -17,6 +17,9 @@ per generated token and the GPU waits between them (bench/RESULTS.md). Compiled 
   static cache all the same: its keys and values are copied in before the prefill of the new tokens, and the
   whole sequence's are copied back into the caller's cache afterwards, so that the conversation never keeps
   (or sees) the shared cache, which the next request resets;
+* batches of several rows share one compiled step, with its batch dimension dynamic (`Ego.warm_up(batched=True)`);
+  each batch size keeps a cache of its own, made only where it leaves `Settings.batch_cache_min_free_mb` of the
+  GPU free, and batches decode eagerly where it would not, or where their step failed to compile;
 * a call whose prompt plus budget exceeds the ceiling decodes eagerly, on its own cache or a dynamic one;
 * the graphs guard on the number of model classes transformers has seen (its output-capturing registry): a model
   of another class loaded after the warm-up (not in the Space, which loads one) recompiles each graph once.
@@ -99,10 +102,10 @@ class Decoder:
         self.compile_config = None
         self.warm_up_s: float | None = None
         self.warm_up_steps_s: dict[str, float] = {}
+        """Seconds of each step of the last warm-up (`Ego.warm_up`): mostly the compilation of its graph."""
         self.batches_compiled = True
         """Whether a generation of several rows decodes compiled too; False once compiling their step failed
         (`give_up_batches`): batches then decode eagerly and single questions stay compiled."""
-        """Seconds of each step of the last warm-up (`Ego.warm_up`): mostly the compilation of its graph."""
         self._caches: dict[int, object] = {}  # batch size -> its StaticCache [layers x (K, V) of max_cache_tokens]
         self._thread_id: int | None = None
         self._executor = None
@@ -145,7 +148,8 @@ class Decoder:
 
     def cache(self, length: int, batch_size: int = 1):
         """The shared static cache of `batch_size`, emptied, if `length` tokens fit in it; None when decoding
-        eagerly or the sequence is longer than the ceiling (the caller then lets transformers make a cache)."""
+        eagerly, when the sequence is longer than the ceiling, or when a batch size's cache would not leave
+        `batch_min_free_bytes` of the GPU free (the caller then decodes eagerly on a cache transformers makes)."""
         if not self.compiled or length > self.max_cache_tokens or batch_size in self._too_large:
             return None
         cache = self._caches.get(batch_size)
@@ -196,7 +200,8 @@ class Decoder:
         self._caches = {rows: cache for rows, cache in self._caches.items() if rows == 1}  # theirs are not needed
 
     def generate(self, *args, **kwargs):
-        """`model.generate` on the decode thread, on the shared static cache unless the call brings a cache."""
+        """`model.generate` on the decode thread, on the shared static cache (a cache the call brings is copied in
+        before and back after)."""
         if threading.get_ident() == self._thread_id:
             return self._run(args, kwargs)
         context = contextvars.copy_context()  # e.g. an attention capture opened by the caller
