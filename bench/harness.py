@@ -353,7 +353,7 @@ def warm_up(engine, log, *, batched: bool = False) -> dict:
         meta["warm_up_s"] = engine.warm_up(batched=batched)
         meta["warm_up_batched"] = batched
         meta["warm_up_steps_s"] = dict(engine.decoder.warm_up_steps_s)
-        log("compile time per step: " + ", ".join(f"{k} {v:.1f} s" for k, v in meta["warm_up_steps_s"].items()))
+        log("compile time per step: " + _seconds_each(meta["warm_up_steps_s"]))
         log(f"compiled in {meta['warm_up_s']:.1f} s")
     meta["after_warm_up"] = compile_counts()
     return meta
@@ -1383,11 +1383,15 @@ def _compile_line(compile_meta: dict) -> str:
     )
 
 
+def _seconds_each(steps: dict) -> str:
+    return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in steps.items())
+
+
 def _steps_text(compile_meta: dict) -> str:
     """The warm-up's seconds per step, and what the concurrency scenarios compiled, where the run has them."""
     text = ""
     if compile_meta.get("warm_up_steps_s"):
-        text += "; warm-up steps: " + ", ".join(f"{k} {v:.1f} s" for k, v in compile_meta["warm_up_steps_s"].items())
+        text += "; warm-up steps: " + _seconds_each(compile_meta["warm_up_steps_s"])
     if "graphs_during_concurrency" in compile_meta:
         text += f"; {compile_meta['graphs_during_concurrency']} graphs during the concurrency scenarios"
     return text

@@ -148,9 +148,12 @@ class Decoder:
 
     def cache(self, length: int, batch_size: int = 1):
         """The shared static cache of `batch_size`, emptied, if `length` tokens fit in it; None when decoding
-        eagerly, when the sequence is longer than the ceiling, or when a batch size's cache would not leave
-        `batch_min_free_bytes` of the GPU free (the caller then decodes eagerly on a cache transformers makes)."""
+        eagerly, when the sequence is longer than the ceiling, for batches once their step failed to compile, or
+        when a batch size's cache would not leave `batch_min_free_bytes` of the GPU free (the caller then decodes
+        eagerly on a cache transformers makes)."""
         if not self.compiled or length > self.max_cache_tokens or batch_size in self._too_large:
+            return None
+        if batch_size > 1 and not self.batches_compiled:
             return None
         cache = self._caches.get(batch_size)
         if cache is None:
@@ -218,8 +221,6 @@ class Decoder:
         budget = kwargs.get("max_new_tokens")
         if kwargs.get("use_cache", True) is False or prompt is None or budget is None or _is_static(own):
             return self._generate(*args, **kwargs)
-        if int(prompt.shape[0]) > 1 and not self.batches_compiled:
-            return self._generate(*args, **kwargs)  # on a dynamic cache: transformers then decodes eagerly
         length = int(prompt.shape[1]) + int(budget)
         cache = self.cache(length, int(prompt.shape[0]))
         if cache is None:  # too long for the static cache, or a batch whose cache does not fit the GPU
@@ -260,11 +261,10 @@ def _copy_back(static, own) -> None:
     """The whole sequence the static cache now holds (the caller's T0 tokens, the new prompt tokens and all
     generated tokens but the last) into the caller's cache, as tensors of its own [B, H_kv, T, D]."""
     own.reset()
+    length = int(static.get_seq_length())  # every layer holds as many: one read of the device, not one a layer
     for shared, mine in zip(static.layers, own.layers, strict=True):
-        if not shared.is_initialized:
-            continue
-        length = int(shared.get_seq_length())
-        mine.update(shared.keys[:, :, :length].clone(), shared.values[:, :, :length].clone())
+        if shared.is_initialized:
+            mine.update(shared.keys[:, :, :length].clone(), shared.values[:, :, :length].clone())
 
 
 def compile_counts() -> dict:

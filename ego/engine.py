@@ -1082,19 +1082,22 @@ class Chat:
         """The turns answered elsewhere, added to the conversation's tokens: the first context prepared as
         `Ego.answer` prepares it, each later question's turn as a follow-up opens it (`Backend.continue_turn`),
         and each answer's tokens."""
-        engine, backend = self.engine, self.engine.backend
+        engine = self.engine
         while self._adopted:  # one turn at a time: a failure leaves the conversation as the turns before made it
             question, answer_ids = self._adopted[0]
             if not self._ids:
                 prepared = engine._prepare_answer(question, self.concepts, self.picture, self.clip, None)
                 self._remember_context(prepared)
             else:
-                said = prompts.neutralize(checks.check_question(question, engine.settings), backend.special_strings)
-                self._ids = (
-                    self._ids + backend.tokenizer(backend.continue_turn(said), add_special_tokens=False).input_ids
-                )
+                self._ids = self._ids + self._turn_ids(checks.check_question(question, engine.settings))
             self._ids = self._ids + answer_ids
             self._adopted.pop(0)
+
+    def _turn_ids(self, text: str) -> list[int]:
+        """The tokens that close the previous answer and ask the checked question `text` (`Backend.continue_turn`)."""
+        backend = self.engine.backend
+        said = prompts.neutralize(text, backend.special_strings)
+        return backend.tokenizer(backend.continue_turn(said), add_special_tokens=False).input_ids
 
     def _begin(self, question, max_new_tokens, use_cache: bool) -> _Turn:
         """Every check, then the generate arguments: the first question's as `Ego.answer` prepares them, a
@@ -1118,9 +1121,7 @@ class Chat:
         text = checks.check_question(question, settings)
         max_new_tokens = checks.check_max_new_tokens(max_new_tokens, settings)
         self._add_adopted()
-        said = prompts.neutralize(text, engine.backend.special_strings)
-        new_ids = engine.backend.tokenizer(engine.backend.continue_turn(said), add_special_tokens=False).input_ids
-        ids = self._ids + new_ids
+        ids = self._ids + self._turn_ids(text)
         if len(ids) + max_new_tokens > settings.max_conversation_context_tokens:
             raise InputError(
                 f"This conversation is full ({settings.max_conversation_context_tokens} tokens of "
