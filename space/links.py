@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 import gradio as gr
+from starlette.responses import PlainTextResponse
 
 REFUSAL = "This app does not fetch links; upload the file itself."
 _FILE_ROUTE = re.compile(r"/gradio_api/file[=/](?P<target>.*)$", re.DOTALL)
@@ -46,17 +47,6 @@ class RefuseFileLinks:
     async def __call__(self, scope, receive, send):
         match = _FILE_ROUTE.search(scope.get("path", "")) if scope["type"] == "http" else None
         if match and _is_link(match["target"]):
-            body = REFUSAL.encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 403,
-                    "headers": [
-                        (b"content-type", b"text/plain; charset=utf-8"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            await PlainTextResponse(REFUSAL, status_code=403)(scope, receive, send)
             return
         await self.app(scope, receive, send)

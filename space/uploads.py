@@ -18,6 +18,7 @@ import time
 
 import anyio
 from gradio.utils import get_upload_folder
+from starlette.responses import PlainTextResponse
 
 FULL = "The server's upload space is full right now; please try again in a few minutes."
 _UPLOAD_ROUTE = re.compile(r"/gradio_api/(upload|process_recording)/?$")
@@ -53,7 +54,7 @@ class UploadQuota:
             declared = _content_length(scope)
             incoming = self.upload_bytes if declared is None else declared
             if await self._used() + incoming > self.max_bytes:
-                await _refuse(send)
+                await PlainTextResponse(FULL, status_code=503, headers={"retry-after": "300"})(scope, receive, send)
                 return
             self._admitted += incoming  # until the next recount sees it on disk
         await self.app(scope, receive, send)
@@ -75,19 +76,3 @@ def _content_length(scope) -> int | None:
             except ValueError:
                 return None
     return None
-
-
-async def _refuse(send) -> None:
-    body = FULL.encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 503,
-            "headers": [
-                (b"content-type", b"text/plain; charset=utf-8"),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", b"300"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
