@@ -569,6 +569,7 @@ def _concepts_panel(s) -> SimpleNamespace:
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     from ego.presets import CPU_DEFAULT_PRESET, DEFAULT_PRESET, PRESETS
+    from ego.settings import QUANTIZATIONS
 
     parser = argparse.ArgumentParser(description="Ego: the Gradio Space.")
     parser.add_argument(
@@ -579,9 +580,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--quantization",
-        choices=["auto", "4bit", "8bit", "none"],
+        choices=[q or "none" for q in QUANTIZATIONS],
         default=os.environ.get("EGO_QUANTIZATION", "auto"),
-        help="auto: 4-bit on a GPU, none on a CPU (env EGO_QUANTIZATION)",
+        help="auto: 4-bit NF4 on a GPU, none on a CPU; int4 (torchao) and fp8 load only on a GPU "
+        "(env EGO_QUANTIZATION)",
     )
     parser.add_argument(
         "--host",
@@ -625,6 +627,24 @@ def choose_model(model: str | None) -> tuple[str, str]:
     )
 
 
+def refuse_quantization(quantization: str | None, *, zero_gpu: bool) -> None:
+    """Stop at start, not at the first visitor, with a quantization this machine cannot load."""
+    import torch
+
+    from ego.quantization import check_supported, for_device
+
+    if zero_gpu and quantization in ("int4", "fp8"):
+        raise SystemExit(
+            f"--quantization {quantization} cannot run on ZeroGPU: the model is quantized while it loads, at start, "
+            "before a GPU is attached. Use none (bf16, ZeroGPU's default here) or 4bit."
+        )
+    device = "cuda" if zero_gpu or torch.cuda.is_available() else "cpu"
+    try:
+        check_supported(for_device(quantization, device), device)
+    except (ValueError, ImportError) as error:
+        raise SystemExit(str(error)) from None
+
+
 def main(argv=None) -> None:
     import functools
 
@@ -646,6 +666,7 @@ def main(argv=None) -> None:
         settings = settings.replace(decoding="eager")  # ZeroGPU does not support torch.compile
         if quantization == "auto":
             quantization = None  # bf16: 4-bit quantization would run at start on the CPU, under the emulation
+    refuse_quantization(quantization, zero_gpu=zero_gpu)
     factory = functools.partial(
         Ego.from_pretrained, model, quantization=quantization, **({"device": "cuda"} if zero_gpu else {})
     )

@@ -1,63 +1,71 @@
 #!/usr/bin/env bash
-# The GPU runs of the benchmark, in one go: random weights of the real Qwen2.5-VL-7B architecture,
-# 4-bit NF4 (the default on CUDA) and bf16, each decoded eagerly and compiled (static KV cache, CUDA graphs)
-# side by side on the same loaded model, on one GPU, in under 9 minutes. See bench/RESULTS.md.
+# The GPU runs of the benchmark, in one go: random weights of the real Qwen2.5-VL-7B architecture, on one GPU,
+# in under 9 minutes: 4-bit NF4 (the default on CUDA) decoded eagerly and compiled (static KV cache, CUDA graphs)
+# side by side on the same loaded model, then the other ways to load it decoded compiled only (torchao int4,
+# bf16; fp8 on request), to say which is fastest compiled. See bench/RESULTS.md.
 #
 # Made for an offline GPU machine whose image may lack the pinned libraries (e.g. torch 2.11 with CUDA 13,
-# an older transformers, no bitsandbytes, no PyAV, no network). Before copying the repository there, here, in
-# the repo root:
+# an older transformers, no bitsandbytes, no torchao, no PyAV, no network). Before copying the repository there,
+# here, in the repo root:
 #
-#     bash bench/fetch_wheels.sh     # transformers 5.23.0, bitsandbytes 0.50.2, regex -> bench/wheels/ (gitignored)
+#     bash bench/fetch_wheels.sh     # transformers 5.23.0, bitsandbytes 0.50.2, torchao 0.18.0, regex -> bench/wheels/
 #
-# then run it there with bench/wheels/ copied along (about 55 MiB), on one H200 (the introduction target is
+# then run it there with bench/wheels/ copied along (about 58 MiB), on one H200 (the introduction target is
 # stated for one H200):
 #
 #     OUT=/some/folder bash bench/gpu_run.sh      # within a 540 s budget
 #
-# Outputs go to $OUT:
-#     $OUT/nf4/{results.json,results.md,latency.png,log.txt}  and  $OUT/bf16/{...}
-# Anywhere else it writes to bench/out/gpu/. Each configuration measures eager decoding, then compiles the
-# decode step (inductor, mode reduce-overhead: the compile time and the recompilations are in results.json's
-# meta.compile) and measures compiled decoding; results.json holds both (`decoding_runs`, `decoding_comparison`,
-# and `decoding_equality`: the first 16 greedy tokens and logits of compiled against eager), its top level the
-# compiled run (meta.decoding "compiled"). TORCH_LOGS=recompiles puts the reason of any recompilation in the log.
+# Outputs go to $OUT/<configuration>/{results.json,results.md,latency.png,log.txt} (nf4, int4, bf16, fp8);
+# anywhere else to bench/out/gpu/. A configuration measured eagerly and compiled (BENCH_EAGER, default "nf4")
+# compiles the decode step after its eager measurement (inductor, mode reduce-overhead: the compile time and the
+# recompilations are in results.json's meta.compile); results.json holds both (`decoding_runs`,
+# `decoding_comparison`, and `decoding_equality`: the first 16 greedy tokens and logits of compiled against
+# eager), its top level the compiled run (meta.decoding "compiled"). The other configurations load, compile and
+# measure compiled decoding only (their eager figures are not candidates: bf16's were measured on 2026-11-26).
+# TORCH_LOGS=recompiles puts the reason of any recompilation in the log.
+# BENCH_CONFIGS (default "nf4 int4 bf16"; also "fp8"; "nf4" alone gives the 4-bit run all the time) chooses the
+# configurations, in order: the first, the target setting, gets all the time it needs but BENCH_RESERVE_S
+# (default 0; with compiled decoding its warm-up compiles five graphs, a photo's, a clip's and the size question's
+# steps, and batched photos and clips, whose cost with inductor on the 7B model is what the run measures), and each
+# later one what the earlier ones left. A failure in one does not stop the others.
 # Time limits (seconds), through the environment: BENCH_TOTAL_S (the whole script, default 540: under 9
-# minutes), BENCH_BUILD_LIMIT_S (building the 16.6 GB random-weight folder, default 150), BENCH_BF16_RESERVE_S
-# (kept for the bf16 run, default 0). The 4-bit run, the target setting, goes first and gets the rest of the
-# time: with compiled decoding its warm-up compiles five graphs (a photo's, a clip's and the size question's
-# steps, and batched photos and clips), whose cost with inductor on the 7B model is what the run measures, so bf16
-# (which only says whether another precision would be faster) gets what the 4-bit run leaves. BENCH_REPEATS (measured calls per scenario, default 2), BENCH_CONCEPTS (concepts introduced for real,
-# default 5; the rest up to 20 are copies) and BENCH_PROFILE (the configurations whose compiled run is
-# profiled, default none; "nf4" adds about a minute) trade detail for GPU time.
-# BENCH_CONFIGS (default "nf4 bf16"; "nf4" alone gives the 4-bit run all the time) chooses the configurations; a
-# second call on the same warm machine reuses the random-weight folder the first one built.
+# minutes), BENCH_BUILD_LIMIT_S (building the 16.6 GB random-weight folder, default 150). BENCH_REPEATS (measured
+# calls per scenario, default 2), BENCH_CONCEPTS (concepts introduced for real, default 5; the rest up to 20 are
+# copies) and BENCH_PROFILE (the configurations whose compiled run is profiled, default none; "nf4" adds about a
+# minute) trade detail for GPU time. A second call on the same warm machine reuses the random-weight folder the
+# first one built.
 # BENCH_CONCURRENCY (the configurations that also measure 1, 4 and 8 visitors asking at the same moment, batched
 # and one at a time: results.json's concurrent_1/4/8, default "nf4", the target's setting) adds about a minute
 # to that configuration; it runs after its other results are written and before its profile.
 #
-# A rehearsal on a CPU (scaled-down 2B architecture, quick sizes, this machine's packages), e.g.:
+# A rehearsal on a CPU (scaled-down 2B architecture, quick sizes, this machine's packages; int4 and fp8 load only
+# on CUDA), e.g.:
 #     OUT=/tmp/gpu-rehearsal BENCH_DEVICE=cpu BENCH_MODEL=qwen2-vl-2b BENCH_SKIP_WHEELS=1 BENCH_FORCE_AVSTUB=1 \
-#         BENCH_ARCH_ARGS="--text-layers 1 --vision-depth 1" BENCH_ARGS="--quick --compile-backend aot_eager" \
-#         bash bench/gpu_run.sh
+#         BENCH_CONFIGS="nf4 bf16" BENCH_ARCH_ARGS="--text-layers 1 --vision-depth 1" \
+#         BENCH_ARGS="--quick --compile-backend aot_eager" bash bench/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT="${OUT:-bench/out/gpu}"
 TOTAL="${BENCH_TOTAL_S:-540}"
 BUILD_LIMIT="${BENCH_BUILD_LIMIT_S:-150}"
-BF16_RESERVE="${BENCH_BF16_RESERVE_S:-0}"
+RESERVE="${BENCH_RESERVE_S:-0}"
 REPEATS="${BENCH_REPEATS:-2}"
 CONCEPTS="${BENCH_CONCEPTS:-5}"
 PROFILE="${BENCH_PROFILE-}"
 CONCURRENCY="${BENCH_CONCURRENCY-nf4}"
-CONFIGS="${BENCH_CONFIGS:-nf4 bf16}"
+CONFIGS="${BENCH_CONFIGS:-nf4 int4 bf16}"
+EAGER="${BENCH_EAGER-nf4}"
 MODEL="${BENCH_MODEL:-qwen2.5-vl-7b}"
 DEVICE="${BENCH_DEVICE:-cuda}"
 ARCH_ARGS="${BENCH_ARCH_ARGS:-}"      # e.g. "--text-layers 1 --vision-depth 1" (both commands get it)
 BENCH_ARGS="${BENCH_ARGS:-}"          # e.g. "--quick"
 ARCH_DIR="${BENCH_ARCH_DIR:-/tmp/ego-arch/$MODEL}"
 PYTHON="${PYTHON:-python3}"
-mkdir -p "$OUT/nf4" "$OUT/bf16"
+mkdir -p "$OUT"
+# torchao's int4 runs on PyTorch's own kernels (tinygemm); its compiled extensions, built for another torch,
+# are not loaded.
+export TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TORCH_LOGS="${TORCH_LOGS-recompiles}"
 started=$(date +%s)
@@ -66,8 +74,17 @@ started=$(date +%s)
 if [ -n "${BENCH_SKIP_WHEELS:-}" ]; then
     echo "BENCH_SKIP_WHEELS is set: using this machine's packages"
 elif ls bench/wheels/*.whl >/dev/null 2>&1; then
+    # torchao goes to a folder of its own, on the path of the int4 run only: transformers imports it for every
+    # quantized model once it is installed, and a torchao that fails to import on this machine's torch must not
+    # take the NF4 run down with it.
+    wheels=$(ls bench/wheels/*.whl | grep -v '/torchao-')
+    # shellcheck disable=SC2086
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ego-site \
-        bench/wheels/*.whl || { echo "installing bench/wheels failed"; exit 1; }
+        $wheels || { echo "installing bench/wheels failed"; exit 1; }
+    if ls bench/wheels/torchao-*.whl >/dev/null 2>&1; then
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/ego-torchao bench/wheels/torchao-*.whl || echo "installing torchao failed: no int4 run"
+    fi
     export PYTHONPATH="/tmp/ego-site:${PYTHONPATH:-}"
 else
     echo "bench/wheels/ is empty: using the machine's own transformers and bitsandbytes"
@@ -106,6 +123,10 @@ try:
     print("bitsandbytes", m.version("bitsandbytes"))
 except Exception as error:  # the bf16 run still works without it
     print("bitsandbytes unavailable:", error)
+EOF
+PYTHONPATH="/tmp/ego-torchao:$PYTHONPATH" "$PYTHON" - <<'EOF' || echo "torchao does not import here: the int4 run will fail"
+import torchao, transformers.quantizers.auto  # noqa: F401  (what loading any quantized model imports)
+print("torchao", torchao.__version__)
 import av, ego.engine  # noqa: F401  (imports everything the benchmark needs)
 print("PyAV", getattr(av, "__version__", "stand-in"))
 EOF
@@ -126,28 +147,31 @@ fi
 du -sh "$ARCH_DIR" || true
 echo "== built after $(( $(date +%s) - started ))s"
 
-# 4. The configurations (BENCH_CONFIGS), 4-bit first (the targets' setting), each eager then compiled; each has
-#    its own time limit, taken from what is left of TOTAL, and a failure in one does not stop the other.
+# 4. The configurations (BENCH_CONFIGS), in order; each has its own time limit, taken from what is left of TOTAL
+#    (the first keeps RESERVE for the others), and a failure in one does not stop the others.
 status=0
+first="${CONFIGS%% *}"
 for name in $CONFIGS; do
     case "$name" in
         nf4) quantization=4bit ;;
+        int4) quantization=int4 ;;
+        fp8) quantization=fp8 ;;
         bf16) quantization=none ;;
-        *) echo "== unknown configuration $name (BENCH_CONFIGS takes nf4 and bf16)"; status=1; continue ;;
+        *) echo "== unknown configuration $name (BENCH_CONFIGS takes nf4, int4, fp8 and bf16)"; status=1; continue ;;
     esac
+    mkdir -p "$OUT/$name"
     left=$(( TOTAL - ($(date +%s) - started) ))
-    case " $CONFIGS " in
-        *" bf16 "*) [ "$name" = nf4 ] && limit=$(( left - BF16_RESERVE - 5 )) || limit=$(( left - 5 )) ;;
-        *) limit=$(( left - 5 )) ;;
-    esac
+    if [ "$name" = "$first" ]; then limit=$(( left - RESERVE - 5 )); else limit=$(( left - 5 )); fi
     if [ "$limit" -lt 30 ]; then echo "== $name skipped: ${limit}s left"; status=1; continue; fi
+    decoding="compiled"; case " $EAGER " in *" $name "*) decoding="both" ;; esac
     profile=""; case " $PROFILE " in *" $name "*) profile="--profile" ;; esac
     concurrency="--no-concurrency"; case " $CONCURRENCY " in *" $name "*) concurrency="" ;; esac
-    echo "== $name (quantization $quantization, eager and compiled, $REPEATS repeats, ${profile:-no profile}," \
+    echo "== $name (quantization $quantization, decoding $decoding, $REPEATS repeats, ${profile:-no profile}," \
          "${concurrency:-with concurrency}, limit ${limit}s)"
+    path="$PYTHONPATH"; [ "$name" = int4 ] && path="/tmp/ego-torchao:$PYTHONPATH"
     # shellcheck disable=SC2086
-    timeout "$limit" "$PYTHON" -m bench --model "$MODEL" --arch-dir "$ARCH_DIR" --quantization "$quantization" \
-        --device "$DEVICE" --decoding both --repeats "$REPEATS" --concepts "$CONCEPTS" $profile $concurrency \
+    PYTHONPATH="$path" timeout "$limit" "$PYTHON" -m bench --model "$MODEL" --arch-dir "$ARCH_DIR" --quantization "$quantization" \
+        --device "$DEVICE" --decoding "$decoding" --repeats "$REPEATS" --concepts "$CONCEPTS" $profile $concurrency \
         $ARCH_ARGS $BENCH_ARGS --out "$OUT/$name" 2>&1 \
         | tee "$OUT/$name/log.txt"
     code=${PIPESTATUS[0]}

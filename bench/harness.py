@@ -156,6 +156,8 @@ QUICK = Sizes(
 # Command line
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv) -> argparse.Namespace:
+    from ego.settings import QUANTIZATIONS
+
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Measure what personalization costs: introduction, questions with 0/1/5/20 concepts "
@@ -172,8 +174,9 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument(
         "--quantization",
         default="auto",
-        choices=["auto", "4bit", "8bit", "none"],
-        help="auto = 4-bit on CUDA, unquantized elsewhere (default: auto)",
+        choices=[q or "none" for q in QUANTIZATIONS],
+        help="auto = 4-bit NF4 on CUDA, unquantized elsewhere; int4 (torchao) and fp8 load only on CUDA "
+        "(ego.quantization; default: auto)",
     )
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument(
@@ -461,6 +464,7 @@ def load_engine(args, decoding: str = "eager"):
     """(engine, meta) for --model: a tiny preset, a real preset's random-weight architecture, or a folder."""
     from ego import DEFAULT_SETTINGS, Ego
     from ego.presets import resolve
+    from ego.quantization import loaded_quantization
     from ego.random_models.architectures import ARCHITECTURES, cached_random_architecture, describe
 
     quantization = None if args.quantization == "none" else args.quantization
@@ -505,12 +509,8 @@ def load_engine(args, decoding: str = "eager"):
             f"({', '.join(ARCHITECTURES)}), a tiny preset, nor a folder."
         )
     meta["load_s"] = round(time.perf_counter() - started - meta.get("architecture_build_s", 0.0), 2)
-    meta["quantization_effective"] = (
-        "4bit"
-        if getattr(engine.model, "is_loaded_in_4bit", False)
-        else "8bit"
-        if getattr(engine.model, "is_loaded_in_8bit", False)
-        else f"none ({str(engine.memory_dtype).replace('torch.', '')})"
+    meta["quantization_effective"] = loaded_quantization(engine.model) or (
+        f"none ({str(engine.memory_dtype).replace('torch.', '')})"
     )
     _log(
         f"loaded {engine.model_id} on {engine.device} ({engine.memory_dtype}, quantization {args.quantization}) "
@@ -548,6 +548,7 @@ def environment(engine) -> dict:
             "torch": torch.__version__,
             "transformers": version("transformers"),
             "bitsandbytes": version("bitsandbytes"),
+            "torchao": version("torchao"),
         },
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "load_average_at_end": _load_average(),
@@ -1313,7 +1314,8 @@ def targets(results: dict) -> dict:
     architecture = meta.get("architecture") or {}
     default_arch = architecture.get("preset") == "qwen2.5-vl-7b" and not architecture.get("scaled_down")
     on_gpu = default_arch and meta.get("device_type") == "cuda"
-    gpu_4bit = on_gpu and meta.get("quantization_effective") == "4bit"
+    # Either 4-bit way (bitsandbytes NF4, torchao int4) is the mission's 4-bit model.
+    gpu_4bit = on_gpu and meta.get("quantization_effective") in ("4bit", "int4")
     compiled_4bit = gpu_4bit and meta.get("decoding") == "compiled"
     measured = {
         "decode_ms_per_token": scenarios["plain"]["decode_ms_per_token"],

@@ -113,7 +113,8 @@ class RowControl(StoppingCriteria):
     starts: the stacked context length L (new tokens begin there); budgets: each row's max_new_tokens;
     stops: each row's Stop (a threading.Event) or None: a row whose Stop is set keeps the token of the step in
     which it was noticed, and ends. on_step(row, new_ids) is called for every row still running after each step,
-    with the row's generated ids so far (stop tokens included).
+    with the row's generated ids so far (stop tokens included). `lengths[row]`: how many ids the row had when it
+    ended (generate pads an ended row while the others run on; None while it runs).
     """
 
     def __init__(
@@ -128,6 +129,7 @@ class RowControl(StoppingCriteria):
         self.stop_ids = set(stop_ids)
         self.on_step = on_step
         self.ended = [False] * len(self.budgets)
+        self.lengths: list[int | None] = [None] * len(self.budgets)
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         new = input_ids[:, self.start :].tolist()  # [B][t]
@@ -138,13 +140,16 @@ class RowControl(StoppingCriteria):
                 if self.on_step is not None:
                     self.on_step(row, ids)
                 self.ended[row] = stopped or len(ids) >= self.budgets[row] or bool(self.stop_ids & set(ids))
+                if self.ended[row]:
+                    self.lengths[row] = len(ids)
             done.append(self.ended[row])
         return torch.tensor(done, device=input_ids.device)
 
 
-def row_tokens(ids: list[int], budget: int, stop_ids: Sequence[int]) -> list[int]:
-    """A row's own answer: its generated ids up to its budget, ending before its first stop token."""
-    ids = ids[:budget]
+def row_tokens(ids: list[int], budget: int, stop_ids: Sequence[int], ended_at: int | None = None) -> list[int]:
+    """A row's own answer: its generated ids up to its budget and to where it ended (`RowControl.lengths`; the
+    padding after a Stop is not its own), ending before its first stop token."""
+    ids = ids[: min(budget, ended_at if ended_at is not None else budget)]
     for position, token in enumerate(ids):
         if token in stop_ids:
             return ids[:position]

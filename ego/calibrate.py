@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .media import load_image
+from .settings import QUANTIZATIONS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 MIN_COVERAGE = 0.5
@@ -366,8 +367,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quantization",
         default="auto",
-        choices=["auto", "4bit", "8bit", "none"],
-        help="auto = 4-bit on CUDA, unquantized elsewhere",
+        choices=[q or "none" for q in QUANTIZATIONS],
+        help="auto = 4-bit NF4 on CUDA, unquantized elsewhere; int4 and fp8 load only on CUDA (ego.quantization)",
     )
     parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many image/mask pairs")

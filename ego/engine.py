@@ -54,9 +54,8 @@ from .errors import IncompatibleMemoryError, InputError, MemoryFileError, ModelB
 from .media import load_image, load_video
 from .memory import Concept, ConceptView
 from .presets import DEFAULT_PRESET, UNCALIBRATED, depth_scaled_layers, resolve
+from .quantization import QUANTIZATIONS, check_supported, for_device, quantization_config
 from .settings import DEFAULT_SETTINGS, Settings
-
-QUANTIZATIONS = ("auto", "4bit", "8bit", None)
 
 
 class Answer(str):
@@ -254,7 +253,8 @@ class Ego:
     ) -> Ego:
         """Load a preset name (see `ego.presets.PRESETS`), a Hub id or a local checkpoint folder.
 
-        quantization: "auto" = 4-bit NF4 on CUDA, unquantized elsewhere; "4bit", "8bit" or None force it.
+        quantization: "auto" = 4-bit NF4 on CUDA, unquantized elsewhere; "4bit" (bitsandbytes NF4), "8bit",
+        "int4" (torchao, CUDA only), "fp8" (CUDA, compute capability 8.9+) or None force it (`ego.quantization`).
         layers: the attention layers L (indices, or a JSON file written by `python -m ego.calibrate`);
         by default the preset's calibrated layers, else the paper's layers scaled to this model's depth.
         k_cap: K of Eq. 4; given, it replaces `settings.k_cap_tokens`, left out, the settings' value stands.
@@ -275,8 +275,8 @@ class Ego:
         device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if quantization == "auto":
             quantization = (settings or DEFAULT_SETTINGS).model_quantization
-        if quantization == "auto":
-            quantization = "4bit" if device.startswith("cuda") else None
+        quantization = for_device(quantization, device)
+        check_supported(quantization, device)
         tiny = preset is not None and preset.tiny
         dtype = torch.float32 if tiny and not device.startswith("cuda") else torch.bfloat16
 
@@ -288,20 +288,9 @@ class Ego:
             "attn_implementation": {"text_config": ATTENTION_NAME, "vision_config": "sdpa"},
         }
         if quantization is not None:
-            from transformers import BitsAndBytesConfig
-
-            skip = list(backend_cls.unquantized_modules)  # full module paths; a custom list replaces the default
-            kwargs["quantization_config"] = (
-                BitsAndBytesConfig(
-                    load_in_4bit=True,
-                    bnb_4bit_quant_type="nf4",
-                    bnb_4bit_use_double_quant=True,
-                    bnb_4bit_compute_dtype=dtype,
-                    llm_int8_skip_modules=skip,
-                )
-                if quantization == "4bit"
-                else BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-            )
+            # full module paths; a custom list replaces transformers' default (which would keep only lm_head)
+            skip = backend_cls.unquantized_modules
+            kwargs["quantization_config"] = quantization_config(quantization, skip, dtype)
         loaded = AutoModelForImageTextToText.from_pretrained(path, **kwargs).eval()
         processor = AutoProcessor.from_pretrained(path)
         num_layers = loaded.config.get_text_config().num_hidden_layers
@@ -673,16 +662,17 @@ class Ego:
                     return self.model.generate(**prepared.generate, **streaming)
 
             outputs = []
-            pieces = _streamed(
-                self.backend.tokenizer, generate, join_timeout_s=self.settings.stream_stop_timeout_s, outputs=outputs
-            )
+            # Closed early (Stop), the stream returns once generation has ended: it stops at its next token, and
+            # until then it still writes to the shared static cache and the backend's state, so the model is not
+            # handed to the next caller before that.
+            pieces = _streamed(self.backend.tokenizer, generate, outputs=outputs)
             text = ""
             try:
                 for text in pieces:
                     yield prepared.answer(text)
             finally:
                 pieces.close()
-            # The tokens too, once generation ended (a stream stopped and still running after the timeout has none).
+            # The tokens too (generation has ended; a failed one raised above).
             new = outputs[0][0, prepared.context_tokens :].tolist() if outputs else []
             yield prepared.answer(text.strip(), _strip_stop(new, self.backend.stop_token_ids))
 
@@ -749,7 +739,10 @@ class Ego:
         control = batching.RowControl(start, budgets, stops, stop_ids, on_step if on_text is not None else None)
         with torch.no_grad(), self.backend.memory_residuals(slots, residuals):
             out = self.model.generate(**{**kwargs, **self.decoding}, stopping_criteria=StoppingCriteriaList([control]))
-        answers = [batching.row_tokens(ids, budget, stop_ids) for ids, budget in zip(out[:, start:].tolist(), budgets)]
+        answers = [
+            batching.row_tokens(ids, budgets[row], stop_ids, control.lengths[row])
+            for row, ids in enumerate(out[:, start:].tolist())
+        ]
         return [(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids) for ids in answers]
 
     def _prepare_answer(self, question, concepts, image, video, max_new_tokens) -> PreparedAnswer:
@@ -1051,7 +1044,7 @@ class Chat:
         outputs, answer = [], None
         with self.engine.exclusive_use():
             turn = self._begin(question, max_new_tokens, use_cache)
-            # No time limit on the join: generation writes the conversation's cache until it ends.
+            # Closed early, the stream returns once generation has ended: it writes the conversation's cache until then.
             pieces = _streamed(
                 self.engine.backend.tokenizer, lambda **streaming: self._generate(turn, **streaming), outputs=outputs
             )
@@ -1323,13 +1316,10 @@ def keyword_positions(tokenizer, ids: list[int], *, content_only: bool) -> tuple
     return list(range(len(ids))), []
 
 
-def _streamed(
-    tokenizer, generate, *, join_timeout_s: float | None = None, outputs: list | None = None
-) -> Iterator[str]:
+def _streamed(tokenizer, generate, *, outputs: list | None = None) -> Iterator[str]:
     """The text so far as `generate(streamer=..., stopping_criteria=...)` produces it in a thread of its own (the
     caller's thread stays free to hand each piece on). Closing the iterator stops generation at the next token and
-    waits for the thread (`join_timeout_s`; None: until it ends); generate's result is appended to `outputs`, and
-    its error is raised here."""
+    waits until the thread has ended; generate's result is appended to `outputs`, and its error is raised here."""
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     stop, failure = threading.Event(), []
@@ -1366,7 +1356,7 @@ def _streamed(
             yield text
     finally:
         stop.set()
-        worker.join(join_timeout_s)
+        worker.join()
     if failure:
         raise failure[0]
 

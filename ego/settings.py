@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 
 MEMORY_KEYWORDS = ("none", "append", "only")
+QUANTIZATIONS = ("auto", "4bit", "8bit", "int4", "fp8", None)
+"""What `quantization=` and `model_quantization` accept (`ego.quantization`); "auto" is "4bit" on CUDA, else None."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,8 @@ class Settings:
     template differs (InternVL3's `internvl2_5` conversation template), as the paper's harness used."""
     model_quantization: str | None = "auto"
     """How `Ego.from_pretrained(quantization="auto")` loads the weights: "auto" = 4-bit NF4 on CUDA and
-    unquantized elsewhere; "4bit", "8bit"; None = unquantized bf16 on CUDA, as in the paper."""
+    unquantized elsewhere; "4bit" (bitsandbytes NF4), "8bit" (bitsandbytes), "int4" (torchao, CUDA only), "fp8"
+    (CUDA, compute capability 8.9+); None = unquantized bf16 on CUDA, as in the paper (`ego.quantization`)."""
     memory_selection: str = "attention"
     """Which visual tokens of a reference image its memory keeps: "attention" (Eq. 3, the method), "uniform"
     (evenly spaced in raster order) or "whole_image" (all N_r tokens); the last two are Table 3's ablations."""
@@ -90,8 +93,6 @@ class Settings:
     """Default length cap of an answer."""
     answer_max_new_tokens_limit: int = 1024
     """The largest length cap a caller may ask for."""
-    stream_stop_timeout_s: float = 1.0
-    """How long a stopped stream waits for its generation thread to end."""
     max_conversation_turns: int = 20
     """Questions in one conversation (`Ego.chat`); one more is refused with a sentence to start a new one."""
     max_conversation_context_tokens: int = 16384
@@ -128,10 +129,8 @@ class Settings:
             raise ValueError(f"memory_keywords must be one of {MEMORY_KEYWORDS}; got {self.memory_keywords!r}.")
         if self.decoding not in ("auto", "eager", "compiled"):
             raise ValueError(f'decoding must be "auto", "eager" or "compiled"; got {self.decoding!r}.')
-        if self.model_quantization not in ("auto", "4bit", "8bit", None):
-            raise ValueError(
-                f'model_quantization must be "auto", "4bit", "8bit" or None; got {self.model_quantization!r}.'
-            )
+        if self.model_quantization not in QUANTIZATIONS:
+            raise ValueError(f"model_quantization must be one of {QUANTIZATIONS}; got {self.model_quantization!r}.")
 
     @classmethod
     def paper(cls, **changes) -> Settings:

@@ -135,3 +135,23 @@ def test_a_space_that_batches_its_visitors_compiles_the_batched_step_at_warm_up(
     app.build_demo(engine, SpaceSettings(answer_batch_max_size=1))
     app.build_demo(engine, SpaceSettings(answer_batch_max_size=4))
     assert [lazy.warm_up_batched for lazy in made] == [False, True]
+
+
+@pytest.mark.parametrize("quantization", ["int4", "fp8"])
+def test_a_quantization_this_machine_cannot_load_stops_the_app_at_start(monkeypatch, quantization):
+    import torch
+
+    import app
+    from ego import Ego
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    started = []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: started.append("launch"))
+    monkeypatch.setattr(Ego, "from_pretrained", classmethod(lambda cls, *a, **k: started.append("load")))
+    with pytest.raises(SystemExit, match="runs only on a CUDA GPU"):
+        app.main(["--model", "tiny-qwen2.5-vl", "--quantization", quantization])
+    assert started == []
+    # On ZeroGPU the model is quantized at start, before a GPU is attached: refused whatever the machine.
+    with pytest.raises(SystemExit, match="cannot run on ZeroGPU.*none"):
+        app.refuse_quantization(quantization, zero_gpu=True)
+    app.refuse_quantization("4bit", zero_gpu=False)  # bitsandbytes NF4 also loads on a CPU

@@ -139,6 +139,9 @@ def test_a_stop_ends_only_its_own_answer(one_family):
     batched = engine.answer_batch(requests, stops=stops, on_text=on_text)
     cut = str(batched[1])
     assert len(seen[1]) == 3 and str(lone[1]).startswith(cut) and cut != str(lone[1])
+    # its tokens are the 3 it generated (not the padding generate adds while the other rows run on): a
+    # conversation that adopts the answer continues from exactly those
+    assert batched[1].token_ids == lone[1].token_ids[:3]
     assert [str(a) for i, a in enumerate(batched) if i != 1] == [str(a) for i, a in enumerate(lone) if i != 1]
     # streaming: each request's text grows piece by piece into its final answer
     for index, texts in seen.items():

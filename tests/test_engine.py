@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import eager_model, model_is_free, photo, reference_inputs, spy_on_generate, tiny_engine
 
-from ego import Concept, IncompatibleMemoryError, InputError
+from ego import Concept, Ego, IncompatibleMemoryError, InputError
 from ego.engine import _extend, keyword_positions
 
 
@@ -232,6 +232,30 @@ def test_closing_a_stream_stops_generation_and_frees_the_model():
     import threading
 
     assert not any(t.name == "ego-generate" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_stopped_stream_keeps_the_model_until_its_generation_has_ended():
+    """A decode step slower than a second (a large model on a CPU, a compilation) is still writing the shared
+    cache and the backend's state when Stop is pressed: the next caller must not get the model before it ends."""
+    import threading
+    import time
+
+    engine = Ego.tiny("qwen2-vl", device="cpu")
+    slow, in_slow_step = threading.Event(), threading.Event()
+
+    def slow_decode_step(module, args, kwargs):
+        if slow.is_set() and not in_slow_step.is_set():
+            in_slow_step.set()
+            time.sleep(1.5)
+
+    engine.model.model.language_model.register_forward_pre_hook(slow_decode_step, with_kwargs=True)
+    stream = engine.stream_answer("Describe this photo.", image=photo(8), max_new_tokens=1000)
+    next(stream)
+    slow.set()
+    assert in_slow_step.wait(timeout=30), "generation ended before the slow step"
+    stream.close()  # Stop, in the middle of the slow step
+    assert not any(t.name == "ego-generate" and t.is_alive() for t in threading.enumerate())
+    assert not engine._lock.locked()
 
 
 def test_too_many_concepts_keeps_the_most_similar_to_the_query():

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
-from ..settings import Settings
+from ..settings import QUANTIZATIONS, Settings
 from . import runner
 from .datasets import LOADERS, make_fixture
 from .judge import make_judge
@@ -74,7 +74,12 @@ def _parser() -> argparse.ArgumentParser:
         default="ours",
         help="ours: the library's default settings; paper: Settings.paper(), the settings the paper states",
     )
-    run.add_argument("--quantization", default="auto", help="auto, 4bit, 8bit or none")
+    run.add_argument(
+        "--quantization",
+        default="auto",
+        choices=[q or "none" for q in QUANTIZATIONS],
+        help="auto = 4-bit NF4 on CUDA, unquantized elsewhere; int4 and fp8 load only on CUDA (ego.quantization)",
+    )
     run.add_argument("--cache", default=None, help="concept cache folder (default: OUT/concept-cache)")
     run.add_argument(
         "--set",
