@@ -613,7 +613,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def choose_model(model: str | None) -> tuple[str, str]:
+WEIGHTS_NOTE = {"auto": "4-bit", "4bit": "4-bit", "8bit": "8-bit", "int4": "4-bit int4", "fp8": "FP8", "none": "bf16"}
+"""How the header names the weights of the default model on a GPU, per --quantization."""
+
+
+def choose_model(model: str | None, quantization: str = "auto") -> tuple[str, str]:
     """(the model to serve, a note for the header): the one named, else the default for this machine."""
     from ego.presets import DEFAULT_PRESET, default_preset
 
@@ -621,7 +625,7 @@ def choose_model(model: str | None) -> tuple[str, str]:
         return model, ""
     chosen = default_preset()
     if chosen == DEFAULT_PRESET:
-        return chosen, " (4-bit on this GPU)"
+        return chosen, f" ({WEIGHTS_NOTE[quantization]} on this GPU)"
     return chosen, (
         " (a small model: this server has no GPU, and the default 7B model would take minutes per answer on its CPU)"
     )
@@ -657,7 +661,6 @@ def main(argv=None) -> None:
     from ego import DEFAULT_SETTINGS, Ego, Settings
 
     args = parse_args(argv)
-    model, model_note = choose_model(args.model)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     settings = (Settings.paper() if args.protocol == "paper" else DEFAULT_SETTINGS).replace(decoding=args.decoding)
@@ -667,6 +670,7 @@ def main(argv=None) -> None:
         if quantization == "auto":
             quantization = None  # bf16: 4-bit quantization would run at start on the CPU, under the emulation
     refuse_quantization(quantization, zero_gpu=zero_gpu)
+    model, model_note = choose_model(args.model, quantization or "none")
     factory = functools.partial(
         Ego.from_pretrained, model, quantization=quantization, **({"device": "cuda"} if zero_gpu else {})
     )

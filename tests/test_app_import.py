@@ -101,6 +101,9 @@ def test_with_no_model_named_the_app_serves_the_machine_default_and_says_so(monk
     assert "loaded" not in seen and "args" not in seen  # still lazily loaded: nothing downloaded
     # A named model is served as named, whatever the machine.
     assert app.choose_model("tiny-qwen2-vl") == ("tiny-qwen2-vl", "")
+    if cuda:  # the header names the weights as they are loaded
+        assert "(4-bit on this GPU)" in header
+        assert app.choose_model(None, "none")[1] == " (bf16 on this GPU)"
 
 
 def test_the_app_cannot_be_built_with_settings_that_disagree_with_its_engine():
