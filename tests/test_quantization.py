@@ -84,3 +84,56 @@ def test_the_loaded_quantization_is_read_off_the_model():
 
     assert loaded_quantization(tiny_engine("qwen2.5-vl", quantization="4bit").model) == "4bit"
     assert loaded_quantization(tiny_engine("qwen2.5-vl").model) is None
+
+
+def test_a_torchao_quantized_model_runs_the_method_and_decodes_compiled_as_eager():
+    """torchao's int4 kernels run only on CUDA; its int8 weight-only runs on a CPU through the same transformers
+    integration, as the same kind of weights (torchao tensor subclasses in the language model's linear layers).
+    With it the engine's own paths are checked here on such weights: the attention capture and the size question
+    of an introduction, the memories as soft prompts, and the compiled decode step."""
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import AutoModelForImageTextToText, TorchAoConfig
+
+    from ego import Ego, Settings
+    from ego.attention import ATTENTION_NAME
+    from ego.decoding import compile_counts
+    from ego.random_models import tiny_checkpoint
+
+    plain = tiny_engine("qwen2.5-vl")
+    backend = type(plain.backend)
+    config = TorchAoConfig(quant_type=Int8WeightOnlyConfig(), modules_to_not_convert=list(backend.unquantized_modules))
+    model = AutoModelForImageTextToText.from_pretrained(
+        tiny_checkpoint("qwen2.5-vl", 0),
+        dtype=torch.float32,
+        device_map={"": "cpu"},
+        attn_implementation={"text_config": ATTENTION_NAME, "vision_config": "sdpa"},  # as Ego.from_pretrained
+        quantization_config=config,
+    ).eval()
+    assert type(model.model.language_model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
+    assert type(model.model.visual.blocks[0].mlp.up_proj.weight) is torch.nn.Parameter
+    engine = Ego(
+        model,
+        plain.processor,
+        family=plain.family,
+        backend_cls=backend,
+        model_id=plain.model_id,
+        layers=plain.layers,
+        settings=Settings(decoding="eager", compile_backend="aot_eager"),
+    )
+
+    def method():
+        concept = engine.introduce("Chelsea", [photo(0)], keywords=["cat"])
+        answer = engine.answer("Is Chelsea here?", [concept], image=photo(1), max_new_tokens=6)
+        return concept, answer
+
+    eager_concept, eager_answer = method()
+    assert 1 <= eager_concept.views[0].k <= 50 and eager_answer.concepts_used == ("Chelsea",)
+    engine.set_decoding("compiled")
+    before = compile_counts()["graphs"]
+    engine.warm_up()
+    assert engine.decoder.mode == "compiled" and compile_counts()["graphs"] > before  # compiled on those weights
+    compiled_concept, compiled_answer = method()
+    assert compiled_concept.views[0].description == eager_concept.views[0].description
+    assert compiled_concept.views[0].size_answer == eager_concept.views[0].size_answer
+    assert torch.equal(compiled_concept.views[0].token_indices, eager_concept.views[0].token_indices)
+    assert compiled_answer.token_ids == eager_answer.token_ids
