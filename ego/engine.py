@@ -1175,8 +1175,9 @@ class Chat:
             self._ids = turn.generate["input_ids"][0].tolist()
         self._ids = self._ids + answer_ids
         self._cache = out.past_key_values
-        if self._cache.get_seq_length() > len(self._ids):  # a removed stop token the next turn writes itself
-            self._cache.crop(len(self._ids))
+        extra = self._cache.get_seq_length() - len(self._ids)
+        if extra > 0:  # a removed stop token the next turn writes itself (crop takes how many to remove)
+            self._cache.crop(-extra)
         self._positions = engine.backend.save_positions()
         engine._keep_cache(self)
         answer = self._answer(text, turn, answer_ids)
@@ -1347,9 +1348,14 @@ def _streamed(tokenizer, generate, *, outputs: list | None = None) -> Iterator[s
             try:
                 piece = next(streamer)
             except queue.Empty:
-                if not worker.is_alive():
-                    break
-                continue
+                if worker.is_alive():
+                    continue
+                # Ended between two looks: its last pieces may still be in the queue.
+                rest = "".join(_drain(streamer.text_queue, streamer.stop_signal))
+                if rest:
+                    text += rest
+                    yield text
+                break
             except StopIteration:
                 break
             text += piece
@@ -1359,6 +1365,19 @@ def _streamed(tokenizer, generate, *, outputs: list | None = None) -> Iterator[s
         worker.join()
     if failure:
         raise failure[0]
+
+
+def _drain(pieces: queue.Queue, end) -> list[str]:
+    """What is left in a streamer's queue, up to its end marker."""
+    left = []
+    while True:
+        try:
+            piece = pieces.get_nowait()
+        except queue.Empty:
+            return left
+        if piece is end:
+            return left
+        left.append(piece)
 
 
 def _strip_stop(ids: list[int], stop_ids: list[int]) -> list[int]:

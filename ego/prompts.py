@@ -102,8 +102,9 @@ _FRACTION_WORDS = re.compile(r"\b(?P<count>an?|\d+)[\s-]+(?P<part>" + "|".join(_
 _FRACTION = re.compile(r"(?<![\d.])(?P<num>\d+)\s*/\s*(?P<den>\d+)(?![\d.])")
 _DIMENSIONS = re.compile(r"\b\d+\s*[x×]\s*\d+\b|\b\d+(?:\.\d+)?\s*(?:px|pixels?|mp|megapixels?)\b")
 _PERCENT = r"\s*(?:%|percent\b|per\s*cent\b|pct\b)"
-_BELOW = r"less than|fewer than|under|below|at most|no more than|not more than|up to|<"
-_ABOVE = r"more than|over|above|at least|greater than|>"
+# Whole words only: "over" must not be read inside "cover" ("they cover 5%"), nor "under" inside "thunder".
+_BELOW = r"\b(?:less than|fewer than|under|below|at most|no more than|not more than|up to)\b|<"
+_ABOVE = r"\b(?:more than|over|above|at least|greater than)\b|>"
 _HEDGE = r"(?:(?:about|around|approximately|approx\.?|roughly|nearly|almost|maybe|perhaps|some|~)\s*)?"
 
 
@@ -117,7 +118,9 @@ def _amount(percent: str) -> re.Pattern:
     followed by a word other than "of": "1 dog" is a count, not a share)."""
     bare = r"(?!\s*(?!of\b)[^\W\d_])" if not percent else ""
     return re.compile(
-        r"(?:between\s+|from\s+)?"
+        _HEDGE  # "about 5% to 8%": the range, not its first number
+        + r"(?:between\s+|from\s+)?"
+        + _HEDGE
         + _number("low")
         + r"(?:"
         + _PERCENT
@@ -145,6 +148,13 @@ _CUT_IN_NUMBER = re.compile(
     + "|".join(_UNIT_WORDS + _TENS_WORDS + ["a", "an", "hundred"])
     + r")[\s-]*)$"
 )
+# The question's own wording repeated ("between 1 and 100", "on a scale of 1 to 100") is not an answer, and
+# "30 out of 100" is 30%.
+_ECHO = re.compile(r"\b(?:between\s+|from\s+)?1\s*(?:and|to|-)\s*100\b(?!\s*%)")
+_OUT_OF_100 = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s+out\s+of\s+(?:a\s+|one\s+)?100\b")
+# After a cut inside a number, a number stated earlier stands if the clause that states it has ended (", which
+# is a"); otherwise the cut may be in what qualifies it ("between 20% and 3", "30% of the dog's 2").
+_CLAUSE_END = re.compile(r"[,;:!?]|\.(?!\d)")
 # Size words, checked longest phrase first; the value is the percentage they usually mean.
 _SIZE_WORDS = [
     ("almost all", 90),
@@ -201,21 +211,40 @@ def parse_area_pct(answer: str, *, cut: bool = False) -> float | None:
     a range's middle ("35-40 percent" -> 37.5, "between 20% and 30%" -> 25), a bound's middle ("less than
     10%" -> 5, "more than 80%" -> 90), fractions ("1/3", "a third", "two thirds"), spelled-out numbers
     ("fifteen percent"); then a bare number not followed by a word ("35", "0.35" -> 35, but not "1 dog");
-    then size words ("most of the image" -> 70). Image dimensions ("1920x1080", "448 pixels") are ignored.
+    then size words ("most of the image" -> 70). Image dimensions ("1920x1080", "448 pixels") and the
+    question's own words ("between 1 and 100") are ignored; "30 out of 100" is 30.
 
     cut: the answer stopped at the length cap; if it stopped inside a number ("It covers about 6"), the
-    number it meant is unknown and the answer is unreadable (None).
+    number it meant is unknown and the answer is unreadable (None), unless an amount was stated before it in
+    a clause that had ended ("It covers about 30% of the image, which is a" -> 30).
     """
     text = answer.strip().lower().replace("–", "-").replace("—", "-")
-    if not text or (cut and _CUT_IN_NUMBER.search(text)):
+    if not text:
         return None
-    text = _DIMENSIONS.sub(" ", _spell_out(text))
-    for pattern in (_PERCENT_AMOUNT, _BARE_AMOUNT):
-        if match := pattern.search(text):
-            return _clamp(_value(match, fraction_allowed=pattern is _BARE_AMOUNT))
+    if cut and (fragment := _CUT_IN_NUMBER.search(text)):
+        start = fragment.start()
+        while start and (text[start - 1].isdigit() or text[start - 1] in ".,"):
+            start -= 1  # the whole number being written ("20% and": from its "2")
+        stated = _stated_amount(text[:start])
+        return stated[0] if stated is not None and _CLAUSE_END.search(stated[1]) else None
+    stated = _stated_amount(text)
+    if stated is not None:
+        return stated[0]
+    text = _spell_out(text)
     for phrase, value in _SIZE_WORDS:
         if re.search(r"\b" + re.escape(phrase) + r"\b", text):
             return float(value)
+    return None
+
+
+def _stated_amount(text: str) -> tuple[float, str] | None:
+    """The first amount stated in lower-cased `text` (a percentage first, else a bare number), clamped to
+    1..100, with the text after it; None when there is none."""
+    text = _OUT_OF_100.sub(r"\1%", _ECHO.sub(" ", text))
+    text = _DIMENSIONS.sub(" ", _spell_out(text))
+    for pattern in (_PERCENT_AMOUNT, _BARE_AMOUNT):
+        if match := pattern.search(text):
+            return _clamp(_value(match, fraction_allowed=pattern is _BARE_AMOUNT)), text[match.end() :]
     return None
 
 

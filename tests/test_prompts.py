@@ -56,6 +56,19 @@ from ego.engine import keyword_positions, memory_size
         ("About half.", 50.0),
         ("A small part of the photo", 10.0),
         ("The whole image", 100.0),
+        # "cover" is not "over", "thunder" is not "under"
+        ("The two birds cover 5% of the image.", 5.0),
+        ("They cover about 8% of the image.", 8.0),
+        ("The thunder cloud fills 40% of the sky.", 40.0),
+        ("It is over 80%.", 90.0),
+        # a hedged range is the range's middle, not its first number
+        ("About 5% to 8%.", 6.5),
+        ("approximately 20%-30%", 25.0),
+        ("between about 10 and 20 percent", 15.0),
+        # the question's wording repeated is not an answer; "out of 100" is a percentage
+        ("Between 1 and 100, I would say 5.", 5.0),
+        ("On a scale from 1 to 100: 35", 35.0),
+        ("30 out of 100", 30.0),
     ],
 )
 def test_size_answers_are_understood(answer, expected):
@@ -77,6 +90,8 @@ def test_unreadable_size_answers_give_none(answer):
         "It covers 12.",  # "12.5%"
         "about twenty",  # "twenty-five"
         "roughly 1/",
+        "between 20% and 3",  # the range's end was being written
+        "About 25% of the image is covered by the dog in the 2",  # the clause is still qualifying its number
     ],
 )
 def test_an_answer_cut_inside_a_number_is_unreadable(answer):
@@ -91,6 +106,10 @@ def test_an_answer_cut_inside_a_number_is_unreadable(answer):
         ("The subject covers about 30% of the", 30.0),  # the number was complete before the cut
         ("It covers a third of the", 100 / 3),
         ("The dog covers most of the", 70.0),
+        # a number stated in a clause that ended before the cut stands
+        ("The dog covers about 30% of the image, which is a", 30.0),
+        ("The dog covers about 40% of the image, with one", 40.0),
+        ("It covers 15%. The rest is 8", 15.0),
     ],
 )
 def test_an_answer_cut_after_its_number_is_read(answer, expected):
