@@ -112,8 +112,9 @@ class RowControl(StoppingCriteria):
 
     starts: the stacked context length L (new tokens begin there); budgets: each row's max_new_tokens;
     stops: each row's Stop (a threading.Event) or None: a row whose Stop is set keeps the token of the step in
-    which it was noticed, and ends. on_step(row, new_ids) is called for every row still running after each step,
-    with the row's generated ids so far (stop tokens included). `lengths[row]`: how many ids the row had when it
+    which it was noticed, and ends. on_step(row, new_ids) is called for every row that was running, after each
+    step (its last one included, once `ended[row]` says so), with the row's generated ids so far (stop tokens
+    included). `lengths[row]`: how many ids the row had when it
     ended (generate pads an ended row while the others run on; None while it runs).
     """
 
@@ -137,11 +138,11 @@ class RowControl(StoppingCriteria):
         for row, ids in enumerate(new):
             if not self.ended[row]:
                 stopped = self.stops[row] is not None and self.stops[row].is_set()
-                if self.on_step is not None:
-                    self.on_step(row, ids)
                 self.ended[row] = stopped or len(ids) >= self.budgets[row] or bool(self.stop_ids & set(ids))
                 if self.ended[row]:
                     self.lengths[row] = len(ids)
+                if self.on_step is not None:
+                    self.on_step(row, ids)
             done.append(self.ended[row])
         return torch.tensor(done, device=input_ids.device)
 

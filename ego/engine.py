@@ -57,6 +57,11 @@ from .presets import DEFAULT_PRESET, UNCALIBRATED, depth_scaled_layers, resolve
 from .quantization import QUANTIZATIONS, check_supported, for_device, quantization_config
 from .settings import DEFAULT_SETTINGS, Settings
 
+OUT_OF_MEMORY = (
+    "The model ran out of memory on this request; try a smaller image, a shorter clip or fewer concepts, then ask "
+    "again."
+)
+
 
 class Answer(str):
     """An answer's text, with what went into the context."""
@@ -703,6 +708,10 @@ class Ego:
                     )
                 except (InputError, MemoryFileError) as error:
                     results[index] = error
+                except torch.OutOfMemoryError:  # this request's photo or clip: its visitor alone is told
+                    results[index] = ModelBusyError(OUT_OF_MEMORY)
+                if isinstance(results[index], ModelBusyError) and torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # after the except block: the error's frames no longer hold tensors
             if prepared:
                 order = list(prepared)  # batch row -> request index
                 answered = self._generate_batch(
@@ -733,8 +742,12 @@ class Ego:
         budgets = [p.generate["max_new_tokens"] for p in prepared]
 
         def on_step(row: int, ids: list[int]) -> None:
-            text = tokenizer.decode(batching.row_tokens(ids, budgets[row], stop_ids), skip_special_tokens=True)
-            on_text(row, prepared[row].answer(text))
+            own = batching.row_tokens(ids, budgets[row], stop_ids)
+            text = tokenizer.decode(own, skip_special_tokens=True)
+            if text.endswith("\ufffd") and not control.ended[row]:
+                return  # a character split between two tokens: shown with the next one, as a streamer does
+            # with its tokens: a conversation that adopts this answer (after a Stop) continues from exactly those
+            on_text(row, prepared[row].answer(text, own))
 
         control = batching.RowControl(start, budgets, stops, stop_ids, on_step if on_text is not None else None)
         with torch.no_grad(), self.backend.memory_residuals(slots, residuals):
@@ -953,10 +966,7 @@ class Ego:
             if out_of_memory:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-                raise ModelBusyError(
-                    "The model ran out of memory on this request; try a smaller image, a shorter clip or "
-                    "fewer concepts, then ask again."
-                )
+                raise ModelBusyError(OUT_OF_MEMORY)
 
 
 @dataclass

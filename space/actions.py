@@ -249,8 +249,8 @@ class Actions:
             # The first answer comes from the scheduler (batched with other visitors' questions); the conversation
             # takes it as its first turn, and its follow-ups run on its own cache.
             chat = engine.chat(session.concepts, image=picture)
-            session.conversations.start("image", chat)
             stream = self._answer_stream(engine, question, session.concepts, image=picture)
+            failed = False
             try:
                 for number, answer in enumerate(stream):
                     details = views.answer_details(answer, time.perf_counter() - started)
@@ -258,10 +258,14 @@ class Actions:
                         matches = self._matches(picture, answer)
                         self._tell_dropped(answer)
                     yield session, str(answer), plain, details, matches if number == 0 else gr.skip()
+            except Exception:
+                failed = True  # the conversation the visitor had stays
+                raise
             finally:
                 stream.close()
-                if str(answer):  # stopped or not, the answer so far is the conversation's first turn
+                if str(answer) and not failed:  # finished or stopped: the answer so far is the first turn
                     chat.adopt(question, answer)
+                    session.conversations.start("image", chat)
             if compare:  # streamed too, so that Stop or a closed tab also ends this answer at once
                 stream = self._answer_stream(engine, question, (), image=picture)
                 try:
@@ -311,18 +315,22 @@ class Actions:
             started = time.perf_counter()
             answer, details = "", {}
             chat = engine.chat(session.concepts, video=(frames, metadata))
-            session.conversations.start("video", chat)
             stream = self._answer_stream(engine, question, session.concepts, video=(frames, metadata))
+            failed = False
             try:
                 for number, answer in enumerate(stream):
                     details = views.answer_details(answer, time.perf_counter() - started)
                     if number == 0:
                         self._tell_dropped(answer)
                     yield session, gr.skip(), str(answer), details
+            except Exception:
+                failed = True  # the conversation the visitor had stays
+                raise
             finally:
                 stream.close()
-                if str(answer):
+                if str(answer) and not failed:
                     chat.adopt(question, answer)
+                    session.conversations.start("video", chat)
             yield session, gallery, str(answer), details
 
     # ------------------------------------------------------------------------------------------

@@ -125,9 +125,10 @@ def _single_token(tokenizer, text: str) -> int:
     return ids[0]
 
 
-def bigram_engine(family: str, says: str, *, repeat_last: bool = False):
-    """A fresh tiny engine whose every assistant turn is `says` (one token per character, each character once),
-    then its stop token; with `repeat_last`, it repeats the last character forever (an answer cut by a cap).
+def bigram_engine(family: str, says: str, *, repeat_last: bool = False, whole: bool = False):
+    """A fresh tiny engine whose every assistant turn is `says` (one token per character, each character once;
+    with `whole`, the tokenizer's own tokens of `says`, each once: "é" may be two byte tokens), then its stop
+    token; with `repeat_last`, it repeats the last token forever (an answer cut by a cap).
 
     The real architecture and the real engine path, with chosen weights: attention and MLP outputs are zero,
     so the residual stream at a position is that token's embedding, and the output layer maps each token of
@@ -140,7 +141,11 @@ def bigram_engine(family: str, says: str, *, repeat_last: bool = False):
     language = model.model.language_model
     assert model.lm_head.weight is not language.embed_tokens.weight  # untied: the output layer is free
     prompt_end = tokenizer(engine.backend.continue_turn("x"), add_special_tokens=False).input_ids[-1]
-    chain = [prompt_end] + [_single_token(tokenizer, ch) for ch in says]
+    if whole:
+        chain = [prompt_end] + tokenizer(says, add_special_tokens=False).input_ids
+    else:
+        chain = [prompt_end] + [_single_token(tokenizer, ch) for ch in says]
+    assert len(set(chain)) == len(chain), "each token once: the output layer maps a token to one next token"
     following = list(zip(chain, chain[1:]))
     following.append((chain[-1], chain[-1] if repeat_last else engine.backend.stop_token_ids[0]))
     with torch.no_grad():

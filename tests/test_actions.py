@@ -372,3 +372,29 @@ def test_a_refused_follow_up_keeps_the_question_and_the_conversation(act):
     _, _, view, box, _ = list(act.chat_video(session, CLIP, "And then?", progress=quiet))[-1]
     assert [m["content"] for m in view] == ["What happens?", answer, "And then?", view[3]["content"]]
     assert box == "" and len(session.conversations.get("video").turns) == 2
+
+
+@pytest.mark.parametrize("tab", ["image", "video"])
+def test_a_first_question_that_fails_keeps_the_conversation_the_visitor_had(act, engine, monkeypatch, tab):
+    from ego.errors import ModelBusyError
+
+    session = Session()
+    if tab == "image":
+        ask = lambda question: list(act.ask_image(session, QUERY, question, progress=quiet))  # noqa: E731
+    else:
+        ask = lambda question: list(act.ask_video(session, CLIP, question, progress=quiet))  # noqa: E731
+    ask("What is this?")
+    had = session.conversations.get(tab)
+    assert len(had.turns) == 1
+
+    def out_of_memory(*args, **kwargs):
+        raise ModelBusyError("The model ran out of memory on this request; try a smaller image, then ask again.")
+
+    monkeypatch.setattr(engine, "answer_batch", out_of_memory)
+    monkeypatch.setattr(engine, "stream_answer", out_of_memory)
+    with pytest.raises(gr.Error, match="ran out of memory"):
+        ask("Describe it.")
+    monkeypatch.undo()
+    assert session.conversations.get(tab) is had and len(had.turns) == 1 and session.conversations.current == tab
+    *_, (_, answer) = act.follow_up(session, "And then?", progress=quiet)  # it still follows up
+    assert answer and len(had.turns) == 2

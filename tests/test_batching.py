@@ -130,18 +130,20 @@ def test_a_stop_ends_only_its_own_answer(one_family):
     engine, _, requests, lone = one_family
     stops = [threading.Event() for _ in requests]
     seen: dict[int, list[str]] = {i: [] for i in range(len(requests))}
+    tokens_seen = []
 
     def on_text(index, answer):
         seen[index].append(str(answer))
         if index == 1 and len(seen[1]) == 2:
+            tokens_seen.append(len(answer.token_ids))
             stops[1].set()
 
     batched = engine.answer_batch(requests, stops=stops, on_text=on_text)
     cut = str(batched[1])
-    assert len(seen[1]) == 3 and str(lone[1]).startswith(cut) and cut != str(lone[1])
-    # its tokens are the 3 it generated (not the padding generate adds while the other rows run on): a
-    # conversation that adopts the answer continues from exactly those
-    assert batched[1].token_ids == lone[1].token_ids[:3]
+    assert str(lone[1]).startswith(cut) and cut != str(lone[1])
+    # it ends at the step that noticed its Stop, with the tokens it generated (not the padding generate adds
+    # while the other rows run on): a conversation that adopts the answer continues from exactly those
+    assert batched[1].token_ids == lone[1].token_ids[: tokens_seen[0] + 1]
     assert [str(a) for i, a in enumerate(batched) if i != 1] == [str(a) for i, a in enumerate(lone) if i != 1]
     # streaming: each request's text grows piece by piece into its final answer
     for index, texts in seen.items():
@@ -191,3 +193,42 @@ def test_collate_pads_on_the_left_and_concatenates_per_image_inputs():
     assert padded["attention_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 1, 1]]
     with pytest.raises(ValueError, match="share do_sample"):
         collate([short, dict(long, do_sample=True)], pad_id=0)
+
+
+def test_a_batched_answer_so_far_holds_its_tokens_and_never_half_a_character():
+    """What a visitor sees as the batch goes on, and what a conversation adopts after a Stop, is exactly what the
+    model generated so far: its text with its tokens, a character split across two tokens shown once whole."""
+    from conftest import bigram_engine
+
+    engine = bigram_engine("qwen2-vl", "café", whole=True)
+    tokenizer = engine.backend.tokenizer
+    assert len(tokenizer("café", add_special_tokens=False).input_ids) > len("café")  # "é" is two tokens here
+    requests = [AnswerRequest("What is this?", (), image=photo(0), max_new_tokens=8)] * 2
+    seen = []
+    answers = engine.answer_batch(requests, on_text=lambda index, answer: seen.append(answer))
+    assert [str(a) for a in answers] == ["café", "café"]
+    assert seen and not any("\ufffd" in str(a) for a in seen)
+    assert all(tokenizer.decode(a.token_ids, skip_special_tokens=True) == str(a) for a in seen)
+
+
+def test_a_request_that_runs_out_of_memory_fails_alone(monkeypatch):
+    """One visitor's clip too large for the GPU while it is prepared: that visitor is told, the others answered."""
+    from ego import ModelBusyError
+
+    engine = tiny_engine("qwen2-vl")
+    prepare = engine._prepare_answer
+
+    def prepare_or_run_out(question, *args, **kwargs):
+        if question == "And this huge clip?":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return prepare(question, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_prepare_answer", prepare_or_run_out)
+    requests = [
+        AnswerRequest("What is this?", (), image=photo(0), max_new_tokens=4),
+        AnswerRequest("And this huge clip?", (), image=photo(1), max_new_tokens=4),
+    ]
+    small, huge = engine.answer_batch(requests)
+    assert isinstance(huge, ModelBusyError) and "ran out of memory" in str(huge)
+    monkeypatch.undo()
+    assert str(small) == str(engine.answer("What is this?", image=photo(0), max_new_tokens=4))
