@@ -1311,9 +1311,15 @@ def keyword_positions(tokenizer, ids: list[int], *, content_only: bool) -> tuple
 
     Fallbacks, in order: content words; any word; every token (a description with no words at all).
     """
-    ends = [len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)) for i in range(len(ids))]
+    prefixes = [tokenizer.decode(ids[: i + 1], skip_special_tokens=True) for i in range(len(ids))]
+    ends = [len(prefix) for prefix in prefixes]
     starts = [0] + ends[:-1]
     text = tokenizer.decode(ids, skip_special_tokens=True)
+    for i in range(1, len(ids)):
+        if prefixes[i - 1].endswith("\ufffd") and text[ends[i - 1] - 1 : ends[i - 1]] != "\ufffd":
+            # The previous token ended inside a character ("é", "猫": several byte tokens), decoded as U+FFFD;
+            # this one goes on spelling that character, so its span starts there too.
+            starts[i] = ends[i - 1] - 1
     for only in [True, False] if content_only else [False]:
         spans = prompts.word_spans(text, content_only=only)
         positions = [

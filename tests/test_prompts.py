@@ -162,6 +162,39 @@ def test_keyword_tokens_spell_exactly_the_content_words():
     assert spelled == ["red", "ceramic", "mug", "handle"]
 
 
+@pytest.mark.parametrize("word", ["café", "Кошка", "柴犬"])
+def test_every_byte_token_of_a_keyword_spells_it(word):
+    """A character the byte-level tokenizer splits over several tokens ("é", "К", "柴") is spelled by all of
+    them: the kept tokens are exactly those whose bytes overlap a content word's bytes."""
+    import re
+
+    tokenizer = tiny_engine("qwen2-vl").backend.tokenizer
+    text = f"A grey {word} mug."
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    positions, words = keyword_positions(tokenizer, ids, content_only=True)
+    assert words == ["grey", word.lower(), "mug"]
+    encoded = text.encode("utf-8")
+    word_bytes = [
+        (len(text[: m.start()].encode("utf-8")), len(text[: m.end()].encode("utf-8")))
+        for m in re.finditer(r"grey|mug|" + re.escape(word), text)
+    ]
+    expected, offset = [], 0
+    for index, token in enumerate(tokenizer.convert_ids_to_tokens(ids)):
+        size = len(_token_bytes(token))
+        if any(offset < end and start < offset + size for start, end in word_bytes):
+            expected.append(index)
+        offset += size
+    assert offset == len(encoded) and positions == expected
+
+
+def _token_bytes(token: str) -> bytes:
+    """A byte-level BPE token's bytes (each character of its string stands for one byte)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    return bytes(byte_of[char] for char in token)
+
+
 def test_description_without_content_words_falls_back_to_all_words_then_all_tokens():
     tokenizer = tiny_engine("qwen2-vl").backend.tokenizer
     ids = tokenizer("it is the one.", add_special_tokens=False).input_ids
