@@ -288,14 +288,13 @@ def main(argv=None) -> int:
         runs[mode] = run(engine, args.sizes, log=_log)
         runs[mode]["meta"]["decoding"] = engine.decoder.mode
         runs[mode]["meta"]["compile"] = finish_compile_meta(compile_meta)
-    results = runs[modes[-1]]
-    results["meta"] = {
-        **model_meta,
-        **results["meta"],
-        **environment(engine),
-        "load_average_at_start": load_at_start,
-        "command": "python -m bench " + shlex.join(argv),
-    }
+        if mode != modes[-1]:
+            # On disk before the next mode compiles: a run stopped by its time limit keeps this one.
+            interim = _with_meta(dict(runs[mode]), model_meta, engine, load_at_start, argv)
+            interim["targets"] = targets(interim)
+            write_outputs(interim, out)
+            _log(f"wrote the {mode} run to {out / 'results.json'} (replaced when the run ends)")
+    results = _with_meta(runs[modes[-1]], model_meta, engine, load_at_start, argv)
     if len(runs) > 1:
         results["decoding_runs"] = {
             mode: {k: doc[k] for k in ("introduce", "scenarios", "conversation") if k in doc}
@@ -328,6 +327,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def _with_meta(results: dict, model_meta: dict, engine, load_at_start, argv) -> dict:
+    """`results` with the whole run's metadata merged into its own."""
+    results["meta"] = {
+        **model_meta,
+        **results["meta"],
+        **environment(engine),
+        "load_average_at_start": load_at_start,
+        "command": "python -m bench " + shlex.join(argv),
+    }
+    return results
+
+
 def _log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -353,7 +364,10 @@ def warm_up(engine, log, *, batched: bool = False) -> dict:
         config = engine.decoder.compile_config
         meta.update(backend=config.backend, mode=config.mode)
         log(f"compiling the decode step ({config.backend}, mode {config.mode})")
-        meta["warm_up_s"] = engine.warm_up(batched=batched)
+        # Each step as it ends: a run stopped by its time limit in the middle of compiling still says how far it got.
+        meta["warm_up_s"] = engine.warm_up(
+            batched=batched, on_step=lambda step, seconds: log(f"compiled the {step} step in {seconds:.1f} s")
+        )
         meta["warm_up_batched"] = batched
         meta["warm_up_steps_s"] = dict(engine.decoder.warm_up_steps_s)
         log("compile time per step: " + _seconds_each(meta["warm_up_steps_s"]))

@@ -373,18 +373,25 @@ class Ego:
         """Whether the first generation would compile the decode step (`warm_up` does it ahead)."""
         return self.decoder.compiled and self.decoder.warm_up_s is None
 
-    def warm_up(self, *, batched: bool = False) -> float:
+    def warm_up(self, *, batched: bool = False, on_step: Callable[[str, float], None] | None = None) -> float:
         """Compile the decode step now rather than on a visitor's first question: 3-token answers about a photo and
         about a clip, and the size question of an introduction (a continuation on a filled cache). Their decode
         steps reach the model with different keyword arguments (positions in another shape, a clip's grid), each
         a graph of its own. batched: also two questions together about photos and about clips (`answer_batch`,
         for a Space that batches its visitors): a batch's step is another graph (torch specialises a dimension of
         size 1, so one row and several rows never share one), which then serves every batch size from 2 up, each
-        size recording its CUDA graph at its first batch. Seconds taken (per step: `decoder.warm_up_steps_s`)."""
+        size recording its CUDA graph at its first batch. Seconds taken (per step: `decoder.warm_up_steps_s`;
+        on_step(step, seconds) as each step ends)."""
         import numpy as np
         from PIL import Image
 
         started, steps, lap = time.perf_counter(), {}, _Stopwatch()
+
+        def done(step: str) -> None:
+            steps[step] = lap.lap()
+            if on_step is not None:
+                on_step(step, steps[step])
+
         picture = Image.new("RGB", (64, 64), (120, 90, 60))
         frames = np.full((2, 64, 64, 3), 90, dtype=np.uint8)  # [T, H, W, 3]
         clip = load_video(frames, self.settings)
@@ -406,9 +413,9 @@ class Ego:
                     max_new_tokens=3,
                     min_new_tokens=3,
                 )
-                steps[kind] = lap.lap()
+                done(kind)
             self.describe(self.encode_reference(picture), self.layers, user_keywords=["colour"], size_new_tokens=3)
-            steps["introduction"] = lap.lap()
+            done("introduction")
         # After the one-row steps: a batch then recompiles the step with its batch dimension dynamic (one graph for
         # every batch size); compiled first, a batch of 2 would be a graph for 2 rows only.
         if batched:
@@ -420,7 +427,7 @@ class Ego:
                     for result in self.answer_batch(requests):
                         if isinstance(result, Exception):
                             raise result
-                    steps[kind] = lap.lap()
+                    done(kind)
             except Exception as error:  # noqa: BLE001 -- any compiler failure: single questions stay compiled
                 self.decoder.give_up_batches(error)
         self.decoder.warm_up_steps_s = steps

@@ -213,3 +213,25 @@ def test_introduction_storage_meta_and_targets(quick):
     assert results["targets"]["decode_ms_per_token"]["measured"] == results["scenarios"]["plain"]["decode_ms_per_token"]
     assert intro["description_decode_ms_per_token"] > 0
     assert all(isinstance(t["met"], bool) for t in results["targets"].values())
+
+
+def test_a_run_stopped_while_compiling_keeps_its_eager_results(tmp_path, monkeypatch):
+    """The GPU script stops a configuration at its time limit: stopped while the compiled mode compiles, the
+    eager measurement is already on disk."""
+    from bench import main
+    from ego import Ego
+
+    warm_up = Ego.warm_up
+
+    def stopped_when_compiling(self, **kwargs):
+        if self.decoder.compiled:
+            raise KeyboardInterrupt  # the time limit, in the middle of the first compilation
+        return warm_up(self, **kwargs)
+
+    monkeypatch.setattr(Ego, "warm_up", stopped_when_compiling)
+    argv = ["--model", "tiny-qwen2.5-vl", "--quick", "--device", "cpu", "--decoding", "both", "--no-concurrency"]
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--compile-backend", "aot_eager", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["meta"]["decoding"] == "eager" and results["scenarios"]["plain"]["decode_ms_per_token"] > 0
+    assert (tmp_path / "results.md").exists() and "targets" in results
