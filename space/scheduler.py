@@ -126,6 +126,12 @@ class AnswerScheduler:
             for ticket in same:
                 ticket.updates.put(("error", error))
             return
+        except BaseException:
+            # The worker itself ends (SystemExit, ...): its visitors are told now; a later visitor starts another
+            # worker, and these would otherwise wait on this one forever.
+            for ticket in same:
+                ticket.updates.put(("error", RuntimeError("the answer scheduler's worker thread has ended")))
+            raise
         for ticket, result in zip(same, results):
             ticket.updates.put(("error", result) if isinstance(result, Exception) else ("done", result))
         self.batch_sizes.append(len(same))

@@ -118,3 +118,37 @@ def test_a_bad_question_fails_alone_and_the_worker_goes_on(engine, asks):
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="at least 1"):
         AnswerScheduler(window_s=0.1, max_batch=0)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the worker's end, on purpose
+def test_visitors_of_a_batch_that_ended_the_worker_are_told_even_after_another_worker_starts(engine, monkeypatch):
+    """A worker ended by something other than an error of the batch: its visitors get an error at once, also
+    when the next visitor has already started a new worker (before, they waited on the dead one forever)."""
+
+    class WorkerEnded(BaseException):
+        pass
+
+    scheduler = AnswerScheduler(window_s=0.0, max_batch=2)
+    ended = threading.Event()
+
+    def end_the_worker(*args, **kwargs):
+        ended.set()
+        raise WorkerEnded
+
+    monkeypatch.setattr(engine, "answer_batch", end_the_worker)
+    outcome = []
+
+    def first_visitor():
+        try:
+            list(scheduler.stream(engine, "Hi", max_new_tokens=2))
+        except RuntimeError as error:
+            outcome.append(str(error))
+
+    visitor = threading.Thread(target=first_visitor)
+    visitor.start()
+    assert ended.wait(timeout=30)
+    scheduler._worker.join(timeout=10)
+    monkeypatch.undo()
+    scheduler._start()  # the next visitor's question starts a new worker before the first looks again
+    visitor.join(timeout=10)
+    assert not visitor.is_alive() and outcome == ["the answer scheduler's worker thread has ended"]
