@@ -52,7 +52,7 @@ from .batching import AnswerRequest
 from .decoding import Decoder
 from .errors import IncompatibleMemoryError, InputError, MemoryFileError, ModelBusyError
 from .media import load_image, load_video
-from .memory import Concept, ConceptView
+from .memory import Concept, ConceptView, storage_bytes
 from .presets import DEFAULT_PRESET, UNCALIBRATED, depth_scaled_layers, resolve
 from .quantization import QUANTIZATIONS, check_supported, for_device, quantization_config
 from .settings import DEFAULT_SETTINGS, Settings
@@ -1201,6 +1201,24 @@ class Chat:
         self.turns.append((turn.question, answer))
         return answer
 
+    @property
+    def held_bytes(self) -> int:
+        """Memory this conversation holds for its follow-ups besides its key/value cache (bounded on its own,
+        `max_cached_conversations_mb`) and its concepts (kept where they were made): its photo or clip, the first
+        context's processor output (pixels included), memory rows and tokens, and the turns' texts and tokens."""
+        total = 0
+        if self.picture is not None:
+            width, height = self.picture.size
+            total += width * height * len(self.picture.getbands())
+        if self.clip is not None:
+            total += int(self.clip[0].nbytes)  # frames: uint8 [T, H, W, 3]
+        tensors = [*self._inputs.values(), self._memory, self._residuals, self._slots]
+        total += sum(storage_bytes(t) for t in tensors if torch.is_tensor(t))
+        total += _PYTHON_INT_BYTES * (len(self._ids) + sum(len(ids) for _, ids in self._adopted))
+        for question, answer in self.turns:
+            total += len(question) + len(answer) + _PYTHON_INT_BYTES * len(answer.token_ids)
+        return total
+
     def _remember_context(self, prepared: PreparedAnswer) -> None:
         """Keep what a follow-up needs of the first context: its tokens, memory rows and processor output."""
         self._ids = prepared.generate["input_ids"][0].tolist()
@@ -1429,6 +1447,10 @@ def _read_layers(layers) -> tuple[int, ...]:
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{layers} is not a layers file written by `python -m ego.calibrate`.") from error
     return tuple(int(layer) for layer in layers)
+
+
+_PYTHON_INT_BYTES = 36
+"""A token id kept in a Python list: the int object (28 bytes) and the list's pointer to it (8)."""
 
 
 class _Stopwatch:

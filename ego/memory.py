@@ -104,7 +104,7 @@ class Concept:
         """Everything this concept holds in memory: the storage of its rows, residuals, kept indices and scores,
         and every string (name, model id, keywords, descriptions), as Python counts them."""
         tensors = [self.embeddings, self.residuals, *(t for v in self.views for t in (v.token_indices, v.scores))]
-        total = sum(_storage_bytes(t) for t in tensors if t is not None)
+        total = sum(storage_bytes(t) for t in tensors if t is not None)
         total += sys.getsizeof(self.name) + sys.getsizeof(self.model_id) + sys.getsizeof(self.views)
         for view in self.views:
             texts = (view.description, view.size_answer, view.keywords_source, view.area_source, *view.keywords)
@@ -112,7 +112,7 @@ class Concept:
         return total
 
 
-def _storage_bytes(tensor: torch.Tensor) -> int:
+def storage_bytes(tensor: torch.Tensor) -> int:
     """Bytes of the memory behind `tensor` (a slice keeps its whole storage alive)."""
     return max(tensor.untyped_storage().nbytes(), tensor.numel() * tensor.element_size())
 

@@ -33,7 +33,7 @@ from .examples import Examples
 from .loading import LazyEngine
 from .pictures import cached
 from .scheduler import AnswerScheduler
-from .session import Entry, MemoryBudget, Session
+from .session import FULL_OF_CONVERSATIONS, Entry, MemoryBudget, Session
 from .settings import SpaceSettings
 from .zerogpu import call_seconds, gpu, on_zero_gpu
 
@@ -265,7 +265,7 @@ class Actions:
                 stream.close()
                 if str(answer) and not failed:  # finished or stopped: the answer so far is the first turn
                     chat.adopt(question, answer)
-                    session.conversations.start("image", chat)
+                    self._keep_conversation(session, "image", chat)
             if compare:  # streamed too, so that Stop or a closed tab also ends this answer at once
                 stream = self._answer_stream(engine, question, (), image=picture)
                 try:
@@ -274,6 +274,12 @@ class Actions:
                 finally:
                     stream.close()
             yield session, str(answer), str(plain), details, matches  # the final value of every output
+
+    def _keep_conversation(self, session: Session, tab: str, chat) -> None:
+        """The tab's conversation for follow-ups, within the memory all sessions may hold; if it does not fit,
+        the visitor is told that this answer cannot be followed up."""
+        if not session.keep_conversation(tab, chat, self.budget):
+            gr.Warning(FULL_OF_CONVERSATIONS)
 
     def _tell_dropped(self, answer) -> None:
         """A notice when some of the visitor's concepts did not fit in the context (counts only: the names
@@ -330,7 +336,7 @@ class Actions:
                 stream.close()
                 if str(answer) and not failed:
                     chat.adopt(question, answer)
-                    session.conversations.start("video", chat)
+                    self._keep_conversation(session, "video", chat)
             yield session, gallery, str(answer), details
 
     # ------------------------------------------------------------------------------------------

@@ -35,6 +35,11 @@ class Conversations:
             self._chats[tab] = chat
             self.current = tab
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the conversations hold for their follow-ups (`ego.Chat.held_bytes`; key/value caches apart)."""
+        return sum(chat.held_bytes for chat in list(self._chats.values()))
+
     def end(self, tab: str) -> None:
         """The tab has no conversation any more (a new photo or clip, or "New conversation")."""
         with self._lock:

@@ -47,6 +47,16 @@ class Entry:
         return self.concept.held_bytes + width * height * len(self.thumbnail.getbands())
 
 
+FULL_OF_CONCEPTS = (
+    "The server is holding as many concepts as it can for all its visitors right now; your concepts are unchanged. "
+    "Try again later, or remove concepts you no longer need."
+)
+FULL_OF_CONVERSATIONS = (
+    "The server is holding as much as it can for all its visitors right now, so this answer cannot be followed "
+    "up: ask a new first question later."
+)
+
+
 class MemoryBudget:
     """The bytes that all visitors' sessions may hold together (`SpaceSettings.max_all_sessions_memory_mb`).
 
@@ -63,20 +73,17 @@ class MemoryBudget:
     def held(self) -> int:
         return sum(session.nbytes for session in list(self._sessions))
 
-    def check(self, nbytes: int = 1) -> None:
-        """Raise InputError if `nbytes` more would pass the budget (by default: if it is spent)."""
+    def check(self, nbytes: int = 1, refusal: str = FULL_OF_CONCEPTS) -> None:
+        """Raise InputError(refusal) if `nbytes` more would pass the budget (by default: if it is spent)."""
         if self.held() + nbytes > self.max_bytes:
-            raise InputError(
-                "The server is holding as many concepts as it can for all its visitors right now; your "
-                "concepts are unchanged. Try again later, or remove concepts you no longer need."
-            )
+            raise InputError(refusal)
 
     @contextlib.contextmanager
-    def admitting(self, session: Session, nbytes: int):
+    def admitting(self, session: Session, nbytes: int, refusal: str = FULL_OF_CONCEPTS):
         """`check(nbytes)`, then run the body (which adds them) while no other session can add, and count
         `session` from then on."""
         with self._lock:
-            self.check(nbytes)
+            self.check(nbytes, refusal)
             yield
             self._sessions.add(session)
 
@@ -122,8 +129,9 @@ class Session:
 
     @property
     def nbytes(self) -> int:
-        """Server memory held by this visitor's concepts (read without the lock: a budget sums many)."""
-        return sum(entry.nbytes for entry in list(self._entries))
+        """Server memory held by this visitor's concepts and conversations (read without the lock: a budget sums
+        many)."""
+        return sum(entry.nbytes for entry in list(self._entries)) + self.conversations.nbytes
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -173,6 +181,22 @@ class Session:
                 return
             with budget.admitting(self, sum(entry.nbytes for entry in entries)):
                 self._entries = self._entries + list(entries)
+
+    def keep_conversation(self, tab: str, chat, budget: MemoryBudget | None = None) -> bool:
+        """`chat` becomes the tab's conversation if the budget admits what it holds beyond the one it replaces;
+        otherwise (False) the tab's conversation ends: nothing to follow up, and nothing more held."""
+        if budget is None:
+            self.conversations.start(tab, chat)
+            return True
+        previous = self.conversations.get(tab)
+        growth = chat.held_bytes - (previous.held_bytes if previous is not None else 0)
+        try:
+            with budget.admitting(self, growth, FULL_OF_CONVERSATIONS):
+                self.conversations.start(tab, chat)
+        except InputError:
+            self.conversations.end(tab)
+            return False
+        return True
 
     def remove(self, name: str) -> None:
         with self._lock:

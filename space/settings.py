@@ -21,8 +21,10 @@ class SpaceSettings:
     max_sessions: int = 1000
     """Visitor sessions held in server memory; beyond this the least recently used one is dropped."""
     max_all_sessions_memory_mb: int = 4096
-    """Concept memory (rows, scores, thumbnails) all sessions together may hold, in MiB; beyond it new
-    concepts are refused until sessions expire. 4 GiB is about 10,500 one-photo concepts of Qwen2.5-VL-7B."""
+    """Memory all sessions together may hold for their concepts (rows, scores, thumbnails) and conversations
+    (photo or clip, the processor's pixels, tokens; key/value caches are bounded apart), in MiB; beyond it new
+    concepts are refused and new conversations cannot be followed up until sessions expire. 4 GiB is about
+    10,500 one-photo concepts of Qwen2.5-VL-7B."""
     upload_max_age_s: int = 3600
     """Uploaded photos and clips, and files the app made, are deleted from the server this long after
     they were written (checked every `upload_cleanup_interval_s`)."""

@@ -398,3 +398,24 @@ def test_a_first_question_that_fails_keeps_the_conversation_the_visitor_had(act,
     assert session.conversations.get(tab) is had and len(had.turns) == 1 and session.conversations.current == tab
     *_, (_, answer) = act.follow_up(session, "And then?", progress=quiet)  # it still follows up
     assert answer and len(had.turns) == 2
+
+
+def test_a_conversation_the_memory_budget_cannot_hold_is_answered_but_not_kept(engine, monkeypatch):
+    act = Actions(LazyEngine(engine), SPACE, load_examples())
+    session = Session()
+    *_, (_, answer, *_) = act.ask_image(session, QUERY, "What is this?", progress=quiet)
+    chat = session.conversations.get("image")
+    assert chat is not None and session.nbytes == chat.held_bytes > 0  # counted with the session's concepts
+    assert act.budget.held() == session.nbytes
+    warnings = []
+    monkeypatch.setattr(gr, "Warning", lambda message: warnings.append(message))
+    act.budget.max_bytes = session.nbytes  # room for what it holds, not for a second photo's conversation
+    *_, (_, again, *_) = act.ask_image(session, QUERY, "And this?", progress=quiet)
+    assert again  # answered all the same
+    assert session.conversations.get("image") is not chat  # the new one replaced it...
+    act.budget.max_bytes = 0
+    *_, (_, third, *_) = act.ask_image(session, QUERY, "And now?", progress=quiet)
+    assert third and session.conversations.get("image") is None and session.nbytes == 0  # ...this one could not
+    assert warnings and "cannot be followed up" in warnings[-1]
+    with pytest.raises(gr.Error, match="no conversation to follow up yet"):
+        list(act.follow_up(session, "Then?", progress=quiet))

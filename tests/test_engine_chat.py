@@ -206,3 +206,23 @@ def test_follow_ups_answered_elsewhere_are_taken_as_turns():
     again = text_only.ask(questions[1], max_new_tokens=6)
     retokenized = len(engine.backend.tokenizer(str(answers[0]), add_special_tokens=False).input_ids)
     assert again.context_tokens == answers[1].context_tokens - len(answers[0].token_ids) + retokenized
+
+
+def test_a_conversation_counts_what_it_holds_for_its_follow_ups(concepts):
+    """Its photo and the processor's pixels dominate, and grow with the photo: a bound on all sessions must see
+    them (the key/value cache is bounded apart)."""
+    engine = tiny_engine("qwen2.5-vl")
+    known = [chelsea(engine, concepts)]
+    held = {}
+    for size in ((200, 150), (400, 300)):
+        picture = photo(3, size=size)
+        chat = engine.chat(known, image=picture)
+        chat.ask("Is Chelsea here?", max_new_tokens=2)
+        prepared = engine._prepare_answer("Is Chelsea here?", known, picture, None, 2)
+        pixels = sum(t.numel() * t.element_size() for k, t in prepared.encoded.inputs.items() if k != "input_ids")
+        floor = size[0] * size[1] * 3 + pixels
+        assert floor <= chat.held_bytes < floor + 256 * 1024
+        held[size] = chat.held_bytes
+        chat.ask("And now?", max_new_tokens=2)
+        assert chat.held_bytes > held[size]  # the turns' text and tokens too
+    assert held[(400, 300)] > 3 * held[(200, 150)] - 256 * 1024
