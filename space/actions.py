@@ -90,6 +90,9 @@ class Actions:
         """The engine's settings (`ego.Settings`): the limits it enforces, shown and checked here too."""
         self.examples = examples
         self.budget = MemoryBudget(settings.max_all_sessions_memory_bytes)
+        self.conversation_budget = MemoryBudget(
+            settings.max_all_conversations_memory_bytes, held_by=lambda session: session.conversations.nbytes
+        )
         """What all visitors' sessions may hold together: one per app, like the model."""
         self.answers = AnswerScheduler(settings.answer_batch_window_s, settings.answer_batch_max_size)
         """Questions of different visitors that arrive together are answered by one batched generation."""
@@ -278,7 +281,7 @@ class Actions:
     def _keep_conversation(self, session: Session, tab: str, chat) -> None:
         """The tab's conversation for follow-ups, within the memory all sessions may hold; if it does not fit,
         the visitor is told that this answer cannot be followed up."""
-        if not session.keep_conversation(tab, chat, self.budget):
+        if not session.keep_conversation(tab, chat, self.conversation_budget):
             gr.Warning(FULL_OF_CONVERSATIONS)
 
     def _tell_dropped(self, answer) -> None:

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,20 +59,23 @@ FULL_OF_CONVERSATIONS = (
 
 
 class MemoryBudget:
-    """The bytes that all visitors' sessions may hold together (`SpaceSettings.max_all_sessions_memory_mb`).
+    """The bytes that all visitors' sessions may hold together: of concepts (`SpaceSettings.max_all_sessions_memory_mb`)
+    or, with another `held_by`, of conversations (`max_all_conversations_memory_mb`).
 
     One per app, next to the model. It holds no visitor data, only weak references to the sessions that
     added something: a session Gradio drops (its time-to-live, or the least recently used one beyond
     `max_sessions`, which skips `forget`) stops counting as soon as Python frees it, with no callback.
     """
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, held_by: Callable[[Session], int] = lambda session: session.nbytes):
         self.max_bytes = max_bytes
+        self.held_by = held_by
+        """What one session holds of what this budget bounds (by default its concepts, `Session.nbytes`)."""
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
         self._lock = threading.Lock()
 
     def held(self) -> int:
-        return sum(session.nbytes for session in list(self._sessions))
+        return sum(self.held_by(session) for session in list(self._sessions))
 
     def check(self, nbytes: int = 1, refusal: str = FULL_OF_CONCEPTS) -> None:
         """Raise InputError(refusal) if `nbytes` more would pass the budget (by default: if it is spent)."""
@@ -129,9 +133,8 @@ class Session:
 
     @property
     def nbytes(self) -> int:
-        """Server memory held by this visitor's concepts and conversations (read without the lock: a budget sums
-        many)."""
-        return sum(entry.nbytes for entry in list(self._entries)) + self.conversations.nbytes
+        """Server memory held by this visitor's concepts (read without the lock: a budget sums many)."""
+        return sum(entry.nbytes for entry in list(self._entries))
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -183,8 +186,9 @@ class Session:
                 self._entries = self._entries + list(entries)
 
     def keep_conversation(self, tab: str, chat, budget: MemoryBudget | None = None) -> bool:
-        """`chat` becomes the tab's conversation if the budget admits what it holds beyond the one it replaces;
-        otherwise (False) the tab's conversation ends: nothing to follow up, and nothing more held."""
+        """`chat` becomes the tab's conversation if `budget` (one that bounds conversations: `held_by` their
+        `nbytes`) admits what it holds beyond the one it replaces; otherwise (False) the tab's conversation ends:
+        nothing to follow up, and nothing more held."""
         if budget is None:
             self.conversations.start(tab, chat)
             return True

@@ -405,17 +405,18 @@ def test_a_conversation_the_memory_budget_cannot_hold_is_answered_but_not_kept(e
     session = Session()
     *_, (_, answer, *_) = act.ask_image(session, QUERY, "What is this?", progress=quiet)
     chat = session.conversations.get("image")
-    assert chat is not None and session.nbytes == chat.held_bytes > 0  # counted with the session's concepts
-    assert act.budget.held() == session.nbytes
+    assert chat is not None and session.conversations.nbytes == chat.held_bytes > 0
+    assert act.conversation_budget.held() == chat.held_bytes and act.budget.held() == 0  # concepts apart
     warnings = []
     monkeypatch.setattr(gr, "Warning", lambda message: warnings.append(message))
-    act.budget.max_bytes = session.nbytes  # room for what it holds, not for a second photo's conversation
+    act.conversation_budget.max_bytes = chat.held_bytes  # room for what it holds, not for a second conversation
     *_, (_, again, *_) = act.ask_image(session, QUERY, "And this?", progress=quiet)
     assert again  # answered all the same
     assert session.conversations.get("image") is not chat  # the new one replaced it...
-    act.budget.max_bytes = 0
+    act.conversation_budget.max_bytes = 0
     *_, (_, third, *_) = act.ask_image(session, QUERY, "And now?", progress=quiet)
-    assert third and session.conversations.get("image") is None and session.nbytes == 0  # ...this one could not
+    assert third and session.conversations.get("image") is None  # ...this one could not
+    assert session.conversations.nbytes == 0 == act.conversation_budget.held()
     assert warnings and "cannot be followed up" in warnings[-1]
     with pytest.raises(gr.Error, match="no conversation to follow up yet"):
         list(act.follow_up(session, "Then?", progress=quiet))
