@@ -15,10 +15,13 @@
 #
 #     OUT=/some/folder bash bench/gpu_run.sh      # within a 540 s budget
 #
-# Outputs go to $OUT/<configuration>/{results.json,results.md,latency.png,log.txt} (nf4, int4, bf16, fp8);
-# anywhere else to bench/out/gpu/. A configuration measured eagerly and compiled (BENCH_EAGER, default "nf4")
-# compiles the decode step after its eager measurement (inductor, mode reduce-overhead: the compile time and the
-# recompilations are in results.json's meta.compile); results.json holds both (`decoding_runs`,
+# Each configuration (nf4, int4, bf16, fp8) writes results.json, results.md, latency.png and log.txt to
+# $RUNS/<configuration>/ (BENCH_RUNS, default /tmp/ego-bench-runs). After each one, $OUT (default bench/out/gpu)
+# gets <configuration>/results.json and all.tar.gz, every configuration's four files so far: at most five files,
+# for a machine that sends back only a few (unpack with `tar xzf all.tar.gz`).
+# A configuration measured eagerly and compiled (BENCH_EAGER, default "nf4") compiles the decode step after its
+# eager measurement (inductor, mode reduce-overhead: the compile time and the recompilations are in results.json's
+# meta.compile); results.json holds both (`decoding_runs`,
 # `decoding_comparison`, and `decoding_equality`: the first 16 greedy tokens and logits of compiled against
 # eager), its top level the compiled run (meta.decoding "compiled"). The other configurations load, compile and
 # measure compiled decoding only (their eager figures are not candidates: bf16's were measured on 2026-11-26).
@@ -47,6 +50,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT="${OUT:-bench/out/gpu}"
+RUNS="${BENCH_RUNS:-/tmp/ego-bench-runs}"
 TOTAL="${BENCH_TOTAL_S:-540}"
 BUILD_LIMIT="${BENCH_BUILD_LIMIT_S:-150}"
 RESERVE="${BENCH_RESERVE_S:-0}"
@@ -62,7 +66,7 @@ ARCH_ARGS="${BENCH_ARCH_ARGS:-}"      # e.g. "--text-layers 1 --vision-depth 1" 
 BENCH_ARGS="${BENCH_ARGS:-}"          # e.g. "--quick"
 ARCH_DIR="${BENCH_ARCH_DIR:-/tmp/ego-arch/$MODEL}"
 PYTHON="${PYTHON:-python3}"
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$RUNS"
 # torchao's int4 runs on PyTorch's own kernels (tinygemm); its compiled extensions, built for another torch,
 # are not loaded.
 export TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1
@@ -159,7 +163,7 @@ for name in $CONFIGS; do
         bf16) quantization=none ;;
         *) echo "== unknown configuration $name (BENCH_CONFIGS takes nf4, int4, fp8 and bf16)"; status=1; continue ;;
     esac
-    mkdir -p "$OUT/$name"
+    mkdir -p "$RUNS/$name"
     left=$(( TOTAL - ($(date +%s) - started) ))
     if [ "$name" = "$first" ]; then limit=$(( left - RESERVE - 5 )); else limit=$(( left - 5 )); fi
     if [ "$limit" -lt 30 ]; then echo "== $name skipped: ${limit}s left"; status=1; continue; fi
@@ -172,9 +176,16 @@ for name in $CONFIGS; do
     # shellcheck disable=SC2086
     PYTHONPATH="$path" timeout "$limit" "$PYTHON" -m bench --model "$MODEL" --arch-dir "$ARCH_DIR" --quantization "$quantization" \
         --device "$DEVICE" --decoding "$decoding" --repeats "$REPEATS" --concepts "$CONCEPTS" $profile $concurrency \
-        $ARCH_ARGS $BENCH_ARGS --out "$OUT/$name" 2>&1 \
-        | tee "$OUT/$name/log.txt"
+        $ARCH_ARGS $BENCH_ARGS --out "$RUNS/$name" 2>&1 \
+        | tee "$RUNS/$name/log.txt"
     code=${PIPESTATUS[0]}
+    # What this configuration left (its interim results.json when stopped while compiling), and everything so far.
+    if [ -f "$RUNS/$name/results.json" ]; then
+        mkdir -p "$OUT/$name" && cp "$RUNS/$name/results.json" "$OUT/$name/"
+    else
+        echo "== $name wrote no results.json"
+    fi
+    tar czf "$OUT/all.tar.gz" -C "$RUNS" . || echo "== packing $RUNS failed"
     [ "$code" -eq 0 ] || { echo "== $name exited with $code"; status=1; }
     echo "== $name done after $(( $(date +%s) - started ))s"
 done
