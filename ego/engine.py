@@ -1080,7 +1080,11 @@ class Chat:
         conversation in another process (ZeroGPU's workers keep nothing between calls). No model call now: the
         next question asked here adds those turns to the conversation's tokens and computes what its cache lacks
         (everything, when it has none). The answer's own tokens are taken (`Answer.token_ids`), so the conversation
-        goes on exactly as if it had answered itself; an answer known only as text is tokenized again."""
+        goes on exactly as if it had answered itself; an answer known only as text is tokenized again. A question
+        this conversation would refuse (its checks, its turn limit) is refused here (InputError), nothing taken:
+        taken, it would make every later question fail."""
+        self._check_room()
+        checks.check_question(question, self.engine.settings)
         ids = (
             list(getattr(answer, "token_ids", ()))
             or self.engine.backend.tokenizer(str(answer), add_special_tokens=False).input_ids
@@ -1109,15 +1113,16 @@ class Chat:
         said = prompts.neutralize(text, backend.special_strings)
         return backend.tokenizer(backend.continue_turn(said), add_special_tokens=False).input_ids
 
+    def _check_room(self) -> None:
+        limit = self.engine.settings.max_conversation_turns
+        if len(self.turns) >= limit:
+            raise InputError(f"A conversation holds at most {limit} questions; start a new conversation to ask more.")
+
     def _begin(self, question, max_new_tokens, use_cache: bool) -> _Turn:
         """Every check, then the generate arguments: the first question's as `Ego.answer` prepares them, a
         follow-up's for the whole conversation (its cache, if kept, holds all but the new tokens)."""
         engine, settings = self.engine, self.engine.settings
-        if len(self.turns) >= settings.max_conversation_turns:
-            raise InputError(
-                f"A conversation holds at most {settings.max_conversation_turns} questions; "
-                f"start a new conversation to ask more."
-            )
+        self._check_room()
         if not self.turns:
             prepared = engine._prepare_answer(question, self.concepts, self.picture, self.clip, max_new_tokens)
             return _Turn(

@@ -226,3 +226,22 @@ def test_a_conversation_counts_what_it_holds_for_its_follow_ups(concepts):
         chat.ask("And now?", max_new_tokens=2)
         assert chat.held_bytes > held[size]  # the turns' text and tokens too
     assert held[(400, 300)] > 3 * held[(200, 150)] - 256 * 1024
+
+
+def test_a_turn_this_conversation_would_refuse_is_not_adopted(concepts):
+    """Taken, an empty or too long question would make every later question of the conversation fail."""
+    engine = tiny_engine("qwen2-vl")
+    chat = engine.chat([chelsea(engine, concepts)], image=photo(3))
+    first = engine.answer("Is Chelsea here?", [chelsea(engine, concepts)], image=photo(3), max_new_tokens=3)
+    chat.adopt("Is Chelsea here?", first)
+    for question in ("   ", "x" * (engine.settings.max_question_chars + 1)):
+        with pytest.raises(InputError):
+            chat.adopt(question, first)
+    assert len(chat.turns) == 1
+    assert chat.ask("And now?", max_new_tokens=2)  # the conversation goes on
+    full = engine.with_settings(max_conversation_turns=2).chat((), image=photo(3))
+    full.adopt("One?", first)
+    full.adopt("Two?", first)
+    with pytest.raises(InputError, match="at most 2 questions"):
+        full.adopt("Three?", first)
+    assert len(full.turns) == 2
