@@ -364,20 +364,38 @@ class Actions:
             question = checks.check_question(question, self.limits)
             self._engine(progress)
             budget = self.limits.answer_max_new_tokens
-            if self.zero_gpu:  # the worker answers on a copy of the conversation; this one takes its answer
+            if not self.zero_gpu:  # the engine's lock takes a conversation's questions one at a time
+                yield from self._streamed_follow_up(chat.stream(question, max_new_tokens=budget))
+                return
+            # The worker answers on a copy of the conversation, away from the engine's lock, and this one takes its
+            # answer: two follow-ups at once would both continue from the same turns.
+            if not chats.answering(chat):
+                raise InputError(
+                    "Your previous question in this conversation is still being answered; ask when it ends."
+                )
+            try:
                 turns = [(asked, _tokens_of(answered)) for asked, answered in chat.turns]
                 stream = self._follow_up_on_gpu(chat.concepts, chat.picture, chat.clip, turns, question, budget)
-            else:
-                stream = chat.stream(question, max_new_tokens=budget)
-            answer = ""
-            try:
-                for answer in stream:
-                    yield str(answer)
+                yield from self._streamed_follow_up(stream, lambda answer: chat.adopt(question, answer))
             finally:
-                stream.close()
-                if self.zero_gpu and str(answer):
-                    chat.adopt(question, answer)
-            yield str(answer)
+                chats.answered(chat)
+
+    @staticmethod
+    def _streamed_follow_up(stream, keep=None):
+        """The follow-up's text as it grows, then once more whole; `keep(answer)` once it has ended or was stopped
+        with some text (not when it failed)."""
+        answer, failed = "", False
+        try:
+            for answer in stream:
+                yield str(answer)
+        except Exception:
+            failed = True
+            raise
+        finally:
+            stream.close()
+            if keep is not None and str(answer) and not failed:
+                keep(answer)
+        yield str(answer)
 
     def chat_image(self, session: Session, image, message, compare=False, progress=gr.Progress()):
         """The image tab's message: a first one starts a conversation about the photo (as /ask_image), a later one

@@ -20,6 +20,8 @@ class Conversations:
         self._chats: dict[str, object] = {}
         self.current: str | None = None
         self._lock = threading.Lock()
+        self._answering: set[int] = set()
+        """The conversations (their ids) whose follow-up is being answered away from the engine's lock."""
 
     def __deepcopy__(self, memo) -> Conversations:
         # gr.State deep-copies its default once per visitor: each one starts with no conversation.
@@ -39,6 +41,18 @@ class Conversations:
     def nbytes(self) -> int:
         """Memory the conversations hold for their follow-ups (`ego.Chat.held_bytes`; key/value caches apart)."""
         return sum(chat.held_bytes for chat in list(self._chats.values()))
+
+    def answering(self, chat) -> bool:
+        """Mark `chat` as having a follow-up being answered; False if it already has one."""
+        with self._lock:
+            if id(chat) in self._answering:
+                return False
+            self._answering.add(id(chat))
+            return True
+
+    def answered(self, chat) -> None:
+        with self._lock:
+            self._answering.discard(id(chat))
 
     def end(self, tab: str) -> None:
         """The tab has no conversation any more (a new photo or clip, or "New conversation")."""

@@ -221,3 +221,24 @@ def test_follow_ups_are_answered_in_the_worker_on_a_copy_of_the_conversation(zer
     assert [first, *later] == [str(here.ask(question, max_new_tokens=budget)) for question in questions]
     assert [q for q, _ in session.conversations.get("image").turns] == questions
     assert len(fake.calls) == 3 and set(fake.exit_codes[-2:]) == {0}  # each follow-up in a worker of its own
+
+
+def test_a_second_follow_up_while_the_first_is_answered_is_refused_and_the_turns_stay_in_order(zero, engine):
+    """On ZeroGPU a follow-up is answered away from the engine's lock: a second one at the same time would
+    continue from the same turns as the first."""
+    import gradio as gr
+
+    from space.session import Session
+
+    act, _ = zero
+
+    *_, (session, *_rest) = act.ask_image(Session(), photo(6), "What is this?")
+    first = act.follow_up(session, "And then?")
+    next(first)  # the first follow-up is being answered
+    with pytest.raises(gr.Error, match="still being answered"):
+        list(act.follow_up(session, "And now?"))
+    rest = list(first)
+    assert [q for q, _ in session.conversations.get("image").turns] == ["What is this?", "And then?"]
+    *_, (_, answer) = act.follow_up(session, "And now?")  # once it ended, the next one is taken
+    assert rest and answer
+    assert [q for q, _ in session.conversations.get("image").turns] == ["What is this?", "And then?", "And now?"]
