@@ -114,8 +114,8 @@ class RowControl(StoppingCriteria):
     stops: each row's Stop (a threading.Event) or None: a row whose Stop is set keeps the token of the step in
     which it was noticed, and ends. on_step(row, new_ids) is called for every row that was running, after each
     step (its last one included, once `ended[row]` says so), with the row's generated ids so far (stop tokens
-    included). `lengths[row]`: how many ids the row had when it
-    ended (generate pads an ended row while the others run on; None while it runs).
+    included). `lengths[row]`: how many ids the row had when it ended (generate pads an ended row while the others
+    run on; None while it runs).
     """
 
     def __init__(

@@ -54,7 +54,7 @@ from .errors import IncompatibleMemoryError, InputError, MemoryFileError, ModelB
 from .media import load_image, load_video
 from .memory import Concept, ConceptView, storage_bytes
 from .presets import DEFAULT_PRESET, UNCALIBRATED, depth_scaled_layers, resolve
-from .quantization import QUANTIZATIONS, check_supported, for_device, quantization_config
+from .quantization import check_known, check_supported, for_device, quantization_config
 from .settings import DEFAULT_SETTINGS, Settings
 
 OUT_OF_MEMORY = (
@@ -232,13 +232,7 @@ class Ego:
         self.layers = tuple(sorted({int(layer) for layer in layers}))
         self.layers_note = layers_note
         self._lock = threading.Lock()  # one model call at a time; concurrent callers wait
-        self.decoder = Decoder(
-            model,
-            settings.decoding,
-            max_cache_tokens=settings.static_cache_max_tokens,
-            backend=settings.compile_backend,
-            batch_min_free_bytes=int(settings.batch_cache_min_free_mb * 1024 * 1024),
-        )
+        self.decoder = _decoder(model, settings)
         self._cached_chats: OrderedDict[int, weakref.ref] = OrderedDict()  # least recently used first
 
     # ------------------------------------------------------------------------------------------
@@ -266,8 +260,7 @@ class Ego:
         """
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {QUANTIZATIONS}; got {quantization!r}.")
+        check_known(quantization)  # before a tiny preset's folder is built
         preset = resolve(model)
         if preset is not None and preset.tiny:
             from .random_models import tiny_checkpoint
@@ -359,13 +352,7 @@ class Ego:
         with self.exclusive_use():
             settings = self.settings.replace(decoding=mode)  # checks the mode
             self.decoder.close()
-            self.decoder = Decoder(
-                self.model,
-                mode,
-                max_cache_tokens=settings.static_cache_max_tokens,
-                backend=settings.compile_backend,
-                batch_min_free_bytes=int(settings.batch_cache_min_free_mb * 1024 * 1024),
-            )
+            self.decoder = _decoder(self.model, settings)
             self.settings = settings
 
     @property
@@ -1456,6 +1443,18 @@ def _read_layers(layers) -> tuple[int, ...]:
 
 _PYTHON_INT_BYTES = 36
 """A token id kept in a Python list: the int object (28 bytes) and the list's pointer to it (8)."""
+
+
+def _decoder(model, settings: Settings) -> Decoder:
+    """The decoder `settings` ask for (`decoding`, `static_cache_max_tokens`, `compile_backend`,
+    `batch_cache_min_free_mb`)."""
+    return Decoder(
+        model,
+        settings.decoding,
+        max_cache_tokens=settings.static_cache_max_tokens,
+        backend=settings.compile_backend,
+        batch_min_free_bytes=int(settings.batch_cache_min_free_mb * 1024 * 1024),
+    )
 
 
 class _Stopwatch:

@@ -33,10 +33,14 @@ FP8_MIN_CAPABILITY = (8, 9)
 """The first CUDA compute capability with FP8 tensor cores (Ada, then Hopper)."""
 
 
-def for_device(quantization: str | None, device: str) -> str | None:
-    """The quantization to load once "auto" is settled for `device`."""
+def check_known(quantization) -> None:
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}; got {quantization!r}.")
+
+
+def for_device(quantization: str | None, device: str) -> str | None:
+    """The quantization to load once "auto" is settled for `device`."""
+    check_known(quantization)
     if quantization == "auto":
         return "4bit" if str(device).startswith("cuda") else None
     return quantization
@@ -103,7 +107,8 @@ def quantization_config(quantization: str | None, unquantized_modules, dtype: to
         from transformers import FineGrainedFP8Config
 
         return FineGrainedFP8Config(weight_block_size=FP8_BLOCK, modules_to_not_convert=skip)
-    raise ValueError(f"quantization must be one of {QUANTIZATIONS}; got {quantization!r}.")
+    check_known(quantization)
+    raise ValueError(f"quantization {quantization!r} is settled for a device first (`for_device`).")
 
 
 def loaded_quantization(model) -> str | None:

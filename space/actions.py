@@ -90,10 +90,11 @@ class Actions:
         """The engine's settings (`ego.Settings`): the limits it enforces, shown and checked here too."""
         self.examples = examples
         self.budget = MemoryBudget(settings.max_all_sessions_memory_bytes)
+        """What all visitors' sessions may hold together: one per app, like the model."""
         self.conversation_budget = MemoryBudget(
             settings.max_all_conversations_memory_bytes, held_by=lambda session: session.conversations.nbytes
         )
-        """What all visitors' sessions may hold together: one per app, like the model."""
+        """What all visitors' conversations may hold together for their follow-ups, apart from their concepts."""
         self.answers = AnswerScheduler(settings.answer_batch_window_s, settings.answer_batch_max_size)
         """Questions of different visitors that arrive together are answered by one batched generation."""
         self.zero_gpu = on_zero_gpu()

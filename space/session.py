@@ -185,13 +185,10 @@ class Session:
             with budget.admitting(self, sum(entry.nbytes for entry in entries)):
                 self._entries = self._entries + list(entries)
 
-    def keep_conversation(self, tab: str, chat, budget: MemoryBudget | None = None) -> bool:
+    def keep_conversation(self, tab: str, chat, budget: MemoryBudget) -> bool:
         """`chat` becomes the tab's conversation if `budget` (one that bounds conversations: `held_by` their
         `nbytes`) admits what it holds beyond the one it replaces; otherwise (False) the tab's conversation ends:
         nothing to follow up, and nothing more held."""
-        if budget is None:
-            self.conversations.start(tab, chat)
-            return True
         previous = self.conversations.get(tab)
         growth = chat.held_bytes - (previous.held_bytes if previous is not None else 0)
         try:
