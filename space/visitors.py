@@ -21,19 +21,30 @@ TOO_MANY = (
 def client_address(request) -> str | None:
     """The visitor's address: the connection's, or, when the connection comes from this machine or a private
     network (a tunnel such as `--share`'s, a local proxy, a hosting platform's proxy, through which every
-    visitor would otherwise share one address), the first X-Forwarded-For address; None when it is not known."""
+    visitor would otherwise share one address), the address those proxies were reached from: the last public
+    address of X-Forwarded-For (the leftmost address when all are private); None when it is not known.
+
+    Proxies append the address they were reached from, so the header reads "what the client claimed, ..., the
+    client, our proxies": a client can write any entry left of its own but none right of it. Reading from the
+    right past our own (private) proxies gives the client; the first entry would be whatever the client wrote."""
     host = getattr(getattr(request, "client", None), "host", None)
-    if not host:
-        return None
+    if not host or not _is_local(host):
+        return host or None
+    chain = [entry.strip() for entry in (request.headers.get("x-forwarded-for") or "").split(",") if entry.strip()]
+    for entry in reversed(chain):
+        if not _is_local(entry):
+            return entry
+    return chain[0] if chain else None
+
+
+def _is_local(address: str) -> bool:
+    """This machine or a private network: one of our own proxies. Something that is not an address (a name, a
+    port-suffixed or garbled entry) is taken as the client's own, never as a proxy."""
     try:
-        address = ipaddress.ip_address(host)
-        local = address.is_loopback or address.is_private
+        ip = ipaddress.ip_address(address)
     except ValueError:
-        local = host == "localhost"
-    if not local:
-        return host
-    forwarded = (request.headers.get("x-forwarded-for") or "").split(",")[0].strip()
-    return forwarded or None
+        return address == "localhost"
+    return ip.is_loopback or ip.is_private
 
 
 def _requests_for(queue, concurrency_ids: set[str]) -> list:
