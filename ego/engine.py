@@ -812,13 +812,18 @@ class Ego:
         return concepts
 
     def _encode_query(self, query: Query, text_blocks: list[dict]) -> Encoded:
-        return self.backend.encode(
-            self._chat_text(text_blocks),
-            image=query.picture,
-            video=query.clip,
+        return self._encode_prompt(self._chat_text(text_blocks), query.picture, query.clip)
+
+    def _encode_prompt(self, prompt: str, picture, clip) -> Encoded:
+        encoded = self.backend.encode(
+            prompt,
+            image=picture,
+            video=clip,
             image_max_pixels=self.settings.query_image_max_pixels,
             video_frame_max_pixels=self.settings.video_frame_max_pixels,
         )
+        encoded.prompt = prompt
+        return encoded
 
     def _compare(self, query: Query, encoded: Encoded, memory=None) -> tuple[list[float], list[torch.Tensor]]:
         """Run the vision tower on the photo or clip (once: generate reuses it) and compare every concept
@@ -1003,7 +1008,13 @@ class Chat:
         """The memory rows at those placeholders [M, D] on CPU, and their residuals [levels, M, D] or None."""
         self._residuals: torch.Tensor | None = None
         self._inputs: dict[str, Any] = {}
-        """The first question's processor output (pixels included), to recompute the context from."""
+        """The first question's processor output but its pixels (grids, masks, ...), to recompute the context from."""
+        self._prompt = ""
+        """The first question's chat text: with the photo or clip, the processor gives its pixels again."""
+        self._pixels: dict[str, torch.Tensor] = {}
+        """The first context's pixels, held only from an adopted first turn's preparation (`_add_adopted`) until the
+        question that recomputes the context takes them: a conversation keeps its photo or clip (a byte a value), not
+        the processor's float32 pixels, and computes them again when it recomputes its context."""
         self._details: dict[str, Any] = {}
         """What every answer reports about the first context (`Answer` fields)."""
         self._cache = None
@@ -1089,6 +1100,7 @@ class Chat:
             if not self._ids:
                 prepared = engine._prepare_answer(question, self.concepts, self.picture, self.clip, None)
                 self._remember_context(prepared)
+                self._pixels = self._pixels_of(prepared.encoded)  # the next question recomputes the context
             else:
                 self._ids = self._ids + self._turn_ids(checks.check_question(question, engine.settings))
             self._ids = self._ids + answer_ids
@@ -1140,11 +1152,11 @@ class Chat:
             engine.backend.generate_kwargs(Encoded(inputs=self._inputs, visual_columns=slots[0])), len(ids)
         )
         cache = self._cache if use_cache else None
-        if cache is not None:  # the photo or clip is in the cache: its pixels are not read again
-            kwargs = {k: v for k, v in kwargs.items() if k not in engine.backend.vision_input_keys}
+        if cache is not None:  # the photo or clip is in the cache: its pixels are not needed
             engine.backend.restore_positions(self._positions)
         else:
             cache = self._new_cache()
+            kwargs.update(self._first_context_pixels())
         return _Turn(
             question=text,
             slots=slots,
@@ -1193,18 +1205,33 @@ class Chat:
         self.turns.append((turn.question, answer))
         return answer
 
+    def _pixels_of(self, encoded: Encoded) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in encoded.inputs.items() if k in self.engine.backend.vision_input_keys}
+
+    def _first_context_pixels(self) -> dict[str, torch.Tensor]:
+        """The processor's pixels of the first context on the model's device, to recompute it: those an adopted
+        first turn just prepared, else computed again from the photo or clip loaded as the first question loaded
+        them and the same chat text (the processor is deterministic: the same tensors, the same answer)."""
+        engine, pixels, self._pixels = self.engine, self._pixels, {}
+        if not pixels and (self.picture is not None or self.clip is not None):
+            picture = load_image(self.picture, engine.settings) if self.picture is not None else None
+            clip = load_video(self.clip, engine.settings) if self.clip is not None else None
+            pixels = self._pixels_of(engine._encode_prompt(self._prompt, picture, clip))
+        return {k: v.to(engine.device) for k, v in pixels.items()}
+
     @property
     def held_bytes(self) -> int:
         """Memory this conversation holds for its follow-ups besides its key/value cache (bounded on its own,
         `max_cached_conversations_mb`) and its concepts (kept where they were made): its photo or clip, the first
-        context's processor output (pixels included), memory rows and tokens, and the turns' texts and tokens."""
+        context's processor output but its pixels (computed again when needed), memory rows and tokens, and the
+        turns' texts and tokens."""
         total = 0
         if self.picture is not None:
             width, height = self.picture.size
             total += width * height * len(self.picture.getbands())
         if self.clip is not None:
             total += int(self.clip[0].nbytes)  # frames: uint8 [T, H, W, 3]
-        tensors = [*self._inputs.values(), self._memory, self._residuals, self._slots]
+        tensors = [*self._inputs.values(), *self._pixels.values(), self._memory, self._residuals, self._slots]
         total += sum(storage_bytes(t) for t in tensors if torch.is_tensor(t))
         total += _PYTHON_INT_BYTES * (len(self._ids) + sum(len(ids) for _, ids in self._adopted))
         for question, answer in self.turns:
@@ -1217,7 +1244,9 @@ class Chat:
         self._slots = prepared.slots[0].cpu()
         self._memory = prepared.generate["inputs_embeds"][0, prepared.slots[0]].cpu()  # [M, D]
         self._residuals = prepared.residuals
-        self._inputs = {k: v for k, v in prepared.encoded.inputs.items() if k != "input_ids"}
+        keys = {"input_ids", *self.engine.backend.vision_input_keys}
+        self._inputs = {k: v for k, v in prepared.encoded.inputs.items() if k not in keys}
+        self._prompt = prepared.encoded.prompt
         self._details = dict(
             used=prepared.used,
             dropped=prepared.dropped,

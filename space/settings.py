@@ -24,10 +24,11 @@ class SpaceSettings:
     """Concept memory (rows, scores, thumbnails) all sessions together may hold, in MiB; beyond it new
     concepts are refused until sessions expire. 4 GiB is about 10,500 one-photo concepts of Qwen2.5-VL-7B."""
     max_all_conversations_memory_mb: int = 6144
-    """Memory all sessions' conversations together may hold for their follow-ups (each its photo or clip, the
-    processor's pixels and its tokens; key/value caches are bounded apart, `max_cached_conversations_mb`), in MiB;
-    a new conversation beyond it is answered but not kept for follow-ups. A conversation about a 1024×768 photo
-    holds about 20 MiB on Qwen2.5-VL (2.25 of RGB, 17.9 of float32 pixel patches): about 300 of them."""
+    """Memory all sessions' conversations together may hold for their follow-ups (each its photo or clip and its
+    tokens; key/value caches are bounded apart, `max_cached_conversations_mb`), in MiB; a new conversation beyond
+    it is answered but not kept for follow-ups. A conversation about a 1024×768 photo holds about 2.3 MiB on
+    Qwen2.5-VL (its RGB; the processor's 17.9 MiB of float32 pixel patches are computed again, in about 25 ms,
+    only when its context must be recomputed): about 2,600 of them."""
     upload_max_age_s: int = 3600
     """Uploaded photos and clips, and files the app made, are deleted from the server this long after
     they were written (checked every `upload_cleanup_interval_s`)."""

@@ -209,8 +209,8 @@ def test_follow_ups_answered_elsewhere_are_taken_as_turns():
 
 
 def test_a_conversation_counts_what_it_holds_for_its_follow_ups(concepts):
-    """Its photo and the processor's pixels dominate, and grow with the photo: a bound on all sessions must see
-    them (the key/value cache is bounded apart)."""
+    """Its photo dominates and grows with the photo: a bound on all sessions must see it (the key/value cache is
+    bounded apart). The processor's float32 pixels are not held: they are computed again when needed."""
     engine = tiny_engine("qwen2.5-vl")
     known = [chelsea(engine, concepts)]
     held = {}
@@ -218,14 +218,50 @@ def test_a_conversation_counts_what_it_holds_for_its_follow_ups(concepts):
         picture = photo(3, size=size)
         chat = engine.chat(known, image=picture)
         chat.ask("Is Chelsea here?", max_new_tokens=2)
-        prepared = engine._prepare_answer("Is Chelsea here?", known, picture, None, 2)
-        pixels = sum(t.numel() * t.element_size() for k, t in prepared.encoded.inputs.items() if k != "input_ids")
-        floor = size[0] * size[1] * 3 + pixels
+        inputs = engine._prepare_answer("Is Chelsea here?", known, picture, None, 2).encoded.inputs
+        vision = engine.backend.vision_input_keys
+        pixels = sum(t.numel() * t.element_size() for k, t in inputs.items() if k in vision)
+        others = sum(t.numel() * t.element_size() for k, t in inputs.items() if k not in vision)
+        floor = size[0] * size[1] * 3 + others
         assert floor <= chat.held_bytes < floor + 256 * 1024
+        assert chat.held_bytes < pixels  # what it held before: the photo and the pixels
         held[size] = chat.held_bytes
         chat.ask("And now?", max_new_tokens=2)
         assert chat.held_bytes > held[size]  # the turns' text and tokens too
     assert held[(400, 300)] > 3 * held[(200, 150)] - 256 * 1024
+
+
+@pytest.mark.parametrize("media", ["image", "video"])
+def test_a_recomputed_context_gets_the_first_questions_pixels_again(media, concepts, monkeypatch):
+    """A conversation whose cache was dropped computes its photo's or clip's pixels again: the very tensors the
+    first question gave the model, and the processor runs once more only then (never while the cache is kept,
+    and not twice for a first turn answered elsewhere, whose preparation made them)."""
+    engine = tiny_engine("qwen2.5-vl")
+    known = [chelsea(engine, concepts)]
+    shown = {"image": photo(3)} if media == "image" else {"video": [photo(seed) for seed in (4, 5, 6, 7)]}
+    calls = spy_on_generate(monkeypatch, engine)
+    encodes, encode = [], engine.backend.encode
+    monkeypatch.setattr(engine.backend, "encode", lambda *a, **k: encodes.append(encode(*a, **k)) or encodes[-1])
+    chat = engine.chat(known, **shown)
+    chat.ask("Is Chelsea here?", max_new_tokens=3)
+    assert len(encodes) == 1  # the first question's pixels went through the vision tower before generate
+    first = {k: v for k, v in encodes[0].inputs.items() if k in engine.backend.vision_input_keys}
+    assert first
+    chat.ask("What is she holding?", max_new_tokens=3)
+    assert len(encodes) == 1 and not any(k in calls[1] for k in first)  # on the cache: no pixels
+    chat.drop_cache()
+    chat.ask("And the wall?", max_new_tokens=3)
+    assert len(encodes) == 2
+    for key, value in first.items():
+        assert torch.equal(calls[2][key], value)
+
+    adopted = engine.chat(known, **shown)
+    adopted.adopt("Is Chelsea here?", chat.turns[0][1])
+    adopted.ask("What is she holding?", max_new_tokens=3)
+    assert len(encodes) == 3  # the adopted turn's preparation, its pixels used for the recomputation
+    for key, value in first.items():
+        assert torch.equal(calls[3][key], value)
+    assert adopted.turns[1][1] == chat.turns[1][1]
 
 
 def test_a_turn_this_conversation_would_refuse_is_not_adopted(concepts):

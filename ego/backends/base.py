@@ -25,6 +25,8 @@ class Encoded:
     """Positions of the query image's (or video's) visual tokens in input_ids, LongTensor [N]."""
     encoder_outputs: dict[str, Any] | None = None
     """Vision-tower outputs computed once and reused by generate (never encode an image twice)."""
+    prompt: str = ""
+    """The chat text the processor was given: with the same image or video, it gives the same tensors again."""
 
 
 class Backend(abc.ABC):
