@@ -15,9 +15,9 @@ import pytest
 from conftest import tiny_engine
 
 from ego import InputError
-from ego.evaluate import __main__ as cli, runner
-from ego.evaluate.datasets import LOADERS, make_fixture
-from ego.evaluate.judge import EndpointJudge
+from ego.evaluate import __main__ as cli, runner, scoring
+from ego.evaluate.datasets import LOADERS, Benchmark, Query, make_fixture
+from ego.evaluate.judge import JUDGE_PROMPT, EndpointJudge, ModelJudge
 from ego.evaluate.oracle import oracle_answerer
 
 FAST = ["--set", "description_max_new_tokens=3", "--set", "size_max_new_tokens=1", "--max-new-tokens", "3"]
@@ -74,6 +74,26 @@ def test_fixture_layouts_are_read_as_published(data):
     assert ("H", "Parrot_1") in rap.pairs and "Anns ball" in LOADERS["thisismy-rec"](data, 1).concepts
     with pytest.raises(InputError, match="Yo'LLaVA"):
         LOADERS["yollava-rec"](data / "myvlm", 1)
+
+
+def test_a_double_image_is_asked_about_its_folders_concept_only(data, tmp_path):
+    """A `*_double.png` shows a second concept its name does not give: a right "yes" about it is no false positive."""
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    folder = root / "This-is-My-Img" / "Single-concept" / "test" / "Positive" / "Anns ball-ball"
+    shutil.copy(folder / "0.png", folder / "7_double.png")
+    benchmark = LOADERS["thisismy-rec"](root, 1)
+    asked = [q.concept for q in benchmark.queries if q.media.endswith("7_double.png")]
+    assert asked == ["Anns ball"] and len(benchmark.queries) == 12 * 3 + 1
+    oracle = oracle_answerer(data)
+
+    def respond(query, concepts, media):  # "yes" about everything on the double image
+        return {"raw": "Yes."} if query.media.endswith("_double.png") else oracle(query, concepts, media)
+
+    config = {"benchmark": benchmark.name, "model": "oracle"}
+    runner.answer_share(benchmark, {}, respond, tmp_path / "run", config, progress=False)
+    records = runner.merge(benchmark, tmp_path / "run")
+    assert runner.compute_metrics(benchmark, records)["f1"] == 1.0
 
 
 def test_oracle_scores_100_on_every_benchmark(data, tmp_path):
@@ -218,15 +238,101 @@ def test_data_parallel_shares_merge_to_the_whole(data, tmp_path):
         return oracle(query, concepts, media)
 
     config = {"benchmark": benchmark.name, "model": "oracle"}
-    for rank in (0, 1):
-        runner.answer_share(benchmark, {}, respond, tmp_path, config, rank=rank, world=2, progress=False)
-    runner.wait_for_parts(tmp_path, 2, since=0.0, timeout_s=5)
+    keys = [q.key for q in benchmark.queries]
+    runner.answer_share(benchmark, {}, respond, tmp_path, config, rank=1, world=2, progress=False)
+    with pytest.raises(TimeoutError, match="unanswered"):  # rank 0's share is missing
+        runner.wait_for_parts(tmp_path, keys, timeout_s=0)
+    runner.answer_share(benchmark, {}, respond, tmp_path, config, rank=0, world=2, progress=False)
+    runner.wait_for_parts(tmp_path, keys, timeout_s=5)
     shares = [{r["key"] for r in _lines(tmp_path / "parts" / f"rank{r}.jsonl")} for r in (0, 1)]
     assert shares[0] and shares[1] and not shares[0] & shares[1]
     assert sorted(asked) == sorted(q.key for q in benchmark.queries)
     records = runner.merge(benchmark, tmp_path)
     assert [r["key"] for r in records] == [q.key for q in benchmark.queries]
     assert runner.write_results(benchmark, tmp_path, config, records)["metrics"]["f1"] == 1.0
+
+
+def test_rank_0_of_a_launch_merges_after_a_process_that_finished_before_it_started(data, tmp_path, monkeypatch):
+    """The processes of a launch do not wait for each other between benchmarks: another process often finishes its
+    share before rank 0 begins that benchmark, and rank 0 must still merge instead of waiting for it again."""
+    benchmark = LOADERS["thisismy-multi-rec"](data, 1)
+    config = {"benchmark": benchmark.name, "model": "oracle"}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    kwargs = dict(cache=tmp_path / "cache", respond=oracle_answerer(data), progress=False)
+    assert runner.run_benchmark(benchmark, None, tmp_path / "run", config, **kwargs) is None
+    monkeypatch.setenv("RANK", "0")
+    merged = []
+    rank_0 = threading.Thread(
+        target=lambda: merged.append(runner.run_benchmark(benchmark, None, tmp_path / "run", config, **kwargs)),
+        daemon=True,
+    )
+    rank_0.start()
+    rank_0.join(timeout=30)
+    assert merged and merged[0]["metrics"]["f1"] == 1.0
+
+
+def test_an_option_answer_that_names_no_option_is_wrong_and_counted_unparsed(tmp_path):
+    benchmark = Benchmark(name="two-options", kind="vqa", root=tmp_path, concepts={}, queries=[])
+    query = Query("q", "option", "Cat or dog?", "x.png", options={"A": "Cat", "B": "Dog"}, gold="B")
+    records = [runner.score_record(query, raw, benchmark) for raw in ("I am not sure.", "The answer is a dog.")]
+    assert [r["verdict"] for r in records] == [None, True]
+    assert scoring.accuracy([r["verdict"] for r in records]) == {"accuracy": 0.5, "n": 2, "unparsed": 1}
+
+
+def test_the_model_judges_a_long_answer_and_visitors_keep_their_question_cap():
+    engine = tiny_engine("qwen2.5-vl")
+    judge = ModelJudge(engine)
+    prediction = "The dog on the left is Rex, sitting by the door and looking at the camera. " * 4
+    verdict, reply = judge("Where is Rex?", "By the door.", prediction)
+    assert len(JUDGE_PROMPT.format(question="Where is Rex?", answer="By the door.", pred=prediction)) > 1000
+    assert verdict in (True, False, None) and isinstance(reply, str)
+    with pytest.raises(InputError, match="at most 1000 characters"):
+        engine.answer("x" * 1001, max_new_tokens=1)
+
+
+def test_set_converts_each_value_to_its_settings_declared_type():
+    changes = cli.settings_changes(
+        ["keywords_drop_stopwords=False", "batch_cache_min_free_mb=1.5", "k_cap_tokens=30", "system_prompt=original"]
+    )
+    assert changes == {
+        "keywords_drop_stopwords": False,
+        "batch_cache_min_free_mb": 1.5,
+        "k_cap_tokens": 30,
+        "system_prompt": "original",
+    }
+    assert type(changes["batch_cache_min_free_mb"]) is float and type(changes["k_cap_tokens"]) is int
+    assert cli.settings_changes(["keywords_drop_stopwords=yes", "model_quantization=none"]) == {
+        "keywords_drop_stopwords": True,
+        "model_quantization": None,
+    }
+    for pair, says in [("keywords_drop_stopwords=maybe", "true or false"), ("k_cap_tokens=many", "number")]:
+        with pytest.raises(InputError, match=says):
+            cli.settings_changes([pair])
+
+
+def test_a_table_runs_the_benchmarks_whose_data_is_there_and_says_which_are_not(data, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    (root / "this-is-my" / "video-qa.json").unlink()  # the paper's video questions are not public
+    out = tmp_path / "table2"
+    assert cli.main(["run", "--benchmark", "table2", "--data", str(root), "--model", "oracle", "--out", str(out)]) == 0
+    assert "thisismy-video-vqa" in capsys.readouterr().err
+    summary = (out / "summary.md").read_text()
+    assert "- Not run: thisismy-video-vqa" in summary
+    assert all(f"| {name} |" in summary for name in cli.TABLES["table2"][:4])
+    assert not (out / "thisismy-video-vqa").exists()
+
+
+def test_a_run_resumes_only_with_the_judge_its_logged_verdicts_came_from(data, tmp_path, capsys):
+    args = ["run", "--benchmark", "thisismy-multi-vqa", "--data", str(data), "--model", "oracle"]
+    args += ["--out", str(tmp_path)]
+    assert cli.main([*args, "--limit", "2"]) == 0
+    assert cli.main([*args, "--judge", "openai", "--judge-url", "http://localhost:9/v1", "--judge-model", "m"]) == 2
+    assert "judged by rule" in capsys.readouterr().err
+    assert len(_lines(tmp_path / "predictions.jsonl")) == 2  # nothing was asked or judged again
+    assert cli.main([*args, "--limit", "3"]) == 0  # the same judge: it resumes
+    assert len(_lines(tmp_path / "predictions.jsonl")) == 3
 
 
 def test_progress_line_estimates_the_time_left():

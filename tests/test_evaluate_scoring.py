@@ -45,6 +45,14 @@ OPTIONS = {"A": "Cat", "B": "Dog"}
         ("a cat and a dog", None, "A"),
         ("I am not sure", None, None),
         ("It is a dog", "B", None),
+        # After "answer is", a small letter followed by a word is the article, not option A.
+        ("The answer is a dog.", "B", None),
+        ("The correct option is a dog", "B", None),
+        ("Answer: a dog", "B", "A"),
+        ("The answer is: B", "B", None),
+        ("The answer is (a)", "A", "A"),
+        ("The answer is B because it barks.", "B", None),
+        ("Option a.", "A", "A"),
     ],
 )
 def test_two_option_letters(answer, strict, pekit):

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import typing
 from pathlib import Path
 
 from ..errors import InputError
@@ -92,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max-new-tokens",
         type=int,
         default=None,
-        help="cap every answer at N tokens (default: 4 yes/no, 16 options, 64 open and captions)",
+        help="every answer's token cap, in place of the defaults (4 yes/no, 16 options, 64 open and captions)",
     )
     _judge_options(run)
 
@@ -103,19 +104,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRUE, FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
 def settings_changes(pairs: list[str]) -> dict:
-    """--set NAME=VALUE pairs, each value converted to the type of the setting it changes."""
-    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    """--set NAME=VALUE pairs, each value converted to the declared type of the setting it changes: true/false
+    (also yes/no, 1/0) for a switch, a number for a number, "none" for a setting that may be None."""
+    types = typing.get_type_hints(Settings)
     changes = {}
     for pair in pairs:
         name, _, value = pair.partition("=")
-        if name not in fields or not value:
+        if name not in types or not value:
             raise InputError(f"--set {pair!r}: give NAME=VALUE with NAME one of the fields of ego/settings.py.")
-        kind = type(getattr(Settings(), name))
-        try:
-            changes[name] = value if kind is str else kind(value)
-        except ValueError as error:
-            raise InputError(f"--set {pair!r}: {name} takes a {kind.__name__}.") from error
+        kind = types[name]
+        optional = type(None) in typing.get_args(kind)
+        kind = next((k for k in typing.get_args(kind) if k is not type(None)), kind)
+        if optional and value.lower() == "none":
+            changes[name] = None
+        elif kind is bool:
+            if value.lower() not in TRUE + FALSE:
+                raise InputError(f"--set {pair!r}: {name} is true or false.")
+            changes[name] = value.lower() in TRUE
+        elif kind in (int, float):
+            try:
+                changes[name] = kind(value)
+            except ValueError as error:
+                raise InputError(f"--set {pair!r}: {name} takes a number ({kind.__name__}).") from error
+        else:
+            changes[name] = value
     return changes
 
 
@@ -158,53 +174,75 @@ def run(args) -> list[dict]:
         raise InputError(
             f"Unknown benchmark {args.benchmark!r}; choose one of {', '.join(LOADERS)}, {', '.join(TABLES)} or table3."
         )
-    settings = protocol_settings(args.protocol).replace(**settings_changes(args.set))
-    oracle = args.model == "oracle"
-    engine = None if oracle else load_engine(args.model, args.quantization, settings)
-    judge = make_judge(args.judge, engine=engine, url=args.judge_url, model=args.judge_model)
-    cache = Path(args.cache) if args.cache else out / "concept-cache"
+    try:
+        settings = protocol_settings(args.protocol).replace(**settings_changes(args.set))
+    except ValueError as error:  # a value the settings refuse, with its own sentence
+        raise InputError(f"--set: {error}") from error
     jobs = []  # (benchmark name, paper key, folder, settings changes, refs)
     if args.benchmark == "table3":
         jobs = [("yollava-rec", f"table3/{v}", out / v, changes, refs) for v, (changes, refs) in TABLE3.items()]
     else:
         several = len(names) > 1
         jobs = [(n, n, out / n if several else out, {}, args.refs) for n in names]
+    # Every dataset is read before the model loads: a missing one is told at once, not after hours of the others.
+    benchmarks, missing = {}, []
+    for name, _, _, _, refs in jobs:
+        try:
+            benchmarks[name, refs] = benchmarks.get((name, refs)) or LOADERS[name](data, refs)
+        except InputError as error:
+            if len(jobs) == 1:
+                raise
+            missing.append(f"{name}: {error}")
+    if not benchmarks:
+        raise InputError("No benchmark of this table has its data: " + "; ".join(missing))
+    if missing:
+        lines = "\n  ".join(missing)
+        print(f"Not run, their data is missing (each runs on its own once it is there):\n  {lines}", file=sys.stderr)
+    oracle = args.model == "oracle"
+    engine = None if oracle else load_engine(args.model, args.quantization, settings)
+    judge = make_judge(args.judge, engine=engine, url=args.judge_url, model=args.judge_model)
+    cache = Path(args.cache) if args.cache else out / "concept-cache"
     documents = []
-    for name, paper_key, folder, changes, refs in jobs:
-        benchmark = LOADERS[name](data, refs)
-        run_settings = settings.replace(**changes)
-        run_settings = run_settings.replace(
-            max_concepts_in_context=max(run_settings.max_concepts_in_context, len(benchmark.concepts))
-        )
-        config = {
-            "benchmark": name,
-            "paper_key": paper_key,
-            "data": str(data),
-            "model": args.model,
-            "protocol": args.protocol,
-            "refs": refs,
-            "quantization": args.quantization,
-            "settings": dataclasses.asdict(run_settings),
-            "max_new_tokens": args.max_new_tokens,
-            "limit": args.limit,
-            "judge": judge.spec,
-        }
-        document = runner.run_benchmark(
-            benchmark,
-            None if oracle else engine.with_settings(run_settings),
-            folder,
-            config,
-            cache=cache,
-            respond=oracle_answerer(data) if oracle else None,
-            limit=args.limit,
-            judge=judge,
-            paper_key=paper_key,
-            max_new_tokens=args.max_new_tokens,
-        )
-        if document is not None:
-            documents.append(document)
-    if len(jobs) > 1 and documents:
-        (out / "summary.md").write_text(runner.summary_markdown(documents))
+    try:
+        for name, paper_key, folder, changes, refs in jobs:
+            if (name, refs) not in benchmarks:
+                continue
+            benchmark = benchmarks[name, refs]
+            run_settings = settings.replace(**changes)
+            run_settings = run_settings.replace(
+                max_concepts_in_context=max(run_settings.max_concepts_in_context, len(benchmark.concepts))
+            )
+            config = {
+                "benchmark": name,
+                "paper_key": paper_key,
+                "data": str(data),
+                "model": args.model,
+                "protocol": args.protocol,
+                "refs": refs,
+                "quantization": args.quantization,
+                "settings": dataclasses.asdict(run_settings),
+                "max_new_tokens": args.max_new_tokens,
+                "limit": args.limit,
+                "judge": judge.spec,
+            }
+            document = runner.run_benchmark(
+                benchmark,
+                None if oracle else engine.with_settings(run_settings),
+                folder,
+                config,
+                cache=cache,
+                respond=oracle_answerer(data) if oracle else None,
+                limit=args.limit,
+                judge=judge,
+                paper_key=paper_key,
+                max_new_tokens=args.max_new_tokens,
+            )
+            if document is not None:
+                documents.append(document)
+    finally:  # the table's summary of what was run, also when a later benchmark failed
+        if len(jobs) > 1 and documents:
+            not_run = "".join(f"- Not run: {line}\n" for line in missing)
+            (out / "summary.md").write_text(runner.summary_markdown(documents) + not_run)
     if documents:
         print((out / "summary.md").read_text())
     return documents

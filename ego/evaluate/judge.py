@@ -76,9 +76,12 @@ class ModelJudge:
         self.spec = f"self:{engine.model_id}"
 
     def __call__(self, question: str, answer: str, prediction: str) -> tuple[bool | None, str]:
-        reply = self.engine.answer(
-            JUDGE_PROMPT.format(question=question, answer=answer, pred=prediction), max_new_tokens=4
+        prompt = JUDGE_PROMPT.format(question=question, answer=answer, pred=prediction)
+        # The prompt holds a whole answer: the visitor's question cap (`max_question_chars`) is not the judge's.
+        judging = self.engine.with_settings(
+            max_question_chars=max(self.engine.settings.max_question_chars, len(prompt))
         )
+        reply = judging.answer(prompt, max_new_tokens=4)
         return read_verdict(reply), str(reply)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..memory import load_concepts, save_concepts
+from ..quantization import loaded_quantization
 from . import scoring
 from .datasets import MAX_NEW_TOKENS, Benchmark, Query
 
@@ -74,12 +75,13 @@ ANSWER_ONLY_SETTINGS = ("max_concepts_in_context", "max_question_chars", "memory
 
 
 def concept_key(engine, name: str, references: list[Path]) -> str:
-    """What a cached concept depends on: the model, its layers, every setting an introduction may read, the
-    name and the photos."""
+    """What a cached concept depends on: the model and how its weights were loaded (NF4 and bf16 choose other
+    tokens), its layers, every setting an introduction may read, the name and the photos."""
     settings = {k: v for k, v in dataclasses.asdict(engine.settings).items() if k not in ANSWER_ONLY_SETTINGS}
     material = json.dumps(
         {
             "model": engine.model_id,
+            "quantization": loaded_quantization(engine.model),
             "layers": list(engine.layers),
             "settings": settings,
             "name": name,
@@ -121,7 +123,7 @@ def model_answer(engine, max_new_tokens: int | None = None):
 
     def respond(query: Query, concepts: list, media: Path) -> dict:
         kind = {"video": str(media)} if query.is_video else {"image": str(media)}
-        cap = min(MAX_NEW_TOKENS[query.kind], max_new_tokens or MAX_NEW_TOKENS[query.kind])
+        cap = max_new_tokens or MAX_NEW_TOKENS[query.kind]
         answer = engine.answer(query.question, concepts, max_new_tokens=cap, **kind)
         return {"raw": str(answer), "used": list(answer.concepts_used), "context_tokens": answer.context_tokens}
 
@@ -137,7 +139,8 @@ def score_record(query: Query, raw: str, benchmark: Benchmark, judge=None) -> di
     elif query.kind == "option":
         parsed = scoring.parse_option(raw, query.options)
         gold = str(query.gold).strip().upper()
-        record.update(parsed=parsed, parsed_pekit=scoring.parse_option_pekit(raw), verdict=parsed == gold)
+        verdict = None if parsed is None else parsed == gold  # unparsed: wrong, and counted as unparsed
+        record.update(parsed=parsed, parsed_pekit=scoring.parse_option_pekit(raw), verdict=verdict)
     elif query.kind == "caption":
         named = sorted(scoring.names_in_caption(raw, benchmark.concepts))
         record.update(parsed=named, verdict=set(query.gold) <= set(named))
@@ -159,11 +162,19 @@ def _read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def _check_config(out: Path, config: dict) -> None:
+def _check_config(out: Path, config: dict, judged: bool = False) -> None:
+    """A run resumes only with its own configuration (`RESUMABLE_EXCEPT` apart); a benchmark with open answers
+    (`judged`) also keeps its judge, since the verdicts already logged are that judge's."""
     path = out / "run.json"
     fixed = {k: v for k, v in config.items() if k not in RESUMABLE_EXCEPT}
     if path.is_file():
-        before = {k: v for k, v in json.loads(path.read_text()).items() if k not in RESUMABLE_EXCEPT}
+        stored = json.loads(path.read_text())
+        if judged and stored.get("judge") != config.get("judge"):
+            raise InputError(
+                f"{out} holds answers judged by {stored.get('judge')}: resume it with that judge, then judge all its "
+                f"answers with {config.get('judge')} by `python -m ego.evaluate judge {out} --judge ...`."
+            )
+        before = {k: v for k, v in stored.items() if k not in RESUMABLE_EXCEPT}
         if before != fixed:
             changed = sorted(k for k in set(before) | set(fixed) if before.get(k) != fixed.get(k))
             raise InputError(
@@ -190,10 +201,10 @@ def answer_share(
 ) -> int:
     """Answer this process's share of the queries not answered yet, appending each to its part file.
     Returns how many were asked now."""
-    _check_config(out, config)
+    _check_config(out, config, judged=any(q.kind == "open" for q in benchmark.queries))
     parts = out / "parts"
     parts.mkdir(exist_ok=True)
-    done = {r["key"] for part in parts.glob("*.jsonl") for r in _read_jsonl(part)}
+    done = answered_keys(out)
     queries = shard(benchmark.queries[:limit], rank, world)
     todo = [q for q in queries if q.key not in done]
     in_context = list(concepts.values())
@@ -220,17 +231,26 @@ def answer_share(
             log.flush()
             if bar:
                 bar.step()
-    (parts / f"rank{rank}.done").write_text(str(time.time()))
     return len(todo)
 
 
-def wait_for_parts(out: Path, world: int, since: float, timeout_s: float = 7 * 24 * 3600) -> None:
-    """Rank 0 waits until every process of this launch has marked its part done."""
-    deadline = time.monotonic() + timeout_s
-    marks = [out / "parts" / f"rank{r}.done" for r in range(world)]
-    while not all(m.is_file() and float(m.read_text() or 0) >= since for m in marks):
+def answered_keys(out: Path) -> set[str]:
+    """The queries answered in the run's folder so far, by any process of any launch."""
+    return {r["key"] for part in (out / "parts").glob("*.jsonl") for r in _read_jsonl(part)}
+
+
+def wait_for_parts(out: Path, keys, timeout_s: float = 7 * 24 * 3600) -> None:
+    """Rank 0 waits until every query of `keys` is answered in some process's part file. What is waited for is the
+    answers themselves, not marks with a time: the processes of a launch start their benchmarks at different
+    moments (the others never wait for rank 0 to merge), so a mark's time says nothing about which launch wrote
+    it."""
+    deadline, missing = time.monotonic() + timeout_s, set(keys)
+    while missing := missing - answered_keys(out):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"processes of the launch did not finish in {timeout_s:.0f} s")
+            raise TimeoutError(
+                f"{len(missing)} queries were still unanswered after {timeout_s:.0f} s: a process of the launch "
+                "stopped; start the launch again to answer them (what is answered is kept)."
+            )
         time.sleep(2.0)
 
 
@@ -395,9 +415,8 @@ def run_benchmark(
     """The whole run of one benchmark in this process (a share of it in a data-parallel launch); the
     metrics document on rank 0, None on the others. With no engine, `respond` answers without concepts."""
     rank, world = process_share()
-    started = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    _check_config(out, config)
+    _check_config(out, config, judged=any(q.kind == "open" for q in benchmark.queries))
     concepts = {} if engine is None else concepts_for(benchmark, engine, cache, rank, world)
     respond = respond or model_answer(engine, max_new_tokens)
     answer_share(
@@ -406,7 +425,7 @@ def run_benchmark(
     if rank != 0:
         return None
     if world > 1:
-        wait_for_parts(out, world, started)
+        wait_for_parts(out, [q.key for q in benchmark.queries[:limit]])
     return write_results(benchmark, out, config, merge(benchmark, out, limit), paper_key)
 
 

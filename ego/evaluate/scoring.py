@@ -28,17 +28,23 @@ def parse_yes_no(answer: str) -> bool | None:
 
 
 _LONE_LETTER = re.compile(r"^\s*[\(\[]?([ab])\s*(?:[\)\].:,]|$)", re.IGNORECASE)
-_ANSWER_IS = re.compile(r"\b(?:answer|option)\s*(?:is|:)?\s*[\(\[]?([ab])\b(?!')", re.IGNORECASE)
+# After "answer is", "answer:" or "option": a bracketed letter, a capital letter that does not begin a word, or a
+# small letter closed by punctuation or the end ("the answer is a dog" names the dog, not option A).
+_ANSWER_IS = re.compile(
+    r"\b(?i:answer|option)\s*(?:(?i:is)\s*:?|:)?\s*"
+    r"(?:[\(\[]([abAB])[\)\]]|([AB])(?![\w'])|([ab])(?=\s*(?:[.:,;)\]]|$)))"
+)
 
 
 def parse_option(answer: str, options: dict[str, str]) -> str | None:
     """The chosen letter of a two-option question ("A"/"B"), robust to answers that begin with the article
-    "A" ("A dog sits..."): a letter counts only when it stands alone ("B", "(A)", "A.", "A: Dog"), after
-    "answer is", or when exactly one option's text appears in the answer. None when it cannot be told."""
+    "A" ("A dog sits...", "The answer is a dog"): a letter counts only when it stands alone ("B", "(A)", "A.",
+    "A: Dog"), after "answer is" as a letter and not an article, or when exactly one option's text appears in the
+    answer. None when it cannot be told."""
     text = str(answer).strip()
     match = _LONE_LETTER.match(text) or _ANSWER_IS.search(text)
     if match:
-        return match.group(1).upper()
+        return next(letter for letter in match.groups() if letter).upper()
     lowered = _normalise(text)
     found = [letter for letter, option in options.items() if _contains_words(lowered, _normalise(option))]
     return found[0].upper() if len(found) == 1 else None
