@@ -221,6 +221,7 @@ def build_demo(
                 **CHEAP,
             )
         )
+        # A removed concept is not used again: the conversations that knew it end, and their chat views empty.
         then_refresh(
             mine.remove.click(
                 act.remove_concept,
@@ -230,7 +231,7 @@ def build_demo(
                 api_description=api.REMOVE_CONCEPT,
                 **CHEAP,
             )
-        )
+        ).then(act.shown_conversations, session, [img.chat, vid.chat], **CHEAP, **PRIVATE)
         confirm = [mine.clear, mine.confirm_row]
         mine.clear.click(lambda: (gr.Button(visible=False), gr.Row(visible=True)), None, confirm, **CHEAP, **PRIVATE)
         mine.cancel_clear.click(
@@ -238,7 +239,9 @@ def build_demo(
         )
         then_refresh(
             mine.confirm_clear.click(act.clear_concepts, session, [session, mine.records], **CHEAP, **PRIVATE)
-        ).then(lambda: (gr.Button(visible=True), gr.Row(visible=False)), None, confirm, **CHEAP, **PRIVATE)
+        ).then(lambda: (gr.Button(visible=True), gr.Row(visible=False)), None, confirm, **CHEAP, **PRIVATE).then(
+            act.shown_conversations, session, [img.chat, vid.chat], **CHEAP, **PRIVATE
+        )
         exporting = mine.export.click(
             act.export_concepts,
             session,

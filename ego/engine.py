@@ -182,6 +182,8 @@ class PreparedAnswer:
     """The memory placeholders: bool [1, L]."""
     residuals: torch.Tensor | None
     """The kept memories' residuals [levels, M, D], added at the slots (`Backend.memory_residuals`)."""
+    kept: list[Concept]
+    """The concepts in the context, in order: their memories fill the slots."""
     used: list[str]
     dropped: list[str]
     context_tokens: int
@@ -762,8 +764,7 @@ class Ego:
             encoded.encoder_outputs = selection.probe.encoder_outputs  # the query was encoded once, for ranking
         elif query.visual_block:
             selection.scores, selection.maps = self._compare(query, encoded, memory)  # every concept is kept
-        placed = memory[:0] if self.settings.memory_keywords == "only" else memory  # keyword lines hold no rows
-        input_ids, embeds, slots = self._soft_prompt(encoded, placed)
+        input_ids, embeds, slots = self._soft_prompt(encoded, self._placed_memory(selection.kept, memory))
         names = [c.name for c in query.concepts]
         return PreparedAnswer(
             generate=dict(
@@ -775,6 +776,7 @@ class Ego:
             ),
             slots=slots[None],
             residuals=self._memory_residuals(selection.kept),
+            kept=list(selection.kept),
             used=[c.name for c in selection.kept],
             dropped=[c.name for c in selection.dropped],
             context_tokens=input_ids.shape[1],
@@ -833,6 +835,12 @@ class Ego:
             return [], []
         located = self.backend.query_map(encoded) if query.picture is not None else None
         return similarity_to_query(query.concepts, rows, located, memory=memory)
+
+    def _placed_memory(self, kept: Sequence[Concept], rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows placed at the context's slots for `kept` (their memories, `rows` when already on the device;
+        none where keyword lines stand for them): [M, D]."""
+        rows = self._memories_on_device(kept) if rows is None else rows
+        return rows[:0] if self.settings.memory_keywords == "only" else rows
 
     def _memories_on_device(self, group: Sequence[Concept]) -> torch.Tensor:
         """The memories of `group` on the model's device, in one copy: [sum K, D]."""
@@ -1004,17 +1012,13 @@ class Chat:
         """The conversation so far: the first context, then each answer (stop tokens removed) and user turn."""
         self._slots = torch.zeros(0, dtype=torch.bool)
         """The first context's memory placeholders, bool [L0] on CPU."""
-        self._memory: torch.Tensor | None = None
-        """The memory rows at those placeholders [M, D] on CPU, and their residuals [levels, M, D] or None."""
-        self._residuals: torch.Tensor | None = None
+        self._kept: tuple[Concept, ...] = ()
+        """The concepts in the first context, in order: their memories (and residuals) fill those placeholders, taken
+        from the concepts again for each question rather than copied here."""
         self._inputs: dict[str, Any] = {}
         """The first question's processor output but its pixels (grids, masks, ...), to recompute the context from."""
         self._prompt = ""
         """The first question's chat text: with the photo or clip, the processor gives its pixels again."""
-        self._pixels: dict[str, torch.Tensor] = {}
-        """The first context's pixels, held only from an adopted first turn's preparation (`_add_adopted`) until the
-        question that recomputes the context takes them: a conversation keeps its photo or clip (a byte a value), not
-        the processor's float32 pixels, and computes them again when it recomputes its context."""
         self._details: dict[str, Any] = {}
         """What every answer reports about the first context (`Answer` fields)."""
         self._cache = None
@@ -1090,21 +1094,23 @@ class Chat:
         self._adopted.append((str(question), ids))
         self.turns.append((str(question).strip(), answer))
 
-    def _add_adopted(self) -> None:
+    def _add_adopted(self) -> dict[str, torch.Tensor]:
         """The turns answered elsewhere, added to the conversation's tokens: the first context prepared as
         `Ego.answer` prepares it, each later question's turn as a follow-up opens it (`Backend.continue_turn`),
-        and each answer's tokens."""
-        engine = self.engine
+        and each answer's tokens. Returns the first context's pixels when it prepared them (the question asked now
+        recomputes that context: not twice through the processor), else nothing."""
+        engine, pixels = self.engine, {}
         while self._adopted:  # one turn at a time: a failure leaves the conversation as the turns before made it
             question, answer_ids = self._adopted[0]
             if not self._ids:
                 prepared = engine._prepare_answer(question, self.concepts, self.picture, self.clip, None)
                 self._remember_context(prepared)
-                self._pixels = self._pixels_of(prepared.encoded)  # the next question recomputes the context
+                pixels = self._pixels_of(prepared.encoded)
             else:
                 self._ids = self._ids + self._turn_ids(checks.check_question(question, engine.settings))
             self._ids = self._ids + answer_ids
             self._adopted.pop(0)
+        return pixels
 
     def _turn_ids(self, text: str) -> list[int]:
         """The tokens that close the previous answer and ask the checked question `text` (`Backend.continue_turn`)."""
@@ -1134,7 +1140,7 @@ class Chat:
             )
         text = checks.check_question(question, settings)
         max_new_tokens = checks.check_max_new_tokens(max_new_tokens, settings)
-        self._add_adopted()
+        pixels = self._add_adopted()  # dropped with this question if it fails: the photo or clip gives them again
         ids = self._ids + self._turn_ids(text)
         if len(ids) + max_new_tokens > settings.max_conversation_context_tokens:
             raise InputError(
@@ -1146,7 +1152,8 @@ class Chat:
             embeds = engine.model.get_input_embeddings()(input_ids).clone()  # [1, T, D]
         slots = torch.zeros(1, len(ids), dtype=torch.bool)
         slots[0, : self._slots.numel()] = self._slots
-        embeds[0, slots[0].to(embeds.device)] = self._memory.to(device=embeds.device, dtype=embeds.dtype)
+        memory = engine._placed_memory(self._kept)  # [M, D]
+        embeds[0, slots[0].to(embeds.device)] = memory.to(device=embeds.device, dtype=embeds.dtype)
         # The processor's tensors grown to the whole conversation (the new tokens are text), pixels included.
         kwargs = _extend(
             engine.backend.generate_kwargs(Encoded(inputs=self._inputs, visual_columns=slots[0])), len(ids)
@@ -1156,7 +1163,7 @@ class Chat:
             engine.backend.restore_positions(self._positions)
         else:
             cache = self._new_cache()
-            kwargs.update(self._first_context_pixels())
+            kwargs.update(self._first_context_pixels(pixels))
         return _Turn(
             question=text,
             slots=slots,
@@ -1176,7 +1183,7 @@ class Chat:
     def _generate(self, turn: _Turn, **extra):
         """generate for one turn (the memory's residuals added where the family adds them); a failure leaves the
         conversation without a cache, since a half-written one cannot be continued."""
-        residuals = turn.prepared.residuals if turn.prepared is not None else self._residuals
+        residuals = turn.prepared.residuals if turn.prepared is not None else self.engine._memory_residuals(self._kept)
         try:
             with torch.no_grad(), self.engine.backend.memory_residuals(turn.slots, residuals):
                 return self.engine.model.generate(**turn.generate, **extra)
@@ -1208,11 +1215,12 @@ class Chat:
     def _pixels_of(self, encoded: Encoded) -> dict[str, torch.Tensor]:
         return {k: v for k, v in encoded.inputs.items() if k in self.engine.backend.vision_input_keys}
 
-    def _first_context_pixels(self) -> dict[str, torch.Tensor]:
-        """The processor's pixels of the first context on the model's device, to recompute it: those an adopted
-        first turn just prepared, else computed again from the photo or clip loaded as the first question loaded
-        them and the same chat text (the processor is deterministic: the same tensors, the same answer)."""
-        engine, pixels, self._pixels = self.engine, self._pixels, {}
+    def _first_context_pixels(self, pixels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The processor's pixels of the first context on the model's device, to recompute it: `pixels` when an
+        adopted first turn just prepared them, else computed again from the photo or clip loaded as the first
+        question loaded them and the same chat text (the processor is deterministic: the same tensors, the same
+        answer). A conversation keeps its photo or clip (a byte a value), not the processor's float32 pixels."""
+        engine = self.engine
         if not pixels and (self.picture is not None or self.clip is not None):
             picture = load_image(self.picture, engine.settings) if self.picture is not None else None
             clip = load_video(self.clip, engine.settings) if self.clip is not None else None
@@ -1223,15 +1231,15 @@ class Chat:
     def held_bytes(self) -> int:
         """Memory this conversation holds for its follow-ups besides its key/value cache (bounded on its own,
         `max_cached_conversations_mb`) and its concepts (kept where they were made): its photo or clip, the first
-        context's processor output but its pixels (computed again when needed), memory rows and tokens, and the
-        turns' texts and tokens."""
+        context's processor output but its pixels (computed again when needed) and its tokens, and the turns' texts
+        and tokens. Past its first question it grows only by turns, within `max_conversation_context_tokens`."""
         total = 0
         if self.picture is not None:
             width, height = self.picture.size
             total += width * height * len(self.picture.getbands())
         if self.clip is not None:
             total += int(self.clip[0].nbytes)  # frames: uint8 [T, H, W, 3]
-        tensors = [*self._inputs.values(), *self._pixels.values(), self._memory, self._residuals, self._slots]
+        tensors = [*self._inputs.values(), self._slots]
         total += sum(storage_bytes(t) for t in tensors if torch.is_tensor(t))
         total += _PYTHON_INT_BYTES * (len(self._ids) + sum(len(ids) for _, ids in self._adopted))
         for question, answer in self.turns:
@@ -1239,11 +1247,11 @@ class Chat:
         return total
 
     def _remember_context(self, prepared: PreparedAnswer) -> None:
-        """Keep what a follow-up needs of the first context: its tokens, memory rows and processor output."""
+        """Keep what a follow-up needs of the first context: its tokens, which concepts fill its memory slots, the
+        processor's output but its pixels, and the chat text that gives them again."""
         self._ids = prepared.generate["input_ids"][0].tolist()
         self._slots = prepared.slots[0].cpu()
-        self._memory = prepared.generate["inputs_embeds"][0, prepared.slots[0]].cpu()  # [M, D]
-        self._residuals = prepared.residuals
+        self._kept = tuple(prepared.kept)
         keys = {"input_ids", *self.engine.backend.vision_input_keys}
         self._inputs = {k: v for k, v in prepared.encoded.inputs.items() if k not in keys}
         self._prompt = prepared.encoded.prompt

@@ -38,6 +38,7 @@ from .settings import SpaceSettings
 from .zerogpu import call_seconds, gpu, on_zero_gpu
 
 log = logging.getLogger("ego.space")
+ENDED_CONVERSATIONS = " The conversations that knew it ended: your next message starts a new one."
 
 
 @contextlib.contextmanager
@@ -253,6 +254,7 @@ class Actions:
             # The first answer comes from the scheduler (batched with other visitors' questions); the conversation
             # takes it as its first turn, and its follow-ups run on its own cache.
             chat = engine.chat(session.concepts, image=picture)
+            asked = session.conversations.asking("image")
             stream = self._answer_stream(engine, question, session.concepts, image=picture)
             failed = False
             try:
@@ -269,7 +271,7 @@ class Actions:
                 stream.close()
                 if str(answer) and not failed:  # finished or stopped: the answer so far is the first turn
                     chat.adopt(question, answer)
-                    self._keep_conversation(session, "image", chat)
+                    self._keep_conversation(session, "image", chat, asked)
             if compare:  # streamed too, so that Stop or a closed tab also ends this answer at once
                 stream = self._answer_stream(engine, question, (), image=picture)
                 try:
@@ -279,10 +281,11 @@ class Actions:
                     stream.close()
             yield session, str(answer), str(plain), details, matches  # the final value of every output
 
-    def _keep_conversation(self, session: Session, tab: str, chat) -> None:
+    def _keep_conversation(self, session: Session, tab: str, chat, asked: int) -> None:
         """The tab's conversation for follow-ups, within the memory all sessions may hold; if it does not fit,
-        the visitor is told that this answer cannot be followed up."""
-        if not session.keep_conversation(tab, chat, self.conversation_budget):
+        the visitor is told that this answer cannot be followed up. Not kept, silently, when the visitor moved on
+        while it was answered (a new photo or clip, "New conversation", another first question, a removed concept)."""
+        if session.keep_conversation(tab, chat, self.conversation_budget, asked) is False:
             gr.Warning(FULL_OF_CONVERSATIONS)
 
     def _tell_dropped(self, answer) -> None:
@@ -325,6 +328,7 @@ class Actions:
             started = time.perf_counter()
             answer, details = "", {}
             chat = engine.chat(session.concepts, video=(frames, metadata))
+            asked = session.conversations.asking("video")
             stream = self._answer_stream(engine, question, session.concepts, video=(frames, metadata))
             failed = False
             try:
@@ -340,7 +344,7 @@ class Actions:
                 stream.close()
                 if str(answer) and not failed:
                     chat.adopt(question, answer)
-                    self._keep_conversation(session, "video", chat)
+                    self._keep_conversation(session, "video", chat, asked)
             yield session, gallery, str(answer), details
 
     # ------------------------------------------------------------------------------------------
@@ -468,14 +472,15 @@ class Actions:
         with for_visitor("removing the concept", session, quietly=skipped_the_queue(request)):
             if not name:
                 raise InputError("Pick the concept to remove from the list first.")
-            session.remove(checks.check_text(str(name), "name"))
-            session.tell("Removed the concept.")
+            ended = session.remove(checks.check_text(str(name), "name"))
+            session.tell("Removed the concept." + (ENDED_CONVERSATIONS if ended else ""))
         return session, self.records(session)
 
     def clear_concepts(self, session: Session):
         count = len(session)
-        session.clear()
-        session.tell(f"Removed all {count} of your concepts." if count else "There are no concepts to clear.")
+        ended = session.clear()
+        said = f"Removed all {count} of your concepts." if count else "There are no concepts to clear."
+        session.tell(said + (ENDED_CONVERSATIONS if ended else ""))
         return session, self.records(session)
 
     def export_concepts(self, session: Session, request: gr.Request = None):

@@ -22,6 +22,9 @@ class Conversations:
         self._lock = threading.Lock()
         self._answering: set[int] = set()
         """The conversations (their ids) whose follow-up is being answered away from the engine's lock."""
+        self._asked: dict[str, int] = {}
+        """Per tab, how many first questions were asked or conversations ended there: a first question's
+        conversation is kept only if nothing happened in its tab since it was asked (`asking`, `start`)."""
 
     def __deepcopy__(self, memo) -> Conversations:
         # gr.State deep-copies its default once per visitor: each one starts with no conversation.
@@ -31,11 +34,23 @@ class Conversations:
         """The tab's conversation, or None."""
         return self._chats.get(tab)
 
-    def start(self, tab: str, chat) -> None:
-        """`chat` replaces the tab's conversation and becomes the one `/follow_up` continues."""
+    def asking(self, tab: str) -> int:
+        """A first question is being asked in `tab`: the mark its conversation is kept with (`start`). A later
+        question there, or the tab's conversation ended meanwhile (a new photo, "New conversation"), makes it stale:
+        the visitor has moved on, and the answer in flight must not bring back the conversation they left."""
         with self._lock:
+            self._asked[tab] = self._asked.get(tab, 0) + 1
+            return self._asked[tab]
+
+    def start(self, tab: str, chat, asked: int | None = None) -> bool:
+        """`chat` replaces the tab's conversation and becomes the one `/follow_up` continues; not (False) when
+        `asked`, the mark of the question that started it, is stale."""
+        with self._lock:
+            if asked is not None and self._asked.get(tab) != asked:
+                return False
             self._chats[tab] = chat
             self.current = tab
+            return True
 
     @property
     def nbytes(self) -> int:
@@ -55,11 +70,19 @@ class Conversations:
             self._answering.discard(id(chat))
 
     def end(self, tab: str) -> None:
-        """The tab has no conversation any more (a new photo or clip, or "New conversation")."""
+        """The tab has no conversation any more (a new photo or clip, or "New conversation"), nor will the first
+        question in flight there start one."""
         with self._lock:
+            self._asked[tab] = self._asked.get(tab, 0) + 1
             self._chats.pop(tab, None)
             if self.current == tab:
                 self.current = next(iter(self._chats), None)
+
+
+def holding(chats: Conversations, concepts) -> list[str]:
+    """The tabs whose conversation knows one of `concepts` (by identity)."""
+    held = {id(concept) for concept in concepts}
+    return [tab for tab in TABS if any(id(c) in held for c in getattr(chats.get(tab), "concepts", ()))]
 
 
 def messages(turns, question: str | None = None, partial: str | None = None) -> list[dict]:

@@ -27,7 +27,7 @@ from PIL import Image
 from ego.errors import InputError
 from ego.memory import Concept
 
-from .conversations import Conversations
+from .conversations import Conversations, holding
 
 EXPORT_NAME = "ego-concepts.safetensors"
 
@@ -185,31 +185,51 @@ class Session:
             with budget.admitting(self, sum(entry.nbytes for entry in entries)):
                 self._entries = self._entries + list(entries)
 
-    def keep_conversation(self, tab: str, chat, budget: MemoryBudget) -> bool:
+    def keep_conversation(self, tab: str, chat, budget: MemoryBudget, asked: int | None = None) -> bool | None:
         """`chat` becomes the tab's conversation if `budget` (one that bounds conversations: `held_by` their
         `nbytes`) admits what it holds beyond the one it replaces; otherwise (False) the tab's conversation ends:
-        nothing to follow up, and nothing more held."""
-        previous = self.conversations.get(tab)
-        growth = chat.held_bytes - (previous.held_bytes if previous is not None else 0)
-        try:
-            with budget.admitting(self, growth, FULL_OF_CONVERSATIONS):
-                self.conversations.start(tab, chat)
-        except InputError:
-            self.conversations.end(tab)
-            return False
+        nothing to follow up, and nothing more held. Nor is it kept (None) when the visitor moved on while its first
+        question was answered (`asked`: `Conversations.asking`'s mark), or removed a concept it knows: a
+        conversation never holds a concept the session let go."""
+        with self._lock:
+            ours = {id(entry.concept) for entry in self._entries}
+            if any(id(concept) not in ours for concept in chat.concepts):
+                return None
+            previous = self.conversations.get(tab)
+            growth = chat.held_bytes - (previous.held_bytes if previous is not None else 0)
+            try:
+                with budget.admitting(self, growth, FULL_OF_CONVERSATIONS):
+                    if not self.conversations.start(tab, chat, asked):
+                        return None
+            except InputError:
+                self.conversations.end(tab)
+                return False
         return True
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str) -> int:
+        """Remove the concept named `name`; returns how many conversations ended with it (they knew it)."""
         with self._lock:
             key = name_key(name or "")
             kept = [entry for entry in self._entries if name_key(entry.concept.name) != key]
             if len(kept) == len(self._entries):
                 raise InputError("There is no concept with that name; pick one from the list.")
+            ended = self._end_conversations_knowing([e.concept for e in self._entries if e not in kept])
             self._entries = kept
+            return ended
 
-    def clear(self) -> None:
+    def clear(self) -> int:
+        """Remove every concept; returns how many conversations ended with them."""
         with self._lock:
+            ended = self._end_conversations_knowing([entry.concept for entry in self._entries])
             self._entries = []
+            return ended
+
+    def _end_conversations_knowing(self, concepts) -> int:
+        """A removed concept is not used again: the conversations that know it end (the next message starts one)."""
+        tabs = holding(self.conversations, concepts)
+        for tab in tabs:
+            self.conversations.end(tab)
+        return len(tabs)
 
     def new_export_path(self, folder: str | None = None) -> Path:
         """A fresh path for this visitor's export file, in a new folder under `folder` (default: the

@@ -23,6 +23,7 @@ SPACE = SpaceSettings()
 CHELSEA = [str(EXAMPLES_DIR / "concepts" / f"chelsea_{i}.jpg") for i in (1, 2)]
 QUERY = str(EXAMPLES_DIR / "scenes" / "chelsea_query.jpg")
 CLIP = str(EXAMPLES_DIR / "clip.mp4")
+NEW_PHOTO = CHELSEA[1]
 
 
 def quiet(*args, **kwargs):
@@ -362,6 +363,51 @@ def test_a_conversation_in_the_image_tab_follows_up_on_the_same_photo(act, engin
         list(act.follow_up(session, "And now?", progress=quiet))
     _, view, *_ = list(act.chat_image(session, QUERY, "Is Chelsea here?", progress=quiet))[-1]
     assert len(view) == 2 and view[1]["content"] == first
+
+
+@pytest.mark.parametrize("moved_on", ["new photo", "another first question"])
+def test_an_answer_in_flight_does_not_bring_back_the_conversation_the_visitor_left(act, moved_on):
+    """The browser does not wait for a cancelled answer to close before "New conversation" (or a new photo) ends
+    the tab's conversation: the closing answer must not start it again, or the next question about the new photo
+    would follow up on the old one. Of two first questions in one tab, the one asked last keeps the tab."""
+    session = Session()
+    first = act.chat_image(session, QUERY, "Describe this photo.", progress=quiet)
+    next(first)  # streaming
+    if moved_on == "new photo":
+        act.new_conversation(session, "image")
+        first.close()
+        assert session.conversations.get("image") is None
+        _, view, *_ = list(act.chat_image(session, NEW_PHOTO, "What is in this photo?", progress=quiet))[-1]
+        assert [m["content"] for m in view[::2]] == ["What is in this photo?"]  # a first question, not a follow-up
+        assert session.conversations.get("image").picture.size == Image.open(NEW_PHOTO).size
+    else:
+        *_, (_, later, *_) = act.ask_image(session, NEW_PHOTO, "What is in this photo?", progress=quiet)
+        first.close()
+        kept = session.conversations.get("image")
+        assert kept.turns == [("What is in this photo?", kept.turns[0][1])] and str(kept.turns[0][1]) == later
+
+
+def test_removing_a_concept_ends_the_conversations_that_know_it(act, engine):
+    """A removed concept is not used again, nor kept alive by a conversation outside the concept budget."""
+    session = Session()
+    act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), progress=quiet)
+    list(act.ask_image(session, QUERY, "Is Chelsea here?", progress=quiet))
+    list(act.ask_video(session, CLIP, "Is Chelsea here?", progress=quiet))
+    assert act.shown_conversations(session) != ([], [])
+    chelsea = session.concepts[0]
+    act.remove_concept(session, "Chelsea")
+    assert "conversations that knew it ended" in session.take_note()
+    assert act.shown_conversations(session) == ([], [])
+    with pytest.raises(gr.Error, match="no conversation to follow up yet"):
+        list(act.follow_up(session, "And now?", progress=quiet))
+    # A first question answered while the concept is removed does not keep it either.
+    act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), progress=quiet)
+    asking = act.ask_image(session, QUERY, "Is Chelsea here?", progress=quiet)
+    next(asking)
+    act.clear_concepts(session)
+    list(asking)
+    assert session.conversations.get("image") is None and session.conversations.get("video") is None
+    assert chelsea not in session.concepts
 
 
 def test_a_refused_follow_up_keeps_the_question_and_the_conversation(act):

@@ -264,6 +264,23 @@ def test_a_recomputed_context_gets_the_first_questions_pixels_again(media, conce
     assert adopted.turns[1][1] == chat.turns[1][1]
 
 
+def test_a_refused_follow_up_leaves_no_pixels_held(concepts):
+    """An adopted first turn is prepared (pixels included) by the next question; refused after that, the question
+    holds nothing more than the conversation's tokens: its pixels go with it."""
+    engine = tiny_engine("qwen2.5-vl")
+    known = [chelsea(engine, concepts)]
+    first = engine.answer("Is Chelsea here?", known, image=photo(3), max_new_tokens=3)
+    small = engine.with_settings(max_conversation_context_tokens=first.context_tokens + 8)
+    chat = small.chat(known, image=photo(3))
+    chat.adopt("Is Chelsea here?", first)
+    before = chat.held_bytes
+    with pytest.raises(InputError, match="This conversation is full"):
+        chat.ask("What is she holding, and what colour is the wall behind her?", max_new_tokens=3)
+    inputs = engine._prepare_answer("Is Chelsea here?", known, photo(3), None, 3).encoded.inputs
+    pixels = sum(t.numel() * t.element_size() for k, t in inputs.items() if k in engine.backend.vision_input_keys)
+    assert chat.held_bytes - before < pixels / 4  # its tokens now, not its pixels
+
+
 def test_a_turn_this_conversation_would_refuse_is_not_adopted(concepts):
     """Taken, an empty or too long question would make every later question of the conversation fail."""
     engine = tiny_engine("qwen2-vl")
