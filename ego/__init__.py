@@ -14,6 +14,7 @@ import importlib
 
 _EXPORTS = {
     "AnswerRequest": "batching",
+    "FollowUpRequest": "batching",
     "Answer": "engine",
     "Chat": "engine",
     "Ego": "engine",

@@ -39,6 +39,43 @@ class AnswerRequest:
     max_new_tokens: int | None = None
 
 
+@dataclass(frozen=True)
+class FollowUpRequest:
+    """One follow-up for `Ego.follow_up_batch`: a conversation (`ego.Chat`) and the arguments of its `ask`."""
+
+    chat: Any
+    question: str
+    max_new_tokens: int | None = None
+
+
+def stack_caches(caches: Sequence[Any], keep: Sequence[int], length: int, config) -> Any:
+    """One key/value cache for a batch of conversations: row i holds the first `keep[i]` positions of `caches[i]`,
+    left-padded with zeros to `length` (the attention mask is 0 there, as over the padding of the tokens)."""
+    from transformers import DynamicCache
+
+    stacked = DynamicCache(config=config)
+    for layer in range(len(caches[0].layers)):
+        keys, values = [], []
+        for cache, kept in zip(caches, keep):
+            for own, rows in ((cache.layers[layer].keys, keys), (cache.layers[layer].values, values)):
+                part = own[:, :, :kept]  # [1, heads, kept, head_dim]
+                rows.append(torch.cat([part.new_zeros(*part.shape[:2], length - kept, part.shape[3]), part], dim=2))
+        stacked.update(torch.cat(keys), torch.cat(values), layer)  # [B, heads, length, head_dim]
+    return stacked
+
+
+def row_cache(cache: Any, row: int, start: int, length: int, config) -> Any:
+    """Row `row` of a batch's cache, positions [start, start + length) (its own tokens, past its padding), as a
+    cache of its own (copied: it must not keep the whole batch's tensors alive)."""
+    from transformers import DynamicCache
+
+    own = DynamicCache(config=config)
+    for layer, held in enumerate(cache.layers):
+        keys, values = (t[row : row + 1, :, start : start + length].clone() for t in (held.keys, held.values))
+        own.update(keys, values, layer)
+    return own
+
+
 def collate(calls: Sequence[dict], pad_id: int, *, min_padding: int = 0) -> dict:
     """The keyword arguments of one `generate` call for several prepared ones (`PreparedAnswer.generate`), rows in
     the order given: per-token tensors left-padded to the longest context plus `min_padding` and stacked, per-image

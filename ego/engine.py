@@ -48,7 +48,7 @@ from . import batching, checks, prompts
 from .attention import ATTENTION_NAME, AttentionCapture, capturing
 from .backends import Backend, backend_for_model_type
 from .backends.base import Encoded
-from .batching import AnswerRequest
+from .batching import AnswerRequest, FollowUpRequest
 from .decoding import Decoder
 from .errors import IncompatibleMemoryError, InputError, MemoryFileError, ModelBusyError
 from .media import load_image, load_video
@@ -367,7 +367,8 @@ class Ego:
         about a clip, and the size question of an introduction (a continuation on a filled cache). Their decode
         steps reach the model with different keyword arguments (positions in another shape, a clip's grid), each
         a graph of its own. batched: also two questions together about photos and about clips (`answer_batch`,
-        for a Space that batches its visitors): a batch's step is another graph (torch specialises a dimension of
+        for a Space that batches its visitors) and two conversations' follow-ups together (`follow_up_batch`): a
+        batch's step is another graph (torch specialises a dimension of
         size 1, so one row and several rows never share one), which then serves every batch size from 2 up, each
         size recording its CUDA graph at its first batch. Seconds taken (per step: `decoder.warm_up_steps_s`;
         on_step(step, seconds) as each step ends)."""
@@ -417,6 +418,15 @@ class Ego:
                         if isinstance(result, Exception):
                             raise result
                     done(kind)
+                # Follow-ups together continue several caches: positions in the shape of a continuation, batched.
+                chats = [self.chat(image=picture) for _ in range(2)]
+                for chat in chats:
+                    chat.ask("Hi.", max_new_tokens=2)
+                follow_ups = [FollowUpRequest(chat, question, 3) for chat, question in zip(chats, ("And?", "Then?"))]
+                for result in self.follow_up_batch(follow_ups):
+                    if isinstance(result, Exception):
+                        raise result
+                done("batched_follow_ups")
             except Exception as error:  # noqa: BLE001 -- any compiler failure: single questions stay compiled
                 self.decoder.give_up_batches(error)
         self.decoder.warm_up_steps_s = steps
@@ -925,6 +935,113 @@ class Ego:
         picture = load_image(image, self.settings) if image is not None else None
         clip = load_video(video, self.settings) if video is not None else None
         return Chat(self, concepts, picture, clip)
+
+    def follow_up_batch(
+        self,
+        requests: Sequence[FollowUpRequest],
+        *,
+        stops: Sequence[threading.Event | None] | None = None,
+        on_text: Callable[[int, Answer], None] | None = None,
+    ) -> list[Answer | Exception]:
+        """Follow-ups of several conversations (`ego.batching.FollowUpRequest`: a `Chat`, a question, a token
+        budget) answered together; each answer, and each conversation afterwards, is what `chat.ask` gives alone.
+
+        The conversations that hold their key/value cache share one batched generation: their caches are stacked,
+        each left-padded to one length, and only the tokens each lacks are computed (a row's last cached tokens
+        are computed again where another row brings more new tokens, so that all rows' new tokens end together);
+        afterwards each conversation takes its own row of the cache back. A conversation that must recompute its
+        context (its cache dropped, or its first turn answered elsewhere) is answered on its own in the same call.
+        Returns, per request, its `Answer` or the error that request alone raised while it was checked (an
+        `InputError`: the turn limit, a full conversation, the same conversation twice). stops and on_text as in
+        `answer_batch`."""
+        requests = list(requests)
+        stops = list(stops) if stops is not None else [None] * len(requests)
+        results: list[Answer | Exception | None] = [None] * len(requests)
+        with self.exclusive_use():
+            turns: dict[int, _Turn] = {}
+            for index, request in enumerate(requests):
+                if request.chat.engine.model is not self.model:
+                    raise ValueError("a conversation of another model cannot be followed up by this engine")
+                try:
+                    if any(requests[other].chat is request.chat for other in turns):
+                        raise InputError("This conversation is already answering a question; ask when it ends.")
+                    turns[index] = request.chat._begin(request.question, request.max_new_tokens, use_cache=True)
+                except InputError as error:
+                    results[index] = error
+            shared = [i for i in turns if turns[i].prefill_tokens < turns[i].length]  # on their own caches
+            while True:  # each kept row needs at least as many tokens as the longest new part
+                new = max((turns[i].prefill_tokens for i in shared), default=0)
+                short = [i for i in shared if turns[i].length < new]
+                if not short:
+                    break
+                shared = [i for i in shared if i not in short]
+            groups = [shared] if len(shared) > 1 else []
+            groups += [[i] for i in turns if not any(i in group for group in groups)]
+            for group in groups:
+                try:
+                    answers = self._follow_ups(
+                        [requests[i].chat for i in group], [turns[i] for i in group], group, stops, on_text
+                    )
+                except torch.OutOfMemoryError:
+                    answers = [ModelBusyError(OUT_OF_MEMORY)] * len(group)
+                for index, answer in zip(group, answers):
+                    results[index] = answer
+                if isinstance(answers[0], ModelBusyError) and torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        return results
+
+    def _follow_ups(self, chats: list[Chat], turns: list[_Turn], indices: list[int], stops, on_text) -> list[Answer]:
+        """One generate for the follow-ups of `chats` (one conversation alone on its own cache, or several on their
+        caches stacked), each row ended on its own; the conversations record their turns."""
+        from transformers import StoppingCriteriaList
+
+        tokenizer, stop_ids = self.backend.tokenizer, self.backend.stop_token_ids
+        budgets = [turn.generate["max_new_tokens"] for turn in turns]
+        if len(chats) == 1:
+            kwargs, start = turns[0].generate, turns[0].length
+        else:
+            pad_id = self.model.generation_config.pad_token_id
+            pad_id = pad_id if pad_id is not None else stop_ids[0]
+            calls = [{k: v for k, v in turn.generate.items() if k != "past_key_values"} for turn in turns]
+            kwargs = batching.collate(calls, pad_id, min_padding=1)  # see `_generate_batch`
+            start = kwargs["input_ids"].shape[1]  # L
+            new = max(turn.prefill_tokens for turn in turns)  # the rows' new tokens: the last `new` of L
+            caches = [turn.generate["past_key_values"] for turn in turns]
+            kept = [turn.length - new for turn in turns]
+            config = self.model.config.get_text_config()
+            kwargs["past_key_values"] = batching.stack_caches(caches, kept, start - new, config)
+            self.backend.restore_positions(self.backend.stack_positions([chat._positions for chat in chats]))
+
+        def on_step(row: int, ids: list[int]) -> None:
+            own = batching.row_tokens(ids, budgets[row], stop_ids)
+            text = tokenizer.decode(own, skip_special_tokens=True)
+            if text.endswith("\ufffd") and not control.ended[row]:
+                return  # a character split between two tokens: shown with the next one
+            on_text(indices[row], chats[row]._answer(text, turns[row], own))
+
+        control = batching.RowControl(
+            start, budgets, [stops[i] for i in indices], stop_ids, on_step if on_text is not None else None
+        )
+        criteria = StoppingCriteriaList([control])
+        if len(chats) == 1:  # exactly `Chat.ask`'s call, with the row's own Stop
+            return [chats[0]._finish(turns[0], chats[0]._generate(turns[0], stopping_criteria=criteria))]
+        with torch.no_grad():  # the memory rows and their residuals are in the caches: none among the new tokens
+            out = self.model.generate(**kwargs, stopping_criteria=criteria)
+        answers = []
+        for row, (chat, turn) in enumerate(zip(chats, turns)):
+            ids = out.sequences[row, start:].tolist()
+            answer_ids = batching.row_tokens(ids, budgets[row], stop_ids, control.lengths[row])
+            text = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+            chat._ids = turn.generate["input_ids"][0].tolist() + answer_ids
+            padding = start - turn.length
+            length = min(len(chat._ids), out.past_key_values.get_seq_length() - padding)
+            config = self.model.config.get_text_config()
+            chat._cache = batching.row_cache(out.past_key_values, row, padding, length, config)
+            self._keep_cache(chat)
+            answer = chat._answer(text, turn, answer_ids)
+            chat.turns.append((turn.question, answer))
+            answers.append(answer)
+        return answers
 
     def _keep_cache(self, chat: Chat) -> None:
         """Mark `chat`'s cache the most recently used, then drop the least recently used caches until all of

@@ -315,6 +315,31 @@ def test_batched_answers_decode_compiled_and_each_equals_its_eager_answer_alone(
     assert compile_counts() == before
 
 
+def test_follow_ups_answered_together_decode_compiled_as_each_does_eagerly_alone(compiled, monkeypatch):
+    """Two conversations' follow-ups in one compiled batch, on the static cache of batch size 2 (their caches
+    copied in, stacked): the eager engine's answers alone, and each conversation goes on from its own row."""
+    from ego import FollowUpRequest
+
+    eager = tiny_engine("qwen2.5-vl")
+    concept = eager.introduce("Chelsea", [photo(50)], keywords="cat", area_pct=10)
+    said = {}
+    for engine in (compiled, eager):
+        chats = [engine.chat([concept], image=photo(51)), engine.chat([], image=photo(52, size=(200, 160)))]
+        firsts = [chat.ask(q, max_new_tokens=5) for chat, q in zip(chats, ["Is Chelsea here?", "What is this?"])]
+        questions = ["What is she holding?", "And the colour of the wall, if you can see it?"]
+        if engine is compiled:
+            caches = caches_decoded_on(compiled.decoder, monkeypatch)
+            before = compile_counts()
+            follow_ups = engine.follow_up_batch([FollowUpRequest(c, q, 6) for c, q in zip(chats, questions)])
+            assert caches == [compiled.decoder._caches[2]] and compile_counts() == before
+            monkeypatch.undo()
+        else:
+            follow_ups = [chat.ask(q, max_new_tokens=6) for chat, q in zip(chats, questions)]
+        later = [chat.ask("And then?", max_new_tokens=5) for chat in chats]
+        said[engine] = [str(answer) for answer in firsts + follow_ups + later]
+    assert said[compiled] == said[eager]
+
+
 def test_a_generation_longer_than_the_static_cache_decodes_eagerly(compiled, monkeypatch):
     inputs = _text_inputs(compiled)
     with torch.no_grad():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import photo, spy_on_generate, tiny_engine
 
-from ego import AnswerRequest, InputError
+from ego import AnswerRequest, FollowUpRequest, InputError
 
 FOLLOW_UPS = ["What is she holding?", "And the colour of the wall?"]
 
@@ -298,3 +298,88 @@ def test_a_turn_this_conversation_would_refuse_is_not_adopted(concepts):
     with pytest.raises(InputError, match="at most 2 questions"):
         full.adopt("Three?", first)
     assert len(full.turns) == 2
+
+
+def conversations_after_a_first_question(engine, known, media_of):
+    """Per setup (concepts, media keywords, question), a conversation that has answered its first question."""
+    chats = []
+    for concepts, media, question in media_of:
+        chat = engine.chat(concepts, **media)
+        chat.ask(question, max_new_tokens=5)
+        chats.append(chat)
+    return chats
+
+
+def test_follow_ups_of_several_conversations_answered_together_equal_each_alone(family, concepts):
+    """Different photos, concepts, context lengths, question lengths and budgets, and a conversation about no photo:
+    each batched answer equals the same follow-up asked alone, token for token, and each conversation goes on from
+    its own row of the batch's cache exactly as if it had answered alone."""
+    engine = tiny_engine(family)
+    cat = chelsea(engine, concepts)
+    dog = engine.introduce("Rex", [photo(0)], keywords=["dog"], area_pct=5)
+    setups = [
+        ([cat], dict(image=photo(3)), "Is Chelsea here?"),
+        ([cat, dog], dict(image=photo(2, size=(300, 200))), "Who do you see in this photo, Chelsea or Rex?"),
+        ([dog], {}, "Who is Rex?"),
+    ]
+    batched = conversations_after_a_first_question(engine, [cat, dog], setups)
+    alone = conversations_after_a_first_question(engine, [cat, dog], setups)
+    questions = ["What is she holding?", "And the colour of the wall behind them, if you can tell?", "Why?"]
+    budgets = [6, 3, 8]
+    got = engine.follow_up_batch([FollowUpRequest(c, q, b) for c, q, b in zip(batched, questions, budgets)])
+    want = [c.ask(q, max_new_tokens=b) for c, q, b in zip(alone, questions, budgets)]
+    assert [(str(a), a.token_ids, a.context_tokens) for a in got] == [
+        (str(a), a.token_ids, a.context_tokens) for a in want
+    ]
+    assert [a.prefill_tokens for a in got] == [a.prefill_tokens for a in want]  # each computed only its own
+    for chat, reference in zip(batched, alone):  # the caches each took back
+        later, expected = chat.ask("And then?", max_new_tokens=6), reference.ask("And then?", max_new_tokens=6)
+        assert (str(later), later.context_tokens) == (str(expected), expected.context_tokens)
+        assert later.prefill_tokens <= expected.prefill_tokens  # the batch may have kept one token more
+        assert chat.turns[1][0] == reference.turns[1][0]
+
+
+def test_a_batch_of_follow_ups_ends_each_on_its_own_and_answers_the_rest_alone(concepts):
+    """A Stop ends one row (its answer so far is its turn); a conversation that must recompute its context, or
+    whose first turn was answered elsewhere, is answered on its own in the same call; the same conversation twice
+    and a question a conversation refuses fail alone."""
+    engine = tiny_engine("qwen2.5-vl")
+    cat = chelsea(engine, concepts)
+    setups = [([cat], dict(image=photo(3)), "Is Chelsea here?"), ([cat], dict(image=photo(4)), "Where is she?")]
+    batched = conversations_after_a_first_question(engine, [cat], setups)
+    alone = conversations_after_a_first_question(engine, [cat], setups)
+    dropped, dropped_alone = (engine.chat([cat], image=photo(5)) for _ in range(2))
+    for chat in (dropped, dropped_alone):
+        chat.ask("What is this?", max_new_tokens=4)
+    dropped.drop_cache()
+    adopted = engine.chat([cat], image=photo(6))
+    adopted.adopt("Is Chelsea here?", engine.answer("Is Chelsea here?", [cat], image=photo(6), max_new_tokens=4))
+    stop, seen = threading.Event(), {}
+
+    def on_text(index, answer):
+        seen.setdefault(index, []).append(str(answer))
+        if index == 0 and len(answer.token_ids) >= 2:
+            stop.set()
+
+    requests = [
+        FollowUpRequest(batched[0], "What is she holding?", 9),
+        FollowUpRequest(batched[1], "And the wall?", 9),
+        FollowUpRequest(dropped, "And now?", 5),
+        FollowUpRequest(batched[1], "Twice?", 5),
+        FollowUpRequest(adopted, "And then?", 5),
+        FollowUpRequest(batched[0], "", 5),
+    ]
+    results = engine.follow_up_batch(requests, stops=[stop, None, None, None, None, None], on_text=on_text)
+    assert isinstance(results[3], InputError) and "already answering" in str(results[3])
+    assert isinstance(results[5], InputError)
+    cut = results[0]
+    assert 2 <= len(cut.token_ids) < 9 and batched[0].turns[-1] == ("What is she holding?", cut)
+    full = alone[0].ask("What is she holding?", max_new_tokens=9)
+    assert full.token_ids[: len(cut.token_ids)] == cut.token_ids
+    assert str(results[1]) == str(alone[1].ask("And the wall?", max_new_tokens=9))
+    assert str(results[2]) == str(dropped_alone.ask("And now?", max_new_tokens=5))
+    assert results[2].prefill_tokens == results[2].context_tokens  # recomputed, on its own
+    reference = engine.chat([cat], image=photo(6))
+    reference.ask("Is Chelsea here?", max_new_tokens=4)
+    assert str(results[4]) == str(reference.ask("And then?", max_new_tokens=5))
+    assert seen[1][-1].strip() == str(results[1]) and seen[4][-1].strip() == str(results[4])  # every row streamed

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -102,6 +103,11 @@ class Backend(abc.ABC):
 
     def restore_positions(self, saved: Any) -> None:
         """Put back what `save_positions` returned (a family that keeps nothing has nothing to put back)."""
+        return None
+
+    def stack_positions(self, saved: Sequence[Any]) -> Any:
+        """What `save_positions` returned for several conversations, as one batch's (rows in order), for their
+        follow-ups answered together (a family that keeps nothing has nothing to stack)."""
         return None
 
     # --- vision -------------------------------------------------------------------------------

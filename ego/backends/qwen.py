@@ -110,6 +110,13 @@ class QwenBackend(Backend):
     def restore_positions(self, saved: torch.Tensor | None) -> None:
         self.model.model.rope_deltas = saved
 
+    def stack_positions(self, saved) -> torch.Tensor:
+        # Each row continues from its own offset ([B, 1]); transformers adds it to positions counted from each
+        # row's first real token (its attention mask), so the left padding of a batch does not move them.
+        if any(offset is None for offset in saved):
+            raise ValueError("a conversation without its M-RoPE offset cannot continue in a batch")
+        return torch.cat([offset.to(self.model.device) for offset in saved])
+
     # --- Qwen3-VL's deepstack residuals ---------------------------------------------------------
     @property
     def residual_levels(self) -> int:
