@@ -24,8 +24,9 @@ PAPER_URL = "https://arxiv.org/abs/2603.09771"
 MODEL_EVENTS = dict(concurrency_id="model", concurrency_limit=1)
 """Every event that runs the model waits for the one before it: one shared model, one call at a time."""
 ANSWER_GROUP = "answers"
-"""With `answer_batch_max_size` above 1, questions run side by side, up to that many: their handlers hand them to one
-scheduler that answers those arriving together in one batched generation (`space.scheduler`); the engine still makes
+"""With `answer_batch_max_size` above 1, questions and follow-ups run side by side, up to that many: their handlers
+hand them to one scheduler that answers those arriving together in one batched generation (`space.scheduler`); the
+engine still makes
 one model call at a time, so an introduction and a batch of answers take turns. With 1, questions wait in the
 model's group like every other model request."""
 PRIVATE = dict(api_visibility="private")
@@ -203,7 +204,7 @@ def build_demo(
             [session, hidden.answer],
             api_name="follow_up",
             api_description=api.FOLLOW_UP,
-            **MODEL_EVENTS,
+            **answer_events,
         )
 
         # Your concepts: a reload (or another tab of this browser) takes over the session its token names, with

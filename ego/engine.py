@@ -969,9 +969,12 @@ class Ego:
                 except InputError as error:
                     results[index] = error
             shared = [i for i in turns if turns[i].prefill_tokens < turns[i].length]  # on their own caches
-            while True:  # each kept row needs at least as many tokens as the longest new part
+            while True:
+                # Every row computes the longest new part: a row computes again its last cached tokens where its own
+                # is shorter. Those must be text (turns and answers): its first context (photo or clip, memory
+                # rows) is never computed again in a batch, which brings no pixels and no residuals.
                 new = max((turns[i].prefill_tokens for i in shared), default=0)
-                short = [i for i in shared if turns[i].length < new]
+                short = [i for i in shared if turns[i].length - new < requests[i].chat._slots.numel()]
                 if not short:
                     break
                 shared = [i for i in shared if i not in short]
@@ -1024,6 +1027,8 @@ class Ego:
         )
         criteria = StoppingCriteriaList([control])
         if len(chats) == 1:  # exactly `Chat.ask`'s call, with the row's own Stop
+            if turns[0].prefill_tokens < turns[0].length:  # on its cache: its own offset (others' `_begin` moved it)
+                self.backend.restore_positions(chats[0]._positions)
             return [chats[0]._finish(turns[0], chats[0]._generate(turns[0], stopping_criteria=criteria))]
         with torch.no_grad():  # the memory rows and their residuals are in the caches: none among the new tokens
             out = self.model.generate(**kwargs, stopping_criteria=criteria)

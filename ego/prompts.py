@@ -99,7 +99,7 @@ _DENOMINATORS = {
     "tenths": 10,
 }
 _FRACTION_WORDS = re.compile(r"\b(?P<count>an?|\d+)[\s-]+(?P<part>" + "|".join(_DENOMINATORS) + r")\b")
-_FRACTION = re.compile(r"(?<![\d.])(?P<num>\d+)\s*/\s*(?P<den>\d+)(?![\d.])")
+_FRACTION = re.compile(r"(?<![\d.])(?P<num>\d+)\s*/\s*(?P<den>\d+)(?!\d|\.\d)")  # a full stop may end it
 _DIMENSIONS = re.compile(r"\b\d+\s*[x×]\s*\d+\b|\b\d+(?:\.\d+)?\s*(?:px|pixels?|mp|megapixels?)\b")
 _PERCENT = r"\s*(?:%|percent\b|per\s*cent\b|pct\b)"
 # Whole words only: "over" must not be read inside "cover" ("they cover 5%"), nor "under" inside "thunder".

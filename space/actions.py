@@ -367,18 +367,20 @@ class Actions:
                     "(/ask_image) or a clip (/ask_video)."
                 )
             question = checks.check_question(question, self.limits)
-            self._engine(progress)
+            engine = self._engine(progress)
             budget = self.limits.answer_max_new_tokens
-            if not self.zero_gpu:  # the engine's lock takes a conversation's questions one at a time
-                yield from self._streamed_follow_up(chat.stream(question, max_new_tokens=budget))
-                return
-            # The worker answers on a copy of the conversation, away from the engine's lock, and this one takes its
-            # answer: two follow-ups at once would both continue from the same turns.
+            # One follow-up at a time per conversation: a second would continue from the same turns.
             if not chats.answering(chat):
                 raise InputError(
                     "Your previous question in this conversation is still being answered; ask when it ends."
                 )
             try:
+                if not self.zero_gpu:  # with other visitors' follow-ups, each on its conversation's cache
+                    stream = self.answers.stream_follow_up(engine, chat, question, max_new_tokens=budget)
+                    yield from self._streamed_follow_up(stream)
+                    return
+                # The worker answers on a copy of the conversation, away from the engine's lock, and this one takes
+                # its answer.
                 turns = [(asked, _tokens_of(answered)) for asked, answered in chat.turns]
                 stream = self._follow_up_on_gpu(chat.concepts, chat.picture, chat.clip, turns, question, budget)
                 yield from self._streamed_follow_up(stream, lambda answer: chat.adopt(question, answer))

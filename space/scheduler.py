@@ -4,9 +4,10 @@ Decoding is host-bound (`bench/RESULTS.md`): one decode step for eight sequences
 the Space does not answer questions strictly one after another. Each visitor's handler (a Gradio worker thread)
 puts its question in one queue and reads its own answer back as it grows; one worker thread owns the model calls:
 it takes the first waiting question, waits up to `answer_batch_window_s` for more (up to `answer_batch_max_size`
-in all), and answers them with one `Ego.answer_batch`. Every visitor keeps their own stream: the worker hands
-each answer's text to its visitor as it grows, and a visitor's Stop (the handler's generator being closed) ends
-only that visitor's answer, in the queue or in the batch.
+in all), and answers them with one `Ego.answer_batch` for first questions and one `Ego.follow_up_batch` for
+follow-ups of conversations. Every visitor keeps their own stream: the worker hands each answer's text to its
+visitor as it grows, and a visitor's Stop (the handler's generator being closed) ends only that visitor's answer,
+in the queue or in the batch.
 
 Gradio's own `batch=True` is not used: a batched Gradio function returns whole outputs, it cannot stream each
 visitor's answer or stop one of them. Introductions do not come here: they stay one at a time (docs/scaling.md).
@@ -21,7 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ego.batching import AnswerRequest
+from ego.batching import AnswerRequest, FollowUpRequest
 
 log = logging.getLogger("ego.space")
 
@@ -31,7 +32,7 @@ class _Ticket:
     """One visitor's question on its way through the scheduler."""
 
     engine: object
-    request: AnswerRequest
+    request: AnswerRequest | FollowUpRequest
     stop: threading.Event = field(default_factory=threading.Event)
     updates: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     """("text", Answer so far), then ("done", Answer) or ("error", exception)."""
@@ -60,7 +61,15 @@ class AnswerScheduler:
     def stream(self, engine, question, concepts=(), *, image=None, video=None, max_new_tokens=None) -> Iterator:
         """Like `engine.stream_answer`: the answer's text so far as it grows (`ego.Answer`), the whole answer
         last; closing the iterator ends this answer alone."""
-        ticket = _Ticket(engine, AnswerRequest(question, tuple(concepts), image, video, max_new_tokens))
+        return self._stream(_Ticket(engine, AnswerRequest(question, tuple(concepts), image, video, max_new_tokens)))
+
+    def stream_follow_up(self, engine, chat, question, *, max_new_tokens=None) -> Iterator:
+        """Like `chat.stream`: a follow-up in the conversation `chat`, answered with other visitors' follow-ups; the
+        conversation records its turn (the answer so far, after a Stop). One at a time per conversation: the
+        caller waits for one to end before sending the next."""
+        return self._stream(_Ticket(engine, FollowUpRequest(chat, question, max_new_tokens)))
+
+    def _stream(self, ticket: _Ticket) -> Iterator:
         self._start()
         self._waiting.put(ticket)
         try:
@@ -110,14 +119,28 @@ class AnswerScheduler:
         for other in batch:
             if other.engine is not engine:  # another engine (not in the Space, which has one): a later batch
                 self._waiting.put(other)
+        # First questions and follow-ups are two generations (a follow-up continues its conversation's cache).
+        groups = [
+            [ticket for ticket in same if isinstance(ticket.request, FollowUpRequest) == follow_ups]
+            for follow_ups in (False, True)
+        ]
+        groups = [group for group in groups if group]
         if engine.decoder.compiled:
             # Each batch size costs the compiled decoder a CUDA graph and a static cache: only 1, 2, 4, 8, ... are
             # used, and the rest go first into the next batch.
-            take = compiled_batch_size(len(same))
-            same, self._carried = same[:take], same[take:]
+            for group in groups:
+                take = compiled_batch_size(len(group))
+                self._carried += group[take:]
+                del group[take:]
+        for group in groups:
+            self._answer_together(engine, group)
+
+    def _answer_together(self, engine, same: list[_Ticket]) -> None:
+        """One batched generation for `same`: all first questions, or all follow-ups."""
         started = time.perf_counter()
+        answer = engine.follow_up_batch if isinstance(same[0].request, FollowUpRequest) else engine.answer_batch
         try:
-            results = engine.answer_batch(
+            results = answer(
                 [t.request for t in same],
                 stops=[t.stop for t in same],
                 on_text=lambda index, answer: same[index].updates.put(("text", answer)),

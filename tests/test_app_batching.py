@@ -55,10 +55,11 @@ def test_one_visitors_stop_leaves_the_others_answer_whole(url, caplog):
     assert kept.result(timeout=120)[0] == str(engine.answer("What is in this photo?", image=picture, max_new_tokens=8))
 
 
-def test_with_compiled_decoding_visitors_keep_their_own_conversations():
+def test_with_compiled_decoding_visitors_keep_their_own_conversations(caplog):
     """The Space decoding compiled (as on CUDA; "aot_eager" here): two visitors' first questions in one batch, then
-    their follow-ups in turns, each on a conversation that takes turns with the other's on the one shared static
+    their follow-ups together, each batch of follow-ups continuing both conversations' caches on the shared static
     cache; every answer is the eager engine's for that visitor's conversation alone."""
+    caplog.set_level(logging.INFO, logger="ego.space")
     settings = SETTINGS.replace(decoding="compiled", compile_backend="aot_eager")
     with running_demo(settings, SPACE_SETTINGS) as demo:
         first, second = visitor(demo.local_url), visitor(demo.local_url)
@@ -69,8 +70,10 @@ def test_with_compiled_decoding_visitors_keep_their_own_conversations():
         ]
         said = {first: [jobs[0].result(timeout=300)[0]], second: [jobs[1].result(timeout=300)[0]]}
         for question in ("And then?", "What colour is it?"):
-            for client in (first, second):
-                said[client].append(client.predict(question, api_name="/follow_up"))
+            follow_ups = [client.submit(question, api_name="/follow_up") for client in (first, second)]
+            for client, job in zip((first, second), follow_ups):
+                said[client].append(job.result(timeout=300))
+    assert caplog.text.count("answered a batch of 2") == 3  # the first questions, then each round of follow-ups
 
     engine = tiny_engine("qwen2.5-vl")
     picture = load_image(EXAMPLE_QUERY, engine.settings)

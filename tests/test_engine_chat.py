@@ -383,3 +383,24 @@ def test_a_batch_of_follow_ups_ends_each_on_its_own_and_answers_the_rest_alone(c
     reference.ask("Is Chelsea here?", max_new_tokens=4)
     assert str(results[4]) == str(reference.ask("And then?", max_new_tokens=5))
     assert seen[1][-1].strip() == str(results[1]) and seen[4][-1].strip() == str(results[4])  # every row streamed
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "internvl3"])
+def test_a_follow_up_that_would_compute_its_photo_again_in_a_batch_is_answered_alone(family, concepts):
+    """Rows of a batch compute as many tokens as its longest new part: a short follow-up beside a long one would
+    compute again some of its first context, photo and memory included, which a batch does not bring. It is answered
+    on its own instead, from its own M-RoPE offset (not the one the last conversation put on the model)."""
+    engine = tiny_engine(family)
+    cat = chelsea(engine, concepts)
+    setups = [([cat], dict(image=photo(3)), "Is Chelsea here?"), ([cat], dict(image=photo(4, size=(300, 220))), "Hi?")]
+    batched = conversations_after_a_first_question(engine, [cat], setups)
+    alone = conversations_after_a_first_question(engine, [cat], setups)
+    long = "Please describe " + " ".join(["everything you can see about the colours and shapes"] * 12) + "?"
+    questions = ["Why?", long]
+    got = engine.follow_up_batch([FollowUpRequest(c, q, 8) for c, q in zip(batched, questions)])
+    want = [c.ask(q, max_new_tokens=8) for c, q in zip(alone, questions)]
+    assert [a.token_ids for a in got] == [a.token_ids for a in want]
+    for chat, reference in zip(batched, alone):
+        saved, expected = chat._positions, reference._positions
+        assert (saved is None and expected is None) or torch.equal(saved, expected)
+        assert str(chat.ask("And then?", max_new_tokens=6)) == str(reference.ask("And then?", max_new_tokens=6))

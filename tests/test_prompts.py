@@ -34,6 +34,8 @@ from ego.engine import keyword_positions, memory_size
         ("There is 1 dog; it covers about 40", 40.0),
         ("2 cats sit on the sofa, together about 25% of the image", 25.0),
         ("1/3", 100 / 3),
+        ("Approximately 1/3.", 100 / 3),  # a fraction that ends the sentence
+        ("3/4.", 75.0),
         ("About 1/4 of the image.", 25.0),
         ("one-third", 100 / 3),
         ("It covers a third of the picture.", 100 / 3),
