@@ -10,8 +10,8 @@
 #
 #     bash bench/fetch_wheels.sh     # transformers 5.23.0, bitsandbytes 0.50.2, torchao 0.18.0, regex -> bench/wheels/
 #
-# then run it there with bench/wheels/ copied along (about 58 MiB), on one H200 (the introduction target is
-# stated for one H200):
+# then run it there with bench/wheels/ copied along (about 58 MiB; it is gitignored, so the device tool's call names it:
+# carry ["bench/wheels"]), on one H200 (the introduction target is stated for one H200):
 #
 #     OUT=/some/folder bash bench/gpu_run.sh      # within a 540 s budget
 #
@@ -90,9 +90,14 @@ elif ls bench/wheels/*.whl >/dev/null 2>&1; then
             --target /tmp/ego-torchao bench/wheels/torchao-*.whl || echo "installing torchao failed: no int4 run"
     fi
     export PYTHONPATH="/tmp/ego-site:${PYTHONPATH:-}"
+elif [ "$DEVICE" = cuda ]; then
+    # The GPU image lacks the pinned transformers and bitsandbytes: without them NF4 and int4 fail and bf16 runs on
+    # another transformers, a run wasted. bench/wheels/ is gitignored: send it along (the device tool's `carry`).
+    echo "bench/wheels/ is empty: run bench/fetch_wheels.sh and send bench/wheels/ along (carry), or set"
+    echo "BENCH_SKIP_WHEELS=1 on a machine that has the pinned packages"
+    exit 1
 else
-    echo "bench/wheels/ is empty: using the machine's own transformers and bitsandbytes"
-    echo "(run bench/fetch_wheels.sh before sending this script)"
+    echo "bench/wheels/ is empty: using this machine's own transformers and bitsandbytes"
 fi
 
 # 2. ego/media.py imports PyAV at module level. The benchmark passes its video as decoded frames, so PyAV is
@@ -113,7 +118,7 @@ EOF
         export PYTHONPATH="${PYTHONPATH:-}:/tmp/ego-avstub"
     fi
 fi
-export PYTHONPATH="${PYTHONPATH}:$(pwd)"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 df -h /tmp | tail -1 || true
@@ -163,7 +168,7 @@ for name in $CONFIGS; do
         bf16) quantization=none ;;
         *) echo "== unknown configuration $name (BENCH_CONFIGS takes nf4, int4, fp8 and bf16)"; status=1; continue ;;
     esac
-    mkdir -p "$RUNS/$name"
+    rm -rf "${RUNS:?}/$name" && mkdir -p "$RUNS/$name"  # a rerun on a warm machine never sends an older run's files
     left=$(( TOTAL - ($(date +%s) - started) ))
     if [ "$name" = "$first" ]; then limit=$(( left - RESERVE - 5 )); else limit=$(( left - 5 )); fi
     if [ "$limit" -lt 30 ]; then echo "== $name skipped: ${limit}s left"; status=1; continue; fi

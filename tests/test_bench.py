@@ -235,3 +235,15 @@ def test_a_run_stopped_while_compiling_keeps_its_eager_results(tmp_path, monkeyp
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["meta"]["decoding"] == "eager" and results["scenarios"]["plain"]["decode_ms_per_token"] > 0
     assert (tmp_path / "results.md").exists() and "targets" in results
+
+
+def test_a_compiled_only_run_still_checks_its_tokens_against_eager(tmp_path):
+    """The GPU script measures int4 and bf16 compiled only: they keep the equality check all the same."""
+    from bench import main
+
+    torch._dynamo.reset()
+    argv = ["--model", "tiny-qwen2.5-vl", "--quick", "--device", "cpu", "--decoding", "compiled", "--no-concurrency"]
+    assert main([*argv, "--compile-backend", "aot_eager", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["meta"]["decoding"] == "compiled" and "decoding_runs" not in results
+    assert results["decoding_equality"]["tokens_equal"] and results["decoding_equality"]["tokens"] > 0
