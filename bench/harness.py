@@ -683,7 +683,8 @@ class TokenClock:
 def forced_generation(model, stop_ids, log: list, calls: list | None = None):
     """Every `model.generate` call inside runs to its `max_new_tokens`, and its number of new tokens is
     appended to `log`; with `calls`, each call's token times are appended to it too ({"start_s", "first_s",
-    "end_s", "new_tokens"}, perf_counter seconds: `first_s` when its first token reached the streamer).
+    "last_s", "end_s", "new_tokens"}, perf_counter seconds: `first_s` and `last_s` when its first and last tokens
+    reached the streamer, `end_s` when generate returned).
 
     Random weights stop at random places; a benchmark needs fixed lengths. The calls get
     `min_new_tokens = max_new_tokens` and the stop tokens added to `suppress_tokens` (on top of whatever the
@@ -707,7 +708,13 @@ def forced_generation(model, stop_ids, log: list, calls: list | None = None):
             log.append(int(sequences.shape[1] - prompt.shape[1]))
             if clock is not None:
                 calls.append(
-                    {"start_s": started, "first_s": clock.first_s, "end_s": time.perf_counter(), "new_tokens": log[-1]}
+                    {
+                        "start_s": started,
+                        "first_s": clock.first_s,
+                        "last_s": clock.last_s,
+                        "end_s": time.perf_counter(),
+                        "new_tokens": log[-1],
+                    }
                 )
         return out
 
@@ -937,7 +944,9 @@ def token_times(call: dict, started: float) -> tuple[float, float]:
     """(time to first token: from `started`, the start of the whole question, to the first generated token, s;
     decode time per token: the tokens after the first, ms per token) of one timed generate call."""
     ttft = call["first_s"] - started
-    decode_ms = (call["end_s"] - call["first_s"]) / max(1, call["new_tokens"] - 1) * 1000
+    # From the first token to the last one's arrival: not the hand-back after it (a conversation's cache copy).
+    last = call.get("last_s") or call["end_s"]
+    decode_ms = (last - call["first_s"]) / max(1, call["new_tokens"] - 1) * 1000
     return ttft, decode_ms
 
 

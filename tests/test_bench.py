@@ -247,3 +247,12 @@ def test_a_compiled_only_run_still_checks_its_tokens_against_eager(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["meta"]["decoding"] == "compiled" and "decoding_runs" not in results
     assert results["decoding_equality"]["tokens_equal"] and results["decoding_equality"]["tokens"] > 0
+
+
+def test_decode_time_runs_from_the_first_token_to_the_last_one():
+    """Per token after the first, up to the last token's arrival: what generate does after it (handing the answer
+    back, copying a conversation's cache) is not decoding."""
+    from bench.harness import token_times
+
+    ttft, decode_ms = token_times({"first_s": 1.0, "last_s": 1.3, "end_s": 2.0, "new_tokens": 4}, started=0.5)
+    assert ttft == pytest.approx(0.5) and decode_ms == pytest.approx(100.0)
