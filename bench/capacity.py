@@ -3,8 +3,10 @@
 `python -m bench.capacity [--results bench/results/h200-2026-11-26/nf4/results.json]` prints the tables of
 `docs/scaling.md`. Pure arithmetic, no model. What comes from the run (measured) and what is assumed:
 
-- measured: the seconds per generated token (the introduction's description stage over its 32 tokens, the same
-  eager decoding as an answer's), each question scenario's latency for its 32 tokens, and an introduction;
+- measured: the seconds per generated token (the plain question's `decode_ms_per_token`, its tokens after the
+  first, in the run's own decoding; a run from before that field: the introduction's description stage over its
+  32 tokens, which also holds the description's prefill), each question scenario's latency for its 32 tokens,
+  and an introduction;
 - derived: an answer's fixed cost (vision tower, prefill, setup) = its measured latency minus 32 decode steps;
   an answer of n tokens then costs fixed + n * seconds per token;
 - measured, where the run has its concurrency scenarios (`concurrent_4`, `concurrent_8`): the step cost of a batch
@@ -46,7 +48,8 @@ class Measured:
 def measured_from_results(results: dict) -> Measured:
     """Read a `python -m bench` results.json (parsed) into the inputs of the capacity model."""
     intro = results["introduce"]
-    token_s = intro["stages_s"]["description_s"] / intro["description_tokens"]
+    decode_ms = results["scenarios"].get("plain", {}).get("decode_ms_per_token")
+    token_s = decode_ms / 1000 if decode_ms else intro["stages_s"]["description_s"] / intro["description_tokens"]
     fixed = {
         name: scenario["latency_s"] - scenario["new_tokens"] * token_s
         for name, scenario in results["scenarios"].items()

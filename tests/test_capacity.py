@@ -32,6 +32,16 @@ def test_token_cost_and_fixed_cost_come_from_the_run():
     assert answer_s(measured, "plain", 100, step_factor=1.5) == pytest.approx(3.36)  # 0.36 + 100 * 0.03
 
 
+def test_a_run_that_measures_decode_time_per_token_gives_it_as_the_token_cost():
+    """A run with `decode_ms_per_token` (the plain question's tokens after the first, in its own decoding, compiled
+    on a GPU) is read for the token cost; the description stage would also carry its prefill."""
+    run = json.loads(json.dumps(SMALL_RUN))
+    run["scenarios"]["plain"]["decode_ms_per_token"] = 5.0
+    measured = measured_from_results(run)
+    assert measured.token_s == pytest.approx(0.005)
+    assert measured.answer_fixed_s["plain"] == pytest.approx(1.0 - 32 * 0.005)
+
+
 def test_a_measured_batch_step_cost_comes_from_the_concurrency_scenarios(tmp_path, capsys):
     run = json.loads(json.dumps(SMALL_RUN))
     run["scenarios"]["concurrent_1"] = {"visitors": 1, "throughput_ratio": 0.9}
