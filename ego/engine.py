@@ -491,6 +491,7 @@ class Ego:
             image=picture,
             image_max_pixels=self.settings.reference_max_pixels,
             video_frame_max_pixels=self.settings.video_frame_max_pixels,
+            one_view=True,
         )
         rows = self.backend.encode_vision(encoded)
         grid, columns = self.backend.grid(encoded), encoded.visual_columns

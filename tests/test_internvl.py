@@ -116,6 +116,14 @@ def test_reference_image_is_one_tile_of_256_tokens(engine):
     assert "pixel_values" not in kwargs and set(kwargs["mm_encoder_outputs"]) == {"image"}
 
 
+def test_a_reference_stays_one_tile_whatever_its_pixel_budget(engine):
+    """A reference photo is one 448x448 view on one 16x16 grid, also with a budget that would tile a query."""
+    larger = engine.with_settings(reference_max_pixels=4 * 448 * 448)
+    reference = larger.encode_reference(photo(0))
+    assert tuple(reference.encoded.inputs["pixel_values"].shape) == (1, 3, 448, 448)
+    assert reference.grid == (16, 16) and reference.rows.shape[0] == 256
+
+
 def test_query_image_tiles_follow_the_pixel_budget(engine):
     one = _encode(engine, image=photo(1), max_pixels=448 * 448)
     assert one.visual_columns.numel() == 256

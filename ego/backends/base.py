@@ -113,9 +113,17 @@ class Backend(abc.ABC):
     # --- vision -------------------------------------------------------------------------------
     @abc.abstractmethod
     def encode(
-        self, text: str, *, image=None, video=None, image_max_pixels: int, video_frame_max_pixels: int
+        self,
+        text: str,
+        *,
+        image=None,
+        video=None,
+        image_max_pixels: int,
+        video_frame_max_pixels: int,
+        one_view: bool = False,
     ) -> Encoded:
-        """Run the processor on one prompt with at most one image or one video ((frames, metadata))."""
+        """Run the processor on one prompt with at most one image or one video ((frames, metadata)). one_view: the
+        image as one view of the whole of it, never tiled (a reference image: one grid of visual tokens)."""
 
     @abc.abstractmethod
     def encode_vision(self, encoded: Encoded) -> torch.Tensor:

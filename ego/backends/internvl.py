@@ -4,8 +4,9 @@ The paper's main backbone is InternVL3-14B. How this family meets the method:
 
 * Visual tokens. One 448x448 tile -> InternViT (14 px patches, 32x32 = 1024 patches + CLS, CLS dropped)
   -> pixel shuffle 0.5 (16x16 positions, 4x the channels) -> MLP projector: 256 rows in the LLM's
-  embedding space, in raster order. Reference images are always ONE tile (`crop_to_patches=False`,
-  the whole image resized to 448x448), so N_r = 256 as in the paper (section 1.4: "448x448, tiling 1").
+  embedding space, in raster order. Reference images are always ONE tile (`one_view`: `crop_to_patches=False`,
+  the whole image resized to 448x448, whatever `reference_max_pixels` says), so N_r = 256 as in the paper
+  (section 1.4: "448x448, tiling 1"), on one spatial 16x16 grid.
 * Query images follow the pixel budget the engine passes (`Settings.query_image_max_pixels`): a budget
   of at most one tile gives one tile (the paper's protocol: its harness loads test images with
   `max_num=1`); a larger budget allows InternVL's native dynamic tiling with up to
@@ -114,12 +115,14 @@ class InternVLBackend(Backend):
         return max(1, int(max_pixels) // (height * width))
 
     # --- vision -------------------------------------------------------------------------------------
-    def encode(self, text, *, image=None, video=None, image_max_pixels, video_frame_max_pixels) -> Encoded:
+    def encode(
+        self, text, *, image=None, video=None, image_max_pixels, video_frame_max_pixels, one_view=False
+    ) -> Encoded:
         height, width = self.tile_px
         size = {"height": height, "width": width}
         kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
         if image is not None:
-            tiles = self._tiles_for(image_max_pixels)
+            tiles = 1 if one_view else self._tiles_for(image_max_pixels)
             kwargs["images"] = [image]
             kwargs["images_kwargs"] = (
                 {"size": size, "crop_to_patches": False}

@@ -45,7 +45,10 @@ class QwenBackend(Backend):
     def _patch_px(self) -> int:
         return self.processor.image_processor.patch_size * self.processor.image_processor.merge_size
 
-    def encode(self, text, *, image=None, video=None, image_max_pixels, video_frame_max_pixels) -> Encoded:
+    def encode(
+        self, text, *, image=None, video=None, image_max_pixels, video_frame_max_pixels, one_view=False
+    ) -> Encoded:
+        # one_view: a Qwen image is always one view (one grid, resized within the budget), never tiled.
         kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
         min_pixels = self._patch_px**2 * 4  # at least a 2x2 grid of visual tokens
         if image is not None:
