@@ -22,7 +22,8 @@ class Settings:
     k_cap_tokens: int = 50
     """K in Eq. 4: the most memory tokens kept per reference image (about 20 % of 256)."""
     reference_max_pixels: int = 448 * 448
-    """Pixel budget of a reference image, as in the paper: about 256 visual tokens."""
+    """Area a reference image is resized to, larger or smaller, as the paper's fixed 448x448 input: about 256
+    visual tokens (196 on Qwen3-VL; InternVL: always one 448x448 tile)."""
     description_max_new_tokens: int = 32
     """Length cap of the self-description whose content words are the keywords. Decoding dominates the
     cost of an introduction, and "one short sentence" rarely needs more."""

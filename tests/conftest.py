@@ -115,7 +115,7 @@ def reference_inputs(engine, picture) -> dict:
         add_generation_prompt=True,
     )
     return engine.backend.encode(
-        text, image=picture, image_max_pixels=448 * 448, video_frame_max_pixels=448 * 448
+        text, image=picture, image_max_pixels=448 * 448, video_frame_max_pixels=448 * 448, one_view=True
     ).inputs
 
 

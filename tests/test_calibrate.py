@@ -140,6 +140,7 @@ def test_planted_layer_ranks_first_and_file_loads(family, tmp_path, monkeypatch)
         image=photo(0),
         image_max_pixels=engine.settings.reference_max_pixels,
         video_frame_max_pixels=engine.settings.video_frame_max_pixels,
+        one_view=True,  # as a reference
     )
     grid = engine.backend.grid(encoded)
     objects = cal.object_tokens(_square_mask(), grid)

@@ -258,10 +258,15 @@ def test_a_stopped_stream_keeps_the_model_until_its_generation_has_ended():
     assert not engine._lock.locked()
 
 
+TWIN_SIZE = (448, 448)
+"""A query photo of the reference budget's area: as a reference and as a query it is encoded to the same grid, so
+a concept made from it matches it best (a reference is resized to that area, a query keeps its size)."""
+
+
 def test_too_many_concepts_keeps_the_most_similar_to_the_query():
     engine = tiny_engine("qwen2-vl")
     engine_small = engine.with_settings(max_concepts_in_context=1)
-    query = photo(11)
+    query = photo(11, size=TWIN_SIZE)
     # A concept made from the query photo itself is the most similar one.
     twin = engine.introduce("twin", [query], area_pct=20)
     other = engine.introduce("other", [photo(12, size=(120, 400))], area_pct=20)
@@ -272,7 +277,7 @@ def test_too_many_concepts_keeps_the_most_similar_to_the_query():
 def test_with_concepts_left_out_the_kept_ones_memories_reach_the_language_model(monkeypatch):
     engine = tiny_engine("qwen2-vl")
     engine_small = engine.with_settings(max_concepts_in_context=2)
-    query = photo(11)
+    query = photo(11, size=TWIN_SIZE)
     # Different sizes, the kept ones not in a row: rows taken from the wrong concept would not fit or match.
     concepts = [
         engine.introduce("far", [photo(12, size=(120, 400))], area_pct=4),
@@ -294,7 +299,7 @@ def test_with_concepts_left_out_the_kept_ones_memories_reach_the_language_model(
 
 def test_each_concepts_similarity_and_map_are_recomputed_from_the_vision_tower(family):
     engine = tiny_engine(family)
-    query = photo(11)
+    query = photo(11, size=TWIN_SIZE)
     concepts = [
         engine.introduce("other", [photo(12, size=(120, 400))], area_pct=20),
         engine.introduce("twin", [query], area_pct=20),
@@ -343,7 +348,7 @@ def test_each_concepts_similarity_and_map_are_recomputed_from_the_vision_tower(f
 def test_concepts_the_question_names_are_kept_before_the_most_similar():
     engine = tiny_engine("qwen2-vl")
     small = engine.with_settings(max_concepts_in_context=1)
-    query = photo(11)
+    query = photo(11, size=TWIN_SIZE)
     twin = engine.introduce("twin", [query], area_pct=20)  # the most similar to the query
     other = engine.introduce("Other Cat", [photo(12, size=(120, 400))], area_pct=20)
     named = small.answer("Is other cat's tail visible?", [twin, other], image=query, max_new_tokens=1)

@@ -56,18 +56,15 @@ def test_each_view_keeps_tokens_in_proportion_to_its_own_visual_tokens():
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
     engine = tiny_engine("qwen2-vl")
-    pictures = [photo(1, size=(300, 300)), photo(2, size=(160, 640))]
+    pictures = [photo(1, size=(300, 451)), photo(2, size=(160, 640))]
     concept = engine.introduce("Poster", pictures, area_pct=10)
     factor = 28  # 14 px patches, 2x2 merge
     expected_n_r = []
     for picture in pictures:
-        height, width = smart_resize(
-            picture.height,
-            picture.width,
-            factor=factor,
-            min_pixels=4 * factor**2,
-            max_pixels=engine.settings.reference_max_pixels,
-        )
+        # Resized to the reference budget's area whatever their size (both are smaller: enlarged), as the paper's
+        # fixed 448x448 input; N_r still follows each view's own grid.
+        budget = engine.settings.reference_max_pixels
+        height, width = smart_resize(picture.height, picture.width, factor=factor, min_pixels=budget, max_pixels=budget)
         expected_n_r.append(height * width // factor**2)
     assert expected_n_r[0] != expected_n_r[1]
     expected_k = [eq4(10, n_r, engine.settings.k_cap_tokens) for n_r in expected_n_r]
@@ -192,6 +189,7 @@ def test_eq3_scores_match_eager_attention_far_beyond_the_tolerance(family):
         image=picture,
         image_max_pixels=engine.settings.reference_max_pixels,
         video_frame_max_pixels=engine.settings.video_frame_max_pixels,
+        one_view=True,  # as a reference
     ).inputs
     start = inputs["input_ids"].shape[1]
     description = [engine.backend.tokenizer(ch, add_special_tokens=False).input_ids[0] for ch in says]

@@ -48,12 +48,16 @@ class QwenBackend(Backend):
     def encode(
         self, text, *, image=None, video=None, image_max_pixels, video_frame_max_pixels, one_view=False
     ) -> Encoded:
-        # one_view: a Qwen image is always one view (one grid, resized within the budget), never tiled.
         kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
         min_pixels = self._patch_px**2 * 4  # at least a 2x2 grid of visual tokens
         if image is not None:
+            # A Qwen image is always one grid. A query keeps its own size within the budget; a reference
+            # (one_view) is resized to the budget's area whatever its upload's size, as the paper's fixed 448x448
+            # input: N_r about 256 (a small photo is enlarged), so that K_c = alpha * N_r / 100 does not shrink
+            # with the upload's resolution.
+            smallest = image_max_pixels if one_view else min_pixels
             kwargs["images"] = [image]
-            kwargs["images_kwargs"] = {"size": {"shortest_edge": min_pixels, "longest_edge": image_max_pixels}}
+            kwargs["images_kwargs"] = {"size": {"shortest_edge": smallest, "longest_edge": image_max_pixels}}
         if video is not None:
             from transformers.video_utils import VideoMetadata
 
