@@ -953,8 +953,9 @@ class Ego:
         afterwards each conversation takes its own row of the cache back. A conversation that must recompute its
         context (its cache dropped, or its first turn answered elsewhere) is answered on its own in the same call.
         Returns, per request, its `Answer` or the error that request alone raised while it was checked (an
-        `InputError`: the turn limit, a full conversation, the same conversation twice). stops and on_text as in
-        `answer_batch`."""
+        `InputError`: the turn limit, a full conversation, the same conversation twice; `ModelBusyError` when its
+        preparation ran out of memory), or the error of the generation it was part of: the others' answers stand.
+        stops and on_text as in `answer_batch`."""
         requests = list(requests)
         stops = list(stops) if stops is not None else [None] * len(requests)
         results: list[Answer | Exception | None] = [None] * len(requests)
@@ -969,6 +970,13 @@ class Ego:
                     turns[index] = request.chat._begin(request.question, request.max_new_tokens, use_cache=True)
                 except InputError as error:
                     results[index] = error
+                except torch.OutOfMemoryError:  # preparing its adopted first turn: its visitor alone is told
+                    results[index] = ModelBusyError(OUT_OF_MEMORY)
+                if isinstance(results[index], ModelBusyError) and torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            # Each conversation's M-RoPE offset, read before any generation: a group's `_keep_cache` may drop the
+            # cache (and the offset) of a conversation answered in a later group, which still continues its old cache.
+            offsets = {i: requests[i].chat._positions for i in turns}
             shared = [i for i in turns if turns[i].prefill_tokens < turns[i].length]  # on their own caches
             while True:
                 # Every row computes the longest new part: a row computes again its last cached tokens where its own
@@ -979,24 +987,39 @@ class Ego:
                 if not short:
                     break
                 shared = [i for i in shared if i not in short]
+            try:
+                self.backend.stack_positions([offsets[i] for i in shared])
+            except ValueError:  # a conversation without its offset: each is answered on its own
+                shared = []
             groups = [shared] if len(shared) > 1 else []
             groups += [[i] for i in turns if not any(i in group for group in groups)]
             for group in groups:
                 try:
                     answers = self._follow_ups(
-                        [requests[i].chat for i in group], [turns[i] for i in group], group, stops, on_text
+                        [requests[i].chat for i in group],
+                        [turns[i] for i in group],
+                        [offsets[i] for i in group],
+                        group,
+                        stops,
+                        on_text,
                     )
                 except torch.OutOfMemoryError:
                     answers = [ModelBusyError(OUT_OF_MEMORY)] * len(group)
+                except Exception as error:  # noqa: BLE001 -- this generation's requests get its error; the answers
+                    # other groups gave (and their conversations recorded) stand
+                    answers = [error] * len(group)
                 for index, answer in zip(group, answers):
                     results[index] = answer
                 if isinstance(answers[0], ModelBusyError) and torch.cuda.is_available():
                     torch.cuda.empty_cache()
         return results
 
-    def _follow_ups(self, chats: list[Chat], turns: list[_Turn], indices: list[int], stops, on_text) -> list[Answer]:
+    def _follow_ups(
+        self, chats: list[Chat], turns: list[_Turn], offsets: list, indices: list[int], stops, on_text
+    ) -> list[Answer]:
         """One generate for the follow-ups of `chats` (one conversation alone on its own cache, or several on their
-        caches stacked), each row ended on its own; the conversations record their turns."""
+        caches stacked), each row ended on its own, from each conversation's own position `offsets`; the
+        conversations record their turns, all of them once every row's answer and cache are ready."""
         from transformers import StoppingCriteriaList
 
         tokenizer, stop_ids = self.backend.tokenizer, self.backend.stop_token_ids
@@ -1014,7 +1037,7 @@ class Ego:
             kept = [turn.length - new for turn in turns]
             config = self.model.config.get_text_config()
             kwargs["past_key_values"] = batching.stack_caches(caches, kept, start - new, config)
-            self.backend.restore_positions(self.backend.stack_positions([chat._positions for chat in chats]))
+            self.backend.restore_positions(self.backend.stack_positions(offsets))
 
         def on_step(row: int, ids: list[int]) -> None:
             own = batching.row_tokens(ids, budgets[row], stop_ids)
@@ -1029,25 +1052,27 @@ class Ego:
         criteria = StoppingCriteriaList([control])
         if len(chats) == 1:  # exactly `Chat.ask`'s call, with the row's own Stop
             if turns[0].prefill_tokens < turns[0].length:  # on its cache: its own offset (others' `_begin` moved it)
-                self.backend.restore_positions(chats[0]._positions)
+                self.backend.restore_positions(offsets[0])
             return [chats[0]._finish(turns[0], chats[0]._generate(turns[0], stopping_criteria=criteria))]
         with torch.no_grad():  # the memory rows and their residuals are in the caches: none among the new tokens
             out = self.model.generate(**kwargs, stopping_criteria=criteria)
-        answers = []
-        for row, (chat, turn) in enumerate(zip(chats, turns)):
-            ids = out.sequences[row, start:].tolist()
-            answer_ids = batching.row_tokens(ids, budgets[row], stop_ids, control.lengths[row])
-            text = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
-            chat._ids = turn.generate["input_ids"][0].tolist() + answer_ids
+        config, rows = self.model.config.get_text_config(), []
+        for row, turn in enumerate(turns):  # every row ready before any conversation changes
+            answer_ids = batching.row_tokens(
+                out.sequences[row, start:].tolist(), budgets[row], stop_ids, control.lengths[row]
+            )
+            ids = turn.generate["input_ids"][0].tolist() + answer_ids
             padding = start - turn.length
-            length = min(len(chat._ids), out.past_key_values.get_seq_length() - padding)
-            config = self.model.config.get_text_config()
-            chat._cache = batching.row_cache(out.past_key_values, row, padding, length, config)
-            self._keep_cache(chat)
-            answer = chat._answer(text, turn, answer_ids)
+            length = min(len(ids), out.past_key_values.get_seq_length() - padding)
+            cache = batching.row_cache(out.past_key_values, row, padding, length, config)
+            text = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+            rows.append((ids, cache, chats[row]._answer(text, turn, answer_ids)))
+        for chat, turn, offset, (ids, cache, answer) in zip(chats, turns, offsets, rows):
+            chat._ids, chat._cache, chat._positions = ids, cache, offset
             chat.turns.append((turn.question, answer))
-            answers.append(answer)
-        return answers
+        for chat in chats:
+            self._keep_cache(chat)
+        return [answer for _, _, answer in rows]
 
     def _keep_cache(self, chat: Chat) -> None:
         """Mark `chat`'s cache the most recently used, then drop the least recently used caches until all of

@@ -42,6 +42,11 @@ class Conversations:
             self._asked[tab] = self._asked.get(tab, 0) + 1
             return self._asked[tab]
 
+    def stale(self, tab: str, asked: int | None) -> bool:
+        """Whether the first question marked `asked` (`asking`) was overtaken in `tab` (None: never)."""
+        with self._lock:
+            return asked is not None and self._asked.get(tab) != asked
+
     def start(self, tab: str, chat, asked: int | None = None) -> bool:
         """`chat` replaces the tab's conversation and becomes the one `/follow_up` continues; not (False) when
         `asked`, the mark of the question that started it, is stale."""

@@ -193,8 +193,8 @@ class Session:
         conversation never holds a concept the session let go."""
         with self._lock:
             ours = {id(entry.concept) for entry in self._entries}
-            if any(id(concept) not in ours for concept in chat.concepts):
-                return None
+            if self.conversations.stale(tab, asked) or any(id(concept) not in ours for concept in chat.concepts):
+                return None  # before the budget: a refusal would end the conversation the visitor has now
             previous = self.conversations.get(tab)
             growth = chat.held_bytes - (previous.held_bytes if previous is not None else 0)
             try:

@@ -404,3 +404,65 @@ def test_a_follow_up_that_would_compute_its_photo_again_in_a_batch_is_answered_a
         saved, expected = chat._positions, reference._positions
         assert (saved is None and expected is None) or torch.equal(saved, expected)
         assert str(chat.ask("And then?", max_new_tokens=6)) == str(reference.ask("And then?", max_new_tokens=6))
+
+
+def test_a_tight_cache_budget_during_a_batch_leaves_every_conversation_able_to_go_on():
+    """Taking its row back, one conversation may push another of the same batch out of `max_cached_conversations_mb`:
+    that one recomputes later, and a conversation keeps its M-RoPE offset with its cache, so later batches work."""
+    base = tiny_engine("qwen2.5-vl")
+
+    def opened(engine):
+        chats = [engine.chat([], image=photo(seed)) for seed in (3, 4)]
+        for chat in chats:
+            chat.ask("What is this?", max_new_tokens=4)
+        return chats
+
+    alone = opened(base)
+    before = sum(chat.cache_bytes for chat in alone)
+    want = [chat.ask(q, max_new_tokens=5) for chat, q in zip(alone, ["Why?", "And then?"])]
+    want_next = [chat.ask("Where is it?", max_new_tokens=6) for chat in alone]
+    tight = base.with_settings(max_cached_conversations_mb=(before + 1) / 2**20)
+    batched = opened(tight)
+    got = tight.follow_up_batch([FollowUpRequest(c, q, 5) for c, q in zip(batched, ["Why?", "And then?"])])
+    assert [a.token_ids for a in got] == [a.token_ids for a in want]
+    assert all(chat.cache_bytes == 0 or chat._positions is not None for chat in batched)
+    roomy = tight.with_settings(max_cached_conversations_mb=1000)
+    again = roomy.follow_up_batch([FollowUpRequest(chat, "Where is it?", 6) for chat in batched])
+    assert [a.token_ids for a in again] == [a.token_ids for a in want_next]
+
+
+def test_a_failure_in_one_generation_of_a_batch_leaves_the_others_answers(monkeypatch):
+    """The conversations on their caches are answered first; one answered later on its own fails with its own
+    error, and the answers (and turns) of the first stand. Out of memory while one conversation prepares its
+    adopted first turn fails that one alone."""
+    engine = tiny_engine("qwen2.5-vl")
+
+    def opened(seed):
+        chat = engine.chat([], image=photo(seed))
+        chat.ask("What is this?", max_new_tokens=4)
+        return chat
+
+    a, b, dropped = opened(3), opened(4), opened(5)
+    dropped.drop_cache()
+    generate = engine.model.generate
+
+    def failing_without_a_cache(*args, **kwargs):
+        if kwargs["past_key_values"].get_seq_length() == 0:
+            raise RuntimeError("a device fault")
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "generate", failing_without_a_cache)
+    results = engine.follow_up_batch([FollowUpRequest(c, "Why?", 4) for c in (a, b, dropped)])
+    assert [type(r).__name__ for r in results] == ["Answer", "Answer", "RuntimeError"]
+    assert [len(c.turns) for c in (a, b, dropped)] == [2, 2, 1]
+    monkeypatch.undo()
+
+    adopted = engine.chat([], image=photo(8))
+    adopted.adopt("What is this?", engine.answer("What is this?", image=photo(8), max_new_tokens=4))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(engine, "_prepare_answer", out_of_memory)
+    results = engine.follow_up_batch([FollowUpRequest(c, "And?", 4) for c in (a, b, adopted)])
+    assert [type(r).__name__ for r in results] == ["Answer", "Answer", "ModelBusyError"]

@@ -176,3 +176,18 @@ def test_many_sessions_adding_at_once_never_pass_the_budget():
         thread.join(timeout=30)
     assert sum(len(s) for s in sessions) == 10 and len(refused) == 8 * 4 - 10
     assert budget.held() == 10 * entry_bytes(name="0-0")
+
+
+def test_a_late_first_answer_the_budget_refuses_leaves_the_visitors_newer_conversation():
+    """A first answer the visitor moved on from is not kept, and not weighed against the conversation budget either:
+    its refusal would end the conversation the visitor has now."""
+    from types import SimpleNamespace
+
+    session = Session()
+    budget = MemoryBudget(1000, held_by=lambda held: held.conversations.nbytes)
+    first, second = session.conversations.asking("image"), session.conversations.asking("image")
+    newer = SimpleNamespace(held_bytes=600, concepts=(), turns=[("q", "a")])
+    assert session.keep_conversation("image", newer, budget, second) is True
+    late = SimpleNamespace(held_bytes=1500, concepts=(), turns=[("q", "a")])
+    assert session.keep_conversation("image", late, budget, first) is None
+    assert session.conversations.get("image") is newer
