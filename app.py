@@ -149,7 +149,11 @@ def build_demo(
         # A new photo, or "New conversation", ends the tab's conversation and stops its answer.
         for ending in (img.new.click, img.image.change):
             ending(None, cancels=[asking], **PRIVATE).then(
-                functools.partial(act.new_conversation, tab="image"), session, [session, img.chat], **CHEAP, **PRIVATE
+                functools.partial(act.new_conversation, tab="image"),
+                session,
+                [session, img.chat, img.plain, img.details, img.matches],
+                **CHEAP,
+                **PRIVATE,
             )
 
         # Ask about a video: a conversation
@@ -170,7 +174,11 @@ def build_demo(
         )
         for ending in (vid.new.click, vid.video.change):
             ending(None, cancels=[asking], **PRIVATE).then(
-                functools.partial(act.new_conversation, tab="video"), session, [session, vid.chat], **CHEAP, **PRIVATE
+                functools.partial(act.new_conversation, tab="video"),
+                session,
+                [session, vid.chat, vid.frames, vid.details],
+                **CHEAP,
+                **PRIVATE,
             )
 
         # The HTTP API of the ask tabs: each /ask_ call starts a conversation, /follow_up continues the last one

@@ -27,7 +27,7 @@ from ego.errors import InputError, MemoryFileError, ModelBusyError
 from ego.media import load_image, load_video
 from ego.memory import load_concepts, read_thumbnails, save_concepts
 
-from . import views
+from . import guidance, views
 from .conversations import Conversations, messages
 from .examples import Examples
 from .loading import LazyEngine
@@ -407,31 +407,52 @@ class Actions:
     def chat_image(self, session: Session, image, message, compare=False, progress=gr.Progress()):
         """The image tab's message: a first one starts a conversation about the photo (as /ask_image), a later one
         follows it up. Streams (session, chat view, message box, answer without memory, details, where each concept
-        matches); the message box empties once the question is taken."""
-        chats = session.conversations
-        chat = chats.get("image")
+        matches); the message box empties once the question is taken. Refused or failed, the chat view is the
+        conversation's again and the message is back in its box."""
+        chat = session.conversations.get("image")
         if chat is not None and chat.turns:
-            before = list(chat.turns)
-            for answer in self._follow_up(chats, "image", message, progress):
-                yield session, messages(before, message, answer), "", gr.skip(), gr.skip(), gr.skip()
-            yield session, messages(chat.turns), "", gr.skip(), gr.skip(), gr.skip()
-            return
-        for _, answer, plain, details, matches in self.ask_image(session, image, message, compare, progress):
-            yield session, messages([], message, answer), "", plain, details, matches
+            steps = [self._follow_up_steps(session, "image", chat, message, progress, extra=3)]
+        else:
+            asked = self.ask_image(session, image, message, compare, progress)
+            steps = [((messages([], message, _so_far(a)), plain, facts, found) for _, a, plain, facts, found in asked)]
+        for view, box, *rest in self._chat_steps(session, "image", message, steps, extra=3):
+            yield session, view, box, *rest
 
     def chat_video(self, session: Session, video, message, progress=gr.Progress()):
         """The video tab's message: a first one starts a conversation about the clip (as /ask_video), a later one
-        follows it up. Streams (session, frames, chat view, message box, details)."""
-        chats = session.conversations
-        chat = chats.get("video")
+        follows it up. Streams (session, frames, chat view, message box, details), as `chat_image` does."""
+        chat = session.conversations.get("video")
         if chat is not None and chat.turns:
-            before = list(chat.turns)
-            for answer in self._follow_up(chats, "video", message, progress):
-                yield session, gr.skip(), messages(before, message, answer), "", gr.skip()
-            yield session, gr.skip(), messages(chat.turns), "", gr.skip()
-            return
-        for _, frames, answer, details in self.ask_video(session, video, message, progress):
-            yield session, frames, messages([], message, answer), "", details
+            steps = [self._follow_up_steps(session, "video", chat, message, progress, extra=2)]
+        else:
+            asked = self.ask_video(session, video, message, progress)
+            steps = [((messages([], message, _so_far(a)), frames, details) for _, frames, a, details in asked)]
+        for view, box, frames, details in self._chat_steps(session, "video", message, steps, extra=2):
+            yield session, frames, view, box, details
+
+    def _follow_up_steps(self, session: Session, tab: str, chat, message, progress, *, extra: int):
+        """(chat view, *`extra` skipped outputs) as a follow-up streams, then the conversation with its new turn."""
+        before, skip = list(chat.turns), (gr.skip(),) * extra
+        for answer in self._follow_up(session.conversations, tab, message, progress):
+            yield messages(before, message, _so_far(answer)), *skip
+        yield messages(chat.turns), *skip
+
+    @staticmethod
+    def _chat_steps(session: Session, tab: str, message, steps, *, extra: int):
+        """(chat view, message box, *`extra` more outputs) per step of a chat tab's answer, from `steps` (iterables
+        of (chat view, *extra), gone through in order, the later ones only once the earlier ones end): the box
+        emptied once, at the first step, then left alone (the visitor may type the next question while this one
+        streams). On a refusal or a failure: the conversation's own view, the message back in its box, then the
+        error."""
+        emptied = False
+        try:
+            for view, *rest in (step for part in steps for step in part):
+                yield view, gr.skip() if emptied else "", *rest
+                emptied = True
+        except Exception:
+            chat = session.conversations.get(tab)
+            yield (messages(chat.turns) if chat is not None else []), message, *(gr.skip(),) * extra
+            raise
 
     def shown_conversations(self, session: Session):
         """(image tab's, video tab's) chat views of the conversations the session holds: after a reload, or in
@@ -440,9 +461,11 @@ class Actions:
         return tuple(messages(chat.turns) if chat is not None else [] for chat in map(chats.get, ("image", "video")))
 
     def new_conversation(self, session: Session, tab: str):
-        """End the tab's conversation (the next message starts one); returns (session, empty chat view)."""
+        """End the tab's conversation (the next message starts one); returns the session, an empty chat view, and
+        empty values for what the ended conversation showed beside it (image tab: the answer without memory, the
+        details, the match pictures; video tab: the sampled frames, the details)."""
         session.conversations.end(tab)
-        return session, []
+        return (session, [], "", {}, []) if tab == "image" else (session, [], [], {})
 
     # ------------------------------------------------------------------------------------------
     # The concept panel
@@ -560,6 +583,11 @@ class Actions:
             )
         log.info("import: %d concepts, %d skipped", len(entries), len(skipped))
         return session, self.records(session)
+
+
+def _so_far(answer) -> str:
+    """An answer's text so far in a chat view: "Thinking…" until its first words."""
+    return str(answer) or guidance.THINKING
 
 
 def _tokens_of(answer) -> Answer:

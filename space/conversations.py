@@ -80,8 +80,8 @@ class Conversations:
         with self._lock:
             self._asked[tab] = self._asked.get(tab, 0) + 1
             self._chats.pop(tab, None)
-            if self.current == tab:
-                self.current = next(iter(self._chats), None)
+            if self.current == tab:  # `/follow_up` continues the last one started, or none: never an older one
+                self.current = None
 
 
 def holding(chats: Conversations, concepts) -> list[str]:

@@ -34,9 +34,20 @@ def thinking():
     return THINKING
 
 
+def text_of(content) -> str:
+    """A message's text: a chat view hands its messages to a handler as lists of parts ({"type": "text",
+    "text": ...}), an answer box as a string."""
+    if isinstance(content, (list, tuple)):
+        return "".join(text_of(part) for part in content)
+    if isinstance(content, dict):
+        return str(content.get("text") or "")
+    return "" if content is None else str(content)
+
+
 def mark_stopped(answer) -> str:
     """The answer box after Stop: what had streamed, marked as cut short."""
-    text = "" if answer is None or str(answer) == THINKING else str(answer)
+    text = text_of(answer)
+    text = "" if text == THINKING else text
     return text if text.endswith(STOPPED.strip()) else (text + STOPPED).strip()
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 from ego import DEFAULT_SETTINGS
 from space.actions import Actions
 from space.examples import EXAMPLES_DIR, Examples, load_examples
+from space.guidance import THINKING
 from space.loading import LazyEngine
 from space.session import Session
 from space.settings import SpaceSettings
@@ -339,7 +340,9 @@ def test_a_conversation_in_the_image_tab_follows_up_on_the_same_photo(act, engin
     steps = list(act.chat_image(session, QUERY, "Is Chelsea here?", progress=quiet))
     _, view, box, _, details, matches = steps[-1]
     first = view[-1]["content"]
-    assert view[0] == {"role": "user", "content": "Is Chelsea here?"} and box == ""
+    # The box empties with the first step and is left alone after it: a question typed meanwhile stays.
+    assert steps[0][2] == "" and all(step[2] == gr.skip() for step in steps[1:])
+    assert view[0] == {"role": "user", "content": "Is Chelsea here?"}
     assert details["concepts_used"] == ["Chelsea"] and len(matches) == 1
     # A follow-up streams into the same view; the details and matches of the first answer stay.
     steps = list(act.chat_image(session, QUERY, "What is she holding?", progress=quiet))
@@ -357,7 +360,7 @@ def test_a_conversation_in_the_image_tab_follows_up_on_the_same_photo(act, engin
     shown_image, shown_video = act.shown_conversations(session)
     assert [m["content"] for m in shown_image[::2]] == ["Is Chelsea here?", "What is she holding?", "And the wall?"]
     assert shown_image[5]["content"] == answer and shown_video == []
-    assert act.new_conversation(session, "image") == (session, [])
+    assert act.new_conversation(session, "image") == (session, [], "", {}, [])
     assert act.shown_conversations(session) == ([], [])
     with pytest.raises(gr.Error, match="no conversation to follow up yet"):
         list(act.follow_up(session, "And now?", progress=quiet))
@@ -413,11 +416,16 @@ def test_removing_a_concept_ends_the_conversations_that_know_it(act, engine):
 def test_a_refused_follow_up_keeps_the_question_and_the_conversation(act):
     session = Session()
     *_, (_, frames, answer, _) = act.ask_video(session, CLIP, "What happens?", progress=quiet)
+    refused = act.chat_video(session, CLIP, "   ", progress=quiet)
+    _, frames, view, box, details = next(refused)  # the conversation's own view again, the message back in its box
+    assert [m["content"] for m in view] == ["What happens?", answer] and box == "   "
+    assert frames == gr.skip() and details == gr.skip()
     with pytest.raises(gr.Error, match="Type a question"):
-        list(act.chat_video(session, CLIP, "   ", progress=quiet))
-    _, _, view, box, _ = list(act.chat_video(session, CLIP, "And then?", progress=quiet))[-1]
+        next(refused)
+    steps = list(act.chat_video(session, CLIP, "And then?", progress=quiet))
+    _, _, view, box, _ = steps[-1]
     assert [m["content"] for m in view] == ["What happens?", answer, "And then?", view[3]["content"]]
-    assert box == "" and len(session.conversations.get("video").turns) == 2
+    assert steps[0][3] == "" and len(session.conversations.get("video").turns) == 2
 
 
 @pytest.mark.parametrize("tab", ["image", "video"])
@@ -466,3 +474,23 @@ def test_a_conversation_the_memory_budget_cannot_hold_is_answered_but_not_kept(e
     assert warnings and "cannot be followed up" in warnings[-1]
     with pytest.raises(gr.Error, match="no conversation to follow up yet"):
         list(act.follow_up(session, "Then?", progress=quiet))
+
+
+def test_follow_up_never_continues_an_older_conversation_than_the_last_started(act):
+    """The last conversation started was not kept (or has ended): `/follow_up` says there is none, rather than
+    answering about the other tab's clip."""
+    session = Session()
+    list(act.ask_video(session, CLIP, "What happens?", progress=quiet))
+    list(act.ask_image(session, QUERY, "What is this?", progress=quiet))
+    act.new_conversation(session, "image")
+    with pytest.raises(gr.Error, match="no conversation to follow up yet"):
+        list(act.follow_up(session, "And then?", progress=quiet))
+    assert len(session.conversations.get("video").turns) == 1
+
+
+def test_the_video_chat_shows_thinking_until_the_first_words(act):
+    session = Session()
+    steps = act.chat_video(session, CLIP, "What happens?", progress=quiet)
+    _, frames, view, _, _ = next(steps)  # the frames are sampled, the model has not answered yet
+    assert frames and view[-1] == {"role": "assistant", "content": THINKING}
+    steps.close()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import warnings
 
+import gradio as gr
 import pytest
 
-from space.guidance import THINKING, after_introduce, example_concepts_hint, mark_stopped
+from space.guidance import THINKING, after_introduce, example_concepts_hint, mark_stopped, mark_stopped_in_chat
 from space.session import Session
 
 
@@ -41,3 +42,16 @@ def test_an_example_question_without_its_concepts_gets_a_hint():
         loaded = Session()
         loaded.has = lambda name: True
         hint(loaded, "Who is next to my mug?")  # the concepts are there
+
+
+def test_stop_marks_the_text_of_the_messages_a_chat_view_hands_over():
+    """A chat view gives its handlers each message as a list of parts: Stop marks the text, not the list."""
+    chat = gr.Chatbot()
+
+    def handed(history):  # what the handler receives from the browser's chat view
+        return chat.preprocess(chat.postprocess(history))
+
+    partial = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "A partial answer"}]
+    assert mark_stopped_in_chat(handed(partial))[-1]["content"] == "A partial answer (stopped)"
+    waiting = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": THINKING}]
+    assert mark_stopped_in_chat(handed(waiting))[-1]["content"] == "(stopped)"
