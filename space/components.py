@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 IMAGE_FORMATS_TEXT = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+INLINE_REFUSAL = "Send the photo as an uploaded file (see the HTTP API's docs), not inline in the request."
 
 
 def photo_input(**kwargs) -> gr.Image:
@@ -19,6 +20,14 @@ def photo_input(**kwargs) -> gr.Image:
     gradio_check = image.preprocess
 
     def preprocess(payload):
+        # Gradio decodes an image sent inline as a data: URL, whole and unchecked, into its cache before any
+        # limit of ours: upload limits, the file-cache quota and the pixel limit would not apply. Only uploaded
+        # files are taken (what the browser sends, and the HTTP API's documented way).
+        if payload is not None:
+            url = payload.get("url") if isinstance(payload, dict) else getattr(payload, "url", None)
+            path = payload.get("path") if isinstance(payload, dict) else getattr(payload, "path", None)
+            if (isinstance(url, str) and url.lstrip().lower().startswith("data:")) or not path:
+                raise gr.Error(INLINE_REFUSAL, print_exception=False)
         try:
             return gradio_check(payload)
         except gr.Error:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import itertools
 import os
 
@@ -9,6 +11,7 @@ import gradio as gr
 import httpx
 import pytest
 from conftest import free_port
+from PIL import Image
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -118,3 +121,21 @@ def test_the_space_launch_options_stop_uploads_at_the_cache_limit(small_cache_se
     refused = upload(300 * 1024)  # 4 x 300 KiB > 1 MiB
     assert refused.status_code == 503 and refused.text == FULL
     assert 900 * 1024 <= folder_bytes(folder) <= 1024 * 1024
+
+
+def test_a_photo_sent_inline_as_a_data_url_is_refused_before_gradio_decodes_it():
+    """Gradio would decode a data: URL whole into its cache before any limit of ours (size, quota, pixels)."""
+    from gradio.data_classes import ImageData
+
+    from space.components import INLINE_REFUSAL, photo_input
+
+    picture = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(picture, "PNG")
+    with gr.Blocks():
+        photo = photo_input()
+    inline = ImageData(url="data:image/png;base64," + base64.b64encode(picture.getvalue()).decode())
+    with pytest.raises(gr.Error, match="uploaded file") as refused:
+        photo.preprocess(inline)
+    assert str(refused.value).strip('"') == INLINE_REFUSAL
+    uploaded = ImageData(path="examples/scenes/chelsea_query.jpg", orig_name="query.jpg")
+    assert photo.preprocess(uploaded) == "examples/scenes/chelsea_query.jpg"
