@@ -364,8 +364,13 @@ def read_thumbnails(path, count: int) -> list:
     return pictures
 
 
+MEMORY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""The dtypes a memory may be stored in (Ego writes the model's). Others are refused: torch cannot test the float8
+kinds for finiteness, and it calls float8_e8m0's NaN finite."""
+
+
 def _is_finite_float(tensor: torch.Tensor) -> bool:
-    return tensor.is_floating_point() and bool(torch.isfinite(tensor).all())
+    return tensor.dtype in MEMORY_DTYPES and bool(torch.isfinite(tensor).all())
 
 
 def _is_consistent(view: ConceptView) -> bool:
@@ -396,7 +401,15 @@ def load_concepts(path, engine) -> list[Concept]:
     if any(c.residuals is not None and c.residuals.shape[0] != levels for c in concepts):
         raise MemoryFileError("This concept file does not match the model it names; export the concepts again.")
     dtype = engine.memory_dtype
-    return [
+    loaded = [
         replace(c, embeddings=c.embeddings.to(dtype), residuals=None if c.residuals is None else c.residuals.to(dtype))
         for c in concepts
     ]
+    # Finite as stored, but maybe not in the model's dtype (float32's 3e38 is inf in bfloat16).
+    if not all(
+        _is_finite_float(c.embeddings) and (c.residuals is None or _is_finite_float(c.residuals)) for c in loaded
+    ):
+        raise MemoryFileError(
+            "This concept file holds memory values this model cannot read; export the concepts again."
+        )
+    return loaded

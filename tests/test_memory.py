@@ -87,6 +87,27 @@ def test_hostile_residuals_are_refused(tmp_path, family, change):
     assert str(raised.value).endswith(".")
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda t: t.update({"c0.embeddings": t["c0.embeddings"].to(torch.float8_e4m3fn)}),  # untestable for NaN
+        lambda t: t.update(
+            {"c0.embeddings": torch.full_like(t["c0.embeddings"], float("nan")).to(torch.float8_e8m0fnu)}
+        ),
+        lambda t: t.update({"c0.embeddings": t["c0.embeddings"].double()}),
+    ],
+)
+def test_memory_in_a_dtype_ego_does_not_write_is_refused_with_a_sentence(tmp_path, change):
+    """Float8 kinds cannot be tested for NaN (torch raises, or calls float8_e8m0's NaN finite): a memory stored in
+    one would crash the import or reach the model as NaN."""
+    engine = tiny_engine("qwen2-vl")
+    made = [engine.introduce("Chelsea", [photo(0)], area_pct=12)]
+    path = _rewritten(save_concepts(tmp_path / "mine.ego", made), change)
+    with pytest.raises(MemoryFileError) as raised:
+        load_concepts(path, engine)
+    assert str(raised.value).endswith(".")
+
+
 def test_thumbnails_round_trip_and_old_files_still_load(concepts, tmp_path):
     from PIL import Image
 
