@@ -452,10 +452,20 @@ def _decode_pass(
                 _check_dimensions(codec.width, codec.height, settings, what="video")
             estimate = _estimated_frames(declared_frames, declared_fps, declared_duration)
             wanted = set(choose(estimate))
+            # A stream may declare small frames and hold huge ones: ffmpeg itself refuses to decode a frame over
+            # the pixel limit (a frame is checked below only once decoded, its memory already taken).
+            codec.options = {**codec.options, "max_pixels": str(settings.max_image_pixels)}
             stream.thread_type = "AUTO"
             for packet in container.demux(stream):
                 deadline.check()
-                for frame in packet.decode():
+                try:
+                    frames = packet.decode()
+                except av.error.ArgumentError:  # how ffmpeg refuses a frame over `max_pixels`
+                    raise InputError(
+                        f"This video holds frames larger than {settings.max_image_pixels / _MEGA:g} megapixels; "
+                        f"please upload a smaller video."
+                    ) from None
+                for frame in frames:
                     deadline.check()
                     _check_dimensions(frame.width, frame.height, settings, what="video")
                     if frame.time is not None:

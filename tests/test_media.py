@@ -695,3 +695,25 @@ def test_a_loaded_video_is_accepted_again_without_decoding(tmp_path):
         load_video((loaded[0][:3], loaded[1]))  # frames and indices disagree
     with pytest.raises(InputError):
         load_video((loaded[0], {"fps": 1}))  # not our metadata
+
+
+def test_a_video_hiding_large_frames_behind_a_small_declared_size_is_refused_before_decoding_them(tmp_path):
+    """The header says 64x64, later frames are 400x400: ffmpeg is told the pixel limit, so such a frame is never
+    decoded (its memory never taken) and the visitor is told why."""
+
+    def jpeg(side: int) -> bytes:
+        data = io.BytesIO()
+        Image.new("RGB", (side, side), (120, 30, 200)).save(data, "JPEG", quality=10, subsampling=0)
+        return data.getvalue()
+
+    path = tmp_path / "hiding.avi"
+    with av.open(str(path), "w", format="avi") as container:
+        stream = container.add_stream("mjpeg", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuvj444p"
+        for index, data in enumerate([jpeg(64), jpeg(400), jpeg(400)]):
+            packet = av.Packet(data)
+            packet.stream, packet.pts, packet.dts = stream, index, index
+            container.mux(packet)
+    with pytest.raises(InputError, match="holds frames larger than 0.01 megapixels"):
+        load_video(path, DEFAULT_SETTINGS.replace(max_image_pixels=100 * 100))
+    assert len(load_video(path, DEFAULT_SETTINGS)[0]) == 3
