@@ -7,6 +7,12 @@ disk of a Space, and then every visitor's request fails. This middleware counts 
 (recounted every few seconds, plus what it let in since) and answers an upload that would take the total
 past `max_cache_mb` with 503 and a sentence, before Gradio reads its body. Nothing a visitor already has
 is touched: their concepts live in memory, and the sweep frees room on its own schedule.
+
+An upload is counted from the moment it is let in until a recount finds it on disk, also while its body is still
+arriving (a slow upload is not forgotten by a recount). An upload that does not say its size (no Content-Length:
+a chunked body, which could hold any number of files) is refused with 411; browsers and `gradio_client` always
+say it. Gradio's `component_server` route reads every file of a multipart request into memory before any check;
+this app has no component with server functions, so the route is refused (404).
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ from gradio.utils import get_upload_folder
 from starlette.responses import PlainTextResponse
 
 FULL = "The server's upload space is full right now; please try again in a few minutes."
+SIZE_REQUIRED = "Send the upload with its size (a Content-Length header), as browsers and gradio_client do."
+NO_COMPONENT_SERVER = "This app has no component server functions."
 _UPLOAD_ROUTE = re.compile(r"/gradio_api/(upload|process_recording)/?$")
+_COMPONENT_SERVER_ROUTE = re.compile(r"/gradio_api/component_server/?$")
 
 
 def folder_bytes(folder: str | os.PathLike) -> int:
@@ -40,24 +49,40 @@ def folder_bytes(folder: str | os.PathLike) -> int:
 class UploadQuota:
     """ASGI middleware: uploads that would take the cache folder past `max_bytes` get 503.
 
-    `upload_bytes` is what an upload without a Content-Length header is assumed to carry (the per-file
-    cap); `folder` defaults to Gradio's upload folder at the time of the request.
+    `upload_bytes` is the per-file cap (kept for callers; every counted upload declares its size); `folder`
+    defaults to Gradio's upload folder at the time of the request.
     """
 
     def __init__(self, app, *, max_bytes: int, upload_bytes: int, folder: str | None = None, recount_s: float = 2.0):
         self.app = app
         self.max_bytes, self.upload_bytes, self.folder, self.recount_s = max_bytes, upload_bytes, folder, recount_s
-        self._counted, self._counted_at, self._admitted = 0, -math.inf, 0
+        self._counted, self._counted_at = 0, -math.inf
+        self._admitted = 0
+        """Bytes of the uploads that finished since the last recount (it finds them on disk)."""
+        self._arriving = 0
+        """Bytes of the uploads let in whose bodies are still arriving: counted until they finish."""
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope.get("method") == "POST" and _UPLOAD_ROUTE.search(scope.get("path", "")):
-            declared = _content_length(scope)
-            incoming = self.upload_bytes if declared is None else declared
-            if await self._used() + incoming > self.max_bytes:
-                await PlainTextResponse(FULL, status_code=503, headers={"retry-after": "300"})(scope, receive, send)
-                return
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if _COMPONENT_SERVER_ROUTE.search(path):
+            await PlainTextResponse(NO_COMPONENT_SERVER, status_code=404)(scope, receive, send)
+            return
+        if not (scope.get("method") == "POST" and _UPLOAD_ROUTE.search(path)):
+            await self.app(scope, receive, send)
+            return
+        incoming = _content_length(scope)
+        if incoming is None:
+            await PlainTextResponse(SIZE_REQUIRED, status_code=411)(scope, receive, send)
+            return
+        if await self._used() + incoming > self.max_bytes:
+            await PlainTextResponse(FULL, status_code=503, headers={"retry-after": "300"})(scope, receive, send)
+            return
+        self._arriving += incoming
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._arriving -= incoming
             self._admitted += incoming  # until the next recount sees it on disk
-        await self.app(scope, receive, send)
 
     async def _used(self) -> int:
         now = time.monotonic()
@@ -65,7 +90,7 @@ class UploadQuota:
             folder = self.folder or get_upload_folder()
             self._counted = await anyio.to_thread.run_sync(folder_bytes, folder)
             self._counted_at, self._admitted = now, 0
-        return self._counted + self._admitted
+        return self._counted + self._admitted + self._arriving
 
 
 def _content_length(scope) -> int | None:

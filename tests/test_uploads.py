@@ -7,6 +7,7 @@ import io
 import itertools
 import os
 
+import anyio
 import gradio as gr
 import httpx
 import pytest
@@ -19,7 +20,7 @@ from starlette.testclient import TestClient
 
 from ego import DEFAULT_SETTINGS
 from space.settings import SpaceSettings
-from space.uploads import FULL, UploadQuota, folder_bytes
+from space.uploads import FULL, SIZE_REQUIRED, UploadQuota, folder_bytes
 
 
 def storing_app(folder):
@@ -67,14 +68,55 @@ def test_uploads_let_in_between_two_counts_are_counted_too(tmp_path):
     assert [http.post("/gradio_api/upload", content=b"x" * 300).status_code for _ in range(4)] == [200, 200, 200, 503]
 
 
-def test_an_upload_without_a_length_is_assumed_as_large_as_allowed(tmp_path):
-    http = client(tmp_path, upload_bytes=900)
-    (tmp_path / "old").write_bytes(b"o" * 200)
+def test_an_upload_that_does_not_say_its_size_is_refused(tmp_path):
+    """A chunked body could hold any number of files, each up to the per-file cap: it is not let in at all."""
+    http = client(tmp_path)
 
     def chunks():
         yield b"z" * 10
 
-    assert http.post("/gradio_api/upload", content=chunks()).status_code == 503  # 200 + 900 > 1000
+    refused = http.post("/gradio_api/upload", content=chunks())
+    assert refused.status_code == 411 and refused.text == SIZE_REQUIRED and folder_bytes(tmp_path) == 0
+
+
+def test_an_upload_still_arriving_is_counted_across_recounts(tmp_path):
+    """A slow upload is let in; a recount does not find it on disk yet, and it still counts until it ends."""
+    release, statuses = anyio.Event(), []
+
+    async def slow_gradio(scope, receive, send):
+        await release.wait()
+        await PlainTextResponse("stored")(scope, receive, send)
+
+    quota = UploadQuota(slow_gradio, max_bytes=1000, upload_bytes=600, folder=str(tmp_path), recount_s=0.0)
+
+    async def post(size: int):
+        scope = {"type": "http", "method": "POST", "path": "/gradio_api/upload"}
+        scope["headers"] = [(b"content-length", str(size).encode())]
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await quota(scope, receive, send)
+
+    async def two_uploads():
+        async with anyio.create_task_group() as group:
+            group.start_soon(post, 600)  # let in, its body still arriving
+            await anyio.sleep(0.05)
+            await post(600)  # a recount finds nothing on disk: the first is still counted
+            release.set()
+
+    anyio.run(two_uploads)
+    assert statuses == [503, 200]
+
+
+def test_the_component_server_route_is_refused(tmp_path):
+    """Gradio reads every file of a multipart request to it into memory before any check; no component here
+    has server functions."""
+    assert client(tmp_path).post("/gradio_api/component_server", files={"f": b"x" * 100}).status_code == 404
 
 
 def test_folder_bytes_counts_nested_files_and_not_links(tmp_path):
