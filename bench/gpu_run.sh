@@ -10,8 +10,9 @@
 #
 #     bash bench/fetch_wheels.sh     # transformers 5.23.0, bitsandbytes 0.50.2, torchao 0.18.0, regex -> bench/wheels/
 #
-# then run it there with bench/wheels/ copied along (about 58 MiB; it is gitignored, so the device tool's call names it:
-# carry ["bench/wheels"]), on one H200 (the introduction target is stated for one H200):
+# then run it there with bench/wheels/ copied along (about 58 MiB; it is gitignored, so a copy of the repository's
+# tracked files alone lacks it: send the folder explicitly), on one H200 (the introduction target is stated for one
+# H200):
 #
 #     OUT=/some/folder bash bench/gpu_run.sh      # within a 540 s budget
 #
@@ -92,8 +93,8 @@ elif ls bench/wheels/*.whl >/dev/null 2>&1; then
     export PYTHONPATH="/tmp/ego-site:${PYTHONPATH:-}"
 elif [ "$DEVICE" = cuda ]; then
     # The GPU image lacks the pinned transformers and bitsandbytes: without them NF4 and int4 fail and bf16 runs on
-    # another transformers, a run wasted. bench/wheels/ is gitignored: send it along (the device tool's `carry`).
-    echo "bench/wheels/ is empty: run bench/fetch_wheels.sh and send bench/wheels/ along (carry), or set"
+    # another transformers, a run wasted. bench/wheels/ is gitignored: it must be sent along explicitly.
+    echo "bench/wheels/ is empty: run bench/fetch_wheels.sh and send bench/wheels/ along, or set"
     echo "BENCH_SKIP_WHEELS=1 on a machine that has the pinned packages"
     exit 1
 else
