@@ -737,27 +737,20 @@ class Ego:
         from transformers import StoppingCriteriaList
 
         tokenizer, stop_ids = self.backend.tokenizer, self.backend.stop_token_ids
-        pad_id = self.model.generation_config.pad_token_id
-        pad_id = pad_id if pad_id is not None else stop_ids[0]
         # Every row of a batch starts with padding, the longest too: transformers builds the decode step's mask
         # differently for a batch without any (a tensor of its own, not a view), and the compiled step guards on
         # that, so a batch of equal lengths would compile a graph of its own in the middle of serving.
-        kwargs = batching.collate([p.generate for p in prepared], pad_id, min_padding=1 if len(prepared) > 1 else 0)
+        kwargs = batching.collate(
+            [p.generate for p in prepared], self._pad_id(), min_padding=1 if len(prepared) > 1 else 0
+        )
         start = kwargs["input_ids"].shape[1]  # L
         slots = batching.left_pad_mask([p.slots for p in prepared], start)  # bool [B, L]
         extra = [p.residuals for p in prepared if p.residuals is not None]
         residuals = torch.cat(extra, dim=1) if extra else None  # [levels, M, D]
         budgets = [p.generate["max_new_tokens"] for p in prepared]
-
-        def on_step(row: int, ids: list[int]) -> None:
-            own = batching.row_tokens(ids, budgets[row], stop_ids)
-            text = tokenizer.decode(own, skip_special_tokens=True)
-            if text.endswith("\ufffd") and not control.ended[row]:
-                return  # a character split between two tokens: shown with the next one, as a streamer does
-            # with its tokens: a conversation that adopts this answer (after a Stop) continues from exactly those
-            on_text(row, prepared[row].answer(text, own))
-
-        control = batching.RowControl(start, budgets, stops, stop_ids, on_step if on_text is not None else None)
+        control = self._row_control(
+            start, budgets, stops, on_text, lambda row, text, own: prepared[row].answer(text, own)
+        )
         with torch.no_grad(), self.backend.memory_residuals(slots, residuals):
             out = self.model.generate(**{**kwargs, **self.decoding}, stopping_criteria=StoppingCriteriaList([control]))
         answers = [
@@ -765,6 +758,27 @@ class Ego:
             for row, ids in enumerate(out[:, start:].tolist())
         ]
         return [(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids) for ids in answers]
+
+    def _pad_id(self) -> int:
+        """The token that pads a batch's rows (the model's pad token, else its first stop token)."""
+        pad_id = self.model.generation_config.pad_token_id
+        return pad_id if pad_id is not None else self.backend.stop_token_ids[0]
+
+    def _row_control(self, start: int, budgets: list[int], stops: list, on_text, answer_of) -> batching.RowControl:
+        """The stopping criterion of a batched generate (each row ended on its own); with `on_text`, each row's
+        answer so far, `answer_of(row, text, token ids)`, handed to `on_text(row, answer)` after every step."""
+        tokenizer, stop_ids = self.backend.tokenizer, self.backend.stop_token_ids
+
+        def on_step(row: int, ids: list[int]) -> None:
+            own = batching.row_tokens(ids, budgets[row], stop_ids)
+            text = tokenizer.decode(own, skip_special_tokens=True)
+            if text.endswith("\ufffd") and not control.ended[row]:
+                return  # a character split between two tokens: shown with the next one, as a streamer does
+            # with its tokens: a conversation that adopts this answer (after a Stop) continues from exactly those
+            on_text(row, answer_of(row, text, own))
+
+        control = batching.RowControl(start, budgets, stops, stop_ids, on_step if on_text is not None else None)
+        return control
 
     def _prepare_answer(self, question, concepts, image, video, max_new_tokens) -> PreparedAnswer:
         """Section 3.2 for one question: check it, choose the concepts, build the context, put the memories in."""
@@ -1024,31 +1038,25 @@ class Ego:
         from transformers import StoppingCriteriaList
 
         tokenizer, stop_ids = self.backend.tokenizer, self.backend.stop_token_ids
+        config = self.model.config.get_text_config()
         budgets = [turn.generate["max_new_tokens"] for turn in turns]
         if len(chats) == 1:
             kwargs, start = turns[0].generate, turns[0].length
         else:
-            pad_id = self.model.generation_config.pad_token_id
-            pad_id = pad_id if pad_id is not None else stop_ids[0]
             calls = [{k: v for k, v in turn.generate.items() if k != "past_key_values"} for turn in turns]
-            kwargs = batching.collate(calls, pad_id, min_padding=1)  # see `_generate_batch`
+            kwargs = batching.collate(calls, self._pad_id(), min_padding=1)  # see `_generate_batch`
             start = kwargs["input_ids"].shape[1]  # L
             new = max(turn.prefill_tokens for turn in turns)  # the rows' new tokens: the last `new` of L
             caches = [turn.generate["past_key_values"] for turn in turns]
             kept = [turn.length - new for turn in turns]
-            config = self.model.config.get_text_config()
             kwargs["past_key_values"] = batching.stack_caches(caches, kept, start - new, config)
             self.backend.restore_positions(self.backend.stack_positions(offsets))
-
-        def on_step(row: int, ids: list[int]) -> None:
-            own = batching.row_tokens(ids, budgets[row], stop_ids)
-            text = tokenizer.decode(own, skip_special_tokens=True)
-            if text.endswith("\ufffd") and not control.ended[row]:
-                return  # a character split between two tokens: shown with the next one
-            on_text(indices[row], chats[row]._answer(text, turns[row], own))
-
-        control = batching.RowControl(
-            start, budgets, [stops[i] for i in indices], stop_ids, on_step if on_text is not None else None
+        control = self._row_control(
+            start,
+            budgets,
+            [stops[i] for i in indices],
+            None if on_text is None else lambda row, answer: on_text(indices[row], answer),
+            lambda row, text, own: chats[row]._answer(text, turns[row], own),
         )
         criteria = StoppingCriteriaList([control])
         if len(chats) == 1:  # exactly `Chat.ask`'s call, with the row's own Stop
@@ -1057,7 +1065,7 @@ class Ego:
             return [chats[0]._finish(turns[0], chats[0]._generate(turns[0], stopping_criteria=criteria))]
         with torch.no_grad():  # the memory rows and their residuals are in the caches: none among the new tokens
             out = self.model.generate(**kwargs, stopping_criteria=criteria)
-        config, rows = self.model.config.get_text_config(), []
+        rows = []
         for row, turn in enumerate(turns):  # every row ready before any conversation changes
             answer_ids = batching.row_tokens(
                 out.sequences[row, start:].tolist(), budgets[row], stop_ids, control.lengths[row]
