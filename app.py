@@ -98,8 +98,9 @@ def build_demo(
 
         panel = [mine.cards, mine.to_remove, mine.summary, mine.records, mine.status]
 
-        def then_refresh(event):
-            return event.then(act.panel, session, panel, **CHEAP, **PRIVATE).then(
+        def then_refresh(event, status: bool = True):
+            refresh = act.panel if status else functools.partial(act.panel, status=False)
+            return event.then(refresh, session, panel, **CHEAP, **PRIVATE).then(
                 None, mine.summary, None, js=TRACK_CONCEPTS_JS, **PRIVATE
             )
 
@@ -228,7 +229,10 @@ def build_demo(
                 api_name="list_concepts",
                 api_description=api.LIST_CONCEPTS,
                 **CHEAP,
-            )
+            ),
+            # The page's own loading leaves the status line alone: a panel action the visitor made meanwhile keeps
+            # its sentence (it would be taken or blanked by this refresh).
+            status=False,
         )
         # A removed concept is not used again: the conversations that knew it end, and their chat views empty.
         then_refresh(

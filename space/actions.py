@@ -477,8 +477,9 @@ class Actions:
     def records(self, session: Session) -> list[dict]:
         return [views.concept_record(concept) for concept in session.concepts]
 
-    def panel(self, session: Session):
-        """(cards, remove dropdown, summary line, records, status line) for the concept panel."""
+    def panel(self, session: Session, status: bool = True):
+        """(cards, remove dropdown, summary line, records, status line) for the concept panel; status=False leaves
+        the status line (and the sentence waiting for it) as it is."""
         cards = [(cached(entry.thumbnail), views.concept_caption(entry.concept)) for entry in session.entries]
         summary = views.panel_summary(len(session), session.memory_tokens, self.settings.max_concepts_per_session)
         return (
@@ -486,7 +487,7 @@ class Actions:
             gr.Dropdown(choices=session.names, value=None),
             summary,
             self.records(session),
-            self.status(session),
+            self.status(session) if status else gr.skip(),
         )
 
     def status(self, session: Session) -> str:

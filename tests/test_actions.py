@@ -494,3 +494,12 @@ def test_the_video_chat_shows_thinking_until_the_first_words(act):
     _, frames, view, _, _ = next(steps)  # the frames are sampled, the model has not answered yet
     assert frames and view[-1] == {"role": "assistant", "content": THINKING}
     steps.close()
+
+
+def test_the_pages_own_panel_refresh_leaves_the_status_line_and_its_sentence(act):
+    """A Remove pressed while the page still loads: the load's refresh of the panel must neither take nor blank
+    the sentence that Remove left for the status line."""
+    session = Session()
+    session.tell("Pick the concept to remove from the list first.")
+    assert act.panel(session, status=False)[4] == gr.skip()
+    assert act.panel(session)[4] == "Pick the concept to remove from the list first\\."
