@@ -145,7 +145,11 @@ def build_demo(
             **PRIVATE,
         )
         img.stop.click(None, cancels=[asking], **PRIVATE).then(
-            guidance.mark_stopped_in_chat, img.chat, img.chat, **CHEAP, **PRIVATE
+            functools.partial(guidance.mark_stopped_in_chat, tab="image"),
+            [session, img.chat],
+            img.chat,
+            **CHEAP,
+            **PRIVATE,
         )
         # A new photo, or "New conversation", ends the tab's conversation and stops its answer.
         for ending in (img.new.click, img.image.change):
@@ -171,7 +175,11 @@ def build_demo(
             **PRIVATE,
         )
         vid.stop.click(None, cancels=[asking], **PRIVATE).then(
-            guidance.mark_stopped_in_chat, vid.chat, vid.chat, **CHEAP, **PRIVATE
+            functools.partial(guidance.mark_stopped_in_chat, tab="video"),
+            [session, vid.chat],
+            vid.chat,
+            **CHEAP,
+            **PRIVATE,
         )
         for ending in (vid.new.click, vid.video.change):
             ending(None, cancels=[asking], **PRIVATE).then(

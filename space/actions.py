@@ -444,15 +444,18 @@ class Actions:
         emptied once, at the first step, then left alone (the visitor may type the next question while this one
         streams). On a refusal or a failure: the conversation's own view, the message back in its box, then the
         error."""
-        emptied = False
+        emptied, chats = False, session.conversations
+        chats.streams(tab, True)
         try:
             for view, *rest in (step for part in steps for step in part):
                 yield view, gr.skip() if emptied else "", *rest
                 emptied = True
         except Exception:
-            chat = session.conversations.get(tab)
+            chats.streams(tab, False)
+            chat = chats.get(tab)
             yield (messages(chat.turns) if chat is not None else []), message, *(gr.skip(),) * extra
             raise
+        chats.streams(tab, False)  # not reached when Stop closed this generator: the answer stays "coming"
 
     def shown_conversations(self, session: Session):
         """(image tab's, video tab's) chat views of the conversations the session holds: after a reload, or in

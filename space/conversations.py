@@ -25,6 +25,8 @@ class Conversations:
         self._asked: dict[str, int] = {}
         """Per tab, how many first questions were asked or conversations ended there: a first question's
         conversation is kept only if nothing happened in its tab since it was asked (`asking`, `start`)."""
+        self._streaming: set[str] = set()
+        """The tabs whose chat view shows an answer still coming, or one cut short by Stop (`streams`)."""
 
     def __deepcopy__(self, memo) -> Conversations:
         # gr.State deep-copies its default once per visitor: each one starts with no conversation.
@@ -73,6 +75,16 @@ class Conversations:
     def answered(self, chat) -> None:
         with self._lock:
             self._answering.discard(id(chat))
+
+    def streams(self, tab: str, coming: bool) -> None:
+        """Whether the tab's chat view shows an answer still coming: set as a message is taken, cleared when its
+        answer has ended or was refused, left set when Stop cut it (Stop then marks it, and only it)."""
+        with self._lock:
+            (self._streaming.add if coming else self._streaming.discard)(tab)
+
+    def streaming(self, tab: str) -> bool:
+        with self._lock:
+            return tab in self._streaming
 
     def end(self, tab: str) -> None:
         """The tab has no conversation any more (a new photo or clip, or "New conversation"), nor will the first

@@ -59,11 +59,14 @@ def thinking_in_chat(history, question) -> list[dict]:
     return shown
 
 
-def mark_stopped_in_chat(history) -> list[dict]:
-    """The conversation view after Stop: its last answer marked as cut short."""
+def mark_stopped_in_chat(session: Session, history, *, tab: str) -> list[dict]:
+    """The conversation view after Stop: its last answer marked as cut short if it was still coming ("Thinking…",
+    or streaming when Stop came); an answer that had ended, or a refused question, stays as it was."""
     shown = [dict(message) for message in (history or [])]
     if shown and shown[-1].get("role") == "assistant":
-        shown[-1]["content"] = mark_stopped(shown[-1].get("content"))
+        content = shown[-1].get("content")
+        if text_of(content) == THINKING or session.conversations.streaming(tab):
+            shown[-1]["content"] = mark_stopped(content)
     return shown
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from ego import DEFAULT_SETTINGS
 from space.actions import Actions
 from space.examples import EXAMPLES_DIR, Examples, load_examples
-from space.guidance import THINKING
+from space.guidance import THINKING, mark_stopped_in_chat
 from space.loading import LazyEngine
 from space.session import Session
 from space.settings import SpaceSettings
@@ -366,6 +366,24 @@ def test_a_conversation_in_the_image_tab_follows_up_on_the_same_photo(act, engin
         list(act.follow_up(session, "And now?", progress=quiet))
     _, view, *_ = list(act.chat_image(session, QUERY, "Is Chelsea here?", progress=quiet))[-1]
     assert len(view) == 2 and view[1]["content"] == first
+
+
+def test_stop_marks_an_answer_cut_short_and_leaves_one_that_had_ended(act):
+    """Stop cancels the chat tab's handler, then marks its last answer: only one that was still coming."""
+    session = Session()
+    *_, (_, ended, *_) = act.chat_image(session, QUERY, "Is there a cat?", progress=quiet)
+    assert mark_stopped_in_chat(session, ended, tab="image") == ended
+    assert not ended[-1]["content"].endswith("(stopped)")
+    steps = act.chat_image(session, QUERY, "And the wall?", progress=quiet)
+    _, cut, *_ = next(steps)
+    steps.close()  # what Gradio does to the handler when Stop cancels it
+    assert mark_stopped_in_chat(session, cut, tab="image")[-1]["content"].endswith("(stopped)")
+    assert mark_stopped_in_chat(session, ended, tab="video") == ended  # the other tab had nothing coming
+    refused = act.chat_image(session, QUERY, "   ", progress=quiet)
+    _, restored, *_ = next(refused)
+    with pytest.raises(gr.Error):
+        next(refused)
+    assert mark_stopped_in_chat(session, restored, tab="image") == restored  # a refusal left nothing coming
 
 
 @pytest.mark.parametrize("moved_on", ["new photo", "another first question"])

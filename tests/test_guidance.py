@@ -51,7 +51,9 @@ def test_stop_marks_the_text_of_the_messages_a_chat_view_hands_over():
     def handed(history):  # what the handler receives from the browser's chat view
         return chat.preprocess(chat.postprocess(history))
 
+    session = Session()
+    session.conversations.streams("image", True)  # an answer is streaming when Stop comes
     partial = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "A partial answer"}]
-    assert mark_stopped_in_chat(handed(partial))[-1]["content"] == "A partial answer (stopped)"
+    assert mark_stopped_in_chat(session, handed(partial), tab="image")[-1]["content"] == "A partial answer (stopped)"
     waiting = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": THINKING}]
-    assert mark_stopped_in_chat(handed(waiting))[-1]["content"] == "(stopped)"
+    assert mark_stopped_in_chat(Session(), handed(waiting), tab="image")[-1]["content"] == "(stopped)"
