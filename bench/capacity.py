@@ -57,9 +57,9 @@ def measured_from_results(results: dict) -> Measured:
     }  # not concurrent_N
     factors = {
         s["visitors"]: s["visitors"] / s["throughput_ratio"]
-        for s in results["scenarios"].values()
-        if s.get("visitors", 1) > 1 and s.get("throughput_ratio")
-    }
+        for name, s in results["scenarios"].items()
+        if name.startswith("concurrent_") and s.get("visitors", 1) > 1 and s.get("throughput_ratio")
+    }  # first questions: follow_ups_N share the decoding after prefills of their own
     return Measured(
         token_s=token_s, answer_fixed_s=fixed, introduction_s=intro["total_s"], batch_step_factor=factors or None
     )

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import platform
@@ -67,6 +68,9 @@ COUNTS = (1, 5, 20)
 """Numbers of concepts (or reference photos) in the context."""
 VISITORS = (1, 4, 8)
 """Numbers of visitors asking at the same moment (the concurrency scenarios), each with CONCURRENT_CONCEPTS."""
+FOLLOW_UP_VISITORS = 8
+"""Visitors who follow up their conversations at the same moment (the `follow_ups_8` scenario)."""
+FOLLOW_UP = "And what is next to it?"
 CONCURRENT_CONCEPTS = 5
 QUESTION = "Is anyone or anything I know in this picture? Say who it is and what they are doing."
 VIDEO_QUESTION = "Is anyone or anything I know in this video? Say who it is and what they do."
@@ -1066,22 +1070,79 @@ def measure_concurrency(engine, sizes: Sizes, log=lambda message: None) -> dict[
                 if repeat:
                     records[mode].append((asked, answered))
                     peaks.append(memory.peak_gib())
-        entry = _concurrency_entry(count, records, contexts, max(peaks), sizes)
-        scenarios[entry["name"]] = entry
-        log(
-            f"{entry['name']:14s} {count} visitors: {entry['throughput_per_s']:.2f} answers/s "
-            f"({entry['throughput_ratio']:.2f}x one at a time), latency p50 {entry['latency_p50_s']:.3f} s, "
-            f"p95 {entry['latency_p95_s']:.3f} s"
+        scenarios[f"concurrent_{count}"] = _concurrency_entry(
+            f"concurrent_{count}", "first", count, records, contexts, max(peaks), sizes
         )
+        log(_concurrency_line(scenarios[f"concurrent_{count}"]))
+    scenarios.update(measure_follow_ups(engine, batched, serial, queries, concepts, sizes, memory))
+    log(_concurrency_line(scenarios[f"follow_ups_{FOLLOW_UP_VISITORS}"]))
     return scenarios
+
+
+def measure_follow_ups(engine, batched, serial, queries, concepts, sizes: Sizes, memory) -> dict[str, dict]:
+    """FOLLOW_UP_VISITORS visitors follow up their conversations at the same moment, batched and one at a time.
+    Each round opens the conversations the way the Space does (the first questions answered in one batch, each
+    conversation adopting its answer), untimed; the timed follow-up is then each conversation's first, which
+    computes its context first (`Chat._prime`) before the batch shares the decoding."""
+    from ego.batching import AnswerRequest
+
+    stop_ids = engine.backend.stop_token_ids
+    queries = queries[:FOLLOW_UP_VISITORS]
+    records, peaks = {"batched": [], "serial": []}, []
+    for repeat in range(sizes.repeats + 1):  # the first round is a warm-up
+        for mode, scheduler in (("batched", batched), ("serial", serial)):
+            with forced_generation(engine.model, stop_ids, []):
+                chats = [engine.chat(concepts, image=query) for query in queries]
+                requests = [AnswerRequest(QUESTION, concepts, query, None, sizes.new_tokens) for query in queries]
+                for chat, answer in zip(chats, engine.answer_batch(requests)):
+                    if isinstance(answer, Exception):
+                        raise answer
+                    chat.adopt(QUESTION, answer)
+                _sync(engine.device)
+                memory.reset()
+                asked, answered, contexts = _together(
+                    [
+                        functools.partial(
+                            scheduler.stream_follow_up, engine, chat, FOLLOW_UP, max_new_tokens=sizes.new_tokens
+                        )
+                        for chat in chats
+                    ]
+                )
+            _sync(engine.device)
+            if repeat:
+                records[mode].append((asked, answered))
+                peaks.append(memory.peak_gib())
+    name = f"follow_ups_{FOLLOW_UP_VISITORS}"
+    return {name: _concurrency_entry(name, "follow-up", len(queries), records, contexts, max(peaks), sizes)}
+
+
+def _concurrency_line(entry: dict) -> str:
+    return (
+        f"{entry['name']:14s} {entry['visitors']} visitors: {entry['throughput_per_s']:.2f} answers/s "
+        f"({entry['throughput_ratio']:.2f}x one at a time), latency p50 {entry['latency_p50_s']:.3f} s, "
+        f"p95 {entry['latency_p95_s']:.3f} s"
+    )
 
 
 def _visit_together(engine, scheduler, queries, concepts, sizes: Sizes):
     """Each visitor asks from a thread of their own, all at once: (asked at, answered at, context tokens) per
     visitor, in seconds of `time.perf_counter`."""
+    return _together(
+        [
+            functools.partial(
+                scheduler.stream, engine, QUESTION, concepts, image=query, max_new_tokens=sizes.new_tokens
+            )
+            for query in queries
+        ]
+    )
+
+
+def _together(streams):
+    """Each visitor's answer stream (a callable that starts it) read from a thread of its own, all started at once:
+    (asked at, answered at, context tokens) per visitor, in seconds of `time.perf_counter`."""
     import threading
 
-    count = len(queries)
+    count = len(streams)
     asked, answered, contexts, failures = [0.0] * count, [0.0] * count, [0] * count, []
     start = threading.Barrier(count)
 
@@ -1089,9 +1150,7 @@ def _visit_together(engine, scheduler, queries, concepts, sizes: Sizes):
         start.wait()
         asked[index] = time.perf_counter()
         try:
-            *_, answer = scheduler.stream(
-                engine, QUESTION, concepts, image=queries[index], max_new_tokens=sizes.new_tokens
-            )
+            *_, answer = streams[index]()
         except Exception as error:  # noqa: BLE001 -- raised below, in the benchmark's thread
             failures.append(error)
             return
@@ -1107,7 +1166,9 @@ def _visit_together(engine, scheduler, queries, concepts, sizes: Sizes):
     return asked, answered, contexts
 
 
-def _concurrency_entry(count: int, records: dict, contexts: list[int], peak_gib: float, sizes: Sizes) -> dict:
+def _concurrency_entry(
+    name: str, turn: str, count: int, records: dict, contexts: list[int], peak_gib: float, sizes: Sizes
+) -> dict:
     def latencies(mode):
         return [done - start for asked, answered in records[mode] for start, done in zip(asked, answered)]
 
@@ -1116,7 +1177,8 @@ def _concurrency_entry(count: int, records: dict, contexts: list[int], peak_gib:
 
     batched, serial = sorted(latencies("batched")), sorted(latencies("serial"))
     return {
-        "name": f"concurrent_{count}",
+        "name": name,
+        "turn": turn,
         "medium": "image",
         "method": "ego",
         "concepts": CONCURRENT_CONCEPTS,
@@ -1604,13 +1666,14 @@ def concurrency_lines(scenarios: dict) -> list[str]:
     lines = [
         f"## Visitors asking at the same moment ({CONCURRENT_CONCEPTS} concepts and a photo each)",
         "",
-        "| visitors | answers/s batched | answers/s one at a time | ratio | latency p50 (s) | latency p95 (s) "
-        "| one at a time p50 (s) | one at a time p95 (s) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| question | visitors | answers/s batched | answers/s one at a time | ratio | latency p50 (s) "
+        "| latency p95 (s) | one at a time p50 (s) | one at a time p95 (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in entries:
         lines.append(
-            f"| {e['visitors']} | {e['throughput_per_s']:.3f} | {e['one_at_a_time_throughput_per_s']:.3f} | "
+            f"| {e.get('turn', 'first')} | {e['visitors']} | {e['throughput_per_s']:.3f} | "
+            f"{e['one_at_a_time_throughput_per_s']:.3f} | "
             f"{e['throughput_ratio']:.2f} | {e['latency_p50_s']:.3f} | {e['latency_p95_s']:.3f} | "
             f"{e['one_at_a_time_latency_p50_s']:.3f} | {e['one_at_a_time_latency_p95_s']:.3f} |"
         )
@@ -1618,7 +1681,9 @@ def concurrency_lines(scenarios: dict) -> list[str]:
         "",
         "Batched: questions that arrive together share one generation (the Space's scheduler, "
         "`answer_batch_max_size`, `answer_batch_window_s`); one at a time: each waits for the "
-        "answers before it.",
+        "answers before it. First: each visitor's first question about a new photo; follow-up: each "
+        "visitor's first follow-up in a conversation whose first answer was given in a batch (its "
+        "context is computed on its own, then the decoding is shared).",
         "",
     ]
 

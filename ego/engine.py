@@ -965,8 +965,9 @@ class Ego:
         The conversations that hold their key/value cache share one batched generation: their caches are stacked,
         each left-padded to one length, and only the tokens each lacks are computed (a row's last cached tokens
         are computed again where another row brings more new tokens, so that all rows' new tokens end together);
-        afterwards each conversation takes its own row of the cache back. A conversation that must recompute its
-        context (its cache dropped, or its first turn answered elsewhere) is answered on its own in the same call.
+        afterwards each conversation takes its own row of the cache back. A conversation that has no cache (its cache
+        dropped, or its first turn answered elsewhere: the Space's first follow-up after a batched first answer)
+        computes it first, on its own and without generating (`Chat._prime`), then joins the batch.
         Returns, per request, its `Answer` or the error that request alone raised while it was checked (an
         `InputError`: the turn limit, a full conversation, the same conversation twice; `ModelBusyError` when its
         preparation ran out of memory), or the error of the generation it was part of: the others' answers stand.
@@ -979,14 +980,19 @@ class Ego:
             for index, request in enumerate(requests):
                 if request.chat.engine.model is not self.model:
                     raise ValueError("a conversation of another model cannot be followed up by this engine")
+                chat = request.chat
                 try:
-                    if any(requests[other].chat is request.chat for other in turns):
+                    if any(requests[other].chat is chat for other in turns):
                         raise InputError("This conversation is already answering a question; ask when it ends.")
-                    turns[index] = request.chat._begin(request.question, request.max_new_tokens, use_cache=True)
+                    if len(requests) > 1 and chat.turns and chat._cache is None:
+                        chat._prime()  # on its own, then it joins the batch (its first context computed once)
+                    turns[index] = chat._begin(request.question, request.max_new_tokens, use_cache=True)
                 except InputError as error:
                     results[index] = error
-                except torch.OutOfMemoryError:  # preparing its adopted first turn: its visitor alone is told
+                except torch.OutOfMemoryError:  # preparing or computing its context: its visitor alone is told
                     results[index] = ModelBusyError(OUT_OF_MEMORY)
+                except Exception as error:  # noqa: BLE001 -- preparing it failed: that request alone is told
+                    results[index] = error
                 if isinstance(results[index], ModelBusyError) and torch.cuda.is_available():
                     torch.cuda.empty_cache()
             # Each conversation's M-RoPE offset, read before any generation: a group's `_keep_cache` may drop the
@@ -1304,6 +1310,12 @@ class Chat:
                 f"This conversation is full ({settings.max_conversation_context_tokens} tokens of "
                 f"context); start a new conversation to ask more."
             )
+        return self._turn(text, ids, max_new_tokens, self._cache if use_cache else None, pixels)
+
+    def _turn(self, text: str, ids: list[int], max_new_tokens: int, cache, pixels: dict) -> _Turn:
+        """generate's arguments for the conversation's tokens `ids` [T]: on `cache` (its tokens already computed),
+        or on a new cache with the first context's pixels (`pixels` if the caller has them)."""
+        engine = self.engine
         input_ids = torch.tensor([ids], device=engine.device)  # [1, T]
         with torch.no_grad():
             embeds = engine.model.get_input_embeddings()(input_ids).clone()  # [1, T, D]
@@ -1315,7 +1327,6 @@ class Chat:
         kwargs = _extend(
             engine.backend.generate_kwargs(Encoded(inputs=self._inputs, visual_columns=slots[0])), len(ids)
         )
-        cache = self._cache if use_cache else None
         if cache is not None:  # the photo or clip is in the cache: its pixels are not needed
             engine.backend.restore_positions(self._positions)
         else:
@@ -1336,6 +1347,22 @@ class Chat:
                 **engine.decoding,
             ),
         )
+
+    def _prime(self) -> None:
+        """Compute the key/value cache of the conversation so far (its first context and every turn), asking
+        nothing: a conversation without one (its first turn answered in a batch and adopted, or its cache dropped)
+        can then join a batch of follow-ups, which computes only text. One generate with a budget of one token: its
+        prefill writes the cache and the M-RoPE offset exactly as answering the last turn here would have."""
+        self._check_room()  # a conversation that cannot be followed up is not computed for nothing
+        pixels = self._add_adopted()
+        turn = self._turn("", self._ids, 1, None, pixels)
+        out = self._generate(turn)
+        self._cache = out.past_key_values
+        extra = self._cache.get_seq_length() - len(self._ids)
+        if extra > 0:  # whatever the one-token generation wrote past the conversation's tokens
+            self._cache.crop(-extra)
+        self._positions = self.engine.backend.save_positions()
+        self.engine._keep_cache(self)
 
     def _generate(self, turn: _Turn, **extra):
         """generate for one turn (the memory's residuals added where the family adds them); a failure leaves the

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 
 import pytest
 import torch
 
 SCENARIOS = {"plain", "ego_1", "ego_5", "ego_20", "refs_1", "refs_5", "refs_20", "video_plain", "video_ego_5"}
-CONCURRENT = {"concurrent_1", "concurrent_4", "concurrent_8"}
+CONCURRENT = {"concurrent_1", "concurrent_4", "concurrent_8", "follow_ups_8"}
 CONCURRENT_FIELDS = {
+    "turn",
     "visitors",
     "throughput_per_s",
     "latency_p50_s",
@@ -129,6 +131,31 @@ def test_every_scenario_has_every_field(quick):
         assert entry["ttft_s"] + (forced - 1) * entry["decode_ms_per_token"] / 1000 <= entry["latency_s"] + 1e-3
     assert scenarios["plain"]["ratio_to_plain"] == 1.0 and scenarios["video_plain"]["ratio_to_plain"] == 1.0
     assert scenarios["video_ego_5"]["plain"] == "video_plain" and scenarios["ego_5"]["plain"] == "plain"
+
+
+def test_the_concurrency_scenarios_have_every_field(quick):
+    """1, 4 and 8 visitors asking first questions together, and 8 following up together: each scenario's summary
+    agrees with its own latencies, recomputed here."""
+    out, results = quick
+    scenarios, repeats = results["scenarios"], results["meta"]["sizes"]["repeats"]
+    assert CONCURRENT <= set(scenarios)
+    for name in CONCURRENT:
+        entry = scenarios[name]
+        assert set(entry) >= CONCURRENT_FIELDS and entry["name"] == name
+        assert entry["turn"] == ("follow-up" if name.startswith("follow_ups_") else "first")
+        assert entry["visitors"] == int(name.rsplit("_", 1)[1])
+        runs = sorted(entry["latency_runs_s"])
+        assert len(runs) == repeats * entry["visitors"] and runs[0] > 0
+        middle = statistics.median(runs)
+        assert entry["latency_p50_s"] == pytest.approx(middle, abs=1e-3) <= entry["latency_p95_s"] + 1e-3
+        assert entry["latency_p95_s"] <= runs[-1] + 1e-3
+        assert entry["throughput_ratio"] == pytest.approx(
+            entry["throughput_per_s"] / entry["one_at_a_time_throughput_per_s"]
+        )
+    # A follow-up's context is the first one's plus the first answer and the new question.
+    assert scenarios["follow_ups_8"]["context_tokens"] > scenarios["concurrent_8"]["context_tokens"]
+    table = (out / "results.md").read_text()
+    assert "| follow-up | 8 |" in table and "| first | 8 |" in table
 
 
 def test_eager_and_compiled_decoding_are_measured_side_by_side(quick):

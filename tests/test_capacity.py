@@ -46,6 +46,7 @@ def test_a_measured_batch_step_cost_comes_from_the_concurrency_scenarios(tmp_pat
     run = json.loads(json.dumps(SMALL_RUN))
     run["scenarios"]["concurrent_1"] = {"visitors": 1, "throughput_ratio": 0.9}
     run["scenarios"]["concurrent_8"] = {"visitors": 8, "throughput_ratio": 5.0}
+    run["scenarios"]["follow_ups_8"] = {"visitors": 8, "throughput_ratio": 3.0}  # prefills of their own: not a step
     measured = measured_from_results(run)
     assert measured.batch_step_factor == {8: pytest.approx(1.6)}  # 8 / 5.0
     assert measured_from_results(SMALL_RUN).batch_step_factor is None

@@ -300,12 +300,12 @@ def test_a_turn_this_conversation_would_refuse_is_not_adopted(concepts):
     assert len(full.turns) == 2
 
 
-def conversations_after_a_first_question(engine, known, media_of):
+def conversations_after_a_first_question(engine, known, media_of, budget=5):
     """Per setup (concepts, media keywords, question), a conversation that has answered its first question."""
     chats = []
     for concepts, media, question in media_of:
         chat = engine.chat(concepts, **media)
-        chat.ask(question, max_new_tokens=5)
+        chat.ask(question, max_new_tokens=budget)
         chats.append(chat)
     return chats
 
@@ -339,21 +339,22 @@ def test_follow_ups_of_several_conversations_answered_together_equal_each_alone(
         assert chat.turns[1][0] == reference.turns[1][0]
 
 
-def test_a_batch_of_follow_ups_ends_each_on_its_own_and_answers_the_rest_alone(concepts):
-    """A Stop ends one row (its answer so far is its turn); a conversation that must recompute its context, or
-    whose first turn was answered elsewhere, is answered on its own in the same call; the same conversation twice
-    and a question a conversation refuses fail alone."""
+def test_a_batch_of_follow_ups_ends_each_on_its_own_and_takes_in_conversations_without_a_cache(concepts, monkeypatch):
+    """A Stop ends one row (its answer so far is its turn); a conversation whose cache was dropped, or whose first
+    turn was answered elsewhere, computes its context on its own (a prefill, no answer) and joins the batch; the
+    same conversation twice and a question a conversation refuses fail alone."""
     engine = tiny_engine("qwen2.5-vl")
     cat = chelsea(engine, concepts)
     setups = [([cat], dict(image=photo(3)), "Is Chelsea here?"), ([cat], dict(image=photo(4)), "Where is she?")]
-    batched = conversations_after_a_first_question(engine, [cat], setups)
-    alone = conversations_after_a_first_question(engine, [cat], setups)
+    # First answers long enough for each row's recomputed tail to stay in text (see the test after this one).
+    batched = conversations_after_a_first_question(engine, [cat], setups, budget=12)
+    alone = conversations_after_a_first_question(engine, [cat], setups, budget=12)
     dropped, dropped_alone = (engine.chat([cat], image=photo(5)) for _ in range(2))
     for chat in (dropped, dropped_alone):
-        chat.ask("What is this?", max_new_tokens=4)
+        chat.ask("What is this?", max_new_tokens=12)
     dropped.drop_cache()
     adopted = engine.chat([cat], image=photo(6))
-    adopted.adopt("Is Chelsea here?", engine.answer("Is Chelsea here?", [cat], image=photo(6), max_new_tokens=4))
+    adopted.adopt("Is Chelsea here?", engine.answer("Is Chelsea here?", [cat], image=photo(6), max_new_tokens=12))
     stop, seen = threading.Event(), {}
 
     def on_text(index, answer):
@@ -369,7 +370,16 @@ def test_a_batch_of_follow_ups_ends_each_on_its_own_and_answers_the_rest_alone(c
         FollowUpRequest(adopted, "And then?", 5),
         FollowUpRequest(batched[0], "", 5),
     ]
+    generate, calls = engine.model.generate, []
+
+    def counted(*args, **kwargs):
+        calls.append((kwargs["input_ids"].shape[0], kwargs["max_new_tokens"]))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "generate", counted)
     results = engine.follow_up_batch(requests, stops=[stop, None, None, None, None, None], on_text=on_text)
+    monkeypatch.undo()
+    assert calls == [(1, 1), (1, 1), (4, 9)]  # two contexts computed alone, then one generation for four rows
     assert isinstance(results[3], InputError) and "already answering" in str(results[3])
     assert isinstance(results[5], InputError)
     cut = results[0]
@@ -378,10 +388,12 @@ def test_a_batch_of_follow_ups_ends_each_on_its_own_and_answers_the_rest_alone(c
     assert full.token_ids[: len(cut.token_ids)] == cut.token_ids
     assert str(results[1]) == str(alone[1].ask("And the wall?", max_new_tokens=9))
     assert str(results[2]) == str(dropped_alone.ask("And now?", max_new_tokens=5))
-    assert results[2].prefill_tokens == results[2].context_tokens  # recomputed, on its own
+    assert results[2].prefill_tokens < results[2].context_tokens  # in the batch: its turn only
     reference = engine.chat([cat], image=photo(6))
-    reference.ask("Is Chelsea here?", max_new_tokens=4)
+    reference.ask("Is Chelsea here?", max_new_tokens=12)
     assert str(results[4]) == str(reference.ask("And then?", max_new_tokens=5))
+    for chat, alone_chat in ((adopted, reference), (dropped, dropped_alone)):  # each goes on from its row
+        assert chat.ask("Why?", max_new_tokens=6).token_ids == alone_chat.ask("Why?", max_new_tokens=6).token_ids
     assert seen[1][-1].strip() == str(results[1]) and seen[4][-1].strip() == str(results[4])  # every row streamed
 
 

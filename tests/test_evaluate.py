@@ -107,6 +107,9 @@ def test_oracle_scores_100_on_every_benchmark(data, tmp_path):
         assert metrics[main] == 1.0, name
         assert all(r["verdict"] is True for r in _lines(tmp_path / name / "predictions.jsonl")), name
         if main == "f1":
+            # The right answer is logged with each yes/no question: the oracle's (from the fixture's truth file).
+            logged = _lines(tmp_path / name / "predictions.jsonl")
+            assert all(r["gold"] is r["parsed"] for r in logged) and {r["gold"] for r in logged} == {True, False}
             assert metrics["precision"] == metrics["recall"] == metrics["micro_f1"] == 1.0
             assert metrics["n_positive"] > 0 and metrics["n_negative"] > 0
     assert "| thisismy-multi-vqa | accuracy % | 100.0 | 4 | 72.2 | RAP 53.7" in (tmp_path / "summary.md").read_text()

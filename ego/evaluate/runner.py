@@ -134,8 +134,8 @@ def score_record(query: Query, raw: str, benchmark: Benchmark, judge=None) -> di
     """The parsed value and the verdict of one answer (open answers: the judge's)."""
     record = {"parsed": None, "verdict": None}
     if query.kind == "yesno":
-        parsed = scoring.parse_yes_no(raw)
-        record.update(parsed=parsed, verdict=(parsed is True) == (query.concept in benchmark.truth[query.media]))
+        parsed, present = scoring.parse_yes_no(raw), query.concept in benchmark.truth[query.media]
+        record.update(parsed=parsed, verdict=(parsed is True) == present, gold=present)  # gold: the right answer
     elif query.kind == "option":
         parsed = scoring.parse_option(raw, query.options)
         gold = str(query.gold).strip().upper()
