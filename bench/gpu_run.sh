@@ -39,7 +39,8 @@
 # minute) trade detail for GPU time. A second call on the same warm machine reuses the random-weight folder the
 # first one built.
 # BENCH_CONCURRENCY (the configurations that also measure 1, 4 and 8 visitors asking at the same moment, batched
-# and one at a time: results.json's concurrent_1/4/8, default "nf4", the target's setting) adds about a minute
+# and one at a time, and 8 visitors following up together: results.json's concurrent_1/4/8 and follow_ups_8,
+# default "nf4", the target's setting) adds about a minute and a half
 # to that configuration; it runs after its other results are written and before its profile.
 #
 # A rehearsal on a CPU (scaled-down 2B architecture, quick sizes, this machine's packages; int4 and fp8 load only

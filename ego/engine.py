@@ -718,6 +718,8 @@ class Ego:
                     results[index] = error
                 except torch.OutOfMemoryError:  # this request's photo or clip: its visitor alone is told
                     results[index] = ModelBusyError(OUT_OF_MEMORY)
+                except Exception as error:  # noqa: BLE001 -- e.g. a processor refusing this clip: that request alone
+                    results[index] = error
                 if isinstance(results[index], ModelBusyError) and torch.cuda.is_available():
                     torch.cuda.empty_cache()  # after the except block: the error's frames no longer hold tensors
             if prepared:
@@ -985,7 +987,8 @@ class Ego:
                     if any(requests[other].chat is chat for other in turns):
                         raise InputError("This conversation is already answering a question; ask when it ends.")
                     if len(requests) > 1 and chat.turns and chat._cache is None:
-                        chat._prime()  # on its own, then it joins the batch (its first context computed once)
+                        # On its own, then it joins the batch; without pushing out the caches of the batch's others.
+                        chat._prime(keep=[other.chat for other in requests])
                     turns[index] = chat._begin(request.question, request.max_new_tokens, use_cache=True)
                 except InputError as error:
                     results[index] = error
@@ -1089,10 +1092,12 @@ class Ego:
             self._keep_cache(chat)
         return [answer for _, _, answer in rows]
 
-    def _keep_cache(self, chat: Chat) -> None:
+    def _keep_cache(self, chat: Chat, keep: Sequence[Chat] = ()) -> None:
         """Mark `chat`'s cache the most recently used, then drop the least recently used caches until all of
         them together fit `max_cached_conversations_mb` (a conversation whose cache was dropped recomputes it on
-        its next question)."""
+        its next question). The caches of `keep` (a batch being prepared) are not dropped now: the budget is
+        settled when their answers are recorded."""
+        kept = {id(other) for other in keep}
         self._cached_chats.pop(id(chat), None)
         self._cached_chats[id(chat)] = weakref.ref(chat)
         holding = []
@@ -1106,6 +1111,8 @@ class Ego:
         for held in holding:  # least recently used first, `chat` last
             if total <= budget:
                 break
+            if id(held) in kept:
+                continue
             total -= held.cache_bytes
             held.drop_cache()
             del self._cached_chats[id(held)]
@@ -1348,7 +1355,7 @@ class Chat:
             ),
         )
 
-    def _prime(self) -> None:
+    def _prime(self, keep: Sequence[Chat] = ()) -> None:
         """Compute the key/value cache of the conversation so far (its first context and every turn), asking
         nothing: a conversation without one (its first turn answered in a batch and adopted, or its cache dropped)
         can then join a batch of follow-ups, which computes only text. One generate with a budget of one token: its
@@ -1362,7 +1369,7 @@ class Chat:
         if extra > 0:  # whatever the one-token generation wrote past the conversation's tokens
             self._cache.crop(-extra)
         self._positions = self.engine.backend.save_positions()
-        self.engine._keep_cache(self)
+        self.engine._keep_cache(self, keep)
 
     def _generate(self, turn: _Turn, **extra):
         """generate for one turn (the memory's residuals added where the family adds them); a failure leaves the

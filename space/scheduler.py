@@ -15,6 +15,7 @@ visitor's answer or stop one of them. Introductions do not come here: they stay 
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from ego.batching import AnswerRequest, FollowUpRequest
 
 log = logging.getLogger("ego.space")
+WORKER_ENDED = "the answer scheduler's worker thread has ended"
 
 
 @dataclass
@@ -55,8 +57,8 @@ class AnswerScheduler:
         """Questions gathered for a batch but left for the next one (compiled decoding's batch sizes)."""
         self._worker: threading.Thread | None = None
         self._starting = threading.Lock()
-        self.batch_sizes: list[int] = []
-        """The size of every batch answered so far (the server log says the same)."""
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1024)
+        """The sizes of the last 1,024 batches answered (the server log says each)."""
 
     def stream(self, engine, question, concepts=(), *, image=None, video=None, max_new_tokens=None) -> Iterator:
         """Like `engine.stream_answer`: the answer's text so far as it grows (`ego.Answer`), the whole answer
@@ -78,7 +80,7 @@ class AnswerScheduler:
                     kind, value = ticket.updates.get(timeout=1.0)
                 except queue.Empty:
                     if not self._worker.is_alive():
-                        raise RuntimeError("the answer scheduler's worker thread has ended") from None
+                        raise RuntimeError(WORKER_ENDED) from None
                     continue
                 if kind == "error":
                     raise value
@@ -96,9 +98,9 @@ class AnswerScheduler:
 
     def _serve(self) -> None:
         while True:
-            batch = self._gather()
-            if batch:
-                self._answer(batch)
+            # No local name for the batch: while the worker waits for the next question, nothing of the last batch
+            # (a conversation and its cache, a photo or clip) stays alive here.
+            self._answer(self._gather())
 
     def _gather(self) -> list[_Ticket]:
         """The first waiting question, and those that arrive within the window after it (up to the maximum);
@@ -114,6 +116,8 @@ class AnswerScheduler:
         return [ticket for ticket in batch if not ticket.stop.is_set()]
 
     def _answer(self, batch: list[_Ticket]) -> None:
+        if not batch:
+            return
         engine = batch[0].engine
         same = [ticket for ticket in batch if ticket.engine is engine]
         for other in batch:
@@ -132,8 +136,15 @@ class AnswerScheduler:
                 take = compiled_batch_size(len(group))
                 self._carried += group[take:]
                 del group[take:]
-        for group in groups:
-            self._answer_together(engine, group)
+        for number, group in enumerate(groups):
+            try:
+                self._answer_together(engine, group)
+            except BaseException:
+                # The worker ends: the visitors of the groups not answered yet are told now, as `_answer_together`
+                # told its own (a later visitor starts another worker; these would wait on this one forever).
+                for ticket in (ticket for later in groups[number + 1 :] for ticket in later):
+                    ticket.updates.put(("error", RuntimeError(WORKER_ENDED)))
+                raise
 
     def _answer_together(self, engine, same: list[_Ticket]) -> None:
         """One batched generation for `same`: all first questions, or all follow-ups."""
@@ -153,7 +164,7 @@ class AnswerScheduler:
             # The worker itself ends (SystemExit, ...): its visitors are told now; a later visitor starts another
             # worker, and these would otherwise wait on this one forever.
             for ticket in same:
-                ticket.updates.put(("error", RuntimeError("the answer scheduler's worker thread has ended")))
+                ticket.updates.put(("error", RuntimeError(WORKER_ENDED)))
             raise
         for ticket, result in zip(same, results):
             ticket.updates.put(("error", result) if isinstance(result, Exception) else ("done", result))

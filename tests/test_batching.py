@@ -159,9 +159,11 @@ def test_a_bad_question_fails_alone(one_family):
         AnswerRequest("   ", (cat,), image=photo(5)),
         requests[2],
         AnswerRequest("Hi?", (), image=photo(0), video=clip(1)),
+        AnswerRequest("Hi?", (), image=photo(0), max_new_tokens="many"),  # a caller's mistake, not an InputError
     ]
     results = engine.answer_batch(mixed)
     assert isinstance(results[1], InputError) and isinstance(results[3], InputError)
+    assert isinstance(results[4], (TypeError, ValueError))
     assert [str(results[0]), str(results[2])] == [str(lone[0]), str(lone[2])]
 
 

@@ -443,6 +443,40 @@ def test_a_tight_cache_budget_during_a_batch_leaves_every_conversation_able_to_g
     assert [a.token_ids for a in again] == [a.token_ids for a in want_next]
 
 
+def test_computing_one_conversations_context_does_not_push_the_batchs_others_out_of_the_budget(monkeypatch):
+    """With room for about two caches, the third conversation's context computed for the batch (`Chat._prime`)
+    must not drop the cache of another row: all three still share one generation, and each answer is its own."""
+    base = tiny_engine("qwen2.5-vl")
+
+    def opened(engine):
+        asked = engine.chat([], image=photo(3))
+        asked.ask("What is this?", max_new_tokens=12)
+        adopted = engine.chat([], image=photo(4))
+        adopted.adopt("What is this?", engine.answer("What is this?", image=photo(4), max_new_tokens=12))
+        other = engine.chat([], image=photo(5))
+        other.ask("What is here?", max_new_tokens=12)
+        return [asked, adopted, other]
+
+    questions = ["Why?", "More?", "Colours?"]
+    alone = opened(base)
+    want = [chat.ask(q, max_new_tokens=6) for chat, q in zip(alone, questions)]
+    per_chat = max(chat.cache_bytes for chat in alone)
+    tight = base.with_settings(max_cached_conversations_mb=1.8 * per_chat / 2**20)
+    batched = opened(tight)
+    generate, calls = tight.model.generate, []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(tight.model, "generate", counted)
+    got = tight.follow_up_batch([FollowUpRequest(c, q, 6) for c, q in zip(batched, questions)])
+    assert calls == [1, 3]  # the adopted one's context, then one generation for all three
+    assert [a.token_ids for a in got] == [a.token_ids for a in want]
+    held = sum(chat.cache_bytes for chat in batched)
+    assert 0 < held <= tight.settings.max_cached_conversations_bytes  # the budget settled once the answers were in
+
+
 def test_a_failure_in_one_generation_of_a_batch_leaves_the_others_answers(monkeypatch):
     """The conversations on their caches are answered first; one answered later on its own fails with its own
     error, and the answers (and turns) of the first stand. Out of memory while one conversation prepares its

@@ -132,3 +132,20 @@ def test_residuals_change_the_answer_and_a_memory_without_them_still_works(monke
     assert engine.answer("Is Chelsea here?", [bare], image=query, max_new_tokens=4) == engine.answer(
         "Is Chelsea here?", [zeroed], image=query, max_new_tokens=4
     )
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])
+def test_a_clip_of_one_frame_is_answered_as_that_frame_twice(family):
+    """One frame is less than a temporal patch (2 frames): Qwen2/2.5's processor pads it by repeating it, Qwen3-VL's
+    refuses it. The backend repeats it first, so every family answers, and as about the frame shown twice."""
+    import numpy as np
+
+    from ego.media import load_video
+
+    engine = tiny_engine(family)
+    frame = np.asarray(photo(4, size=(96, 128)))
+    once = load_video(frame[None], engine.settings)
+    twice = load_video(np.stack([frame, frame]), engine.settings)
+    assert once[0].shape[0] == 1
+    answer = engine.answer("What happens?", video=once, max_new_tokens=6)
+    assert answer.token_ids == engine.answer("What happens?", video=twice, max_new_tokens=6).token_ids

@@ -66,7 +66,7 @@ def test_visitors_who_ask_together_share_one_batch_and_get_their_own_answers(eng
     questions, lone = asks
     scheduler = AnswerScheduler(window_s=2.0, max_batch=8)
     seen = visit_together(scheduler, engine, questions)
-    assert scheduler.batch_sizes == [4]
+    assert list(scheduler.batch_sizes) == [4]
     assert [texts[-1] for texts in seen] == lone
     for texts in seen:
         assert all(b.startswith(a.rstrip()) for a, b in zip(texts, texts[1:]))  # each visitor's own stream
@@ -91,7 +91,7 @@ def test_with_compiled_decoding_the_scheduler_uses_only_powers_of_two(engine, as
     monkeypatch.setattr(type(engine.decoder), "compiled", property(lambda decoder: decoder is engine.decoder))
     scheduler = AnswerScheduler(window_s=2.0, max_batch=8)
     seen = visit_together(scheduler, engine, questions[:3])
-    assert scheduler.batch_sizes == [2, 1]
+    assert list(scheduler.batch_sizes) == [2, 1]
     assert [texts[-1] for texts in seen] == lone[:3]
 
 
@@ -152,3 +152,68 @@ def test_visitors_of_a_batch_that_ended_the_worker_are_told_even_after_another_w
     scheduler._start()  # the next visitor's question starts a new worker before the first looks again
     visitor.join(timeout=10)
     assert not visitor.is_alive() and outcome == ["the answer scheduler's worker thread has ended"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the worker's end, on purpose
+def test_follow_ups_gathered_with_first_questions_are_told_when_the_worker_ends(engine, monkeypatch):
+    """First questions and follow-ups gathered together are two generations: a worker ended by the first leaves
+    the second's visitors told, not waiting forever."""
+
+    class WorkerEnded(BaseException):
+        pass
+
+    chat = engine.chat([], image=photo(6))
+    chat.ask("What is this?", max_new_tokens=3)
+    scheduler = AnswerScheduler(window_s=5.0, max_batch=2)
+    ended = threading.Event()
+
+    def end_the_worker(*args, **kwargs):
+        ended.set()
+        raise WorkerEnded
+
+    monkeypatch.setattr(engine, "answer_batch", end_the_worker)
+    outcome = {}
+
+    def visitor(name, stream):
+        try:
+            list(stream())
+        except RuntimeError as error:
+            outcome[name] = str(error)
+
+    visitors = [
+        threading.Thread(
+            target=visitor, args=("first", lambda: scheduler.stream(engine, "Hi", max_new_tokens=2)), daemon=True
+        ),
+        threading.Thread(
+            target=visitor,
+            args=("follow-up", lambda: scheduler.stream_follow_up(engine, chat, "And then?", max_new_tokens=2)),
+            daemon=True,  # were it left waiting, the test's end would not wait for it
+        ),
+    ]
+    for thread in visitors:
+        thread.start()
+    assert ended.wait(timeout=30)
+    scheduler._worker.join(timeout=10)
+    monkeypatch.undo()
+    scheduler._start()  # another visitor's question starts a new worker before these look again
+    for thread in visitors:
+        thread.join(timeout=10)
+    assert not any(thread.is_alive() for thread in visitors)
+    assert outcome == dict.fromkeys(("first", "follow-up"), "the answer scheduler's worker thread has ended")
+    assert len(chat.turns) == 1  # its follow-up was never asked
+
+
+def test_an_idle_worker_holds_nothing_of_the_last_batch(engine):
+    """Once answered, a conversation the visitor has left is freed while the worker waits for the next question."""
+    import gc
+    import weakref
+
+    scheduler = AnswerScheduler(window_s=0.0, max_batch=2)
+    chat = engine.chat([], image=photo(7))
+    chat.ask("What is this?", max_new_tokens=3)
+    *_, answer = scheduler.stream_follow_up(engine, chat, "And then?", max_new_tokens=3)
+    assert len(chat.turns) == 2 and str(answer) == str(chat.turns[1][1])
+    left = weakref.ref(chat)
+    del chat, answer
+    gc.collect()
+    assert scheduler._worker.is_alive() and left() is None

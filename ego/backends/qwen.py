@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import numpy as np
 import torch
 
 from .base import Backend, Encoded
@@ -62,6 +63,14 @@ class QwenBackend(Backend):
             from transformers.video_utils import VideoMetadata
 
             frames, meta = video
+            temporal = int(getattr(self.processor.video_processor, "temporal_patch_size", 1) or 1)
+            if frames.shape[0] < temporal:
+                # A clip of one frame: its last frame repeated up to one temporal patch, as Qwen2/2.5's processor
+                # pads by itself (Qwen3-VL's refuses such a clip).
+                missing = temporal - int(frames.shape[0])
+                frames = np.concatenate([frames, np.repeat(frames[-1:], missing, axis=0)])
+                indices = list(meta["frames_indices"])
+                meta = {**meta, "frames_indices": indices + indices[-1:] * missing}
             n = int(frames.shape[0])
             # Qwen3-VL's video processor budgets pixels over all frames; Qwen2/2.5 per frame.
             per_video = video_frame_max_pixels * (n if self.family == "qwen3-vl" else 1)
