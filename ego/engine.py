@@ -793,6 +793,12 @@ class Ego:
         elif query.visual_block:
             selection.scores, selection.maps = self._compare(query, encoded, memory)  # every concept is kept
         input_ids, embeds, slots = self._soft_prompt(encoded, self._placed_memory(selection.kept, memory))
+        limit = self.settings.max_conversation_context_tokens
+        if input_ids.shape[1] + query.max_new_tokens > limit:  # e.g. concepts imported with very long memories
+            raise InputError(
+                f"This question needs {input_ids.shape[1]} tokens of context with your concepts' memories and the "
+                f"photo or clip, and at most {limit} fit with its answer; ask about fewer concepts or a shorter clip."
+            )
         names = [c.name for c in query.concepts]
         return PreparedAnswer(
             generate=dict(

@@ -382,6 +382,8 @@ def _is_consistent(view: ConceptView) -> bool:
         return False
     if indices.dim() != 1 or indices.dtype != torch.int64 or indices.numel() != view.k:
         return False
+    if indices.numel() != indices.unique().numel():  # each token kept once: a view keeps at most its grid
+        return False
     return indices.numel() == 0 or (int(indices.min()) >= 0 and int(indices.max()) < scores.numel())
 
 

@@ -125,6 +125,13 @@ def test_a_full_conversation_says_to_start_a_new_one_and_keeps_its_turns(concept
         chat.ask(FOLLOW_UPS[0], max_new_tokens=100)
     assert len(chat.turns) == 1
     assert chat.ask(FOLLOW_UPS[0], max_new_tokens=4).prefill_tokens < first.context_tokens
+    # A first question is held to the same limit: its context (photo and memories) and its answer's cap.
+    tight = base.with_settings(max_conversation_context_tokens=first.context_tokens + 3)
+    with pytest.raises(InputError, match=f"needs {first.context_tokens} tokens of context.*fewer concepts"):
+        tight.answer("Is Chelsea here?", [concept], image=photo(3), max_new_tokens=4)
+    assert str(tight.answer("Is Chelsea here?", [concept], image=photo(3), max_new_tokens=3)) == str(
+        base.answer("Is Chelsea here?", [concept], image=photo(3), max_new_tokens=3)
+    )
 
 
 def test_a_conversation_refuses_bad_media_before_any_model_call():

@@ -271,6 +271,11 @@ UNUSABLE = {
     "a keyword that is a list": (_first_view(keywords=[["tabby"]]), "not an Ego concept file"),
     "an unknown size source": (_first_view(area_source="x" * 10_000), "not an Ego concept file"),
     "a size that is not a number": (_first_view(area_pct=float("nan")), "not an Ego concept file"),
+    # Memory rows beyond the photo's own tokens: one token of a view kept k times (a context of any length).
+    "one token kept many times": (
+        lambda t, d: t.update({"c0.v0.token_indices": torch.zeros_like(t["c0.v0.token_indices"])}),
+        "not an Ego concept file",
+    ),
 }
 
 
