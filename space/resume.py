@@ -34,6 +34,8 @@ class Sessions:
     def __init__(self):
         self._by_token: weakref.WeakValueDictionary[str, Session] = weakref.WeakValueDictionary()
         self._holders: weakref.WeakKeyDictionary[Session, int] = weakref.WeakKeyDictionary()
+        self._token_of: weakref.WeakKeyDictionary[Session, str] = weakref.WeakKeyDictionary()
+        """Each session's one token: a tab that loads again without it gets the same one back, not another."""
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -51,8 +53,11 @@ class Sessions:
                 return known, token
             if known is session:
                 return session, token
+            if session in self._token_of:  # this tab's session already has its token (and counts this tab)
+                return session, self._token_of[session]
             token = new_token()
             self._by_token[token] = session
+            self._token_of[session] = token
             self._holders[session] = self._holders.get(session, 0) + 1
             return session, token
 
@@ -64,6 +69,7 @@ class Sessions:
                 self._holders[session] = holders - 1
                 return
             self._holders.pop(session, None)
+            self._token_of.pop(session, None)
             for token in [t for t, s in self._by_token.items() if s is session]:
                 del self._by_token[token]
         visitor_session.forget(session)

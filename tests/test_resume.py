@@ -75,3 +75,15 @@ def test_release_of_a_session_never_registered_still_frees_it():
     client = holding("Chelsea")  # a gradio_client visitor: no page load, no token
     sessions.release(client)
     assert len(client) == 0
+
+
+def test_a_tab_that_loads_again_and_again_keeps_one_token_and_one_hold():
+    """The page-load event posted many times by one tab (its session, no token): one token and one holder, so the
+    registry does not grow and the tab's release still empties the session."""
+    sessions = Sessions()
+    tab = holding("Chelsea")
+    tokens = {sessions.resume(tab, None)[1] for _ in range(300)}
+    assert len(tokens) == 1 and len(sessions) == 1
+    assert sessions.resume(tab, "a stale token")[1] in tokens
+    sessions.release(tab)
+    assert len(tab) == 0 and len(sessions) == 0
