@@ -216,7 +216,9 @@ class CalibrationResult:
     def ranking(self) -> list[int]:
         """All layers, best first (by the mean of the `rank_by` score; ties: lower index first)."""
         mean = (self.size_fair_mean if self.rank_by == "size-fair" else self.mean).tolist()
-        return sorted(range(self.num_layers), key=lambda layer: (-round(mean[layer], 12), layer))
+        # Compared at the 6 digits the layers file shows: float32 means of the same scores summed in another order
+        # differ in the 8th digit, and a tie must go to the lower layer whatever the order.
+        return sorted(range(self.num_layers), key=lambda layer: (-round(mean[layer], 6), layer))
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -383,10 +385,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    # Checked before the model loads (minutes for a large one) and before scoring (the result is written last).
+    if args.keep < 1 or args.top_k < 1 or (args.limit is not None and args.limit < 1):
+        parser.error("--keep, --top-k and --limit must be at least 1")
+    out = Path(args.out) if args.out else Path(f"calibration-{_slug(args.model)}.json")
+    if not out.parent.is_dir():
+        parser.error(f"--out: the folder {out.parent} does not exist; create it or give another path")
     pairs = find_pairs(args.images, args.masks)
     if args.limit is not None:
-        pairs = pairs[: max(0, args.limit)]
+        pairs = pairs[: args.limit]
     if not pairs:
         print(f"No image in {args.images} has a mask with the same file name stem in {args.masks}.", file=sys.stderr)
         return 2
@@ -398,6 +407,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = Settings.paper() if args.protocol == "paper" else DEFAULT_SETTINGS
     engine = Ego.from_pretrained(args.model, quantization=quantization, device=args.device, settings=settings)
+    if args.keep > engine.num_layers:
+        print(
+            f"--keep must be at most {engine.num_layers}, this model's text layers; got {args.keep}.", file=sys.stderr
+        )
+        return 2
     print(
         f"{engine.model_id}: {engine.num_layers} text layers; {len(pairs)} image/mask pairs; "
         f"keep {args.keep}, precision@{args.top_k}",
@@ -416,7 +430,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("No image could be scored (see the lines above); nothing written.", file=sys.stderr)
         return 1
     print(result.table())
-    out = Path(args.out) if args.out else Path(f"calibration-{_slug(args.model)}.json")
     result.write(out)
     print(
         f"\nBest {args.keep} layers: {list(result.layers)} ({result.images} images, "

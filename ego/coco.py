@@ -53,7 +53,11 @@ def instance_mask(annotation: dict, height: int, width: int) -> np.ndarray:
 
     segmentation = annotation["segmentation"]
     if isinstance(segmentation, list):  # polygons: [[x1, y1, x2, y2, ...], ...]
-        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+        # A polygon needs three points; pycocotools reads a list whose first entry has 4 numbers as boxes.
+        polygons = [polygon for polygon in segmentation if len(polygon) >= 6]
+        if not polygons:
+            return np.zeros((height, width), dtype=bool)
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
     elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
         rle = mask_utils.frPyObjects(segmentation, height, width)
     else:  # compressed RLE
@@ -121,6 +125,9 @@ def build(
     images, out = Path(images), Path(out)
     document = json.loads(Path(annotations).read_text(encoding="utf-8"))
     chosen = balanced(single_instances(document, min_area_pct=min_area_pct), count)
+    for folder in (out / "images", out / "masks"):
+        if folder.is_dir() and any(folder.iterdir()):  # calibration reads every pair there, old ones included
+            raise FileExistsError(f"{folder} already holds files; give an empty --out folder, or remove it first")
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     written, missing = [], []
@@ -176,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         manifest = build(args.annotations, args.images, args.out, count=args.count, min_area_pct=args.min_area_pct)
+    except FileExistsError as error:
+        print(f"{error}.", file=sys.stderr)
+        return 2
     except (OSError, ValueError, KeyError) as error:
         print(
             f"Could not build the set from {args.annotations}: {error}. Give a COCO instances_*.json file "

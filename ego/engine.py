@@ -30,6 +30,7 @@ import contextlib
 import copy
 import json
 import math
+import numbers
 import queue
 import re
 import threading
@@ -228,6 +229,9 @@ class Ego:
         self.model_id = model_id
         self.settings = settings
         num_layers = self.num_layers
+        layers = tuple(layers) if not isinstance(layers, (str, bytes)) else (layers,)
+        if not all(isinstance(layer, numbers.Integral) and not isinstance(layer, bool) for layer in layers):
+            raise ValueError(f"Layers must be whole numbers (decoder layer indices); got {list(layers)}.")
         bad = [layer for layer in layers if not 0 <= int(layer) < num_layers]
         if not layers or bad:
             raise ValueError(f"Layers must be indices between 0 and {num_layers - 1}; got {list(layers)}.")
@@ -295,7 +299,7 @@ class Ego:
         processor = AutoProcessor.from_pretrained(path)
         num_layers = loaded.config.get_text_config().num_hidden_layers
         if layers is not None:
-            layers, note = _read_layers(layers), f"given: {layers}"
+            layers, note = _read_layers(layers, num_layers), f"given: {layers}"
         elif preset is not None and preset.layers is not None:
             layers, note = preset.layers, preset.layers_note
         else:
@@ -1665,14 +1669,26 @@ def _extend(kwargs: dict, length: int) -> dict:
     return extended
 
 
-def _read_layers(layers) -> tuple[int, ...]:
-    if isinstance(layers, (str, Path)):
-        try:
-            document = json.loads(Path(layers).read_text())
-            return tuple(int(layer) for layer in document["layers"])
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{layers} is not a layers file written by `python -m ego.calibrate`.") from error
-    return tuple(int(layer) for layer in layers)
+def _read_layers(layers, num_layers: int) -> tuple:
+    """The layers L as given, or read from a file of `python -m ego.calibrate`: one made for a model with
+    `num_layers` decoder layers, from at least one scored image (the engine checks the indices themselves)."""
+    if not isinstance(layers, (str, Path)):
+        return tuple(layers)
+    try:
+        document = json.loads(Path(layers).read_text())
+        listed, made_for, images = document["layers"], document.get("num_layers", num_layers), document.get("images", 1)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{layers} is not a layers file written by `python -m ego.calibrate`.") from error
+    if made_for != num_layers:
+        raise ValueError(
+            f"{layers} was calibrated for a model with {made_for} decoder layers ({document.get('model_id')}); this "
+            f"one has {num_layers}: calibrate this model with `python -m ego.calibrate`."
+        )
+    if images == 0:
+        raise ValueError(f"{layers} was written from no scored image; calibrate again with masks that show objects.")
+    if not isinstance(listed, list):
+        raise ValueError(f"{layers} is not a layers file written by `python -m ego.calibrate`.")
+    return tuple(listed)
 
 
 _PYTHON_INT_BYTES = 36

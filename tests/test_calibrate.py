@@ -248,3 +248,41 @@ def test_cli_runs_as_a_module_and_refuses_when_nothing_matches(tmp_path):
     )
     assert run.returncode == 2, run.stderr[-2000:]
     assert "same file name stem" in run.stderr
+
+
+def test_layers_with_the_same_scores_in_another_order_tie_and_the_lower_one_wins():
+    """Precision values are multiples of 1/K; float32 means of the same values summed in another order differ in
+    their last bits, which must not decide between two layers."""
+    import itertools
+
+    from ego.calibrate import CalibrationResult
+
+    k = 50
+    orders = [torch.tensor([a / k for a in order]) for order in itertools.permutations([3, 7, 11, 29, 41])]
+    for first, second in itertools.product(orders[:24], orders[:24]):
+        result = CalibrationResult(
+            model_id="m", num_layers=2, top_k=k, keep=1, precision=torch.stack([first, second], 1)
+        )
+        assert result.layers == (0,) and result.ranking == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        (["--keep", "0"], "must be at least 1"),
+        (["--limit", "-1"], "must be at least 1"),
+        (["--out", "no-such-folder/layers.json"], "does not exist"),
+    ],
+)
+def test_cli_refuses_bad_options_before_the_model_loads(tmp_path, capsys, monkeypatch, options, words):
+    from ego import Ego
+
+    def not_loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(Ego, "from_pretrained", not_loaded)
+    images, masks = _write_pairs(tmp_path, 1)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as refused:
+        cal.main(["--model", "tiny-internvl3", "--images", str(images), "--masks", str(masks), *options])
+    assert refused.value.code == 2 and words in capsys.readouterr().err

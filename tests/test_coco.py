@@ -148,6 +148,9 @@ def test_the_command_writes_the_set_and_says_so(fixture, tmp_path, capsys):
         == 0
     )
     assert "2 images in 2 categories" in capsys.readouterr().err
+    again = ["--annotations", str(fixture / "instances_val.json"), "--images", str(fixture / "val")]
+    assert coco.main([*again, "--out", str(tmp_path / "out"), "--count", "1"]) == 2  # the last set's pairs would stay
+    assert "already holds files; give an empty --out folder" in capsys.readouterr().err
     assert (
         coco.main(
             [
@@ -162,3 +165,12 @@ def test_the_command_writes_the_set_and_says_so(fixture, tmp_path, capsys):
         == 2
     )
     assert "instances_*.json" in capsys.readouterr().err
+
+
+def test_a_polygon_of_fewer_than_three_points_is_left_out():
+    """pycocotools would read a first polygon of 4 numbers as boxes; such a polygon covers nothing."""
+    square = [10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]
+    alone = coco.instance_mask({"segmentation": [square]}, 40, 40)
+    assert alone.sum() > 0
+    assert np.array_equal(coco.instance_mask({"segmentation": [[1.0, 2.0, 3.0, 4.0], square]}, 40, 40), alone)
+    assert not coco.instance_mask({"segmentation": [[1.0, 2.0, 3.0, 4.0]]}, 40, 40).any()

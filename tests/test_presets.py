@@ -42,6 +42,17 @@ def test_layers_from_a_calibration_file(tmp_path):
     assert engine.layers == (0, 3)
     with pytest.raises(ValueError, match="between 0 and 3"):
         Ego.from_pretrained("tiny-qwen2-vl", layers=[7])
+    refused = {  # what the file is: (its content, the refusal's words)
+        "another model's file": ({"model_id": "big", "layers": [1, 2], "num_layers": 48, "images": 9}, "48 decoder"),
+        "a file of no scored image": ({"layers": [0, 1], "num_layers": 4, "images": 0}, "no scored image"),
+        "layers that are not a list": ({"layers": "12"}, "not a layers file"),
+        "fractional layers": ({"layers": [1.9, 2.7]}, "whole numbers"),
+        "true for a layer": ({"layers": [True]}, "whole numbers"),
+    }
+    for document, words in refused.values():
+        path.write_text(json.dumps(document))
+        with pytest.raises(ValueError, match=words):
+            Ego.from_pretrained("tiny-qwen2-vl", layers=path)
     assert tiny_engine("qwen2-vl").layers == depth_scaled_layers(4)
 
 
