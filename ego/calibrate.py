@@ -60,13 +60,37 @@ def binary_mask(mask) -> np.ndarray:
     elif isinstance(mask, torch.Tensor):
         array = mask.cpu().numpy()
     else:
-        array = np.asarray(load_image(mask).convert("L"))
+        array = _mask_values(mask)
     if array.ndim == 3:
         array = array.max(axis=-1)
     if array.dtype == bool:
         return array
-    threshold = 127 if array.max() > 1 else 0
+    threshold = 127 if array.dtype == np.uint8 and array.max() > 1 else 0
     return array > threshold
+
+
+def _mask_values(path) -> np.ndarray:
+    """A mask file's (or a PIL image's) own values, oriented as its image: 16-bit labels unscaled, a palette's indices (0 =
+    background), any alpha channel left out. Not `load_image`, which prepares photos: it scales 16-bit values to
+    8 bits (a label 1 becomes 0), paints a palette's colours and composites transparency on white."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from .errors import InputError
+
+    if isinstance(path, Image.Image):
+        array, mode = np.asarray(path), path.mode
+    else:
+        try:
+            with Image.open(path) as opened:
+                image = ImageOps.exif_transpose(opened)
+                array, mode = np.asarray(image), image.mode
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+            raise InputError(f"{Path(str(path)).name} is not a readable mask image") from error
+    if mode == "P":
+        return array != 0
+    if mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+        array = array[..., :-1]
+    return array
 
 
 def object_tokens(mask, grid: tuple[int, int], *, min_coverage: float = MIN_COVERAGE) -> torch.Tensor:
@@ -148,6 +172,10 @@ def describe_with_attention(engine, image, mask=None) -> DescribedImage:
         binary = binary_mask(mask) if mask is not None else None
     except InputError as error:
         raise SkipImage(f"unreadable: {error}") from error
+    if binary is not None and binary.shape != (picture.height, picture.width):
+        raise SkipImage(
+            f"the mask is {binary.shape[1]}x{binary.shape[0]} pixels and the image {picture.width}x{picture.height}"
+        )
     reference = engine.encode_reference(picture)
     objects = object_tokens(binary, reference.grid) if binary is not None else None
     if objects is not None and not objects.any():

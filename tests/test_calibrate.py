@@ -286,3 +286,37 @@ def test_cli_refuses_bad_options_before_the_model_loads(tmp_path, capsys, monkey
     with pytest.raises(SystemExit) as refused:
         cal.main(["--model", "tiny-internvl3", "--images", str(images), "--masks", str(masks), *options])
     assert refused.value.code == 2 and words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["I;16", "P", "LA", "RGBA", "L"])
+def test_a_mask_file_is_read_by_its_own_values_non_zero_is_object(tmp_path, mode):
+    """A 16-bit label 1, a palette index 1, a grey mask with an alpha channel: the object is where the values are
+    not zero, whatever the photo loader would make of the file (scaled, recoloured, composited on white)."""
+    truth = np.zeros((30, 40), dtype=bool)
+    truth[5:15, 10:30] = True
+    if mode == "I;16":
+        image = Image.fromarray(truth.astype(np.uint16))  # label 1
+    elif mode == "P":
+        image = Image.fromarray(truth.astype(np.uint8), mode="L").convert("P")
+        image.putpalette([0, 0, 0] * 2 + [0] * 762)  # both indices drawn black
+    elif mode == "LA":
+        grey = Image.fromarray((truth * 255).astype(np.uint8))
+        image = Image.merge("LA", [grey, Image.new("L", grey.size, 0)])  # fully transparent
+    elif mode == "RGBA":
+        image = Image.fromarray(np.dstack([truth * 200] * 3 + [np.full(truth.shape, 10)]).astype(np.uint8), "RGBA")
+    else:
+        image = Image.fromarray((truth * 255).astype(np.uint8))
+    path = tmp_path / "mask.png"
+    image.save(path)
+    assert np.array_equal(cal.binary_mask(path), truth)
+
+
+def test_an_image_and_a_mask_of_other_sizes_are_skipped():
+    from ego import Ego
+
+    engine = Ego.tiny("qwen2-vl")
+    picture = photo(0)  # 451x300
+    mask = np.zeros((picture.width, picture.height), dtype=bool)  # 300x451: turned a quarter
+    mask[:50, :50] = True
+    with pytest.raises(cal.SkipImage, match="the mask is 300x451 pixels and the image 451x300"):
+        cal.describe_with_attention(engine, picture, mask)
