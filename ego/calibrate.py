@@ -70,9 +70,9 @@ def binary_mask(mask) -> np.ndarray:
 
 
 def _mask_values(path) -> np.ndarray:
-    """A mask file's (or a PIL image's) own values, oriented as its image: 16-bit labels unscaled, a palette's indices (0 =
-    background), any alpha channel left out. Not `load_image`, which prepares photos: it scales 16-bit values to
-    8 bits (a label 1 becomes 0), paints a palette's colours and composites transparency on white."""
+    """A mask file's (or a PIL image's) own values, oriented as its image: 16-bit labels unscaled, a palette's
+    indices (0 = background), any alpha channel left out. Not `load_image`, which prepares photos: it scales 16-bit
+    values to 8 bits (a label 1 becomes 0), paints a palette's colours and composites transparency on white."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     from .errors import InputError

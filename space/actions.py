@@ -521,11 +521,8 @@ class Actions:
                 raise InputError("There are no concepts to export yet; introduce or import one first.")
             # In Gradio's file cache, whose sweep deletes it on time even if the session is evicted
             # (eviction skips `forget`); a file elsewhere would stay until the server restarts.
-            path = save_concepts(
-                session.new_export_path(get_upload_folder()),
-                session.concepts,
-                [entry.thumbnail for entry in session.entries],
-            )
+            with session.export_file(get_upload_folder()) as fresh:
+                path = save_concepts(fresh, session.concepts, [entry.thumbnail for entry in session.entries])
             session.tell(f"Exported {len(session)} concepts: download the file below.")
         return session, None if path is None else str(path)
 

@@ -103,6 +103,7 @@ class Session:
     def __init__(self):
         self._entries: list[Entry] = []
         self._lock = threading.Lock()
+        self._exporting = threading.Lock()
         self._export_dir: str | None = None
         self._note = ""
         self.conversations = Conversations()
@@ -231,15 +232,24 @@ class Session:
             self.conversations.end(tab)
         return len(tabs)
 
-    def new_export_path(self, folder: str | None = None) -> Path:
-        """A fresh path for this visitor's export file, in a new folder under `folder` (default: the
-        system's temporary folder); the previous export file is deleted."""
-        with self._lock:
-            self._remove_export()
+    @contextlib.contextmanager
+    def export_file(self, folder: str | None = None):
+        """A fresh path for this visitor's export file, in a new folder under `folder` (default: the system's
+        temporary folder), to write in the `with` block. Written, it replaces the previous export, which is deleted
+        then and not before; a write that fails leaves the previous one. One export at a time per visitor: a
+        second click waits for the first, rather than deleting the folder the first is writing in."""
+        with self._exporting:
             if folder is not None:
                 Path(folder).mkdir(parents=True, exist_ok=True)
-            self._export_dir = tempfile.mkdtemp(prefix="ego-export-", dir=folder)
-            return Path(self._export_dir) / EXPORT_NAME
+            written = tempfile.mkdtemp(prefix="ego-export-", dir=folder)
+            try:
+                yield Path(written) / EXPORT_NAME
+            except BaseException:
+                shutil.rmtree(written, ignore_errors=True)
+                raise
+            with self._lock:
+                self._remove_export()
+                self._export_dir = written
 
     def close(self) -> None:
         """Free everything: called by Gradio when the visitor's state expires."""

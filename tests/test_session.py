@@ -6,6 +6,8 @@ import copy
 import gc
 import os
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,13 +72,32 @@ def test_remove_and_clear():
     assert session.names == [] and session.concepts == ()
 
 
-def test_export_files_are_replaced_and_deleted_on_close():
+def test_export_files_are_replaced_once_written_and_deleted_on_close():
     session = Session()
-    first = session.new_export_path()
-    first.write_bytes(b"x")
-    second = session.new_export_path()
+    with session.export_file() as first:
+        first.write_bytes(b"x")
+    with pytest.raises(OSError), session.export_file() as failed:
+        raise OSError("disk full")  # a write that fails: the previous export stays
+    assert first.exists() and not failed.parent.exists()
+    with session.export_file() as second:
+        assert first.exists()  # a second export does not take the first's file away while it is written
+        second.write_bytes(b"x")
     assert not first.exists() and first.parent != second.parent
-    second.write_bytes(b"x")
+    outcome = []
+
+    def export_slowly(mark):
+        with session.export_file() as path:
+            time.sleep(0.2)
+            path.write_bytes(mark)
+            outcome.append(path.read_bytes() == mark)
+
+    clicks = [threading.Thread(target=export_slowly, args=(mark,)) for mark in (b"1", b"2")]
+    for click in clicks:
+        click.start()
+    for click in clicks:
+        click.join()
+    assert outcome == [True, True]  # a double click: one export after the other, each written whole
+    second = Path(session._export_dir) / second.name
     session.add([entry("a")], 5)
     forget(session)
     assert not os.path.exists(second.parent) and session.names == []
