@@ -100,6 +100,8 @@ def build_demo(
 
         def then_refresh(event, status: bool = True):
             refresh = act.panel if status else functools.partial(act.panel, status=False)
+            # The session named by the browser's token, also when the tab outlived its last session (space/resume.py).
+            event.then(sessions.keep, [session, browser_token], browser_token, **CHEAP, **PRIVATE)
             return event.then(refresh, session, panel, **CHEAP, **PRIVATE).then(
                 None, mine.summary, None, js=TRACK_CONCEPTS_JS, **PRIVATE
             )

@@ -61,6 +61,23 @@ class Sessions:
             self._holders[session] = self._holders.get(session, 0) + 1
             return session, token
 
+    def keep(self, session, token) -> str | None:
+        """After the tab's concepts changed: the token the browser should keep for `session`. Its own token when it
+        has one; a new one when it has none: the tab stayed open past its session's expiry and Gradio gave it a
+        new, unnamed session, whose concepts a reload must find (never another session's: what was just added
+        stays in this one)."""
+        if not isinstance(session, Session):
+            return token
+        with self._lock:
+            own = self._token_of.get(session)
+            if own is not None:
+                return own
+            token = new_token()
+            self._by_token[token] = session
+            self._token_of[session] = token
+            self._holders[session] = self._holders.get(session, 0) + 1
+            return token
+
     def release(self, session) -> None:
         """`gr.State(delete_callback=...)`: one tab let go of `session`; the last one empties it."""
         with self._lock:

@@ -87,3 +87,19 @@ def test_a_tab_that_loads_again_and_again_keeps_one_token_and_one_hold():
     assert sessions.resume(tab, "a stale token")[1] in tokens
     sessions.release(tab)
     assert len(tab) == 0 and len(sessions) == 0
+
+
+def test_a_tab_that_outlived_its_session_gets_a_token_for_the_new_one_once_it_adds_concepts():
+    """Gradio gives a tab whose session expired a new, unnamed one; once it holds concepts, the token must name it,
+    so that a reload finds them (and never another tab's session)."""
+    sessions = Sessions()
+    expired, other_tab = holding("Chelsea"), holding("Rex")
+    _, token = sessions.resume(expired, None)
+    _, elsewhere = sessions.resume(other_tab, None)
+    sessions.release(expired)
+    new = holding("Bo")  # added after the expiry, in the tab's new session
+    kept = sessions.keep(new, token)
+    assert kept not in (token, elsewhere)
+    assert sessions.resume(Session(), kept)[0] is new  # the reload finds it
+    assert sessions.keep(new, kept) == kept and sessions.keep(other_tab, token) == elsewhere
+    assert sessions.keep(None, token) == token  # a state that never held a Session
