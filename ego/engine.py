@@ -1283,7 +1283,8 @@ class Chat:
         while self._adopted:  # one turn at a time: a failure leaves the conversation as the turns before made it
             question, answer_ids = self._adopted[0]
             if not self._ids:
-                prepared = engine._prepare_answer(question, self.concepts, self.picture, self.clip, None)
+                # Its context only (the answer is known): checked against the limit with a budget of one token.
+                prepared = engine._prepare_answer(question, self.concepts, self.picture, self.clip, 1)
                 self._remember_context(prepared)
                 pixels = self._pixels_of(prepared.encoded)
             else:

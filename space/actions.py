@@ -33,7 +33,7 @@ from .examples import Examples
 from .loading import LazyEngine
 from .pictures import cached
 from .scheduler import AnswerScheduler
-from .session import FULL_OF_CONVERSATIONS, Entry, MemoryBudget, Session
+from .session import FULL_OF_CONVERSATIONS, Entry, MemoryBudget, Session, name_key
 from .settings import SpaceSettings
 from .zerogpu import call_seconds, gpu, on_zero_gpu
 
@@ -535,7 +535,7 @@ class Actions:
         """Add the concepts of a file written by /export_concepts (or ego.save_concepts); names the visitor
         already has are skipped and listed in a message, with their thumbnails where the file has them."""
         with for_visitor("importing the concepts"):
-            path = getattr(file, "name", file)
+            path = file if isinstance(file, (str, os.PathLike)) else getattr(file, "name", file)
             if not path:
                 raise InputError("Choose a concept file (.safetensors) exported from this app first.")
             if os.path.getsize(path) > self.limits.max_upload_bytes:
@@ -543,7 +543,7 @@ class Actions:
             engine = self._engine(progress)
             concepts = load_concepts(path, engine)
             thumbnails = read_thumbnails(path, len(concepts))
-            entries, skipped = [], []
+            entries, skipped, twice, seen = [], [], [], set()
             for number, (concept, thumbnail) in enumerate(zip(concepts, thumbnails), 1):
                 try:
                     name = checks.check_name(concept.name, self.limits)
@@ -558,6 +558,10 @@ class Actions:
                 if session.has(name):
                     skipped.append(name)
                     continue
+                if name_key(name) in seen:  # the file's first concept of that name is taken (names ignore case)
+                    twice.append(name)
+                    continue
+                seen.add(name_key(name))
                 first = concept.views[0] if concept.views else None
                 picture = (
                     views.thumbnail(thumbnail, self.settings.thumbnail_px)
@@ -575,14 +579,21 @@ class Actions:
                 )
             session.add(entries, self.settings.max_concepts_per_session, self.budget)
             added = f"Imported {len(entries)} concept{'s' * (len(entries) != 1)}."
-            session.tell(added if not skipped else f"{added} Skipped {len(skipped)} already yours.")
+            if skipped:
+                added += f" Skipped {len(skipped)} already yours."
+            if twice:
+                added += f" Skipped {len(twice)} named like an earlier one in the file."
+            session.tell(added)
+        if twice:
+            listed = ", ".join(f"“{html.escape(name, quote=False)}”" for name in twice)
+            gr.Warning(f"Skipped {listed}: this file holds an earlier concept with that name, which was imported.")
         if skipped:
             listed = ", ".join(f"“{html.escape(name, quote=False)}”" for name in skipped)
             gr.Warning(
                 f"Added {len(entries)} concept{'s' * (len(entries) != 1)}; skipped {listed}: you already "
                 f"have a concept with that name (remove yours first to import the file's)."
             )
-        log.info("import: %d concepts, %d skipped", len(entries), len(skipped))
+        log.info("import: %d concepts, %d skipped", len(entries), len(skipped) + len(twice))
         return session, self.records(session)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 
@@ -238,6 +239,12 @@ def test_import_adds_the_new_names_and_names_the_ones_it_skipped(act, engine, tm
     with pytest.raises(gr.Error, match="already have a concept named 'Chelsea', 'Bo', 'Tom'"):
         act.import_concepts(session, str(path), progress=quiet)
     assert session.names == ["chelsea", "Bo", "Tom"]
+    # A file with two concepts of one name (names ignore case): the first is imported, the second named as skipped.
+    twice = save_concepts(tmp_path / "twice.safetensors", [made[1], dataclasses.replace(made[2], name="BO")])
+    fresh = Session()
+    with pytest.warns(UserWarning, match="Skipped “BO”: this file holds an earlier concept with that name"):
+        act.import_concepts(fresh, twice, progress=quiet)  # a Path, as a Python caller may pass it
+    assert fresh.names == ["Bo"] and "named like an earlier one" in fresh.take_note()
 
 
 def test_the_bundled_examples_are_complete():
