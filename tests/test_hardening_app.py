@@ -402,7 +402,8 @@ HOSTILE = {
     "name too long": (lambda good, out: rewritten(good, out, name_setter("x" * 41)), "longer than 40 characters"),
     "empty name": (lambda good, out: rewritten(good, out, name_setter("  ")), "empty name"),
     "invisible name": (lambda good, out: rewritten(good, out, name_setter("\u200b\u202e")), "empty name"),
-    "duplicate names": (lambda good, out: rewritten(good, out, name_setter("Twin", "twin ")), "more than once"),
+    # (two concepts of one name are not a refusal: the first is imported, test_actions.py)
+    "all names taken": (lambda good, out: rewritten(good, out, name_setter(" mine", "MINE")), "already have a"),
     "a name taken": (lambda good, out: rewritten(good, out, name_setter(" mine")), "already have a concept named"),
     "no views": (
         lambda good, out: rewritten(good, out, lambda t, d: d["concepts"][0].update(views=[])),
