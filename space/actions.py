@@ -585,16 +585,21 @@ class Actions:
                 added += f" Skipped {len(twice)} named like an earlier one in the file."
             session.tell(added)
         if twice:
-            listed = ", ".join(f"“{html.escape(name, quote=False)}”" for name in twice)
-            gr.Warning(f"Skipped {listed}: this file holds an earlier concept with that name, which was imported.")
-        if skipped:
-            listed = ", ".join(f"“{html.escape(name, quote=False)}”" for name in skipped)
             gr.Warning(
-                f"Added {len(entries)} concept{'s' * (len(entries) != 1)}; skipped {listed}: you already "
+                f"Skipped {_quoted(twice)}: this file holds an earlier concept with that name, which was imported."
+            )
+        if skipped:
+            gr.Warning(
+                f"Added {len(entries)} concept{'s' * (len(entries) != 1)}; skipped {_quoted(skipped)}: you already "
                 f"have a concept with that name (remove yours first to import the file's)."
             )
         log.info("import: %d concepts, %d skipped", len(entries), len(skipped) + len(twice))
         return session, self.records(session)
+
+
+def _quoted(names) -> str:
+    """Visitor names for a message, quoted and escaped (gr.Warning renders HTML)."""
+    return ", ".join(f"“{html.escape(name, quote=False)}”" for name in names)
 
 
 def _so_far(answer) -> str:

@@ -55,11 +55,7 @@ class Sessions:
                 return session, token
             if session in self._token_of:  # this tab's session already has its token (and counts this tab)
                 return session, self._token_of[session]
-            token = new_token()
-            self._by_token[token] = session
-            self._token_of[session] = token
-            self._holders[session] = self._holders.get(session, 0) + 1
-            return session, token
+            return session, self._register(session)
 
     def keep(self, session, token) -> str | None:
         """After the tab's concepts changed: the token the browser should keep for `session`. Its own token when it
@@ -70,13 +66,15 @@ class Sessions:
             return token
         with self._lock:
             own = self._token_of.get(session)
-            if own is not None:
-                return own
-            token = new_token()
-            self._by_token[token] = session
-            self._token_of[session] = token
-            self._holders[session] = self._holders.get(session, 0) + 1
-            return token
+            return own if own is not None else self._register(session)
+
+    def _register(self, session: Session) -> str:
+        """A new token for `session`, held by one more tab (the caller holds the lock)."""
+        token = new_token()
+        self._by_token[token] = session
+        self._token_of[session] = token
+        self._holders[session] = self._holders.get(session, 0) + 1
+        return token
 
     def release(self, session) -> None:
         """`gr.State(delete_callback=...)`: one tab let go of `session`; the last one empties it."""

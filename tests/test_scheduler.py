@@ -120,15 +120,13 @@ def test_settings_are_checked():
         AnswerScheduler(window_s=0.1, max_batch=0)
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the worker's end, on purpose
-def test_visitors_of_a_batch_that_ended_the_worker_are_told_even_after_another_worker_starts(engine, monkeypatch):
-    """A worker ended by something other than an error of the batch: its visitors get an error at once, also
-    when the next visitor has already started a new worker (before, they waited on the dead one forever)."""
+def answer_batch_ends_the_worker(engine, monkeypatch) -> threading.Event:
+    """The engine's next `answer_batch` ends the worker thread itself (not an error of the batch); the event is set
+    when it happens."""
 
     class WorkerEnded(BaseException):
         pass
 
-    scheduler = AnswerScheduler(window_s=0.0, max_batch=2)
     ended = threading.Event()
 
     def end_the_worker(*args, **kwargs):
@@ -136,6 +134,16 @@ def test_visitors_of_a_batch_that_ended_the_worker_are_told_even_after_another_w
         raise WorkerEnded
 
     monkeypatch.setattr(engine, "answer_batch", end_the_worker)
+    return ended
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the worker's end, on purpose
+def test_visitors_of_a_batch_that_ended_the_worker_are_told_even_after_another_worker_starts(engine, monkeypatch):
+    """A worker ended by something other than an error of the batch: its visitors get an error at once, also
+    when the next visitor has already started a new worker (before, they waited on the dead one forever)."""
+
+    scheduler = AnswerScheduler(window_s=0.0, max_batch=2)
+    ended = answer_batch_ends_the_worker(engine, monkeypatch)
     outcome = []
 
     def first_visitor():
@@ -159,19 +167,10 @@ def test_follow_ups_gathered_with_first_questions_are_told_when_the_worker_ends(
     """First questions and follow-ups gathered together are two generations: a worker ended by the first leaves
     the second's visitors told, not waiting forever."""
 
-    class WorkerEnded(BaseException):
-        pass
-
     chat = engine.chat([], image=photo(6))
     chat.ask("What is this?", max_new_tokens=3)
     scheduler = AnswerScheduler(window_s=5.0, max_batch=2)
-    ended = threading.Event()
-
-    def end_the_worker(*args, **kwargs):
-        ended.set()
-        raise WorkerEnded
-
-    monkeypatch.setattr(engine, "answer_batch", end_the_worker)
+    ended = answer_batch_ends_the_worker(engine, monkeypatch)
     outcome = {}
 
     def visitor(name, stream):
