@@ -237,8 +237,15 @@ def test_introduction_storage_meta_and_targets(quick):
         "context_tokens_per_concept",
         "stored_mb_per_concept",
         "peak_gib_20_concepts",
+        "throughput_ratio_8_visitors",
+        "latency_p95_8_visitors_over_lone",
     }
     assert results["targets"]["decode_ms_per_token"]["measured"] == results["scenarios"]["plain"]["decode_ms_per_token"]
+    scenarios, concurrency = results["scenarios"], results["targets"]["latency_p95_8_visitors_over_lone"]
+    lone = statistics.median(scenarios["concurrent_1"]["latency_runs_s"])
+    eight = sorted(scenarios["concurrent_8"]["latency_runs_s"])
+    assert concurrency["measured"] == pytest.approx(_numpy_p95(eight) / lone, rel=1e-2)
+    assert results["targets"]["throughput_ratio_8_visitors"]["comparison"] == ">="
     assert intro["description_decode_ms_per_token"] > 0
     assert all(isinstance(t["met"], bool) for t in results["targets"].values())
 
@@ -275,6 +282,61 @@ def test_a_compiled_only_run_still_checks_its_tokens_against_eager(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["meta"]["decoding"] == "compiled" and "decoding_runs" not in results
     assert results["decoding_equality"]["tokens_equal"] and results["decoding_equality"]["tokens"] > 0
+
+
+def _numpy_p95(ordered: list[float]) -> float:
+    """The 95th percentile, linear between the closest ranks, written out."""
+    rank = 0.95 * (len(ordered) - 1)
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def _gpu_results(throughput_ratio: float, lone_s: float, p95_s: float, quantization: str = "4bit") -> dict:
+    """A results document as a GPU run of the default architecture writes it, with only what `targets` reads."""
+    scenario = {"decode_ms_per_token": 5.0, "latency_s": 0.3, "ratio_to_plain": 1.0, "context_tokens": 1500}
+    scenario["peak_mem_gib"] = 8.0
+    return {
+        "meta": {
+            "architecture": {"preset": "qwen2.5-vl-7b", "scaled_down": False},
+            "device_type": "cuda",
+            "quantization_effective": quantization,
+            "decoding": "compiled",
+            "compile": {"warm_up_s": 60.0},
+        },
+        "introduce": {"total_s": 0.4},
+        "storage": {"context_tokens_per_concept": 50, "file_mb_per_concept": 0.36},
+        "scenarios": {
+            "plain": scenario,
+            "ego_5": scenario,
+            "ego_20": scenario,
+            "concurrent_1": {"latency_p50_s": lone_s, "throughput_ratio": 1.0},
+            "concurrent_8": {"latency_p95_s": p95_s, "throughput_ratio": throughput_ratio},
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("throughput_ratio", "p95_s", "met"),
+    [(4.0, 0.8, (True, True)), (3.9, 0.8, (False, True)), (6.0, 0.81, (True, False))],
+)
+def test_the_concurrency_targets_are_a_floor_and_a_ceiling(throughput_ratio, p95_s, met):
+    """8 visitors: throughput at least 4x one at a time (a floor), p95 latency at most 2x a lone visitor's."""
+    from bench.harness import targets
+
+    document = targets(_gpu_results(throughput_ratio, lone_s=0.4, p95_s=p95_s))
+    floor, ceiling = document["throughput_ratio_8_visitors"], document["latency_p95_8_visitors_over_lone"]
+    assert (floor["comparison"], ceiling["comparison"]) == (">=", "<=")
+    assert ceiling["measured"] == pytest.approx(p95_s / 0.4)
+    assert (floor["met"], ceiling["met"]) == met
+    assert floor["this_run_is_the_target_setting"] and ceiling["this_run_is_the_target_setting"]
+    # bf16 is not the target's setting, and a run without the concurrency scenarios measures neither.
+    bf16 = targets(_gpu_results(throughput_ratio, 0.4, p95_s, quantization="none"))
+    assert not bf16["throughput_ratio_8_visitors"]["this_run_is_the_target_setting"]
+    alone = _gpu_results(throughput_ratio, 0.4, p95_s)
+    del alone["scenarios"]["concurrent_8"], alone["scenarios"]["concurrent_1"]
+    unmeasured = targets(alone)["throughput_ratio_8_visitors"]
+    assert unmeasured["measured"] is None and not unmeasured["met"]
 
 
 def test_decode_time_runs_from_the_first_token_to_the_last_one():
