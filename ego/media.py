@@ -88,9 +88,14 @@ def _check_dimensions(width: int, height: int, settings: Settings, what: str = "
         )
 
 
+def _rounded_up(value: float) -> str:
+    """A measure over its limit, to a tenth, rounded up: 120.04 s is "120.1", never the limit's "120"."""
+    return f"{math.ceil(value * 10) / 10:g}"
+
+
 def _too_big_message(size_bytes: int, settings: Settings, what: str) -> str:
     return (
-        f"This {what} is {size_bytes / _MIB:.1f} MiB; the limit is {settings.max_upload_mb} MiB. "
+        f"This {what} is {_rounded_up(size_bytes / _MIB)} MiB; the limit is {settings.max_upload_mb} MiB. "
         f"Please upload a smaller {what}."
     )
 
@@ -165,7 +170,13 @@ def _high_depth_to_l(im: Image.Image) -> Image.Image:
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB; transparent pixels become white, as a viewer would show them."""
     if im.mode in _HIGH_DEPTH_MODES:
+        transparent = im.info.get("transparency")
+        # A 16-bit grey PNG names one grey level transparent: found at full depth, before the scaling to 8 bits.
+        hidden = np.array(im) == transparent if isinstance(transparent, (int, float)) else None
         im = _high_depth_to_l(im)
+        if hidden is not None and hidden.any():
+            im = im.convert("LA")
+            im.putalpha(Image.fromarray(np.where(hidden, 0, _UINT8_MAX).astype(np.uint8)))
     has_alpha = im.mode in _ALPHA_MODES or "transparency" in im.info
     if has_alpha:
         rgba = im.convert("RGBA")
@@ -323,7 +334,7 @@ def _damaged_video() -> InputError:
 
 def _too_long(duration_s: float, settings: Settings) -> InputError:
     return InputError(
-        f"This video is {duration_s:.0f} seconds long; the limit is "
+        f"This video is {_rounded_up(duration_s)} seconds long; the limit is "
         f"{settings.max_video_duration_s:g} seconds. Please upload a shorter clip."
     )
 

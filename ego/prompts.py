@@ -50,12 +50,17 @@ depicting appears appearing seen features featuring looks looking sentence descr
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*", re.UNICODE)
 
 
+def _lookup(word: str) -> str:
+    """A word as the stop-word list spells it: lower case, a typographic apostrophe as a plain one ("It’s")."""
+    return word.lower().replace("’", "'")
+
+
 def content_words(text: str) -> list[str]:
     """Keywords of a description: its words without punctuation and stop-words, in order, unique."""
     seen, words = set(), []
     for match in _WORD.finditer(text):
         word = match.group(0).lower()
-        if word not in STOPWORDS and word not in seen:
+        if _lookup(word) not in STOPWORDS and word not in seen:
             seen.add(word)
             words.append(word)
     return words
@@ -63,7 +68,7 @@ def content_words(text: str) -> list[str]:
 
 def word_spans(text: str, *, content_only: bool) -> list[tuple[int, int]]:
     """Character spans of the (content) words of `text`."""
-    return [m.span() for m in _WORD.finditer(text) if not content_only or m.group(0).lower() not in STOPWORDS]
+    return [m.span() for m in _WORD.finditer(text) if not content_only or _lookup(m.group(0)) not in STOPWORDS]
 
 
 _UNIT_WORDS = (
@@ -128,11 +133,13 @@ def _amount(percent: str) -> re.Pattern:
         + _number("high")
         + percent
         + bare
-        + r"|(?:(?P<below>"
+        # The space after a bound belongs to the bound: a bare "\s*" here would let this branch start at the
+        # space before a range ("covers 5% to 8%") and win as the leftmost match, reading its lower end.
+        + r"|(?:(?:(?P<below>"
         + _BELOW
         + r")|(?P<above>"
         + _ABOVE
-        + r"))?\s*"
+        + r"))\s*)?"
         + _HEDGE
         + _number("value")
         + percent
@@ -179,6 +186,10 @@ _SIZE_WORDS = [
 ]
 
 
+# "one of the main subjects" is not an amount (read as "1 of", it would be 1 %). Words only: "0.35 of the image" is.
+_ONE_OF = re.compile(r"\bone of (?:the|its|my|our|his|her|their|two|three|several|many|few)\b")
+
+
 def _spell_out(text: str) -> str:
     """Number words as digits ("twenty-five" -> "25", "a hundred" -> "100"), fraction words and numeric
     fractions as percentages ("two thirds" -> "66.667%", "1/3" -> "33.333%")."""
@@ -199,6 +210,7 @@ def _spell_out(text: str) -> str:
         num, den = int(match.group("num")), int(match.group("den"))
         return f"{100 * num / den:.3f}%" if 0 < num <= den else match.group(0)
 
+    text = _ONE_OF.sub("among", text)
     text = _NUMBER_WORD.sub(number, text)
     text = _FRACTION_WORDS.sub(fraction_word, text)
     return _FRACTION.sub(fraction, text)

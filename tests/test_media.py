@@ -190,6 +190,17 @@ def test_sixteen_bit_grey_is_scaled_not_clipped():
         np.testing.assert_allclose(out[0, :, 0], [0, 64, 128, 255], atol=1)
 
 
+def test_sixteen_bit_grey_keeps_its_transparent_level_as_white():
+    """A 16-bit grey PNG names one 16-bit level transparent: those pixels are white, the others scaled."""
+    levels = np.array([[0, 256 * 64, 1000, 65535]], dtype=np.uint16).repeat(2, 0)
+    buffer = io.BytesIO()
+    Image.fromarray(levels).save(buffer, "PNG", transparency=1000)
+    assert Image.open(io.BytesIO(buffer.getvalue())).info["transparency"] == 1000
+    out = assert_rgb(load_image(buffer.getvalue()))
+    np.testing.assert_allclose(out[0, :, 0], [0, 64, 255, 255], atol=1)
+    assert out[0, 2].tolist() == [255, 255, 255] and out[0, 0].tolist() == [0, 0, 0]
+
+
 def test_cmyk_jpeg_becomes_rgb():
     cmyk = Image.new("CMYK", (16, 8), (0, 255, 255, 0))  # pure red in print colours
     out = assert_rgb(load_image(encode(cmyk, "JPEG", quality=95)), (16, 8))
@@ -356,6 +367,10 @@ def test_upload_size_limit(tmp_path):
         load_image(data, tiny_limit)
     with pytest.raises(InputError, match="MiB"):
         load_image(path, tiny_limit)
+    # Just over the limit reads as over it, never as the limit itself.
+    just_over = b"\0" * (25 * 1024 * 1024 + 10)
+    with pytest.raises(InputError, match=r"This image is 25\.1 MiB; the limit is 25 MiB"):
+        load_image(just_over, DEFAULT_SETTINGS.replace(max_upload_mb=25))
 
 
 @pytest.mark.parametrize(
@@ -625,6 +640,9 @@ def test_too_long_video_is_refused(videos):
             load_video(videos[kind], short_limit)
     with pytest.raises(InputError, match="seconds long"):
         load_video(np.zeros((20, 8, 8, 3), np.uint8), short_limit, fps=10.0)
+    # 21 frames at 10 fps, 2.1 s, against a 2-second limit: said as 2.1 seconds, not rounded to the limit.
+    with pytest.raises(InputError, match=r"This video is 2\.1 seconds long; the limit is 2 seconds"):
+        load_video(np.zeros((21, 8, 8, 3), np.uint8), DEFAULT_SETTINGS.replace(max_video_duration_s=2.0), fps=10.0)
 
 
 def test_upload_size_limit_for_videos(videos):

@@ -71,6 +71,15 @@ from ego.engine import keyword_positions, memory_size
         ("Between 1 and 100, I would say 5.", 5.0),
         ("On a scale from 1 to 100: 35", 35.0),
         ("30 out of 100", 30.0),
+        # a range inside a sentence is the range, whatever its unit
+        ("The subject covers about 5% to 8% of the image.", 6.5),
+        ("It covers approximately 20%-30% of the frame.", 25.0),
+        ("The subject covers 60% to 70% of the image.", 65.0),
+        ("It takes up less than 10% of the photo.", 5.0),
+        # "one of" is not an amount
+        ("The cat is one of the main subjects and covers most of the image.", 70.0),
+        ("It is one of two mugs, about 15% of the frame.", 15.0),
+        ("It covers one third of the picture.", 100 / 3),
     ],
 )
 def test_size_answers_are_understood(answer, expected):
@@ -152,6 +161,12 @@ def test_eq4(area, n_r, cap, expected):
 def test_content_words_drop_punctuation_stopwords_and_photo_talk():
     text = "The image shows a fluffy tabby cat with green eyes, sitting on the red chair."
     assert prompts.content_words(text) == ["fluffy", "tabby", "cat", "green", "eyes", "sitting", "red", "chair"]
+
+
+def test_a_typographic_apostrophe_is_no_keyword_either():
+    for text in ("It's a dog on the grass.", "It’s a dog on the grass."):
+        assert prompts.content_words(text) == ["dog", "grass"]
+        assert [text[a:b] for a, b in prompts.word_spans(text, content_only=True)] == ["dog", "grass"]
 
 
 def test_keyword_tokens_spell_exactly_the_content_words():

@@ -133,7 +133,8 @@ class InternVLBackend(Backend):
             frames = video[0] if isinstance(video, tuple) else video
             kwargs["videos"] = [frames]
             # Frames were sampled by ego.media already; each becomes one tile (InternVL has no per-frame budget).
-            kwargs["videos_kwargs"] = {"size": size, "do_sample_frames": False}
+            # Frames 1 or 3 pixels high would otherwise be read as channels first: (T, H, W, 3) always.
+            kwargs["videos_kwargs"] = {"size": size, "do_sample_frames": False, "input_data_format": "channels_last"}
         inputs = dict(self.processor(**kwargs))
         inputs.pop("token_type_ids", None)
         ids = inputs["input_ids"][0]

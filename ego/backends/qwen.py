@@ -78,6 +78,8 @@ class QwenBackend(Backend):
             kwargs["videos_kwargs"] = {
                 "size": {"shortest_edge": min_pixels, "longest_edge": per_video},
                 "do_sample_frames": False,
+                # Frames 1 or 3 pixels high would otherwise be read as channels first: (T, H, W, 3) always.
+                "input_data_format": "channels_last",
                 "video_metadata": [VideoMetadata(**meta)],  # ego.media gives exactly its fields
                 # The reference (qwen-vl-utils) behaviour, and the default from transformers 5.22 on: each
                 # frame also within an even share of a whole-video budget (far above 8 frames' worth here).
