@@ -50,7 +50,8 @@ def check_name(name, settings: Settings) -> str:
 
 def check_question(question, settings: Settings) -> str:
     question = check_text(str(question or ""), "question").strip()
-    if not question:
+    # A question of invisible characters only (a zero-width space) is as empty as no question.
+    if not "".join(ch for ch in question if unicodedata.category(ch) not in _INVISIBLE).strip():
         raise InputError("Type a question first, for example 'Is Chelsea in this photo?'.")
     if len(question) > settings.max_question_chars:
         raise InputError(f"Questions are at most {settings.max_question_chars} characters; please shorten yours.")
@@ -67,21 +68,26 @@ def check_reference_count(count: int, settings: Settings, name: str = "the conce
         )
 
 
-def check_keywords(keywords) -> list[str] | None:
-    """User keywords as a list of phrases (a string is split at commas), or None to let the model describe."""
+def check_keywords(keywords, settings: Settings) -> list[str] | None:
+    """User keywords as a list of phrases (a string is split at commas), each once, or None to let the model
+    describe."""
     if keywords is None:
         return None
     if isinstance(keywords, str):
         keywords = keywords.replace(";", ",").split(",")
     words = [" ".join(check_text(str(k), "keywords").split()) for k in keywords]
-    words = [w for w in words if w]
+    words = list(dict.fromkeys(w for w in words if w))
     if not words:
         raise InputError(
             "Give at least one keyword (for example 'tabby, green eyes'), or leave the field empty "
             "to let the model describe the photo."
         )
-    if sum(len(w) for w in words) > 200:
-        raise InputError("Keep the keywords under 200 characters in total.")
+    if len(words) > settings.max_keywords:
+        raise InputError(
+            f"Give at most {settings.max_keywords} keywords (you gave {len(words)}); keep the most telling ones."
+        )
+    if sum(len(w) for w in words) > settings.max_keywords_chars:
+        raise InputError(f"Keep the keywords under {settings.max_keywords_chars} characters in total.")
     return words
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import numbers
@@ -35,6 +36,7 @@ import queue
 import re
 import threading
 import time
+import unicodedata
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -274,6 +276,8 @@ class Ego:
             path, model_id = tiny_checkpoint(preset.family, seed), preset.model_id + (f"-seed{seed}" if seed else "")
         elif preset is not None:
             path, model_id = preset.model_id, preset.model_id
+        elif Path(model).is_dir():
+            path, model_id = model, local_model_id(model)
         else:
             path, model_id = model, str(model)
         device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -465,7 +469,7 @@ class Ego:
         name = checks.check_name(name, self.settings)
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         checks.check_reference_count(len(images), self.settings, name)
-        user_keywords = checks.check_keywords(keywords)
+        user_keywords = checks.check_keywords(keywords, self.settings)
         if user_keywords is not None:  # tokenized into the prompt: a family's image token must stay plain text
             user_keywords = [prompts.neutralize(word, self.backend.special_strings) for word in user_keywords]
         area_pct = checks.check_area_pct(area_pct)
@@ -799,9 +803,17 @@ class Ego:
         input_ids, embeds, slots = self._soft_prompt(encoded, self._placed_memory(selection.kept, memory))
         limit = self.settings.max_conversation_context_tokens
         if input_ids.shape[1] + query.max_new_tokens > limit:  # e.g. concepts imported with very long memories
+            context, budget = input_ids.shape[1], query.max_new_tokens
+            media = " or a shorter clip" if query.clip is not None else ""
+            # The answer's budget alone may be what does not fit: then a shorter answer is the way out.
+            advice = (
+                f"ask for a shorter answer (at most {limit - context} tokens)"
+                if context < limit
+                else f"ask about fewer concepts{media}"
+            )
             raise InputError(
-                f"This question needs {input_ids.shape[1]} tokens of context with your concepts' memories and the "
-                f"photo or clip, and at most {limit} fit with its answer; ask about fewer concepts or a shorter clip."
+                f"This question needs {context} tokens of context with your concepts' memories and the photo or "
+                f"clip, and {budget} more for its answer: over the {limit} a conversation may hold; {advice}."
             )
         names = [c.name for c in query.concepts]
         return PreparedAnswer(
@@ -1532,10 +1544,41 @@ def similarity_to_query(
     return scores, list(maps.unbind(0))
 
 
+def local_model_id(folder) -> str:
+    """The model name of a local checkpoint folder, as concept files record it: the folder's name and a digest of
+    its resolved path. The same folder spelled another way ("ckpt/", "../x/ckpt", a link) is the same model, and
+    an exported file does not carry the server's paths."""
+    resolved = Path(folder).resolve()
+    digest = hashlib.sha256(str(resolved).encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{resolved.name} (local folder {digest})"
+
+
+# Scripts written without spaces between words, or with particles joined to nouns (Thai, Lao, Myanmar, Khmer,
+# kana, Han, Hangul): a name in them has no word boundary to find ("我的猫在哪里", "첼시가 어디 있어?").
+_UNSPACED = (
+    "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
+    "\uac00-\ud7af\uf900-\ufaff\U00020000-\U0002fa1f"
+)
+_SPACED_LETTER = f"[^\\W{_UNSPACED}]"
+"""A word character of a script with spaces: next to one, a name is part of a longer word ("Chelseas")."""
+
+
+def _folded(text: str) -> str:
+    """`text` as names are compared: compatibility-normalised (a decomposed "Zoë", full-width letters) and
+    case-folded."""
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
 def named_in(question: str, name: str) -> bool:
-    """Whether `question` names the concept: the whole name, any case and spacing ("chelsea's" names Chelsea)."""
-    words = r"\s+".join(re.escape(word) for word in name.casefold().split())
-    return bool(words) and re.search(rf"(?<!\w){words}(?!\w)", question.casefold()) is not None
+    """Whether `question` names the concept: the whole name, any case, spacing and Unicode form ("chelsea's"
+    names Chelsea; so does "我的猫在哪里" 猫)."""
+    words = _folded(name).split()
+    if not words:
+        return False
+    before = "" if re.match(f"[{_UNSPACED}]", words[0][0]) else f"(?<!{_SPACED_LETTER})"
+    after = "" if re.match(f"[{_UNSPACED}]", words[-1][-1]) else f"(?!{_SPACED_LETTER})"
+    pattern = before + r"\s+".join(re.escape(word) for word in words) + after
+    return re.search(pattern, _folded(question)) is not None
 
 
 def select_concepts(

@@ -117,8 +117,11 @@ def storage_bytes(tensor: torch.Tensor) -> int:
     return max(tensor.untyped_storage().nbytes(), tensor.numel() * tensor.element_size())
 
 
-def save_concepts(path, concepts, thumbnails=None) -> Path:
-    """Write concepts of one model to a single safetensors file; returns the path.
+def save_concepts(
+    path, concepts, thumbnails=None, *, max_concepts: int = DEFAULT_SETTINGS.max_concept_file_concepts
+) -> Path:
+    """Write concepts of one model to a single safetensors file; returns the path. A file `read_concepts` would
+    refuse (more than `max_concepts` concepts, more views, keywords or text than a file may hold) is not written.
 
     thumbnails: optional, one PIL image (or None) per concept, stored as uint8 [H, W, 3] tensors
     `c{i}.thumbnail`; files without them load as before, and readers that do not know them ignore them.
@@ -134,6 +137,7 @@ def save_concepts(path, concepts, thumbnails=None) -> Path:
     model_ids = {c.model_id for c in concepts}
     if len(model_ids) != 1:
         raise MemoryFileError("These concepts come from different models; save each model's concepts separately.")
+    _check_readable(concepts, max_concepts)
     tensors, entries = {}, []
     for i, concept in enumerate(concepts):
         tensors[f"c{i}.embeddings"] = concept.embeddings.detach().cpu().clone()
@@ -170,6 +174,34 @@ def save_concepts(path, concepts, thumbnails=None) -> Path:
     path = Path(path)
     save_file(tensors, str(path), metadata={"ego": json.dumps(document)})
     return path
+
+
+def _check_readable(concepts: list[Concept], max_concepts: int) -> None:
+    """MemoryFileError, with what to do, for concepts whose file `read_concepts` would refuse."""
+    if len(concepts) > max_concepts:
+        raise MemoryFileError(
+            f"A concept file holds at most {max_concepts} concepts; you are saving {len(concepts)}. "
+            f"Save them in several files."
+        )
+    for concept in concepts:
+        if len(concept.views) > MAX_FILE_VIEWS_PER_CONCEPT:
+            raise MemoryFileError(
+                f"The concept {concept.name!r} has {len(concept.views)} photos; a concept file holds at most "
+                f"{MAX_FILE_VIEWS_PER_CONCEPT} per concept. Introduce it again from fewer photos."
+            )
+        texts = [concept.name, concept.model_id] + [t for v in concept.views for t in (v.description, v.size_answer)]
+        if any(len(text) > MAX_FILE_TEXT_CHARS for text in texts):
+            raise MemoryFileError(
+                f"The concept {concept.name!r} holds a text longer than {MAX_FILE_TEXT_CHARS} characters (its "
+                f"name, model name, a description or a size answer); introduce it again with a shorter one."
+            )
+        for view in concept.views:
+            if len(view.keywords) > MAX_FILE_KEYWORDS_PER_VIEW or sum(map(len, view.keywords)) > MAX_FILE_TEXT_CHARS:
+                raise MemoryFileError(
+                    f"A photo of the concept {concept.name!r} has more keywords than a concept file holds (at most "
+                    f"{MAX_FILE_KEYWORDS_PER_VIEW}, {MAX_FILE_TEXT_CHARS} characters together); introduce it "
+                    f"again with fewer keywords."
+                )
 
 
 def read_concepts(

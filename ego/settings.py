@@ -110,6 +110,10 @@ class Settings:
     max_references_per_concept: int = 5
     max_name_chars: int = 40
     max_question_chars: int = 1000
+    max_keywords: int = 20
+    """Keywords a visitor may give for one concept (repeats counted once)."""
+    max_keywords_chars: int = 200
+    """Characters of those keywords together."""
     max_upload_mb: int = 25
     """Largest uploaded file (image, video or concept file), in MiB."""
     max_image_pixels: int = 40_000_000

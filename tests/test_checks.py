@@ -13,8 +13,34 @@ def test_names_are_folded_and_bounded():
 
 
 def test_keywords_and_size():
-    assert checks.check_keywords("tabby, green eyes ;  whiskers") == ["tabby", "green eyes", "whiskers"]
-    assert checks.check_keywords(None) is None
+    assert checks.check_keywords("tabby, green eyes ;  whiskers", DEFAULT_SETTINGS) == [
+        "tabby",
+        "green eyes",
+        "whiskers",
+    ]
+    assert checks.check_keywords(None, DEFAULT_SETTINGS) is None
+
+
+def test_keywords_are_counted_once_and_bounded():
+    """Repeats count once; more keywords, or more characters, than the settings allow get a sentence."""
+    limit = DEFAULT_SETTINGS.max_keywords
+    assert checks.check_keywords("tabby, tabby,  tabby , eyes", DEFAULT_SETTINGS) == ["tabby", "eyes"]
+    letters = [chr(ord("a") + i % 26) * (1 + i // 26) for i in range(limit + 1)]
+    assert checks.check_keywords(letters[:limit] + letters[:3], DEFAULT_SETTINGS) == letters[:limit]
+    with pytest.raises(InputError, match=f"at most {limit} keywords \\(you gave {limit + 1}\\)"):
+        checks.check_keywords(letters, DEFAULT_SETTINGS)
+    with pytest.raises(InputError, match="under 200 characters"):
+        checks.check_keywords(["x" * 101, "y" * 100], DEFAULT_SETTINGS)
+
+
+@pytest.mark.parametrize("invisible", ["\u200b", "\u200b \u2060", "\u202e\u200d"])
+def test_a_question_of_invisible_characters_is_empty(invisible):
+    with pytest.raises(InputError, match="Type a question first"):
+        checks.check_question(invisible, DEFAULT_SETTINGS)
+    assert checks.check_question("Where is\u200b Chelsea?", DEFAULT_SETTINGS) == "Where is\u200b Chelsea?"
+
+
+def test_area():
     assert checks.check_area_pct("35") == 35.0 and checks.check_area_pct(None) is None
     for bad in ["abc", float("nan"), 0, 101]:
         with pytest.raises(InputError, match="between 1 and 100"):
@@ -38,8 +64,8 @@ def test_text_that_is_not_valid_unicode_is_refused_with_a_sentence(surrogate):
     for check, what in [
         (lambda t: checks.check_name(t, DEFAULT_SETTINGS), "name"),
         (lambda t: checks.check_question(t, DEFAULT_SETTINGS), "question"),
-        (checks.check_keywords, "keywords"),
-        (lambda t: checks.check_keywords([t]), "keywords"),
+        (lambda t: checks.check_keywords(t, DEFAULT_SETTINGS), "keywords"),
+        (lambda t: checks.check_keywords([t], DEFAULT_SETTINGS), "keywords"),
     ]:
         with pytest.raises(InputError, match=f"The {what} contains characters that are not valid Unicode"):
             check(f"my cat {surrogate} Chelsea")

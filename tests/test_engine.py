@@ -368,12 +368,44 @@ def test_concepts_the_question_names_are_kept_before_the_most_similar():
         ("Is the mug here?", "my mug", False),
         ("Where is Bo?", "Bob", False),
         ("", "Chelsea", False),
+        # scripts without spaces between words, and a name next to them
+        ("我的猫在哪里？", "猫", True),
+        ("ねこのタマはどこ？", "タマ", True),
+        ("첼시가 어디 있어?", "첼시", True),
+        ("Chelsea在哪里？", "Chelsea", True),
+        ("Chelseaは？", "chelsea", True),
+        ("我的狗在哪里？", "猫", False),
+        # one name in two Unicode forms, or full-width letters
+        ("Where is Zo\u00eb?", "Zoe\u0308", True),
+        ("Where is Zoe\u0308?", "Zo\u00eb", True),
+        ("Where is \uff23\uff48\uff45\uff4c\uff53\uff45\uff41?", "Chelsea", True),
+        ("Where is Zoey?", "Zo\u00eb", False),
     ],
 )
 def test_a_question_names_a_concept_only_by_its_whole_name(question, name, named):
     from ego.engine import named_in
 
     assert named_in(question, name) is named
+
+
+def test_a_local_folder_is_one_model_however_it_is_spelled(tmp_path, monkeypatch):
+    """Concept files name a local checkpoint by its folder, not by the path that was typed, nor the server's."""
+    import os
+
+    from ego.engine import local_model_id
+
+    folder = tmp_path / "runs" / "my-finetune"
+    folder.mkdir(parents=True)
+    os.symlink(folder, tmp_path / "latest")
+    monkeypatch.chdir(tmp_path / "runs")
+    spellings = [folder, f"{folder}/", "my-finetune", "./my-finetune/", "../runs/my-finetune", tmp_path / "latest"]
+    ids = {local_model_id(spelling) for spelling in spellings}
+    assert len(ids) == 1
+    (model_id,) = ids
+    assert model_id.startswith("my-finetune (local folder ") and str(tmp_path) not in model_id
+    other = tmp_path / "other" / "my-finetune"
+    other.mkdir(parents=True)
+    assert local_model_id(other) != model_id  # another checkpoint of the same name is another model
 
 
 def test_memory_from_another_model_is_refused():

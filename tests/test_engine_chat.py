@@ -126,9 +126,13 @@ def test_a_full_conversation_says_to_start_a_new_one_and_keeps_its_turns(concept
     assert len(chat.turns) == 1
     assert chat.ask(FOLLOW_UPS[0], max_new_tokens=4).prefill_tokens < first.context_tokens
     # A first question is held to the same limit: its context (photo and memories) and its answer's cap.
+    # When the context fits and its answer's cap does not, the way out is a shorter answer.
     tight = base.with_settings(max_conversation_context_tokens=first.context_tokens + 3)
-    with pytest.raises(InputError, match=f"needs {first.context_tokens} tokens of context.*fewer concepts"):
+    with pytest.raises(InputError, match=f"needs {first.context_tokens} tokens of context.*shorter answer .at most 3 "):
         tight.answer("Is Chelsea here?", [concept], image=photo(3), max_new_tokens=4)
+    full = base.with_settings(max_conversation_context_tokens=first.context_tokens)
+    with pytest.raises(InputError, match=r"fewer concepts\.$"):
+        full.answer("Is Chelsea here?", [concept], image=photo(3), max_new_tokens=1)
     assert str(tight.answer("Is Chelsea here?", [concept], image=photo(3), max_new_tokens=3)) == str(
         base.answer("Is Chelsea here?", [concept], image=photo(3), max_new_tokens=3)
     )

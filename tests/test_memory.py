@@ -200,6 +200,43 @@ def test_saving_nothing_or_mixed_models_is_refused(tmp_path, concepts):
         save_concepts(tmp_path / "x.ego", [concepts[0], other])
 
 
+def test_a_file_the_reader_would_refuse_is_not_written(tmp_path, concepts):
+    """Every limit `load_concepts` applies is checked when saving: the file is refused with what to do, and not
+    written, rather than written and refused on import."""
+    import dataclasses
+
+    from ego.memory import MAX_FILE_KEYWORDS_PER_VIEW, MAX_FILE_TEXT_CHARS, MAX_FILE_VIEWS_PER_CONCEPT
+
+    chelsea = concepts[0]
+    view = chelsea.views[0]
+    many = tuple(f"w{i}" for i in range(MAX_FILE_KEYWORDS_PER_VIEW + 1))
+    too_many_keywords = dataclasses.replace(chelsea, views=(dataclasses.replace(view, keywords=many),))
+    long_description = dataclasses.replace(
+        chelsea, views=(dataclasses.replace(view, description="x" * (MAX_FILE_TEXT_CHARS + 1)),)
+    )
+    too_many_views = dataclasses.replace(chelsea, views=(view,) * (MAX_FILE_VIEWS_PER_CONCEPT + 1))
+    cases = [
+        ([too_many_keywords], "more keywords than a concept file holds"),
+        ([long_description], "longer than 1000 characters"),
+        ([too_many_views], f"at most {MAX_FILE_VIEWS_PER_CONCEPT} per concept"),
+        ([chelsea] * 3, "at most 2 concepts; you are saving 3"),
+    ]
+    for saved, message in cases:
+        path = tmp_path / "refused.ego"
+        with pytest.raises(MemoryFileError, match=message):
+            save_concepts(path, saved, max_concepts=2)
+        assert not path.exists()
+    # At the limits, the file is written and read back.
+    mug = concepts[1]
+    keywords = tuple(f"w{i}" for i in range(MAX_FILE_KEYWORDS_PER_VIEW))
+    at_limits = dataclasses.replace(mug, views=(dataclasses.replace(mug.views[0], keywords=keywords),))
+    path = save_concepts(tmp_path / "limits.ego", [chelsea, at_limits], max_concepts=2)
+    assert [c.views[-1].keywords for c in load_concepts(path, tiny_engine("qwen2-vl"))] == [
+        chelsea.views[-1].keywords,
+        keywords,
+    ]
+
+
 def test_public_api_names():
     for name in ["Ego", "Concept", "ConceptView", "InputError", "save_concepts", "load_concepts", "Settings"]:
         assert hasattr(ego, name)

@@ -103,6 +103,7 @@ def test_overrides_cut_depth_and_keep_index_lists_inside():
 
 def test_scaled_down_real_architecture_loads_and_introduces(tmp_path):
     from ego import Ego, Settings
+    from ego.engine import local_model_id
 
     name = "qwen2-vl-2b"  # the smallest real vocabulary x hidden size: 0.47 GB of bf16 weights with 1 layer
     arch = architecture(name)
@@ -130,6 +131,7 @@ def test_scaled_down_real_architecture_loads_and_introduces(tmp_path):
     # Special-token ids come from the offline tokenizer, as for the tiny models.
     assert config["image_token_id"] == engine.backend.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert engine.memory_dtype == torch.bfloat16 and engine.num_layers == 1
+    assert engine.model_id == local_model_id(folder) and str(folder.parent) not in engine.model_id
     assert engine.model.get_input_embeddings().weight.shape == (arch.vocab_size, arch.hidden_size)
     concept = engine.introduce("Chelsea", photo(0, size=(224, 224)))
     assert concept.embeddings.shape[1] == arch.hidden_size and 1 <= concept.num_tokens <= 50
