@@ -598,6 +598,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     from ego.settings import QUANTIZATIONS
 
     parser = argparse.ArgumentParser(description="Ego: the Gradio Space.")
+    choices = {
+        "quantization": [q or "none" for q in QUANTIZATIONS],
+        "protocol": ["ours", "paper"],
+        "decoding": ["auto", "eager", "compiled"],
+    }
     parser.add_argument(
         "--model",
         default=os.environ.get("EGO_MODEL") or None,
@@ -606,7 +611,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--quantization",
-        choices=[q or "none" for q in QUANTIZATIONS],
+        type=str.lower,
+        choices=choices["quantization"],
         default=os.environ.get("EGO_QUANTIZATION", "auto"),
         help="auto: 4-bit NF4 on a GPU, none on a CPU; int4 (torchao) and fp8 load only on a GPU "
         "(env EGO_QUANTIZATION)",
@@ -618,25 +624,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--port",
-        type=int,
-        default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+        type=_port,
+        default=os.environ.get("GRADIO_SERVER_PORT", "7860"),
         help="port (env GRADIO_SERVER_PORT; default 7860)",
     )
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     parser.add_argument(
         "--protocol",
-        choices=["ours", "paper"],
+        type=str.lower,
+        choices=choices["protocol"],
         default=os.environ.get("EGO_PROTOCOL", "ours"),
         help="paper: the paper's choices (Settings.paper(): one 448x448 query tile, bf16, 50-token "
         "description, punctuation-only keywords); ours: the defaults (env EGO_PROTOCOL)",
     )
     parser.add_argument(
         "--decoding",
-        choices=["auto", "eager", "compiled"],
+        type=str.lower,
+        choices=choices["decoding"],
         default=os.environ.get("EGO_DECODING", "auto"),
         help="auto: compiled on a GPU (compiled once at the first request), eager on a CPU (env EGO_DECODING)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # argparse checks a value typed on the command line against its choices, not one from the environment.
+    for option, allowed in choices.items():
+        if getattr(args, option) not in allowed:
+            variable = f"EGO_{option.upper()}"
+            parser.error(
+                f"{variable}={os.environ.get(variable)!r} is not one of {', '.join(allowed)}; "
+                f"set it to one of them, or unset it"
+            )
+    return args
+
+
+def _port(value: str) -> int:
+    """A TCP port from --port or GRADIO_SERVER_PORT, or a sentence naming both."""
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port (1 to 65535; from --port or GRADIO_SERVER_PORT)")
+    return port
 
 
 WEIGHTS_NOTE = {"auto": "4-bit", "4bit": "4-bit", "8bit": "8-bit", "int4": "4-bit int4", "fp8": "FP8", "none": "bf16"}
@@ -685,18 +713,25 @@ def main(argv=None) -> None:
         import spaces  # noqa: F401 -- before torch: it sets up ZeroGPU's CUDA emulation in this process
 
     from ego import DEFAULT_SETTINGS, Ego, Settings
+    from ego.presets import check_model_name
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     settings = (Settings.paper() if args.protocol == "paper" else DEFAULT_SETTINGS).replace(decoding=args.decoding)
     quantization = None if args.quantization == "none" else args.quantization
+    if quantization == "auto":
+        quantization = settings.model_quantization  # --protocol paper: None (bf16), and the header says so
     if zero_gpu:
         settings = settings.replace(decoding="eager")  # ZeroGPU does not support torch.compile
         if quantization == "auto":
             quantization = None  # bf16: 4-bit quantization would run at start on the CPU, under the emulation
     refuse_quantization(quantization, zero_gpu=zero_gpu)
     model, model_note = choose_model(args.model, quantization or "none")
+    try:
+        check_model_name(model)  # a mistyped preset stops the app now, not every visitor's first request
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     factory = functools.partial(
         Ego.from_pretrained, model, quantization=quantization, **({"device": "cuda"} if zero_gpu else {})
     )

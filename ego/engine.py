@@ -49,14 +49,14 @@ import torch.nn.functional as F
 
 from . import batching, checks, prompts
 from .attention import ATTENTION_NAME, AttentionCapture, capturing
-from .backends import Backend, backend_for_model_type
+from .backends import Backend, backend_for_model_type, families
 from .backends.base import Encoded
 from .batching import AnswerRequest, FollowUpRequest
 from .decoding import Decoder
 from .errors import IncompatibleMemoryError, InputError, MemoryFileError, ModelBusyError
 from .media import load_image, load_video
 from .memory import Concept, ConceptView, storage_bytes
-from .presets import DEFAULT_PRESET, UNCALIBRATED, depth_scaled_layers, resolve
+from .presets import DEFAULT_PRESET, UNCALIBRATED, check_model_name, depth_scaled_layers, resolve
 from .quantization import check_known, check_supported, for_device, quantization_config
 from .settings import DEFAULT_SETTINGS, Settings
 
@@ -230,14 +230,7 @@ class Ego:
         self.backend = backend_cls(model, processor, family)
         self.model_id = model_id
         self.settings = settings
-        num_layers = self.num_layers
-        layers = tuple(layers) if not isinstance(layers, (str, bytes)) else (layers,)
-        if not all(isinstance(layer, numbers.Integral) and not isinstance(layer, bool) for layer in layers):
-            raise ValueError(f"Layers must be whole numbers (decoder layer indices); got {list(layers)}.")
-        bad = [layer for layer in layers if not 0 <= int(layer) < num_layers]
-        if not layers or bad:
-            raise ValueError(f"Layers must be indices between 0 and {num_layers - 1}; got {list(layers)}.")
-        self.layers = tuple(sorted({int(layer) for layer in layers}))
+        self.layers = _checked_layers(layers, self.num_layers)
         self.layers_note = layers_note
         self._lock = threading.Lock()  # one model call at a time; concurrent callers wait
         self.decoder = _decoder(model, settings)
@@ -269,6 +262,7 @@ class Ego:
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
         check_known(quantization)  # before a tiny preset's folder is built
+        check_model_name(model)
         preset = resolve(model)
         if preset is not None and preset.tiny:
             from .random_models import tiny_checkpoint
@@ -290,6 +284,15 @@ class Ego:
 
         config = AutoConfig.from_pretrained(path)
         family, backend_cls = backend_for_model_type(config.model_type)
+        # The layers are checked against the config before the weights load (minutes, for a large model).
+        num_layers = config.get_text_config().num_hidden_layers
+        if layers is not None:
+            layers, note = _checked_layers(_read_layers(layers, num_layers), num_layers), f"given: {layers}"
+        elif preset is not None and preset.layers is not None:
+            layers, note = preset.layers, preset.layers_note
+        else:
+            layers = depth_scaled_layers(num_layers)
+            note = preset.layers_note if preset is not None else UNCALIBRATED
         kwargs = {
             "dtype": dtype,
             "device_map": {"": device},
@@ -301,14 +304,6 @@ class Ego:
             kwargs["quantization_config"] = quantization_config(quantization, skip, dtype)
         loaded = AutoModelForImageTextToText.from_pretrained(path, **kwargs).eval()
         processor = AutoProcessor.from_pretrained(path)
-        num_layers = loaded.config.get_text_config().num_hidden_layers
-        if layers is not None:
-            layers, note = _read_layers(layers, num_layers), f"given: {layers}"
-        elif preset is not None and preset.layers is not None:
-            layers, note = preset.layers, preset.layers_note
-        else:
-            layers = depth_scaled_layers(num_layers)
-            note = preset.layers_note if preset is not None else UNCALIBRATED
         settings = settings or DEFAULT_SETTINGS
         if k_cap is not None:
             settings = settings.replace(k_cap_tokens=k_cap)
@@ -343,6 +338,9 @@ class Ego:
     @classmethod
     def tiny(cls, family: str, seed: int = 0, **kwargs) -> Ego:
         """A tiny random-weight model of `family`'s real architecture, built offline (for tests and demos)."""
+        preset = resolve(f"tiny-{family}")
+        if preset is None or not preset.tiny:
+            raise ValueError(f"There is no tiny {family!r} model; the families are {', '.join(families())}.")
         return cls.from_pretrained(f"tiny-{family}", seed=seed, **kwargs)
 
     @property
@@ -1711,6 +1709,17 @@ def _extend(kwargs: dict, length: int) -> dict:
             value = torch.cat([value, pad], dim=1)
         extended[key] = value
     return extended
+
+
+def _checked_layers(layers, num_layers: int) -> tuple[int, ...]:
+    """The layers L as sorted unique indices, or ValueError unless each is a decoder layer of `num_layers`."""
+    layers = tuple(layers) if not isinstance(layers, (str, bytes)) else (layers,)
+    if not all(isinstance(layer, numbers.Integral) and not isinstance(layer, bool) for layer in layers):
+        raise ValueError(f"Layers must be whole numbers (decoder layer indices); got {list(layers)}.")
+    bad = [layer for layer in layers if not 0 <= int(layer) < num_layers]
+    if not layers or bad:
+        raise ValueError(f"Layers must be indices between 0 and {num_layers - 1}; got {list(layers)}.")
+    return tuple(sorted({int(layer) for layer in layers}))
 
 
 def _read_layers(layers, num_layers: int) -> tuple:

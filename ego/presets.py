@@ -15,7 +15,10 @@ off-by-one would land on layers of similar quality; `python -m ego.calibrate` se
 
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 PAPER_LAYERS = (29, 30, 35, 36, 39)
 PAPER_DEPTH = 48
@@ -99,6 +102,24 @@ PRESETS: dict[str, Preset] = {
 
 def resolve(name: str) -> Preset | None:
     return PRESETS.get(name.strip().lower())
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+"""A Hub repository id: owner/name (a local folder is looked for first)."""
+
+
+def check_model_name(model) -> None:
+    """ValueError, with the closest presets, for a model that is neither a preset, a local folder, nor a Hub id
+    (owner/name): a mistyped preset stops here, not at a download that cannot find it."""
+    text = str(model)
+    if resolve(text) is not None or Path(text).expanduser().is_dir() or _HUB_ID.fullmatch(text.strip()):
+        return
+    close = difflib.get_close_matches(text.strip().lower(), list(PRESETS), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise ValueError(
+        f"{text!r} is not a preset, a folder on this machine or a Hub id (owner/name); {hint}"
+        f"the presets are {', '.join(PRESETS)}."
+    )
 
 
 def layers_summary(model: str | None) -> str:

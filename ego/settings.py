@@ -9,9 +9,13 @@ docs/privacy-and-limits.md mirrors both.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 
 MEMORY_KEYWORDS = ("none", "append", "only")
+MEMORY_SELECTIONS = ("attention", "uniform", "whole_image")
+MEMORY_SIZE_RULES = ("area", "fixed")
 QUANTIZATIONS = ("auto", "4bit", "8bit", "int4", "fp8", None)
 """What `quantization=` and `model_quantization` accept (`ego.quantization`); "auto" is "4bit" on CUDA, else None."""
 
@@ -127,6 +131,18 @@ class Settings:
     """Concepts in one imported file."""
 
     def __post_init__(self):
+        check_numbers(self, may_be_zero={"max_upload_mb", "batch_cache_min_free_mb"})
+        if not 1 <= self.area_pct_fallback <= 100:
+            raise ValueError(f"area_pct_fallback must be between 1 and 100 (percent); got {self.area_pct_fallback!r}.")
+        if self.answer_max_new_tokens > self.answer_max_new_tokens_limit:
+            raise ValueError(
+                f"answer_max_new_tokens must be at most answer_max_new_tokens_limit ({self.answer_max_new_tokens_limit}"
+                f"), or every question is refused; got {self.answer_max_new_tokens}."
+            )
+        if self.memory_selection not in MEMORY_SELECTIONS:
+            raise ValueError(f"memory_selection must be one of {MEMORY_SELECTIONS}; got {self.memory_selection!r}.")
+        if self.memory_size_rule not in MEMORY_SIZE_RULES:
+            raise ValueError(f"memory_size_rule must be one of {MEMORY_SIZE_RULES}; got {self.memory_size_rule!r}.")
         if self.memory_prompt not in ("name", "neutral"):
             raise ValueError(f'memory_prompt must be "name" or "neutral"; got {self.memory_prompt!r}.')
         if self.system_prompt not in ("template", "original"):
@@ -163,6 +179,30 @@ class Settings:
     @property
     def max_cached_conversations_bytes(self) -> int:
         return int(self.max_cached_conversations_mb * 1024 * 1024)
+
+
+def check_numbers(settings, *, may_be_zero: set[str] = frozenset()) -> None:
+    """ValueError for a count, size or duration of `settings` (a dataclass) that is not a positive number of its
+    kind: an `int` field takes a whole number of at least 1, a `float` field any finite number above 0 (those in
+    `may_be_zero`: 0 too), and a `bool` field True or False. A typo is refused when the settings are made, not
+    where the value is first used."""
+    for field in dataclasses.fields(settings):
+        value, kind = getattr(settings, field.name), field.type
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(f"{field.name} must be True or False; got {value!r}.")
+            continue
+        if kind not in ("int", "float"):
+            continue
+        whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        real = whole or (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value))
+        zero = field.name in may_be_zero
+        if kind == "int":
+            usable, need = whole and value >= (0 if zero else 1), f"a whole number of at least {0 if zero else 1}"
+        else:
+            usable, need = real and (value >= 0 if zero else value > 0), "0 or more" if zero else "a number above 0"
+        if not usable:
+            raise ValueError(f"{field.name} must be {need}; got {value!r}.")
 
 
 DEFAULT_SETTINGS = Settings()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ego.settings import check_numbers
+
 
 @dataclass(frozen=True)
 class SpaceSettings:
@@ -59,6 +61,9 @@ class SpaceSettings:
     # --- limits on what a visitor keeps ---------------------------------------------------------
     max_concepts_per_session: int = 50
     """Concepts one visitor may hold in their session."""
+
+    def __post_init__(self):
+        check_numbers(self, may_be_zero={"answer_batch_window_s"})
 
     def replace(self, **changes) -> SpaceSettings:
         return dataclasses.replace(self, **changes)

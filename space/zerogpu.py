@@ -26,10 +26,15 @@ import importlib.util
 import os
 from collections.abc import Callable
 
+_TRUE = ("1", "t", "true")
+"""How the `spaces` package reads SPACES_ZERO_GPU (its `config.boolean`): "false" or "0" is not ZeroGPU, where its
+decorator changes nothing, so neither may this module."""
+
 
 def on_zero_gpu() -> bool:
     """Whether this process runs on ZeroGPU hardware with the `spaces` package installed."""
-    return bool(os.environ.get("SPACES_ZERO_GPU")) and importlib.util.find_spec("spaces") is not None
+    flag = os.environ.get("SPACES_ZERO_GPU")
+    return flag is not None and flag.lower() in _TRUE and importlib.util.find_spec("spaces") is not None
 
 
 def gpu(function: Callable, *, duration: Callable | None = None) -> Callable:

@@ -54,6 +54,41 @@ def test_command_line_defaults_and_environment(monkeypatch):
     assert app.parse_args(["--model", "tiny-qwen3-vl", "--port", "9000"]).port == 9000
 
 
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("EGO_PROTOCOL", "papr"),
+        ("EGO_DECODING", "fast"),
+        ("EGO_QUANTIZATION", "nf4"),
+        ("GRADIO_SERVER_PORT", "abc"),
+        ("GRADIO_SERVER_PORT", ""),
+        ("GRADIO_SERVER_PORT", "70000"),
+    ],
+)
+def test_a_mistyped_environment_variable_stops_the_app_with_a_sentence(monkeypatch, capsys, variable, value):
+    """argparse checks what is typed after a flag, not a default taken from the environment: those are checked
+    too, and the sentence names the variable."""
+    import app
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as stopped:
+        app.parse_args([])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (variable if variable.startswith("EGO_") else "GRADIO_SERVER_PORT") in error and "Traceback" not in error
+
+
+def test_environment_values_are_read_in_any_case(monkeypatch):
+    import app
+
+    monkeypatch.setenv("EGO_PROTOCOL", "Paper")
+    monkeypatch.setenv("EGO_DECODING", "Eager")
+    monkeypatch.setenv("EGO_QUANTIZATION", "None")
+    args = app.parse_args([])
+    assert (args.protocol, args.decoding, args.quantization) == ("paper", "eager", "none")
+    assert app.parse_args(["--decoding", "COMPILED"]).decoding == "compiled"
+
+
 def test_main_launches_with_the_limits_and_loads_the_model_lazily(monkeypatch):
     import app
     from ego import DEFAULT_SETTINGS, Ego
@@ -104,6 +139,14 @@ def test_with_no_model_named_the_app_serves_the_machine_default_and_says_so(monk
     if cuda:  # the header names the weights as they are loaded
         assert "(4-bit on this GPU)" in header
         assert app.choose_model(None, "none")[1] == " (bf16 on this GPU)"
+        # The paper's protocol loads bf16 ("auto" is its settings' None), and the header says bf16.
+        app.main(["--protocol", "paper"])
+        paper = next(
+            block.value
+            for block in seen["demo"].blocks.values()
+            if isinstance(block, gr.Markdown) and str(block.value).startswith("# Ego")
+        )
+        assert "(bf16 on this GPU)" in paper
 
 
 def test_the_app_cannot_be_built_with_settings_that_disagree_with_its_engine():
@@ -158,3 +201,12 @@ def test_a_quantization_this_machine_cannot_load_stops_the_app_at_start(monkeypa
     with pytest.raises(SystemExit, match="cannot run on ZeroGPU.*none"):
         app.refuse_quantization(quantization, zero_gpu=True)
     app.refuse_quantization("4bit", zero_gpu=False)  # bitsandbytes NF4 also loads on a CPU
+
+
+def test_a_mistyped_model_stops_the_app_at_start(monkeypatch):
+    """Not at every visitor's first request, after the Space was launched."""
+    import app
+
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: pytest.fail("launched with a mistyped model"))
+    with pytest.raises(SystemExit, match="did you mean qwen2.5-vl-7b"):
+        app.main(["--model", "qwen25-vl-7b"])

@@ -70,3 +70,45 @@ def test_text_that_is_not_valid_unicode_is_refused_with_a_sentence(surrogate):
         with pytest.raises(InputError, match=f"The {what} contains characters that are not valid Unicode"):
             check(f"my cat {surrogate} Chelsea")
     assert checks.check_name("Chelsea \U0001f408", DEFAULT_SETTINGS) == "Chelsea \U0001f408"  # a real emoji
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"k_cap_tokens": 0},
+        {"k_cap_tokens": -5},
+        {"k_cap_tokens": "50"},
+        {"k_cap_tokens": 50.0},
+        {"video_num_frames": 0},
+        {"max_video_duration_s": float("nan")},
+        {"max_video_duration_s": 0},
+        {"keywords_drop_stopwords": "no"},
+        {"area_pct_fallback": 0.5},
+        {"answer_max_new_tokens": 2000},
+        {"memory_size_rule": "Area"},
+        {"memory_selection": "attn"},
+    ],
+)
+def test_settings_that_cannot_work_are_refused_when_made(change):
+    """A typo or an impossible number stops where the settings are made, with the field's name, not at the first
+    introduction or question."""
+    from ego import Settings
+
+    (name,) = change
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        Settings(**change)
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        DEFAULT_SETTINGS.replace(**change)
+
+
+def test_settings_at_their_edges_are_accepted():
+    from ego import Settings
+    from space.settings import SpaceSettings
+
+    Settings(max_upload_mb=0, batch_cache_min_free_mb=0, area_pct_fallback=1, answer_max_new_tokens=1024)
+    Settings(max_video_decode_s=1e-4, video_default_fps=30)  # a float field takes an int
+    SpaceSettings(answer_batch_window_s=0.0, answer_batch_max_size=1)
+    with pytest.raises(ValueError, match="^answer_batch_max_size must be a whole number of at least 1"):
+        SpaceSettings(answer_batch_max_size=0)
+    with pytest.raises(ValueError, match="^session_ttl_s must be"):
+        SpaceSettings(session_ttl_s=-1)

@@ -1,6 +1,7 @@
 """Presets and the layers L."""
 
 import json
+import re
 
 import pytest
 from conftest import tiny_engine
@@ -33,6 +34,20 @@ def test_every_real_preset_names_a_hub_checkpoint_and_a_known_family():
         assert preset.tiny or "/" in preset.model_id
     assert PRESETS["qwen2.5-vl-7b"].model_id == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert PRESETS["internvl3-14b"].layers == PAPER_LAYERS
+
+
+def test_bad_layers_are_refused_before_the_weights_load(tmp_path, monkeypatch):
+    """The layers are checked against the config: a wrong index or file costs no model load (minutes for 14B)."""
+    from transformers import AutoModelForImageTextToText
+
+    def loads(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the layers were checked")
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", loads)
+    with pytest.raises(ValueError, match="between 0 and 3"):
+        Ego.from_pretrained("tiny-qwen2-vl", layers=[99])
+    with pytest.raises(ValueError, match="not a layers file"):
+        Ego.from_pretrained("tiny-qwen2-vl", layers=tmp_path / "missing.json")
 
 
 def test_layers_from_a_calibration_file(tmp_path):
@@ -85,3 +100,40 @@ def test_the_default_model_follows_the_machine(monkeypatch, cuda, expected):
     assert default_preset() == expected
     preset = PRESETS[expected]
     assert not preset.tiny and preset.model_id.startswith("Qwen/")  # a real checkpoint, never the tiny model
+
+
+@pytest.mark.parametrize(
+    "name, suggestion",
+    [("qwen25-vl-7b", "qwen2.5-vl-7b"), ("tiny-qwen2.5", "tiny-qwen2.5-vl"), ("internvl-14b", "internvl3-14b")],
+)
+def test_a_mistyped_preset_is_refused_before_anything_loads(name, suggestion):
+    """Neither a preset, a folder nor a Hub id: a sentence with the closest presets, not a failed download."""
+    from ego import Ego
+    from ego.presets import PRESETS, check_model_name
+
+    assert suggestion in PRESETS
+    with pytest.raises(ValueError, match=f"did you mean {re.escape(suggestion)}"):
+        check_model_name(name)
+    with pytest.raises(ValueError, match="is not a preset, a folder on this machine or a Hub id"):
+        Ego.from_pretrained(name)
+
+
+def test_presets_folders_and_hub_ids_pass_the_name_check(tmp_path):
+    from ego.presets import check_model_name
+
+    for name in ("qwen2.5-vl-7b", " Tiny-Qwen2-VL ", "Qwen/Qwen2.5-VL-7B-Instruct", "OpenGVLab/InternVL3-8B-hf"):
+        check_model_name(name)
+    check_model_name(tmp_path)
+    check_model_name(str(tmp_path))
+    for name in ("./no/such/folder", "/no/such/folder", "no-such-model"):
+        with pytest.raises(ValueError, match="the presets are"):
+            check_model_name(name)
+
+
+def test_tiny_names_the_families_it_knows():
+    from ego import Ego
+
+    with pytest.raises(ValueError, match="no tiny 'qwen2.5' model; the families are qwen2-vl, qwen2.5-vl"):
+        Ego.tiny("qwen2.5")
+    with pytest.raises(ValueError, match="no tiny 'qwen2.5-vl-7b' model"):
+        Ego.tiny("qwen2.5-vl-7b")

@@ -136,13 +136,26 @@ def zero(monkeypatch, engine):
     return act, fake
 
 
-def test_off_zero_gpu_the_decorator_changes_nothing(monkeypatch):
-    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+@pytest.mark.parametrize("flag", [None, "", "false", "0", "no", "False"])
+def test_off_zero_gpu_the_decorator_changes_nothing(monkeypatch, flag):
+    """SPACES_ZERO_GPU read as the `spaces` package reads it: only 1, t or true (any case) is ZeroGPU."""
+    if flag is None:
+        monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    else:
+        monkeypatch.setenv("SPACES_ZERO_GPU", flag)
+    monkeypatch.setattr(zerogpu.importlib.util, "find_spec", lambda name: object() if name == "spaces" else None)
 
     def call():
         return 1
 
     assert zerogpu.gpu(call) is call and not zerogpu.on_zero_gpu()
+
+
+@pytest.mark.parametrize("flag", ["1", "t", "true", "True", "TRUE"])
+def test_zero_gpu_is_read_as_the_spaces_package_reads_it(monkeypatch, flag):
+    monkeypatch.setenv("SPACES_ZERO_GPU", flag)
+    monkeypatch.setattr(zerogpu.importlib.util, "find_spec", lambda name: object() if name == "spaces" else None)
+    assert zerogpu.on_zero_gpu()
 
 
 def test_introduce_and_answer_across_the_boundary_equal_the_calls_in_process(zero, engine):
