@@ -13,6 +13,7 @@ import argparse
 import functools
 import logging
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
@@ -94,7 +95,7 @@ def build_demo(
                     img = _image_tab(limits, examples)
                     vid = _video_tab(limits, examples)
             with gr.Column(scale=1, min_width=260):
-                mine = _concepts_panel(s)
+                mine = _concepts_panel(s, limits)
 
         panel = [mine.cards, mine.to_remove, mine.summary, mine.records, mine.status]
 
@@ -124,15 +125,15 @@ def build_demo(
         then_refresh(introducing)
         # Queued (not CHEAP): only an event on the queue can show the visitor a message.
         introducing.success(guidance.after_introduce, [session, intro.name], form, **PRIVATE)
-        then_refresh(
-            intro.examples_button.click(act.load_example_concepts, session, introduced, **MODEL_EVENTS, **PRIVATE)
+        loading_examples = intro.examples_button.click(
+            act.load_example_concepts, session, introduced, **MODEL_EVENTS, **PRIVATE
         )
+        then_refresh(loading_examples)
+        loading_examples.success(guidance.suggest_export, session, None, **PRIVATE)
 
         # Ask about an image: a conversation (Ask, or Enter in the message box); the first answer also without
         # memory only when asked for. "Thinking…" shows in the conversation at once, then the answer streams over it.
-        hint = guidance.example_concepts_hint(
-            [n for n, _ in examples.concepts], [q for _, q in examples.image_questions] + examples.text_questions
-        )
+        hint = guidance.example_concepts_hint([n for n, _ in examples.concepts], examples.questions)
         img.compare.change(lambda on: gr.Textbox(visible=on), img.compare, img.plain, queue=False, **PRIVATE)
         img_triggers = [img.ask.click, img.question.submit]
         gr.on(img_triggers, hint, [session, img.question], None, **PRIVATE)  # queued: it shows a message
@@ -146,6 +147,8 @@ def build_demo(
             **answer_events,
             **PRIVATE,
         )
+        # Refused by the queue (full, or this visitor's cap), no handler runs: the view is the conversation's again.
+        asking.failure(functools.partial(act.shown_conversation, tab="image"), session, img.chat, **CHEAP, **PRIVATE)
         img.stop.click(None, cancels=[asking], **PRIVATE).then(
             functools.partial(guidance.mark_stopped_in_chat, tab="image"),
             [session, img.chat],
@@ -176,6 +179,8 @@ def build_demo(
             **answer_events,
             **PRIVATE,
         )
+        # Refused by the queue (full, or this visitor's cap), no handler runs: the view is the conversation's again.
+        asking.failure(functools.partial(act.shown_conversation, tab="video"), session, vid.chat, **CHEAP, **PRIVATE)
         vid.stop.click(None, cancels=[asking], **PRIVATE).then(
             functools.partial(guidance.mark_stopped_in_chat, tab="video"),
             [session, vid.chat],
@@ -275,16 +280,16 @@ def build_demo(
         )
         exporting.then(act.after_export, [session, mine.exported], [mine.exported, mine.status], **CHEAP, **PRIVATE)
         exporting.success(None, js=EXPORTED_JS, queue=False, **PRIVATE)
-        then_refresh(
-            mine.import_button.upload(
-                act.import_concepts,
-                [session, mine.import_button],
-                [session, mine.records],
-                api_name="import_concepts",
-                api_description=api.IMPORT_CONCEPTS,
-                **MODEL_EVENTS,
-            )
+        importing = mine.import_button.upload(
+            act.import_concepts,
+            [session, mine.import_button],
+            [session, mine.records],
+            api_name="import_concepts",
+            api_description=api.IMPORT_CONCEPTS,
+            **MODEL_EVENTS,
         )
+        then_refresh(importing)
+        importing.success(guidance.suggest_export, session, None, **PRIVATE)
         demo.load(None, js=ON_LOAD_JS, **PRIVATE)
         api.document_examples(examples, intro=intro, img=img, vid=vid, mine=mine)
     api.photos_are_required(demo, intro.photos.label)
@@ -350,8 +355,8 @@ def _introduce_tab(s, examples) -> SimpleNamespace:
                     keywords = gr.Textbox(
                         label="Keywords",
                         placeholder="tabby, green eyes, white paws",
-                        info="Comma-separated words whose attention picks the tokens. "
-                        "Empty: the model describes the photo.",
+                        info=f"Comma-separated words whose attention picks the tokens (at most {s.max_keywords}, "
+                        f"{s.max_keywords_chars} characters). Empty: the model describes the photo.",
                     )
                     auto_size = gr.Checkbox(value=True, label="Let the model estimate the size")
                     size_pct = gr.Slider(
@@ -388,7 +393,11 @@ def _introduce_tab(s, examples) -> SimpleNamespace:
                     )
         if examples.concepts:
             gr.Examples(
-                [[n, p] for n, p in examples.concepts], [name, photos], cache_examples=False, label="Example concepts"
+                [[n, p] for n, p in examples.concepts],
+                [name, photos],
+                cache_examples=False,
+                label="Example concepts",
+                elem_id="examples-concepts",
             )
     return SimpleNamespace(
         name=name,
@@ -477,6 +486,7 @@ def _image_tab(s, examples) -> SimpleNamespace:
                 [list(e) for e in examples.image_questions],
                 [image, question],
                 cache_examples=False,
+                elem_id="examples-image-questions",
                 label="Example questions (about the example concepts: load them on the Introduce tab)",
             )
         if examples.text_questions:  # clicking one also clears the photo: the question is about the concepts
@@ -487,6 +497,7 @@ def _image_tab(s, examples) -> SimpleNamespace:
                 fn=lambda text: (None, text),
                 run_on_click=True,
                 cache_examples=False,
+                elem_id="examples-text-questions",
                 label="Questions without a photo (load the example concepts first)",
                 **PRIVATE,
             )
@@ -531,6 +542,7 @@ def _video_tab(s, examples) -> SimpleNamespace:
                 [list(e) for e in examples.video_questions],
                 [video, question],
                 cache_examples=False,
+                elem_id="examples-video-questions",
                 label="Example questions (about the example concepts: load them on the Introduce tab)",
             )
     return SimpleNamespace(
@@ -538,7 +550,7 @@ def _video_tab(s, examples) -> SimpleNamespace:
     )
 
 
-def _concepts_panel(s) -> SimpleNamespace:
+def _concepts_panel(s, limits) -> SimpleNamespace:
     gr.Markdown("## Your concepts")
     summary = gr.Markdown(latex_delimiters=[])
     # What the last Remove, Clear, Export or Import did, or why it could not: the browser shows no error of an
@@ -571,7 +583,8 @@ def _concepts_panel(s) -> SimpleNamespace:
         f"back, and they are deleted {s.session_ttl_s // 60} minutes after your last action here (sooner if the "
         f"server restarts or is very busy); uploads leave the server within "
         f"{(s.upload_max_age_s + s.upload_cleanup_interval_s) // 60} minutes. Export your concepts to keep "
-        f"them. At most {s.max_concepts_per_session} concepts."
+        f"them (and import them here: a file of at most {limits.max_upload_mb} MiB and "
+        f"{limits.max_concept_file_concepts} concepts). At most {s.max_concepts_per_session} concepts."
     )
     return SimpleNamespace(
         summary=summary,
@@ -713,6 +726,7 @@ def main(argv=None) -> None:
         import spaces  # noqa: F401 -- before torch: it sets up ZeroGPU's CUDA emulation in this process
 
     from ego import DEFAULT_SETTINGS, Ego, Settings
+    from ego.engine import local_model_id
     from ego.presets import check_model_name
 
     args = parse_args(argv)
@@ -737,7 +751,10 @@ def main(argv=None) -> None:
     )
     # On ZeroGPU the model is loaded now, onto "cuda", so that launch packs it for the GPU workers.
     demo = build_demo(
-        factory(settings=settings) if zero_gpu else factory, settings=settings, model_name=model, model_note=model_note
+        factory(settings=settings) if zero_gpu else factory,
+        settings=settings,
+        model_name=local_model_id(model) if Path(model).is_dir() else model,  # no server path on the page
+        model_note=model_note,
     )
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options(settings))
 

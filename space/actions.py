@@ -444,12 +444,19 @@ class Actions:
         emptied once, at the first step, then left alone (the visitor may type the next question while this one
         streams). On a refusal or a failure: the conversation's own view, the message back in its box, then the
         error."""
-        emptied, chats = False, session.conversations
+        emptied, chats, view = False, session.conversations, []
         chats.streams(tab, True)
         try:
             for view, *rest in (step for part in steps for step in part):
                 yield view, gr.skip() if emptied else "", *rest
                 emptied = True
+            if view and view[-1]["role"] == "assistant" and view[-1]["content"] in ("", guidance.THINKING):
+                # The answer ended without a word: say so, rather than "Thinking…" for good.
+                yield (
+                    [*view[:-1], {"role": "assistant", "content": guidance.NO_ANSWER}],
+                    gr.skip(),
+                    *(gr.skip(),) * extra,
+                )
         except Exception:
             chats.streams(tab, False)
             chat = chats.get(tab)
@@ -460,8 +467,14 @@ class Actions:
     def shown_conversations(self, session: Session):
         """(image tab's, video tab's) chat views of the conversations the session holds: after a reload, or in
         another tab of the browser, the view shows the conversation that a follow-up would continue."""
-        chats = session.conversations
-        return tuple(messages(chat.turns) if chat is not None else [] for chat in map(chats.get, ("image", "video")))
+        return self.shown_conversation(session, tab="image"), self.shown_conversation(session, tab="video")
+
+    @staticmethod
+    def shown_conversation(session: Session, *, tab: str) -> list[dict]:
+        """One tab's chat view of the conversation the session holds: also the view put back when the queue
+        refuses a question (no handler ran to take back its "Thinking…")."""
+        chat = session.conversations.get(tab)
+        return messages(chat.turns) if chat is not None else []
 
     def new_conversation(self, session: Session, tab: str):
         """End the tab's conversation (the next message starts one); returns the session, an empty chat view, and

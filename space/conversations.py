@@ -8,6 +8,7 @@ this server's memory and is never copied or saved.
 
 from __future__ import annotations
 
+import html
 import threading
 
 TABS = ("image", "video")
@@ -107,5 +108,11 @@ def messages(turns, question: str | None = None, partial: str | None = None) -> 
     being answered with its answer so far."""
     shown = []
     for asked, answered in list(turns) + ([(question, partial or "")] if question is not None else []):
-        shown += [{"role": "user", "content": str(asked)}, {"role": "assistant", "content": str(answered)}]
+        shown += [{"role": "user", "content": as_text(asked)}, {"role": "assistant", "content": as_text(answered)}]
     return shown
+
+
+def as_text(text) -> str:
+    """Visitor or model text for a chat view, shown as typed: the view renders no Markdown, but still renders
+    HTML (links, images, styles), so its markup characters are escaped."""
+    return html.escape(str(text), quote=False)

@@ -27,6 +27,11 @@ class Examples:
     text_questions: list[str] = field(default_factory=list)
     """Questions asked without a photo, about the example concepts themselves."""
 
+    @property
+    def questions(self) -> list[str]:
+        """Every example question: about a photo, a clip, or none."""
+        return [q for _, q in self.image_questions + self.video_questions] + self.text_questions
+
 
 def load_examples(folder: Path | str = EXAMPLES_DIR) -> Examples:
     folder = Path(folder).resolve()

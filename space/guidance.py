@@ -7,27 +7,40 @@ import html
 
 import gradio as gr
 
+from .conversations import as_text
 from .session import Session, name_key
 
 THINKING = "Thinking… (the first words can take a few seconds; Stop ends the answer)"
 """Shown in an answer box from the moment Ask is pressed until the first word arrives."""
+NO_ANSWER = "(no answer: the model ended at once; ask again in other words)"
+"""Shown for an answer that ended without a word."""
 STOPPED = " (stopped)"
 
 
-def after_introduce(session: Session, name):
-    """A success message, and the form cleared with its Advanced options back at their defaults (the next
-    concept starts from scratch: keywords and a manual size belong to one concept).
+def after_introduce(session: Session, name_box):
+    """A success message naming the concept just introduced (the session's newest, not what the Name box holds
+    now), and the form cleared with its Advanced options back at their defaults (the next concept starts from
+    scratch: keywords and a manual size belong to one concept). A visitor who has begun the next concept while
+    this one was introduced (the Name box holds another name) keeps what they typed.
 
     Returns (name, photos, keywords, auto_size, size_pct)."""
-    count = len(session)
-    shown = html.escape(" ".join(str(name or "").split()), quote=False)  # gr.Info renders HTML
-    gr.Info(f"“{shown}” is introduced: ask about it on the Ask tabs.")
-    if count == 1:
+    introduced = session.names[-1] if len(session) else " ".join(str(name_box or "").split())
+    gr.Info(f"“{html.escape(introduced, quote=False)}” is introduced: ask about it on the Ask tabs.")  # renders HTML
+    suggest_export(session)
+    if name_key(str(name_box or "")) != name_key(introduced):
+        return (gr.skip(),) * 5
+    return "", None, "", True, 25
+
+
+def suggest_export(session: Session) -> None:
+    """Once per session, when it first holds concepts (introduced, loaded from the examples or imported): where
+    they stay, and how to keep them."""
+    if len(session) and not session.export_suggested:
+        session.export_suggested = True
         gr.Info(
             "Your concepts stay on this server for a while (a reload brings them back); "
             "use Export to a file under Your concepts to keep them."
         )
-    return "", None, "", True, 25
 
 
 def thinking():
@@ -55,7 +68,7 @@ def thinking_in_chat(history, question) -> list[dict]:
     """The conversation view the moment a question is asked: the question, and "Thinking…" as its answer."""
     shown = [dict(message) for message in (history or [])]
     if str(question or "").strip():
-        shown += [{"role": "user", "content": str(question)}, {"role": "assistant", "content": THINKING}]
+        shown += [{"role": "user", "content": as_text(question)}, {"role": "assistant", "content": THINKING}]
     return shown
 
 

@@ -28,8 +28,9 @@ ON_LOAD_JS = """
         if (window.egoUnsaved) { event.preventDefault(); event.returnValue = ""; }
     });
     const describe = () => {
-        for (const img of document.querySelectorAll(".gallery img:not([alt]), table img:not([alt]), "
-                                                    + "button img:not([alt]), img[alt='']")) {
+        // The examples' thumbnails only: a visitor's own photo is not an example.
+        const thumbnails = "[id^='examples-'] img:not([alt]), [id^='examples-'] img[alt='']";
+        for (const img of document.querySelectorAll(thumbnails)) {
             const file = decodeURIComponent((img.getAttribute("src") || "").split("/").pop() || "");
             const name = file.replace(/\\.[a-z0-9]+$/i, "").replace(/[-_]+/g, " ").trim();
             img.setAttribute("alt", name ? "Example: " + name : "Example picture");

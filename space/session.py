@@ -108,6 +108,8 @@ class Session:
         self._note = ""
         self.conversations = Conversations()
         """The visitor's conversations about a photo or a clip (server memory only, like the concepts)."""
+        self.export_suggested = False
+        """Whether the visitor was told, once, how to keep their concepts (`guidance.suggest_export`)."""
 
     def __deepcopy__(self, memo) -> Session:
         # gr.State deep-copies its default once per visitor; a lock cannot be copied, so make a new one.

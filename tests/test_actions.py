@@ -528,3 +528,22 @@ def test_the_pages_own_panel_refresh_leaves_the_status_line_and_its_sentence(act
     session.tell("Pick the concept to remove from the list first.")
     assert act.panel(session, status=False)[4] == gr.skip()
     assert act.panel(session)[4] == "Pick the concept to remove from the list first\\."
+
+
+def test_an_answer_that_ends_without_a_word_says_so(engine, monkeypatch):
+    """A model may end an answer at once: the view says so, not "Thinking…" for good; the next question starts
+    a conversation of its own."""
+    from space.guidance import NO_ANSWER
+
+    act = Actions(LazyEngine(engine), SPACE.replace(answer_batch_max_size=1), load_examples())
+    config = engine.model.generation_config
+    stops = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    vocabulary = engine.model.config.get_text_config().vocab_size
+    monkeypatch.setattr(config, "eos_token_id", stops + [i for i in range(vocabulary) if i not in stops])
+    session = Session()
+    *_, (_, view, box, *_) = act.chat_image(session, QUERY, "Is Chelsea here?", progress=quiet)
+    assert view == [
+        {"role": "user", "content": "Is Chelsea here?"},
+        {"role": "assistant", "content": NO_ANSWER},
+    ]
+    assert session.conversations.get("image") is None  # nothing to follow up

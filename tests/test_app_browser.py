@@ -134,6 +134,18 @@ def test_visitor_text_is_shown_not_run(page):
     assert page.evaluate("window.__xss") is None
     assert page.locator("img[src='x']").count() == 0
 
+    # A question is shown in the conversation as typed: its markup is text, not elements (the view renders HTML).
+    page.get_by_role("tab", name="Ask: image").click()
+    page.get_by_role("button", name="New conversation").first.click()
+    question = f'<b id="injected">bold?</b> {HOSTILE_NAME}'
+    page.locator("#image-question").locator("textarea, input").first.fill(question)
+    page.locator("#image-question").locator("textarea, input").first.press("Enter")
+    chat = page.locator("#image-chat")
+    expect(chat.locator("[data-testid='user']").last).to_contain_text(question)
+    settled(chat.locator("[data-testid='bot']").last)
+    assert page.locator("#injected").count() == 0 and page.locator("img[src='x']").count() == 0
+    assert page.evaluate("window.__xss") is None
+
 
 def test_panel_actions_that_cannot_act_say_why_where_the_visitor_looks(page, url):
     """Remove, Export and Clear skip the queue, and the browser shows no error of such an event: each says why
@@ -167,10 +179,12 @@ def test_a_reload_keeps_the_concepts_after_a_warning(page):
     assert dialogs == ["beforeunload"]  # concepts never exported: leaving the page asks first
     expect(page.locator("#cards").get_by_text("Chelsea ·")).to_be_visible()
     expect(page.get_by_text("2 of 50 concepts")).to_be_visible()
-    # The image tab shows the conversation a follow-up would continue (the question about Chelsea's eyes).
+    # The image tab shows the conversation a follow-up would continue: the last one, whose question's markup is
+    # still text after the reload.
     page.get_by_role("tab", name="Ask: image").click()
     expect(page.locator("#image-chat [data-testid='user']")).to_have_count(1)
-    expect(page.locator("#image-chat [data-testid='user']").first).to_contain_text("What colour are Chelsea's eyes?")
+    expect(page.locator("#image-chat [data-testid='user']").first).to_contain_text(HOSTILE_NAME)
+    assert page.locator("#injected").count() == 0 and page.locator("img[src='x']").count() == 0
 
     # Clear all asks first; keeping them changes nothing.
     page.get_by_role("button", name="Clear all").click()

@@ -210,3 +210,19 @@ def test_a_mistyped_model_stops_the_app_at_start(monkeypatch):
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: pytest.fail("launched with a mistyped model"))
     with pytest.raises(SystemExit, match="did you mean qwen2.5-vl-7b"):
         app.main(["--model", "qwen25-vl-7b"])
+
+
+def test_a_local_model_is_named_on_the_page_without_its_path(monkeypatch, tmp_path):
+    """The header names a local checkpoint as concept files do (`local_model_id`): the server's path stays out."""
+    import app
+    from ego import Ego
+    from ego.engine import local_model_id
+
+    folder = tmp_path / "private" / "acme-finetune"
+    folder.mkdir(parents=True)
+    seen = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: seen.update(demo=self))
+    monkeypatch.setattr(Ego, "from_pretrained", classmethod(lambda cls, *a, **k: pytest.fail("loaded at start")))
+    app.main(["--model", str(folder)])
+    page = " ".join(str(b.value) for b in seen["demo"].blocks.values() if isinstance(b, gr.Markdown))
+    assert local_model_id(folder) in page and str(tmp_path) not in page

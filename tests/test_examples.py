@@ -63,6 +63,23 @@ def test_video_questions_load(listing):
         assert 2.0 <= meta["duration"] <= 5.0
 
 
+def test_every_example_question_gets_the_hint_without_its_concepts(listing):
+    """About a photo, a clip or none: each example question, asked before the example concepts are loaded, gets
+    the hint to load them (the Space builds its hint from `Examples.questions`)."""
+    from space.guidance import example_concepts_hint
+    from space.session import Session
+
+    examples = load_examples(EXAMPLES)
+    asked = [
+        q["question"] for section in ("image_questions", "video_questions", "text_questions") for q in listing[section]
+    ]
+    assert sorted(examples.questions) == sorted(asked)
+    hint = example_concepts_hint([name for name, _ in examples.concepts], examples.questions)
+    for question in asked:
+        with pytest.warns(UserWarning, match="Load the example concepts"):
+            hint(Session(), question)
+
+
 def test_every_file_is_referenced_and_small(listing):
     referenced = {rel for concept in listing["concepts"] for rel in concept["images"]}
     referenced |= {q["image"] for q in listing["image_questions"]}

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import gradio as gr
 import pytest
 
-from space.guidance import THINKING, after_introduce, example_concepts_hint, mark_stopped, mark_stopped_in_chat
+from space.guidance import (
+    THINKING,
+    after_introduce,
+    example_concepts_hint,
+    mark_stopped,
+    mark_stopped_in_chat,
+    suggest_export,
+)
 from space.session import Session
 
 
@@ -18,17 +26,45 @@ def test_stop_marks_what_had_streamed_once():
     assert mark_stopped(None) == "(stopped)"
 
 
-def test_after_introduce_clears_the_form_and_resets_the_advanced_options(capsys):
+def _holding(*names) -> Session:
+    """A session holding concepts of these names (only their names are read here)."""
     session = Session()
-    session._entries = [object()]
+    session._entries = [SimpleNamespace(concept=SimpleNamespace(name=name)) for name in names]
+    return session
+
+
+def test_after_introduce_clears_the_form_and_resets_the_advanced_options(capsys):
+    session = _holding("<b>Chelsea</b>")
     form = after_introduce(session, "<b>Chelsea</b>")  # gr.Info outside a request prints its message
     assert form == ("", None, "", True, 25)
     shown = capsys.readouterr().out
     assert "&lt;b&gt;Chelsea&lt;/b&gt;" in shown and "<b>" not in shown  # visitor text, escaped
     assert "Export" in shown  # the first concept: a nudge to export
-    session._entries = [object(), object()]
+    session._entries.append(SimpleNamespace(concept=SimpleNamespace(name="Bo")))
     after_introduce(session, "Bo")
     assert "Export" not in capsys.readouterr().out  # once is enough
+
+
+def test_after_introduce_names_the_concept_introduced_and_keeps_the_next_ones_typing(capsys):
+    """The visitor began the next concept while this one was introduced: the message names the one introduced,
+    and the form keeps what they typed."""
+    form = after_introduce(_holding("Chelsea"), "Bo")
+    assert form == (gr.skip(),) * 5
+    assert "“Chelsea” is introduced" in capsys.readouterr().out
+    assert after_introduce(_holding("my cat Chelsea"), "  My  cat chelsea ") == ("", None, "", True, 25)
+
+
+def test_the_export_nudge_comes_once_however_the_first_concepts_came(capsys):
+    """Introduced, loaded from the examples or imported: the first concepts bring the nudge, once."""
+    empty = Session()
+    suggest_export(empty)
+    assert "Export" not in capsys.readouterr().out  # nothing to keep yet
+    loaded = _holding("Chelsea", "my mug", "rocket")
+    suggest_export(loaded)
+    assert "Export" in capsys.readouterr().out
+    suggest_export(loaded)
+    after_introduce(loaded, "rocket")
+    assert "Export" not in capsys.readouterr().out
 
 
 def test_an_example_question_without_its_concepts_gets_a_hint():
@@ -57,3 +93,24 @@ def test_stop_marks_the_text_of_the_messages_a_chat_view_hands_over():
     assert mark_stopped_in_chat(session, handed(partial), tab="image")[-1]["content"] == "A partial answer (stopped)"
     waiting = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": THINKING}]
     assert mark_stopped_in_chat(Session(), handed(waiting), tab="image")[-1]["content"] == "(stopped)"
+
+
+def test_chat_views_show_markup_as_text():
+    """A chat view renders no Markdown but still renders HTML: questions and answers go in escaped, once."""
+    from space.conversations import messages
+    from space.guidance import thinking_in_chat
+
+    question, answer = '<b id="x">Is <i>Chelsea</i> here?</b>', "Yes & <a href='https://e.org'>more</a>"
+    view = messages([(question, answer)], "<img src=x>", "")
+    assert [m["content"] for m in view] == [
+        '&lt;b id="x"&gt;Is &lt;i&gt;Chelsea&lt;/i&gt; here?&lt;/b&gt;',
+        "Yes &amp; &lt;a href='https://e.org'&gt;more&lt;/a&gt;",
+        "&lt;img src=x&gt;",
+        "",
+    ]
+    shown = thinking_in_chat(view[:2], "<script>1</script>")
+    assert shown[:2] == view[:2]  # what the view already shows is not escaped twice
+    assert shown[2:] == [
+        {"role": "user", "content": "&lt;script&gt;1&lt;/script&gt;"},
+        {"role": "assistant", "content": THINKING},
+    ]
