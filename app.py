@@ -132,23 +132,22 @@ def build_demo(
         loading_examples.success(guidance.suggest_export, session, None, **PRIVATE)
 
         # Ask about an image: a conversation (Ask, or Enter in the message box); the first answer also without
-        # memory only when asked for. "Thinking…" shows in the conversation at once, then the answer streams over it.
+        # memory only when asked for. The handler shows the question and "Thinking…" first, then streams the answer
+        # over it; a question the queue refuses (full, or this visitor's cap) runs no handler and leaves the view
+        # and the message box as they were.
         hint = guidance.example_concepts_hint([n for n, _ in examples.concepts], examples.questions)
         img.compare.change(lambda on: gr.Textbox(visible=on), img.compare, img.plain, queue=False, **PRIVATE)
         img_triggers = [img.ask.click, img.question.submit]
         gr.on(img_triggers, hint, [session, img.question], None, **PRIVATE)  # queued: it shows a message
         gr.on(img_triggers, None, js=scroll_to_js("image-chat"), **PRIVATE)
         asking = gr.on(
-            img_triggers, guidance.thinking_in_chat, [img.chat, img.question], img.chat, **CHEAP, **PRIVATE
-        ).then(
+            img_triggers,
             act.chat_image,
             [session, img.image, img.question, img.compare],
             [session, img.chat, img.question, img.plain, img.details, img.matches],
             **answer_events,
             **PRIVATE,
         )
-        # Refused by the queue (full, or this visitor's cap), no handler runs: the view is the conversation's again.
-        asking.failure(functools.partial(act.shown_conversation, tab="image"), session, img.chat, **CHEAP, **PRIVATE)
         img.stop.click(None, cancels=[asking], **PRIVATE).then(
             functools.partial(guidance.mark_stopped_in_chat, tab="image"),
             [session, img.chat],
@@ -171,16 +170,13 @@ def build_demo(
         gr.on(vid_triggers, hint, [session, vid.question], None, **PRIVATE)
         gr.on(vid_triggers, None, js=scroll_to_js("video-chat"), **PRIVATE)
         asking = gr.on(
-            vid_triggers, guidance.thinking_in_chat, [vid.chat, vid.question], vid.chat, **CHEAP, **PRIVATE
-        ).then(
+            vid_triggers,
             act.chat_video,
             [session, vid.video, vid.question],
             [session, vid.frames, vid.chat, vid.question, vid.details],
             **answer_events,
             **PRIVATE,
         )
-        # Refused by the queue (full, or this visitor's cap), no handler runs: the view is the conversation's again.
-        asking.failure(functools.partial(act.shown_conversation, tab="video"), session, vid.chat, **CHEAP, **PRIVATE)
         vid.stop.click(None, cancels=[asking], **PRIVATE).then(
             functools.partial(guidance.mark_stopped_in_chat, tab="video"),
             [session, vid.chat],
@@ -626,19 +622,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--quantization",
         type=str.lower,
         choices=choices["quantization"],
-        default=os.environ.get("EGO_QUANTIZATION", "auto"),
+        default=os.environ.get("EGO_QUANTIZATION") or "auto",
         help="auto: 4-bit NF4 on a GPU, none on a CPU; int4 (torchao) and fp8 load only on a GPU "
         "(env EGO_QUANTIZATION)",
     )
     parser.add_argument(
         "--host",
-        default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
         help="address to listen on (env GRADIO_SERVER_NAME; default 127.0.0.1: this machine only)",
     )
     parser.add_argument(
         "--port",
         type=_port,
-        default=os.environ.get("GRADIO_SERVER_PORT", "7860"),
+        default=os.environ.get("GRADIO_SERVER_PORT") or "7860",
         help="port (env GRADIO_SERVER_PORT; default 7860)",
     )
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
@@ -646,7 +642,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--protocol",
         type=str.lower,
         choices=choices["protocol"],
-        default=os.environ.get("EGO_PROTOCOL", "ours"),
+        default=os.environ.get("EGO_PROTOCOL") or "ours",
         help="paper: the paper's choices (Settings.paper(): one 448x448 query tile, bf16, 50-token "
         "description, punctuation-only keywords); ours: the defaults (env EGO_PROTOCOL)",
     )
@@ -654,7 +650,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--decoding",
         type=str.lower,
         choices=choices["decoding"],
-        default=os.environ.get("EGO_DECODING", "auto"),
+        default=os.environ.get("EGO_DECODING") or "auto",
         help="auto: compiled on a GPU (compiled once at the first request), eager on a CPU (env EGO_DECODING)",
     )
     args = parser.parse_args(argv)
@@ -726,7 +722,7 @@ def main(argv=None) -> None:
         import spaces  # noqa: F401 -- before torch: it sets up ZeroGPU's CUDA emulation in this process
 
     from ego import DEFAULT_SETTINGS, Ego, Settings
-    from ego.engine import local_model_id
+    from ego.memory import local_model_id
     from ego.presets import check_model_name
 
     args = parse_args(argv)
@@ -742,6 +738,7 @@ def main(argv=None) -> None:
             quantization = None  # bf16: 4-bit quantization would run at start on the CPU, under the emulation
     refuse_quantization(quantization, zero_gpu=zero_gpu)
     model, model_note = choose_model(args.model, quantization or "none")
+    model = str(Path(model).expanduser()) if model.startswith("~") else model
     try:
         check_model_name(model)  # a mistyped preset stops the app now, not every visitor's first request
     except ValueError as error:

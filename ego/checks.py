@@ -34,13 +34,16 @@ def check_text(text: str, what: str) -> str:
     return text
 
 
+def fold_name(name: str) -> str:
+    """A name as it is kept: white space folded, control and format characters dropped."""
+    return " ".join("".join(ch for ch in name if unicodedata.category(ch) not in _INVISIBLE or ch.isspace()).split())
+
+
 def check_name(name, settings: Settings) -> str:
     """A concept name with its white space folded and invisible characters dropped; empty or too long is
     refused. (Control and format characters, such as a right-to-left override or a zero-width space,
     would make a name look like another one.)"""
-    name = check_text(str(name or ""), "name")
-    name = "".join(ch for ch in name if unicodedata.category(ch) not in _INVISIBLE or ch.isspace())
-    name = " ".join(name.split())
+    name = fold_name(check_text(str(name or ""), "name"))
     if not name:
         raise InputError("Give the concept a name, for example 'my cat Chelsea'.")
     if len(name) > settings.max_name_chars:

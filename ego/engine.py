@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import math
 import numbers
@@ -55,7 +54,7 @@ from .batching import AnswerRequest, FollowUpRequest
 from .decoding import Decoder
 from .errors import IncompatibleMemoryError, InputError, MemoryFileError, ModelBusyError
 from .media import load_image, load_video
-from .memory import Concept, ConceptView, storage_bytes
+from .memory import Concept, ConceptView, local_model_id, same_model, storage_bytes
 from .presets import DEFAULT_PRESET, UNCALIBRATED, check_model_name, depth_scaled_layers, resolve
 from .quantization import check_known, check_supported, for_device, quantization_config
 from .settings import DEFAULT_SETTINGS, Settings
@@ -262,6 +261,8 @@ class Ego:
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
         check_known(quantization)  # before a tiny preset's folder is built
+        if isinstance(model, Path) or str(model).startswith("~"):
+            model = str(Path(model).expanduser())  # "~/models/x" is a folder, not a Hub id
         check_model_name(model)
         preset = resolve(model)
         if preset is not None and preset.tiny:
@@ -851,7 +852,7 @@ class Ego:
         for concept in concepts:
             levels = None if concept.residuals is None else concept.residuals.shape[0]
             if (
-                concept.model_id != self.model_id
+                not same_model(concept.model_id, self.model_id)
                 or concept.embeddings.shape[1] != self.hidden_size
                 or levels not in (None, self.backend.residual_levels)
             ):
@@ -1540,15 +1541,6 @@ def similarity_to_query(
     maps = torch.stack([part[:, indices].max(dim=0).values for part in parts])  # [C, rows * cols]
     scores, maps = scores.cpu().tolist(), maps.reshape(len(concepts), *located[1]).cpu()
     return scores, list(maps.unbind(0))
-
-
-def local_model_id(folder) -> str:
-    """The model name of a local checkpoint folder, as concept files record it: the folder's name and a digest of
-    its resolved path. The same folder spelled another way ("ckpt/", "../x/ckpt", a link) is the same model, and
-    an exported file does not carry the server's paths."""
-    resolved = Path(folder).resolve()
-    digest = hashlib.sha256(str(resolved).encode("utf-8", "surrogatepass")).hexdigest()[:12]
-    return f"{resolved.name} (local folder {digest})"
 
 
 # Scripts written without spaces between words, or with particles joined to nouns (Thai, Lao, Myanmar, Khmer,

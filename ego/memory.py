@@ -9,8 +9,10 @@ unpickled; the header size is checked before it is parsed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 import struct
 import sys
 from dataclasses import dataclass, field, replace
@@ -117,6 +119,37 @@ def storage_bytes(tensor: torch.Tensor) -> int:
     return max(tensor.untyped_storage().nbytes(), tensor.numel() * tensor.element_size())
 
 
+def local_model_id(folder) -> str:
+    """The model name of a local checkpoint folder, as concept files record it: the folder's name and a digest of
+    its config.json. The same folder spelled another way ("ckpt/", "../x/ckpt", "~/x/ckpt", a link), or copied to
+    another machine, is the same model; an exported file carries no server path. (Two checkpoints of one
+    architecture in folders of one name share the name: the folder's name is what tells them apart.)"""
+    resolved = Path(folder).expanduser().resolve()
+    try:
+        config = (resolved / "config.json").read_bytes()
+    except OSError:
+        config = b""
+    return f"{resolved.name} (local folder, config {hashlib.sha256(config).hexdigest()[:12]})"
+
+
+_LOCAL_MODEL_ID = re.compile(r"(?P<folder>.+) \(local folder, config [0-9a-f]{12}\)")
+
+
+def same_model(made_with: str, model_id: str) -> bool:
+    """Whether concepts made with `made_with` belong to the model named `model_id`: the same name, or, for a local
+    folder, a file written before folders were named by `local_model_id`, which recorded the folder's path as it
+    was typed ("/srv/models/ckpt" or "ckpt" for the folder "ckpt")."""
+    if made_with == model_id:
+        return True
+    local = _LOCAL_MODEL_ID.fullmatch(model_id)
+    return bool(local) and not _LOCAL_MODEL_ID.fullmatch(made_with) and _folder_name(made_with) == local["folder"]
+
+
+def _folder_name(path: str) -> str:
+    """The last part of a path as it was typed, on any system ("C:\\models\\ckpt\\" and "ckpt/" give "ckpt")."""
+    return re.split(r"[\\/]", path.rstrip("\\/"))[-1]
+
+
 def save_concepts(
     path, concepts, thumbnails=None, *, max_concepts: int = DEFAULT_SETTINGS.max_concept_file_concepts
 ) -> Path:
@@ -181,7 +214,7 @@ def _check_readable(concepts: list[Concept], max_concepts: int) -> None:
     if len(concepts) > max_concepts:
         raise MemoryFileError(
             f"A concept file holds at most {max_concepts} concepts; you are saving {len(concepts)}. "
-            f"Save them in several files."
+            f"Save fewer at a time."
         )
     for concept in concepts:
         if len(concept.views) > MAX_FILE_VIEWS_PER_CONCEPT:
@@ -426,7 +459,7 @@ def load_concepts(path, engine) -> list[Concept]:
         max_concepts=engine.settings.max_concept_file_concepts,
         max_views=engine.settings.max_references_per_concept,
     )
-    if document["model_id"] != engine.model_id or int(document["hidden_size"]) != engine.hidden_size:
+    if not same_model(document["model_id"], engine.model_id) or int(document["hidden_size"]) != engine.hidden_size:
         raise IncompatibleMemoryError(
             f"These concepts were made with {document['model_id']} and cannot be used with {engine.model_id}; "
             f"introduce them again with this model."
@@ -436,7 +469,12 @@ def load_concepts(path, engine) -> list[Concept]:
         raise MemoryFileError("This concept file does not match the model it names; export the concepts again.")
     dtype = engine.memory_dtype
     loaded = [
-        replace(c, embeddings=c.embeddings.to(dtype), residuals=None if c.residuals is None else c.residuals.to(dtype))
+        replace(
+            c,
+            embeddings=c.embeddings.to(dtype),
+            residuals=None if c.residuals is None else c.residuals.to(dtype),
+            model_id=engine.model_id,  # the same model, perhaps named the way an older file named it
+        )
         for c in concepts
     ]
     # Finite as stored, but maybe not in the model's dtype (float32's 3e38 is inf in bfloat16).

@@ -435,7 +435,8 @@ class Actions:
         before, skip = list(chat.turns), (gr.skip(),) * extra
         for answer in self._follow_up(session.conversations, tab, message, progress):
             yield messages(before, message, _so_far(answer)), *skip
-        yield messages(chat.turns), *skip
+        # An answer without a word is no turn: the question stays in view, with "" for `_chat_steps` to explain.
+        yield (messages(chat.turns) if len(chat.turns) > len(before) else messages(before, message, "")), *skip
 
     @staticmethod
     def _chat_steps(session: Session, tab: str, message, steps, *, extra: int):
@@ -447,6 +448,11 @@ class Actions:
         emptied, chats, view = False, session.conversations, []
         chats.streams(tab, True)
         try:
+            if str(message or "").strip():  # the question at once, and "Thinking…" as its answer
+                chat = chats.get(tab)
+                view = messages(chat.turns if chat is not None else [], message, guidance.THINKING)
+                yield view, "", *(gr.skip(),) * extra
+                emptied = True
             for view, *rest in (step for part in steps for step in part):
                 yield view, gr.skip() if emptied else "", *rest
                 emptied = True
@@ -535,7 +541,11 @@ class Actions:
             # In Gradio's file cache, whose sweep deletes it on time even if the session is evicted
             # (eviction skips `forget`); a file elsewhere would stay until the server restarts.
             with session.export_file(get_upload_folder()) as fresh:
-                path = save_concepts(fresh, session.concepts, [entry.thumbnail for entry in session.entries])
+                thumbnails = [entry.thumbnail for entry in session.entries]
+                # Held to the limits its import will apply, the engine's: a file written is a file read back.
+                path = save_concepts(
+                    fresh, session.concepts, thumbnails, max_concepts=self.limits.max_concept_file_concepts
+                )
             session.tell(f"Exported {len(session)} concepts: download the file below.")
         return session, None if path is None else str(path)
 

@@ -8,7 +8,7 @@ this server's memory and is never copied or saved.
 
 from __future__ import annotations
 
-import html
+import re
 import threading
 
 TABS = ("image", "video")
@@ -113,6 +113,11 @@ def messages(turns, question: str | None = None, partial: str | None = None) -> 
 
 
 def as_text(text) -> str:
-    """Visitor or model text for a chat view, shown as typed: the view renders no Markdown, but still renders
-    HTML (links, images, styles), so its markup characters are escaped."""
-    return html.escape(str(text), quote=False)
+    """Visitor or model text for a chat view, shown as typed. The view renders no Markdown but still renders HTML
+    (links, images, styles): a zero-width space after each "<" or "&" that could open a tag, a comment or an
+    entity keeps them text. Not entities: the view's Copy button and its screen-reader label use the text as
+    given, where "&lt;" would show."""
+    return _MARKUP.sub("\\1\u200b", str(text))
+
+
+_MARKUP = re.compile(r"([<&])(?=[A-Za-z/!?#])")

@@ -7,7 +7,8 @@ import html
 
 import gradio as gr
 
-from .conversations import as_text
+from ego.checks import fold_name
+
 from .session import Session, name_key
 
 THINKING = "Thinking… (the first words can take a few seconds; Stop ends the answer)"
@@ -27,7 +28,7 @@ def after_introduce(session: Session, name_box):
     introduced = session.names[-1] if len(session) else " ".join(str(name_box or "").split())
     gr.Info(f"“{html.escape(introduced, quote=False)}” is introduced: ask about it on the Ask tabs.")  # renders HTML
     suggest_export(session)
-    if name_key(str(name_box or "")) != name_key(introduced):
+    if name_key(fold_name(str(name_box or ""))) != name_key(introduced):
         return (gr.skip(),) * 5
     return "", None, "", True, 25
 
@@ -62,14 +63,6 @@ def mark_stopped(answer) -> str:
     text = text_of(answer)
     text = "" if text == THINKING else text
     return text if text.endswith(STOPPED.strip()) else (text + STOPPED).strip()
-
-
-def thinking_in_chat(history, question) -> list[dict]:
-    """The conversation view the moment a question is asked: the question, and "Thinking…" as its answer."""
-    shown = [dict(message) for message in (history or [])]
-    if str(question or "").strip():
-        shown += [{"role": "user", "content": as_text(question)}, {"role": "assistant", "content": THINKING}]
-    return shown
 
 
 def mark_stopped_in_chat(session: Session, history, *, tab: str) -> list[dict]:

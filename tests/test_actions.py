@@ -516,8 +516,11 @@ def test_follow_up_never_continues_an_older_conversation_than_the_last_started(a
 def test_the_video_chat_shows_thinking_until_the_first_words(act):
     session = Session()
     steps = act.chat_video(session, CLIP, "What happens?", progress=quiet)
+    _, frames, view, box, _ = next(steps)  # at once: the question, "Thinking…", the box emptied
+    assert view == [{"role": "user", "content": "What happens?"}, {"role": "assistant", "content": THINKING}]
+    assert box == "" and frames == gr.skip()
     _, frames, view, _, _ = next(steps)  # the frames are sampled, the model has not answered yet
-    assert frames and view[-1] == {"role": "assistant", "content": THINKING}
+    assert isinstance(frames, list) and frames and view[-1] == {"role": "assistant", "content": THINKING}
     steps.close()
 
 
@@ -536,6 +539,9 @@ def test_an_answer_that_ends_without_a_word_says_so(engine, monkeypatch):
     from space.guidance import NO_ANSWER
 
     act = Actions(LazyEngine(engine), SPACE.replace(answer_batch_max_size=1), load_examples())
+    talking = Session()
+    list(act.chat_image(talking, QUERY, "Is Chelsea here?", progress=quiet))
+    before = list(talking.conversations.get("image").turns)
     config = engine.model.generation_config
     stops = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
     vocabulary = engine.model.config.get_text_config().vocab_size
@@ -547,3 +553,22 @@ def test_an_answer_that_ends_without_a_word_says_so(engine, monkeypatch):
         {"role": "assistant", "content": NO_ANSWER},
     ]
     assert session.conversations.get("image") is None  # nothing to follow up
+    # A follow-up without a word: the sentence in view, and the turn the conversation records, empty.
+    *_, (_, view, *_) = act.chat_image(talking, QUERY, "And the wall?", progress=quiet)
+    assert view[-2:] == [
+        {"role": "user", "content": "And the wall?"},
+        {"role": "assistant", "content": NO_ANSWER},
+    ]
+    turns = talking.conversations.get("image").turns
+    assert turns[: len(before)] == before and [(q, str(a)) for q, a in turns[len(before) :]] == [("And the wall?", "")]
+
+
+def test_export_is_held_to_the_limit_its_import_applies(engine, tmp_path):
+    """The engine's `max_concept_file_concepts` bounds a file on its way out as on its way in."""
+    small = engine.with_settings(max_concept_file_concepts=1)
+    act = Actions(LazyEngine(small), SPACE, load_examples())
+    session = Session()
+    for name, photo_path in (("Chelsea", CHELSEA[0]), ("Bo", CHELSEA[1])):
+        act.introduce(session, name, gallery([photo_path]), keywords="cat", auto_size=False, progress=quiet)
+    with pytest.raises(gr.Error, match="holds at most 1 concepts; you are saving 2"):
+        act.export_concepts(session)

@@ -141,8 +141,9 @@ def test_visitor_text_is_shown_not_run(page):
     page.locator("#image-question").locator("textarea, input").first.fill(question)
     page.locator("#image-question").locator("textarea, input").first.press("Enter")
     chat = page.locator("#image-chat")
-    expect(chat.locator("[data-testid='user']").last).to_contain_text(question)
+    expect(chat.locator("[data-testid='user']")).to_have_count(1)
     settled(chat.locator("[data-testid='bot']").last)
+    assert chat.locator("[data-testid='user']").last.inner_text().replace("\u200b", "").strip() == question
     assert page.locator("#injected").count() == 0 and page.locator("img[src='x']").count() == 0
     assert page.evaluate("window.__xss") is None
 
@@ -183,7 +184,7 @@ def test_a_reload_keeps_the_concepts_after_a_warning(page):
     # still text after the reload.
     page.get_by_role("tab", name="Ask: image").click()
     expect(page.locator("#image-chat [data-testid='user']")).to_have_count(1)
-    expect(page.locator("#image-chat [data-testid='user']").first).to_contain_text(HOSTILE_NAME)
+    assert HOSTILE_NAME in page.locator("#image-chat [data-testid='user']").first.inner_text().replace("\u200b", "")
     assert page.locator("#injected").count() == 0 and page.locator("img[src='x']").count() == 0
 
     # Clear all asks first; keeping them changes nothing.

@@ -61,7 +61,6 @@ def test_command_line_defaults_and_environment(monkeypatch):
         ("EGO_DECODING", "fast"),
         ("EGO_QUANTIZATION", "nf4"),
         ("GRADIO_SERVER_PORT", "abc"),
-        ("GRADIO_SERVER_PORT", ""),
         ("GRADIO_SERVER_PORT", "70000"),
     ],
 )
@@ -87,6 +86,16 @@ def test_environment_values_are_read_in_any_case(monkeypatch):
     args = app.parse_args([])
     assert (args.protocol, args.decoding, args.quantization) == ("paper", "eager", "none")
     assert app.parse_args(["--decoding", "COMPILED"]).decoding == "compiled"
+    for name in ("EGO_PROTOCOL", "EGO_DECODING", "EGO_QUANTIZATION", "GRADIO_SERVER_PORT", "GRADIO_SERVER_NAME"):
+        monkeypatch.setenv(name, "")  # set but blank, as container files often leave them: unset
+    args = app.parse_args([])
+    assert (args.protocol, args.decoding, args.quantization, args.port, args.host) == (
+        "ours",
+        "auto",
+        "auto",
+        7860,
+        "127.0.0.1",
+    )
 
 
 def test_main_launches_with_the_limits_and_loads_the_model_lazily(monkeypatch):
@@ -216,7 +225,7 @@ def test_a_local_model_is_named_on_the_page_without_its_path(monkeypatch, tmp_pa
     """The header names a local checkpoint as concept files do (`local_model_id`): the server's path stays out."""
     import app
     from ego import Ego
-    from ego.engine import local_model_id
+    from ego.memory import local_model_id
 
     folder = tmp_path / "private" / "acme-finetune"
     folder.mkdir(parents=True)

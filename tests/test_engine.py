@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -389,23 +390,68 @@ def test_a_question_names_a_concept_only_by_its_whole_name(question, name, named
 
 
 def test_a_local_folder_is_one_model_however_it_is_spelled(tmp_path, monkeypatch):
-    """Concept files name a local checkpoint by its folder, not by the path that was typed, nor the server's."""
+    """Concept files name a local checkpoint by its folder's name and config, not by the path that was typed, nor
+    the server's: the same folder spelled otherwise, or copied elsewhere, is the same model."""
     import os
+    import shutil
 
-    from ego.engine import local_model_id
+    from ego.memory import local_model_id
 
     folder = tmp_path / "runs" / "my-finetune"
     folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "qwen2_5_vl", "hidden_size": 64}')
     os.symlink(folder, tmp_path / "latest")
     monkeypatch.chdir(tmp_path / "runs")
+    monkeypatch.setenv("HOME", str(tmp_path))
     spellings = [folder, f"{folder}/", "my-finetune", "./my-finetune/", "../runs/my-finetune", tmp_path / "latest"]
-    ids = {local_model_id(spelling) for spelling in spellings}
+    ids = {local_model_id(spelling) for spelling in [*spellings, "~/runs/my-finetune"]}
     assert len(ids) == 1
     (model_id,) = ids
-    assert model_id.startswith("my-finetune (local folder ") and str(tmp_path) not in model_id
-    other = tmp_path / "other" / "my-finetune"
-    other.mkdir(parents=True)
-    assert local_model_id(other) != model_id  # another checkpoint of the same name is another model
+    assert model_id.startswith("my-finetune (local folder, config ") and str(tmp_path) not in model_id
+    copy = shutil.copytree(folder, tmp_path / "elsewhere" / "my-finetune")
+    assert local_model_id(copy) == model_id
+    (copy / "config.json").write_text('{"model_type": "qwen2_5_vl", "hidden_size": 128}')
+    assert local_model_id(copy) != model_id  # another architecture under the same name is another model
+
+
+@pytest.mark.parametrize(
+    "made_with, same",
+    [
+        ("ckpt (local folder, config 0123456789ab)", True),
+        ("/srv/models/ckpt", True),  # files written before: the path as it was typed
+        ("ckpt/", True),
+        ("C:\\models\\ckpt", True),
+        ("ckpt (local folder, config ffffffffffff)", False),  # the same name, another config
+        ("/srv/models/other", False),
+        ("Qwen/Qwen2.5-VL-7B-Instruct", False),
+    ],
+)
+def test_concepts_of_a_local_folder_are_recognised_in_any_spelling_of_it(made_with, same):
+    from ego.memory import same_model
+
+    assert same_model(made_with, "ckpt (local folder, config 0123456789ab)") is same
+    assert same_model("Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct")
+    assert not same_model("ckpt", "Qwen/ckpt")  # a Hub model is named exactly
+
+
+def test_a_local_folder_loads_from_its_home_spelling_and_takes_its_older_files(tmp_path, monkeypatch):
+    """ "~/models/tiny" loads the folder; a concept file written when folders were named by their typed path
+    loads into it, under the folder's new name."""
+    import shutil
+
+    from ego import Ego, load_concepts, save_concepts
+    from ego.memory import local_model_id
+    from ego.random_models import tiny_checkpoint
+
+    folder = shutil.copytree(tiny_checkpoint("qwen2-vl"), tmp_path / "models" / "tiny")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    engine = Ego.from_pretrained("~/models/tiny", quantization=None, device="cpu")
+    assert engine.model_id == local_model_id(folder)
+    concept = engine.introduce("Chelsea", photo(0), keywords="cat", area_pct=10)
+    older = save_concepts(tmp_path / "older.ego", [dataclasses.replace(concept, model_id=str(folder))])
+    (loaded,) = load_concepts(older, engine)
+    assert loaded.model_id == engine.model_id
+    assert engine.answer("Is Chelsea here?", [loaded], max_new_tokens=1).concepts_used == ("Chelsea",)
 
 
 def test_memory_from_another_model_is_refused():

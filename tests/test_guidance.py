@@ -52,6 +52,15 @@ def test_after_introduce_names_the_concept_introduced_and_keeps_the_next_ones_ty
     assert form == (gr.skip(),) * 5
     assert "“Chelsea” is introduced" in capsys.readouterr().out
     assert after_introduce(_holding("my cat Chelsea"), "  My  cat chelsea ") == ("", None, "", True, 25)
+    # The name is kept without its invisible characters (a zero-width joiner, a soft hyphen): still the same name.
+    assert after_introduce(_holding("Fam \U0001f468\U0001f469"), "Fam \U0001f468\u200d\U0001f469") == (
+        "",
+        None,
+        "",
+        True,
+        25,
+    )
+    assert after_introduce(_holding("Software"), "Soft\xadware")[0] == ""
 
 
 def test_the_export_nudge_comes_once_however_the_first_concepts_came(capsys):
@@ -96,21 +105,17 @@ def test_stop_marks_the_text_of_the_messages_a_chat_view_hands_over():
 
 
 def test_chat_views_show_markup_as_text():
-    """A chat view renders no Markdown but still renders HTML: questions and answers go in escaped, once."""
+    """A chat view renders no Markdown but still renders HTML: what could open a tag or an entity is kept text by
+    a zero-width space, and the rest of the text is left as typed (for the Copy button and screen readers)."""
     from space.conversations import messages
-    from space.guidance import thinking_in_chat
 
-    question, answer = '<b id="x">Is <i>Chelsea</i> here?</b>', "Yes & <a href='https://e.org'>more</a>"
+    question, answer = '<b id="x">Is <i>Chelsea</i> here?</b>', "Yes & no: 3 < 5 > 2, &amp; <a href='https://e.org'>"
     view = messages([(question, answer)], "<img src=x>", "")
+    z = "\u200b"
     assert [m["content"] for m in view] == [
-        '&lt;b id="x"&gt;Is &lt;i&gt;Chelsea&lt;/i&gt; here?&lt;/b&gt;',
-        "Yes &amp; &lt;a href='https://e.org'&gt;more&lt;/a&gt;",
-        "&lt;img src=x&gt;",
+        f'<{z}b id="x">Is <{z}i>Chelsea<{z}/i> here?<{z}/b>',
+        f"Yes & no: 3 < 5 > 2, &{z}amp; <{z}a href='https://e.org'>",
+        f"<{z}img src=x>",
         "",
     ]
-    shown = thinking_in_chat(view[:2], "<script>1</script>")
-    assert shown[:2] == view[:2]  # what the view already shows is not escaped twice
-    assert shown[2:] == [
-        {"role": "user", "content": "&lt;script&gt;1&lt;/script&gt;"},
-        {"role": "assistant", "content": THINKING},
-    ]
+    assert [m["content"].replace(z, "") for m in view[:2]] == [question, answer]  # nothing else changed

@@ -103,7 +103,7 @@ def test_overrides_cut_depth_and_keep_index_lists_inside():
 
 def test_scaled_down_real_architecture_loads_and_introduces(tmp_path):
     from ego import Ego, Settings
-    from ego.engine import local_model_id
+    from ego.memory import local_model_id
 
     name = "qwen2-vl-2b"  # the smallest real vocabulary x hidden size: 0.47 GB of bf16 weights with 1 layer
     arch = architecture(name)
