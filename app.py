@@ -53,7 +53,7 @@ def build_demo(
     from space import api, guidance
     from space.actions import Actions
     from space.examples import load_examples
-    from space.links import refuse_links
+    from space.links import refuse_host_files, refuse_links
     from space.loading import LazyEngine
     from space.resume import Sessions
     from space.session import Session
@@ -291,6 +291,7 @@ def build_demo(
     api.photos_are_required(demo, intro.photos.label)
     for block in demo.blocks.values():
         refuse_links(block)  # a file payload that names a URL is refused, never downloaded
+        refuse_host_files(block)  # nor may any payload name a file of the server
     # api_open=False: an event that uses the queue can be reached only through it (Gradio leaves its
     # direct REST route open everywhere but on HF Spaces, which would let a script skip the queue's limits).
     demo.queue(max_size=s.queue_max_size, api_open=False)

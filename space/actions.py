@@ -269,9 +269,8 @@ class Actions:
                 raise
             finally:
                 stream.close()
-                if str(answer) and not failed:  # finished or stopped: the answer so far is the first turn
-                    chat.adopt(question, answer)
-                    self._keep_conversation(session, "image", chat, asked)
+                if not failed:  # finished or stopped: the answer so far is the first turn
+                    self._keep_conversation(session, "image", chat, question, answer, asked)
             if compare:  # streamed too, so that Stop or a closed tab also ends this answer at once
                 stream = self._answer_stream(engine, question, (), image=picture)
                 try:
@@ -281,10 +280,16 @@ class Actions:
                     stream.close()
             yield session, str(answer), str(plain), details, matches  # the final value of every output
 
-    def _keep_conversation(self, session: Session, tab: str, chat, asked: int) -> None:
-        """The tab's conversation for follow-ups, within the memory all sessions may hold; if it does not fit,
-        the visitor is told that this answer cannot be followed up. Not kept, silently, when the visitor moved on
-        while it was answered (a new photo or clip, "New conversation", another first question, a removed concept)."""
+    def _keep_conversation(self, session: Session, tab: str, chat, question: str, answer, asked: int) -> None:
+        """A first question answered (or stopped): its conversation becomes the tab's for follow-ups, within the
+        memory all sessions may hold; if it does not fit, the visitor is told that this answer cannot be followed
+        up. Not kept, silently, when the visitor moved on while it was answered (a new photo or clip, "New
+        conversation", another first question, a removed concept), nor when the answer has no word; then no older
+        conversation of the tab is followed up either: the last question asked was about another photo or clip."""
+        if not str(answer):
+            session.conversations.end(tab, asked)
+            return
+        chat.adopt(question, answer)
         if session.keep_conversation(tab, chat, self.conversation_budget, asked) is False:
             gr.Warning(FULL_OF_CONVERSATIONS)
 
@@ -342,9 +347,8 @@ class Actions:
                 raise
             finally:
                 stream.close()
-                if str(answer) and not failed:
-                    chat.adopt(question, answer)
-                    self._keep_conversation(session, "video", chat, asked)
+                if not failed:
+                    self._keep_conversation(session, "video", chat, question, answer, asked)
             yield session, gallery, str(answer), details
 
     # ------------------------------------------------------------------------------------------

@@ -87,10 +87,13 @@ class Conversations:
         with self._lock:
             return tab in self._streaming
 
-    def end(self, tab: str) -> None:
+    def end(self, tab: str, asked: int | None = None) -> None:
         """The tab has no conversation any more (a new photo or clip, or "New conversation"), nor will the first
-        question in flight there start one."""
+        question in flight there start one. With `asked` (`asking`'s mark of a first question that ended without
+        a conversation to keep): only if nothing happened in the tab since that question was asked."""
         with self._lock:
+            if asked is not None and self._asked.get(tab) != asked:
+                return
             self._asked[tab] = self._asked.get(tab, 0) + 1
             self._chats.pop(tab, None)
             if self.current == tab:  # `/follow_up` continues the last one started, or none: never an older one

@@ -1,10 +1,15 @@
-"""The Space never fetches a link a visitor sends it.
+"""The Space never fetches a link a visitor sends it, nor opens a file of the server a visitor names.
 
 Gradio fetches http(s) URLs in two places: a file payload whose `path` is a URL (an API caller can
 send one for any file input; the server downloads it, with no size limit, before any handler runs)
 and the `/gradio_api/file=<url>` route (the server streams the URL back). Both refuse private
 addresses, but any public URL would still be fetched by the Space, on the visitor's behalf. Nothing
 in this app needs either, so both are refused: visitors upload the file itself.
+
+Gradio checks that a file payload was uploaded only when the payload says it is a file (its "meta" field):
+a photo sent as `{"path": "/some/server/file.png"}` without it reaches the component as it is, and the
+component opens the server's file. Every input's payload is therefore checked here, whatever it says it is:
+each path it names must lie in Gradio's upload folder, where uploads (and the examples' copies) are.
 """
 
 from __future__ import annotations
@@ -36,6 +41,43 @@ def refuse_links(block) -> None:
         return await move_to_cache(url_or_file_path)
 
     block.async_move_resource_to_block_cache = local_files_only
+
+
+NOT_UPLOADED = "Send files as uploads (see the HTTP API's docs); this app opens no file of the server."
+
+
+def refuse_host_files(block) -> None:
+    """Make `block` refuse a payload naming any file outside Gradio's upload folder (a link included), before its
+    own preprocessing opens it. (Wrapped on the instance, as `refuse_links` is.)"""
+    from gradio.utils import get_upload_folder, is_in_or_equal
+
+    preprocess = getattr(block, "preprocess", None)
+    if preprocess is None:  # a layout block (a row, a tab): it takes no input
+        return
+
+    def uploaded_files_only(payload):
+        uploads = get_upload_folder()
+        if any(not is_in_or_equal(path, uploads) for path in _named_paths(payload)):
+            raise gr.Error(NOT_UPLOADED, print_exception=False)
+        return preprocess(payload)
+
+    block.preprocess = uploaded_files_only
+
+
+def _named_paths(payload, depth: int = 0):
+    """Every "path" a payload names, at any depth (a gallery's images, a video's file, a chat message's files)."""
+    if depth > 16:
+        return
+    if hasattr(payload, "model_dump"):  # Gradio's data models (ImageData, GalleryData, FileData, ...)
+        payload = payload.model_dump()
+    if isinstance(payload, dict):
+        if isinstance(payload.get("path"), str):
+            yield payload["path"]
+        for value in payload.values():
+            yield from _named_paths(value, depth + 1)
+    elif isinstance(payload, (list, tuple)):
+        for value in payload:
+            yield from _named_paths(value, depth + 1)
 
 
 class RefuseFileLinks:

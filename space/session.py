@@ -196,8 +196,11 @@ class Session:
         conversation never holds a concept the session let go."""
         with self._lock:
             ours = {id(entry.concept) for entry in self._entries}
-            if self.conversations.stale(tab, asked) or any(id(concept) not in ours for concept in chat.concepts):
+            if self.conversations.stale(tab, asked):
                 return None  # before the budget: a refusal would end the conversation the visitor has now
+            if any(id(concept) not in ours for concept in chat.concepts):
+                self.conversations.end(tab, asked)  # nor may an older conversation be followed up instead
+                return None
             previous = self.conversations.get(tab)
             growth = chat.held_bytes - (previous.held_bytes if previous is not None else 0)
             try:

@@ -561,6 +561,12 @@ def test_an_answer_that_ends_without_a_word_says_so(engine, monkeypatch):
     ]
     turns = talking.conversations.get("image").turns
     assert turns[: len(before)] == before and [(q, str(a)) for q, a in turns[len(before) :]] == [("And the wall?", "")]
+    # Over the HTTP API, a first question about another photo that ends without a word: the older conversation is
+    # not followed up in its place.
+    list(act.ask_image(talking, NEW_PHOTO, "What is this?", progress=quiet))
+    assert talking.conversations.get("image") is None
+    with pytest.raises(gr.Error, match="no conversation to follow up yet"):
+        list(act.follow_up(talking, "And then?", progress=quiet))
 
 
 def test_export_is_held_to_the_limit_its_import_applies(engine, tmp_path):

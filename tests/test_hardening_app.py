@@ -263,16 +263,18 @@ def test_file_payloads_naming_host_files_or_links_are_refused(url, mine, loopbac
         f"{server}/photo.jpg",
         f"{server}/concepts.safetensors",
     ]:
-        file = {"path": path, "meta": {"_type": "gradio.FileData"}}
-        for api_name, data in [
-            ("introduce", ["Sneaky", [{"image": file, "caption": None}], "cat", False, 10]),
-            ("ask_image", [file, "What is this?", False]),
-            ("import_concepts", [file]),
-        ]:
-            message = queue_call(url, client, api_name, data)
-            text = json.dumps(message)
-            assert message["success"] is False, (api_name, path, text)
-            assert PASSWD_LINE not in text and APP_SOURCE_LINE not in text and SECRET.decode() not in text
+        # With the "meta" that says it is a file (Gradio checks those), and without it (only this app does).
+        for file in ({"path": path, "meta": {"_type": "gradio.FileData"}}, {"path": path}):
+            for api_name, data in [
+                ("introduce", ["Sneaky", [{"image": file, "caption": None}], "cat", False, 10]),
+                ("ask_image", [file, "What is this?", False]),
+                ("ask_video", [{"video": file, "subtitles": None}, "What happens?"]),
+                ("import_concepts", [file]),
+            ]:
+                message = queue_call(url, client, api_name, data)
+                text = json.dumps(message)
+                assert message["success"] is False, (api_name, path, text)
+                assert PASSWD_LINE not in text and APP_SOURCE_LINE not in text and SECRET.decode() not in text
     assert hits == []
     assert client.predict(api_name="/list_concepts") == mine["records"]
 

@@ -212,3 +212,24 @@ def test_a_late_first_answer_the_budget_refuses_leaves_the_visitors_newer_conver
     late = SimpleNamespace(held_bytes=1500, concepts=(), turns=[("q", "a")])
     assert session.keep_conversation("image", late, budget, first) is None
     assert session.conversations.get("image") is newer
+
+
+def test_a_first_answer_about_a_removed_concept_leaves_no_older_conversation_to_follow_up():
+    """The visitor asked about another photo, and removed a concept that answer knew while it was answered: that
+    conversation is not kept, and the older one of the tab is not followed up in its place."""
+    from types import SimpleNamespace
+
+    session = Session()
+    budget = MemoryBudget(10_000, held_by=lambda held: held.conversations.nbytes)
+    older = SimpleNamespace(held_bytes=10, concepts=(), turns=[("about photo A", "a")])
+    assert session.keep_conversation("image", older, budget, session.conversations.asking("image")) is True
+    removed = SimpleNamespace(name="Chelsea")  # a concept the session no longer holds
+    newer = SimpleNamespace(held_bytes=10, concepts=(removed,), turns=[("about photo B", "b")])
+    assert session.keep_conversation("image", newer, budget, session.conversations.asking("image")) is None
+    assert session.conversations.get("image") is None and session.conversations.current is None
+    # A question overtaken by a later one ends nothing: the later one's conversation stays.
+    late = session.conversations.asking("image")
+    kept = SimpleNamespace(held_bytes=10, concepts=(), turns=[("about photo C", "c")])
+    assert session.keep_conversation("image", kept, budget, session.conversations.asking("image")) is True
+    session.conversations.end("image", late)
+    assert session.conversations.get("image") is kept
