@@ -307,13 +307,17 @@ def launch_options(settings, space_settings=None) -> dict:
     from space.links import RefuseFileLinks
     from space.settings import DEFAULT_SPACE_SETTINGS
     from space.uploads import UploadQuota
+    from space.visitors import NewSessionQuota
 
     space = space_settings or DEFAULT_SPACE_SETTINGS
     quota = Middleware(UploadQuota, max_bytes=space.max_cache_bytes, upload_bytes=settings.max_upload_bytes)
+    sessions = Middleware(
+        NewSessionQuota, max_new=space.max_new_sessions_per_address_per_hour, remember=2 * space.max_sessions
+    )
     return dict(
         max_file_size=settings.max_upload_bytes,
         state_session_capacity=space.max_sessions,
-        app_kwargs={"middleware": [Middleware(RefuseFileLinks), quota]},
+        app_kwargs={"middleware": [Middleware(RefuseFileLinks), quota, sessions]},
         css=CSS,
     )
 

@@ -1,5 +1,6 @@
 """The Space's "Use via API" page: what each endpoint does, in a visitor's words, and example arguments that
-run as they are, from a clone of this repository, against this app.
+run as they are, from a clone of this repository, against this app; /import_concepts's too once the file that
+/export_concepts returns is saved there under its example's name (`EXPORTED_FILE`).
 
 Gradio's own example arguments are web links to a picture of a bus (this app refuses links: a file is
 uploaded, never fetched) and empty values where a photo list or a concept name is needed. Here every file
@@ -36,8 +37,9 @@ LIST_CONCEPTS = "Your concepts: name, memory tokens, photos, keywords and size p
 REMOVE_CONCEPT = "Remove one of your concepts by name. Returns your concepts that remain."
 EXPORT_CONCEPTS = "Write your concepts to one .safetensors file (no pickle) to keep them or move them."
 IMPORT_CONCEPTS = (
-    "Add the concepts of a file made by export_concepts with the same model. Names you already "
-    "have are skipped (and named in a message). Returns your concepts."
+    "Add the concepts of a file made by export_concepts with the same model (the example's file: one "
+    "export_concepts returned, saved as ego-concepts.safetensors). Names you already have are skipped (and "
+    "named in a message). Returns your concepts."
 )
 
 EXPORTED_FILE = "ego-concepts.safetensors"

@@ -22,6 +22,10 @@ class SpaceSettings:
     """A visitor's concepts are freed this long after their last action (a closed tab's too)."""
     max_sessions: int = 1000
     """Visitor sessions held in server memory; beyond this the least recently used one is dropped."""
+    max_new_sessions_per_address_per_hour: int = 200
+    """Sessions one client address (where it is known) may start in an hour (each page load and each API client
+    starts one); one more request in a new session is refused with a sentence. Without it, one script opening
+    `max_sessions` sessions would push every visitor's session out."""
     max_all_sessions_memory_mb: int = 4096
     """Concept memory (rows, scores, thumbnails) all sessions together may hold, in MiB; beyond it new
     concepts are refused until sessions expire. 4 GiB is about 10,500 one-photo concepts of Qwen2.5-VL-7B."""

@@ -12,6 +12,96 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
+import re
+import time
+from collections import OrderedDict, deque
+
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+
+TOO_MANY_SESSIONS = (
+    "Too many new sessions from your address in the last hour; please wait a while, or keep using the session "
+    "you have (one client, one page)."
+)
+_SESSION_ROUTE = re.compile(r"/gradio_api/(?:queue/join|run/|call/|api/)")
+"""The routes whose body names the session a request belongs to (and which start it if it is new)."""
+_MAX_BODY_BYTES = 4 << 20
+"""A larger request body is refused (413): files come through the upload route, not in a request's body."""
+BODY_TOO_LARGE = "This request is too large; send files as uploads (see the HTTP API's docs)."
+
+
+class NewSessionQuota:
+    """ASGI middleware: a client address (`client_address`; unknown ones are not counted) may start at most
+    `max_new` sessions in `window_s`; a request that would start one more gets 429 with a sentence.
+
+    Gradio keeps `max_sessions` sessions and drops the least recently used beyond: a script that opens sessions
+    by the thousand would otherwise push every visitor's concepts out within seconds. Sessions are told apart by
+    the `session_hash` of a request's body; the hashes seen recently are remembered (twice `max_sessions` of
+    them), so a session's later requests are not counted again.
+    """
+
+    def __init__(self, app, *, max_new: int, window_s: float = 3600.0, remember: int = 2000):
+        self.app = app
+        self.max_new, self.window_s, self.remember = max_new, window_s, remember
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._started: dict[str, deque[float]] = {}
+
+    async def __call__(self, scope, receive, send):
+        if not (scope["type"] == "http" and scope.get("method") == "POST" and _SESSION_ROUTE.search(scope["path"])):
+            await self.app(scope, receive, send)
+            return
+        body, more = b"", True
+        while more and len(body) <= _MAX_BODY_BYTES:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        if len(body) > _MAX_BODY_BYTES:
+            await PlainTextResponse(BODY_TOO_LARGE, status_code=413)(scope, receive, send)
+            return
+        if not self._admits(_session_hash(body), client_address(Request(scope))):
+            await PlainTextResponse(TOO_MANY_SESSIONS, status_code=429)(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": more}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _admits(self, session_hash: str | None, address: str | None) -> bool:
+        if not session_hash or session_hash in self._seen:
+            if session_hash:
+                self._seen.move_to_end(session_hash)
+            return True
+        if address is not None:
+            now = time.monotonic()
+            started = self._started.setdefault(address, deque())
+            while started and now - started[0] > self.window_s:
+                started.popleft()
+            if len(started) >= self.max_new:
+                return False
+            started.append(now)
+            if len(self._started) > self.remember:  # addresses idle the longest go first
+                self._started = {a: t for a, t in self._started.items() if t and now - t[-1] <= self.window_s}
+        self._seen[session_hash] = None
+        while len(self._seen) > self.remember:
+            self._seen.popitem(last=False)
+        return True
+
+
+def _session_hash(body: bytes) -> str | None:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    value = document.get("session_hash") if isinstance(document, dict) else None
+    return value if isinstance(value, str) else None
+
 
 TOO_MANY = (
     "You already have {count} requests waiting for the model; wait for an answer (or stop one) before sending another."

@@ -111,8 +111,16 @@ def test_main_launches_with_the_limits_and_loads_the_model_lazily(monkeypatch):
     assert seen["server_name"] == "127.0.0.1" and seen["share"] is False
     assert seen["max_file_size"] == DEFAULT_SETTINGS.max_upload_mb * 1024 * 1024
     assert seen["state_session_capacity"] == SpaceSettings().max_sessions
-    links, quota = seen["app_kwargs"]["middleware"]
-    assert (links.cls.__name__, quota.cls.__name__) == ("RefuseFileLinks", "UploadQuota")
+    links, quota, sessions = seen["app_kwargs"]["middleware"]
+    assert (links.cls.__name__, quota.cls.__name__, sessions.cls.__name__) == (
+        "RefuseFileLinks",
+        "UploadQuota",
+        "NewSessionQuota",
+    )
+    assert sessions.kwargs == {
+        "max_new": SpaceSettings().max_new_sessions_per_address_per_hour,
+        "remember": 2 * SpaceSettings().max_sessions,
+    }
     assert quota.kwargs == {
         "max_bytes": SpaceSettings().max_cache_mb * 1024 * 1024,
         "upload_bytes": DEFAULT_SETTINGS.max_upload_mb * 1024 * 1024,

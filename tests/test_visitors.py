@@ -33,3 +33,51 @@ def request(host, forwarded=None):
 )
 def test_the_address_is_the_peers_unless_local_proxies_pass_on_the_one_they_were_reached(host, forwarded, expected):
     assert client_address(request(host, forwarded)) == expected
+
+
+def _server(max_new: int, remember: int = 100):
+    """A Starlette app behind `NewSessionQuota` that echoes the session of each request it lets through."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from space.visitors import NewSessionQuota
+
+    async def join(request):
+        return JSONResponse({"session_hash": (await request.json()).get("session_hash")})
+
+    app = Starlette(
+        routes=[Route(f"/gradio_api/{path}", join, methods=["POST"]) for path in ("queue/join", "run/x")],
+        middleware=[Middleware(NewSessionQuota, max_new=max_new, remember=remember)],
+    )
+    return TestClient(app, client=("127.0.0.1", 5000))  # a local proxy: the address is X-Forwarded-For's
+
+
+def test_one_address_may_start_only_so_many_sessions_and_keeps_using_them():
+    """A script opening sessions by the thousand would push every visitor's session out of Gradio's
+    `max_sessions`: beyond its quota an address is refused a new session, with a sentence, and keeps its own."""
+    client = _server(max_new=2)
+
+    def post(session, address, route="queue/join"):
+        return client.post(f"/gradio_api/{route}", json={"session_hash": session}, headers={"x-forwarded-for": address})
+
+    assert post("a1", "203.0.113.7").json() == {"session_hash": "a1"}
+    assert post("a2", "203.0.113.7", route="run/x").status_code == 200
+    refused = post("a3", "203.0.113.7")
+    assert refused.status_code == 429 and "Too many new sessions from your address" in refused.text
+    assert post("a1", "203.0.113.7").status_code == 200  # its sessions go on
+    assert post("b1", "198.51.100.4").status_code == 200  # another address has its own quota
+    unknown = client.post("/gradio_api/queue/join", json={"session_hash": "c1"})  # no address known: not counted
+    assert unknown.status_code == 200
+    assert client.post("/gradio_api/queue/join", content=b"x" * (5 << 20)).status_code == 413
+
+
+def test_the_sessions_remembered_are_bounded():
+    from space.visitors import NewSessionQuota
+
+    quota = NewSessionQuota(None, max_new=1000, remember=3)
+    for number in range(10):
+        assert quota._admits(f"s{number}", "203.0.113.7")
+    assert list(quota._seen) == ["s7", "s8", "s9"]
