@@ -22,6 +22,7 @@ import torch
 
 from .checks import is_valid_text
 from .errors import IncompatibleMemoryError, MemoryFileError
+from .presets import HUB_ID
 from .settings import DEFAULT_SETTINGS
 
 FORMAT_NAME = "ego-concepts"
@@ -133,6 +134,8 @@ def local_model_id(folder) -> str:
 
 
 _LOCAL_MODEL_ID = re.compile(r"(?P<folder>.+) \(local folder, config [0-9a-f]{12}\)")
+_EARLIER_LOCAL_MODEL_ID = re.compile(r"(?P<folder>.+) \(local folder [0-9a-f]{12}\)")
+"""How an earlier version named a local folder: "ckpt (local folder 0123456789ab)", a digest of its path."""
 
 
 def same_model(made_with: str, model_id: str) -> bool:
@@ -142,7 +145,12 @@ def same_model(made_with: str, model_id: str) -> bool:
     if made_with == model_id:
         return True
     local = _LOCAL_MODEL_ID.fullmatch(model_id)
-    return bool(local) and not _LOCAL_MODEL_ID.fullmatch(made_with) and _folder_name(made_with) == local["folder"]
+    if local is None or _LOCAL_MODEL_ID.fullmatch(made_with):  # a Hub model, or another config: named exactly
+        return False
+    if earlier := _EARLIER_LOCAL_MODEL_ID.fullmatch(made_with):
+        return earlier["folder"] == local["folder"]
+    # A path as it was typed; not a Hub id ("someone/ckpt" is another model than the folder "ckpt").
+    return not HUB_ID.fullmatch(made_with.strip()) and _folder_name(made_with) == local["folder"]
 
 
 def _folder_name(path: str) -> str:

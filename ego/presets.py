@@ -104,7 +104,7 @@ def resolve(name: str) -> Preset | None:
     return PRESETS.get(name.strip().lower())
 
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 """A Hub repository id: owner/name (a local folder is looked for first)."""
 
 
@@ -112,7 +112,7 @@ def check_model_name(model) -> None:
     """ValueError, with the closest presets, for a model that is neither a preset, a local folder, nor a Hub id
     (owner/name): a mistyped preset stops here, not at a download that cannot find it."""
     text = str(model)
-    if resolve(text) is not None or Path(text).expanduser().is_dir() or _HUB_ID.fullmatch(text.strip()):
+    if resolve(text) is not None or Path(text).expanduser().is_dir() or HUB_ID.fullmatch(text.strip()):
         return
     close = difflib.get_close_matches(text.strip().lower(), list(PRESETS), n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(close)}? " if close else ""

@@ -8,8 +8,9 @@ in this app needs either, so both are refused: visitors upload the file itself.
 
 Gradio checks that a file payload was uploaded only when the payload says it is a file (its "meta" field):
 a photo sent as `{"path": "/some/server/file.png"}` without it reaches the component as it is, and the
-component opens the server's file. Every input's payload is therefore checked here, whatever it says it is:
-each path it names must lie in Gradio's upload folder, where uploads (and the examples' copies) are.
+component opens the server's file. Every input's payload is therefore checked here, whatever it says it is,
+before any component sees it: each path it names must lie in Gradio's upload folder, where uploads (and the
+examples' copies) are.
 """
 
 from __future__ import annotations
@@ -46,26 +47,32 @@ def refuse_links(block) -> None:
 NOT_UPLOADED = "Send files as uploads (see the HTTP API's docs); this app opens no file of the server."
 
 
-def refuse_host_files(block) -> None:
-    """Make `block` refuse a payload naming any file outside Gradio's upload folder (a link included), before its
-    own preprocessing opens it. (Wrapped on the instance, as `refuse_links` is.)"""
+def refuse_host_files(demo) -> None:
+    """Make `demo` refuse, before any component sees it, an input payload that names a file outside Gradio's
+    upload folder (a link included) or carries an inline `data:` URL. Checked on the demo's raw inputs, not in each
+    component: Gradio gives a session its own copy of a component once a handler updates it (an example click
+    does), and a check wrapped on the shared component would not follow. (Wrapped on the instance.)"""
     from gradio.utils import get_upload_folder, is_in_or_equal
 
-    preprocess = getattr(block, "preprocess", None)
-    if preprocess is None:  # a layout block (a row, a tab): it takes no input
-        return
+    preprocess_data = demo.preprocess_data
 
-    def uploaded_files_only(payload):
+    async def uploaded_files_only(block_fn, inputs, state, *args, **kwargs):
         uploads = get_upload_folder()
-        if any(not is_in_or_equal(path, uploads) for path in _named_paths(payload)):
-            raise gr.Error(NOT_UPLOADED, print_exception=False)
-        return preprocess(payload)
+        for path in _named_paths(inputs):
+            if _is_inline(path) or not is_in_or_equal(path, uploads):
+                raise gr.Error(NOT_UPLOADED, print_exception=False)
+        return await preprocess_data(block_fn, inputs, state, *args, **kwargs)
 
-    block.preprocess = uploaded_files_only
+    demo.preprocess_data = uploaded_files_only
+
+
+def _is_inline(text: str) -> bool:
+    return text.lstrip().lower().startswith("data:")
 
 
 def _named_paths(payload, depth: int = 0):
-    """Every "path" a payload names, at any depth (a gallery's images, a video's file, a chat message's files)."""
+    """Every "path" a payload names, and every inline "url", at any depth (a gallery's images, a video's file, a
+    chat message's files)."""
     if depth > 16:
         return
     if hasattr(payload, "model_dump"):  # Gradio's data models (ImageData, GalleryData, FileData, ...)
@@ -73,6 +80,8 @@ def _named_paths(payload, depth: int = 0):
     if isinstance(payload, dict):
         if isinstance(payload.get("path"), str):
             yield payload["path"]
+        if isinstance(payload.get("url"), str) and _is_inline(payload["url"]):
+            yield payload["url"]
         for value in payload.values():
             yield from _named_paths(value, depth + 1)
     elif isinstance(payload, (list, tuple)):

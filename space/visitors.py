@@ -74,10 +74,12 @@ class NewSessionQuota:
         await self.app(scope, replay, send)
 
     def _admits(self, session_hash: str | None, address: str | None) -> bool:
-        if not session_hash or session_hash in self._seen:
-            if session_hash:
-                self._seen.move_to_end(session_hash)
+        """Whether a request of `session_hash` (None: a body without one, which the queue serves in a session of
+        its own, so it starts one every time) from `address` may go on."""
+        if session_hash is not None and session_hash in self._seen:
+            self._seen.move_to_end(session_hash)
             return True
+        address = _network(address)
         if address is not None:
             now = time.monotonic()
             started = self._started.setdefault(address, deque())
@@ -88,10 +90,22 @@ class NewSessionQuota:
             started.append(now)
             if len(self._started) > self.remember:  # addresses idle the longest go first
                 self._started = {a: t for a, t in self._started.items() if t and now - t[-1] <= self.window_s}
-        self._seen[session_hash] = None
+        if session_hash is not None:
+            self._seen[session_hash] = None
         while len(self._seen) > self.remember:
             self._seen.popitem(last=False)
         return True
+
+
+def _network(address: str | None) -> str | None:
+    """An IPv4 address itself; an IPv6 address's /64 network, which one host may fill with addresses."""
+    try:
+        ip = ipaddress.ip_address(address) if address is not None else None
+    except ValueError:
+        return address
+    if ip is not None and ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return address
 
 
 def _session_hash(body: bytes) -> str | None:
@@ -100,7 +114,7 @@ def _session_hash(body: bytes) -> str | None:
     except ValueError:
         return None
     value = document.get("session_hash") if isinstance(document, dict) else None
-    return value if isinstance(value, str) else None
+    return value if isinstance(value, str) and value else None
 
 
 TOO_MANY = (

@@ -424,6 +424,9 @@ def test_a_local_folder_is_one_model_however_it_is_spelled(tmp_path, monkeypatch
         ("ckpt (local folder, config ffffffffffff)", False),  # the same name, another config
         ("/srv/models/other", False),
         ("Qwen/Qwen2.5-VL-7B-Instruct", False),
+        ("ckpt (local folder 6ffec7d60649)", True),  # an earlier version's name: a digest of the path
+        ("other (local folder 6ffec7d60649)", False),
+        ("someone-else/ckpt", False),  # a Hub model whose name ends like the folder's
     ],
 )
 def test_concepts_of_a_local_folder_are_recognised_in_any_spelling_of_it(made_with, same):

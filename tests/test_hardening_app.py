@@ -11,6 +11,7 @@ import http.server
 import json
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -276,6 +277,29 @@ def test_file_payloads_naming_host_files_or_links_are_refused(url, mine, loopbac
                 assert message["success"] is False, (api_name, path, text)
                 assert PASSWD_LINE not in text and APP_SOURCE_LINE not in text and SECRET.decode() not in text
     assert hits == []
+    assert client.predict(api_name="/list_concepts") == mine["records"]
+
+
+def test_an_example_click_leaves_the_file_checks_in_place(url, mine):
+    """An example click gives the session its own copy of the photo, photos and clip components (Gradio's way of
+    updating a component for one session): the checks on file payloads still apply to what it reads."""
+    client = mine["client"]
+    loads = [  # the examples of the concepts, of the photo and of the clip: each fills a file input
+        d["api_name"]
+        for d in client.config["dependencies"]
+        if re.fullmatch(r"load_example(_\d+)?", str(d.get("api_name"))) and d.get("api_visibility") != "private"
+    ]
+    assert len(loads) == 3
+    for api_name in loads:
+        client.predict(0, api_name=f"/{api_name}")
+    for file in ({"path": QUERY}, {"path": "/etc/passwd"}, {"url": "data:image/png;base64,iVBORw0KGgo=", "path": None}):
+        for api_name, data in [
+            ("introduce", ["Sneaky", [{"image": file, "caption": None}], "cat", False, 10]),
+            ("ask_image", [file, "What is this?", False]),
+            ("ask_video", [{"video": file, "subtitles": None}, "What happens?"]),
+        ]:
+            message = queue_call(url, client, api_name, data)
+            assert message["success"] is False, (api_name, file, json.dumps(message))
     assert client.predict(api_name="/list_concepts") == mine["records"]
 
 

@@ -71,6 +71,15 @@ def test_one_address_may_start_only_so_many_sessions_and_keeps_using_them():
     assert post("b1", "198.51.100.4").status_code == 200  # another address has its own quota
     unknown = client.post("/gradio_api/queue/join", json={"session_hash": "c1"})  # no address known: not counted
     assert unknown.status_code == 200
+    # Without a session_hash the queue gives each request a session of its own: each one counts.
+    anonymous = [
+        client.post("/gradio_api/run/x", json={"data": []}, headers={"x-forwarded-for": "192.0.2.9"}).status_code
+        for _ in range(3)
+    ]
+    assert anonymous == [200, 200, 429]
+    # One IPv6 host may hold a whole /64: its addresses share one quota.
+    v6 = [post(f"v6-{i}", f"2001:db8:1:2::{i + 1}").status_code for i in range(3)]
+    assert v6 == [200, 200, 429] and post("v6-x", "2001:db8:1:3::1").status_code == 200
     assert client.post("/gradio_api/queue/join", content=b"x" * (5 << 20)).status_code == 413
 
 
