@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict, deque
 
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse
+from starlette.responses import JSONResponse
 
 TOO_MANY_SESSIONS = (
     "Too many new sessions from your address in the last hour; please wait a while, or keep using the session "
@@ -33,7 +33,8 @@ BODY_TOO_LARGE = "This request is too large; send files as uploads (see the HTTP
 
 class NewSessionQuota:
     """ASGI middleware: a client address (`client_address`; unknown ones are not counted) may start at most
-    `max_new` sessions in `window_s`; a request that would start one more gets 429 with a sentence.
+    `max_new` sessions in `window_s`; a request that would start one more gets 429 with a sentence (JSON, as
+    Gradio's own refusals, so that the page shows it).
 
     Gradio keeps `max_sessions` sessions and drops the least recently used beyond: a script that opens sessions
     by the thousand would otherwise push every visitor's concepts out within seconds. Sessions are told apart by
@@ -57,10 +58,11 @@ class NewSessionQuota:
             body += message.get("body", b"")
             more = message.get("more_body", False)
         if len(body) > _MAX_BODY_BYTES:
-            await PlainTextResponse(BODY_TOO_LARGE, status_code=413)(scope, receive, send)
+            await JSONResponse({"detail": BODY_TOO_LARGE}, status_code=413)(scope, receive, send)
             return
         if not self._admits(_session_hash(body), client_address(Request(scope))):
-            await PlainTextResponse(TOO_MANY_SESSIONS, status_code=429)(scope, receive, send)
+            # As Gradio's own refusals: JSON whose "detail" the page shows as the error's sentence.
+            await JSONResponse({"detail": TOO_MANY_SESSIONS}, status_code=429)(scope, receive, send)
             return
         replayed = False
 
