@@ -59,7 +59,7 @@ def refuse_host_files(demo) -> None:
     async def uploaded_files_only(block_fn, inputs, state, *args, **kwargs):
         uploads = get_upload_folder()
         for path in _named_paths(inputs):
-            if _is_inline(path) or not is_in_or_equal(path, uploads):
+            if path is _BUILDS_COMPONENTS or _is_inline(path) or not is_in_or_equal(path, uploads):
                 raise gr.Error(NOT_UPLOADED, print_exception=False)
         return await preprocess_data(block_fn, inputs, state, *args, **kwargs)
 
@@ -70,14 +70,25 @@ def _is_inline(text: str) -> bool:
     return text.lstrip().lower().startswith("data:")
 
 
+_BUILDS_COMPONENTS = object()
+"""Stands for a payload no input of this app sends: one nested deeper than `_MAX_DEPTH`, or one that asks for a
+component to be built (a chat message of `"type": "component"`, whose `constructor_args` Gradio's chat view
+passes to the component it builds, file arguments and inline pictures included)."""
+_MAX_DEPTH = 16
+
+
 def _named_paths(payload, depth: int = 0):
     """Every "path" a payload names, and every inline "url", at any depth (a gallery's images, a video's file, a
-    chat message's files)."""
-    if depth > 16:
+    chat message's files); `_BUILDS_COMPONENTS` for what is refused whatever it names."""
+    if depth > _MAX_DEPTH:
+        yield _BUILDS_COMPONENTS
         return
     if hasattr(payload, "model_dump"):  # Gradio's data models (ImageData, GalleryData, FileData, ...)
         payload = payload.model_dump()
     if isinstance(payload, dict):
+        if payload.get("type") == "component" or "constructor_args" in payload:
+            yield _BUILDS_COMPONENTS
+            return
         if isinstance(payload.get("path"), str):
             yield payload["path"]
         if isinstance(payload.get("url"), str) and _is_inline(payload["url"]):
