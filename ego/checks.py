@@ -53,8 +53,7 @@ def check_name(name, settings: Settings) -> str:
 
 def check_question(question, settings: Settings) -> str:
     question = check_text(str(question or ""), "question").strip()
-    # A question of invisible characters only (a zero-width space) is as empty as no question.
-    if not "".join(ch for ch in question if unicodedata.category(ch) not in _INVISIBLE).strip():
+    if not fold_name(question):  # invisible characters only (a zero-width space): as empty as no question
         raise InputError("Type a question first, for example 'Is Chelsea in this photo?'.")
     if len(question) > settings.max_question_chars:
         raise InputError(f"Questions are at most {settings.max_question_chars} characters; please shorten yours.")

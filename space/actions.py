@@ -481,8 +481,7 @@ class Actions:
 
     @staticmethod
     def shown_conversation(session: Session, *, tab: str) -> list[dict]:
-        """One tab's chat view of the conversation the session holds: also the view put back when the queue
-        refuses a question (no handler ran to take back its "Thinking…")."""
+        """One tab's chat view of the conversation the session holds."""
         chat = session.conversations.get(tab)
         return messages(chat.turns) if chat is not None else []
 

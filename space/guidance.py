@@ -25,7 +25,7 @@ def after_introduce(session: Session, name_box):
     this one was introduced (the Name box holds another name) keeps what they typed.
 
     Returns (name, photos, keywords, auto_size, size_pct)."""
-    introduced = session.names[-1] if len(session) else " ".join(str(name_box or "").split())
+    introduced = session.names[-1] if len(session) else fold_name(str(name_box or ""))
     gr.Info(f"“{html.escape(introduced, quote=False)}” is introduced: ask about it on the Ask tabs.")  # renders HTML
     suggest_export(session)
     if name_key(fold_name(str(name_box or ""))) != name_key(introduced):

@@ -52,7 +52,7 @@ class NewSessionQuota:
         if not (scope["type"] == "http" and scope.get("method") == "POST" and _SESSION_ROUTE.search(scope["path"])):
             await self.app(scope, receive, send)
             return
-        body, more = b"", True
+        body, more = b"", True  # read whole (up to the limit), then handed on as one message
         while more and len(body) <= _MAX_BODY_BYTES:
             message = await receive()
             body += message.get("body", b"")
@@ -70,7 +70,7 @@ class NewSessionQuota:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": body, "more_body": more}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
         await self.app(scope, replay, send)
@@ -90,7 +90,7 @@ class NewSessionQuota:
             if len(started) >= self.max_new:
                 return False
             started.append(now)
-            if len(self._started) > self.remember:  # addresses idle the longest go first
+            if len(self._started) > self.remember:  # forget the addresses that started nothing within the window
                 self._started = {a: t for a, t in self._started.items() if t and now - t[-1] <= self.window_s}
         if session_hash is not None:
             self._seen[session_hash] = None
