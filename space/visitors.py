@@ -46,7 +46,7 @@ class NewSessionQuota:
         self.app = app
         self.max_new, self.window_s, self.remember = max_new, window_s, remember
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self._started: dict[str, deque[float]] = {}
+        self._started: OrderedDict[str, deque[float]] = OrderedDict()
 
     async def __call__(self, scope, receive, send):
         if not (scope["type"] == "http" and scope.get("method") == "POST" and _SESSION_ROUTE.search(scope["path"])):
@@ -90,8 +90,11 @@ class NewSessionQuota:
             if len(started) >= self.max_new:
                 return False
             started.append(now)
-            if len(self._started) > self.remember:  # forget the addresses that started nothing within the window
-                self._started = {a: t for a, t in self._started.items() if t and now - t[-1] <= self.window_s}
+            self._started.move_to_end(address)
+            # Bounded, in constant time per request: the addresses that started a session longest ago are forgotten
+            # first (one host cycling through many IPv6 networks must not grow this without end).
+            while len(self._started) > self.remember:
+                self._started.popitem(last=False)
         if session_hash is not None:
             self._seen[session_hash] = None
         while len(self._seen) > self.remember:
@@ -125,32 +128,65 @@ TOO_MANY = (
 
 
 def client_address(request) -> str | None:
-    """The visitor's address: the connection's, or, when the connection comes from this machine or a private
-    network (a tunnel such as `--share`'s, a local proxy, a hosting platform's proxy, through which every
-    visitor would otherwise share one address), the address those proxies were reached from: the last public
-    address of X-Forwarded-For (the leftmost address when all are private); None when it is not known.
+    """The visitor's address: the connection's, or, when the connection comes from this machine or a network that
+    is not the Internet (a tunnel such as `--share`'s, a local proxy, a hosting platform's proxy, through which
+    every visitor would otherwise share one address), the address those proxies were reached from: the last
+    Internet address of X-Forwarded-For (the leftmost address when none is: a private network end to end); None
+    when it is not known.
 
     Proxies append the address they were reached from, so the header reads "what the client claimed, ..., the
     client, our proxies": a client can write any entry left of its own but none right of it. Reading from the
-    right past our own (private) proxies gives the client; the first entry would be whatever the client wrote."""
+    right past our own proxies gives the client; the first entry would be whatever the client wrote. Several
+    header lines read as one list, in order (as the HTTP standard has it); an entry's port is not part of the
+    address."""
     host = getattr(getattr(request, "client", None), "host", None)
     if not host or not _is_local(host):
         return host or None
-    chain = [entry.strip() for entry in (request.headers.get("x-forwarded-for") or "").split(",") if entry.strip()]
+    chain = [
+        address
+        for line in _header_lines(getattr(request, "headers", None) or {}, "x-forwarded-for")
+        for address in map(_without_port, line.split(","))
+        if address
+    ]
     for entry in reversed(chain):
         if not _is_local(entry):
             return entry
     return chain[0] if chain else None
 
 
+def _header_lines(headers, name: str) -> list[str]:
+    """Every line of header `name`: Starlette's headers keep repeated lines apart, a plain mapping (a request
+    Gradio copied for its queue) holds one."""
+    getlist = getattr(headers, "getlist", None)
+    if getlist is not None:
+        return list(getlist(name))
+    value = headers.get(name)
+    return [value] if value else []
+
+
+def _without_port(entry: str) -> str:
+    """ "93.184.216.34:5678" -> "93.184.216.34", "[2001:db8::1]:443" -> "2001:db8::1"; a bare IPv6 address (several
+    colons) and anything else as written, stripped."""
+    entry = entry.strip()
+    if entry.startswith("[") and "]" in entry:
+        return entry[1 : entry.index("]")]
+    host, colon, port = entry.rpartition(":")
+    if colon and host.count(":") == 0 and port.isdigit():
+        return host
+    return entry
+
+
 def _is_local(address: str) -> bool:
-    """This machine or a private network: one of our own proxies. Something that is not an address (a name, a
-    port-suffixed or garbled entry) is taken as the client's own, never as a proxy."""
+    """This machine or a network that is not the Internet (private, carrier-grade NAT, link-local: where our own
+    proxies live). Something that is not an address (a name, a garbled entry) is taken as the client's own, never
+    as a proxy."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return address == "localhost"
-    return ip.is_loopback or ip.is_private
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not ip.is_global or ip.is_loopback
 
 
 def _requests_for(queue, concurrency_ids: set[str]) -> list:

@@ -28,11 +28,27 @@ def request(host, forwarded=None):
         ("10.1.2.3", "192.168.1.20, 10.0.0.7", "192.168.1.20"),  # a private network end to end: the first
         ("10.1.2.3", " , ", None),
         ("127.0.0.1", None, None),  # this machine, nothing passed on: not known
+        # A port is not part of the address: one client on many ports is one client.
+        ("10.1.2.3", "93.184.216.34:50123", "93.184.216.34"),
+        ("10.1.2.3", "[2606:4700::1111]:443, 10.0.0.7:80", "2606:4700::1111"),
+        ("10.1.2.3", "2606:4700::1111", "2606:4700::1111"),
+        # Proxies on carrier-grade NAT, link-local or IPv4-mapped addresses are ours too, not the visitor.
+        ("100.64.3.4", "93.184.216.34, 100.70.0.1", "93.184.216.34"),
+        ("::ffff:10.1.2.3", "93.184.216.34, fe80::1", "93.184.216.34"),
         (None, "8.8.4.4", None),
     ],
 )
 def test_the_address_is_the_peers_unless_local_proxies_pass_on_the_one_they_were_reached(host, forwarded, expected):
     assert client_address(request(host, forwarded)) == expected
+
+
+def test_every_line_of_the_header_counts_in_order():
+    """A proxy may add its own X-Forwarded-For line instead of extending the client's: the lines read as one list,
+    so the client's own line cannot hide the address the proxy saw."""
+    from starlette.datastructures import Headers
+
+    headers = Headers(raw=[(b"x-forwarded-for", b"1.1.1.1"), (b"x-forwarded-for", b"93.184.216.34, 10.0.0.7")])
+    assert client_address(SimpleNamespace(client=SimpleNamespace(host="10.1.2.3"), headers=headers)) == "93.184.216.34"
 
 
 def _server(max_new: int, remember: int = 100):
@@ -90,3 +106,7 @@ def test_the_sessions_remembered_are_bounded():
     for number in range(10):
         assert quota._admits(f"s{number}", "203.0.113.7")
     assert list(quota._seen) == ["s7", "s8", "s9"]
+    # Addresses too: the ones that started a session longest ago are forgotten first.
+    for number in range(10):
+        assert quota._admits(f"t{number}", f"2001:db8:{number}::1")
+    assert list(quota._started) == [f"2001:db8:{number}::/64" for number in (7, 8, 9)]
