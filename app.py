@@ -292,6 +292,7 @@ def build_demo(
     for block in demo.blocks.values():
         refuse_links(block)  # a file payload that names a URL is refused, never downloaded
     refuse_host_files(demo)  # no payload may name a file of the server, whichever copy of a component reads it
+    api.answer_malformed_calls(demo)  # a call Gradio cannot read gets a sentence; its values stay out of the log
     # api_open=False: an event that uses the queue can be reached only through it (Gradio leaves its
     # direct REST route open everywhere but on HF Spaces, which would let a script skip the queue's limits).
     demo.queue(max_size=s.queue_max_size, api_open=False)

@@ -9,9 +9,15 @@ argument is one of the bundled example files, by its path relative to the reposi
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
+import gradio as gr
+
 from .examples import Examples
+
+log = logging.getLogger("ego.space")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,3 +106,59 @@ def photos_are_required(demo, label: str) -> None:
         return info
 
     demo.get_api_info = get_api_info
+
+
+MALFORMED_CALL = (
+    "This call does not match {endpoint}: {problem}. The API page (“Use via API”) lists its inputs, in order, "
+    "with an example of each."
+)
+
+
+def answer_malformed_calls(demo) -> None:
+    """A call with too few input values, or one whose value a component cannot read, gets a sentence that says
+    which input is wrong and where the inputs are listed. Gradio's own refusal is empty for the caller (the app
+    shows no internal errors) and writes the values sent into the server log: visitor content stays out of it,
+    only the endpoint, the input's position and the error's type are logged. (Wrapped on the instance.)"""
+    from gradio.exceptions import ComponentProcessingError
+    from pydantic import ValidationError
+
+    preprocess_data = demo.preprocess_data
+
+    async def well_formed_only(block_fn, inputs, state, *args, **kwargs):
+        endpoint = f"/{block_fn.api_name}" if isinstance(getattr(block_fn, "api_name", None), str) else "this event"
+        wanted, got = len(block_fn.inputs), len(inputs)
+        if got < wanted:
+            log.warning("call of %s with %d of its %d inputs refused", endpoint, got, wanted)
+            problem = f"it sends {got} input value{'s' * (got != 1)}, and {endpoint} takes {wanted}"
+            raise gr.Error(MALFORMED_CALL.format(endpoint=endpoint, problem=problem), print_exception=False)
+        try:
+            return await preprocess_data(block_fn, inputs, state, *args, **kwargs)
+        except (ComponentProcessingError, ValidationError) as error:
+            index = _failing_input(error, block_fn, inputs)
+            log.warning("call of %s refused: input %s unreadable (%s)", endpoint, index, type(error).__name__)
+            where = f"input {index + 1}" if index is not None else "an input"
+            label = getattr(block_fn.inputs[index], "label", None) if index is not None else None
+            problem = f"{where}{f' ({label})' if label else ''} is not in a form it reads"
+            raise gr.Error(MALFORMED_CALL.format(endpoint=endpoint, problem=problem), print_exception=False) from None
+
+    demo.preprocess_data = well_formed_only
+
+
+def _failing_input(error, block_fn, inputs) -> int | None:
+    """The position of the input whose value failed: as Gradio's message says ("... at index 2 ..."), or, for a
+    data model's validation (whose error names no input), the first value its component's model refuses."""
+    from pydantic import ValidationError
+
+    match = re.search(r"component at index (\d+)", str(error))
+    if match:
+        index = int(match.group(1))
+        return index if index < len(block_fn.inputs) else None
+    for index, (block, value) in enumerate(zip(block_fn.inputs, inputs)):
+        model = getattr(block, "data_model", None)
+        if model is None or value is None or getattr(block, "stateful", False):
+            continue
+        try:
+            model.model_validate(value)
+        except ValidationError:
+            return index
+    return None

@@ -314,7 +314,8 @@ def test_set_converts_each_value_to_its_settings_declared_type():
             cli.settings_changes([pair])
 
 
-def test_a_table_runs_the_benchmarks_whose_data_is_there_and_says_which_are_not(data, tmp_path, capsys):
+def _run_table2(data, tmp_path, capsys) -> Path:
+    """Table 2 run by the oracle, on data without the (not public) video questions: its --out folder."""
     root = tmp_path / "data"
     shutil.copytree(data, root)
     (root / "this-is-my" / "video-qa.json").unlink()  # the paper's video questions are not public
@@ -325,6 +326,27 @@ def test_a_table_runs_the_benchmarks_whose_data_is_there_and_says_which_are_not(
     assert "- Not run: thisismy-video-vqa" in summary
     assert all(f"| {name} |" in summary for name in cli.TABLES["table2"][:4])
     assert not (out / "thisismy-video-vqa").exists()
+    return out
+
+
+def test_a_table_runs_the_benchmarks_whose_data_is_there_and_says_which_are_not(data, tmp_path, capsys):
+    _run_table2(data, tmp_path, capsys)
+
+
+def test_a_tables_open_answers_are_judged_again_from_its_folder(data, tmp_path, judge_server, capsys):
+    out = _run_table2(data, tmp_path, capsys)
+    metrics = {p.parent.name: json.loads(p.read_text())["metrics"] for p in out.glob("*/metrics.json")}
+    open_ones = [name for name in metrics if "judge" in metrics[name]]
+    assert open_ones and len(open_ones) < len(metrics)
+    args = ["judge", str(out), "--judge", "openai", "--judge-url", judge_server + "/v1", "--judge-model", "m"]
+    assert cli.main(args) == 0  # the judge says "No." to everything
+    again = {p.parent.name: json.loads(p.read_text())["metrics"] for p in out.glob("*/metrics.json")}
+    assert all(again[name]["accuracy"] == 0.0 and "m" in again[name]["judge"] for name in open_ones)
+    assert all(again[name] == metrics[name] for name in metrics if name not in open_ones)
+    summary = (out / "summary.md").read_text()
+    rows = [line for line in summary.splitlines() if line.startswith(tuple(f"| {name} |" for name in open_ones))]
+    assert len(rows) == len(open_ones) and all("| accuracy % | 0.0 |" in row for row in rows)
+    assert "- Not run: thisismy-video-vqa" in summary and "judged by openai" in summary
 
 
 def test_a_run_resumes_only_with_the_judge_its_logged_verdicts_came_from(data, tmp_path, capsys):

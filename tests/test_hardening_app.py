@@ -571,3 +571,26 @@ def test_session_ids_and_visitor_text_are_never_logged(url, tmp_path, capfd, cap
     assert len(session_hash) >= 8
     for secret in (session_hash, "Quokka", "quokka", "4471"):
         assert secret not in server_output, secret
+
+
+def test_a_malformed_call_gets_a_sentence_and_its_values_stay_out_of_the_log(url, mine, capfd, caplog):
+    """Too few values, or a value a component cannot read: the caller learns which input and where the inputs are
+    listed (Gradio's own refusal is empty for the caller), and what was sent is not written to the server log."""
+    import logging
+
+    capfd.readouterr()
+    with caplog.at_level(logging.DEBUG):
+        cases = [
+            ("remove_concept", [], "sends 1 input value, and /remove_concept takes 2"),
+            ("ask_image", ["quokka-value-9931", "Is the quokka here?", False], "input 2"),
+            ("introduce", ["Quokka", [{"caption": "quokka-value-9931"}], "", False, 10], "input 3"),
+        ]
+        for api_name, data, says in cases:
+            message = queue_call(url, mine["client"], api_name, data)
+            assert message["success"] is False
+            error = message["output"]["error"]
+            assert f"This call does not match /{api_name}" in error and says in error and "Use via API" in error
+    captured = capfd.readouterr()
+    server_output = captured.out + captured.err + caplog.text
+    assert "quokka" not in server_output.casefold() and "Received inputs" not in server_output
+    assert "/remove_concept" in server_output  # what failed is logged, without the values

@@ -255,8 +255,13 @@ def judge_again(args) -> dict:
             raise InputError("--judge self needs --model (the model that answered).")
         engine = load_engine(args.model, "auto", Settings())
     judge = make_judge(args.judge, engine=engine, url=args.judge_url, model=args.judge_model)
-    document = runner.rejudge(Path(args.out), judge)
-    print((Path(args.out) / "summary.md").read_text())
+    out = Path(args.out)
+    if not (out / "metrics.json").is_file() and any(out.glob("*/metrics.json")):  # a table's folder
+        documents = runner.rejudge_table(out, judge)
+        print((out / "summary.md").read_text())
+        return {"table": str(out), "benchmarks": documents}
+    document = runner.rejudge(out, judge)
+    print((out / "summary.md").read_text())
     return document
 
 

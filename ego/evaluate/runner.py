@@ -429,12 +429,35 @@ def run_benchmark(
     return write_results(benchmark, out, config, merge(benchmark, out, limit), paper_key)
 
 
+def rejudge_table(out: Path, judge) -> list[dict]:
+    """Judge again each benchmark of a table's folder (`run --benchmark table2 --out OUT` gives each benchmark a
+    folder of its own) that holds open answers, and write the table's summary anew from all of them. Returns
+    each benchmark's document, in the order of their folders' names."""
+    runs = sorted(path.parent for path in out.glob("*/metrics.json"))
+    judged = [folder for folder in runs if any(r["kind"] == "open" for r in _read_jsonl(folder / "predictions.jsonl"))]
+    if not judged:
+        raise InputError(f"{out} holds no open answers to judge (only open-ended VQA needs a judge).")
+    documents = [
+        rejudge(folder, judge) if folder in judged else json.loads((folder / "metrics.json").read_text())
+        for folder in runs
+    ]
+    before = out / "summary.md"
+    not_run = [
+        line for line in (before.read_text() if before.is_file() else "").splitlines() if line.startswith("- Not run:")
+    ]
+    before.write_text(summary_markdown(documents) + "".join(f"{line}\n" for line in not_run))
+    return documents
+
+
 def rejudge(out: Path, judge) -> dict:
     """Judge the stored open answers of a run again (neither the model nor the data is needed), rewriting
     predictions, metrics and summary."""
     path = out / "metrics.json"
     if not path.is_file():
-        raise InputError(f"{out} has no metrics.json; give the folder of a finished run.")
+        raise InputError(
+            f"{out} has no metrics.json; give the folder of a finished run (a benchmark's, or a table's: "
+            "the --out of `run --benchmark table2`)."
+        )
     config = json.loads(path.read_text())["config"]
     records = _read_jsonl(out / "predictions.jsonl")
     if not any(r["kind"] == "open" for r in records):
