@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from space.components import IMAGE_FORMATS_TEXT, photo_input
-from space.page import CSS, EXPORTED_JS, ON_LOAD_JS, TRACK_CONCEPTS_JS, scroll_to_js
+from space.page import CSS, ON_LOAD_JS, TRACK_CONCEPTS_JS, scroll_to_js
 
 PAPER_URL = "https://arxiv.org/abs/2603.09771"
 MODEL_EVENTS = dict(concurrency_id="model", concurrency_limit=1)
@@ -155,15 +155,16 @@ def build_demo(
             **CHEAP,
             **PRIVATE,
         )
-        # A new photo, or "New conversation", ends the tab's conversation and stops its answer.
-        for ending in (img.new.click, img.image.change):
+        # A new photo, "New conversation" or the chat view's own clear button ends the tab's conversation and stops
+        # its answer (a reload putting the conversation's photo back is no new photo: `photo_changed`).
+        ended_image = [session, img.chat, img.plain, img.details, img.matches]
+        for ending in (img.new.click, img.chat.clear):
             ending(None, cancels=[asking], **PRIVATE).then(
-                functools.partial(act.new_conversation, tab="image"),
-                session,
-                [session, img.chat, img.plain, img.details, img.matches],
-                **CHEAP,
-                **PRIVATE,
+                functools.partial(act.new_conversation, tab="image"), session, ended_image, **CHEAP, **PRIVATE
             )
+        img.image.change(None, cancels=[asking], **PRIVATE).then(
+            act.photo_changed, [session, img.image], ended_image, **CHEAP, **PRIVATE
+        )
 
         # Ask about a video: a conversation
         vid_triggers = [vid.ask.click, vid.question.submit]
@@ -184,7 +185,7 @@ def build_demo(
             **CHEAP,
             **PRIVATE,
         )
-        for ending in (vid.new.click, vid.video.change):
+        for ending in (vid.new.click, vid.video.change, vid.chat.clear):
             ending(None, cancels=[asking], **PRIVATE).then(
                 functools.partial(act.new_conversation, tab="video"),
                 session,
@@ -231,7 +232,9 @@ def build_demo(
         # its conversations shown. One chain, not two load events: each returns the session, and the second to
         # finish would win.
         resumed = demo.load(sessions.resume, [session, browser_token], [session, browser_token], **CHEAP, **PRIVATE)
-        resumed.then(act.shown_conversations, session, [img.chat, vid.chat], **CHEAP, **PRIVATE)
+        resumed.then(
+            act.restored_conversations, session, [img.chat, img.image, vid.chat, vid.frames], **CHEAP, **PRIVATE
+        )
         then_refresh(
             resumed.then(
                 act.list_concepts,
@@ -274,8 +277,9 @@ def build_demo(
             api_description=api.EXPORT_CONCEPTS,
             **CHEAP,
         )
-        exporting.then(act.after_export, [session, mine.exported], [mine.exported, mine.status], **CHEAP, **PRIVATE)
-        exporting.success(None, js=EXPORTED_JS, queue=False, **PRIVATE)
+        exporting.then(
+            act.after_export, [session, mine.exported], [mine.exported, mine.status, mine.summary], **CHEAP, **PRIVATE
+        ).then(None, mine.summary, None, js=TRACK_CONCEPTS_JS, **PRIVATE)
         importing = mine.import_button.upload(
             act.import_concepts,
             [session, mine.import_button],
@@ -286,6 +290,9 @@ def build_demo(
         )
         then_refresh(importing)
         importing.success(guidance.suggest_export, session, None, **PRIVATE)
+        # A refused import runs none of the events chained with `then` (the browser chains them on success): the
+        # status line would keep the sentence of an earlier action ("Imported 4 concepts.") next to the error.
+        importing.failure(lambda: "", None, mine.status, **CHEAP, **PRIVATE)
         demo.load(None, js=ON_LOAD_JS, **PRIVATE)
         api.document_examples(examples, intro=intro, img=img, vid=vid, mine=mine)
     api.photos_are_required(demo, intro.photos.label)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import html
 import logging
 import os
 import time
 import traceback
+from pathlib import Path
 
 import gradio as gr
 from gradio.utils import get_upload_folder
@@ -479,6 +481,30 @@ class Actions:
         another tab of the browser, the view shows the conversation that a follow-up would continue."""
         return self.shown_conversation(session, tab="image"), self.shown_conversation(session, tab="video")
 
+    def restored_conversations(self, session: Session):
+        """After a reload (or in another tab of the browser): (image tab's chat view, its photo box, video tab's
+        chat view, its frames) of the conversations the session holds, with what each is about: the photo back in
+        its box (a follow-up is about it), the clip's sampled frames (the clip itself is not kept). A tab without a
+        conversation keeps its box and frames as they are."""
+        chats = session.conversations
+        image_chat, video_chat = chats.get("image"), chats.get("video")
+        photo, frames = gr.skip(), gr.skip()
+        if image_chat is not None and image_chat.picture is not None:
+            photo = cached(image_chat.picture)
+            chats.restored("image", _digest(photo))
+        if video_chat is not None and video_chat.clip is not None:
+            clip_frames, metadata = video_chat.clip
+            frames = list(zip([cached(frame) for frame in clip_frames], views.frame_captions(metadata)))
+        image_view, video_view = self.shown_conversations(session)
+        return image_view, photo, video_view, frames
+
+    def photo_changed(self, session: Session, photo):
+        """The image tab's photo box changed: a new photo (or none) ends the tab's conversation, as
+        `new_conversation`; the conversation's own photo put back by a reload (`restored_conversations`) does not."""
+        if photo and session.conversations.is_restored("image", _digest(photo)):
+            return (gr.skip(),) * 5
+        return self.new_conversation(session, tab="image")
+
     @staticmethod
     def shown_conversation(session: Session, *, tab: str) -> list[dict]:
         """One tab's chat view of the conversation the session holds."""
@@ -506,7 +532,7 @@ class Actions:
         """(cards, remove dropdown, summary line, records, status line) for the concept panel; status=False leaves
         the status line (and the sentence waiting for it) as it is."""
         cards = [(cached(entry.thumbnail), views.concept_caption(entry.concept)) for entry in session.entries]
-        summary = views.panel_summary(len(session), session.memory_tokens, self.settings.max_concepts_per_session)
+        summary = self.summary(session)
         return (
             cards,
             gr.Dropdown(choices=session.names, value=None),
@@ -543,19 +569,28 @@ class Actions:
                 raise InputError("There are no concepts to export yet; introduce or import one first.")
             # In Gradio's file cache, whose sweep deletes it on time even if the session is evicted
             # (eviction skips `forget`); a file elsewhere would stay until the server restarts.
+            version = session.version  # what is written: a change made meanwhile is not in this file
             with session.export_file(get_upload_folder()) as fresh:
                 thumbnails = [entry.thumbnail for entry in session.entries]
                 # Held to the limits its import will apply, the engine's: a file written is a file read back.
                 path = save_concepts(
                     fresh, session.concepts, thumbnails, max_concepts=self.limits.max_concept_file_concepts
                 )
+            session.mark_exported(version)
             session.tell(f"Exported {len(session)} concepts: download the file below.")
         return session, None if path is None else str(path)
 
     def after_export(self, session: Session, exported):
-        """(file box, status line) once an export ended: the box shows the new file, or is emptied and hidden
-        when the export was refused (with any badge it had), and the status line says which."""
-        return gr.File(value=exported or None, visible=bool(exported)), self.status(session)
+        """(file box, status line, summary line) once an export ended: the box shows the new file, or is emptied
+        and hidden when the export was refused (with any badge it had), the status line says which, and the
+        summary whether every concept is in the file."""
+        return gr.File(value=exported or None, visible=bool(exported)), self.status(session), self.summary(session)
+
+    def summary(self, session: Session) -> str:
+        """The concept panel's summary line."""
+        return views.panel_summary(
+            len(session), session.memory_tokens, self.settings.max_concepts_per_session, exported=session.exported
+        )
 
     def import_concepts(self, session: Session, file, progress=gr.Progress()):
         """Add the concepts of a file written by /export_concepts (or ego.save_concepts); names the visitor
@@ -626,6 +661,11 @@ class Actions:
 def _quoted(names) -> str:
     """Visitor names for a message, quoted and escaped (gr.Warning renders HTML)."""
     return ", ".join(f"“{html.escape(name, quote=False)}”" for name in names)
+
+
+def _digest(path) -> str:
+    """A file's content digest: a photo box's value is a path, and a copy of a file is the same photo."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _so_far(answer) -> str:

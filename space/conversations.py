@@ -28,6 +28,8 @@ class Conversations:
         conversation is kept only if nothing happened in its tab since it was asked (`asking`, `start`)."""
         self._streaming: set[str] = set()
         """The tabs whose chat view shows an answer still coming, or one cut short by Stop (`streams`)."""
+        self._restored: dict[str, str] = {}
+        """Per tab, the digest of the photo a reload put back in the tab's box (`restored`)."""
 
     def __deepcopy__(self, memo) -> Conversations:
         # gr.State deep-copies its default once per visitor: each one starts with no conversation.
@@ -58,6 +60,7 @@ class Conversations:
                 return False
             self._chats[tab] = chat
             self.current = tab
+            self._restored.pop(tab, None)
             return True
 
     @property
@@ -87,6 +90,16 @@ class Conversations:
         with self._lock:
             return tab in self._streaming
 
+    def restored(self, tab: str, digest: str) -> None:
+        """A reload put the photo of `tab`'s conversation back in its box, as a file of this `digest`: the box's
+        change to it is the conversation's own photo, not a new one (`is_restored`)."""
+        with self._lock:
+            self._restored[tab] = digest
+
+    def is_restored(self, tab: str, digest: str) -> bool:
+        with self._lock:
+            return self._restored.get(tab) == digest
+
     def end(self, tab: str, asked: int | None = None) -> None:
         """The tab has no conversation any more (a new photo or clip, or "New conversation"), nor will the first
         question in flight there start one. With `asked` (`asking`'s mark of a first question that ended without
@@ -96,6 +109,7 @@ class Conversations:
                 return
             self._asked[tab] = self._asked.get(tab, 0) + 1
             self._chats.pop(tab, None)
+            self._restored.pop(tab, None)
             if self.current == tab:  # `/follow_up` continues the last one started, or none: never an older one
                 self.current = None
 

@@ -5,6 +5,12 @@ No engine, no torch: app.py imports this at the top.
 
 from __future__ import annotations
 
+import json
+
+EXPORTED = "all in your last export"
+"""Said in the concept panel's summary line when every concept is in the visitor's last export (the page then does
+not ask before it is left)."""
+
 CSS = """
 #report td, #report th { overflow-wrap: normal; word-break: normal; }
 #report td:nth-child(-n+2), #report th:nth-child(-n+2) { white-space: nowrap; }
@@ -44,12 +50,14 @@ ON_LOAD_JS = """
 server still holds them for a reload, but not forever), and alt text for example thumbnails (Gradio draws
 them without), named after the example file."""
 
-TRACK_CONCEPTS_JS = """
-(summary) => { window.egoUnsaved = !!summary && !String(summary).startsWith("No concepts"); }
+TRACK_CONCEPTS_JS = f"""
+(summary) => {{
+    const line = String(summary || "");
+    window.egoUnsaved = !!line && !line.startsWith("No concepts") && !line.includes({json.dumps(EXPORTED)});
+}}
 """
-"""After the concept panel changes: concepts that were not exported since make leaving the page ask first."""
-
-EXPORTED_JS = "() => { window.egoUnsaved = false; }"
+"""After the concept panel's summary changes: concepts that are not all in the visitor's last export (the summary
+says when they are; also after a reload) make leaving the page ask first."""
 
 
 def scroll_to_js(elem_id: str) -> str:

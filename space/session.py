@@ -110,6 +110,9 @@ class Session:
         """The visitor's conversations about a photo or a clip (server memory only, like the concepts)."""
         self.export_suggested = False
         """Whether the visitor was told, once, how to keep their concepts (`guidance.suggest_export`)."""
+        self._version = 0
+        """Counts the changes to the concepts (added, removed), for `exported`."""
+        self._exported_version: int | None = None
 
     def __deepcopy__(self, memo) -> Session:
         # gr.State deep-copies its default once per visitor; a lock cannot be copied, so make a new one.
@@ -141,6 +144,20 @@ class Session:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def version(self) -> int:
+        """Changes to the concepts so far: read before an export writes them (`mark_exported`)."""
+        return self._version
+
+    @property
+    def exported(self) -> bool:
+        """Whether the concepts are all in the visitor's last export, unchanged since (none: False)."""
+        return bool(self._entries) and self._exported_version == self._version
+
+    def mark_exported(self, version: int) -> None:
+        """The concepts as they were at `version` were written to a file."""
+        self._exported_version = version
 
     def tell(self, sentence: str) -> None:
         """Keep a sentence for the concept panel's status line: what the visitor's last panel action did, or why
@@ -184,9 +201,10 @@ class Session:
             self.check_room([entry.concept.name for entry in entries], max_concepts)
             if budget is None:
                 self._entries = self._entries + list(entries)
-                return
-            with budget.admitting(self, sum(entry.nbytes for entry in entries)):
-                self._entries = self._entries + list(entries)
+            else:
+                with budget.admitting(self, sum(entry.nbytes for entry in entries)):
+                    self._entries = self._entries + list(entries)
+            self._version += 1
 
     def keep_conversation(self, tab: str, chat, budget: MemoryBudget, asked: int | None = None) -> bool | None:
         """`chat` becomes the tab's conversation if `budget` (one that bounds conversations: `held_by` their
@@ -221,6 +239,7 @@ class Session:
                 raise InputError("There is no concept with that name; pick one from the list.")
             ended = self._end_conversations_knowing([e.concept for e in self._entries if e not in kept])
             self._entries = kept
+            self._version += 1
             return ended
 
     def clear(self) -> int:
@@ -228,6 +247,7 @@ class Session:
         with self._lock:
             ended = self._end_conversations_knowing([entry.concept for entry in self._entries])
             self._entries = []
+            self._version += 1
             return ended
 
     def _end_conversations_knowing(self, concepts) -> int:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from .page import EXPORTED
+
 KEPT_RGB = (255, 196, 0)
 """Amber: the tint and outline of a kept visual token."""
 TINT = 0.25
@@ -233,8 +235,10 @@ def frame_captions(metadata: dict) -> list[str]:
     return captions
 
 
-def panel_summary(count: int, tokens: int, max_concepts: int) -> str:
+def panel_summary(count: int, tokens: int, max_concepts: int, *, exported: bool = False) -> str:
     """One line above the concept cards (no visitor text)."""
     if not count:
         return "No concepts yet: introduce one, or load the example concepts."
-    return f"{count} of {max_concepts} concepts · {tokens} memory tokens in all."
+    return f"{count} of {max_concepts} concepts · {tokens} memory tokens in all" + (
+        f" · {EXPORTED}." if exported else "."
+    )

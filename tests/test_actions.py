@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from pathlib import Path
 
 import gradio as gr
 import pytest
@@ -16,6 +17,7 @@ from space.actions import Actions
 from space.examples import EXAMPLES_DIR, Examples, load_examples
 from space.guidance import THINKING, mark_stopped_in_chat
 from space.loading import LazyEngine
+from space.page import EXPORTED
 from space.session import Session
 from space.settings import SpaceSettings
 from space.views import escape_markdown
@@ -295,7 +297,7 @@ def test_every_panel_action_says_what_it_did_or_why_not_in_the_status_line(act, 
     assert act.status(session) == "", "a status line outlived the action it was about"
     act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), progress=quiet)
     _, exported = act.export_concepts(session)
-    file_box, status = act.after_export(session, exported)
+    file_box, status, _ = act.after_export(session, exported)
     assert file_box.visible is True and status.startswith("Exported 1 concepts")
     act.clear_concepts(session)
     assert act.status(session) == "Removed all 1 of your concepts\\."
@@ -320,7 +322,7 @@ def test_a_refusal_outside_the_queue_is_told_in_the_status_line_not_raised(act):
     assert act.remove_concept(session, None, FromThePage())[1] == []
     assert act.status(session) == escape_markdown("Pick the concept to remove from the list first.")
     _, exported = act.export_concepts(session, FromThePage())
-    file_box, status = act.after_export(session, exported)
+    file_box, status, _ = act.after_export(session, exported)
     assert exported is None and file_box.visible is False and file_box.value is None
     assert status.startswith("There are no concepts to export yet")
 
@@ -373,6 +375,48 @@ def test_a_conversation_in_the_image_tab_follows_up_on_the_same_photo(act, engin
         list(act.follow_up(session, "And now?", progress=quiet))
     _, view, *_ = list(act.chat_image(session, QUERY, "Is Chelsea here?", progress=quiet))[-1]
     assert len(view) == 2 and view[1]["content"] == first
+
+
+def test_a_reload_puts_back_what_each_conversation_is_about_and_that_is_no_new_photo(act, engine):
+    """After a reload the photo box holds the conversation's photo again (a follow-up is about it) and the video tab
+    shows the clip's sampled frames; the box's change to that photo does not end the conversation, another does."""
+    session = Session()
+    list(act.chat_image(session, QUERY, "Is there a cat?", progress=quiet))
+    list(act.chat_video(session, CLIP, "What happens?", progress=quiet))
+    image_view, photo, video_view, frames = act.restored_conversations(session)
+    assert (image_view, video_view) == act.shown_conversations(session) and image_view and video_view
+    chat = session.conversations.get("image")
+    assert Image.open(photo).size == chat.picture.size
+    assert len(frames) == SETTINGS.video_num_frames and all(Path(path).is_file() for path, _ in frames)
+    copy = Path(photo).with_name("copy.webp")  # the box's value: Gradio's copy of the file, the same bytes
+    copy.write_bytes(Path(photo).read_bytes())
+    assert act.photo_changed(session, str(copy)) == (gr.skip(),) * 5
+    assert session.conversations.get("image") is chat
+    _, view, *_ = list(act.chat_image(session, str(copy), "And the wall?", progress=quiet))[-1]
+    assert [m["content"] for m in view[::2]] == ["Is there a cat?", "And the wall?"]  # a follow-up
+    assert act.photo_changed(session, NEW_PHOTO) == (session, [], "", {}, [])  # another photo: a new conversation
+    assert session.conversations.get("image") is None
+    assert act.restored_conversations(session)[:2] == ([], gr.skip())  # nothing to put back: the box is left alone
+    assert act.photo_changed(session, str(copy)) == (session, [], "", {}, [])  # the mark went with its conversation
+
+
+def test_the_summary_says_when_every_concept_is_in_the_last_export(act):
+    """The page asks before it is left unless the summary says so (also after a reload, which rebuilds it)."""
+    session = Session()
+    act.introduce(
+        session, "Chelsea", gallery(CHELSEA[:1]), keywords="cat", auto_size=False, size_pct=10, progress=quiet
+    )
+    assert not session.exported and EXPORTED not in act.summary(session)
+    _, path = act.export_concepts(session)
+    assert path and session.exported and EXPORTED in act.summary(session)
+    assert EXPORTED in act.after_export(session, path)[2]
+    act.introduce(session, "Mug", gallery(CHELSEA[1:2]), keywords="mug", auto_size=False, size_pct=10, progress=quiet)
+    assert not session.exported and EXPORTED not in act.panel(session)[2]  # a change since: not all in the file
+    act.remove_concept(session, "Mug")
+    assert not session.exported  # the same concepts as exported, but counted as a change: the page asks
+    act.export_concepts(session)
+    act.clear_concepts(session)
+    assert not session.exported  # no concepts: nothing to keep
 
 
 def test_stop_marks_an_answer_cut_short_and_leaves_one_that_had_ended(act):

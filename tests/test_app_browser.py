@@ -193,6 +193,33 @@ def test_a_reload_keeps_the_concepts_after_a_warning(page):
     expect(page.get_by_role("button", name="Clear all")).to_be_visible()
     expect(page.get_by_text("2 of 50 concepts")).to_be_visible()
 
+    # A conversation about a photo: after a reload, the photo is back in its box, and putting it back did not end
+    # the conversation (the box's change event has run a second after it shows).
+    page.get_by_text("Is Chelsea in this photo? What is she doing?").first.click()
+    page.get_by_role("button", name="Ask", exact=True).first.click()
+    settled(page.locator("#image-chat [data-testid='bot']").first)
+    page.reload(wait_until="domcontentloaded")
+    page.get_by_role("tab", name="Ask: image").click()
+    expect(page.locator("#image-photo img").first).to_be_visible()
+    page.wait_for_timeout(1000)
+    expect(page.locator("#image-chat [data-testid='user']")).to_have_count(1)
+    assert "Is Chelsea in this photo?" in page.locator("#image-chat [data-testid='user']").first.inner_text()
+
+    # The chat view's own clear button ends the conversation, as "New conversation" does: a reload shows none.
+    page.locator("#image-chat").get_by_role("button", name="Clear").click()
+    expect(page.locator("#image-chat [data-testid='user']")).to_have_count(0)
+    page.wait_for_timeout(1000)
+    # Exported, the concepts are kept in a file: the summary says so, and a reload no longer asks first.
+    page.get_by_role("button", name="Export to a file").click()
+    expect(page.get_by_text("all in your last export")).to_be_visible()
+    page.reload(wait_until="domcontentloaded")
+    expect(page.get_by_text("all in your last export")).to_be_visible()
+    assert dialogs == ["beforeunload", "beforeunload"]
+    page.get_by_role("tab", name="Ask: image").click()
+    expect(page.locator("#image-chat")).to_be_visible()
+    page.wait_for_timeout(1000)
+    expect(page.locator("#image-chat [data-testid='user']")).to_have_count(0)
+
 
 def test_a_second_tab_on_a_phone_has_the_concepts_and_every_tab_label(page):
     from playwright.sync_api import expect
