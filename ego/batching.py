@@ -148,11 +148,13 @@ class RowControl(StoppingCriteria):
     each row's new tokens after every step.
 
     starts: the stacked context length L (new tokens begin there); budgets: each row's max_new_tokens;
-    stops: each row's Stop (a threading.Event) or None: a row whose Stop is set keeps the token of the step in
-    which it was noticed, and ends. on_step(row, new_ids) is called for every row that was running, after each
-    step (its last one included, once `ended[row]` says so), with the row's generated ids so far (stop tokens
-    included). `lengths[row]`: how many ids the row had when it ended (generate pads an ended row while the others
-    run on; None while it runs).
+    stops: each row's Stop (a threading.Event) or None: a row whose Stop is set ends with the tokens it had before
+    the step in which the Stop was noticed (the ones `on_step` handed on: a visitor who pressed Stop never saw the
+    token generated after it, and their conversation must not continue from it). on_step(row, new_ids) is called
+    for every row that was running, after each step (its last one included, once `ended[row]` says so), with the
+    row's generated ids so far (stop tokens included; a stopped row's last call repeats the ids it kept).
+    `lengths[row]`: how many ids the row kept when it ended (generate pads an ended row while the others run on;
+    None while it runs).
     """
 
     def __init__(
@@ -176,6 +178,8 @@ class RowControl(StoppingCriteria):
             if not self.ended[row]:
                 stopped = self.stops[row] is not None and self.stops[row].is_set()
                 self.ended[row] = stopped or len(ids) >= self.budgets[row] or bool(self.stop_ids & set(ids))
+                if stopped:
+                    ids = ids[:-1]  # generated after the Stop: not the visitor's
                 if self.ended[row]:
                     self.lengths[row] = len(ids)
                 if self.on_step is not None:

@@ -1092,7 +1092,8 @@ class Ego:
         if len(chats) == 1:  # exactly `Chat.ask`'s call, with the row's own Stop
             if turns[0].prefill_tokens < turns[0].length:  # on its cache: its own offset (others' `_begin` moved it)
                 self.backend.restore_positions(offsets[0])
-            return [chats[0]._finish(turns[0], chats[0]._generate(turns[0], stopping_criteria=criteria))]
+            out = chats[0]._generate(turns[0], stopping_criteria=criteria)
+            return [chats[0]._finish(turns[0], out, ended_at=control.lengths[0])]
         with torch.no_grad():  # the memory rows and their residuals are in the caches: none among the new tokens
             out = self.model.generate(**kwargs, stopping_criteria=criteria)
         rows = []
@@ -1404,10 +1405,11 @@ class Chat:
             self.drop_cache()
             raise
 
-    def _finish(self, turn: _Turn, out) -> Answer:
-        """Record the turn: its answer's tokens join the conversation, and the cache is kept for the next."""
+    def _finish(self, turn: _Turn, out, ended_at: int | None = None) -> Answer:
+        """Record the turn: its answer's tokens join the conversation (the first `ended_at` generated, when a Stop
+        ended it: `batching.RowControl.lengths`), and the cache is kept for the next."""
         engine = self.engine
-        generated = out.sequences[0, turn.length :].tolist()
+        generated = out.sequences[0, turn.length :].tolist()[:ended_at]
         answer_ids = _strip_stop(generated, engine.backend.stop_token_ids)
         text = engine.backend.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
         if turn.prepared is not None:

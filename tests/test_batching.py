@@ -141,9 +141,10 @@ def test_a_stop_ends_only_its_own_answer(one_family):
     batched = engine.answer_batch(requests, stops=stops, on_text=on_text)
     cut = str(batched[1])
     assert str(lone[1]).startswith(cut) and cut != str(lone[1])
-    # it ends at the step that noticed its Stop, with the tokens it generated (not the padding generate adds
-    # while the other rows run on): a conversation that adopts the answer continues from exactly those
-    assert batched[1].token_ids == lone[1].token_ids[: tokens_seen[0] + 1]
+    # it ends with the tokens it had when its Stop came, the ones the visitor saw: not the token generated after
+    # (nor the padding generate adds while the other rows run on), which a conversation adopting it would continue
+    assert batched[1].token_ids == lone[1].token_ids[: tokens_seen[0]]
+    assert cut == seen[1][1].strip()
     assert [str(a) for i, a in enumerate(batched) if i != 1] == [str(a) for i, a in enumerate(lone) if i != 1]
     # streaming: each request's text grows piece by piece into its final answer
     for index, texts in seen.items():

@@ -523,3 +523,27 @@ def test_a_failure_in_one_generation_of_a_batch_leaves_the_others_answers(monkey
     monkeypatch.setattr(engine, "_prepare_answer", out_of_memory)
     results = engine.follow_up_batch([FollowUpRequest(c, "And?", 4) for c in (a, b, adopted)])
     assert [type(r).__name__ for r in results] == ["Answer", "Answer", "ModelBusyError"]
+
+
+def test_a_follow_up_stopped_alone_keeps_only_what_was_handed_on_and_goes_on_from_there(concepts):
+    """A visitor's Stop: the turn holds the tokens streamed before it (not the one generated after), and the next
+    question continues from exactly those, as a conversation that had stopped there would."""
+    engine = tiny_engine("qwen2.5-vl")
+    cat = chelsea(engine, concepts)
+    chat, reference = conversations_after_a_first_question(
+        engine, [cat], [([cat], dict(image=photo(3)), "Is Chelsea here?")] * 2, budget=6
+    )
+    stop, handed = threading.Event(), []
+
+    def on_text(index, answer):
+        handed.append(list(answer.token_ids))
+        if len(answer.token_ids) >= 3:
+            stop.set()
+
+    (cut,) = engine.follow_up_batch([FollowUpRequest(chat, "What is she holding?", 12)], stops=[stop], on_text=on_text)
+    assert list(cut.token_ids) == handed[-1] and len(cut.token_ids) == 3
+    assert chat.turns[-1] == ("What is she holding?", cut) and chat._ids[-3:] == list(cut.token_ids)
+    assert chat.cache_bytes > 0 and chat._cache.get_seq_length() == len(chat._ids)
+    reference.adopt("What is she holding?", cut)
+    following = chat.ask("And the wall?", max_new_tokens=6)
+    assert following.token_ids == reference.ask("And the wall?", max_new_tokens=6, use_cache=False).token_ids
