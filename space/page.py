@@ -16,6 +16,7 @@ CSS = """
 #report td:nth-child(-n+2), #report th:nth-child(-n+2) { white-space: nowrap; }
 #report td:last-child { overflow-wrap: anywhere; }
 #report table { width: 100%; table-layout: auto; }
+#cards .caption-label, #frames .caption-label { white-space: normal; max-width: 92%; }
 :is(button, input, textarea, select, [role="tab"], a):focus-visible {
     outline: 3px solid #2563eb !important; outline-offset: 2px;
 }
@@ -25,7 +26,8 @@ CSS = """
 }
 """
 """Gradio breaks Markdown table cells anywhere: the report's two number columns must not wrap, its keyword
-column wraps inside the page (a phone too). Every control shows a clear ring when reached by keyboard."""
+column wraps inside the page (a phone too). The captions of concept cards and video frames wrap rather than end in
+"…" (a card's token count, a frame's time). Every control shows a clear ring when reached by keyboard."""
 
 ON_LOAD_JS = """
 () => {

@@ -71,6 +71,8 @@ def test_introduce_ask_and_screenshot(page, tmp_path):
     expect(page.get_by_label("Name")).to_have_value("")  # the form is cleared
     expect(page.locator("#patches img")).to_have_count(3)  # each photo with its kept tokens
     expect(page.locator("#cards").get_by_text("Chelsea ·")).to_be_visible()
+    caption = page.locator("#cards .caption-label").first  # read whole: it wraps rather than ending in "…"
+    assert caption.evaluate("label => label.scrollWidth <= label.clientWidth"), caption.inner_text()
 
     # Ask about an example photo; the answer streams in and names the concept used.
     page.get_by_role("tab", name="Ask: image").click()
