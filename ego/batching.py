@@ -170,6 +170,8 @@ class RowControl(StoppingCriteria):
         self.on_step = on_step
         self.ended = [False] * len(self.budgets)
         self.lengths: list[int | None] = [None] * len(self.budgets)
+        self.stopped = [False] * len(self.budgets)
+        """Per row, whether its Stop ended it (rather than its budget or a stop token)."""
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         new = input_ids[:, self.start :].tolist()  # [B][t]
@@ -180,6 +182,7 @@ class RowControl(StoppingCriteria):
                 self.ended[row] = stopped or len(ids) >= self.budgets[row] or bool(self.stop_ids & set(ids))
                 if stopped:
                     ids = ids[:-1]  # generated after the Stop: not the visitor's
+                    self.stopped[row] = True
                 if self.ended[row]:
                     self.lengths[row] = len(ids)
                 if self.on_step is not None:

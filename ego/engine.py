@@ -88,6 +88,9 @@ class Answer(str):
     """The answer's tokens as generated, its stop token removed (a whole answer's; () in the pieces of a stream
     and when only the text is known): a conversation that takes this answer as a turn (`Chat.adopt`) continues
     from exactly these tokens, not from its text tokenized again."""
+    stopped: bool
+    """Whether a Stop ended it before its end (a stream closed early, a batch row's Stop): its text is what had
+    been handed on by then."""
 
     def __new__(
         cls,
@@ -101,8 +104,10 @@ class Answer(str):
         similarity_maps=(),
         prefill_tokens=None,
         token_ids=(),
+        stopped=False,
     ):
         answer = super().__new__(cls, text)
+        answer.stopped = bool(stopped)
         answer.token_ids = tuple(int(token) for token in token_ids)
         answer.concepts_used, answer.concepts_dropped = tuple(used), tuple(dropped)
         answer.context_tokens, answer.memory_tokens = context_tokens, memory_tokens
@@ -195,10 +200,11 @@ class PreparedAnswer:
     encoded: Encoded | None = None
     """The processor output (on CPU, pixels included): what a conversation recomputes its context from."""
 
-    def answer(self, text: str, token_ids=()) -> Answer:
+    def answer(self, text: str, token_ids=(), stopped: bool = False) -> Answer:
         return Answer(
             text,
             token_ids=token_ids,
+            stopped=stopped,
             used=self.used,
             dropped=self.dropped,
             context_tokens=self.context_tokens,
@@ -736,13 +742,15 @@ class Ego:
                     [stops[i] for i in order],
                     None if on_text is None else lambda row, answer: on_text(order[row], answer),
                 )
-                for index, (text, ids) in zip(prepared, answered):
-                    results[index] = prepared[index].answer(text, ids)
+                for index, (text, ids, stopped) in zip(prepared, answered):
+                    results[index] = prepared[index].answer(text, ids, stopped)
         return results
 
-    def _generate_batch(self, prepared: list[PreparedAnswer], stops: list, on_text) -> list[tuple[str, list[int]]]:
-        """One `generate` for the prepared questions (`ego.batching`), each row ended on its own; their texts and
-        tokens."""
+    def _generate_batch(
+        self, prepared: list[PreparedAnswer], stops: list, on_text
+    ) -> list[tuple[str, list[int], bool]]:
+        """One `generate` for the prepared questions (`ego.batching`), each row ended on its own; their texts,
+        tokens, and whether a Stop ended them."""
         from transformers import StoppingCriteriaList
 
         tokenizer, stop_ids = self.backend.tokenizer, self.backend.stop_token_ids
@@ -766,7 +774,10 @@ class Ego:
             batching.row_tokens(ids, budgets[row], stop_ids, control.lengths[row])
             for row, ids in enumerate(out[:, start:].tolist())
         ]
-        return [(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids) for ids in answers]
+        return [
+            (tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, stopped)
+            for ids, stopped in zip(answers, control.stopped)
+        ]
 
     def _pad_id(self) -> int:
         """The token that pads a batch's rows (the model's pad token, else its first stop token)."""
@@ -1093,7 +1104,7 @@ class Ego:
             if turns[0].prefill_tokens < turns[0].length:  # on its cache: its own offset (others' `_begin` moved it)
                 self.backend.restore_positions(offsets[0])
             out = chats[0]._generate(turns[0], stopping_criteria=criteria)
-            return [chats[0]._finish(turns[0], out, ended_at=control.lengths[0])]
+            return [chats[0]._finish(turns[0], out, ended_at=control.lengths[0], stopped=control.stopped[0])]
         with torch.no_grad():  # the memory rows and their residuals are in the caches: none among the new tokens
             out = self.model.generate(**kwargs, stopping_criteria=criteria)
         rows = []
@@ -1106,7 +1117,7 @@ class Ego:
             length = min(len(ids), out.past_key_values.get_seq_length() - padding)
             cache = batching.row_cache(out.past_key_values, row, padding, length, config)
             text = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
-            rows.append((ids, cache, chats[row]._answer(text, turn, answer_ids)))
+            rows.append((ids, cache, chats[row]._answer(text, turn, answer_ids, control.stopped[row])))
         for chat, turn, offset, (ids, cache, answer) in zip(chats, turns, offsets, rows):
             chat._ids, chat._cache, chat._positions = ids, cache, offset
             chat.turns.append((turn.question, answer))
@@ -1259,13 +1270,15 @@ class Chat:
             pieces = _streamed(
                 self.engine.backend.tokenizer, lambda **streaming: self._generate(turn, **streaming), outputs=outputs
             )
+            ended = False
             try:
                 for text in pieces:
                     yield self._answer(text, turn)
+                ended = True
             finally:
                 pieces.close()
                 if outputs:
-                    answer = self._finish(turn, outputs[0])
+                    answer = self._finish(turn, outputs[0], stopped=not ended)
             yield answer
 
     def adopt(self, question: str, answer: Answer) -> None:
@@ -1405,7 +1418,7 @@ class Chat:
             self.drop_cache()
             raise
 
-    def _finish(self, turn: _Turn, out, ended_at: int | None = None) -> Answer:
+    def _finish(self, turn: _Turn, out, ended_at: int | None = None, stopped: bool = False) -> Answer:
         """Record the turn: its answer's tokens join the conversation (the first `ended_at` generated, when a Stop
         ended it: `batching.RowControl.lengths`), and the cache is kept for the next."""
         engine = self.engine
@@ -1423,7 +1436,7 @@ class Chat:
             self._cache.crop(-extra)
         self._positions = engine.backend.save_positions()
         engine._keep_cache(self)
-        answer = self._answer(text, turn, answer_ids)
+        answer = self._answer(text, turn, answer_ids, stopped)
         self.turns.append((turn.question, answer))
         return answer
 
@@ -1478,11 +1491,16 @@ class Chat:
             similarity_maps=prepared.similarity_maps,
         )
 
-    def _answer(self, text: str, turn: _Turn, token_ids=()) -> Answer:
+    def _answer(self, text: str, turn: _Turn, token_ids=(), stopped: bool = False) -> Answer:
         if turn.prepared is not None:
-            return turn.prepared.answer(text, token_ids)
+            return turn.prepared.answer(text, token_ids, stopped)
         return Answer(
-            text, context_tokens=turn.length, prefill_tokens=turn.prefill_tokens, token_ids=token_ids, **self._details
+            text,
+            context_tokens=turn.length,
+            prefill_tokens=turn.prefill_tokens,
+            token_ids=token_ids,
+            stopped=stopped,
+            **self._details,
         )
 
 

@@ -12,6 +12,7 @@ handler changes the session only after all of its work succeeded.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import html
@@ -259,6 +260,7 @@ class Actions:
             asked = session.conversations.asking("image")
             stream = self._answer_stream(engine, question, session.concepts, image=picture)
             failed = False
+            ended = False
             try:
                 for number, answer in enumerate(stream):
                     details = views.answer_details(answer, time.perf_counter() - started)
@@ -266,12 +268,14 @@ class Actions:
                         matches = self._matches(picture, answer)
                         self._tell_dropped(answer)
                     yield session, str(answer), plain, details, matches if number == 0 else gr.skip()
+                ended = True
             except Exception:
                 failed = True  # the conversation the visitor had stays
                 raise
             finally:
                 stream.close()
                 if not failed:  # finished or stopped: the answer so far is the first turn
+                    answer = answer if ended else _cut_short(answer)
                     self._keep_conversation(session, "image", chat, question, answer, asked)
             if compare:  # streamed too, so that Stop or a closed tab also ends this answer at once
                 stream = self._answer_stream(engine, question, (), image=picture)
@@ -338,18 +342,21 @@ class Actions:
             asked = session.conversations.asking("video")
             stream = self._answer_stream(engine, question, session.concepts, video=(frames, metadata))
             failed = False
+            ended = False
             try:
                 for number, answer in enumerate(stream):
                     details = views.answer_details(answer, time.perf_counter() - started)
                     if number == 0:
                         self._tell_dropped(answer)
                     yield session, gr.skip(), str(answer), details
+                ended = True
             except Exception:
                 failed = True  # the conversation the visitor had stays
                 raise
             finally:
                 stream.close()
                 if not failed:
+                    answer = answer if ended else _cut_short(answer)
                     self._keep_conversation(session, "video", chat, question, answer, asked)
             yield session, gallery, str(answer), details
 
@@ -397,17 +404,18 @@ class Actions:
     def _streamed_follow_up(stream, keep=None):
         """The follow-up's text as it grows, then once more whole; `keep(answer)` once it has ended or was stopped
         with some text (not when it failed)."""
-        answer, failed = "", False
+        answer, failed, ended = "", False, False
         try:
             for answer in stream:
                 yield str(answer)
+            ended = True
         except Exception:
             failed = True
             raise
         finally:
             stream.close()
             if keep is not None and str(answer) and not failed:
-                keep(answer)
+                keep(answer if ended else _cut_short(answer))
         yield str(answer)
 
     def chat_image(self, session: Session, image, message, compare=False, progress=gr.Progress()):
@@ -663,6 +671,16 @@ def _quoted(names) -> str:
     return ", ".join(f"“{html.escape(name, quote=False)}”" for name in names)
 
 
+def _cut_short(answer):
+    """`answer` as its visitor's Stop left it: marked so (`Answer.stopped`), the chat view says so whenever it is
+    shown again. (A text without an Answer's fields stays as it is.)"""
+    if not isinstance(answer, Answer):
+        return answer
+    marked = copy.copy(answer)
+    marked.stopped = True
+    return marked
+
+
 def _digest(path) -> str:
     """A file's content digest: a photo box's value is a path, and a copy of a file is the same photo."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -675,4 +693,4 @@ def _so_far(answer) -> str:
 
 def _tokens_of(answer) -> Answer:
     """An answer's text and tokens, for a GPU worker to continue the conversation from (no pictures to pickle)."""
-    return Answer(str(answer), token_ids=getattr(answer, "token_ids", ()))
+    return Answer(str(answer), token_ids=getattr(answer, "token_ids", ()), stopped=getattr(answer, "stopped", False))

@@ -120,12 +120,19 @@ def holding(chats: Conversations, concepts) -> list[str]:
     return [tab for tab in TABS if any(id(c) in held for c in getattr(chats.get(tab), "concepts", ()))]
 
 
+STOPPED = " (stopped)"
+"""After an answer a Stop cut short, in the chat view."""
+
+
 def messages(turns, question: str | None = None, partial: str | None = None) -> list[dict]:
-    """The chat view's value: each (question, answer) turn as a user and an assistant message, then the question
-    being answered with its answer so far."""
+    """The chat view's value: each (question, answer) turn as a user and an assistant message (an answer a Stop
+    ended marked so: `Answer.stopped`), then the question being answered with its answer so far."""
     shown = []
     for asked, answered in list(turns) + ([(question, partial or "")] if question is not None else []):
-        shown += [{"role": "user", "content": as_text(asked)}, {"role": "assistant", "content": as_text(answered)}]
+        text = as_text(answered)
+        if getattr(answered, "stopped", False):
+            text = (text + STOPPED).strip()
+        shown += [{"role": "user", "content": as_text(asked)}, {"role": "assistant", "content": text}]
     return shown
 
 

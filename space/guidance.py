@@ -9,13 +9,13 @@ import gradio as gr
 
 from ego.checks import fold_name
 
+from .conversations import STOPPED
 from .session import Session, name_key
 
 THINKING = "Thinking… (the first words can take a few seconds; Stop ends the answer)"
 """Shown in an answer box from the moment Ask is pressed until the first word arrives."""
 NO_ANSWER = "(no answer: the model ended at once; ask again in other words)"
 """Shown for an answer that ended without a word."""
-STOPPED = " (stopped)"
 
 
 def after_introduce(session: Session, name_box):

@@ -437,6 +437,21 @@ def test_stop_marks_an_answer_cut_short_and_leaves_one_that_had_ended(act):
     assert mark_stopped_in_chat(session, restored, tab="image") == restored  # a refusal left nothing coming
 
 
+def test_an_answer_cut_short_stays_marked_whenever_its_conversation_is_shown(act):
+    """Stop leaves the answer as far as it was shown: the conversation's turn is that text, marked as stopped in
+    every later view (a reload, a follow-up), not just until the next one."""
+    session = Session()
+    steps = act.chat_image(session, QUERY, "Describe this photo in great detail.", progress=quiet)
+    shown = next(view[-1]["content"] for _, view, *_ in steps if view[-1]["content"] not in ("", THINKING))
+    steps.close()  # Stop
+    (turn,) = session.conversations.get("image").turns
+    assert turn[1].stopped and str(turn[1]).strip() == shown.strip()
+    marked = {"role": "assistant", "content": f"{shown.strip()} (stopped)"}
+    assert act.shown_conversations(session)[0][1] == marked
+    _, view, *_ = list(act.chat_image(session, QUERY, "And the wall?", progress=quiet))[-1]
+    assert view[1] == marked and not view[3]["content"].endswith("(stopped)")
+
+
 @pytest.mark.parametrize("moved_on", ["new photo", "another first question"])
 def test_an_answer_in_flight_does_not_bring_back_the_conversation_the_visitor_left(act, moved_on):
     """The browser does not wait for a cancelled answer to close before "New conversation" (or a new photo) ends

@@ -145,6 +145,7 @@ def test_a_stop_ends_only_its_own_answer(one_family):
     # (nor the padding generate adds while the other rows run on), which a conversation adopting it would continue
     assert batched[1].token_ids == lone[1].token_ids[: tokens_seen[0]]
     assert cut == seen[1][1].strip()
+    assert [answer.stopped for answer in batched] == [index == 1 for index in range(len(batched))]
     assert [str(a) for i, a in enumerate(batched) if i != 1] == [str(a) for i, a in enumerate(lone) if i != 1]
     # streaming: each request's text grows piece by piece into its final answer
     for index, texts in seen.items():

@@ -80,7 +80,8 @@ def test_a_stream_follow_up_ends_in_the_answer_and_closing_it_keeps_the_answer_s
     assert engine._lock.acquire(timeout=2), "the model lock was not released"
     engine._lock.release()
     assert not any(t.name == "ego-generate" and t.is_alive() for t in threading.enumerate())
-    assert len(chat.turns) == 3  # the stopped answer stays in the conversation
+    assert len(chat.turns) == 3  # the stopped answer stays in the conversation, marked so
+    assert chat.turns[-1][1].stopped and not any(answer.stopped for _, answer in chat.turns[:-1])
     reference.ask("Describe everything in great detail.", max_new_tokens=200)  # (a longer, complete answer)
     assert chat.ask(FOLLOW_UPS[1], max_new_tokens=5).prefill_tokens < chat.turns[-1][1].context_tokens
 
@@ -541,9 +542,10 @@ def test_a_follow_up_stopped_alone_keeps_only_what_was_handed_on_and_goes_on_fro
             stop.set()
 
     (cut,) = engine.follow_up_batch([FollowUpRequest(chat, "What is she holding?", 12)], stops=[stop], on_text=on_text)
-    assert list(cut.token_ids) == handed[-1] and len(cut.token_ids) == 3
+    assert list(cut.token_ids) == handed[-1] and len(cut.token_ids) == 3 and cut.stopped
     assert chat.turns[-1] == ("What is she holding?", cut) and chat._ids[-3:] == list(cut.token_ids)
     assert chat.cache_bytes > 0 and chat._cache.get_seq_length() == len(chat._ids)
     reference.adopt("What is she holding?", cut)
     following = chat.ask("And the wall?", max_new_tokens=6)
     assert following.token_ids == reference.ask("And the wall?", max_new_tokens=6, use_cache=False).token_ids
+    assert not following.stopped
