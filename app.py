@@ -728,11 +728,20 @@ def refuse_quantization(quantization: str | None, *, zero_gpu: bool) -> None:
 def main(argv=None) -> None:
     import functools
 
-    from space.zerogpu import on_zero_gpu
+    from space.zerogpu import on_zero_gpu, zero_gpu_requested_without_spaces
 
     zero_gpu = on_zero_gpu()
     if zero_gpu:
         import spaces  # noqa: F401 -- before torch: it sets up ZeroGPU's CUDA emulation in this process
+
+        # transformers loads weights in a pool of threads, where ZeroGPU's emulation of CUDA does not reach (it
+        # patches the main thread): the load at start would fail. One thread, then.
+        os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")
+    elif zero_gpu_requested_without_spaces():
+        logging.getLogger("ego.space").warning(
+            "SPACES_ZERO_GPU is set but the `spaces` package is not installed: running as on a dedicated GPU. "
+            "Add `spaces` to requirements.txt for ZeroGPU (docs/space.md)."
+        )
 
     from ego import DEFAULT_SETTINGS, Ego, Settings
     from ego.memory import local_model_id

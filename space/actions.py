@@ -150,6 +150,18 @@ class Actions:
         try:
             return self._lazy.get(progress)
         except Exception as error:  # noqa: BLE001 - missing weights, no GPU memory, bad install, ...
+            if _not_downloadable(error):  # no traceback: what to do is known
+                log.error(
+                    "the model %s is not in this machine's Hugging Face cache and could not be downloaded (no "
+                    "connection to huggingface.co, or offline mode): let this machine reach the Hub, or start the "
+                    "app with --model and a local folder or a tiny preset (e.g. tiny-qwen2.5-vl)",
+                    self._lazy.name,
+                )
+                raise gr.Error(
+                    "The model could not be downloaded on this server; the details are in the server's log. "
+                    "Please try again later.",
+                    print_exception=False,
+                ) from None
             stack = "".join(traceback.format_tb(error.__traceback__))
             log.error("the model could not be loaded: %s: %s\n%s", type(error).__name__, error, stack)
             raise gr.Error(
@@ -669,6 +681,20 @@ class Actions:
 def _quoted(names) -> str:
     """Visitor names for a message, quoted and escaped (gr.Warning renders HTML)."""
     return ", ".join(f"“{html.escape(name, quote=False)}”" for name in names)
+
+
+def _not_downloadable(error: BaseException) -> bool:
+    """Whether loading failed because the weights are neither cached nor downloadable (huggingface_hub's
+    `LocalEntryNotFoundError`, which transformers wraps in an OSError)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, LocalEntryNotFoundError):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _cut_short(answer):

@@ -37,6 +37,13 @@ def on_zero_gpu() -> bool:
     return flag is not None and flag.lower() in _TRUE and importlib.util.find_spec("spaces") is not None
 
 
+def zero_gpu_requested_without_spaces() -> bool:
+    """Whether SPACES_ZERO_GPU says ZeroGPU but the `spaces` package is missing (the app then runs as on a dedicated
+    GPU, and says so in the log)."""
+    flag = os.environ.get("SPACES_ZERO_GPU")
+    return flag is not None and flag.lower() in _TRUE and importlib.util.find_spec("spaces") is None
+
+
 def gpu(function: Callable, *, duration: Callable | None = None) -> Callable:
     """`function` decorated with `spaces.GPU(duration=duration)` on ZeroGPU (`duration` takes the call's
     arguments and returns seconds), `function` itself elsewhere."""

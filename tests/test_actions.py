@@ -341,6 +341,25 @@ def test_a_model_that_cannot_load_is_a_sentence_and_is_retried(caplog):
     assert len(attempts) == 2 and "OSError" in caplog.text
 
 
+def test_a_model_neither_cached_nor_downloadable_says_what_to_do_in_the_log(caplog, monkeypatch):
+    """A Hub id this machine has not cached, with no way to download it (offline here): one line in the log that
+    says what to do, no traceback; the visitor gets a sentence."""
+    import functools
+
+    import huggingface_hub.constants
+
+    from ego import Ego
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    factory = functools.partial(Ego.from_pretrained, "ego-tests/not-a-cached-model", quantization=None)
+    act = Actions(LazyEngine(factory, name="ego-tests/not-a-cached-model"), SPACE, load_examples())
+    with caplog.at_level(logging.ERROR, logger="ego.space"), pytest.raises(gr.Error, match="could not be downloaded"):
+        list(act.ask_image(Session(), QUERY, "Hi?", progress=quiet))
+    (record,) = [r for r in caplog.records if r.name == "ego.space"]
+    assert "ego-tests/not-a-cached-model" in record.getMessage() and "--model" in record.getMessage()
+    assert "Traceback" not in caplog.text
+
+
 def test_a_conversation_in_the_image_tab_follows_up_on_the_same_photo(act, engine):
     session = Session()
     act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), progress=quiet)

@@ -37,3 +37,21 @@ def test_the_python_version_is_the_spaces():
     card = (ROOT / "README.md").read_text(encoding="utf-8")
     version = re.search(r'^python_version: "(\d+\.\d+)"', card, re.M).group(1)
     assert PROJECT["requires-python"].startswith(f">={version},")
+
+
+def test_the_space_card_is_within_the_hubs_limits():
+    """The Hub refuses a whole card whose short description is over 60 characters (the Space would not build)."""
+    card = (ROOT / "README.md").read_text(encoding="utf-8")
+    short = re.search(r"^short_description: (.*)$", card, re.M).group(1).strip()
+    title = re.search(r"^title: (.*)$", card, re.M).group(1).strip()
+    assert 0 < len(short) <= 60 and 0 < len(title) <= 100
+
+
+def test_every_package_of_ego_is_installed_with_it():
+    """`pip install .` ships every subpackage the code imports (the tiny models, the evaluation), none left out."""
+    from setuptools import find_packages
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    found = set(find_packages(str(ROOT), include=config["packages"]["find"]["include"]))
+    on_disk = {str(p.parent.relative_to(ROOT)).replace("/", ".") for p in (ROOT / "ego").rglob("__init__.py")}
+    assert on_disk == found and {"ego.random_models", "ego.evaluate", "ego.backends"} <= found
