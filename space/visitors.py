@@ -122,6 +122,20 @@ def _session_hash(body: bytes) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _refusal(sentence: str, request) -> tuple:
+    """What the queue's `push` returns to refuse a request with `sentence`, in the form its client shows: the page
+    (and curl) read a 400's `detail` sentence; `gradio_client` (header x-gradio-user: api) shows the sentence of
+    a 422 validation refusal only (a 400 reaches the script as a bare HTTP error), so it gets that form."""
+    headers = getattr(request, "headers", None) or {}
+    if headers.get("x-gradio-user") == "api":
+        return (
+            False,
+            [{"__type__": "validate", "is_valid": False, "parameter_name": "request", "message": sentence}],
+            ("validator_error"),
+        )
+    return False, sentence, "error"
+
+
 TOO_MANY = (
     "You already have {count} requests waiting for the model; wait for an answer (or stop one) before sending another."
 )
@@ -218,7 +232,7 @@ def limit_requests_per_visitor(demo, concurrency_id: str | tuple[str, ...], max_
             same_session = sum(body.session_hash is not None and e.session_hash == body.session_hash for e in theirs)
             same_address = sum(address is not None and client_address(e.request) == address for e in theirs)
             if max(same_session, same_address) >= max_requests:
-                return False, TOO_MANY.format(count=max(same_session, same_address)), "error"
+                return _refusal(TOO_MANY.format(count=max(same_session, same_address)), request)
             return await push(body, request, username)
 
     queue.push = push_within_limit

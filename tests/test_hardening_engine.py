@@ -237,6 +237,11 @@ def test_one_visitor_cannot_fill_the_queue_and_others_keep_being_served(demo, ur
     refused = join(url, greedy, "ask_image", question)  # the same session: one is already there
     assert refused.status_code == 400
     assert "You already have 1 requests waiting for the model; wait for an answer" in refused.json()["detail"]
+    # Through gradio_client, the refusal's sentence reaches the script as an exception it shows (not a bare HTTP 400).
+    from gradio_client.exceptions import ValidationError
+
+    with pytest.raises(ValidationError, match="You already have 1 requests waiting for the model"):
+        ask(greedy).result(timeout=30)
     waiting = [ask(other)]  # another visitor is still served
     wait_for(lambda: len(demo._queue) == 1, timeout_s=10, what="the other visitor's answer to wait")
     # A script opening new sessions from one address (behind a tunnel, which passes the address on).
