@@ -60,9 +60,13 @@ class NewSessionQuota:
         if len(body) > _MAX_BODY_BYTES:
             await JSONResponse({"detail": BODY_TOO_LARGE}, status_code=413)(scope, receive, send)
             return
-        if not self._admits(_session_hash(body), client_address(Request(scope))):
-            # As Gradio's own refusals: JSON whose "detail" the page shows as the error's sentence.
-            await JSONResponse({"detail": TOO_MANY_SESSIONS}, status_code=429)(scope, receive, send)
+        request = Request(scope)
+        if not self._admits(_session_hash(body), client_address(request)):
+            # As Gradio's own refusals: JSON whose "detail" the page shows as the error's sentence (and
+            # gradio_client, as a validation refusal: `_refusal`).
+            _, detail, kind = _refusal(TOO_MANY_SESSIONS, request)
+            status = 422 if kind == "validator_error" else 429
+            await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
             return
         replayed = False
 

@@ -97,6 +97,15 @@ def test_one_address_may_start_only_so_many_sessions_and_keeps_using_them():
     v6 = [post(f"v6-{i}", f"2001:db8:1:2::{i + 1}").status_code for i in range(3)]
     assert v6 == [200, 200, 429] and post("v6-x", "2001:db8:1:3::1").status_code == 200
     assert client.post("/gradio_api/queue/join", content=b"x" * (5 << 20)).status_code == 413
+    # gradio_client shows the sentence of a validation refusal only: a script is refused in that form.
+    from gradio_client.utils import extract_validation_message
+
+    scripted = client.post(
+        "/gradio_api/queue/join",
+        json={"session_hash": "a4"},
+        headers={"x-forwarded-for": "203.0.113.7", "x-gradio-user": "api"},
+    )
+    assert scripted.status_code == 422 and "Too many new sessions" in extract_validation_message(scripted)
 
 
 def test_the_sessions_remembered_are_bounded():
