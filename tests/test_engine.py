@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import eager_model, model_is_free, photo, reference_inputs, spy_on_generate, tiny_engine
 
+import ego.engine
 from ego import Concept, Ego, IncompatibleMemoryError, InputError
 from ego.engine import _extend, keyword_positions
 
@@ -63,17 +64,25 @@ def test_eq3_eq4_match_eager_attention_on_the_generated_description(family):
 
 
 @pytest.mark.parametrize("area_pct", [100, 7, 1])
-def test_fixed_and_dynamic_k_with_user_keywords(family, area_pct):
-    """Keywords and size given by the user: the rows read are exactly the keyword tokens."""
+def test_fixed_and_dynamic_k_with_user_keywords(family, area_pct, monkeypatch):
+    """Keywords and size given by the user: the rows read are exactly the keyword tokens, their stop-words
+    included (the visitor's words are taken as given; only a description's are filtered)."""
     engine = tiny_engine(family)
     picture = photo(2)
-    concept = engine.introduce("my mug", [picture], keywords=["red", "ceramic mug"], area_pct=area_pct)
+    read = []
+    scored = ego.engine.layer_importance
+    monkeypatch.setattr(
+        ego.engine, "layer_importance", lambda capture, rows: read.append(rows) or scored(capture, rows)
+    )
+    concept = engine.introduce("my mug", [picture], keywords=["the red", "ceramic mug"], area_pct=area_pct)
     view = concept.views[0]
-    assert view.keywords == ("red", "ceramic mug") and view.keywords_source == "user"
+    assert view.keywords == ("the red", "ceramic mug") and view.keywords_source == "user"
     assert view.area_pct == area_pct and view.area_source == "user"
     tokenizer = engine.backend.tokenizer
-    ids = tokenizer("red, ceramic mug", add_special_tokens=False).input_ids
+    ids = tokenizer("the red, ceramic mug", add_special_tokens=False).input_ids
     word_offsets = [i for i, t in enumerate(ids) if tokenizer.decode([t]).strip(" ,")]  # every token but the comma
+    (rows,) = read
+    assert [row - rows[0] for row in rows] == [offset - word_offsets[0] for offset in word_offsets]
     expected, n_r = eager_importance(engine, family, picture, ids, word_offsets)
     torch.testing.assert_close(view.scores, expected, atol=2e-5, rtol=1e-4)
     k = eq4(area_pct, n_r, engine.settings.k_cap_tokens)

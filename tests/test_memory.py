@@ -87,6 +87,22 @@ def test_hostile_residuals_are_refused(tmp_path, family, change):
     assert str(raised.value).endswith(".")
 
 
+def test_a_memory_is_loaded_in_the_models_dtype_and_must_be_finite_there(tmp_path):
+    """Rows stored in float32 are read in the dtype the model computes in; a value finite in float32 but not in
+    that dtype (1e5 is inf in float16) is refused, not injected."""
+    engine = tiny_engine("qwen2-vl")
+    made = [engine.introduce("Chelsea", [photo(0)], area_pct=12)]
+    path = save_concepts(tmp_path / "mine.ego", made)
+    half = ego.Ego.tiny("qwen2-vl")  # the same model (a fresh copy, not the shared one) computing in float16
+    half.model.half()
+    (loaded,) = load_concepts(path, half)
+    assert loaded.embeddings.dtype == torch.float16
+    assert torch.allclose(loaded.embeddings.float(), made[0].embeddings.float(), atol=1e-2, rtol=1e-2)
+    big = _rewritten(path, lambda t: t["c0.embeddings"].fill_(1e5))
+    with pytest.raises(MemoryFileError, match="cannot"):
+        load_concepts(big, half)
+
+
 @pytest.mark.parametrize(
     "change",
     [
@@ -308,6 +324,18 @@ UNUSABLE = {
     "a keyword that is a list": (_first_view(keywords=[["tabby"]]), "not an Ego concept file"),
     "an unknown size source": (_first_view(area_source="x" * 10_000), "not an Ego concept file"),
     "a size that is not a number": (_first_view(area_pct=float("nan")), "not an Ego concept file"),
+    # Memory rows that are not the views' kept tokens: one row more or fewer than the views keep.
+    "a memory row fewer than its views keep": (
+        lambda t, d: t.update({"c0.embeddings": t["c0.embeddings"][:-1].clone()}),
+        "not an Ego concept file",
+    ),
+    "a size over 100 %": (_first_view(area_pct=250.0), "not an Ego concept file"),
+    "a negative size": (_first_view(area_pct=-5.0), "not an Ego concept file"),
+    # A kept token just past the view's grid (its scores' length): the app draws pictures from the grid.
+    "a kept token past the grid": (
+        lambda t, d: t["c0.v0.token_indices"].__setitem__(-1, t["c0.v0.scores"].numel()),
+        "not an Ego concept file",
+    ),
     # Memory rows beyond the photo's own tokens: one token of a view kept k times (a context of any length).
     "one token kept many times": (
         lambda t, d: t.update({"c0.v0.token_indices": torch.zeros_like(t["c0.v0.token_indices"])}),

@@ -80,6 +80,8 @@ from ego.engine import keyword_positions, memory_size
         ("The cat is one of the main subjects and covers most of the image.", 70.0),
         ("It is one of two mugs, about 15% of the frame.", 15.0),
         ("It covers one third of the picture.", 100 / 3),
+        ("1/1", 100),  # the whole image: a fraction may equal 1
+        ("It covers 2/2 of the image.", 100),
     ],
 )
 def test_size_answers_are_understood(answer, expected):
