@@ -171,6 +171,9 @@ class RowControl(StoppingCriteria):
         self.ended = [False] * len(self.budgets)
         self.lengths: list[int | None] = [None] * len(self.budgets)
         self.stopped = [False] * len(self.budgets)
+        self.handed = [0] * len(self.budgets)
+        """Per row, how many ids the last piece `on_step` handed on covered (it returns False for a piece it held
+        back: a character split between two tokens)."""
         """Per row, whether its Stop ended it (rather than its budget or a stop token)."""
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
@@ -178,15 +181,16 @@ class RowControl(StoppingCriteria):
         done = []
         for row, ids in enumerate(new):
             if not self.ended[row]:
-                stopped = self.stops[row] is not None and self.stops[row].is_set()
-                self.ended[row] = stopped or len(ids) >= self.budgets[row] or bool(self.stop_ids & set(ids))
-                if stopped:
-                    ids = ids[:-1]  # generated after the Stop: not the visitor's
+                natural = len(ids) >= self.budgets[row] or bool(self.stop_ids & set(ids))
+                stopped = not natural and self.stops[row] is not None and self.stops[row].is_set()
+                self.ended[row] = stopped or natural
+                if stopped:  # what was handed on before the Stop: not the token generated after it
+                    ids = ids[: self.handed[row]] if self.on_step is not None else ids[:-1]
                     self.stopped[row] = True
                 if self.ended[row]:
                     self.lengths[row] = len(ids)
-                if self.on_step is not None:
-                    self.on_step(row, ids)
+                if self.on_step is not None and self.on_step(row, ids) is not False:
+                    self.handed[row] = len(ids)
             done.append(self.ended[row])
         return torch.tensor(done, device=input_ids.device)
 

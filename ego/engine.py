@@ -789,13 +789,15 @@ class Ego:
         answer so far, `answer_of(row, text, token ids)`, handed to `on_text(row, answer)` after every step."""
         tokenizer, stop_ids = self.backend.tokenizer, self.backend.stop_token_ids
 
-        def on_step(row: int, ids: list[int]) -> None:
+        def on_step(row: int, ids: list[int]) -> bool:
+            """Hand the row's text so far on; False when it is held back (`RowControl.handed`)."""
             own = batching.row_tokens(ids, budgets[row], stop_ids)
             text = tokenizer.decode(own, skip_special_tokens=True)
             if text.endswith("\ufffd") and not control.ended[row]:
-                return  # a character split between two tokens: shown with the next one, as a streamer does
+                return False  # a character split between two tokens: shown with the next one, as a streamer does
             # with its tokens: a conversation that adopts this answer (after a Stop) continues from exactly those
             on_text(row, answer_of(row, text, own))
+            return True
 
         control = batching.RowControl(start, budgets, stops, stop_ids, on_step if on_text is not None else None)
         return control

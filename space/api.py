@@ -126,8 +126,11 @@ def answer_malformed_calls(demo) -> None:
 
     async def well_formed_only(block_fn, inputs, state, *args, **kwargs):
         endpoint = f"/{block_fn.api_name}" if isinstance(getattr(block_fn, "api_name", None), str) else "this event"
-        wanted, got = len(block_fn.inputs), len(inputs)
-        if got < wanted:
+        # Positions and counts as the API page lists the inputs: the session's hidden State is not one of them.
+        listed = [i for i, block in enumerate(block_fn.inputs) if not getattr(block, "skip_api", False)]
+        hidden = len(block_fn.inputs) - len(listed)
+        wanted, got = len(listed), max(0, len(inputs) - hidden)
+        if len(inputs) < len(block_fn.inputs):
             log.warning("call of %s with %d of its %d inputs refused", endpoint, got, wanted)
             problem = f"it sends {got} input value{'s' * (got != 1)}, and {endpoint} takes {wanted}"
             raise gr.Error(MALFORMED_CALL.format(endpoint=endpoint, problem=problem), print_exception=False)
@@ -136,7 +139,7 @@ def answer_malformed_calls(demo) -> None:
         except (ComponentProcessingError, ValidationError) as error:
             index = _failing_input(error, block_fn, inputs)
             log.warning("call of %s refused: input %s unreadable (%s)", endpoint, index, type(error).__name__)
-            where = f"input {index + 1}" if index is not None else "an input"
+            where = f"input {listed.index(index) + 1}" if index in listed else "an input"
             label = getattr(block_fn.inputs[index], "label", None) if index is not None else None
             problem = f"{where}{f' ({label})' if label else ''} is not in a form it reads"
             raise gr.Error(MALFORMED_CALL.format(endpoint=endpoint, problem=problem), print_exception=False) from None

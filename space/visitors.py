@@ -34,7 +34,7 @@ BODY_TOO_LARGE = "This request is too large; send files as uploads (see the HTTP
 class NewSessionQuota:
     """ASGI middleware: a client address (`client_address`; unknown ones are not counted) may start at most
     `max_new` sessions in `window_s`; a request that would start one more gets 429 with a sentence (JSON, as
-    Gradio's own refusals, so that the page shows it).
+    Gradio's own refusals, so that the page shows it; 422 in the validation form to gradio_client).
 
     Gradio keeps `max_sessions` sessions and drops the least recently used beyond: a script that opens sessions
     by the thousand would otherwise push every visitor's concepts out within seconds. Sessions are told apart by
@@ -89,12 +89,12 @@ class NewSessionQuota:
         if address is not None:
             now = time.monotonic()
             started = self._started.setdefault(address, deque())
+            self._started.move_to_end(address)  # also when refused: an address at its cap is not forgotten first
             while started and now - started[0] > self.window_s:
                 started.popleft()
             if len(started) >= self.max_new:
                 return False
             started.append(now)
-            self._started.move_to_end(address)
             # Bounded, in constant time per request: the addresses that started a session longest ago are forgotten
             # first (one host cycling through many IPv6 networks must not grow this without end).
             while len(self._started) > self.remember:

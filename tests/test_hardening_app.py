@@ -581,9 +581,10 @@ def test_a_malformed_call_gets_a_sentence_and_its_values_stay_out_of_the_log(url
     capfd.readouterr()
     with caplog.at_level(logging.DEBUG):
         cases = [
-            ("remove_concept", [], "sends 1 input value, and /remove_concept takes 2"),
-            ("ask_image", ["quokka-value-9931", "Is the quokka here?", False], "input 2"),
-            ("introduce", ["Quokka", [{"caption": "quokka-value-9931"}], "", False, 10], "input 3"),
+            # Counted and numbered as the API page lists them: without the session's hidden state.
+            ("remove_concept", [], "sends 0 input values, and /remove_concept takes 1"),
+            ("ask_image", ["quokka-value-9931", "Is the quokka here?", False], "input 1 (Photo)"),
+            ("introduce", ["Quokka", [{"caption": "quokka-value-9931"}], "", False, 10], "input 2"),
         ]
         for api_name, data, says in cases:
             message = queue_call(url, mine["client"], api_name, data)

@@ -55,3 +55,9 @@ def test_every_package_of_ego_is_installed_with_it():
     found = set(find_packages(str(ROOT), include=config["packages"]["find"]["include"]))
     on_disk = {str(p.parent.relative_to(ROOT)).replace("/", ".") for p in (ROOT / "ego").rglob("__init__.py")}
     assert on_disk == found and {"ego.random_models", "ego.evaluate", "ego.backends"} <= found
+    # The data files the code reads ship with it too (ego.evaluate reads the paper's numbers when imported).
+    data = config["package-data"]
+    for path in (ROOT / "ego").rglob("*"):
+        if path.is_file() and path.suffix not in (".py", ".pyc"):
+            package = str(path.parent.relative_to(ROOT)).replace("/", ".")
+            assert any(path.match(pattern) for pattern in data.get(package, [])), path

@@ -119,3 +119,10 @@ def test_the_sessions_remembered_are_bounded():
     for number in range(10):
         assert quota._admits(f"t{number}", f"2001:db8:{number}::1")
     assert list(quota._started) == [f"2001:db8:{number}::/64" for number in (7, 8, 9)]
+    # An address that keeps knocking at its cap is the last one forgotten, not the first.
+    quota = NewSessionQuota(None, max_new=2, remember=3)
+    assert [quota._admits(f"a{n}", "203.0.113.7") for n in range(3)] == [True, True, False]
+    for number in range(2):
+        assert quota._admits(f"o{number}", f"198.51.100.{number}")
+    assert not quota._admits("a9", "203.0.113.7")
+    assert quota._admits("o9", "198.51.100.9") and not quota._admits("a10", "203.0.113.7")
