@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, photo, spy_on_generate, tiny_engine
+from conftest import FAMILIES, bigram_engine, photo, spy_on_generate, tiny_engine
 
 from ego import InputError
 from ego.batching import AnswerRequest, collate
@@ -236,3 +236,17 @@ def test_a_request_that_runs_out_of_memory_fails_alone(monkeypatch):
     assert isinstance(huge, ModelBusyError) and "ran out of memory" in str(huge)
     monkeypatch.undo()
     assert str(small) == str(engine.answer("What is this?", image=photo(0), max_new_tokens=4))
+
+
+def test_a_stop_that_comes_as_the_answer_ends_is_no_stop():
+    """Stop pressed as the last word was shown: the step that notices it is the one that ended the answer, which is
+    whole, not cut short (it would show "(stopped)" in every later view)."""
+    engine = bigram_engine("qwen2.5-vl", "Hi.")
+    stop = threading.Event()
+
+    def on_text(index, answer):
+        if str(answer) == "Hi.":
+            stop.set()
+
+    (answer,) = engine.answer_batch([AnswerRequest("Who?", max_new_tokens=20)], stops=[stop], on_text=on_text)
+    assert str(answer) == "Hi." and stop.is_set() and not answer.stopped
