@@ -31,17 +31,20 @@ _TRUE = ("1", "t", "true")
 decorator changes nothing, so neither may this module."""
 
 
+def _zero_gpu_flag() -> bool:
+    flag = os.environ.get("SPACES_ZERO_GPU")
+    return flag is not None and flag.lower() in _TRUE
+
+
 def on_zero_gpu() -> bool:
     """Whether this process runs on ZeroGPU hardware with the `spaces` package installed."""
-    flag = os.environ.get("SPACES_ZERO_GPU")
-    return flag is not None and flag.lower() in _TRUE and importlib.util.find_spec("spaces") is not None
+    return _zero_gpu_flag() and importlib.util.find_spec("spaces") is not None
 
 
 def zero_gpu_requested_without_spaces() -> bool:
     """Whether SPACES_ZERO_GPU says ZeroGPU but the `spaces` package is missing (the app then runs as on a dedicated
     GPU, and says so in the log)."""
-    flag = os.environ.get("SPACES_ZERO_GPU")
-    return flag is not None and flag.lower() in _TRUE and importlib.util.find_spec("spaces") is None
+    return _zero_gpu_flag() and importlib.util.find_spec("spaces") is None
 
 
 def gpu(function: Callable, *, duration: Callable | None = None) -> Callable:
