@@ -401,8 +401,14 @@ class Actions:
                 )
             try:
                 if not self.zero_gpu:  # with other visitors' follow-ups, each on its conversation's cache
+                    index = len(chat.turns)
+
+                    def shown(answer):  # the worker records the turn when its batch ends: until then, this one
+                        if answer.stopped:
+                            chats.cut_short(tab, chat, index, question, answer)
+
                     stream = self.answers.stream_follow_up(engine, chat, question, max_new_tokens=budget)
-                    yield from self._streamed_follow_up(stream)
+                    yield from self._streamed_follow_up(stream, shown)
                     return
                 # The worker answers on a copy of the conversation, away from the engine's lock, and this one takes
                 # its answer.
@@ -415,7 +421,7 @@ class Actions:
     @staticmethod
     def _streamed_follow_up(stream, keep=None):
         """The follow-up's text as it grows, then once more whole; `keep(answer)` once it has ended or was stopped
-        with some text (not when it failed)."""
+        with some text (not when it failed), marked `stopped` in the latter case."""
         answer, failed, ended = "", False, False
         try:
             for answer in stream:
@@ -458,7 +464,7 @@ class Actions:
 
     def _follow_up_steps(self, session: Session, tab: str, chat, message, progress, *, extra: int):
         """(chat view, *`extra` skipped outputs) as a follow-up streams, then the conversation with its new turn."""
-        before, skip = list(chat.turns), (gr.skip(),) * extra
+        before, skip = session.conversations.turns(tab), (gr.skip(),) * extra
         for answer in self._follow_up(session.conversations, tab, message, progress):
             yield messages(before, message, _so_far(answer)), *skip
         # An answer without a word is no turn: the question stays in view, with "" for `_chat_steps` to explain.
@@ -475,8 +481,7 @@ class Actions:
         chats.streams(tab, True)
         try:
             if str(message or "").strip():  # the question at once, and "Thinking…" as its answer
-                chat = chats.get(tab)
-                view = messages(chat.turns if chat is not None else [], message, guidance.THINKING)
+                view = messages(chats.turns(tab), message, guidance.THINKING)
                 yield view, "", *(gr.skip(),) * extra
                 emptied = True
             for view, *rest in (step for part in steps for step in part):
@@ -491,8 +496,7 @@ class Actions:
                 )
         except Exception:
             chats.streams(tab, False)
-            chat = chats.get(tab)
-            yield (messages(chat.turns) if chat is not None else []), message, *(gr.skip(),) * extra
+            yield messages(chats.turns(tab)), message, *(gr.skip(),) * extra
             raise
         chats.streams(tab, False)  # not reached when Stop closed this generator: the answer stays "coming"
 
@@ -528,8 +532,7 @@ class Actions:
     @staticmethod
     def shown_conversation(session: Session, *, tab: str) -> list[dict]:
         """One tab's chat view of the conversation the session holds."""
-        chat = session.conversations.get(tab)
-        return messages(chat.turns) if chat is not None else []
+        return messages(session.conversations.turns(tab))
 
     def new_conversation(self, session: Session, tab: str):
         """End the tab's conversation (the next message starts one); returns the session, an empty chat view, and

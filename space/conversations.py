@@ -30,6 +30,9 @@ class Conversations:
         """The tabs whose chat view shows an answer still coming, or one cut short by Stop (`streams`)."""
         self._restored: dict[str, str] = {}
         """Per tab, the digest of the photo a reload put back in the tab's box (`restored`)."""
+        self._cut_short: dict[str, tuple[object, int, tuple]] = {}
+        """Per tab, a follow-up that Stop cut short, as its visitor saw it: (conversation, its turn's index, the
+        turn), shown until the conversation records the turn itself (`cut_short`)."""
 
     def __deepcopy__(self, memo) -> Conversations:
         # gr.State deep-copies its default once per visitor: each one starts with no conversation.
@@ -61,12 +64,36 @@ class Conversations:
             self._chats[tab] = chat
             self.current = tab
             self._restored.pop(tab, None)
+            self._cut_short.pop(tab, None)
             return True
 
     @property
     def nbytes(self) -> int:
         """Memory the conversations hold for their follow-ups (`ego.Chat.held_bytes`; key/value caches apart)."""
         return sum(chat.held_bytes for chat in list(self._chats.values()))
+
+    def turns(self, tab: str) -> list[tuple]:
+        """The tab's conversation as its chat view shows it: its (question, answer) turns, and last a follow-up
+        that Stop cut short while the answering worker has not recorded it yet (`cut_short`)."""
+        with self._lock:
+            chat = self._chats.get(tab)
+            if chat is None:
+                return []
+            turns = list(chat.turns)
+            owner, index, turn = self._cut_short.get(tab, (None, -1, None))
+            if owner is chat and len(turns) == index:
+                return [*turns, turn]
+            if owner is not None and (owner is not chat or len(turns) > index):
+                del self._cut_short[tab]  # recorded (or its conversation ended): the conversation's own turn shows
+            return turns
+
+    def cut_short(self, tab: str, chat, index: int, question: str, answer) -> None:
+        """A follow-up of `chat` (its turn number `index`) that Stop cut short, with the `answer` its visitor saw.
+        The worker that answers follow-ups with other visitors' records the turn only once its whole batch has
+        ended; until then the chat view (the visitor's next question, a reload) shows this one in its place."""
+        with self._lock:
+            if self._chats.get(tab) is chat and len(chat.turns) == index:
+                self._cut_short[tab] = (chat, index, (question, answer))
 
     def answering(self, chat) -> bool:
         """Mark `chat` as having a follow-up being answered; False if it already has one."""
@@ -110,6 +137,7 @@ class Conversations:
             self._asked[tab] = self._asked.get(tab, 0) + 1
             self._chats.pop(tab, None)
             self._restored.pop(tab, None)
+            self._cut_short.pop(tab, None)
             if self.current == tab:  # `/follow_up` continues the last one started, or none: never an older one
                 self.current = None
 

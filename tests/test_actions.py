@@ -14,6 +14,7 @@ from PIL import Image
 
 from ego import DEFAULT_SETTINGS
 from space.actions import Actions
+from space.conversations import messages
 from space.examples import EXAMPLES_DIR, Examples, load_examples
 from space.guidance import THINKING, mark_stopped_in_chat
 from space.loading import LazyEngine
@@ -469,6 +470,44 @@ def test_an_answer_cut_short_stays_marked_whenever_its_conversation_is_shown(act
     assert act.shown_conversations(session)[0][1] == marked
     _, view, *_ = list(act.chat_image(session, QUERY, "And the wall?", progress=quiet))[-1]
     assert view[1] == marked and not view[3]["content"].endswith("(stopped)")
+
+
+def test_a_follow_up_cut_short_shows_before_the_worker_records_it(act, engine, monkeypatch):
+    """The worker records a stopped follow-up's turn only when its whole batch ends (other visitors' answers may
+    go on): the visitor's next question, asked meanwhile, shows the conversation with that turn, marked stopped,
+    from "Thinking…" on; once recorded, the conversation's own turn takes its place."""
+    session = Session()
+    list(act.chat_image(session, QUERY, "Is there a cat?", progress=quiet))
+    held, real = threading.Event(), engine.follow_up_batch
+
+    def slow_batch(requests, stops, on_text):  # a batch still going after its visitor's Stop
+        def handed(index, answer):
+            on_text(index, answer)
+            held.wait(30)
+
+        return real(requests, stops=stops, on_text=handed)
+
+    monkeypatch.setattr(engine, "follow_up_batch", slow_batch)
+    steps = act.chat_image(session, QUERY, "Describe the wall in great detail.", progress=quiet)
+    shown = next(view[-1]["content"] for _, view, *_ in steps if view[-1]["content"] not in ("", THINKING))
+    steps.close()  # Stop
+    chat = session.conversations.get("image")
+    assert len(chat.turns) == 1  # not recorded yet
+    cut = {"role": "assistant", "content": f"{shown.strip()} (stopped)"}
+    following = act.chat_image(session, QUERY, "And the floor?", progress=quiet)
+    _, thinking, *_ = next(following)
+    assert [m["content"] for m in thinking[::2]] == [
+        "Is there a cat?",
+        "Describe the wall in great detail.",
+        "And the floor?",
+    ]
+    assert thinking[3] == cut and thinking[5]["content"] == THINKING
+    assert act.shown_conversations(session)[0] == thinking[:4]  # a reload meanwhile shows it too
+    held.set()
+    *_, (_, final, *_) = following
+    assert len(chat.turns) == 3 and chat.turns[1][1].stopped
+    assert final[:4] == messages(chat.turns[:2]) and final[3]["content"].endswith("(stopped)")
+    assert str(chat.turns[1][1]).startswith(shown.strip())  # what was shown, or a piece more that was handed on
 
 
 @pytest.mark.parametrize("moved_on", ["new photo", "another first question"])
