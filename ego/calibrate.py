@@ -123,7 +123,8 @@ def size_fair_precision(importance: torch.Tensor, objects: torch.Tensor) -> torc
 
 
 RANK_BY = ("precision", "size-fair")
-"""What `calibrate` ranks the layers by: precision@K (the paper's score) or the size-fair score."""
+"""What `calibrate` ranks the layers by: precision@K (the default; the paper does not name its overlap score)
+or the size-fair score."""
 
 
 def find_pairs(images_dir, masks_dir) -> list[tuple[Path, Path]]:
@@ -390,7 +391,7 @@ def _parser() -> argparse.ArgumentParser:
         "--rank-by",
         choices=list(RANK_BY),
         default="precision",
-        help="precision: mean precision@K (the paper's score, default); size-fair: mean precision at K = the "
+        help="precision: mean precision@K (default; the paper does not name its score); size-fair: mean precision at K = the "
         "object's number of tokens (small objects count as much as large ones)",
     )
     parser.add_argument("--out", help="output JSON (default calibration-<model>.json)")

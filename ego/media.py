@@ -22,11 +22,13 @@ All limits come from :class:`ego.settings.Settings`.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import re
 import stat
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -38,6 +40,8 @@ from PIL import Image, ImageOps
 
 from ego.errors import InputError
 from ego.settings import DEFAULT_SETTINGS, Settings
+
+log = logging.getLogger("ego.media")
 
 __all__ = ["load_image", "load_video", "sample_indices"]
 
@@ -210,7 +214,8 @@ def _decode(im: Image.Image, settings: Settings) -> Image.Image:
         raise
     except Image.DecompressionBombError:
         raise InputError("This image is too large to decode safely; please upload a smaller image.") from None
-    except Exception:  # noqa: BLE001 - a damaged file can make PIL raise almost anything
+    except Exception as error:  # noqa: BLE001 - a damaged file can make PIL raise almost anything
+        _not_decoded("image", error)
         raise InputError(
             "This image is damaged or incomplete and could not be decoded; please upload it again "
             f"or save it as {_IMAGE_FORMATS_TEXT}."
@@ -226,9 +231,19 @@ def _open_image(fp: BinaryIO, settings: Settings) -> Image.Image:
         raise InputError(
             "This image declares far too many pixels to decode safely; please upload a smaller image."
         ) from None
-    except Exception:  # noqa: BLE001 - UnidentifiedImageError, SyntaxError, struct.error, ...
+    except Exception as error:  # noqa: BLE001 - UnidentifiedImageError, SyntaxError, struct.error, ...
+        _not_decoded("image", error)
         raise InputError(f"This file is not a supported image; please upload a {_IMAGE_FORMATS_TEXT} image.") from None
     return _decode(im, settings)
+
+
+def _not_decoded(what: str, error: BaseException) -> None:
+    """The server log's line for a file the decoder refused: the error's type and the code line that raised it (so
+    that a fault of ours, a TypeError say, is not taken for a damaged upload), never the decoder's message (it may
+    quote the file's bytes or name)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else "?"
+    log.info("%s not decoded: %s at %s", what, type(error).__name__, where)
 
 
 def load_image(source: Any, settings: Settings = DEFAULT_SETTINGS) -> Image.Image:
@@ -446,8 +461,9 @@ def _decode_pass(
             # ffmpeg's own interrupt, for a demuxer stuck inside one call between our checks.
             timeout=max(deadline.remaining_s(), _MIN_IO_TIMEOUT_S),
         )
-    except Exception:  # noqa: BLE001 - av.error.*, PermissionError from the hook, ...
+    except Exception as error:  # noqa: BLE001 - av.error.*, PermissionError from the hook, ...
         deadline.check()
+        _not_decoded("video", error)
         raise _damaged_video() from None
     try:
         with container:
@@ -496,8 +512,9 @@ def _decode_pass(
                     count += 1
     except InputError:
         raise
-    except Exception:  # noqa: BLE001 - av.error.InvalidDataError, odd headers, and friends
+    except Exception as error:  # noqa: BLE001 - av.error.InvalidDataError, odd headers, and friends
         deadline.check()  # an interrupt by the timeout above reads as running out of time
+        _not_decoded("video", error)
         raise _damaged_video() from None
     return _Pass(kept, count, estimate, declared_fps, declared_duration, first_time, last_time)
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import gradio as gr
+
+log = logging.getLogger("ego.space")
 
 IMAGE_FORMATS_TEXT = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 INLINE_REFUSAL = "Send the photo as an uploaded file (see the HTTP API's docs), not inline in the request."
@@ -32,7 +36,8 @@ def photo_input(**kwargs) -> gr.Image:
             return gradio_check(payload)
         except gr.Error:
             raise
-        except Exception:  # noqa: BLE001 - PIL's UnidentifiedImageError, DecompressionBombError, OSError, ...
+        except Exception as error:  # noqa: BLE001 - PIL's UnidentifiedImageError, DecompressionBombError, OSError, ...
+            log.info("upload not read as an image: %s", type(error).__name__)  # not its name: the visitor's
             raise gr.Error(
                 f"This file is not an image this app can read; please upload a {IMAGE_FORMATS_TEXT} photo.",
                 print_exception=False,

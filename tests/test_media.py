@@ -330,6 +330,41 @@ def test_random_bytes_truncated_and_empty_files_are_refused(tmp_path):
         load_image(b"")
 
 
+def test_a_refused_file_leaves_its_error_type_and_place_in_the_log_but_not_its_name(tmp_path, caplog, monkeypatch):
+    """A damaged upload and a fault of ours both reach the visitor as "damaged"; the server log tells them apart
+    (the error's type and the line that raised it), without the visitor's file name or the decoder's message."""
+    import ego.media as media
+
+    secret = tmp_path / "holiday-with-alice.png"
+    whole = encode(gradient(256, 256), "PNG")
+    secret.write_bytes(whole[: len(whole) // 2])
+    with caplog.at_level("INFO", logger="ego.media"), pytest.raises(InputError):
+        load_image(secret)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "ego.media"]
+    assert line.startswith("image not decoded: OSError at ") and "alice" not in line and "truncated" not in line
+
+    def broken(image):
+        raise TypeError("a fault of ours")
+
+    caplog.clear()
+    monkeypatch.setattr(media, "_to_rgb", broken)
+    with caplog.at_level("INFO", logger="ego.media"), pytest.raises(InputError):
+        load_image(encode(gradient(), "PNG"))
+    assert [r.getMessage() for r in caplog.records if r.name == "ego.media"] == [
+        f"image not decoded: TypeError at test_media.py:{broken.__code__.co_firstlineno + 1}"
+    ]
+
+
+def test_the_space_names_the_image_formats_the_decoder_takes():
+    """The Space's upload hints and refusals cannot import the library (no torch at page build): one text, twice."""
+    import ego.media as media
+    from space.components import IMAGE_FORMATS_TEXT
+
+    assert IMAGE_FORMATS_TEXT == media._IMAGE_FORMATS_TEXT
+    named = IMAGE_FORMATS_TEXT.replace(" or ", ", ").upper().split(", ")
+    assert sorted(named) == sorted(media.IMAGE_FORMATS)
+
+
 @pytest.mark.parametrize(
     "url",
     [
