@@ -27,9 +27,8 @@ MODEL_EVENTS = dict(concurrency_id="model", concurrency_limit=1)
 ANSWER_GROUP = "answers"
 """With `answer_batch_max_size` above 1, questions and follow-ups run side by side, up to that many: their handlers
 hand them to one scheduler that answers those arriving together in one batched generation (`space.scheduler`); the
-engine still makes
-one model call at a time, so an introduction and a batch of answers take turns. With 1, questions wait in the
-model's group like every other model request."""
+engine still makes one model call at a time, so an introduction and a batch of answers take turns. With 1, questions
+wait in the model's group like every other model request."""
 PRIVATE = dict(api_visibility="private")
 """UI-only events: not part of the HTTP API."""
 CHEAP = dict(queue=False)
@@ -81,7 +80,8 @@ def build_demo(
         browser_token = gr.BrowserState(None)  # names this browser's session on the server (space/resume.py)
         gr.Markdown(
             "# Ego: teach a vision-language model your own concepts\n"
-            "Show the model one to five photos of *your* cat, mug or friend and give it a name. The model "
+            f"Show the model 1 to {limits.max_references_per_concept} photos of *your* cat, mug or friend and give "
+            "it a name. The model "
             "picks the few visual tokens that represent it and keeps them as a memory; ask about new photos "
             "and clips and the memory goes back into its context. No training. "
             f"[Paper]({PAPER_URL}) · model: `{engine.name or 'loaded on first use'}`{model_note} · "
@@ -119,7 +119,7 @@ def build_demo(
             [session, *form],
             introduced,
             api_name="introduce",
-            api_description=api.INTRODUCE,
+            api_description=api.INTRODUCE.format(max_photos=limits.max_references_per_concept),
             **MODEL_EVENTS,
         )
         then_refresh(introducing)
@@ -216,7 +216,7 @@ def build_demo(
             [session, vid.video, vid.question],
             [session, vid.frames, hidden.answer, vid.details],
             api_name="ask_video",
-            api_description=api.ASK_VIDEO,
+            api_description=api.ASK_VIDEO.format(frames=limits.video_num_frames),
             **answer_events,
         )
         hidden.follow_up.click(
@@ -320,7 +320,10 @@ def launch_options(settings, space_settings=None) -> dict:
     space = space_settings or DEFAULT_SPACE_SETTINGS
     quota = Middleware(UploadQuota, max_bytes=space.max_cache_bytes, upload_bytes=settings.max_upload_bytes)
     sessions = Middleware(
-        NewSessionQuota, max_new=space.max_new_sessions_per_address_per_hour, remember=2 * space.max_sessions
+        NewSessionQuota,
+        max_new=space.max_new_sessions_per_address_per_hour,
+        max_body_bytes=space.max_request_body_bytes,
+        remember=2 * space.max_sessions,
     )
     return dict(
         max_file_size=settings.max_upload_bytes,
@@ -726,8 +729,6 @@ def refuse_quantization(quantization: str | None, *, zero_gpu: bool) -> None:
 
 
 def main(argv=None) -> None:
-    import functools
-
     from space.zerogpu import on_zero_gpu, zero_gpu_requested_without_spaces
 
     zero_gpu = on_zero_gpu()

@@ -252,7 +252,6 @@ class Ego:
         quantization="auto",
         device=None,
         layers=None,
-        k_cap: int | None = None,
         settings: Settings | None = None,
         seed: int = 0,
     ) -> Ego:
@@ -262,7 +261,7 @@ class Ego:
         "int4" (torchao, CUDA only), "fp8" (CUDA, compute capability 8.9+) or None force it (`ego.quantization`).
         layers: the attention layers L (indices, or a JSON file written by `python -m ego.calibrate`);
         by default the preset's calibrated layers, else the paper's layers scaled to this model's depth.
-        k_cap: K of Eq. 4; given, it replaces `settings.k_cap_tokens`, left out, the settings' value stands.
+        settings: every limit and default of the method (`ego.Settings`; K of Eq. 4 is `k_cap_tokens`).
         """
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
@@ -312,8 +311,6 @@ class Ego:
         loaded = AutoModelForImageTextToText.from_pretrained(path, **kwargs).eval()
         processor = AutoProcessor.from_pretrained(path)
         settings = settings or DEFAULT_SETTINGS
-        if k_cap is not None:
-            settings = settings.replace(k_cap_tokens=k_cap)
         return cls(
             loaded,
             processor,
@@ -466,7 +463,8 @@ class Ego:
     # 3.1 Concept introduction
     # ------------------------------------------------------------------------------------------
     def introduce(self, name: str, images, *, keywords=None, area_pct: float | None = None) -> Concept:
-        """Build the memory of concept `name` from 1 to 5 reference images (PIL images or paths).
+        """Build the memory of concept `name` from 1 to `max_references_per_concept` reference images (PIL images
+        or paths).
 
         keywords: the words whose attention ranks the tokens, instead of the model's description.
         area_pct: the subject's share of each image in percent, instead of the model's estimate.

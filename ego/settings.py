@@ -39,7 +39,8 @@ class Settings:
     area_pct_fallback: float = 100.0
     """alpha_c used when the size answer has no number or size word: K_c then equals the cap K."""
     max_concepts_in_context: int = 20
-    """Above this many concepts, the ones most similar to the query's visual tokens are kept."""
+    """Above this many concepts, the ones the question names are kept, then the ones most similar to the query's
+    visual tokens."""
     keywords_drop_stopwords: bool = True
     """Keywords are the description's words without punctuation AND without stop-words and words about the
     photo itself ("image", "shows"), whose attention spreads over the whole picture. The paper keeps every

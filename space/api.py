@@ -22,7 +22,7 @@ log = logging.getLogger("ego.space")
 ROOT = Path(__file__).resolve().parent.parent
 
 INTRODUCE = (
-    "Introduce a concept: a name and one to five photos of it. The model picks the visual tokens that "
+    "Introduce a concept: a name and 1 to {max_photos} photos of it. The model picks the visual tokens that "
     "represent it and keeps them as a memory in your session. Returns a report (keywords, size, tokens "
     "kept per photo), each photo with its kept tokens highlighted, and each photo's token importance."
 )
@@ -32,7 +32,7 @@ ASK_IMAGE = (
     "true, what went into the context, and per concept where its memory matches the photo."
 )
 ASK_VIDEO = (
-    "Ask a question about a clip (8 frames sampled evenly), with your concepts' memories in the "
+    "Ask a question about a clip ({frames} frames sampled evenly), with your concepts' memories in the "
     "context. Returns the frames the model saw, the answer and what went into the context."
 )
 FOLLOW_UP = (

@@ -44,10 +44,6 @@ def suggest_export(session: Session) -> None:
         )
 
 
-def thinking():
-    return THINKING
-
-
 def text_of(content) -> str:
     """A message's text: a chat view hands its messages to a handler as lists of parts ({"type": "text",
     "text": ...}), an answer box as a string."""

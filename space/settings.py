@@ -22,6 +22,9 @@ class SpaceSettings:
     """A visitor's concepts are freed this long after their last action (a closed tab's too)."""
     max_sessions: int = 1000
     """Visitor sessions held in server memory; beyond this the least recently used one is dropped."""
+    max_request_body_mb: int = 4
+    """A request's body (not an upload: files come through the upload route), in MiB; a larger one is refused
+    (HTTP 413) before it is read further."""
     max_new_sessions_per_address_per_hour: int = 200
     """Sessions one client address (where it is known) may start in an hour (each page load and each API client
     starts one); one more request in a new session is refused with a sentence. Without it, one script opening
@@ -71,6 +74,10 @@ class SpaceSettings:
 
     def replace(self, **changes) -> SpaceSettings:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def max_request_body_bytes(self) -> int:
+        return self.max_request_body_mb * 1024 * 1024
 
     @property
     def max_cache_bytes(self) -> int:

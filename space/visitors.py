@@ -26,8 +26,6 @@ TOO_MANY_SESSIONS = (
 )
 _SESSION_ROUTE = re.compile(r"/gradio_api/(?:queue/join|run/|call/|api/)")
 """The routes whose body names the session a request belongs to (and which start it if it is new)."""
-_MAX_BODY_BYTES = 4 << 20
-"""A larger request body is refused (413): files come through the upload route, not in a request's body."""
 BODY_TOO_LARGE = "This request is too large; send files as uploads (see the HTTP API's docs)."
 
 
@@ -42,9 +40,11 @@ class NewSessionQuota:
     them), so a session's later requests are not counted again.
     """
 
-    def __init__(self, app, *, max_new: int, window_s: float = 3600.0, remember: int = 2000):
+    def __init__(self, app, *, max_new: int, max_body_bytes: int, window_s: float = 3600.0, remember: int = 2000):
         self.app = app
         self.max_new, self.window_s, self.remember = max_new, window_s, remember
+        self.max_body_bytes = max_body_bytes
+        """A larger request body is refused (413): files come through the upload route, not in a request's body."""
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._started: OrderedDict[str, deque[float]] = OrderedDict()
 
@@ -53,11 +53,11 @@ class NewSessionQuota:
             await self.app(scope, receive, send)
             return
         body, more = b"", True  # read whole (up to the limit), then handed on as one message
-        while more and len(body) <= _MAX_BODY_BYTES:
+        while more and len(body) <= self.max_body_bytes:
             message = await receive()
             body += message.get("body", b"")
             more = message.get("more_body", False)
-        if len(body) > _MAX_BODY_BYTES:
+        if len(body) > self.max_body_bytes:
             await JSONResponse({"detail": BODY_TOO_LARGE}, status_code=413)(scope, receive, send)
             return
         request = Request(scope)

@@ -119,6 +119,7 @@ def test_main_launches_with_the_limits_and_loads_the_model_lazily(monkeypatch):
     )
     assert sessions.kwargs == {
         "max_new": SpaceSettings().max_new_sessions_per_address_per_hour,
+        "max_body_bytes": SpaceSettings().max_request_body_mb * 1024 * 1024,
         "remember": 2 * SpaceSettings().max_sessions,
     }
     assert quota.kwargs == {

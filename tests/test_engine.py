@@ -114,16 +114,17 @@ def test_memory_rows_are_projector_rows_at_kept_indices_in_raster_order(family):
 
 
 def test_smaller_cap_keeps_fewer_tokens():
-    engine = tiny_engine("qwen2-vl", k_cap=8)
+    from ego import Settings
+
+    engine = tiny_engine("qwen2-vl", settings=Settings(k_cap_tokens=8))
     concept = engine.introduce("Chelsea", [photo(5)], area_pct=100)
     assert concept.views[0].k == 8 and concept.embeddings.shape[0] == 8
 
 
-def test_k_cap_given_wins_and_left_out_keeps_the_settings():
+def test_the_settings_given_are_the_engines():
     from ego import Settings
 
     assert tiny_engine("qwen2-vl", settings=Settings(k_cap_tokens=30)).settings.k_cap_tokens == 30
-    assert tiny_engine("qwen2-vl", settings=Settings(k_cap_tokens=30), k_cap=12).settings.k_cap_tokens == 12
     assert tiny_engine("qwen2-vl").settings.k_cap_tokens == Settings().k_cap_tokens
 
 

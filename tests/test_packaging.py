@@ -61,3 +61,12 @@ def test_every_package_of_ego_is_installed_with_it():
         if path.is_file() and path.suffix not in (".py", ".pyc"):
             package = str(path.parent.relative_to(ROOT)).replace("/", ".")
             assert any(path.match(pattern) for pattern in data.get(package, [])), path
+
+
+def test_the_space_package_says_what_each_of_its_modules_is():
+    """space/__init__.py is the map of the Space's modules: a module it does not name is one a reader cannot find."""
+    import space
+
+    modules = {path.stem for path in (ROOT / "space").glob("*.py") if path.stem != "__init__"}
+    named = set(re.findall(r"`space\.(\w+)`", space.__doc__))
+    assert modules == named

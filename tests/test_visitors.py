@@ -51,7 +51,7 @@ def test_every_line_of_the_header_counts_in_order():
     assert client_address(SimpleNamespace(client=SimpleNamespace(host="10.1.2.3"), headers=headers)) == "93.184.216.34"
 
 
-def _server(max_new: int, remember: int = 100):
+def _server(max_new: int, remember: int = 100, max_body_bytes: int = 4 << 20):
     """A Starlette app behind `NewSessionQuota` that echoes the session of each request it lets through."""
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
@@ -66,7 +66,7 @@ def _server(max_new: int, remember: int = 100):
 
     app = Starlette(
         routes=[Route(f"/gradio_api/{path}", join, methods=["POST"]) for path in ("queue/join", "run/x")],
-        middleware=[Middleware(NewSessionQuota, max_new=max_new, remember=remember)],
+        middleware=[Middleware(NewSessionQuota, max_new=max_new, remember=remember, max_body_bytes=max_body_bytes)],
     )
     return TestClient(app, client=("127.0.0.1", 5000))  # a local proxy: the address is X-Forwarded-For's
 
@@ -108,10 +108,33 @@ def test_one_address_may_start_only_so_many_sessions_and_keeps_using_them():
     assert scripted.status_code == 422 and "Too many new sessions" in extract_validation_message(scripted)
 
 
+def test_the_request_body_limit_is_the_spaces_setting():
+    """The Space's launch options hand `max_request_body_mb` to the middleware: a body past it is refused (413,
+    with a sentence), one within it goes through."""
+    from starlette.middleware import Middleware
+
+    import app
+    from ego import DEFAULT_SETTINGS
+    from space.settings import SpaceSettings
+    from space.visitors import BODY_TOO_LARGE, NewSessionQuota
+
+    options = app.launch_options(DEFAULT_SETTINGS, SpaceSettings(max_request_body_mb=1))
+    (quota,) = [
+        m for m in options["app_kwargs"]["middleware"] if isinstance(m, Middleware) and m.cls is NewSessionQuota
+    ]
+    client = _server(max_new=100, max_body_bytes=quota.kwargs["max_body_bytes"])
+    padding = " " * ((1 << 20) - 100)
+    assert (
+        client.post("/gradio_api/queue/join", content=f'{{"session_hash": "s1", "x": "{padding}"}}').status_code == 200
+    )
+    refused = client.post("/gradio_api/queue/join", content=b"x" * ((1 << 20) + 1))
+    assert refused.status_code == 413 and refused.json() == {"detail": BODY_TOO_LARGE}
+
+
 def test_the_sessions_remembered_are_bounded():
     from space.visitors import NewSessionQuota
 
-    quota = NewSessionQuota(None, max_new=1000, remember=3)
+    quota = NewSessionQuota(None, max_new=1000, max_body_bytes=1 << 20, remember=3)
     for number in range(10):
         assert quota._admits(f"s{number}", "203.0.113.7")
     assert list(quota._seen) == ["s7", "s8", "s9"]
@@ -120,7 +143,7 @@ def test_the_sessions_remembered_are_bounded():
         assert quota._admits(f"t{number}", f"2001:db8:{number}::1")
     assert list(quota._started) == [f"2001:db8:{number}::/64" for number in (7, 8, 9)]
     # An address that keeps knocking at its cap is the last one forgotten, not the first.
-    quota = NewSessionQuota(None, max_new=2, remember=3)
+    quota = NewSessionQuota(None, max_new=2, max_body_bytes=1 << 20, remember=3)
     assert [quota._admits(f"a{n}", "203.0.113.7") for n in range(3)] == [True, True, False]
     for number in range(2):
         assert quota._admits(f"o{number}", f"198.51.100.{number}")

@@ -159,7 +159,6 @@ def load_engine(model: str, quantization: str, settings: Settings):
         quantization=None if quantization == "none" else quantization,
         device=device,
         settings=settings,
-        k_cap=settings.k_cap_tokens,
     )
 
 
