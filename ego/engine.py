@@ -52,7 +52,7 @@ from .backends import Backend, backend_for_model_type, families
 from .backends.base import Encoded
 from .batching import AnswerRequest, FollowUpRequest
 from .decoding import Decoder
-from .errors import IncompatibleMemoryError, InputError, MemoryFileError, ModelBusyError
+from .errors import IncompatibleMemoryError, InputError, ModelBusyError
 from .media import load_image, load_video
 from .memory import Concept, ConceptView, local_model_id, same_model, storage_bytes
 from .presets import DEFAULT_PRESET, UNCALIBRATED, check_model_name, depth_scaled_layers, resolve
@@ -721,18 +721,20 @@ class Ego:
         with self.exclusive_use():
             prepared: dict[int, PreparedAnswer] = {}
             for index, request in enumerate(requests):
-                try:
-                    prepared[index] = self._prepare_answer(
-                        request.question, request.concepts, request.image, request.video, request.max_new_tokens
-                    )
-                except (InputError, MemoryFileError) as error:
-                    results[index] = error
-                except torch.OutOfMemoryError:  # this request's photo or clip: its visitor alone is told
-                    results[index] = ModelBusyError(OUT_OF_MEMORY)
-                except Exception as error:  # noqa: BLE001 -- e.g. a processor refusing this clip: that request alone
-                    results[index] = error
-                if isinstance(results[index], ModelBusyError) and torch.cuda.is_available():
-                    torch.cuda.empty_cache()  # after the except block: the error's frames no longer hold tensors
+                # A refusal, or e.g. a processor refusing this clip or its photo running out of memory: this
+                # request alone is told.
+                outcome = _per_request(
+                    self._prepare_answer,
+                    request.question,
+                    request.concepts,
+                    request.image,
+                    request.video,
+                    request.max_new_tokens,
+                )
+                if isinstance(outcome, Exception):
+                    results[index] = outcome
+                else:
+                    prepared[index] = outcome
             if prepared:
                 order = list(prepared)  # batch row -> request index
                 answered = self._generate_batch(
@@ -1014,22 +1016,16 @@ class Ego:
             for index, request in enumerate(requests):
                 if request.chat.engine.model is not self.model:
                     raise ValueError("a conversation of another model cannot be followed up by this engine")
-                chat = request.chat
-                try:
-                    if any(requests[other].chat is chat for other in turns):
-                        raise InputError("This conversation is already answering a question; ask when it ends.")
-                    if len(requests) > 1 and chat.turns and chat._cache is None:
-                        # On its own, then it joins the batch; without pushing out the caches of the batch's others.
-                        chat._prime(keep=[other.chat for other in requests])
-                    turns[index] = chat._begin(request.question, request.max_new_tokens, use_cache=True)
-                except InputError as error:
-                    results[index] = error
-                except torch.OutOfMemoryError:  # preparing or computing its context: its visitor alone is told
-                    results[index] = ModelBusyError(OUT_OF_MEMORY)
-                except Exception as error:  # noqa: BLE001 -- preparing it failed: that request alone is told
-                    results[index] = error
-                if isinstance(results[index], ModelBusyError) and torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                if any(requests[other].chat is request.chat for other in turns):
+                    results[index] = InputError("This conversation is already answering a question; ask when it ends.")
+                    continue
+                # Preparing it or computing its context failed (the turn limit, out of memory, ...): this request
+                # alone is told.
+                outcome = _per_request(self._begin_follow_up, request, [other.chat for other in requests])
+                if isinstance(outcome, Exception):
+                    results[index] = outcome
+                else:
+                    turns[index] = outcome
             # Each conversation's M-RoPE offset, read before any generation: a group's `_keep_cache` may drop the
             # cache (and the offset) of a conversation answered in a later group, which still continues its old cache.
             offsets = {i: requests[i].chat._positions for i in turns}
@@ -1050,25 +1046,31 @@ class Ego:
             groups = [shared] if len(shared) > 1 else []
             groups += [[i] for i in turns if not any(i in group for group in groups)]
             for group in groups:
-                try:
-                    answers = self._follow_ups(
-                        [requests[i].chat for i in group],
-                        [turns[i] for i in group],
-                        [offsets[i] for i in group],
-                        group,
-                        stops,
-                        on_text,
-                    )
-                except torch.OutOfMemoryError:
-                    answers = [ModelBusyError(OUT_OF_MEMORY)] * len(group)
-                except Exception as error:  # noqa: BLE001 -- this generation's requests get its error; the answers
-                    # other groups gave (and their conversations recorded) stand
-                    answers = [error] * len(group)
+                # A failed generation: its requests get its error; the answers other groups gave (and their
+                # conversations recorded) stand.
+                answers = _per_request(
+                    self._follow_ups,
+                    [requests[i].chat for i in group],
+                    [turns[i] for i in group],
+                    [offsets[i] for i in group],
+                    group,
+                    stops,
+                    on_text,
+                )
+                if isinstance(answers, Exception):
+                    answers = [answers] * len(group)
                 for index, answer in zip(group, answers):
                     results[index] = answer
-                if isinstance(answers[0], ModelBusyError) and torch.cuda.is_available():
-                    torch.cuda.empty_cache()
         return results
+
+    @staticmethod
+    def _begin_follow_up(request: FollowUpRequest, batch: list[Chat]) -> _Turn:
+        """The turn of `request`'s follow-up; a conversation without its cache computes it first, on its own and
+        without pushing out the caches of the `batch`'s other conversations."""
+        chat = request.chat
+        if len(batch) > 1 and chat.turns and chat._cache is None:
+            chat._prime(keep=batch)
+        return chat._begin(request.question, request.max_new_tokens, use_cache=True)
 
     def _follow_ups(
         self, chats: list[Chat], turns: list[_Turn], offsets: list, indices: list[int], stops, on_text
@@ -1507,6 +1509,22 @@ class Chat:
 # ----------------------------------------------------------------------------------------------
 # The rules, as plain functions (tests recompute them independently)
 # ----------------------------------------------------------------------------------------------
+def _per_request(work, *args):
+    """`work(*args)`, or the error it raised, as the outcome of the request(s) of a batch it serves: one visitor's
+    failure is theirs alone, the others of the batch go on (hence every error is caught: it is handed to the
+    request's visitor, who sees it as if they had been answered alone). Running out of GPU memory is told as the
+    model being busy, after the memory the failed work held is given back."""
+    try:
+        return work(*args)
+    except torch.OutOfMemoryError:
+        busy = ModelBusyError(OUT_OF_MEMORY)
+    except Exception as error:  # noqa: BLE001 -- handed to the request's visitor, as said above
+        return error
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # after the except block: the error's frames no longer hold tensors
+    return busy
+
+
 def memory_size(area_pct: float, n_r: int, k_cap: int) -> int:
     """Eq. 4: K_c = max(1, round(min(K, alpha_c * N_r / 100))), rounding halves up."""
     return max(1, int(math.floor(min(k_cap, area_pct * n_r / 100.0) + 0.5)))
