@@ -16,7 +16,7 @@ from conftest import tiny_engine
 
 from ego import InputError
 from ego.evaluate import __main__ as cli, runner, scoring
-from ego.evaluate.datasets import LOADERS, Benchmark, Query, make_fixture
+from ego.evaluate.datasets import LOADERS, Benchmark, Query, concept_name, make_fixture
 from ego.evaluate.judge import JUDGE_PROMPT, EndpointJudge, ModelJudge
 from ego.evaluate.oracle import oracle_answerer
 
@@ -103,7 +103,7 @@ def test_oracle_scores_100_on_every_benchmark(data, tmp_path):
     for name in cli.TABLES["all"]:
         document = json.loads((tmp_path / name / "metrics.json").read_text())
         metrics = document["metrics"]
-        main = {"recognition": "f1", "vqa": "accuracy", "caption": "recall"}[LOADERS[name](data, 1).kind]
+        main = runner.MAIN_METRIC[LOADERS[name](data, 1).kind]
         assert metrics[main] == 1.0, name
         assert all(r["verdict"] is True for r in _lines(tmp_path / name / "predictions.jsonl")), name
         if main == "f1":
@@ -113,6 +113,94 @@ def test_oracle_scores_100_on_every_benchmark(data, tmp_path):
             assert metrics["precision"] == metrics["recall"] == metrics["micro_f1"] == 1.0
             assert metrics["n_positive"] > 0 and metrics["n_negative"] > 0
     assert "| thisismy-multi-vqa | accuracy % | 100.0 | 4 | 72.2 | RAP 53.7" in (tmp_path / "summary.md").read_text()
+
+
+def _oracle(data, out, *args) -> str:
+    """The summary of an oracle run (`args`: the benchmark and any other options)."""
+    assert cli.main(["run", "--data", str(data), "--model", "oracle", "--out", str(out), *args]) == 0
+    return (out / "summary.md").read_text()
+
+
+def test_a_paper_number_measured_under_another_setting_is_marked_with_what_differs(data, tmp_path):
+    """The 80.4 set beside Yo'LLaVA recognition is Table 3's Ego at a fixed budget; a run with the method's dynamic
+    K (the default) is not that setting, and the summary says so and names the run that is."""
+    table1 = _oracle(data, tmp_path / "table1", "--benchmark", "table1")
+    row = next(line for line in table1.splitlines() if line.startswith("| yollava-rec |"))
+    assert "| 80.4 (another setting) |" in row and "Table 3 ablation" in row
+    assert "strongest baseline" not in table1 and "| paper's point of comparison |" in table1
+    assert (
+        "- yollava-rec: the paper's 80.4 was measured with memory_size_rule fixed (this run: area); the run under "
+        "its setting is table3/ego-1-view." in table1
+    )
+    assert "| 90.2 |" in table1 and "myvlm-rec:" not in table1  # the method's own setting: nothing to say
+    fixed = _oracle(data, tmp_path / "fixed", "--benchmark", "yollava-rec", "--set", "memory_size_rule=fixed")
+    assert "| 80.4 |" in fixed and "another setting" not in fixed
+    five = _oracle(data, tmp_path / "five", "--benchmark", "myvlm-rec", "--refs", "2")
+    assert "| 90.2 (another setting) |" in five and "refs 1 (this run: 2)" in five
+    table3 = _oracle(data, tmp_path / "table3", "--benchmark", "table3")
+    assert "another setting" not in table3
+
+
+def test_two_option_vqa_is_set_beside_the_paper_by_pekits_parser(data, tmp_path, monkeypatch):
+    """ "A blue one." chooses B by its words, A by its first letter (how the paper's group read answers): the
+    paper's 92.3 is compared with the latter, and metrics.json keeps both."""
+    oracle = oracle_answerer(data)
+
+    def respond(query, concepts, media):
+        if query.kind == "option" and query.gold == "B":
+            return {"raw": f"A {query.options['B'].lower()} one."}
+        return oracle(query, concepts, media)
+
+    monkeypatch.setattr(cli, "oracle_answerer", lambda root: respond)
+    summary = _oracle(data, tmp_path, "--benchmark", "yollava-vqa")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert metrics["accuracy"] == 1.0 and metrics["accuracy_pekit_parser"] == pytest.approx(2 / 3)
+    assert "| yollava-vqa | accuracy_pekit_parser % | 66.7 | 3 | 92.3 | RAP 97.6 |" in summary
+    assert "this harness's accuracy is 100.0" in summary
+
+
+def test_the_compared_metric_is_the_kinds_main_one_unless_the_papers_entry_names_another():
+    documents = {
+        name: {"kind": kind, "paper": runner.PAPER_NUMBERS[name]}
+        for name, kind in [("myvlm-rec", "recognition"), ("myvlm-cap", "caption"), ("thisismy-multi-vqa", "vqa")]
+    }
+    assert {name: runner.compared_metric(doc) for name, doc in documents.items()} == {
+        "myvlm-rec": "f1",
+        "myvlm-cap": "recall",
+        "thisismy-multi-vqa": "accuracy",
+    }
+    assert runner.compared_metric({"kind": "vqa", "paper": runner.PAPER_NUMBERS["yollava-vqa"]}) == (
+        "accuracy_pekit_parser"
+    )
+    assert runner.compared_metric({"kind": "caption", "paper": {}}) == "recall"  # a benchmark the paper lacks
+    # A metrics.json written before it recorded its kind (`judge` rewrites a table's summary from them): by its
+    # metrics; a recognition document holds a recall too.
+    older = {"paper": {}, "metrics": {"precision": 0.5, "recall": 0.5, "f1": 0.5}}
+    assert runner.compared_metric(older) == "f1"
+    assert runner.compared_metric({"paper": {}, "metrics": {"recall": 0.5}}) == "recall"
+
+
+def test_splits_without_positives_report_their_rejection_rate(data, tmp_path):
+    """This-Is-My-Img's Negative and Fake images show none of the concepts: precision and recall say nothing there,
+    the share of questions answered "no" does."""
+    benchmark = LOADERS["thisismy-rec"](data, 1)
+    oracle = oracle_answerer(data)
+
+    def respond(query, concepts, media):  # "yes" to everything in Fake, and about its folder's concept in Hard
+        split, folder = Path(query.media).parts[-3], Path(query.media).parent.name
+        if split == "Fake" or (split == "Negative (Hard)" and query.concept == concept_name(folder)):
+            return {"raw": "Yes."}
+        return oracle(query, concepts, media)
+
+    runner.answer_share(benchmark, {}, respond, tmp_path, {"benchmark": benchmark.name}, progress=False)
+    per_split = runner.compute_metrics(benchmark, runner.merge(benchmark, tmp_path))["per_split"]
+    assert {split: m["rejection_rate"] for split, m in per_split.items()} == {
+        "Fake": 0.0,
+        "Negative (Hard)": pytest.approx(6 / 9),  # 3 images x 3 concepts, one "yes" each
+        "Negative (Other)": 1.0,
+        "Positive": 1.0,  # its questions about the concepts an image does not show
+    }
+    assert per_split["Fake"]["precision"] == 0.0 and per_split["Fake"]["recall"] is None  # kept, as before
 
 
 def test_every_benchmark_runs_on_a_tiny_model(data, tmp_path, engine):

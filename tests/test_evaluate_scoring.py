@@ -99,6 +99,13 @@ def test_recognition_variants_differ_when_a_unit_is_never_detected():
     assert m["micro_precision"] == pytest.approx(1.0) and m["micro_recall"] == pytest.approx(1 / 3)
 
 
+def test_rejection_rate_is_the_share_of_absent_concepts_not_answered_yes():
+    # (concept in the image, answered "yes"): the two questions about a present concept do not count
+    answers = [(False, False), (False, True), (False, False), (True, True), (True, False)]
+    assert scoring.rejection_rate(answers) == pytest.approx(2 / 3)
+    assert scoring.rejection_rate([(True, True)]) is None
+
+
 def test_accuracy_counts_unparsed_as_wrong():
     m = scoring.accuracy([True, False, None, True], groups=["x", "x", "x", "y"])
     assert m["accuracy"] == pytest.approx(0.5) and m["n"] == 4 and m["unparsed"] == 1

@@ -307,11 +307,7 @@ def recognition(benchmark: Benchmark, records: list[dict]) -> dict:
         result = by_concept
         if benchmark.split_of:
             result["per_split"] = {
-                split: _brief(
-                    scoring.recognition_metrics(
-                        [v for m, v in per_image.items() if benchmark.split_of[m] == split], concepts
-                    )
-                )
+                split: _split_metrics(benchmark, records, per_image, concepts, split)
                 for split in sorted({benchmark.split_of[m] for m in per_image})
             }
     else:
@@ -332,6 +328,21 @@ def recognition(benchmark: Benchmark, records: list[dict]) -> dict:
     return result
 
 
+def _split_metrics(benchmark: Benchmark, records: list[dict], per_image: dict, concepts: list, split: str) -> dict:
+    """The recognition numbers of one test split, with its rejection rate: in a split without positives
+    (This-Is-My-Img's Negative and Fake) precision and recall say nothing, and the share of questions answered
+    "no" is what PeKit reports for it."""
+    metrics = _brief(
+        scoring.recognition_metrics([v for m, v in per_image.items() if benchmark.split_of[m] == split], concepts)
+    )
+    metrics["rejection_rate"] = scoring.rejection_rate(
+        (r["concept"] in benchmark.truth[r["media"]], r["parsed"] is True)
+        for r in records
+        if benchmark.split_of[r["media"]] == split
+    )
+    return metrics
+
+
 def _brief(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in ("per_unit", "aggregation")}
 
@@ -342,6 +353,7 @@ def write_results(
     metrics = compute_metrics(benchmark, records)
     document = {
         "benchmark": benchmark.name,
+        "kind": benchmark.kind,
         "model": config.get("model"),
         "settings": config.get("settings"),
         "config": config,
@@ -354,25 +366,65 @@ def write_results(
 
 
 MAIN_METRIC = {"recognition": "f1", "vqa": "accuracy", "caption": "recall"}
+"""The metric of each kind of benchmark that the summary compares with the paper's number, unless the paper's
+entry names another ("metric" in paper_numbers.json: its number was measured that way)."""
+
+
+def compared_metric(document: dict) -> str:
+    """The name of the run's metric that is set beside the paper's number."""
+    return document["paper"].get("metric") or MAIN_METRIC[_kind(document)]
+
+
+def _kind(document: dict) -> str:
+    """The benchmark's kind; a document written before metrics.json recorded it: the first kind whose main metric
+    it holds (recognition documents hold a recall too, but F1 comes first)."""
+    return document.get("kind") or next(kind for kind, main in MAIN_METRIC.items() if main in document["metrics"])
+
+
+def setting_differences(document: dict) -> list[str]:
+    """What the run did otherwise than the paper's number was measured (its entry's "setting"): "memory_size_rule
+    fixed (this run: area)", one per difference. A setting the run did not record is not compared."""
+    config = document.get("config") or {}
+    settings = document.get("settings") or config.get("settings") or {}
+    differences = []
+    for name, paper_value in (document["paper"].get("setting") or {}).items():
+        ours = settings[name] if name in settings else config.get(name)
+        if ours is not None and ours != paper_value:
+            differences.append(f"{name} {paper_value} (this run: {ours})")
+    return differences
 
 
 def summary_markdown(documents: list[dict]) -> str:
-    """Our numbers beside the paper's Ego and its strongest baseline, with what differs from its protocol."""
+    """Our numbers beside the paper's Ego and its point of comparison (a published method, or one of its own
+    ablations where the name says so), with what differs from its protocol and from the setting of its number."""
     lines = [
-        "| benchmark | metric | this run | n | Ego (paper) | strongest baseline (paper) | paper's source |",
+        "| benchmark | metric | this run | n | Ego (paper) | paper's point of comparison | paper's source |",
         "|---|---|---|---|---|---|---|",
     ]
     notes = set()
     for doc in documents:
         metrics, paper = doc["metrics"], doc["paper"]
-        name = paper.get("metric") or ("f1" if "f1" in metrics else "accuracy" if "accuracy" in metrics else "recall")
+        name = compared_metric(doc)
         value = metrics.get(name)
         n = metrics.get("n", metrics.get("n_images"))
         ours = "—" if value is None else f"{100 * value:.1f}"
         baseline = paper.get("baseline") or {}
         label = doc.get("config", {}).get("paper_key") or doc["benchmark"]
+        ego = paper.get("ego", "—")
+        differences = setting_differences(doc)
+        if differences:
+            ego = f"{ego} (another setting)"
+            same = paper.get("same_setting_run")
+            notes.add(
+                f"{label}: the paper's {paper.get('ego')} was measured with {', '.join(differences)}"
+                + (f"; the run under its setting is {same}." if same else ".")
+            )
+        if paper.get("metric_note"):  # the run's own main metric stays beside it
+            main = MAIN_METRIC[_kind(doc)]
+            own = "—" if metrics.get(main) is None else f"{100 * metrics[main]:.1f}"
+            notes.add(f"{label}: compared with {name}, since {paper['metric_note']}; this harness's {main} is {own}.")
         lines.append(
-            f"| {label} | {name} % | {ours} | {n} | {paper.get('ego', '—')} | "
+            f"| {label} | {name} % | {ours} | {n} | {ego} | "
             f"{baseline.get('name', '—')} {baseline.get('value', '')} | "
             f"{paper.get('source', 'not reported')} ({paper.get('confidence', '—')}) |"
         )

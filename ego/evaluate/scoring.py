@@ -7,7 +7,6 @@ recovered from its numbers, so every aggregation variant is reported under its o
 
 from __future__ import annotations
 
-import math
 import re
 
 _WORDS = re.compile(r"[a-z0-9]+")
@@ -160,6 +159,15 @@ def recognition_metrics(records, units) -> dict:
     }
 
 
+def rejection_rate(answers):
+    """answers: (whether the concept asked about is in the image, whether the answer was "yes") per yes/no
+    question. The share of the questions about an absent concept not answered "yes" (1 - the false-positive
+    rate; an unparsed answer counts as "no"), the number PeKit reports for a test split without positives. None
+    when no question is about an absent concept."""
+    absent = [said_yes for present, said_yes in answers if not present]
+    return _ratio(sum(not said_yes for said_yes in absent), len(absent))
+
+
 def accuracy(verdicts, groups=None) -> dict:
     """Micro accuracy over questions (None counts as wrong and is reported as unparsed), plus the mean of
     per-group accuracies when `groups` (one label per verdict) is given."""
@@ -190,7 +198,3 @@ def _harmonic(p, r):
     if p is None or r is None:
         return None
     return 0.0 if p + r == 0 else 2 * p * r / (p + r)
-
-
-def is_close(a, b) -> bool:
-    return a is not None and b is not None and math.isclose(a, b, abs_tol=1e-9)
