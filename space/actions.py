@@ -661,13 +661,32 @@ class Actions:
                     f"You already have a concept named {listed}: every concept in this file is "
                     f"already yours, so nothing was added. Remove yours first to import the file's."
                 )
-            session.add(entries, self.settings.max_concepts_per_session, self.budget)
+            # A file may hold more concepts than a session: the first ones that fit come in, and importing the file
+            # again once there is room brings the rest (the ones already in the session are skipped).
+            most = self.settings.max_concepts_per_session
+            room = max(0, most - len(session))
+            if entries and not room:
+                raise InputError(
+                    f"A session holds at most {most} concepts and you have {len(session)}: remove some first "
+                    f"(export them to keep them), then import the file again."
+                )
+            entries, left_out = entries[:room], [entry.concept.name for entry in entries[room:]]
+            session.add(entries, most, self.budget)
             added = f"Imported {len(entries)} concept{'s' * (len(entries) != 1)}."
+            if left_out:
+                added += f" Left out {len(left_out)}: no room."
             if skipped:
                 added += f" Skipped {len(skipped)} already yours."
             if twice:
                 added += f" Skipped {len(twice)} named like an earlier one in the file."
             session.tell(added)
+        if left_out:
+            more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
+            gr.Warning(
+                f"Imported the file's first {len(entries)} new concepts: a session holds at most {most}. Left out "
+                f"{_quoted(left_out[:5])}{more}; remove some of yours (export them to keep them) and import the file "
+                f"again to add them."
+            )
         if twice:
             gr.Warning(
                 f"Skipped {_quoted(twice)}: this file holds an earlier concept with that name, which was imported."
@@ -677,7 +696,7 @@ class Actions:
                 f"Added {len(entries)} concept{'s' * (len(entries) != 1)}; skipped {_quoted(skipped)}: you already "
                 f"have a concept with that name (remove yours first to import the file's)."
             )
-        log.info("import: %d concepts, %d skipped", len(entries), len(skipped) + len(twice))
+        log.info("import: %d concepts, %d skipped, %d left out", len(entries), len(skipped) + len(twice), len(left_out))
         return session, self.records(session)
 
 

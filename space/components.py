@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import gradio as gr
+from PIL import Image
 
 log = logging.getLogger("ego.space")
 
 IMAGE_FORMATS_TEXT = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+TOO_MANY_PIXELS = "This image declares far too many pixels to decode safely; please upload a smaller image."
+EMPTY = "This image file is empty; please upload it again."
 INLINE_REFUSAL = "Send the photo as an uploaded file (see the HTTP API's docs), not inline in the request."
 
 
@@ -36,8 +40,13 @@ def photo_input(**kwargs) -> gr.Image:
             return gradio_check(payload)
         except gr.Error:
             raise
-        except Exception as error:  # noqa: BLE001 - PIL's UnidentifiedImageError, DecompressionBombError, OSError, ...
+        except Image.DecompressionBombError:
+            log.info("upload not read as an image: DecompressionBombError")
+            raise gr.Error(TOO_MANY_PIXELS, print_exception=False) from None
+        except Exception as error:  # noqa: BLE001 - PIL's UnidentifiedImageError, OSError, SyntaxError, ...
             log.info("upload not read as an image: %s", type(error).__name__)  # not its name: the visitor's
+            if _empty(path):  # (a file Gradio's check has just opened)
+                raise gr.Error(EMPTY, print_exception=False) from None
             raise gr.Error(
                 f"This file is not an image this app can read; please upload a {IMAGE_FORMATS_TEXT} photo.",
                 print_exception=False,
@@ -45,3 +54,7 @@ def photo_input(**kwargs) -> gr.Image:
 
     image.preprocess = preprocess
     return image
+
+
+def _empty(path) -> bool:
+    return isinstance(path, str) and os.path.isfile(path) and os.path.getsize(path) == 0

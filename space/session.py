@@ -17,6 +17,7 @@ import functools
 import shutil
 import tempfile
 import threading
+import unicodedata
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,8 +94,10 @@ class MemoryBudget:
 
 
 def name_key(name: str) -> str:
-    """Names are compared without case and extra spaces: 'Chelsea' and ' chelsea' are one concept."""
-    return " ".join(name.split()).casefold()
+    """Names are compared without case and extra spaces, and compatibility-normalised as the engine finds a name in
+    a question (`ego.engine.named_in`): 'Chelsea' and ' chelsea' are one concept, and so are a "Café" typed with
+    an accented letter and one typed with a combining accent, or a full-width "Ｆish" and "fish"."""
+    return " ".join(unicodedata.normalize("NFKC", name).split()).casefold()
 
 
 class Session:

@@ -250,6 +250,30 @@ def test_import_adds_the_new_names_and_names_the_ones_it_skipped(act, engine, tm
     assert fresh.names == ["Bo"] and "named like an earlier one" in fresh.take_note()
 
 
+def test_a_file_with_more_concepts_than_fit_brings_the_first_ones_and_the_rest_later(engine, tmp_path):
+    """A file may hold more concepts than a session: the first ones that fit come in, the visitor is told which
+    did not, and importing the file again once there is room brings them (the ones already in are skipped)."""
+    from ego import save_concepts
+
+    act = Actions(LazyEngine(engine), SpaceSettings(max_concepts_per_session=3), load_examples())
+    made = [engine.introduce(name, [CHELSEA[0]], area_pct=10) for name in ("Chelsea", "Bo", "Tom", "Mia")]
+    path = str(save_concepts(tmp_path / "four.safetensors", made))
+    session = Session()
+    act.introduce(session, "Rex", gallery(CHELSEA[:1]), progress=quiet)
+    with pytest.warns(UserWarning, match="first 2 new concepts: a session holds at most 3. Left out “Tom”, “Mia”"):
+        act.import_concepts(session, path, progress=quiet)
+    assert session.names == ["Rex", "Chelsea", "Bo"] and "Left out 2: no room." in session.take_note()
+    with pytest.raises(gr.Error, match="at most 3 concepts and you have 3: remove some first"):
+        act.import_concepts(session, path, progress=quiet)
+    assert session.names == ["Rex", "Chelsea", "Bo"]
+    act.remove_concept(session, "Rex")
+    with pytest.warns(UserWarning) as told:
+        act.import_concepts(session, path, progress=quiet)
+    assert session.names == ["Chelsea", "Bo", "Tom"]
+    assert any("Left out “Mia”" in str(w.message) for w in told)
+    assert any("skipped “Chelsea”, “Bo”" in str(w.message) for w in told)
+
+
 def test_the_bundled_examples_are_complete():
     examples = load_examples()
     assert examples.concepts and examples.image_questions and examples.video_questions

@@ -51,6 +51,18 @@ def test_names_are_unique_without_case_or_spacing():
     assert session.names == ["Chelsea"]
 
 
+def test_names_that_look_alike_are_one_name():
+    """A "Café" with an accented letter and one with a combining accent, or a full-width "Ｆish" and "fish", look
+    alike and are one name to the engine (which finds names in questions compatibility-normalised): one concept."""
+    session = Session()
+    session.add([entry("Caf\u00e9"), entry("fish")], 5)
+    for twin in ("Cafe\u0301", "CAFE\u0301", "\uff26ish"):
+        with pytest.raises(InputError, match="already have a concept named"):
+            session.add([entry(twin)], 5)
+        assert session.has(twin)
+    assert session.names == ["Caf\u00e9", "fish"]
+
+
 def test_the_concept_limit_is_all_or_nothing():
     session = Session()
     session.add([entry("a"), entry("b")], 3)

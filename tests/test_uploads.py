@@ -6,6 +6,7 @@ import base64
 import io
 import itertools
 import os
+import zlib
 
 import anyio
 import gradio as gr
@@ -181,3 +182,27 @@ def test_a_photo_sent_inline_as_a_data_url_is_refused_before_gradio_decodes_it()
     assert str(refused.value).strip('"') == INLINE_REFUSAL
     uploaded = ImageData(path="examples/scenes/chelsea_query.jpg", orig_name="query.jpg")
     assert photo.preprocess(uploaded) == "examples/scenes/chelsea_query.jpg"
+
+
+def test_a_photo_gradio_cannot_open_gets_the_reason(tmp_path):
+    """Gradio's own check opens the upload before the app decodes it safely: a photo declaring far too many
+    pixels, or an empty file, is told so (as the library tells it), not "not an image"."""
+    from gradio.data_classes import ImageData
+
+    from space.components import EMPTY, TOO_MANY_PIXELS, photo_input
+
+    with gr.Blocks():
+        photo = photo_input()
+    huge = tmp_path / "huge.png"  # a 16 x 16 pixel PNG whose header declares 20000 x 20000 (a few bytes)
+    data = io.BytesIO()
+    Image.new("L", (16, 16)).save(data, "PNG")
+    png = bytearray(data.getvalue())
+    png[16:24] = (20000).to_bytes(4, "big") * 2
+    png[29:33] = zlib.crc32(bytes(png[12:29])).to_bytes(4, "big")
+    huge.write_bytes(bytes(png))
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    for path, sentence in ((huge, TOO_MANY_PIXELS), (empty, EMPTY)):
+        with pytest.raises(gr.Error) as refused:
+            photo.preprocess(ImageData(path=str(path), orig_name=path.name))
+        assert refused.value.message == sentence
