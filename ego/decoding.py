@@ -46,9 +46,10 @@ import time
 
 import torch
 
+from .settings import DECODING_MODES
+
 log = logging.getLogger("ego.decoding")
 
-DECODING_MODES = ("auto", "eager", "compiled")
 RECOMPILE_LIMIT = 64
 """Compilations of the decode step torch may make in this process (its default, 8, is a handful of engines)."""
 

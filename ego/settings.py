@@ -16,6 +16,11 @@ from dataclasses import dataclass
 MEMORY_KEYWORDS = ("none", "append", "only")
 MEMORY_SELECTIONS = ("attention", "uniform", "whole_image")
 MEMORY_SIZE_RULES = ("area", "fixed")
+MEMORY_PROMPTS = ("name", "neutral")
+"""The wordings around the memory lines (`ego.prompts.MEMORY_PROMPTS` holds their text)."""
+SYSTEM_PROMPTS = ("template", "original")
+DECODING_MODES = ("auto", "eager", "compiled")
+"""What `decoding` accepts (`ego.decoding`): "auto" is compiled on CUDA, eager elsewhere."""
 QUANTIZATIONS = ("auto", "4bit", "8bit", "int4", "fp8", None)
 """What `quantization=` and `model_quantization` accept (`ego.quantization`); "auto" is "4bit" on CUDA, else None."""
 
@@ -144,14 +149,14 @@ class Settings:
             raise ValueError(f"memory_selection must be one of {MEMORY_SELECTIONS}; got {self.memory_selection!r}.")
         if self.memory_size_rule not in MEMORY_SIZE_RULES:
             raise ValueError(f"memory_size_rule must be one of {MEMORY_SIZE_RULES}; got {self.memory_size_rule!r}.")
-        if self.memory_prompt not in ("name", "neutral"):
-            raise ValueError(f'memory_prompt must be "name" or "neutral"; got {self.memory_prompt!r}.')
-        if self.system_prompt not in ("template", "original"):
-            raise ValueError(f'system_prompt must be "template" or "original"; got {self.system_prompt!r}.')
+        if self.memory_prompt not in MEMORY_PROMPTS:
+            raise ValueError(f"memory_prompt must be one of {MEMORY_PROMPTS}; got {self.memory_prompt!r}.")
+        if self.system_prompt not in SYSTEM_PROMPTS:
+            raise ValueError(f"system_prompt must be one of {SYSTEM_PROMPTS}; got {self.system_prompt!r}.")
         if self.memory_keywords not in MEMORY_KEYWORDS:
             raise ValueError(f"memory_keywords must be one of {MEMORY_KEYWORDS}; got {self.memory_keywords!r}.")
-        if self.decoding not in ("auto", "eager", "compiled"):
-            raise ValueError(f'decoding must be "auto", "eager" or "compiled"; got {self.decoding!r}.')
+        if self.decoding not in DECODING_MODES:
+            raise ValueError(f"decoding must be one of {DECODING_MODES}; got {self.decoding!r}.")
         if self.model_quantization not in QUANTIZATIONS:
             raise ValueError(f"model_quantization must be one of {QUANTIZATIONS}; got {self.model_quantization!r}.")
 
