@@ -391,8 +391,8 @@ def _parser() -> argparse.ArgumentParser:
         "--rank-by",
         choices=list(RANK_BY),
         default="precision",
-        help="precision: mean precision@K (default; the paper does not name its score); size-fair: mean precision at K = the "
-        "object's number of tokens (small objects count as much as large ones)",
+        help="precision: mean precision@K (default; the paper does not name its score); size-fair: mean precision "
+        "at K = the object's number of tokens (small objects count as much as large ones)",
     )
     parser.add_argument("--out", help="output JSON (default calibration-<model>.json)")
     parser.add_argument(

@@ -39,11 +39,22 @@ def fold_name(name: str) -> str:
     return " ".join("".join(ch for ch in name if unicodedata.category(ch) not in _INVISIBLE or ch.isspace()).split())
 
 
+def _text_or_empty(value, refusal: str) -> str:
+    """`value` if it is a string, "" for None; anything else (a number, a list, a dict sent as JSON) is refused
+    with `refusal` rather than turned into its Python spelling ("['hi']"), which no one typed."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InputError(refusal)
+    return value
+
+
 def check_name(name, settings: Settings) -> str:
     """A concept name with its white space folded and invisible characters dropped; empty or too long is
     refused. (Control and format characters, such as a right-to-left override or a zero-width space,
     would make a name look like another one.)"""
-    name = fold_name(check_text(str(name or ""), "name"))
+    text = _text_or_empty(name, "A concept name is text, for example 'my cat Chelsea'.")
+    name = fold_name(check_text(text, "name"))
     if not name:
         raise InputError("Give the concept a name, for example 'my cat Chelsea'.")
     if len(name) > settings.max_name_chars:
@@ -52,7 +63,8 @@ def check_name(name, settings: Settings) -> str:
 
 
 def check_question(question, settings: Settings) -> str:
-    question = check_text(str(question or ""), "question").strip()
+    text = _text_or_empty(question, "A question is text, for example 'Is Chelsea in this photo?'.")
+    question = check_text(text, "question").strip()
     if not fold_name(question):  # invisible characters only (a zero-width space): as empty as no question
         raise InputError("Type a question first, for example 'Is Chelsea in this photo?'.")
     if len(question) > settings.max_question_chars:
@@ -70,14 +82,25 @@ def check_reference_count(count: int, settings: Settings, name: str = "the conce
         )
 
 
+KEYWORDS_ARE_TEXT = "Keywords are text: words separated by commas, for example 'tabby, green eyes'."
+
+
 def check_keywords(keywords, settings: Settings) -> list[str] | None:
-    """User keywords as a list of phrases (a string is split at commas), each once, or None to let the model
-    describe."""
+    """User keywords as a list of phrases (a string is split at commas; a list or tuple of strings gives one
+    phrase each), each cleaned as a name is (`fold_name`: an invisible word would rank the memory, a
+    right-to-left override would flip the report around it) and kept once; or None to let the model describe.
+
+    A string with nothing visible in it is an empty keyword box: None, as the Space reads an empty field. Phrases
+    that are empty once cleaned are dropped; if none is left, the keywords are refused with a sentence."""
     if keywords is None:
         return None
     if isinstance(keywords, str):
+        if not fold_name(check_text(keywords, "keywords")):
+            return None
         keywords = keywords.replace(";", ",").split(",")
-    words = [" ".join(check_text(str(k), "keywords").split()) for k in keywords]
+    elif not isinstance(keywords, (list, tuple)) or not all(isinstance(k, str) for k in keywords):
+        raise InputError(KEYWORDS_ARE_TEXT)
+    words = [fold_name(check_text(k, "keywords")) for k in keywords]
     words = list(dict.fromkeys(w for w in words if w))
     if not words:
         raise InputError(
@@ -107,7 +130,32 @@ def check_area_pct(area_pct) -> float | None:
 
 
 def check_max_new_tokens(max_new_tokens, settings: Settings) -> int:
-    value = settings.answer_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-    if not 1 <= value <= settings.answer_max_new_tokens_limit:
-        raise InputError(f"The answer length must be between 1 and {settings.answer_max_new_tokens_limit} tokens.")
-    return value
+    """The answer's token budget: None for the settings' default, else a whole number (an int, a float such as
+    64.0 that a JSON number may arrive as, or its digits as text) from 1 to the settings' limit."""
+    limit = settings.answer_max_new_tokens_limit
+    refusal = f"The answer length must be a whole number of tokens between 1 and {limit}."
+    if max_new_tokens is None:
+        return settings.answer_max_new_tokens
+    if isinstance(max_new_tokens, bool):  # an int to Python, but True is no length
+        raise InputError(refusal)
+    try:
+        number = float(max_new_tokens)  # digits as text too, with white space around them
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(refusal) from None
+    if not math.isfinite(number) or not number.is_integer() or not 1 <= number <= limit:
+        raise InputError(refusal)
+    return int(number)
+
+
+def load_each(photos: list, load) -> list:
+    """`load(photo)` for every photo, in order; a refusal of one of several says which (an `InputError` of the
+    same type, "Photo 3 of 5: This file is not a supported image; ..."), so the visitor knows which to replace."""
+    loaded = []
+    for number, photo in enumerate(photos, 1):
+        try:
+            loaded.append(load(photo))
+        except InputError as error:
+            if len(photos) == 1:
+                raise
+            raise type(error)(f"Photo {number} of {len(photos)}: {error}") from error
+    return loaded

@@ -31,6 +31,7 @@ import copy
 import json
 import math
 import numbers
+import os
 import queue
 import re
 import threading
@@ -43,8 +44,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from . import batching, checks, prompts
 from .attention import ATTENTION_NAME, AttentionCapture, capturing
@@ -54,7 +57,7 @@ from .batching import AnswerRequest, FollowUpRequest
 from .decoding import Decoder
 from .errors import IncompatibleMemoryError, InputError, ModelBusyError
 from .media import load_image, load_video
-from .memory import Concept, ConceptView, local_model_id, same_model, storage_bytes
+from .memory import Concept, ConceptView, check_concepts, local_model_id, same_model, storage_bytes
 from .presets import DEFAULT_PRESET, UNCALIBRATED, check_model_name, depth_scaled_layers, resolve
 from .quantization import check_known, check_supported, for_device, quantization_config
 from .settings import DEFAULT_SETTINGS, Settings
@@ -464,19 +467,20 @@ class Ego:
     # ------------------------------------------------------------------------------------------
     def introduce(self, name: str, images, *, keywords=None, area_pct: float | None = None) -> Concept:
         """Build the memory of concept `name` from 1 to `max_references_per_concept` reference images (PIL images
-        or paths).
+        or paths): one image, or any iterable of them (a list, a tuple, a generator).
 
         keywords: the words whose attention ranks the tokens, instead of the model's description.
         area_pct: the subject's share of each image in percent, instead of the model's estimate.
         """
         name = checks.check_name(name, self.settings)
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        images = _image_list(images)
         checks.check_reference_count(len(images), self.settings, name)
         user_keywords = checks.check_keywords(keywords, self.settings)
         if user_keywords is not None:  # tokenized into the prompt: a family's image token must stay plain text
             user_keywords = [prompts.neutralize(word, self.backend.special_strings) for word in user_keywords]
         area_pct = checks.check_area_pct(area_pct)
-        pictures = [load_image(image, self.settings) for image in images]  # all checked before any model call
+        # All checked before any model call; a refused one is named by its place ("Photo 3 of 5: ...").
+        pictures = checks.load_each(images, lambda image: load_image(image, self.settings))
         with self.exclusive_use():
             made = [self._introduce_view(picture, user_keywords, area_pct) for picture in pictures]
         embeddings = torch.cat([rows for _, rows, _ in made]).to(self.memory_dtype)
@@ -653,7 +657,7 @@ class Ego:
     def answer(
         self,
         question: str,
-        concepts: Sequence[Concept] = (),
+        concepts: Sequence[Concept] | Concept = (),
         *,
         image=None,
         video=None,
@@ -671,7 +675,7 @@ class Ego:
     def stream_answer(
         self,
         question: str,
-        concepts: Sequence[Concept] = (),
+        concepts: Sequence[Concept] | Concept = (),
         *,
         image=None,
         video=None,
@@ -859,9 +863,10 @@ class Ego:
         clip = load_video(video, self.settings) if video is not None else None
         return Query(text=question, concepts=concepts, picture=picture, clip=clip, max_new_tokens=max_new_tokens)
 
-    def _check_compatible(self, concepts: Sequence[Concept]) -> list[Concept]:
-        """The concepts, if every one was made with this model (else `IncompatibleMemoryError`)."""
-        concepts = list(concepts)
+    def _check_compatible(self, concepts: Sequence[Concept] | Concept) -> list[Concept]:
+        """The concepts as a list (one `Concept` is a list of one), if each is a `Concept` (else `InputError`)
+        made with this model (else `IncompatibleMemoryError`). Every call that takes concepts checks them here."""
+        concepts = check_concepts(concepts)
         for concept in concepts:
             levels = None if concept.residuals is None else concept.residuals.shape[0]
             if (
@@ -978,7 +983,7 @@ class Ego:
     # ------------------------------------------------------------------------------------------
     # 3.2 in a conversation: follow-up questions on the cached context
     # ------------------------------------------------------------------------------------------
-    def chat(self, concepts: Sequence[Concept] = (), *, image=None, video=None) -> Chat:
+    def chat(self, concepts: Sequence[Concept] | Concept = (), *, image=None, video=None) -> Chat:
         """A conversation about one image or video (or neither), knowing `concepts`: its first question encodes
         the photo or clip and the memories once, each follow-up computes only its own tokens (`Chat`)."""
         if image is not None and video is not None:
@@ -1509,6 +1514,17 @@ class Chat:
 # ----------------------------------------------------------------------------------------------
 # The rules, as plain functions (tests recompute them independently)
 # ----------------------------------------------------------------------------------------------
+_ONE_IMAGE = (str, bytes, bytearray, memoryview, os.PathLike, Image.Image, np.ndarray, dict)
+"""What `load_image` takes as one image (or refuses as one: a dict), though a string or an array is iterable."""
+
+
+def _image_list(images) -> list:
+    """`introduce`'s images as a list: one image is a list of one, any other iterable is listed."""
+    if isinstance(images, _ONE_IMAGE) or not hasattr(images, "__iter__"):
+        return [images]
+    return list(images)
+
+
 def _per_request(work, *args):
     """`work(*args)`, or the error it raised, as the outcome of the request(s) of a batch it serves: one visitor's
     failure is theirs alone, the others of the batch go on (hence every error is caught: it is handed to the

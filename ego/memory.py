@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .checks import is_valid_text
-from .errors import IncompatibleMemoryError, MemoryFileError
+from .errors import IncompatibleMemoryError, InputError, MemoryFileError
 from .presets import HUB_ID
 from .settings import DEFAULT_SETTINGS
 
@@ -30,7 +30,8 @@ FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 """A safetensors header larger than this is refused before it is read (hostile files)."""
 MAX_THUMBNAIL_PX = 512
-"""A thumbnail larger than this on either side is ignored on reading (the app writes 128 px ones)."""
+"""A thumbnail larger than this on either side is ignored on reading, and shrunk to fit on saving (the app writes
+128 px ones)."""
 MAX_RESIDUAL_LEVELS = 16
 """More residual levels than any family has (Qwen3-VL: 3): a file claiming more is refused."""
 MAX_FILE_VIEWS_PER_CONCEPT = 16
@@ -115,6 +116,25 @@ class Concept:
         return total
 
 
+def check_concepts(concepts) -> list[Concept]:
+    """`concepts` as a list: None is none, a single `Concept` is a list of one, any other iterable is listed;
+    anything in it that is not a `Concept` (a name, None) is refused with a sentence (`InputError`) before it is
+    read."""
+    if concepts is None:
+        return []
+    if isinstance(concepts, Concept):
+        return [concepts]
+    if isinstance(concepts, (str, bytes, dict)) or not hasattr(concepts, "__iter__"):
+        concepts = [concepts]  # "Chelsea" is one wrong item, not five
+    concepts = list(concepts)
+    for concept in concepts:
+        if not isinstance(concept, Concept):
+            raise InputError(
+                f"concepts must be Concept objects (from introduce or load_concepts); got {type(concept).__name__}."
+            )
+    return concepts
+
+
 def storage_bytes(tensor: torch.Tensor) -> int:
     """Bytes of the memory behind `tensor` (a slice keeps its whole storage alive)."""
     return max(tensor.untyped_storage().nbytes(), tensor.numel() * tensor.element_size())
@@ -165,20 +185,31 @@ def save_concepts(
     refuse (more than `max_concepts` concepts, more views, keywords or text than a file may hold) is not written.
 
     thumbnails: optional, one PIL image (or None) per concept, stored as uint8 [H, W, 3] tensors
-    `c{i}.thumbnail`; files without them load as before, and readers that do not know them ignore them.
+    `c{i}.thumbnail`, shrunk to at most `MAX_THUMBNAIL_PX` on each side (aspect ratio kept) since a larger one
+    would not be read back; files without them load as before, and readers that do not know them ignore them.
+    Arguments that are not concepts, pictures or a file path raise `InputError`.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    concepts = list(concepts)
-    thumbnails = list(thumbnails) if thumbnails is not None else [None] * len(concepts)
-    if len(thumbnails) != len(concepts):
-        raise ValueError(f"{len(thumbnails)} thumbnails for {len(concepts)} concepts; give one (or None) each.")
+    concepts = check_concepts(concepts)
+    thumbnails = _checked_thumbnails(thumbnails, len(concepts))
     if not concepts:
         raise MemoryFileError("There are no concepts to save; introduce at least one first.")
     model_ids = {c.model_id for c in concepts}
     if len(model_ids) != 1:
         raise MemoryFileError("These concepts come from different models; save each model's concepts separately.")
     _check_readable(concepts, max_concepts)
+    try:
+        path = Path(path)
+    except TypeError:
+        raise InputError(
+            f"Give the concept file's path as text, for example 'my-concepts.safetensors'; got {type(path).__name__}."
+        ) from None
+    if path.is_dir():
+        raise InputError(f"{str(path)!r} is a folder; give a file name, for example 'my-concepts.safetensors'.")
+    if not path.parent.is_dir():
+        raise InputError(f"The folder {str(path.parent)!r} does not exist; create it first, or save elsewhere.")
     tensors, entries = {}, []
     for i, concept in enumerate(concepts):
         tensors[f"c{i}.embeddings"] = concept.embeddings.detach().cpu().clone()
@@ -186,7 +217,7 @@ def save_concepts(
             tensors[f"c{i}.residuals"] = concept.residuals.detach().cpu().clone()
         if thumbnails[i] is not None:
             width, height = thumbnails[i].size
-            pixels = bytearray(thumbnails[i].convert("RGB").tobytes())
+            pixels = bytearray(thumbnails[i].tobytes())
             tensors[f"c{i}.thumbnail"] = torch.frombuffer(pixels, dtype=torch.uint8).reshape(height, width, 3)
         views = []
         for j, view in enumerate(concept.views):
@@ -212,9 +243,45 @@ def save_concepts(
         "hidden_size": int(concepts[0].embeddings.shape[1]),
         "concepts": entries,
     }
-    path = Path(path)
-    save_file(tensors, str(path), metadata={"ego": json.dumps(document)})
+    try:
+        save_file(tensors, str(path), metadata={"ego": json.dumps(document)})
+    except (SafetensorError, OSError) as error:  # no permission, a full disk, a read-only folder
+        raise InputError(
+            f"The concept file could not be written to {str(path)!r}; choose a folder you can write to."
+        ) from error
     return path
+
+
+def _checked_thumbnails(thumbnails, count: int) -> list:
+    """One RGB PIL image (or None) per concept, each at most `MAX_THUMBNAIL_PX` on either side: a larger one is
+    shrunk (a 4000 px photo would make a 48 MB file whose thumbnail `read_thumbnails` then ignores)."""
+    from PIL import Image
+
+    if thumbnails is None:
+        return [None] * count
+    if not isinstance(thumbnails, (list, tuple)):
+        raise InputError("Give the thumbnails as a list: one PIL image (or None) per concept.")
+    if len(thumbnails) != count:
+        raise InputError(f"{len(thumbnails)} thumbnails for {count} concepts; give one (or None) each.")
+    checked = []
+    for picture in thumbnails:
+        if picture is None:
+            checked.append(None)
+            continue
+        if not isinstance(picture, Image.Image):
+            raise InputError(f"Thumbnails must be PIL images (or None); got {type(picture).__name__}.")
+        if not picture.width or not picture.height:
+            raise InputError("A thumbnail has no pixels; give a picture of the concept, or None.")
+        try:
+            picture = picture.convert("RGB")  # a new image: the caller's is never changed
+        except (ValueError, OSError) as error:
+            raise InputError(f"A thumbnail in {picture.mode} mode cannot be stored; give an RGB picture.") from error
+        if max(picture.size) > MAX_THUMBNAIL_PX:
+            scale = MAX_THUMBNAIL_PX / max(picture.size)
+            size = tuple(max(1, round(side * scale)) for side in picture.size)  # a 5000 x 2 strip keeps 1 px
+            picture = picture.resize(size, Image.Resampling.LANCZOS)
+        checked.append(picture)
+    return checked
 
 
 def _check_readable(concepts: list[Concept], max_concepts: int) -> None:

@@ -179,6 +179,7 @@ class Actions:
         """Introduce a concept from 1-5 photos; returns (session, report, kept-token pictures, heat maps)."""
         with for_visitor("introducing the concept"):
             name = checks.check_name(name, self.limits)
+            keywords = checks.check_keywords(keywords, self.limits)  # before the model loads: a mistake costs nothing
             paths = _paths(photos)
             checks.check_reference_count(len(paths), self.limits)
             session.check_room([name], self.settings.max_concepts_per_session)
@@ -186,10 +187,9 @@ class Actions:
             self._engine(progress)  # loaded (and a failed load reported) before the model call
             started = time.perf_counter()
             progress(0.1, desc=f"Choosing the memory tokens of {len(paths)} photo{'s' * (len(paths) > 1)}…")
-            pictures = [load_image(path, self.limits) for path in paths]  # decoded once, for both uses
-            concept = self._introduce_on_gpu(
-                name, pictures, (keywords or "").strip() or None, None if auto_size else size_pct
-            )
+            # Decoded once, for both uses; a refused one of several is named by its position.
+            pictures = checks.load_each(paths, lambda path: load_image(path, self.limits))
+            concept = self._introduce_on_gpu(name, pictures, keywords, None if auto_size else size_pct)
             seconds = time.perf_counter() - started
             patches, heats = self._pictures([(concept, pictures)])
             report = views.introduction_report([concept], seconds)
@@ -572,7 +572,9 @@ class Actions:
         with for_visitor("removing the concept", session, quietly=skipped_the_queue(request)):
             if not name:
                 raise InputError("Pick the concept to remove from the list first.")
-            ended = session.remove(checks.check_text(str(name), "name"))
+            if not isinstance(name, str):
+                raise InputError("Give the name of the concept to remove as text.")
+            ended = session.remove(checks.check_text(name, "name"))
             session.tell("Removed the concept." + (ENDED_CONVERSATIONS if ended else ""))
         return session, self.records(session)
 

@@ -73,6 +73,25 @@ def test_introduce_adds_the_concept_and_shows_each_photo(act):
     assert "### Chelsea" in report and f"{concept.num_tokens} memory tokens from 2 photos" in report
 
 
+def test_a_refused_photo_of_several_is_named_and_invisible_keywords_leave_the_description(act, tmp_path):
+    """Of several photos, the refused one is named by its position; keywords with nothing visible in them are an
+    empty keyword box (the model describes the photo), and keywords sent as a list are phrases, not their Python
+    spelling."""
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("not a photo")
+    session = Session()
+    with pytest.raises(gr.Error, match="Photo 2 of 2: This file is not a supported image"):
+        act.introduce(session, "Chelsea", gallery([CHELSEA[0], str(notes)]), progress=quiet)
+    assert session.names == []
+    act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), "\u200b", progress=quiet)
+    assert session.concepts[0].views[0].keywords != ("\u200b",) and session.concepts[0].views[0].keywords
+    act.introduce(session, "Bo", gallery(CHELSEA[1:]), ["tabby", " green\u202e eyes"], progress=quiet)
+    assert session.concepts[1].views[0].keywords == ("tabby", "green eyes")
+    with pytest.raises(gr.Error, match="Keywords are text"):
+        act.introduce(session, "Tom", gallery(CHELSEA[1:]), {"a": 1}, progress=quiet)
+    assert session.names == ["Chelsea", "Bo"]
+
+
 def test_user_keywords_and_size_are_used(act):
     session = Session()
     act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), "tabby, green eyes", False, 10, progress=quiet)

@@ -112,3 +112,64 @@ def test_settings_at_their_edges_are_accepted():
         SpaceSettings(answer_batch_max_size=0)
     with pytest.raises(ValueError, match="^session_ttl_s must be"):
         SpaceSettings(session_ttl_s=-1)
+
+
+def test_keywords_are_cleaned_as_names_are():
+    """Control and format characters are dropped from each keyword (a right-to-left override would flip the report
+    row around it, an invisible word would rank the memory); a keyword left empty is dropped."""
+    assert checks.check_keywords("a\x00b, \u202ec", DEFAULT_SETTINGS) == ["ab", "c"]
+    assert checks.check_keywords(["\u200b", " tabby\u2060 ", "tab\u200bby"], DEFAULT_SETTINGS) == ["tabby"]
+    for nothing_visible in ["\u200b, \u2060", ["\u200b"], ["\u202e", " "], []]:
+        with pytest.raises(InputError, match="Give at least one keyword"):
+            checks.check_keywords(nothing_visible, DEFAULT_SETTINGS)
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\u200b", "\u200b \u2060\t", "\u202e"])
+def test_a_keyword_box_with_nothing_visible_lets_the_model_describe(blank):
+    """As an empty field does, and as a question of invisible characters is no question."""
+    assert checks.check_keywords(blank, DEFAULT_SETTINGS) is None
+
+
+def test_keywords_as_a_list_or_tuple_of_strings_are_phrases():
+    assert checks.check_keywords(["tabby", "green eyes"], DEFAULT_SETTINGS) == ["tabby", "green eyes"]
+    assert checks.check_keywords(("tabby", "green  eyes"), DEFAULT_SETTINGS) == ["tabby", "green eyes"]
+
+
+@pytest.mark.parametrize("value", [{"a": 1}, ["tabby", 1], [["tabby"]], 5, 2.5, b"tabby", {"tabby"}, True])
+def test_keywords_that_are_not_text_are_refused_not_spelled_out(value):
+    """A JSON list, dict or number is not turned into its Python spelling ("{'a': 1}") and kept."""
+    with pytest.raises(InputError, match="^Keywords are text: words separated by commas"):
+        checks.check_keywords(value, DEFAULT_SETTINGS)
+
+
+@pytest.mark.parametrize("value", [["hi"], ("hi",), {"q": "hi"}, 5, b"hi", True])
+def test_a_question_or_a_name_that_is_not_text_is_refused(value):
+    with pytest.raises(InputError, match="^A question is text, for example"):
+        checks.check_question(value, DEFAULT_SETTINGS)
+    with pytest.raises(InputError, match="^A concept name is text, for example"):
+        checks.check_name(value, DEFAULT_SETTINGS)
+    with pytest.raises(InputError, match="Type a question first"):  # None is still an empty question
+        checks.check_question(None, DEFAULT_SETTINGS)
+
+
+@pytest.mark.parametrize("bad", ["abc", "", 2.5, float("nan"), float("inf"), True, [64], "1e999", 2**80])
+def test_an_answer_length_that_is_not_a_whole_number_is_refused_with_a_sentence(bad):
+    with pytest.raises(InputError, match="must be a whole number of tokens between 1 and"):
+        checks.check_max_new_tokens(bad, DEFAULT_SETTINGS)
+
+
+def test_an_answer_length_may_come_as_a_whole_float_or_as_digits():
+    assert [checks.check_max_new_tokens(n, DEFAULT_SETTINGS) for n in (64, 64.0, " 64 ")] == [64, 64, 64]
+
+
+def test_a_refused_photo_of_several_is_named_by_its_place():
+    def load(photo):
+        if photo == "bad":
+            raise InputError("This file is not a supported image; please upload a JPEG image.")
+        return photo.upper()
+
+    assert checks.load_each(["a", "b"], load) == ["A", "B"]
+    with pytest.raises(InputError, match=r"^Photo 3 of 5: This file is not a supported image; please"):
+        checks.load_each(["a", "b", "bad", "c", "d"], load)
+    with pytest.raises(InputError, match=r"^This file is not a supported image"):  # one photo: no number needed
+        checks.load_each(["bad"], load)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
@@ -543,3 +544,70 @@ def test_out_of_memory_is_reported_and_the_next_request_works(monkeypatch):
             engine.introduce("Chelsea", [photo(0)])
     assert len(calls) == 3
     assert engine.answer("What is this?", image=photo(0), max_new_tokens=2) is not None
+
+
+def test_keywords_are_kept_as_names_are_and_invisible_ones_let_the_model_describe():
+    engine = tiny_engine("qwen2-vl")
+    typed = engine.introduce("Chelsea", [photo(0)], keywords="a\x00b, \u202ec", area_pct=5)
+    assert typed.views[0].keywords == ("ab", "c") and typed.views[0].keywords_source == "user"
+    invisible = engine.introduce("Chelsea", [photo(0)], keywords="\u200b", area_pct=5)
+    assert invisible.views[0].keywords_source == "model"  # as an empty keyword box: the model describes
+    assert engine.introduce("Chelsea", [photo(0)], keywords=["tabby", "green eyes"], area_pct=5).keywords == (
+        "tabby",
+        "green eyes",
+    )
+
+
+def test_photos_may_come_from_any_iterable_and_a_bad_one_is_named_by_its_place():
+    engine = tiny_engine("qwen2-vl")
+    assert len(engine.introduce("Chelsea", (p for p in [photo(0), photo(1)]), area_pct=5).views) == 2
+    five = [photo(0), photo(1), b"not an image", photo(2), photo(3)]
+    with pytest.raises(InputError, match=r"^Photo 3 of 5: This file is not a supported image"):
+        engine.introduce("Chelsea", five, area_pct=5)
+
+
+def test_a_single_concept_is_a_list_of_one():
+    engine = tiny_engine("qwen2-vl")
+    concept = engine.introduce("Chelsea", [photo(0)], area_pct=5)
+    assert engine.answer("Hi?", concept, max_new_tokens=1).concepts_used == ("Chelsea",)
+    assert engine.chat(concept).ask("Hi?", max_new_tokens=1).concepts_used == ("Chelsea",)
+
+
+@pytest.mark.parametrize("concepts, got", [(["Chelsea"], "str"), ("Chelsea", "str"), ([None], "NoneType"), (5, "int")])
+def test_what_is_not_a_concept_is_refused_by_every_call_that_takes_concepts(concepts, got):
+    engine = tiny_engine("qwen2-vl")
+    real = engine.introduce("Chelsea", [photo(0)], area_pct=5)
+    if isinstance(concepts, list):
+        concepts = [real, *concepts]
+    message = f"^concepts must be Concept objects \\(from introduce or load_concepts\\); got {got}\\.$"
+    calls = [
+        lambda: engine.answer("Hi?", concepts, max_new_tokens=1),
+        lambda: list(engine.stream_answer("Hi?", concepts, max_new_tokens=1)),
+        lambda: engine.chat(concepts),
+    ]
+    for call in calls:
+        with pytest.raises(InputError, match=message):
+            call()
+    (refused,) = engine.answer_batch([ego.AnswerRequest("Hi?", concepts, max_new_tokens=1)])
+    assert isinstance(refused, InputError) and re.match(message, str(refused))
+
+
+def test_a_question_or_length_that_is_not_what_it_should_be_is_an_input_error():
+    """The same checks in a single answer, a batch and a conversation's first and later questions."""
+    engine = tiny_engine("qwen2-vl")
+    chat = engine.chat()
+    chat.ask("Hi?", max_new_tokens=1)
+    for ask in [
+        lambda question, n: engine.answer(question, max_new_tokens=n),
+        lambda question, n: list(engine.stream_answer(question, max_new_tokens=n)),
+        lambda question, n: engine.chat().ask(question, max_new_tokens=n),
+        lambda question, n: chat.ask(question, max_new_tokens=n),
+        lambda question, n: list(chat.stream(question, max_new_tokens=n)),
+    ]:
+        with pytest.raises(InputError, match="answer length must be a whole number"):
+            ask("Hi?", "abc")
+        with pytest.raises(InputError, match="^A question is text"):
+            ask(["hi"], 1)
+    assert len(chat.turns) == 1
+    refused = engine.answer_batch([ego.AnswerRequest("Hi?", (), max_new_tokens="abc"), ego.AnswerRequest(["hi"])])
+    assert all(isinstance(error, InputError) for error in refused)

@@ -361,3 +361,41 @@ def test_a_refused_version_is_shown_short_and_printable(tmp_path, concepts):
         load_concepts(path, tiny_engine("qwen2-vl"))
     assert len(str(refused.value)) < 300
     str(refused.value).encode("utf-8")
+
+
+def test_a_large_thumbnail_is_shrunk_to_what_is_read_back(concepts, tmp_path):
+    """A 4000 px photo given as a thumbnail would make a 48 MB file whose thumbnail reading then ignores."""
+    from PIL import Image
+
+    from ego.memory import MAX_THUMBNAIL_PX
+
+    large = Image.new("RGB", (4000, 2000), (200, 40, 10))
+    strip = Image.new("L", (5000, 2), 90)  # not RGB, and one side shrinks below a pixel
+    path = save_concepts(tmp_path / "mine.ego", concepts, [large, strip])
+    assert path.stat().st_size < 2 * 1024 * 1024
+    first, second = ego.read_thumbnails(path, 2)
+    assert first.size == (MAX_THUMBNAIL_PX, MAX_THUMBNAIL_PX // 2) and first.getpixel((5, 5)) == (200, 40, 10)
+    assert second.size == (MAX_THUMBNAIL_PX, 1) and second.mode == "RGB"
+    assert large.size == (4000, 2000) and strip.mode == "L"  # the caller's pictures are left as they were
+
+
+def test_saving_what_is_not_concepts_pictures_or_a_file_path_is_an_input_error(concepts, tmp_path):
+    from PIL import Image
+
+    cases = [
+        (lambda: save_concepts(tmp_path / "x.ego", concepts, ["a", None]), "Thumbnails must be PIL images"),
+        (lambda: save_concepts(tmp_path / "x.ego", concepts, Image.new("RGB", (4, 4))), "as a list"),
+        (lambda: save_concepts(tmp_path / "x.ego", concepts, [Image.new("RGB", (0, 4)), None]), "no pixels"),
+        (lambda: save_concepts(tmp_path / "x.ego", ["Chelsea"]), "got str"),
+        (lambda: save_concepts(tmp_path / "x.ego", [concepts[0], None]), "got NoneType"),
+        (lambda: save_concepts(tmp_path, concepts), "is a folder; give a file name"),
+        (lambda: save_concepts(tmp_path / "missing" / "x.ego", concepts), "does not exist"),
+        (lambda: save_concepts(None, concepts), "path as text"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ego.InputError, match=message):
+            call()
+    assert list(tmp_path.iterdir()) == []
+    # One concept alone is a list of one.
+    path = save_concepts(tmp_path / "one.ego", concepts[0])
+    assert [c.name for c in load_concepts(path, tiny_engine("qwen2-vl"))] == ["Chelsea"]
