@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from space.components import IMAGE_FORMATS_TEXT, photo_input
+from space.components import IMAGE_FORMATS_TEXT, photo_input, text_input
 from space.page import CSS, ON_LOAD_JS, TRACK_CONCEPTS_JS, scroll_to_js
 
 PAPER_URL = "https://arxiv.org/abs/2603.09771"
@@ -200,7 +200,7 @@ def build_demo(
                 ask_image=gr.Button(),
                 ask_video=gr.Button(),
                 follow_up=gr.Button(),
-                question=gr.Textbox(label="Question"),
+                question=text_input(what="the question", label="Question"),
                 answer=gr.Textbox(label="Answer"),
             )
         hidden.ask_image.click(
@@ -310,8 +310,10 @@ def build_demo(
 def launch_options(settings, space_settings=None) -> dict:
     """The `demo.launch` arguments that enforce the limits on the server (uploads, sessions, links): the
     engine's `settings` (`ego.Settings`) and the Space's `space_settings` (default: SpaceSettings())."""
+    from fastapi import Depends
     from starlette.middleware import Middleware
 
+    from space.api import known_endpoints_only
     from space.links import RefuseFileLinks
     from space.settings import DEFAULT_SPACE_SETTINGS
     from space.uploads import UploadQuota
@@ -328,7 +330,11 @@ def launch_options(settings, space_settings=None) -> dict:
     return dict(
         max_file_size=settings.max_upload_bytes,
         state_session_capacity=space.max_sessions,
-        app_kwargs={"middleware": [Middleware(RefuseFileLinks), quota, sessions]},
+        app_kwargs={
+            "middleware": [Middleware(RefuseFileLinks), quota, sessions],
+            # A call naming an endpoint the app does not have: a 404 sentence, not a traceback in the log.
+            "dependencies": [Depends(known_endpoints_only)],
+        },
         css=CSS,
     )
 
@@ -341,30 +347,36 @@ def _hint(text: str) -> None:
 
 
 def _introduce_tab(s, examples) -> SimpleNamespace:
+    from space.api import offer_images_only
+
     with gr.Tab("Introduce", id="introduce"):
         with gr.Row():
             with gr.Column():
-                name = gr.Textbox(
+                name = text_input(
+                    what="the concept's name",
                     label="Name",
                     placeholder="Chelsea",
                     max_length=s.max_name_chars,
                     info=f"Up to {s.max_name_chars} characters, unique among your concepts.",
                 )
+                # No `file_types`: Gradio would judge a photo by its file name; the handler reads its content.
                 photos = gr.Gallery(
                     label=f"Reference photos (1 to {s.max_references_per_concept})",
                     type="filepath",
-                    file_types=["image"],
                     interactive=True,
                     columns=5,
                     height=220,
                     object_fit="cover",
                 )
+                offer_images_only(photos)  # the browser's file picker still offers images only
                 _hint(
                     f"{IMAGE_FORMATS_TEXT}; up to {s.max_upload_mb} MiB and "
                     f"{s.max_image_pixels / 1e6:g} megapixels each. One clear photo is enough; more views help."
                 )
                 with gr.Accordion("Advanced (reset after each concept)", open=False):
-                    keywords = gr.Textbox(
+                    keywords = text_input(
+                        what="the keywords",
+                        phrases=True,
                         label="Keywords",
                         placeholder="tabby, green eyes, white paws",
                         info=f"Comma-separated words whose attention picks the tokens (at most {s.max_keywords}, "
@@ -427,7 +439,8 @@ def _introduce_tab(s, examples) -> SimpleNamespace:
 
 def _question_box(s, placeholder: str, elem_id: str) -> gr.Textbox:
     # One line that grows to four as the question wraps: on a one-line box Gradio sends Enter as "submit".
-    return gr.Textbox(
+    return text_input(
+        what="the question",
         label="Question",
         lines=1,
         max_lines=4,

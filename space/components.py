@@ -58,3 +58,30 @@ def photo_input(**kwargs) -> gr.Image:
 
 def _empty(path) -> bool:
     return isinstance(path, str) and os.path.isfile(path) and os.path.getsize(path) == 0
+
+
+def text_input(*, what: str, phrases: bool = False, **kwargs) -> gr.Textbox:
+    """A `gr.Textbox` that takes only text: Gradio's own turns any JSON value an API call sends into its Python
+    spelling ("['tabby', 'green eyes']"), which the handler would take as typed. With `phrases` (keywords), a list
+    of strings is the phrases, joined by commas as a visitor types them; any other value is refused with a
+    sentence that says what `what` is (wrapped on the instance, as `photo_input`)."""
+    box = gr.Textbox(**kwargs)
+    gradio_text = box.preprocess
+
+    def preprocess(payload):
+        if phrases and isinstance(payload, (list, tuple)) and all(isinstance(item, str) for item in payload):
+            payload = ", ".join(payload)
+        if payload is not None and not isinstance(payload, str):
+            raise gr.Error(f"Send {what} as text (a JSON string), not {_json_kind(payload)}.", print_exception=False)
+        return gradio_text(payload)
+
+    box.preprocess = preprocess
+    return box
+
+
+def _json_kind(value) -> str:
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "a list" if isinstance(value, (list, tuple)) else "an object" if isinstance(value, dict) else "that"

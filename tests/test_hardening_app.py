@@ -574,15 +574,16 @@ def test_session_ids_and_visitor_text_are_never_logged(url, tmp_path, capfd, cap
 
 
 def test_a_malformed_call_gets_a_sentence_and_its_values_stay_out_of_the_log(url, mine, capfd, caplog):
-    """Too few values, or a value a component cannot read: the caller learns which input and where the inputs are
+    """Too many values, or a value a component cannot read: the caller learns which input and where the inputs are
     listed (Gradio's own refusal is empty for the caller), and what was sent is not written to the server log."""
     import logging
 
     capfd.readouterr()
     with caplog.at_level(logging.DEBUG):
         cases = [
-            # Counted and numbered as the API page lists them: without the session's hidden state.
-            ("remove_concept", [], "sends 0 input values, and /remove_concept takes 1"),
+            # Counted as sent (on this route with the session's hidden state first), against the inputs the API
+            # page lists; numbered as it lists them.
+            ("remove_concept", ["quokka-value-9931", "quokka"], "sends 3 input values, and /remove_concept takes 1"),
             ("ask_image", ["quokka-value-9931", "Is the quokka here?", False], "input 1 (Photo)"),
             ("introduce", ["Quokka", [{"caption": "quokka-value-9931"}], "", False, 10], "input 2"),
         ]
