@@ -148,7 +148,8 @@ def build_demo(
             **answer_events,
             **PRIVATE,
         )
-        img.stop.click(None, cancels=[asking], **PRIVATE).then(
+        stopping = functools.partial(_stops, functools.partial(act.stop_answer, tab="image"), session, asking)
+        stopping(img.stop.click).then(
             functools.partial(guidance.mark_stopped_in_chat, tab="image"),
             [session, img.chat],
             img.chat,
@@ -159,12 +160,10 @@ def build_demo(
         # its answer (a reload putting the conversation's photo back is no new photo: `photo_changed`).
         ended_image = [session, img.chat, img.plain, img.details, img.matches]
         for ending in (img.new.click, img.chat.clear):
-            ending(None, cancels=[asking], **PRIVATE).then(
+            stopping(ending).then(
                 functools.partial(act.new_conversation, tab="image"), session, ended_image, **CHEAP, **PRIVATE
             )
-        img.image.change(None, cancels=[asking], **PRIVATE).then(
-            act.photo_changed, [session, img.image], ended_image, **CHEAP, **PRIVATE
-        )
+        stopping(img.image.change).then(act.photo_changed, [session, img.image], ended_image, **CHEAP, **PRIVATE)
 
         # Ask about a video: a conversation
         vid_triggers = [vid.ask.click, vid.question.submit]
@@ -178,7 +177,8 @@ def build_demo(
             **answer_events,
             **PRIVATE,
         )
-        vid.stop.click(None, cancels=[asking], **PRIVATE).then(
+        stopping = functools.partial(_stops, functools.partial(act.stop_answer, tab="video"), session, asking)
+        stopping(vid.stop.click).then(
             functools.partial(guidance.mark_stopped_in_chat, tab="video"),
             [session, vid.chat],
             vid.chat,
@@ -186,7 +186,7 @@ def build_demo(
             **PRIVATE,
         )
         for ending in (vid.new.click, vid.video.change, vid.chat.clear):
-            ending(None, cancels=[asking], **PRIVATE).then(
+            stopping(ending).then(
                 functools.partial(act.new_conversation, tab="video"),
                 session,
                 [session, vid.chat, vid.frames, vid.details],
@@ -342,6 +342,14 @@ def launch_options(settings, space_settings=None) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Layout
 # ----------------------------------------------------------------------------------------------
+def _stops(stop_answer, session, asking, trigger):
+    """`trigger` (Stop, or what ends a conversation) ends the tab's answer from within (`Actions.stop_answer`: it
+    ends as far as it had come, and its handler returns), then cancels the `asking` event, which then only removes
+    a message still waiting in the queue. Cancelling an event that is still running races with Gradio's own end of
+    it, and the page could show "Error" over the tab's boxes. Returns the dependency, for `.then`."""
+    return trigger(stop_answer, session, None, **CHEAP, **PRIVATE).then(None, cancels=[asking], **PRIVATE)
+
+
 def _hint(text: str) -> None:
     gr.Markdown(text, elem_classes="hint", latex_delimiters=[])
 

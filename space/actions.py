@@ -137,13 +137,16 @@ class Actions:
     def _introduce_in_worker(self, name, pictures, keywords, area_pct):
         return self._worker_engine().introduce(name, pictures, keywords=keywords, area_pct=area_pct)
 
-    def _answer_stream(self, engine, question, concepts, *, image=None, video=None):
+    def _answer_stream(self, engine, question, concepts, *, image=None, video=None, stop=None):
         """The answer as it grows (`ego.Answer`s): on ZeroGPU from a GPU call of this visitor's own, elsewhere
-        from the scheduler that answers questions arriving together in one batch. Closing it ends the answer."""
+        from the scheduler that answers questions arriving together in one batch. Closing it ends the answer, and
+        so does setting `stop` (the scheduler's: at its next token; the caller checks it too, after each piece)."""
         budget = self.limits.answer_max_new_tokens
         if self.zero_gpu:
             return self._stream_on_gpu(question, tuple(concepts), image, video, budget)
-        return self.answers.stream(engine, question, concepts, image=image, video=video, max_new_tokens=budget)
+        return self.answers.stream(
+            engine, question, concepts, image=image, video=video, max_new_tokens=budget, stop=stop
+        )
 
     def _engine(self, progress):
         """The model, loaded on first use; a load that fails is a server fault with its own sentence."""
@@ -252,10 +255,10 @@ class Actions:
     # ------------------------------------------------------------------------------------------
     # Ask
     # ------------------------------------------------------------------------------------------
-    def ask_image(self, session: Session, image, question, compare=False, progress=gr.Progress()):
+    def ask_image(self, session: Session, image, question, compare=False, progress=gr.Progress(), stop=None):
         """Start a conversation about a photo, or, without one, about the visitor's concepts themselves (their
         memories are the only visual input); stream (session, answer, answer without memory, details, where each
-        concept matches)."""
+        concept matches). `stop` (a `threading.Event`, the chat tab's Stop) ends the answer as far as it came."""
         with for_visitor("answering"):
             if not image and not len(session):
                 raise InputError("Add a photo to ask about, or introduce a concept to ask about it without a photo.")
@@ -270,7 +273,7 @@ class Actions:
             # takes it as its first turn, and its follow-ups run on its own cache.
             chat = engine.chat(session.concepts, image=picture)
             asked = session.conversations.asking("image")
-            stream = self._answer_stream(engine, question, session.concepts, image=picture)
+            stream = self._answer_stream(engine, question, session.concepts, image=picture, stop=stop)
             failed = False
             ended = False
             try:
@@ -280,7 +283,10 @@ class Actions:
                         matches = self._matches(picture, answer)
                         self._tell_dropped(answer)
                     yield session, str(answer), plain, details, matches if number == 0 else gr.skip()
-                ended = True
+                    if self._stopped_here(stop):
+                        break
+                else:
+                    ended = True
             except Exception:
                 failed = True  # the conversation the visitor had stays
                 raise
@@ -289,11 +295,13 @@ class Actions:
                 if not failed:  # finished or stopped: the answer so far is the first turn
                     answer = answer if ended else _cut_short(answer)
                     self._keep_conversation(session, "image", chat, question, answer, asked)
-            if compare:  # streamed too, so that Stop or a closed tab also ends this answer at once
-                stream = self._answer_stream(engine, question, (), image=picture)
+            if compare and not _stopped(stop):  # streamed too, so that Stop or a closed tab also ends it at once
+                stream = self._answer_stream(engine, question, (), image=picture, stop=stop)
                 try:
                     for plain in stream:
                         yield session, str(answer), str(plain), details, gr.skip()
+                        if self._stopped_here(stop):
+                            break
                 finally:
                     stream.close()
             yield session, str(answer), str(plain), details, matches  # the final value of every output
@@ -337,8 +345,9 @@ class Actions:
             for name, grid in answer.similarity_maps
         ]
 
-    def ask_video(self, session: Session, video, question, progress=gr.Progress()):
-        """Start a conversation about a clip; stream (session, sampled frames, answer, details)."""
+    def ask_video(self, session: Session, video, question, progress=gr.Progress(), stop=None):
+        """Start a conversation about a clip; stream (session, sampled frames, answer, details); `stop` as in
+        `ask_image`."""
         with for_visitor("answering"):
             if not video:
                 raise InputError("Add a video clip to ask about first.")
@@ -352,7 +361,7 @@ class Actions:
             answer, details = "", {}
             chat = engine.chat(session.concepts, video=(frames, metadata))
             asked = session.conversations.asking("video")
-            stream = self._answer_stream(engine, question, session.concepts, video=(frames, metadata))
+            stream = self._answer_stream(engine, question, session.concepts, video=(frames, metadata), stop=stop)
             failed = False
             ended = False
             try:
@@ -361,7 +370,10 @@ class Actions:
                     if number == 0:
                         self._tell_dropped(answer)
                     yield session, gr.skip(), str(answer), details
-                ended = True
+                    if self._stopped_here(stop):
+                        break
+                else:
+                    ended = True
             except Exception:
                 failed = True  # the conversation the visitor had stays
                 raise
@@ -382,8 +394,9 @@ class Actions:
         for answer in self._follow_up(chats, chats.current, question, progress):
             yield session, answer
 
-    def _follow_up(self, chats: Conversations, tab: str | None, question, progress):
-        """Stream the text of a follow-up in the `tab`'s conversation, on its cached context."""
+    def _follow_up(self, chats: Conversations, tab: str | None, question, progress, stop=None):
+        """Stream the text of a follow-up in the `tab`'s conversation, on its cached context; `stop` as in
+        `ask_image`."""
         with for_visitor("answering"):
             chat = chats.get(tab) if tab else None
             if chat is None or not chat.turns:
@@ -407,26 +420,30 @@ class Actions:
                         if answer.stopped:
                             chats.cut_short(tab, chat, index, question, answer)
 
-                    stream = self.answers.stream_follow_up(engine, chat, question, max_new_tokens=budget)
+                    stream = self.answers.stream_follow_up(engine, chat, question, max_new_tokens=budget, stop=stop)
                     yield from self._streamed_follow_up(stream, shown)
                     return
                 # The worker answers on a copy of the conversation, away from the engine's lock, and this one takes
                 # its answer.
                 turns = [(asked, _tokens_of(answered)) for asked, answered in chat.turns]
                 stream = self._follow_up_on_gpu(chat.concepts, chat.picture, chat.clip, turns, question, budget)
-                yield from self._streamed_follow_up(stream, lambda answer: chat.adopt(question, answer))
+                yield from self._streamed_follow_up(stream, lambda answer: chat.adopt(question, answer), stop)
             finally:
                 chats.answered(chat)
 
     @staticmethod
-    def _streamed_follow_up(stream, keep=None):
+    def _streamed_follow_up(stream, keep=None, stop=None):
         """The follow-up's text as it grows, then once more whole; `keep(answer)` once it has ended or was stopped
-        with some text (not when it failed), marked `stopped` in the latter case."""
+        with some text (not when it failed), marked `stopped` in the latter case. `stop`, for a stream that cannot
+        see it (ZeroGPU's): checked after each piece."""
         answer, failed, ended = "", False, False
         try:
             for answer in stream:
                 yield str(answer)
-            ended = True
+                if _stopped(stop):
+                    break
+            else:
+                ended = True
         except Exception:
             failed = True
             raise
@@ -441,42 +458,53 @@ class Actions:
         follows it up. Streams (session, chat view, message box, answer without memory, details, where each concept
         matches); the message box empties once the question is taken. Refused or failed, the chat view is the
         conversation's again and the message is back in its box."""
-        chat = session.conversations.get("image")
-        if chat is not None and chat.turns:
-            steps = [self._follow_up_steps(session, "image", chat, message, progress, extra=3)]
-        else:
-            asked = self.ask_image(session, image, message, compare, progress)
-            steps = [((messages([], message, _so_far(a)), plain, facts, found) for _, a, plain, facts, found in asked)]
-        for view, box, *rest in self._chat_steps(session, "image", message, steps, extra=3):
-            yield session, view, box, *rest
+        in_flight = session.conversations.answer_in_flight("image")
+        try:
+            chat = session.conversations.get("image")
+            if chat is not None and chat.turns:
+                steps = [self._follow_up_steps(session, "image", chat, message, progress, extra=3, stop=in_flight.stop)]
+            else:
+                asked = self.ask_image(session, image, message, compare, progress, stop=in_flight.stop)
+                steps = [
+                    ((messages([], message, _so_far(a)), plain, facts, found) for _, a, plain, facts, found in asked)
+                ]
+            for view, box, *rest in self._chat_steps(session, "image", message, steps, extra=3, stop=in_flight.stop):
+                yield session, view, box, *rest
+        finally:
+            in_flight.ended.set()
 
     def chat_video(self, session: Session, video, message, progress=gr.Progress()):
         """The video tab's message: a first one starts a conversation about the clip (as /ask_video), a later one
         follows it up. Streams (session, frames, chat view, message box, details), as `chat_image` does."""
-        chat = session.conversations.get("video")
-        if chat is not None and chat.turns:
-            steps = [self._follow_up_steps(session, "video", chat, message, progress, extra=2)]
-        else:
-            asked = self.ask_video(session, video, message, progress)
-            steps = [((messages([], message, _so_far(a)), frames, details) for _, frames, a, details in asked)]
-        for view, box, frames, details in self._chat_steps(session, "video", message, steps, extra=2):
-            yield session, frames, view, box, details
+        in_flight = session.conversations.answer_in_flight("video")
+        try:
+            chat = session.conversations.get("video")
+            if chat is not None and chat.turns:
+                steps = [self._follow_up_steps(session, "video", chat, message, progress, extra=2, stop=in_flight.stop)]
+            else:
+                asked = self.ask_video(session, video, message, progress, stop=in_flight.stop)
+                steps = [((messages([], message, _so_far(a)), frames, details) for _, frames, a, details in asked)]
+            steps_shown = self._chat_steps(session, "video", message, steps, extra=2, stop=in_flight.stop)
+            for view, box, frames, details in steps_shown:
+                yield session, frames, view, box, details
+        finally:
+            in_flight.ended.set()
 
-    def _follow_up_steps(self, session: Session, tab: str, chat, message, progress, *, extra: int):
+    def _follow_up_steps(self, session: Session, tab: str, chat, message, progress, *, extra: int, stop=None):
         """(chat view, *`extra` skipped outputs) as a follow-up streams, then the conversation with its new turn."""
         before, skip = session.conversations.turns(tab), (gr.skip(),) * extra
-        for answer in self._follow_up(session.conversations, tab, message, progress):
+        for answer in self._follow_up(session.conversations, tab, message, progress, stop):
             yield messages(before, message, _so_far(answer)), *skip
         # An answer without a word is no turn: the question stays in view, with "" for `_chat_steps` to explain.
         yield (messages(chat.turns) if len(chat.turns) > len(before) else messages(before, message, "")), *skip
 
     @staticmethod
-    def _chat_steps(session: Session, tab: str, message, steps, *, extra: int):
+    def _chat_steps(session: Session, tab: str, message, steps, *, extra: int, stop=None):
         """(chat view, message box, *`extra` more outputs) per step of a chat tab's answer, from `steps` (iterables
         of (chat view, *extra), gone through in order, the later ones only once the earlier ones end): the box
         emptied once, at the first step, then left alone (the visitor may type the next question while this one
-        streams). On a refusal or a failure: the conversation's own view, the message back in its box, then the
-        error."""
+        streams); an answer its Stop ended (`stop` set) is marked "(stopped)". On a refusal or a failure: the
+        conversation's own view, the message back in its box, then the error."""
         emptied, chats, view = False, session.conversations, []
         chats.streams(tab, True)
         try:
@@ -487,7 +515,11 @@ class Actions:
             for view, *rest in (step for part in steps for step in part):
                 yield view, gr.skip() if emptied else "", *rest
                 emptied = True
-            if view and view[-1]["role"] == "assistant" and view[-1]["content"] in ("", guidance.THINKING):
+            if _stopped(stop) and view and view[-1]["role"] == "assistant":
+                # Ended by its Stop: said so, whether it had words or not ("Thinking…").
+                marked = {"role": "assistant", "content": guidance.mark_stopped(view[-1]["content"])}
+                yield [*view[:-1], marked], gr.skip(), *(gr.skip(),) * extra
+            elif view and view[-1]["role"] == "assistant" and view[-1]["content"] in ("", guidance.THINKING):
                 # The answer ended without a word: say so, rather than "Thinking…" for good.
                 yield (
                     [*view[:-1], {"role": "assistant", "content": guidance.NO_ANSWER}],
@@ -499,6 +531,19 @@ class Actions:
             yield messages(chats.turns(tab)), message, *(gr.skip(),) * extra
             raise
         chats.streams(tab, False)  # not reached when Stop closed this generator: the answer stays "coming"
+
+    def _stopped_here(self, stop) -> bool:
+        """Whether the handler itself ends its answer now, on its Stop: on ZeroGPU, where the answer streams from a
+        GPU call that cannot see the Stop; elsewhere the scheduler ends it at its next token (and a follow-up's
+        conversation records it before its stream ends)."""
+        return self.zero_gpu and _stopped(stop)
+
+    def stop_answer(self, session: Session, tab: str) -> None:
+        """The tab's Stop: its answer ends as far as it has come (its handler returns it, marked "(stopped)", and the
+        conversation keeps it), and this returns once it has (at most `stop_wait_s`). A Stop that only cancelled the
+        event would race with Gradio's own end of it: the page could show "Error" over the tab's boxes. A message
+        still waiting in the queue has no answer yet: the Stop's `cancels=` that follows removes it."""
+        session.conversations.stop(tab, self.settings.stop_wait_s)
 
     def shown_conversations(self, session: Session):
         """(image tab's, video tab's) chat views of the conversations the session holds: after a reload, or in
@@ -719,6 +764,10 @@ def _not_downloadable(error: BaseException) -> bool:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return False
+
+
+def _stopped(stop) -> bool:
+    return stop is not None and stop.is_set()
 
 
 def _cut_short(answer):

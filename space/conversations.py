@@ -14,6 +14,15 @@ import threading
 TABS = ("image", "video")
 
 
+class AnswerInFlight:
+    """A chat tab's message being answered: `stop` asks it to end (the Stop button, `Conversations.stop`), `ended`
+    says it has (its handler has returned its last view)."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.ended = threading.Event()
+
+
 class Conversations:
     """The visitor's current conversation in each ask tab, and which of them was started last."""
 
@@ -30,6 +39,8 @@ class Conversations:
         """The tabs whose chat view shows an answer still coming, or one cut short by Stop (`streams`)."""
         self._restored: dict[str, str] = {}
         """Per tab, the digest of the photo a reload put back in the tab's box (`restored`)."""
+        self._in_flight: dict[str, AnswerInFlight] = {}
+        """Per tab, the message answered last (`answer_in_flight`)."""
         self._cut_short: dict[str, tuple[object, int, tuple]] = {}
         """Per tab, a follow-up that Stop cut short, as its visitor saw it: (conversation, its turn's index, the
         turn), shown until the conversation records the turn itself (`cut_short`)."""
@@ -94,6 +105,22 @@ class Conversations:
         with self._lock:
             if self._chats.get(tab) is chat and len(chat.turns) == index:
                 self._cut_short[tab] = (chat, index, (question, answer))
+
+    def answer_in_flight(self, tab: str) -> AnswerInFlight:
+        """A message of `tab` starts being answered: its Stop (`stop`) from now on."""
+        with self._lock:
+            self._in_flight[tab] = AnswerInFlight()
+            return self._in_flight[tab]
+
+    def stop(self, tab: str, wait_s: float) -> bool:
+        """Ask the tab's answer to end, as far as it has come, and wait (at most `wait_s` seconds) until its handler
+        has returned its last view; whether it had ended by then (True also when nothing was being answered)."""
+        with self._lock:
+            answer = self._in_flight.get(tab)
+        if answer is None:
+            return True
+        answer.stop.set()
+        return answer.ended.wait(wait_s)
 
     def answering(self, chat) -> bool:
         """Mark `chat` as having a follow-up being answered; False if it already has one."""

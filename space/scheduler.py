@@ -37,7 +37,8 @@ class _Ticket:
     request: AnswerRequest | FollowUpRequest
     stop: threading.Event = field(default_factory=threading.Event)
     updates: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    """("text", Answer so far), then ("done", Answer) or ("error", exception)."""
+    """("text", Answer so far), then ("done", Answer) or ("error", exception); ("dropped", None) for a question
+    stopped before its batch was formed."""
 
 
 def compiled_batch_size(waiting: int) -> int:
@@ -60,20 +61,27 @@ class AnswerScheduler:
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1024)
         """The sizes of the last 1,024 batches answered (the server log says each)."""
 
-    def stream(self, engine, question, concepts=(), *, image=None, video=None, max_new_tokens=None) -> Iterator:
+    def stream(
+        self, engine, question, concepts=(), *, image=None, video=None, max_new_tokens=None, stop=None
+    ) -> Iterator:
         """Like `engine.stream_answer`: the answer's text so far as it grows (`ego.Answer`), the whole answer
-        last; closing the iterator ends this answer alone."""
-        return self._stream(_Ticket(engine, AnswerRequest(question, tuple(concepts), image, video, max_new_tokens)))
+        last; closing the iterator, or setting `stop` (a `threading.Event`), ends this answer alone (set, it ends
+        as an answer does, marked `stopped`; a question not answered yet ends without one)."""
+        request = AnswerRequest(question, tuple(concepts), image, video, max_new_tokens)
+        return self._stream(_Ticket(engine, request, stop=stop or threading.Event()))
 
-    def stream_follow_up(self, engine, chat, question, *, max_new_tokens=None) -> Iterator:
+    def stream_follow_up(self, engine, chat, question, *, max_new_tokens=None, stop=None) -> Iterator:
         """Like `chat.stream`: a follow-up in the conversation `chat`, answered with other visitors' follow-ups; the
         conversation records its turn (the answer so far, after a Stop). One at a time per conversation: the
-        caller waits for one to end before sending the next."""
-        return self._stream(_Ticket(engine, FollowUpRequest(chat, question, max_new_tokens)))
+        caller waits for one to end before sending the next. `stop` as in `stream`."""
+        return self._stream(
+            _Ticket(engine, FollowUpRequest(chat, question, max_new_tokens), stop=stop or threading.Event())
+        )
 
     def _stream(self, ticket: _Ticket) -> Iterator:
         self._start()
         self._waiting.put(ticket)
+        ended = False
         try:
             while True:
                 try:
@@ -82,13 +90,17 @@ class AnswerScheduler:
                     if not self._worker.is_alive():
                         raise RuntimeError(WORKER_ENDED) from None
                     continue
+                ended = kind != "text"
                 if kind == "error":
                     raise value
+                if kind == "dropped":
+                    return
                 yield value
-                if kind == "done":
+                if ended:
                     return
         finally:
-            ticket.stop.set()  # a visitor who left or pressed Stop: their row ends, the others go on
+            if not ended:
+                ticket.stop.set()  # a visitor who left or pressed Stop: their row ends, the others go on
 
     def _start(self) -> None:
         with self._starting:
@@ -113,7 +125,13 @@ class AnswerScheduler:
                 batch.append(self._waiting.get(timeout=remaining) if remaining > 0 else self._waiting.get_nowait())
             except queue.Empty:
                 break
-        return [ticket for ticket in batch if not ticket.stop.is_set()]
+        kept = []
+        for ticket in batch:
+            if ticket.stop.is_set():
+                ticket.updates.put(("dropped", None))  # its stream ends (a Stop's event may outlive the stream)
+            else:
+                kept.append(ticket)
+        return kept
 
     def _answer(self, batch: list[_Ticket]) -> None:
         if not batch:

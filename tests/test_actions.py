@@ -553,6 +553,41 @@ def test_a_follow_up_cut_short_shows_before_the_worker_records_it(act, engine, m
     assert str(chat.turns[1][1]).startswith(shown.strip())  # what was shown, or a piece more that was handed on
 
 
+@pytest.mark.parametrize("follow_up", [False, True])
+def test_stop_ends_the_answer_from_within_and_it_keeps_what_came(engine, follow_up):
+    """The Stop button does not close the handler (cancelling a running event races with Gradio's own end of it,
+    and the page may show "Error" over the tab): `stop_answer` asks the answer to end, the handler returns its
+    last view itself, marked "(stopped)", and the conversation keeps the answer as far as it came."""
+    act = Actions(LazyEngine(engine.with_settings(answer_max_new_tokens=64)), SPACE, load_examples())
+    session = Session()
+    if follow_up:
+        list(act.chat_image(session, QUERY, "Is there a cat?", progress=quiet))
+    steps = act.chat_image(session, QUERY, "Describe this photo in great detail.", progress=quiet)
+    views = []
+    stopping = None
+    for _, view, *_ in steps:  # to its natural end: the handler ends by itself
+        views.append(view)
+        if stopping is None and view[-1]["content"] not in ("", THINKING):
+            stopping = threading.Thread(target=act.stop_answer, args=(session,), kwargs={"tab": "image"})
+            stopping.start()
+    stopping.join(10)
+    chat = session.conversations.get("image")
+    *_, (asked, answered) = chat.turns
+    assert asked == "Describe this photo in great detail." and answered.stopped
+    assert views[-1][-1]["content"] == f"{str(answered).strip()} (stopped)"
+    assert len(answered.token_ids) < 64  # ended early, not at its budget
+    assert views[-1] == act.shown_conversations(session)[0]
+    # Stopped while "Thinking…" (no word yet): "(stopped)", and nothing kept as a turn.
+    before = list(chat.turns)
+    session.conversations.answer_in_flight("image").stop.set()  # an earlier answer's Stop must not end the next
+    steps = act.chat_image(session, QUERY, "And the wall?", progress=quiet)
+    _, thinking, *_ = next(steps)
+    assert thinking[-1]["content"] == THINKING
+    session.conversations.stop("image", wait_s=0)  # (the Stop handler's own thread would wait for the end)
+    *_, (_, final, *_) = steps
+    assert final[-1]["content"] == "(stopped)" and chat.turns == before
+
+
 @pytest.mark.parametrize("moved_on", ["new photo", "another first question"])
 def test_an_answer_in_flight_does_not_bring_back_the_conversation_the_visitor_left(act, moved_on):
     """The browser does not wait for a cancelled answer to close before "New conversation" (or a new photo) ends

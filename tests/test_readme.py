@@ -14,7 +14,7 @@ def _run_python_example(text: str, tmp_path, monkeypatch) -> None:
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     assert 'Ego.from_pretrained("qwen2.5-vl-7b")' in code
     code = code.replace('Ego.from_pretrained("qwen2.5-vl-7b")', 'Ego.from_pretrained("tiny-qwen2.5-vl")')
-    code = code.replace('"my-concepts.ego"', repr(str(tmp_path / "my-concepts.ego")))
+    code = code.replace('"my-concepts.safetensors"', repr(str(tmp_path / "my-concepts.safetensors")))
     monkeypatch.chdir(ROOT)
     exec(compile(code, "example", "exec"), {})
 
@@ -22,7 +22,7 @@ def _run_python_example(text: str, tmp_path, monkeypatch) -> None:
 def test_the_python_api_example_runs(monkeypatch, tmp_path, capsys):
     _run_python_example((ROOT / "docs" / "python-api.md").read_text(encoding="utf-8"), tmp_path, monkeypatch)
     printed = capsys.readouterr().out
-    assert "Chelsea" in printed and (tmp_path / "my-concepts.ego").exists()
+    assert "Chelsea" in printed and (tmp_path / "my-concepts.safetensors").exists()
 
 
 def test_the_readme_tour_example_runs(monkeypatch, tmp_path, capsys):

@@ -105,6 +105,28 @@ def test_one_visitors_stop_ends_only_their_answer(engine, asks):
     assert list(scheduler.stream(engine, *questions[2][:2], image=None, max_new_tokens=4))[-1] == lone[2]
 
 
+def test_a_stop_event_ends_the_answer_as_far_as_it_came_and_a_waiting_question_without_one(engine, asks):
+    """The Space's Stop sets the answer's event instead of closing its stream: the stream then ends by itself, its
+    last answer the text so far marked `stopped`; a question stopped before its batch formed ends with no answer
+    (its stream does not wait for one forever)."""
+    questions, lone = asks
+    question, concepts, image, _ = questions[1]
+    scheduler = AnswerScheduler(window_s=0.0, max_batch=8)
+    stop = threading.Event()
+    pieces = []
+    for answer in scheduler.stream(engine, question, concepts, image=image, max_new_tokens=9, stop=stop):
+        pieces.append(answer)
+        if len(pieces) == 2:
+            stop.set()
+    assert pieces[-1].stopped and len(pieces) <= 4 and lone[1].startswith(str(pieces[-1]).strip())
+    assert not any(piece.stopped for piece in pieces[:-1])
+    # Stopped before it was gathered (a Stop pressed while it waits for its batch): no answer, and the worker goes on.
+    stopped_early = threading.Event()
+    stopped_early.set()
+    assert list(scheduler.stream(engine, question, concepts, image=image, max_new_tokens=9, stop=stopped_early)) == []
+    assert list(scheduler.stream(engine, *questions[2][:2], image=None, max_new_tokens=4))[-1] == lone[2]
+
+
 def test_a_bad_question_fails_alone_and_the_worker_goes_on(engine, asks):
     questions, lone = asks
     bad = [questions[0], ("   ", (), photo(3), 5), questions[2]]
