@@ -350,6 +350,14 @@ def _stops(stop_answer, session, asking, trigger):
     return trigger(stop_answer, session, None, **CHEAP, **PRIVATE).then(None, cancels=[asking], **PRIVATE)
 
 
+def _examples(shown: str, *args, **kwargs) -> gr.Examples:
+    """`gr.Examples`, and a tap on one brings the box it fills (`shown`, an elem_id) into view: on a phone the
+    examples sit far below it, and nothing else on screen would change."""
+    examples = gr.Examples(*args, **kwargs)
+    examples.dataset.click(None, js=scroll_to_js(shown), **PRIVATE)
+    return examples
+
+
 def _hint(text: str) -> None:
     gr.Markdown(text, elem_classes="hint", latex_delimiters=[])
 
@@ -363,6 +371,7 @@ def _introduce_tab(s, examples) -> SimpleNamespace:
                 name = text_input(
                     what="the concept's name",
                     label="Name",
+                    elem_id="concept-name",
                     placeholder="Chelsea",
                     max_length=s.max_name_chars,
                     info=f"Up to {s.max_name_chars} characters, unique among your concepts.",
@@ -424,7 +433,8 @@ def _introduce_tab(s, examples) -> SimpleNamespace:
                         object_fit="contain",
                     )
         if examples.concepts:
-            gr.Examples(
+            _examples(
+                "concept-name",
                 [[n, p] for n, p in examples.concepts],
                 [name, photos],
                 cache_examples=False,
@@ -515,7 +525,8 @@ def _image_tab(s, examples) -> SimpleNamespace:
                     )
                 details = gr.JSON(label="What went into the context")
         if examples.image_questions:
-            gr.Examples(
+            _examples(
+                "image-question",
                 [list(e) for e in examples.image_questions],
                 [image, question],
                 cache_examples=False,
@@ -523,7 +534,8 @@ def _image_tab(s, examples) -> SimpleNamespace:
                 label="Example questions (about the example concepts: load them on the Introduce tab)",
             )
         if examples.text_questions:  # clicking one also clears the photo: the question is about the concepts
-            gr.Examples(
+            _examples(
+                "image-question",
                 [[q] for q in examples.text_questions],
                 [question],
                 [image, question],
@@ -571,7 +583,8 @@ def _video_tab(s, examples) -> SimpleNamespace:
                 )
                 details = gr.JSON(label="What went into the context")
         if examples.video_questions:
-            gr.Examples(
+            _examples(
+                "video-question",
                 [list(e) for e in examples.video_questions],
                 [video, question],
                 cache_examples=False,

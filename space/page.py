@@ -17,17 +17,33 @@ CSS = """
 #report td:last-child { overflow-wrap: anywhere; }
 #report table { width: 100%; table-layout: auto; }
 #cards .caption-label, #frames .caption-label { white-space: normal; max-width: 92%; }
-:is(button, input, textarea, select, [role="tab"], a):focus-visible {
+:is(button, input, textarea, select, [role="tab"], [role="gridcell"], a):focus-visible {
     outline: 3px solid #2563eb !important; outline-offset: 2px;
 }
+.info-text { color: #4b5563 !important; }
+.dark .info-text { color: #d1d5db !important; }
+button.primary { background: #c2410c !important; border-color: #c2410c !important; }
+button.primary:hover { background: #9a3412 !important; }
+button.stop { background: #b91c1c !important; border-color: #b91c1c !important; }
+button.stop:hover { background: #991b1b !important; }
+button[role="tab"].selected { color: #c2410c !important; }
+.dark button[role="tab"].selected { color: #fb923c !important; }
 @media (max-width: 640px) {
     #report table { font-size: 0.85em; }
     #report td, #report th { padding: 4px 6px; }
+    #frames .grid-container { grid-template-columns: repeat(2, minmax(0, 1fr)) !important; }
+}
+@media (pointer: coarse) {
+    button.sm { min-height: 44px; }
 }
 """
 """Gradio breaks Markdown table cells anywhere: the report's two number columns must not wrap, its keyword
 column wraps inside the page (a phone too). The captions of concept cards and video frames wrap rather than end in
-"…" (a card's token count, a frame's time). Every control shows a clear ring when reached by keyboard."""
+"…" (a card's token count, a frame's time). Every control, example rows too, shows a clear ring when reached by
+keyboard. Text and buttons read at WCAG AA contrast (4.5:1; the theme's hints, white on its orange and red buttons
+and its orange tab title are under 3:1). On a phone the 8 sampled frames show two per row (four would overflow the
+column, hidden in a strip that scrolls sideways); on a touch screen the small buttons are 44 px high to be
+tapped."""
 
 ON_LOAD_JS = """
 () => {
@@ -46,11 +62,15 @@ ON_LOAD_JS = """
     };
     describe();
     new MutationObserver(describe).observe(document.body, { childList: true, subtree: true });
+    // The concept panel's status line says what Export, Import, Remove and Clear did: read out when it changes.
+    const announce = () => document.querySelector("#panel-status")?.setAttribute("role", "status");
+    announce();
+    new MutationObserver(announce).observe(document.body, { childList: true, subtree: true });
 }
 """
 """Runs once per page load: the warning before leaving a page whose concepts were never exported (the
-server still holds them for a reload, but not forever), and alt text for example thumbnails (Gradio draws
-them without), named after the example file."""
+server still holds them for a reload, but not forever), alt text for example thumbnails (Gradio draws
+them without), named after the example file, and the concept panel's status line as a live region."""
 
 TRACK_CONCEPTS_JS = f"""
 (summary) => {{

@@ -165,7 +165,7 @@ def introduction_report(concepts: Sequence, seconds: float) -> str:
     for concept in concepts:
         photos = len(concept.views)
         lines += [
-            f"### {escape_markdown(concept.name)}",
+            f"## {escape_markdown(concept.name)}",  # under the page's one h1: the next level
             f"{concept.num_tokens} memory tokens from {photos} photo{'s' if photos != 1 else ''}.",
             "",
             "| Photo | Tokens kept | Size | Keywords |",  # the long, free-text column last: it takes the width

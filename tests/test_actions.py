@@ -70,7 +70,7 @@ def test_introduce_adds_the_concept_and_shows_each_photo(act):
         with Image.open(path) as picture:  # a file in Gradio's cache (space/pictures.py)
             assert picture.size[0] * rows == picture.size[1] * cols  # drawn on the token grid
         assert f"{view.k} of {rows * cols} tokens kept" in caption
-    assert "### Chelsea" in report and f"{concept.num_tokens} memory tokens from 2 photos" in report
+    assert "## Chelsea" in report and f"{concept.num_tokens} memory tokens from 2 photos" in report
 
 
 def test_a_refused_photo_of_several_is_named_and_invisible_keywords_leave_the_description(act, tmp_path):

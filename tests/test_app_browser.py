@@ -161,6 +161,7 @@ def test_panel_actions_that_cannot_act_say_why_where_the_visitor_looks(page, url
         page.set_default_timeout(WAIT_MS)
         page.goto(url, wait_until="domcontentloaded")
         status = page.locator("#panel-status")
+        expect(status).to_have_attribute("role", "status")  # a screen reader reads each of these sentences out
         page.get_by_role("button", name="Remove", exact=True).click()
         expect(status).to_contain_text("Pick the concept to remove from the list first.")
         page.get_by_role("button", name="Export to a file").click()
@@ -242,4 +243,7 @@ def test_a_second_tab_on_a_phone_has_the_concepts_and_every_tab_label(page):
     answer = phone.locator("#image-chat").bounding_box()
     examples = phone.get_by_text("Example questions").first.bounding_box()
     assert ask["y"] < answer["y"] < examples["y"]
+    # Tapping an example question, far below the question box, brings the box it filled into view.
+    phone.get_by_role("gridcell").filter(has_text="Is Chelsea in this photo?").first.click()
+    expect(phone.locator("#image-question")).to_be_in_viewport()
     phone.close()
