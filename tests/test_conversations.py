@@ -1,0 +1,77 @@
+"""space/conversations.py: a visitor's conversations as their chat views show them, and the Stop of an answer in
+flight. (The conversations here are stand-ins holding turns: what is tested is the bookkeeping, not the model.)"""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+from space.conversations import Conversations, messages
+
+
+def conversation(*turns):
+    return SimpleNamespace(turns=list(turns), held_bytes=0, concepts=())
+
+
+class Cut(str):
+    """An answer a Stop ended (`ego.Answer.stopped`)."""
+
+    stopped = True
+
+
+def test_a_follow_up_cut_short_shows_until_its_conversation_records_it():
+    chats = Conversations()
+    chat = conversation(("Is there a cat?", "Yes."))
+    chats.start("image", chat)
+    chats.cut_short("image", chat, 1, "And the wall?", Cut("It is"))
+    assert chats.turns("image") == [("Is there a cat?", "Yes."), ("And the wall?", "It is")]
+    assert messages(chats.turns("image"))[-1] == {"role": "assistant", "content": "It is (stopped)"}
+    chat.turns.append(("And the wall?", Cut("It is white")))  # the worker records the turn: its own text shows
+    assert [str(answer) for _, answer in chats.turns("image")] == ["Yes.", "It is white"]
+    chat.turns.append(("And the floor?", "Wood."))
+    assert len(chats.turns("image")) == 3  # and the cut-short one is forgotten, not shown again
+
+
+def test_a_cut_short_turn_of_another_conversation_or_place_is_not_shown():
+    chats = Conversations()
+    chat = conversation(("Is there a cat?", "Yes."))
+    chats.start("image", chat)
+    chats.cut_short("image", chat, 0, "Late?", Cut("No"))  # its place is taken: already recorded
+    chats.cut_short("image", conversation(), 1, "Other?", Cut("No"))  # not the tab's conversation
+    assert chats.turns("image") == [("Is there a cat?", "Yes.")]
+    chats.cut_short("image", chat, 1, "And the wall?", Cut("It is"))
+    chats.start("image", conversation(("New photo?", "Yes.")))  # a new conversation: the old one's turn goes
+    assert chats.turns("image") == [("New photo?", "Yes.")]
+    chats.end("image")
+    assert chats.turns("image") == []
+
+
+def test_stop_asks_the_answer_in_flight_to_end_and_waits_for_it():
+    chats = Conversations()
+    assert chats.stop("image", wait_s=0) is True  # nothing answered: nothing to wait for
+    earlier = chats.answer_in_flight("image")
+    earlier.ended.set()
+    answer = chats.answer_in_flight("image")  # each message its own Stop
+    assert not answer.stop.is_set()
+
+    def answering():
+        answer.stop.wait(5)
+        time.sleep(0.05)  # the handler returns its last view
+        answer.ended.set()
+
+    thread = threading.Thread(target=answering)
+    thread.start()
+    assert chats.stop("image", wait_s=5) is True and answer.ended.is_set()
+    thread.join(5)
+    assert not chats.answer_in_flight("video").stop.is_set()  # tabs apart
+    stuck = chats.answer_in_flight("image")
+    started = time.monotonic()
+    assert chats.stop("image", wait_s=0.2) is False and stuck.stop.is_set()
+    assert time.monotonic() - started < 2
+
+
+def test_messages_mark_what_a_stop_ended_and_keep_visitor_text_as_text():
+    shown = messages([("<b>hi</b>", Cut("It is")), ("More?", "Yes.")], "And?", "Th")
+    assert [m["content"] for m in shown] == ["<\u200bb>hi<\u200b/b>", "It is (stopped)", "More?", "Yes.", "And?", "Th"]
+    assert [m["role"] for m in shown] == ["user", "assistant"] * 3
