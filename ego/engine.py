@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import math
 import numbers
@@ -1514,7 +1515,7 @@ class Chat:
 # ----------------------------------------------------------------------------------------------
 # The rules, as plain functions (tests recompute them independently)
 # ----------------------------------------------------------------------------------------------
-_ONE_IMAGE = (str, bytes, bytearray, memoryview, os.PathLike, Image.Image, np.ndarray, dict)
+_ONE_IMAGE = (str, bytes, bytearray, memoryview, os.PathLike, io.IOBase, Image.Image, np.ndarray, dict)
 """What `load_image` takes as one image (or refuses as one: a dict), though a string or an array is iterable."""
 
 

@@ -189,7 +189,6 @@ def save_concepts(
     would not be read back; files without them load as before, and readers that do not know them ignore them.
     Arguments that are not concepts, pictures or a file path raise `InputError`.
     """
-    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     concepts = check_concepts(concepts)
@@ -243,12 +242,8 @@ def save_concepts(
         "hidden_size": int(concepts[0].embeddings.shape[1]),
         "concepts": entries,
     }
-    try:
-        save_file(tensors, str(path), metadata={"ego": json.dumps(document)})
-    except (SafetensorError, OSError) as error:  # no permission, a full disk, a read-only folder
-        raise InputError(
-            f"The concept file could not be written to {str(path)!r}; choose a folder you can write to."
-        ) from error
+    # A failed write (a full disk, no permission) is the machine's, not the caller's: raised as it is.
+    save_file(tensors, str(path), metadata={"ego": json.dumps(document)})
     return path
 
 
@@ -259,8 +254,9 @@ def _checked_thumbnails(thumbnails, count: int) -> list:
 
     if thumbnails is None:
         return [None] * count
-    if not isinstance(thumbnails, (list, tuple)):
+    if isinstance(thumbnails, (str, bytes, dict)) or not hasattr(thumbnails, "__iter__"):
         raise InputError("Give the thumbnails as a list: one PIL image (or None) per concept.")
+    thumbnails = list(thumbnails)
     if len(thumbnails) != count:
         raise InputError(f"{len(thumbnails)} thumbnails for {count} concepts; give one (or None) each.")
     checked = []

@@ -559,8 +559,15 @@ def test_keywords_are_kept_as_names_are_and_invisible_ones_let_the_model_describ
 
 
 def test_photos_may_come_from_any_iterable_and_a_bad_one_is_named_by_its_place():
+    import io
+
     engine = tiny_engine("qwen2-vl")
     assert len(engine.introduce("Chelsea", (p for p in [photo(0), photo(1)]), area_pct=5).views) == 2
+    encoded = io.BytesIO()
+    photo(0).save(encoded, "PNG")
+    encoded.seek(0)
+    with pytest.raises(InputError, match=r"^This is not an image \(BytesIO\)"):  # one photo, not its lines
+        engine.introduce("Chelsea", encoded, area_pct=5)
     five = [photo(0), photo(1), b"not an image", photo(2), photo(3)]
     with pytest.raises(InputError, match=r"^Photo 3 of 5: This file is not a supported image"):
         engine.introduce("Chelsea", five, area_pct=5)

@@ -379,6 +379,20 @@ def test_a_large_thumbnail_is_shrunk_to_what_is_read_back(concepts, tmp_path):
     assert large.size == (4000, 2000) and strip.mode == "L"  # the caller's pictures are left as they were
 
 
+def test_a_failed_write_is_the_machines_error_not_the_callers(concepts, tmp_path, monkeypatch):
+    """A full disk or a folder without permission is no mistake of the caller's: not an InputError (which the Space
+    would show as the visitor's, with the server's path in it), but the system's error, as it is."""
+    import safetensors.torch
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left") as raised:
+        save_concepts(tmp_path / "mine.ego", concepts)
+    assert not isinstance(raised.value, ego.InputError)
+
+
 def test_saving_what_is_not_concepts_pictures_or_a_file_path_is_an_input_error(concepts, tmp_path):
     from PIL import Image
 
@@ -396,6 +410,7 @@ def test_saving_what_is_not_concepts_pictures_or_a_file_path_is_an_input_error(c
         with pytest.raises(ego.InputError, match=message):
             call()
     assert list(tmp_path.iterdir()) == []
-    # One concept alone is a list of one.
-    path = save_concepts(tmp_path / "one.ego", concepts[0])
+    # One concept alone is a list of one; thumbnails may come from any iterable.
+    path = save_concepts(tmp_path / "one.ego", concepts[0], (p for p in [Image.new("RGB", (4, 4))]))
+    assert ego.read_thumbnails(path, 1)[0].size == (4, 4)
     assert [c.name for c in load_concepts(path, tiny_engine("qwen2-vl"))] == ["Chelsea"]
