@@ -163,7 +163,10 @@ def build_demo(
             stopping(ending).then(
                 functools.partial(act.new_conversation, tab="image"), session, ended_image, **CHEAP, **PRIVATE
             )
-        stopping(img.image.change).then(act.photo_changed, [session, img.image], ended_image, **CHEAP, **PRIVATE)
+        # (Only a new photo stops the answer: a reload in another browser tab puts the conversation's photo back.)
+        _stops(act.photo_changing, [session, img.image], asking, img.image.change).then(
+            act.photo_changed, [session, img.image], ended_image, **CHEAP, **PRIVATE
+        )
 
         # Ask about a video: a conversation
         vid_triggers = [vid.ask.click, vid.question.submit]
@@ -342,12 +345,13 @@ def launch_options(settings, space_settings=None) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Layout
 # ----------------------------------------------------------------------------------------------
-def _stops(stop_answer, session, asking, trigger):
-    """`trigger` (Stop, or what ends a conversation) ends the tab's answer from within (`Actions.stop_answer`: it
-    ends as far as it had come, and its handler returns), then cancels the `asking` event, which then only removes
-    a message still waiting in the queue. Cancelling an event that is still running races with Gradio's own end of
-    it, and the page could show "Error" over the tab's boxes. Returns the dependency, for `.then`."""
-    return trigger(stop_answer, session, None, **CHEAP, **PRIVATE).then(None, cancels=[asking], **PRIVATE)
+def _stops(stop_answer, inputs, asking, trigger):
+    """`trigger` (Stop, or what ends a conversation) ends the tab's answer from within (`Actions.stop_answer` on
+    `inputs`: it ends as far as it had come, and its handler returns), then cancels the `asking` event, which then
+    only removes a message still waiting in the queue. Cancelling an event that is still running races with
+    Gradio's own end of it, and the page could show "Error" over the tab's boxes. Returns the dependency, for
+    `.then`."""
+    return trigger(stop_answer, inputs, None, **CHEAP, **PRIVATE).then(None, cancels=[asking], **PRIVATE)
 
 
 def _examples(shown: str, *args, **kwargs) -> gr.Examples:

@@ -255,10 +255,12 @@ class Actions:
     # ------------------------------------------------------------------------------------------
     # Ask
     # ------------------------------------------------------------------------------------------
-    def ask_image(self, session: Session, image, question, compare=False, progress=gr.Progress(), stop=None):
+    def ask_image(self, session: Session, image, question, compare=False, progress=gr.Progress(), in_flight=None):
         """Start a conversation about a photo, or, without one, about the visitor's concepts themselves (their
         memories are the only visual input); stream (session, answer, answer without memory, details, where each
-        concept matches). `stop` (a `threading.Event`, the chat tab's Stop) ends the answer as far as it came."""
+        concept matches). `in_flight` (the chat tab's `AnswerInFlight`): its Stop ends the answer as far as it
+        came, and it says whether the answer was cut short."""
+        stop = in_flight.stop if in_flight is not None else None
         with for_visitor("answering"):
             if not image and not len(session):
                 raise InputError("Add a photo to ask about, or introduce a concept to ask about it without a photo.")
@@ -294,6 +296,7 @@ class Actions:
                 stream.close()
                 if not failed:  # finished or stopped: the answer so far is the first turn
                     answer = answer if ended else _cut_short(answer)
+                    _tell_cut(in_flight, answer)
                     self._keep_conversation(session, "image", chat, question, answer, asked)
             if compare and not _stopped(stop):  # streamed too, so that Stop or a closed tab also ends it at once
                 stream = self._answer_stream(engine, question, (), image=picture, stop=stop)
@@ -345,9 +348,10 @@ class Actions:
             for name, grid in answer.similarity_maps
         ]
 
-    def ask_video(self, session: Session, video, question, progress=gr.Progress(), stop=None):
-        """Start a conversation about a clip; stream (session, sampled frames, answer, details); `stop` as in
+    def ask_video(self, session: Session, video, question, progress=gr.Progress(), in_flight=None):
+        """Start a conversation about a clip; stream (session, sampled frames, answer, details); `in_flight` as in
         `ask_image`."""
+        stop = in_flight.stop if in_flight is not None else None
         with for_visitor("answering"):
             if not video:
                 raise InputError("Add a video clip to ask about first.")
@@ -381,6 +385,7 @@ class Actions:
                 stream.close()
                 if not failed:
                     answer = answer if ended else _cut_short(answer)
+                    _tell_cut(in_flight, answer)
                     self._keep_conversation(session, "video", chat, question, answer, asked)
             yield session, gallery, str(answer), details
 
@@ -464,14 +469,14 @@ class Actions:
             if chat is not None and chat.turns:
                 steps = [self._follow_up_steps(session, "image", chat, message, progress, extra=3, stop=in_flight.stop)]
             else:
-                asked = self.ask_image(session, image, message, compare, progress, stop=in_flight.stop)
+                asked = self.ask_image(session, image, message, compare, progress, in_flight=in_flight)
                 steps = [
                     ((messages([], message, _so_far(a)), plain, facts, found) for _, a, plain, facts, found in asked)
                 ]
-            for view, box, *rest in self._chat_steps(session, "image", message, steps, extra=3, stop=in_flight.stop):
+            for view, box, *rest in self._chat_steps(session, "image", message, steps, extra=3, in_flight=in_flight):
                 yield session, view, box, *rest
         finally:
-            in_flight.ended.set()
+            session.conversations.answer_ended("image", in_flight)
 
     def chat_video(self, session: Session, video, message, progress=gr.Progress()):
         """The video tab's message: a first one starts a conversation about the clip (as /ask_video), a later one
@@ -482,29 +487,32 @@ class Actions:
             if chat is not None and chat.turns:
                 steps = [self._follow_up_steps(session, "video", chat, message, progress, extra=2, stop=in_flight.stop)]
             else:
-                asked = self.ask_video(session, video, message, progress, stop=in_flight.stop)
+                asked = self.ask_video(session, video, message, progress, in_flight=in_flight)
                 steps = [((messages([], message, _so_far(a)), frames, details) for _, frames, a, details in asked)]
-            steps_shown = self._chat_steps(session, "video", message, steps, extra=2, stop=in_flight.stop)
+            steps_shown = self._chat_steps(session, "video", message, steps, extra=2, in_flight=in_flight)
             for view, box, frames, details in steps_shown:
                 yield session, frames, view, box, details
         finally:
-            in_flight.ended.set()
+            session.conversations.answer_ended("video", in_flight)
 
     def _follow_up_steps(self, session: Session, tab: str, chat, message, progress, *, extra: int, stop=None):
         """(chat view, *`extra` skipped outputs) as a follow-up streams, then the conversation with its new turn."""
         before, skip = session.conversations.turns(tab), (gr.skip(),) * extra
         for answer in self._follow_up(session.conversations, tab, message, progress, stop):
             yield messages(before, message, _so_far(answer)), *skip
-        # An answer without a word is no turn: the question stays in view, with "" for `_chat_steps` to explain.
-        yield (messages(chat.turns) if len(chat.turns) > len(before) else messages(before, message, "")), *skip
+        # An answer without a word is no turn: the question stays in view, with "" for `_chat_steps` to explain. (A
+        # turn cut short shows as its visitor saw it until the worker records it: `Conversations.turns`.)
+        after = session.conversations.turns(tab)
+        yield (messages(after) if len(after) > len(before) else messages(before, message, "")), *skip
 
     @staticmethod
-    def _chat_steps(session: Session, tab: str, message, steps, *, extra: int, stop=None):
+    def _chat_steps(session: Session, tab: str, message, steps, *, extra: int, in_flight=None):
         """(chat view, message box, *`extra` more outputs) per step of a chat tab's answer, from `steps` (iterables
         of (chat view, *extra), gone through in order, the later ones only once the earlier ones end): the box
         emptied once, at the first step, then left alone (the visitor may type the next question while this one
-        streams); an answer its Stop ended (`stop` set) is marked "(stopped)". On a refusal or a failure: the
-        conversation's own view, the message back in its box, then the error."""
+        streams); an answer its Stop cut short is marked "(stopped)" (`in_flight`; a follow-up's view marks it
+        itself). On a refusal or a failure: the conversation's own view, the message back in its box, then the
+        error."""
         emptied, chats, view = False, session.conversations, []
         chats.streams(tab, True)
         try:
@@ -515,11 +523,13 @@ class Actions:
             for view, *rest in (step for part in steps for step in part):
                 yield view, gr.skip() if emptied else "", *rest
                 emptied = True
-            if _stopped(stop) and view and view[-1]["role"] == "assistant":
-                # Ended by its Stop: said so, whether it had words or not ("Thinking…").
+            wordless = bool(view) and view[-1]["role"] == "assistant" and view[-1]["content"] in ("", guidance.THINKING)
+            stopped = in_flight is not None and in_flight.stop.is_set()
+            if stopped and (wordless or in_flight.cut.is_set()):
+                # Cut short by its Stop: said so, whether it had words or not ("Thinking…").
                 marked = {"role": "assistant", "content": guidance.mark_stopped(view[-1]["content"])}
                 yield [*view[:-1], marked], gr.skip(), *(gr.skip(),) * extra
-            elif view and view[-1]["role"] == "assistant" and view[-1]["content"] in ("", guidance.THINKING):
+            elif wordless:
                 # The answer ended without a word: say so, rather than "Thinking…" for good.
                 yield (
                     [*view[:-1], {"role": "assistant", "content": guidance.NO_ANSWER}],
@@ -537,6 +547,14 @@ class Actions:
         GPU call that cannot see the Stop; elsewhere the scheduler ends it at its next token (and a follow-up's
         conversation records it before its stream ends)."""
         return self.zero_gpu and _stopped(stop)
+
+    def photo_changing(self, session: Session, photo) -> None:
+        """The image tab's photo box changes: a new photo (or none) stops the tab's answer, as `stop_answer`; the
+        conversation's photo put back in the box by a reload, or by opening the page in another browser tab, does
+        not (that would stop the answer streaming in the first one)."""
+        if photo and session.conversations.is_restored("image", _digest(photo)):
+            return
+        self.stop_answer(session, "image")
 
     def stop_answer(self, session: Session, tab: str) -> None:
         """The tab's Stop: its answer ends as far as it has come (its handler returns it, marked "(stopped)", and the
@@ -764,6 +782,12 @@ def _not_downloadable(error: BaseException) -> bool:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return False
+
+
+def _tell_cut(in_flight, answer) -> None:
+    """Mark `in_flight` (if any) as cut short when its answer is: the chat view then says "(stopped)"."""
+    if in_flight is not None and getattr(answer, "stopped", False):
+        in_flight.cut.set()
 
 
 def _stopped(stop) -> bool:

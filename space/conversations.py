@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 
 TABS = ("image", "video")
 
 
 class AnswerInFlight:
-    """A chat tab's message being answered: `stop` asks it to end (the Stop button, `Conversations.stop`), `ended`
-    says it has (its handler has returned its last view)."""
+    """A chat tab's message being answered: `stop` asks it to end (the Stop button, `Conversations.stop`), `cut`
+    says its answer was cut short by it (an answer that had ended is not, nor is its first answer when the Stop ends
+    only the answer without memory that follows), `ended` that its handler has returned its last view."""
 
     def __init__(self):
         self.stop = threading.Event()
+        self.cut = threading.Event()
         self.ended = threading.Event()
 
 
@@ -39,8 +42,8 @@ class Conversations:
         """The tabs whose chat view shows an answer still coming, or one cut short by Stop (`streams`)."""
         self._restored: dict[str, str] = {}
         """Per tab, the digest of the photo a reload put back in the tab's box (`restored`)."""
-        self._in_flight: dict[str, AnswerInFlight] = {}
-        """Per tab, the message answered last (`answer_in_flight`)."""
+        self._in_flight: dict[str, set[AnswerInFlight]] = {}
+        """Per tab, the messages being answered (`answer_in_flight`): one, or one per browser tab of the session."""
         self._cut_short: dict[str, tuple[object, int, tuple]] = {}
         """Per tab, a follow-up that Stop cut short, as its visitor saw it: (conversation, its turn's index, the
         turn), shown until the conversation records the turn itself (`cut_short`)."""
@@ -107,20 +110,28 @@ class Conversations:
                 self._cut_short[tab] = (chat, index, (question, answer))
 
     def answer_in_flight(self, tab: str) -> AnswerInFlight:
-        """A message of `tab` starts being answered: its Stop (`stop`) from now on."""
+        """A message of `tab` starts being answered: its Stop (`stop`) from now on, until `answer_ended`."""
+        answer = AnswerInFlight()
         with self._lock:
-            self._in_flight[tab] = AnswerInFlight()
-            return self._in_flight[tab]
+            self._in_flight.setdefault(tab, set()).add(answer)
+        return answer
+
+    def answer_ended(self, tab: str, answer: AnswerInFlight) -> None:
+        answer.ended.set()
+        with self._lock:
+            self._in_flight.get(tab, set()).discard(answer)
 
     def stop(self, tab: str, wait_s: float) -> bool:
-        """Ask the tab's answer to end, as far as it has come, and wait (at most `wait_s` seconds) until its handler
-        has returned its last view; whether it had ended by then (True also when nothing was being answered)."""
+        """Ask the tab's answers to end, as far as they have come (the session's browser tabs share its
+        conversations: a Stop in one ends the tab's answer in another too), and wait (at most `wait_s` seconds in
+        all) until their handlers have returned their last views; whether they had by then (True also when nothing
+        was being answered)."""
         with self._lock:
-            answer = self._in_flight.get(tab)
-        if answer is None:
-            return True
-        answer.stop.set()
-        return answer.ended.wait(wait_s)
+            answers = list(self._in_flight.get(tab, ()))
+        for answer in answers:
+            answer.stop.set()
+        deadline = time.monotonic() + wait_s
+        return all(answer.ended.wait(max(0.0, deadline - time.monotonic())) for answer in answers)
 
     def answering(self, chat) -> bool:
         """Mark `chat` as having a follow-up being answered; False if it already has one."""

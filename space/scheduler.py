@@ -16,6 +16,7 @@ visitor's answer or stop one of them. Introductions do not come here: they stay 
 from __future__ import annotations
 
 import collections
+import copy
 import logging
 import queue
 import threading
@@ -39,6 +40,17 @@ class _Ticket:
     updates: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     """("text", Answer so far), then ("done", Answer) or ("error", exception); ("dropped", None) for a question
     stopped before its batch was formed."""
+
+
+_POLL_S = 0.1
+"""How often a stream waiting for its next piece looks at its Stop and at the worker."""
+
+
+def _cut_short(answer):
+    """A copy of `answer` (`ego.Answer`) marked as ended by its visitor's Stop."""
+    marked = copy.copy(answer)
+    marked.stopped = True
+    return marked
 
 
 def compiled_batch_size(waiting: int) -> int:
@@ -81,15 +93,24 @@ class AnswerScheduler:
     def _stream(self, ticket: _Ticket) -> Iterator:
         self._start()
         self._waiting.put(ticket)
-        ended = False
+        ended, last = False, None
         try:
             while True:
                 try:
-                    kind, value = ticket.updates.get(timeout=1.0)
+                    kind, value = ticket.updates.get(timeout=_POLL_S)
                 except queue.Empty:
+                    if ticket.stop.is_set():
+                        # Stopped while its batch goes on (another visitor's answer may be long): it ends now, as far
+                        # as it came; the worker ends its row at its next token (a follow-up's conversation records
+                        # the turn when the batch ends).
+                        ended = True
+                        if last is not None:
+                            yield _cut_short(last)
+                        return
                     if not self._worker.is_alive():
                         raise RuntimeError(WORKER_ENDED) from None
                     continue
+                last = value if kind == "text" else last
                 ended = kind != "text"
                 if kind == "error":
                     raise value

@@ -60,8 +60,8 @@ class SpaceSettings:
     answer_batch_window_s: float = 0.05
     """How long the first waiting question waits for others to join its batch, in seconds."""
     stop_wait_s: float = 3.0
-    """How long Stop waits for the answer to end as far as it had come (its next token, or the end of a prefill
-    it is part of), in seconds, before the page cancels the event instead."""
+    """How long Stop waits for the answer to end as far as it had come (at once while it streams; a question still
+    in its first step, the prefill, ends after it), in seconds, before the page cancels the event instead."""
     zero_gpu_call_fixed_s: float = 20.0
     zero_gpu_call_per_token_s: float = 0.1
     """On ZeroGPU, the GPU time a model call asks for: the fixed part plus this much per token of its budget (an

@@ -588,6 +588,37 @@ def test_stop_ends_the_answer_from_within_and_it_keeps_what_came(engine, follow_
     assert final[-1]["content"] == "(stopped)" and chat.turns == before
 
 
+def test_a_stop_during_the_answer_without_memory_leaves_the_finished_answer_whole(engine):
+    """With "compare", Stop may come while the plain model's answer streams: the personalized answer had ended, so
+    neither the view nor the conversation marks it "(stopped)"."""
+    act = Actions(LazyEngine(engine.with_settings(answer_max_new_tokens=64)), SPACE, load_examples())
+    session = Session()
+    stopping, views = None, []
+    for _, view, _, plain, *_ in act.chat_image(session, QUERY, "Describe this photo.", compare=True, progress=quiet):
+        views.append(view)
+        if stopping is None and isinstance(plain, str) and plain and not plain.startswith("(after"):
+            stopping = threading.Thread(target=act.stop_answer, args=(session,), kwargs={"tab": "image"})
+            stopping.start()
+    stopping.join(10)
+    ((_, answered),) = session.conversations.get("image").turns
+    assert not answered.stopped and views[-1][-1]["content"] == str(answered)
+
+
+def test_only_a_new_photo_stops_the_answer_not_the_conversations_own_put_back(act):
+    """Opening the page in a second browser tab puts the conversation's photo back in its box, which fires the
+    box's change: that must not stop the answer streaming in the first tab; a new photo does."""
+    from space.actions import _digest
+
+    session = Session()
+    in_flight = session.conversations.answer_in_flight("image")
+    in_flight.ended.set()  # (its handler would return at once)
+    session.conversations.restored("image", _digest(QUERY))
+    act.photo_changing(session, QUERY)
+    assert not in_flight.stop.is_set()
+    act.photo_changing(session, NEW_PHOTO)
+    assert in_flight.stop.is_set()
+
+
 @pytest.mark.parametrize("moved_on", ["new photo", "another first question"])
 def test_an_answer_in_flight_does_not_bring_back_the_conversation_the_visitor_left(act, moved_on):
     """The browser does not wait for a cancelled answer to close before "New conversation" (or a new photo) ends

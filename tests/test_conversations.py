@@ -47,28 +47,33 @@ def test_a_cut_short_turn_of_another_conversation_or_place_is_not_shown():
     assert chats.turns("image") == []
 
 
-def test_stop_asks_the_answer_in_flight_to_end_and_waits_for_it():
+def test_stop_asks_the_answers_in_flight_to_end_and_waits_for_them():
     chats = Conversations()
     assert chats.stop("image", wait_s=0) is True  # nothing answered: nothing to wait for
     earlier = chats.answer_in_flight("image")
-    earlier.ended.set()
-    answer = chats.answer_in_flight("image")  # each message its own Stop
-    assert not answer.stop.is_set()
+    chats.answer_ended("image", earlier)
+    answer = chats.answer_in_flight("image")
+    other_browser_tab = chats.answer_in_flight("image")  # the session open in two browser tabs
+    video = chats.answer_in_flight("video")
 
-    def answering():
-        answer.stop.wait(5)
+    def answering(one):
+        one.stop.wait(5)
         time.sleep(0.05)  # the handler returns its last view
-        answer.ended.set()
+        chats.answer_ended("image", one)
 
-    thread = threading.Thread(target=answering)
-    thread.start()
-    assert chats.stop("image", wait_s=5) is True and answer.ended.is_set()
-    thread.join(5)
-    assert not chats.answer_in_flight("video").stop.is_set()  # tabs apart
+    threads = [threading.Thread(target=answering, args=(one,)) for one in (answer, other_browser_tab)]
+    for thread in threads:
+        thread.start()
+    assert chats.stop("image", wait_s=5) is True and answer.ended.is_set() and other_browser_tab.ended.is_set()
+    for thread in threads:
+        thread.join(5)
+    assert not earlier.stop.is_set() and not video.stop.is_set()  # an answer that had ended, another tab's
     stuck = chats.answer_in_flight("image")
     started = time.monotonic()
     assert chats.stop("image", wait_s=0.2) is False and stuck.stop.is_set()
     assert time.monotonic() - started < 2
+    fresh = chats.answer_in_flight("image")
+    assert not fresh.stop.is_set()  # each message its own Stop
 
 
 def test_messages_mark_what_a_stop_ended_and_keep_visitor_text_as_text():

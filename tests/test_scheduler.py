@@ -4,6 +4,7 @@ their own stream and Stop."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from conftest import photo, tiny_engine
@@ -125,6 +126,46 @@ def test_a_stop_event_ends_the_answer_as_far_as_it_came_and_a_waiting_question_w
     stopped_early.set()
     assert list(scheduler.stream(engine, question, concepts, image=image, max_new_tokens=9, stop=stopped_early)) == []
     assert list(scheduler.stream(engine, *questions[2][:2], image=None, max_new_tokens=4))[-1] == lone[2]
+
+
+def test_a_stopped_answer_ends_without_waiting_for_its_batch(engine, asks, monkeypatch):
+    """Another visitor's long answer keeps the batch going: a stopped one ends at once, as far as it came (the
+    Space's Stop waits for it a few seconds at most), while the other goes on to its end."""
+    questions, lone = asks
+    scheduler = AnswerScheduler(window_s=2.0, max_batch=8)
+    original = engine.answer_batch
+
+    def slowly(requests, stops, on_text):  # each step of the batch takes a while, as on a busy GPU
+        def handed(index, answer):
+            time.sleep(0.05)
+            on_text(index, answer)
+
+        return original(requests, stops=stops, on_text=handed)
+
+    monkeypatch.setattr(engine, "answer_batch", slowly)
+    stop, ended_at, pieces = threading.Event(), {}, {0: [], 1: []}
+    long_question, concepts, image, _ = questions[1]
+
+    def visitor(index, budget, stopping):
+        for answer in scheduler.stream(
+            engine, long_question, concepts, image=image, max_new_tokens=budget, stop=stopping
+        ):
+            pieces[index].append(answer)
+            if index == 0 and len(pieces[0]) == 2:
+                stop.set()
+        ended_at[index] = time.monotonic()
+
+    threads = [
+        threading.Thread(target=visitor, args=(0, 40, stop)),
+        threading.Thread(target=visitor, args=(1, 40, None)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert pieces[0][-1].stopped and len(pieces[0]) <= 4 and not pieces[1][-1].stopped
+    assert ended_at[1] - ended_at[0] > 0.5  # the stopped one did not wait for the other's end
+    assert scheduler.batch_sizes[-1] == 2
 
 
 def test_a_bad_question_fails_alone_and_the_worker_goes_on(engine, asks):
