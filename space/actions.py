@@ -18,6 +18,7 @@ import hashlib
 import html
 import logging
 import os
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -397,7 +398,7 @@ class Actions:
         photo or clip and memories; stream (session, answer)."""
         chats = session.conversations
         for answer in self._follow_up(chats, chats.current, question, progress):
-            yield session, answer
+            yield session, str(answer)
 
     def _follow_up(self, chats: Conversations, tab: str | None, question, progress, stop=None):
         """Stream the text of a follow-up in the `tab`'s conversation, on its cached context; `stop` as in
@@ -419,13 +420,15 @@ class Actions:
                 )
             try:
                 if not self.zero_gpu:  # with other visitors' follow-ups, each on its conversation's cache
-                    index = len(chat.turns)
+                    settled = threading.Event()  # the worker is done with it: its turn recorded, or its batch failed
 
                     def shown(answer):  # the worker records the turn when its batch ends: until then, this one
                         if answer.stopped:
-                            chats.cut_short(tab, chat, index, question, answer)
+                            chats.cut_short(tab, chat, question, answer, settled)
 
-                    stream = self.answers.stream_follow_up(engine, chat, question, max_new_tokens=budget, stop=stop)
+                    stream = self.answers.stream_follow_up(
+                        engine, chat, question, max_new_tokens=budget, stop=stop, settled=settled
+                    )
                     yield from self._streamed_follow_up(stream, shown)
                     return
                 # The worker answers on a copy of the conversation, away from the engine's lock, and this one takes
@@ -438,13 +441,13 @@ class Actions:
 
     @staticmethod
     def _streamed_follow_up(stream, keep=None, stop=None):
-        """The follow-up's text as it grows, then once more whole; `keep(answer)` once it has ended or was stopped
-        with some text (not when it failed), marked `stopped` in the latter case. `stop`, for a stream that cannot
-        see it (ZeroGPU's): checked after each piece."""
+        """The follow-up's answer (`ego.Answer`) as it grows, then once more whole (marked `stopped` when it was cut
+        short: the very object the conversation keeps); `keep(answer)` once it has ended or was stopped with some
+        text (not when it failed). `stop`, for a stream that cannot see it (ZeroGPU's): checked after each piece."""
         answer, failed, ended = "", False, False
         try:
             for answer in stream:
-                yield str(answer)
+                yield answer
                 if _stopped(stop):
                     break
             else:
@@ -454,9 +457,10 @@ class Actions:
             raise
         finally:
             stream.close()
+            answer = answer if ended else _cut_short(answer)
             if keep is not None and str(answer) and not failed:
-                keep(answer if ended else _cut_short(answer))
-        yield str(answer)
+                keep(answer)
+        yield answer
 
     def chat_image(self, session: Session, image, message, compare=False, progress=gr.Progress()):
         """The image tab's message: a first one starts a conversation about the photo (as /ask_image), a later one
@@ -497,13 +501,15 @@ class Actions:
 
     def _follow_up_steps(self, session: Session, tab: str, chat, message, progress, *, extra: int, stop=None):
         """(chat view, *`extra` skipped outputs) as a follow-up streams, then the conversation with its new turn."""
-        before, skip = session.conversations.turns(tab), (gr.skip(),) * extra
+        before, skip, answer = session.conversations.turns(tab), (gr.skip(),) * extra, ""
         for answer in self._follow_up(session.conversations, tab, message, progress, stop):
             yield messages(before, message, _so_far(answer)), *skip
-        # An answer without a word is no turn: the question stays in view, with "" for `_chat_steps` to explain. (A
-        # turn cut short shows as its visitor saw it until the worker records it: `Conversations.turns`.)
+        # The conversation with this answer as its turn (a turn cut short shows as its visitor saw it until the worker
+        # records it: `Conversations.turns`). An answer without a word is no turn: the question stays in view, with
+        # "" for `_chat_steps` to explain.
         after = session.conversations.turns(tab)
-        yield (messages(after) if len(after) > len(before) else messages(before, message, "")), *skip
+        kept = any(answered is answer for _, answered in after)
+        yield (messages(after) if kept else messages(before, message, "")), *skip
 
     @staticmethod
     def _chat_steps(session: Session, tab: str, message, steps, *, extra: int, in_flight=None):

@@ -44,9 +44,9 @@ class Conversations:
         """Per tab, the digest of the photo a reload put back in the tab's box (`restored`)."""
         self._in_flight: dict[str, set[AnswerInFlight]] = {}
         """Per tab, the messages being answered (`answer_in_flight`): one, or one per browser tab of the session."""
-        self._cut_short: dict[str, tuple[object, int, tuple]] = {}
-        """Per tab, a follow-up that Stop cut short, as its visitor saw it: (conversation, its turn's index, the
-        turn), shown until the conversation records the turn itself (`cut_short`)."""
+        self._cut_short: dict[str, list[tuple]] = {}
+        """Per tab, the follow-ups that Stop cut short, as their visitor saw them: (conversation, turn, settled),
+        shown until the worker is done with them (`cut_short`)."""
 
     def __deepcopy__(self, memo) -> Conversations:
         # gr.State deep-copies its default once per visitor: each one starts with no conversation.
@@ -87,27 +87,24 @@ class Conversations:
         return sum(chat.held_bytes for chat in list(self._chats.values()))
 
     def turns(self, tab: str) -> list[tuple]:
-        """The tab's conversation as its chat view shows it: its (question, answer) turns, and last a follow-up
-        that Stop cut short while the answering worker has not recorded it yet (`cut_short`)."""
+        """The tab's conversation as its chat view shows it: its (question, answer) turns, then the follow-ups that
+        Stop cut short while the answering worker has not recorded them yet (`cut_short`)."""
         with self._lock:
             chat = self._chats.get(tab)
             if chat is None:
                 return []
-            turns = list(chat.turns)
-            owner, index, turn = self._cut_short.get(tab, (None, -1, None))
-            if owner is chat and len(turns) == index:
-                return [*turns, turn]
-            if owner is not None and (owner is not chat or len(turns) > index):
-                del self._cut_short[tab]  # recorded (or its conversation ended): the conversation's own turn shows
-            return turns
+            waiting = [e for e in self._cut_short.get(tab, []) if e[0] is chat and not e[2].is_set()]
+            self._cut_short[tab] = waiting  # the others are recorded, or will never be (their batch failed)
+            return [*chat.turns, *(turn for _, turn, _ in waiting)]
 
-    def cut_short(self, tab: str, chat, index: int, question: str, answer) -> None:
-        """A follow-up of `chat` (its turn number `index`) that Stop cut short, with the `answer` its visitor saw.
-        The worker that answers follow-ups with other visitors' records the turn only once its whole batch has
-        ended; until then the chat view (the visitor's next question, a reload) shows this one in its place."""
+    def cut_short(self, tab: str, chat, question: str, answer, settled: threading.Event) -> None:
+        """A follow-up of `chat` that Stop cut short, with the `answer` its visitor saw. The worker that answers
+        follow-ups with other visitors' records the turn only once its whole batch has ended (`settled` then; or
+        the batch failed, and the turn is not the conversation's); until then the chat view (the visitor's next
+        question, a reload) shows this one in its place."""
         with self._lock:
-            if self._chats.get(tab) is chat and len(chat.turns) == index:
-                self._cut_short[tab] = (chat, index, (question, answer))
+            if self._chats.get(tab) is chat and not settled.is_set():
+                self._cut_short.setdefault(tab, []).append((chat, (question, answer), settled))
 
     def answer_in_flight(self, tab: str) -> AnswerInFlight:
         """A message of `tab` starts being answered: its Stop (`stop`) from now on, until `answer_ended`."""

@@ -37,6 +37,8 @@ class _Ticket:
     engine: object
     request: AnswerRequest | FollowUpRequest
     stop: threading.Event = field(default_factory=threading.Event)
+    settled: threading.Event = field(default_factory=threading.Event)
+    """Set once the worker is done with it (answered, failed or dropped), after a follow-up's turn is recorded."""
     updates: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     """("text", Answer so far), then ("done", Answer) or ("error", exception); ("dropped", None) for a question
     stopped before its batch was formed."""
@@ -82,12 +84,14 @@ class AnswerScheduler:
         request = AnswerRequest(question, tuple(concepts), image, video, max_new_tokens)
         return self._stream(_Ticket(engine, request, stop=stop or threading.Event()))
 
-    def stream_follow_up(self, engine, chat, question, *, max_new_tokens=None, stop=None) -> Iterator:
+    def stream_follow_up(self, engine, chat, question, *, max_new_tokens=None, stop=None, settled=None) -> Iterator:
         """Like `chat.stream`: a follow-up in the conversation `chat`, answered with other visitors' follow-ups; the
-        conversation records its turn (the answer so far, after a Stop). One at a time per conversation: the
-        caller waits for one to end before sending the next. `stop` as in `stream`."""
+        conversation records its turn (the answer so far, after a Stop) when their batch ends, and `settled` (a
+        `threading.Event`) is set then, or when the batch failed. One at a time per conversation: the caller waits
+        for one to end before sending the next. `stop` as in `stream`."""
+        request = FollowUpRequest(chat, question, max_new_tokens)
         return self._stream(
-            _Ticket(engine, FollowUpRequest(chat, question, max_new_tokens), stop=stop or threading.Event())
+            _Ticket(engine, request, stop=stop or threading.Event(), settled=settled or threading.Event())
         )
 
     def _stream(self, ticket: _Ticket) -> Iterator:
@@ -150,6 +154,7 @@ class AnswerScheduler:
         for ticket in batch:
             if ticket.stop.is_set():
                 ticket.updates.put(("dropped", None))  # its stream ends (a Stop's event may outlive the stream)
+                ticket.settled.set()
             else:
                 kept.append(ticket)
         return kept
@@ -183,6 +188,7 @@ class AnswerScheduler:
                 # told its own (a later visitor starts another worker; these would wait on this one forever).
                 for ticket in (ticket for later in groups[number + 1 :] for ticket in later):
                     ticket.updates.put(("error", RuntimeError(WORKER_ENDED)))
+                    ticket.settled.set()
                 raise
 
     def _answer_together(self, engine, same: list[_Ticket]) -> None:
@@ -205,6 +211,9 @@ class AnswerScheduler:
             for ticket in same:
                 ticket.updates.put(("error", RuntimeError(WORKER_ENDED)))
             raise
+        finally:
+            for ticket in same:  # follow-ups' turns recorded (or their batch failed): nothing more comes of them
+                ticket.settled.set()
         for ticket, result in zip(same, results):
             ticket.updates.put(("error", result) if isinstance(result, Exception) else ("done", result))
         self.batch_sizes.append(len(same))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -617,6 +618,51 @@ def test_only_a_new_photo_stops_the_answer_not_the_conversations_own_put_back(ac
     assert not in_flight.stop.is_set()
     act.photo_changing(session, NEW_PHOTO)
     assert in_flight.stop.is_set()
+
+
+def test_follow_ups_stopped_one_after_another_keep_their_words_while_their_batches_go_on(engine, monkeypatch):
+    """Each follow-up is stopped while its batch goes on (other visitors' answers), the second asked before the
+    worker recorded the first: each keeps the words its visitor saw, in the view and, once recorded, in the
+    conversation; a reload meanwhile shows both."""
+    act = Actions(LazyEngine(engine.with_settings(answer_max_new_tokens=64)), SPACE, load_examples())
+    session = Session()
+    list(act.chat_image(session, QUERY, "Is there a cat?", progress=quiet))
+    chats, real, gates = session.conversations, engine.follow_up_batch, []
+
+    def held(requests, stops, on_text):  # the batch goes on after its first words until the test lets it
+        gate = threading.Event()
+        gates.append(gate)
+
+        def handed(index, answer):
+            on_text(index, answer)
+            if str(answer):
+                gate.wait(30)
+
+        return real(requests, stops=stops, on_text=handed)
+
+    monkeypatch.setattr(engine, "follow_up_batch", held)
+
+    def stopped_after_first_words(question):
+        steps = act.chat_image(session, QUERY, question, progress=quiet)
+        for _, view, *_ in steps:
+            if view[-1]["content"] not in ("", THINKING):
+                break
+        chats.stop("image", wait_s=0)
+        return [view for _, view, *_ in steps][-1]
+
+    wall = stopped_after_first_words("Describe the wall.")
+    floor = stopped_after_first_words("Describe the floor.")  # the wall's turn is not recorded yet
+    assert [m["content"] for m in floor[2::2]] == ["Describe the wall.", "Describe the floor."]
+    assert floor[3] == wall[3] and floor[3]["content"].endswith(" (stopped)") and floor[5]["content"] != "(stopped)"
+    assert act.shown_conversations(session)[0] == floor
+    for gate in gates:
+        gate.set()
+    deadline = time.monotonic() + 30
+    chat = chats.get("image")
+    while len(chat.turns) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [q for q, _ in chat.turns][1:] == ["Describe the wall.", "Describe the floor."]
+    assert all(a.stopped for _, a in chat.turns[1:]) and act.shown_conversations(session)[0] == messages(chat.turns)
 
 
 @pytest.mark.parametrize("moved_on", ["new photo", "another first question"])

@@ -20,27 +20,32 @@ class Cut(str):
     stopped = True
 
 
-def test_a_follow_up_cut_short_shows_until_its_conversation_records_it():
+def test_follow_ups_cut_short_show_until_the_worker_is_done_with_them():
     chats = Conversations()
     chat = conversation(("Is there a cat?", "Yes."))
     chats.start("image", chat)
-    chats.cut_short("image", chat, 1, "And the wall?", Cut("It is"))
-    assert chats.turns("image") == [("Is there a cat?", "Yes."), ("And the wall?", "It is")]
-    assert messages(chats.turns("image"))[-1] == {"role": "assistant", "content": "It is (stopped)"}
-    chat.turns.append(("And the wall?", Cut("It is white")))  # the worker records the turn: its own text shows
-    assert [str(answer) for _, answer in chats.turns("image")] == ["Yes.", "It is white"]
-    chat.turns.append(("And the floor?", "Wood."))
-    assert len(chats.turns("image")) == 3  # and the cut-short one is forgotten, not shown again
+    wall, floor = threading.Event(), threading.Event()
+    chats.cut_short("image", chat, "And the wall?", Cut("It is"), wall)
+    chats.cut_short("image", chat, "And the floor?", Cut("Wo"), floor)  # asked before the wall's was recorded
+    assert [q for q, _ in chats.turns("image")] == ["Is there a cat?", "And the wall?", "And the floor?"]
+    assert messages(chats.turns("image"))[3] == {"role": "assistant", "content": "It is (stopped)"}
+    chat.turns.append(("And the wall?", Cut("It is white")))  # the worker records the wall's turn, then is done
+    wall.set()
+    assert [str(a) for _, a in chats.turns("image")] == ["Yes.", "It is white", "Wo"]
+    floor.set()  # the floor's batch failed: no turn comes, and it is not shown as the conversation's
+    assert [str(a) for _, a in chats.turns("image")] == ["Yes.", "It is white"]
 
 
-def test_a_cut_short_turn_of_another_conversation_or_place_is_not_shown():
+def test_a_cut_short_turn_of_another_conversation_or_already_settled_is_not_shown():
     chats = Conversations()
     chat = conversation(("Is there a cat?", "Yes."))
     chats.start("image", chat)
-    chats.cut_short("image", chat, 0, "Late?", Cut("No"))  # its place is taken: already recorded
-    chats.cut_short("image", conversation(), 1, "Other?", Cut("No"))  # not the tab's conversation
+    done = threading.Event()
+    done.set()
+    chats.cut_short("image", chat, "Late?", Cut("No"), done)  # the worker was done with it already
+    chats.cut_short("image", conversation(), "Other?", Cut("No"), threading.Event())  # not the tab's conversation
     assert chats.turns("image") == [("Is there a cat?", "Yes.")]
-    chats.cut_short("image", chat, 1, "And the wall?", Cut("It is"))
+    chats.cut_short("image", chat, "And the wall?", Cut("It is"), threading.Event())
     chats.start("image", conversation(("New photo?", "Yes.")))  # a new conversation: the old one's turn goes
     assert chats.turns("image") == [("New photo?", "Yes.")]
     chats.end("image")
