@@ -61,15 +61,18 @@ def mark_stopped(answer) -> str:
     return text if text.endswith(STOPPED.strip()) else (text + STOPPED).strip()
 
 
-def mark_stopped_in_chat(session: Session, history, *, tab: str) -> list[dict]:
+def mark_stopped_in_chat(session: Session, history, *, tab: str):
     """The conversation view after Stop: its last answer marked as cut short if it was still coming ("Thinking…",
-    or streaming when Stop came); an answer that had ended, or a refused question, stays as it was."""
+    or streaming when Stop came: the event was cancelled, its handler could not end it); otherwise left alone
+    (gr.skip()): an answer that had ended, a refused question, or one its Stop ended from within, whose handler
+    has sent its own last view (the view this one is handed may be older than that)."""
     shown = [dict(message) for message in (history or [])]
     if shown and shown[-1].get("role") == "assistant":
         content = shown[-1].get("content")
         if text_of(content) == THINKING or session.conversations.streaming(tab):
             shown[-1]["content"] = mark_stopped(content)
-    return shown
+            return shown
+    return gr.skip()
 
 
 def example_concepts_hint(example_names: list[str], example_questions: list[str]):
