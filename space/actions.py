@@ -12,7 +12,6 @@ handler changes the session only after all of its work succeeded.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import html
@@ -36,7 +35,7 @@ from .conversations import Conversations, messages
 from .examples import Examples
 from .loading import LazyEngine
 from .pictures import cached
-from .scheduler import AnswerScheduler
+from .scheduler import AnswerScheduler, cut_short
 from .session import FULL_OF_CONVERSATIONS, Entry, MemoryBudget, Session, name_key
 from .settings import SpaceSettings
 from .zerogpu import call_seconds, gpu, on_zero_gpu
@@ -296,7 +295,7 @@ class Actions:
             finally:
                 stream.close()
                 if not failed:  # finished or stopped: the answer so far is the first turn
-                    answer = answer if ended else _cut_short(answer)
+                    answer = answer if ended else cut_short(answer)
                     _tell_cut(in_flight, answer)
                     self._keep_conversation(session, "image", chat, question, answer, asked)
             if compare and not _stopped(stop):  # streamed too, so that Stop or a closed tab also ends it at once
@@ -385,7 +384,7 @@ class Actions:
             finally:
                 stream.close()
                 if not failed:
-                    answer = answer if ended else _cut_short(answer)
+                    answer = answer if ended else cut_short(answer)
                     _tell_cut(in_flight, answer)
                     self._keep_conversation(session, "video", chat, question, answer, asked)
             yield session, gallery, str(answer), details
@@ -457,7 +456,7 @@ class Actions:
             raise
         finally:
             stream.close()
-            answer = answer if ended else _cut_short(answer)
+            answer = answer if ended else cut_short(answer)
             if keep is not None and str(answer) and not failed:
                 keep(answer)
         yield answer
@@ -467,11 +466,10 @@ class Actions:
         follows it up. Streams (session, chat view, message box, answer without memory, details, where each concept
         matches); the message box empties once the question is taken. Refused or failed, the chat view is the
         conversation's again and the message is back in its box."""
-        in_flight = session.conversations.answer_in_flight("image")
-        try:
+        with session.conversations.answering_in("image") as in_flight:
             chat = session.conversations.get("image")
             if chat is not None and chat.turns:
-                steps = [self._follow_up_steps(session, "image", chat, message, progress, extra=3, stop=in_flight.stop)]
+                steps = [self._follow_up_steps(session, "image", message, progress, extra=3, stop=in_flight.stop)]
             else:
                 asked = self.ask_image(session, image, message, compare, progress, in_flight=in_flight)
                 steps = [
@@ -479,27 +477,22 @@ class Actions:
                 ]
             for view, box, *rest in self._chat_steps(session, "image", message, steps, extra=3, in_flight=in_flight):
                 yield session, view, box, *rest
-        finally:
-            session.conversations.answer_ended("image", in_flight)
 
     def chat_video(self, session: Session, video, message, progress=gr.Progress()):
         """The video tab's message: a first one starts a conversation about the clip (as /ask_video), a later one
         follows it up. Streams (session, frames, chat view, message box, details), as `chat_image` does."""
-        in_flight = session.conversations.answer_in_flight("video")
-        try:
+        with session.conversations.answering_in("video") as in_flight:
             chat = session.conversations.get("video")
             if chat is not None and chat.turns:
-                steps = [self._follow_up_steps(session, "video", chat, message, progress, extra=2, stop=in_flight.stop)]
+                steps = [self._follow_up_steps(session, "video", message, progress, extra=2, stop=in_flight.stop)]
             else:
                 asked = self.ask_video(session, video, message, progress, in_flight=in_flight)
                 steps = [((messages([], message, _so_far(a)), frames, details) for _, frames, a, details in asked)]
             steps_shown = self._chat_steps(session, "video", message, steps, extra=2, in_flight=in_flight)
             for view, box, frames, details in steps_shown:
                 yield session, frames, view, box, details
-        finally:
-            session.conversations.answer_ended("video", in_flight)
 
-    def _follow_up_steps(self, session: Session, tab: str, chat, message, progress, *, extra: int, stop=None):
+    def _follow_up_steps(self, session: Session, tab: str, message, progress, *, extra: int, stop=None):
         """(chat view, *`extra` skipped outputs) as a follow-up streams, then the conversation with its new turn."""
         before, skip, answer = session.conversations.turns(tab), (gr.skip(),) * extra, ""
         for answer in self._follow_up(session.conversations, tab, message, progress, stop):
@@ -798,16 +791,6 @@ def _tell_cut(in_flight, answer) -> None:
 
 def _stopped(stop) -> bool:
     return stop is not None and stop.is_set()
-
-
-def _cut_short(answer):
-    """`answer` as its visitor's Stop left it: marked so (`Answer.stopped`), the chat view says so whenever it is
-    shown again. (A text without an Answer's fields stays as it is.)"""
-    if not isinstance(answer, Answer):
-        return answer
-    marked = copy.copy(answer)
-    marked.stopped = True
-    return marked
 
 
 def _digest(path) -> str:

@@ -8,9 +8,11 @@ this server's memory and is never copied or saved.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
+from collections.abc import Iterator
 
 TABS = ("image", "video")
 
@@ -112,6 +114,15 @@ class Conversations:
         with self._lock:
             self._in_flight.setdefault(tab, set()).add(answer)
         return answer
+
+    @contextlib.contextmanager
+    def answering_in(self, tab: str) -> Iterator[AnswerInFlight]:
+        """`answer_in_flight` for the duration of a handler, `answer_ended` when it returns (or is closed)."""
+        answer = self.answer_in_flight(tab)
+        try:
+            yield answer
+        finally:
+            self.answer_ended(tab, answer)
 
     def answer_ended(self, tab: str, answer: AnswerInFlight) -> None:
         answer.ended.set()

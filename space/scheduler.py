@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ego import Answer
 from ego.batching import AnswerRequest, FollowUpRequest
 
 log = logging.getLogger("ego.space")
@@ -48,8 +49,11 @@ _POLL_S = 0.1
 """How often a stream waiting for its next piece looks at its Stop and at the worker."""
 
 
-def _cut_short(answer):
-    """A copy of `answer` (`ego.Answer`) marked as ended by its visitor's Stop."""
+def cut_short(answer):
+    """`answer` as its visitor's Stop left it: a copy marked so (`Answer.stopped`), which the chat view says
+    whenever it is shown again. (A text without an Answer's fields stays as it is.)"""
+    if not isinstance(answer, Answer):
+        return answer
     marked = copy.copy(answer)
     marked.stopped = True
     return marked
@@ -109,7 +113,7 @@ class AnswerScheduler:
                         # the turn when the batch ends).
                         ended = True
                         if last is not None:
-                            yield _cut_short(last)
+                            yield cut_short(last)
                         return
                     if not self._worker.is_alive():
                         raise RuntimeError(WORKER_ENDED) from None
