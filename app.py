@@ -297,7 +297,7 @@ def build_demo(
         # status line would keep the sentence of an earlier action ("Imported 4 concepts.") next to the error.
         importing.failure(lambda: "", None, mine.status, **CHEAP, **PRIVATE)
         demo.load(None, js=ON_LOAD_JS, **PRIVATE)
-        api.document_examples(examples, intro=intro, img=img, vid=vid, mine=mine)
+        api.document_examples(examples, intro=intro, img=img, vid=vid, mine=mine, follow_up=hidden.question)
     api.photos_are_required(demo, intro.photos.label)
     for block in demo.blocks.values():
         refuse_links(block)  # a file payload that names a URL is refused, never downloaded

@@ -108,8 +108,9 @@ class Settings:
     """Questions in one conversation (`Ego.chat`); one more is refused with a sentence to start a new one."""
     max_conversation_context_tokens: int = 16384
     """Tokens one conversation may reach: its first context, every question and answer, and the next answer's
-    length cap. Past it, a follow-up is refused with a sentence to start a new conversation (a first question,
-    with a sentence to ask about fewer concepts)."""
+    length cap. Every question is held to it, a lone `Ego.answer` too (its context and answer cap). Past it, a
+    follow-up is refused with a sentence to start a new conversation, a first question with one to ask about fewer
+    concepts (or, when its context alone fits, for a shorter answer)."""
     max_cached_conversations_mb: float = 2048
     """Key/value caches all conversations together keep for their follow-ups, in MiB (on the model's device);
     beyond it the least recently used caches are dropped, and their conversations recompute their context on

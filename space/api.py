@@ -74,8 +74,12 @@ def _example(component, payload) -> None:
     component.example_value = lambda: payload
 
 
-def document_examples(examples: Examples, *, intro, img, vid, mine) -> None:
-    """Give the API page's snippets the bundled example files and a real concept name."""
+FOLLOW_UP_EXAMPLE = "What else is in the picture?"
+
+
+def document_examples(examples: Examples, *, intro, img, vid, mine, follow_up) -> None:
+    """Give the API page's snippets the bundled example files, a real concept name and questions (`follow_up`: the
+    /follow_up question's box)."""
     if examples.concepts:
         name, photos = examples.concepts[0]
         _example(intro.name, name)
@@ -92,6 +96,7 @@ def document_examples(examples: Examples, *, intro, img, vid, mine) -> None:
         clip, question = examples.video_questions[0]
         _example(vid.video, _file(clip))
         _example(vid.question, question)
+    _example(follow_up, FOLLOW_UP_EXAMPLE)
     _example(mine.import_button, _file(EXPORTED_FILE))
 
 

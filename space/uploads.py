@@ -29,7 +29,8 @@ from starlette.responses import PlainTextResponse
 FULL = "The server's upload space is full right now; please try again in a few minutes."
 SIZE_REQUIRED = "Send the upload with its size (a Content-Length header), as browsers and gradio_client do."
 NO_COMPONENT_SERVER = "This app has no component server functions."
-_UPLOAD_ROUTE = re.compile(r"/gradio_api/(upload|process_recording)/?$")
+UPLOAD_ROUTE = re.compile(r"/gradio_api/(upload|process_recording)/?$")
+"""The routes whose bodies are files (multipart): counted here, and exempt from the request-body cap."""
 _COMPONENT_SERVER_ROUTE = re.compile(r"/gradio_api/component_server/?$")
 
 
@@ -67,10 +68,10 @@ class UploadQuota:
         if _COMPONENT_SERVER_ROUTE.search(path):
             await PlainTextResponse(NO_COMPONENT_SERVER, status_code=404)(scope, receive, send)
             return
-        if not (scope.get("method") == "POST" and _UPLOAD_ROUTE.search(path)):
+        if not (scope.get("method") == "POST" and UPLOAD_ROUTE.search(path)):
             await self.app(scope, receive, send)
             return
-        incoming = _content_length(scope)
+        incoming = content_length(scope)
         if incoming is None:
             await PlainTextResponse(SIZE_REQUIRED, status_code=411)(scope, receive, send)
             return
@@ -93,7 +94,8 @@ class UploadQuota:
         return self._counted + self._admitted + self._arriving
 
 
-def _content_length(scope) -> int | None:
+def content_length(scope) -> int | None:
+    """The request's declared Content-Length, or None when it has none (or an unreadable one)."""
     for key, value in scope.get("headers", []):
         if key == b"content-length":
             try:

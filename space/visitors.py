@@ -20,6 +20,8 @@ from collections import OrderedDict, deque
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from space.uploads import UPLOAD_ROUTE, content_length
+
 TOO_MANY_SESSIONS = (
     "Too many new sessions from your address in the last hour; please wait a while, or keep using the session "
     "you have (one client, one page)."
@@ -27,11 +29,14 @@ TOO_MANY_SESSIONS = (
 _SESSION_ROUTE = re.compile(r"/gradio_api/(?:queue/join|run/|call/|api/)")
 """The routes whose body names the session a request belongs to (and which start it if it is new)."""
 BODY_TOO_LARGE = "This request is too large; send files as uploads (see the HTTP API's docs)."
+NO_SUCH_FUNCTION = "There is no such function; the page's \"Use via API\" link lists the endpoints and their names."
 
 
 class NewSessionQuota:
-    """ASGI middleware: a client address (`client_address`; unknown ones are not counted) may start at most
-    `max_new` sessions in `window_s`; a request that would start one more gets 429 with a sentence (JSON, as
+    """ASGI middleware: every POST body but an upload's (`space.uploads.UploadQuota` counts those) is at most
+    `max_body_bytes` (a larger one gets 413 before it is read whole: Gradio's routes read and parse a body in
+    memory, and answers to a malformed one may echo it back); a client address (`client_address`, its /64 for
+    IPv6; unknown ones are not counted) may start at most `max_new` sessions in `window_s`; a request that would start one more gets 429 with a sentence (JSON, as
     Gradio's own refusals, so that the page shows it; 422 in the validation form to gradio_client).
 
     Gradio keeps `max_sessions` sessions and drops the least recently used beyond: a script that opens sessions
@@ -49,8 +54,12 @@ class NewSessionQuota:
         self._started: OrderedDict[str, deque[float]] = OrderedDict()
 
     async def __call__(self, scope, receive, send):
-        if not (scope["type"] == "http" and scope.get("method") == "POST" and _SESSION_ROUTE.search(scope["path"])):
+        if not (scope["type"] == "http" and scope.get("method") == "POST" and not UPLOAD_ROUTE.search(scope["path"])):
             await self.app(scope, receive, send)
+            return
+        declared = content_length(scope)
+        if declared is not None and declared > self.max_body_bytes:
+            await JSONResponse({"detail": BODY_TOO_LARGE}, status_code=413)(scope, receive, send)
             return
         body, more = b"", True  # read whole (up to the limit), then handed on as one message
         while more and len(body) <= self.max_body_bytes:
@@ -61,7 +70,8 @@ class NewSessionQuota:
             await JSONResponse({"detail": BODY_TOO_LARGE}, status_code=413)(scope, receive, send)
             return
         request = Request(scope)
-        if not self._admits(_session_hash(body), client_address(request)):
+        starts = _SESSION_ROUTE.search(scope["path"]) is not None
+        if starts and not self._admits(_session_hash(body), client_address(request)):
             # As Gradio's own refusals: JSON whose "detail" the page shows as the error's sentence (and
             # gradio_client, as a validation refusal: `_refusal`).
             _, detail, kind = _refusal(TOO_MANY_SESSIONS, request)
@@ -107,11 +117,14 @@ class NewSessionQuota:
 
 
 def _network(address: str | None) -> str | None:
-    """An IPv4 address itself; an IPv6 address's /64 network, which one host may fill with addresses."""
+    """An IPv4 address itself (also written IPv4-mapped, "::ffff:1.2.3.4"); an IPv6 address's /64 network, which
+    one host may fill with addresses."""
     try:
         ip = ipaddress.ip_address(address) if address is not None else None
     except ValueError:
         return address
+    if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
     if ip is not None and ip.version == 6:
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
     return address
@@ -228,13 +241,16 @@ def limit_requests_per_visitor(demo, concurrency_id: str | tuple[str, ...], max_
 
     async def push_within_limit(body, request, username):
         fn = demo.fns.get(body.fn_index) if body.fn_index is not None else None
+        if fn is None and body.fn_index is not None:  # Gradio's push would fail with a traceback in the log
+            return False, NO_SUCH_FUNCTION, "error"
         if fn is None or fn.concurrency_id not in concurrency_ids:
             return await push(body, request, username)
         async with joining:
-            address = client_address(request)
+            # One visitor is one IPv6 /64, as for new sessions: a host may rotate through its network's addresses.
+            address = _network(client_address(request))
             theirs = _requests_for(queue, concurrency_ids)
             same_session = sum(body.session_hash is not None and e.session_hash == body.session_hash for e in theirs)
-            same_address = sum(address is not None and client_address(e.request) == address for e in theirs)
+            same_address = sum(address is not None and _network(client_address(e.request)) == address for e in theirs)
             if max(same_session, same_address) >= max_requests:
                 return _refusal(TOO_MANY.format(count=max(same_session, same_address)), request)
             return await push(body, request, username)

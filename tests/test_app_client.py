@@ -77,6 +77,7 @@ def test_the_api_page_documents_each_endpoint_and_its_examples_run(url):
     for name, endpoint in api.items():
         assert endpoint["description"] and not endpoint["description"].startswith(("Stream (", "(session")), name
         assert all(not re.fullmatch(r"value_\d+", r["label"]) for r in endpoint["returns"]), name
+        assert all(p.get("example_input") != "Hello!!" for p in endpoint["parameters"]), name  # Gradio's placeholder
 
     photos = api["/introduce"]["parameters"][1]
     assert photos["parameter_name"] == "photos" and not photos["parameter_has_default"]  # the page shows the example
@@ -93,6 +94,7 @@ def test_the_api_page_documents_each_endpoint_and_its_examples_run(url):
     assert details["concepts_used"] == [introduced]
     frames, _, details = run("/ask_video")
     assert len(frames) == SETTINGS.video_num_frames and details["concepts_used"] == [introduced]
+    assert run("/follow_up")
     assert run("/remove_concept") == []
 
 

@@ -244,11 +244,13 @@ def test_one_visitor_cannot_fill_the_queue_and_others_keep_being_served(demo, ur
         ask(greedy).result(timeout=30)
     waiting = [ask(other)]  # another visitor is still served
     wait_for(lambda: len(demo._queue) == 1, timeout_s=10, what="the other visitor's answer to wait")
-    # A script opening new sessions from one address (behind a tunnel, which passes the address on).
-    first = join(url, other, "ask_image", question, session_hash="script-session-1", address="203.0.113.7")
+    # A script opening new sessions from one address (behind a tunnel, which passes the address on); one IPv6
+    # host may hold a whole /64: rotating through its addresses, it is still one visitor.
+    first = join(url, other, "ask_image", question, session_hash="script-session-1", address="2001:db8:1:2::7")
     assert first.status_code == 200, first.text
-    second = join(url, other, "ask_image", question, session_hash="script-session-2", address="203.0.113.7")
-    assert second.status_code == 400 and "already have 1 requests" in second.json()["detail"]
+    for number, address in enumerate(("2001:db8:1:2::7", "2001:db8:1:2::8")):
+        again = join(url, other, "ask_image", question, session_hash=f"script-session-{number + 2}", address=address)
+        assert again.status_code == 400 and "already have 1 requests" in again.json()["detail"]
     assert len(demo._queue) == 2
     probe.gate.set()
     running.result(timeout=60)
@@ -257,6 +259,18 @@ def test_one_visitor_cannot_fill_the_queue_and_others_keep_being_served(demo, ur
     wait_for(lambda: len(demo._queue) == 0, timeout_s=30, what="the queue to empty")
     answer, *_ = ask(greedy).result(timeout=60)  # a finished request frees the visitor's place
     assert isinstance(answer, str)
+
+
+def test_a_function_number_the_app_does_not_have_is_a_sentence(url, caplog):
+    """/queue/join names the function by number; Gradio's queue fails on an unknown one with a traceback in the
+    log (anyone could fill the log with them): the caller is told the endpoints are on the API page."""
+    from space.visitors import NO_SUCH_FUNCTION
+
+    refused = httpx.post(
+        f"{url}gradio_api/queue/join", timeout=30, json={"data": [], "fn_index": 9999, "session_hash": "s-9999"}
+    )
+    assert refused.status_code == 400 and refused.json()["detail"] == NO_SUCH_FUNCTION
+    assert "Traceback" not in caplog.text and "KeyError" not in caplog.text
 
 
 def test_out_of_memory_is_a_sentence_changes_nothing_and_the_next_request_works(url, engine, probe):

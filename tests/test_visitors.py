@@ -64,8 +64,12 @@ def _server(max_new: int, remember: int = 100, max_body_bytes: int = 4 << 20):
     async def join(request):
         return JSONResponse({"session_hash": (await request.json()).get("session_hash")})
 
+    async def sized(request):
+        return JSONResponse({"bytes": len(await request.body())})
+
     app = Starlette(
-        routes=[Route(f"/gradio_api/{path}", join, methods=["POST"]) for path in ("queue/join", "run/x")],
+        routes=[Route(f"/gradio_api/{path}", join, methods=["POST"]) for path in ("queue/join", "run/x")]
+        + [Route(f"/gradio_api/{path}", sized, methods=["POST"]) for path in ("cancel", "upload")],
         middleware=[Middleware(NewSessionQuota, max_new=max_new, remember=remember, max_body_bytes=max_body_bytes)],
     )
     return TestClient(app, client=("127.0.0.1", 5000))  # a local proxy: the address is X-Forwarded-For's
@@ -129,6 +133,35 @@ def test_the_request_body_limit_is_the_spaces_setting():
     )
     refused = client.post("/gradio_api/queue/join", content=b"x" * ((1 << 20) + 1))
     assert refused.status_code == 413 and refused.json() == {"detail": BODY_TOO_LARGE}
+
+
+def test_every_body_but_an_uploads_is_capped_before_it_is_read_whole():
+    """Gradio reads and parses a POST body in memory on every route (/cancel, /reset, /stream/..., and may echo a
+    malformed one back): the cap holds for all of them, and a declared size past it is refused before the body
+    arrives; uploads are files, counted by `UploadQuota` instead, and pass."""
+    from space.visitors import BODY_TOO_LARGE
+
+    client = _server(max_new=100, max_body_bytes=1 << 20)
+    refused = client.post("/gradio_api/cancel", content=b"x" * ((1 << 20) + 1))
+    assert refused.status_code == 413 and refused.json() == {"detail": BODY_TOO_LARGE}
+    assert client.post("/gradio_api/cancel", content=b"x" * (1 << 20)).json() == {"bytes": 1 << 20}
+
+    def claimed(route: str, size: int):
+        """A body whose Content-Length claims `size` while one byte is sent: nothing past the claim is awaited."""
+        return client.post(f"/gradio_api/{route}", content=b"x", headers={"content-length": str(size)})
+
+    assert claimed("cancel", (1 << 20) + 1).status_code == 413
+    assert claimed("queue/join", 5 << 30).status_code == 413
+    assert client.post("/gradio_api/upload", content=b"x" * (3 << 20)).json() == {"bytes": 3 << 20}
+
+
+def test_an_ipv4_mapped_address_is_its_ipv4_address_and_ipv6_hosts_are_their_network():
+    from space.visitors import _network
+
+    assert _network("::ffff:203.0.113.7") == "203.0.113.7" == _network("203.0.113.7")
+    assert _network("::ffff:198.51.100.1") != _network("::ffff:203.0.113.7")  # not one quota for all of IPv4
+    assert _network("2001:db8:1:2::7") == _network("2001:db8:1:2:ffff::1") == "2001:db8:1:2::/64"
+    assert _network("not-an-address") == "not-an-address" and _network(None) is None
 
 
 def test_the_sessions_remembered_are_bounded():
