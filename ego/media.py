@@ -11,6 +11,10 @@ Everything here treats its input as hostile: a public Space receives files from 
 * A video is streamed: only the sampled frames are kept (downscaled at once), and a wall-clock
   budget is checked between packets and frames, so a container that lies about its length cannot
   exhaust memory or hang a worker.
+* The work one picture takes is bounded before it is decoded, as the budget cannot interrupt a decoder:
+  a JPEG (a photo, or a frame of an MJPEG video) of more than ``max_jpeg_scans`` scans is refused (each
+  scan decodes the whole picture again: a 25 MB file of 300,000 tiny scans takes the CPU for most of an
+  hour), and a video's codec must be one of the camera, phone and web codecs of ``VIDEO_CODECS``.
 * Nothing is fetched: a URL is refused, and a video's demuxer is chosen from the file's magic bytes
   and may not open any other file or URL (ffmpeg's HLS/concat demuxers are a known SSRF vector).
 * Every refusal is an :class:`ego.errors.InputError` whose short message says what to do next; no
@@ -57,6 +61,20 @@ _IMAGE_RESULT_FORMATS = frozenset(IMAGE_FORMATS) | {"MPO"}
 _IMAGE_FORMATS_TEXT = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 
 _VIDEO_FORMATS_TEXT = "MP4, MOV, WebM, MKV, AVI or animated GIF"
+
+VIDEO_CODECS: frozenset[str] = frozenset(
+    "h264 hevc vp8 vp9 av1 mpeg4 mpeg1video mpeg2video h263 msmpeg4v1 msmpeg4v2 msmpeg4v3 wmv1 wmv2 wmv3 vc1 theora "
+    "prores mjpeg gif".split()
+)
+"""Video codecs decoded (ffmpeg's codec names, whichever decoder a build uses for them: AV1's may be "libdav1d"):
+what cameras, phones, screen recorders and the web write, each decoding a frame in work bounded by its pixels
+(MJPEG's frames are held to ``max_jpeg_scans``). Others (JPEG 2000, TIFF, ...) are refused with a sentence."""
+
+_JPEG_CODECS = frozenset({"mjpeg"})
+
+_JPEG_SCAN = b"\xff\xda"
+"""JPEG's start-of-scan marker. In a scan's coded data every 0xFF byte is followed by 0x00 or a restart marker,
+so these two bytes are a scan or, rarely, two bytes of metadata: counting them bounds the scans from above."""
 
 _MEGA = 1_000_000
 _MIB = 1024 * 1024
@@ -200,12 +218,36 @@ def _image_from_array(arr: Any) -> Image.Image:
     raise InputError(f"This image array has shape {arr.shape}; please send an RGB uint8 array of shape (H, W, 3).")
 
 
+def _check_jpeg_scans(data: bytes, settings: Settings, what: str, instead: str) -> None:
+    """Refuse JPEG data of more than `max_jpeg_scans` scans (before decoding it: each scan decodes it all again)."""
+    if data.count(_JPEG_SCAN) > settings.max_jpeg_scans:
+        raise InputError(
+            f"This {what} is stored as a JPEG of more than {settings.max_jpeg_scans} scans, which would take "
+            f"minutes to decode; please {instead}."
+        )
+
+
+def _file_bytes(im: Image.Image) -> bytes:
+    """The bytes of the file an opened (not yet decoded) image reads from; empty when it has none left (decoded)."""
+    fp = getattr(im, "fp", None)
+    if fp is None:
+        return b""
+    position = fp.tell()
+    try:
+        fp.seek(0)
+        return fp.read()
+    finally:
+        fp.seek(position)
+
+
 def _decode(im: Image.Image, settings: Settings) -> Image.Image:
-    """Check the declared size, then decode, orient and convert an opened (lazy) image."""
+    """Check the declared size (and a JPEG's scans), then decode, orient and convert an opened (lazy) image."""
     if im.format is not None and im.format not in _IMAGE_RESULT_FORMATS:
         raise InputError(f"{im.format} images are not accepted; please upload a {_IMAGE_FORMATS_TEXT} image.")
     width, height = im.size
     _check_dimensions(width, height, settings)
+    if im.format in ("JPEG", "MPO"):
+        _check_jpeg_scans(_file_bytes(im), settings, "image", "save it again as an ordinary JPEG, or as PNG")
     try:
         im.load()
         oriented = ImageOps.exif_transpose(im)
@@ -475,8 +517,14 @@ def _decode_pass(
             if declared_duration is not None and declared_duration > settings.max_video_duration_s:
                 raise _too_long(declared_duration, settings)
             codec = stream.codec_context
-            if codec is None:
+            if codec is None or codec.codec is None:
                 raise _damaged_video()  # a codec ffmpeg does not know
+            kind = codec.codec.canonical_name
+            if kind not in VIDEO_CODECS:
+                raise InputError(
+                    f"This video's codec ({kind}) is not accepted; please convert it to a standard MP4 (H.264) "
+                    f"or WebM (VP9) clip."
+                )
             if codec.width and codec.height:
                 _check_dimensions(codec.width, codec.height, settings, what="video")
             estimate = _estimated_frames(declared_frames, declared_fps, declared_duration)
@@ -487,6 +535,8 @@ def _decode_pass(
             stream.thread_type = "AUTO"
             for packet in container.demux(stream):
                 deadline.check()
+                if kind in _JPEG_CODECS:  # the budget cannot interrupt one frame's decoding: its scans are counted
+                    _check_jpeg_scans(bytes(packet), settings, "video's frame", "convert it to a standard MP4 (H.264)")
                 try:
                     frames = packet.decode()
                 except av.error.ArgumentError:  # how ffmpeg refuses a frame over `max_pixels`

@@ -2,8 +2,8 @@
 
 * "4bit": bitsandbytes NF4 (double quantization, bf16 compute): the default on CUDA (6.4 GiB of weights for the
   7B preset; 7.0 GiB at the peak of a question with 20 concepts, decoded eagerly: a 12 GB card leaves room for
-  compiled decoding's static cache and the CUDA context). It also runs on a CPU (slowly). transformers 5.23 does not compile its
-  decode step on its own; `ego.decoding.allow_compiled_decoding` lets it.
+  compiled decoding's static cache and the CUDA context). It also runs on a CPU (slowly). transformers 5.23 does
+  not compile its decode step on its own; `ego.decoding.allow_compiled_decoding` lets it.
 * "8bit": bitsandbytes LLM.int8. Never compiled (its layers hold state between calls).
 * "int4": torchao's int4 weight-only quantization (`Int4WeightOnlyConfig`, groups of 128, the "tile_packed_to_4d"
   packing: PyTorch's own tinygemm kernel), made while loading, on CUDA only (torchao 0.18 has no int4 kernel for a

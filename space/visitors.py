@@ -29,15 +29,16 @@ TOO_MANY_SESSIONS = (
 _SESSION_ROUTE = re.compile(r"/gradio_api/(?:queue/join|run/|call/|api/)")
 """The routes whose body names the session a request belongs to (and which start it if it is new)."""
 BODY_TOO_LARGE = "This request is too large; send files as uploads (see the HTTP API's docs)."
-NO_SUCH_FUNCTION = "There is no such function; the page's \"Use via API\" link lists the endpoints and their names."
+NO_SUCH_FUNCTION = 'There is no such function; the page\'s "Use via API" link lists the endpoints and their names.'
 
 
 class NewSessionQuota:
     """ASGI middleware: every POST body but an upload's (`space.uploads.UploadQuota` counts those) is at most
     `max_body_bytes` (a larger one gets 413 before it is read whole: Gradio's routes read and parse a body in
     memory, and answers to a malformed one may echo it back); a client address (`client_address`, its /64 for
-    IPv6; unknown ones are not counted) may start at most `max_new` sessions in `window_s`; a request that would start one more gets 429 with a sentence (JSON, as
-    Gradio's own refusals, so that the page shows it; 422 in the validation form to gradio_client).
+    IPv6; unknown ones are not counted) may start at most `max_new` sessions in `window_s`; a request that would
+    start one more gets 429 with a sentence (JSON, as Gradio's own refusals, so that the page shows it; 422 in the
+    validation form to gradio_client).
 
     Gradio keeps `max_sessions` sessions and drops the least recently used beyond: a script that opens sessions
     by the thousand would otherwise push every visitor's concepts out within seconds. Sessions are told apart by

@@ -770,3 +770,76 @@ def test_a_video_hiding_large_frames_behind_a_small_declared_size_is_refused_bef
     with pytest.raises(InputError, match="holds frames larger than 0.01 megapixels"):
         load_video(path, DEFAULT_SETTINGS.replace(max_image_pixels=100 * 100))
     assert len(load_video(path, DEFAULT_SETTINGS)[0]) == 3
+
+
+# --- work bounded before decoding ---------------------------------------------------------------
+
+
+def jpeg_of_scans(extra: int, side: int = 64, progressive: bool = True) -> bytes:
+    """A greyscale JPEG, with one of its AC scans (and its Huffman table) repeated `extra` more times: a valid file
+    that each decoder walks whole once per scan (about 80 bytes a repeat)."""
+    out = io.BytesIO()
+    Image.new("L", (side, side), 128).save(out, "JPEG", progressive=progressive, quality=50)
+    data = out.getvalue()
+    if not extra:
+        return data
+    segments, at = [], 2
+    while data[at + 1] != 0xD9:  # marker segments up to the end of image; a scan runs on to the next marker
+        marker = data[at + 1]
+        end = at + 2 + struct.unpack(">H", data[at + 2 : at + 4])[0]
+        if marker == 0xDA:
+            while data[end] != 0xFF or data[end + 1] == 0 or 0xD0 <= data[end + 1] <= 0xD7:
+                end += 1
+        segments.append((marker, data[at:end]))
+        at = end
+    scans = [i for i, (marker, _) in enumerate(segments) if marker == 0xDA]
+    # An AC scan's spectral start (the byte after its component list) is above 0; its table precedes it.
+    ac = next(i for i in scans if segments[i][1][5 + 2 * segments[i][1][4]] > 0)
+    unit = (segments[ac - 1][1] if segments[ac - 1][0] == 0xC4 else b"") + segments[ac][1]
+    return b"\xff\xd8" + b"".join(segment for _, segment in segments) + unit * extra + b"\xff\xd9"
+
+
+def test_a_jpeg_of_many_scans_is_refused_before_it_is_decoded():
+    """Each scan decodes the whole picture again: a file of tiny repeated scans under every size limit would take
+    the CPU for minutes (36 megapixels, 300,000 scans in 25 MB: most of an hour). Ordinary JPEGs, progressive ones
+    (about 10 scans) too, are decoded; the limit is a setting."""
+    assert load_image(jpeg_of_scans(0)).size == (64, 64)
+    assert load_image(jpeg_of_scans(0, progressive=False)).size == (64, 64)
+    limit = DEFAULT_SETTINGS.max_jpeg_scans
+    many = jpeg_of_scans(limit)
+    assert Image.open(io.BytesIO(many)).convert("RGB").size == (64, 64)  # a valid JPEG, which PIL would decode
+    with pytest.raises(InputError, match=f"JPEG of more than {limit} scans.*save it again as an ordinary JPEG"):
+        load_image(many)
+    assert load_image(many, DEFAULT_SETTINGS.replace(max_jpeg_scans=2 * limit)).size == (64, 64)
+    opened = Image.open(io.BytesIO(many))  # an opened image handed over (the Python API) is held to it too
+    with pytest.raises(InputError, match="scans"):
+        load_image(opened)
+
+
+def test_a_video_in_a_codec_outside_the_usual_ones_is_refused_and_mjpeg_frames_are_held_to_the_scan_limit(tmp_path):
+    """The decode budget is checked between frames and cannot interrupt one: a codec whose one frame may take
+    unbounded work (JPEG 2000 here) is refused with a sentence, and an MJPEG frame of many scans too."""
+    jp2 = tmp_path / "clip.mov"
+    with av.open(str(jp2), "w", format="mov") as container:
+        stream = container.add_stream("jpeg2000", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for packet in [*stream.encode(av.VideoFrame(64, 64, "yuv420p")), *stream.encode()]:
+            container.mux(packet)
+    with pytest.raises(InputError, match=r"codec \(jpeg2000\) is not accepted.*MP4 \(H.264\)"):
+        load_video(jp2)
+
+    def mjpeg(path: Path, frames: list[bytes]) -> Path:
+        with av.open(str(path), "w", format="avi") as container:
+            stream = container.add_stream("mjpeg", rate=8)
+            stream.width, stream.height, stream.pix_fmt = 64, 64, "yuvj420p"
+            for index, data in enumerate(frames):
+                packet = av.Packet(data)
+                packet.stream, packet.pts, packet.dts = stream, index, index
+                container.mux(packet)
+        return path
+
+    ordinary = jpeg_of_scans(0, progressive=False)
+    assert len(load_video(mjpeg(tmp_path / "fine.avi", [ordinary] * 3))[0]) == 3
+    hostile = mjpeg(tmp_path / "scans.avi", [ordinary, jpeg_of_scans(DEFAULT_SETTINGS.max_jpeg_scans), ordinary])
+    with pytest.raises(InputError, match="video's frame is stored as a JPEG of more than 100 scans"):
+        load_video(hostile)
