@@ -246,7 +246,8 @@ def _decode(im: Image.Image, settings: Settings) -> Image.Image:
         raise InputError(f"{im.format} images are not accepted; please upload a {_IMAGE_FORMATS_TEXT} image.")
     width, height = im.size
     _check_dimensions(width, height, settings)
-    if im.format in ("JPEG", "MPO"):
+    # A TIFF's strips may be JPEG too (and only then is its data free of stray scan markers).
+    if im.format in ("JPEG", "MPO") or (im.format == "TIFF" and im.info.get("compression") in ("jpeg", "tiff_jpeg")):
         _check_jpeg_scans(_file_bytes(im), settings, "image", "save it again as an ordinary JPEG, or as PNG")
     try:
         im.load()

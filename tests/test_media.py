@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import resource
@@ -814,6 +815,15 @@ def test_a_jpeg_of_many_scans_is_refused_before_it_is_decoded():
     opened = Image.open(io.BytesIO(many))  # an opened image handed over (the Python API) is held to it too
     with pytest.raises(InputError, match="scans"):
         load_image(opened)
+    # A TIFF of JPEG strips (one scan each, here) counts its scans; another TIFF's raw data may hold the marker's
+    # two bytes by chance, and is not counted.
+    few = DEFAULT_SETTINGS.replace(max_jpeg_scans=4)
+    for compression, refused in (("jpeg", True), ("raw", False)):
+        tiff = io.BytesIO()
+        Image.new("RGB", (512, 512), (255, 218, 255)).save(tiff, "TIFF", compression=compression)
+        assert tiff.getvalue().count(b"\xff\xda") > 4
+        with pytest.raises(InputError, match="scans") if refused else contextlib.nullcontext():
+            load_image(tiff.getvalue(), few)
 
 
 def test_a_video_in_a_codec_outside_the_usual_ones_is_refused_and_mjpeg_frames_are_held_to_the_scan_limit(tmp_path):
