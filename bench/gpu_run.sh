@@ -29,12 +29,14 @@
 # TORCH_LOGS=recompiles puts the reason of any recompilation in the log.
 # BENCH_CONFIGS (default "nf4 int4 bf16"; also "fp8"; "nf4" alone gives the 4-bit run all the time) chooses the
 # configurations, in order: the first, the target setting, gets all the time it needs but BENCH_RESERVE_S
-# (default 0; with compiled decoding its warm-up compiles six graphs, a photo's, a clip's and the size question's
-# steps, and batched photos, clips and follow-ups, whose cost with inductor on the 7B model is what the run measures), and each
-# later one what the earlier ones left. A failure in one does not stop the others.
+# (default 0; with compiled decoding its warm-up compiles four graphs, a question's steps (a photo's or a clip's)
+# and the size question's, and the same two batched (photos or clips, and follow-ups), whose cost with inductor on
+# the 7B model is what the run measures), and each later one what the earlier ones left. A failure in one does not
+# stop the others.
 # Time limits (seconds), through the environment: BENCH_TOTAL_S (the whole script, default 540: under 9
 # minutes), BENCH_BUILD_LIMIT_S (building the 16.6 GB random-weight folder, default 150). BENCH_REPEATS (measured
-# calls per scenario, default 2), BENCH_CONCEPTS (concepts introduced for real, default 5; the rest up to 20 are
+# calls per scenario, default 2), BENCH_EAGER_REPEATS (those of the eager run measured beside compiled, default 1:
+# its figures are the point of comparison, measured with 5 on 2026-11-26), BENCH_CONCEPTS (concepts introduced for real, default 5; the rest up to 20 are
 # copies) and BENCH_PROFILE (the configurations whose compiled run is profiled, default none; "nf4" adds about a
 # minute) trade detail for GPU time. A second call on the same warm machine reuses the random-weight folder the
 # first one built.
@@ -43,9 +45,10 @@
 # default "nf4", the target's setting) adds about a minute and a half
 # to that configuration; it runs after its other results are written and before its profile.
 #
-# A rehearsal on a CPU (scaled-down 2B architecture, quick sizes, this machine's packages; int4 and fp8 load only
-# on CUDA), e.g.:
-#     OUT=/tmp/gpu-rehearsal BENCH_DEVICE=cpu BENCH_MODEL=qwen2-vl-2b BENCH_SKIP_WHEELS=1 BENCH_FORCE_AVSTUB=1 \
+# A rehearsal on a CPU (a scaled-down Qwen2.5-VL, the default's family, whose photo and clip inputs differ as the
+# 7B's do; quick sizes, this machine's packages; int4 and fp8 load only on CUDA; on 2 busy cores give it
+# BENCH_TOTAL_S=2400), e.g.:
+#     OUT=/tmp/gpu-rehearsal BENCH_DEVICE=cpu BENCH_MODEL=qwen2.5-vl-3b BENCH_SKIP_WHEELS=1 BENCH_FORCE_AVSTUB=1 \
 #         BENCH_CONFIGS="nf4 bf16" BENCH_ARCH_ARGS="--text-layers 1 --vision-depth 1" \
 #         BENCH_ARGS="--quick --compile-backend aot_eager" bash bench/gpu_run.sh
 set -uo pipefail
@@ -57,6 +60,7 @@ TOTAL="${BENCH_TOTAL_S:-540}"
 BUILD_LIMIT="${BENCH_BUILD_LIMIT_S:-150}"
 RESERVE="${BENCH_RESERVE_S:-0}"
 REPEATS="${BENCH_REPEATS:-2}"
+EAGER_REPEATS="${BENCH_EAGER_REPEATS:-1}"
 CONCEPTS="${BENCH_CONCEPTS:-5}"
 PROFILE="${BENCH_PROFILE-}"
 CONCURRENCY="${BENCH_CONCURRENCY-nf4}"
@@ -83,10 +87,16 @@ elif ls bench/wheels/*.whl >/dev/null 2>&1; then
     # torchao goes to a folder of its own, on the path of the int4 run only: transformers imports it for every
     # quantized model once it is installed, and a torchao that fails to import on this machine's torch must not
     # take the NF4 run down with it.
-    wheels=$(ls bench/wheels/*.whl | grep -v '/torchao-')
+    # regex too is installed on its own: its wheel is for one CPython (3.12, the image's), and a wheel pip refuses
+    # fails the whole install it is part of; the image's own regex then serves (transformers 5.17 needs the same).
+    wheels=$(ls bench/wheels/*.whl | grep -v -e '/torchao-' -e '/regex-')
     # shellcheck disable=SC2086
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ego-site \
         $wheels || { echo "installing bench/wheels failed"; exit 1; }
+    if ls bench/wheels/regex-*.whl >/dev/null 2>&1; then
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ego-site \
+            bench/wheels/regex-*.whl || echo "the regex wheel does not suit this Python: using the image's regex"
+    fi
     if ls bench/wheels/torchao-*.whl >/dev/null 2>&1; then
         "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target /tmp/ego-torchao bench/wheels/torchao-*.whl || echo "installing torchao failed: no int4 run"
@@ -129,6 +139,11 @@ import importlib.metadata as m, torch, transformers
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
 print("torch", torch.__version__, "cuda", torch.version.cuda, gpu)
 print("transformers", transformers.__version__, "from", transformers.__file__)
+for name in ("huggingface-hub", "tokenizers", "safetensors", "regex", "accelerate"):  # transformers checks them
+    try:
+        print(name, m.version(name))
+    except m.PackageNotFoundError:
+        print(name, "missing")
 try:
     import bitsandbytes
     print("bitsandbytes", m.version("bitsandbytes"))
@@ -182,7 +197,8 @@ for name in $CONFIGS; do
     path="$PYTHONPATH"; [ "$name" = int4 ] && path="/tmp/ego-torchao:$PYTHONPATH"
     # shellcheck disable=SC2086
     PYTHONPATH="$path" timeout "$limit" "$PYTHON" -m bench --model "$MODEL" --arch-dir "$ARCH_DIR" --quantization "$quantization" \
-        --device "$DEVICE" --decoding "$decoding" --repeats "$REPEATS" --concepts "$CONCEPTS" $profile $concurrency \
+        --device "$DEVICE" --decoding "$decoding" --repeats "$REPEATS" --eager-repeats "$EAGER_REPEATS" \
+        --concepts "$CONCEPTS" $profile $concurrency \
         $ARCH_ARGS $BENCH_ARGS --out "$RUNS/$name" 2>&1 \
         | tee "$RUNS/$name/log.txt"
     code=${PIPESTATUS[0]}

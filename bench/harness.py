@@ -202,6 +202,13 @@ def parse_args(argv) -> argparse.Namespace:
         f"(default: {FULL.repeats}, --quick: {QUICK.repeats})",
     )
     parser.add_argument(
+        "--eager-repeats",
+        type=int,
+        default=None,
+        help="with --decoding both: measured calls per scenario of the eager run, the point of comparison "
+        "(default: --repeats)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="tiny sizes, 1 repeat, few tokens: a smoke test of the harness"
     )
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: bench/out/)")
@@ -280,6 +287,8 @@ def parse_args(argv) -> argparse.Namespace:
     )
     if sizes.repeats < 1 or sizes.new_tokens < 1 or not 1 <= sizes.concepts_introduced <= max(COUNTS):
         parser.error(f"--repeats and --new-tokens must be at least 1, --concepts between 1 and {max(COUNTS)}")
+    if args.eager_repeats is not None and args.eager_repeats < 1:
+        parser.error("--eager-repeats must be at least 1")
     args.sizes = sizes
     return args
 
@@ -292,6 +301,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     load_at_start = _load_average()
+    (out / PROGRESS_FILE).unlink(missing_ok=True)  # an earlier run's, in this folder
     modes = decoding_modes(args)
     # A compiled-only run loads eager first for its equality check: eager's greedy trace (a second), then compiles.
     engine, model_meta = load_engine(args, "eager" if modes == ["compiled"] else modes[0])
@@ -303,7 +313,11 @@ def main(argv=None) -> int:
             engine.set_decoding(mode)
         compile_meta = warm_up(engine, _log, batched=args.concurrency)
         traces[mode] = greedy_trace(engine, args.sizes)
-        runs[mode] = run(engine, args.sizes, log=_log)
+        write_progress(out, mode, compile_meta, traces)
+        sizes = args.sizes
+        if mode == "eager" and mode != modes[-1] and args.eager_repeats is not None:
+            sizes = replace(sizes, repeats=args.eager_repeats)
+        runs[mode] = run(engine, sizes, log=_log)
         runs[mode]["meta"]["decoding"] = engine.decoder.mode
         runs[mode]["meta"]["compile"] = finish_compile_meta(compile_meta)
         if mode != modes[-1]:
@@ -331,13 +345,18 @@ def main(argv=None) -> int:
         from ego.decoding import compile_counts
 
         before = compile_counts()
-        results["scenarios"].update(measure_concurrency(bench_engine(engine, args.sizes), args.sizes, log=_log))
-        after = compile_counts()
-        # Batches of 2 to 8 rows share the graph the batched warm-up compiled: none is expected here.
-        results["meta"]["compile"]["graphs_during_concurrency"] = after["graphs"] - before["graphs"]
-        results["meta"]["compile"]["recompiles_during_concurrency"] = after["recompiles"] - before["recompiles"]
-        results["targets"] = targets(results)
-        write_outputs(results, out)
+
+        def keep(scenarios: dict) -> None:
+            """Each concurrency scenario on disk as it ends: a run stopped by its time limit keeps those done."""
+            after = compile_counts()
+            results["scenarios"].update(scenarios)
+            # Batches of 2 to 8 rows share the graph the batched warm-up compiled: none is expected here.
+            results["meta"]["compile"]["graphs_during_concurrency"] = after["graphs"] - before["graphs"]
+            results["meta"]["compile"]["recompiles_during_concurrency"] = after["recompiles"] - before["recompiles"]
+            results["targets"] = targets(results)
+            write_outputs(results, out)
+
+        measure_concurrency(bench_engine(engine, args.sizes), args.sizes, log=_log, on_scenario=keep)
         _log(f"added the concurrency scenarios to {out / 'results.json'} and {out / 'results.md'}")
     if args.profile:
         # After the measured results are on disk: a profile that fails or runs out of time loses nothing.
@@ -394,6 +413,28 @@ def warm_up(engine, log, *, batched: bool = False) -> dict:
         log(f"compiled in {meta['warm_up_s']:.1f} s")
     meta["after_warm_up"] = compile_counts()
     return meta
+
+
+PROGRESS_FILE = "progress.json"
+
+
+def write_progress(out: Path, mode: str, compile_meta: dict, traces: dict) -> None:
+    """What `mode`'s warm-up found, in `progress.json` beside the results as soon as it is known: the compile time
+    per step, the compilations so far and, once both are traced, compiled against eager's greedy tokens. A run stopped
+    by its time limit before it writes its results (a compiled-only configuration writes them at its end) keeps
+    this much (`bench/gpu_run.sh` packs the whole folder)."""
+    from ego.decoding import compile_counts
+
+    path = out / PROGRESS_FILE
+    progress = json.loads(path.read_text()) if path.exists() else {}
+    now = compile_counts()
+    entry = {k: v for k, v in compile_meta.items() if k not in ("before", "after_warm_up")}
+    entry["graphs_so_far"] = now["graphs"] - compile_meta["before"]["graphs"]
+    entry["recompiles_so_far"] = now["recompiles"] - compile_meta["before"]["recompiles"]
+    progress[mode] = {"compile": entry}
+    if {"eager", "compiled"} <= set(traces):
+        progress["decoding_equality"] = compare_traces(traces["eager"], traces["compiled"])
+    path.write_text(json.dumps(progress, indent=2, default=_json_default) + "\n")
 
 
 def finish_compile_meta(meta: dict) -> dict:
@@ -1052,13 +1093,14 @@ def _scenarios(plan: list[tuple], runs: dict[str, dict], log) -> dict[str, dict]
     return scenarios
 
 
-def measure_concurrency(engine, sizes: Sizes, log=lambda message: None) -> dict[str, dict]:
+def measure_concurrency(engine, sizes: Sizes, log=lambda message: None, on_scenario=None) -> dict[str, dict]:
     """Visitors who ask at the same moment (`VISITORS`), each with the memories of CONCURRENT_CONCEPTS concepts (one
     introduced, under several names: the rows' values do not change the cost) and a photo of their own, through the
     Space's answer scheduler (`space.scheduler`): batched (up to `answer_batch_max_size`, within its window), and
     one at a time (a scheduler with batches of 1: the n-th visitor waits for n - 1 answers first). Per visitor,
     latency = from asking to the whole answer; throughput = answers / (last answer - first question).
-    `throughput_ratio` is the batched throughput over the one-at-a-time throughput of the same visitors."""
+    `throughput_ratio` is the batched throughput over the one-at-a-time throughput of the same visitors.
+    on_scenario(scenarios so far) after each scenario."""
     from space.scheduler import AnswerScheduler
     from space.settings import DEFAULT_SPACE_SETTINGS
 
@@ -1086,8 +1128,12 @@ def measure_concurrency(engine, sizes: Sizes, log=lambda message: None) -> dict[
             f"concurrent_{count}", "first", count, records, contexts, max(peaks), sizes
         )
         log(_concurrency_line(scenarios[f"concurrent_{count}"]))
+        if on_scenario is not None:
+            on_scenario(dict(scenarios))
     scenarios.update(measure_follow_ups(engine, batched, serial, queries, concepts, sizes, memory))
     log(_concurrency_line(scenarios[f"follow_ups_{FOLLOW_UP_VISITORS}"]))
+    if on_scenario is not None:
+        on_scenario(dict(scenarios))
     return scenarios
 
 
@@ -1648,9 +1694,10 @@ def markdown(results: dict) -> str:
         ]
         for name, entry in results["targets"].items():
             measured = "-" if entry["measured"] is None else f"{entry['measured']:.3f}"
+            met = "not measured" if entry["measured"] is None else ("yes" if entry["met"] else "no")
             lines.append(
                 f"| {name} {entry['comparison']} {entry['target']} ({entry['applies_to']}) | "
-                f"{measured} | {'yes' if entry['met'] else 'no'} | "
+                f"{measured} | {met} | "
                 f"{'yes' if entry['this_run_is_the_target_setting'] else 'no'} |"
             )
         lines.append("")

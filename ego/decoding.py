@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextvars
+import functools
 import logging
 import threading
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -87,7 +89,14 @@ class Decoder:
     """The one place that decides how the engine's `model.generate` calls decode (`Ego.decoding`)."""
 
     def __init__(
-        self, model, mode: str, *, max_cache_tokens: int, backend: str = "inductor", batch_min_free_bytes: int = 0
+        self,
+        model,
+        mode: str,
+        *,
+        max_cache_tokens: int,
+        backend: str = "inductor",
+        batch_min_free_bytes: int = 0,
+        prefill_only_inputs: Sequence[str] = (),
     ):
         self.model = model
         self.device = model.get_input_embeddings().weight.device
@@ -110,6 +119,7 @@ class Decoder:
         self._caches: dict[int, object] = {}  # batch size -> its StaticCache [layers x (K, V) of max_cache_tokens]
         self._thread_id: int | None = None
         self._executor = None
+        self._prepare_inputs = None
         if self.mode == "compiled":
             from transformers import CompileConfig
 
@@ -118,10 +128,11 @@ class Decoder:
             mode = ("reduce-overhead" if cuda else "default") if backend == "inductor" else None
             self.compile_config = CompileConfig(fullgraph=False, backend=backend, mode=mode)
             self.compile_config._compile_all_devices = True  # transformers compiles only on accelerators otherwise
-            # The decode step is one function compiled once per kind of call: a photo's, a clip's and the size
-            # question's steps, and the same two again for batches (`Ego.warm_up`); a model of another class, or a
-            # second engine in the process (tests, the benchmark), adds its own. Past torch's default of 8
-            # compilations per function dynamo stops compiling it and that step silently decodes eagerly.
+            # The decode step is one function compiled once per kind of call: a question's steps (a photo's or a
+            # clip's) and the size question's, and the same two again for batches (`Ego.warm_up`); a model of
+            # another class, or a second engine in the process (tests, the benchmark), adds its own. Past torch's
+            # default of 8 compilations per function dynamo stops compiling it and that step silently decodes
+            # eagerly.
             config = torch._dynamo.config
             name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
             setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
@@ -130,11 +141,18 @@ class Decoder:
             )
             self._generate = model.generate
             model.generate = self.generate  # this model object's generate: every call site goes through it
+            self.prefill_only_inputs = tuple(prefill_only_inputs)
+            if self.prefill_only_inputs:
+                model.prepare_inputs_for_generation = self._prepare_inputs = _steps_without(
+                    model.prepare_inputs_for_generation, self.prefill_only_inputs
+                )
 
     def close(self) -> None:
         """Give the model its own `generate` back and end the decode thread (before another `Decoder` takes over)."""
         if self.compiled and self.model.__dict__.get("generate") == self.generate:
             del self.model.generate
+        if self.compiled and self.model.__dict__.get("prepare_inputs_for_generation") is self._prepare_inputs:
+            del self.model.prepare_inputs_for_generation
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
@@ -244,6 +262,22 @@ class Decoder:
     def record_warm_up(self, started: float) -> float:
         self.warm_up_s = time.perf_counter() - started
         return self.warm_up_s
+
+
+def _steps_without(prepare, keys: tuple[str, ...]):
+    """`prepare` (a model's `prepare_inputs_for_generation`) without `keys` in a decode step (transformers marks the
+    prefill `is_first_iteration`): the steps of photos, clips and follow-ups are then one graph, with the same
+    keyword arguments. Its signature is `prepare`'s (`generate` reads it)."""
+
+    @functools.wraps(prepare)
+    def prepare_inputs(*args, **kwargs) -> dict:
+        inputs = prepare(*args, **kwargs)
+        if not kwargs.get("is_first_iteration", False):
+            for key in keys:
+                inputs.pop(key, None)
+        return inputs
+
+    return prepare_inputs
 
 
 def _is_static(cache) -> bool:

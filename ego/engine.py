@@ -242,7 +242,7 @@ class Ego:
         self.layers = _checked_layers(layers, self.num_layers)
         self.layers_note = layers_note
         self._lock = threading.Lock()  # one model call at a time; concurrent callers wait
-        self.decoder = _decoder(model, settings)
+        self.decoder = _decoder(model, settings, self.backend.prefill_only_inputs)
         self._cached_chats: OrderedDict[int, weakref.ref] = OrderedDict()  # least recently used first
 
     # ------------------------------------------------------------------------------------------
@@ -368,7 +368,7 @@ class Ego:
         with self.exclusive_use():
             settings = self.settings.replace(decoding=mode)  # checks the mode
             self.decoder.close()
-            self.decoder = _decoder(self.model, settings)
+            self.decoder = _decoder(self.model, settings, self.backend.prefill_only_inputs)
             self.settings = settings
 
     @property
@@ -378,13 +378,13 @@ class Ego:
 
     def warm_up(self, *, batched: bool = False, on_step: Callable[[str, float], None] | None = None) -> float:
         """Compile the decode step now rather than on a visitor's first question: 3-token answers about a photo and
-        about a clip, and the size question of an introduction (a continuation on a filled cache). Their decode
-        steps reach the model with different keyword arguments (positions in another shape, a clip's grid), each
-        a graph of its own. batched: also two questions together about photos and about clips (`answer_batch`,
-        for a Space that batches its visitors) and two conversations' follow-ups together (`follow_up_batch`): a
-        batch's step is another graph (torch specialises a dimension of
-        size 1, so one row and several rows never share one), which then serves every batch size from 2 up, each
-        size recording its CUDA graph at its first batch. Seconds taken (per step: `decoder.warm_up_steps_s`;
+        about a clip, and the size question of an introduction (a continuation on a filled cache). Their decode steps
+        reach the model with positions in two shapes (a question's, a continuation's), each a graph of its own; a clip's
+        steps are a photo's graph (`Backend.prefill_only_inputs` leaves its grid out of them). batched: also two
+        questions together about photos and about clips (`answer_batch`, for a Space that batches its visitors) and two
+        conversations' follow-ups together (`follow_up_batch`): a batch's step is another graph (torch specialises a
+        dimension of size 1, so one row and several rows never share one), which then serves every batch size from 2 up,
+        each size recording its CUDA graph at its first batch. Seconds taken (per step: `decoder.warm_up_steps_s`;
         on_step(step, seconds) as each step ends)."""
         import numpy as np
         from PIL import Image
@@ -1795,15 +1795,16 @@ _PYTHON_INT_BYTES = 36
 """A token id kept in a Python list: the int object (28 bytes) and the list's pointer to it (8)."""
 
 
-def _decoder(model, settings: Settings) -> Decoder:
+def _decoder(model, settings: Settings, prefill_only_inputs: Sequence[str] = ()) -> Decoder:
     """The decoder `settings` ask for (`decoding`, `static_cache_max_tokens`, `compile_backend`,
-    `batch_cache_min_free_mb`)."""
+    `batch_cache_min_free_mb`); `prefill_only_inputs`: the backend's."""
     return Decoder(
         model,
         settings.decoding,
         max_cache_tokens=settings.static_cache_max_tokens,
         backend=settings.compile_backend,
         batch_min_free_bytes=int(settings.batch_cache_min_free_mb * 1024 * 1024),
+        prefill_only_inputs=prefill_only_inputs,
     )
 
 

@@ -266,10 +266,16 @@ def test_a_run_stopped_while_compiling_keeps_its_eager_results(tmp_path, monkeyp
     monkeypatch.setattr(Ego, "warm_up", stopped_when_compiling)
     argv = ["--model", "tiny-qwen2.5-vl", "--quick", "--device", "cpu", "--decoding", "both", "--no-concurrency"]
     with pytest.raises(KeyboardInterrupt):
-        main([*argv, "--compile-backend", "aot_eager", "--out", str(tmp_path)])
+        main(
+            [*argv, "--repeats", "2", "--eager-repeats", "1", "--compile-backend", "aot_eager", "--out", str(tmp_path)]
+        )
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["meta"]["decoding"] == "eager" and results["scenarios"]["plain"]["decode_ms_per_token"] > 0
+    assert len(results["scenarios"]["plain"]["latency_runs_s"]) == 1  # the eager point of comparison, measured once
     assert (tmp_path / "results.md").exists() and "targets" in results
+    # Without the concurrency scenarios their targets are not measured, which the table says (not "no").
+    throughput = next(line for line in (tmp_path / "results.md").read_text().splitlines() if "8_visitors" in line)
+    assert "| - | not measured |" in throughput
 
 
 def test_a_compiled_only_run_still_checks_its_tokens_against_eager(tmp_path):
@@ -282,6 +288,47 @@ def test_a_compiled_only_run_still_checks_its_tokens_against_eager(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["meta"]["decoding"] == "compiled" and "decoding_runs" not in results
     assert results["decoding_equality"]["tokens_equal"] and results["decoding_equality"]["tokens"] > 0
+
+
+def test_a_compiled_only_run_stopped_after_compiling_keeps_its_compile_figures(tmp_path, monkeypatch):
+    """A compiled-only configuration writes its results at its end: stopped by its time limit after compiling, its
+    folder still says what compiling took and whether compiled decoding gave eager's tokens (`progress.json`)."""
+    import bench.harness as harness
+    from bench import main
+
+    def out_of_time(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "run", out_of_time)
+    torch._dynamo.reset()
+    argv = ["--model", "tiny-qwen2.5-vl", "--quick", "--device", "cpu", "--decoding", "compiled", "--no-concurrency"]
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--compile-backend", "aot_eager", "--out", str(tmp_path)])
+    assert not (tmp_path / "results.json").exists()
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    compiled = progress["compiled"]["compile"]
+    assert compiled["backend"] == "aot_eager" and compiled["warm_up_s"] > 0 and compiled["graphs_so_far"] >= 1
+    assert progress["decoding_equality"]["tokens_equal"] and progress["decoding_equality"]["tokens"] > 0
+
+
+def test_a_run_stopped_during_the_concurrency_scenarios_keeps_those_done(tmp_path, monkeypatch):
+    """The visitors' scenarios take a minute and a half of a GPU run: each is on disk as it ends."""
+    import bench.harness as harness
+    from bench import main
+
+    def out_of_time(*args, **kwargs):
+        raise KeyboardInterrupt  # the time limit, once the first questions' scenarios are done
+
+    monkeypatch.setattr(harness, "measure_follow_ups", out_of_time)
+    with pytest.raises(KeyboardInterrupt):
+        main(
+            ["--model", "tiny-qwen2.5-vl", "--quick", "--device", "cpu", "--decoding", "eager", "--out", str(tmp_path)]
+        )
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {f"concurrent_{n}" for n in harness.VISITORS} <= set(results["scenarios"])
+    assert results["scenarios"]["concurrent_8"]["throughput_ratio"] > 0
+    assert results["targets"]["throughput_ratio_8_visitors"]["measured"] > 0
+    assert "## Visitors asking at the same moment" in (tmp_path / "results.md").read_text()
 
 
 def _numpy_p95(ordered: list[float]) -> float:

@@ -203,6 +203,24 @@ def test_new_prompt_lengths_and_budgets_do_not_recompile(compiled):
     assert compile_counts() == before
 
 
+def test_a_clips_decode_step_is_a_photos_graph_and_its_answer_the_eager_one():
+    """Transformers hands the prefill's grid sizes (a photo's `image_grid_thw`, a clip's `video_grid_thw` and
+    `second_per_grid_ts`) on to every decode step, which does not read them: left out, a clip's steps run on the
+    graph a photo's compiled (one compilation less at warm-up, each one minutes of a GPU run's time on a 7B)."""
+    from test_batching import clip
+
+    engine, eager = Ego.tiny("qwen2.5-vl", settings=COMPILED), tiny_engine("qwen2.5-vl")
+    engine.answer("What is here?", image=photo(12), max_new_tokens=4)
+    before = compile_counts()
+    frames = clip(32)
+    assert engine.answer("What happens?", video=frames, max_new_tokens=6) == eager.answer(
+        "What happens?", video=frames, max_new_tokens=6
+    )
+    assert compile_counts() == before
+    engine.decoder.close()
+    assert "prepare_inputs_for_generation" not in vars(engine.model)  # the model's own again
+
+
 def test_every_compiled_generation_runs_on_the_decode_thread(compiled):
     threads = []
 

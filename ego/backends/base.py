@@ -47,6 +47,10 @@ class Backend(abc.ABC):
     """Text around a memory's placeholders, so the model reads them as visual content."""
     vision_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
     """Processor outputs only the vision tower reads: left out of generate once its outputs are kept."""
+    prefill_only_inputs: ClassVar[tuple[str, ...]] = ()
+    """Inputs of generate that only the prefill reads and transformers still hands every decode step (a photo's or a
+    clip's grid sizes): compiled decoding leaves them out of the steps, whose graph would otherwise differ between
+    a photo and a clip (`ego.decoding.Decoder`)."""
 
     def __init__(self, model, processor, family: str):
         self.model = model

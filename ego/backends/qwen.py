@@ -35,6 +35,8 @@ class QwenBackend(Backend):
     memory_open = "<|vision_start|>"
     memory_close = "<|vision_end|>"
     vision_input_keys = ("pixel_values", "pixel_values_videos")
+    # The grids build the M-RoPE positions at the prefill; a decode step's positions come from the cached offset.
+    prefill_only_inputs = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 
     def __init__(self, model, processor, family: str):
         super().__init__(model, processor, family)
