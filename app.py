@@ -54,7 +54,7 @@ def build_demo(
     from space.examples import load_examples
     from space.links import refuse_host_files, refuse_links
     from space.loading import LazyEngine
-    from space.resume import Sessions
+    from space.resume import SessionBlocks, Sessions
     from space.session import Session
     from space.settings import DEFAULT_SPACE_SETTINGS
     from space.visitors import limit_requests_per_visitor
@@ -71,10 +71,11 @@ def build_demo(
         else MODEL_EVENTS
     )
 
-    with gr.Blocks(
+    with SessionBlocks(
         title="Ego: personalize a vision-language model",
         analytics_enabled=False,
         delete_cache=(s.upload_cleanup_interval_s, s.upload_max_age_s),
+        session_ttl_s=s.session_ttl_s,
     ) as demo:
         session = gr.State(Session(), time_to_live=s.session_ttl_s, delete_callback=sessions.release)
         browser_token = gr.BrowserState(None)  # names this browser's session on the server (space/resume.py)

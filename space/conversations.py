@@ -1,4 +1,4 @@
-"""One visitor's conversations: the value of the app's second `gr.State`.
+"""One visitor's conversations, held by their `Session` (the value of the app's `gr.State`).
 
 Each ask tab holds at most one conversation (`ego.Chat`) about its photo or clip; the HTTP API's `/follow_up`
 continues the one the visitor started last. A conversation holds the model's key/value cache for its

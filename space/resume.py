@@ -9,6 +9,7 @@ memories themselves never leave the server this way.
 Expiry is unchanged: the registry holds weak references only, so a session lives exactly as long as some
 tab's `gr.State` holds it (`SpaceSettings.session_ttl_s` after that tab's last action, or Gradio dropping it
 beyond `max_sessions`). A session shared by several tabs is emptied only when the last of them lets go.
+`SessionBlocks` makes Gradio keep both promises (`keep_promises`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import secrets
 import threading
 import weakref
+
+import gradio as gr
 
 from . import session as visitor_session
 from .session import Session
@@ -88,3 +91,55 @@ class Sessions:
             for token in [t for t, s in self._by_token.items() if s is session]:
                 del self._by_token[token]
         visitor_session.forget(session)
+
+
+def keep_promises(holder, session_ttl_s: float) -> None:
+    """Gradio's store of sessions (`gradio.state_holder.StateHolder`, one per app), made to keep what the Space says
+    of a visitor's data (docs/privacy-and-limits.md):
+
+    * a session dropped beyond `max_sessions` (the least recently used) is let go like an expired one, its
+      concepts and conversations freed at once (`gr.State`'s delete callback): Gradio only forgets it, and
+      whatever still refers to it (a cancelled answer's iterator, say) keeps it alive, still counted against the
+      memory all sessions share;
+    * a closed tab's session expires `session_ttl_s` after its last action like an open one's: Gradio keeps a
+      closed tab's states an hour (`STATE_TTL_WHEN_CLOSED`), whatever their own time to live.
+
+    Its `update` (which every request of a session calls, and which drops the least recently used) is replaced on
+    this one object; the rest is Gradio's."""
+
+    def update(session_id: str) -> None:
+        dropped = []
+        with holder.lock:
+            state = holder.session_data.get(session_id)
+            if state is not None:
+                holder.session_data.move_to_end(session_id)
+                state.STATE_TTL_WHEN_CLOSED = session_ttl_s
+            while len(holder.session_data) > holder.capacity:
+                evicted, state = holder.session_data.popitem(last=False)
+                holder.time_last_used.pop(evicted, None)
+                dropped.append(state)
+        for state in dropped:  # outside the store's lock: a callback takes locks of its own
+            for key, value in list(state.state_data.items()):
+                block = state.blocks_config.blocks.get(key)
+                if isinstance(block, gr.State):
+                    block.delete_callback(value)
+
+    holder.update = update
+
+
+class SessionBlocks(gr.Blocks):
+    """`gr.Blocks` whose app's store of sessions keeps the Space's promises (`keep_promises`) from the moment the
+    app is made: Gradio hands each Blocks its store then (`blocks.state_holder = ...`)."""
+
+    def __init__(self, *args, session_ttl_s: float, **kwargs):
+        self.session_ttl_s = session_ttl_s
+        super().__init__(*args, **kwargs)
+
+    @property
+    def state_holder(self):
+        return self._state_holder
+
+    @state_holder.setter
+    def state_holder(self, holder) -> None:
+        keep_promises(holder, self.session_ttl_s)
+        self._state_holder = holder

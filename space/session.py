@@ -28,7 +28,7 @@ from PIL import Image
 from ego.errors import InputError
 from ego.memory import Concept
 
-from .conversations import Conversations, holding
+from .conversations import TABS, Conversations, holding
 
 EXPORT_NAME = "ego-concepts.safetensors"
 
@@ -280,10 +280,12 @@ class Session:
                 self._export_dir = written
 
     def close(self) -> None:
-        """Free everything: called by Gradio when the visitor's state expires."""
+        """Free everything, conversations too: called when the visitor's state expires or is dropped."""
         with self._lock:
             self._entries = []
             self._remove_export()
+        for tab in TABS:
+            self.conversations.end(tab)
 
     def _remove_export(self) -> None:
         if self._export_dir is not None:

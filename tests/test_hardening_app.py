@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -160,10 +161,31 @@ def test_all_sessions_share_one_memory_budget_and_a_dropped_session_frees_its_sh
         with pytest.raises(AppError, match="as many concepts as it can.*your concepts are unchanged"):
             second.predict(handle_file(str(file)), api_name="/import_concepts")
         assert len(names(first)) == 12 and names(second) == []  # first is now the least recently used
+        # Something may still refer to a dropped session (a cancelled answer's iterator, say): held here.
+        held = small.state_holder.session_data[first.session_hash]
+        (kept,) = [value for value in held.state_data.values() if isinstance(value, Session)]
         names(visitor(small.local_url))  # a third session: Gradio drops the least recently used (first)
+        assert len(kept) == 0  # let go all the same: its concepts freed
         gc.collect()
         second.predict(handle_file(str(file)), api_name="/import_concepts")
         assert len(names(second)) == 12
+
+
+def test_a_closed_tabs_concepts_are_freed_after_the_sessions_time_to_live(tmp_path):
+    """Gradio keeps a closed tab's states an hour whatever their time to live; the Space says its session is freed
+    `session_ttl_s` after its last action, a closed tab's too, and frees it then."""
+    space = SPACE_SETTINGS.replace(session_ttl_s=1)
+    with running_demo(SETTINGS, space) as demo:
+        tab = visitor(demo.local_url)
+        introduce(tab, "Chelsea")
+        state = demo.state_holder.session_data[tab.session_hash]
+        (kept,) = [value for value in state.state_data.values() if isinstance(value, Session)]
+        assert len(kept) == 1
+        state.is_closed = True  # what Gradio marks when the page's connection closes
+        deadline = time.monotonic() + 10  # Gradio looks for expired states every second
+        while len(kept) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(kept) == 0, "the closed tab's session was not freed after its time to live"
 
 
 # ----------------------------------------------------------------------------------------------

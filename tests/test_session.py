@@ -245,3 +245,14 @@ def test_a_first_answer_about_a_removed_concept_leaves_no_older_conversation_to_
     assert session.keep_conversation("image", kept, budget, session.conversations.asking("image")) is True
     session.conversations.end("image", late)
     assert session.conversations.get("image") is kept
+
+
+def test_closing_a_session_ends_its_conversations():
+    """A session let go (expired, or dropped beyond `max_sessions`) frees its conversations too: each holds a photo
+    or clip and a key/value cache, counted against the memory every session shares."""
+    session = Session()
+    for tab in ("image", "video"):
+        assert session.conversations.start(tab, object())
+    session.close()
+    assert [session.conversations.get(tab) for tab in ("image", "video")] == [None, None]
+    assert session.conversations.current is None
