@@ -29,10 +29,9 @@
 # TORCH_LOGS=recompiles puts the reason of any recompilation in the log.
 # BENCH_CONFIGS (default "nf4 int4 bf16"; also "fp8"; "nf4" alone gives the 4-bit run all the time) chooses the
 # configurations, in order: the first, the target setting, gets all the time it needs but BENCH_RESERVE_S
-# (default 0; with compiled decoding its warm-up compiles four graphs, a question's steps (a photo's or a clip's)
-# and the size question's, and the same two batched (photos or clips, and follow-ups), whose cost with inductor on
-# the 7B model is what the run measures), and each later one what the earlier ones left. A failure in one does not
-# stop the others.
+# (default 0; with compiled decoding its warm-up compiles two graphs, one row's steps (photos, clips and the size
+# question's continuation) and batches', whose cost with inductor on the 7B model is what the run measures), and
+# each later one what the earlier ones left. A failure in one does not stop the others.
 # Time limits (seconds), through the environment: BENCH_TOTAL_S (the whole script, default 540: under 9
 # minutes), BENCH_BUILD_LIMIT_S (building the 16.6 GB random-weight folder, default 150). BENCH_REPEATS (measured
 # calls per scenario, default 2), BENCH_EAGER_REPEATS (those of the eager run measured beside compiled, default 1:

@@ -21,6 +21,10 @@ per generated token and the GPU waits between them (bench/RESULTS.md). Compiled 
   each batch size keeps a cache of its own, made only where it leaves `Settings.batch_cache_min_free_mb` of the
   GPU free, and batches decode eagerly where it would not, or where their step failed to compile;
 * a call whose prompt plus budget exceeds the ceiling decodes eagerly, on its own cache or a dynamic one;
+* one graph decodes a photo's, a clip's and a continuation's steps (an introduction's size question, a
+  follow-up): transformers hands every step the prefill's grid sizes, which a step does not read (left out:
+  `Backend.prefill_only_inputs`), and gives a continuation's M-RoPE positions in a shape of their own (given in a
+  prompt's: `_positions_in_one_shape`); otherwise each is a graph of its own, three more compilations of a 7B;
 * the graphs guard on the number of model classes transformers has seen (its output-capturing registry): a model
   of another class loaded after the warm-up (not in the Space, which loads one) recompiles each graph once.
 
@@ -119,7 +123,7 @@ class Decoder:
         self._caches: dict[int, object] = {}  # batch size -> its StaticCache [layers x (K, V) of max_cache_tokens]
         self._thread_id: int | None = None
         self._executor = None
-        self._prepare_inputs = None
+        self._prepare_inputs = self._prepare_positions = None
         if self.mode == "compiled":
             from transformers import CompileConfig
 
@@ -128,11 +132,10 @@ class Decoder:
             mode = ("reduce-overhead" if cuda else "default") if backend == "inductor" else None
             self.compile_config = CompileConfig(fullgraph=False, backend=backend, mode=mode)
             self.compile_config._compile_all_devices = True  # transformers compiles only on accelerators otherwise
-            # The decode step is one function compiled once per kind of call: a question's steps (a photo's or a
-            # clip's) and the size question's, and the same two again for batches (`Ego.warm_up`); a model of
-            # another class, or a second engine in the process (tests, the benchmark), adds its own. Past torch's
-            # default of 8 compilations per function dynamo stops compiling it and that step silently decodes
-            # eagerly.
+            # The decode step is one function compiled once for one row and once for batches (`Ego.warm_up`); a
+            # model of another class, or a second engine in the process (tests, the benchmark), adds its own. Past
+            # torch's default of 8 compilations per function dynamo stops compiling it and that step silently
+            # decodes eagerly.
             config = torch._dynamo.config
             name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
             setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
@@ -142,6 +145,10 @@ class Decoder:
             self._generate = model.generate
             model.generate = self.generate  # this model object's generate: every call site goes through it
             self.prefill_only_inputs = tuple(prefill_only_inputs)
+            if hasattr(model, "_prepare_position_ids_for_generation"):
+                model._prepare_position_ids_for_generation = self._prepare_positions = _positions_in_one_shape(
+                    model, model._prepare_position_ids_for_generation
+                )
             if self.prefill_only_inputs:
                 model.prepare_inputs_for_generation = self._prepare_inputs = _steps_without(
                     model.prepare_inputs_for_generation, self.prefill_only_inputs
@@ -151,8 +158,12 @@ class Decoder:
         """Give the model its own `generate` back and end the decode thread (before another `Decoder` takes over)."""
         if self.compiled and self.model.__dict__.get("generate") == self.generate:
             del self.model.generate
-        if self.compiled and self.model.__dict__.get("prepare_inputs_for_generation") is self._prepare_inputs:
-            del self.model.prepare_inputs_for_generation
+        for name, mine in (
+            ("prepare_inputs_for_generation", self._prepare_inputs),
+            ("_prepare_position_ids_for_generation", self._prepare_positions),
+        ):
+            if mine is not None and self.model.__dict__.get(name) is mine:
+                delattr(self.model, name)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
@@ -278,6 +289,26 @@ def _steps_without(prepare, keys: tuple[str, ...]):
         return inputs
 
     return prepare_inputs
+
+
+def _positions_in_one_shape(model, prepare):
+    """`prepare` (a model's `_prepare_position_ids_for_generation`) giving a continuation's M-RoPE positions in a
+    fresh prompt's shape: transformers' Qwen-VL models give a prompt's as [4, B, L] (the plain text positions, then
+    the three rotary rows) and a continuation's, on a filled cache, as [1, B, L] (the rotary positions: text
+    positions plus the cached offset, the same on all three axes). Two shapes make the decode step two graphs (an
+    introduction's size question and follow-ups continue a cache); in the first shape the rotary rows are the same
+    numbers, and the text row is what a prompt's is (it builds no mask where an attention mask is given)."""
+    from transformers.generation.utils import GenerationMixin
+
+    @functools.wraps(prepare)
+    def positions(inputs_tensor, model_kwargs):
+        ids = prepare(inputs_tensor, model_kwargs)
+        if torch.is_tensor(ids) and ids.ndim == 3 and ids.shape[0] == 1:
+            plain = GenerationMixin._prepare_position_ids_for_generation(model, inputs_tensor, model_kwargs)
+            ids = torch.cat([plain[None].to(ids.dtype), ids.expand(3, -1, -1)])
+        return ids
+
+    return positions
 
 
 def _is_static(cache) -> bool:

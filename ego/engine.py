@@ -378,14 +378,14 @@ class Ego:
 
     def warm_up(self, *, batched: bool = False, on_step: Callable[[str, float], None] | None = None) -> float:
         """Compile the decode step now rather than on a visitor's first question: 3-token answers about a photo and
-        about a clip, and the size question of an introduction (a continuation on a filled cache). Their decode steps
-        reach the model with positions in two shapes (a question's, a continuation's), each a graph of its own; a clip's
-        steps are a photo's graph (`Backend.prefill_only_inputs` leaves its grid out of them). batched: also two
-        questions together about photos and about clips (`answer_batch`, for a Space that batches its visitors) and two
-        conversations' follow-ups together (`follow_up_batch`): a batch's step is another graph (torch specialises a
-        dimension of size 1, so one row and several rows never share one), which then serves every batch size from 2 up,
-        each size recording its CUDA graph at its first batch. Seconds taken (per step: `decoder.warm_up_steps_s`;
-        on_step(step, seconds) as each step ends)."""
+        about a clip, and the size question of an introduction (a continuation on a filled cache). One graph decodes all
+        three (`ego.decoding`: the grid sizes left out of the steps, a continuation's positions in a prompt's shape);
+        each kind is warmed all the same, as a family may differ. batched: also two questions together about photos and
+        about clips (`answer_batch`, for a Space that batches its visitors) and two conversations' follow-ups together
+        (`follow_up_batch`): a batch's step is another graph (torch specialises a dimension of size 1, so one row and
+        several rows never share one), which then serves every batch size from 2 up, each size recording its CUDA graph
+        at its first batch. Seconds taken (per step: `decoder.warm_up_steps_s`; on_step(step, seconds) as each step
+        ends)."""
         import numpy as np
         from PIL import Image
 

@@ -203,10 +203,12 @@ def test_new_prompt_lengths_and_budgets_do_not_recompile(compiled):
     assert compile_counts() == before
 
 
-def test_a_clips_decode_step_is_a_photos_graph_and_its_answer_the_eager_one():
+def test_one_graph_decodes_photos_clips_introductions_and_follow_ups_each_as_eager_does():
     """Transformers hands the prefill's grid sizes (a photo's `image_grid_thw`, a clip's `video_grid_thw` and
-    `second_per_grid_ts`) on to every decode step, which does not read them: left out, a clip's steps run on the
-    graph a photo's compiled (one compilation less at warm-up, each one minutes of a GPU run's time on a 7B)."""
+    `second_per_grid_ts`) on to every decode step, which does not read them, and gives a continuation on a filled
+    cache (an introduction's size question, a follow-up) its positions in another shape: each was a graph of its
+    own (six compilations at warm-up instead of two, each minutes of a GPU run's time on a 7B). Left out and in one
+    shape, a photo's graph decodes them all, and each gives the eager engine's tokens."""
     from test_batching import clip
 
     engine, eager = Ego.tiny("qwen2.5-vl", settings=COMPILED), tiny_engine("qwen2.5-vl")
@@ -216,9 +218,16 @@ def test_a_clips_decode_step_is_a_photos_graph_and_its_answer_the_eager_one():
     assert engine.answer("What happens?", video=frames, max_new_tokens=6) == eager.answer(
         "What happens?", video=frames, max_new_tokens=6
     )
+    fast, slow = (e.introduce("Chelsea", [photo(13)], keywords="cat") for e in (engine, eager))
+    assert (fast.views[0].size_answer, fast.views[0].k) == (slow.views[0].size_answer, slow.views[0].k)
+    said = []
+    for e in (engine, eager):
+        chat = e.chat([fast], video=frames)
+        said.append([str(chat.ask(q, max_new_tokens=5)) for q in ("Is Chelsea here?", "And then?", "Why?")])
+    assert said[0] == said[1]
     assert compile_counts() == before
     engine.decoder.close()
-    assert "prepare_inputs_for_generation" not in vars(engine.model)  # the model's own again
+    assert not {"prepare_inputs_for_generation", "_prepare_position_ids_for_generation"} & set(vars(engine.model))
 
 
 def test_every_compiled_generation_runs_on_the_decode_thread(compiled):
