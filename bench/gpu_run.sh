@@ -35,8 +35,8 @@
 # Time limits (seconds), through the environment: BENCH_TOTAL_S (the whole script, default 540: under 9
 # minutes), BENCH_BUILD_LIMIT_S (building the 16.6 GB random-weight folder, default 150). BENCH_REPEATS (measured
 # calls per scenario, default 2), BENCH_EAGER_REPEATS (those of the eager run measured beside compiled, default 1:
-# its figures are the point of comparison, measured with 5 on 2026-11-26), BENCH_CONCEPTS (concepts introduced for real, default 5; the rest up to 20 are
-# copies) and BENCH_PROFILE (the configurations whose compiled run is profiled, default none; "nf4" adds about a
+# its figures are the point of comparison, measured with 5 on 2026-11-26), BENCH_CONCEPTS (concepts introduced for
+# real, default 5; the rest up to 20 are copies) and BENCH_PROFILE (the configurations whose compiled run is profiled, default none; "nf4" adds about a
 # minute) trade detail for GPU time. A second call on the same warm machine reuses the random-weight folder the
 # first one built.
 # BENCH_CONCURRENCY (the configurations that also measure 1, 4 and 8 visitors asking at the same moment, batched

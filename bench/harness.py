@@ -330,7 +330,10 @@ def main(argv=None) -> int:
     if len(runs) > 1:
         results["decoding_runs"] = {
             mode: {k: doc[k] for k in ("introduce", "scenarios", "conversation") if k in doc}
-            | {"meta": {k: doc["meta"][k] for k in ("decoding", "compile")}}
+            | {
+                "meta": {k: doc["meta"][k] for k in ("decoding", "compile")}
+                | {"repeats": doc["meta"]["sizes"]["repeats"]}
+            }
             for mode, doc in runs.items()
         }
         results["decoding_comparison"] = compare_decoding(runs)
@@ -1684,7 +1687,12 @@ def markdown(results: dict) -> str:
                 f"{row['speedup_decode']:.2f} |"
             )
         runs = results.get("decoding_runs", {})
-        lines += [""] + [f"- {mode}:" + _compile_line(doc["meta"]["compile"]) for mode, doc in runs.items()] + [""]
+        lines += [""] + [
+            f"- {mode} (latencies: medians of {doc['meta']['repeats']} per scenario):"
+            + _compile_line(doc["meta"]["compile"])
+            for mode, doc in runs.items()
+        ]
+        lines += [""]
     if "targets" in results:
         lines += [
             "## Targets",

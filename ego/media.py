@@ -63,14 +63,20 @@ _IMAGE_FORMATS_TEXT = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 _VIDEO_FORMATS_TEXT = "MP4, MOV, WebM, MKV, AVI or animated GIF"
 
 VIDEO_CODECS: frozenset[str] = frozenset(
-    "h264 hevc vp8 vp9 av1 mpeg4 mpeg1video mpeg2video h263 msmpeg4v1 msmpeg4v2 msmpeg4v3 wmv1 wmv2 wmv3 vc1 theora "
-    "prores mjpeg gif".split()
+    # cameras, phones and the web
+    "h264 hevc vvc vp8 vp9 av1 mpeg4 mpeg1video mpeg2video h263 msmpeg4v1 msmpeg4v2 msmpeg4v3 wmv1 wmv2 wmv3 vc1 "
+    "theora gif mjpeg dvvideo svq1 svq3 cinepak "
+    # editing, screen recording and lossless capture
+    "prores dnxhd cfhd utvideo ffv1 huffyuv ffvhuff qtrle png rawvideo fraps tscc tscc2".split()
 )
 """Video codecs decoded (ffmpeg's codec names, whichever decoder a build uses for them: AV1's may be "libdav1d"):
-what cameras, phones, screen recorders and the web write, each decoding a frame in work bounded by its pixels
-(MJPEG's frames are held to ``max_jpeg_scans``). Others (JPEG 2000, TIFF, ...) are refused with a sentence."""
+what cameras, phones, editors, screen recorders and the web write, each decoding a frame in work bounded by its
+pixels (MJPEG's frames are held to ``max_jpeg_scans``). Others (JPEG 2000, TIFF, ...), whose one frame may take
+unbounded work, are refused with a sentence."""
 
 _JPEG_CODECS = frozenset({"mjpeg"})
+
+_TIFF_STRIP_OFFSETS, _TIFF_TILE_OFFSETS = 273, 324
 
 _JPEG_SCAN = b"\xff\xda"
 """JPEG's start-of-scan marker. In a scan's coded data every 0xFF byte is followed by 0x00 or a restart marker,
@@ -218,9 +224,10 @@ def _image_from_array(arr: Any) -> Image.Image:
     raise InputError(f"This image array has shape {arr.shape}; please send an RGB uint8 array of shape (H, W, 3).")
 
 
-def _check_jpeg_scans(data: bytes, settings: Settings, what: str, instead: str) -> None:
-    """Refuse JPEG data of more than `max_jpeg_scans` scans (before decoding it: each scan decodes it all again)."""
-    if data.count(_JPEG_SCAN) > settings.max_jpeg_scans:
+def _check_jpeg_scans(data: bytes, settings: Settings, what: str, instead: str, pieces: int = 1) -> None:
+    """Refuse JPEG data of more than `max_jpeg_scans` scans (before decoding it: each scan decodes it all again);
+    `pieces`: the JPEGs the data holds, each decoded on its own (a TIFF's strips or tiles), each with its scans."""
+    if data.count(_JPEG_SCAN) > settings.max_jpeg_scans * max(1, pieces):
         raise InputError(
             f"This {what} is stored as a JPEG of more than {settings.max_jpeg_scans} scans, which would take "
             f"minutes to decode; please {instead}."
@@ -246,10 +253,14 @@ def _decode(im: Image.Image, settings: Settings) -> Image.Image:
         raise InputError(f"{im.format} images are not accepted; please upload a {_IMAGE_FORMATS_TEXT} image.")
     width, height = im.size
     _check_dimensions(width, height, settings)
-    # A TIFF's strips may be JPEG too (and only then is its data free of stray scan markers).
-    if im.format in ("JPEG", "MPO") or (im.format == "TIFF" and im.info.get("compression") in ("jpeg", "tiff_jpeg")):
-        _check_jpeg_scans(_file_bytes(im), settings, "image", "save it again as an ordinary JPEG, or as PNG")
     try:
+        if im.format in ("JPEG", "MPO"):
+            _check_jpeg_scans(_file_bytes(im), settings, "image", "save it again as an ordinary JPEG, or as PNG")
+        elif im.format == "TIFF" and im.info.get("compression") in ("jpeg", "tiff_jpeg"):
+            # Its strips (or tiles) are JPEGs of their own rows, each with its scans; only such a TIFF's data is
+            # free of stray scan markers.
+            pieces = len(im.tag_v2.get(_TIFF_STRIP_OFFSETS) or im.tag_v2.get(_TIFF_TILE_OFFSETS) or ())
+            _check_jpeg_scans(_file_bytes(im), settings, "image", "save it again as PNG", pieces)
         im.load()
         oriented = ImageOps.exif_transpose(im)
         rgb = _to_rgb(oriented)

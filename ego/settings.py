@@ -130,8 +130,8 @@ class Settings:
     max_image_pixels: int = 40_000_000
     """Images larger than this are refused before they are decoded (decompression bombs)."""
     max_jpeg_scans: int = 100
-    """Scans in one JPEG image or video frame: an ordinary JPEG has 1 to about 12, and each scan decodes the whole
-    image again, so a file of many tiny scans would take the CPU for minutes."""
+    """Scans in one JPEG image, video frame or JPEG strip of a TIFF: an ordinary JPEG has 1 to about 12, and each
+    scan decodes the whole picture again, so a file of many tiny scans would take the CPU for minutes."""
     max_image_aspect_ratio: float = 20.0
     """Longer side over shorter side; beyond this the processor cannot make a sensible grid."""
     max_video_duration_s: float = 120.0

@@ -3,7 +3,7 @@
 - `space.actions`: the event handlers; visitor mistakes become `gr.Error` sentences.
 - `space.guidance`: small handlers that tell the visitor where they stand (after Introduce, after Stop, ...).
 - `space.session`: one visitor's concepts, the value held in `gr.State`.
-- `space.conversations`: one visitor's conversations (the second `gr.State`) and their chat views.
+- `space.conversations`: one visitor's conversations (held by their session) and their chat views.
 - `space.resume`: a reload in the same browser finds its session again (`gr.BrowserState`).
 - `space.settings`: every limit and default only the Space has (`SpaceSettings`).
 - `space.loading`: the one model of the process, loaded on first use behind a lock.

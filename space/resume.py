@@ -14,6 +14,7 @@ beyond `max_sessions`). A session shared by several tabs is emptied only when th
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import weakref
@@ -22,6 +23,8 @@ import gradio as gr
 
 from . import session as visitor_session
 from .session import Session
+
+log = logging.getLogger("ego.space")
 
 TOKEN_BYTES = 32
 """256 random bits: a token cannot be guessed, so one visitor cannot take over another's concepts."""
@@ -122,7 +125,10 @@ def keep_promises(holder, session_ttl_s: float) -> None:
             for key, value in list(state.state_data.items()):
                 block = state.blocks_config.blocks.get(key)
                 if isinstance(block, gr.State):
-                    block.delete_callback(value)
+                    try:
+                        block.delete_callback(value)
+                    except Exception as error:  # noqa: BLE001 -- not the failure of the request that dropped it
+                        log.error("freeing a dropped session failed: %s", type(error).__name__)
 
     holder.update = update
 

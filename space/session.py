@@ -64,8 +64,8 @@ class MemoryBudget:
     or, with another `held_by`, of conversations (`max_all_conversations_memory_mb`).
 
     One per app, next to the model. It holds no visitor data, only weak references to the sessions that
-    added something: a session Gradio drops (its time-to-live, or the least recently used one beyond
-    `max_sessions`, which skips `forget`) stops counting as soon as Python frees it, with no callback.
+    added something: a session let go (its time to live, or the least recently used one beyond `max_sessions`:
+    `forget`, `space.resume.keep_promises`) holds nothing more, and stops counting once Python frees it.
     """
 
     def __init__(self, max_bytes: int, held_by: Callable[[Session], int] = lambda session: session.nbytes):
@@ -294,6 +294,7 @@ class Session:
 
 
 def forget(session) -> None:
-    """`gr.State(delete_callback=...)`: the visitor's tab closed long enough ago."""
+    """`gr.State(delete_callback=...)`: the visitor's tab closed long enough ago, or their session was dropped
+    beyond `max_sessions`."""
     if isinstance(session, Session):
         session.close()

@@ -243,7 +243,7 @@ def limit_requests_per_visitor(demo, concurrency_id: str | tuple[str, ...], max_
     async def push_within_limit(body, request, username):
         fn = demo.fns.get(body.fn_index) if body.fn_index is not None else None
         if fn is None and body.fn_index is not None:  # Gradio's push would fail with a traceback in the log
-            return False, NO_SUCH_FUNCTION, "error"
+            return _refusal(NO_SUCH_FUNCTION, request)
         if fn is None or fn.concurrency_id not in concurrency_ids:
             return await push(body, request, username)
         async with joining:

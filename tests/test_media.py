@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import resource
@@ -800,7 +799,7 @@ def jpeg_of_scans(extra: int, side: int = 64, progressive: bool = True) -> bytes
     return b"\xff\xd8" + b"".join(segment for _, segment in segments) + unit * extra + b"\xff\xd9"
 
 
-def test_a_jpeg_of_many_scans_is_refused_before_it_is_decoded():
+def test_a_jpeg_of_many_scans_is_refused_before_it_is_decoded(tmp_path):
     """Each scan decodes the whole picture again: a file of tiny repeated scans under every size limit would take
     the CPU for minutes (36 megapixels, 300,000 scans in 25 MB: most of an hour). Ordinary JPEGs, progressive ones
     (about 10 scans) too, are decoded; the limit is a setting."""
@@ -815,15 +814,25 @@ def test_a_jpeg_of_many_scans_is_refused_before_it_is_decoded():
     opened = Image.open(io.BytesIO(many))  # an opened image handed over (the Python API) is held to it too
     with pytest.raises(InputError, match="scans"):
         load_image(opened)
-    # A TIFF of JPEG strips (one scan each, here) counts its scans; another TIFF's raw data may hold the marker's
+    # A TIFF's JPEG strips are JPEGs of their own rows, each with its scans: a large photo of hundreds of strips is
+    # decoded; more scan markers than its strips may hold are refused. Another TIFF's raw data may hold the marker's
     # two bytes by chance, and is not counted.
-    few = DEFAULT_SETTINGS.replace(max_jpeg_scans=4)
-    for compression, refused in (("jpeg", True), ("raw", False)):
+    one = DEFAULT_SETTINGS.replace(max_jpeg_scans=1)
+    for compression in ("jpeg", "raw"):
         tiff = io.BytesIO()
         Image.new("RGB", (512, 512), (255, 218, 255)).save(tiff, "TIFF", compression=compression)
         assert tiff.getvalue().count(b"\xff\xda") > 4
-        with pytest.raises(InputError, match="scans") if refused else contextlib.nullcontext():
-            load_image(tiff.getvalue(), few)
+        assert load_image(tiff.getvalue(), one).size == (512, 512)
+        if compression == "jpeg":
+            with pytest.raises(InputError, match="more than 1 scans.*save it again as PNG"):
+                load_image(tiff.getvalue() + b"\xff\xda" * 100, one)  # past the end: what the strips may not hold
+    # An opened image whose file is gone is damaged, not a failure of ours.
+    path = tmp_path / "closed.jpg"
+    Image.new("RGB", (64, 64)).save(path)
+    with open(path, "rb") as file:
+        closed = Image.open(file)
+    with pytest.raises(InputError, match="damaged or incomplete"):
+        load_image(closed)
 
 
 def test_a_video_in_a_codec_outside_the_usual_ones_is_refused_and_mjpeg_frames_are_held_to_the_scan_limit(tmp_path):
@@ -837,6 +846,23 @@ def test_a_video_in_a_codec_outside_the_usual_ones_is_refused_and_mjpeg_frames_a
             container.mux(packet)
     with pytest.raises(InputError, match=r"codec \(jpeg2000\) is not accepted.*MP4 \(H.264\)"):
         load_video(jp2)
+    # Editing, screen-recording and lossless capture codecs (a frame's work bounded by its pixels) are decoded.
+    for codec, container, pix_fmt in (
+        ("qtrle", "mov", "rgb24"),
+        ("png", "mov", "rgb24"),
+        ("ffv1", "matroska", "yuv420p"),
+    ):
+        path = tmp_path / f"clip-{codec}.{'mkv' if container == 'matroska' else container}"
+        with av.open(str(path), "w", format=container) as out:
+            stream = out.add_stream(codec, rate=8)
+            stream.width, stream.height, stream.pix_fmt = 64, 64, pix_fmt
+            for index in range(3):
+                frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 40 * index, np.uint8), format="rgb24")
+                for packet in stream.encode(frame.reformat(format=pix_fmt)):
+                    out.mux(packet)
+            for packet in stream.encode():
+                out.mux(packet)
+        assert len(load_video(path)[0]) == 3, codec
 
     def mjpeg(path: Path, frames: list[bytes]) -> Path:
         with av.open(str(path), "w", format="avi") as container:

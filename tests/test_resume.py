@@ -103,3 +103,34 @@ def test_a_tab_that_outlived_its_session_gets_a_token_for_the_new_one_once_it_ad
     assert sessions.resume(Session(), kept)[0] is new  # the reload finds it
     assert sessions.keep(new, kept) == kept and sessions.keep(other_tab, token) == elsewhere
     assert sessions.keep(None, token) == token  # a state that never held a Session
+
+
+def test_a_dropped_sessions_states_are_let_go_and_a_failing_one_fails_no_request(caplog):
+    """Gradio drops the least recently used session beyond its capacity without a callback; the Space's store
+    calls each state's delete callback then, and one that fails is logged, not raised into the request of the
+    visitor whose arrival dropped it."""
+    import logging
+
+    import gradio as gr
+    from gradio.state_holder import StateHolder
+
+    from space.resume import keep_promises
+
+    caplog.set_level(logging.ERROR, logger="ego.space")
+    released = []
+
+    def release(value):
+        released.append(value)
+        if value == "a":
+            raise RuntimeError("a full disk, say")
+
+    with gr.Blocks() as blocks:
+        state = gr.State("", delete_callback=release)
+    holder = StateHolder()
+    holder.set_blocks(blocks)
+    holder.capacity = 1
+    keep_promises(holder, session_ttl_s=60)
+    for session in ("a", "b", "c"):
+        holder[session][state._id] = session  # a visitor's request: the one before is dropped
+    assert released == ["a", "b"] and list(holder.session_data) == ["c"]
+    assert "freeing a dropped session failed: RuntimeError" in caplog.text and "full disk" not in caplog.text
