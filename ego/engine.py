@@ -67,6 +67,42 @@ OUT_OF_MEMORY = (
     "The model ran out of memory on this request; try a smaller image, a shorter clip or fewer concepts, then ask "
     "again."
 )
+IN_USE_BY_THIS_THREAD = (
+    "This model is still busy with a stream this thread opened (stream_answer or Chat.stream): iterate it to the end "
+    "or call its close() before the next call (contextlib.closing(stream) does it for a block)."
+)
+
+
+class ModelLock:
+    """One model call at a time, as a `threading.Lock`, except that the thread holding it is refused with a sentence
+    rather than left to wait for itself forever: a stream holds the model from its first piece to its end, and a
+    stream paused in a notebook, then another call in the same thread, would otherwise hang every caller."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if blocking and self._owner == threading.get_ident():
+            raise RuntimeError(IN_USE_BY_THIS_THREAD)
+        if not self._lock.acquire(blocking, timeout):
+            return False
+        self._owner = threading.get_ident()
+        return True
+
+    def release(self) -> None:
+        self._owner = None
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def __enter__(self) -> ModelLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class Answer(str):
@@ -241,7 +277,7 @@ class Ego:
         self.settings = settings
         self.layers = _checked_layers(layers, self.num_layers)
         self.layers_note = layers_note
-        self._lock = threading.Lock()  # one model call at a time; concurrent callers wait
+        self._lock = ModelLock()  # one model call at a time; concurrent callers wait
         self.decoder = _decoder(model, settings, self.backend.prefill_only_inputs)
         self._cached_chats: OrderedDict[int, weakref.ref] = OrderedDict()  # least recently used first
 
@@ -326,13 +362,23 @@ class Ego:
             settings=settings,
         )
 
-    def with_settings(self, settings: Settings | None = None, /, **changes) -> Ego:
+    def with_settings(self, settings: Settings | None = None, **changes) -> Ego:
         """The same loaded model (nothing is loaded again, and it still runs one call at a time) with other
         settings: `settings` in place of this engine's, then `changes` to single fields, e.g.
         `engine.with_settings(k_cap_tokens=30)` or `engine.with_settings(Settings.paper())`. It shares this
-        engine's decoder (and its compiled step), so the decoding settings cannot change here."""
-        new = (settings or self.settings).replace(**changes)
+        engine's decoder (and its compiled step), so the decoding settings cannot change here: a whole `settings`
+        whose decoding fields are the defaults keeps this engine's; one that names others is refused."""
         decoding = ("decoding", "static_cache_max_tokens", "compile_backend", "batch_cache_min_free_mb")
+        if settings is not None:
+            kept = {name: getattr(self.settings, name) for name in decoding}
+            settings = settings.replace(
+                **{
+                    name: value
+                    for name, value in kept.items()
+                    if getattr(settings, name) == getattr(DEFAULT_SETTINGS, name)
+                }
+            )
+        new = (settings or self.settings).replace(**changes)
         if any(getattr(new, name) != getattr(self.settings, name) for name in decoding):
             # A compiled decoder takes over the model's own `generate`: one decoder per loaded model.
             raise ValueError(
@@ -477,8 +523,6 @@ class Ego:
         images = _image_list(images)
         checks.check_reference_count(len(images), self.settings, name)
         user_keywords = checks.check_keywords(keywords, self.settings)
-        if user_keywords is not None:  # tokenized into the prompt: a family's image token must stay plain text
-            user_keywords = [prompts.neutralize(word, self.backend.special_strings) for word in user_keywords]
         area_pct = checks.check_area_pct(area_pct)
         # All checked before any model call; a refused one is named by its place ("Photo 3 of 5: ...").
         pictures = checks.load_each(images, lambda image: load_image(image, self.settings))
@@ -544,7 +588,11 @@ class Ego:
                 )
                 description_ids = _strip_stop(out[0, start:].tolist(), self.backend.stop_token_ids)
             else:
-                description_ids = tokenizer(", ".join(user_keywords), add_special_tokens=False).input_ids
+                # Tokenized into the prompt: a family's image token in them must stay plain text (the concept keeps
+                # the words as the visitor wrote them).
+                special = self.backend.special_strings
+                said = ", ".join(prompts.neutralize(word, special) for word in user_keywords)
+                description_ids = tokenizer(said, add_special_tokens=False).input_ids
         timings["description_s"] = clock.lap()
 
         # (3)'s input and (4): the conversation so far, the size question asked in it. One forward over all but
@@ -720,8 +768,7 @@ class Ego:
         question. stops: per request, an event that, once set, ends that request's answer where it is (the others
         go on). on_text(index, answer so far) is called as each request's answer grows, in the calling thread.
         """
-        requests = list(requests)
-        stops = list(stops) if stops is not None else [None] * len(requests)
+        requests, stops = _batch_arguments(requests, stops, AnswerRequest)
         results: list[Answer | Exception | None] = [None] * len(requests)
         with self.exclusive_use():
             prepared: dict[int, PreparedAnswer] = {}
@@ -1014,14 +1061,16 @@ class Ego:
         `InputError`: the turn limit, a full conversation, the same conversation twice; `ModelBusyError` when its
         preparation ran out of memory), or the error of the generation it was part of: the others' answers stand.
         stops and on_text as in `answer_batch`."""
-        requests = list(requests)
-        stops = list(stops) if stops is not None else [None] * len(requests)
+        requests, stops = _batch_arguments(requests, stops, FollowUpRequest)
         results: list[Answer | Exception | None] = [None] * len(requests)
         with self.exclusive_use():
             turns: dict[int, _Turn] = {}
             for index, request in enumerate(requests):
-                if request.chat.engine.model is not self.model:
-                    raise ValueError("a conversation of another model cannot be followed up by this engine")
+                if getattr(getattr(request.chat, "engine", None), "model", None) is not self.model:
+                    results[index] = ValueError(
+                        "This conversation is not one of this engine's model (Ego.chat of the engine that answers it)."
+                    )
+                    continue
                 if any(requests[other].chat is request.chat for other in turns):
                     results[index] = InputError("This conversation is already answering a question; ask when it ends.")
                     continue
@@ -1300,6 +1349,10 @@ class Chat:
         taken, it would make every later question fail."""
         self._check_room()
         checks.check_question(question, self.engine.settings)
+        if not isinstance(answer, str):
+            raise InputError(
+                f"The answer to take is text (a str, or the ego.Answer a call returned); got {type(answer).__name__}."
+            )
         ids = (
             list(getattr(answer, "token_ids", ()))
             or self.engine.backend.tokenizer(str(answer), add_special_tokens=False).input_ids
@@ -1356,10 +1409,15 @@ class Chat:
         max_new_tokens = checks.check_max_new_tokens(max_new_tokens, settings)
         pixels = self._add_adopted()  # dropped with this question if it fails: the photo or clip gives them again
         ids = self._ids + self._turn_ids(text)
-        if len(ids) + max_new_tokens > settings.max_conversation_context_tokens:
+        limit = settings.max_conversation_context_tokens
+        if len(ids) + max_new_tokens > limit:
+            # Its answer's budget alone may be what does not fit: a shorter answer still can.
+            room = (
+                f"; or ask for a shorter answer (max_new_tokens at most {limit - len(ids)})" if len(ids) < limit else ""
+            )
             raise InputError(
-                f"This conversation is full ({settings.max_conversation_context_tokens} tokens of "
-                f"context); start a new conversation to ask more."
+                f"This conversation is full ({limit} tokens of context with its next answer); start a new "
+                f"conversation to ask more{room}."
             )
         return self._turn(text, ids, max_new_tokens, self._cache if use_cache else None, pixels)
 
@@ -1679,8 +1737,10 @@ def keyword_positions(tokenizer, ids: list[int], *, content_only: bool) -> tuple
 
 def _streamed(tokenizer, generate, *, outputs: list | None = None) -> Iterator[str]:
     """The text so far as `generate(streamer=..., stopping_criteria=...)` produces it in a thread of its own (the
-    caller's thread stays free to hand each piece on). Closing the iterator stops generation at the next token and
-    waits until the thread has ended; generate's result is appended to `outputs`, and its error is raised here."""
+    caller's thread stays free to hand each piece on), stripped as the whole answer is, and only when it grew
+    (the streamer also hands on empty pieces while a word is incomplete). Closing the iterator stops generation at
+    the next token and waits until the thread has ended; generate's result is appended to `outputs`, and its error
+    is raised here."""
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     stop, failure = threading.Event(), []
@@ -1702,7 +1762,7 @@ def _streamed(tokenizer, generate, *, outputs: list | None = None) -> Iterator[s
 
     worker = threading.Thread(target=run, name="ego-generate", daemon=True)
     worker.start()
-    text = ""
+    text, shown = "", ""
     try:
         while True:
             try:
@@ -1711,15 +1771,16 @@ def _streamed(tokenizer, generate, *, outputs: list | None = None) -> Iterator[s
                 if worker.is_alive():
                     continue
                 # Ended between two looks: its last pieces may still be in the queue.
-                rest = "".join(_drain(streamer.text_queue, streamer.stop_signal))
-                if rest:
-                    text += rest
-                    yield text
+                text += "".join(_drain(streamer.text_queue, streamer.stop_signal))
+                if text.strip() != shown:
+                    yield text.strip()
                 break
             except StopIteration:
                 break
             text += piece
-            yield text
+            if text.strip() != shown:
+                shown = text.strip()
+                yield shown
     finally:
         stop.set()
         worker.join()
@@ -1793,6 +1854,19 @@ def _read_layers(layers, num_layers: int) -> tuple:
 
 _PYTHON_INT_BYTES = 36
 """A token id kept in a Python list: the int object (28 bytes) and the list's pointer to it (8)."""
+
+
+def _batch_arguments(requests, stops, kind: type) -> tuple[list, list]:
+    """`requests` (each a `kind`) and `stops` (one per request, or None) as lists, or a sentence for the caller's
+    mistake before anything runs."""
+    requests = list(requests)
+    wrong = next((r for r in requests if not isinstance(r, kind)), None)
+    if wrong is not None:
+        raise TypeError(f"Each request is an ego.batching.{kind.__name__}; got {type(wrong).__name__}.")
+    stops = list(stops) if stops is not None else [None] * len(requests)
+    if len(stops) != len(requests):
+        raise ValueError(f"stops has {len(stops)} events for {len(requests)} requests: give one per request, or None.")
+    return requests, stops
 
 
 def _decoder(model, settings: Settings, prefill_only_inputs: Sequence[str] = ()) -> Decoder:

@@ -250,3 +250,20 @@ def test_a_stop_that_comes_as_the_answer_ends_is_no_stop():
 
     (answer,) = engine.answer_batch([AnswerRequest("Who?", max_new_tokens=20)], stops=[stop], on_text=on_text)
     assert str(answer) == "Hi." and stop.is_set() and not answer.stopped
+
+
+def test_batch_arguments_that_do_not_fit_are_a_sentence_before_anything_runs():
+    from ego.batching import FollowUpRequest
+
+    engine, other = tiny_engine("qwen2.5-vl"), tiny_engine("qwen2-vl")
+    requests = [AnswerRequest("Hi?", max_new_tokens=2), AnswerRequest("Hello?", max_new_tokens=2)]
+    with pytest.raises(ValueError, match="stops has 1 events for 2 requests"):
+        engine.answer_batch(requests, stops=[None])
+    with pytest.raises(TypeError, match="Each request is an ego.batching.AnswerRequest; got tuple"):
+        engine.answer_batch([("Hi?", ())])
+    # A conversation of another model is that request's error; the others are answered.
+    mine, theirs = engine.chat(image=photo(1)), other.chat(image=photo(1))
+    for chat in (mine, theirs):
+        chat.ask("Hi?", max_new_tokens=2)
+    answered, refused = engine.follow_up_batch([FollowUpRequest(mine, "And?", 2), FollowUpRequest(theirs, "And?", 2)])
+    assert isinstance(answered, str) and isinstance(refused, ValueError) and "not one of this engine's" in str(refused)

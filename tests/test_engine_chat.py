@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -286,8 +287,9 @@ def test_a_refused_follow_up_leaves_no_pixels_held(concepts):
     chat = small.chat(known, image=photo(3))
     chat.adopt("Is Chelsea here?", first)
     before = chat.held_bytes
-    with pytest.raises(InputError, match="This conversation is full"):
+    with pytest.raises(InputError, match="This conversation is full") as full:
         chat.ask("What is she holding, and what colour is the wall behind her?", max_new_tokens=3)
+    assert "shorter answer" not in str(full.value)  # the question alone does not fit
     inputs = engine._prepare_answer("Is Chelsea here?", known, photo(3), None, 3).encoded.inputs
     pixels = sum(t.numel() * t.element_size() for k, t in inputs.items() if k in engine.backend.vision_input_keys)
     assert chat.held_bytes - before < pixels / 4  # its tokens now, not its pixels
@@ -549,3 +551,25 @@ def test_a_follow_up_stopped_alone_keeps_only_what_was_handed_on_and_goes_on_fro
     following = chat.ask("And the wall?", max_new_tokens=6)
     assert following.token_ids == reference.ask("And the wall?", max_new_tokens=6, use_cache=False).token_ids
     assert not following.stopped
+
+
+def test_a_follow_up_whose_answer_alone_does_not_fit_is_told_how_long_one_may_be(concepts):
+    engine = tiny_engine("qwen2.5-vl")
+    known = [chelsea(engine, concepts)]
+    first = engine.answer("Is Chelsea here?", known, image=photo(3), max_new_tokens=3)
+    small = engine.with_settings(max_conversation_context_tokens=first.context_tokens + 40)
+    chat = small.chat(known, image=photo(3))
+    chat.adopt("Is Chelsea here?", first)
+    with pytest.raises(InputError, match=r"or ask for a shorter answer \(max_new_tokens at most (\d+)\)") as full:
+        chat.ask("And then?", max_new_tokens=100)
+    room = int(re.search(r"at most (\d+)", str(full.value)).group(1))
+    assert room > 0 and chat.ask("And then?", max_new_tokens=room) is not None  # what it said fits
+
+
+def test_only_text_is_taken_as_an_answer_elsewhere():
+    engine = tiny_engine("qwen2.5-vl")
+    chat = engine.chat(image=photo(3))
+    for wrong in (None, 5, ["an", "answer"]):
+        with pytest.raises(InputError, match="The answer to take is text"):
+            chat.adopt("And?", wrong)
+    assert chat.turns == []
