@@ -136,6 +136,15 @@ def _open_regular_file(path: str | os.PathLike, settings: Settings, what: str) -
     """
     try:
         fh = open(path, "rb")  # noqa: SIM115 - the caller closes it
+    except FileNotFoundError:
+        typed = os.fsdecode(path)
+        if not typed:
+            raise InputError(f"The {what} file's path is empty; give the path of the file.") from None
+        # Its name only: the Space reads uploads from server paths that are never shown.
+        name = os.path.basename(os.path.normpath(typed))
+        raise InputError(
+            f"There is no {what} file named {name!r} at that path; check the path, or upload the file again."
+        ) from None
     except (OSError, ValueError):  # ValueError: a NUL byte in the path
         raise InputError(f"The {what} file could not be read; please upload it again.") from None
     try:
@@ -150,6 +159,41 @@ def _open_regular_file(path: str | os.PathLike, settings: Settings, what: str) -
         fh.close()
         raise
     return fh
+
+
+def _read_file_object(source: io.IOBase, settings: Settings, what: str) -> bytes:
+    """The rest of a file object opened for reading in binary mode (an open file, an `io.BytesIO`), from where it
+    stands: at most one byte past the upload limit is read, so a larger one is refused without being read whole."""
+    as_text = f"This {what} file was opened as text; open it in binary mode ('rb') and pass it again."
+    if isinstance(source, io.TextIOBase):
+        raise InputError(as_text)
+    if source.closed:
+        raise InputError(f"This {what} file is closed; pass it while it is open, or pass its path.")
+    limit = settings.max_upload_bytes
+    chunks, size = [], 0
+    try:
+        if not source.readable():
+            raise InputError(f"This {what} file is not open for reading; open it with 'rb' and pass it again.")
+        start = source.tell() if source.seekable() else None
+        while size <= limit:  # a pipe or a raw file may return fewer bytes than asked before its end
+            chunk = source.read(limit + 1 - size)
+            if not chunk:
+                break
+            if not isinstance(chunk, (bytes, bytearray)):
+                raise InputError(as_text)
+            chunks.append(bytes(chunk))
+            size += len(chunk)
+        if size > limit and start is not None:
+            size = source.seek(0, io.SEEK_END) - start  # its whole size for the sentence, not the part read
+    except InputError:
+        raise
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
+        raise InputError(f"The {what} file could not be read; please upload it again.") from None
+    if size > limit:
+        raise InputError(_too_big_message(size, settings, what))
+    if not size:
+        raise InputError(f"This {what} file is empty, or already read to its end; pass it from its start.")
+    return b"".join(chunks)
 
 
 def _fit_pixels(width: int, height: int, max_pixels: int) -> tuple[int, int]:
@@ -303,10 +347,11 @@ def _not_decoded(what: str, error: BaseException) -> None:
 def load_image(source: Any, settings: Settings = DEFAULT_SETTINGS) -> Image.Image:
     """Decode a visitor's image into a new RGB ``PIL.Image``.
 
-    ``source`` is a PIL image (never modified), a local path (``str`` or ``Path``), raw bytes, or a
-    uint8 numpy array of shape (H, W, 3). EXIF orientation is applied; palette, alpha (composited on
-    white), 16-bit, CMYK and grey images all become 8-bit RGB. Animated images give their first
-    frame. Raises :class:`InputError` with a sentence for the visitor for anything refused.
+    ``source`` is a PIL image (never modified), a local path (``str`` or ``Path``), raw bytes, a file
+    object opened for reading in binary mode (``open(path, "rb")``, ``io.BytesIO``; read from where it
+    stands, never closed), or a uint8 numpy array of shape (H, W, 3). EXIF orientation is applied;
+    palette, alpha (composited on white), 16-bit, CMYK and grey images all become 8-bit RGB. Animated
+    images give their first frame. Raises :class:`InputError` with a sentence for the visitor for anything refused.
     """
     if isinstance(source, Image.Image):
         return _decode(source, settings)
@@ -314,6 +359,8 @@ def load_image(source: Any, settings: Settings = DEFAULT_SETTINGS) -> Image.Imag
         im = _image_from_array(source)
         _check_dimensions(im.width, im.height, settings)
         return _to_rgb(im)
+    if isinstance(source, io.IOBase):
+        source = _read_file_object(source, settings, "image")
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if len(data) > settings.max_upload_bytes:
@@ -708,8 +755,9 @@ def load_video(
 ) -> tuple[np.ndarray, dict]:
     """Decode a visitor's video into ``num_frames`` uniformly sampled RGB frames and their metadata.
 
-    ``source`` is a local path, raw bytes, a uint8 array of frames (T, H, W, 3), or a list of images
-    (anything :func:`load_image` accepts). ``num_frames`` defaults to ``settings.video_num_frames``;
+    ``source`` is a local path, raw bytes, a file object opened for reading in binary mode (as
+    :func:`load_image` takes one), a uint8 array of frames (T, H, W, 3), or a list of images (anything
+    :func:`load_image` accepts). ``num_frames`` defaults to ``settings.video_num_frames``;
     ``fps`` is the frame rate of an array or list source (default ``settings.video_default_fps``)
     and is ignored for files, whose container states it.
 
@@ -728,6 +776,8 @@ def load_video(
         return _load_video_array(source, settings, n, fps)
     if isinstance(source, (list, tuple)):
         return _load_video_images(source, settings, n, fps)
+    if isinstance(source, io.IOBase):
+        source = _read_file_object(source, settings, "video")
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if len(data) > settings.max_upload_bytes:

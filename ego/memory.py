@@ -23,7 +23,7 @@ import torch
 from .checks import is_valid_text
 from .errors import IncompatibleMemoryError, InputError, MemoryFileError
 from .presets import HUB_ID
-from .settings import DEFAULT_SETTINGS
+from .settings import DEFAULT_SETTINGS, MAX_FILE_VIEWS_PER_CONCEPT
 
 FORMAT_NAME = "ego-concepts"
 FORMAT_VERSION = 1
@@ -34,9 +34,6 @@ MAX_THUMBNAIL_PX = 512
 128 px ones)."""
 MAX_RESIDUAL_LEVELS = 16
 """More residual levels than any family has (Qwen3-VL: 3): a file claiming more is refused."""
-MAX_FILE_VIEWS_PER_CONCEPT = 16
-"""Reference views of one concept in a file read without a model (`load_concepts` takes the engine's
-`max_references_per_concept`)."""
 MAX_FILE_TEXT_CHARS = 1000
 """Longest name, model id, description or size answer in a file; also the most characters all keywords of one
 view may have together. A model's description is `description_max_new_tokens` tokens, a visitor's
@@ -49,9 +46,10 @@ _CONCEPT_KEYS = {"name", "views"}
 _VIEW_KEYS = {"grid", "k", "area_pct", "keywords", "description", "size_answer", "keywords_source", "area_source"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ConceptView:
-    """What one reference image contributed to a concept's memory."""
+    """What one reference image contributed to a concept's memory. Equal only to itself (hashed the same way), like
+    `Concept`: fields that are tensors have no single truth value to compare by."""
 
     token_indices: torch.Tensor
     """Kept visual tokens, raster order: LongTensor [k]."""
@@ -73,12 +71,16 @@ class ConceptView:
     area_source: str = "model"
     """"model", "user", "fallback" (the size answer had no number) or "truncated" (it stopped at its length cap
     inside a number, so the number it meant is unknown): the last two use `Settings.area_pct_fallback`."""
-    timings_s: dict = field(default_factory=dict, compare=False)
+    timings_s: dict = field(default_factory=dict)
     """Seconds spent per stage (encode, description, size, scores, selection); not saved."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Concept:
+    """One concept's memory, as `introduce` makes it or `load_concepts` reads it. A concept is equal only to itself,
+    and hashed the same way: its memory is tensors, which compare element by element with no single truth value,
+    so one loaded back from a file is another object (`in`, `list.index` and `list.remove` find the same object)."""
+
     name: str
     embeddings: torch.Tensor
     """Memory rows, projector output at the kept tokens, views concatenated: float [sum K_c, D], CPU."""
@@ -321,6 +323,11 @@ def read_concepts(
         with path.open("rb") as handle:
             prefix = handle.read(8)
         size = path.stat().st_size
+    except FileNotFoundError:
+        # Its name only: the Space reads uploads from server paths that are never shown.
+        raise MemoryFileError(
+            f"There is no concept file named {path.name!r} at that path; check the path, or choose the file again."
+        ) from None
     except OSError as error:
         raise MemoryFileError("The concept file could not be read; please choose the file again.") from error
     if len(prefix) < 8:

@@ -23,6 +23,9 @@ DECODING_MODES = ("auto", "eager", "compiled")
 """What `decoding` accepts (`ego.decoding`): "auto" is compiled on CUDA, eager elsewhere."""
 QUANTIZATIONS = ("auto", "4bit", "8bit", "int4", "fp8", None)
 """What `quantization=` and `model_quantization` accept (`ego.quantization`); "auto" is "4bit" on CUDA, else None."""
+MAX_FILE_VIEWS_PER_CONCEPT = 16
+"""Reference photos of one concept that a concept file holds (`ego.memory`; a file read without a model is held to
+it). `max_references_per_concept` may not exceed it: a concept of more photos could be introduced, never saved."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ class Settings:
 
     # --- limits on what a visitor sends ---------------------------------------------------------
     max_references_per_concept: int = 5
+    """Photos one concept is introduced from: at most `MAX_FILE_VIEWS_PER_CONCEPT`, what a concept file holds."""
     max_name_chars: int = 40
     max_question_chars: int = 1000
     max_keywords: int = 20
@@ -133,7 +137,8 @@ class Settings:
     """Scans in one JPEG image, video frame or JPEG strip of a TIFF: an ordinary JPEG has 1 to about 12, and each
     scan decodes the whole picture again, so a file of many tiny scans would take the CPU for minutes."""
     max_image_aspect_ratio: float = 20.0
-    """Longer side over shorter side; beyond this the processor cannot make a sensible grid."""
+    """Longer side over shorter side (so at least 1, a square); beyond this the processor cannot make a sensible
+    grid."""
     max_video_duration_s: float = 120.0
     max_video_decode_s: float = 30.0
     """Wall-clock budget for decoding one video; a container that lies cannot hang the server."""
@@ -148,6 +153,32 @@ class Settings:
             raise ValueError(
                 f"answer_max_new_tokens must be at most answer_max_new_tokens_limit ({self.answer_max_new_tokens_limit}"
                 f"), or every question is refused; got {self.answer_max_new_tokens}."
+            )
+        if self.answer_max_new_tokens >= self.max_conversation_context_tokens:
+            raise ValueError(
+                f"max_conversation_context_tokens must be more than answer_max_new_tokens ({self.answer_max_new_tokens}"
+                f"), which every question of the default answer length needs besides its context; got "
+                f"{self.max_conversation_context_tokens}."
+            )
+        if self.compile_backend != "inductor":  # imported only here: torch._dynamo takes a second or two to import
+            import torch._dynamo
+
+            known = torch._dynamo.list_backends(exclude_tags=())  # "aot_eager" is tagged "debug"
+            if self.compile_backend not in known:
+                shown = {*torch._dynamo.list_backends(), "aot_eager"}  # without the debugging and testing ones
+                raise ValueError(
+                    f"compile_backend must be a torch.compile backend ({', '.join(sorted(shown))}, or one registered "
+                    f"with torch._dynamo.register_backend); got {self.compile_backend!r}."
+                )
+        if self.max_image_aspect_ratio < 1:
+            raise ValueError(
+                f"max_image_aspect_ratio must be at least 1 (it is the longer side over the shorter one), or every "
+                f"image is refused; got {self.max_image_aspect_ratio!r}."
+            )
+        if self.max_references_per_concept > MAX_FILE_VIEWS_PER_CONCEPT:
+            raise ValueError(
+                f"max_references_per_concept must be at most {MAX_FILE_VIEWS_PER_CONCEPT}, the photos of one concept "
+                f"a concept file holds, or a concept of more could not be saved; got {self.max_references_per_concept}."
             )
         if self.memory_selection not in MEMORY_SELECTIONS:
             raise ValueError(f"memory_selection must be one of {MEMORY_SELECTIONS}; got {self.memory_selection!r}.")

@@ -380,9 +380,15 @@ def test_a_generation_longer_than_the_static_cache_decodes_eagerly(compiled, mon
 
 
 def test_a_compile_failure_leaves_the_space_answering_eagerly(caplog):
+    import torch._dynamo
+
     from space.loading import LazyEngine
 
-    engine = Ego.tiny("qwen2-vl", settings=Settings(decoding="compiled", compile_backend="no-such-backend"))
+    def failing(graph, example_inputs):
+        raise RuntimeError("this compiler fails")
+
+    torch._dynamo.register_backend(failing, name="ego_always_fails")
+    engine = Ego.tiny("qwen2-vl", settings=Settings(decoding="compiled", compile_backend="ego_always_fails"))
     assert engine.needs_warm_up
     assert LazyEngine(engine).get() is engine
     assert "compiling the decode step failed" in caplog.text

@@ -120,7 +120,7 @@ def test_a_full_conversation_says_to_start_a_new_one_and_keeps_its_turns(concept
     assert [q for q, _ in chat.turns] == ["Is Chelsea here?", FOLLOW_UPS[0]]
 
     room = first.context_tokens + 4 + new_tokens(base, FOLLOW_UPS[0]) + 1 + 4
-    engine = base.with_settings(max_conversation_context_tokens=room)
+    engine = base.with_settings(max_conversation_context_tokens=room, answer_max_new_tokens=1)
     chat = engine.chat([concept], image=photo(3))
     chat.ask("Is Chelsea here?", max_new_tokens=4)
     with pytest.raises(InputError, match="start a new conversation"):
@@ -129,10 +129,10 @@ def test_a_full_conversation_says_to_start_a_new_one_and_keeps_its_turns(concept
     assert chat.ask(FOLLOW_UPS[0], max_new_tokens=4).prefill_tokens < first.context_tokens
     # A first question is held to the same limit: its context (photo and memories) and its answer's cap.
     # When the context fits and its answer's cap does not, the way out is a shorter answer.
-    tight = base.with_settings(max_conversation_context_tokens=first.context_tokens + 3)
+    tight = base.with_settings(max_conversation_context_tokens=first.context_tokens + 3, answer_max_new_tokens=1)
     with pytest.raises(InputError, match=f"needs {first.context_tokens} tokens of context.*shorter answer .at most 3 "):
         tight.answer("Is Chelsea here?", [concept], image=photo(3), max_new_tokens=4)
-    full = base.with_settings(max_conversation_context_tokens=first.context_tokens)
+    full = base.with_settings(max_conversation_context_tokens=first.context_tokens, answer_max_new_tokens=1)
     with pytest.raises(InputError, match=r"fewer concepts\.$"):
         full.answer("Is Chelsea here?", [concept], image=photo(3), max_new_tokens=1)
     assert str(tight.answer("Is Chelsea here?", [concept], image=photo(3), max_new_tokens=3)) == str(
@@ -283,7 +283,7 @@ def test_a_refused_follow_up_leaves_no_pixels_held(concepts):
     engine = tiny_engine("qwen2.5-vl")
     known = [chelsea(engine, concepts)]
     first = engine.answer("Is Chelsea here?", known, image=photo(3), max_new_tokens=3)
-    small = engine.with_settings(max_conversation_context_tokens=first.context_tokens + 8)
+    small = engine.with_settings(max_conversation_context_tokens=first.context_tokens + 8, answer_max_new_tokens=1)
     chat = small.chat(known, image=photo(3))
     chat.adopt("Is Chelsea here?", first)
     before = chat.held_bytes
@@ -557,7 +557,7 @@ def test_a_follow_up_whose_answer_alone_does_not_fit_is_told_how_long_one_may_be
     engine = tiny_engine("qwen2.5-vl")
     known = [chelsea(engine, concepts)]
     first = engine.answer("Is Chelsea here?", known, image=photo(3), max_new_tokens=3)
-    small = engine.with_settings(max_conversation_context_tokens=first.context_tokens + 40)
+    small = engine.with_settings(max_conversation_context_tokens=first.context_tokens + 40, answer_max_new_tokens=1)
     chat = small.chat(known, image=photo(3))
     chat.adopt("Is Chelsea here?", first)
     with pytest.raises(InputError, match=r"or ask for a shorter answer \(max_new_tokens at most (\d+)\)") as full:

@@ -408,6 +408,68 @@ def test_upload_size_limit(tmp_path):
         load_image(just_over, DEFAULT_SETTINGS.replace(max_upload_mb=25))
 
 
+def test_a_missing_file_is_named_by_its_base_name_only(tmp_path, videos):
+    """The folder is never shown (the Space's are server paths); other failures keep their sentence."""
+    for load, what in ((load_image, "image"), (load_video, "video")):
+        for missing in (tmp_path / "gone" / "photo.jpg", str(tmp_path / "photo.jpg")):
+            with pytest.raises(InputError, match=rf"^There is no {what} file named 'photo\.jpg' at that path; ") as e:
+                load(missing)
+            assert str(tmp_path) not in str(e.value)
+        with pytest.raises(InputError, match=f"^The {what} file's path is empty"):
+            load("")
+        with pytest.raises(InputError, match=f"^The {what} file could not be read"):
+            load(videos["mp4"] / "inside")  # a path through a file: not a missing file, and not named
+
+
+def test_binary_file_objects_are_read_and_text_ones_refused(tmp_path, videos):
+    data = encode(gradient(), "JPEG")
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(data)
+    assert_rgb(load_image(io.BytesIO(data)), (64, 48))
+    with path.open("rb") as handle:
+        assert_rgb(load_image(handle), (64, 48))
+    with path.open("rb", buffering=0) as raw:
+        assert_rgb(load_image(raw), (64, 48))
+    with videos["mp4"].open("rb") as handle:
+        check_clip(*load_video(handle))
+    check_clip(*load_video(io.BytesIO(videos["mp4"].read_bytes())))
+    with path.open("r", encoding="latin-1") as text, pytest.raises(InputError, match="opened as text; open it in"):
+        load_image(text)
+    with pytest.raises(InputError, match="opened as text"):
+        load_video(io.StringIO("not a clip"))
+    with path.open("ab") as for_writing, pytest.raises(InputError, match="not open for reading"):
+        load_image(for_writing)
+    closed = io.BytesIO(data)
+    closed.close()
+    with pytest.raises(InputError, match="is closed"):
+        load_image(closed)
+    read_already = io.BytesIO(data)
+    read_already.read()
+    with pytest.raises(InputError, match="already read to its end"):
+        load_image(read_already)
+
+
+def test_a_file_object_over_the_upload_limit_is_refused_with_its_size_without_reading_it_whole():
+    """One byte more than the limit is read; the sentence gives the whole size, as for a path or bytes."""
+    big = io.BytesIO(encode(gradient(), "PNG") + b"\0" * (3 * 1024 * 1024))
+    with pytest.raises(InputError, match=r"^This image is 3\.1 MiB; the limit is 1 MiB"):
+        load_image(big, DEFAULT_SETTINGS.replace(max_upload_mb=1))
+
+    class Stream(io.RawIOBase):  # not seekable: its size is unknown, what was read is over the limit
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            self.given = getattr(self, "given", 0) + len(buffer)
+            buffer[:] = b"\0" * len(buffer)
+            return len(buffer)
+
+    endless = Stream()
+    with pytest.raises(InputError, match=r"^This video is 1\.1 MiB; the limit is 1 MiB"):
+        load_video(endless, DEFAULT_SETTINGS.replace(max_upload_mb=1))
+    assert endless.given == 1024 * 1024 + 1
+
+
 @pytest.mark.parametrize(
     "bad",
     [None, 42, {"path": "x.png"}, np.zeros((4, 4, 3), np.float32), np.zeros((4, 4, 5), np.uint8)],

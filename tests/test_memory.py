@@ -414,3 +414,22 @@ def test_saving_what_is_not_concepts_pictures_or_a_file_path_is_an_input_error(c
     path = save_concepts(tmp_path / "one.ego", concepts[0], (p for p in [Image.new("RGB", (4, 4))]))
     assert ego.read_thumbnails(path, 1)[0].size == (4, 4)
     assert [c.name for c in load_concepts(path, tiny_engine("qwen2-vl"))] == ["Chelsea"]
+
+
+def test_a_concept_is_equal_only_to_itself_so_lists_and_sets_of_concepts_work(concepts, tmp_path):
+    engine = tiny_engine("qwen2-vl")
+    chelsea, mug = concepts
+    loaded = load_concepts(save_concepts(tmp_path / "mine.ego", [chelsea]), engine)[0]
+    assert loaded != chelsea and loaded.views[0] != chelsea.views[0]  # the same memory, another object
+    assert chelsea == chelsea and chelsea.views[0] == chelsea.views[0]
+    assert loaded not in concepts and mug in concepts and concepts.index(mug) == 1
+    kept = [chelsea, loaded, mug]
+    kept.remove(loaded)
+    assert kept == [chelsea, mug]
+    assert len({chelsea, loaded, mug, chelsea}) == 3 and {chelsea: 1}.get(loaded) is None
+
+
+def test_a_missing_concept_file_is_named_without_its_folder(tmp_path):
+    with pytest.raises(MemoryFileError, match=r"^There is no concept file named 'mine\.ego' at that path") as raised:
+        load_concepts(tmp_path / "gone" / "mine.ego", tiny_engine("qwen2-vl"))
+    assert str(tmp_path) not in str(raised.value)
