@@ -120,6 +120,8 @@ def check_area_pct(area_pct) -> float | None:
     """The subject's share of the image (1..100 %), or None to let the model estimate it."""
     if area_pct is None:
         return None
+    if isinstance(area_pct, bool):  # True would read as 1 %
+        raise InputError("The subject size must be a number between 1 and 100 (percent of the image).")
     try:
         value = float(area_pct)
     except (TypeError, ValueError):

@@ -46,7 +46,7 @@ _CONCEPT_KEYS = {"name", "views"}
 _VIEW_KEYS = {"grid", "k", "area_pct", "keywords", "description", "size_answer", "keywords_source", "area_source"}
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class ConceptView:
     """What one reference image contributed to a concept's memory. Equal only to itself (hashed the same way), like
     `Concept`: fields that are tensors have no single truth value to compare by."""
@@ -74,8 +74,15 @@ class ConceptView:
     timings_s: dict = field(default_factory=dict)
     """Seconds spent per stage (encode, description, size, scores, selection); not saved."""
 
+    def __repr__(self) -> str:
+        # Short: the generated one prints the scores of every visual token.
+        return (
+            f"ConceptView(k={self.k}, grid={self.grid}, area_pct={self.area_pct:g} ({self.area_source}), "
+            f"keywords={self.keywords!r})"
+        )
 
-@dataclass(frozen=True, eq=False)
+
+@dataclass(frozen=True, eq=False, repr=False)
 class Concept:
     """One concept's memory, as `introduce` makes it or `load_concepts` reads it. A concept is equal only to itself,
     and hashed the same way: its memory is tensors, which compare element by element with no single truth value,
@@ -90,6 +97,11 @@ class Concept:
     """Per-token features that the family's language model adds at visual positions in its first layers,
     at the kept tokens, views concatenated: float [levels, sum K_c, D], CPU (Qwen3-VL's deepstack
     features, one level per tapped vision depth); None for families without them."""
+
+    def __repr__(self) -> str:
+        # Short: the generated one prints every tensor (kilobytes for one concept).
+        photos = f"{len(self.views)} photo{'s' if len(self.views) != 1 else ''}"
+        return f"Concept({self.name!r}, {photos}, {self.num_tokens} memory tokens, model_id={self.model_id!r})"
 
     @property
     def num_tokens(self) -> int:

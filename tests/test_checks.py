@@ -42,7 +42,7 @@ def test_a_question_of_invisible_characters_is_empty(invisible):
 
 def test_area():
     assert checks.check_area_pct("35") == 35.0 and checks.check_area_pct(None) is None
-    for bad in ["abc", float("nan"), 0, 101]:
+    for bad in ["abc", float("nan"), 0, 101, True]:  # True is no size (it would read as 1 %)
         with pytest.raises(InputError, match="between 1 and 100"):
             checks.check_area_pct(bad)
 

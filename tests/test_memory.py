@@ -433,3 +433,14 @@ def test_a_missing_concept_file_is_named_without_its_folder(tmp_path):
     with pytest.raises(MemoryFileError, match=r"^There is no concept file named 'mine\.ego' at that path") as raised:
         load_concepts(tmp_path / "gone" / "mine.ego", tiny_engine("qwen2-vl"))
     assert str(tmp_path) not in str(raised.value)
+
+
+def test_a_concept_and_its_views_print_short(concepts):
+    """A notebook shows a concept by its repr: what it is, not every tensor it holds (kilobytes per concept)."""
+    chelsea, mug = concepts
+    assert (
+        repr(chelsea) == f"Concept('Chelsea', 2 photos, {chelsea.num_tokens} memory tokens, model_id='tiny-qwen2-vl')"
+    )
+    view = repr(mug.views[0])
+    assert view.startswith(f"ConceptView(k={mug.views[0].k}, grid=") and "area_pct=5 (user)" in view
+    assert "keywords=('red mug',)" in view and "tensor" not in view + repr(chelsea)
