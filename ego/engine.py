@@ -30,6 +30,7 @@ import contextlib
 import copy
 import io
 import json
+import logging
 import math
 import numbers
 import os
@@ -63,29 +64,36 @@ from .presets import DEFAULT_PRESET, UNCALIBRATED, check_model_name, depth_scale
 from .quantization import check_known, check_supported, for_device, quantization_config
 from .settings import DEFAULT_SETTINGS, Settings
 
+log = logging.getLogger("ego.engine")
+
 OUT_OF_MEMORY = (
     "The model ran out of memory on this request; try a smaller image, a shorter clip or fewer concepts, then ask "
     "again."
 )
-IN_USE_BY_THIS_THREAD = (
-    "This model is still busy with a stream this thread opened (stream_answer or Chat.stream): iterate it to the end "
-    "or call its close() before the next call (contextlib.closing(stream) does it for a block)."
+WAITING_FOR_OWN_STREAM = (
+    "Waiting for the model, which a stream this thread opened still holds (stream_answer or Chat.stream): unless "
+    "another thread iterates that stream, iterate it to the end or call its close() (contextlib.closing(stream) "
+    "does it for a block); this call waits until then."
 )
+OWN_STREAM_WARNING_S = 10.0
+"""How long a thread waits for a model its own open stream holds before the log says why it waits."""
 
 
 class ModelLock:
-    """One model call at a time, as a `threading.Lock`, except that the thread holding it is refused with a sentence
-    rather than left to wait for itself forever: a stream holds the model from its first piece to its end, and a
-    stream paused in a notebook, then another call in the same thread, would otherwise hang every caller."""
+    """One model call at a time, as a `threading.Lock`, that says why a thread waits for a model a stream it opened
+    still holds: a stream holds the model from its first piece to its end, and one paused in a notebook, then
+    another call in the same thread, waits forever. (It still waits: a stream served from a pool of threads, each
+    piece on any of them, may be ended by another thread.)"""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._owner: int | None = None
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        if blocking and self._owner == threading.get_ident():
-            raise RuntimeError(IN_USE_BY_THIS_THREAD)
-        if not self._lock.acquire(blocking, timeout):
+        if blocking and timeout < 0 and self._owner == threading.get_ident():
+            while not self._lock.acquire(timeout=OWN_STREAM_WARNING_S):
+                log.warning(WAITING_FOR_OWN_STREAM)
+        elif not self._lock.acquire(blocking, timeout):
             return False
         self._owner = threading.get_ident()
         return True
@@ -1412,9 +1420,7 @@ class Chat:
         limit = settings.max_conversation_context_tokens
         if len(ids) + max_new_tokens > limit:
             # Its answer's budget alone may be what does not fit: a shorter answer still can.
-            room = (
-                f"; or ask for a shorter answer (max_new_tokens at most {limit - len(ids)})" if len(ids) < limit else ""
-            )
+            room = f"; or ask for a shorter answer (at most {limit - len(ids)} tokens)" if len(ids) < limit else ""
             raise InputError(
                 f"This conversation is full ({limit} tokens of context with its next answer); start a new "
                 f"conversation to ask more{room}."

@@ -560,7 +560,7 @@ def test_a_follow_up_whose_answer_alone_does_not_fit_is_told_how_long_one_may_be
     small = engine.with_settings(max_conversation_context_tokens=first.context_tokens + 40, answer_max_new_tokens=1)
     chat = small.chat(known, image=photo(3))
     chat.adopt("Is Chelsea here?", first)
-    with pytest.raises(InputError, match=r"or ask for a shorter answer \(max_new_tokens at most (\d+)\)") as full:
+    with pytest.raises(InputError, match=r"or ask for a shorter answer \(at most (\d+) tokens\)") as full:
         chat.ask("And then?", max_new_tokens=100)
     room = int(re.search(r"at most (\d+)", str(full.value)).group(1))
     assert room > 0 and chat.ask("And then?", max_new_tokens=room) is not None  # what it said fits
