@@ -144,14 +144,13 @@ class Decoder:
             )
             self._generate = model.generate
             model.generate = self.generate  # this model object's generate: every call site goes through it
-            self.prefill_only_inputs = tuple(prefill_only_inputs)
             if hasattr(model, "_prepare_position_ids_for_generation"):
                 model._prepare_position_ids_for_generation = self._prepare_positions = _positions_in_one_shape(
                     model, model._prepare_position_ids_for_generation
                 )
-            if self.prefill_only_inputs:
+            if prefill_only_inputs:
                 model.prepare_inputs_for_generation = self._prepare_inputs = _steps_without(
-                    model.prepare_inputs_for_generation, self.prefill_only_inputs
+                    model.prepare_inputs_for_generation, tuple(prefill_only_inputs)
                 )
 
     def close(self) -> None:

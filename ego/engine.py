@@ -1784,8 +1784,8 @@ def _streamed(tokenizer, generate, *, outputs: list | None = None) -> Iterator[s
             except StopIteration:
                 break
             text += piece
-            if text.strip() != shown:
-                shown = text.strip()
+            if (now := text.strip()) != shown:
+                shown = now
                 yield shown
     finally:
         stop.set()

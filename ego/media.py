@@ -14,7 +14,8 @@ Everything here treats its input as hostile: a public Space receives files from 
 * The work one picture takes is bounded before it is decoded, as the budget cannot interrupt a decoder:
   a JPEG (a photo, or a frame of an MJPEG video) of more than ``max_jpeg_scans`` scans is refused (each
   scan decodes the whole picture again: a 25 MB file of 300,000 tiny scans takes the CPU for most of an
-  hour), and a video's codec must be one of the camera, phone and web codecs of ``VIDEO_CODECS``.
+  hour), and a video's codec must be one of ``VIDEO_CODECS`` (camera, phone, web, editing and
+  screen-recording codecs, whose one frame is bounded by its pixels).
 * Nothing is fetched: a URL is refused, and a video's demuxer is chosen from the file's magic bytes
   and may not open any other file or URL (ffmpeg's HLS/concat demuxers are a known SSRF vector).
 * Every refusal is an :class:`ego.errors.InputError` whose short message says what to do next; no

@@ -277,20 +277,26 @@ def test_a_recomputed_context_gets_the_first_questions_pixels_again(media, conce
     assert adopted.turns[1][1] == chat.turns[1][1]
 
 
+def adopted_with_room(engine, concepts, room: int):
+    """A conversation about photo 3 that adopted its first answer, in a context cap `room` tokens past it."""
+    known = [chelsea(engine, concepts)]
+    first = engine.answer("Is Chelsea here?", known, image=photo(3), max_new_tokens=3)
+    small = engine.with_settings(max_conversation_context_tokens=first.context_tokens + room, answer_max_new_tokens=1)
+    chat = small.chat(known, image=photo(3))
+    chat.adopt("Is Chelsea here?", first)
+    return chat
+
+
 def test_a_refused_follow_up_leaves_no_pixels_held(concepts):
     """An adopted first turn is prepared (pixels included) by the next question; refused after that, the question
     holds nothing more than the conversation's tokens: its pixels go with it."""
     engine = tiny_engine("qwen2.5-vl")
-    known = [chelsea(engine, concepts)]
-    first = engine.answer("Is Chelsea here?", known, image=photo(3), max_new_tokens=3)
-    small = engine.with_settings(max_conversation_context_tokens=first.context_tokens + 8, answer_max_new_tokens=1)
-    chat = small.chat(known, image=photo(3))
-    chat.adopt("Is Chelsea here?", first)
+    chat = adopted_with_room(engine, concepts, 8)
     before = chat.held_bytes
     with pytest.raises(InputError, match="This conversation is full") as full:
         chat.ask("What is she holding, and what colour is the wall behind her?", max_new_tokens=3)
     assert "shorter answer" not in str(full.value)  # the question alone does not fit
-    inputs = engine._prepare_answer("Is Chelsea here?", known, photo(3), None, 3).encoded.inputs
+    inputs = engine._prepare_answer("Is Chelsea here?", chat.concepts, photo(3), None, 3).encoded.inputs
     pixels = sum(t.numel() * t.element_size() for k, t in inputs.items() if k in engine.backend.vision_input_keys)
     assert chat.held_bytes - before < pixels / 4  # its tokens now, not its pixels
 
@@ -554,12 +560,7 @@ def test_a_follow_up_stopped_alone_keeps_only_what_was_handed_on_and_goes_on_fro
 
 
 def test_a_follow_up_whose_answer_alone_does_not_fit_is_told_how_long_one_may_be(concepts):
-    engine = tiny_engine("qwen2.5-vl")
-    known = [chelsea(engine, concepts)]
-    first = engine.answer("Is Chelsea here?", known, image=photo(3), max_new_tokens=3)
-    small = engine.with_settings(max_conversation_context_tokens=first.context_tokens + 40, answer_max_new_tokens=1)
-    chat = small.chat(known, image=photo(3))
-    chat.adopt("Is Chelsea here?", first)
+    chat = adopted_with_room(tiny_engine("qwen2.5-vl"), concepts, 40)
     with pytest.raises(InputError, match=r"or ask for a shorter answer \(at most (\d+) tokens\)") as full:
         chat.ask("And then?", max_new_tokens=100)
     room = int(re.search(r"at most (\d+)", str(full.value)).group(1))
