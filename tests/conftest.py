@@ -7,7 +7,9 @@ import ipaddress
 import os
 import socket
 import threading
+import time
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -242,21 +244,40 @@ def space_engine(settings):
     return _SPACE_ENGINES[settings]
 
 
+def _reachable_within_60_s(url: str) -> bool:
+    """Gradio's check that the launched page answers, with the patience of a loaded test machine."""
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.head(url, timeout=20).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
 @contextlib.contextmanager
 def running_demo(settings, space_settings=None, *, show_error: bool = False):
     """The Space on a tiny Qwen2.5-VL with the engine `settings` (an `ego.Settings`) and the Space's
     `space_settings`, launched on loopback with the production launch options."""
+    import gradio.networking
+
     import app
 
     demo = app.build_demo(space_engine(settings), space_settings)
-    demo.launch(
-        server_name="127.0.0.1",
-        server_port=free_port(),
-        prevent_thread_lock=True,
-        quiet=True,
-        show_error=show_error,
-        **app.launch_options(settings, space_settings),
-    )
+    # Gradio's launch gives up when one request to the page takes 3 s, which a busy 2-core machine can exceed.
+    with mock.patch.object(gradio.networking, "url_ok", _reachable_within_60_s):
+        demo.launch(
+            server_name="127.0.0.1",
+            server_port=free_port(),
+            prevent_thread_lock=True,
+            quiet=True,
+            show_error=show_error,
+            **app.launch_options(settings, space_settings),
+        )
     try:
         yield demo
     finally:
