@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import is_valid_text
+from .checks import check_name, is_valid_text
 from .errors import IncompatibleMemoryError, InputError, MemoryFileError
 from .presets import HUB_ID
 from .settings import DEFAULT_SETTINGS, MAX_FILE_VIEWS_PER_CONCEPT
@@ -359,7 +359,8 @@ def read_concepts(
                 ) from None
             if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
                 raise MemoryFileError(not_ours)
-            if document.get("version") != FORMAT_VERSION:
+            version = document.get("version")
+            if type(version) is not int or version != FORMAT_VERSION:  # True and 1.0 equal 1 too
                 raise MemoryFileError(
                     f"This concept file has format version {_shown(document.get('version'))}; this version of Ego "
                     f"reads version {FORMAT_VERSION}. Re-export the concepts with this version."
@@ -367,6 +368,8 @@ def read_concepts(
             entries = document["concepts"]
             if not isinstance(entries, list) or len(entries) > max_concepts:
                 raise MemoryFileError(f"A concept file may hold at most {max_concepts} concepts.")
+            if not entries:  # save_concepts writes none such
+                raise MemoryFileError("This concept file holds no concepts; export them again from this app.")
             _check_keys(document, _DOCUMENT_KEYS)
             model_id = _file_text(document["model_id"], "model name")
             hidden = document["hidden_size"]
@@ -542,6 +545,18 @@ def _is_consistent(view: ConceptView) -> bool:
     return indices.numel() == 0 or (int(indices.min()) >= 0 and int(indices.max()) < scores.numel())
 
 
+def _loaded_name(name: str, number: int, settings) -> str:
+    """A file's concept name held to the rule of `Ego.introduce`'s names (folded white space, no control
+    characters, not empty, not too long): a name is a line of the prompt, and a file may come from anyone."""
+    try:
+        return check_name(name, settings)
+    except InputError:
+        raise MemoryFileError(
+            f"Concept {number} in this file has an empty name or one longer than {settings.max_name_chars} "
+            f"characters; rename it where it was made and export it again."
+        ) from None
+
+
 def load_concepts(path, engine) -> list[Concept]:
     """Concepts from a file written by `save_concepts`, checked against `engine`'s model."""
     document, concepts = read_concepts(
@@ -561,11 +576,12 @@ def load_concepts(path, engine) -> list[Concept]:
     loaded = [
         replace(
             c,
+            name=_loaded_name(c.name, number, engine.settings),
             embeddings=c.embeddings.to(dtype),
             residuals=None if c.residuals is None else c.residuals.to(dtype),
             model_id=engine.model_id,  # the same model, perhaps named the way an older file named it
         )
-        for c in concepts
+        for number, c in enumerate(concepts, 1)
     ]
     # Finite as stored, but maybe not in the model's dtype (float32's 3e38 is inf in bfloat16).
     if not all(

@@ -99,7 +99,7 @@ class Settings:
     video_num_frames: int = 8
     """Frames sampled uniformly from a query video."""
     video_frame_max_pixels: int = 448 * 448
-    """Pixel budget of one sampled video frame."""
+    """Pixel budget of one sampled video frame (InternVL makes each frame one 448x448 tile, whatever the budget)."""
     video_default_fps: float = 24.0
     """Frame rate assumed for frames given as an array or list, or a file that states none
     (the value transformers falls back to)."""

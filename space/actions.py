@@ -12,7 +12,6 @@ handler changes the session only after all of its work succeeded.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import html
 import logging
@@ -692,17 +691,8 @@ class Actions:
             concepts = load_concepts(path, engine)
             thumbnails = read_thumbnails(path, len(concepts))
             entries, skipped, twice, seen = [], [], [], set()
-            for number, (concept, thumbnail) in enumerate(zip(concepts, thumbnails), 1):
-                try:
-                    name = checks.check_name(concept.name, self.limits)
-                except InputError:
-                    raise MemoryFileError(
-                        f"Concept {number} in this file has an empty name or one longer than "
-                        f"{self.limits.max_name_chars} characters; rename it where it was made and export it "
-                        f"again."
-                    ) from None
-                if name != concept.name:
-                    concept = dataclasses.replace(concept, name=name)
+            for concept, thumbnail in zip(concepts, thumbnails):
+                name = concept.name  # held to the rule of typed names by load_concepts
                 if session.has(name):
                     skipped.append(name)
                     continue

@@ -313,6 +313,11 @@ UNUSABLE = {
     "a lone surrogate in a keyword": (_first_view(keywords=["tabby", "\udfff"]), "not valid Unicode"),
     "a lone surrogate in a description": (_first_view(description="a cat \ud83d"), "not valid Unicode"),
     "a lone surrogate in the model name": (lambda t, d: d.update(model_id="Qwen\ud800"), "not valid Unicode"),
+    "a version that is True": (lambda t, d: d.update(version=True), "format version"),
+    "a version that is 1.0": (lambda t, d: d.update(version=1.0), "format version"),
+    "no concepts at all": (lambda t, d: d.update(concepts=[]), "holds no concepts"),
+    "an empty name": (lambda t, d: d["concepts"][1].update(name=""), "Concept 2 in this file has an empty name"),
+    "a name of 41 characters": (lambda t, d: d["concepts"][0].update(name="n" * 41), "longer than 40 characters"),
     "a million keywords": (_first_view(keywords=["w"] * 1_000_000), "more than 100 keywords"),
     "keywords of 5,000 characters": (_first_view(keywords=["w" * 50] * 100), "longer than 1000 characters"),
     "a description of 100,000 characters": (_first_view(description="d" * 100_000), "longer than 1000"),
@@ -444,3 +449,16 @@ def test_a_concept_and_its_views_print_short(concepts):
     view = repr(mug.views[0])
     assert view.startswith(f"ConceptView(k={mug.views[0].k}, grid=") and "area_pct=5 (user)" in view
     assert "keywords=('red mug',)" in view and "tensor" not in view + repr(chelsea)
+
+
+def test_a_files_names_are_held_to_the_rule_of_typed_names(tmp_path, concepts):
+    """A name is a line of the prompt, and a concept file may come from anyone: its control characters and
+    line breaks are folded as `introduce` folds a typed name's, so no file adds lines to the context."""
+    good = save_concepts(tmp_path / "good.ego", concepts)
+    path = _with_document(
+        good, tmp_path / "lines.ego", lambda t, d: d["concepts"][0].update(name="Chel\n\nsea\u202e X")
+    )
+    engine = tiny_engine("qwen2-vl")
+    loaded = load_concepts(path, engine)
+    assert [c.name for c in loaded] == [engine.introduce("Chel\n\nsea\u202e X", [photo(0)], area_pct=12).name, "my mug"]
+    assert loaded[0].name == "Chel sea X"
