@@ -324,7 +324,10 @@ def launch_options(settings, space_settings=None) -> dict:
     from space.visitors import NewSessionQuota
 
     space = space_settings or DEFAULT_SPACE_SETTINGS
-    quota = Middleware(UploadQuota, max_bytes=space.max_cache_bytes, upload_bytes=settings.max_upload_bytes)
+    # One cap for every file Gradio takes in, the larger of a photo's or clip's and a concept file's (Gradio
+    # cannot tell them apart); a photo or clip over its own limit is refused with a sentence once it is in.
+    largest_file_bytes = max(settings.max_upload_bytes, space.max_concept_file_bytes)
+    quota = Middleware(UploadQuota, max_bytes=space.max_cache_bytes, upload_bytes=largest_file_bytes)
     sessions = Middleware(
         NewSessionQuota,
         max_new=space.max_new_sessions_per_address_per_hour,
@@ -332,7 +335,7 @@ def launch_options(settings, space_settings=None) -> dict:
         remember=2 * space.max_sessions,
     )
     return dict(
-        max_file_size=settings.max_upload_bytes,
+        max_file_size=largest_file_bytes,
         state_session_capacity=space.max_sessions,
         app_kwargs={
             "middleware": [Middleware(RefuseFileLinks), quota, sessions],
@@ -634,7 +637,7 @@ def _concepts_panel(s, limits) -> SimpleNamespace:
         f"back, and they are deleted {s.session_ttl_s // 60} minutes after your last action here (sooner if the "
         f"server restarts or is very busy); uploads leave the server within "
         f"{(s.upload_max_age_s + s.upload_cleanup_interval_s) // 60} minutes. Export your concepts to keep "
-        f"them (and import them here: a file of at most {limits.max_upload_mb} MiB and "
+        f"them (and import them here: a file of at most {s.max_concept_file_mb:g} MiB and "
         f"{limits.max_concept_file_concepts} concepts). At most {s.max_concepts_per_session} concepts."
     )
     return SimpleNamespace(

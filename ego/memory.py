@@ -223,7 +223,7 @@ def save_concepts(
         raise InputError(f"{str(path)!r} is a folder; give a file name, for example 'my-concepts.safetensors'.")
     if not path.parent.is_dir():
         raise InputError(f"The folder {str(path.parent)!r} does not exist; create it first, or save elsewhere.")
-    tensors, entries = {}, []
+    tensors = {}
     for i, concept in enumerate(concepts):
         tensors[f"c{i}.embeddings"] = concept.embeddings.detach().cpu().clone()
         if concept.residuals is not None:
@@ -232,11 +232,20 @@ def save_concepts(
             width, height = thumbnails[i].size
             pixels = bytearray(thumbnails[i].tobytes())
             tensors[f"c{i}.thumbnail"] = torch.frombuffer(pixels, dtype=torch.uint8).reshape(height, width, 3)
-        views = []
         for j, view in enumerate(concept.views):
             tensors[f"c{i}.v{j}.token_indices"] = view.token_indices.to(torch.int64).cpu().clone()
             tensors[f"c{i}.v{j}.scores"] = view.scores.float().cpu().clone()
-            views.append(
+    # A failed write (a full disk, no permission) is the machine's, not the caller's: raised as it is.
+    save_file(tensors, str(path), metadata={"ego": json.dumps(_document(concepts))})
+    return path
+
+
+def _document(concepts: list[Concept]) -> dict:
+    """The JSON description a concept file carries beside its tensors."""
+    entries = [
+        {
+            "name": concept.name,
+            "views": [
                 {
                     "grid": list(view.grid),
                     "k": view.k,
@@ -247,18 +256,50 @@ def save_concepts(
                     "keywords_source": view.keywords_source,
                     "area_source": view.area_source,
                 }
-            )
-        entries.append({"name": concept.name, "views": views})
-    document = {
+                for view in concept.views
+            ],
+        }
+        for concept in concepts
+    ]
+    return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "model_id": concepts[0].model_id,
         "hidden_size": int(concepts[0].embeddings.shape[1]),
         "concepts": entries,
     }
-    # A failed write (a full disk, no permission) is the machine's, not the caller's: raised as it is.
-    save_file(tensors, str(path), metadata={"ego": json.dumps(document)})
-    return path
+
+
+_TENSOR_HEADER_BYTES = 128
+"""At most what one tensor's entry takes in a safetensors header: its name, dtype, shape and offsets as JSON."""
+
+
+def concept_file_bytes(concepts, thumbnails=None) -> int:
+    """At least the size of the file `save_concepts(path, concepts, thumbnails)` writes, in bytes, computed
+    without writing it (at most a few hundred bytes per concept more): what a limit on the files one may read
+    back is checked against before more concepts are taken on."""
+    concepts = list(concepts)
+    if not concepts:
+        return 0
+    thumbnails = list(thumbnails) if thumbnails is not None else [None] * len(concepts)
+    count, data = 0, 0
+    for concept, thumbnail in zip(concepts, thumbnails):
+        count += 1 + (concept.residuals is not None) + (thumbnail is not None) + 2 * len(concept.views)
+        data += concept.nbytes  # in the dtype it is written in: rows and residuals as they are held
+        if thumbnail is not None:
+            width, height = _stored_size(thumbnail.size)
+            data += width * height * 3
+        data += sum(8 * view.token_indices.numel() + 4 * view.scores.numel() for view in concept.views)
+    header = json.dumps({"__metadata__": {"ego": json.dumps(_document(concepts))}})
+    return 8 + len(header.encode("utf-8")) + 8 + _TENSOR_HEADER_BYTES * count + data
+
+
+def _stored_size(size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) a thumbnail of `size` is stored at: at most `MAX_THUMBNAIL_PX` on either side."""
+    if max(size) <= MAX_THUMBNAIL_PX:
+        return size
+    scale = MAX_THUMBNAIL_PX / max(size)
+    return tuple(max(1, round(side * scale)) for side in size)  # a 5000 x 2 strip keeps 1 px
 
 
 def _checked_thumbnails(thumbnails, count: int) -> list:
@@ -287,9 +328,7 @@ def _checked_thumbnails(thumbnails, count: int) -> list:
         except (ValueError, OSError) as error:
             raise InputError(f"A thumbnail in {picture.mode} mode cannot be stored; give an RGB picture.") from error
         if max(picture.size) > MAX_THUMBNAIL_PX:
-            scale = MAX_THUMBNAIL_PX / max(picture.size)
-            size = tuple(max(1, round(side * scale)) for side in picture.size)  # a 5000 x 2 strip keeps 1 px
-            picture = picture.resize(size, Image.Resampling.LANCZOS)
+            picture = picture.resize(_stored_size(picture.size), Image.Resampling.LANCZOS)
         checked.append(picture)
     return checked
 

@@ -130,7 +130,7 @@ class Settings:
     max_keywords_chars: int = 200
     """Characters of those keywords together."""
     max_upload_mb: int = 25
-    """Largest uploaded file (image, video or concept file), in MiB."""
+    """Largest photo or clip, in MiB (the Space holds concept files to its own `max_concept_file_mb`)."""
     max_image_pixels: int = 40_000_000
     """Images larger than this are refused before they are decoded (decompression bombs)."""
     max_jpeg_scans: int = 100

@@ -74,6 +74,19 @@ def skipped_the_queue(request: gr.Request | None) -> bool:
     return path is not None and "/run/" in path.path
 
 
+def _most_that_fit(session: Session, entries: list[Entry], max_file_bytes: int) -> int:
+    """How many of `entries`, taken in order, the session can add while its export stays within
+    `max_file_bytes` (a file's size grows with every concept added: a binary search of the first ones)."""
+    low, high = 0, len(entries)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if session.file_bytes_with(entries[:middle]) <= max_file_bytes:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
 def _paths(gallery_value) -> list[str]:
     """File paths from a Gallery value: a list of (path, caption) pairs (or plain paths, from Python callers)."""
     items = [item[0] if isinstance(item, (tuple, list)) else item for item in gallery_value or []]
@@ -199,6 +212,7 @@ class Actions:
                 [Entry(concept, views.thumbnail(pictures[0], self.settings.thumbnail_px))],
                 self.settings.max_concepts_per_session,
                 self.budget,
+                self.settings.max_concept_file_bytes,
             )
         log.info("introduce: %d photos, %d tokens, %.2f s", len(paths), concept.num_tokens, seconds)
         return session, report, patches, heats
@@ -230,6 +244,7 @@ class Actions:
                 [Entry(c, views.thumbnail(p[0], self.settings.thumbnail_px)) for c, p in made],
                 self.settings.max_concepts_per_session,
                 self.budget,
+                self.settings.max_concept_file_bytes,
             )
         return session, report, patches, heats
 
@@ -685,8 +700,8 @@ class Actions:
             path = file if isinstance(file, (str, os.PathLike)) else getattr(file, "name", file)
             if not path:
                 raise InputError("Choose a concept file (.safetensors) exported from this app first.")
-            if os.path.getsize(path) > self.limits.max_upload_bytes:
-                raise InputError(f"Concept files are at most {self.limits.max_upload_mb} MiB.")
+            if os.path.getsize(path) > self.settings.max_concept_file_bytes:
+                raise InputError(f"Concept files are at most {self.settings.max_concept_file_mb:g} MiB.")
             engine = self._engine(progress)
             concepts = load_concepts(path, engine)
             thumbnails = read_thumbnails(path, len(concepts))
@@ -724,8 +739,20 @@ class Actions:
                     f"A session holds at most {most} concepts and you have {len(session)}: remove some first "
                     f"(export them to keep them), then import the file again."
                 )
+            by_count = room
+            room = min(room, _most_that_fit(session, entries[:room], self.settings.max_concept_file_bytes))
+            limit = (
+                f"a session holds at most {most}"
+                if room == by_count
+                else f"a session's concepts fit one concept file of {self.settings.max_concept_file_mb:g} MiB"
+            )
+            if entries and not room:
+                raise InputError(
+                    f"Your concepts fill one concept file ({self.settings.max_concept_file_mb:g} MiB), the most a "
+                    f"session holds: remove some first (export them to keep them), then import the file again."
+                )
             entries, left_out = entries[:room], [entry.concept.name for entry in entries[room:]]
-            session.add(entries, most, self.budget)
+            session.add(entries, most, self.budget, self.settings.max_concept_file_bytes)
             added = f"Imported {len(entries)} concept{'s' * (len(entries) != 1)}."
             if left_out:
                 added += f" Left out {len(left_out)}: no room."
@@ -737,7 +764,7 @@ class Actions:
         if left_out:
             more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
             gr.Warning(
-                f"Imported the file's first {len(entries)} new concepts: a session holds at most {most}. Left out "
+                f"Imported the file's first {len(entries)} new concepts: {limit}. Left out "
                 f"{_quoted(left_out[:5])}{more}; remove some of yours (export them to keep them) and import the file "
                 f"again to add them."
             )

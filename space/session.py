@@ -26,7 +26,7 @@ from pathlib import Path
 from PIL import Image
 
 from ego.errors import InputError
-from ego.memory import Concept
+from ego.memory import Concept, concept_file_bytes
 
 from .conversations import TABS, Conversations, holding
 
@@ -198,10 +198,28 @@ class Session:
             )
 
     # --- changing -------------------------------------------------------------------------------
-    def add(self, entries: list[Entry], max_concepts: int, budget: MemoryBudget | None = None) -> None:
-        """Add all of `entries`, or (InputError) none of them."""
+    def file_bytes_with(self, entries: list[Entry]) -> int:
+        """The size of the concept file an export would write once `entries` are added, in bytes (at most a
+        few hundred bytes per concept more)."""
+        every = list(self._entries) + list(entries)
+        return concept_file_bytes([e.concept for e in every], [e.thumbnail for e in every])
+
+    def add(
+        self,
+        entries: list[Entry],
+        max_concepts: int,
+        budget: MemoryBudget | None = None,
+        max_file_bytes: int | None = None,
+    ) -> None:
+        """Add all of `entries`, or (InputError) none of them; with `max_file_bytes`, only while the session's
+        export stays a file of at most that many bytes (one that can be imported again)."""
         with self._lock:
             self.check_room([entry.concept.name for entry in entries], max_concepts)
+            if max_file_bytes is not None and self.file_bytes_with(entries) > max_file_bytes:
+                raise InputError(
+                    f"Your concepts would no longer fit in one concept file ({max_file_bytes / 2**20:.3g} MiB), so "
+                    f"they could not be exported and imported again: remove some first (export them to keep them)."
+                )
             if budget is None:
                 self._entries = self._entries + list(entries)
             else:

@@ -71,6 +71,11 @@ class SpaceSettings:
     # --- limits on what a visitor keeps ---------------------------------------------------------
     max_concepts_per_session: int = 50
     """Concepts one visitor may hold in their session."""
+    max_concept_file_mb: float = 128
+    """Largest concept file a visitor may import, in MiB, and so the most memory one session may hold: a concept
+    that would make the session's export larger is refused, so that every export can be imported again. 128 MiB
+    holds 50 concepts of five photos of Qwen2.5-VL-7B (about 1.9 MiB each); Qwen3-VL's memories are four times
+    larger (their deepstack rows)."""
 
     def __post_init__(self):
         check_numbers(self, may_be_zero={"answer_batch_window_s"})
@@ -81,6 +86,10 @@ class SpaceSettings:
     @property
     def max_request_body_bytes(self) -> int:
         return self.max_request_body_mb * 1024 * 1024
+
+    @property
+    def max_concept_file_bytes(self) -> int:
+        return int(self.max_concept_file_mb * 1024 * 1024)
 
     @property
     def max_cache_bytes(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -850,3 +851,45 @@ def test_export_is_held_to_the_limit_its_import_applies(engine, tmp_path):
         act.introduce(session, name, gallery([photo_path]), keywords="cat", auto_size=False, progress=quiet)
     with pytest.raises(gr.Error, match="holds at most 1 concepts; you are saving 2"):
         act.export_concepts(session)
+
+
+def test_a_session_holds_no_more_than_one_concept_file_can_bring_back(engine, tmp_path):
+    """Every export can be imported again: a concept that would make the session's file larger than
+    `max_concept_file_mb` is refused (the session unchanged), and an import takes the first ones that fit."""
+    from ego import save_concepts
+
+    made = [engine.introduce(name, [CHELSEA[0]], area_pct=10) for name in ("Chelsea", "Bo", "Tom", "Mia")]
+    path = str(save_concepts(tmp_path / "four.safetensors", made))
+    # Room for the introduced concept and two of the file's (a few hundred bytes spare per concept: the rule
+    # counts a file at most that much larger than it is), measured in the files this Space writes.
+    probe = Actions(LazyEngine(engine), SPACE, load_examples())
+    three = Session()
+    probe.introduce(three, "Rex", gallery(CHELSEA[:1]), progress=quiet)
+    probe.import_concepts(three, path, progress=quiet)
+    for name in ("Tom", "Mia"):
+        probe.remove_concept(three, name)
+    _, written = probe.export_concepts(three)
+    act = Actions(
+        LazyEngine(engine),
+        SPACE.replace(max_concept_file_mb=(os.path.getsize(written) + 2000) / 2**20),
+        load_examples(),
+    )
+
+    session = Session()
+    act.introduce(session, "Rex", gallery(CHELSEA[:1]), progress=quiet)
+    with pytest.warns(UserWarning, match="first 2 new concepts: a session's concepts fit one concept file of"):
+        act.import_concepts(session, path, progress=quiet)
+    assert session.names == ["Rex", "Chelsea", "Bo"] and "Left out 2: no room." in session.take_note()
+    _, exported = act.export_concepts(session)
+    assert os.path.getsize(exported) <= act.settings.max_concept_file_bytes
+    assert [c.name for c in act.import_concepts(Session(), exported, progress=quiet)[0].concepts] == session.names
+
+    with pytest.raises(gr.Error, match="fill one concept file .* MiB.*remove some first"):
+        act.import_concepts(session, path, progress=quiet)
+    with pytest.raises(gr.Error, match="would no longer fit in one concept file"):
+        act.introduce(session, "Max", gallery(CHELSEA[1:]), progress=quiet)
+    assert session.names == ["Rex", "Chelsea", "Bo"]
+    with pytest.raises(gr.Error, match="Concept files are at most"):
+        Actions(LazyEngine(engine), SPACE.replace(max_concept_file_mb=0.001), load_examples()).import_concepts(
+            Session(), path, progress=quiet
+        )

@@ -109,7 +109,9 @@ def test_main_launches_with_the_limits_and_loads_the_model_lazily(monkeypatch):
     app.main(["--model", "tiny-qwen2.5-vl"])
     assert "loaded" not in seen  # the model waits for its first visitor
     assert seen["server_name"] == "127.0.0.1" and seen["share"] is False
-    assert seen["max_file_size"] == DEFAULT_SETTINGS.max_upload_mb * 1024 * 1024
+    # Gradio's one cap on a file is the larger of a photo's and a concept file's: exports can be imported again
+    largest_file_bytes = max(DEFAULT_SETTINGS.max_upload_mb, SpaceSettings().max_concept_file_mb) * 1024 * 1024
+    assert seen["max_file_size"] == largest_file_bytes > DEFAULT_SETTINGS.max_upload_mb * 1024 * 1024
     assert seen["state_session_capacity"] == SpaceSettings().max_sessions
     links, quota, sessions = seen["app_kwargs"]["middleware"]
     assert (links.cls.__name__, quota.cls.__name__, sessions.cls.__name__) == (
@@ -124,7 +126,7 @@ def test_main_launches_with_the_limits_and_loads_the_model_lazily(monkeypatch):
     }
     assert quota.kwargs == {
         "max_bytes": SpaceSettings().max_cache_mb * 1024 * 1024,
-        "upload_bytes": DEFAULT_SETTINGS.max_upload_mb * 1024 * 1024,
+        "upload_bytes": largest_file_bytes,
     }
     assert seen["demo"]._queue.max_size == SpaceSettings().queue_max_size
     assert not list((ROOT / "space").glob("*.pyi")), "building the demo wrote files next to the code"

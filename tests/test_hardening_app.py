@@ -46,7 +46,7 @@ from space.settings import SpaceSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = DEFAULT_SETTINGS.replace(answer_max_new_tokens=4, max_upload_mb=1)
-SPACE_SETTINGS = SpaceSettings(max_concepts_per_session=3)
+SPACE_SETTINGS = SpaceSettings(max_concepts_per_session=3, max_concept_file_mb=1)
 PHOTO, QUERY = EXAMPLE_PHOTO, EXAMPLE_QUERY
 PASSWD_LINE = "root:"
 APP_SOURCE_LINE = "Ego, the Space"

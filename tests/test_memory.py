@@ -462,3 +462,21 @@ def test_a_files_names_are_held_to_the_rule_of_typed_names(tmp_path, concepts):
     loaded = load_concepts(path, engine)
     assert [c.name for c in loaded] == [engine.introduce("Chel\n\nsea\u202e X", [photo(0)], area_pct=12).name, "my mug"]
     assert loaded[0].name == "Chel sea X"
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl", "internvl3"])
+def test_the_size_of_a_concept_file_is_known_before_it_is_written(tmp_path, family):
+    """`concept_file_bytes` is at least the written file's size, and at most a few hundred bytes per concept more,
+    with and without thumbnails (one larger than a file keeps), residual rows (Qwen3-VL) or not."""
+    from PIL import Image
+
+    from ego.memory import concept_file_bytes
+
+    engine = tiny_engine(family)
+    made = [
+        engine.introduce("Chelsea", [photo(0), photo(1)], area_pct=12),
+        engine.introduce("my mug", [photo(2)], keywords="red mug", area_pct=5),
+    ]
+    for thumbnails in (None, [Image.new("RGB", (128, 128)), Image.new("RGB", (900, 301))]):
+        written = save_concepts(tmp_path / "mine.safetensors", made, thumbnails).stat().st_size
+        assert written <= concept_file_bytes(made, thumbnails) <= written + 400 * len(made)
