@@ -21,7 +21,8 @@ images, the mask of the one instance):
 Layers are ranked by their mean precision@K over the images (`--rank-by size-fair`: by the size-fair score;
 ties: lower index first); the best --keep
 layers are written as JSON ``{"model_id", "layers", "scores", "images", "top_k", ...}``, which
-``Ego.from_pretrained(model, layers="calibration.json")`` reads. Layer indices are 0-based decoder
+``Ego.from_pretrained(model, layers="calibration.json")`` reads for that model only (another one's file is refused,
+whatever its depth). Layer indices are 0-based decoder
 layers (index 0 = the first transformer block; there is no embedding entry), the convention of the
 ``output_attentions`` tuple and of ``ego.presets``.
 
@@ -99,7 +100,8 @@ def object_tokens(mask, grid: tuple[int, int], *, min_coverage: float = MIN_COVE
     The grid spans the whole image (both Qwen's resize and InternVL's single 448 px tile map the full
     image onto it), so cell (i, j) is the block of pixels [i*H/rows, (i+1)*H/rows) x [j*W/cols, (j+1)*W/cols).
     """
-    binary = torch.from_numpy(np.ascontiguousarray(binary_mask(mask)))
+    # A copy: a mode "1" mask image reads as a read-only array, which torch.from_numpy warns about.
+    binary = torch.from_numpy(np.array(binary_mask(mask), dtype=bool, order="C"))
     height, width = binary.shape
     rows, cols = int(grid[0]), int(grid[1])
     coverage = F.adaptive_avg_pool2d(binary.float()[None, None], (rows, cols))[0, 0]  # [rows, cols]
@@ -422,7 +424,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(f"calibration-{_slug(args.model)}.json")
     if not out.parent.is_dir():
         parser.error(f"--out: the folder {out.parent} does not exist; create it or give another path")
-    pairs = find_pairs(args.images, args.masks)
+    for option, folder in (("--images", Path(args.images)), ("--masks", Path(args.masks))):
+        if not folder.is_dir():
+            what = "is a file, not a folder" if folder.exists() else "does not exist"
+            parser.error(f"{option}: {folder} {what}; give the folder that holds the {option[2:]}")
+    try:
+        pairs = find_pairs(args.images, args.masks)
+    except OSError as error:
+        parser.error(f"could not list {error.filename}: {error.strerror}; give folders this user can read")
     if args.limit is not None:
         pairs = pairs[: args.limit]
     if not pairs:

@@ -12,10 +12,17 @@ each category's candidates are ordered by image id, and the categories take turn
 next image until the count is reached, so no category gives more than one image more than another that still
 has candidates. No randomness: the same files give the same set.
 
-What it writes, under `--out`: `images/<file_name>` (a copy of the COCO image), `masks/<stem>.png` (the
-instance's mask, 0 / 255, same size as the image, decoded from its polygons or RLE with pycocotools), and
-`manifest.json` (the rule's parameters, each picked image with its category and area share, and the count per
-category), which `python -m ego.calibrate --images OUT/images --masks OUT/masks` reads as image/mask pairs.
+What it writes, under `--out`: `images/<file_name>` (a copy of the COCO image; a name in subfolders is written
+flat, "a/b.jpg" as "a_b.jpg"), `masks/<stem>.png` (the instance's mask, 0 / 255, same size as the image, decoded
+from its polygons or RLE with pycocotools), and `manifest.json` (the rule's parameters, each picked image with its
+category and area share, the count per category, and the images left out and why), which
+`python -m ego.calibrate --images OUT/images --masks OUT/masks` reads as image/mask pairs. The set is written in a
+temporary folder inside `--out` and moved into place at the end: a failed run leaves no partial set.
+
+COCO's annotations follow a JPEG's stored pixels, while the engine (and so the calibration) turns a photo upright
+by its EXIF orientation: an image stored turned is written upright, without the tag, and its mask turned the same
+way (`turned_upright` in the manifest). A file name that is not a path inside the image folder (absolute, or with
+"..") is left out, as is a second image whose flat name would repeat another's file stem.
 """
 
 from __future__ import annotations
@@ -24,15 +31,27 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 DEFAULT_COUNT = 500
 DEFAULT_MIN_AREA_PCT = 5.0
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+"""What turns a picture stored with each EXIF orientation upright, as `PIL.ImageOps.exif_transpose` (and so
+`ego.media.load_image`) does."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +132,30 @@ def balanced(picks: Sequence[Pick], count: int) -> list[Pick]:
     return chosen
 
 
+def read_document(annotations: str | Path) -> dict:
+    """An `instances_*.json` document: a JSON object whose images, annotations and categories are lists of objects;
+    ValueError with a sentence for anything else."""
+    document = json.loads(Path(annotations).read_text(encoding="utf-8"))
+    if not isinstance(document, dict):
+        raise ValueError(f"it holds a JSON {type(document).__name__}, not an object with images and annotations")
+    for key in ("images", "annotations", "categories"):
+        entries = document.get(key, [])
+        if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+            raise ValueError(f'its "{key}" is not a list of objects')
+    return document
+
+
+def flat_name(file_name) -> str | None:
+    """The name an image's `file_name` is written under in the set: its folders and name joined by "_" (calibration
+    reads one flat folder), or None for a name that is not a path inside the image folder."""
+    if not isinstance(file_name, str) or "\0" in file_name:
+        return None
+    relative = PurePosixPath(file_name.replace("\\", "/"))
+    if relative.is_absolute() or PureWindowsPath(file_name).drive or ".." in relative.parts or not relative.parts:
+        return None
+    return "_".join(relative.parts)
+
+
 def build(
     annotations: str | Path,
     images: str | Path,
@@ -122,23 +165,72 @@ def build(
     min_area_pct: float = DEFAULT_MIN_AREA_PCT,
 ) -> dict:
     """Write the calibration set (module docstring) and return its manifest."""
+    if count < 1:
+        raise ValueError(f"count must be at least 1; got {count}")
     images, out = Path(images), Path(out)
-    document = json.loads(Path(annotations).read_text(encoding="utf-8"))
+    document = read_document(annotations)
     chosen = balanced(single_instances(document, min_area_pct=min_area_pct), count)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; give a folder for --out")
     for folder in (out / "images", out / "masks"):
         if folder.is_dir() and any(folder.iterdir()):  # calibration reads every pair there, old ones included
             raise FileExistsError(f"{folder} already holds files; give an empty --out folder, or remove it first")
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    written, missing = [], []
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+    moved = []
+    try:
+        manifest = _write_set(chosen, images, staging)
+        manifest = {
+            "source": str(annotations),
+            "rule": "exactly one annotation per image, not a crowd region",
+            "min_area_pct": min_area_pct,
+            "count_asked": count,
+            **manifest,
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        for name in ("images", "masks"):
+            if (out / name).is_dir():
+                (out / name).rmdir()  # empty, as checked above
+            (staging / name).rename(out / name)
+            moved.append(out / name)
+        (staging / "manifest.json").replace(out / "manifest.json")
+    except BaseException:
+        for folder in moved:
+            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _write_set(chosen: Sequence[Pick], images: Path, out: Path) -> dict:
+    """The images and masks of `chosen` under `out`; the manifest's counts and lists."""
+    (out / "images").mkdir()
+    (out / "masks").mkdir()
+    written, missing, skipped, turned = [], [], [], []
+    stems: set[str] = set()
     for pick in chosen:
-        source = images / pick.file_name
+        name = flat_name(pick.file_name)
+        if name is None:
+            skipped.append({"file_name": pick.file_name, "reason": "not a file name inside the image folder"})
+            continue
+        if Path(name).stem.lower() in stems:  # one mask per stem, and some file systems ignore case
+            skipped.append({"file_name": pick.file_name, "reason": f"another image is written as {Path(name).stem}"})
+            continue
+        source = images.joinpath(*PurePosixPath(pick.file_name.replace("\\", "/")).parts)
         if not source.is_file():
             missing.append(pick.file_name)
             continue
-        shutil.copyfile(source, out / "images" / pick.file_name)
-        mask = instance_mask(pick.annotation, pick.height, pick.width)
-        Image.fromarray((mask * 255).astype(np.uint8)).save(out / "masks" / f"{Path(pick.file_name).stem}.png")
+        reason, orientation = _write_pair(pick, source, out / "images" / name, out / "masks" / f"{Path(name).stem}.png")
+        if reason is not None:
+            skipped.append({"file_name": pick.file_name, "reason": reason})
+            continue
+        stems.add(Path(name).stem.lower())
+        if orientation in UPRIGHT:
+            turned.append(pick.file_name)
         written.append(
             {
                 "image_id": pick.image_id,
@@ -150,18 +242,35 @@ def build(
     per_category: dict[str, int] = {}
     for entry in written:
         per_category[entry["category"]] = per_category.get(entry["category"], 0) + 1
-    manifest = {
-        "source": str(annotations),
-        "rule": "exactly one annotation per image, not a crowd region",
-        "min_area_pct": min_area_pct,
-        "count_asked": count,
+    return {
         "count": len(written),
         "per_category": dict(sorted(per_category.items())),
         "missing_images": missing,
+        "skipped_images": skipped,
+        "turned_upright": turned,
         "images": written,
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    return manifest
+
+
+def _write_pair(pick: Pick, source: Path, image_path: Path, mask_path: Path) -> tuple[str | None, int]:
+    """Write the image and its mask, upright; (why it cannot be, or None; its EXIF orientation)."""
+    try:
+        with Image.open(source) as opened:
+            width, height = opened.size
+            orientation = opened.getexif().get(ExifTags.Base.Orientation, 1)
+            if (width, height) != (pick.width, pick.height):
+                return f"the image is {width}x{height} pixels, its annotation {pick.width}x{pick.height}", orientation
+            mask = Image.fromarray((instance_mask(pick.annotation, pick.height, pick.width) * 255).astype(np.uint8))
+            if orientation in UPRIGHT:
+                upright = ImageOps.exif_transpose(opened)
+                upright.save(image_path, quality=95, icc_profile=opened.info.get("icc_profile"))
+                mask = mask.transpose(UPRIGHT[orientation])
+            else:
+                shutil.copyfile(source, image_path)
+    except (Image.UnidentifiedImageError, Image.DecompressionBombError) as error:
+        return f"not a readable image ({error})", 1
+    mask.save(mask_path)
+    return None, orientation
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -181,12 +290,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"smallest instance, in percent of the image (default {DEFAULT_MIN_AREA_PCT:g})",
     )
     args = parser.parse_args(argv)
+    if args.count < 1:
+        parser.error(f"--count must be at least 1; got {args.count}")
     try:
         manifest = build(args.annotations, args.images, args.out, count=args.count, min_area_pct=args.min_area_pct)
     except FileExistsError as error:
         print(f"{error}.", file=sys.stderr)
         return 2
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, TypeError) as error:
         print(
             f"Could not build the set from {args.annotations}: {error}. Give a COCO instances_*.json file "
             f"and the folder of its images.",
@@ -198,6 +309,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (
             f"; {len(manifest['missing_images'])} images not found in {args.images}"
             if manifest["missing_images"]
+            else ""
+        )
+        + (
+            f"; {len(manifest['skipped_images'])} left out (skipped_images in manifest.json says why)"
+            if manifest["skipped_images"]
             else ""
         ),
         file=sys.stderr,

@@ -341,7 +341,7 @@ class Ego:
         # The layers are checked against the config before the weights load (minutes, for a large model).
         num_layers = config.get_text_config().num_hidden_layers
         if layers is not None:
-            layers, note = _checked_layers(_read_layers(layers, num_layers), num_layers), f"given: {layers}"
+            layers, note = _checked_layers(_read_layers(layers, num_layers, model_id), num_layers), f"given: {layers}"
         elif preset is not None and preset.layers is not None:
             layers, note = preset.layers, preset.layers_note
         else:
@@ -1836,20 +1836,30 @@ def _checked_layers(layers, num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({int(layer) for layer in layers}))
 
 
-def _read_layers(layers, num_layers: int) -> tuple:
-    """The layers L as given, or read from a file of `python -m ego.calibrate`: one made for a model with
-    `num_layers` decoder layers, from at least one scored image (the engine checks the indices themselves)."""
+def _read_layers(layers, num_layers: int, model_id: str) -> tuple:
+    """The layers L as given, or read from a file of `python -m ego.calibrate`: one made for this model (`model_id`,
+    with `num_layers` decoder layers), from at least one scored image (the engine checks the indices themselves).
+    A file that names no model (written by hand) is taken as the indices it lists."""
     if not isinstance(layers, (str, Path)):
         return tuple(layers)
     try:
         document = json.loads(Path(layers).read_text())
         listed, made_for, images = document["layers"], document.get("num_layers", num_layers), document.get("images", 1)
+        made_with = document.get("model_id", model_id)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{layers} is not a layers file written by `python -m ego.calibrate`.") from error
     if made_for != num_layers:
         raise ValueError(
             f"{layers} was calibrated for a model with {made_for} decoder layers ({document.get('model_id')}); this "
             f"one has {num_layers}: calibrate this model with `python -m ego.calibrate`."
+        )
+    if not isinstance(made_with, str):
+        raise ValueError(f"{layers} is not a layers file written by `python -m ego.calibrate`.")
+    # Models of one depth differ in where their attention finds objects: another model's layers are not these.
+    if not same_model(made_with, model_id):
+        raise ValueError(
+            f"{layers} was calibrated for {made_with}, not {model_id}: calibrate this model with "
+            f"`python -m ego.calibrate`, or give its layers as indices (layers=[...])."
         )
     if images == 0:
         raise ValueError(f"{layers} was written from no scored image; calibrate again with masks that show objects.")

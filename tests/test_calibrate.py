@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -320,3 +321,89 @@ def test_an_image_and_a_mask_of_other_sizes_are_skipped():
     mask[:50, :50] = True
     with pytest.raises(cal.SkipImage, match="the mask is 300x451 pixels and the image 451x300"):
         cal.describe_with_attention(engine, picture, mask)
+
+
+@pytest.mark.parametrize("which", ["--images", "--masks"])
+@pytest.mark.parametrize("wrong", ["missing", "a file"])
+def test_cli_refuses_an_image_or_mask_folder_that_is_not_one(tmp_path, capsys, monkeypatch, which, wrong):
+    from ego import Ego
+
+    def not_loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(Ego, "from_pretrained", not_loaded)
+    images, masks = _write_pairs(tmp_path, 1)
+    folder = tmp_path / "elsewhere"
+    if wrong == "a file":
+        folder.write_text("not a folder")
+    folders = {"--images": str(images), "--masks": str(masks), which: str(folder)}
+    with pytest.raises(SystemExit) as refused:
+        cal.main(["--model", "tiny-internvl3", *[text for pair in folders.items() for text in pair]])
+    expected = "is a file, not a folder" if wrong == "a file" else "does not exist"
+    assert refused.value.code == 2 and f"{which}: {folder} {expected}" in capsys.readouterr().err
+
+
+def test_a_one_bit_mask_file_gives_no_warning(tmp_path):
+    """Mode "1" PNGs (the bundled examples' masks) read as read-only arrays; torch warns about those only once
+    per process, hence a fresh interpreter with warnings as errors."""
+    truth = np.zeros((30, 40), dtype=bool)
+    truth[5:20, 10:30] = True
+    path = tmp_path / "mask.png"
+    Image.fromarray(truth).convert("1").save(path)
+    assert Image.open(path).mode == "1"
+    script = (
+        "import sys; from ego.calibrate import object_tokens; "
+        "sys.stdout.write(str(int(object_tokens(sys.argv[1], (3, 4)).sum())))"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run = subprocess.run(
+        [sys.executable, "-W", "error", "-c", script, str(path)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout == str(int(cal.object_tokens(truth, (3, 4)).sum()))
+
+
+def _layers_file(path: Path, model_id: str, num_layers: int = 4) -> Path:
+    """A layers file as `python -m ego.calibrate` writes it for `model_id`."""
+    result = cal.CalibrationResult(
+        model_id=model_id, num_layers=num_layers, top_k=50, keep=2, precision=torch.rand(3, num_layers)
+    )
+    return result.write(path)
+
+
+def test_a_layers_file_of_another_model_of_the_same_depth_is_refused_before_the_weights_load(tmp_path, monkeypatch):
+    from transformers import AutoModelForImageTextToText
+
+    from ego import Ego
+
+    assert tiny_engine("qwen2.5-vl").num_layers == tiny_engine("internvl3").num_layers == 4
+    path = _layers_file(tmp_path / "layers.json", tiny_engine("qwen2.5-vl").model_id)
+
+    def loads(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the layers file was checked")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(AutoModelForImageTextToText, "from_pretrained", loads)
+        with pytest.raises(ValueError, match="calibrated for tiny-qwen2.5-vl, not tiny-internvl3") as refused:
+            Ego.tiny("internvl3", layers=path)
+        assert "python -m ego.calibrate" in str(refused.value) and "layers=[" in str(refused.value)
+        with pytest.raises(ValueError, match="not tiny-qwen2.5-vl-seed1"):  # other random weights, another model
+            Ego.tiny("qwen2.5-vl", seed=1, layers=path)
+    document = json.loads(path.read_text())
+    assert Ego.tiny("qwen2.5-vl", layers=path).layers == tuple(document["layers"])
+    assert Ego.tiny("internvl3", layers=document["layers"]).layers == tuple(document["layers"])  # as indices
+
+
+def test_a_layers_file_of_a_local_folder_loads_with_the_folder_however_it_is_spelled(tmp_path, monkeypatch):
+    from ego import Ego
+    from ego.memory import local_model_id
+    from ego.random_models import tiny_checkpoint
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint("qwen2-vl", 0), folder)
+    path = _layers_file(tmp_path / "layers.json", local_model_id(folder))
+    monkeypatch.chdir(tmp_path)
+    assert Ego.from_pretrained("ckpt/", layers=path).model_id == local_model_id(folder)
+    path = _layers_file(tmp_path / "layers.json", "Qwen/ckpt")  # a Hub model of the folder's name is another one
+    with pytest.raises(ValueError, match="calibrated for Qwen/ckpt"):
+        Ego.from_pretrained(str(folder), layers=path)

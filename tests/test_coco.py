@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,3 +175,138 @@ def test_a_polygon_of_fewer_than_three_points_is_left_out():
     assert alone.sum() > 0
     assert np.array_equal(coco.instance_mask({"segmentation": [[1.0, 2.0, 3.0, 4.0], square]}, 40, 40), alone)
     assert not coco.instance_mask({"segmentation": [[1.0, 2.0, 3.0, 4.0]]}, 40, 40).any()
+
+
+def _write_document(root, images: list[dict], annotations: list[dict]) -> Path:
+    """A COCO instances document of `images` and `annotations` (category 1, "cat")."""
+    path = root / "instances.json"
+    categories = [{"id": 1, "name": "cat", "supercategory": "animal"}]
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return path
+
+
+def _image_entry(image_id: int, file_name: str, height: int = H, width: int = W) -> dict:
+    return {"id": image_id, "file_name": file_name, "height": height, "width": width}
+
+
+def _set_of(root: Path, file_names: list[str]) -> tuple[list, Path, Path]:
+    """Command-line arguments for a document naming `file_names` (one polygon instance each, category "cat"), each
+    image written where the name leads from the image folder `root/coco-images`; the set goes to `root/set`."""
+    folder = root / "coco-images"
+    polygon = [[10.0, 10.0, 40.0, 10.0, 40.0, 30.0, 10.0, 30.0]]
+    entries, annotations = [], []
+    for image_id, file_name in enumerate(file_names, 1):
+        entries.append(_image_entry(image_id, file_name))
+        annotations.append(annotation(image_id, image_id, 1, polygon, 600))
+        source = folder / file_name
+        source.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (W, H), (image_id * 30, 90, 30)).save(source)
+    document = _write_document(root, entries, annotations)
+    return ["--annotations", str(document), "--images", str(folder), "--out", str(root / "set")], folder, root / "set"
+
+
+def test_an_image_in_a_subfolder_is_written_flat_where_calibration_finds_it(tmp_path, capsys):
+    arguments, _, out = _set_of(tmp_path, ["sub/c.jpg", "d.jpg"])
+    assert coco.main(arguments) == 0
+    assert "2 images in 1 categories" in capsys.readouterr().err
+    pairs = find_pairs(out / "images", out / "masks")
+    assert [(image.name, mask.name) for image, mask in pairs] == [("d.jpg", "d.png"), ("sub_c.jpg", "sub_c.png")]
+    assert [entry["file_name"] for entry in json.loads((out / "manifest.json").read_text())["images"]] == [
+        "sub/c.jpg",
+        "d.jpg",
+    ]
+
+
+def _everything_but(root: Path, out: Path) -> list[Path]:
+    """Every file and folder under `root` but `out` and what it holds."""
+    return sorted(path for path in root.rglob("*") if path != out and out not in path.parents)
+
+
+@pytest.mark.parametrize("unsafe", ["../../escaped.jpg", "sub/../../../escaped.jpg", "ABSOLUTE"])
+def test_a_file_name_outside_the_image_folder_is_skipped_and_nothing_is_written_outside_out(tmp_path, unsafe):
+    """A name that leads out of the image folder would be read from there and written as far out of --out."""
+    if unsafe == "ABSOLUTE":
+        unsafe = str(tmp_path / "escaped.jpg")
+    root = tmp_path / "data"
+    (root / "coco-images" / "sub").mkdir(parents=True)
+    arguments, _, out = _set_of(root, [unsafe, "d.jpg"])
+    assert (tmp_path / "escaped.jpg").is_file()  # the image the name points at, outside the image folder
+    before = _everything_but(tmp_path, out)
+    assert coco.main(arguments) == 0
+    assert _everything_but(tmp_path, out) == before
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [entry["file_name"] for entry in manifest["images"]] == ["d.jpg"]
+    assert manifest["skipped_images"] == [{"file_name": unsafe, "reason": "not a file name inside the image folder"}]
+    assert [path.name for path in (out / "images").iterdir()] == ["d.jpg"]
+
+
+def test_two_images_that_would_share_a_file_stem_keep_the_first(tmp_path):
+    arguments, _, out = _set_of(tmp_path, ["a/b.jpg", "a_b.jpg"])
+    assert coco.main(arguments) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [entry["file_name"] for entry in manifest["images"]] == ["a/b.jpg"]
+    assert [entry["file_name"] for entry in manifest["skipped_images"]] == ["a_b.jpg"]
+    assert len(find_pairs(out / "images", out / "masks")) == 1
+
+
+def test_a_failed_build_leaves_no_partial_set_and_a_rerun_works(tmp_path, monkeypatch, capsys):
+    arguments, _, out = _set_of(tmp_path, ["a.jpg", "b.jpg", "c.jpg"])
+    decoded = []
+
+    def breaks_on_the_third(annotation, height, width):
+        decoded.append(annotation["image_id"])
+        if len(decoded) == 3:
+            raise ValueError("a broken segmentation")
+        return np.ones((height, width), dtype=bool)
+
+    monkeypatch.setattr(coco, "instance_mask", breaks_on_the_third)
+    assert coco.main(arguments) == 2
+    assert "a broken segmentation" in capsys.readouterr().err
+    assert not out.exists()  # a rerun would otherwise find a partial set
+    monkeypatch.undo()
+    assert coco.main(arguments) == 0
+    assert len(find_pairs(out / "images", out / "masks")) == 3
+
+
+@pytest.mark.parametrize("document", ["[]", '"text"', '{"images": {"id": 1}}', '{"images": [1]}'])
+def test_a_document_that_is_not_a_coco_object_is_refused_with_a_sentence(tmp_path, capsys, document):
+    path = tmp_path / "instances.json"
+    path.write_text(document)
+    arguments = ["--annotations", str(path), "--images", str(tmp_path), "--out", str(tmp_path / "set")]
+    assert coco.main(arguments) == 2
+    error = capsys.readouterr().err
+    assert "Give a COCO instances_*.json file" in error and "Traceback" not in error
+    assert not (tmp_path / "set").exists()
+
+
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_a_count_below_one_is_refused(tmp_path, capsys, count):
+    arguments, _, out = _set_of(tmp_path, ["a.jpg"])
+    with pytest.raises(SystemExit) as refused:
+        coco.main([*arguments, "--count", count])
+    assert refused.value.code == 2 and "--count must be at least 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_an_image_stored_turned_is_written_upright_with_its_mask_turned_the_same_way(tmp_path, orientation):
+    """COCO's annotations follow the JPEG's stored pixels, while calibration (like every photo the engine reads)
+    applies the EXIF orientation: the pair written must agree once the image is loaded that way."""
+    from ego.calibrate import binary_mask
+    from ego.media import load_image
+
+    arguments, folder, out = _set_of(tmp_path, ["turned.jpg", "plain.jpg"])
+    stored = np.zeros((H, W, 3), dtype=np.uint8)
+    stored[POLYGON_MASK] = 255  # the annotated object, in stored pixel order
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(folder / "turned.jpg", exif=exif, quality=98)
+    Image.fromarray(stored).save(folder / "plain.jpg", quality=98)
+    assert coco.main(arguments) == 0
+    for stem in ("turned", "plain"):
+        picture = np.asarray(load_image(out / "images" / f"{stem}.jpg").convert("L"))
+        mask = binary_mask(out / "masks" / f"{stem}.png")
+        assert mask.shape == picture.shape
+        assert (picture[mask] > 128).mean() > 0.95 and (picture[~mask] < 128).mean() > 0.95
+    assert json.loads((out / "manifest.json").read_text())["turned_upright"] == ["turned.jpg"]
+    assert Image.open(out / "images" / "turned.jpg").getexif().get(0x0112, 1) == 1
