@@ -4,6 +4,7 @@ merge to the whole, and open answers are re-judged through an OpenAI-compatible 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -14,9 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import tiny_engine
 
-from ego import InputError
-from ego.evaluate import __main__ as cli, runner, scoring
-from ego.evaluate.datasets import LOADERS, Benchmark, Query, concept_name, make_fixture
+from ego import InputError, Settings
+from ego.evaluate import __main__ as cli, judge as judge_module, runner, scoring
+from ego.evaluate.datasets import LOADERS, Benchmark, Query, concept_name, load_benchmark, make_fixture
 from ego.evaluate.judge import JUDGE_PROMPT, EndpointJudge, ModelJudge
 from ego.evaluate.oracle import oracle_answerer
 
@@ -112,7 +113,8 @@ def test_oracle_scores_100_on_every_benchmark(data, tmp_path):
             assert all(r["gold"] is r["parsed"] for r in logged) and {r["gold"] for r in logged} == {True, False}
             assert metrics["precision"] == metrics["recall"] == metrics["micro_f1"] == 1.0
             assert metrics["n_positive"] > 0 and metrics["n_negative"] > 0
-    assert "| thisismy-multi-vqa | accuracy % | 100.0 | 4 | 72.2 | RAP 53.7" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| thisismy-multi-vqa | accuracy % | 100.0 | 4 | 72.2 (another setting) | RAP 53.7" in summary
 
 
 def _oracle(data, out, *args) -> str:
@@ -124,7 +126,8 @@ def _oracle(data, out, *args) -> str:
 def test_a_paper_number_measured_under_another_setting_is_marked_with_what_differs(data, tmp_path):
     """The 80.4 set beside Yo'LLaVA recognition is Table 3's Ego at a fixed budget; a run with the method's dynamic
     K (the default) is not that setting, and the summary says so and names the run that is."""
-    table1 = _oracle(data, tmp_path / "table1", "--benchmark", "table1")
+    paper = ["--protocol", "paper"]
+    table1 = _oracle(data, tmp_path / "table1", "--benchmark", "table1", *paper)
     row = next(line for line in table1.splitlines() if line.startswith("| yollava-rec |"))
     assert "| 80.4 (another setting) |" in row and "Table 3 ablation" in row
     assert "strongest baseline" not in table1 and "| paper's point of comparison |" in table1
@@ -133,12 +136,37 @@ def test_a_paper_number_measured_under_another_setting_is_marked_with_what_diffe
         "its setting is table3/ego-1-view." in table1
     )
     assert "| 90.2 |" in table1 and "myvlm-rec:" not in table1  # the method's own setting: nothing to say
-    fixed = _oracle(data, tmp_path / "fixed", "--benchmark", "yollava-rec", "--set", "memory_size_rule=fixed")
+    fixed = _oracle(data, tmp_path / "fixed", "--benchmark", "yollava-rec", "--set", "memory_size_rule=fixed", *paper)
     assert "| 80.4 |" in fixed and "another setting" not in fixed
-    five = _oracle(data, tmp_path / "five", "--benchmark", "myvlm-rec", "--refs", "2")
+    five = _oracle(data, tmp_path / "five", "--benchmark", "myvlm-rec", "--refs", "2", *paper)
     assert "| 90.2 (another setting) |" in five and "refs 1 (this run: 2)" in five
-    table3 = _oracle(data, tmp_path / "table3", "--benchmark", "table3")
-    assert "another setting" not in table3
+    table3 = _oracle(data, tmp_path / "table3", "--benchmark", "table3", *paper)
+    # The fixture's concepts have 3 photos: the 5-view row really used 3, and is marked so.
+    assert [line.split(" | ")[0] for line in table3.splitlines() if "another setting" in line] == [
+        "| table3/ego-5-views"
+    ]
+    assert "- table3/ego-5-views: the paper's 85.7 was measured with refs 5 (this run: 3)." in table3
+
+
+def test_a_run_under_the_librarys_defaults_is_marked_as_another_setting_than_the_papers_protocol(data, tmp_path):
+    """The paper's numbers were measured under its own protocol (Settings.paper(): one 448x448 tile per query, its
+    prompts, bf16): the default protocol's run is marked, with each setting that differs."""
+    summary = _oracle(data, tmp_path, "--benchmark", "myvlm-rec")
+    assert "| 90.2 (another setting) |" in summary
+    ours, paper = Settings(), Settings.paper()
+    differing = [f.name for f in dataclasses.fields(Settings) if getattr(ours, f.name) != getattr(paper, f.name)]
+    assert "query_image_max_pixels" in differing
+    note = next(line for line in summary.splitlines() if "measured under its own protocol" in line)
+    for name in differing:
+        if name != "model_quantization":  # the oracle loads no weights: no quantization to compare
+            assert f"{name} {getattr(paper, name)} (this run: {getattr(ours, name)})" in note
+    assert "`--protocol paper` runs it" in note and "model_quantization" not in note
+    # With weights loaded, what they were loaded as is compared: NF4 is not the paper's bf16.
+    document = json.loads((tmp_path / "metrics.json").read_text())
+    document["config"]["loaded_quantization"] = "4bit"
+    assert "model_quantization None (this run: 4bit)" in runner.setting_differences(document)
+    document["config"]["loaded_quantization"] = None
+    assert not any(d.startswith("model_quantization") for d in runner.setting_differences(document))
 
 
 def test_two_option_vqa_is_set_beside_the_paper_by_pekits_parser(data, tmp_path, monkeypatch):
@@ -152,7 +180,7 @@ def test_two_option_vqa_is_set_beside_the_paper_by_pekits_parser(data, tmp_path,
         return oracle(query, concepts, media)
 
     monkeypatch.setattr(cli, "oracle_answerer", lambda root: respond)
-    summary = _oracle(data, tmp_path, "--benchmark", "yollava-vqa")
+    summary = _oracle(data, tmp_path, "--benchmark", "yollava-vqa", "--protocol", "paper")
     metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
     assert metrics["accuracy"] == 1.0 and metrics["accuracy_pekit_parser"] == pytest.approx(2 / 3)
     assert "| yollava-vqa | accuracy_pekit_parser % | 66.7 | 3 | 92.3 | RAP 97.6 |" in summary
@@ -180,27 +208,41 @@ def test_the_compared_metric_is_the_kinds_main_one_unless_the_papers_entry_names
     assert runner.compared_metric({"paper": {}, "metrics": {"recall": 0.5}}) == "recall"
 
 
-def test_splits_without_positives_report_their_rejection_rate(data, tmp_path):
-    """This-Is-My-Img's Negative and Fake images show none of the concepts: precision and recall say nothing there,
-    the share of questions answered "no" does."""
+def test_splits_without_positives_report_pekits_targeted_rejection_rate(data, tmp_path):
+    """This-Is-My-Img's Negative and Fake images show none of the concepts; PeKit labels each with its folder's
+    concept c and reports the share where c was not answered "yes". The share over every question about an absent
+    concept is another number, kept under its own name."""
     benchmark = LOADERS["thisismy-rec"](data, 1)
     oracle = oracle_answerer(data)
 
-    def respond(query, concepts, media):  # "yes" to everything in Fake, and about its folder's concept in Hard
+    def respond(query, concepts, media):
         split, folder = Path(query.media).parts[-3], Path(query.media).parent.name
-        if split == "Fake" or (split == "Negative (Hard)" and query.concept == concept_name(folder)):
+        own = query.concept == concept_name(folder)
+        if split == "Fake" or (split == "Negative (Hard)" and not own) or (split == "Negative (Other)" and own):
             return {"raw": "Yes."}
         return oracle(query, concepts, media)
 
     runner.answer_share(benchmark, {}, respond, tmp_path, {"benchmark": benchmark.name}, progress=False)
-    per_split = runner.compute_metrics(benchmark, runner.merge(benchmark, tmp_path))["per_split"]
+    records = runner.merge(benchmark, tmp_path)
+    per_split = runner.compute_metrics(benchmark, records)["per_split"]
+    # 3 images per split, one per concept, each asked about the 3 concepts
     assert {split: m["rejection_rate"] for split, m in per_split.items()} == {
+        "Fake": 0.0,  # "yes" about its own concept on every image
+        "Negative (Hard)": 1.0,  # never fooled about the folder's concept, only about the other two
+        "Negative (Other)": 0.0,
+        "Positive": None,  # its images show their folder's concept
+    }
+    assert {split: m["rejection_rate_all_questions"] for split, m in per_split.items()} == {
         "Fake": 0.0,
-        "Negative (Hard)": pytest.approx(6 / 9),  # 3 images x 3 concepts, one "yes" each
-        "Negative (Other)": 1.0,
-        "Positive": 1.0,  # its questions about the concepts an image does not show
+        "Negative (Hard)": pytest.approx(3 / 9),
+        "Negative (Other)": pytest.approx(6 / 9),
+        "Positive": 1.0,
     }
     assert per_split["Fake"]["precision"] == 0.0 and per_split["Fake"]["recall"] is None  # kept, as before
+    summary = runner.write_results(benchmark, tmp_path, {"benchmark": benchmark.name}, records)
+    text = (tmp_path / "summary.md").read_text()
+    assert "| thisismy-rec | Negative (Hard) | 3 | 0.0 | — | — | 100.0 | 33.3 | 0 |" in text
+    assert summary["metrics"]["per_split"]["Positive"]["rejection_rate_micro"] is None
 
 
 def test_every_benchmark_runs_on_a_tiny_model(data, tmp_path, engine):
@@ -432,20 +474,40 @@ def test_a_tables_open_answers_are_judged_again_from_its_folder(data, tmp_path, 
     assert all(again[name]["accuracy"] == 0.0 and "m" in again[name]["judge"] for name in open_ones)
     assert all(again[name] == metrics[name] for name in metrics if name not in open_ones)
     summary = (out / "summary.md").read_text()
-    rows = [line for line in summary.splitlines() if line.startswith(tuple(f"| {name} |" for name in open_ones))]
-    assert len(rows) == len(open_ones) and all("| accuracy % | 0.0 |" in row for row in rows)
+    rows = [line for line in summary.splitlines() if line.startswith(tuple(f"| {name} |" for name in metrics))]
+    table = [row for row in rows if " % | " in row]  # the table beside the paper's, in the table's order
+    assert [row.split(" | ")[0][2:] for row in table] == cli.TABLES["table2"][:4]
+    assert all("| accuracy % | 0.0 |" in row for row in table if row.startswith(tuple(f"| {n} |" for n in open_ones)))
     assert "- Not run: thisismy-video-vqa" in summary and "judged by openai" in summary
 
 
-def test_a_run_resumes_only_with_the_judge_its_logged_verdicts_came_from(data, tmp_path, capsys):
+def test_a_run_resumes_only_with_the_judge_its_logged_verdicts_came_from(data, tmp_path, judge_server, capsys):
     args = ["run", "--benchmark", "thisismy-multi-vqa", "--data", str(data), "--model", "oracle"]
     args += ["--out", str(tmp_path)]
+    endpoint = ["--judge", "openai", "--judge-url", judge_server + "/v1", "--judge-model", "m"]
     assert cli.main([*args, "--limit", "2"]) == 0
-    assert cli.main([*args, "--judge", "openai", "--judge-url", "http://localhost:9/v1", "--judge-model", "m"]) == 2
+    assert cli.main([*args, *endpoint]) == 2
     assert "judged by rule" in capsys.readouterr().err
     assert len(_lines(tmp_path / "predictions.jsonl")) == 2  # nothing was asked or judged again
     assert cli.main([*args, "--limit", "3"]) == 0  # the same judge: it resumes
     assert len(_lines(tmp_path / "predictions.jsonl")) == 3
+
+
+def test_a_run_with_no_judged_answer_logged_takes_another_judge(data, tmp_path, judge_server, monkeypatch, capsys):
+    """A judge that fails at the run's first open answer leaves nothing judged: the run resumes with another."""
+    monkeypatch.setattr(judge_module.time, "sleep", lambda seconds: None)
+    _JudgeServer.statuses = [200] + [503] * 5  # the probe passes, then every try of the first answer fails
+    args = ["run", "--benchmark", "thisismy-multi-vqa", "--data", str(data), "--model", "oracle"]
+    args += ["--out", str(tmp_path)]
+    assert cli.main([*args, "--judge", "openai", "--judge-url", judge_server + "/v1", "--judge-model", "m"]) == 2
+    assert "HTTP 503 on all 5 tries" in capsys.readouterr().err
+    assert not _lines(tmp_path / "parts" / "rank0.jsonl")
+    assert cli.main(["judge", str(tmp_path), "--judge", "rule"]) == 2
+    said = capsys.readouterr().err
+    assert "did not finish" in said and "run the same `python -m ego.evaluate run` command again" in said
+    assert cli.main(args) == 0  # the rule judge now: nothing was judged by the other
+    assert json.loads((tmp_path / "run.json").read_text())["judge"] == "rule"
+    assert len(_lines(tmp_path / "predictions.jsonl")) == 4
 
 
 def test_progress_line_estimates_the_time_left():
@@ -461,15 +523,27 @@ class _JudgeServer(BaseHTTPRequestHandler):
     seen: list = []
     reply = "No."
     status = 200
+    statuses: list = []
+    """The statuses of the next requests, in order; `status` once they are used up."""
+    retry_after = None
+    delays_s: list = []
+    """How long the next requests wait before their answer, in order."""
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if type(self).delays_s:  # not time.sleep, which a test may replace to skip the judge's waits
+            threading.Event().wait(type(self).delays_s.pop(0))
         type(self).seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
         payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": type(self).reply}}]})
-        self.send_response(type(self).status)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(payload.encode())
+        try:
+            self.send_response(type(self).statuses.pop(0) if type(self).statuses else type(self).status)
+            if type(self).retry_after is not None:
+                self.send_header("Retry-After", type(self).retry_after)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(payload.encode())
+        except BrokenPipeError:  # the judge stopped waiting for this answer (a timeout test)
+            pass
 
     def log_message(self, *args):
         pass
@@ -477,7 +551,8 @@ class _JudgeServer(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def judge_server():
-    _JudgeServer.seen, _JudgeServer.status = [], 200
+    _JudgeServer.seen, _JudgeServer.status, _JudgeServer.statuses, _JudgeServer.retry_after = [], 200, [], None
+    _JudgeServer.delays_s = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _JudgeServer)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -540,3 +615,232 @@ def test_endpoint_errors_say_what_to_check(judge_server):
         EndpointJudge("http://127.0.0.1:9/v1", "m", timeout_s=2)("q", "a", "p")
     with pytest.raises(InputError, match="--judge-url"):
         EndpointJudge("", "m")
+
+
+def test_the_endpoint_judge_tries_again_when_rate_limited_overloaded_or_slow(judge_server, monkeypatch):
+    waits = []
+    monkeypatch.setattr(judge_module.time, "sleep", waits.append)
+    _JudgeServer.statuses = [429, 502]
+    assert EndpointJudge(judge_server + "/v1", "m")("q", "a", "p") == (False, "No.")
+    assert len(_JudgeServer.seen) == 3 and waits == [2.0, 4.0]  # each wait twice the one before
+    waits.clear()
+    _JudgeServer.statuses, _JudgeServer.retry_after = [429], "7"
+    assert EndpointJudge(judge_server + "/v1", "m")("q", "a", "p")[0] is False
+    assert waits == [7.0]  # the wait the server asks for
+    waits.clear()
+    _JudgeServer.retry_after, _JudgeServer.delays_s = None, [2.0]
+    assert EndpointJudge(judge_server + "/v1", "m", timeout_s=0.5)("q", "a", "p")[0] is False
+    assert waits == [2.0]  # the first request timed out
+    waits.clear()
+    _JudgeServer.seen, _JudgeServer.status = [], 429
+    with pytest.raises(InputError, match=r"rate limited \(HTTP 429\) on all 5 tries") as refused:
+        EndpointJudge(judge_server + "/v1", "m")("q", "a", "p")
+    assert "check the URL" not in str(refused.value)
+    assert len(_JudgeServer.seen) == 5 and waits == [2.0, 4.0, 8.0, 16.0]
+
+
+def test_a_judge_that_cannot_be_reached_is_told_before_the_model_loads(data, tmp_path, monkeypatch, capsys):
+    loads = []
+    monkeypatch.setattr(cli, "load_engine", lambda *args, **kwargs: loads.append(args))
+    args = ["run", "--benchmark", "table2", "--data", str(data), "--model", "tiny-qwen2.5-vl", "--out", str(tmp_path)]
+    args += ["--judge", "openai", "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m"]
+    assert cli.main(args) == 2
+    assert "could not be reached" in capsys.readouterr().err and loads == []
+
+
+def test_a_benchmark_that_fails_is_listed_as_not_run_and_the_table_goes_on(
+    data, tmp_path, judge_server, monkeypatch, capsys
+):
+    monkeypatch.setattr(judge_module.time, "sleep", lambda seconds: None)
+    _JudgeServer.statuses = [200] + [503] * 5  # the probe passes, then the judge fails for good
+    out = tmp_path / "out"
+    args = ["run", "--benchmark", "table2", "--data", str(data), "--model", "oracle", "--out", str(out)]
+    assert cli.main([*args, "--judge", "openai", "--judge-url", judge_server + "/v1", "--judge-model", "m"]) == 2
+    assert "thisismy-multi-vqa stopped before the end" in capsys.readouterr().err
+    summary = (out / "summary.md").read_text()
+    assert "- Not run: thisismy-multi-vqa: stopped: The judge endpoint" in summary
+    ran = [name for name in cli.TABLES["table2"] if name != "thisismy-multi-vqa"]
+    assert all(f"| {name} |" in summary for name in ran) and "| thisismy-multi-vqa |" not in summary
+
+
+def _copy(data: Path, tmp_path: Path, *parts: str) -> Path:
+    """A copy of the fixture (of `parts` of it only, when given, with its truth file) to spoil."""
+    root = tmp_path / "data"
+    for part in parts or [""]:
+        shutil.copytree(data / part, root / part)
+    if parts:
+        shutil.copy(data / "_truth.json", root / "_truth.json")
+    return root
+
+
+def test_a_partly_present_dataset_stops_only_its_benchmarks_with_the_tree_it_needs(data, tmp_path, capsys):
+    root = _copy(data, tmp_path)
+    shutil.rmtree(root / "rap" / "multi-concept" / "validation")
+    with pytest.raises(InputError, match=r"validation is missing.*rap/multi-concept/\{train_1view_pekit"):
+        LOADERS["rap-multi-rec"](root, 1)
+    out = tmp_path / "out"
+    assert cli.main(["run", "--benchmark", "table1", "--data", str(root), "--model", "oracle", "--out", str(out)]) == 0
+    assert "rap-multi-rec" in capsys.readouterr().err
+    summary = (out / "summary.md").read_text()
+    assert "- Not run: rap-multi-rec: " in summary and "validation/<A>_and_<B>" in summary
+    assert all(f"| {name} | f1 % | 100.0 |" in summary for name in cli.TABLES["table1"][:4])
+    (root / "YoLLaVA").mkdir()  # what `git lfs clone https://github.com/WisconsinAIVision/YoLLaVA` makes
+    shutil.move(root / "yollava-data", root / "YoLLaVA" / "yollava-data")
+    yollava = LOADERS["yollava-rec"](root, 1)
+    assert len(yollava.queries) == 9 * 3 and yollava.queries[0].media.startswith("YoLLaVA/yollava-data/test/")
+
+
+def test_hidden_folders_macos_leftovers_and_a_repositorys_own_files_are_not_concepts_or_images(data, tmp_path):
+    root = _copy(data, tmp_path, "yollava-data", "myvlm")
+    train, test = root / "yollava-data" / "train", root / "yollava-data" / "test"
+    (train / ".ipynb_checkpoints").mkdir()
+    shutil.copy(train / "alpha" / "0.png", train / ".ipynb_checkpoints" / "0.png")
+    (train / "alpha" / "._0.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")  # AppleDouble
+    (test / "__MACOSX" / "alpha").mkdir(parents=True)
+    shutil.copy(test / "alpha" / "0.png", test / "__MACOSX" / "alpha" / "0.png")
+    yollava = LOADERS["yollava-rec"](root, 5)
+    assert sorted(yollava.concepts) == ["alpha", "beta", "gamma"] and len(yollava.queries) == 9 * 3
+    assert [p.name for p in yollava.concepts["alpha"]] == ["0.png", "1.png", "2.png"]
+    # A clone of MyVLM's dataset repository: its .git/ and docs/ beside the concept folders
+    shutil.move(root / "myvlm" / "data", root / "MyVLM")
+    shutil.rmtree(root / "myvlm")
+    (root / "MyVLM" / ".git" / "objects").mkdir(parents=True)
+    (root / "MyVLM" / "docs").mkdir()
+    for i in range(3):
+        shutil.copy(root / "MyVLM" / "red_cube" / "0.jpg", root / "MyVLM" / "docs" / f"myvlm-data-{i}.jpg")
+    myvlm = load_benchmark("myvlm-rec", root, 1)
+    assert sorted(myvlm.concepts) == ["blue ring", "green star", "red cube"] and len(myvlm.queries) == 6 * 3
+    assert myvlm.notes == ["Folders of MyVLM without a captions.json, left out as not concepts: docs."]
+
+
+def test_a_test_folder_named_after_no_concept_of_train_is_refused_with_the_closest_name(data, tmp_path):
+    root = _copy(data, tmp_path, "yollava-data", "This-is-My-Img")
+    (root / "yollava-data" / "test" / "beta").rename(root / "yollava-data" / "test" / "Beta")
+    with pytest.raises(InputError, match=r"yollava-data/test/Beta \(train/ has 'beta'\)"):
+        LOADERS["yollava-rec"](root, 1)
+    other = root / "This-is-My-Img" / "Single-concept" / "test" / "Negative (Other)"
+    (other / "Bens cup-cup").rename(other / "Bens Cup-cup")
+    with pytest.raises(InputError, match=r"Negative \(Other\)/Bens Cup-cup \(train/ has 'Bens cup'\)"):
+        LOADERS["thisismy-rec"](root, 1)
+
+
+def test_concepts_with_fewer_photos_than_refs_are_recorded_told_once_and_compared_as_used(data, tmp_path, capsys):
+    root = _copy(data, tmp_path)
+    for extra in ("1.png", "2.png"):
+        (root / "yollava-data" / "train" / "alpha" / extra).unlink()
+    out = tmp_path / "out"
+    args = ["run", "--benchmark", "all", "--data", str(root), "--model", "oracle", "--out", str(out)]
+    assert cli.main([*args, "--refs", "2", "--protocol", "paper"]) == 0
+    said = capsys.readouterr().err
+    assert said.count("alpha (1)") == 1  # yollava-rec and yollava-vqa share their concepts: told once
+    assert "Bingo (1), Bluey (1), H (1), Parrot_1 (1)" in said  # RAP's one-view folders
+    references = json.loads((out / "yollava-rec" / "run.json").read_text())["references"]
+    assert references["alpha"] == ["yollava-data/train/alpha/0.png"]
+    assert references["beta"] == ["yollava-data/train/beta/0.png", "yollava-data/train/beta/1.png"]
+    summary = (out / "summary.md").read_text()
+    assert "- yollava-rec: the paper's 80.4 was measured with refs 1 (this run: 1-2)," in summary
+    assert "- yollava-rec: --refs 2: 1 of 3 concepts have fewer photos" in summary
+    assert "| rap-multi-rec | f1 % | 100.0 | 4 | 98.4 |" in summary  # one view, as the paper's number
+
+
+def test_a_run_with_5_references_is_set_beside_the_papers_5_reference_number(data, tmp_path):
+    root = _copy(data, tmp_path, "This-is-My-Img")
+    for folder in (root / "This-is-My-Img" / "Single-concept" / "train").iterdir():
+        for i in range(2, 5):
+            shutil.copy(folder / "0.png", folder / f"{i}.png")
+    summary = _oracle(root, tmp_path / "out", "--benchmark", "thisismy-rec", "--refs", "5", "--protocol", "paper")
+    assert "| thisismy-rec (5 refs) | f1 % | 100.0 | 12 | 75.1 | PeKit (5 refs) 78.1 |" in summary
+    assert "precision 100.0 (mean of per-unit precision; paper 87.2)" in summary and "; paper 65.9)" in summary
+
+
+def test_a_git_lfs_pointer_in_place_of_an_image_is_told_before_the_model_loads(data, tmp_path, monkeypatch, capsys):
+    root = _copy(data, tmp_path, "yollava-data")
+    pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:" + "4d7a2146" * 8 + "\nsize 1834\n"
+    (root / "yollava-data" / "test" / "beta" / "2.png").write_text(pointer)
+    loads = []
+    monkeypatch.setattr(cli, "load_engine", lambda *args, **kwargs: loads.append(args))
+    args = ["run", "--benchmark", "yollava-rec", "--data", str(root), "--model", "tiny-qwen2.5-vl"]
+    assert cli.main([*args, "--out", str(tmp_path / "out")]) == 2
+    said = capsys.readouterr().err
+    assert "yollava-data/test/beta/2.png is a git-lfs pointer, not an image" in said and "git lfs pull" in said
+    assert loads == []
+
+
+def test_a_file_that_does_not_decode_is_named_by_its_path_under_the_data(data, tmp_path, engine, capsys):
+    root = _copy(data, tmp_path, "yollava-data")
+    (root / "yollava-data" / "test" / "alpha" / "0.png").write_text("<html>Not Found</html>\n")
+    args = ["run", "--benchmark", "yollava-rec", "--data", str(root), "--model", "tiny-qwen2.5-vl", *FAST]
+    assert cli.main([*args, "--out", str(tmp_path / "query"), "--limit", "1"]) == 2
+    said = capsys.readouterr().err
+    assert "Answering about yollava-data/test/alpha/0.png: This file is not a supported image" in said
+    assert "It is a small text file, not an image" in said
+    (root / "yollava-data" / "train" / "beta" / "0.png").write_bytes(bytes(range(256)) * 8)
+    assert cli.main([*args, "--out", str(tmp_path / "reference"), "--limit", "1"]) == 2
+    said = capsys.readouterr().err
+    assert "Introducing 'beta' from yollava-data/train/beta/0.png: This file is not a supported image" in said
+
+
+def test_an_error_after_some_answers_is_printed_on_a_line_of_its_own(data, tmp_path, capsys):
+    benchmark = LOADERS["yollava-vqa"](data, 1)
+    oracle = oracle_answerer(data)
+
+    def respond(query, concepts, media):
+        if query is benchmark.queries[1]:
+            raise InputError("This file is not a supported image.")
+        return oracle(query, concepts, media)
+
+    with pytest.raises(InputError, match=r"^Answering about yollava-data/test/beta/0.png: This file"):
+        runner.answer_share(benchmark, {}, respond, tmp_path, {"benchmark": benchmark.name})
+    progress = capsys.readouterr().err
+    assert "1/3" in progress and progress.endswith(" left \n")
+
+
+def test_a_damaged_question_file_is_named_with_what_is_wrong(data, tmp_path):
+    root = _copy(data, tmp_path, "yollava-data")
+    path = root / "yollava-data" / "yollava-visual-qa.json"
+    path.write_text('{"alpha": {')
+    with pytest.raises(InputError, match=r"^yollava-data/yollava-visual-qa.json is not valid JSON \(.* line 1"):
+        LOADERS["yollava-vqa"](root, 1)
+    document = json.loads((data / "yollava-data" / "yollava-visual-qa.json").read_text())
+    del document["beta"]["./yollava-data/test/beta/0.png"]["correct_answer"]
+    path.write_text(json.dumps(document))
+    with pytest.raises(InputError, match=r"record './yollava-data/test/beta/0.png' of 'beta', has no 'correct_answer'"):
+        LOADERS["yollava-vqa"](root, 1)
+
+
+def test_multi_concept_recognition_shows_precision_recall_and_every_f1_beside_the_papers(data, tmp_path, monkeypatch):
+    """The paper's multi-concept F1 (88.6) is above the harmonic mean of its own P and R (85.3): the summary sets
+    P and R beside the paper's, and the F1 variants beside each other."""
+    oracle = oracle_answerer(data)
+
+    def respond(query, concepts, media):  # never recognises Ann: her pair is never detected
+        if query.kind == "yesno" and query.concept == "Ann":
+            return {"raw": "No."}
+        return oracle(query, concepts, media)
+
+    monkeypatch.setattr(cli, "oracle_answerer", lambda root: respond)
+    summary = _oracle(data, tmp_path, "--benchmark", "thisismy-multi-rec", "--protocol", "paper")
+    # Ann & Anns ball: detected 0 of 2 (precision undefined, recall 0); Ben & Bens cup: 2 of 2 (both 1)
+    precision, recall = 1.0, (0.0 + 1.0) / 2
+    f1 = 2 * precision * recall / (precision + recall)
+    macro_f1 = (0.0 + 1.0) / 2
+    micro_p, micro_r = 2 / 2, 2 / 4
+    micro_f1 = 2 * micro_p * micro_r / (micro_p + micro_r)
+    row = next(line for line in summary.splitlines() if line.startswith("| thisismy-multi-rec |") and "(mean" in line)
+    assert f"precision {100 * precision:.1f} (mean of per-unit precision; paper 93.9)" in row
+    assert f"recall {100 * recall:.1f} (mean of per-unit recall; paper 78.2)" in row
+    assert f"**f1 {100 * f1:.1f}** (harmonic mean of these two; paper 88.6)" in row
+    assert f"macro_f1 {100 * macro_f1:.1f} (mean of per-unit F1)" in row
+    assert f"micro_f1 {100 * micro_f1:.1f} (from the pooled counts)" in row
+    assert "harmonic mean of its own P 93.9 and R 78.2 (85.3)" in summary
+
+
+def test_multi_concept_caption_recall_shows_both_readings_of_the_papers_recall(data, tmp_path, monkeypatch):
+    """Recall over name occurrences and the share of captions naming every concept both fit the paper's 70.9."""
+    monkeypatch.setattr(
+        cli, "oracle_answerer", lambda root: lambda query, concepts, media: {"raw": f"{query.gold[0]} on a table."}
+    )
+    summary = _oracle(data, tmp_path, "--benchmark", "thisismy-multi-cap", "--protocol", "paper")
+    assert "**recall 50.0** (over name occurrences; paper 70.9)" in summary  # one name of two in each caption
+    assert "all_names_rate 0.0 (captions naming every concept they should)" in summary
+    assert "which is all_names_rate here" in summary

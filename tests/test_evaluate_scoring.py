@@ -53,6 +53,16 @@ OPTIONS = {"A": "Cat", "B": "Dog"}
         ("The answer is (a)", "A", "A"),
         ("The answer is B because it barks.", "B", None),
         ("Option a.", "A", "A"),
+        # Markdown emphasis, quotes, and "B is correct": ours reads them; the published parser stays as it was.
+        ("**B**", "B", None),
+        ('"B"', "B", None),
+        ("`A`", "A", None),
+        ("“B”", "B", None),
+        ("B is correct", "B", "B"),
+        ("(b) is the right one", "B", "B"),
+        ("The answer is **B**.", "B", None),
+        ("**A dog** sits on the mat.", "B", None),  # still the article, and the dog
+        ("A's owner holds a dog", "B", "A"),  # "A'" is no letter choice
     ],
 )
 def test_two_option_letters(answer, strict, pekit):
@@ -99,11 +109,20 @@ def test_recognition_variants_differ_when_a_unit_is_never_detected():
     assert m["micro_precision"] == pytest.approx(1.0) and m["micro_recall"] == pytest.approx(1 / 3)
 
 
-def test_rejection_rate_is_the_share_of_absent_concepts_not_answered_yes():
+def test_rejection_rate_all_questions_is_the_share_of_absent_concepts_not_answered_yes():
     # (concept in the image, answered "yes"): the two questions about a present concept do not count
     answers = [(False, False), (False, True), (False, False), (True, True), (True, False)]
-    assert scoring.rejection_rate(answers) == pytest.approx(2 / 3)
-    assert scoring.rejection_rate([(True, True)]) is None
+    assert scoring.rejection_rate_all_questions(answers) == pytest.approx(2 / 3)
+    assert scoring.rejection_rate_all_questions([(True, True)]) is None
+
+
+def test_targeted_rejection_is_pekits_inverted_recall_per_concept_then_averaged():
+    # (the concept an image is labelled with, answered "yes" about it): a's 3 images, one fooled; b's one, fooled
+    answers = [("a", False), ("a", True), ("a", False), ("b", True)]
+    rates = scoring.targeted_rejection(answers)
+    assert rates["rejection_rate"] == pytest.approx((2 / 3 + 0 / 1) / 2)  # PeKit: mean over concepts of 1 - recall
+    assert rates["rejection_rate_micro"] == pytest.approx(2 / 4)
+    assert scoring.targeted_rejection([]) == {"rejection_rate": None, "rejection_rate_micro": None}
 
 
 def test_accuracy_counts_unparsed_as_wrong():

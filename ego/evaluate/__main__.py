@@ -18,10 +18,11 @@ import typing
 from pathlib import Path
 
 from ..errors import InputError
+from ..quantization import loaded_quantization
 from ..settings import QUANTIZATIONS, Settings
 from . import runner
-from .datasets import LOADERS, make_fixture
-from .judge import make_judge
+from .datasets import LOADERS, load_benchmark, make_fixture
+from .judge import EndpointJudge, make_judge
 from .oracle import oracle_answerer
 
 TABLES = {
@@ -162,6 +163,23 @@ def load_engine(model: str, quantization: str, settings: Settings):
     )
 
 
+def _load(name: str, data: Path, refs: int):
+    """A benchmark's data, read and checked before any model loads; a file the system cannot read is an
+    InputError too, so that a table goes on with its other benchmarks."""
+    try:
+        return load_benchmark(name, data, refs)
+    except OSError as error:
+        raise InputError(
+            f"Its data could not be read ({error}); check that the files are there and readable."
+        ) from error
+
+
+def _paper_key(name: str, refs: int) -> str:
+    """The paper's number a benchmark is set beside: the one measured with `refs` photos where the paper has it."""
+    with_refs = f"{name} ({refs} refs)"
+    return with_refs if with_refs in runner.PAPER_NUMBERS else name
+
+
 def run(args) -> list[dict]:
     if not 1 <= args.refs <= 5:
         raise InputError("--refs must be between 1 and 5.")
@@ -182,24 +200,37 @@ def run(args) -> list[dict]:
         jobs = [("yollava-rec", f"table3/{v}", out / v, changes, refs) for v, (changes, refs) in TABLE3.items()]
     else:
         several = len(names) > 1
-        jobs = [(n, n, out / n if several else out, {}, args.refs) for n in names]
+        jobs = [(n, _paper_key(n, args.refs), out / n if several else out, {}, args.refs) for n in names]
     # Every dataset is read before the model loads: a missing one is told at once, not after hours of the others.
-    benchmarks, missing = {}, []
+    benchmarks, not_run = {}, {}
     for name, _, _, _, refs in jobs:
+        if (name, refs) in benchmarks or name in not_run:
+            continue
         try:
-            benchmarks[name, refs] = benchmarks.get((name, refs)) or LOADERS[name](data, refs)
+            benchmarks[name, refs] = _load(name, data, refs)
         except InputError as error:
             if len(jobs) == 1:
                 raise
-            missing.append(f"{name}: {error}")
+            not_run[name] = str(error)
     if not benchmarks:
-        raise InputError("No benchmark of this table has its data: " + "; ".join(missing))
-    if missing:
-        lines = "\n  ".join(missing)
-        print(f"Not run, their data is missing (each runs on its own once it is there):\n  {lines}", file=sys.stderr)
+        raise InputError(
+            "No benchmark of this table has its data: " + "; ".join(f"{k}: {v}" for k, v in not_run.items())
+        )
+    if not_run:
+        lines = "\n  ".join(f"{name}: {why}" for name, why in not_run.items())
+        print(
+            f"Not run, their data is missing or incomplete (each runs on its own once it is there):\n  {lines}",
+            file=sys.stderr,
+        )
+    for note in dict.fromkeys(note for benchmark in benchmarks.values() for note in benchmark.notes):
+        print(f"Note: {note}", file=sys.stderr)
+    # The judge is asked once before the model loads: a wrong URL, name or key is told in a second, not after it.
+    judge = None if args.judge == "self" else make_judge(args.judge, url=args.judge_url, model=args.judge_model)
+    if isinstance(judge, EndpointJudge) and any(q.kind == "open" for b in benchmarks.values() for q in b.queries):
+        judge.probe()
     oracle = args.model == "oracle"
     engine = None if oracle else load_engine(args.model, args.quantization, settings)
-    judge = make_judge(args.judge, engine=engine, url=args.judge_url, model=args.judge_model)
+    judge = judge or make_judge(args.judge, engine=engine, url=args.judge_url, model=args.judge_model)
     cache = Path(args.cache) if args.cache else out / "concept-cache"
     documents = []
     try:
@@ -218,32 +249,49 @@ def run(args) -> list[dict]:
                 "model": args.model,
                 "protocol": args.protocol,
                 "refs": refs,
+                "references": benchmark.reference_files(),
                 "quantization": args.quantization,
                 "settings": dataclasses.asdict(run_settings),
                 "max_new_tokens": args.max_new_tokens,
                 "limit": args.limit,
                 "judge": judge.spec,
             }
-            document = runner.run_benchmark(
-                benchmark,
-                None if oracle else engine.with_settings(run_settings),
-                folder,
-                config,
-                cache=cache,
-                respond=oracle_answerer(data) if oracle else None,
-                limit=args.limit,
-                judge=judge,
-                paper_key=paper_key,
-                max_new_tokens=args.max_new_tokens,
-            )
+            if engine is not None:
+                config["loaded_quantization"] = loaded_quantization(engine.model)
+            try:
+                document = runner.run_benchmark(
+                    benchmark,
+                    None if oracle else engine.with_settings(run_settings),
+                    folder,
+                    config,
+                    cache=cache,
+                    respond=oracle_answerer(data) if oracle else None,
+                    limit=args.limit,
+                    judge=judge,
+                    paper_key=paper_key,
+                    max_new_tokens=args.max_new_tokens,
+                )
+            except InputError as error:  # the table goes on: the other benchmarks do not share the cause
+                if len(jobs) == 1:
+                    raise
+                not_run[paper_key] = f"stopped: {error}"
+                print(f"Not finished, {paper_key}: {error}", file=sys.stderr)
+                continue
             if document is not None:
                 documents.append(document)
     finally:  # the table's summary of what was run, also when a later benchmark failed
-        if len(jobs) > 1 and documents:
-            not_run = "".join(f"- Not run: {line}\n" for line in missing)
-            (out / "summary.md").write_text(runner.summary_markdown(documents) + not_run)
+        if len(jobs) > 1 and (documents or not_run):
+            listed = "".join(f"- Not run: {name}: {why}\n" for name, why in not_run.items())
+            (out / "summary.md").write_text(runner.summary_markdown(documents) + listed)
     if documents:
         print((out / "summary.md").read_text())
+    stopped = [name for name, why in not_run.items() if why.startswith("stopped: ")]
+    if stopped:
+        raise InputError(
+            f"{', '.join(stopped)} stopped before the end (the reason is above); the other benchmarks ran and "
+            f"{out / 'summary.md'} lists what did not. Run the same command again once the cause is mended: the "
+            "answers given so far are kept."
+        )
     return documents
 
 
@@ -256,7 +304,7 @@ def judge_again(args) -> dict:
     judge = make_judge(args.judge, engine=engine, url=args.judge_url, model=args.judge_model)
     out = Path(args.out)
     if not (out / "metrics.json").is_file() and any(out.glob("*/metrics.json")):  # a table's folder
-        documents = runner.rejudge_table(out, judge)
+        documents = runner.rejudge_table(out, judge, order=[*TABLES["all"], *TABLE3])
         print((out / "summary.md").read_text())
         return {"table": str(out), "benchmarks": documents}
     document = runner.rejudge(out, judge)

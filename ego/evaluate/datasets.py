@@ -7,6 +7,7 @@ queries (one model call each). docs/evaluation.md gives the download source and 
 
 from __future__ import annotations
 
+import difflib
 import json
 import random
 import re
@@ -62,19 +63,44 @@ class Benchmark:
     """Multi-concept recognition: the pairs scored as units."""
     split_of: dict[str, str] = field(default_factory=dict)
     """Recognition: test image -> its split (This-Is-My-Img's Positive / Negative / Fake folders)."""
+    folder_concept: dict[str, str] = field(default_factory=dict)
+    """Recognition with splits: test image -> the concept its folder names (in a Negative or Fake split, the
+    concept the image is a targeted negative for)."""
+    notes: list[str] = field(default_factory=list)
+    """What the loader did that a reader of the results should know (folders skipped, fewer photos than asked)."""
+
+    def reference_files(self) -> dict[str, list[str]]:
+        """Each concept's reference photos, relative to the data root, in the order they are used."""
+        return {name: [_rel(self.root, path) for path in paths] for name, paths in sorted(self.concepts.items())}
 
 
 def natural_key(path: Path):
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
 
 
+def _hidden(path: Path) -> bool:
+    """A name no dataset gives a concept or an image: hidden ones (".git", ".ipynb_checkpoints", macOS's "._0.png"
+    AppleDouble files beside each image of an archive made on a Mac) and macOS's "__MACOSX" folder."""
+    return path.name.startswith(".") or path.name == "__MACOSX"
+
+
 def _images(folder: Path) -> list[Path]:
     """The image files directly in `folder` (sub-folders such as Yo'LLaVA's negative_example/ are ignored)."""
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
+    return sorted(
+        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not _hidden(p)),
+        key=natural_key,
+    )
 
 
-def _folders(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.name.lower())
+def _folders(folder: Path, tree: str) -> list[Path]:
+    """The sub-folders of `folder` (hidden ones and __MACOSX left out); `tree` is the layout the dataset needs,
+    named when the folder is missing."""
+    if not folder.is_dir():
+        raise InputError(
+            f"{folder} is missing: the dataset is there only in part. It needs the tree {tree} "
+            '(docs/evaluation.md, "Getting the data").'
+        )
+    return sorted((p for p in folder.iterdir() if p.is_dir() and not _hidden(p)), key=lambda p: p.name.lower())
 
 
 def _find(root: Path, candidates: list[str], what: str, source: str) -> Path:
@@ -96,6 +122,76 @@ def _refs(folder: Path, n_refs: int) -> list[Path]:
 
 def _rel(root: Path, path: Path) -> str:
     return path.resolve().relative_to(root.resolve()).as_posix()
+
+
+GIT_LFS_POINTER = b"version https://git-lfs"
+"""How a git-lfs pointer file begins: what a clone made without git-lfs holds in place of every image."""
+GIT_LFS_HINT = "run `git lfs install`, then `git lfs pull` inside the dataset's clone"
+
+
+def _is_git_lfs_pointer(path: Path) -> bool:
+    with open(path, "rb") as file:
+        return file.read(len(GIT_LFS_POINTER)) == GIT_LFS_POINTER
+
+
+def not_an_image_hint(path: Path) -> str:
+    """Why a file that should be an image may not decode, when its first bytes tell: a git-lfs pointer or another
+    small text file. Empty when they do not."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4096)
+    except OSError:
+        return ""
+    if head.startswith(GIT_LFS_POINTER):
+        return f" It is a git-lfs pointer, not the image: the dataset was cloned without git-lfs; {GIT_LFS_HINT}."
+    if len(head) < 4096 and b"\0" not in head:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError:
+            return ""
+        return " It is a small text file, not an image: check that the dataset was downloaded completely."
+    return ""
+
+
+def check_media(benchmark: Benchmark) -> None:
+    """InputError when the benchmark's photos or test media are git-lfs pointers (a clone made without git-lfs
+    holds one in place of every image), told before a model loads rather than at the first photo it reads."""
+    paths = [p for refs in benchmark.concepts.values() for p in refs]
+    paths += [benchmark.root / media for media in dict.fromkeys(q.media for q in benchmark.queries)]
+    pointers = [path for path in paths if _is_git_lfs_pointer(path)]
+    if pointers:
+        what = (
+            f"and {len(pointers) - 1} other files are git-lfs pointers, not images"
+            if len(pointers) > 1
+            else "is a git-lfs pointer, not an image"
+        )
+        raise InputError(
+            f"{_rel(benchmark.root, pointers[0])} {what}: the dataset was cloned without git-lfs; {GIT_LFS_HINT}."
+        )
+
+
+def _read_json(root: Path, path: Path):
+    """A dataset's JSON file, or an InputError that names it (relative to the data root) and what is wrong."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise InputError(f"{_rel(root, path)} is not a UTF-8 text file ({error.reason}); get it again.") from error
+    except json.JSONDecodeError as error:
+        if _is_git_lfs_pointer(path):
+            raise InputError(
+                f"{_rel(root, path)} is a git-lfs pointer, not the file: the dataset was cloned without git-lfs; "
+                f"{GIT_LFS_HINT}."
+            ) from error
+        raise InputError(
+            f"{_rel(root, path)} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
+            "get it again, or mend it by hand."
+        ) from error
+
+
+def _mapping(value, where: str, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise InputError(f"{where} should be {what} (a JSON object); it is {type(value).__name__}.")
+    return value
 
 
 def _recognition_queries(root: Path, images: list[Path], names: list[str]) -> list[Query]:
@@ -138,22 +234,40 @@ YOLLAVA_SOURCE = (
     "Get it with `git lfs clone https://github.com/WisconsinAIVision/YoLLaVA` (yollava-data/) or from "
     "https://huggingface.co/datasets/thaoshibe/YoLLaVA."
 )
+YOLLAVA_TREE = "yollava-data/{train,test}/<concept>/*.png (YoLLaVA/yollava-data/... in a clone of its repository)"
 
 
 def _yollava_dir(root: Path) -> Path:
-    return _find(root, ["yollava-data", "YoLLaVA"], "Yo'LLaVA dataset", YOLLAVA_SOURCE)
+    return _find(root, ["yollava-data", "YoLLaVA/yollava-data", "YoLLaVA"], "Yo'LLaVA dataset", YOLLAVA_SOURCE)
 
 
 def yollava_concepts(root: Path, n_refs: int) -> dict[str, list[Path]]:
     train = _yollava_dir(root) / "train"
-    return {folder.name: _refs(folder, n_refs) for folder in _folders(train)}
+    return {folder.name: _refs(folder, n_refs) for folder in _folders(train, YOLLAVA_TREE)}
+
+
+def _check_test_folders(root: Path, named: dict[Path, str], concepts) -> None:
+    """InputError naming the test folders (-> the concept each is named after) with no concept of that name in
+    train/: their images would otherwise be scored as showing none of the concepts."""
+    orphans = [(folder, name) for folder, name in named.items() if name not in concepts]
+    if orphans:
+        listed = []
+        for folder, name in orphans:
+            close = difflib.get_close_matches(name, list(concepts), n=1)
+            listed.append(_rel(root, folder) + (f" (train/ has {close[0]!r})" if close else ""))
+        raise InputError(
+            f"These test folders name no concept of train/: {'; '.join(listed)}. Rename each after its concept's "
+            "folder in train/ (the names must match exactly, case included), or remove it."
+        )
 
 
 def load_yollava_rec(root: Path, n_refs: int) -> Benchmark:
     base = _yollava_dir(root)
     concepts = yollava_concepts(root, n_refs)
+    test_folders = _folders(base / "test", YOLLAVA_TREE)
+    _check_test_folders(root, {folder: folder.name for folder in test_folders}, concepts)
     images, truth = [], {}
-    for folder in _folders(base / "test"):
+    for folder in test_folders:
         for image in _images(folder):
             images.append(image)
             truth[_rel(root, image)] = [folder.name]
@@ -162,18 +276,39 @@ def load_yollava_rec(root: Path, n_refs: int) -> Benchmark:
     )
 
 
-def _option_queries(root: Path, base: Path, document: dict, anchor: str, names: dict[str, str]) -> list[Query]:
+def _field(record: dict, key: str, where: str, needs: str):
+    if key not in record:
+        raise InputError(f"{where} has no {key!r}; {needs}")
+    return record[key]
+
+
+def _option_queries(root: Path, base: Path, source: Path, anchor: str) -> list[Query]:
+    """The queries of a question file (`source`): `{concept: {media path: record}}`, a record with "options"
+    and "correct_answer" being a two-option question, one with "answer" an open one."""
+    document = _mapping(_read_json(root, source), _rel(root, source), "a mapping of concept names to questions")
+    needs = (
+        'each record needs "question" and either "options" {"A": ..., "B": ...} with "correct_answer" '
+        '(A or B), or "answer" (an open question).'
+    )
     queries = []
     for concept_key, records in sorted(document.items()):
-        name = names.get(concept_key, concept_key)
+        records = _mapping(records, f"{_rel(root, source)}, entry {concept_key!r},", "a mapping of media to questions")
         for listed, record in sorted(records.items()):
+            where = f"{_rel(root, source)}, record {listed!r} of {concept_key!r},"
+            record = _mapping(record, where, "a question record")
             media = _resolve_listed(base, listed, anchor)
-            raw = record["question"]
-            text = re.sub(r"<sks>|\bsks\b", name, raw)
+            raw = str(_field(record, "question", where, needs))
+            text = re.sub(r"<sks>|\bsks\b", concept_key, raw)
             options = record.get("options") or record.get("option")
             rel = _rel(root, media)
             is_video = media.suffix.lower() not in IMAGE_SUFFIXES
             if options:
+                options = _mapping(options, f'{where} "options"', '{"A": ..., "B": ...}')
+                if not {"A", "B"} <= set(options):
+                    raise InputError(f'{where} "options" has no {"A" if "A" not in options else "B"}; {needs}')
+                gold = str(_field(record, "correct_answer", where, needs)).strip().upper()
+                if gold not in ("A", "B"):
+                    raise InputError(f'{where} "correct_answer" is {record["correct_answer"]!r}, not A or B.')
                 question = OPTION_PROMPT.format(question=text, a=options["A"], b=options["B"])
                 queries.append(
                     Query(
@@ -181,22 +316,24 @@ def _option_queries(root: Path, base: Path, document: dict, anchor: str, names: 
                         kind="option",
                         question=question,
                         media=rel,
-                        group=name,
+                        group=concept_key,
                         raw_question=raw,
                         options=dict(options),
-                        gold=record["correct_answer"],
+                        gold=gold,
                         is_video=is_video,
                     )
                 )
             else:
                 gold = record.get("answer", record.get("correct_answer"))
+                if gold is None:
+                    raise InputError(f'{where} has neither "options" nor "answer"; {needs}')
                 queries.append(
                     Query(
                         key=f"{rel}|{raw}",
                         kind="open",
                         question=text,
                         media=rel,
-                        group=name,
+                        group=concept_key,
                         raw_question=raw,
                         gold=gold,
                         is_video=is_video,
@@ -210,31 +347,49 @@ def load_yollava_vqa(root: Path, n_refs: int) -> Benchmark:
     path = base / "yollava-visual-qa.json"
     if not path.is_file():
         raise InputError(f"{path} is missing; it ships with the Yo'LLaVA repository. {YOLLAVA_SOURCE}")
-    document = json.loads(path.read_text())
     return Benchmark(
-        "yollava-vqa", "vqa", root, yollava_concepts(root, n_refs), _option_queries(root, base, document, "test", {})
+        "yollava-vqa", "vqa", root, yollava_concepts(root, n_refs), _option_queries(root, base, path, "test")
     )
 
 
 # --- MyVLM -----------------------------------------------------------------------------------------------
 MYVLM_SOURCE = "Get it from https://huggingface.co/datasets/yuvalalaluf/MyVLM (non-commercial licence)."
+MYVLM_CAPTIONS = ("captions.json", "captions_augmented.json")
+"""What marks a concept folder in MyVLM's documented layout (`<concept>/*.jpg` + captions.json, or its augmented
+variant); a clone of the dataset's repository also holds docs/ and .git/ beside them."""
 
 
-def _myvlm(root: Path, n_refs: int) -> tuple[dict[str, list[Path]], list[tuple[str, Path]]]:
+def _myvlm(root: Path, n_refs: int) -> tuple[dict[str, list[Path]], list[tuple[str, Path]], list[str]]:
     base = _find(root, ["myvlm/data", "myvlm", "MyVLM"], "MyVLM dataset", MYVLM_SOURCE)
+    tree = f"{_rel(root, base)}/<concept>/*.jpg with a captions.json in each concept folder"
+    folders = _folders(base, tree)
+    concept_folders = [f for f in folders if any((f / name).is_file() for name in MYVLM_CAPTIONS)]
+    if not concept_folders:
+        raise InputError(
+            f"No folder of {_rel(root, base)} holds a captions.json, which marks a MyVLM concept folder: it needs "
+            f"the tree {tree}. {MYVLM_SOURCE}"
+        )
+    skipped = [f.name for f in folders if f not in concept_folders]
+    notes = (
+        [f"Folders of {_rel(root, base)} without a captions.json, left out as not concepts: {', '.join(skipped)}."]
+        if skipped
+        else []
+    )
     concepts, tests = {}, []
-    for folder in _folders(base):
+    for folder in concept_folders:
         name = folder.name.replace("_", " ")
         images = _images(folder)
         if len(images) <= n_refs:
-            raise InputError(f"{folder} has {len(images)} images; with --refs {n_refs} none is left to test on.")
+            raise InputError(
+                f"{_rel(root, folder)} has {len(images)} images; with --refs {n_refs} none is left to test on."
+            )
         concepts[name] = images[:n_refs]
         tests += [(name, image) for image in images[n_refs:]]
-    return concepts, tests
+    return concepts, tests, notes
 
 
 def load_myvlm_rec(root: Path, n_refs: int) -> Benchmark:
-    concepts, tests = _myvlm(root, n_refs)
+    concepts, tests, notes = _myvlm(root, n_refs)
     truth = {_rel(root, image): [name] for name, image in tests}
     return Benchmark(
         "myvlm-rec",
@@ -243,6 +398,7 @@ def load_myvlm_rec(root: Path, n_refs: int) -> Benchmark:
         concepts,
         _recognition_queries(root, [image for _, image in tests], sorted(concepts)),
         truth=truth,
+        notes=notes,
     )
 
 
@@ -261,8 +417,9 @@ def _caption_queries(root: Path, tests: list[tuple[list[str], Path]]) -> list[Qu
 
 
 def load_myvlm_cap(root: Path, n_refs: int) -> Benchmark:
-    concepts, tests = _myvlm(root, n_refs)
-    return Benchmark("myvlm-cap", "caption", root, concepts, _caption_queries(root, [([n], i) for n, i in tests]))
+    concepts, tests, notes = _myvlm(root, n_refs)
+    queries = _caption_queries(root, [([n], i) for n, i in tests])
+    return Benchmark("myvlm-cap", "caption", root, concepts, queries, notes=notes)
 
 
 # --- This-Is-My-Img -------------------------------------------------------------------------------------
@@ -271,6 +428,11 @@ THISISMY_SOURCE = (
     "https://github.com/vdorovatas/personalization_toolkit."
 )
 THISISMY_SPLITS = ("Positive", "Negative (Hard)", "Negative (Other)", "Fake")
+THISISMY_TREES = {
+    "Single-concept": "This-is-My-Img/Single-concept/{train/<Name-category>, "
+    "test/{Positive,Negative (Hard),Negative (Other),Fake}/<Name-category>}/*.png",
+    "Multi-concept": "This-is-My-Img/Multi-concept/{train/<Name-category>, test/<A>_and_<B>}/*.png",
+}
 
 
 def concept_name(folder_name: str) -> str:
@@ -281,13 +443,13 @@ def concept_name(folder_name: str) -> str:
 def _thisismy(root: Path, part: str) -> Path:
     base = _find(root, ["This-is-My-Img", "This-Is-My-Img"], "This-Is-My-Img dataset", THISISMY_SOURCE)
     if not (base / part).is_dir():
-        raise InputError(f"{base / part} is missing. {THISISMY_SOURCE}")
+        raise InputError(f"{base / part} is missing; it needs the tree {THISISMY_TREES[part]}. {THISISMY_SOURCE}")
     return base / part
 
 
 def thisismy_concepts(root: Path, part: str, n_refs: int) -> dict[str, list[Path]]:
     train = _thisismy(root, part) / "train"
-    return {concept_name(folder.name): _refs(folder, n_refs) for folder in _folders(train)}
+    return {concept_name(folder.name): _refs(folder, n_refs) for folder in _folders(train, THISISMY_TREES[part])}
 
 
 def load_thisismy_rec(root: Path, n_refs: int) -> Benchmark:
@@ -299,21 +461,27 @@ def load_thisismy_rec(root: Path, n_refs: int) -> Benchmark:
     folder's concept only, so that a right "yes" about the other is not scored as a false positive."""
     base = _thisismy(root, "Single-concept")
     concepts = thisismy_concepts(root, "Single-concept", n_refs)
-    images, truth, split_of = [], {}, {}
-    for split in THISISMY_SPLITS:
-        if not (base / "test" / split).is_dir():
-            continue
-        for folder in _folders(base / "test" / split):
+    splits = [split for split in THISISMY_SPLITS if (base / "test" / split).is_dir()]
+    if not splits:
+        raise InputError(
+            f"{base / 'test'} holds none of the test splits {', '.join(THISISMY_SPLITS)}; it needs the tree "
+            f"{THISISMY_TREES['Single-concept']}. {THISISMY_SOURCE}"
+        )
+    images, truth, split_of, folder_concept = [], {}, {}, {}
+    for split in splits:
+        folders = _folders(base / "test" / split, THISISMY_TREES["Single-concept"])
+        _check_test_folders(root, {folder: concept_name(folder.name) for folder in folders}, concepts)
+        for folder in folders:
             for image in _images(folder):
                 rel = _rel(root, image)
                 images.append(image)
                 truth[rel] = [concept_name(folder.name)] if split == "Positive" else []
                 split_of[rel] = split
+                folder_concept[rel] = concept_name(folder.name)
     queries = [
         query
         for query in _recognition_queries(root, images, sorted(concepts))
-        if not Path(query.media).stem.endswith("_double")
-        or query.concept == concept_name(Path(query.media).parent.name)
+        if not Path(query.media).stem.endswith("_double") or query.concept == folder_concept[query.media]
     ]
     return Benchmark(
         "thisismy-rec",
@@ -323,6 +491,7 @@ def load_thisismy_rec(root: Path, n_refs: int) -> Benchmark:
         queries,
         truth=truth,
         split_of=split_of,
+        folder_concept=folder_concept,
     )
 
 
@@ -338,9 +507,9 @@ def _pair(folder_name: str, names) -> tuple[str, ...]:
     return members
 
 
-def _multi(root: Path, train: Path, test: Path, n_refs: int, strip_category: bool):
-    concepts = {(concept_name(f.name) if strip_category else f.name): _refs(f, n_refs) for f in _folders(train)}
-    tests = [(_pair(folder.name, concepts), image) for folder in _folders(test) for image in _images(folder)]
+def _multi(root: Path, train: Path, test: Path, n_refs: int, strip_category: bool, tree: str):
+    concepts = {(concept_name(f.name) if strip_category else f.name): _refs(f, n_refs) for f in _folders(train, tree)}
+    tests = [(_pair(folder.name, concepts), image) for folder in _folders(test, tree) for image in _images(folder)]
     return concepts, tests
 
 
@@ -358,14 +527,17 @@ def _multi_rec(name: str, root: Path, concepts, tests) -> Benchmark:
     )
 
 
-def load_thisismy_multi_rec(root: Path, n_refs: int) -> Benchmark:
+def _thisismy_multi(root: Path, n_refs: int):
     base = _thisismy(root, "Multi-concept")
-    return _multi_rec("thisismy-multi-rec", root, *_multi(root, base / "train", base / "test", n_refs, True))
+    return _multi(root, base / "train", base / "test", n_refs, True, THISISMY_TREES["Multi-concept"])
+
+
+def load_thisismy_multi_rec(root: Path, n_refs: int) -> Benchmark:
+    return _multi_rec("thisismy-multi-rec", root, *_thisismy_multi(root, n_refs))
 
 
 def load_thisismy_multi_cap(root: Path, n_refs: int) -> Benchmark:
-    base = _thisismy(root, "Multi-concept")
-    concepts, tests = _multi(root, base / "train", base / "test", n_refs, True)
+    concepts, tests = _thisismy_multi(root, n_refs)
     return Benchmark("thisismy-multi-cap", "caption", root, concepts, _caption_queries(root, tests))
 
 
@@ -375,13 +547,7 @@ def load_thisismy_multi_vqa(root: Path, n_refs: int) -> Benchmark:
     if not path.is_file():
         raise InputError(f"{path} is missing. {THISISMY_SOURCE}")
     concepts = thisismy_concepts(root, "Multi-concept", n_refs)
-    return Benchmark(
-        "thisismy-multi-vqa",
-        "vqa",
-        root,
-        concepts,
-        _option_queries(root, base, json.loads(path.read_text()), "test", {}),
-    )
+    return Benchmark("thisismy-multi-vqa", "vqa", root, concepts, _option_queries(root, base, path, "test"))
 
 
 # --- RAP multi-concept ----------------------------------------------------------------------------------
@@ -390,12 +556,13 @@ RAP_SOURCE = (
     "https://github.com/Hoar012/RAP-MLLM and arrange them as rap/multi-concept/train_1view_pekit/<concept>/ "
     "and rap/multi-concept/validation/<A>_and_<B>/."
 )
+RAP_TREE = "rap/multi-concept/{train_1view_pekit/<concept>, validation/<A>_and_<B>}/*.jpg"
 
 
 def load_rap_multi_rec(root: Path, n_refs: int) -> Benchmark:
     base = _find(root, ["rap/multi-concept"], "RAP multi-concept set", RAP_SOURCE)
-    train = next((base / t for t in ("train_1view_pekit", "train") if (base / t).is_dir()), base / "train")
-    return _multi_rec("rap-multi-rec", root, *_multi(root, train, base / "validation", n_refs, False))
+    train = next((base / t for t in ("train_1view_pekit", "train") if (base / t).is_dir()), base / "train_1view_pekit")
+    return _multi_rec("rap-multi-rec", root, *_multi(root, train, base / "validation", n_refs, False, RAP_TREE))
 
 
 # --- video ----------------------------------------------------------------------------------------------
@@ -414,16 +581,14 @@ def load_video_vqa(root: Path, n_refs: int) -> Benchmark:
             f"{path} is missing. The paper's video questions are not public; write them as " + VIDEO_FORMAT
         )
     concepts = thisismy_concepts(root, "Single-concept", n_refs)
-    document = json.loads(path.read_text())
+    document = _mapping(_read_json(root, path), _rel(root, path), "a mapping of concept names to questions")
     unknown = sorted(set(document) - set(concepts))
     if unknown:
         raise InputError(
             f"video-qa.json names concepts with no reference photos: {', '.join(unknown)}; use the "
             "names of This-is-My-Img/Single-concept/train/ without their category."
         )
-    return Benchmark(
-        "thisismy-video-vqa", "vqa", root, concepts, _option_queries(root, base, document, "eval_segment", {})
-    )
+    return Benchmark("thisismy-video-vqa", "vqa", root, concepts, _option_queries(root, base, path, "eval_segment"))
 
 
 LOADERS = {
@@ -438,6 +603,21 @@ LOADERS = {
     "rap-multi-rec": load_rap_multi_rec,
     "thisismy-video-vqa": load_video_vqa,
 }
+
+
+def load_benchmark(name: str, root: Path, n_refs: int) -> Benchmark:
+    """A benchmark as a run uses it: loaded, its media checked for git-lfs pointers, and a note naming the
+    concepts that have fewer photos than `n_refs` (they are introduced from all they have)."""
+    benchmark = LOADERS[name](root, n_refs)
+    check_media(benchmark)
+    fewer = {concept: len(refs) for concept, refs in sorted(benchmark.concepts.items()) if len(refs) < n_refs}
+    if fewer:
+        listed = ", ".join(f"{concept} ({count})" for concept, count in fewer.items())
+        benchmark.notes.append(
+            f"--refs {n_refs}: {len(fewer)} of {len(benchmark.concepts)} concepts have fewer photos and are "
+            f"introduced from all they have: {listed}."
+        )
+    return benchmark
 
 
 # --- the synthetic fixture --------------------------------------------------------------------------------

@@ -9,8 +9,10 @@ and the prompt below.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 
@@ -85,11 +87,25 @@ class ModelJudge:
         return read_verdict(reply), str(reply)
 
 
+RETRIED_HTTP_STATUSES = frozenset({429, 500, 502, 503, 504})
+"""Answers of an endpoint that a later try may not get: rate limited (429) or a server in trouble (5xx)."""
+
+
 class EndpointJudge:
     """Any OpenAI-compatible `/chat/completions` endpoint (standard library only). The key is read from the
-    environment (EGO_JUDGE_API_KEY, else OPENAI_API_KEY) and never written anywhere."""
+    environment (EGO_JUDGE_API_KEY, else OPENAI_API_KEY) and never written anywhere. A request that is rate limited
+    (HTTP 429), meets a server error (5xx) or times out is tried again after a wait that doubles each time (or the
+    one the server's Retry-After asks, up to `max_wait_s`), `tries` times in all."""
 
-    def __init__(self, url: str, model: str, timeout_s: float = 60.0):
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        timeout_s: float = 60.0,
+        tries: int = 5,
+        first_wait_s: float = 2.0,
+        max_wait_s: float = 60.0,
+    ):
         if not url or not model:
             raise InputError(
                 "An endpoint judge needs --judge-url (e.g. https://api.openai.com/v1) and "
@@ -100,39 +116,79 @@ class EndpointJudge:
             self.url += "/chat/completions"
         self.model = model
         self.timeout_s = timeout_s
+        self.tries, self.first_wait_s, self.max_wait_s = tries, first_wait_s, max_wait_s
         self.spec = f"openai:{model}@{url}"
         self.note = f"{model} through an OpenAI-compatible endpoint, temperature 0"
 
     def __call__(self, question: str, answer: str, prediction: str) -> tuple[bool | None, str]:
-        body = json.dumps(
-            {
-                "model": self.model,
-                "temperature": 0,
-                "messages": [
-                    {"role": "user", "content": JUDGE_PROMPT.format(question=question, answer=answer, pred=prediction)}
-                ],
-            }
-        )
+        reply = self._complete(JUDGE_PROMPT.format(question=question, answer=answer, pred=prediction))
+        return read_verdict(reply), reply
+
+    def probe(self) -> None:
+        """One request, so that a wrong URL, model name or key is told before a model loads for the run, not at its
+        first open answer."""
+        self._complete(JUDGE_PROMPT.format(question="Is the sky blue?", answer="Yes.", pred="Yes, it is."))
+
+    def _complete(self, prompt: str) -> str:
+        body = json.dumps({"model": self.model, "temperature": 0, "messages": [{"role": "user", "content": prompt}]})
         headers = {"Content-Type": "application/json"}
         key = next((os.environ[v] for v in API_KEY_VARIABLES if os.environ.get(v)), None)
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(self.url, data=body.encode(), headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                reply = json.loads(response.read())["choices"][0]["message"]["content"]
-        except urllib.error.HTTPError as error:
-            raise InputError(
-                f"The judge endpoint {self.url} answered HTTP {error.code}; check the URL, the model "
-                f"name and the key in {' or '.join(API_KEY_VARIABLES)}."
-            ) from error
-        except (urllib.error.URLError, TimeoutError) as error:
-            raise InputError(f"The judge endpoint {self.url} could not be reached ({error}); check the URL.") from error
-        except (KeyError, IndexError, ValueError) as error:
-            raise InputError(
-                f"The judge endpoint {self.url} did not answer like an OpenAI-compatible chat API."
-            ) from error
-        return read_verdict(reply), str(reply)
+        wait_s, attempt = self.first_wait_s, 0
+        while True:
+            attempt += 1
+            request = urllib.request.Request(self.url, data=body.encode(), headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    document = json.loads(response.read())
+                return str(document["choices"][0]["message"]["content"])
+            except urllib.error.HTTPError as error:
+                if error.code not in RETRIED_HTTP_STATUSES:
+                    raise InputError(
+                        f"The judge endpoint {self.url} answered HTTP {error.code}; check the URL, the model "
+                        f"name and the key in {' or '.join(API_KEY_VARIABLES)}."
+                    ) from error
+                if attempt >= self.tries:
+                    raise InputError(self._gave_up(f"HTTP {error.code}", error.code == 429)) from error
+                asked = _retry_after_s(error.headers.get("Retry-After") if error.headers else None)
+                time.sleep(min(self.max_wait_s, asked if asked is not None else wait_s))
+            except (TimeoutError, ConnectionResetError, http.client.HTTPException) as error:
+                if attempt >= self.tries:
+                    raise InputError(
+                        self._gave_up(f"no answer ({str(error) or type(error).__name__})", False)
+                    ) from error
+                time.sleep(min(self.max_wait_s, wait_s))
+            except urllib.error.URLError as error:
+                if not isinstance(error.reason, TimeoutError) or attempt >= self.tries:
+                    raise InputError(
+                        f"The judge endpoint {self.url} could not be reached ({error.reason}); check the URL."
+                    ) from error
+                time.sleep(min(self.max_wait_s, wait_s))
+            except (KeyError, IndexError, TypeError, ValueError) as error:
+                raise InputError(
+                    f"The judge endpoint {self.url} did not answer like an OpenAI-compatible chat API."
+                ) from error
+            wait_s *= 2
+
+    def _gave_up(self, what: str, rate_limited: bool) -> str:
+        if rate_limited:
+            return (
+                f"The judge endpoint {self.url} was rate limited (HTTP 429) on all {self.tries} tries: wait, or raise "
+                "the limit of its account, then run the same command again (answers already judged are kept)."
+            )
+        return (
+            f"The judge endpoint {self.url} gave {what} on all {self.tries} tries: the server is in trouble or "
+            "overloaded; run the same command again later (answers already judged are kept)."
+        )
+
+
+def _retry_after_s(value) -> float | None:
+    """A Retry-After header in seconds (its date form is not used by chat APIs: None, as for no header)."""
+    try:
+        return max(0.0, float(value))
+    except (TypeError, ValueError):
+        return None
 
 
 def make_judge(kind: str, *, engine=None, url: str = "", model: str = ""):

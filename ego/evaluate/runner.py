@@ -8,10 +8,12 @@ concepts, answers its share of the queries into its own part file, and rank 0 me
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -19,8 +21,9 @@ from pathlib import Path
 from ..errors import InputError
 from ..memory import load_concepts, save_concepts
 from ..quantization import loaded_quantization
+from ..settings import Settings
 from . import scoring
-from .datasets import MAX_NEW_TOKENS, Benchmark, Query
+from .datasets import MAX_NEW_TOKENS, Benchmark, Query, not_an_image_hint
 
 PAPER_NUMBERS = json.loads((Path(__file__).with_name("paper_numbers.json")).read_text())
 RESUMABLE_EXCEPT = ("limit", "judge")
@@ -47,6 +50,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.started = time.monotonic()
         self.shown = 0.0
+        self.line_open = False
 
     def step(self) -> None:
         self.done += 1
@@ -60,9 +64,18 @@ class Progress:
                 f"\r{self.label} [{'#' * filled}{'.' * (20 - filled)}] {self.done}/{self.total} "
                 f"{elapsed:.0f}s elapsed, ~{left:.0f}s left "
             )
-            if self.done == self.total:
+            self.line_open = self.done != self.total
+            if not self.line_open:
                 self.stream.write("\n")
             self.stream.flush()
+
+    def close(self) -> None:
+        """Ends the bar's line if it is still open (a run stopped early), so that what is printed next starts on
+        a line of its own."""
+        if self.line_open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.line_open = False
 
 
 # --- concepts ---------------------------------------------------------------------------------------------
@@ -109,12 +122,37 @@ def concepts_for(benchmark: Benchmark, engine, cache: Path, rank: int = 0, world
         if path.is_file():
             concepts[name] = load_concepts(path, engine)[0]
             continue
-        concept = engine.introduce(name, [str(p) for p in benchmark.concepts[name]])
+        concept = _introduce(engine, benchmark, name)
         partial = path.with_suffix(f".part{rank}")
         save_concepts(partial, [concept])
         os.replace(partial, path)
         concepts[name] = concept
     return {name: concepts[name] for name in names}
+
+
+_PHOTO_NUMBER = re.compile(r"^Photo (\d+) of \d+: ")
+
+
+def _introduce(engine, benchmark: Benchmark, name: str):
+    """`engine.introduce` from the concept's photos; a photo it refuses is named by its path under the data root,
+    with what its first bytes tell (a git-lfs pointer, a text file)."""
+    photos = benchmark.concepts[name]
+    try:
+        return engine.introduce(name, [str(p) for p in photos])
+    except InputError as error:
+        number = _PHOTO_NUMBER.match(str(error))
+        refused = [photos[int(number.group(1)) - 1]] if number else photos
+        message = _PHOTO_NUMBER.sub("", str(error))
+        named = ", ".join(_relative(benchmark.root, p) for p in refused)
+        hints = "".join(dict.fromkeys(not_an_image_hint(p) for p in refused))
+        raise InputError(f"Introducing {name!r} from {named}: {message}{hints}") from error
+
+
+def _relative(root: Path, path: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:  # a path outside the data root: shown whole
+        return str(path)
 
 
 # --- answering --------------------------------------------------------------------------------------------
@@ -164,15 +202,22 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _check_config(out: Path, config: dict, judged: bool = False) -> None:
     """A run resumes only with its own configuration (`RESUMABLE_EXCEPT` apart); a benchmark with open answers
-    (`judged`) also keeps its judge, since the verdicts already logged are that judge's."""
+    (`judged`) whose part files already hold judged answers also keeps their judge, since those verdicts are that
+    judge's. The configuration it resumes with is written to run.json."""
     path = out / "run.json"
     fixed = {k: v for k, v in config.items() if k not in RESUMABLE_EXCEPT}
     if path.is_file():
         stored = json.loads(path.read_text())
-        if judged and stored.get("judge") != config.get("judge"):
+        logged = {
+            record["judge"]
+            for part in (out / "parts").glob("*.jsonl")
+            for record in _read_jsonl(part)
+            if record.get("kind") == "open" and record.get("judge")
+        }
+        if judged and logged and logged != {config.get("judge")}:
             raise InputError(
-                f"{out} holds answers judged by {stored.get('judge')}: resume it with that judge, then judge all its "
-                f"answers with {config.get('judge')} by `python -m ego.evaluate judge {out} --judge ...`."
+                f"{out} holds answers judged by {', '.join(sorted(logged))}: resume it with that judge, then judge "
+                f"all its answers with {config.get('judge')} by `python -m ego.evaluate judge {out} --judge ...`."
             )
         before = {k: v for k, v in stored.items() if k not in RESUMABLE_EXCEPT}
         if before != fixed:
@@ -181,9 +226,12 @@ def _check_config(out: Path, config: dict, judged: bool = False) -> None:
                 f"{out} holds a run with another configuration (differs in: {', '.join(changed)}); "
                 "give another --out, or delete that folder to start again."
             )
-    else:
+    text = json.dumps(config, indent=1, sort_keys=True)
+    if not path.is_file() or path.read_text() != text:
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config, indent=1, sort_keys=True))
+        partial = path.with_suffix(f".partial{os.getpid()}")  # the processes of a launch write it side by side
+        partial.write_text(text)
+        os.replace(partial, path)
 
 
 def answer_share(
@@ -214,24 +262,38 @@ def answer_share(
         text = log_path.read_bytes()
         log_path.write_bytes(text[: text.rfind(b"\n") + 1])
     with open(log_path, "a") as log:
-        for query in todo:
-            answered = respond(query, in_context, benchmark.root / query.media)
-            record = {
-                "key": query.key,
-                "kind": query.kind,
-                "media": query.media,
-                "question": query.question,
-                "concept": query.concept,
-                "group": query.group,
-                "gold": query.gold,
-                **answered,
-            }
-            record.update(score_record(query, answered["raw"], benchmark, judge))
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+        try:
+            for query in todo:
+                answered = _respond(respond, query, in_context, benchmark.root)
+                record = {
+                    "key": query.key,
+                    "kind": query.kind,
+                    "media": query.media,
+                    "question": query.question,
+                    "concept": query.concept,
+                    "group": query.group,
+                    "gold": query.gold,
+                    **answered,
+                }
+                record.update(score_record(query, answered["raw"], benchmark, judge))
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if bar:
+                    bar.step()
+        finally:
             if bar:
-                bar.step()
+                bar.close()
     return len(todo)
+
+
+def _respond(respond, query: Query, in_context: list, root: Path) -> dict:
+    """One answer; a refusal (a file that does not decode, say) names the query's file under the data root, with
+    what its first bytes tell (a git-lfs pointer, a text file)."""
+    media = root / query.media
+    try:
+        return respond(query, in_context, media)
+    except InputError as error:
+        raise InputError(f"Answering about {query.media}: {error}{not_an_image_hint(media)}") from error
 
 
 def answered_keys(out: Path) -> set[str]:
@@ -329,17 +391,25 @@ def recognition(benchmark: Benchmark, records: list[dict]) -> dict:
 
 
 def _split_metrics(benchmark: Benchmark, records: list[dict], per_image: dict, concepts: list, split: str) -> dict:
-    """The recognition numbers of one test split, with its rejection rate: in a split without positives
-    (This-Is-My-Img's Negative and Fake) precision and recall say nothing, and the share of questions answered
-    "no" is what PeKit reports for it."""
+    """The recognition numbers of one test split. In a split without positives (This-Is-My-Img's Negative and
+    Fake) precision and recall say nothing; PeKit labels each of its images with its folder's concept c and
+    reports the share where c was not detected (`rejection_rate`, per concept then averaged; None in Positive,
+    whose images show c). `rejection_rate_all_questions` is the share of every question about a concept the image
+    does not show that was not answered "yes"."""
+    in_split = [r for r in records if benchmark.split_of[r["media"]] == split]
     metrics = _brief(
         scoring.recognition_metrics([v for m, v in per_image.items() if benchmark.split_of[m] == split], concepts)
     )
-    metrics["rejection_rate"] = scoring.rejection_rate(
-        (r["concept"] in benchmark.truth[r["media"]], r["parsed"] is True)
-        for r in records
-        if benchmark.split_of[r["media"]] == split
+    targeted = [
+        (r["concept"], r["parsed"] is True)
+        for r in in_split
+        if r["concept"] == benchmark.folder_concept.get(r["media"]) and r["concept"] not in benchmark.truth[r["media"]]
+    ]
+    metrics.update(scoring.targeted_rejection(targeted))
+    metrics["rejection_rate_all_questions"] = scoring.rejection_rate_all_questions(
+        (r["concept"] in benchmark.truth[r["media"]], r["parsed"] is True) for r in in_split
     )
+    metrics["unparsed"] = sum(r["parsed"] is None for r in in_split)
     return metrics
 
 
@@ -348,8 +418,10 @@ def _brief(metrics: dict) -> dict:
 
 
 def write_results(
-    benchmark: Benchmark, out: Path, config: dict, records: list[dict], paper_key: str | None = None
+    benchmark: Benchmark, out: Path, config: dict, records: list[dict], paper_key: str | None = None, notes=None
 ) -> dict:
+    """metrics.json and summary.md of one benchmark; `notes` (what the loader did that a reader should know) go
+    with them, the benchmark's own by default."""
     metrics = compute_metrics(benchmark, records)
     document = {
         "benchmark": benchmark.name,
@@ -359,6 +431,7 @@ def write_results(
         "config": config,
         "metrics": metrics,
         "paper": PAPER_NUMBERS.get(paper_key or benchmark.name, {}),
+        "notes": list(benchmark.notes if notes is None else notes),
     }
     (out / "metrics.json").write_text(json.dumps(document, indent=1))
     (out / "summary.md").write_text(summary_markdown([document]))
@@ -368,6 +441,14 @@ def write_results(
 MAIN_METRIC = {"recognition": "f1", "vqa": "accuracy", "caption": "recall"}
 """The metric of each kind of benchmark that the summary compares with the paper's number, unless the paper's
 entry names another ("metric" in paper_numbers.json: its number was measured that way)."""
+
+PAPER_PROTOCOL = {
+    field.name: getattr(Settings.paper(), field.name)
+    for field in dataclasses.fields(Settings)
+    if getattr(Settings.paper(), field.name) != getattr(Settings(), field.name)
+}
+"""The settings the paper states and the library's defaults do not share (`Settings.paper()`): every paper number
+was measured under them, besides its entry's own "setting"."""
 
 
 def compared_metric(document: dict) -> str:
@@ -381,68 +462,189 @@ def _kind(document: dict) -> str:
     return document.get("kind") or next(kind for kind, main in MAIN_METRIC.items() if main in document["metrics"])
 
 
+def references_used(config: dict) -> str | None:
+    """The reference photos per concept the run really used: "5", or "4-5" when some concepts have fewer photos
+    than --refs asked for (they are introduced from all they have). None when the run did not record them."""
+    counts = [len(photos) for photos in (config.get("references") or {}).values()]
+    if counts:
+        return str(min(counts)) if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+    return None if config.get("refs") is None else str(config["refs"])
+
+
+_NOT_RECORDED = object()
+
+
+def _run_value(name: str, config: dict, settings: dict):
+    if name == "refs":
+        return _NOT_RECORDED if references_used(config) is None else references_used(config)
+    if name == "model_quantization":  # what the weights were loaded as, not the setting ("auto")
+        return config.get("loaded_quantization", _NOT_RECORDED)
+    if name in settings:
+        return settings[name]
+    return config.get(name, _NOT_RECORDED)
+
+
 def setting_differences(document: dict) -> list[str]:
-    """What the run did otherwise than the paper's number was measured (its entry's "setting"): "memory_size_rule
-    fixed (this run: area)", one per difference. A setting the run did not record is not compared."""
+    """What the run did otherwise than the paper's number was measured: its entry's "setting" and the paper's
+    protocol (`PAPER_PROTOCOL`), "memory_size_rule fixed (this run: area)" one per difference. The references are
+    the counts really used ("refs 1 (this run: 1-5)"), the quantization the one the weights were loaded with. A
+    setting the run did not record is not compared, nor is any for an entry without a setting."""
+    return [f"{name} {paper} (this run: {ours})" for name, paper, ours in _differences(document)]
+
+
+def _differences(document: dict) -> list[tuple[str, object, object]]:
+    """(setting, the paper's value, the run's) for each difference `setting_differences` names."""
+    setting = document["paper"].get("setting")
+    if setting is None:
+        return []
     config = document.get("config") or {}
     settings = document.get("settings") or config.get("settings") or {}
+    expected = {**setting, **{k: v for k, v in PAPER_PROTOCOL.items() if k not in setting}}
     differences = []
-    for name, paper_value in (document["paper"].get("setting") or {}).items():
-        ours = settings[name] if name in settings else config.get(name)
-        if ours is not None and ours != paper_value:
-            differences.append(f"{name} {paper_value} (this run: {ours})")
+    for name, paper_value in expected.items():
+        ours = _run_value(name, config, settings)
+        if ours is not _NOT_RECORDED and str(ours) != str(paper_value):
+            differences.append((name, paper_value, ours))
     return differences
+
+
+def _percent(value) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def _details(doc: dict, label: str) -> str:
+    """The row of the details table: every headline number of the benchmark, the compared one in bold, the paper's
+    beside each it reports."""
+    metrics, paper, compared = doc["metrics"], doc["paper"], compared_metric(doc)
+    described = {
+        "recognition": [
+            ("precision", "mean of per-unit precision"),
+            ("recall", "mean of per-unit recall"),
+            ("f1", "harmonic mean of these two"),
+            ("macro_f1", "mean of per-unit F1"),
+            ("micro_f1", "from the pooled counts"),
+        ],
+        "vqa": [
+            ("accuracy", "this harness's letter parser" if "accuracy_pekit_parser" in metrics else "over questions"),
+            ("accuracy_pekit_parser", "the published parser: the first letter"),
+        ],
+        "caption": [
+            ("recall", "over name occurrences"),
+            ("all_names_rate", "captions naming every concept they should"),
+            ("recall_mean_per_image", "mean per image"),
+        ],
+    }[_kind(doc)]
+    paper_values = {"precision": paper.get("precision"), "recall": paper.get("recall"), compared: paper.get("ego")}
+    parts = []
+    for name, meaning in described:
+        if name not in metrics:
+            continue
+        shown = f"{name} {_percent(metrics[name])}"
+        if name == compared:
+            shown = f"**{shown}**"
+        beside = f"; paper {paper_values[name]}" if paper_values.get(name) is not None else ""
+        parts.append(f"{shown} ({meaning}{beside})")
+    return f"| {label} | {', '.join(parts)} | {metrics.get('unparsed', '—')} |"
+
+
+def _split_rows(doc: dict, label: str) -> list[str]:
+    return [
+        f"| {label} | {split} | {m.get('n_images')} | {_percent(m.get('precision'))} | {_percent(m.get('recall'))} | "
+        f"{_percent(m.get('f1'))} | {_percent(m.get('rejection_rate'))} | "
+        f"{_percent(m.get('rejection_rate_all_questions'))} | {m.get('unparsed', '—')} |"
+        for split, m in (doc["metrics"].get("per_split") or {}).items()
+    ]
 
 
 def summary_markdown(documents: list[dict]) -> str:
     """Our numbers beside the paper's Ego and its point of comparison (a published method, or one of its own
-    ablations where the name says so), with what differs from its protocol and from the setting of its number."""
+    ablations where the name says so), with what differs from its protocol and from the setting of its number;
+    then every headline number of each benchmark, and the per-split numbers where there are splits."""
     lines = [
         "| benchmark | metric | this run | n | Ego (paper) | paper's point of comparison | paper's source |",
         "|---|---|---|---|---|---|---|",
     ]
-    notes = set()
+    details, splits = [], []
+    notes, references = set(), {}
     for doc in documents:
         metrics, paper = doc["metrics"], doc["paper"]
         name = compared_metric(doc)
-        value = metrics.get(name)
         n = metrics.get("n", metrics.get("n_images"))
-        ours = "—" if value is None else f"{100 * value:.1f}"
         baseline = paper.get("baseline") or {}
-        label = doc.get("config", {}).get("paper_key") or doc["benchmark"]
+        config = doc.get("config") or {}
+        label = config.get("paper_key") or doc["benchmark"]
         ego = paper.get("ego", "—")
-        differences = setting_differences(doc)
+        differences = _differences(doc)
         if differences:
             ego = f"{ego} (another setting)"
+        own = [f"{name} {paper} (this run: {ours})" for name, paper, ours in differences if name not in PAPER_PROTOCOL]
+        protocol = [f"{name} {paper} (this run: {ours})" for name, paper, ours in differences if name in PAPER_PROTOCOL]
+        if own:
             same = paper.get("same_setting_run")
             notes.add(
-                f"{label}: the paper's {paper.get('ego')} was measured with {', '.join(differences)}"
+                f"{label}: the paper's {paper.get('ego')} was measured with {', '.join(own)}"
                 + (f"; the run under its setting is {same}." if same else ".")
             )
-        if paper.get("metric_note"):  # the run's own main metric stays beside it
+        if protocol:
+            notes.add(
+                f"The paper's numbers were measured under its own protocol, which this run does not follow: "
+                f"{', '.join(protocol)}; `--protocol paper` runs it (docs/evaluation.md)."
+            )
+        if paper.get("metric"):  # the run's own main metric stays beside it
             main = MAIN_METRIC[_kind(doc)]
-            own = "—" if metrics.get(main) is None else f"{100 * metrics[main]:.1f}"
-            notes.add(f"{label}: compared with {name}, since {paper['metric_note']}; this harness's {main} is {own}.")
+            notes.add(
+                f"{label}: compared with {name}, since {paper['metric_note']}; this harness's {main} is "
+                f"{_percent(metrics.get(main))}."
+            )
+        elif paper.get("metric_note"):
+            notes.add(f"{label}: {paper['metric_note']}.")
         lines.append(
-            f"| {label} | {name} % | {ours} | {n} | {ego} | "
+            f"| {label} | {name} % | {_percent(metrics.get(name))} | {n} | {ego} | "
             f"{baseline.get('name', '—')} {baseline.get('value', '')} | "
             f"{paper.get('source', 'not reported')} ({paper.get('confidence', '—')}) |"
         )
+        details.append(_details(doc, label))
+        splits += _split_rows(doc, label)
+        notes.update(f"{label}: {note}" for note in doc.get("notes") or [])
         if "judge" in metrics:
             notes.add(f"Open answers judged by {metrics['judge']}; the paper's group used gpt-35-turbo.")
-        config = doc.get("config", {})
+        weights = ""
+        if "loaded_quantization" in config:
+            weights = f" (weights {config['loaded_quantization'] or 'not quantized'})"
         notes.add(
-            f"Model {config.get('model')} with the {config.get('protocol')} protocol and "
-            f"{config.get('refs')} reference photo(s) per concept; the paper's backbone is InternVL3-14B."
+            f"Model {config.get('model')}{weights} with the {config.get('protocol')} protocol; the paper's backbone is "
+            "InternVL3-14B."
         )
+        references[label] = references_used(config)
         if config.get("limit"):
             notes.add(f"Limited to the first {config['limit']} queries per benchmark: not a full run.")
+    if references:
+        usual = collections.Counter(references.values()).most_common(1)[0][0]
+        others = [f"{label}: {count}" for label, count in references.items() if count != usual]
+        notes.add(f"Reference photos per concept: {usual}" + (f" ({'; '.join(others)})." if others else "."))
+    lines += [
+        "",
+        "Every headline number (%; the one set beside the paper's in bold, the paper's own beside those it reports):",
+        "",
+        "| benchmark | numbers | unparsed answers |",
+        "|---|---|---|",
+        *details,
+    ]
+    if splits:
+        lines += [
+            "",
+            "Per test split (%; rejection_rate is PeKit's number for a split without positives):",
+            "",
+            "| benchmark | split | images | precision | recall | f1 | rejection_rate | rejection_rate_all_questions | "
+            "unparsed answers |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *splits,
+        ]
     lines += [
         "",
         (
-            "Precision, recall and F1: mean of per-unit precision and of per-unit recall where defined, "
-            "F1 their harmonic mean (macro_f1 and micro_f1 are in metrics.json; the paper's formula is not "
-            "known)."
+            "Recognition: precision and recall are means of per-unit values where defined, f1 their harmonic mean; "
+            "the paper's F1 formula is not known (docs/evaluation.md says which variant fits which of its numbers)."
         ),
         "The prompts are this harness's own (the paper does not publish its prompts); see docs/evaluation.md.",
         "",
@@ -481,11 +683,16 @@ def run_benchmark(
     return write_results(benchmark, out, config, merge(benchmark, out, limit), paper_key)
 
 
-def rejudge_table(out: Path, judge) -> list[dict]:
+def rejudge_table(out: Path, judge, order=()) -> list[dict]:
     """Judge again each benchmark of a table's folder (`run --benchmark table2 --out OUT` gives each benchmark a
     folder of its own) that holds open answers, and write the table's summary anew from all of them. Returns
-    each benchmark's document, in the order of their folders' names."""
-    runs = sorted(path.parent for path in out.glob("*/metrics.json"))
+    each benchmark's document, in the table's order (`order`: the folder names as the table runs them; others
+    after them by name)."""
+    position = {name: i for i, name in enumerate(order)}
+    runs = sorted(
+        (path.parent for path in out.glob("*/metrics.json")),
+        key=lambda folder: (position.get(folder.name, len(position)), folder.name),
+    )
     judged = [folder for folder in runs if any(r["kind"] == "open" for r in _read_jsonl(folder / "predictions.jsonl"))]
     if not judged:
         raise InputError(f"{out} holds no open answers to judge (only open-ended VQA needs a judge).")
@@ -506,11 +713,17 @@ def rejudge(out: Path, judge) -> dict:
     predictions, metrics and summary."""
     path = out / "metrics.json"
     if not path.is_file():
+        if (out / "run.json").is_file():
+            raise InputError(
+                f"{out} holds a run that did not finish (it has no metrics.json): run the same `python -m "
+                "ego.evaluate run` command again to finish it (it resumes), then judge it."
+            )
         raise InputError(
             f"{out} has no metrics.json; give the folder of a finished run (a benchmark's, or a table's: "
             "the --out of `run --benchmark table2`)."
         )
-    config = json.loads(path.read_text())["config"]
+    stored = json.loads(path.read_text())
+    config = stored["config"]
     records = _read_jsonl(out / "predictions.jsonl")
     if not any(r["kind"] == "open" for r in records):
         raise InputError(f"{out} holds no open answers to judge (only open-ended VQA needs a judge).")
@@ -525,4 +738,4 @@ def rejudge(out: Path, judge) -> dict:
     config["judge"] = judge.spec
     (out / "run.json").write_text(json.dumps(config, indent=1, sort_keys=True))
     benchmark = Benchmark(config["benchmark"], "vqa", Path(config["data"]), {}, [])
-    return write_results(benchmark, out, config, records, config.get("paper_key"))
+    return write_results(benchmark, out, config, records, config.get("paper_key"), stored.get("notes"))

@@ -26,12 +26,17 @@ def parse_yes_no(answer: str) -> bool | None:
     return None
 
 
-_LONE_LETTER = re.compile(r"^\s*[\(\[]?([ab])\s*(?:[\)\].:,]|$)", re.IGNORECASE)
+_EMPHASIS = "*_\"'`“”‘’"
+"""Markdown emphasis and quotes a model may put around a letter ("**B**", '"B"')."""
+_LONE_LETTER = re.compile(rf"^[\s{_EMPHASIS}]*[\(\[]?([ab])\s*(?:[\)\].:,]|[{_EMPHASIS}]+(?!\w)|$)", re.IGNORECASE)
+_LETTER_IS_CORRECT = re.compile(
+    rf"^[\s{_EMPHASIS}]*[\(\[]?([ab])[\)\]]?[{_EMPHASIS}]*\s+is\s+(?:the\s+)?(?:correct|right)\b", re.IGNORECASE
+)
 # After "answer is", "answer:" or "option": a bracketed letter, a capital letter that does not begin a word, or a
 # small letter closed by punctuation or the end ("the answer is a dog" names the dog, not option A).
 _ANSWER_IS = re.compile(
-    r"\b(?i:answer|option)\s*(?:(?i:is)\s*:?|:)?\s*"
-    r"(?:[\(\[]([abAB])[\)\]]|([AB])(?![\w'])|([ab])(?=\s*(?:[.:,;)\]]|$)))"
+    rf"\b(?i:answer|option)\s*(?:(?i:is)\s*:?|:)?\s*[{_EMPHASIS}]*"
+    rf"(?:[\(\[]([abAB])[\)\]]|([AB])(?![\w'])|([ab])(?=\s*(?:[.:,;)\]{_EMPHASIS}]|$)))"
 )
 
 
@@ -39,9 +44,10 @@ def parse_option(answer: str, options: dict[str, str]) -> str | None:
     """The chosen letter of a two-option question ("A"/"B"), robust to answers that begin with the article
     "A" ("A dog sits...", "The answer is a dog"): a letter counts only when it stands alone ("B", "(A)", "A.",
     "A: Dog"), after "answer is" as a letter and not an article, or when exactly one option's text appears in the
-    answer. None when it cannot be told."""
+    answer; markdown emphasis or quotes around the letter ("**B**", '"B"') and "B is correct" count too. None when it
+    cannot be told."""
     text = str(answer).strip()
-    match = _LONE_LETTER.match(text) or _ANSWER_IS.search(text)
+    match = _LONE_LETTER.match(text) or _LETTER_IS_CORRECT.match(text) or _ANSWER_IS.search(text)
     if match:
         return next(letter for letter in match.groups() if letter).upper()
     lowered = _normalise(text)
@@ -159,13 +165,28 @@ def recognition_metrics(records, units) -> dict:
     }
 
 
-def rejection_rate(answers):
+def rejection_rate_all_questions(answers):
     """answers: (whether the concept asked about is in the image, whether the answer was "yes") per yes/no
     question. The share of the questions about an absent concept not answered "yes" (1 - the false-positive
-    rate; an unparsed answer counts as "no"), the number PeKit reports for a test split without positives. None
-    when no question is about an absent concept."""
+    rate; an unparsed answer counts as "no"), over every such question. None when no question is about an absent
+    concept."""
     absent = [said_yes for present, said_yes in answers if not present]
     return _ratio(sum(not said_yes for said_yes in absent), len(absent))
+
+
+def targeted_rejection(answers) -> dict:
+    """answers: (the concept an image is a targeted negative for, whether the answer about that concept was "yes")
+    per image; in This-Is-My-Img, a Negative or Fake image of the folder <c> is labelled c. PeKit counts c as the
+    image's label and, for these splits, reports 1 - its recall: per concept, the share of its images where c was
+    not answered "yes", then the mean over concepts (`rejection_rate`). `rejection_rate_micro` pools the images."""
+    per_concept: dict = {}
+    for concept, said_yes in answers:
+        per_concept.setdefault(concept, []).append(not said_yes)
+    pooled = [rejected for values in per_concept.values() for rejected in values]
+    return {
+        "rejection_rate": _mean(sum(v) / len(v) for v in per_concept.values()),
+        "rejection_rate_micro": _ratio(sum(pooled), len(pooled)),
+    }
 
 
 def accuracy(verdicts, groups=None) -> dict:
