@@ -16,10 +16,17 @@
 #
 #     OUT=/some/folder bash bench/gpu_run.sh      # within a 540 s budget
 #
-# Each configuration (nf4, int4, bf16, fp8) writes results.json, results.md, latency.png and log.txt to
-# $RUNS/<configuration>/ (BENCH_RUNS, default /tmp/ego-bench-runs). After each one, $OUT (default bench/out/gpu)
-# gets <configuration>/results.json and all.tar.gz, every configuration's four files so far: at most five files,
-# for a machine that sends back only a few (unpack with `tar xzf all.tar.gz`).
+# On a machine that runs one command under a wall-clock limit, kills the whole script when it is reached and sends
+# back only what is under $OUT, set BENCH_TOTAL_S to about that limit minus 40 s: the default, 540, is for a limit
+# of 580 s or more.
+#
+# Each configuration (nf4, int4, bf16, fp8) writes results.json, results.md, latency.png, log.txt and progress.json
+# to $RUNS/<configuration>/ (BENCH_RUNS, default /tmp/ego-bench-runs), its results as each part is measured. While
+# a configuration runs (every BENCH_COPY_EVERY_S seconds, default 15) and once it ends, $OUT (default bench/out/gpu)
+# gets <configuration>/results.json (its progress.json while it has no results.json yet) and all.tar.gz, every file
+# of this call's configurations so far, each written whole under another name and then renamed: a script killed in
+# the middle of a configuration leaves what that configuration had measured. At most five files, for a machine
+# that sends back only a few (unpack with `tar xzf all.tar.gz`).
 # A configuration measured eagerly and compiled (BENCH_EAGER, default "nf4") compiles the decode step after its
 # eager measurement (inductor, mode reduce-overhead: the compile time and the recompilations are in results.json's
 # meta.compile); results.json holds both (`decoding_runs`,
@@ -71,6 +78,7 @@ ARCH_ARGS="${BENCH_ARCH_ARGS:-}"      # e.g. "--text-layers 1 --vision-depth 1" 
 BENCH_ARGS="${BENCH_ARGS:-}"          # e.g. "--quick"
 ARCH_DIR="${BENCH_ARCH_DIR:-/tmp/ego-arch/$MODEL}"
 PYTHON="${PYTHON:-python3}"
+COPY_EVERY="${BENCH_COPY_EVERY_S:-15}"
 mkdir -p "$OUT" "$RUNS"
 # torchao's int4 runs on PyTorch's own kernels (tinygemm); its compiled extensions, built for another torch,
 # are not loaded.
@@ -152,6 +160,8 @@ EOF
 PYTHONPATH="/tmp/ego-torchao:$PYTHONPATH" "$PYTHON" - <<'EOF' || echo "torchao does not import here: the int4 run will fail"
 import torchao, transformers.quantizers.auto  # noqa: F401  (what loading any quantized model imports)
 print("torchao", torchao.__version__)
+EOF
+"$PYTHON" - <<'EOF' || { echo "importing ego.engine failed: no configuration can run"; exit 1; }
 import av, ego.engine  # noqa: F401  (imports everything the benchmark needs)
 print("PyAV", getattr(av, "__version__", "stand-in"))
 EOF
@@ -165,7 +175,7 @@ else
     echo "== building $MODEL's architecture in $ARCH_DIR (limit ${BUILD_LIMIT}s)"
     rm -rf "$ARCH_DIR"
     # shellcheck disable=SC2086  # ARCH_ARGS / BENCH_ARGS are word lists on purpose
-    timeout "$BUILD_LIMIT" "$PYTHON" -m ego.random_models.architectures "$MODEL" "$ARCH_DIR" --device "$DEVICE" \
+    timeout -k 10 "$BUILD_LIMIT" "$PYTHON" -m ego.random_models.architectures "$MODEL" "$ARCH_DIR" --device "$DEVICE" \
         $ARCH_ARGS || { echo "building the architecture failed or timed out"; exit 1; }
     touch "$BUILT"
 fi
@@ -174,6 +184,29 @@ echo "== built after $(( $(date +%s) - started ))s"
 
 # 4. The configurations (BENCH_CONFIGS), in order; each has its own time limit, taken from what is left of TOTAL
 #    (the first keeps RESERVE for the others), and a failure in one does not stop the others.
+ran=""  # this call's configurations: all.tar.gz holds these, not the folders an earlier call left in $RUNS
+
+# $OUT/<name>/ gets the configuration's results.json, or its progress.json until it has one (a compiled-only
+# configuration writes its results at its end), and $OUT/all.tar.gz every file of this call's configurations.
+# Each is written under another name, then renamed: a script killed meanwhile leaves the last whole one.
+publish() {
+    local name="$1" file=""
+    if [ -f "$RUNS/$name/results.json" ]; then
+        file=results.json
+    elif [ -f "$RUNS/$name/progress.json" ]; then
+        file=progress.json
+    fi
+    if [ -n "$file" ]; then
+        mkdir -p "$OUT/$name" && cp "$RUNS/$name/$file" "$OUT/$name/.$file.part" \
+            && mv -f "$OUT/$name/.$file.part" "$OUT/$name/$file"
+        [ "$file" = results.json ] && rm -f "$OUT/$name/progress.json"
+    fi
+    # log.txt grows while tar reads it, which tar reports with status 1: the archive is whole all the same.
+    # shellcheck disable=SC2086  # ran is a word list on purpose
+    tar czf "$OUT/.all.tar.gz.part" --exclude='*.part' -C "$RUNS" $ran 2>/dev/null
+    if [ $? -le 1 ]; then mv -f "$OUT/.all.tar.gz.part" "$OUT/all.tar.gz"; else echo "== packing $RUNS failed"; fi
+}
+
 status=0
 first="${CONFIGS%% *}"
 for name in $CONFIGS; do
@@ -184,30 +217,43 @@ for name in $CONFIGS; do
         bf16) quantization=none ;;
         *) echo "== unknown configuration $name (BENCH_CONFIGS takes nf4, int4, fp8 and bf16)"; status=1; continue ;;
     esac
-    rm -rf "${RUNS:?}/$name" && mkdir -p "$RUNS/$name"  # a rerun on a warm machine never sends an older run's files
     left=$(( TOTAL - ($(date +%s) - started) ))
     if [ "$name" = "$first" ]; then limit=$(( left - RESERVE - 5 )); else limit=$(( left - 5 )); fi
     if [ "$limit" -lt 30 ]; then echo "== $name skipped: ${limit}s left"; status=1; continue; fi
+    rm -rf "${RUNS:?}/$name" && mkdir -p "$RUNS/$name"  # a rerun on a warm machine never sends an older run's files
+    rm -f "$OUT/$name/results.json" "$OUT/$name/progress.json"
+    ran="$ran $name"
     decoding="compiled"; case " $EAGER " in *" $name "*) decoding="both" ;; esac
     profile=""; case " $PROFILE " in *" $name "*) profile="--profile" ;; esac
     concurrency="--no-concurrency"; case " $CONCURRENCY " in *" $name "*) concurrency="" ;; esac
     echo "== $name (quantization $quantization, decoding $decoding, $REPEATS repeats, ${profile:-no profile}," \
          "${concurrency:-with concurrency}, limit ${limit}s)"
+    # What the configuration has written goes to $OUT while it runs. Told to stop, the loop finishes the copy or
+    # pack under way first: the final publish below never writes beside it.
+    (
+        sleeper=""
+        trap '[ -n "$sleeper" ] && kill "$sleeper" 2>/dev/null; exit 0' TERM
+        while true; do
+            sleep "$COPY_EVERY" &
+            sleeper=$!
+            wait "$sleeper"
+            publish "$name"
+        done
+    ) &
+    copier=$!
     path="$PYTHONPATH"; [ "$name" = int4 ] && path="/tmp/ego-torchao:$PYTHONPATH"
+    # -k 10: a process that outlives the time limit's SIGTERM is killed 10 s later.
     # shellcheck disable=SC2086
-    PYTHONPATH="$path" timeout "$limit" "$PYTHON" -m bench --model "$MODEL" --arch-dir "$ARCH_DIR" --quantization "$quantization" \
-        --device "$DEVICE" --decoding "$decoding" --repeats "$REPEATS" --eager-repeats "$EAGER_REPEATS" \
-        --concepts "$CONCEPTS" $profile $concurrency \
+    PYTHONPATH="$path" timeout -k 10 "$limit" "$PYTHON" -m bench --model "$MODEL" --arch-dir "$ARCH_DIR" \
+        --quantization "$quantization" --device "$DEVICE" --decoding "$decoding" --repeats "$REPEATS" \
+        --eager-repeats "$EAGER_REPEATS" --concepts "$CONCEPTS" $profile $concurrency \
         $ARCH_ARGS $BENCH_ARGS --out "$RUNS/$name" 2>&1 \
         | tee "$RUNS/$name/log.txt"
     code=${PIPESTATUS[0]}
-    # What this configuration left (its interim results.json when stopped while compiling), and everything so far.
-    if [ -f "$RUNS/$name/results.json" ]; then
-        mkdir -p "$OUT/$name" && cp "$RUNS/$name/results.json" "$OUT/$name/"
-    else
-        echo "== $name wrote no results.json"
-    fi
-    tar czf "$OUT/all.tar.gz" -C "$RUNS" . || echo "== packing $RUNS failed"
+    kill "$copier" 2>/dev/null
+    wait "$copier" 2>/dev/null
+    publish "$name"
+    [ -f "$RUNS/$name/results.json" ] || echo "== $name wrote no results.json"
     [ "$code" -eq 0 ] || { echo "== $name exited with $code"; status=1; }
     echo "== $name done after $(( $(date +%s) - started ))s"
 done

@@ -5,9 +5,17 @@ No timing is asserted: these tests check that the harness runs end to end and wr
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,6 +96,8 @@ def test_quick_run_writes_results_table_and_plot(quick):
     assert "| scenario | context tokens | latency (s) |" in table and "## Introduction" in table
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Each file is written under another name and renamed into place: none of those is left behind.
+    assert not [path.name for path in out.iterdir() if path.name.endswith(".part")]
 
 
 def test_profile_covers_introduction_and_questions(quick):
@@ -279,7 +289,9 @@ def test_a_run_stopped_while_compiling_keeps_its_eager_results(tmp_path, monkeyp
     assert (tmp_path / "results.md").exists() and "targets" in results
     # Without the concurrency scenarios their targets are not measured, which the table says (not "no").
     throughput = next(line for line in (tmp_path / "results.md").read_text().splitlines() if "8_visitors" in line)
-    assert "| - | not measured |" in throughput
+    assert "| - | not measured: no concurrency scenarios in this run (--no-concurrency) |" in throughput
+    unmeasured = results["targets"]["throughput_ratio_8_visitors"]
+    assert unmeasured["measured"] is None and unmeasured["met"] is None
 
 
 def test_a_compiled_only_run_still_checks_its_tokens_against_eager(tmp_path):
@@ -292,6 +304,13 @@ def test_a_compiled_only_run_still_checks_its_tokens_against_eager(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["meta"]["decoding"] == "compiled" and "decoding_runs" not in results
     assert results["decoding_equality"]["tokens_equal"] and results["decoding_equality"]["tokens"] > 0
+    # results.md says so too, though the run has no eager measurements to set beside the compiled ones.
+    table = (tmp_path / "results.md").read_text()
+    assert "## Decoding: compiled, checked against eager's greedy tokens" in table
+    assert f"compiled against eager: {results['decoding_equality']['tokens']} compared, all equal" in table
+    # Its warm-up compiled one row's step only (--no-concurrency): not what the warm-up target measures.
+    warm_up = next(line for line in table.splitlines() if line.startswith("| compile_warm_up_s"))
+    assert "| - | not measured: the warm-up compiled one row's decode step only" in warm_up
 
 
 def test_a_compiled_only_run_stopped_after_compiling_keeps_its_compile_figures(tmp_path, monkeypatch):
@@ -353,7 +372,7 @@ def _gpu_results(throughput_ratio: float, lone_s: float, p95_s: float, quantizat
             "device_type": "cuda",
             "quantization_effective": quantization,
             "decoding": "compiled",
-            "compile": {"warm_up_s": 60.0},
+            "compile": {"warm_up_s": 60.0, "warm_up_batched": True},
         },
         "introduce": {"total_s": 0.4},
         "storage": {"context_tokens_per_concept": 50, "file_mb_per_concept": 0.36},
@@ -386,8 +405,26 @@ def test_the_concurrency_targets_are_a_floor_and_a_ceiling(throughput_ratio, p95
     assert not bf16["throughput_ratio_8_visitors"]["this_run_is_the_target_setting"]
     alone = _gpu_results(throughput_ratio, 0.4, p95_s)
     del alone["scenarios"]["concurrent_8"], alone["scenarios"]["concurrent_1"]
-    unmeasured = targets(alone)["throughput_ratio_8_visitors"]
-    assert unmeasured["measured"] is None and not unmeasured["met"]
+    for name in ("throughput_ratio_8_visitors", "latency_p95_8_visitors_over_lone"):
+        unmeasured = targets(alone)[name]
+        # Neither met nor missed: not measured, and not this run's to measure.
+        assert unmeasured["measured"] is None and unmeasured["met"] is None
+        assert not unmeasured["this_run_is_the_target_setting"]
+        assert "no concurrency scenarios" in unmeasured["not_measured_because"]
+
+
+def test_the_compile_warm_up_target_counts_a_batched_warm_up_only():
+    """The Space compiles one row's decode step and the batched one at start; a configuration without the concurrency
+    scenarios compiles one row's only, which is less work than the 90 s target is about."""
+    from bench.harness import targets
+
+    batched = targets(_gpu_results(4.0, lone_s=0.4, p95_s=0.8))["compile_warm_up_s"]
+    assert batched["measured"] == 60.0 and batched["met"] is True and batched["this_run_is_the_target_setting"]
+    one_row = _gpu_results(4.0, lone_s=0.4, p95_s=0.8)
+    one_row["meta"]["compile"]["warm_up_batched"] = False
+    alone = targets(one_row)["compile_warm_up_s"]
+    assert alone["measured"] is None and alone["met"] is None and not alone["this_run_is_the_target_setting"]
+    assert alone["not_measured_because"].startswith("the warm-up compiled one row's decode step only (60.0 s")
 
 
 def test_decode_time_runs_from_the_first_token_to_the_last_one():
@@ -397,3 +434,132 @@ def test_decode_time_runs_from_the_first_token_to_the_last_one():
 
     ttft, decode_ms = token_times({"first_s": 1.0, "last_s": 1.3, "end_s": 2.0, "new_tokens": 4}, started=0.5)
     assert ttft == pytest.approx(0.5) and decode_ms == pytest.approx(100.0)
+
+
+GPU_RUN = Path(__file__).resolve().parents[1] / "bench" / "gpu_run.sh"
+STAND_IN = """#!/usr/bin/env bash
+# `python -m bench` as bench/gpu_run.sh starts it: writes what the harness writes while it runs, progress.json, then
+# results.json once the test allows it, then runs until the test ends it. Every other command goes to Python.
+if [ "$1 $2" != "-m bench" ]; then exec "{python}" "$@"; fi
+while [ "$#" -gt 0 ]; do [ "$1" = --out ] && out="$2"; shift; done
+echo "$$" > "{pid_file}"
+echo '{{"compiled": {{"compile": {{"warm_up_s": 1.0}}}}}}' > "$out/progress.json"
+while [ ! -f "{results_allowed}" ]; do sleep 0.1; done
+echo '{{"measured": "eager run"}}' > "$out/results.json"
+while [ ! -f "{end_allowed}" ]; do sleep 0.1; done
+echo "measured"
+"""
+
+
+def _gpu_run(tmp_path: Path, **variables: str) -> tuple[subprocess.Popen, dict]:
+    """bench/gpu_run.sh started on this machine with the stand-in above for `python -m bench` (an architecture
+    folder already built, this machine's packages), in a process group of its own."""
+    folders = {name: tmp_path / name for name in ("out", "runs", "arch", "signals")}
+    for folder in folders.values():
+        folder.mkdir(exist_ok=True)
+    (folders["arch"] / ".built-with-").touch()  # built by an earlier call: the script reuses it
+    signals = folders["signals"]
+    stand_in = tmp_path / "python"
+    stand_in.write_text(
+        STAND_IN.format(
+            python=sys.executable,
+            pid_file=signals / "pid",
+            results_allowed=signals / "results-allowed",
+            end_allowed=signals / "end-allowed",
+        )
+    )
+    stand_in.chmod(0o755)
+    environment = {
+        **os.environ,
+        "OUT": str(folders["out"]),
+        "BENCH_RUNS": str(folders["runs"]),
+        "BENCH_ARCH_DIR": str(folders["arch"]),
+        "BENCH_SKIP_WHEELS": "1",
+        "BENCH_DEVICE": "cpu",
+        "BENCH_COPY_EVERY_S": "1",
+        "PYTHON": str(stand_in),
+        **variables,
+    }
+    process = subprocess.Popen(
+        ["bash", str(GPU_RUN)],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    return process, folders
+
+
+def _wait_for(condition, process: subprocess.Popen, what: str, limit_s: float = 120.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert process.poll() is None, f"bench/gpu_run.sh ended before {what}"
+        assert time.monotonic() < deadline, f"{what} did not happen within {limit_s:.0f} s"
+        time.sleep(0.2)
+
+
+def _members(archive: Path) -> set[str]:
+    if not archive.exists():
+        return set()
+    with tarfile.open(archive) as tar:
+        return {name.removeprefix("./") for name in tar.getnames()}
+
+
+def _stop(process: subprocess.Popen, folders: dict) -> None:
+    """Ends the script if it still runs (a failed test): its process group, and the stand-in's, which `timeout` runs
+    in a group of its own."""
+    if process.poll() is not None:
+        return
+    pid_file = folders["signals"] / "pid"
+    if pid_file.exists():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(os.getpgid(int(pid_file.read_text())), signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+
+
+def test_the_gpu_script_sends_a_configuration_s_results_while_it_runs(tmp_path):
+    """A machine that kills the script at its time limit sends back only what is under $OUT: what the running
+    configuration has written is there every few seconds, not only once it ends, and all.tar.gz holds this call's
+    configurations only."""
+    # What an earlier call on the same machine left: another configuration's run, and results in $OUT.
+    (tmp_path / "runs" / "int4").mkdir(parents=True)
+    (tmp_path / "runs" / "int4" / "log.txt").write_text("an earlier call's run\n")
+    (tmp_path / "out" / "nf4").mkdir(parents=True)
+    stale = tmp_path / "out" / "nf4" / "results.json"
+    stale.write_text('{"measured": "an earlier call"}\n')
+    process, folders = _gpu_run(tmp_path, BENCH_CONFIGS="nf4", BENCH_TOTAL_S="600")
+    out, signals = folders["out"], folders["signals"]
+    try:
+        _wait_for(lambda: (out / "nf4" / "progress.json").exists(), process, "progress.json reached $OUT")
+        assert not stale.exists()  # the earlier call's results, removed before this one's run
+        _wait_for(lambda: "nf4/progress.json" in _members(out / "all.tar.gz"), process, "the first pack")
+        assert _members(out / "all.tar.gz") >= {"nf4/progress.json", "nf4/log.txt"}
+        assert not any(name.startswith("int4") for name in _members(out / "all.tar.gz"))
+        (signals / "results-allowed").touch()
+        _wait_for(lambda: not (out / "nf4" / "progress.json").exists(), process, "results.json replaced progress.json")
+        assert json.loads((out / "nf4" / "results.json").read_text()) == {"measured": "eager run"}
+        _wait_for(lambda: "nf4/results.json" in _members(out / "all.tar.gz"), process, "a pack with results.json")
+        assert process.poll() is None  # all of it while the configuration runs
+        (signals / "end-allowed").touch()
+        output, _ = process.communicate(timeout=60)
+    finally:
+        _stop(process, folders)
+    assert process.returncode == 0, output
+    assert "measured" in (folders["runs"] / "nf4" / "log.txt").read_text()
+    with tarfile.open(out / "all.tar.gz") as tar:
+        log = tar.extractfile(tar.getmember("nf4/log.txt")).read().decode()
+    assert "measured" in log  # the last pack, after the configuration ended
+    assert sorted(path.name for path in out.rglob("*")) == ["all.tar.gz", "nf4", "results.json"]
+
+
+def test_the_gpu_script_leaves_no_folder_for_a_configuration_it_skips(tmp_path):
+    """Left with too little time, a configuration is skipped: no empty folder of it is packed or sent."""
+    process, folders = _gpu_run(tmp_path, BENCH_CONFIGS="nf4", BENCH_TOTAL_S="20")
+    try:
+        output, _ = process.communicate(timeout=120)
+    finally:
+        _stop(process, folders)
+    assert process.returncode == 1 and "== nf4 skipped" in output, output
+    assert not (folders["runs"] / "nf4").exists() and not list(folders["out"].iterdir())

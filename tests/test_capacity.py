@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,8 @@ def test_token_cost_and_fixed_cost_come_from_the_run():
     assert measured.introduction_s == 0.9
     assert answer_s(measured, "plain", 100) == pytest.approx(2.36)  # 0.36 + 100 * 0.02
     assert answer_s(measured, "plain", 100, step_factor=1.5) == pytest.approx(3.36)  # 0.36 + 100 * 0.03
+    # A batch of 8: each question's fixed cost one after another, then the shared decoding.
+    assert answer_s(measured, "plain", 100, step_factor=1.5, batch=8) == pytest.approx(5.88)  # 8 * 0.36 + 3.0
 
 
 def test_a_run_that_measures_decode_time_per_token_gives_it_as_the_token_cost():
@@ -42,20 +45,72 @@ def test_a_run_that_measures_decode_time_per_token_gives_it_as_the_token_cost():
     assert measured.answer_fixed_s["plain"] == pytest.approx(1.0 - 32 * 0.005)
 
 
-def test_a_measured_batch_step_cost_comes_from_the_concurrency_scenarios(tmp_path, capsys):
+def _run_with_visitors(step_cost: float) -> dict:
+    """A run whose answers cost a fixed 0.10 s (`ego_5`) plus 32 decode steps of 8 ms, and whose 8 visitors asking
+    together take 8 fixed costs one after another, then 32 shared steps of `step_cost` times a lone step."""
+    fixed_s, token_s, tokens = 0.10, 0.008, 32
+    lone_s, batch_s = fixed_s + tokens * token_s, 8 * fixed_s + tokens * token_s * step_cost
     run = json.loads(json.dumps(SMALL_RUN))
-    run["scenarios"]["concurrent_1"] = {"visitors": 1, "throughput_ratio": 0.9}
-    run["scenarios"]["concurrent_8"] = {"visitors": 8, "throughput_ratio": 5.0}
-    run["scenarios"]["follow_ups_8"] = {"visitors": 8, "throughput_ratio": 3.0}  # prefills of their own: not a step
+    run["scenarios"]["plain"]["decode_ms_per_token"] = token_s * 1000
+    run["scenarios"]["ego_5"]["latency_s"] = lone_s
+    # Each visitor asks with 5 concepts and a photo (`ego_5`), as bench.harness.measure_concurrency has them.
+    visitors = {"concepts": 5, "new_tokens": tokens}
+    run["scenarios"]["concurrent_1"] = {**visitors, "visitors": 1, "throughput_per_s": 1 / lone_s}
+    run["scenarios"]["concurrent_8"] = {
+        **visitors,
+        "visitors": 8,
+        "throughput_per_s": 8 / batch_s,
+        "throughput_ratio": (8 / batch_s) / (1 / lone_s),  # one at a time: 8 lone answers
+    }
+    # Their follow-ups compute their contexts on their own before the shared decoding: not a step cost.
+    run["scenarios"]["follow_ups_8"] = {**visitors, "visitors": 8, "throughput_per_s": 1.0, "throughput_ratio": 3.0}
+    return run
+
+
+def test_a_measured_batch_step_cost_is_the_batch_s_decoding_over_lone_steps(tmp_path, capsys):
+    run = _run_with_visitors(step_cost=1.25)
+    # The batch's whole time over a lone answer's, 3.15, holds its 8 fixed costs: it is no step cost.
+    assert 8 / run["scenarios"]["concurrent_8"]["throughput_ratio"] == pytest.approx(3.15, abs=0.01)
     measured = measured_from_results(run)
-    assert measured.batch_step_factor == {8: pytest.approx(1.6)}  # 8 / 5.0
+    assert measured.batch_step_factor == {8: pytest.approx(1.25)}  # (1.12 s - 8 * 0.10 s) / (32 * 8 ms)
     assert measured_from_results(SMALL_RUN).batch_step_factor is None
     path = tmp_path / "results.json"
     path.write_text(json.dumps(run))
     assert main(["--results", str(path), "--scenario", "ego_5"]) == 0
-    row = next(line for line in capsys.readouterr().out.splitlines() if "step cost measured" in line)
-    # 0.56 s fixed + 64 tokens * 0.02 s * 1.6
-    assert row.startswith("| batches of up to 8 (step cost measured) | 1.60 | 2.61 |")
+    printed = capsys.readouterr().out
+    assert "Step cost of a batch of 8 (concurrent_8): 1.25 x a lone step\n" in printed
+    row = next(line for line in printed.splitlines() if "step cost measured" in line)
+    # 8 visitors' fixed costs of 0.10 s + 64 tokens * 8 ms * 1.25 = 1.44 s; 8 answers in it: 5.56 a second
+    assert row.startswith("| batches of up to 8 (step cost measured) | 1.25 | 1.44 | 5.56 |")
+
+
+def test_a_batch_faster_than_lone_steps_counts_as_lone_steps(tmp_path, capsys):
+    """A step over 8 rows cannot cost less than a lone one: a batch measured faster than its fixed costs and lone
+    steps is taken at a step cost of 1.0, not at a smaller one that would project more than was measured."""
+    run = _run_with_visitors(step_cost=0.5)
+    measured = measured_from_results(run)
+    assert measured.batch_step_factor_as_measured == {8: pytest.approx(0.5)}
+    assert measured.batch_step_factor == {8: 1.0}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(run))
+    assert main(["--results", str(path)]) == 0
+    assert "(concurrent_8): 0.50 x a lone step (below a lone step" in capsys.readouterr().out
+
+
+def test_the_command_refuses_what_is_not_a_question_scenario_or_a_results_file(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--scenario", "concurrent_8"])
+    assert stopped.value.code == 2
+    assert "--scenario concurrent_8 is not a question scenario" in capsys.readouterr().err
+    progress = tmp_path / "progress.json"  # what a run writes while it compiles, beside its results.json
+    progress.write_text(json.dumps({"compiled": {"compile": {"warm_up_s": 1.0}}}))
+    with pytest.raises(SystemExit):
+        main(["--results", str(progress)])
+    error = capsys.readouterr().err
+    assert "is not a results.json of `python -m bench` (it has no introduce and no scenarios)" in error
+    with pytest.raises(SystemExit):
+        main(["--results", str(tmp_path / "missing.json")])
+    assert "cannot be read" in capsys.readouterr().err
 
 
 def test_the_committed_gpu_run_reads_as_the_document_says():
@@ -92,3 +147,11 @@ def test_the_command_prints_the_table(capsys):
     printed = capsys.readouterr().out
     assert "30.4 ms per generated token" in printed
     assert "| one at a time | 1.00 | 2.00 | 0.50 |" in printed  # 0.060 + 64 * 0.0304 s
+
+
+def test_the_document_s_capacity_table_is_the_command_s(capsys):
+    """docs/scaling.md's capacity table is what `python -m bench.capacity` prints for the committed run."""
+    assert main([]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "serving" not in line]
+    document = (Path(__file__).resolve().parents[1] / "docs" / "scaling.md").read_text(encoding="utf-8")
+    assert len(rows) == 5 and all(row in document for row in rows), rows
