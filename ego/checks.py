@@ -6,13 +6,21 @@ Each failure is an `InputError` whose message is one sentence that says what to 
 from __future__ import annotations
 
 import math
+import re
 import unicodedata
 
 from .errors import InputError
 from .settings import Settings
 
 _INVISIBLE = {"Cc", "Cf"}
-"""Unicode categories dropped from names: control and format characters."""
+"""Unicode categories dropped from names: control and format characters (a right-to-left override, a zero-width
+space), but for the few format characters that change how a name is written (`_JOINERS`, `_FLAG_TAG_SEQUENCE`)."""
+_JOINERS = frozenset("\u200c\u200d")
+"""Zero-width non-joiner and joiner, kept between two visible characters: they choose the letter forms of Persian
+("کتاب‌خانه"), Sinhala ("ශ්‍රී") or Malayalam, and join emoji into one ("👩‍💻", a woman and a laptop: a coder)."""
+_FLAG_TAG_SEQUENCE = re.compile("\U0001f3f4[\U000e0030-\U000e0039\U000e0061-\U000e007a]{2,6}\U000e007f")
+"""A subdivision flag: the black flag, two to six tag letters or digits, the cancel tag ("🏴" + "gbsct": Scotland).
+Its tags are kept; any other run of tags is dropped, as it may spell hidden text a model would read."""
 
 
 def is_valid_text(text: str) -> bool:
@@ -35,8 +43,21 @@ def check_text(text: str, what: str) -> str:
 
 
 def fold_name(name: str) -> str:
-    """A name as it is kept: white space folded, control and format characters dropped."""
-    return " ".join("".join(ch for ch in name if unicodedata.category(ch) not in _INVISIBLE or ch.isspace()).split())
+    """A name as it is kept: white space folded, control and format characters dropped, but for a zero-width
+    (non-)joiner between two visible characters and the tags of a subdivision flag, which change how the name is
+    written. Matching names (`ego.engine.named_in`, the Space's `name_key`) ignores every format character."""
+    in_flags = {i for flag in _FLAG_TAG_SEQUENCE.finditer(name) for i in range(flag.start() + 1, flag.end())}
+    kept: list[str] = []
+    for i, ch in enumerate(name):
+        shown = unicodedata.category(ch) not in _INVISIBLE or ch.isspace()
+        if shown or i in in_flags or ch in _JOINERS:  # a joiner's neighbours are known once the others are gone
+            kept.append(ch)
+
+    def visible(index: int) -> bool:
+        return 0 <= index < len(kept) and not kept[index].isspace() and kept[index] not in _JOINERS
+
+    joined = "".join(ch for i, ch in enumerate(kept) if ch not in _JOINERS or (visible(i - 1) and visible(i + 1)))
+    return " ".join(joined.split())
 
 
 def _text_or_empty(value, refusal: str) -> str:
@@ -50,8 +71,8 @@ def _text_or_empty(value, refusal: str) -> str:
 
 
 def check_name(name, settings: Settings) -> str:
-    """A concept name with its white space folded and invisible characters dropped; empty or too long is
-    refused. (Control and format characters, such as a right-to-left override or a zero-width space,
+    """A concept name with its white space folded and invisible characters dropped (`fold_name`); empty or too
+    long is refused. (Control and format characters, such as a right-to-left override or a zero-width space,
     would make a name look like another one.)"""
     text = _text_or_empty(name, "A concept name is text, for example 'my cat Chelsea'.")
     name = fold_name(check_text(text, "name"))
@@ -83,12 +104,16 @@ def check_reference_count(count: int, settings: Settings, name: str = "the conce
 
 
 KEYWORDS_ARE_TEXT = "Keywords are text: words separated by commas, for example 'tabby, green eyes'."
+_KEYWORD_SEPARATORS = re.compile("[,;，、،；﹐﹑؛﹔]")
+"""Where a string of keywords is split: commas and semicolons, and those of other scripts: full-width and
+ideographic commas ("橘猫，绿眼睛", "橘猫、緑の目"), the Arabic comma and semicolon ("قطة، عيون"), the small forms."""
 
 
 def check_keywords(keywords, settings: Settings) -> list[str] | None:
-    """User keywords as a list of phrases (a string is split at commas; a list or tuple of strings gives one
-    phrase each), each cleaned as a name is (`fold_name`: an invisible word would rank the memory, a
-    right-to-left override would flip the report around it) and kept once; or None to let the model describe.
+    """User keywords as a list of phrases (a string is split at commas and semicolons, of any script; a list or
+    tuple of strings gives one phrase each), each cleaned as a name is (`fold_name`: an invisible word would rank
+    the memory, a right-to-left override would flip the report around it) and kept once; or None to let the model
+    describe.
 
     A string with nothing visible in it is an empty keyword box: None, as the Space reads an empty field. Phrases
     that are empty once cleaned are dropped; if none is left, the keywords are refused with a sentence."""
@@ -97,7 +122,7 @@ def check_keywords(keywords, settings: Settings) -> list[str] | None:
     if isinstance(keywords, str):
         if not fold_name(check_text(keywords, "keywords")):
             return None
-        keywords = keywords.replace(";", ",").split(",")
+        keywords = _KEYWORD_SEPARATORS.split(keywords)
     elif not isinstance(keywords, (list, tuple)) or not all(isinstance(k, str) for k in keywords):
         raise InputError(KEYWORDS_ARE_TEXT)
     words = [fold_name(check_text(k, "keywords")) for k in keywords]
@@ -116,12 +141,20 @@ def check_keywords(keywords, settings: Settings) -> list[str] | None:
     return words
 
 
+_PERCENT_SIGNS = ("%", "％", "٪")
+
+
 def check_area_pct(area_pct) -> float | None:
-    """The subject's share of the image (1..100 %), or None to let the model estimate it."""
+    """The subject's share of the image (1..100 %), or None to let the model estimate it. As text, it may end in a
+    percent sign ("35%", "35 %", the full-width "３５％", the Arabic "٣٥٪")."""
     if area_pct is None:
         return None
     if isinstance(area_pct, bool):  # True would read as 1 %
         raise InputError("The subject size must be a number between 1 and 100 (percent of the image).")
+    if isinstance(area_pct, str):
+        area_pct = area_pct.strip()
+        if area_pct[-1:] in _PERCENT_SIGNS:
+            area_pct = area_pct[:-1]
     try:
         value = float(area_pct)
     except (TypeError, ValueError):

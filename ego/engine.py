@@ -1328,12 +1328,15 @@ class Chat:
     def stream(self, question: str, *, max_new_tokens: int | None = None, use_cache: bool = True) -> Iterator[Answer]:
         """Like `ask`, yielding the text so far as it is generated. Closing the iterator stops generation; the
         answer so far stays in the conversation."""
-        outputs, answer = [], None
+        outputs, handed, answer = [], [0], None
         with self.engine.exclusive_use():
             turn = self._begin(question, max_new_tokens, use_cache)
             # Closed early, the stream returns once generation has ended: it writes the conversation's cache until then.
             pieces = _streamed(
-                self.engine.backend.tokenizer, lambda **streaming: self._generate(turn, **streaming), outputs=outputs
+                self.engine.backend.tokenizer,
+                lambda **streaming: self._generate(turn, **streaming),
+                outputs=outputs,
+                handed=handed,
             )
             ended = False
             try:
@@ -1342,8 +1345,8 @@ class Chat:
                 ended = True
             finally:
                 pieces.close()
-                if outputs:
-                    answer = self._finish(turn, outputs[0], stopped=not ended)
+                if outputs:  # stopped, the turn keeps the tokens behind the text its caller was handed, no more
+                    answer = self._finish(turn, outputs[0], None if ended else handed[0], stopped=not ended)
             yield answer
 
     def adopt(self, question: str, answer: Answer) -> None:
@@ -1668,14 +1671,17 @@ _UNSPACED = (
     "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
     "\uac00-\ud7af\uf900-\ufaff\U00020000-\U0002fa1f"
 )
-_SPACED_LETTER = f"[^\\W{_UNSPACED}]"
-"""A word character of a script with spaces: next to one, a name is part of a longer word ("Chelseas")."""
+_SPACED_LETTER = f"(?![{_UNSPACED}])[\\w{prompts.MARKS}]"
+"""A word character or a combining mark of a script with spaces: next to one, a name is part of a longer word
+("Chelseas"; "राम" in "रामू", whose last letter takes a vowel sign)."""
 
 
 def _folded(text: str) -> str:
-    """`text` as names are compared: compatibility-normalised (a decomposed "Zoë", full-width letters) and
-    case-folded."""
-    return unicodedata.normalize("NFKC", text).casefold()
+    """`text` as names are compared: without format characters, which are invisible and never decide a match (a
+    zero-width joiner in "👩‍💻" or a non-joiner in "کتاب‌خانه" typed or left out, the tags of a flag), then
+    compatibility-normalised (a decomposed "Zoë", full-width letters) and case-folded."""
+    visible = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+    return unicodedata.normalize("NFKC", visible).casefold()
 
 
 def named_in(question: str, name: str) -> bool:
@@ -1741,21 +1747,47 @@ def keyword_positions(tokenizer, ids: list[int], *, content_only: bool) -> tuple
     return list(range(len(ids))), []
 
 
-def _streamed(tokenizer, generate, *, outputs: list | None = None) -> Iterator[str]:
+class _TextSoFar:
+    """A streamer for `generate`: after each generated token, the whole answer so far decoded again, with how many
+    tokens are behind it, put on `pieces`; a character split between two tokens (the text ends in U+FFFD) waits for
+    the next one. (transformers' TextIteratorStreamer hands text on only up to its last space, or a CJK
+    ideograph: a Thai answer, or a Japanese one in kana, showed nothing until it ended, or at all when stopped.)"""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.pieces = tokenizer, [], queue.Queue()
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate hands the prompt on first: [1, L]
+            self.prompt_seen = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())  # the step's token: [1]
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self.pieces.put((text, len(self.ids)))
+
+    def end(self) -> None:
+        self.pieces.put((self.tokenizer.decode(self.ids, skip_special_tokens=True), len(self.ids)))
+
+
+def _streamed(tokenizer, generate, *, outputs: list | None = None, handed: list | None = None) -> Iterator[str]:
     """The text so far as `generate(streamer=..., stopping_criteria=...)` produces it in a thread of its own (the
-    caller's thread stays free to hand each piece on), stripped as the whole answer is, and only when it grew
-    (the streamer also hands on empty pieces while a word is incomplete). Closing the iterator stops generation at
-    the next token and waits until the thread has ended; generate's result is appended to `outputs`, and its error
-    is raised here."""
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+    caller's thread stays free to hand each piece on), stripped as the whole answer is, and only when it grew.
+    Closing the iterator stops generation at the next token and waits until the thread has ended; generate's result
+    is appended to `outputs`, and its error is raised here. `handed[0]`, when given, is kept at the number of
+    generated tokens behind the last text handed on (a conversation stopped there continues from exactly what its
+    visitor saw, not from the token generated after the Stop)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
 
     stop, failure = threading.Event(), []
+    handed = [0] if handed is None else handed
+    handed[:] = [0]
 
     class _Stop(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
             return stop.is_set()
 
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.1)
+    streamer = _TextSoFar(tokenizer)
 
     def run():
         try:
@@ -1764,47 +1796,24 @@ def _streamed(tokenizer, generate, *, outputs: list | None = None) -> Iterator[s
                 outputs.append(result)
         except Exception as error:  # noqa: BLE001 -- re-raised in the caller's thread below
             failure.append(error)
-            streamer.end()
+        finally:
+            streamer.pieces.put(None)  # the end, however generation ended
 
     worker = threading.Thread(target=run, name="ego-generate", daemon=True)
     worker.start()
-    text, shown = "", ""
+    shown = ""
     try:
-        while True:
-            try:
-                piece = next(streamer)
-            except queue.Empty:
-                if worker.is_alive():
-                    continue
-                # Ended between two looks: its last pieces may still be in the queue.
-                text += "".join(_drain(streamer.text_queue, streamer.stop_signal))
-                if text.strip() != shown:
-                    yield text.strip()
-                break
-            except StopIteration:
-                break
-            text += piece
+        while (piece := streamer.pieces.get()) is not None:
+            text, count = piece
             if (now := text.strip()) != shown:
                 shown = now
+                handed[0] = count
                 yield shown
     finally:
         stop.set()
         worker.join()
     if failure:
         raise failure[0]
-
-
-def _drain(pieces: queue.Queue, end) -> list[str]:
-    """What is left in a streamer's queue, up to its end marker."""
-    left = []
-    while True:
-        try:
-            piece = pieces.get_nowait()
-        except queue.Empty:
-            return left
-        if piece is end:
-            return left
-        left.append(piece)
 
 
 def _strip_stop(ids: list[int], stop_ids: list[int]) -> list[int]:

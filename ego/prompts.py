@@ -8,6 +8,7 @@ anything else falls back to a documented default (Settings.area_pct_fallback).
 from __future__ import annotations
 
 import re
+import unicodedata
 
 DESCRIBE_PROMPT = (
     "Describe the main subject of this image in one short sentence: what it is, its colours, shape, "
@@ -47,7 +48,31 @@ depicting appears appearing seen features featuring looks looking sentence descr
 """.split()
 )
 
-_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*", re.UNICODE)
+
+def _code_point_class(categories: set[str], planes: tuple[range, ...]) -> str:
+    """The body of a regex character class (ranges of escaped code points) matching the code points of `planes`
+    whose Unicode category is one of `categories`."""
+    ranges: list[list[int]] = []
+    for code in (code for plane in planes for code in plane):
+        if unicodedata.category(chr(code)) in categories:
+            if ranges and ranges[-1][1] == code - 1:
+                ranges[-1][1] = code
+            else:
+                ranges.append([code, code])
+    return "".join(f"\\U{low:08x}" + (f"-\\U{high:08x}" if high > low else "") for low, high in ranges)
+
+
+MARKS = _code_point_class({"Mn", "Mc", "Me"}, (range(0x20000), range(0xE0000, 0xE1000)))
+"""Combining marks as the body of a regex character class: the vowel signs and viramas of Devanagari ("बिल्ली"),
+Thai vowels and tone marks ("สีส้ม"), a combining accent (a "café" typed as "e" + U+0301), variation selectors.
+Python's `\\w` leaves them out, which would cut such words into pieces. (Marks live in the first two planes and, as
+variation selectors, in plane 14; scanning only those keeps the import fast.)"""
+
+_LETTER = r"[^\W_]"
+"""A letter or a digit of any script (a word character but the underscore)."""
+_WORD_PART = rf"{_LETTER}(?:{_LETTER}|[{MARKS}])*"
+_WORD = re.compile(rf"{_WORD_PART}(?:['’]{_WORD_PART})*")
+"""A word: a letter or digit followed by letters, digits and marks, with inner apostrophes ("isn't", "cat’s")."""
 
 
 def _lookup(word: str) -> str:
@@ -106,7 +131,13 @@ _DENOMINATORS = {
 _FRACTION_WORDS = re.compile(r"\b(?P<count>an?|\d+)[\s-]+(?P<part>" + "|".join(_DENOMINATORS) + r")\b")
 _FRACTION = re.compile(r"(?<![\d.])(?P<num>\d+)\s*/\s*(?P<den>\d+)(?!\d|\.\d)")  # a full stop may end it
 _DIMENSIONS = re.compile(r"\b\d+\s*[x×]\s*\d+\b|\b\d+(?:\.\d+)?\s*(?:px|pixels?|mp|megapixels?)\b")
-_PERCENT = r"\s*(?:%|percent\b|per\s*cent\b|pct\b)"
+# The unit of a share in the languages a model may answer in: "35 %", "35％" (full width), "٣٥٪" (Arabic),
+# "35パーセント", "35 por ciento", "35 pour cent", "35 Prozent", "35 процентов". A bare number followed by a word is
+# no share ("1 dog"), so a unit word must be known to be read.
+_PERCENT = (
+    r"\s*(?:[%％٪]|パーセント|(?:percent|per\s*cent|pct|per\s*cento|por\s*ciento|por\s*cento|pour\s*cent|prozent"
+    r"|процент(?:ов|а)?)\b)"
+)
 # Whole words only: "over" must not be read inside "cover" ("they cover 5%"), nor "under" inside "thunder".
 _BELOW = r"\b(?:less than|fewer than|under|below|at most|no more than|not more than|up to)\b|<"
 _ABOVE = r"\b(?:more than|over|above|at least|greater than)\b|>"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import gradio as gr
 from gradio.utils import get_upload_folder
+from PIL import Image
 
 from ego import Answer, checks
 from ego.errors import InputError, MemoryFileError, ModelBusyError
@@ -30,7 +31,7 @@ from ego.media import load_image, load_video
 from ego.memory import load_concepts, read_thumbnails, save_concepts
 
 from . import guidance, views
-from .conversations import Conversations, messages
+from .conversations import TABS, Conversations, messages
 from .examples import Examples
 from .loading import LazyEngine
 from .pictures import cached
@@ -215,7 +216,7 @@ class Actions:
                 self.settings.max_concept_file_bytes,
             )
         log.info("introduce: %d photos, %d tokens, %.2f s", len(paths), concept.num_tokens, seconds)
-        return session, report, patches, heats
+        return session, report + _unknown_to_conversations(session), patches, heats
 
     def load_example_concepts(self, session: Session, progress=gr.Progress()):
         """Introduce the bundled example concepts this visitor does not have yet."""
@@ -246,14 +247,14 @@ class Actions:
                 self.budget,
                 self.settings.max_concept_file_bytes,
             )
-        return session, report, patches, heats
+        return session, report + _unknown_to_conversations(session, len(made)), patches, heats
 
     def _pictures(self, made):
         """Gallery items: each reference photo with its kept tokens, and with its importance heat map."""
         patches, heats, many, px = [], [], len(made) > 1, self.settings.patch_view_max_px
         for concept, pictures in made:
             for number, (picture, view) in enumerate(zip(pictures, concept.views), 1):
-                label = f"{concept.name} · photo {number}" if many else f"Photo {number}"
+                label = f"{views.isolated(concept.name)} · photo {number}" if many else f"Photo {number}"
                 total = view.grid[0] * view.grid[1]
                 patches.append(
                     (
@@ -288,6 +289,8 @@ class Actions:
             # The first answer comes from the scheduler (batched with other visitors' questions); the conversation
             # takes it as its first turn, and its follow-ups run on its own cache.
             chat = engine.chat(session.concepts, image=picture)
+            if image and (digest := _box_digest(image)) is not None:
+                session.conversations.asked_about(chat, digest)
             asked = session.conversations.asking("image")
             stream = self._answer_stream(engine, question, session.concepts, image=picture, stop=stop)
             failed = False
@@ -357,7 +360,7 @@ class Actions:
         return [
             (
                 cached(views.heat_map(picture, tuple(grid.shape), grid.flatten(), self.settings.patch_view_max_px)),
-                f"{name} · similarity {overall.get(name, 0.0):.2f}",
+                f"{views.isolated(name)} · similarity {overall.get(name, 0.0):.2f}",
             )
             for name, grid in answer.similarity_maps
         ]
@@ -378,6 +381,8 @@ class Actions:
             started = time.perf_counter()
             answer, details = "", {}
             chat = engine.chat(session.concepts, video=(frames, metadata))
+            if (digest := _box_digest(video)) is not None:
+                session.conversations.asked_about(chat, digest)
             asked = session.conversations.asking("video")
             stream = self._answer_stream(engine, question, session.concepts, video=(frames, metadata), stop=stop)
             failed = False
@@ -421,7 +426,8 @@ class Actions:
             if chat is None or not chat.turns:
                 raise InputError(
                     "There is no conversation to follow up yet: ask a first question about a photo "
-                    "(/ask_image) or a clip (/ask_video)."
+                    "(/ask_image) or a clip (/ask_video). (A session, its concepts and conversations with it, ends "
+                    f"{self.settings.session_ttl_s // 60:g} minutes after its last action.)"
                 )
             question = checks.check_question(question, self.limits)
             engine = self._engine(progress)
@@ -481,8 +487,7 @@ class Actions:
         matches); the message box empties once the question is taken. Refused or failed, the chat view is the
         conversation's again and the message is back in its box."""
         with session.conversations.answering_in("image") as in_flight:
-            chat = session.conversations.get("image")
-            if chat is not None and chat.turns:
+            if _follows_up(session, "image", image):
                 steps = [self._follow_up_steps(session, "image", message, progress, extra=3, stop=in_flight.stop)]
             else:
                 asked = self.ask_image(session, image, message, compare, progress, in_flight=in_flight)
@@ -496,8 +501,7 @@ class Actions:
         """The video tab's message: a first one starts a conversation about the clip (as /ask_video), a later one
         follows it up. Streams (session, frames, chat view, message box, details), as `chat_image` does."""
         with session.conversations.answering_in("video") as in_flight:
-            chat = session.conversations.get("video")
-            if chat is not None and chat.turns:
+            if _follows_up(session, "video", video):
                 steps = [self._follow_up_steps(session, "video", message, progress, extra=2, stop=in_flight.stop)]
             else:
                 asked = self.ask_video(session, video, message, progress, in_flight=in_flight)
@@ -725,7 +729,7 @@ class Actions:
                 )
                 entries.append(Entry(concept, picture))
             if skipped and not entries:
-                listed = ", ".join(f"'{name}'" for name in skipped)
+                listed = ", ".join(f"'{views.isolated(name)}'" for name in skipped)
                 raise InputError(
                     f"You already have a concept named {listed}: every concept in this file is "
                     f"already yours, so nothing was added. Remove yours first to import the file's."
@@ -760,6 +764,8 @@ class Actions:
                 added += f" Skipped {len(skipped)} already yours."
             if twice:
                 added += f" Skipped {len(twice)} named like an earlier one in the file."
+            if entries:
+                added += _unknown_to_conversations(session, len(entries))
             session.tell(added)
         if left_out:
             more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
@@ -782,8 +788,9 @@ class Actions:
 
 
 def _quoted(names) -> str:
-    """Visitor names for a message, quoted and escaped (gr.Warning renders HTML)."""
-    return ", ".join(f"“{html.escape(name, quote=False)}”" for name in names)
+    """Visitor names for a message, quoted, escaped (gr.Warning renders HTML) and each set apart, so that
+    right-to-left names keep their places in the list (`views.isolated`)."""
+    return ", ".join(f"“{views.isolated(html.escape(name, quote=False))}”" for name in names)
 
 
 def _not_downloadable(error: BaseException) -> bool:
@@ -808,6 +815,46 @@ def _tell_cut(in_flight, answer) -> None:
 
 def _stopped(stop) -> bool:
     return stop is not None and stop.is_set()
+
+
+def _unknown_to_conversations(session: Session, added: int = 1) -> str:
+    """A sentence for `added` concepts just added while a conversation goes on: a conversation keeps the memories
+    it started with, so its follow-ups do not know them (a removed concept ends the conversations that knew it, and
+    says so)."""
+    going_on = [tab for tab in TABS if (chat := session.conversations.get(tab)) is not None and chat.turns]
+    if not going_on:
+        return ""
+    them = "it" if added == 1 else "them"
+    if len(going_on) == 1:
+        return (
+            f" The conversation going on in the {going_on[0]} tab started before and does not know {them}: press "
+            f"New conversation there to ask about {them}."
+        )
+    return (
+        f" The conversations going on in the image and video tabs started before and do not know {them}: press "
+        f"New conversation to ask about {them}."
+    )
+
+
+def _follows_up(session: Session, tab: str, box) -> bool:
+    """Whether a chat tab's message follows up the tab's conversation: there is one, and the file in the tab's box
+    (`box`; none, as the visitor may have emptied it) is the one it is about. Another browser tab of the visitor
+    may have started it about another photo: then the message is a first question about this one."""
+    chat = session.conversations.get(tab)
+    if chat is None or not chat.turns:
+        return False
+    digest = _box_digest(box) if box else None
+    return digest is None or session.conversations.is_about(tab, digest)
+
+
+def _box_digest(value) -> str | None:
+    """The digest of what a photo or clip box holds: its file's (`_digest`), a picture's pixels (a caller of the
+    handlers may give a PIL image), or None for anything else."""
+    if isinstance(value, (str, os.PathLike)):
+        return _digest(value)
+    if isinstance(value, Image.Image):
+        return hashlib.sha256(f"{value.mode} {value.size}".encode() + value.tobytes()).hexdigest()
+    return None
 
 
 def _digest(path) -> str:

@@ -12,6 +12,7 @@ import contextlib
 import re
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 
 TABS = ("image", "video")
@@ -44,6 +45,8 @@ class Conversations:
         """The tabs whose chat view shows an answer still coming, or one cut short by Stop (`streams`)."""
         self._restored: dict[str, str] = {}
         """Per tab, the digest of the photo a reload put back in the tab's box (`restored`)."""
+        self._about: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        """Per conversation, the digest of the file in the box its first question was asked about (`asked_about`)."""
         self._in_flight: dict[str, set[AnswerInFlight]] = {}
         """Per tab, the messages being answered (`answer_in_flight`): one, or one per browser tab of the session."""
         self._cut_short: dict[str, list[tuple]] = {}
@@ -172,6 +175,19 @@ class Conversations:
     def is_restored(self, tab: str, digest: str) -> bool:
         with self._lock:
             return self._restored.get(tab) == digest
+
+    def asked_about(self, chat, digest: str) -> None:
+        """`chat` is about the file of this `digest` (the photo or clip in the box of the tab it was started in)."""
+        with self._lock:
+            self._about[chat] = digest
+
+    def is_about(self, tab: str, digest: str) -> bool:
+        """Whether the tab's conversation is about the file of this `digest`, as first asked or as a reload put it
+        back in the box. Two browser tabs of one visitor share the session's conversation: a message sent beside
+        another photo is about that photo, not a follow-up of the conversation the other browser tab started."""
+        with self._lock:
+            chat = self._chats.get(tab)
+            return chat is not None and digest in (self._about.get(chat), self._restored.get(tab))
 
     def end(self, tab: str, asked: int | None = None) -> None:
         """The tab has no conversation any more (a new photo or clip, or "New conversation"), nor will the first

@@ -9,6 +9,7 @@ import gradio as gr
 
 from ego.checks import fold_name
 
+from . import views
 from .conversations import STOPPED
 from .session import Session, name_key
 
@@ -26,7 +27,8 @@ def after_introduce(session: Session, name_box):
 
     Returns (name, photos, keywords, auto_size, size_pct)."""
     introduced = session.names[-1] if len(session) else fold_name(str(name_box or ""))
-    gr.Info(f"“{html.escape(introduced, quote=False)}” is introduced: ask about it on the Ask tabs.")  # renders HTML
+    shown = views.isolated(html.escape(introduced, quote=False))  # gr.Info renders HTML
+    gr.Info(f"“{shown}” is introduced: ask about it on the Ask tabs.")
     suggest_export(session)
     if name_key(fold_name(str(name_box or ""))) != name_key(introduced):
         return (gr.skip(),) * 5

@@ -29,6 +29,7 @@ from ego.errors import InputError
 from ego.memory import Concept, concept_file_bytes
 
 from .conversations import TABS, Conversations, holding
+from .views import isolated
 
 EXPORT_NAME = "ego-concepts.safetensors"
 
@@ -94,10 +95,13 @@ class MemoryBudget:
 
 
 def name_key(name: str) -> str:
-    """Names are compared without case and extra spaces, and compatibility-normalised as the engine finds a name in
-    a question (`ego.engine.named_in`): 'Chelsea' and ' chelsea' are one concept, and so are a "Café" typed with
-    an accented letter and one typed with a combining accent, or a full-width "Ｆish" and "fish"."""
-    return " ".join(unicodedata.normalize("NFKC", name).split()).casefold()
+    """Names are compared without case, extra spaces and format characters, and compatibility-normalised, as the
+    engine finds a name in a question (`ego.engine.named_in`): 'Chelsea' and ' chelsea' are one concept, and so are
+    a "Café" typed with an accented letter and one typed with a combining accent, a full-width "Ｆish" and "fish",
+    or a "👩‍💻 coder" typed with its zero-width joiner and one without (invisible characters never tell names
+    apart)."""
+    visible = "".join(ch for ch in name if unicodedata.category(ch) != "Cf")
+    return " ".join(unicodedata.normalize("NFKC", visible).split()).casefold()
 
 
 class Session:
@@ -182,14 +186,16 @@ class Session:
         keys = [name_key(n) for n in names]
         taken = [entry.concept.name for entry in self._entries if name_key(entry.concept.name) in keys]
         if taken:
-            listed = ", ".join(f"'{n}'" for n in taken)
+            listed = ", ".join(f"'{isolated(n)}'" for n in taken)
             raise InputError(
                 f"You already have a concept named {listed}. Remove it first (under Your concepts), "
                 f"or pick another name."
             )
         repeated = sorted({n for n, k in zip(names, keys) if keys.count(k) > 1})
         if repeated:
-            raise InputError(f"The name '{repeated[0]}' appears more than once; each concept needs its own name.")
+            raise InputError(
+                f"The name '{isolated(repeated[0])}' appears more than once; each concept needs its own name."
+            )
         if len(self._entries) + len(names) > max_concepts:
             room = max(0, max_concepts - len(self._entries))
             raise InputError(

@@ -151,6 +151,14 @@ def escape_markdown(text) -> str:
     return "".join(out)
 
 
+def isolated(name: str) -> str:
+    """A visitor's name set apart in a sentence, between the Unicode direction isolates FSI (U+2068) and PDI
+    (U+2069): a right-to-left name ("قطتي 2", "כלב 3") keeps its own direction without pulling the text around it
+    into it ("150 · 2 قطتي tokens"), and several of them stay in the order listed. Names never hold these
+    characters themselves (`ego.checks.fold_name` drops them), so a name is never closed early."""
+    return f"\u2068{name}\u2069"
+
+
 _SIZE_SOURCE = {
     "model": "model's estimate",
     "user": "set by you",
@@ -186,7 +194,7 @@ def introduction_report(concepts: Sequence, seconds: float) -> str:
 
 def concept_caption(concept) -> str:
     """Gallery caption of a concept card (rendered as text)."""
-    return f"{concept.name} · {concept.num_tokens} tokens"
+    return f"{isolated(concept.name)} · {concept.num_tokens} tokens"
 
 
 def concept_record(concept) -> dict:

@@ -159,7 +159,7 @@ def test_ask_image_streams_and_compares(act, engine):
     # One match picture per concept, drawn on the query's token grid, captioned with its similarity; sent
     # with the first piece of the answer and again with the last, skipped in between.
     ((path, caption),) = matches
-    assert caption == f"Chelsea · similarity {details['similarity']['Chelsea']:.2f}"
+    assert caption == f"\u2068Chelsea\u2069 · similarity {details['similarity']['Chelsea']:.2f}"
     rows, cols = engine.answer("?", session.concepts, image=QUERY, max_new_tokens=1).similarity_maps[0][1].shape
     with Image.open(path) as picture:
         assert picture.size[0] * rows == picture.size[1] * cols
@@ -232,8 +232,9 @@ def test_export_import_round_trip_and_refusals(act, tmp_path):
     act.introduce(session, "Chelsea", gallery(CHELSEA), progress=quiet)
     _, exported = act.export_concepts(session)
     path = exported
-    with pytest.raises(gr.Error, match="already have a concept named 'Chelsea'"):
+    with pytest.raises(gr.Error) as refused:
         act.import_concepts(session, path, progress=quiet)
+    assert "already have a concept named '\u2068Chelsea\u2069'" in refused.value.message  # (str() escapes it)
     assert len(session) == 1
 
     other = Session()
@@ -257,16 +258,17 @@ def test_import_adds_the_new_names_and_names_the_ones_it_skipped(act, engine, tm
     session = Session()
     act.introduce(session, "chelsea", gallery(CHELSEA[:1]), progress=quiet)
     kept = session.concepts[0]
-    with pytest.warns(UserWarning, match="Added 2 concepts; skipped “Chelsea”"):
+    with pytest.warns(UserWarning, match="Added 2 concepts; skipped “\u2068Chelsea\u2069”"):
         act.import_concepts(session, str(path), progress=quiet)
     assert session.names == ["chelsea", "Bo", "Tom"] and session.concepts[0] is kept
-    with pytest.raises(gr.Error, match="already have a concept named 'Chelsea', 'Bo', 'Tom'"):
+    with pytest.raises(gr.Error) as refused:
         act.import_concepts(session, str(path), progress=quiet)
+    assert "named '\u2068Chelsea\u2069', '\u2068Bo\u2069', '\u2068Tom\u2069'" in refused.value.message
     assert session.names == ["chelsea", "Bo", "Tom"]
     # A file with two concepts of one name (names ignore case): the first is imported, the second named as skipped.
     twice = save_concepts(tmp_path / "twice.safetensors", [made[1], dataclasses.replace(made[2], name="BO")])
     fresh = Session()
-    with pytest.warns(UserWarning, match="Skipped “BO”: this file holds an earlier concept with that name"):
+    with pytest.warns(UserWarning, match="Skipped “\u2068BO\u2069”: this file holds an earlier concept with that name"):
         act.import_concepts(fresh, twice, progress=quiet)  # a Path, as a Python caller may pass it
     assert fresh.names == ["Bo"] and "named like an earlier one" in fresh.take_note()
 
@@ -281,7 +283,10 @@ def test_a_file_with_more_concepts_than_fit_brings_the_first_ones_and_the_rest_l
     path = str(save_concepts(tmp_path / "four.safetensors", made))
     session = Session()
     act.introduce(session, "Rex", gallery(CHELSEA[:1]), progress=quiet)
-    with pytest.warns(UserWarning, match="first 2 new concepts: a session holds at most 3. Left out “Tom”, “Mia”"):
+    with pytest.warns(
+        UserWarning,
+        match="first 2 new concepts: a session holds at most 3. Left out “\u2068Tom\u2069”, “\u2068Mia\u2069”",
+    ):
         act.import_concepts(session, path, progress=quiet)
     assert session.names == ["Rex", "Chelsea", "Bo"] and "Left out 2: no room." in session.take_note()
     with pytest.raises(gr.Error, match="at most 3 concepts and you have 3: remove some first"):
@@ -291,8 +296,8 @@ def test_a_file_with_more_concepts_than_fit_brings_the_first_ones_and_the_rest_l
     with pytest.warns(UserWarning) as told:
         act.import_concepts(session, path, progress=quiet)
     assert session.names == ["Chelsea", "Bo", "Tom"]
-    assert any("Left out “Mia”" in str(w.message) for w in told)
-    assert any("skipped “Chelsea”, “Bo”" in str(w.message) for w in told)
+    assert any("Left out “\u2068Mia\u2069”" in str(w.message) for w in told)
+    assert any("skipped “\u2068Chelsea\u2069”, “\u2068Bo\u2069”" in str(w.message) for w in told)
 
 
 def test_the_bundled_examples_are_complete():
@@ -316,7 +321,7 @@ def test_panel_lists_the_concepts(act):
     session = Session()
     act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), progress=quiet)
     cards, dropdown, summary, records, _ = act.panel(session)
-    assert [caption for _, caption in cards] == [f"Chelsea · {session.concepts[0].num_tokens} tokens"]
+    assert [caption for _, caption in cards] == [f"\u2068Chelsea\u2069 · {session.concepts[0].num_tokens} tokens"]
     assert dropdown.choices == [("Chelsea", "Chelsea")] and "1 of 50 concepts" in summary
     assert records[0]["name"] == "Chelsea"
     act.remove_concept(session, "Chelsea")
@@ -463,6 +468,48 @@ def test_a_reload_puts_back_what_each_conversation_is_about_and_that_is_no_new_p
     assert session.conversations.get("image") is None
     assert act.restored_conversations(session)[:2] == ([], gr.skip())  # nothing to put back: the box is left alone
     assert act.photo_changed(session, str(copy)) == (session, [], "", {}, [])  # the mark went with its conversation
+
+
+def test_a_message_beside_another_photo_is_about_that_photo_not_another_browser_tabs_conversation(act, tmp_path):
+    """Two browser tabs of one visitor share the session's conversation: a message sent in one about the photo in
+    its own box starts a conversation about that photo rather than following up the other tab's (a copy of the
+    conversation's photo, in a box emptied or not, still follows it up)."""
+    session = Session()
+    act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), progress=quiet)
+    act.photo_changed(session, NEW_PHOTO)  # browser tab B puts another photo in its box
+    list(act.chat_image(session, QUERY, "Is Chelsea here?", progress=quiet))  # browser tab A asks about its own
+    chelsea = session.conversations.get("image")
+    _, view, *_ = list(act.chat_image(session, NEW_PHOTO, "Who is this?", progress=quiet))[-1]  # tab B
+    about_b = session.conversations.get("image")
+    assert about_b is not chelsea and [q for q, _ in about_b.turns] == ["Who is this?"]
+    assert about_b.picture.size == Image.open(NEW_PHOTO).size and [m["content"] for m in view[::2]] == ["Who is this?"]
+    copy = tmp_path / "same.jpg"  # Gradio's copy of the photo: the same bytes
+    copy.write_bytes(Path(NEW_PHOTO).read_bytes())
+    for box in (str(copy), None):
+        list(act.chat_image(session, box, "And now?", progress=quiet))
+    assert session.conversations.get("image") is about_b and len(about_b.turns) == 3
+    list(act.chat_video(session, CLIP, "What happens?", progress=quiet))
+    clip_chat = session.conversations.get("video")
+    list(act.chat_video(session, CLIP, "And then?", progress=quiet))
+    assert session.conversations.get("video") is clip_chat and len(clip_chat.turns) == 2
+
+
+def test_a_concept_added_during_a_conversation_is_said_to_be_unknown_to_it(act):
+    """A conversation keeps the memories it started with: a concept introduced or imported meanwhile is not in its
+    follow-ups, and the visitor is told how to ask about it."""
+    session = Session()
+    _, report, *_ = act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), progress=quiet)
+    assert "conversation" not in report
+    list(act.chat_image(session, QUERY, "Is Chelsea here?", progress=quiet))
+    _, report, *_ = act.introduce(session, "Bo", gallery(CHELSEA[1:]), progress=quiet)
+    assert "conversation going on in the image tab started before and does not know it" in report
+    assert [c.name for c in session.conversations.get("image").concepts] == ["Chelsea"]
+    _, exported = act.export_concepts(session)
+    other = Session()
+    list(act.chat_image(other, QUERY, "Is there a cat?", progress=quiet))
+    list(act.chat_video(other, CLIP, "What happens?", progress=quiet))
+    act.import_concepts(other, exported, progress=quiet)
+    assert "conversations going on in the image and video tabs started before and do not know them" in other.take_note()
 
 
 def test_the_summary_says_when_every_concept_is_in_the_last_export(act):

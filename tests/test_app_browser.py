@@ -67,10 +67,10 @@ def test_introduce_ask_and_screenshot(page, tmp_path):
     expect(page.get_by_label("Name")).to_have_value("Chelsea")
     introduce.click()
     expect(page.get_by_text("memory tokens from 3 photos")).to_be_visible()
-    expect(page.get_by_text("“Chelsea” is introduced")).to_be_visible()  # a success message
+    expect(page.get_by_text("Chelsea\u2069” is introduced")).to_be_visible()  # a success message
     expect(page.get_by_label("Name")).to_have_value("")  # the form is cleared
     expect(page.locator("#patches img")).to_have_count(3)  # each photo with its kept tokens
-    expect(page.locator("#cards").get_by_text("Chelsea ·")).to_be_visible()
+    expect(page.locator("#cards").get_by_text("Chelsea\u2069 ·")).to_be_visible()
     caption = page.locator("#cards .caption-label").first  # read whole: it wraps rather than ending in "…"
     assert caption.evaluate("label => label.scrollWidth <= label.clientWidth"), caption.inner_text()
 
@@ -87,7 +87,7 @@ def test_introduce_ask_and_screenshot(page, tmp_path):
     expect(page.get_by_text('"Chelsea"').first).to_be_visible()
     page.get_by_text("Where each concept's memory matches the photo").click()
     expect(page.locator("#matches img")).to_have_count(1)  # one picture per concept
-    expect(page.locator("#matches").get_by_text("Chelsea · similarity")).to_be_visible()
+    expect(page.locator("#matches").get_by_text("Chelsea\u2069 · similarity")).to_be_visible()
 
     # A follow-up about the same photo: a second turn in the same conversation, the message box emptied.
     expect(question).to_have_value("")
@@ -181,7 +181,7 @@ def test_a_reload_keeps_the_concepts_after_a_warning(page):
     page.on("dialog", lambda dialog: (dialogs.append(dialog.type), dialog.accept()))
     page.reload(wait_until="domcontentloaded")
     assert dialogs == ["beforeunload"]  # concepts never exported: leaving the page asks first
-    expect(page.locator("#cards").get_by_text("Chelsea ·")).to_be_visible()
+    expect(page.locator("#cards").get_by_text("Chelsea\u2069 ·")).to_be_visible()
     expect(page.get_by_text("2 of 50 concepts")).to_be_visible()
     # The image tab shows the conversation a follow-up would continue: the last one, whose question's markup is
     # still text after the reload.
@@ -231,7 +231,7 @@ def test_a_second_tab_on_a_phone_has_the_concepts_and_every_tab_label(page):
     phone.set_viewport_size({"width": 390, "height": 844})
     phone.set_default_timeout(WAIT_MS)
     phone.goto(page.url, wait_until="domcontentloaded")
-    expect(phone.locator("#cards").get_by_text("Chelsea ·")).to_be_visible()
+    expect(phone.locator("#cards").get_by_text("Chelsea\u2069 ·")).to_be_visible()
     for label in ("Introduce", "Ask: image", "Ask: video"):
         tab = phone.get_by_role("tab", name=label, exact=True)
         expect(tab).to_be_visible()

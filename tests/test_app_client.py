@@ -117,7 +117,7 @@ def test_one_visitor_round_trip(url, example, tmp_path):
     answer, plain, details, matches = client.predict(handle_file(image), question, True, api_name="/ask_image")
     assert isinstance(answer, str) and isinstance(plain, str)
     assert [item["caption"] for item in matches] == [
-        f"{example['name']} · similarity {details['similarity'][example['name']]:.2f}"
+        f"\u2068{example['name']}\u2069 · similarity {details['similarity'][example['name']]:.2f}"
     ]
     _, _, details, matches = client.predict(None, f"Describe {example['name']}.", api_name="/ask_image")
     assert details["concepts_used"] == [example["name"]] and matches == []  # no photo: the memory alone

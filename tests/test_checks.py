@@ -173,3 +173,64 @@ def test_a_refused_photo_of_several_is_named_by_its_place():
         checks.load_each(["a", "b", "bad", "c", "d"], load)
     with pytest.raises(InputError, match=r"^This file is not a supported image"):  # one photo: no number needed
         checks.load_each(["bad"], load)
+
+
+SCOTLAND = "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f"  # black flag + tags "gbsct"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "\U0001f469\u200d\U0001f4bb coder",  # woman, zero-width joiner, laptop: one emoji, a coder
+        "\u06a9\u062a\u0627\u0628\u200c\u062e\u0627\u0646\u0647",  # Persian "library": a non-joiner keeps two forms
+        "\u0dc1\u0dca\u200d\u0dbb\u0dd3",  # Sinhala "Sri": the joiner makes the conjunct
+        SCOTLAND,
+    ],
+)
+def test_characters_that_change_how_a_name_is_written_are_kept(name):
+    assert checks.check_name(name, DEFAULT_SETTINGS) == name
+    assert checks.check_keywords([name], DEFAULT_SETTINGS) == [name]
+
+
+def test_joiners_and_tags_that_join_nothing_are_dropped():
+    """A joiner next to a space or at an end, or tags after a letter, join nothing: invisible, they are dropped as
+    other format characters are (a bidi override, a zero-width space)."""
+    for typed, kept in [
+        ("\u200dChelsea\u200c", "Chelsea"),
+        ("my\u200d cat", "my cat"),
+        ("a\u202e\u200d", "a"),
+        ("Chel\u200bsea", "Chelsea"),
+        ("a\u200b\u200db", "a\u200db"),  # between visible characters once the zero-width space is gone
+        ("Scotland\U000e0067\U000e007f", "Scotland"),
+        # Tags after an emoji that make no flag spell text a model reads but a visitor does not see ("ignore").
+        ("cat \U0001f600" + "".join(chr(0xE0000 + ord(c)) for c in "ignore") + " x", "cat \U0001f600 x"),
+        ("\U0001f3f4" + "".join(chr(0xE0000 + ord(c)) for c in "say yes") + "\U000e007f", "\U0001f3f4"),
+    ]:
+        assert checks.fold_name(typed) == kept
+        assert checks.check_name(typed, DEFAULT_SETTINGS) == kept
+
+
+@pytest.mark.parametrize(
+    "typed, expected",
+    [
+        ("橘猫，绿眼睛", ["橘猫", "绿眼睛"]),  # full-width comma (Chinese)
+        ("橘猫、緑の目", ["橘猫", "緑の目"]),  # ideographic comma (Chinese, Japanese)
+        ("橘猫；绿眼睛", ["橘猫", "绿眼睛"]),  # full-width semicolon
+        ("橘猫﹐绿眼睛﹑尾巴", ["橘猫", "绿眼睛", "尾巴"]),  # small commas
+        ("قطة، عيون خضراء", ["قطة", "عيون خضراء"]),  # Arabic comma
+        ("قطة؛ عيون", ["قطة", "عيون"]),  # Arabic semicolon
+    ],
+)
+def test_keywords_are_split_at_the_commas_of_other_scripts(typed, expected):
+    assert checks.check_keywords(typed, DEFAULT_SETTINGS) == expected
+
+
+@pytest.mark.parametrize("typed", ["50%", " 50 % ", "５０％", "٥٠٪", "५०%", "50"])
+def test_a_size_may_end_in_a_percent_sign(typed):
+    assert checks.check_area_pct(typed) == 50.0
+
+
+@pytest.mark.parametrize("typed", ["%", "50%%", "%50 %", "150%"])
+def test_a_percent_sign_alone_or_twice_is_no_size(typed):
+    with pytest.raises(InputError, match="between 1 and 100"):
+        checks.check_area_pct(typed)

@@ -658,3 +658,84 @@ def test_a_question_or_length_that_is_not_what_it_should_be_is_an_input_error():
     assert len(chat.turns) == 1
     refused = engine.answer_batch([ego.AnswerRequest("Hi?", (), max_new_tokens="abc"), ego.AnswerRequest(["hi"])])
     assert all(isinstance(error, InputError) for error in refused)
+
+
+@pytest.mark.parametrize("text", ["แมวสีส้มนอนอยู่บนโต๊ะไม้", "ねこがテーブルのうえでねています", "The orange cat sleeps"])
+def test_a_stream_hands_on_each_token_of_scripts_without_spaces(text):
+    """Thai, or Japanese in kana, has no space to wait for: the text so far is handed on as each token comes
+    (a character split between two tokens waits for the next one), so a stopped answer shows what had come."""
+    from ego.engine import _streamed
+
+    tokenizer = tiny_engine("qwen2.5-vl").backend.tokenizer
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+
+    def generate(streamer, stopping_criteria):
+        streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt, handed on first
+        for token in ids:
+            streamer.put(torch.tensor([token]))
+        streamer.end()
+        return "done"
+
+    outputs, handed = [], [0]
+    pieces = list(_streamed(tokenizer, generate, outputs=outputs, handed=handed))
+    assert pieces[-1] == text and outputs == ["done"] and handed == [len(ids)]
+    halfway = [piece for piece in pieces if len(piece) <= len(text) // 2]
+    assert halfway and all(text.startswith(piece) and "\ufffd" not in piece for piece in pieces)
+    assert len(pieces) >= len(ids) // 3  # (a piece per character or token, not one at the end)
+
+
+@pytest.mark.parametrize(
+    "question, name, named",
+    [
+        ("रामू कहाँ है?", "राम", False),  # Hindi: the vowel sign ू makes "Ramu" of "Ram"
+        ("राम कहाँ है?", "राम", True),
+        ("क्या बिल्ली यहाँ है?", "बिल्ली", True),
+        ("แมวที่Chelseaชอบ", "Chelsea", True),  # a Thai tone mark before a Latin name is not part of it
+        ("Where is q\u0303?", "q", False),  # a combining tilde makes another letter
+    ],
+)
+def test_a_name_is_a_whole_word_with_its_combining_marks(question, name, named):
+    from ego.engine import named_in
+
+    assert named_in(question, name) is named
+
+
+@pytest.mark.parametrize(
+    "question, name",
+    [
+        ("Where is \U0001f469\U0001f4bb coder?", "\U0001f469\u200d\U0001f4bb coder"),
+        ("Where is \U0001f469\u200d\U0001f4bb coder?", "\U0001f469\U0001f4bb coder"),
+        (
+            "این \u06a9\u062a\u0627\u0628\u062e\u0627\u0646\u0647 است",
+            "\u06a9\u062a\u0627\u0628\u200c\u062e\u0627\u0646\u0647",
+        ),
+        ("Is Chel\u200bsea here?", "Chelsea"),
+    ],
+)
+def test_invisible_characters_never_decide_whether_a_question_names_a_concept(question, name):
+    from ego.engine import named_in
+
+    assert named_in(question, name)
+
+
+@pytest.mark.parametrize(
+    "typed",
+    [
+        "\U0001f469\u200d\U0001f4bb coder",
+        "\u06a9\u062a\u0627\u0628\u200c\u062e\u0627\u0646\u0647",
+        "\u0dc1\u0dca\u200d\u0dbb\u0dd3",
+        "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f",
+    ],
+)
+def test_a_name_typed_with_joiners_or_tags_keeps_its_concept_in_a_full_context(typed):
+    """The name is kept as typed and found in a question typed the same way: the named concept is kept first even
+    when it is the least similar and more concepts are given than fit."""
+    from types import SimpleNamespace
+
+    from ego.checks import check_name
+    from ego.engine import select_concepts
+
+    named = SimpleNamespace(name=check_name(typed, ego.DEFAULT_SETTINGS))
+    others = [SimpleNamespace(name=f"cat {i}") for i in range(3)]
+    kept, dropped = select_concepts(others + [named], 3, question=f"Where is {typed}?", scores=[1.0, 1.0, 1.0, 0.0])
+    assert named in kept and len(dropped) == 1

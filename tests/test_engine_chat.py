@@ -574,3 +574,17 @@ def test_only_text_is_taken_as_an_answer_elsewhere():
         with pytest.raises(InputError, match="The answer to take is text"):
             chat.adopt("And?", wrong)
     assert chat.turns == []
+
+
+def test_a_stopped_stream_keeps_exactly_what_its_caller_was_handed(concepts):
+    """The conversation continues from the text the caller saw when they stopped: not from the token generated
+    after the Stop, nor from a word held back. Its tokens are that text's."""
+    engine = tiny_engine("qwen2.5-vl")
+    chat = engine.chat([chelsea(engine, concepts)], image=photo(3))
+    chat.ask("Is Chelsea here?", max_new_tokens=4)
+    stream = chat.stream("Describe everything in great detail.", max_new_tokens=200)
+    seen = [next(stream) for _ in range(3)]
+    stream.close()
+    kept = chat.turns[-1][1]
+    assert kept.stopped and str(kept) == str(seen[-1])
+    assert engine.backend.tokenizer.decode(kept.token_ids, skip_special_tokens=True).strip() == str(seen[-1])

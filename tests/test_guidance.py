@@ -50,7 +50,7 @@ def test_after_introduce_names_the_concept_introduced_and_keeps_the_next_ones_ty
     and the form keeps what they typed."""
     form = after_introduce(_holding("Chelsea"), "Bo")
     assert form == (gr.skip(),) * 5
-    assert "“Chelsea” is introduced" in capsys.readouterr().out
+    assert "“\u2068Chelsea\u2069” is introduced" in capsys.readouterr().out
     assert after_introduce(_holding("my cat Chelsea"), "  My  cat chelsea ") == ("", None, "", True, 25)
     # The name is kept without its invisible characters (a zero-width joiner, a soft hyphen): still the same name.
     assert after_introduce(_holding("Fam \U0001f468\U0001f469"), "Fam \U0001f468\u200d\U0001f469") == (

@@ -88,6 +88,25 @@ def test_size_answers_are_understood(answer, expected):
     assert prompts.parse_area_pct(answer) == pytest.approx(expected, abs=1e-3)
 
 
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("50パーセント", 50.0),
+        ("約30パーセントです。", 30.0),
+        ("Cubre un 50 por ciento de la imagen.", 50.0),
+        ("Il couvre 40 pour cent de l'image.", 40.0),
+        ("Etwa 25 Prozent.", 25.0),
+        ("Около 60 процентов.", 60.0),
+        ("20 процента", 20.0),
+        ("Copre il 15 per cento.", 15.0),
+        ("０.５％", 1.0),  # a full-width percent sign is a unit: half a percent, not half the image ("0.5")
+        ("0.5٪ من الصورة", 1.0),
+    ],
+)
+def test_size_answers_with_the_unit_of_another_language_are_understood(answer, expected):
+    assert prompts.parse_area_pct(answer) == pytest.approx(expected, abs=1e-3)
+
+
 @pytest.mark.parametrize("answer", ["", "banana", "I cannot tell.", "<|im_end|>", "2 cats.", "The image is 1920x1080."])
 def test_unreadable_size_answers_give_none(answer):
     assert prompts.parse_area_pct(answer) is None
@@ -165,6 +184,20 @@ def test_content_words_drop_punctuation_stopwords_and_photo_talk():
     assert prompts.content_words(text) == ["fluffy", "tabby", "cat", "green", "eyes", "sitting", "red", "chair"]
 
 
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("एक भूरी बिल्ली", ["एक", "भूरी", "बिल्ली"]),  # Hindi: vowel signs (Mc, Mn) and a virama inside words
+        ("แมวสีส้ม ตาสีเขียว", ["แมวสีส้ม", "ตาสีเขียว"]),  # Thai: vowels and tone marks above and below
+        ("A cafe\u0301 mug", ["cafe\u0301", "mug"]),  # a combining accent stays on its letter
+        ("Ein Café in Köln", ["ein", "café", "köln"]),  # precomposed letters, as before
+    ],
+)
+def test_combining_marks_belong_to_their_word(text, words):
+    assert prompts.content_words(text) == words
+    assert [text[a:b].lower() for a, b in prompts.word_spans(text, content_only=True)] == words
+
+
 def test_a_typographic_apostrophe_is_no_keyword_either():
     for text in ("It's a dog on the grass.", "It’s a dog on the grass."):
         assert prompts.content_words(text) == ["dog", "grass"]
@@ -181,10 +214,11 @@ def test_keyword_tokens_spell_exactly_the_content_words():
     assert spelled == ["red", "ceramic", "mug", "handle"]
 
 
-@pytest.mark.parametrize("word", ["café", "Кошка", "柴犬"])
+@pytest.mark.parametrize("word", ["café", "Кошка", "柴犬", "बिल्ली", "ส้ม", "cafe\u0301"])
 def test_every_byte_token_of_a_keyword_spells_it(word):
     """A character the byte-level tokenizer splits over several tokens ("é", "К", "柴") is spelled by all of
-    them: the kept tokens are exactly those whose bytes overlap a content word's bytes."""
+    them: the kept tokens are exactly those whose bytes overlap a content word's bytes. So are the vowel signs and
+    viramas of Devanagari, Thai tone marks and a combining accent: marks belong to their word."""
     import re
 
     tokenizer = tiny_engine("qwen2-vl").backend.tokenizer

@@ -44,9 +44,11 @@ def test_each_visitor_gets_an_independent_copy_of_the_default():
 def test_names_are_unique_without_case_or_spacing():
     session = Session()
     session.add([entry("Chelsea")], 5)
-    with pytest.raises(InputError, match="already have a concept named 'Chelsea'.*Remove it first.*another name"):
+    with pytest.raises(
+        InputError, match="already have a concept named '\u2068Chelsea\u2069'.*Remove it first.*another"
+    ):
         session.add([entry(" chelsea ")], 5)
-    with pytest.raises(InputError, match="more than once"):
+    with pytest.raises(InputError, match="The name '\u2068BO\u2069' appears more than once"):
         session.add([entry("Bo"), entry("BO")], 5)
     assert session.names == ["Chelsea"]
 
@@ -61,6 +63,37 @@ def test_names_that_look_alike_are_one_name():
             session.add([entry(twin)], 5)
         assert session.has(twin)
     assert session.names == ["Caf\u00e9", "fish"]
+
+
+@pytest.mark.parametrize(
+    "kept, typed",
+    [
+        ("\U0001f469\u200d\U0001f4bb coder", "\U0001f469\U0001f4bb coder"),  # emoji joined, or typed apart
+        ("\U0001f469\U0001f4bb coder", "\U0001f469\u200d\U0001f4bb coder"),  # a name kept without its joiner
+        # a Persian word written with its zero-width non-joiner, and typed without it
+        ("\u06a9\u062a\u0627\u0628\u200c\u062e\u0627\u0646\u0647", "\u06a9\u062a\u0627\u0628\u062e\u0627\u0646\u0647"),
+        ("\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f", "\U0001f3f4"),  # a flag's tags
+    ],
+)
+def test_invisible_characters_never_tell_names_apart(kept, typed):
+    """A name with or without its zero-width joiners or tags is one name: taken, found and removed as one."""
+    session = Session()
+    session.add([entry(kept)], 5)
+    assert session.has(typed)
+    with pytest.raises(InputError, match="already have a concept named"):
+        session.add([entry(typed)], 5)
+    session.remove(typed)
+    assert session.names == []
+
+
+def test_right_to_left_names_in_a_refusal_are_set_apart():
+    """Each name between direction isolates: listed together, "ميمي" and "כלב 3" keep their order and their
+    numbers, and the sentence around them reads left to right."""
+    session = Session()
+    session.add([entry("ميمي"), entry("כלב 3")], 5)
+    with pytest.raises(InputError) as refused:
+        session.add([entry("ميمي"), entry("כלב 3")], 5)
+    assert str(refused.value).startswith("You already have a concept named '\u2068ميمي\u2069', '\u2068כלב 3\u2069'. ")
 
 
 def test_the_concept_limit_is_all_or_nothing():

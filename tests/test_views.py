@@ -136,6 +136,15 @@ def test_introduction_report_has_one_row_per_photo_and_escapes():
     assert "| 8\u00a0of\u00a0100 |" in report and "| 6\u00a0of\u00a020 |" in report and "1.23 s" in report
 
 
+@pytest.mark.parametrize("name", ["قطتي 2", "כלב 3", "Chelsea", "a <b>cat</b>"])
+def test_a_card_caption_sets_the_name_apart_from_its_count(name):
+    """Between direction isolates (FSI ... PDI), a right-to-left name ending in a number does not pull the count
+    after it into its own direction ("150 · 2 قطتي tokens"): the name is read alone, the rest left to right."""
+    caption = views.concept_caption(SimpleNamespace(name=name, num_tokens=150))
+    assert caption == f"\u2068{name}\u2069 · 150 tokens"
+    assert views.isolated(name) == f"\u2068{name}\u2069"
+
+
 def test_records_and_details_are_json():
     record = views.concept_record(fake_concept())
     assert json.loads(json.dumps(record)) == record
