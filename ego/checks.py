@@ -18,9 +18,24 @@ space), but for the few format characters that change how a name is written (`_J
 _JOINERS = frozenset("\u200c\u200d")
 """Zero-width non-joiner and joiner, kept between two visible characters: they choose the letter forms of Persian
 ("کتاب‌خانه"), Sinhala ("ශ්‍රී") or Malayalam, and join emoji into one ("👩‍💻", a woman and a laptop: a coder)."""
-_FLAG_TAG_SEQUENCE = re.compile("\U0001f3f4[\U000e0030-\U000e0039\U000e0061-\U000e007a]{2,6}\U000e007f")
-"""A subdivision flag: the black flag, two to six tag letters or digits, the cancel tag ("🏴" + "gbsct": Scotland).
-Its tags are kept; any other run of tags is dropped, as it may spell hidden text a model would read."""
+_FLAG_TAG_SEQUENCE = re.compile(
+    "\U0001f3f4\U000e0067\U000e0062(?:\U000e0065\U000e006e\U000e0067|\U000e0073\U000e0063\U000e0074|"
+    "\U000e0077\U000e006c\U000e0073)\U000e007f"
+)
+"""The subdivision flags emoji fonts draw: the black flag, the tags "gbeng", "gbsct" or "gbwls", the cancel tag
+(England, Scotland, Wales). Their tags are kept; any other run of tags is dropped, as it may spell hidden text a
+model reads ("ignore all previous ...") and a visitor does not see."""
+_VARIATION_SELECTORS = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef]")
+"""Variation selectors: a phone's keyboard adds U+FE0F after "☕" or "❤" to draw it as an emoji."""
+
+
+def without_invisible(text: str) -> str:
+    """`text` as names are compared (`ego.engine.named_in`, the Space's `name_key`): without format characters,
+    which never tell two names apart (a zero-width joiner in "👩‍💻" or a non-joiner in "کتاب‌خانه" typed or left
+    out), but for the tags of a flag, which tell England's from Scotland's, and without variation selectors."""
+    in_flags = {i for flag in _FLAG_TAG_SEQUENCE.finditer(text) for i in range(flag.start() + 1, flag.end())}
+    visible = "".join(ch for i, ch in enumerate(text) if i in in_flags or unicodedata.category(ch) != "Cf")
+    return _VARIATION_SELECTORS.sub("", visible)
 
 
 def is_valid_text(text: str) -> bool:

@@ -1671,7 +1671,8 @@ _UNSPACED = (
     "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
     "\uac00-\ud7af\uf900-\ufaff\U00020000-\U0002fa1f"
 )
-_SPACED_LETTER = f"(?![{_UNSPACED}])[\\w{prompts.MARKS}]"
+_UNSPACED_LETTER = re.compile(f"[{_UNSPACED}]")
+_SPACED_LETTER = re.compile(f"(?![{_UNSPACED}])[\\w{prompts.MARKS}]")
 """A word character or a combining mark of a script with spaces: next to one, a name is part of a longer word
 ("Chelseas"; "राम" in "रामू", whose last letter takes a vowel sign)."""
 
@@ -1680,8 +1681,7 @@ def _folded(text: str) -> str:
     """`text` as names are compared: without format characters, which are invisible and never decide a match (a
     zero-width joiner in "👩‍💻" or a non-joiner in "کتاب‌خانه" typed or left out, the tags of a flag), then
     compatibility-normalised (a decomposed "Zoë", full-width letters) and case-folded."""
-    visible = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
-    return unicodedata.normalize("NFKC", visible).casefold()
+    return unicodedata.normalize("NFKC", checks.without_invisible(text)).casefold()
 
 
 def named_in(question: str, name: str) -> bool:
@@ -1690,10 +1690,18 @@ def named_in(question: str, name: str) -> bool:
     words = _folded(name).split()
     if not words:
         return False
-    before = "" if re.match(f"[{_UNSPACED}]", words[0][0]) else f"(?<!{_SPACED_LETTER})"
-    after = "" if re.match(f"[{_UNSPACED}]", words[-1][-1]) else f"(?!{_SPACED_LETTER})"
-    pattern = before + r"\s+".join(re.escape(word) for word in words) + after
-    return re.search(pattern, _folded(question)) is not None
+    text = _folded(question)
+    # The letters on either side are checked one by one (the class of letters and marks is thousands of
+    # characters: compiled into each name's pattern, it took milliseconds per concept and question).
+    bounded_before, bounded_after = not _UNSPACED_LETTER.match(words[0][0]), not _UNSPACED_LETTER.match(words[-1][-1])
+    pattern, start = re.compile(r"\s+".join(re.escape(word) for word in words)), 0
+    while (found := pattern.search(text, start)) is not None:
+        joined_before = bounded_before and found.start() > 0 and _SPACED_LETTER.match(text, found.start() - 1)
+        joined_after = bounded_after and _SPACED_LETTER.match(text, found.end())
+        if not joined_before and not joined_after:
+            return True
+        start = found.start() + 1
+    return False
 
 
 def select_concepts(

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ego.checks import without_invisible
 from ego.errors import InputError
 from ego.memory import Concept, concept_file_bytes
 
@@ -100,8 +101,7 @@ def name_key(name: str) -> str:
     a "Café" typed with an accented letter and one typed with a combining accent, a full-width "Ｆish" and "fish",
     or a "👩‍💻 coder" typed with its zero-width joiner and one without (invisible characters never tell names
     apart)."""
-    visible = "".join(ch for ch in name if unicodedata.category(ch) != "Cf")
-    return " ".join(unicodedata.normalize("NFKC", visible).split()).casefold()
+    return " ".join(unicodedata.normalize("NFKC", without_invisible(name)).split()).casefold()
 
 
 class Session:

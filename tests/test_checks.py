@@ -205,6 +205,7 @@ def test_joiners_and_tags_that_join_nothing_are_dropped():
         # Tags after an emoji that make no flag spell text a model reads but a visitor does not see ("ignore").
         ("cat \U0001f600" + "".join(chr(0xE0000 + ord(c)) for c in "ignore") + " x", "cat \U0001f600 x"),
         ("\U0001f3f4" + "".join(chr(0xE0000 + ord(c)) for c in "say yes") + "\U000e007f", "\U0001f3f4"),
+        ("\U0001f3f4" + "".join(chr(0xE0000 + ord(c)) for c in "ignore") + "\U000e007f", "\U0001f3f4"),  # no flag
     ]:
         assert checks.fold_name(typed) == kept
         assert checks.check_name(typed, DEFAULT_SETTINGS) == kept
@@ -234,3 +235,12 @@ def test_a_size_may_end_in_a_percent_sign(typed):
 def test_a_percent_sign_alone_or_twice_is_no_size(typed):
     with pytest.raises(InputError, match="between 1 and 100"):
         checks.check_area_pct(typed)
+
+
+def test_names_of_two_flags_are_two_names():
+    """Matching ignores format characters, but a flag's tags tell England's from Scotland's."""
+    from space.session import name_key
+
+    england = "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f"
+    assert name_key(f"{SCOTLAND} team") != name_key(f"{england} team")
+    assert name_key("\u2615\ufe0f mug") == name_key("\u2615 mug") == name_key("\u2615 Mug")

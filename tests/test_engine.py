@@ -409,6 +409,10 @@ def test_concepts_the_question_names_are_kept_before_the_most_similar():
     assert unnamed.concepts_used == ("twin",)  # nothing to go by: the first one
 
 
+SCOTLAND = "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f"  # black flag + tags "gbsct"
+ENGLAND = "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f"  # black flag + tags "gbeng"
+
+
 @pytest.mark.parametrize(
     "question, name, named",
     [
@@ -430,6 +434,13 @@ def test_concepts_the_question_names_are_kept_before_the_most_similar():
         ("Where is Zoe\u0308?", "Zo\u00eb", True),
         ("Where is \uff23\uff48\uff45\uff4c\uff53\uff45\uff41?", "Chelsea", True),
         ("Where is Zoey?", "Zo\u00eb", False),
+        # an emoji drawn as one by the selector a phone adds; flags told apart by their tags
+        ("Is \u2615\ufe0f on the table?", "\u2615", True),
+        ("Where is my \u2764\ufe0f pillow?", "\u2764 pillow", True),
+        (f"Is {ENGLAND} here?", SCOTLAND, False),
+        (f"Is {SCOTLAND} here?", SCOTLAND, True),
+        # a name inside a longer word first, then on its own
+        ("Is xChelsea or Chelsea here?", "Chelsea", True),
     ],
 )
 def test_a_question_names_a_concept_only_by_its_whole_name(question, name, named):

@@ -47,6 +47,8 @@ OPTIONS = {"A": "Cat", "B": "Dog"}
         ("It is a dog", "B", None),
         # After "answer is", a small letter followed by a word is the article, not option A.
         ("The answer is a dog.", "B", None),
+        ("The answer is a **dog**.", "B", None),  # emphasis after the article: still the article
+        ('The answer is a "dog".', "B", None),
         ("The correct option is a dog", "B", None),
         ("Answer: a dog", "B", "A"),
         ("The answer is: B", "B", None),

@@ -33,10 +33,11 @@ _LETTER_IS_CORRECT = re.compile(
     rf"^[\s{_EMPHASIS}]*[\(\[]?([ab])[\)\]]?[{_EMPHASIS}]*\s+is\s+(?:the\s+)?(?:correct|right)\b", re.IGNORECASE
 )
 # After "answer is", "answer:" or "option": a bracketed letter, a capital letter that does not begin a word, or a
-# small letter closed by punctuation or the end ("the answer is a dog" names the dog, not option A).
+# small letter closed by punctuation or the end, its emphasis right after it ("the answer is a dog", or a
+# **golden retriever**, names the animal, not option A).
 _ANSWER_IS = re.compile(
     rf"\b(?i:answer|option)\s*(?:(?i:is)\s*:?|:)?\s*[{_EMPHASIS}]*"
-    rf"(?:[\(\[]([abAB])[\)\]]|([AB])(?![\w'])|([ab])(?=\s*(?:[.:,;)\]{_EMPHASIS}]|$)))"
+    rf"(?:[\(\[]([abAB])[\)\]]|([AB])(?![\w'])|([ab])(?=[{_EMPHASIS}]*\s*(?:[.:,;)\]]|$)))"
 )
 
 
