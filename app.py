@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from space.components import IMAGE_FORMATS_TEXT, photo_input, text_input
-from space.page import CSS, ON_LOAD_JS, TRACK_CONCEPTS_JS, scroll_to_js
+from space.page import CLEAR_IMPORT_PICKER_JS, CSS, ON_LOAD_JS, TRACK_CONCEPTS_JS, scroll_to_js
 
 PAPER_URL = "https://arxiv.org/abs/2603.09771"
 MODEL_EVENTS = dict(concurrency_id="model", concurrency_limit=1)
@@ -293,6 +293,7 @@ def build_demo(
             **MODEL_EVENTS,
         )
         then_refresh(importing)
+        mine.import_button.upload(None, js=CLEAR_IMPORT_PICKER_JS, **PRIVATE)
         importing.success(guidance.suggest_export, session, None, **PRIVATE)
         # A refused import runs none of the events chained with `then` (the browser chains them on success): the
         # status line would keep the sentence of an earlier action ("Imported 4 concepts.") next to the error.

@@ -82,6 +82,15 @@ TRACK_CONCEPTS_JS = f"""
 says when they are; also after a reload) make leaving the page ask first."""
 
 
+CLEAR_IMPORT_PICKER_JS = """
+() => {
+    for (const input of document.querySelectorAll("input[type=file][accept*='.safetensors']")) input.value = "";
+}
+"""
+"""Once a concept file is uploaded, the import button's file picker forgets it: a browser sends no change when the
+same file is picked again (to import it again after Clear all, or after a refusal), and nothing would happen."""
+
+
 def scroll_to_js(elem_id: str) -> str:
     """Bring a result into view when its button is pressed (on a phone it sits below the inputs)."""
     return (

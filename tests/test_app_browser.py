@@ -174,6 +174,35 @@ def test_panel_actions_that_cannot_act_say_why_where_the_visitor_looks(page, url
         stranger.close()
 
 
+def test_the_same_concept_file_can_be_imported_again(page, url, tmp_path):
+    """A browser sends no change when the file picked is the one picked last: the import button's picker forgets
+    each file once it is uploaded, so importing a file again after Clear all brings its concepts back."""
+    import shutil
+
+    from conftest import introduce_through_api, visitor
+    from playwright.sync_api import expect
+
+    maker = visitor(url)
+    introduce_through_api(maker, "Rocket")
+    concept_file = tmp_path / "mine.safetensors"
+    shutil.copy(maker.predict(api_name="/export_concepts"), concept_file)
+    stranger = page.context.browser.new_context(viewport={"width": 1280, "height": 1000})
+    try:
+        page = stranger.new_page()
+        page.set_default_timeout(WAIT_MS)
+        page.goto(url, wait_until="domcontentloaded")
+        status, picker = page.locator("#panel-status"), page.locator("input[type=file][accept*='.safetensors']")
+        for _ in range(2):
+            picker.set_input_files(str(concept_file))
+            expect(status).to_contain_text("Imported 1 concept.")
+            expect(page.locator("#cards").get_by_text("Rocket\u2069 ·")).to_be_visible()
+            page.get_by_role("button", name="Clear all").click()
+            page.get_by_role("button", name="Yes, remove all my concepts").click()
+            expect(page.locator("#cards").get_by_text("Rocket\u2069 ·")).to_be_hidden()
+    finally:
+        stranger.close()
+
+
 def test_a_reload_keeps_the_concepts_after_a_warning(page):
     from playwright.sync_api import expect
 

@@ -362,6 +362,28 @@ def test_resume_repeats_no_query_and_a_changed_config_is_refused(data, tmp_path,
     assert engine.calls["answer"] == 5 and (tmp_path / "predictions.jsonl").read_text() == before
 
 
+def test_a_run_folder_of_an_earlier_version_resumes_and_a_table_that_did_not_run_keeps_its_summary(
+    data, tmp_path, capsys
+):
+    """A run.json written before the references and the loaded quantization were recorded resumes (answers of hours
+    are not thrown away); a table none of whose benchmarks could run keeps the summary written before."""
+    out = tmp_path / "table"
+    summary = _oracle(data, out, "--benchmark", "table1", "--protocol", "paper")
+    for run_json in out.glob("*/run.json"):
+        document = json.loads(run_json.read_text())
+        for key in runner.RECORDED_SINCE:
+            document.pop(key, None)
+        run_json.write_text(json.dumps(document))
+    answered = {path: path.read_text() for path in out.glob("*/parts/*.jsonl")}
+    assert _oracle(data, out, "--benchmark", "table1", "--protocol", "paper") == summary
+    assert {path: path.read_text() for path in answered} == answered  # nothing asked again
+    assert all("references" in json.loads(path.read_text()) for path in out.glob("*/run.json"))
+    capsys.readouterr()
+    assert cli.main(["run", "--data", str(data), "--model", "oracle", "--out", str(out), "--benchmark", "table1"]) == 2
+    assert "no benchmark ran" in capsys.readouterr().err
+    assert (out / "summary.md").read_text() == summary
+
+
 def test_data_parallel_shares_merge_to_the_whole(data, tmp_path):
     benchmark = LOADERS["thisismy-multi-rec"](data, 1)
     oracle, asked = oracle_answerer(data), []
@@ -844,3 +866,34 @@ def test_multi_concept_caption_recall_shows_both_readings_of_the_papers_recall(d
     assert "**recall 50.0** (over name occurrences; paper 70.9)" in summary  # one name of two in each caption
     assert "all_names_rate 0.0 (captions naming every concept they should)" in summary
     assert "which is all_names_rate here" in summary
+
+
+def test_the_probe_of_a_judge_that_takes_the_connection_and_never_answers_ends_soon(monkeypatch):
+    """Before a model loads, one question to the judge: an endpoint that accepts and stays silent is told within
+    the probe's timeout (twice), not after the five tries of a minute each that answers get."""
+    import socket
+    import time
+
+    from ego.evaluate import judge as judges
+
+    monkeypatch.setattr(judges, "PROBE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(judges.EndpointJudge, "__init__", _fast_waits(judges.EndpointJudge.__init__))
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        endpoint = judges.EndpointJudge(f"http://127.0.0.1:{silent.getsockname()[1]}/v1", "m")
+        started = time.monotonic()
+        with pytest.raises(InputError, match="judge"):
+            endpoint.probe()
+        assert time.monotonic() - started < 10
+    finally:
+        silent.close()
+
+
+def _fast_waits(init):
+    def fast(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.first_wait_s = 0.1
+
+    return fast

@@ -48,6 +48,8 @@ OPTIONS = {"A": "Cat", "B": "Dog"}
         # After "answer is", a small letter followed by a word is the article, not option A.
         ("The answer is a dog.", "B", None),
         ("The answer is a **dog**.", "B", None),  # emphasis after the article: still the article
+        ("A **dog**.", "B", "A"),  # the article, then the emphasised word (the published parser reads A)
+        ("A **golden retriever** sits there", None, "A"),
         ('The answer is a "dog".', "B", None),
         ("The correct option is a dog", "B", None),
         ("Answer: a dog", "B", "A"),

@@ -280,17 +280,22 @@ def run(args) -> list[dict]:
             if document is not None:
                 documents.append(document)
     finally:  # the table's summary of what was run, also when a later benchmark failed
-        if len(jobs) > 1 and (documents or not_run):
+        # A table none of whose benchmarks ran this time keeps the summary an earlier run wrote.
+        if len(jobs) > 1 and (documents or (not_run and not (out / "summary.md").is_file())):
             listed = "".join(f"- Not run: {name}: {why}\n" for name, why in not_run.items())
             (out / "summary.md").write_text(runner.summary_markdown(documents) + listed)
     if documents:
         print((out / "summary.md").read_text())
     stopped = [name for name, why in not_run.items() if why.startswith("stopped: ")]
     if stopped:
+        ran = (
+            f"the other benchmarks ran and {out / 'summary.md'} lists what did not"
+            if documents
+            else "no benchmark ran, and any summary written before is left as it was"
+        )
         raise InputError(
-            f"{', '.join(stopped)} stopped before the end (the reason is above); the other benchmarks ran and "
-            f"{out / 'summary.md'} lists what did not. Run the same command again once the cause is mended: the "
-            "answers given so far are kept."
+            f"{', '.join(stopped)} stopped before the end (the reason is above); {ran}. Run the same command again "
+            "once the cause is mended: the answers given so far are kept."
         )
     return documents
 

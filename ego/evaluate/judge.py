@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -88,6 +89,8 @@ class ModelJudge:
 
 
 RETRIED_HTTP_STATUSES = frozenset({429, 500, 502, 503, 504})
+PROBE_TIMEOUT_S = 20.0
+"""How long the probe before a run waits for the judge's one answer (twice at most)."""
 """Answers of an endpoint that a later try may not get: rate limited (429) or a server in trouble (5xx)."""
 
 
@@ -126,21 +129,24 @@ class EndpointJudge:
 
     def probe(self) -> None:
         """One request, so that a wrong URL, model name or key is told before a model loads for the run, not at its
-        first open answer."""
-        self._complete(JUDGE_PROMPT.format(question="Is the sky blue?", answer="Yes.", pred="Yes, it is."))
+        first open answer; within about a minute, also when the endpoint takes the connection and never answers."""
+        print(f"Asking the judge at {self.url} once, to check it answers…", file=sys.stderr, flush=True)
+        question = JUDGE_PROMPT.format(question="Is the sky blue?", answer="Yes.", pred="Yes, it is.")
+        self._complete(question, timeout_s=PROBE_TIMEOUT_S, tries=2)
 
-    def _complete(self, prompt: str) -> str:
+    def _complete(self, prompt: str, *, timeout_s: float | None = None, tries: int | None = None) -> str:
         body = json.dumps({"model": self.model, "temperature": 0, "messages": [{"role": "user", "content": prompt}]})
         headers = {"Content-Type": "application/json"}
         key = next((os.environ[v] for v in API_KEY_VARIABLES if os.environ.get(v)), None)
         if key:
             headers["Authorization"] = f"Bearer {key}"
         wait_s, attempt = self.first_wait_s, 0
+        timeout_s, tries = timeout_s or self.timeout_s, tries or self.tries
         while True:
             attempt += 1
             request = urllib.request.Request(self.url, data=body.encode(), headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                with urllib.request.urlopen(request, timeout=timeout_s) as response:
                     document = json.loads(response.read())
                 return str(document["choices"][0]["message"]["content"])
             except urllib.error.HTTPError as error:
@@ -149,18 +155,18 @@ class EndpointJudge:
                         f"The judge endpoint {self.url} answered HTTP {error.code}; check the URL, the model "
                         f"name and the key in {' or '.join(API_KEY_VARIABLES)}."
                     ) from error
-                if attempt >= self.tries:
+                if attempt >= tries:
                     raise InputError(self._gave_up(f"HTTP {error.code}", error.code == 429)) from error
                 asked = _retry_after_s(error.headers.get("Retry-After") if error.headers else None)
                 time.sleep(min(self.max_wait_s, asked if asked is not None else wait_s))
             except (TimeoutError, ConnectionResetError, http.client.HTTPException) as error:
-                if attempt >= self.tries:
+                if attempt >= tries:
                     raise InputError(
                         self._gave_up(f"no answer ({str(error) or type(error).__name__})", False)
                     ) from error
                 time.sleep(min(self.max_wait_s, wait_s))
             except urllib.error.URLError as error:
-                if not isinstance(error.reason, TimeoutError) or attempt >= self.tries:
+                if not isinstance(error.reason, TimeoutError) or attempt >= tries:
                     raise InputError(
                         f"The judge endpoint {self.url} could not be reached ({error.reason}); check the URL."
                     ) from error

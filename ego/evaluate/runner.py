@@ -27,6 +27,8 @@ from .datasets import MAX_NEW_TOKENS, Benchmark, Query, not_an_image_hint
 
 PAPER_NUMBERS = json.loads((Path(__file__).with_name("paper_numbers.json")).read_text())
 RESUMABLE_EXCEPT = ("limit", "judge")
+RECORDED_SINCE = ("references", "loaded_quantization")
+"""Configuration keys an earlier version did not record: a run folder without them resumes, and records them."""
 """Configuration entries that may change between a run and its resumption."""
 
 
@@ -220,11 +222,12 @@ def _check_config(out: Path, config: dict, judged: bool = False) -> None:
                 f"all its answers with {config.get('judge')} by `python -m ego.evaluate judge {out} --judge ...`."
             )
         before = {k: v for k, v in stored.items() if k not in RESUMABLE_EXCEPT}
+        before.update({k: fixed[k] for k in RECORDED_SINCE if k not in before and k in fixed})
         if before != fixed:
             changed = sorted(k for k in set(before) | set(fixed) if before.get(k) != fixed.get(k))
             raise InputError(
-                f"{out} holds a run with another configuration (differs in: {', '.join(changed)}); "
-                "give another --out, or delete that folder to start again."
+                f"{out} holds a run with another configuration (differs in: {', '.join(changed)}): run it again "
+                "with the options it was made with (its run.json), or give another --out to keep both."
             )
     text = json.dumps(config, indent=1, sort_keys=True)
     if not path.is_file() or path.read_text() != text:
@@ -611,10 +614,13 @@ def summary_markdown(documents: list[dict]) -> str:
         weights = ""
         if "loaded_quantization" in config:
             weights = f" (weights {config['loaded_quantization'] or 'not quantized'})"
-        notes.add(
-            f"Model {config.get('model')}{weights} with the {config.get('protocol')} protocol; the paper's backbone is "
-            "InternVL3-14B."
-        )
+        if config.get("model") == "oracle":
+            notes.add("Model oracle: answers read from the fixture's _truth.json; a check of loading and scoring only.")
+        else:
+            notes.add(
+                f"Model {config.get('model')}{weights} with the {config.get('protocol')} protocol; the paper's "
+                "backbone is InternVL3-14B."
+            )
         references[label] = references_used(config)
         if config.get("limit"):
             notes.add(f"Limited to the first {config['limit']} queries per benchmark: not a full run.")

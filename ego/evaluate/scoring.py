@@ -28,7 +28,9 @@ def parse_yes_no(answer: str) -> bool | None:
 
 _EMPHASIS = "*_\"'`“”‘’"
 """Markdown emphasis and quotes a model may put around a letter ("**B**", '"B"')."""
-_LONE_LETTER = re.compile(rf"^[\s{_EMPHASIS}]*[\(\[]?([ab])\s*(?:[\)\].:,]|[{_EMPHASIS}]+(?!\w)|$)", re.IGNORECASE)
+_LONE_LETTER = re.compile(
+    rf"^[\s{_EMPHASIS}]*[\(\[]?([ab])\s*(?:[\)\].:,]|[{_EMPHASIS}]+(?![\w{_EMPHASIS}])|$)", re.IGNORECASE
+)
 _LETTER_IS_CORRECT = re.compile(
     rf"^[\s{_EMPHASIS}]*[\(\[]?([ab])[\)\]]?[{_EMPHASIS}]*\s+is\s+(?:the\s+)?(?:correct|right)\b", re.IGNORECASE
 )
