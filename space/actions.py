@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 
 import gradio as gr
+import torch
 from gradio.utils import get_upload_folder
 from PIL import Image
 
@@ -200,7 +201,14 @@ class Actions:
             checks.check_reference_count(len(paths), self.limits)
             session.check_room([name], self.settings.max_concepts_per_session)
             self.budget.check()  # before the model's work, not after
-            self._engine(progress)  # loaded (and a failed load reported) before the model call
+            engine = self._engine(progress)  # loaded (and a failed load reported) before the model call
+            # A session whose file cannot take even the smallest concept of these photos is told before the
+            # model's work (a larger one may still be refused after it, once its size is known).
+            if len(session):
+                session.check_file_room(
+                    session.file_bytes_with([]) + _smallest_concept_bytes(engine, len(paths)),
+                    self.settings.max_concept_file_bytes,
+                )
             started = time.perf_counter()
             progress(0.1, desc=f"Choosing the memory tokens of {len(paths)} photo{'s' * (len(paths) > 1)}…")
             # Decoded once, for both uses; a refused one of several is named by its position.
@@ -815,6 +823,13 @@ def _tell_cut(in_flight, answer) -> None:
 
 def _stopped(stop) -> bool:
     return stop is not None and stop.is_set()
+
+
+def _smallest_concept_bytes(engine, photos: int) -> int:
+    """The least a concept of `photos` photos adds to a concept file: one memory row per photo (each keeps at
+    least one token), with its residual rows where the model has them."""
+    row = engine.hidden_size * torch.empty((), dtype=engine.memory_dtype).element_size()
+    return photos * row * (1 + (engine.backend.residual_levels or 0))
 
 
 def _unknown_to_conversations(session: Session, added: int = 1) -> str:

@@ -210,6 +210,15 @@ class Session:
         every = list(self._entries) + list(entries)
         return concept_file_bytes([e.concept for e in every], [e.thumbnail for e in every])
 
+    @staticmethod
+    def check_file_room(file_bytes: int, max_file_bytes: int) -> None:
+        """InputError when the session's export would be a file of `file_bytes`, more than `max_file_bytes`."""
+        if file_bytes > max_file_bytes:
+            raise InputError(
+                f"Your concepts would no longer fit in one concept file ({max_file_bytes / 2**20:.3g} MiB), so "
+                f"they could not be exported and imported again: remove some first (export them to keep them)."
+            )
+
     def add(
         self,
         entries: list[Entry],
@@ -221,11 +230,8 @@ class Session:
         export stays a file of at most that many bytes (one that can be imported again)."""
         with self._lock:
             self.check_room([entry.concept.name for entry in entries], max_concepts)
-            if max_file_bytes is not None and self.file_bytes_with(entries) > max_file_bytes:
-                raise InputError(
-                    f"Your concepts would no longer fit in one concept file ({max_file_bytes / 2**20:.3g} MiB), so "
-                    f"they could not be exported and imported again: remove some first (export them to keep them)."
-                )
+            if max_file_bytes is not None:
+                self.check_file_room(self.file_bytes_with(entries), max_file_bytes)
             if budget is None:
                 self._entries = self._entries + list(entries)
             else:

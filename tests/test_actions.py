@@ -940,3 +940,17 @@ def test_a_session_holds_no_more_than_one_concept_file_can_bring_back(engine, tm
         Actions(LazyEngine(engine), SPACE.replace(max_concept_file_mb=0.001), load_examples()).import_concepts(
             Session(), path, progress=quiet
         )
+
+
+def test_a_session_whose_file_cannot_take_another_concept_is_told_before_the_models_work(engine, monkeypatch):
+    """Even the smallest concept of the photos (one memory row each) would not fit the session's concept file: the
+    refusal comes before the introduction, not after the visitor waited for it."""
+    probe = Actions(LazyEngine(engine), SPACE, load_examples())
+    session = Session()
+    probe.introduce(session, "Rex", gallery(CHELSEA[:1]), keywords="dog", auto_size=False, progress=quiet)
+    full = SPACE.replace(max_concept_file_mb=(session.file_bytes_with([]) + 100) / 2**20)
+    act = Actions(LazyEngine(engine), full, load_examples())
+    monkeypatch.setattr(act, "_introduce_on_gpu", lambda *args: pytest.fail("the model was asked"))
+    with pytest.raises(gr.Error) as refused:
+        act.introduce(session, "Max", gallery(CHELSEA), keywords="cat", auto_size=False, progress=quiet)
+    assert "would no longer fit in one concept file" in refused.value.message and session.names == ["Rex"]
