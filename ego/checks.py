@@ -10,6 +10,7 @@ import re
 import unicodedata
 
 from .errors import InputError
+from .prompts import PERCENT_SIGNS
 from .settings import Settings
 
 _INVISIBLE = {"Cc", "Cf"}
@@ -29,11 +30,16 @@ _VARIATION_SELECTORS = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef]")
 """Variation selectors: a phone's keyboard adds U+FE0F after "☕" or "❤" to draw it as an emoji."""
 
 
+def _flag_tag_positions(text: str) -> set[int]:
+    """The positions in `text` of the tags of its subdivision flags (`_FLAG_TAG_SEQUENCE`)."""
+    return {i for flag in _FLAG_TAG_SEQUENCE.finditer(text) for i in range(flag.start() + 1, flag.end())}
+
+
 def without_invisible(text: str) -> str:
     """`text` as names are compared (`ego.engine.named_in`, the Space's `name_key`): without format characters,
     which never tell two names apart (a zero-width joiner in "👩‍💻" or a non-joiner in "کتاب‌خانه" typed or left
     out), but for the tags of a flag, which tell England's from Scotland's, and without variation selectors."""
-    in_flags = {i for flag in _FLAG_TAG_SEQUENCE.finditer(text) for i in range(flag.start() + 1, flag.end())}
+    in_flags = _flag_tag_positions(text)
     visible = "".join(ch for i, ch in enumerate(text) if i in in_flags or unicodedata.category(ch) != "Cf")
     return _VARIATION_SELECTORS.sub("", visible)
 
@@ -61,7 +67,7 @@ def fold_name(name: str) -> str:
     """A name as it is kept: white space folded, control and format characters dropped, but for a zero-width
     (non-)joiner between two visible characters and the tags of a subdivision flag, which change how the name is
     written. Matching names (`ego.engine.named_in`, the Space's `name_key`) ignores every format character."""
-    in_flags = {i for flag in _FLAG_TAG_SEQUENCE.finditer(name) for i in range(flag.start() + 1, flag.end())}
+    in_flags = _flag_tag_positions(name)
     kept: list[str] = []
     for i, ch in enumerate(name):
         shown = unicodedata.category(ch) not in _INVISIBLE or ch.isspace()
@@ -156,9 +162,6 @@ def check_keywords(keywords, settings: Settings) -> list[str] | None:
     return words
 
 
-_PERCENT_SIGNS = ("%", "％", "٪")
-
-
 def check_area_pct(area_pct) -> float | None:
     """The subject's share of the image (1..100 %), or None to let the model estimate it. As text, it may end in a
     percent sign ("35%", "35 %", the full-width "３５％", the Arabic "٣٥٪")."""
@@ -168,7 +171,7 @@ def check_area_pct(area_pct) -> float | None:
         raise InputError("The subject size must be a number between 1 and 100 (percent of the image).")
     if isinstance(area_pct, str):
         area_pct = area_pct.strip()
-        if area_pct[-1:] in _PERCENT_SIGNS:
+        if area_pct.endswith(tuple(PERCENT_SIGNS)):
             area_pct = area_pct[:-1]
     try:
         value = float(area_pct)

@@ -131,11 +131,13 @@ _DENOMINATORS = {
 _FRACTION_WORDS = re.compile(r"\b(?P<count>an?|\d+)[\s-]+(?P<part>" + "|".join(_DENOMINATORS) + r")\b")
 _FRACTION = re.compile(r"(?<![\d.])(?P<num>\d+)\s*/\s*(?P<den>\d+)(?!\d|\.\d)")  # a full stop may end it
 _DIMENSIONS = re.compile(r"\b\d+\s*[x×]\s*\d+\b|\b\d+(?:\.\d+)?\s*(?:px|pixels?|mp|megapixels?)\b")
+PERCENT_SIGNS = "%％٪"
+"""Percent signs: the ASCII one, the full-width one ("３５％") and the Arabic one ("٣٥٪")."""
 # The unit of a share in the languages a model may answer in: "35 %", "35％" (full width), "٣٥٪" (Arabic),
 # "35パーセント", "35 por ciento", "35 pour cent", "35 Prozent", "35 процентов". A bare number followed by a word is
 # no share ("1 dog"), so a unit word must be known to be read.
 _PERCENT = (
-    r"\s*(?:[%％٪]|パーセント|(?:percent|per\s*cent|pct|per\s*cento|por\s*ciento|por\s*cento|pour\s*cent|prozent"
+    rf"\s*(?:[{PERCENT_SIGNS}]|パーセント|(?:percent|per\s*cent|pct|per\s*cento|por\s*ciento|por\s*cento|pour\s*cent|prozent"
     r"|процент(?:ов|а)?)\b)"
 )
 # Whole words only: "over" must not be read inside "cover" ("they cover 5%"), nor "under" inside "thunder".

@@ -22,7 +22,6 @@ import traceback
 from pathlib import Path
 
 import gradio as gr
-import torch
 from gradio.utils import get_upload_folder
 from PIL import Image
 
@@ -828,7 +827,7 @@ def _stopped(stop) -> bool:
 def _smallest_concept_bytes(engine, photos: int) -> int:
     """The least a concept of `photos` photos adds to a concept file: one memory row per photo (each keeps at
     least one token), with its residual rows where the model has them."""
-    row = engine.hidden_size * torch.empty((), dtype=engine.memory_dtype).element_size()
+    row = engine.hidden_size * engine.memory_dtype.itemsize
     return photos * row * (1 + (engine.backend.residual_levels or 0))
 
 
