@@ -1,14 +1,17 @@
 """`python -m ego.evaluate` end to end on the synthetic fixture: the oracle scores 100, a tiny model runs every
 benchmark, a resumed run repeats nothing, a changed configuration is refused, shares of a data-parallel launch
-merge to the whole, and open answers are re-judged through an OpenAI-compatible endpoint on loopback."""
+merge to the whole (a process that stops is named at once), and open answers are re-judged through an
+OpenAI-compatible endpoint on loopback."""
 
 from __future__ import annotations
 
 import dataclasses
 import io
 import json
+import os
 import shutil
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -425,6 +428,71 @@ def test_rank_0_of_a_launch_merges_after_a_process_that_finished_before_it_start
     rank_0.start()
     rank_0.join(timeout=30)
     assert merged and merged[0]["metrics"]["f1"] == 1.0
+
+
+def test_rank_0_learns_at_once_that_another_process_stopped_and_the_launch_resumes(data, tmp_path, monkeypatch):
+    """A process that stops on a benchmark leaves a failure mark: rank 0, waiting for its share, says at once which
+    process stopped, where its traceback and answers are and how to resume, instead of waiting until its timeout.
+    A mark of an earlier launch does not stop a later one's rank 0, and the launch started again answers only the
+    rest of that process's share."""
+    benchmark = LOADERS["thisismy-multi-rec"](data, 1)
+    config = {"benchmark": benchmark.name, "model": "oracle"}
+    out, keys = tmp_path / "run", [q.key for q in benchmark.queries]
+    oracle, asked = oracle_answerer(data), []
+
+    def respond(query, concepts, media):
+        asked.append(query.key)
+        if len(asked) == 3 and failing:
+            raise InputError("it does not decode.")
+        return oracle(query, concepts, media)
+
+    failing, waiting = False, threading.Event()
+    real_wait = runner.wait_for_parts
+
+    def wait_for_parts(*args, **kwargs):
+        waiting.set()
+        return real_wait(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "wait_for_parts", wait_for_parts)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    kwargs = dict(cache=tmp_path / "cache", respond=respond, progress=False)
+    outcome = []
+
+    def rank_0():
+        try:
+            outcome.append(runner.run_benchmark(benchmark, None, out, config, **kwargs))
+        except Exception as error:  # noqa: BLE001 -- the test looks at it
+            outcome.append(error)
+
+    waiting_rank_0 = threading.Thread(target=rank_0, daemon=True)
+    waiting_rank_0.start()
+    assert waiting.wait(timeout=30)  # rank 0 answered its share and waits for rank 1's
+    failing = True
+    asked.clear()
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(InputError, match="does not decode"):
+        runner.run_benchmark(benchmark, None, out, config, **kwargs)
+    waiting_rank_0.join(timeout=15)  # the mark is seen at the next look (every 2 s), not after days
+    assert not waiting_rank_0.is_alive() and isinstance(outcome[0], runner.ProcessFailedError)
+    told, mark = str(outcome[0]), runner.failure_mark(out, 1)
+    share = len(keys[1::2])
+    assert told.startswith(f"Process 2/2 (rank 1, pid {os.getpid()} on ")
+    assert "with InputError: Answering about" in told and f"its traceback is in {mark}" in told
+    assert f"its answers so far in {out / 'parts' / 'rank1.jsonl'}; {share - 2} queries of its share" in told
+    assert f"start the same launch again; it resumes in {out}" in told
+    assert "does not decode" in json.loads(mark.read_text())["traceback"]
+    assert len(_lines(out / "parts" / "rank1.jsonl")) == 2  # kept
+
+    # The next launch: its rank 0 does not take the earlier launch's mark for a stop of this one.
+    with pytest.raises(TimeoutError, match="unanswered"):
+        runner.wait_for_parts(out, keys, timeout_s=0.2, poll_s=0.05, since=time.time())
+    failing = False
+    asked.clear()
+    runner.run_benchmark(benchmark, None, out, config, **kwargs)
+    assert len(asked) == share - 2 and not mark.exists()  # only the rest of its share; the mark is gone
+    monkeypatch.setenv("RANK", "0")
+    assert runner.run_benchmark(benchmark, None, out, config, **kwargs)["metrics"]["f1"] == 1.0
 
 
 def test_an_option_answer_that_names_no_option_is_wrong_and_counted_unparsed(tmp_path):

@@ -41,6 +41,10 @@ TABLE3 = {
     "ego-5-views": ({"memory_size_rule": "fixed"}, 5),
 }
 
+TOLD = (InputError, runner.ProcessFailedError)
+"""Errors whose sentence says what to do (no traceback needed); one that stops a benchmark of a table lets the
+others run."""
+
 
 def protocol_settings(protocol: str) -> Settings:
     """ "ours": the engine's defaults; "paper": the settings the paper states (448x448 single-tile queries...)."""
@@ -271,7 +275,7 @@ def run(args) -> list[dict]:
                     paper_key=paper_key,
                     max_new_tokens=args.max_new_tokens,
                 )
-            except InputError as error:  # the table goes on: the other benchmarks do not share the cause
+            except TOLD as error:  # the table goes on: the other benchmarks do not share the cause
                 if len(jobs) == 1:
                     raise
                 not_run[paper_key] = f"stopped: {error}"
@@ -326,7 +330,7 @@ def main(argv=None) -> int:
             run(args)
         else:
             judge_again(args)
-    except InputError as error:
+    except TOLD as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -3,7 +3,9 @@ it comes, skipped on restart), score, and write metrics.json, predictions.jsonl 
 
 Data-parallel: started with `accelerate launch` or `torchrun`, each process reads its rank and the number of
 processes from the environment (RANK / WORLD_SIZE, as both launchers set them), introduces its share of the
-concepts, answers its share of the queries into its own part file, and rank 0 merges the parts and scores.
+concepts, answers its share of the queries into its own part file, and rank 0 merges the parts and scores. A
+process that stops on a benchmark leaves a mark beside its part file (`failure_mark`), so that rank 0 stops waiting
+for its share and says which process stopped, why, and how to resume.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import hashlib
 import json
 import os
 import re
+import socket
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from ..errors import InputError
@@ -27,9 +31,19 @@ from .datasets import MAX_NEW_TOKENS, Benchmark, Query, not_an_image_hint
 
 PAPER_NUMBERS = json.loads((Path(__file__).with_name("paper_numbers.json")).read_text())
 RESUMABLE_EXCEPT = ("limit", "judge")
+"""Configuration entries that may change between a run and its resumption."""
 RECORDED_SINCE = ("references", "loaded_quantization")
 """Configuration keys an earlier version did not record: a run folder without them resumes, and records them."""
-"""Configuration entries that may change between a run and its resumption."""
+
+
+PROCESS_STARTED = time.time()
+"""When this process started (to within its imports): a failure mark written before it is an earlier launch's,
+since the processes of a launch start together and a launch starts after the one before it has ended."""
+
+
+class ProcessFailedError(RuntimeError):
+    """Another process of a data-parallel launch stopped on the benchmark rank 0 waits for: its share will not be
+    answered in this launch."""
 
 
 def process_share() -> tuple[int, int]:
@@ -304,19 +318,88 @@ def answered_keys(out: Path) -> set[str]:
     return {r["key"] for part in (out / "parts").glob("*.jsonl") for r in _read_jsonl(part)}
 
 
-def wait_for_parts(out: Path, keys, timeout_s: float = 7 * 24 * 3600) -> None:
-    """Rank 0 waits until every query of `keys` is answered in some process's part file. What is waited for is the
-    answers themselves, not marks with a time: the processes of a launch start their benchmarks at different
-    moments (the others never wait for rank 0 to merge), so a mark's time says nothing about which launch wrote
-    it."""
+def failure_mark(out: Path, rank: int) -> Path:
+    """Where process `rank` records that it stopped on the benchmark of `out`: beside its part file, not named
+    `*.jsonl`, so that no reader of the answers takes it for one."""
+    return out / "parts" / f"rank{rank}.failed.json"
+
+
+def _mark_failed(out: Path, rank: int, world: int, benchmark: str, error: BaseException) -> None:
+    """Records this process's stop on the benchmark (its error and traceback) for rank 0, which waits for its share."""
+    mark = failure_mark(out, rank)
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "rank": rank,
+        "world": world,
+        "benchmark": benchmark,
+        "error": f"{type(error).__name__}: {error}",
+        "traceback": "".join(traceback.format_exception(error)),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "written": time.time(),
+    }
+    partial = mark.with_suffix(f".partial{os.getpid()}")  # rank 0 reads it whole or not at all
+    partial.write_text(json.dumps(record, indent=1))
+    os.replace(partial, mark)
+
+
+def _failures(out: Path, since: float) -> list[dict]:
+    """The failure marks of the benchmark written since `since` (those of an earlier launch are left out: their
+    process may not have reached this benchmark again yet), each with its path."""
+    marks = []
+    for path in sorted((out / "parts").glob("rank*.failed.json")):
+        try:
+            mark = json.loads(path.read_text())
+        except (OSError, ValueError):  # removed meanwhile: its process started the benchmark again
+            continue
+        if mark.get("written", 0) >= since:
+            marks.append({**mark, "path": path})
+    return marks
+
+
+def _stopped_sentence(out: Path, stopped: list[dict], unanswered: dict[int, int]) -> str:
+    said = []
+    for mark in stopped:
+        rank = mark["rank"]
+        said.append(
+            f"process {rank + 1}/{mark['world']} (rank {rank}, pid {mark.get('pid')} on {mark.get('host')}) stopped "
+            f"on {mark.get('benchmark')} with {mark['error'].rstrip('.')} (its traceback is in {mark['path']}, its "
+            f"answers so far in {out / 'parts' / f'rank{rank}.jsonl'}; {unanswered[rank]} queries of its share are "
+            "unanswered)"
+        )
+    processes = "; ".join(said)
+    return (
+        f"{processes[0].upper()}{processes[1:]}. What the processes answered is kept: mend the cause, then start the "
+        f"same launch again; it resumes in {out} and asks only the queries not answered yet."
+    )
+
+
+def wait_for_parts(
+    out: Path, keys, timeout_s: float = 7 * 24 * 3600, *, poll_s: float = 2.0, since: float | None = None
+) -> None:
+    """Rank 0 waits until every query of `keys` (the benchmark's, in its order) is answered in some process's part
+    file. What is waited for is the answers themselves, not marks that a process finished: the processes of a
+    launch start their benchmarks at different moments (the others never wait for rank 0 to merge), so such a
+    mark's time would say nothing about which launch wrote it. A process that stopped says so at once with its
+    failure mark (`failure_mark`): one written since this launch started (`since`, by default this process's start;
+    a process of this launch cannot stop before it) raises `ProcessFailedError` while that process's share still
+    misses answers. Polls every `poll_s` seconds."""
+    keys, since = list(keys), PROCESS_STARTED if since is None else since
     deadline, missing = time.monotonic() + timeout_s, set(keys)
     while missing := missing - answered_keys(out):
+        marks = _failures(out, since)
+        unanswered = {
+            mark["rank"]: sum(key in missing for key in keys[mark["rank"] :: mark["world"]]) for mark in marks
+        }
+        stopped = [mark for mark in marks if unanswered[mark["rank"]]]  # a share answered before stops nothing
+        if stopped:
+            raise ProcessFailedError(_stopped_sentence(out, stopped, unanswered))
         if time.monotonic() > deadline:
             raise TimeoutError(
                 f"{len(missing)} queries were still unanswered after {timeout_s:.0f} s: a process of the launch "
                 "stopped; start the launch again to answer them (what is answered is kept)."
             )
-        time.sleep(2.0)
+        time.sleep(poll_s)
 
 
 # --- merging and scoring -----------------------------------------------------------------------------------
@@ -676,12 +759,27 @@ def run_benchmark(
     metrics document on rank 0, None on the others. With no engine, `respond` answers without concepts."""
     rank, world = process_share()
     out.mkdir(parents=True, exist_ok=True)
-    _check_config(out, config, judged=any(q.kind == "open" for q in benchmark.queries))
-    concepts = {} if engine is None else concepts_for(benchmark, engine, cache, rank, world)
-    respond = respond or model_answer(engine, max_new_tokens)
-    answer_share(
-        benchmark, concepts, respond, out, config, limit=limit, judge=judge, rank=rank, world=world, progress=progress
-    )
+    failure_mark(out, rank).unlink(missing_ok=True)  # this process takes the benchmark up again
+    try:
+        _check_config(out, config, judged=any(q.kind == "open" for q in benchmark.queries))
+        concepts = {} if engine is None else concepts_for(benchmark, engine, cache, rank, world)
+        respond = respond or model_answer(engine, max_new_tokens)
+        answer_share(
+            benchmark,
+            concepts,
+            respond,
+            out,
+            config,
+            limit=limit,
+            judge=judge,
+            rank=rank,
+            world=world,
+            progress=progress,
+        )
+    except BaseException as error:
+        if world > 1:  # rank 0 would otherwise wait for this share until its timeout
+            _mark_failed(out, rank, world, benchmark.name, error)
+        raise
     if rank != 0:
         return None
     if world > 1:
