@@ -171,7 +171,7 @@ QUICK = Sizes(
 # Command line
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv) -> argparse.Namespace:
-    from ego.settings import QUANTIZATIONS
+    from ego import options
 
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -186,13 +186,7 @@ def parse_args(argv) -> argparse.Namespace:
         "weights of its real architecture, built by ego.random_models.architectures), or a local "
         "checkpoint folder (default: tiny-qwen2.5-vl)",
     )
-    parser.add_argument(
-        "--quantization",
-        default="auto",
-        choices=[q or "none" for q in QUANTIZATIONS],
-        help="auto = 4-bit NF4 on CUDA, unquantized elsewhere; int4 (torchao) and fp8 load only on CUDA "
-        "(ego.quantization; default: auto)",
-    )
+    options.add_quantization(parser)
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument(
         "--repeats",
@@ -540,12 +534,12 @@ def compare_decoding(runs: dict) -> dict:
 
 def load_engine(args, decoding: str = "eager"):
     """(engine, meta) for --model: a tiny preset, a real preset's random-weight architecture, or a folder."""
-    from ego import DEFAULT_SETTINGS, Ego
+    from ego import DEFAULT_SETTINGS, Ego, options
     from ego.presets import resolve
     from ego.quantization import loaded_quantization
     from ego.random_models.architectures import ARCHITECTURES, cached_random_architecture, describe
 
-    quantization = None if args.quantization == "none" else args.quantization
+    quantization = options.quantization(args.quantization)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = DEFAULT_SETTINGS.replace(decoding=decoding, compile_backend=getattr(args, "compile_backend", "inductor"))
     preset = resolve(args.model)

@@ -42,8 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import options
 from .media import load_image
-from .settings import QUANTIZATIONS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 MIN_COVERAGE = 0.5
@@ -397,21 +397,10 @@ def _parser() -> argparse.ArgumentParser:
         "at K = the object's number of tokens (small objects count as much as large ones)",
     )
     parser.add_argument("--out", help="output JSON (default calibration-<model>.json)")
-    parser.add_argument(
-        "--quantization",
-        default="auto",
-        choices=[q or "none" for q in QUANTIZATIONS],
-        help="auto = 4-bit NF4 on CUDA, unquantized elsewhere; int4 and fp8 load only on CUDA (ego.quantization)",
-    )
+    options.add_quantization(parser)
     parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many image/mask pairs")
-    parser.add_argument(
-        "--protocol",
-        choices=["ours", "paper"],
-        default="ours",
-        help="paper: the paper's choices (Settings.paper(): bf16, 50-token description, "
-        "punctuation-only keywords, original system prompt); ours: the defaults",
-    )
+    options.add_protocol(parser)
     return parser
 
 
@@ -439,12 +428,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from .engine import Ego
 
-    quantization = None if args.quantization == "none" else args.quantization
     print(f"Loading {args.model} ...", file=sys.stderr, flush=True)
-    from .settings import DEFAULT_SETTINGS, Settings
-
-    settings = Settings.paper() if args.protocol == "paper" else DEFAULT_SETTINGS
-    engine = Ego.from_pretrained(args.model, quantization=quantization, device=args.device, settings=settings)
+    engine = Ego.from_pretrained(
+        args.model,
+        quantization=options.quantization(args.quantization),
+        device=args.device,
+        settings=options.protocol_settings(args.protocol),
+    )
     if args.keep > engine.num_layers:
         print(
             f"--keep must be at most {engine.num_layers}, this model's text layers; got {args.keep}.", file=sys.stderr

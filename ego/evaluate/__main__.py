@@ -17,9 +17,10 @@ import sys
 import typing
 from pathlib import Path
 
+from .. import options
 from ..errors import InputError
 from ..quantization import loaded_quantization
-from ..settings import QUANTIZATIONS, Settings
+from ..settings import Settings
 from . import runner
 from .datasets import LOADERS, load_benchmark, make_fixture
 from .judge import EndpointJudge, make_judge
@@ -46,11 +47,6 @@ TOLD = (InputError, runner.ProcessFailedError)
 others run."""
 
 
-def protocol_settings(protocol: str) -> Settings:
-    """ "ours": the engine's defaults; "paper": the settings the paper states (448x448 single-tile queries...)."""
-    return Settings.paper() if protocol == "paper" else Settings()
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ego.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -74,18 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="results folder (a run resumes into it)")
     run.add_argument("--limit", type=int, default=None, help="only the first N queries of each benchmark")
     run.add_argument("--refs", type=int, default=1, help="reference photos per concept (1 to 5)")
-    run.add_argument(
-        "--protocol",
-        choices=["ours", "paper"],
-        default="ours",
-        help="ours: the library's default settings; paper: Settings.paper(), the settings the paper states",
-    )
-    run.add_argument(
-        "--quantization",
-        default="auto",
-        choices=[q or "none" for q in QUANTIZATIONS],
-        help="auto = 4-bit NF4 on CUDA, unquantized elsewhere; int4 and fp8 load only on CUDA (ego.quantization)",
-    )
+    options.add_protocol(run)
+    options.add_quantization(run)
     run.add_argument("--cache", default=None, help="concept cache folder (default: OUT/concept-cache)")
     run.add_argument(
         "--set",
@@ -161,7 +147,7 @@ def load_engine(model: str, quantization: str, settings: Settings):
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     return Ego.from_pretrained(
         model,
-        quantization=None if quantization == "none" else quantization,
+        quantization=options.quantization(quantization),
         device=device,
         settings=settings,
     )
@@ -196,7 +182,7 @@ def run(args) -> list[dict]:
             f"Unknown benchmark {args.benchmark!r}; choose one of {', '.join(LOADERS)}, {', '.join(TABLES)} or table3."
         )
     try:
-        settings = protocol_settings(args.protocol).replace(**settings_changes(args.set))
+        settings = options.protocol_settings(args.protocol).replace(**settings_changes(args.set))
     except ValueError as error:  # a value the settings refuse, with its own sentence
         raise InputError(f"--set: {error}") from error
     jobs = []  # (benchmark name, paper key, folder, settings changes, refs)
