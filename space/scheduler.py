@@ -11,6 +11,10 @@ in the queue or in the batch.
 
 Gradio's own `batch=True` is not used: a batched Gradio function returns whole outputs, it cannot stream each
 visitor's answer or stop one of them. Introductions do not come here: they stay one at a time (docs/scaling.md).
+
+`AnswerScheduler.close` ends the worker thread after the batch in progress, whose visitors still get their answers;
+the questions still waiting end with a sentence (`SchedulerClosedError`). A question asked after that starts a new
+worker: a Space's Blocks closed and launched again keep their scheduler, and its visitors must be answered.
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ from ego.batching import AnswerRequest, FollowUpRequest
 
 log = logging.getLogger("ego.space")
 WORKER_ENDED = "the answer scheduler's worker thread has ended"
+SCHEDULER_CLOSED = (
+    "The Space stopped answering (it is being shut down or restarted) before this question's turn came, so it was "
+    "not answered: ask it again in a moment."
+)
+
+
+class SchedulerClosedError(RuntimeError):
+    """The scheduler was closed before this question's batch began (`AnswerScheduler.close`); asking again is
+    answered, by a new worker."""
 
 
 @dataclass
@@ -47,6 +60,28 @@ class _Ticket:
 
 _POLL_S = 0.1
 """How often a stream waiting for its next piece looks at its Stop and at the worker."""
+
+_CLOSING = object()
+"""Put on a closed worker's queue after its questions were taken, to wake the worker if it waits for one."""
+
+
+class _Worker:
+    """One worker thread with the questions waiting for it. A closed scheduler's worker finishes its batch while
+    the questions asked after the close wait for the next worker, in a queue of their own."""
+
+    def __init__(self, serve):
+        self.waiting: queue.SimpleQueue[_Ticket] = queue.SimpleQueue()
+        self.carried: list[_Ticket] = []
+        """Questions gathered for a batch but left for the next one (compiled decoding's batch sizes)."""
+        self.carrying = threading.Lock()
+        """Guards `carried`: `AnswerScheduler.close` takes its questions while the worker may be adding to it."""
+        self.closing = False
+        """Set by `AnswerScheduler.close`: the worker ends after its batch and answers nothing more."""
+        self.thread = threading.Thread(target=serve, args=(self,), name="ego-answers", daemon=True)
+
+    def ended_error(self) -> Exception:
+        """What a question this worker will never answer ends with."""
+        return SchedulerClosedError(SCHEDULER_CLOSED) if self.closing else RuntimeError(WORKER_ENDED)
 
 
 def cut_short(answer):
@@ -71,11 +106,12 @@ class AnswerScheduler:
         if max_batch < 1 or window_s < 0:
             raise ValueError("answer_batch_max_size must be at least 1 and answer_batch_window_s at least 0.")
         self.window_s, self.max_batch = float(window_s), int(max_batch)
-        self._waiting: queue.SimpleQueue[_Ticket] = queue.SimpleQueue()
-        self._carried: list[_Ticket] = []
-        """Questions gathered for a batch but left for the next one (compiled decoding's batch sizes)."""
-        self._worker: threading.Thread | None = None
-        self._starting = threading.Lock()
+        self._worker: _Worker | None = None
+        """The worker new questions go to; None before the first question and after `close`."""
+        self._closed: list[_Worker] = []
+        """Closed workers that may still be finishing their batch (`close` waits for them)."""
+        self._lock = threading.Lock()
+        """Guards which worker is the current one (a question's start against `close`)."""
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1024)
         """The sizes of the last 1,024 batches answered (the server log says each)."""
 
@@ -98,9 +134,32 @@ class AnswerScheduler:
             _Ticket(engine, request, stop=stop or threading.Event(), settled=settled or threading.Event())
         )
 
+    def close(self, wait_s: float = 0.0) -> bool:
+        """Ends the worker thread after the batch in progress, whose visitors get their answers; the questions still
+        waiting (queued, or carried to the next batch) end at once with `SchedulerClosedError`. A question asked
+        later starts a new worker: Gradio can launch closed Blocks again, with the same scheduler, and their
+        visitors are answered then. Calling it again changes nothing. Waits up to `wait_s` seconds for the worker
+        to end; returns whether every closed worker has ended."""
+        with self._lock:
+            worker, self._worker = self._worker, None
+            if worker is not None:
+                worker.closing = True
+                self._closed.append(worker)
+            self._closed = [closed for closed in self._closed if closed.thread.is_alive()]
+            ending = list(self._closed)
+        if worker is not None:
+            self._turn_away(worker)
+            # After the questions are taken: a worker waiting for one wakes on this instead. A question put between
+            # the two is taken by the worker, which sees `closing` and turns it away as it ends.
+            worker.waiting.put(_CLOSING)
+        deadline = time.monotonic() + wait_s
+        for closed in ending:
+            closed.thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(closed.thread.is_alive() for closed in ending)
+
     def _stream(self, ticket: _Ticket) -> Iterator:
-        self._start()
-        self._waiting.put(ticket)
+        worker = self._start()
+        worker.waiting.put(ticket)
         ended, last = False, None
         try:
             while True:
@@ -115,8 +174,8 @@ class AnswerScheduler:
                         if last is not None:
                             yield cut_short(last)
                         return
-                    if not self._worker.is_alive():
-                        raise RuntimeError(WORKER_ENDED) from None
+                    if not worker.thread.is_alive() and ticket.updates.empty():  # nothing came just before it ended
+                        raise worker.ended_error() from None
                     continue
                 last = value if kind == "text" else last
                 ended = kind != "text"
@@ -131,29 +190,60 @@ class AnswerScheduler:
             if not ended:
                 ticket.stop.set()  # a visitor who left or pressed Stop: their row ends, the others go on
 
-    def _start(self) -> None:
-        with self._starting:
-            if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._serve, name="ego-answers", daemon=True)
-                self._worker.start()
+    def _start(self) -> _Worker:
+        """The worker this question goes to: the current one, or a new one (the first question, after `close`, or
+        after a worker that ended)."""
+        with self._lock:
+            if self._worker is None or not self._worker.thread.is_alive():
+                self._worker = _Worker(self._serve)
+                self._worker.thread.start()
+            return self._worker
 
-    def _serve(self) -> None:
+    def _serve(self, worker: _Worker) -> None:
+        try:
+            while not worker.closing:
+                # No local name for the batch: while the worker waits for the next question, nothing of the last
+                # batch (a conversation and its cache, a photo or clip) stays alive here.
+                self._answer(worker, self._gather(worker))
+        finally:
+            # Closed, or ended by something other than an error of a batch: the questions left are told now (a
+            # later question goes to a new worker; these would wait on this one forever).
+            self._turn_away(worker)
+
+    def _turn_away(self, worker: _Worker) -> None:
+        """Ends every question still waiting for `worker` (queued or carried) with `worker.ended_error()`; one whose
+        visitor has left is dropped."""
+        with worker.carrying:
+            left, worker.carried = worker.carried, []
         while True:
-            # No local name for the batch: while the worker waits for the next question, nothing of the last batch
-            # (a conversation and its cache, a photo or clip) stays alive here.
-            self._answer(self._gather())
-
-    def _gather(self) -> list[_Ticket]:
-        """The first waiting question, and those that arrive within the window after it (up to the maximum);
-        questions whose visitor left while they waited are dropped."""
-        batch, self._carried = self._carried or [self._waiting.get()], []
-        deadline = time.monotonic() + self.window_s
-        while len(batch) < self.max_batch:
-            remaining = deadline - time.monotonic()
             try:
-                batch.append(self._waiting.get(timeout=remaining) if remaining > 0 else self._waiting.get_nowait())
+                left.append(worker.waiting.get_nowait())
             except queue.Empty:
                 break
+        for ticket in left:
+            if ticket is _CLOSING:
+                continue
+            ticket.updates.put(("dropped", None) if ticket.stop.is_set() else ("error", worker.ended_error()))
+            ticket.settled.set()
+
+    def _gather(self, worker: _Worker) -> list[_Ticket]:
+        """The first waiting question, and those that arrive within the window after it (up to the maximum);
+        questions whose visitor left while they waited are dropped. Nothing, once the worker is closing."""
+        with worker.carrying:
+            batch, worker.carried = worker.carried, []
+        batch = batch or [worker.waiting.get()]
+        deadline = time.monotonic() + self.window_s
+        while len(batch) < self.max_batch and not worker.closing:
+            remaining = deadline - time.monotonic()
+            try:
+                batch.append(worker.waiting.get(timeout=remaining) if remaining > 0 else worker.waiting.get_nowait())
+            except queue.Empty:
+                break
+        batch = [ticket for ticket in batch if ticket is not _CLOSING]
+        if worker.closing:  # closed while these were gathered: they are turned away as the worker ends
+            with worker.carrying:
+                worker.carried = batch + worker.carried
+            return []
         kept = []
         for ticket in batch:
             if ticket.stop.is_set():
@@ -163,14 +253,14 @@ class AnswerScheduler:
                 kept.append(ticket)
         return kept
 
-    def _answer(self, batch: list[_Ticket]) -> None:
+    def _answer(self, worker: _Worker, batch: list[_Ticket]) -> None:
         if not batch:
             return
         engine = batch[0].engine
         same = [ticket for ticket in batch if ticket.engine is engine]
         for other in batch:
             if other.engine is not engine:  # another engine (not in the Space, which has one): a later batch
-                self._waiting.put(other)
+                worker.waiting.put(other)
         # First questions and follow-ups are two generations (a follow-up continues its conversation's cache).
         groups = [
             [ticket for ticket in same if isinstance(ticket.request, FollowUpRequest) == follow_ups]
@@ -182,7 +272,8 @@ class AnswerScheduler:
             # used, and the rest go first into the next batch.
             for group in groups:
                 take = compiled_batch_size(len(group))
-                self._carried += group[take:]
+                with worker.carrying:
+                    worker.carried += group[take:]
                 del group[take:]
         for number, group in enumerate(groups):
             try:

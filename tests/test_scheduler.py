@@ -1,5 +1,5 @@
 """The Space's answer scheduler: visitors who ask together are answered by one batched generation, each with
-their own stream and Stop."""
+their own stream and Stop; closing it ends its worker thread and tells the visitors still waiting."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from conftest import photo, tiny_engine
 
 from ego import InputError
-from space.scheduler import AnswerScheduler, compiled_batch_size
+from space.scheduler import SCHEDULER_CLOSED, AnswerScheduler, SchedulerClosedError, compiled_batch_size
 
 SMALL = dict(query_image_max_pixels=224 * 224, reference_max_pixels=224 * 224)
 
@@ -218,7 +218,7 @@ def test_visitors_of_a_batch_that_ended_the_worker_are_told_even_after_another_w
     visitor = threading.Thread(target=first_visitor)
     visitor.start()
     assert ended.wait(timeout=30)
-    scheduler._worker.join(timeout=10)
+    scheduler._worker.thread.join(timeout=10)
     monkeypatch.undo()
     scheduler._start()  # the next visitor's question starts a new worker before the first looks again
     visitor.join(timeout=10)
@@ -255,7 +255,7 @@ def test_follow_ups_gathered_with_first_questions_are_told_when_the_worker_ends(
     for thread in visitors:
         thread.start()
     assert ended.wait(timeout=30)
-    scheduler._worker.join(timeout=10)
+    scheduler._worker.thread.join(timeout=10)
     monkeypatch.undo()
     scheduler._start()  # another visitor's question starts a new worker before these look again
     for thread in visitors:
@@ -278,4 +278,102 @@ def test_an_idle_worker_holds_nothing_of_the_last_batch(engine):
     left = weakref.ref(chat)
     del chat, answer
     gc.collect()
-    assert scheduler._worker.is_alive() and left() is None
+    assert scheduler._worker.thread.is_alive() and left() is None
+
+
+def batches_wait_for(release: threading.Event, engine, monkeypatch) -> threading.Event:
+    """The engine's batches of first questions begin only once `release` is set; the event returned is set when
+    one is formed and waits (the batch in progress)."""
+    original, formed = engine.answer_batch, threading.Event()
+
+    def waiting(requests, stops, on_text):
+        formed.set()
+        assert release.wait(timeout=60)
+        return original(requests, stops=stops, on_text=on_text)
+
+    monkeypatch.setattr(engine, "answer_batch", waiting)
+    return formed
+
+
+def test_closing_lets_the_batch_in_progress_end_and_tells_the_waiting_visitors_at_once(engine, asks, monkeypatch):
+    """Three visitors ask together under compiled decoding: two are answered in a batch, the third is carried to
+    the next one; then a follow-up is queued. Closed during the batch, the carried and the queued visitors are
+    told at once (the batch still going on), the batch's two get their answers, and the worker ends."""
+    questions, lone = asks
+    monkeypatch.setattr(type(engine.decoder), "compiled", property(lambda decoder: decoder is engine.decoder))
+    release = threading.Event()
+    formed = batches_wait_for(release, engine, monkeypatch)
+    chat = engine.chat([], image=photo(8))
+    chat.ask("What is this?", max_new_tokens=3)
+    settled = threading.Event()
+    scheduler = AnswerScheduler(window_s=2.0, max_batch=8)
+    outcome, done = {}, {index: threading.Event() for index in range(4)}
+    start = threading.Barrier(3)
+
+    def visitor(index, stream, together=True):
+        if together:
+            start.wait()
+        try:
+            outcome[index] = [str(answer) for answer in stream()][-1]
+        except Exception as error:  # noqa: BLE001 -- the test looks at it
+            outcome[index] = error
+        done[index].set()
+
+    visitors = [
+        threading.Thread(
+            target=visitor,
+            args=(i, lambda q=q, c=c, im=im, n=n: scheduler.stream(engine, q, c, image=im, max_new_tokens=n)),
+            daemon=True,
+        )
+        for i, (q, c, im, n) in enumerate(questions[:3])
+    ]
+
+    def follow_up():
+        return scheduler.stream_follow_up(engine, chat, "And then?", max_new_tokens=3, settled=settled)
+
+    visitors.append(threading.Thread(target=visitor, args=(3, follow_up, False), daemon=True))
+    for thread in visitors[:3]:
+        thread.start()
+    assert formed.wait(timeout=30)
+    worker = scheduler._worker
+    visitors[3].start()
+    deadline = time.monotonic() + 10
+    while worker.waiting.qsize() < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.waiting.qsize() == 1 and len(worker.carried) == 1
+
+    scheduler.close()
+    assert done[3].wait(timeout=10) and settled.is_set() and len(chat.turns) == 1  # its follow-up was never asked
+    deadline = time.monotonic() + 10
+    while not any(done[index].is_set() for index in range(3)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    told = [index for index in range(3) if done[index].is_set()]
+    assert len(told) == 1 and not release.is_set()  # the carried visitor was told while the batch waited
+    for index in (*told, 3):
+        assert isinstance(outcome[index], SchedulerClosedError) and str(outcome[index]) == SCHEDULER_CLOSED
+    assert worker.thread.is_alive()  # still on its batch
+
+    release.set()
+    for thread in visitors:
+        thread.join(timeout=60)
+    answered = [index for index in range(3) if index not in told]
+    assert [outcome[index] for index in answered] == [lone[index] for index in answered]
+    assert list(scheduler.batch_sizes) == [2]
+    assert scheduler.close(wait_s=30) and not worker.thread.is_alive()
+
+
+def test_a_closed_scheduler_ends_its_worker_and_a_later_question_starts_a_new_one(engine, asks):
+    """Closing ends the worker thread (idle, it waits for no batch); closing again changes nothing; a question
+    asked later (closed Blocks launched again) is answered by a new worker, which the next close ends too."""
+    questions, lone = asks
+    question, concepts, image, budget = questions[2]
+    scheduler = AnswerScheduler(window_s=0.0, max_batch=2)
+    assert scheduler.close(wait_s=1)  # never used: nothing to end
+    assert [str(a) for a in scheduler.stream(engine, question, concepts, max_new_tokens=budget)][-1] == lone[2]
+    first = scheduler._worker.thread
+    assert scheduler.close(wait_s=30) and not first.is_alive()
+    assert scheduler.close(wait_s=1) and scheduler._worker is None
+    assert [str(a) for a in scheduler.stream(engine, question, concepts, max_new_tokens=budget)][-1] == lone[2]
+    second = scheduler._worker.thread
+    assert second is not first and second.is_alive()
+    assert scheduler.close(wait_s=30) and not second.is_alive()
