@@ -62,9 +62,10 @@ def build_demo(
     engine = LazyEngine(engine_factory_or_engine, settings=settings, name=model_name)
     s, limits = space_settings or DEFAULT_SPACE_SETTINGS, engine.settings
     examples = load_examples()
-    act = Actions(engine, s, examples)
+    # Twice the sessions Gradio keeps: a tab whose session was dropped as the least recently used is told too.
+    sessions = Sessions(remember=2 * s.max_sessions)
+    act = Actions(engine, s, examples, sessions)
     engine.warm_up_batched = s.answer_batch_max_size > 1  # the Space batches its visitors: compile that step too
-    sessions = Sessions()
     answer_events = (
         dict(concurrency_id=ANSWER_GROUP, concurrency_limit=s.answer_batch_max_size)
         if s.answer_batch_max_size > 1
@@ -100,11 +101,14 @@ def build_demo(
 
         panel = [mine.cards, mine.to_remove, mine.summary, mine.records, mine.status]
 
-        def then_refresh(event, status: bool = True):
-            refresh = act.panel if status else functools.partial(act.panel, status=False)
+        def then_refresh(event, status: bool = True, after: str = "then", refresh=None):
+            """The panel (`refresh`, by default `act.panel`) and the browser's token after `event`: once it succeeded
+            ("then": the page runs no event chained with `then` after a failure), or once it failed ("failure")."""
+            refresh = refresh or (act.panel if status else functools.partial(act.panel, status=False))
+            chain = getattr(event, after)
             # The session named by the browser's token, also when the tab outlived its last session (space/resume.py).
-            event.then(sessions.keep, [session, browser_token], browser_token, **CHEAP, **PRIVATE)
-            return event.then(refresh, session, panel, **CHEAP, **PRIVATE).then(
+            chain(sessions.keep, [session, browser_token], browser_token, **CHEAP, **PRIVATE)
+            return chain(refresh, session, panel, **CHEAP, **PRIVATE).then(
                 None, mine.summary, None, js=TRACK_CONCEPTS_JS, **PRIVATE
             )
 
@@ -136,7 +140,15 @@ def build_demo(
         # memory only when asked for. The handler shows the question and "Thinking…" first, then streams the answer
         # over it; a question the queue refuses (full, or this visitor's cap) runs no handler and leaves the view
         # and the message box as they were.
-        hint = guidance.example_concepts_hint([n for n, _ in examples.concepts], examples.questions)
+        example_hint = guidance.example_concepts_hint([n for n, _ in examples.concepts], examples.questions)
+
+        def hint(session, question, request: gr.Request = None):
+            # About the session the question is asked in: the one a tab that outlived its own takes back from
+            # another tab; none when the tab's session ended (the question is refused with a sentence that says so).
+            session, ended = sessions.peek(session, request)
+            if not ended:
+                example_hint(session, question)
+
         img.compare.change(lambda on: gr.Textbox(visible=on), img.compare, img.plain, queue=False, **PRIVATE)
         img_triggers = [img.ask.click, img.question.submit]
         gr.on(img_triggers, hint, [session, img.question], None, **PRIVATE)  # queued: it shows a message
@@ -149,6 +161,9 @@ def build_demo(
             **answer_events,
             **PRIVATE,
         )
+        # A message refused because the tab's session had ended (`Sessions.rejoin`): the panel shows that nothing
+        # is left, and the browser keeps the token of the tab's new session.
+        then_refresh(asking, after="failure", refresh=act.panel_if_told)
         stopping = functools.partial(_stops, functools.partial(act.stop_answer, tab="image"), session, asking)
         stopping(img.stop.click).then(
             functools.partial(guidance.mark_stopped_in_chat, tab="image"),
@@ -181,6 +196,7 @@ def build_demo(
             **answer_events,
             **PRIVATE,
         )
+        then_refresh(asking, after="failure", refresh=act.panel_if_told)  # as in the image tab
         stopping = functools.partial(_stops, functools.partial(act.stop_answer, tab="video"), session, asking)
         stopping(vid.stop.click).then(
             functools.partial(guidance.mark_stopped_in_chat, tab="video"),
@@ -305,6 +321,7 @@ def build_demo(
         refuse_links(block)  # a file payload that names a URL is refused, never downloaded
     refuse_host_files(demo)  # no payload may name a file of the server, whichever copy of a component reads it
     api.answer_malformed_calls(demo)  # a call Gradio cannot read gets a sentence; its values stay out of the log
+    demo.on_close.append(act.close)  # the answer scheduler's worker ends with the app (a new launch starts another)
     # api_open=False: an event that uses the queue can be reached only through it (Gradio leaves its
     # direct REST route open everywhere but on HF Spaces, which would let a script skip the queue's limits).
     demo.queue(max_size=s.queue_max_size, api_open=False)

@@ -3,10 +3,11 @@
 Every handler takes the visitor's `Session` (the `gr.State` value) first, and those a visitor triggers
 return it too: Gradio frees a session's state `time_to_live` seconds after it was last *returned*, so
 every action of the visitor keeps their concepts alive. Mistakes a visitor can make
-(`ego.InputError`, `ego.MemoryFileError`, `ego.ModelBusyError`) become a `gr.Error` with the engine's
-sentence, HTML-escaped because Gradio renders error messages as HTML; anything else is logged by type
-and stack only (never the visitor's text, names or file names) and reported as a server fault. A
-handler changes the session only after all of its work succeeded.
+(`ego.InputError`, `ego.MemoryFileError`, `ego.ModelBusyError`), and a question the app closed before its
+turn (`SchedulerClosedError`), become a `gr.Error` with the engine's sentence, HTML-escaped because Gradio
+renders error messages as HTML; anything else is logged by type and stack only (never the visitor's text,
+names or file names) and reported as a server fault. A handler changes the session only after all of its
+work succeeded.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import html
 import logging
 import os
+import re
 import threading
 import time
 import traceback
@@ -35,29 +37,69 @@ from .conversations import TABS, Conversations, messages
 from .examples import Examples
 from .loading import LazyEngine
 from .pictures import cached
-from .scheduler import AnswerScheduler, cut_short
+from .resume import Sessions
+from .scheduler import AnswerScheduler, SchedulerClosedError, cut_short
 from .session import FULL_OF_CONVERSATIONS, Entry, MemoryBudget, Session, name_key
 from .settings import SpaceSettings
 from .zerogpu import call_seconds, gpu, on_zero_gpu
 
 log = logging.getLogger("ego.space")
 ENDED_CONVERSATIONS = " The conversations that knew it ended: your next message starts a new one."
+SESSION_ENDED = (
+    "Your session on this server ended {minutes} minutes after your last action (sooner if the server was very "
+    "busy), and its concepts and conversations were deleted with it."
+)
+"""Said once in a tab left open past its session's expiry, at its next action (`Sessions.rejoin`). Not after a
+restart of the server: it knows no page then, and says nothing."""
+TO_GO_ON = " To go on with your concepts, import your concept file (if you exported one) or introduce them again."
+TO_ASK_AGAIN = (
+    " Import your concept file (if you exported one) or introduce your concepts again, then ask again{or_now}. Your "
+    "question is still in its box."
+)
+WITHOUT_THEM = "; or ask again now, without them"
+"""Only beside a photo or clip: a question without one is about the visitor's concepts."""
+START_AGAIN_ON_THE_PAGE = "press New conversation, then ask again (your question is still in its box)"
+START_AGAIN_THROUGH_THE_API = "ask a first question with /ask_image or /ask_video"
+_START_AGAIN = re.compile(
+    r"; start a new conversation to ask more(?:; or ask for a shorter answer \(at most \d+ tokens\))?\.$"
+)
+"""The end of the engine's refusal of a follow-up that its conversation has no room for."""
+_SHORTER_FIRST_ANSWER = re.compile(r"; ask for a shorter answer \(at most \d+ tokens\)\.$")
+"""The end of the engine's refusal of a first question whose context fits and whose answer's cap does not."""
+MAKE_ROOM = "; remove some of your concepts to make room (export them first to keep them), then ask again."
+
+
+def in_space_terms(message: str, start_again: str = START_AGAIN_THROUGH_THE_API) -> str:
+    """The engine's sentence, in what a visitor of the Space can do. When a question's answer would not fit in its
+    context, the engine tells a Python caller to ask for a shorter one; a visitor cannot choose an answer's length
+    (the Space's settings give it): a follow-up's refusal says how to start a new conversation (`start_again`), a
+    first question's to make room among the concepts."""
+    message = _START_AGAIN.sub(f"; start a new conversation to ask more: {start_again}.", message)
+    return _SHORTER_FIRST_ANSWER.sub(MAKE_ROOM, message)
 
 
 @contextlib.contextmanager
-def for_visitor(doing: str, session: Session | None = None, *, quietly: bool = False):
+def for_visitor(
+    doing: str,
+    session: Session | None = None,
+    *,
+    quietly: bool = False,
+    start_again: str = START_AGAIN_THROUGH_THE_API,
+):
     """Turn exceptions into messages for the visitor; `doing` completes "while ..." in a fault message. With
     `quietly`, the sentence is kept for the concept panel's status line (`Session.tell`) instead of raised, and
     the body's work is left undone; a raised one is shown by the browser, so it is not kept (a kept sentence
-    would outlive the action it was about)."""
+    would outlive the action it was about). The engine's sentences are put in the Space's terms (`in_space_terms`,
+    with `start_again`)."""
     try:
         yield
     except gr.Error:
         raise
-    except (InputError, MemoryFileError, ModelBusyError) as error:
+    except (InputError, MemoryFileError, ModelBusyError, SchedulerClosedError) as error:
+        said = in_space_terms(str(error), start_again)
         if not quietly:
-            raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from None
-        session.tell(str(error))
+            raise gr.Error(html.escape(said, quote=False), print_exception=False) from None
+        session.tell(said)
     except Exception as error:  # noqa: BLE001 - a server fault; the visitor gets a sentence, the log the stack
         stack = "".join(traceback.format_tb(error.__traceback__))  # code lines only: no message, no values
         log.error("fault while %s: %s\n%s", doing, type(error).__name__, stack)
@@ -95,7 +137,9 @@ def _paths(gallery_value) -> list[str]:
 
 
 class Actions:
-    def __init__(self, engine: LazyEngine, settings: SpaceSettings, examples: Examples):
+    def __init__(
+        self, engine: LazyEngine, settings: SpaceSettings, examples: Examples, sessions: Sessions | None = None
+    ):
         if not isinstance(settings, SpaceSettings):
             raise TypeError(
                 f"Actions take the Space's settings (space.settings.SpaceSettings), not "
@@ -106,6 +150,9 @@ class Actions:
         self.limits = engine.settings
         """The engine's settings (`ego.Settings`): the limits it enforces, shown and checked here too."""
         self.examples = examples
+        self.sessions = sessions if sessions is not None else Sessions()
+        """The sessions the page loads handed their tabs (`space.resume`): an action of a tab that outlived its
+        session is told so (`Sessions.rejoin`)."""
         self.budget = MemoryBudget(settings.max_all_sessions_memory_bytes)
         """What all visitors' sessions may hold together: one per app, like the model."""
         self.conversation_budget = MemoryBudget(
@@ -124,6 +171,11 @@ class Actions:
             self._introduce_in_worker,
             duration=lambda name, pictures, *rest: fixed_s + per_token_s * per_photo * len(pictures),
         )
+
+    def close(self) -> None:
+        """With the app (`SessionBlocks.close`): the answer scheduler's worker ends after its batch, and the
+        questions still waiting are told to ask again."""
+        self.answers.close()
 
     # ------------------------------------------------------------------------------------------
     # Model calls: picklable arguments and results, so that on ZeroGPU they can run in a GPU worker
@@ -186,13 +238,34 @@ class Actions:
                 print_exception=False,
             ) from None
 
+    def session_ended(self, then: str = TO_GO_ON) -> str:
+        """The sentence for a tab whose session ended since its page loaded, and what to do `then`."""
+        return SESSION_ENDED.format(minutes=self.settings.session_ttl_s // 60) + then
+
+    def _rejoin_adding(self, session: Session, request) -> Session:
+        """The session an action that adds concepts works on (`Sessions.rejoin`): in a tab whose session had ended,
+        the visitor is told (the concepts they had are gone) and what they add starts the new one."""
+        session, ended = self.sessions.rejoin(session, request)
+        if ended:
+            gr.Warning(self.session_ended())
+        return session
+
     # ------------------------------------------------------------------------------------------
     # Introduce
     # ------------------------------------------------------------------------------------------
     def introduce(
-        self, session: Session, name, photos, keywords=None, auto_size=True, size_pct=25, progress=gr.Progress()
+        self,
+        session: Session,
+        name,
+        photos,
+        keywords=None,
+        auto_size=True,
+        size_pct=25,
+        progress=gr.Progress(),
+        request: gr.Request = None,
     ):
         """Introduce a concept from 1-5 photos; returns (session, report, kept-token pictures, heat maps)."""
+        session = self._rejoin_adding(session, request)
         with for_visitor("introducing the concept"):
             name = checks.check_name(name, self.limits)
             keywords = checks.check_keywords(keywords, self.limits)  # before the model loads: a mistake costs nothing
@@ -225,8 +298,9 @@ class Actions:
         log.info("introduce: %d photos, %d tokens, %.2f s", len(paths), concept.num_tokens, seconds)
         return session, report + _unknown_to_conversations(session), patches, heats
 
-    def load_example_concepts(self, session: Session, progress=gr.Progress()):
+    def load_example_concepts(self, session: Session, progress=gr.Progress(), request: gr.Request = None):
         """Introduce the bundled example concepts this visitor does not have yet."""
+        session = self._rejoin_adding(session, request)
         with for_visitor("introducing the example concepts"):
             missing = [(name, paths) for name, paths in self.examples.concepts if not session.has(name)]
             if not missing:
@@ -425,10 +499,18 @@ class Actions:
         for answer in self._follow_up(chats, chats.current, question, progress):
             yield session, str(answer)
 
-    def _follow_up(self, chats: Conversations, tab: str | None, question, progress, stop=None):
+    def _follow_up(
+        self,
+        chats: Conversations,
+        tab: str | None,
+        question,
+        progress,
+        stop=None,
+        start_again: str = START_AGAIN_THROUGH_THE_API,
+    ):
         """Stream the text of a follow-up in the `tab`'s conversation, on its cached context; `stop` as in
-        `ask_image`."""
-        with for_visitor("answering"):
+        `ask_image`; `start_again` says how the visitor starts a new conversation when this one is full."""
+        with for_visitor("answering", start_again=start_again):
             chat = chats.get(tab) if tab else None
             if chat is None or not chat.turns:
                 raise InputError(
@@ -488,11 +570,15 @@ class Actions:
                 keep(answer)
         yield answer
 
-    def chat_image(self, session: Session, image, message, compare=False, progress=gr.Progress()):
+    def chat_image(
+        self, session: Session, image, message, compare=False, progress=gr.Progress(), request: gr.Request = None
+    ):
         """The image tab's message: a first one starts a conversation about the photo (as /ask_image), a later one
         follows it up. Streams (session, chat view, message box, answer without memory, details, where each concept
         matches); the message box empties once the question is taken. Refused or failed, the chat view is the
-        conversation's again and the message is back in its box."""
+        conversation's again and the message is back in its box. In a tab whose session had ended, nothing is
+        asked (`_refuse_if_ended`)."""
+        session = self._refuse_if_ended(session, request, image)
         with session.conversations.answering_in("image") as in_flight:
             if _follows_up(session, "image", image):
                 steps = [self._follow_up_steps(session, "image", message, progress, extra=3, stop=in_flight.stop)]
@@ -504,9 +590,10 @@ class Actions:
             for view, box, *rest in self._chat_steps(session, "image", message, steps, extra=3, in_flight=in_flight):
                 yield session, view, box, *rest
 
-    def chat_video(self, session: Session, video, message, progress=gr.Progress()):
+    def chat_video(self, session: Session, video, message, progress=gr.Progress(), request: gr.Request = None):
         """The video tab's message: a first one starts a conversation about the clip (as /ask_video), a later one
         follows it up. Streams (session, frames, chat view, message box, details), as `chat_image` does."""
+        session = self._refuse_if_ended(session, request, video)
         with session.conversations.answering_in("video") as in_flight:
             if _follows_up(session, "video", video):
                 steps = [self._follow_up_steps(session, "video", message, progress, extra=2, stop=in_flight.stop)]
@@ -517,10 +604,23 @@ class Actions:
             for view, box, frames, details in steps_shown:
                 yield session, frames, view, box, details
 
+    def _refuse_if_ended(self, session: Session, request, box) -> Session:
+        """The session a chat tab's message is asked in (`Sessions.rejoin`). In a tab whose session had ended, the
+        message is refused with the sentence that says so, before any output: the message stays in its box, the
+        chat views show what they showed (the visitor may still read it), and the next message is asked in the
+        tab's new session (without the concepts, unless the visitor brought them back; `box`: the tab's photo or
+        clip, without which there is nothing to ask about then)."""
+        session, ended = self.sessions.rejoin(session, request)
+        if ended:
+            session.tell(self.session_ended())  # beside the panel, refreshed after the refusal (`panel_if_told`)
+            then = TO_ASK_AGAIN.format(or_now=WITHOUT_THEM if box else "")
+            raise gr.Error(self.session_ended(then), print_exception=False)
+        return session
+
     def _follow_up_steps(self, session: Session, tab: str, message, progress, *, extra: int, stop=None):
         """(chat view, *`extra` skipped outputs) as a follow-up streams, then the conversation with its new turn."""
         before, skip, answer = session.conversations.turns(tab), (gr.skip(),) * extra, ""
-        for answer in self._follow_up(session.conversations, tab, message, progress, stop):
+        for answer in self._follow_up(session.conversations, tab, message, progress, stop, START_AGAIN_ON_THE_PAGE):
             yield messages(before, message, _so_far(answer)), *skip
         # The conversation with this answer as its turn (a turn cut short shows as its visitor saw it until the worker
         # records it: `Conversations.turns`). An answer without a word is no turn: the question stays in view, with
@@ -651,12 +751,21 @@ class Actions:
             self.status(session) if status else gr.skip(),
         )
 
+    def panel_if_told(self, session: Session):
+        """The concept panel after a chat tab's message was refused (or stopped): shown again, with its status line,
+        when the refusal left a sentence for it (the tab's session had ended: the panel shows that nothing is left);
+        otherwise left as it is (a concept picked for removal stays picked)."""
+        return self.panel(session) if session.has_note else (gr.skip(),) * 5
+
     def status(self, session: Session) -> str:
         """The panel's status line: the sentence the visitor's last panel action left (Markdown-escaped)."""
         return views.escape_markdown(session.take_note())
 
     def remove_concept(self, session: Session, name, request: gr.Request = None):
+        session, gone = self.sessions.rejoin(session, request)
         with for_visitor("removing the concept", session, quietly=skipped_the_queue(request)):
+            if gone:  # the concept named went with the session
+                raise InputError(self.session_ended())
             if not name:
                 raise InputError("Pick the concept to remove from the list first.")
             if not isinstance(name, str):
@@ -665,7 +774,11 @@ class Actions:
             session.tell("Removed the concept." + (ENDED_CONVERSATIONS if ended else ""))
         return session, self.records(session)
 
-    def clear_concepts(self, session: Session):
+    def clear_concepts(self, session: Session, request: gr.Request = None):
+        session, gone = self.sessions.rejoin(session, request)
+        if gone:  # the concepts went with the session
+            session.tell(self.session_ended())
+            return session, self.records(session)
         count = len(session)
         ended = session.clear()
         said = f"Removed all {count} of your concepts." if count else "There are no concepts to clear."
@@ -676,7 +789,10 @@ class Actions:
         """Write the visitor's concepts to a safetensors file; returns (session, file path, or None when the
         browser's export was refused: the status line says why)."""
         path = None
+        session, gone = self.sessions.rejoin(session, request)
         with for_visitor("exporting the concepts", session, quietly=skipped_the_queue(request)):
+            if gone:  # rather than "no concepts yet": the visitor had some
+                raise InputError(self.session_ended())
             if not len(session):
                 raise InputError("There are no concepts to export yet; introduce or import one first.")
             # In Gradio's file cache, whose sweep deletes it on time even if the session is evicted
@@ -704,9 +820,10 @@ class Actions:
             len(session), session.memory_tokens, self.settings.max_concepts_per_session, exported=session.exported
         )
 
-    def import_concepts(self, session: Session, file, progress=gr.Progress()):
+    def import_concepts(self, session: Session, file, progress=gr.Progress(), request: gr.Request = None):
         """Add the concepts of a file written by /export_concepts (or ego.save_concepts); names the visitor
         already has are skipped and listed in a message, with their thumbnails where the file has them."""
+        session = self._rejoin_adding(session, request)
         with for_visitor("importing the concepts"):
             path = file if isinstance(file, (str, os.PathLike)) else getattr(file, "name", file)
             if not path:

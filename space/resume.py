@@ -10,14 +10,20 @@ Expiry is unchanged: the registry holds weak references only, so a session lives
 tab's `gr.State` holds it (`SpaceSettings.session_ttl_s` after that tab's last action, or Gradio dropping it
 beyond `max_sessions`). A session shared by several tabs is emptied only when the last of them lets go.
 `SessionBlocks` makes Gradio keep both promises (`keep_promises`).
+
+A tab left open past its session's expiry gets a new, empty session from Gradio at its next action. The registry
+remembers which token each page load handed its tab (by the page's Gradio session), so that action can tell
+(`Sessions.rejoin`): the visitor is told their session ended, rather than answered as if they had no concepts.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import secrets
 import threading
 import weakref
+from collections import OrderedDict
 
 import gradio as gr
 
@@ -35,33 +41,109 @@ def new_token() -> str:
 
 
 class Sessions:
-    """token -> the `Session` it names, held weakly, with how many tabs hold each one."""
+    """token -> the `Session` it names, held weakly, with how many tabs hold each one; and the token each page load
+    handed its tab.
 
-    def __init__(self):
+    remember: how many page loads' tokens are kept (the oldest are forgotten first); an action of a tab whose page
+    load was forgotten is not told that its session ended. Twice `max_sessions` tells every tab Gradio still keeps.
+    """
+
+    def __init__(self, remember: int = 2000):
         self._by_token: weakref.WeakValueDictionary[str, Session] = weakref.WeakValueDictionary()
         self._holders: weakref.WeakKeyDictionary[Session, int] = weakref.WeakKeyDictionary()
         self._token_of: weakref.WeakKeyDictionary[Session, str] = weakref.WeakKeyDictionary()
         """Each session's one token: a tab that loads again without it gets the same one back, not another."""
+        self._page_tokens: OrderedDict[str, str] = OrderedDict()
+        """Per page (its Gradio `session_hash`), the token its load handed it: it outlives the tab's session, so the
+        tab's next action can tell that the session it was handed has ended (`rejoin`)."""
+        self._stands_in: weakref.WeakKeyDictionary[Session, Session] = weakref.WeakKeyDictionary()
+        """A tab's new session -> the session the tab took over in its stead (`rejoin`), counted as held by the tab
+        for as long as the new one stays in the tab's state (a refused action does not replace it)."""
+        self.remember = remember
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._by_token)
 
-    def resume(self, session: Session, token) -> tuple[Session, str]:
+    def resume(self, session: Session, token, request: gr.Request = None) -> tuple[Session, str]:
         """On page load: (the session this tab should use, the token the browser should keep).
 
-        `session` is the tab's fresh one; `token` what the browser kept (None, "" or stale on a first visit).
+        `session` is the tab's fresh one; `token` what the browser kept (None, "" or stale on a first visit);
+        `request` names the page, which is told later if its session ends (`rejoin`).
         """
         with self._lock:
-            known = self._by_token.get(token) if isinstance(token, str) and token else None
-            if known is not None and known is not session:
-                self._holders[known] = self._holders.get(known, 0) + 1
-                return known, token
-            if known is session:
-                return session, token
-            if session in self._token_of:  # this tab's session already has its token (and counts this tab)
-                return session, self._token_of[session]
-            return session, self._register(session)
+            kept, kept_token = self._resume(session, token)
+            self._remember_page(request, kept_token)
+        return kept, kept_token
+
+    def _resume(self, session: Session, token) -> tuple[Session, str]:
+        known = self._by_token.get(token) if isinstance(token, str) and token else None
+        if known is not None and known is not session:
+            self._holders[known] = self._holders.get(known, 0) + 1
+            return known, token
+        if known is session:
+            return session, token
+        if session in self._token_of:  # this tab's session already has its token (and counts this tab)
+            return session, self._token_of[session]
+        return session, self._register(session)
+
+    def rejoin(self, session, request: gr.Request = None) -> tuple[Session, bool]:
+        """Before a tab's action: (the session it acts on, whether the tab's session ended since its page loaded).
+
+        Every page load hands its tab a session this registry knows (`resume`). A session it does not know, in a
+        tab whose page load it remembers, is one Gradio made after dropping the tab's state: the tab stayed open
+        `session_ttl_s` past its last action, or was the least recently used beyond `max_sessions`. If the token
+        that page was handed still names a session (another tab of this browser holds it), the tab takes it over,
+        as a reload would: nothing was lost. Otherwise the session has ended (True); the tab's new one gets its own
+        token, so the next action is not told again.
+
+        A script's session (no page load) and a page whose load has not been answered yet are left as they are."""
+        with self._lock:
+            found = self._made_again(session, request)
+            if found is None:
+                return session, False
+            taken, ended = found
+            if taken is not session:
+                if self._stands_in.get(session) is not taken:
+                    self._stands_in[session] = taken
+                    self._holders[taken] = self._holders.get(taken, 0) + 1
+                return taken, False
+            # What the tab's new session already holds stays in it, under a token of its own.
+            self._remember_page(request, self._register(session))
+            return session, ended
+
+    def peek(self, session, request: gr.Request = None) -> tuple[Session, bool]:
+        """What `rejoin` answers, changing nothing: for an event beside the tab's action (a hint about its
+        question), which must neither take the session over nor the action's sentence."""
+        with self._lock:
+            found = self._made_again(session, request)
+        return (session, False) if found is None else found
+
+    def _made_again(self, session, request) -> tuple[Session, bool] | None:
+        """None for a session this registry knows, or in a page whose load it does not remember. For a session
+        Gradio made again for a remembered page after dropping its state: (the session the page's token still
+        names, False) when the new one holds nothing yet (the tab takes it over), else (the new one, whether the
+        token names nothing: the session ended). The caller holds the lock."""
+        page = getattr(request, "session_hash", None)
+        if not isinstance(session, Session) or not isinstance(page, str):
+            return None
+        token = self._page_tokens.get(page)
+        if token is None or session in self._token_of:
+            return None
+        known = self._by_token.get(token)
+        if known is not None and session.holds_nothing:
+            return known, False
+        return session, known is None
+
+    def _remember_page(self, request, token: str) -> None:
+        """The page of `request` was handed `token` (the caller holds the lock)."""
+        page = getattr(request, "session_hash", None)
+        if not isinstance(page, str):
+            return
+        self._page_tokens[page] = token
+        self._page_tokens.move_to_end(page)
+        while len(self._page_tokens) > self.remember:
+            self._page_tokens.popitem(last=False)
 
     def keep(self, session, token) -> str | None:
         """After the tab's concepts changed: the token the browser should keep for `session`. Its own token when it
@@ -83,17 +165,22 @@ class Sessions:
         return token
 
     def release(self, session) -> None:
-        """`gr.State(delete_callback=...)`: one tab let go of `session`; the last one empties it."""
+        """`gr.State(delete_callback=...)`: one tab let go of `session`; the last one empties it. A session that
+        stood in for another one (`rejoin`) lets go of that one too."""
         with self._lock:
+            stood_in_for = self._stands_in.pop(session, None) if isinstance(session, Session) else None
             holders = self._holders.get(session, 0) if isinstance(session, Session) else 0
             if holders > 1:
                 self._holders[session] = holders - 1
-                return
-            self._holders.pop(session, None)
-            self._token_of.pop(session, None)
-            for token in [t for t, s in self._by_token.items() if s is session]:
-                del self._by_token[token]
-        visitor_session.forget(session)
+            else:
+                self._holders.pop(session, None)
+                self._token_of.pop(session, None)
+                for token in [t for t, s in self._by_token.items() if s is session]:
+                    del self._by_token[token]
+        if holders <= 1:
+            visitor_session.forget(session)
+        if stood_in_for is not None:
+            self.release(stood_in_for)
 
 
 def keep_promises(holder, session_ttl_s: float) -> None:
@@ -105,10 +192,13 @@ def keep_promises(holder, session_ttl_s: float) -> None:
       whatever still refers to it (a cancelled answer's iterator, say) keeps it alive, still counted against the
       memory all sessions share;
     * a closed tab's session expires `session_ttl_s` after its last action like an open one's: Gradio keeps a
-      closed tab's states an hour (`STATE_TTL_WHEN_CLOSED`), whatever their own time to live.
+      closed tab's states an hour (`STATE_TTL_WHEN_CLOSED`), whatever their own time to live;
+    * the new session Gradio makes for a tab whose session expired lives `session_ttl_s` from the action it was made
+      for, like a first one: Gradio would count it from the expired one's last action, and drop it (and free it,
+      under the handler just handed it) within a second, unless a handler returned it first.
 
-    Its `update` (which every request of a session calls, and which drops the least recently used) is replaced on
-    this one object; the rest is Gradio's."""
+    Its `update` (which every request of a session calls before it reads the session's states, and which drops the
+    least recently used) is replaced on this one object; the rest is Gradio's."""
 
     def update(session_id: str) -> None:
         dropped = []
@@ -117,6 +207,10 @@ def keep_promises(holder, session_ttl_s: float) -> None:
             if state is not None:
                 holder.session_data.move_to_end(session_id)
                 state.STATE_TTL_WHEN_CLOSED = session_ttl_s
+                now = datetime.datetime.now()
+                for key, (time_to_live, _) in list(state._state_ttl.items()):
+                    if key not in state.state_data:  # expired: the value made again for this request starts now
+                        state._state_ttl[key] = (time_to_live, now)
             while len(holder.session_data) > holder.capacity:
                 evicted, state = holder.session_data.popitem(last=False)
                 holder.time_last_used.pop(evicted, None)
@@ -139,7 +233,14 @@ class SessionBlocks(gr.Blocks):
 
     def __init__(self, *args, session_ttl_s: float, **kwargs):
         self.session_ttl_s = session_ttl_s
+        self.on_close: list = []
+        """What to end with the app (the answer scheduler's worker): called by `close`, each once per close."""
         super().__init__(*args, **kwargs)
+
+    def close(self, verbose: bool = True) -> None:
+        super().close(verbose)
+        for closing in self.on_close:  # also when the app was not running: Gradio's `close` then does nothing
+            closing()
 
     @property
     def state_holder(self):

@@ -153,6 +153,11 @@ class Session:
         return len(self._entries)
 
     @property
+    def holds_nothing(self) -> bool:
+        """No concept and no conversation: as Gradio makes a session for a tab, before any action."""
+        return not self._entries and all(self.conversations.get(tab) is None for tab in TABS)
+
+    @property
     def version(self) -> int:
         """Changes to the concepts so far: read before an export writes them (`mark_exported`)."""
         return self._version
@@ -175,6 +180,11 @@ class Session:
         """The sentence kept by `tell` (once), or ""."""
         note, self._note = self._note, ""
         return note
+
+    @property
+    def has_note(self) -> bool:
+        """Whether a sentence kept by `tell` waits for the status line."""
+        return bool(self._note)
 
     def has(self, name: str) -> bool:
         key = name_key(name)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
+import shutil
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import pytest
@@ -15,6 +18,7 @@ from conftest import tiny_engine
 from PIL import Image
 
 from ego import DEFAULT_SETTINGS
+from ego.errors import InputError
 from space.actions import Actions
 from space.conversations import messages
 from space.examples import EXAMPLES_DIR, Examples, load_examples
@@ -954,3 +958,198 @@ def test_a_session_whose_file_cannot_take_another_concept_is_told_before_the_mod
     with pytest.raises(gr.Error) as refused:
         act.introduce(session, "Max", gallery(CHELSEA), keywords="cat", auto_size=False, progress=quiet)
     assert "would no longer fit in one concept file" in refused.value.message and session.names == ["Rex"]
+
+
+# ----------------------------------------------------------------------------------------------
+# A tab left open past its session's expiry
+# ----------------------------------------------------------------------------------------------
+class Page:
+    """What Gradio hands a handler for an event of one browser tab (`gr.Request`): the page's Gradio session, and
+    the route the event came by (the page posts its panel's events outside the queue: `outside_the_queue`)."""
+
+    def __init__(self, session_hash: str, route: str = "/gradio_api/queue/join"):
+        self.session_hash = session_hash
+        self.request = SimpleNamespace(url=SimpleNamespace(path=route))
+
+    def outside_the_queue(self) -> Page:
+        return Page(self.session_hash, "/gradio_api/run/predict")
+
+
+ENDED = "Your session on this server ended 60 minutes after your last action"
+
+
+def loaded(act, page: Page, token=None) -> tuple[Session, str]:
+    """The page load of a tab: the session (and the token its browser keeps) the registry hands it."""
+    return act.sessions.resume(Session(), token, page)
+
+
+def expired(act, session: Session) -> Session:
+    """What Gradio does `session_ttl_s` after a tab's last action: its state's delete callback, then a new default
+    session for the tab's next action."""
+    act.sessions.release(session)
+    return Session()
+
+
+@pytest.mark.parametrize("tab", ["image", "video"])
+def test_a_tab_left_open_past_its_sessions_expiry_is_told_once_and_its_message_stays(act, monkeypatch, tab):
+    """The next message of a tab whose session expired is refused with the sentence that says so, before any
+    output: the message stays in its box and the chat views as they were. The next one is asked in the tab's new
+    session (without the concepts), and nothing is said again."""
+    warnings = []
+    monkeypatch.setattr(gr, "Warning", warnings.append)
+    page = Page("tab")
+    session, _ = loaded(act, page)
+    act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), "tabby", False, 10, progress=quiet, request=page)
+    if tab == "image":
+        ask = lambda session, message: act.chat_image(session, QUERY, message, progress=quiet, request=page)  # noqa: E731
+    else:
+        ask = lambda session, message: act.chat_video(session, CLIP, message, progress=quiet, request=page)  # noqa: E731
+    list(ask(session, "Is Chelsea here?"))
+    assert session.conversations.get(tab) is not None and warnings == []
+    new = expired(act, session)
+    steps = ask(new, "And what is she doing?")
+    with pytest.raises(gr.Error, match=ENDED) as told:
+        next(steps)  # refused before its first output: the question box is never emptied
+    sentence = told.value.message
+    assert "concepts and conversations were deleted" in sentence and "import your concept file" in sentence.lower()
+    assert "Your question is still in its box" in sentence and "or ask again now, without them" in sentence
+    assert new.holds_nothing
+    cards, dropdown, _, records, status = act.panel_if_told(new)  # the panel, refreshed after the refusal
+    assert cards == records == dropdown.choices == [] and status.startswith(escape_markdown(ENDED))
+    assert act.panel_if_told(new) == (gr.skip(),) * 5  # after another refusal (or a Stop): left as it is
+    *_, last = ask(new, "And what is she doing?")
+    details = last[4]
+    assert details["concepts_used"] == [] and len(new.conversations.get(tab).turns) == 1  # a first question
+    assert warnings == []
+    if tab == "image":  # without a photo there is nothing to ask about without the concepts: not offered
+        again = expired(act, new)
+        with pytest.raises(gr.Error, match=ENDED) as told:
+            next(act.chat_image(again, None, "What colour are her eyes?", progress=quiet, request=page))
+        assert "without them" not in told.value.message
+
+
+@pytest.mark.parametrize("action", ["remove", "clear", "export"])
+def test_a_panel_action_in_a_tab_that_outlived_its_session_says_it_ended(act, action):
+    """Remove, Clear all and Export in a tab whose session expired say so in the status line (not "there is no
+    concept with that name" about a concept the panel still showed); said once, then as in any empty session."""
+    page = Page("tab").outside_the_queue()
+    session, _ = loaded(act, page)
+    new = expired(act, session)
+    run = {
+        "remove": lambda: act.remove_concept(new, "Chelsea", page),
+        "clear": lambda: act.clear_concepts(new, page),
+        "export": lambda: act.export_concepts(new, page),
+    }[action]
+    out, value = run()
+    assert out is new and not value  # no records, no file
+    status = act.status(new)
+    assert status.startswith(escape_markdown(ENDED)) and "introduce them again" in status
+    run()
+    assert act.status(new).startswith(
+        {"remove": "There is no concept", "clear": "There are no concepts to clear", "export": "There are no"}[action]
+    )
+
+
+def test_concepts_added_in_a_tab_that_outlived_its_session_start_its_new_one_and_it_is_said(act, monkeypatch, tmp_path):
+    """Introduce and Import go ahead in a tab whose session expired (the model's work is not wasted), with a
+    message that the concepts the visitor had are gone; their concept file brings them back."""
+    warnings = []
+    monkeypatch.setattr(gr, "Warning", warnings.append)
+    page = Page("tab")
+    session, _ = loaded(act, page)
+    act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), "tabby", False, 10, progress=quiet, request=page)
+    _, exported = act.export_concepts(session, page)
+    kept = tmp_path / "mine.safetensors"  # the visitor's download: the server's copy goes with the session
+    shutil.copy(exported, kept)
+    new = expired(act, session)
+    out, report, *_ = act.introduce(new, "Bo", gallery(CHELSEA[1:]), "tabby", False, 10, progress=quiet, request=page)
+    assert out is new and new.names == ["Bo"] and "## Bo" in report
+    assert len(warnings) == 1 and warnings[0].startswith(ENDED)
+    act.import_concepts(new, str(kept), progress=quiet, request=page)
+    assert new.names == ["Bo", "Chelsea"] and len(warnings) == 1
+
+
+def test_no_tab_is_told_its_session_ended_while_it_has_not(act, engine, monkeypatch):
+    """A first visit (its question asked before its page load was answered, too), a reload, a second tab, Clear all,
+    a script (no page load), and a server that restarted since the page loaded (it knows no page): no sentence."""
+    warnings = []
+    monkeypatch.setattr(gr, "Warning", warnings.append)
+    first = Page("first")
+    early = Session()
+    list(act.chat_image(early, QUERY, "What is this?", progress=quiet, request=first))
+    session, token = act.sessions.resume(early, None, first)
+    act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), "tabby", False, 10, progress=quiet, request=first)
+    act.clear_concepts(session, first.outside_the_queue())
+    assert act.status(session) == escape_markdown("Removed all 1 of your concepts.")
+    for page in (Page("reloaded"), Page("second tab")):
+        tab, same = loaded(act, page, token)
+        assert tab is session and same == token
+        list(act.chat_image(tab, QUERY, "And now?", progress=quiet, request=page))
+    list(act.chat_image(Session(), QUERY, "What is this?", progress=quiet))  # a script: no page, no request
+    restarted = Actions(LazyEngine(engine), SPACE, load_examples())
+    list(restarted.chat_image(Session(), QUERY, "What is this?", progress=quiet, request=first))
+    assert warnings == []
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine's advice, in what a visitor of the Space can do
+# ----------------------------------------------------------------------------------------------
+def test_a_full_conversation_tells_a_space_visitor_how_to_start_one_not_to_ask_for_a_shorter_answer(engine):
+    """The engine tells a Python caller whose follow-up's answer does not fit to ask for a shorter one; a visitor
+    of the Space cannot choose an answer's length: the page says to press New conversation (the question is back
+    in its box), the HTTP API to ask a first question."""
+    question, follow_up = "What is this?", "And what colour is the wall behind it?"
+    first = engine.answer(question, [], image=QUERY, max_new_tokens=SETTINGS.answer_max_new_tokens)
+    roomy = engine.with_settings(max_conversation_context_tokens=first.context_tokens + 200)
+    measured = roomy.chat([], image=QUERY)
+    measured.adopt(question, first)
+    with pytest.raises(InputError, match="shorter answer") as full:
+        measured.ask(follow_up, max_new_tokens=1000)
+    taken = first.context_tokens + 200 - int(re.search(r"at most (\d+) tokens", str(full.value)).group(1))
+    # Room for the follow-up's context and 4 tokens of its answer, not for the 8 the Space's settings give.
+    small = engine.with_settings(max_conversation_context_tokens=taken + 4)
+    act = Actions(LazyEngine(small), SPACE, load_examples())
+    session = Session()
+    list(act.chat_image(session, QUERY, question, progress=quiet))
+    engines_own = small.chat([], image=QUERY)
+    engines_own.adopt(question, session.conversations.get("image").turns[0][1])
+    with pytest.raises(InputError, match=r"; or ask for a shorter answer \(at most 4 tokens\)\.$"):
+        engines_own.ask(follow_up, max_new_tokens=SETTINGS.answer_max_new_tokens)
+    shown = []
+    with pytest.raises(gr.Error) as on_the_page:
+        for step in act.chat_image(session, QUERY, follow_up, progress=quiet):
+            shown.append(step)
+    assert "shorter answer" not in on_the_page.value.message
+    assert on_the_page.value.message.endswith(
+        "; start a new conversation to ask more: press New conversation, then ask again (your question is still in "
+        "its box)."
+    )
+    assert shown[-1][2] == follow_up  # back in its box
+    with pytest.raises(gr.Error) as through_the_api:
+        list(act.follow_up(session, follow_up, progress=quiet))
+    assert "shorter answer" not in through_the_api.value.message
+    assert through_the_api.value.message.endswith("ask a first question with /ask_image or /ask_video.")
+    # The conversation's limit of questions is told the same way on the page.
+    one_question = Actions(LazyEngine(engine.with_settings(max_conversation_turns=1)), SPACE, load_examples())
+    other = Session()
+    list(one_question.chat_image(other, QUERY, question, progress=quiet))
+    with pytest.raises(gr.Error, match="at most 1 questions; start a new conversation to ask more: press New"):
+        list(one_question.chat_image(other, QUERY, follow_up, progress=quiet))
+
+
+def test_a_first_question_whose_answer_does_not_fit_tells_a_space_visitor_to_make_room(act, engine):
+    """The engine's way out when a first question's context fits and its answer's cap does not is a shorter answer;
+    the Space's is fewer concepts."""
+    session = Session()
+    act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), "tabby", False, 10, progress=quiet)
+    first = engine.answer("Is Chelsea here?", session.concepts, image=QUERY, max_new_tokens=1)
+    tight = engine.with_settings(max_conversation_context_tokens=first.context_tokens + 3)
+    with pytest.raises(InputError, match=r"; ask for a shorter answer \(at most 3 tokens\)\.$"):
+        tight.answer("Is Chelsea here?", session.concepts, image=QUERY)
+    act = Actions(LazyEngine(tight), SPACE, load_examples())
+    with pytest.raises(gr.Error) as refused:
+        list(act.chat_image(session, QUERY, "Is Chelsea here?", progress=quiet))
+    assert "shorter answer" not in refused.value.message
+    assert refused.value.message.endswith(
+        "; remove some of your concepts to make room (export them first to keep them), then ask again."
+    )

@@ -6,6 +6,7 @@ small limits, and driven with gradio_client and plain HTTP.
 
 from __future__ import annotations
 
+import datetime
 import gc
 import http.server
 import json
@@ -186,6 +187,94 @@ def test_a_closed_tabs_concepts_are_freed_after_the_sessions_time_to_live(tmp_pa
         while len(kept) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert len(kept) == 0, "the closed tab's session was not freed after its time to live"
+
+
+def test_closing_the_app_ends_its_answer_worker():
+    """The answer scheduler's worker thread ends with the app (a relaunch starts another): it would otherwise wait
+    for questions forever, a thread per app made in the process."""
+    with running_demo(SETTINGS) as demo:
+        tab = visitor(demo.local_url)
+        tab.predict(handle_file(QUERY), "What is in the photo?", False, api_name="/ask_image")
+        (close,) = demo.on_close
+        worker = close.__self__.answers._worker.thread
+        assert worker.is_alive()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "the answer scheduler's worker outlived the app"
+
+
+# ----------------------------------------------------------------------------------------------
+# A tab left open past its session's expiry
+# ----------------------------------------------------------------------------------------------
+def page_load(url: str, demo, tab: Client, token=None) -> str:
+    """What a browser tab's page load does in `tab`'s Gradio session: the registry hands it a session; returns the
+    token its browser keeps (`token`: what the browser had kept)."""
+    fn_index = next(i for i, fn in demo.fns.items() if fn.name == "resume")
+    body = {"data": [None, token], "fn_index": fn_index, "session_hash": tab.session_hash}
+    loaded = httpx.post(f"{url}gradio_api/run/predict", json=body, timeout=30)
+    loaded.raise_for_status()
+    return loaded.json()["data"][1]
+
+
+def ask_in_page(url: str, demo, tab: Client, question: str) -> dict:
+    """The image tab's Ask, without a photo, in `tab`'s Gradio session; the event's final message."""
+    fn_index = next(i for i, fn in demo.fns.items() if fn.name == "chat_image")
+    return raw_queue_call(url, tab.session_hash, fn_index, [None, None, question, False])
+
+
+def hints_in_page(url: str, demo, tab: Client, question: str) -> list[str]:
+    """The messages the image tab's hint about example questions shows for `question` in `tab`'s Gradio session."""
+    fn_index = next(i for i, fn in demo.fns.items() if fn.name == "hint")
+    body = {"data": [None, question], "fn_index": fn_index, "session_hash": tab.session_hash}
+    httpx.post(f"{url}gradio_api/queue/join", json=body, timeout=30).raise_for_status()
+    shown = []
+    with httpx.stream(
+        "GET", f"{url}gradio_api/queue/data", params={"session_hash": tab.session_hash}, timeout=60
+    ) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                message = json.loads(line[5:])
+                if message.get("msg") == "log":
+                    shown.append(message["log"])
+                if message.get("msg") == "process_completed":
+                    return shown
+    raise AssertionError("the event never completed")
+
+
+def expire(demo, tab: Client) -> None:
+    """Gradio's expiry of a tab's session: its time to live has passed since it was last set, and the sweep deletes
+    it (calling its delete callback); the tab's next request gets a new default session."""
+    state = demo.state_holder.session_data[tab.session_hash]
+    for key, (time_to_live, _) in list(state._state_ttl.items()):
+        state._state_ttl[key] = (time_to_live, datetime.datetime.now() - datetime.timedelta(seconds=time_to_live + 1))
+    demo.state_holder.delete_all_expired_state()
+
+
+def test_a_tab_left_open_past_its_sessions_expiry_is_told_once_at_its_next_question(url, demo):
+    """A first visit and a second tab of its browser ask without being told anything; the first tab's state expires
+    while the second holds the session: the first takes it back. Once both have expired, the next question is
+    refused with the sentence, and the one after it (past Gradio's next sweep) is not told again."""
+    first, second = visitor(url), visitor(url)
+    token = page_load(url, demo, first)
+    introduce(first, "Chelsea")
+    assert ask_in_page(url, demo, first, "What colour are Chelsea's eyes?")["success"] is True
+    assert page_load(url, demo, second, token) == token and names(second) == ["Chelsea"]
+    assert ask_in_page(url, demo, second, "What colour are Chelsea's eyes?")["success"] is True
+    expire(demo, first)
+    assert hints_in_page(url, demo, first, "What colour are Chelsea's eyes?") == []  # Chelsea is still there
+    assert ask_in_page(url, demo, first, "What colour are Chelsea's eyes?")["success"] is True
+    assert names(first) == ["Chelsea"]  # taken back from the second tab, as a reload would
+    expire(demo, first)
+    expire(demo, second)
+    told = ask_in_page(url, demo, first, "And her paws?")
+    assert told["success"] is False
+    assert "Your session on this server ended 60 minutes after your last action" in told["output"]["error"]
+    time.sleep(1.5)  # Gradio's sweep of expired states runs every second
+    again = ask_in_page(url, demo, first, "And her paws?")
+    assert again["success"] is False and again["output"]["error"].startswith("Add a photo to ask about")
+    assert names(first) == []
+    reloaded = visitor(url)  # a reload: its token names nothing any more, and it is no expiry of this page
+    page_load(url, demo, reloaded, token)
+    assert ask_in_page(url, demo, reloaded, "Hello?")["output"]["error"].startswith("Add a photo to ask about")
 
 
 # ----------------------------------------------------------------------------------------------

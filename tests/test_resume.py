@@ -134,3 +134,88 @@ def test_a_dropped_sessions_states_are_let_go_and_a_failing_one_fails_no_request
         holder[session][state._id] = session  # a visitor's request: the one before is dropped
     assert released == ["a", "b"] and list(holder.session_data) == ["c"]
     assert "freeing a dropped session failed: RuntimeError" in caplog.text and "full disk" not in caplog.text
+
+
+class Page:
+    """The `gr.Request` of one browser tab's events: its page's Gradio session."""
+
+    def __init__(self, session_hash: str):
+        self.session_hash = session_hash
+
+
+def test_a_tab_that_outlived_its_session_is_told_once_and_no_other_tab_is():
+    """Gradio gives a tab whose state it dropped a new default session; the page load that handed the tab its
+    session tells it apart from a first visit, a reload, a second tab or a script."""
+    sessions = Sessions()
+    tab, early = Page("tab"), Session()
+    assert sessions.rejoin(early, tab) == (early, False)  # before its page load is answered: a first visit
+    first, token = sessions.resume(early, None, tab)
+    assert sessions.rejoin(first, tab) == (first, False)
+    first.clear()  # "Clear all": the same session
+    assert sessions.rejoin(first, tab) == (first, False)
+    for other in (Page("reloaded"), Page("second tab")):
+        resumed, _ = sessions.resume(Session(), token, other)
+        assert sessions.rejoin(resumed, other) == (first, False)
+    script = Session()
+    assert sessions.rejoin(script, None) == (script, False)  # no page: a gradio_client visitor
+    for _ in range(3):  # every tab lets go: the session is freed, and its token names nothing
+        sessions.release(first)
+    new = Session()
+    assert sessions.peek(new, tab) == (new, True) and sessions.peek(new, tab) == (new, True)  # changes nothing
+    assert sessions.rejoin(new, tab) == (new, True)
+    assert sessions.rejoin(new, tab) == (new, False)  # said once
+    kept = sessions.keep(new, token)
+    assert kept != token and sessions.resume(Session(), kept, Page("later"))[0] is new  # a reload finds it
+    restarted = Sessions()  # a server that restarted knows no page
+    assert restarted.rejoin(Session(), tab)[1] is False
+
+
+def test_a_tab_that_outlived_its_session_takes_back_the_one_another_tab_still_holds():
+    """The first tab's state expired while a second tab of the browser still holds the session: the first tab's next
+    action takes it over, as its reload would, and the session is emptied only when both have let go; a refused
+    action (its new session left in its state) lets go of it with that one."""
+    sessions = Sessions()
+    first_tab, second_tab = Page("first"), Page("second")
+    shared, token = sessions.resume(holding("Chelsea"), None, first_tab)
+    sessions.resume(Session(), token, second_tab)
+    sessions.release(shared)  # the first tab's state expires
+    new = Session()
+    assert sessions.peek(new, first_tab) == (shared, False)  # what a hint about its question looks at: not a hold
+    assert sessions.rejoin(new, first_tab) == (shared, False)
+    assert sessions.rejoin(new, first_tab) == (shared, False)  # the same new session again: counted once
+    sessions.release(shared)  # the second tab's state expires
+    assert shared.names == ["Chelsea"]  # the first tab holds it
+    sessions.release(new)  # the first tab's action was refused, and its new session expired in its state
+    assert len(shared) == 0 and len(sessions) == 0
+    mine, token = sessions.resume(holding("Chelsea"), None, first_tab)
+    sessions.resume(Session(), token, second_tab)
+    sessions.release(mine)
+    added = holding("Bo")  # something already added to the tab's new session stays in it
+    assert sessions.rejoin(added, first_tab) == (added, False) and mine.names == ["Chelsea"]
+
+
+def test_the_session_gradio_makes_again_after_an_expiry_is_not_dropped_within_a_second():
+    """Gradio counts the time to live of a state from when it was last set, and keeps that time when the value
+    expires: the default it makes for the tab's next request would be dropped (and freed) by its next sweep, under
+    the handler just handed it. The Space's store counts it from that request."""
+    import datetime
+
+    import gradio as gr
+    from gradio.state_holder import StateHolder
+
+    from space.resume import keep_promises
+
+    released = []
+    with gr.Blocks() as blocks:
+        state = gr.State("new", time_to_live=60, delete_callback=released.append)
+    holder = StateHolder()
+    holder.set_blocks(blocks)
+    keep_promises(holder, session_ttl_s=60)
+    holder["tab"][state._id] = "used"
+    kept = holder.session_data["tab"]
+    kept._state_ttl[state._id] = (60, datetime.datetime.now() - datetime.timedelta(seconds=61))  # an hour later
+    holder.delete_all_expired_state()
+    assert released == ["used"]
+    assert holder["tab"][state._id] == "new"  # the tab's next request
+    holder.delete_all_expired_state()
+    assert released == ["used"] and holder["tab"][state._id] == "new"
