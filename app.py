@@ -54,7 +54,7 @@ def build_demo(
     from space.examples import load_examples
     from space.links import refuse_host_files, refuse_links
     from space.loading import LazyEngine
-    from space.resume import SessionBlocks, Sessions
+    from space.resume import SessionBlocks
     from space.session import Session
     from space.settings import DEFAULT_SPACE_SETTINGS
     from space.visitors import limit_requests_per_visitor
@@ -62,9 +62,8 @@ def build_demo(
     engine = LazyEngine(engine_factory_or_engine, settings=settings, name=model_name)
     s, limits = space_settings or DEFAULT_SPACE_SETTINGS, engine.settings
     examples = load_examples()
-    # Twice the sessions Gradio keeps: a tab whose session was dropped as the least recently used is told too.
-    sessions = Sessions(remember=2 * s.max_sessions)
-    act = Actions(engine, s, examples, sessions)
+    act = Actions(engine, s, examples)
+    sessions = act.sessions
     engine.warm_up_batched = s.answer_batch_max_size > 1  # the Space batches its visitors: compile that step too
     answer_events = (
         dict(concurrency_id=ANSWER_GROUP, concurrency_limit=s.answer_batch_max_size)
@@ -679,29 +678,18 @@ def _concepts_panel(s, limits) -> SimpleNamespace:
 # Command line
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
+    from ego import options
     from ego.presets import CPU_DEFAULT_PRESET, DEFAULT_PRESET, PRESETS
-    from ego.settings import QUANTIZATIONS
+    from ego.settings import DECODING_MODES
 
     parser = argparse.ArgumentParser(description="Ego: the Gradio Space.")
-    choices = {
-        "quantization": [q or "none" for q in QUANTIZATIONS],
-        "protocol": ["ours", "paper"],
-        "decoding": ["auto", "eager", "compiled"],
-    }
     parser.add_argument(
         "--model",
         default=os.environ.get("EGO_MODEL") or None,
         help=f"a preset ({', '.join(PRESETS)}), a Hub id or a local folder (env EGO_MODEL; "
         f"default {DEFAULT_PRESET} with a CUDA GPU, {CPU_DEFAULT_PRESET} without one)",
     )
-    parser.add_argument(
-        "--quantization",
-        type=str.lower,
-        choices=choices["quantization"],
-        default=os.environ.get("EGO_QUANTIZATION") or "auto",
-        help="auto: 4-bit NF4 on a GPU, none on a CPU; int4 (torchao) and fp8 load only on a GPU "
-        "(env EGO_QUANTIZATION)",
-    )
+    options.add_quantization(parser, env="EGO_QUANTIZATION")
     parser.add_argument(
         "--host",
         default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
@@ -714,30 +702,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="port (env GRADIO_SERVER_PORT; default 7860)",
     )
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
-    parser.add_argument(
-        "--protocol",
-        type=str.lower,
-        choices=choices["protocol"],
-        default=os.environ.get("EGO_PROTOCOL") or "ours",
-        help="paper: the paper's choices (Settings.paper(): one 448x448 query tile, bf16, 50-token "
-        "description, punctuation-only keywords); ours: the defaults (env EGO_PROTOCOL)",
-    )
+    options.add_protocol(parser, env="EGO_PROTOCOL")
     parser.add_argument(
         "--decoding",
         type=str.lower,
-        choices=choices["decoding"],
+        choices=DECODING_MODES,
         default=os.environ.get("EGO_DECODING") or "auto",
         help="auto: compiled on a GPU (compiled once at the first request), eager on a CPU (env EGO_DECODING)",
     )
     args = parser.parse_args(argv)
-    # argparse checks a value typed on the command line against its choices, not one from the environment.
-    for option, allowed in choices.items():
-        if getattr(args, option) not in allowed:
-            variable = f"EGO_{option.upper()}"
-            parser.error(
-                f"{variable}={os.environ.get(variable)!r} is not one of {', '.join(allowed)}; "
-                f"set it to one of them, or unset it"
-            )
+    options.check_environment(
+        parser,
+        args,
+        {
+            "quantization": ("EGO_QUANTIZATION", options.QUANTIZATION_CHOICES),
+            "protocol": ("EGO_PROTOCOL", options.PROTOCOLS),
+            "decoding": ("EGO_DECODING", DECODING_MODES),
+        },
+    )
     return args
 
 
@@ -804,15 +786,15 @@ def main(argv=None) -> None:
             "Add `spaces` to requirements.txt for ZeroGPU (docs/space.md)."
         )
 
-    from ego import DEFAULT_SETTINGS, Ego, Settings
+    from ego import Ego, options
     from ego.memory import local_model_id
     from ego.presets import check_model_name
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    settings = (Settings.paper() if args.protocol == "paper" else DEFAULT_SETTINGS).replace(decoding=args.decoding)
-    quantization = None if args.quantization == "none" else args.quantization
+    settings = options.protocol_settings(args.protocol).replace(decoding=args.decoding)
+    quantization = options.quantization(args.quantization)
     if quantization == "auto":
         quantization = settings.model_quantization  # --protocol paper: None (bf16), and the header says so
     if zero_gpu:

@@ -150,7 +150,8 @@ class Actions:
         self.limits = engine.settings
         """The engine's settings (`ego.Settings`): the limits it enforces, shown and checked here too."""
         self.examples = examples
-        self.sessions = sessions if sessions is not None else Sessions()
+        # Twice the sessions Gradio keeps: a tab whose session was dropped as the least recently used is told too.
+        self.sessions = sessions if sessions is not None else Sessions(remember=2 * settings.max_sessions)
         """The sessions the page loads handed their tabs (`space.resume`): an action of a tab that outlived its
         session is told so (`Sessions.rejoin`)."""
         self.budget = MemoryBudget(settings.max_all_sessions_memory_bytes)
