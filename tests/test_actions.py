@@ -948,16 +948,28 @@ def test_a_session_holds_no_more_than_one_concept_file_can_bring_back(engine, tm
 
 def test_a_session_whose_file_cannot_take_another_concept_is_told_before_the_models_work(engine, monkeypatch):
     """Even the smallest concept of the photos (one memory row each) would not fit the session's concept file: the
-    refusal comes before the introduction, not after the visitor waited for it."""
+    refusal comes before the introduction, not after the visitor waited for it; a file with room for that smallest
+    concept is not refused early (a larger concept may still be refused once its size is known)."""
     probe = Actions(LazyEngine(engine), SPACE, load_examples())
     session = Session()
     probe.introduce(session, "Rex", gallery(CHELSEA[:1]), keywords="dog", auto_size=False, progress=quiet)
-    full = SPACE.replace(max_concept_file_mb=(session.file_bytes_with([]) + 100) / 2**20)
-    act = Actions(LazyEngine(engine), full, load_examples())
-    monkeypatch.setattr(act, "_introduce_on_gpu", lambda *args: pytest.fail("the model was asked"))
-    with pytest.raises(gr.Error) as refused:
+    # The smallest concept of these photos, made for real: one kept token per photo.
+    smallest = engine.with_settings(k_cap_tokens=1).introduce("Max", CHELSEA, keywords="cat", area_pct=25)
+    assert smallest.num_tokens == len(CHELSEA)
+    rows = smallest.embeddings.nbytes + (smallest.residuals.nbytes if smallest.residuals is not None else 0)
+
+    def introduce_with_file_room(room: int):
+        limit = session.file_bytes_with([]) + room
+        act = Actions(LazyEngine(engine), SPACE.replace(max_concept_file_mb=limit / 2**20), load_examples())
+        monkeypatch.setattr(act, "_introduce_on_gpu", lambda *args: pytest.fail("the model was asked"))
         act.introduce(session, "Max", gallery(CHELSEA), keywords="cat", auto_size=False, progress=quiet)
+
+    with pytest.raises(gr.Error) as refused:
+        introduce_with_file_room(rows - 1)
     assert "would no longer fit in one concept file" in refused.value.message and session.names == ["Rex"]
+    with pytest.raises(pytest.fail.Exception, match="the model was asked"):
+        introduce_with_file_room(rows)
+    assert session.names == ["Rex"]
 
 
 # ----------------------------------------------------------------------------------------------
