@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import numpy as np
@@ -25,6 +26,14 @@ def clip(seed: int) -> np.ndarray:
 
 
 _SETUPS: dict = {}
+_LONE_LOGITS: dict[str, list[torch.Tensor]] = {}
+"""Per family, each request's logits asked alone, [steps, V] (`build_setup`)."""
+
+LOGIT_TOLERANCE = 1e-4
+"""How far a batched row's logits may be from the same question's alone: float32 on CPU, they differ only by the
+order of sums in a padded batch (about 3e-7 on logits of about 0.6 on the tiny models); another photo's features in
+the row move them by 3e-2 or more. The random-weight models' greedy texts barely depend on the photo (InternVL3
+gives one answer for different photos), so the logits are what shows a row got its own inputs."""
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -59,9 +68,49 @@ def build_setup(family: str):
         AnswerRequest("Which of them is here?", (mug, rocket, cat), image=photo(7, size=(240, 160)), max_new_tokens=9),
         AnswerRequest("Describe it.", (), image=photo(8), max_new_tokens=6),
     ]
-    lone = [alone(engine, r) for r in requests]
+    with pytest.MonkeyPatch.context() as patch:
+        logits = record_logits(patch, engine)
+        lone = [alone(engine, r) for r in requests]
+    _LONE_LOGITS[family] = [steps[0] for steps in logits]
     _SETUPS[family] = engine, (cat, mug, rocket), requests, lone
     return _SETUPS[family]
+
+
+def record_logits(monkeypatch, engine) -> list[torch.Tensor]:
+    """Until `monkeypatch` is undone, each `engine.model.generate` call also records its logits at every step
+    ([B, steps, V], before any logits processor); generate still returns its tokens as the engine expects."""
+    seen, original = [], engine.model.generate
+
+    def recording(**kwargs):
+        out = original(**kwargs, output_logits=True, return_dict_in_generate=True)
+        seen.append(torch.stack(out.logits, dim=1))
+        return out.sequences
+
+    monkeypatch.setattr(engine.model, "generate", recording)
+    return seen
+
+
+def assert_rows_score_as_alone(rows: torch.Tensor, lone: list[torch.Tensor]) -> None:
+    """Each batched row's logits [steps, V] at every step of its answer alone equal those alone (the later steps
+    of a row that ended are padding)."""
+    for row, own in enumerate(lone):
+        difference = (rows[row, : own.shape[0]] - own).abs().max().item()
+        assert difference <= LOGIT_TOLERANCE, f"row {row}: logits {difference:.2g} from the same question alone"
+
+
+@contextlib.contextmanager
+def language_model_inputs(engine):
+    """Inside the block, the keyword arguments of every call of the language model: what the model's forward
+    hands it after scattering the visual features into `inputs_embeds` [B, L, D] (and, on Qwen3-VL, with the
+    deepstack features per visual position, `deepstack_visual_embeds` at `visual_pos_masks`)."""
+    seen: list[dict] = []
+    handle = engine.model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True
+    )
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def alone(engine, request: AnswerRequest):
@@ -74,10 +123,13 @@ def alone(engine, request: AnswerRequest):
     )
 
 
-def test_every_batched_answer_equals_the_same_question_asked_alone(setup):
+def test_every_batched_answer_equals_the_same_question_asked_alone(setup, monkeypatch):
     engine, _, requests, lone = setup
+    logits = record_logits(monkeypatch, engine)
     batched = engine.answer_batch(requests)
     assert [str(a) for a in batched] == [str(a) for a in lone]
+    # and each row scores every token as alone: its own photo or clip, memories and question
+    assert_rows_score_as_alone(logits[0], _LONE_LOGITS[engine.family])
     # their tokens too, which a conversation that adopts the answer continues from; a stream's last answer has them
     assert [a.token_ids for a in batched] == [a.token_ids for a in lone] and all(a.token_ids for a in lone)
     r = requests[1]
@@ -94,15 +146,24 @@ def test_every_batched_answer_equals_the_same_question_asked_alone(setup):
     # the same questions in another order and another grouping answer the same
     reordered = engine.answer_batch(requests[::-1][:2])
     assert [str(a) for a in reordered] == [str(a) for a in lone[::-1][:2]]
+    assert_rows_score_as_alone(logits[-1], _LONE_LOGITS[engine.family][::-1][:2])
 
 
-def test_each_row_gets_only_its_own_memories_and_no_padding(setup, monkeypatch):
+def test_each_row_gets_only_its_own_memories_and_photo_and_no_padding(setup, monkeypatch):
     engine, concepts, requests, _ = setup
     calls = spy_on_generate(monkeypatch, engine)
-    engine.answer_batch(requests)
+    with language_model_inputs(engine) as forwarded:
+        engine.answer_batch(requests)
     (kwargs,) = calls
     embeds, mask, ids = kwargs["inputs_embeds"], kwargs["attention_mask"], kwargs["input_ids"]  # [B, L, D], [B, L]
     placeholder = engine.backend.placeholder_id
+    # the prefill's language-model inputs: each visual placeholder replaced by a visual feature
+    prefill = forwarded[0]
+    assert prefill["inputs_embeds"].shape == embeds.shape
+    config = engine.model.config
+    visual_ids = [getattr(config, name, None) for name in ("image_token_id", "video_token_id")]
+    visual = torch.isin(ids, torch.tensor([i for i in visual_ids if isinstance(i, int)]))  # [B, L]
+    deepstack = _per_position(prefill.get("deepstack_visual_embeds"), prefill.get("visual_pos_masks"))
     every_row = {c.name: c.embeddings.to(embeds.dtype) for c in concepts}  # [K_c, D] each
     for row, request in enumerate(requests):
         real = mask[row].bool()
@@ -112,6 +173,15 @@ def test_each_row_gets_only_its_own_memories_and_no_padding(setup, monkeypatch):
             request.question, request.concepts, request.image, request.video, request.max_new_tokens
         )
         assert torch.equal(ids[row][real], lone.generate["input_ids"][0])
+        # the row's photo or clip is its own: the features of the vision tower's run on it alone, in order
+        if request.image is None and request.video is None:
+            assert not visual[row].any()
+        else:
+            own = engine.backend.encode_vision(lone.encoded)  # [N, D]
+            assert own.shape[0] and torch.equal(prefill["inputs_embeds"][row][visual[row]], own.to(embeds.dtype))
+            levels = engine.backend.residual_rows(lone.encoded)  # Qwen3-VL: [levels, N, D] of a photo
+            if levels is not None:
+                assert torch.equal(deepstack[:, row][:, visual[row]], levels.to(embeds.dtype))
         mine = torch.cat([c.embeddings for c in request.concepts]).to(embeds.dtype) if request.concepts else None
         slots = ids[row] == placeholder
         if mine is None:
@@ -124,6 +194,17 @@ def test_each_row_gets_only_its_own_memories_and_no_padding(setup, monkeypatch):
                 continue
             hits = (embeds[row][:, None, :] == rows[None]).all(dim=-1)  # [L, K_c]
             assert not hits.any(), (row, name)
+
+
+def _per_position(features: list[torch.Tensor] | None, where: torch.Tensor | None) -> torch.Tensor | None:
+    """Qwen3-VL's deepstack features, given per level for the positions of `where` (bool [B, L]) in row-major
+    order, as [levels, B, L, D] (zeros elsewhere); None for a family without them."""
+    if features is None or where is None:
+        return None
+    out = features[0].new_zeros(len(features), *where.shape, features[0].shape[-1])
+    for level, rows in enumerate(features):
+        out[level][where] = rows
+    return out
 
 
 def test_a_stop_ends_only_its_own_answer(one_family):

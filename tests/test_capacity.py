@@ -1,7 +1,9 @@
 """The capacity arithmetic of docs/scaling.md, checked against cases computed by hand."""
 
+import functools
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -113,11 +115,65 @@ def test_the_command_refuses_what_is_not_a_question_scenario_or_a_results_file(t
     assert "cannot be read" in capsys.readouterr().err
 
 
+DOCUMENT = Path(__file__).resolve().parents[1] / "docs" / "scaling.md"
+RUNS = DEFAULT_RESULTS.parent.parent  # nf4/ and bf16/ results.json of the committed GPU run
+
+
+def document_figures() -> dict[str, tuple[str, str]]:
+    """docs/scaling.md's table of the run's figures: field of results.json -> (NF4 figure, bf16 figure), for each
+    row whose "where" is one field, e.g. "introduce.total_s" -> ("1.181 s", "0.905 s")."""
+    rows = {}
+    for line in DOCUMENT.read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 4 and re.fullmatch(r"`[\w.]+`", cells[3]):
+            rows[cells[3].strip("`")] = (cells[1], cells[2])
+    return rows
+
+
+def document_says(pattern: str) -> tuple[str, ...]:
+    """The numbers docs/scaling.md's text gives where `pattern` (a regular expression, its groups the numbers; the
+    text's line breaks read as spaces)."""
+    found = re.search(pattern, " ".join(DOCUMENT.read_text(encoding="utf-8").split()))
+    assert found, f"docs/scaling.md no longer says {pattern!r}"
+    return found.groups()
+
+
+def written_as(value: float, number: str) -> str:
+    """`value` written as the document writes `number`: as many decimals, thousands commas if it has them."""
+    decimals = len(number.partition(".")[2])
+    return f"{value:,.{decimals}f}" if "," in number else f"{value:.{decimals}f}"
+
+
 def test_the_committed_gpu_run_reads_as_the_document_says():
-    measured = measured_from_results(json.loads(DEFAULT_RESULTS.read_text(encoding="utf-8")))
-    assert measured.token_s * 1000 == pytest.approx(30.36, abs=0.01)  # 971.66 ms / 32 tokens
-    assert measured.answer_fixed_s["plain"] == pytest.approx(0.060, abs=0.001)  # 1.0319 - 32 * 0.030364
-    assert measured.introduction_s == pytest.approx(1.181, abs=0.001)
+    """Each figure docs/scaling.md gives from the committed run (its table, NF4 and bf16, and the costs derived from
+    it) is that run's, as `bench.capacity` reads it, to the digits the document writes."""
+    runs = [json.loads((RUNS / column / "results.json").read_text(encoding="utf-8")) for column in ("nf4", "bf16")]
+    table = document_figures()
+    assert {"introduce.total_s", "introduce.stages_s.description_s", "scenarios.plain.latency_s"} <= set(table)
+    for field, figures in table.items():
+        for run, figure in zip(runs, figures):
+            figure = figures[0] if figure == "same" else figure  # a size that does not depend on the precision
+            number = figure.split(" ")[0]
+            value = functools.reduce(lambda part, key: part[key], field.split("."), run)
+            assert written_as(value, number) == number, (field, value, figure)
+    nf4, bf16 = (measured_from_results(run) for run in runs)
+    introduction = table["introduce.total_s"][0].split(" ")[0]
+    assert written_as(nf4.introduction_s, introduction) == introduction
+    # section 1: the cost of a decode step (the description's), an answer's fixed cost
+    step_nf4, step_bf16 = document_says(
+        r"= \*\*([\d.]+) ms\*\* \(NF4\) and [\d.]+ s / \d+ = \*\*([\d.]+) ms\*\* \(bf16\)"
+    )
+    assert (written_as(nf4.token_s * 1000, step_nf4), written_as(bf16.token_s * 1000, step_bf16)) == (
+        step_nf4,
+        step_bf16,
+    )
+    few, many = document_says(r"about \*\*([\d.]+) s\*\* with 0 or 5 concepts and \*\*([\d.]+) s\*\* with 20 \(NF4\)")
+    fixed = nf4.answer_fixed_s
+    assert [written_as(fixed[name], few) for name in ("plain", "ego_5")] == [few, few]
+    assert written_as(fixed["ego_20"], many) == many
+    # section 2: the f and t of the capacity model's 5-concept questions
+    f, t = document_says(r"fixed cost f \(([\d.]+) s, section 1\).*?n tokens at t \(([\d.]+) ms\)")
+    assert (written_as(fixed["ego_5"], f), written_as(nf4.token_s * 1000, t)) == (f, t)
 
 
 def test_erlang_c_matches_hand_computed_cases():

@@ -39,27 +39,39 @@ def test_a_reader_never_sees_a_partial_file_while_others_rewrite_it(tmp_path):
     path = cached(picture, tmp_path)
     with open(path, "rb") as file:
         whole = file.read()
-    stop, short_reads, reads = threading.Event(), [], [0]
+    rewrites, reads, read_between, short_reads = [0], [0], set(), []
+    lock, stop = threading.Lock(), threading.Event()
 
     def writer():
         while not stop.is_set():
             cached(picture, tmp_path)
+            with lock:
+                rewrites[0] += 1
 
     def reader():
+        # Reads go on while the picture is rewritten, until there were reads between enough successive rewrites:
+        # each read notes how many rewrites had ended before it (a count, not a time).
         while not stop.is_set():
             with open(path, "rb") as file:
                 data = file.read()
             reads[0] += 1
+            read_between.add(rewrites[0])
             if data != whole:
                 short_reads.append(len(data))
+            if len(read_between) > REWRITES_READ_BETWEEN:
+                stop.set()
 
     threads = [threading.Thread(target=writer) for _ in range(2)] + [threading.Thread(target=reader)]
     for thread in threads:
         thread.start()
-    threading.Event().wait(1.5)
-    stop.set()
     for thread in threads:
-        thread.join(timeout=10)
-    assert reads[0] > 50, "the reader barely ran; the check proves nothing"
+        thread.join(timeout=120)  # the reader ends them once it has read between enough rewrites
+    stop.set()
+    assert not any(thread.is_alive() for thread in threads)
     assert not short_reads, f"{len(short_reads)} of {reads[0]} reads saw a partial file: {short_reads[:5]}"
     assert not [p for p in tmp_path.rglob(".picture-*")], "a staging file was left behind"
+
+
+REWRITES_READ_BETWEEN = 30
+"""Rewrites with reads between them before the check ends (about 1 s of rewriting on a quiet machine; a file written
+in place is seen partial by about one read in ten)."""

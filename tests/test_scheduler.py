@@ -130,20 +130,33 @@ def test_a_stop_event_ends_the_answer_as_far_as_it_came_and_a_waiting_question_w
 
 def test_a_stopped_answer_ends_without_waiting_for_its_batch(engine, asks, monkeypatch):
     """Another visitor's long answer keeps the batch going: a stopped one ends at once, as far as it came (the
-    Space's Stop waits for it a few seconds at most), while the other goes on to its end."""
-    questions, lone = asks
+    Space's Stop waits for it a few seconds at most), while the other goes on to its end. The test holds the batch
+    from the Stop on, until the stopped visitor's stream has ended."""
+    questions, _ = asks
     scheduler = AnswerScheduler(window_s=2.0, max_batch=8)
     original = engine.answer_batch
+    stop, held, release, batch_ended = threading.Event(), threading.Event(), threading.Event(), threading.Event()
 
-    def slowly(requests, stops, on_text):  # each step of the batch takes a while, as on a busy GPU
+    def held_after_the_stop(requests, stops, on_text):
+        handed_to_first = [0]
+
         def handed(index, answer):
-            time.sleep(0.05)
             on_text(index, answer)
+            handed_to_first[0] += index == 0
+            if handed_to_first[0] >= 2 and not release.is_set():
+                # The first visitor has two pieces and presses Stop on reading the second: from then on the batch
+                # waits (as on a busy GPU) until the test lets it go on.
+                assert stop.wait(timeout=60)
+                held.set()
+                assert release.wait(timeout=60)
 
-        return original(requests, stops=stops, on_text=handed)
+        try:
+            return original(requests, stops=stops, on_text=handed)
+        finally:
+            batch_ended.set()
 
-    monkeypatch.setattr(engine, "answer_batch", slowly)
-    stop, ended_at, pieces = threading.Event(), {}, {0: [], 1: []}
+    monkeypatch.setattr(engine, "answer_batch", held_after_the_stop)
+    ended, pieces = {0: threading.Event(), 1: threading.Event()}, {0: [], 1: []}
     long_question, concepts, image, _ = questions[1]
 
     def visitor(index, budget, stopping):
@@ -153,18 +166,25 @@ def test_a_stopped_answer_ends_without_waiting_for_its_batch(engine, asks, monke
             pieces[index].append(answer)
             if index == 0 and len(pieces[0]) == 2:
                 stop.set()
-        ended_at[index] = time.monotonic()
+        ended[index].set()
 
     threads = [
-        threading.Thread(target=visitor, args=(0, 40, stop)),
-        threading.Thread(target=visitor, args=(1, 40, None)),
+        threading.Thread(target=visitor, args=(0, 40, stop), daemon=True),
+        threading.Thread(target=visitor, args=(1, 40, None), daemon=True),
     ]
     for thread in threads:
         thread.start()
+    try:
+        # the stopped stream ends while the batch is held after the Stop: it did not wait for the other's answer
+        assert ended[0].wait(timeout=60)
+        assert held.wait(timeout=60) and not batch_ended.is_set() and not ended[1].is_set()
+        pieces_before = len(pieces[1])
+    finally:
+        release.set()
     for thread in threads:
         thread.join(60)
+    assert ended[1].is_set() and len(pieces[1]) > pieces_before  # the other went on to its end
     assert pieces[0][-1].stopped and len(pieces[0]) <= 4 and not pieces[1][-1].stopped
-    assert ended_at[1] - ended_at[0] > 0.5  # the stopped one did not wait for the other's end
     assert scheduler.batch_sizes[-1] == 2
 
 
