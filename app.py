@@ -100,13 +100,14 @@ def build_demo(
 
         panel = [mine.cards, mine.to_remove, mine.summary, mine.records, mine.status]
 
-        def then_refresh(event, status: bool = True, after: str = "then", refresh=None):
+        def then_refresh(event, status: bool = True, after: str = "then", refresh=None, keep_token: bool = True):
             """The panel (`refresh`, by default `act.panel`) and the browser's token after `event`: once it succeeded
             ("then": the page runs no event chained with `then` after a failure), or once it failed ("failure")."""
             refresh = refresh or (act.panel if status else functools.partial(act.panel, status=False))
             chain = getattr(event, after)
             # The session named by the browser's token, also when the tab outlived its last session (space/resume.py).
-            chain(sessions.keep, [session, browser_token], browser_token, **CHEAP, **PRIVATE)
+            if keep_token:  # not after a refusal: it added nothing, and the browser's token (its other tabs') stays
+                chain(sessions.keep, [session, browser_token], browser_token, **CHEAP, **PRIVATE)
             return chain(refresh, session, panel, **CHEAP, **PRIVATE).then(
                 None, mine.summary, None, js=TRACK_CONCEPTS_JS, **PRIVATE
             )
@@ -161,8 +162,9 @@ def build_demo(
             **PRIVATE,
         )
         # A message refused because the tab's session had ended (`Sessions.rejoin`): the panel shows that nothing
-        # is left, and the browser keeps the token of the tab's new session.
-        then_refresh(asking, after="failure", refresh=act.panel_if_told)
+        # is left. The browser's token stays as it is (a refusal adds nothing, and another tab's session may be
+        # the one it names); it learns the new session's once something is added there.
+        then_refresh(asking, after="failure", refresh=act.panel_if_told, keep_token=False)
         stopping = functools.partial(_stops, functools.partial(act.stop_answer, tab="image"), session, asking)
         stopping(img.stop.click).then(
             functools.partial(guidance.mark_stopped_in_chat, tab="image"),
@@ -195,7 +197,7 @@ def build_demo(
             **answer_events,
             **PRIVATE,
         )
-        then_refresh(asking, after="failure", refresh=act.panel_if_told)  # as in the image tab
+        then_refresh(asking, after="failure", refresh=act.panel_if_told, keep_token=False)  # as in the image tab
         stopping = functools.partial(_stops, functools.partial(act.stop_answer, tab="video"), session, asking)
         stopping(vid.stop.click).then(
             functools.partial(guidance.mark_stopped_in_chat, tab="video"),

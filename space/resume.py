@@ -193,9 +193,10 @@ def keep_promises(holder, session_ttl_s: float) -> None:
       memory all sessions share;
     * a closed tab's session expires `session_ttl_s` after its last action like an open one's: Gradio keeps a
       closed tab's states an hour (`STATE_TTL_WHEN_CLOSED`), whatever their own time to live;
-    * the new session Gradio makes for a tab whose session expired lives `session_ttl_s` from the action it was made
-      for, like a first one: Gradio would count it from the expired one's last action, and drop it (and free it,
-      under the handler just handed it) within a second, unless a handler returned it first.
+    * a new session Gradio makes for a tab (its first, or one after the last expired or was dropped) lives
+      `session_ttl_s` from the action it was made for: Gradio would count it from the expired one's last action,
+      and drop it (and free it, under the handler just handed it) within a second, or, made for an action that
+      failed before returning it, never expire it at all.
 
     Its `update` (which every request of a session calls before it reads the session's states, and which drops the
     least recently used) is replaced on this one object; the rest is Gradio's."""
@@ -208,9 +209,11 @@ def keep_promises(holder, session_ttl_s: float) -> None:
                 holder.session_data.move_to_end(session_id)
                 state.STATE_TTL_WHEN_CLOSED = session_ttl_s
                 now = datetime.datetime.now()
-                for key, (time_to_live, _) in list(state._state_ttl.items()):
-                    if key not in state.state_data:  # expired: the value made again for this request starts now
-                        state._state_ttl[key] = (time_to_live, now)
+                for key, block in state.blocks_config.blocks.items():
+                    # Not there (expired, or a new page's): the value made for this request lives from now, also
+                    # if no handler returns it (Gradio gives a time to live only to a value a handler returned).
+                    if isinstance(block, gr.State) and block.time_to_live and key not in state.state_data:
+                        state._state_ttl[key] = (block.time_to_live, now)
             while len(holder.session_data) > holder.capacity:
                 evicted, state = holder.session_data.popitem(last=False)
                 holder.time_last_used.pop(evicted, None)

@@ -276,3 +276,69 @@ def test_a_second_tab_on_a_phone_has_the_concepts_and_every_tab_label(page):
     phone.get_by_role("gridcell").filter(has_text="Is Chelsea in this photo?").first.click()
     expect(phone.locator("#image-question")).to_be_in_viewport()
     phone.close()
+
+
+def test_a_tab_that_outlived_its_session_is_told_and_leaves_the_browsers_other_session_alone(page, demo):
+    """A tab left open past its session's expiry: its next question is refused with the sentence that says so, and
+    stays in its box. Meanwhile a new tab of the same browser has a session of its own, with a concept: the old tab's
+    refusal must not move the browser's token to the old tab's empty session (a reload of the new tab would then
+    show nothing)."""
+    import datetime
+    import json
+    from urllib.parse import parse_qs, urlparse
+
+    from playwright.sync_api import expect
+
+    def open_tab():
+        """A new tab of the browser, and the Gradio session of its page (which its requests name)."""
+        tab, named = browser.new_page(), []
+        tab.on("request", lambda request: named.append(session_named(request)))
+        tab.set_default_timeout(WAIT_MS)
+        tab.goto(page.url, wait_until="domcontentloaded")
+        expect(tab.locator("#cards")).to_be_visible()
+        deadline = time.monotonic() + WAIT_MS / 1000
+        while not any(named) and time.monotonic() < deadline:
+            tab.wait_for_timeout(200)
+        return tab, next(name for name in named if name)
+
+    def session_named(request):
+        """The Gradio session a request of the page names: in its body (page load, queue) or its address."""
+        try:
+            body = json.loads(request.post_data or "null")
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and body.get("session_hash"):
+            return body["session_hash"]
+        return (parse_qs(urlparse(request.url).query).get("session_hash") or [None])[0]
+
+    def introduce_chelsea(tab):
+        tab.get_by_text("Chelsea", exact=True).first.click()  # the example concept: its name and photos
+        expect(tab.get_by_label("Name")).to_have_value("Chelsea")
+        tab.get_by_role("button", name="Introduce", exact=True).click()
+        expect(tab.locator("#cards").get_by_text("Chelsea\u2069 ·")).to_be_visible()
+        expect(tab.get_by_text("1 of 50 concepts")).to_be_visible()
+        tab.wait_for_timeout(1500)  # the events chained after it have run (the browser keeps its token)
+
+    browser = page.context.browser.new_context(viewport={"width": 1280, "height": 1000})  # a browser of its own
+    try:
+        old, old_page = open_tab()
+        introduce_chelsea(old)
+        state = demo.state_holder.session_data[old_page]  # what Gradio does an hour after the tab's last action
+        for key, (live, _) in list(state._state_ttl.items()):
+            state._state_ttl[key] = (live, datetime.datetime.now() - datetime.timedelta(seconds=live + 1))
+        demo.state_holder.delete_all_expired_state()
+        new, _ = open_tab()  # the next day: a new tab, whose session is new
+        introduce_chelsea(new)
+
+        old.get_by_role("tab", name="Ask: image").click()
+        question = old.locator("#image-question").locator("textarea").first
+        question.fill("Where is Chelsea?")
+        old.get_by_role("button", name="Ask", exact=True).first.click()
+        expect(old.get_by_text("Your session on this server ended").first).to_be_visible()
+        expect(question).to_have_value("Where is Chelsea?")
+        old.wait_for_timeout(1500)  # the refusal's chained events have run
+
+        new.reload(wait_until="domcontentloaded")
+        expect(new.locator("#cards").get_by_text("Chelsea\u2069 ·")).to_be_visible()
+    finally:
+        browser.close()

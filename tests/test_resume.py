@@ -219,3 +219,39 @@ def test_the_session_gradio_makes_again_after_an_expiry_is_not_dropped_within_a_
     assert holder["tab"][state._id] == "new"  # the tab's next request
     holder.delete_all_expired_state()
     assert released == ["used"] and holder["tab"][state._id] == "new"
+
+
+def test_a_session_made_for_an_action_that_failed_before_returning_it_still_expires():
+    """Gradio gives a state a time to live only when a handler returns it: the session made for the first action of
+    a tab dropped beyond `max_sessions` would never expire if that action failed, and, standing in for the session
+    another tab still holds, would hold that one forever. The Space's store counts it from that request."""
+    import datetime
+
+    import gradio as gr
+    from gradio.state_holder import StateHolder
+
+    from space.resume import keep_promises
+
+    sessions = Sessions()
+    with gr.Blocks() as blocks:
+        state = gr.State(Session(), time_to_live=60, delete_callback=sessions.release)
+    holder = StateHolder()
+    holder.set_blocks(blocks)
+    holder.capacity = 3
+    keep_promises(holder, session_ttl_s=60)
+    shared, token = sessions.resume(holding("Chelsea"), None, Page("A"))
+    holder["A"][state._id] = shared
+    holder["B"][state._id] = sessions.resume(Session(), token, Page("B"))[0]  # a second tab of the browser
+    holder["A"]
+    for visitor in ("C", "D"):  # other visitors: tab B, the least recently used, is dropped
+        holder[visitor][state._id] = Session()
+    assert "B" not in holder.session_data and shared.names == ["Chelsea"]
+    holder["A"]  # tab A stays: tab B's return drops another visitor
+    new = holder["B"][state._id]  # tab B's next action, refused before returning its session: nothing set
+    assert sessions.rejoin(new, Page("B")) == (shared, False)  # B's new session stands in for the shared one
+    an_hour_later = datetime.timedelta(hours=1)
+    for tab in ("A", "B"):  # both tabs idle past the time to live: each state's clock an hour back
+        ttl = holder.session_data[tab]._state_ttl
+        ttl.update({key: (live, since - an_hour_later) for key, (live, since) in ttl.items()})
+    holder.delete_all_expired_state()
+    assert shared.names == [] and sessions.resume(Session(), token, Page("D"))[1] != token
