@@ -624,6 +624,8 @@ def _video_tab(s, examples) -> SimpleNamespace:
 
 
 def _concepts_panel(s, limits) -> SimpleNamespace:
+    from space import views
+
     gr.Markdown("## Your concepts")
     summary = gr.Markdown(latex_delimiters=[])
     # What the last Remove, Clear, Export or Import did, or why it could not: the browser shows no error of an
@@ -653,9 +655,9 @@ def _concepts_panel(s, limits) -> SimpleNamespace:
         records = gr.JSON(label="Your concepts", show_label=False)
     _hint(
         f"Your concepts live in this server's memory: a reload or another tab of this browser brings them "
-        f"back, and they are deleted {s.session_ttl_s // 60} minutes after your last action here (sooner if the "
+        f"back, and they are deleted {views.duration(s.session_ttl_s)} after your last action here (sooner if the "
         f"server restarts or is very busy); uploads leave the server within "
-        f"{(s.upload_max_age_s + s.upload_cleanup_interval_s) // 60} minutes. Export your concepts to keep "
+        f"{views.duration(s.upload_max_age_s + s.upload_cleanup_interval_s)}. Export your concepts to keep "
         f"them (and import them here: a file of at most {s.max_concept_file_mb:g} MiB and "
         f"{limits.max_concept_file_concepts} concepts). At most {s.max_concepts_per_session} concepts."
     )

@@ -46,7 +46,7 @@ from .zerogpu import call_seconds, gpu, on_zero_gpu
 log = logging.getLogger("ego.space")
 ENDED_CONVERSATIONS = " The conversations that knew it ended: your next message starts a new one."
 SESSION_ENDED = (
-    "Your session on this server ended {minutes} minutes after your last action (sooner if the server was very "
+    "Your session on this server ended {after} after your last action (sooner if the server was very "
     "busy), and its concepts and conversations were deleted with it."
 )
 """Said once in a tab left open past its session's expiry, at its next action (`Sessions.rejoin`). Not after a
@@ -241,7 +241,7 @@ class Actions:
 
     def session_ended(self, then: str = TO_GO_ON) -> str:
         """The sentence for a tab whose session ended since its page loaded, and what to do `then`."""
-        return SESSION_ENDED.format(minutes=self.settings.session_ttl_s // 60) + then
+        return SESSION_ENDED.format(after=views.duration(self.settings.session_ttl_s)) + then
 
     def _rejoin_adding(self, session: Session, request) -> Session:
         """The session an action that adds concepts works on (`Sessions.rejoin`): in a tab whose session had ended,
@@ -517,7 +517,7 @@ class Actions:
                 raise InputError(
                     "There is no conversation to follow up yet: ask a first question about a photo "
                     "(/ask_image) or a clip (/ask_video). (A session, its concepts and conversations with it, ends "
-                    f"{self.settings.session_ttl_s // 60:g} minutes after its last action.)"
+                    f"{views.duration(self.settings.session_ttl_s)} after its last action.)"
                 )
             question = checks.check_question(question, self.limits)
             engine = self._engine(progress)

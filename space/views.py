@@ -138,6 +138,14 @@ _MARKDOWN = set("\\`*_{}[]()#+-.!|~$:@^=")
 """Characters that can start Markdown syntax (emphasis, links, tables, headings, autolinks, maths)."""
 
 
+def duration(seconds: float) -> str:
+    """A setting's seconds as a visitor reads them: "45 seconds", "1 minute", "90 minutes", "1.5 minutes"."""
+    if seconds < 60:
+        return f"{seconds:g} second{'s' * (seconds != 1)}"
+    minutes = seconds / 60
+    return f"{round(minutes, 1):g} minute{'s' * (minutes != 1)}"
+
+
 def escape_markdown(text) -> str:
     """Visitor text as literal Markdown: no HTML, links, images, emphasis, tables or maths; one line."""
     out = []

@@ -170,3 +170,12 @@ def test_records_and_details_are_json():
 def test_frame_captions():
     assert views.frame_captions({"fps": 10.0, "frames_indices": [1, 15]}) == ["frame 2 · 0.1 s", "frame 16 · 1.5 s"]
     assert views.frame_captions({"frames_indices": [0]}) == ["frame 1"]
+
+
+def test_a_duration_reads_in_the_unit_a_visitor_expects():
+    assert views.duration(3600) == "60 minutes"
+    assert views.duration(4200) == "70 minutes"
+    assert views.duration(60) == "1 minute"
+    assert views.duration(90) == "1.5 minutes"
+    assert views.duration(45) == "45 seconds"
+    assert views.duration(1) == "1 second"
