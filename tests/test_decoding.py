@@ -13,14 +13,34 @@ import threading
 
 import pytest
 import torch
-from conftest import FAMILIES, eager_model, photo, reference_inputs, tiny_engine
+from conftest import (
+    FAMILIES,
+    WholeBudgetGenerations,
+    description_keyword_tokens,
+    eager_model,
+    photo,
+    record_scores,
+    reference_inputs,
+    tiny_engine,
+)
 from transformers import StaticCache, StoppingCriteria, StoppingCriteriaList
 
 from ego import Ego, Settings, prompts
 from ego.decoding import allow_compiled_decoding, compile_counts, resolve_mode
-from ego.engine import _extend, keyword_positions, layer_importance
+from ego.engine import _extend, layer_importance
 
 COMPILED = Settings(decoding="compiled", compile_backend="aot_eager")
+SAME_SCORES = dict(atol=1e-5, rtol=1e-4)
+"""Compiled and eager decoding give the same logits at every step, to float32 rounding: a tiny random model's
+greedy tokens barely depend on its inputs (a wrong position or a swapped input may leave them as they were), its
+logits do."""
+
+
+def assert_same_scores(compiled_scores: list, eager_scores: list) -> None:
+    """Each generate call's per-step scores (`conftest.record_scores`), compiled and eager, call by call."""
+    assert len(compiled_scores) == len(eager_scores) > 0
+    for fast, slow in zip(compiled_scores, eager_scores):
+        torch.testing.assert_close(fast, slow, **SAME_SCORES)
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +93,16 @@ def _greedy(model, engine, inputs, new_tokens):
 # The introduction's rows, recorded after generation
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
-def test_description_rows_scores_and_kept_tokens_equal_eager_attention_over_the_conversation(family):
+def test_description_rows_scores_and_kept_tokens_equal_eager_attention_over_the_conversation(family, monkeypatch):
     """The rows the engine records equal what a model with eager attention computes over the same conversation
     (prompt, the greedy description, the size question), which is what capturing them during generation gave;
-    so do Eq. 3's scores and the kept tokens, and the size answer is the greedy continuation of it."""
-    engine, model = tiny_engine(family), eager_model(family)
-    picture, size_tokens = photo(5), 6
-    described = engine.describe(engine.encode_reference(picture), engine.layers, size_new_tokens=size_tokens)
+    so do Eq. 3's scores and the kept tokens of the introduction, and the size answer is the greedy continuation."""
+    size_tokens = 6
+    engine, model = tiny_engine(family).with_settings(size_max_new_tokens=size_tokens), eager_model(family)
+    picture, descriptions, describe = photo(5), [], engine.describe
+    monkeypatch.setattr(engine, "describe", lambda *a, **k: descriptions.append(describe(*a, **k)) or descriptions[-1])
+    view = engine.introduce("Chelsea", [picture]).views[0]
+    (described,) = descriptions
 
     inputs = reference_inputs(engine, picture)
     start = inputs["input_ids"].shape[1]
@@ -108,7 +131,7 @@ def test_description_rows_scores_and_kept_tokens_equal_eager_attention_over_the_
                 rtol=1e-5,
             )
 
-    offsets, _ = keyword_positions(engine.backend.tokenizer, description, content_only=True)
+    offsets = description_keyword_tokens(engine.backend.tokenizer, description)  # not the engine's keyword_positions
     rows = torch.tensor([start + i for i in offsets])
     block = torch.stack([attentions[layer][0] for layer in engine.layers])[:, :, rows][:, :, :, columns]
     expected = block.sum(dim=(0, 1, 2)) / (block.shape[0] * block.shape[1] * block.shape[2])  # Eq. 3: [N_r]
@@ -116,6 +139,9 @@ def test_description_rows_scores_and_kept_tokens_equal_eager_attention_over_the_
     torch.testing.assert_close(scores, expected, atol=2e-6, rtol=1e-5)
     for k in (1, 10, 50):
         assert sorted(torch.topk(scores, k).indices.tolist()) == sorted(torch.topk(expected, k).indices.tolist())
+    # The introduction's own scores and kept tokens: from the keyword rows it chose itself.
+    torch.testing.assert_close(view.scores, expected, atol=2e-6, rtol=1e-5)
+    assert view.token_indices.tolist() == sorted(torch.topk(expected, view.k).indices.tolist())
 
     with torch.no_grad():
         size = _greedy(model, engine, {"input_ids": sequence, **forward}, size_tokens)
@@ -160,7 +186,7 @@ def test_bitsandbytes_4bit_compiles_for_this_model_only_and_gives_the_eager_toke
 # --------------------------------------------------------------------------------------------------
 # Compiled decoding (one engine for the module)
 # --------------------------------------------------------------------------------------------------
-def test_compiled_and_eager_decoding_give_the_same_greedy_tokens(compiled):
+def test_compiled_and_eager_decoding_give_the_same_greedy_tokens(compiled, monkeypatch):
     eager = tiny_engine("qwen2.5-vl")
     picture = photo(7)
     text = compiled.backend.chat_text([{"type": "image"}, {"type": "text", "text": "What is in this photo?"}])
@@ -169,19 +195,34 @@ def test_compiled_and_eager_decoding_give_the_same_greedy_tokens(compiled):
     ).inputs
     with torch.no_grad():
         out = compiled.model.generate(
-            **inputs, max_new_tokens=16, min_new_tokens=16, **compiled.decoding, return_dict_in_generate=True
+            **inputs,
+            max_new_tokens=16,
+            min_new_tokens=16,
+            **compiled.decoding,
+            return_dict_in_generate=True,
+            output_scores=True,
         )
-        expected = eager.model.generate(**inputs, max_new_tokens=16, min_new_tokens=16, **eager.decoding)
-    assert out.sequences.tolist() == expected.tolist()
+        expected = eager.model.generate(
+            **inputs,
+            max_new_tokens=16,
+            min_new_tokens=16,
+            **eager.decoding,
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
+    assert out.sequences.tolist() == expected.sequences.tolist()
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(expected.scores), **SAME_SCORES)
     # It decoded on the shared static cache, through transformers' compiled call.
     assert isinstance(out.past_key_values, StaticCache) and out.past_key_values is compiled.decoder._caches[1]
     assert hasattr(compiled.model, "_compiled_call") and compiled.decoder.warm_up_s > 0
     # And the engine's answers are the eager engine's, with and without concepts.
     concept = eager.introduce("Chelsea", [photo(8)], keywords="cat", area_pct=10)
+    scores = {engine: record_scores(monkeypatch, engine) for engine in (compiled, eager)}
     for concepts in ([], [concept]):
         assert compiled.answer("Who is here?", concepts, image=picture, max_new_tokens=12) == eager.answer(
             "Who is here?", concepts, image=picture, max_new_tokens=12
         )
+    assert_same_scores(scores[compiled], scores[eager])
 
 
 def test_compiled_introduction_equals_the_eager_one(compiled):
@@ -203,7 +244,7 @@ def test_new_prompt_lengths_and_budgets_do_not_recompile(compiled):
     assert compile_counts() == before
 
 
-def test_one_graph_decodes_photos_clips_introductions_and_follow_ups_each_as_eager_does():
+def test_one_graph_decodes_photos_clips_introductions_and_follow_ups_each_as_eager_does(monkeypatch):
     """Transformers hands the prefill's grid sizes (a photo's `image_grid_thw`, a clip's `video_grid_thw` and
     `second_per_grid_ts`) on to every decode step, which does not read them, and gives a continuation on a filled
     cache (an introduction's size question, a follow-up) its positions in another shape: each was a graph of its
@@ -215,6 +256,7 @@ def test_one_graph_decodes_photos_clips_introductions_and_follow_ups_each_as_eag
     engine.answer("What is here?", image=photo(12), max_new_tokens=4)
     before = compile_counts()
     frames = clip(32)
+    scores = {e: record_scores(monkeypatch, e) for e in (engine, eager)}
     assert engine.answer("What happens?", video=frames, max_new_tokens=6) == eager.answer(
         "What happens?", video=frames, max_new_tokens=6
     )
@@ -225,7 +267,9 @@ def test_one_graph_decodes_photos_clips_introductions_and_follow_ups_each_as_eag
         chat = e.chat([fast], video=frames)
         said.append([str(chat.ask(q, max_new_tokens=5)) for q in ("Is Chelsea here?", "And then?", "Why?")])
     assert said[0] == said[1]
+    assert_same_scores(scores[engine], scores[eager])  # the clip, the size question and the conversation
     assert compile_counts() == before
+    monkeypatch.undo()
     engine.decoder.close()
     assert not {"prepare_inputs_for_generation", "_prepare_position_ids_for_generation"} & set(vars(engine.model))
 
@@ -249,14 +293,19 @@ def test_every_compiled_generation_runs_on_the_decode_thread(compiled):
     assert threading.current_thread().name not in threads
 
 
-def test_streaming_and_stop_work_with_compiled_decoding(compiled):
+def test_streaming_and_stop_work_with_compiled_decoding(compiled, monkeypatch):
     picture = photo(12)
     whole = compiled.answer("Describe this.", image=picture, max_new_tokens=12)
     pieces = list(compiled.stream_answer("Describe this.", image=picture, max_new_tokens=12))
     assert pieces[-1] == whole and len(pieces) > 2
-    stream = compiled.stream_answer("Describe this.", image=picture, max_new_tokens=200)
-    next(stream)
-    stream.close()  # Stop: the generation ends, the model is free again
+    with monkeypatch.context() as patch:
+        generations = WholeBudgetGenerations(patch, compiled)  # 200 tokens unless stopped
+        stream = compiled.stream_answer("Describe this.", image=picture, max_new_tokens=200)
+        next(stream)
+        before = generations.held()  # the decode thread waits for the Stop after its next token
+        stream.close()  # Stop: the generation ends, the model is free again
+    assert len(generations.tokens) == 1 and generations.tokens[0] <= before + 1 < 200
+    assert not compiled._lock.locked()
     assert compiled.answer("Describe this.", image=picture, max_new_tokens=12) == whole
 
 
@@ -280,7 +329,7 @@ def test_a_conversation_decodes_on_the_shared_cache_and_keeps_a_cache_of_its_own
     concept = eager.introduce("Chelsea", [photo(20)], keywords="cat", area_pct=10)
     caches = caches_decoded_on(compiled.decoder, monkeypatch)
     before = compile_counts()
-    said = {}
+    said, scores = {}, {engine: record_scores(monkeypatch, engine) for engine in (compiled, eager)}
     for engine in (compiled, eager):
         asked, adopted = engine.chat([concept], image=photo(21)), engine.chat([concept], image=photo(22))
         adopted.adopt("What is here?", engine.answer("What is here?", [concept], image=photo(22), max_new_tokens=6))
@@ -298,6 +347,7 @@ def test_a_conversation_decodes_on_the_shared_cache_and_keeps_a_cache_of_its_own
         said[engine] = [str(answer) for answer in answers] + [chat._cache.get_seq_length() for chat in (asked, adopted)]
         assert not {id(asked._cache), id(adopted._cache)} & {id(cache) for cache in compiled.decoder._caches.values()}
     assert said[compiled] == said[eager]  # the same answers, and caches of the same lengths
+    assert_same_scores(scores[compiled], scores[eager])
     assert len(caches) == 8 and all(cache is compiled.decoder._caches[1] for cache in caches)
     assert compile_counts() == before  # a cache filled before the prefill does not recompile the step
 
@@ -309,7 +359,7 @@ def test_every_family_continues_a_conversation_compiled_as_it_does_eagerly(famil
     fast, slow = Ego.tiny(family, settings=COMPILED), tiny_engine(family)
     concept = slow.introduce("Chelsea", [photo(40)], keywords="cat", area_pct=10)
     caches = caches_decoded_on(fast.decoder, monkeypatch)
-    said = {}
+    said, scores = {}, {engine: record_scores(monkeypatch, engine) for engine in (fast, slow)}
     for engine in (fast, slow):
         chat = engine.chat([concept], image=photo(41))
         answers = [chat.ask("Is Chelsea here?", max_new_tokens=5), chat.ask("What colour?", max_new_tokens=5)]
@@ -317,21 +367,26 @@ def test_every_family_continues_a_conversation_compiled_as_it_does_eagerly(famil
         answers.append(chat.ask("Where is Chelsea?", max_new_tokens=5))
         said[engine] = [str(answer) for answer in answers] + [chat._cache.get_seq_length()]
     assert said[fast] == said[slow]
+    assert_same_scores(scores[fast], scores[slow])
     assert len(caches) == 4 and all(cache is fast.decoder._caches[1] for cache in caches)  # on the shared cache
 
 
 def test_batched_answers_decode_compiled_and_each_equals_its_eager_answer_alone(compiled, monkeypatch):
     """Four visitors' questions (photos, a clip, none; 0 to 3 concepts; different budgets) in one compiled batch,
     on the static cache of batch size 4: each answer is the eager engine's answer to that question alone."""
-    from test_batching import SMALL, build_setup, clip
+    from test_batching import _LONE_LOGITS, SMALL, assert_rows_score_as_alone, build_setup, clip, record_logits
 
     from ego.batching import AnswerRequest
 
     _, _, requests, lone = build_setup("qwen2.5-vl")
     caches = caches_decoded_on(compiled.decoder, monkeypatch)
     before = compile_counts()
-    batched = compiled.with_settings(**SMALL).answer_batch(requests[:4])
+    with monkeypatch.context() as patch:
+        logits = record_logits(patch, compiled)
+        batched = compiled.with_settings(**SMALL).answer_batch(requests[:4])
     assert [str(answer) for answer in batched] == [str(answer) for answer in lone[:4]]
+    (rows,) = logits  # one generation; each row's logits at every step are the eager ones alone
+    assert_rows_score_as_alone(rows, _LONE_LOGITS["qwen2.5-vl"][:4])
     assert caches == [compiled.decoder._caches[4]]
     # The warm-up compiled the batched steps: batches of other sizes, of photos or clips, with or without
     # different lengths, compile nothing more.
@@ -349,23 +404,32 @@ def test_follow_ups_answered_together_decode_compiled_as_each_does_eagerly_alone
 
     eager = tiny_engine("qwen2.5-vl")
     concept = eager.introduce("Chelsea", [photo(50)], keywords="cat", area_pct=10)
-    said = {}
+    said, scores = {}, {}
     for engine in (compiled, eager):
+        scores[engine] = record_scores(monkeypatch, engine)
         chats = [engine.chat([concept], image=photo(51)), engine.chat([], image=photo(52, size=(200, 160)))]
         firsts = [chat.ask(q, max_new_tokens=8) for chat, q in zip(chats, ["Is Chelsea here?", "What is this?"])]
         # New parts a few tokens apart: the shorter one computes its last answer tokens again, not its photo.
         questions = ["What is she holding?", "And what colour is the wall?"]
         if engine is compiled:
-            caches = caches_decoded_on(compiled.decoder, monkeypatch)
-            before = compile_counts()
-            follow_ups = engine.follow_up_batch([FollowUpRequest(c, q, 6) for c, q in zip(chats, questions)])
+            with monkeypatch.context() as patch:
+                caches = caches_decoded_on(compiled.decoder, patch)
+                before = compile_counts()
+                follow_ups = engine.follow_up_batch([FollowUpRequest(c, q, 6) for c, q in zip(chats, questions)])
             assert caches == [compiled.decoder._caches[2]] and compile_counts() == before
-            monkeypatch.undo()
         else:
             follow_ups = [chat.ask(q, max_new_tokens=6) for chat, q in zip(chats, questions)]
         later = [chat.ask("And then?", max_new_tokens=5) for chat in chats]
         said[engine] = [str(answer) for answer in firsts + follow_ups + later]
     assert said[compiled] == said[eager]
+    # Call by call: the two first questions, the follow-ups (compiled: one batch of two; eager: each alone), the
+    # two later questions; each batched row's scores are its conversation's alone, at every step of its answer.
+    fast, slow = scores[compiled], scores[eager]
+    assert len(fast) == 5 and len(slow) == 6 and fast[2].shape[1] == 2
+    assert_same_scores(fast[:2] + fast[3:], slow[:2] + slow[4:])
+    for row, (alone, answer) in enumerate(zip(slow[2:4], follow_ups)):
+        steps = len(answer.token_ids)
+        torch.testing.assert_close(fast[2][:steps, row], alone[:steps, 0], **SAME_SCORES)
 
 
 def test_a_generation_longer_than_the_static_cache_decodes_eagerly(compiled, monkeypatch):
@@ -425,22 +489,27 @@ def test_a_batch_whose_static_cache_would_not_fit_the_gpu_decodes_eagerly(compil
 def test_a_batched_step_that_fails_to_compile_leaves_batches_eager_and_single_questions_compiled(caplog):
     """A compiler that cannot take the batched step's dynamic batch dimension (a backend that refuses symbolic
     shapes, standing in for any compiler failure there): the warm-up says so, batches decode eagerly with the same
-    answers, and single questions stay on the compiled step."""
+    answers, and single questions stay on the compiled step. (No `torch._dynamo.reset()`: it would drop the graphs
+    of the module's compiled engine, which later tests would then compile again; dynamo guards each graph on the
+    backend that compiled it, so this engine's steps go to its own backend, as `compiled_shapes` checks.)"""
     import torch._dynamo
+
+    compiled_shapes = []
 
     def static_shapes_only(graph, example_inputs):
         symbolic = any(isinstance(x, torch.SymInt) for x in example_inputs) or any(
             isinstance(size, torch.SymInt) for x in example_inputs if torch.is_tensor(x) for size in x.shape
         )
+        compiled_shapes.append("symbolic" if symbolic else "static")
         if symbolic:
             raise RuntimeError("this compiler takes static shapes only")
         return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
 
-    torch._dynamo.reset()  # graphs of the module's other engines would serve this one: it must compile its own
     torch._dynamo.register_backend(static_shapes_only, name="ego_static_shapes_only")
     engine = Ego.tiny("qwen2.5-vl", settings=Settings(decoding="compiled", compile_backend="ego_static_shapes_only"))
     engine.warm_up(batched=True)
     assert "compiling the batched decode step failed" in caplog.text
+    assert {"static", "symbolic"} <= set(compiled_shapes)  # its one-row step compiled, its batched step refused
     assert engine.decoder.compiled and not engine.decoder.batches_compiled
     eager = tiny_engine("qwen2.5-vl")
     from ego.batching import AnswerRequest

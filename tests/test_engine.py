@@ -9,11 +9,19 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import eager_model, model_is_free, photo, reference_inputs, spy_on_generate, tiny_engine
+from conftest import (
+    WholeBudgetGenerations,
+    description_keyword_tokens,
+    eager_model,
+    photo,
+    reference_inputs,
+    spy_on_generate,
+    tiny_engine,
+)
 
 import ego.engine
 from ego import Concept, Ego, IncompatibleMemoryError, InputError
-from ego.engine import _extend, keyword_positions
+from ego.engine import _extend
 
 
 def eager_importance(engine, family, picture, continuation_ids, keyword_offsets):
@@ -55,7 +63,8 @@ def test_eq3_eq4_match_eager_attention_on_the_generated_description(family):
     while description_ids and description_ids[-1] in engine.backend.stop_token_ids:
         description_ids.pop()
     assert engine.backend.tokenizer.decode(description_ids, skip_special_tokens=True) == view.description
-    offsets, _ = keyword_positions(engine.backend.tokenizer, description_ids, content_only=True)
+    # The keyword rows, found without the engine's `keyword_positions`.
+    offsets = description_keyword_tokens(engine.backend.tokenizer, description_ids)
     expected, n_r = eager_importance(engine, family, picture, description_ids, offsets)
     torch.testing.assert_close(view.scores, expected, atol=2e-5, rtol=1e-4)
     assert view.grid[0] * view.grid[1] == n_r == view.scores.numel()
@@ -143,18 +152,25 @@ def test_with_settings_is_the_same_model_with_other_settings_and_one_call_at_a_t
     assert engine.with_settings(Settings.paper(), k_cap_tokens=8).settings == Settings.paper(k_cap_tokens=8)
     assert engine.with_settings(settings=Settings.paper()).settings == Settings.paper()  # by name too
     assert small.introduce("Chelsea", [photo(5)], area_pct=100).views[0].k == 8
-    # Both share the model, so both wait for each other.
-    entered = threading.Event()
+    # Both share the model, so both wait for each other: while one holds it, the other cannot take it (asked
+    # without waiting, from another thread: an answer, not a timing), and takes it once it is free.
+    asked, entered, taken = threading.Event(), threading.Event(), []
 
     def use_small():
+        taken.append(small._lock.acquire(blocking=False))
+        if taken[-1]:
+            small._lock.release()
+        asked.set()
         with small.exclusive_use():
             entered.set()
 
     with engine.exclusive_use():
         worker = threading.Thread(target=use_small, daemon=True)
         worker.start()
-        assert not entered.wait(0.3)
-    worker.join(5)
+        assert asked.wait(30)
+        assert taken == [False], "the other engine took the model while this one held it"
+        assert not entered.is_set()
+    worker.join(30)
     assert entered.is_set()
 
 
@@ -239,14 +255,17 @@ def test_stream_yields_growing_text_that_ends_in_the_answer():
     assert parts[-1].concepts_used == ("Chelsea",) and parts[-1].startswith(growing[-1])
 
 
-def test_closing_a_stream_stops_generation_and_frees_the_model():
-    engine = tiny_engine("qwen2-vl")
-    stream = engine.stream_answer("Describe this photo.", image=photo(8), max_new_tokens=200)
-    next(stream)
-    stream.close()
-    assert model_is_free(engine, within_s=2), "the model was not released"
+def test_closing_a_stream_stops_generation_and_frees_the_model(monkeypatch):
     import threading
 
+    engine = tiny_engine("qwen2-vl")
+    generations = WholeBudgetGenerations(monkeypatch, engine)  # 200 tokens unless stopped
+    stream = engine.stream_answer("Describe this photo.", image=photo(8), max_new_tokens=200)
+    next(stream)
+    before = generations.held()  # the generation waits for the Stop after its next token
+    stream.close()
+    assert generations.tokens == [generations.tokens[0]] and generations.tokens[0] <= before + 1 < 200
+    assert not engine._lock.locked(), "the model was not released"
     assert not any(t.name == "ego-generate" and t.is_alive() for t in threading.enumerate())
 
 
@@ -284,17 +303,20 @@ def test_a_whole_settings_object_keeps_the_engines_decoding():
         engine.with_settings(Settings(decoding="compiled"))
 
 
-def test_a_stopped_stream_keeps_the_model_until_its_generation_has_ended():
+def test_a_stopped_stream_keeps_the_model_until_its_generation_has_ended(monkeypatch):
     """A decode step slower than a second (a large model on a CPU, a compilation) is still writing the shared
-    cache and the backend's state when Stop is pressed: the next caller must not get the model before it ends."""
+    cache and the backend's state when Stop is pressed: the next caller must not get the model before it ends,
+    and the generation ends with that step."""
     import threading
     import time
 
     engine = Ego.tiny("qwen2-vl", device="cpu")
+    generations = WholeBudgetGenerations(monkeypatch, engine)  # 1000 tokens unless stopped
     slow, in_slow_step = threading.Event(), threading.Event()
 
     def slow_decode_step(module, args, kwargs):
         if slow.is_set() and not in_slow_step.is_set():
+            generations.hold()  # the slow step's token is the last one before the Stop
             in_slow_step.set()
             time.sleep(1.5)
 
@@ -303,9 +325,11 @@ def test_a_stopped_stream_keeps_the_model_until_its_generation_has_ended():
     next(stream)
     slow.set()
     assert in_slow_step.wait(timeout=30), "generation ended before the slow step"
+    before = generations.tokens[-1]
     stream.close()  # Stop, in the middle of the slow step
     assert not any(t.name == "ego-generate" and t.is_alive() for t in threading.enumerate())
     assert not engine._lock.locked()
+    assert len(generations.tokens) == 1 and generations.tokens[0] <= before + 1  # ended with the slow step
 
 
 TWIN_SIZE = (448, 448)

@@ -7,11 +7,15 @@ import threading
 
 import pytest
 import torch
-from conftest import photo, spy_on_generate, tiny_engine
+from conftest import WholeBudgetGenerations, photo, record_scores, spy_on_generate, tiny_engine
 
 from ego import AnswerRequest, FollowUpRequest, InputError
 
 FOLLOW_UPS = ["What is she holding?", "And the colour of the wall?"]
+SAME_SCORES = dict(atol=1e-5, rtol=1e-4)
+"""Cached and recomputed follow-ups give the same logits at every step, to float32 rounding (about 1e-7 here): a
+tiny random model's greedy tokens barely depend on its inputs (an M-RoPE offset wrong by a few hundred positions
+leaves them as they were), its logits move by 1e-3 and more."""
 
 
 def new_tokens(engine, question: str) -> int:
@@ -36,20 +40,22 @@ def test_cached_follow_ups_equal_recomputed_ones_with_another_conversation_in_be
     chat = engine.chat([concept], image=photo(3))
     first = chat.ask("Is Chelsea here?", max_new_tokens=6)
     assert first.prefill_tokens == first.context_tokens and first.concepts_used == ("Chelsea",)
-    # Another conversation (no photo: other positions) runs between the first question and the follow-ups.
-    engine.chat([concept]).ask("Who is Chelsea?", max_new_tokens=6)
     reference = engine.chat([concept], image=photo(3))
     assert reference.ask("Is Chelsea here?", max_new_tokens=6) == first
     calls = spy_on_generate(monkeypatch, engine)
+    scores = record_scores(monkeypatch, engine)
     for question in FOLLOW_UPS:
+        # Another conversation (no photo: other M-RoPE positions) runs just before each cached follow-up.
+        engine.chat([concept]).ask("Who is Chelsea?", max_new_tokens=6)
         cached = chat.ask(question, max_new_tokens=6)
         recomputed = reference.ask(question, max_new_tokens=6, use_cache=False)
         assert cached == recomputed
+        torch.testing.assert_close(scores[-2], scores[-1], **SAME_SCORES)
         assert cached.context_tokens == recomputed.context_tokens == recomputed.prefill_tokens
         # Only the new tokens were computed: the question's turn, and the last answer token if it was cut.
         assert new_tokens(engine, question) <= cached.prefill_tokens <= new_tokens(engine, question) + 1
         assert cached.concepts_used == ("Chelsea",)
-    cached_call, recomputed_call = calls[0], calls[1]
+    cached_call, recomputed_call = calls[1], calls[2]  # (calls[0]: the other conversation)
     for call in (cached_call, recomputed_call):
         ids, embeds = call["input_ids"][0], call["inputs_embeds"][0]
         slots = ids == engine.backend.placeholder_id
@@ -64,7 +70,7 @@ def test_cached_follow_ups_equal_recomputed_ones_with_another_conversation_in_be
     assert [q for q, _ in chat.turns] == ["Is Chelsea here?", *FOLLOW_UPS]
 
 
-def test_a_stream_follow_up_ends_in_the_answer_and_closing_it_keeps_the_answer_so_far(concepts):
+def test_a_stream_follow_up_ends_in_the_answer_and_closing_it_keeps_the_answer_so_far(concepts, monkeypatch):
     engine = tiny_engine("qwen3-vl")
     concept = chelsea(engine, concepts)
     chat, reference = engine.chat([concept], image=photo(3)), engine.chat([concept], image=photo(3))
@@ -75,11 +81,14 @@ def test_a_stream_follow_up_ends_in_the_answer_and_closing_it_keeps_the_answer_s
     assert parts[-1] == reference.ask(FOLLOW_UPS[0], max_new_tokens=5, use_cache=False)
     assert parts[-1].prefill_tokens < parts[-1].context_tokens
 
+    generations = WholeBudgetGenerations(monkeypatch, engine)  # 200 tokens unless stopped
     stream = chat.stream("Describe everything in great detail.", max_new_tokens=200)
     next(stream)
+    before = generations.held()  # the generation waits for the Stop after its next token
     stream.close()
-    assert engine._lock.acquire(timeout=2), "the model lock was not released"
-    engine._lock.release()
+    monkeypatch.undo()
+    assert len(generations.tokens) == 1 and generations.tokens[0] <= before + 1 < 200  # it stopped there
+    assert not engine._lock.locked(), "the model lock was not released"
     assert not any(t.name == "ego-generate" and t.is_alive() for t in threading.enumerate())
     assert len(chat.turns) == 3  # the stopped answer stays in the conversation, marked so
     assert chat.turns[-1][1].stopped and not any(answer.stopped for _, answer in chat.turns[:-1])
@@ -155,15 +164,17 @@ def test_a_one_question_answer_computes_its_whole_context():
 
 
 @pytest.mark.parametrize("family", ["qwen3-vl", "internvl3"])
-def test_a_conversation_about_a_clip_follows_up_on_its_cache(family, concepts):
+def test_a_conversation_about_a_clip_follows_up_on_its_cache(family, concepts, monkeypatch):
     engine = tiny_engine(family)
     concept = chelsea(engine, concepts)
     clip = [photo(seed) for seed in (4, 5, 6, 7)]
     chat, reference = engine.chat([concept], video=clip), engine.chat([concept], video=clip)
     assert chat.ask("Who is here?", max_new_tokens=4) == reference.ask("Who is here?", max_new_tokens=4)
     engine.chat([concept], image=photo(2)).ask("And here?", max_new_tokens=4)  # another conversation between
+    scores = record_scores(monkeypatch, engine)
     cached = chat.ask(FOLLOW_UPS[0], max_new_tokens=4)
     assert cached == reference.ask(FOLLOW_UPS[0], max_new_tokens=4, use_cache=False)
+    torch.testing.assert_close(scores[0], scores[1], **SAME_SCORES)
     assert cached.prefill_tokens <= new_tokens(engine, FOLLOW_UPS[0]) + 1
 
 
@@ -330,7 +341,7 @@ def conversations_after_a_first_question(engine, known, media_of, budget=5):
     return chats
 
 
-def test_follow_ups_of_several_conversations_answered_together_equal_each_alone(family, concepts):
+def test_follow_ups_of_several_conversations_answered_together_equal_each_alone(family, concepts, monkeypatch):
     """Different photos, concepts, context lengths, question lengths and budgets, and a conversation about no photo:
     each batched answer equals the same follow-up asked alone, token for token, and each conversation goes on from
     its own row of the batch's cache exactly as if it had answered alone."""
@@ -342,15 +353,25 @@ def test_follow_ups_of_several_conversations_answered_together_equal_each_alone(
         ([cat, dog], dict(image=photo(2, size=(300, 200))), "Who do you see in this photo, Chelsea or Rex?"),
         ([dog], {}, "Who is Rex?"),
     ]
-    batched = conversations_after_a_first_question(engine, [cat, dog], setups)
-    alone = conversations_after_a_first_question(engine, [cat, dog], setups)
-    questions = ["What is she holding?", "And the colour of the wall behind them, if you can tell?", "Why?"]
+    # First answers long enough, and new parts close enough in length, for every row's recomputed tail to stay in
+    # text: then the three share one generation (a row that would compute its photo again is answered alone).
+    batched = conversations_after_a_first_question(engine, [cat, dog], setups, budget=12)
+    alone = conversations_after_a_first_question(engine, [cat, dog], setups, budget=12)
+    questions = ["What is she holding?", "And the colour of the wall?", "Why?"]
     budgets = [6, 3, 8]
+    scores = record_scores(monkeypatch, engine)
     got = engine.follow_up_batch([FollowUpRequest(c, q, b) for c, q, b in zip(batched, questions, budgets)])
     want = [c.ask(q, max_new_tokens=b) for c, q, b in zip(alone, questions, budgets)]
+    monkeypatch.undo()
     assert [(str(a), a.token_ids, a.context_tokens) for a in got] == [
         (str(a), a.token_ids, a.context_tokens) for a in want
     ]
+    # One generation for the three rows, and each row's logits those of its conversation alone, step by step.
+    together, *each = scores
+    assert together.shape[1] == len(each) == 3
+    for row, (alone_scores, answer) in enumerate(zip(each, want)):
+        steps = len(answer.token_ids)
+        torch.testing.assert_close(together[:steps, row], alone_scores[:steps, 0], **SAME_SCORES)
     assert [a.prefill_tokens for a in got] == [a.prefill_tokens for a in want]  # each computed only its own
     for chat, reference in zip(batched, alone):  # the caches each took back
         later, expected = chat.ask("And then?", max_new_tokens=6), reference.ask("And then?", max_new_tokens=6)

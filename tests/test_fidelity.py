@@ -164,7 +164,7 @@ def _runs(indices: torch.Tensor) -> list[int]:
 
 
 # --- Eq. 3 with a margin: peaked attention, keyword positions known without the engine's helper ---------------
-@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl", "internvl3"])
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl3"])
 def test_eq3_scores_match_eager_attention_far_beyond_the_tolerance(family):
     # The description is "the mop." one token per character, so its keyword tokens are known by construction:
     # "mop" is the only content word (offsets 4, 5, 6); the paper's keywords add "the" (0, 1, 2).

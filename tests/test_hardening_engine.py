@@ -50,6 +50,9 @@ class ModelProbe:
         self.shorten = lambda call_number: None
         """The largest max_new_tokens for call number n (1, 2, ...), or None for what the caller asked."""
         self.seconds_per_token = 0.0
+        """Seconds each token takes; set, a generation also writes its whole budget unless stopped."""
+        self.tokens: dict[int, int] = {}
+        """Tokens generated so far by call number n (counted while `seconds_per_token` is set)."""
 
     def __call__(self, *args, **kwargs):
         with self._count:
@@ -65,9 +68,10 @@ class ModelProbe:
             cap = self.shorten(number)
             if cap is not None:
                 kwargs["max_new_tokens"] = min(kwargs.get("max_new_tokens") or cap, cap)
-            if self.seconds_per_token:
+            if self.seconds_per_token:  # a long answer: no stop token ends it before its budget
+                kwargs["min_new_tokens"] = kwargs["max_new_tokens"]
                 kwargs["stopping_criteria"] = StoppingCriteriaList(
-                    [*kwargs.get("stopping_criteria", ()), _SlowTokens(self.seconds_per_token)]
+                    [*kwargs.get("stopping_criteria", ()), _SlowTokens(self.seconds_per_token, self.tokens, number)]
                 )
             return self._generate(*args, **kwargs)
         finally:
@@ -76,12 +80,14 @@ class ModelProbe:
 
 
 class _SlowTokens(StoppingCriteria):
-    """Never stops generation; takes `seconds` per token, like a large model."""
+    """Never stops generation; takes `seconds` per token, like a large model, and counts the tokens of call number
+    `number` in `tokens`."""
 
-    def __init__(self, seconds: float):
-        self.seconds = seconds
+    def __init__(self, seconds: float, tokens: dict[int, int], number: int):
+        self.seconds, self.tokens, self.number = seconds, tokens, number
 
     def __call__(self, input_ids, scores, **kwargs):
+        self.tokens[self.number] = self.tokens.get(self.number, 0) + 1
         time.sleep(self.seconds)
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
@@ -288,23 +294,30 @@ def test_out_of_memory_is_a_sentence_changes_nothing_and_the_next_request_works(
     with pytest.raises(AppError, match="ran out of memory"):
         introduce(client, "Other")
     assert client.predict(api_name="/list_concepts") == before
-    assert model_is_idle(engine, within_s=2)
+    assert model_is_idle(engine, within_s=30)
 
     answer, _, details, _ = ask(client).result(timeout=60)
     assert isinstance(answer, str) and details["concepts_used"] == ["Mine"]
 
 
+TOKENS_AFTER_A_STOP = 512
+"""Tokens a generation may still write after its visitor left (half the 1024-token answer: about 10 s at
+`seconds_per_token` 0.02, the time a loaded machine may take to hand the Stop on); one that is not stopped writes
+them all. A count, so that a slow machine does not make the test fail, nor a missing Stop pass."""
+
+
 @pytest.mark.parametrize("compare", [False, True], ids=["answer", "answer without memory"])
-def test_a_cancelled_answer_stops_its_generation_within_a_second(url, engine, probe, compare):
+def test_a_cancelled_answer_stops_its_generation(url, engine, probe, compare):
     # With `compare`, the personalized answer is cut short and the answer without memory is the long one.
+    long_call = 1 + compare
     probe.shorten = lambda number: 2 if compare and number == 1 else None
     probe.seconds_per_token = 0.02  # 1024 tokens: about 20 s
     job = ask(visitor(url), compare)
-    wait_for(lambda: probe.calls == 1 + compare and probe.inside == 1, what="the long answer to start")
-    time.sleep(0.3)  # a few tokens streamed
-    assert probe.inside == 1, "the answer ended by itself: nothing left to stop"
+    wait_for(lambda: probe.tokens.get(long_call, 0) >= 5, what="the long answer to stream a few tokens")
+    at_cancel = probe.tokens[long_call]
     job.cancel()
-    assert model_is_idle(engine, within_s=1.0), "the cancelled answer kept the model busy"
+    assert model_is_idle(engine, within_s=60), "the cancelled answer kept the model busy"
+    assert probe.tokens[long_call] - at_cancel < TOKENS_AFTER_A_STOP, "the cancelled answer was not stopped"
 
 
 @pytest.mark.skipif(os.environ.get("EGO_SKIP_BROWSER") == "1", reason="EGO_SKIP_BROWSER=1")
@@ -320,8 +333,9 @@ def test_closing_the_tab_stops_the_answer(url, engine, probe):
         page.get_by_text("Is Chelsea in this photo? What is she doing?").first.click()
         expect(page.locator("#image-photo img")).to_be_visible()
         page.get_by_role("button", name="Ask", exact=True).first.click()
-        wait_for(lambda: probe.inside == 1, what="the answer to start")
-        time.sleep(0.3)
-        assert probe.inside == 1, "the answer ended by itself: nothing left to stop"
+        wait_for(lambda: probe.tokens.get(probe.calls, 0) >= 5, what="the answer to stream a few tokens")
+        call = probe.calls
+        at_close = probe.tokens[call]
         page.close()
-        assert model_is_idle(engine, within_s=5.0), "the answer went on after the tab was closed"
+        assert model_is_idle(engine, within_s=60), "the answer kept the model busy after the tab was closed"
+        assert probe.tokens[call] - at_close < TOKENS_AFTER_A_STOP, "the answer went on after the tab was closed"
