@@ -22,13 +22,14 @@ from space.components import IMAGE_FORMATS_TEXT, photo_input, text_input
 from space.page import CLEAR_IMPORT_PICKER_JS, CSS, ON_LOAD_JS, TRACK_CONCEPTS_JS, scroll_to_js
 
 PAPER_URL = "https://arxiv.org/abs/2603.09771"
-MODEL_EVENTS = dict(concurrency_id="model", concurrency_limit=1)
-"""Every event that runs the model waits for the one before it: one shared model, one call at a time."""
 ANSWER_GROUP = "answers"
-"""With `answer_batch_max_size` above 1, questions and follow-ups run side by side, up to that many: their handlers
-hand them to one scheduler that answers those arriving together in one batched generation (`space.scheduler`); the
-engine still makes one model call at a time, so an introduction and a batch of answers take turns. With 1, questions
-wait in the model's group like every other model request."""
+"""Questions and follow-ups run side by side, up to `answer_batch_max_size`: their handlers hand them to one
+scheduler that answers those arriving together in one batched generation (`space.scheduler`)."""
+CONCEPT_GROUP = "concepts"
+"""Introductions and concept imports run side by side, up to `concept_requests_at_once`: photos are decoded and
+files read outside the model's turn. The model is one shared object that makes one call at a time (the engine's
+lock), so an introduction's model call and a batch of answers take turns; both groups count toward a visitor's
+waiting requests."""
 PRIVATE = dict(api_visibility="private")
 """UI-only events: not part of the HTTP API."""
 CHEAP = dict(queue=False)
@@ -65,11 +66,8 @@ def build_demo(
     act = Actions(engine, s, examples)
     sessions = act.sessions
     engine.warm_up_batched = s.answer_batch_max_size > 1  # the Space batches its visitors: compile that step too
-    answer_events = (
-        dict(concurrency_id=ANSWER_GROUP, concurrency_limit=s.answer_batch_max_size)
-        if s.answer_batch_max_size > 1
-        else MODEL_EVENTS
-    )
+    answer_events = dict(concurrency_id=ANSWER_GROUP, concurrency_limit=s.answer_batch_max_size)
+    concept_events = dict(concurrency_id=CONCEPT_GROUP, concurrency_limit=s.concept_requests_at_once)
 
     with SessionBlocks(
         title="Ego: personalize a vision-language model",
@@ -125,13 +123,13 @@ def build_demo(
             introduced,
             api_name="introduce",
             api_description=api.INTRODUCE.format(max_photos=limits.max_references_per_concept),
-            **MODEL_EVENTS,
+            **concept_events,
         )
         then_refresh(introducing)
         # Queued (not CHEAP): only an event on the queue can show the visitor a message.
         introducing.success(guidance.after_introduce, [session, intro.name], form, **PRIVATE)
         loading_examples = intro.examples_button.click(
-            act.load_example_concepts, session, introduced, **MODEL_EVENTS, **PRIVATE
+            act.load_example_concepts, session, introduced, **concept_events, **PRIVATE
         )
         then_refresh(loading_examples)
         loading_examples.success(guidance.suggest_export, session, None, **PRIVATE)
@@ -307,7 +305,7 @@ def build_demo(
             [session, mine.records],
             api_name="import_concepts",
             api_description=api.IMPORT_CONCEPTS,
-            **MODEL_EVENTS,
+            **concept_events,
         )
         then_refresh(importing)
         mine.import_button.upload(None, js=CLEAR_IMPORT_PICKER_JS, **PRIVATE)
@@ -326,7 +324,7 @@ def build_demo(
     # api_open=False: an event that uses the queue can be reached only through it (Gradio leaves its
     # direct REST route open everywhere but on HF Spaces, which would let a script skip the queue's limits).
     demo.queue(max_size=s.queue_max_size, api_open=False)
-    limit_requests_per_visitor(demo, (MODEL_EVENTS["concurrency_id"], ANSWER_GROUP), s.max_waiting_requests_per_visitor)
+    limit_requests_per_visitor(demo, (CONCEPT_GROUP, ANSWER_GROUP), s.max_waiting_requests_per_visitor)
     return demo
 
 

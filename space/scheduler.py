@@ -10,7 +10,8 @@ visitor as it grows, and a visitor's Stop (the handler's generator being closed)
 in the queue or in the batch.
 
 Gradio's own `batch=True` is not used: a batched Gradio function returns whole outputs, it cannot stream each
-visitor's answer or stop one of them. Introductions do not come here: they stay one at a time (docs/scaling.md).
+visitor's answer or stop one of them. Introductions do not come here: each is one model call of its own
+(docs/scaling.md).
 
 `AnswerScheduler.close` ends the worker thread after the batch in progress, whose visitors still get their answers;
 the questions still waiting end with a sentence (`SchedulerClosedError`). A question asked after that starts a new

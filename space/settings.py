@@ -56,7 +56,11 @@ class SpaceSettings:
     visitor or script cannot fill the queue that all visitors share."""
     answer_batch_max_size: int = 8
     """Questions (of different visitors) answered together by one batched generation, at most; 1 answers them
-    one at a time. Introductions are always one at a time."""
+    one at a time. Introductions are always one model call at a time."""
+    concept_requests_at_once: int = 3
+    """Introductions and concept imports handled at once: their photos are decoded, their files read and their
+    pictures drawn side by side, and each introduction waits for the model only for its own model call (the
+    engine's lock: one model call at a time). 1 handles them one after the other."""
     answer_batch_window_s: float = 0.05
     """How long the first waiting question waits for others to join its batch, in seconds."""
     stop_wait_s: float = 3.0

@@ -31,7 +31,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from ego import DEFAULT_SETTINGS
 from space.settings import SpaceSettings
 
-# Batches of 1: every model request waits in one Gradio queue, one at a time (test_app_batching.py has batches).
+# Batches of 1: questions wait in Gradio's queue one at a time (test_app_batching.py has batches); introductions
+# run beside them and wait for the model's lock.
 SETTINGS = DEFAULT_SETTINGS.replace(answer_max_new_tokens=1024)
 SPACE_SETTINGS = SpaceSettings(queue_max_size=2, max_waiting_requests_per_visitor=1, answer_batch_max_size=1)
 PHOTO, QUERY = EXAMPLE_PHOTO, EXAMPLE_QUERY
@@ -169,7 +170,7 @@ def ask(client: Client, compare: bool = False):
 
 def test_a_full_queue_turns_visitors_away_and_the_model_runs_one_call_at_a_time(demo, url, engine, probe):
     probe.shorten = lambda number: 4
-    first, second, third, fourth = (visitor(url) for _ in range(4))
+    first, second, third, fourth, fifth = (visitor(url) for _ in range(5))
     owner = visitor(url)
     introduce(owner, "Kept")
     probe.gate.clear()  # the first request holds the model until released
@@ -180,11 +181,15 @@ def test_a_full_queue_turns_visitors_away_and_the_model_runs_one_call_at_a_time(
             "Cat", [{"image": handle_file(PHOTO), "caption": None}], "tabby", False, 10, api_name="/introduce"
         )
     ]
-    wait_for(lambda: len(demo._queue) == 1, timeout_s=10, what="the introduction to wait in the queue")
+    # An introduction does not wait in the queue behind answers: it runs, and waits for the model's lock.
+    wait_for(lambda: engine._lock.present == 2, timeout_s=10, what="the introduction to wait for the model")
+    assert len(demo._queue) == 0 and not waiting[0].done()
     waiting.append(ask(third))
-    wait_for(lambda: len(demo._queue) == 2, timeout_s=10, what="the second answer to wait in the queue")
+    wait_for(lambda: len(demo._queue) == 1, timeout_s=10, what="the second answer to wait in the queue")
+    waiting.append(ask(fourth))
+    wait_for(lambda: len(demo._queue) == 2, timeout_s=10, what="the third answer to wait in the queue")
     with pytest.raises(Exception, match="Queue is full"):
-        ask(fourth).result(timeout=30)
+        ask(fifth).result(timeout=30)
 
     # What does not need the model skips the queue, so a visitor in a browser (which posts such events to
     # /run/, not to the queue) can still list, export and remove their concepts.
@@ -213,7 +218,33 @@ def test_a_full_queue_turns_visitors_away_and_the_model_runs_one_call_at_a_time(
         job.result(timeout=60)
     assert probe.calls >= 3
     assert probe.most_inside == 1, "two model calls ran at once"
-    assert engine._lock.most_present == 1, "a request waited inside the engine instead of in Gradio's queue"
+    assert waiting[0].result(timeout=60)[0].startswith("## Cat"), "the introduction ran after the answer"
+    # The answer and the introduction at the model's lock, never a question more: those wait in Gradio's queue.
+    assert engine._lock.most_present == 2, "a question waited inside the engine instead of in Gradio's queue"
+
+
+def test_an_introductions_photos_are_decoded_while_the_model_answers_another_visitor(url, engine, probe, monkeypatch):
+    """Decoding photos (about half a second for five 12-megapixel ones) is not the model's work: an introduction
+    decodes its photos while another visitor's answer holds the model, and waits for the model only for its own
+    model call."""
+    from space import actions
+
+    probe.shorten = lambda number: 4
+    asking, introducing = visitor(url), visitor(url)
+    probe.gate.clear()
+    running = ask(asking)
+    wait_for(lambda: probe.inside == 1, what="the answer to start")
+    decoded, load_image = [], actions.load_image
+    monkeypatch.setattr(actions, "load_image", lambda path, limits: decoded.append(path) or load_image(path, limits))
+    photos = [{"image": handle_file(path), "caption": None} for path in (PHOTO, QUERY)]
+    job = introducing.submit("Cat", photos, "tabby", False, 10, api_name="/introduce")
+    wait_for(lambda: len(decoded) == 2, what="the introduction's photos to be decoded while the model answers")
+    wait_for(lambda: engine._lock.present == 2, what="the introduction to wait for the model")
+    assert probe.inside == 1 and not running.done() and not job.done()
+    probe.gate.set()
+    assert isinstance(running.result(timeout=60)[0], str)
+    report, patches, _ = job.result(timeout=60)
+    assert report.startswith("## Cat") and len(patches) == 2
 
 
 def join(
