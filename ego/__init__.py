@@ -21,6 +21,7 @@ _EXPORTS = {
     "memory_size": "engine",
     "select_concepts": "engine",
     "similarity_to_query": "engine",
+    "ConversationFullError": "errors",
     "IncompatibleMemoryError": "errors",
     "InputError": "errors",
     "MemoryFileError": "errors",

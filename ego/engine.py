@@ -57,7 +57,7 @@ from .backends import Backend, backend_for_model_type, families
 from .backends.base import Encoded
 from .batching import AnswerRequest, FollowUpRequest
 from .decoding import Decoder
-from .errors import IncompatibleMemoryError, InputError, ModelBusyError
+from .errors import ConversationFullError, IncompatibleMemoryError, InputError, ModelBusyError
 from .media import load_image, load_video
 from .memory import Concept, ConceptView, check_concepts, local_model_id, same_model, storage_bytes
 from .presets import DEFAULT_PRESET, UNCALIBRATED, check_model_name, depth_scaled_layers, resolve
@@ -878,14 +878,11 @@ class Ego:
             context, budget = input_ids.shape[1], query.max_new_tokens
             media = " or a shorter clip" if query.clip is not None else ""
             # The answer's budget alone may be what does not fit: then a shorter answer is the way out.
-            advice = (
-                f"ask for a shorter answer (at most {limit - context} tokens)"
-                if context < limit
-                else f"ask about fewer concepts{media}"
-            )
-            raise InputError(
+            raise ConversationFullError(
                 f"This question needs {context} tokens of context with your concepts' memories and the photo or "
-                f"clip, and {budget} more for its answer: over the {limit} a conversation may hold; {advice}."
+                f"clip, and {budget} more for its answer: over the {limit} a conversation may hold",
+                longest_answer_tokens=limit - context if context < limit else None,
+                otherwise=f"ask about fewer concepts{media}",
             )
         names = [c.name for c in query.concepts]
         return PreparedAnswer(
@@ -1399,7 +1396,7 @@ class Chat:
     def _check_room(self) -> None:
         limit = self.engine.settings.max_conversation_turns
         if len(self.turns) >= limit:
-            raise InputError(f"A conversation holds at most {limit} questions; start a new conversation to ask more.")
+            raise ConversationFullError(f"A conversation holds at most {limit} questions", new_conversation=True)
 
     def _begin(self, question, max_new_tokens, use_cache: bool) -> _Turn:
         """Every check, then the generate arguments: the first question's as `Ego.answer` prepares them, a
@@ -1423,10 +1420,10 @@ class Chat:
         limit = settings.max_conversation_context_tokens
         if len(ids) + max_new_tokens > limit:
             # Its answer's budget alone may be what does not fit: a shorter answer still can.
-            room = f"; or ask for a shorter answer (at most {limit - len(ids)} tokens)" if len(ids) < limit else ""
-            raise InputError(
-                f"This conversation is full ({limit} tokens of context with its next answer); start a new "
-                f"conversation to ask more{room}."
+            raise ConversationFullError(
+                f"This conversation is full ({limit} tokens of context with its next answer)",
+                new_conversation=True,
+                longest_answer_tokens=limit - len(ids) if len(ids) < limit else None,
             )
         return self._turn(text, ids, max_new_tokens, self._cache if use_cache else None, pixels)
 

@@ -17,7 +17,6 @@ import hashlib
 import html
 import logging
 import os
-import re
 import threading
 import time
 import traceback
@@ -28,7 +27,7 @@ from gradio.utils import get_upload_folder
 from PIL import Image
 
 from ego import Answer, checks
-from ego.errors import InputError, MemoryFileError, ModelBusyError
+from ego.errors import ConversationFullError, InputError, MemoryFileError, ModelBusyError
 from ego.media import load_image, load_video
 from ego.memory import load_concepts, read_thumbnails, save_concepts
 
@@ -60,22 +59,20 @@ WITHOUT_THEM = "; or ask again now, without them"
 """Only beside a photo or clip: a question without one is about the visitor's concepts."""
 START_AGAIN_ON_THE_PAGE = "press New conversation, then ask again (your question is still in its box)"
 START_AGAIN_THROUGH_THE_API = "ask a first question with /ask_image or /ask_video"
-_START_AGAIN = re.compile(
-    r"; start a new conversation to ask more(?:; or ask for a shorter answer \(at most \d+ tokens\))?\.$"
-)
-"""The end of the engine's refusal of a follow-up that its conversation has no room for."""
-_SHORTER_FIRST_ANSWER = re.compile(r"; ask for a shorter answer \(at most \d+ tokens\)\.$")
-"""The end of the engine's refusal of a first question whose context fits and whose answer's cap does not."""
 MAKE_ROOM = "; remove some of your concepts to make room (export them first to keep them), then ask again."
 
 
-def in_space_terms(message: str, start_again: str = START_AGAIN_THROUGH_THE_API) -> str:
-    """The engine's sentence, in what a visitor of the Space can do. When a question's answer would not fit in its
-    context, the engine tells a Python caller to ask for a shorter one; a visitor cannot choose an answer's length
-    (the Space's settings give it): a follow-up's refusal says how to start a new conversation (`start_again`), a
-    first question's to make room among the concepts."""
-    message = _START_AGAIN.sub(f"; start a new conversation to ask more: {start_again}.", message)
-    return _SHORTER_FIRST_ANSWER.sub(MAKE_ROOM, message)
+def in_space_terms(error: Exception, start_again: str = START_AGAIN_THROUGH_THE_API) -> str:
+    """The engine's sentence, in what a visitor of the Space can do. When a question does not fit in its
+    conversation, the engine tells a Python caller to ask for a shorter answer where one would fit; a visitor cannot
+    choose an answer's length (the Space's settings give it): a follow-up's refusal says how to start a new
+    conversation (`start_again`), a first question's to make room among the concepts."""
+    if isinstance(error, ConversationFullError):
+        if error.new_conversation:
+            return f"{error.situation}; start a new conversation to ask more: {start_again}."
+        if error.longest_answer_tokens is not None:
+            return error.situation + MAKE_ROOM
+    return str(error)
 
 
 @contextlib.contextmanager
@@ -96,7 +93,7 @@ def for_visitor(
     except gr.Error:
         raise
     except (InputError, MemoryFileError, ModelBusyError, SchedulerClosedError) as error:
-        said = in_space_terms(str(error), start_again)
+        said = in_space_terms(error, start_again)
         if not quietly:
             raise gr.Error(html.escape(said, quote=False), print_exception=False) from None
         session.tell(said)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -18,7 +17,7 @@ from conftest import tiny_engine
 from PIL import Image
 
 from ego import DEFAULT_SETTINGS
-from ego.errors import InputError
+from ego.errors import ConversationFullError, InputError
 from space.actions import Actions
 from space.conversations import messages
 from space.examples import EXAMPLES_DIR, Examples, load_examples
@@ -1115,9 +1114,9 @@ def test_a_full_conversation_tells_a_space_visitor_how_to_start_one_not_to_ask_f
     roomy = engine.with_settings(max_conversation_context_tokens=first.context_tokens + 200)
     measured = roomy.chat([], image=QUERY)
     measured.adopt(question, first)
-    with pytest.raises(InputError, match="shorter answer") as full:
+    with pytest.raises(ConversationFullError, match="shorter answer") as full:
         measured.ask(follow_up, max_new_tokens=1000)
-    taken = first.context_tokens + 200 - int(re.search(r"at most (\d+) tokens", str(full.value)).group(1))
+    taken = first.context_tokens + 200 - full.value.longest_answer_tokens
     # Room for the follow-up's context and 4 tokens of its answer, not for the 8 the Space's settings give.
     small = engine.with_settings(max_conversation_context_tokens=taken + 4)
     act = Actions(LazyEngine(small), SPACE, load_examples())

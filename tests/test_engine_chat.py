@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import re
+import pickle
 import threading
 
 import pytest
 import torch
 from conftest import WholeBudgetGenerations, photo, record_scores, spy_on_generate, tiny_engine
 
-from ego import AnswerRequest, FollowUpRequest, InputError
+from ego import AnswerRequest, ConversationFullError, FollowUpRequest, InputError
 
 FOLLOW_UPS = ["What is she holding?", "And the colour of the wall?"]
 SAME_SCORES = dict(atol=1e-5, rtol=1e-4)
@@ -581,11 +581,25 @@ def test_a_follow_up_stopped_alone_keeps_only_what_was_handed_on_and_goes_on_fro
 
 
 def test_a_follow_up_whose_answer_alone_does_not_fit_is_told_how_long_one_may_be(concepts):
+    """The refusal is a `ConversationFullError` (an `InputError`) that carries its ways out: the longest answer
+    that fits, exactly (one token more is refused), and that a new conversation would make room."""
     chat = adopted_with_room(tiny_engine("qwen2.5-vl"), concepts, 40)
-    with pytest.raises(InputError, match=r"or ask for a shorter answer \(at most (\d+) tokens\)") as full:
+    with pytest.raises(ConversationFullError, match=r"or ask for a shorter answer \(at most (\d+) tokens\)") as full:
         chat.ask("And then?", max_new_tokens=100)
-    room = int(re.search(r"at most (\d+)", str(full.value)).group(1))
+    room = full.value.longest_answer_tokens
+    assert full.value.new_conversation and f"at most {room} tokens" in str(full.value)
+    assert str(full.value).startswith(full.value.situation + "; start a new conversation to ask more; or ")
+    with pytest.raises(ConversationFullError, match=f"at most {room} tokens"):
+        chat.ask("And then?", max_new_tokens=room + 1)
     assert room > 0 and chat.ask("And then?", max_new_tokens=room) is not None  # what it said fits
+    # A model call on ZeroGPU runs in another process: the refusal comes back through pickle, whole.
+    again = pickle.loads(pickle.dumps(full.value))
+    assert type(again) is ConversationFullError and str(again) == str(full.value)
+    assert (again.situation, again.new_conversation, again.longest_answer_tokens) == (
+        full.value.situation,
+        True,
+        room,
+    )
 
 
 def test_only_text_is_taken_as_an_answer_elsewhere():
