@@ -1104,34 +1104,38 @@ def measure_concurrency(engine, sizes: Sizes, log=lambda message: None, on_scena
     space = DEFAULT_SPACE_SETTINGS  # the Space's batching, as it is served
     batched = AnswerScheduler(space.answer_batch_window_s, space.answer_batch_max_size)
     serial = AnswerScheduler(0.0, 1)
-    stop_ids, device, memory = engine.backend.stop_token_ids, engine.device, Memory(engine.device)
-    queries = [photo(2000 + i, sizes.query_size) for i in range(max(VISITORS))]
-    introduced = engine.introduce("concept 1", photo(0, sizes.reference_size), keywords="object", area_pct=20)
-    concepts = _padded_concepts([introduced], CONCURRENT_CONCEPTS)
-    scenarios = {}
-    for count in VISITORS:
-        records = {"batched": [], "serial": []}
-        peaks = []
-        for repeat in range(sizes.repeats + 1):  # the first round is a warm-up
-            for mode, scheduler in (("batched", batched), ("serial", serial)):
-                memory.reset()
-                with forced_generation(engine.model, stop_ids, []):
-                    asked, answered, contexts = _visit_together(engine, scheduler, queries[:count], concepts, sizes)
-                _sync(device)
-                if repeat:
-                    records[mode].append((asked, answered))
-                    peaks.append(memory.peak_gib())
-        scenarios[f"concurrent_{count}"] = _concurrency_entry(
-            f"concurrent_{count}", "first", count, records, contexts, max(peaks), sizes
-        )
-        log(_concurrency_line(scenarios[f"concurrent_{count}"]))
+    try:
+        stop_ids, device, memory = engine.backend.stop_token_ids, engine.device, Memory(engine.device)
+        queries = [photo(2000 + i, sizes.query_size) for i in range(max(VISITORS))]
+        introduced = engine.introduce("concept 1", photo(0, sizes.reference_size), keywords="object", area_pct=20)
+        concepts = _padded_concepts([introduced], CONCURRENT_CONCEPTS)
+        scenarios = {}
+        for count in VISITORS:
+            records = {"batched": [], "serial": []}
+            peaks = []
+            for repeat in range(sizes.repeats + 1):  # the first round is a warm-up
+                for mode, scheduler in (("batched", batched), ("serial", serial)):
+                    memory.reset()
+                    with forced_generation(engine.model, stop_ids, []):
+                        asked, answered, contexts = _visit_together(engine, scheduler, queries[:count], concepts, sizes)
+                    _sync(device)
+                    if repeat:
+                        records[mode].append((asked, answered))
+                        peaks.append(memory.peak_gib())
+            scenarios[f"concurrent_{count}"] = _concurrency_entry(
+                f"concurrent_{count}", "first", count, records, contexts, max(peaks), sizes
+            )
+            log(_concurrency_line(scenarios[f"concurrent_{count}"]))
+            if on_scenario is not None:
+                on_scenario(dict(scenarios))
+        scenarios.update(measure_follow_ups(engine, batched, serial, queries, concepts, sizes, memory))
+        log(_concurrency_line(scenarios[f"follow_ups_{FOLLOW_UP_VISITORS}"]))
         if on_scenario is not None:
             on_scenario(dict(scenarios))
-    scenarios.update(measure_follow_ups(engine, batched, serial, queries, concepts, sizes, memory))
-    log(_concurrency_line(scenarios[f"follow_ups_{FOLLOW_UP_VISITORS}"]))
-    if on_scenario is not None:
-        on_scenario(dict(scenarios))
-    return scenarios
+        return scenarios
+    finally:  # their worker threads end here, not with the process (idle by now: they end at once)
+        batched.close(wait_s=10)
+        serial.close(wait_s=10)
 
 
 def measure_follow_ups(engine, batched, serial, queries, concepts, sizes: Sizes, memory) -> dict[str, dict]:

@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def quick(tmp_path_factory):
     # As in a process of its own: graphs compiled for other tests' engines of the same architecture would serve
     # this one, and its warm-up would compile nothing.
     torch._dynamo.reset()
+    workers_before = set(answer_workers())
     # Both decodings side by side, as on a GPU; "aot_eager" compiles the decode step in seconds on a CPU.
     assert (
         main(
@@ -86,7 +88,13 @@ def quick(tmp_path_factory):
         )
         == 0
     )
+    # The answer schedulers of the concurrency scenarios end with them (a library run leaves no thread behind).
+    assert set(answer_workers()) <= workers_before
     return out, json.loads((out / "results.json").read_text())
+
+
+def answer_workers() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "ego-answers" and thread.is_alive()]
 
 
 def test_quick_run_writes_results_table_and_plot(quick):
