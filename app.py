@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from space.components import IMAGE_FORMATS_TEXT, photo_input, text_input
-from space.page import CLEAR_IMPORT_PICKER_JS, CSS, ON_LOAD_JS, TRACK_CONCEPTS_JS, scroll_to_js
+from space.page import CLEAR_IMPORT_PICKER_JS, CSS, ON_LOAD_JS, PAGE_READY_JS, TRACK_CONCEPTS_JS, scroll_to_js
 
 PAPER_URL = "https://arxiv.org/abs/2603.09771"
 ANSWER_GROUP = "answers"
@@ -266,6 +266,10 @@ def build_demo(
             # The page's own loading leaves the status line alone: a panel action the visitor made meanwhile keeps
             # its sentence (it would be taken or blanked by this refresh).
             status=False,
+        ).then(None, js=PAGE_READY_JS, **PRIVATE)
+        # Another tab of this browser may have changed the concepts: a tab shown again brings its panel up to date.
+        mine.refresh.click(act.panel_if_changed, [session, mine.records, mine.summary], panel, **CHEAP, **PRIVATE).then(
+            None, mine.summary, None, js=TRACK_CONCEPTS_JS, **PRIVATE
         )
         # A removed concept is not used again: the conversations that knew it end, and their chat views empty.
         then_refresh(
@@ -639,6 +643,8 @@ def _concepts_panel(s, limits) -> SimpleNamespace:
         object_fit="cover",
         allow_preview=False,
     )
+    # Clicked by the page itself when the tab is shown again (space.page.ON_LOAD_JS); in the page, never seen.
+    refresh = gr.Button("Bring the concept panel up to date", visible="hidden", elem_id="panel-refresh")
     with gr.Row():
         to_remove = gr.Dropdown(label="Concept", choices=[], allow_custom_value=True, scale=2)
         remove = gr.Button("Remove", scale=1, size="sm")
@@ -673,6 +679,7 @@ def _concepts_panel(s, limits) -> SimpleNamespace:
         exported=exported,
         import_button=import_button,
         records=records,
+        refresh=refresh,
     )
 
 

@@ -755,6 +755,19 @@ class Actions:
         otherwise left as it is (a concept picked for removal stays picked)."""
         return self.panel(session) if session.has_note else (gr.skip(),) * 5
 
+    def panel_if_changed(self, session: Session, shown_records, shown_summary, request: gr.Request = None):
+        """The concept panel of a tab shown again (another tab of this browser may have changed the concepts they
+        share): refreshed if it shows other concepts or another summary than its session's, else left as it is (a
+        concept picked for removal stays picked). A tab whose session ended meanwhile is told so in the status line
+        (`Sessions.rejoin`, as its next action would be)."""
+        session, ended = self.sessions.rejoin(session, request)
+        if ended:
+            session.tell(self.session_ended())
+            return self.panel(session)
+        if shown_records == self.records(session) and shown_summary == self.summary(session):
+            return (gr.skip(),) * 5
+        return self.panel(session, status=False)
+
     def status(self, session: Session) -> str:
         """The panel's status line: the sentence the visitor's last panel action left (Markdown-escaped)."""
         return views.escape_markdown(session.take_note())

@@ -66,11 +66,26 @@ ON_LOAD_JS = """
     const announce = () => document.querySelector("#panel-status")?.setAttribute("role", "status");
     announce();
     new MutationObserver(announce).observe(document.body, { childList: true, subtree: true });
+    // Shown again (another browser tab, or another window, was in front): the concept panel is brought up to date.
+    let askedAt = 0;
+    const refresh = () => {
+        if (!window.egoPageReady || document.visibilityState !== "visible" || Date.now() - askedAt < 1000) return;
+        askedAt = Date.now();
+        document.querySelector("#panel-refresh")?.click();
+    };
+    document.addEventListener("visibilitychange", refresh);
+    window.addEventListener("focus", refresh);
 }
 """
 """Runs once per page load: the warning before leaving a page whose concepts were never exported (the
 server still holds them for a reload, but not forever), alt text for example thumbnails (Gradio draws
-them without), named after the example file, and the concept panel's status line as a live region."""
+them without), named after the example file, the concept panel's status line as a live region, and the panel
+brought up to date when the tab is shown again, as another tab of the browser shares its concepts (once the page
+has shown its own: before, the refresh could race the page load's and show the tab's session before it was
+resumed). Switching tabs fires both `visibilitychange` and `focus`: one refresh."""
+
+PAGE_READY_JS = "() => { window.egoPageReady = true; }"
+"""Chained after the page load's own panel refresh."""
 
 TRACK_CONCEPTS_JS = f"""
 (summary) => {{

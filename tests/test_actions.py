@@ -1061,6 +1061,36 @@ def test_a_panel_action_in_a_tab_that_outlived_its_session_says_it_ended(act, ac
     )
 
 
+def test_a_tab_shown_again_shows_what_another_tab_of_its_browser_changed(act):
+    """Two tabs of a browser share a session. Shown again, a tab's panel is refreshed only when its session holds
+    other concepts (or another summary) than it shows; a tab whose session ended meanwhile is told so in its status
+    line, once; one whose state expired while the other tab holds the session shows that session's concepts."""
+    first, second = Page("first").outside_the_queue(), Page("second").outside_the_queue()
+    session, token = loaded(act, first)
+    assert loaded(act, second, token)[0] is session
+    shown_records, shown_summary = act.records(session), act.summary(session)
+    assert act.panel_if_changed(session, shown_records, shown_summary, first) == (gr.skip(),) * 5
+    act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), "tabby", False, 10, progress=quiet, request=second)
+    cards, dropdown, summary, records, status = act.panel_if_changed(session, shown_records, shown_summary, first)
+    assert [choice for choice, _ in dropdown.choices] == ["Chelsea"] and len(cards) == 1
+    assert records == act.records(session)
+    assert summary == act.summary(session) and status == gr.skip()  # the other tab's sentence is not taken
+    assert act.panel_if_changed(session, records, summary, first) == (gr.skip(),) * 5
+    act.export_concepts(session, second)  # the same concepts, now exported: the summary says so
+    assert act.panel_if_changed(session, records, summary, first)[2] == act.summary(session) != summary
+    # The first tab's state expires while the second tab still holds the session: it is taken back, as on reload.
+    act.sessions.release(session)
+    standing_in = Session()
+    assert act.panel_if_changed(standing_in, [], "", first)[3] == act.records(session)
+    # Both tabs' states expire: the session has ended, which the first tab is told when it is shown again.
+    act.sessions.release(session)
+    act.sessions.release(standing_in)
+    new = Session()
+    cards, _, _, records, status = act.panel_if_changed(new, act.records(session), summary, first)
+    assert cards == records == [] and status.startswith(escape_markdown(ENDED))
+    assert act.panel_if_changed(new, records, act.summary(new), first) == (gr.skip(),) * 5  # said once
+
+
 def test_concepts_added_in_a_tab_that_outlived_its_session_start_its_new_one_and_it_is_said(act, monkeypatch, tmp_path):
     """Introduce and Import go ahead in a tab whose session expired (the model's work is not wasted), with a
     message that the concepts the visitor had are gone; their concept file brings them back."""

@@ -253,7 +253,7 @@ def test_a_reload_keeps_the_concepts_after_a_warning(page):
     expect(page.locator("#image-chat [data-testid='user']")).to_have_count(0)
 
 
-def test_a_second_tab_on_a_phone_has_the_concepts_and_every_tab_label(page):
+def test_a_second_tab_on_a_phone_has_the_concepts_and_every_tab_label_and_what_it_changes_shows_in_the_first(page):
     from playwright.sync_api import expect
 
     phone = page.context.new_page()  # same browser, so the same stored token
@@ -275,6 +275,16 @@ def test_a_second_tab_on_a_phone_has_the_concepts_and_every_tab_label(page):
     # Tapping an example question, far below the question box, brings the box it filled into view.
     phone.get_by_role("gridcell").filter(has_text="Is Chelsea in this photo?").first.click()
     expect(phone.locator("#image-question")).to_be_in_viewport()
+    # The tabs share the concepts: cleared on the phone, they are gone from the first tab's panel once it is shown
+    # again (without a reload, which would ask first: its concepts were never exported).
+    phone.get_by_role("button", name="Clear all").click()
+    phone.get_by_role("button", name="Yes, remove all my concepts").click()
+    expect(phone.locator("#cards").get_by_text("Chelsea\u2069 ·")).to_be_hidden()
+    expect(page.locator("#cards").get_by_text("Chelsea\u2069 ·")).to_be_visible()  # not shown again yet
+    # What a browser fires when its tab comes to the front (headless Chromium never hides a tab: it is said here).
+    page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+    expect(page.locator("#cards").get_by_text("Chelsea\u2069 ·")).to_be_hidden()
+    expect(page.get_by_text("2 of 50 concepts")).to_be_hidden()
     phone.close()
 
 
