@@ -161,6 +161,10 @@ class Actions:
         """Questions of different visitors that arrive together are answered by one batched generation."""
         self.zero_gpu = on_zero_gpu()
         """On ZeroGPU each model call runs in a GPU worker process (`space.zerogpu`), one visitor's per call."""
+        self._introducing = threading.Lock()
+        """One introduction's model call at a time (in this process, outside any GPU call): introductions prepare
+        their photos side by side, but only one waits at the engine's lock, so a batch of answers that waits
+        there too waits for one introduction, not for every one in progress."""
         fixed_s, per_token_s = settings.zero_gpu_call_fixed_s, settings.zero_gpu_call_per_token_s
         per_photo = self.limits.description_max_new_tokens + self.limits.size_max_new_tokens
         self._stream_on_gpu = gpu(self._stream_in_worker, duration=call_seconds(fixed_s, per_token_s))
@@ -199,6 +203,10 @@ class Actions:
 
     def _introduce_in_worker(self, name, pictures, keywords, area_pct):
         return self._worker_engine().introduce(name, pictures, keywords=keywords, area_pct=area_pct)
+
+    def _introduce_in_turn(self, name, pictures, keywords, area_pct):
+        with self._introducing:
+            return self._introduce_on_gpu(name, pictures, keywords, area_pct)
 
     def _answer_stream(self, engine, question, concepts, *, image=None, video=None, stop=None):
         """The answer as it grows (`ego.Answer`s): on ZeroGPU from a GPU call of this visitor's own, elsewhere
@@ -283,7 +291,7 @@ class Actions:
             progress(0.1, desc=f"Choosing the memory tokens of {len(paths)} photo{'s' * (len(paths) > 1)}…")
             # Decoded once, for both uses; a refused one of several is named by its position.
             pictures = checks.load_each(paths, lambda path: load_image(path, self.limits))
-            concept = self._introduce_on_gpu(name, pictures, keywords, None if auto_size else size_pct)
+            concept = self._introduce_in_turn(name, pictures, keywords, None if auto_size else size_pct)
             seconds = time.perf_counter() - started
             patches, heats = self._pictures([(concept, pictures)])
             report = views.introduction_report([concept], seconds)
@@ -316,7 +324,7 @@ class Actions:
             for number, (name, paths) in enumerate(missing):
                 progress((number, len(missing)), desc=f"Introducing example concept {number + 1} of {len(missing)}…")
                 pictures = [load_image(path, self.limits) for path in paths]
-                made.append((self._introduce_on_gpu(name, pictures, None, None), pictures))
+                made.append((self._introduce_in_turn(name, pictures, None, None), pictures))
             seconds = time.perf_counter() - started
             patches, heats = self._pictures(made)
             report = views.introduction_report([c for c, _ in made], seconds)

@@ -223,28 +223,37 @@ def test_a_full_queue_turns_visitors_away_and_the_model_runs_one_call_at_a_time(
     assert engine._lock.most_present == 2, "a question waited inside the engine instead of in Gradio's queue"
 
 
-def test_an_introductions_photos_are_decoded_while_the_model_answers_another_visitor(url, engine, probe, monkeypatch):
-    """Decoding photos (about half a second for five 12-megapixel ones) is not the model's work: an introduction
-    decodes its photos while another visitor's answer holds the model, and waits for the model only for its own
-    model call."""
+def test_introductions_decode_their_photos_while_the_model_answers_and_one_at_a_time_waits_for_it(
+    url, engine, probe, monkeypatch
+):
+    """Decoding photos (about half a second for five 12-megapixel ones) is not the model's work: introductions decode
+    their photos while another visitor's answer holds the model. Only one of them waits at the model's lock for its
+    model call, so answers that wait there too come after at most one introduction."""
     from space import actions
 
     probe.shorten = lambda number: 4
-    asking, introducing = visitor(url), visitor(url)
+    asking, introducing = visitor(url), [visitor(url), visitor(url)]
     probe.gate.clear()
     running = ask(asking)
     wait_for(lambda: probe.inside == 1, what="the answer to start")
     decoded, load_image = [], actions.load_image
     monkeypatch.setattr(actions, "load_image", lambda path, limits: decoded.append(path) or load_image(path, limits))
     photos = [{"image": handle_file(path), "caption": None} for path in (PHOTO, QUERY)]
-    job = introducing.submit("Cat", photos, "tabby", False, 10, api_name="/introduce")
-    wait_for(lambda: len(decoded) == 2, what="the introduction's photos to be decoded while the model answers")
-    wait_for(lambda: engine._lock.present == 2, what="the introduction to wait for the model")
-    assert probe.inside == 1 and not running.done() and not job.done()
+    jobs = [
+        client.submit(f"Cat {n}", photos, "tabby", False, 10, api_name="/introduce")
+        for n, client in enumerate(introducing)
+    ]
+    wait_for(lambda: len(decoded) == 4, what="both introductions' photos to be decoded while the model answers")
+    wait_for(lambda: engine._lock.present >= 2, what="an introduction to wait for the model")
+    time.sleep(1)  # the other introduction, decoded, would be at the model's lock by now: it waits for its turn
+    assert engine._lock.present == 2, "more than one introduction waits at the model's lock"
+    assert probe.inside == 1 and not running.done() and not any(job.done() for job in jobs)
     probe.gate.set()
     assert isinstance(running.result(timeout=60)[0], str)
-    report, patches, _ = job.result(timeout=60)
-    assert report.startswith("## Cat") and len(patches) == 2
+    for number, job in enumerate(jobs):
+        report, patches, _ = job.result(timeout=60)
+        assert report.startswith(f"## Cat {number}") and len(patches) == 2
+    assert engine._lock.most_present == 2, "more than one introduction waited at the model's lock"
 
 
 def join(
