@@ -272,12 +272,13 @@ class Actions:
     ):
         """Introduce a concept from 1-5 photos; returns (session, report, kept-token pictures, heat maps)."""
         session = self._rejoin_adding(session, request)
-        with for_visitor("introducing the concept"):
+        with for_visitor("introducing the concept"), contextlib.ExitStack() as reserved:
             name = checks.check_name(name, self.limits)
             keywords = checks.check_keywords(keywords, self.limits)  # before the model loads: a mistake costs nothing
             paths = _paths(photos)
             checks.check_reference_count(len(paths), self.limits)
-            session.check_room([name], self.settings.max_concepts_per_session)
+            # The name and a place held until the concept is added: a second tab's request for it waits for nothing.
+            held = reserved.enter_context(session.reserving([name], self.settings.max_concepts_per_session))
             self.budget.check()  # before the model's work, not after
             engine = self._engine(progress)  # loaded (and a failed load reported) before the model call
             # A session whose file cannot take even the smallest concept of these photos is told before the
@@ -300,6 +301,7 @@ class Actions:
                 self.settings.max_concepts_per_session,
                 self.budget,
                 self.settings.max_concept_file_bytes,
+                held,
             )
         log.info("introduce: %d photos, %d tokens, %.2f s", len(paths), concept.num_tokens, seconds)
         return session, report + _unknown_to_conversations(session), patches, heats
@@ -307,16 +309,24 @@ class Actions:
     def load_example_concepts(self, session: Session, progress=gr.Progress(), request: gr.Request = None):
         """Introduce the bundled example concepts this visitor does not have yet."""
         session = self._rejoin_adding(session, request)
-        with for_visitor("introducing the example concepts"):
-            missing = [(name, paths) for name, paths in self.examples.concepts if not session.has(name)]
+        with for_visitor("introducing the example concepts"), contextlib.ExitStack() as reserved:
+            missing = [
+                (name, paths)
+                for name, paths in self.examples.concepts
+                if not session.has(name) and not session.is_coming(name)
+            ]
             if not missing:
                 message = (
-                    "Your concepts already include all the example concepts."
-                    if self.examples.concepts
-                    else "This installation has no example concepts."
+                    "This installation has no example concepts."
+                    if not self.examples.concepts
+                    else "The example concepts are being introduced in your session already (in another tab); "
+                    "they will be in your concepts when that ends."
+                    if any(session.is_coming(name) for name, _ in self.examples.concepts)
+                    else "Your concepts already include all the example concepts."
                 )
                 return session, message, [], []
-            session.check_room([name for name, _ in missing], self.settings.max_concepts_per_session)
+            names = [name for name, _ in missing]
+            held = reserved.enter_context(session.reserving(names, self.settings.max_concepts_per_session))
             self.budget.check()
             self._engine(progress)
             started = time.perf_counter()
@@ -333,6 +343,7 @@ class Actions:
                 self.settings.max_concepts_per_session,
                 self.budget,
                 self.settings.max_concept_file_bytes,
+                held,
             )
         return session, report + _unknown_to_conversations(session, len(made)), patches, heats
 
@@ -843,7 +854,7 @@ class Actions:
         """Add the concepts of a file written by /export_concepts (or ego.save_concepts); names the visitor
         already has are skipped and listed in a message, with their thumbnails where the file has them."""
         session = self._rejoin_adding(session, request)
-        with for_visitor("importing the concepts"):
+        with for_visitor("importing the concepts"), contextlib.ExitStack() as still:
             path = file if isinstance(file, (str, os.PathLike)) else getattr(file, "name", file)
             if not path:
                 raise InputError("Choose a concept file (.safetensors) exported from this app first.")
@@ -852,10 +863,13 @@ class Actions:
             engine = self._engine(progress)
             concepts = load_concepts(path, engine)
             thumbnails = read_thumbnails(path, len(concepts))
+            # From here to `add`, no other request changes the session: what is chosen is what is added. A concept
+            # being introduced (another tab's) counts as one the visitor has.
+            still.enter_context(session.changing())
             entries, skipped, twice, seen = [], [], [], set()
             for concept, thumbnail in zip(concepts, thumbnails):
                 name = concept.name  # held to the rule of typed names by load_concepts
-                if session.has(name):
+                if session.has(name) or session.is_coming(name):
                     skipped.append(name)
                     continue
                 if name_key(name) in seen:  # the file's first concept of that name is taken (names ignore case)
@@ -880,7 +894,7 @@ class Actions:
             # A file may hold more concepts than a session: the first ones that fit come in, and importing the file
             # again once there is room brings the rest (the ones already in the session are skipped).
             most = self.settings.max_concepts_per_session
-            room = max(0, most - len(session))
+            room = max(0, most - len(session) - session.coming)
             if entries and not room:
                 raise InputError(
                     f"A session holds at most {most} concepts and you have {len(session)}: remove some first "

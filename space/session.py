@@ -109,7 +109,9 @@ class Session:
 
     def __init__(self):
         self._entries: list[Entry] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: `changing` holds it around a choice and the `add` it makes
+        self._coming: list[str] = []
+        """The names (`name_key`) of the concepts being introduced (`reserving`)."""
         self._exporting = threading.Lock()
         self._export_dir: str | None = None
         self._note = ""
@@ -190,9 +192,19 @@ class Session:
         key = name_key(name)
         return any(name_key(entry.concept.name) == key for entry in self._entries)
 
+    def is_coming(self, name: str) -> bool:
+        """Whether a concept of that name is being introduced in this session (another tab's, or a script's)."""
+        return name_key(name) in self._coming
+
+    @property
+    def coming(self) -> int:
+        """Concepts being introduced in this session: each will take a place."""
+        return len(self._coming)
+
     # --- checks ---------------------------------------------------------------------------------
-    def check_room(self, names: list[str], max_concepts: int) -> None:
-        """Raise InputError unless all `names` can be added: new, distinct, and within the limit."""
+    def check_room(self, names: list[str], max_concepts: int, held: tuple[str, ...] = ()) -> None:
+        """Raise InputError unless all `names` can be added: new, distinct, not being introduced by another request
+        (`held`: the names this request reserved itself), and within the limit with those being introduced."""
         keys = [name_key(n) for n in names]
         taken = [entry.concept.name for entry in self._entries if name_key(entry.concept.name) in keys]
         if taken:
@@ -201,17 +213,48 @@ class Session:
                 f"You already have a concept named {listed}. Remove it first (under Your concepts), "
                 f"or pick another name."
             )
+        others = list(self._coming)
+        for key in held:
+            others.remove(key)
+        coming = [name for name, key in zip(names, keys) if key in others]
+        if coming:
+            raise InputError(
+                f"A concept named '{isolated(coming[0])}' is being introduced in your session already (in another "
+                f"tab, or by another request); wait for it to finish, or pick another name."
+            )
         repeated = sorted({n for n, k in zip(names, keys) if keys.count(k) > 1})
         if repeated:
             raise InputError(
                 f"The name '{isolated(repeated[0])}' appears more than once; each concept needs its own name."
             )
-        if len(self._entries) + len(names) > max_concepts:
-            room = max(0, max_concepts - len(self._entries))
+        if len(self._entries) + len(others) + len(names) > max_concepts:
+            room = max(0, max_concepts - len(self._entries) - len(others))
+            underway = f" ({len(others)} more being introduced)" if others else ""
             raise InputError(
-                f"A session holds at most {max_concepts} concepts and you have {len(self._entries)}; "
+                f"A session holds at most {max_concepts} concepts and you have {len(self._entries)}{underway}; "
                 f"there is room for {room} more. Remove some first (or export them to keep them)."
             )
+
+    @contextlib.contextmanager
+    def reserving(self, names: list[str], max_concepts: int):
+        """While concepts named `names` are made (an introduction's model work): their names and places are held,
+        so that another request of this session (a second tab, a script) for the same name, or past the limit, is
+        refused at once rather than after its own model work. Yields the names held, for `add(..., held=...)`."""
+        with self._lock:
+            self.check_room(names, max_concepts)
+            held = tuple(name_key(name) for name in names)
+            self._coming.extend(held)
+        try:
+            yield held
+        finally:
+            with self._lock:
+                for key in held:
+                    self._coming.remove(key)
+
+    def changing(self):
+        """Hold the concepts still while a change is chosen from them and made (`add` inside): an import picks which
+        of its concepts are new and fit, and no other request changes the session in between."""
+        return self._lock
 
     # --- changing -------------------------------------------------------------------------------
     def file_bytes_with(self, entries: list[Entry]) -> int:
@@ -235,11 +278,13 @@ class Session:
         max_concepts: int,
         budget: MemoryBudget | None = None,
         max_file_bytes: int | None = None,
+        held: tuple[str, ...] = (),
     ) -> None:
         """Add all of `entries`, or (InputError) none of them; with `max_file_bytes`, only while the session's
-        export stays a file of at most that many bytes (one that can be imported again)."""
+        export stays a file of at most that many bytes (one that can be imported again). `held`: the names this
+        request reserved for them (`reserving`)."""
         with self._lock:
-            self.check_room([entry.concept.name for entry in entries], max_concepts)
+            self.check_room([entry.concept.name for entry in entries], max_concepts, held)
             if max_file_bytes is not None:
                 self.check_file_room(self.file_bytes_with(entries), max_file_bytes)
             if budget is None:

@@ -276,6 +276,33 @@ def test_import_adds_the_new_names_and_names_the_ones_it_skipped(act, engine, tm
     assert fresh.names == ["Bo"] and "named like an earlier one" in fresh.take_note()
 
 
+def test_a_name_being_introduced_elsewhere_in_the_session_is_not_made_twice(act, engine, monkeypatch, tmp_path):
+    """Two tabs of a browser (or a script's requests) share a session and may add concepts at once: a second
+    introduction of a name being introduced is refused before the model's work; the example concepts leave it to
+    that introduction; an import adds the file's other concepts and skips it (it was refused whole)."""
+    from ego import save_concepts
+
+    session = Session()
+    with session.reserving(["Chelsea"], SPACE.max_concepts_per_session):  # another tab's introduction of it
+        with monkeypatch.context() as patched:
+            patched.setattr(act, "_introduce_on_gpu", lambda *args: pytest.fail("the model was asked"))
+            with pytest.raises(gr.Error) as refused:
+                act.introduce(session, "chelsea", gallery(CHELSEA[:1]), "tabby", False, 10, progress=quiet)
+            assert "'\u2068chelsea\u2069' is being introduced in your session already" in refused.value.message
+        made = [engine.introduce(name, [CHELSEA[0]], keywords="cat", area_pct=10) for name in ("Chelsea", "Bo")]
+        with pytest.warns(UserWarning, match="Added 1 concept; skipped “\u2068Chelsea\u2069”"):
+            act.import_concepts(session, str(save_concepts(tmp_path / "two.safetensors", made)), progress=quiet)
+        assert session.names == ["Bo"]
+        act.load_example_concepts(session, progress=quiet)
+        examples = [name for name, _ in act.examples.concepts]
+        assert "Chelsea" in examples and session.names == ["Bo", *(n for n in examples if n != "Chelsea")]
+        _, said, *_ = act.load_example_concepts(session, progress=quiet)
+        assert said.startswith("The example concepts are being introduced in your session already")
+    assert session.coming == 0
+    _, said, *_ = act.load_example_concepts(session, progress=quiet)  # the introduction failed: it is missing
+    assert session.names[-1] == "Chelsea" and "## Chelsea" in said
+
+
 def test_a_file_with_more_concepts_than_fit_brings_the_first_ones_and_the_rest_later(engine, tmp_path):
     """A file may hold more concepts than a session: the first ones that fit come in, the visitor is told which
     did not, and importing the file again once there is room brings them (the ones already in are skipped)."""

@@ -107,6 +107,28 @@ def test_the_concept_limit_is_all_or_nothing():
     assert len(session) == 3 and session.memory_tokens == 9
 
 
+def test_a_name_being_introduced_is_held_with_its_place_until_added_or_given_up():
+    """A second tab's (or a script's) request for a name being introduced, or for the place it will take, is
+    refused at once; the request that reserved it adds it; a failed introduction gives both back."""
+    session = Session()
+    session.add([entry("a")], 3)
+    with session.reserving(["Mug"], 3) as held:
+        assert session.is_coming(" mug") and session.coming == 1
+        with pytest.raises(InputError, match="A concept named '\u2068MUG\u2069' is being introduced in your session"):
+            session.check_room(["MUG"], 3)
+        with pytest.raises(InputError, match=r"you have 1 \(1 more being introduced\); there is room for 1 more"):
+            session.add([entry("b"), entry("c")], 3)
+        session.add([entry("b")], 3)
+        with pytest.raises(InputError, match="is being introduced"):
+            session.add([entry("Mug")], 3)  # not the request that reserved it
+        session.add([entry("Mug")], 3, held=held)
+    assert session.names == ["a", "b", "Mug"] and session.coming == 0
+    with pytest.raises(RuntimeError), session.reserving(["c"], 4):
+        raise RuntimeError("the model failed")
+    assert not session.is_coming("c") and session.coming == 0
+    session.check_room(["c"], 4)
+
+
 def test_remove_and_clear():
     session = Session()
     session.add([entry("a"), entry("b")], 5)
