@@ -55,6 +55,14 @@ TO_ASK_AGAIN = (
     " Import your concept file (if you exported one) or introduce your concepts again, then ask again{or_now}. Your "
     "question is still in its box."
 )
+TO_ASK_AGAIN_THROUGH_THE_API = (
+    " Import your concept file with /import_concepts (if you exported one) or introduce your concepts again with "
+    "/introduce, then ask again{or_now}."
+)
+TO_FOLLOW_UP_THROUGH_THE_API = (
+    " Its conversations ended with it: bring your concepts back (/import_concepts or /introduce), then ask a first "
+    "question with /ask_image or /ask_video."
+)
 WITHOUT_THEM = "; or ask again now, without them"
 """Only beside a photo or clip: a question without one is about the visitor's concepts."""
 START_AGAIN_ON_THE_PAGE = "press New conversation, then ask again (your question is still in its box)"
@@ -303,6 +311,7 @@ class Actions:
                 self.settings.max_concept_file_bytes,
                 held,
             )
+            self.sessions.remember_script(session, request)  # a script's: told if it ends (as a page's is)
         log.info("introduce: %d photos, %d tokens, %.2f s", len(paths), concept.num_tokens, seconds)
         return session, report + _unknown_to_conversations(session), patches, heats
 
@@ -345,6 +354,7 @@ class Actions:
                 self.settings.max_concept_file_bytes,
                 held,
             )
+            self.sessions.remember_script(session, request)
         return session, report + _unknown_to_conversations(session, len(made)), patches, heats
 
     def _pictures(self, made):
@@ -368,12 +378,24 @@ class Actions:
     # ------------------------------------------------------------------------------------------
     # Ask
     # ------------------------------------------------------------------------------------------
-    def ask_image(self, session: Session, image, question, compare=False, progress=gr.Progress(), in_flight=None):
+    def ask_image(
+        self,
+        session: Session,
+        image,
+        question,
+        compare=False,
+        progress=gr.Progress(),
+        in_flight=None,
+        request: gr.Request = None,
+    ):
         """Start a conversation about a photo, or, without one, about the visitor's concepts themselves (their
         memories are the only visual input); stream (session, answer, answer without memory, details, where each
         concept matches). `in_flight` (the chat tab's `AnswerInFlight`): its Stop ends the answer as far as it
-        came, and it says whether the answer was cut short."""
+        came, and it says whether the answer was cut short. With `request` (/ask_image), a script whose session
+        ended is told so first (`_refuse_if_ended`); the chat tab asks that before it calls this."""
         stop = in_flight.stop if in_flight is not None else None
+        if request is not None:
+            session = self._refuse_if_ended(session, request, image, TO_ASK_AGAIN_THROUGH_THE_API)
         with for_visitor("answering"):
             if not image and not len(session):
                 raise InputError("Add a photo to ask about, or introduce a concept to ask about it without a photo.")
@@ -463,10 +485,14 @@ class Actions:
             for name, grid in answer.similarity_maps
         ]
 
-    def ask_video(self, session: Session, video, question, progress=gr.Progress(), in_flight=None):
-        """Start a conversation about a clip; stream (session, sampled frames, answer, details); `in_flight` as in
-        `ask_image`."""
+    def ask_video(
+        self, session: Session, video, question, progress=gr.Progress(), in_flight=None, request: gr.Request = None
+    ):
+        """Start a conversation about a clip; stream (session, sampled frames, answer, details); `in_flight` and
+        `request` as in `ask_image`."""
         stop = in_flight.stop if in_flight is not None else None
+        if request is not None:
+            session = self._refuse_if_ended(session, request, video, TO_ASK_AGAIN_THROUGH_THE_API)
         with for_visitor("answering"):
             if not video:
                 raise InputError("Add a video clip to ask about first.")
@@ -509,9 +535,12 @@ class Actions:
     # ------------------------------------------------------------------------------------------
     # Conversations
     # ------------------------------------------------------------------------------------------
-    def follow_up(self, session: Session, question, progress=gr.Progress()):
+    def follow_up(self, session: Session, question, progress=gr.Progress(), request: gr.Request = None):
         """Ask a follow-up in the conversation the visitor started last (/ask_image or /ask_video), on its cached
-        photo or clip and memories; stream (session, answer)."""
+        photo or clip and memories; stream (session, answer). A script whose session ended is told so."""
+        session, ended = self.sessions.rejoin(session, request)
+        if ended:
+            raise gr.Error(self.session_ended(TO_FOLLOW_UP_THROUGH_THE_API), print_exception=False)
         chats = session.conversations
         for answer in self._follow_up(chats, chats.current, question, progress):
             yield session, str(answer)
@@ -621,16 +650,17 @@ class Actions:
             for view, box, frames, details in steps_shown:
                 yield session, frames, view, box, details
 
-    def _refuse_if_ended(self, session: Session, request, box) -> Session:
-        """The session a chat tab's message is asked in (`Sessions.rejoin`). In a tab whose session had ended, the
-        message is refused with the sentence that says so, before any output: the message stays in its box, the
-        chat views show what they showed (the visitor may still read it), and the next message is asked in the
-        tab's new session (without the concepts, unless the visitor brought them back; `box`: the tab's photo or
-        clip, without which there is nothing to ask about then)."""
+    def _refuse_if_ended(self, session: Session, request, box, to_ask_again: str = TO_ASK_AGAIN) -> Session:
+        """The session a chat tab's message (or a script's question) is asked in (`Sessions.rejoin`). In a tab whose
+        session had ended, the message is refused with the sentence that says so, before any output: the message
+        stays in its box, the chat views show what they showed (the visitor may still read it), and the next message
+        is asked in the tab's new session (without the concepts, unless the visitor brought them back; `box`: the
+        tab's photo or clip, without which there is nothing to ask about then). `to_ask_again`: what to do, on the
+        page or through the HTTP API."""
         session, ended = self.sessions.rejoin(session, request)
         if ended:
             session.tell(self.session_ended())  # beside the panel, refreshed after the refusal (`panel_if_told`)
-            then = TO_ASK_AGAIN.format(or_now=WITHOUT_THEM if box else "")
+            then = to_ask_again.format(or_now=WITHOUT_THEM if box else "")
             raise gr.Error(self.session_ended(then), print_exception=False)
         return session
 
@@ -914,6 +944,8 @@ class Actions:
                 )
             entries, left_out = entries[:room], [entry.concept.name for entry in entries[room:]]
             session.add(entries, most, self.budget, self.settings.max_concept_file_bytes)
+            if entries:
+                self.sessions.remember_script(session, request)
             added = f"Imported {len(entries)} concept{'s' * (len(entries) != 1)}."
             if left_out:
                 added += f" Left out {len(left_out)}: no room."

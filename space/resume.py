@@ -13,7 +13,9 @@ beyond `max_sessions`). A session shared by several tabs is emptied only when th
 
 A tab left open past its session's expiry gets a new, empty session from Gradio at its next action. The registry
 remembers which token each page load handed its tab (by the page's Gradio session), so that action can tell
-(`Sessions.rejoin`): the visitor is told their session ended, rather than answered as if they had no concepts.
+(`Sessions.rejoin`): the visitor is told their session ended, rather than answered as if they had no concepts. A
+script of the HTTP API has no page load: its Gradio session is remembered once it holds concepts
+(`Sessions.remember_script`), and its questions are told the same way.
 """
 
 from __future__ import annotations
@@ -118,6 +120,18 @@ class Sessions:
         with self._lock:
             found = self._made_again(session, request)
         return (session, False) if found is None else found
+
+    def remember_script(self, session, request: gr.Request = None) -> None:
+        """A script's session (an HTTP API client: no page load) that now holds concepts: remembered by its Gradio
+        session as a page is, so that its next request after the session ended is told so (`rejoin`) rather than
+        answered without its concepts. A page's session, or one already remembered, is left as it is."""
+        page = getattr(request, "session_hash", None)
+        if not isinstance(session, Session) or not isinstance(page, str):
+            return
+        with self._lock:
+            if page not in self._page_tokens:
+                token = self._token_of.get(session)
+                self._remember_page(request, token if token is not None else self._register(session))
 
     def _made_again(self, session, request) -> tuple[Session, bool] | None:
         """None for a session this registry knows, or in a page whose load it does not remember. For a session

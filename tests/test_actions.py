@@ -1137,6 +1137,39 @@ def test_concepts_added_in_a_tab_that_outlived_its_session_start_its_new_one_and
     assert new.names == ["Bo", "Chelsea"] and len(warnings) == 1
 
 
+def test_a_script_whose_session_ended_is_told_at_its_next_question(act):
+    """An HTTP API client has no page load: once its session holds concepts, its Gradio session is remembered, and
+    its next question after the session ended is refused with the sentence that says so and which endpoints bring
+    the concepts back (once; the next one is answered without them). A script that never added concepts is not
+    told: it lost nothing."""
+    script = Page("script")
+    session = Session()
+    list(act.ask_image(session, QUERY, "What is this?", progress=quiet, request=script))
+    fresh = expired(act, session)
+    list(act.ask_image(fresh, QUERY, "What is this?", progress=quiet, request=script))  # nothing was lost
+    act.introduce(fresh, "Chelsea", gallery(CHELSEA[:1]), "tabby", False, 10, progress=quiet, request=script)
+    *_, last = act.ask_image(fresh, QUERY, "Is Chelsea here?", progress=quiet, request=script)
+    assert last[3]["concepts_used"] == ["Chelsea"]
+    ended = expired(act, fresh)
+    with pytest.raises(gr.Error, match=ENDED) as told:
+        next(act.ask_image(ended, QUERY, "Is Chelsea here?", progress=quiet, request=script))
+    assert "introduce your concepts again with /introduce" in told.value.message
+    assert "/import_concepts" in told.value.message and "or ask again now, without them" in told.value.message
+    *_, last = act.ask_image(ended, QUERY, "Is Chelsea here?", progress=quiet, request=script)
+    assert last[3]["concepts_used"] == []
+    act.introduce(ended, "Bo", gallery(CHELSEA[:1]), "tabby", False, 10, progress=quiet, request=script)
+    for ask in (
+        lambda session: next(act.ask_video(session, CLIP, "Is Bo here?", progress=quiet, request=script)),
+        lambda session: next(act.follow_up(session, "And now?", progress=quiet, request=script)),
+    ):
+        ended = expired(act, ended)
+        with pytest.raises(gr.Error, match=ENDED) as told:
+            ask(ended)
+        assert "/introduce" in told.value.message
+        act.introduce(ended, "Bo", gallery(CHELSEA[:1]), "tabby", False, 10, progress=quiet, request=script)
+    assert "ask a first question with /ask_image or /ask_video" in told.value.message
+
+
 def test_no_tab_is_told_its_session_ended_while_it_has_not(act, engine, monkeypatch):
     """A first visit (its question asked before its page load was answered, too), a reload, a second tab, Clear all,
     a script (no page load), and a server that restarted since the page loaded (it knows no page): no sentence."""

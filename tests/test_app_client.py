@@ -195,6 +195,9 @@ def test_a_visitors_memory_is_freed_after_its_time_to_live(example, monkeypatch)
         while not freed and time.monotonic() < deadline:
             time.sleep(0.2)
         assert freed == [["Brief"]]
+        # Its next question is told that the session ended, rather than answered without the concept.
+        with pytest.raises(AppError, match="Your session on this server ended .* /introduce"):
+            client.predict(handle_file(example["image"][0]), "Is Brief here?", False, api_name="/ask_image")
         assert client.predict(api_name="/list_concepts") == []
 
 
