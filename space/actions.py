@@ -64,6 +64,7 @@ TO_FOLLOW_UP_THROUGH_THE_API = (
     "question with /ask_image or /ask_video."
 )
 WITHOUT_THEM = "; or ask again now, without them"
+WAITING_FOR_AN_INTRODUCTION = "Waiting for the model: another concept is being introduced…"
 """Only beside a photo or clip: a question without one is about the visitor's concepts."""
 START_AGAIN_ON_THE_PAGE = "press New conversation, then ask again (your question is still in its box)"
 START_AGAIN_THROUGH_THE_API = "ask a first question with /ask_image or /ask_video"
@@ -212,9 +213,19 @@ class Actions:
     def _introduce_in_worker(self, name, pictures, keywords, area_pct):
         return self._worker_engine().introduce(name, pictures, keywords=keywords, area_pct=area_pct)
 
-    def _introduce_in_turn(self, name, pictures, keywords, area_pct):
-        with self._introducing:
+    def _introduce_in_turn(self, name, pictures, keywords, area_pct, progress=None, doing: str = ""):
+        """The introduction's model call, once the introductions before it made theirs; `progress` says what it
+        waits for meanwhile, then what it does (`doing`)."""
+        if not self._introducing.acquire(blocking=False):
+            if progress is not None:
+                progress(0.1, desc=WAITING_FOR_AN_INTRODUCTION)
+            self._introducing.acquire()
+            if progress is not None:
+                progress(0.1, desc=doing)
+        try:
             return self._introduce_on_gpu(name, pictures, keywords, area_pct)
+        finally:
+            self._introducing.release()
 
     def _answer_stream(self, engine, question, concepts, *, image=None, video=None, stop=None):
         """The answer as it grows (`ego.Answer`s): on ZeroGPU from a GPU call of this visitor's own, elsewhere
@@ -297,10 +308,12 @@ class Actions:
                     self.settings.max_concept_file_bytes,
                 )
             started = time.perf_counter()
-            progress(0.1, desc=f"Choosing the memory tokens of {len(paths)} photo{'s' * (len(paths) > 1)}…")
+            doing = f"Choosing the memory tokens of {len(paths)} photo{'s' * (len(paths) > 1)}…"
+            progress(0.1, desc=doing)
             # Decoded once, for both uses; a refused one of several is named by its position.
             pictures = checks.load_each(paths, lambda path: load_image(path, self.limits))
-            concept = self._introduce_in_turn(name, pictures, keywords, None if auto_size else size_pct)
+            area_pct = None if auto_size else size_pct
+            concept = self._introduce_in_turn(name, pictures, keywords, area_pct, progress, doing)
             seconds = time.perf_counter() - started
             patches, heats = self._pictures([(concept, pictures)])
             report = views.introduction_report([concept], seconds)

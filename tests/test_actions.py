@@ -303,6 +303,34 @@ def test_a_name_being_introduced_elsewhere_in_the_session_is_not_made_twice(act,
     assert session.names[-1] == "Chelsea" and "## Chelsea" in said
 
 
+def test_an_introduction_waiting_for_another_ones_model_call_says_so(act):
+    """Introductions make their model calls one at a time: one that waits says what it waits for, then what it
+    does."""
+    from space.actions import WAITING_FOR_AN_INTRODUCTION
+
+    said, done = [], []
+
+    def progress(value=None, desc=None, **_):
+        said.append(desc)
+
+    act._introducing.acquire()  # another introduction's model call
+    try:
+        introducing = threading.Thread(
+            target=lambda: done.append(
+                act.introduce(Session(), "Chelsea", gallery(CHELSEA[:1]), "tabby", False, 10, progress=progress)
+            )
+        )
+        introducing.start()
+        deadline = time.monotonic() + 30
+        while WAITING_FOR_AN_INTRODUCTION not in said and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert said[-1] == WAITING_FOR_AN_INTRODUCTION and not done
+    finally:
+        act._introducing.release()
+    introducing.join(60)
+    assert done and said[-1].startswith("Choosing the memory tokens of 1 photo")
+
+
 def test_a_file_with_more_concepts_than_fit_brings_the_first_ones_and_the_rest_later(engine, tmp_path):
     """A file may hold more concepts than a session: the first ones that fit come in, the visitor is told which
     did not, and importing the file again once there is room brings them (the ones already in are skipped)."""
