@@ -41,4 +41,4 @@ class ConversationFullError(InputError):
     def __reduce__(self):
         """Pickled whole (a model call on ZeroGPU runs in another process and raises it there)."""
         arguments = (self.situation, self.new_conversation, self.longest_answer_tokens, self.otherwise)
-        return type(self), arguments
+        return type(self), arguments, self.__dict__

@@ -64,8 +64,8 @@ TO_FOLLOW_UP_THROUGH_THE_API = (
     "question with /ask_image or /ask_video."
 )
 WITHOUT_THEM = "; or ask again now, without them"
-WAITING_FOR_AN_INTRODUCTION = "Waiting for the model: another concept is being introduced…"
 """Only beside a photo or clip: a question without one is about the visitor's concepts."""
+WAITING_FOR_AN_INTRODUCTION = "Waiting for the model: another concept is being introduced…"
 START_AGAIN_ON_THE_PAGE = "press New conversation, then ask again (your question is still in its box)"
 START_AGAIN_THROUGH_THE_API = "ask a first question with /ask_image or /ask_video"
 MAKE_ROOM = "; remove some of your concepts to make room (export them first to keep them), then ask again."
@@ -171,9 +171,9 @@ class Actions:
         self.zero_gpu = on_zero_gpu()
         """On ZeroGPU each model call runs in a GPU worker process (`space.zerogpu`), one visitor's per call."""
         self._introducing = threading.Lock()
-        """One introduction's model call at a time (in this process, outside any GPU call): introductions prepare
-        their photos side by side, but only one waits at the engine's lock, so a batch of answers that waits
-        there too waits for one introduction, not for every one in progress."""
+        """One introduction's model call at a time: introductions prepare their photos side by side, but only one
+        waits at the engine's lock, so a batch of answers that waits there too waits for one introduction, not for
+        every one in progress. Not on ZeroGPU, where each call runs in a GPU worker of its own."""
         fixed_s, per_token_s = settings.zero_gpu_call_fixed_s, settings.zero_gpu_call_per_token_s
         per_photo = self.limits.description_max_new_tokens + self.limits.size_max_new_tokens
         self._stream_on_gpu = gpu(self._stream_in_worker, duration=call_seconds(fixed_s, per_token_s))
@@ -215,7 +215,10 @@ class Actions:
 
     def _introduce_in_turn(self, name, pictures, keywords, area_pct, progress=None, doing: str = ""):
         """The introduction's model call, once the introductions before it made theirs; `progress` says what it
-        waits for meanwhile, then what it does (`doing`)."""
+        waits for meanwhile, then what it does (`doing`). On ZeroGPU each call has a GPU worker of its own (there is
+        no shared model to wait for): at once."""
+        if self.zero_gpu:
+            return self._introduce_on_gpu(name, pictures, keywords, area_pct)
         if not self._introducing.acquire(blocking=False):
             if progress is not None:
                 progress(0.1, desc=WAITING_FOR_AN_INTRODUCTION)
@@ -342,7 +345,7 @@ class Actions:
                     "This installation has no example concepts."
                     if not self.examples.concepts
                     else "The example concepts are being introduced in your session already (in another tab); "
-                    "they will be in your concepts when that ends."
+                    "they are added when that ends (if it fails, load them again)."
                     if any(session.is_coming(name) for name, _ in self.examples.concepts)
                     else "Your concepts already include all the example concepts."
                 )
@@ -820,15 +823,14 @@ class Actions:
     def panel_if_changed(self, session: Session, shown_records, shown_summary, request: gr.Request = None):
         """The concept panel of a tab shown again (another tab of this browser may have changed the concepts they
         share): refreshed if it shows other concepts or another summary than its session's, else left as it is (a
-        concept picked for removal stays picked). A tab whose session ended meanwhile is told so in the status line
-        (`Sessions.rejoin`, as its next action would be)."""
-        session, ended = self.sessions.rejoin(session, request)
-        if ended:
-            session.tell(self.session_ended())
-            return self.panel(session)
-        if shown_records == self.records(session) and shown_summary == self.summary(session):
+        concept picked for removal stays picked). A tab whose session ended meanwhile shows it, with the sentence
+        in its status line. Nothing changes on the server (`Sessions.peek`): the tab's next action is still told
+        (a question is refused, its text kept), and showing a tab does not keep a session alive."""
+        session, ended = self.sessions.peek(session, request)
+        if shown_records == self.records(session) and shown_summary == self.summary(session) and not ended:
             return (gr.skip(),) * 5
-        return self.panel(session, status=False)
+        *panel, _ = self.panel(session, status=False)
+        return (*panel, views.escape_markdown(self.session_ended()) if ended else gr.skip())
 
     def status(self, session: Session) -> str:
         """The panel's status line: the sentence the visitor's last panel action left (Markdown-escaped)."""
@@ -909,11 +911,14 @@ class Actions:
             # From here to `add`, no other request changes the session: what is chosen is what is added. A concept
             # being introduced (another tab's) counts as one the visitor has.
             still.enter_context(session.changing())
-            entries, skipped, twice, seen = [], [], [], set()
+            entries, skipped, coming, twice, seen = [], [], [], [], set()
             for concept, thumbnail in zip(concepts, thumbnails):
                 name = concept.name  # held to the rule of typed names by load_concepts
-                if session.has(name) or session.is_coming(name):
+                if session.has(name):
                     skipped.append(name)
+                    continue
+                if session.is_coming(name):
+                    coming.append(name)
                     continue
                 if name_key(name) in seen:  # the file's first concept of that name is taken (names ignore case)
                     twice.append(name)
@@ -928,6 +933,13 @@ class Actions:
                     else views.token_map((1, 1), [], self.settings.thumbnail_px)
                 )
                 entries.append(Entry(concept, picture))
+            if coming and not entries:
+                listed = ", ".join(f"'{views.isolated(name)}'" for name in coming)
+                raise InputError(
+                    f"{listed} {'is' if len(coming) == 1 else 'are'} being introduced in your session now (in "
+                    f"another tab), and the file's other concepts are already yours: nothing was added. If that "
+                    f"introduction fails, import the file again."
+                )
             if skipped and not entries:
                 listed = ", ".join(f"'{views.isolated(name)}'" for name in skipped)
                 raise InputError(
@@ -939,9 +951,10 @@ class Actions:
             most = self.settings.max_concepts_per_session
             room = max(0, most - len(session) - session.coming)
             if entries and not room:
+                underway = f" ({session.coming} more being introduced)" if session.coming else ""
                 raise InputError(
-                    f"A session holds at most {most} concepts and you have {len(session)}: remove some first "
-                    f"(export them to keep them), then import the file again."
+                    f"A session holds at most {most} concepts and you have {len(session)}{underway}: remove some "
+                    f"first (export them to keep them), then import the file again."
                 )
             by_count = room
             room = min(room, _most_that_fit(session, entries[:room], self.settings.max_concept_file_bytes))
@@ -964,6 +977,8 @@ class Actions:
                 added += f" Left out {len(left_out)}: no room."
             if skipped:
                 added += f" Skipped {len(skipped)} already yours."
+            if coming:
+                added += f" Skipped {len(coming)} being introduced."
             if twice:
                 added += f" Skipped {len(twice)} named like an earlier one in the file."
             if entries:
@@ -985,7 +1000,13 @@ class Actions:
                 f"Added {len(entries)} concept{'s' * (len(entries) != 1)}; skipped {_quoted(skipped)}: you already "
                 f"have a concept with that name (remove yours first to import the file's)."
             )
-        log.info("import: %d concepts, %d skipped, %d left out", len(entries), len(skipped) + len(twice), len(left_out))
+        if coming:
+            gr.Warning(
+                f"Skipped {_quoted(coming)}: being introduced in your session now (in another tab); if that "
+                f"introduction fails, import the file again to add the file's."
+            )
+        skipped_all = len(skipped) + len(coming) + len(twice)
+        log.info("import: %d concepts, %d skipped, %d left out", len(entries), skipped_all, len(left_out))
         return session, self.records(session)
 
 

@@ -290,9 +290,13 @@ def test_a_name_being_introduced_elsewhere_in_the_session_is_not_made_twice(act,
                 act.introduce(session, "chelsea", gallery(CHELSEA[:1]), "tabby", False, 10, progress=quiet)
             assert "'\u2068chelsea\u2069' is being introduced in your session already" in refused.value.message
         made = [engine.introduce(name, [CHELSEA[0]], keywords="cat", area_pct=10) for name in ("Chelsea", "Bo")]
-        with pytest.warns(UserWarning, match="Added 1 concept; skipped “\u2068Chelsea\u2069”"):
-            act.import_concepts(session, str(save_concepts(tmp_path / "two.safetensors", made)), progress=quiet)
-        assert session.names == ["Bo"]
+        two = str(save_concepts(tmp_path / "two.safetensors", made))
+        with pytest.warns(UserWarning, match="Skipped “\u2068Chelsea\u2069”: being introduced in your session now"):
+            act.import_concepts(session, two, progress=quiet)
+        assert session.names == ["Bo"] and "Skipped 1 being introduced." in session.take_note()
+        with pytest.raises(gr.Error) as refused:  # the rest of the file is already in
+            act.import_concepts(session, two, progress=quiet)
+        assert "'\u2068Chelsea\u2069' is being introduced in your session now" in refused.value.message
         act.load_example_concepts(session, progress=quiet)
         examples = [name for name, _ in act.examples.concepts]
         assert "Chelsea" in examples and session.names == ["Bo", *(n for n in examples if n != "Chelsea")]
@@ -303,7 +307,7 @@ def test_a_name_being_introduced_elsewhere_in_the_session_is_not_made_twice(act,
     assert session.names[-1] == "Chelsea" and "## Chelsea" in said
 
 
-def test_an_introduction_waiting_for_another_ones_model_call_says_so(act):
+def test_an_introduction_waiting_for_another_ones_model_call_says_so(act, monkeypatch):
     """Introductions make their model calls one at a time: one that waits says what it waits for, then what it
     does."""
     from space.actions import WAITING_FOR_AN_INTRODUCTION
@@ -329,6 +333,11 @@ def test_an_introduction_waiting_for_another_ones_model_call_says_so(act):
         act._introducing.release()
     introducing.join(60)
     assert done and said[-1].startswith("Choosing the memory tokens of 1 photo")
+    # On ZeroGPU each model call has a GPU worker of its own: an introduction waits for no other.
+    with act._introducing, monkeypatch.context() as patched:
+        patched.setattr(act, "zero_gpu", True)
+        patched.setattr(act, "_introduce_on_gpu", lambda *args: "made")
+        assert act._introduce_in_turn("Chelsea", [], None, None, progress) == "made"
 
 
 def test_a_file_with_more_concepts_than_fit_brings_the_first_ones_and_the_rest_later(engine, tmp_path):
@@ -1133,17 +1142,21 @@ def test_a_tab_shown_again_shows_what_another_tab_of_its_browser_changed(act):
     assert act.panel_if_changed(session, records, summary, first) == (gr.skip(),) * 5
     act.export_concepts(session, second)  # the same concepts, now exported: the summary says so
     assert act.panel_if_changed(session, records, summary, first)[2] == act.summary(session) != summary
-    # The first tab's state expires while the second tab still holds the session: it is taken back, as on reload.
+    # The first tab's state expires while the second tab still holds the session: shown again, the first tab shows
+    # it (its next action takes it back, as a reload would); being shown holds nothing on the server.
     act.sessions.release(session)
-    standing_in = Session()
-    assert act.panel_if_changed(standing_in, [], "", first)[3] == act.records(session)
-    # Both tabs' states expire: the session has ended, which the first tab is told when it is shown again.
+    records = act.records(session)
+    assert act.panel_if_changed(Session(), [], "", first)[3] == records
+    # The second tab's state expires too: the session has ended, which the first tab shows when it is shown again,
+    # each time, until its next action, which is still told (a question refused, its text kept).
     act.sessions.release(session)
-    act.sessions.release(standing_in)
+    assert len(session) == 0
     new = Session()
-    cards, _, _, records, status = act.panel_if_changed(new, act.records(session), summary, first)
-    assert cards == records == [] and status.startswith(escape_markdown(ENDED))
-    assert act.panel_if_changed(new, records, act.summary(new), first) == (gr.skip(),) * 5  # said once
+    for _ in range(2):
+        cards, _, _, shown, status = act.panel_if_changed(new, records, summary, first)
+        assert cards == shown == [] and status.startswith(escape_markdown(ENDED))
+    assert act.sessions.rejoin(new, first) == (new, True)
+    assert act.panel_if_changed(new, shown, act.summary(new), first) == (gr.skip(),) * 5
 
 
 def test_concepts_added_in_a_tab_that_outlived_its_session_start_its_new_one_and_it_is_said(act, monkeypatch, tmp_path):
