@@ -28,8 +28,9 @@ scheduler that answers those arriving together in one batched generation (`space
 CONCEPT_GROUP = "concepts"
 """Introductions and concept imports run side by side, up to `concept_requests_at_once`: photos are decoded and
 files read outside the model's turn. The model is one shared object that makes one call at a time (the engine's
-lock); introductions make theirs one at a time (`Actions`), so an introduction's model call and a batch of answers
-take turns. Both groups count toward a visitor's waiting requests."""
+lock); introductions make theirs one at a time (`Actions`; not on ZeroGPU, where each call has a GPU worker of its
+own), so an introduction's model call and a batch of answers take turns. Both groups count toward a visitor's
+waiting requests."""
 PRIVATE = dict(api_visibility="private")
 """UI-only events: not part of the HTTP API."""
 CHEAP = dict(queue=False)

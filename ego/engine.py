@@ -1396,7 +1396,9 @@ class Chat:
     def _check_room(self) -> None:
         limit = self.engine.settings.max_conversation_turns
         if len(self.turns) >= limit:
-            raise ConversationFullError(f"A conversation holds at most {limit} questions", new_conversation=True)
+            raise ConversationFullError(
+                f"A conversation holds at most {limit} question{'s' * (limit != 1)}", new_conversation=True
+            )
 
     def _begin(self, question, max_new_tokens, use_cache: bool) -> _Turn:
         """Every check, then the generate arguments: the first question's as `Ego.answer` prepares them, a

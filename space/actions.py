@@ -13,6 +13,7 @@ work succeeded.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import html
 import logging
@@ -48,8 +49,9 @@ SESSION_ENDED = (
     "Your session on this server ended {after} after your last action (sooner if the server was very "
     "busy), and its concepts and conversations were deleted with it."
 )
-"""Said once in a tab left open past its session's expiry, at its next action (`Sessions.rejoin`). Not after a
-restart of the server: it knows no page then, and says nothing."""
+"""Said once in a tab left open past its session's expiry, at its next action, or to a script whose session held
+concepts, at its next question (`Sessions.rejoin`). Not after a restart of the server: it knows no page then, and
+says nothing."""
 TO_GO_ON = " To go on with your concepts, import your concept file (if you exported one) or introduce them again."
 TO_ASK_AGAIN = (
     " Import your concept file (if you exported one) or introduce your concepts again, then ask again{or_now}. Your "
@@ -60,9 +62,11 @@ TO_ASK_AGAIN_THROUGH_THE_API = (
     "/introduce, then ask again{or_now}."
 )
 TO_FOLLOW_UP_THROUGH_THE_API = (
-    " Its conversations ended with it: bring your concepts back (/import_concepts or /introduce), then ask a first "
-    "question with /ask_image or /ask_video."
+    " There is no conversation to follow up: bring your concepts back (/import_concepts or /introduce), then ask a "
+    "first question with /ask_image or /ask_video."
 )
+ELSEWHERE = "(in another tab, or by another request)"
+"""Where a concept being introduced in the visitor's session comes from, as `Session.check_room` says it."""
 WITHOUT_THEM = "; or ask again now, without them"
 """Only beside a photo or clip: a question without one is about the visitor's concepts."""
 WAITING_FOR_AN_INTRODUCTION = "Waiting for the model: another concept is being introduced…"
@@ -213,18 +217,18 @@ class Actions:
     def _introduce_in_worker(self, name, pictures, keywords, area_pct):
         return self._worker_engine().introduce(name, pictures, keywords=keywords, area_pct=area_pct)
 
-    def _introduce_in_turn(self, name, pictures, keywords, area_pct, progress=None, doing: str = ""):
-        """The introduction's model call, once the introductions before it made theirs; `progress` says what it
-        waits for meanwhile, then what it does (`doing`). On ZeroGPU each call has a GPU worker of its own (there is
-        no shared model to wait for): at once."""
+    def _introduce_in_turn(self, name, pictures, keywords, area_pct, say=None, doing: str = ""):
+        """The introduction's model call, once the introductions before it made theirs; `say(message)` shows the
+        visitor what it waits for meanwhile, then what it does (`doing`). On ZeroGPU each call has a GPU worker of its
+        own (there is no shared model to wait for): at once."""
         if self.zero_gpu:
             return self._introduce_on_gpu(name, pictures, keywords, area_pct)
         if not self._introducing.acquire(blocking=False):
-            if progress is not None:
-                progress(0.1, desc=WAITING_FOR_AN_INTRODUCTION)
+            if say is not None:
+                say(WAITING_FOR_AN_INTRODUCTION)
             self._introducing.acquire()
-            if progress is not None:
-                progress(0.1, desc=doing)
+            if say is not None:
+                say(doing)
         try:
             return self._introduce_on_gpu(name, pictures, keywords, area_pct)
         finally:
@@ -316,7 +320,9 @@ class Actions:
             # Decoded once, for both uses; a refused one of several is named by its position.
             pictures = checks.load_each(paths, lambda path: load_image(path, self.limits))
             area_pct = None if auto_size else size_pct
-            concept = self._introduce_in_turn(name, pictures, keywords, area_pct, progress, doing)
+            concept = self._introduce_in_turn(
+                name, pictures, keywords, area_pct, functools.partial(progress, 0.1), doing
+            )
             seconds = time.perf_counter() - started
             patches, heats = self._pictures([(concept, pictures)])
             report = views.introduction_report([concept], seconds)
@@ -344,7 +350,7 @@ class Actions:
                 message = (
                     "This installation has no example concepts."
                     if not self.examples.concepts
-                    else "The example concepts are being introduced in your session already (in another tab); "
+                    else f"The example concepts are being introduced in your session already {ELSEWHERE}; "
                     "they are added when that ends (if it fails, load them again)."
                     if any(session.is_coming(name) for name, _ in self.examples.concepts)
                     else "Your concepts already include all the example concepts."
@@ -357,9 +363,11 @@ class Actions:
             started = time.perf_counter()
             made = []
             for number, (name, paths) in enumerate(missing):
-                progress((number, len(missing)), desc=f"Introducing example concept {number + 1} of {len(missing)}…")
+                doing = f"Introducing example concept {number + 1} of {len(missing)}…"
+                progress((number, len(missing)), desc=doing)
                 pictures = [load_image(path, self.limits) for path in paths]
-                made.append((self._introduce_in_turn(name, pictures, None, None), pictures))
+                say = functools.partial(progress, (number, len(missing)))
+                made.append((self._introduce_in_turn(name, pictures, None, None, say, doing), pictures))
             seconds = time.perf_counter() - started
             patches, heats = self._pictures(made)
             report = views.introduction_report([c for c, _ in made], seconds)
@@ -370,7 +378,6 @@ class Actions:
                 self.settings.max_concept_file_bytes,
                 held,
             )
-            self.sessions.remember_script(session, request)
         return session, report + _unknown_to_conversations(session, len(made)), patches, heats
 
     def _pictures(self, made):
@@ -675,7 +682,10 @@ class Actions:
         page or through the HTTP API."""
         session, ended = self.sessions.rejoin(session, request)
         if ended:
-            session.tell(self.session_ended())  # beside the panel, refreshed after the refusal (`panel_if_told`)
+            if (
+                to_ask_again == TO_ASK_AGAIN
+            ):  # a page's: beside the panel, refreshed after the refusal (`panel_if_told`)
+                session.tell(self.session_ended())
             then = to_ask_again.format(or_now=WITHOUT_THEM if box else "")
             raise gr.Error(self.session_ended(then), print_exception=False)
         return session
@@ -911,19 +921,19 @@ class Actions:
             # From here to `add`, no other request changes the session: what is chosen is what is added. A concept
             # being introduced (another tab's) counts as one the visitor has.
             still.enter_context(session.changing())
-            entries, skipped, coming, twice, seen = [], [], [], [], set()
+            entries, skipped, being_introduced, twice, seen = [], [], [], [], set()
             for concept, thumbnail in zip(concepts, thumbnails):
                 name = concept.name  # held to the rule of typed names by load_concepts
                 if session.has(name):
                     skipped.append(name)
                     continue
-                if session.is_coming(name):
-                    coming.append(name)
-                    continue
                 if name_key(name) in seen:  # the file's first concept of that name is taken (names ignore case)
                     twice.append(name)
                     continue
                 seen.add(name_key(name))
+                if session.is_coming(name):
+                    being_introduced.append(name)
+                    continue
                 first = concept.views[0] if concept.views else None
                 picture = (
                     views.thumbnail(thumbnail, self.settings.thumbnail_px)
@@ -933,17 +943,17 @@ class Actions:
                     else views.token_map((1, 1), [], self.settings.thumbnail_px)
                 )
                 entries.append(Entry(concept, picture))
-            if coming and not entries:
-                listed = ", ".join(f"'{views.isolated(name)}'" for name in coming)
+            if being_introduced and not entries:
+                several = len(being_introduced) > 1
                 raise InputError(
-                    f"{listed} {'is' if len(coming) == 1 else 'are'} being introduced in your session now (in "
-                    f"another tab), and the file's other concepts are already yours: nothing was added. If that "
-                    f"introduction fails, import the file again."
+                    f"{_named(being_introduced)} {'are' if several else 'is'} being introduced in your session now "
+                    f"{ELSEWHERE}{', and the other concepts of this file are already yours' if skipped else ''}: "
+                    f"nothing was added. If {'those introductions fail' if several else 'that introduction fails'}, "
+                    f"import the file again."
                 )
             if skipped and not entries:
-                listed = ", ".join(f"'{views.isolated(name)}'" for name in skipped)
                 raise InputError(
-                    f"You already have a concept named {listed}: every concept in this file is "
+                    f"You already have a concept named {_named(skipped)}: every concept in this file is "
                     f"already yours, so nothing was added. Remove yours first to import the file's."
                 )
             # A file may hold more concepts than a session: the first ones that fit come in, and importing the file
@@ -977,8 +987,8 @@ class Actions:
                 added += f" Left out {len(left_out)}: no room."
             if skipped:
                 added += f" Skipped {len(skipped)} already yours."
-            if coming:
-                added += f" Skipped {len(coming)} being introduced."
+            if being_introduced:
+                added += f" Skipped {len(being_introduced)} being introduced."
             if twice:
                 added += f" Skipped {len(twice)} named like an earlier one in the file."
             if entries:
@@ -1000,14 +1010,21 @@ class Actions:
                 f"Added {len(entries)} concept{'s' * (len(entries) != 1)}; skipped {_quoted(skipped)}: you already "
                 f"have a concept with that name (remove yours first to import the file's)."
             )
-        if coming:
+        if being_introduced:
+            several = len(being_introduced) > 1
             gr.Warning(
-                f"Skipped {_quoted(coming)}: being introduced in your session now (in another tab); if that "
-                f"introduction fails, import the file again to add the file's."
+                f"Skipped {_quoted(being_introduced)}: being introduced in your session now {ELSEWHERE}; if "
+                f"{'those introductions fail' if several else 'that introduction fails'}, import the file again to "
+                f"add {'them' if several else 'it'}."
             )
-        skipped_all = len(skipped) + len(coming) + len(twice)
+        skipped_all = len(skipped) + len(being_introduced) + len(twice)
         log.info("import: %d concepts, %d skipped, %d left out", len(entries), skipped_all, len(left_out))
         return session, self.records(session)
+
+
+def _named(names) -> str:
+    """Visitor names in a sentence of an error: quoted, each set apart (`views.isolated`)."""
+    return ", ".join(f"'{views.isolated(name)}'" for name in names)
 
 
 def _quoted(names) -> str:

@@ -46,8 +46,9 @@ class Sessions:
     """token -> the `Session` it names, held weakly, with how many tabs hold each one; and the token each page load
     handed its tab.
 
-    remember: how many page loads' tokens are kept (the oldest are forgotten first); an action of a tab whose page
-    load was forgotten is not told that its session ended. Twice `max_sessions` tells every tab Gradio still keeps.
+    remember: how many page loads' (and scripts') tokens are kept (the oldest are forgotten first); an action of a tab
+    whose page load was forgotten is not told that its session ended. Twice `max_sessions` tells every tab Gradio
+    still keeps.
     """
 
     def __init__(self, remember: int = 2000):
@@ -56,8 +57,9 @@ class Sessions:
         self._token_of: weakref.WeakKeyDictionary[Session, str] = weakref.WeakKeyDictionary()
         """Each session's one token: a tab that loads again without it gets the same one back, not another."""
         self._page_tokens: OrderedDict[str, str] = OrderedDict()
-        """Per page (its Gradio `session_hash`), the token its load handed it: it outlives the tab's session, so the
-        tab's next action can tell that the session it was handed has ended (`rejoin`)."""
+        """Per page (its Gradio `session_hash`), the token its load handed it, and per script that added concepts the
+        token of its session (`remember_script`): it outlives the session, so the next action can tell that the
+        session has ended (`rejoin`)."""
         self._stands_in: weakref.WeakKeyDictionary[Session, Session] = weakref.WeakKeyDictionary()
         """A tab's new session -> the session the tab took over in its stead (`rejoin`), counted as held by the tab
         for as long as the new one stays in the tab's state (a refused action does not replace it)."""
@@ -99,7 +101,8 @@ class Sessions:
         as a reload would: nothing was lost. Otherwise the session has ended (True); the tab's new one gets its own
         token, so the next action is not told again.
 
-        A script's session (no page load) and a page whose load has not been answered yet are left as they are."""
+        A script's session (no page load) is left as it is until it holds concepts (`remember_script`), and so is a
+        page whose load has not been answered yet."""
         with self._lock:
             found = self._made_again(session, request)
             if found is None:

@@ -24,7 +24,7 @@ from space.examples import EXAMPLES_DIR, Examples, load_examples
 from space.guidance import THINKING, mark_stopped_in_chat
 from space.loading import LazyEngine
 from space.page import EXPORTED
-from space.session import Session
+from space.session import Entry, Session
 from space.settings import SpaceSettings
 from space.views import escape_markdown
 
@@ -338,6 +338,34 @@ def test_an_introduction_waiting_for_another_ones_model_call_says_so(act, monkey
         patched.setattr(act, "zero_gpu", True)
         patched.setattr(act, "_introduce_on_gpu", lambda *args: "made")
         assert act._introduce_in_turn("Chelsea", [], None, None, progress) == "made"
+
+
+def test_an_import_counts_the_places_of_concepts_being_introduced_and_chooses_under_the_sessions_lock(engine, tmp_path):
+    """A concept being introduced takes a place: an import brings the file's first concepts that fit beside it (not
+    none, refused whole). And an import chooses what to add with the session held still: a concept added while it
+    waits for the session is skipped, not the reason the whole file is refused."""
+    from ego import save_concepts
+
+    act = Actions(LazyEngine(engine), SpaceSettings(max_concepts_per_session=3), load_examples())
+    made = [engine.introduce(name, [CHELSEA[0]], keywords="cat", area_pct=10) for name in ("Bo", "Tom")]
+    path = str(save_concepts(tmp_path / "two.safetensors", made))
+    session = Session()
+    act.introduce(session, "Rex", gallery(CHELSEA[:1]), "tabby", False, 10, progress=quiet)
+    with session.reserving(["Chelsea"], 3):
+        with pytest.warns(UserWarning, match="Imported the file's first 1 new concepts: a session holds at most 3"):
+            act.import_concepts(session, path, progress=quiet)
+        assert session.names == ["Rex", "Bo"]
+        with pytest.raises(gr.Error) as refused:
+            act.import_concepts(session, str(save_concepts(tmp_path / "tom.safetensors", made[1:])), progress=quiet)
+        assert "you have 2 (1 more being introduced)" in refused.value.message
+    fresh, imported = Session(), []
+    with fresh.changing():
+        importing = threading.Thread(target=lambda: imported.append(act.import_concepts(fresh, path, progress=quiet)))
+        importing.start()
+        importing.join(2)  # it waits for the session
+        fresh.add([Entry(made[0], Image.new("RGB", (8, 8)))], 3)  # "Bo", added by another request meanwhile
+    importing.join(60)
+    assert imported and fresh.names == ["Bo", "Tom"]
 
 
 def test_a_file_with_more_concepts_than_fit_brings_the_first_ones_and_the_rest_later(engine, tmp_path):
@@ -1209,6 +1237,12 @@ def test_a_script_whose_session_ended_is_told_at_its_next_question(act):
         assert "/introduce" in told.value.message
         act.introduce(ended, "Bo", gallery(CHELSEA[:1]), "tabby", False, 10, progress=quiet, request=script)
     assert "ask a first question with /ask_image or /ask_video" in told.value.message
+    # A script whose first concepts came from a concept file is remembered too.
+    _, exported = act.export_concepts(ended, script)
+    importer, first = Page("importer"), Session()
+    act.import_concepts(first, exported, progress=quiet, request=importer)
+    with pytest.raises(gr.Error, match=ENDED):
+        next(act.ask_image(expired(act, first), QUERY, "Is Bo here?", progress=quiet, request=importer))
 
 
 def test_no_tab_is_told_its_session_ended_while_it_has_not(act, engine, monkeypatch):
@@ -1275,7 +1309,7 @@ def test_a_full_conversation_tells_a_space_visitor_how_to_start_one_not_to_ask_f
     one_question = Actions(LazyEngine(engine.with_settings(max_conversation_turns=1)), SPACE, load_examples())
     other = Session()
     list(one_question.chat_image(other, QUERY, question, progress=quiet))
-    with pytest.raises(gr.Error, match="at most 1 questions; start a new conversation to ask more: press New"):
+    with pytest.raises(gr.Error, match="at most 1 question; start a new conversation to ask more: press New"):
         list(one_question.chat_image(other, QUERY, follow_up, progress=quiet))
 
 
