@@ -60,6 +60,9 @@ class Sessions:
         """Per page (its Gradio `session_hash`), the token its load handed it, and per script that added concepts the
         token of its session (`remember_script`): it outlives the session, so the next action can tell that the
         session has ended (`rejoin`)."""
+        self._lost: OrderedDict[str, None] = OrderedDict()
+        """The tokens of sessions that ended holding something (concepts, a conversation): a tab or script whose
+        session ended with nothing in it lost nothing, and is not told (the last `remember` of them)."""
         self._stands_in: weakref.WeakKeyDictionary[Session, Session] = weakref.WeakKeyDictionary()
         """A tab's new session -> the session the tab took over in its stead (`rejoin`), counted as held by the tab
         for as long as the new one stays in the tab's state (a refused action does not replace it)."""
@@ -98,8 +101,9 @@ class Sessions:
         tab whose page load it remembers, is one Gradio made after dropping the tab's state: the tab stayed open
         `session_ttl_s` past its last action, or was the least recently used beyond `max_sessions`. If the token
         that page was handed still names a session (another tab of this browser holds it), the tab takes it over,
-        as a reload would: nothing was lost. Otherwise the session has ended (True); the tab's new one gets its own
-        token, so the next action is not told again.
+        as a reload would: nothing was lost. Otherwise the session has ended (True, if it held concepts or a
+        conversation: one that held nothing lost nothing); the tab's new one gets its own token, so the next action
+        is not told again.
 
         A script's session (no page load) is left as it is until it holds concepts (`remember_script`), and so is a
         page whose load has not been answered yet."""
@@ -150,7 +154,7 @@ class Sessions:
         known = self._by_token.get(token)
         if known is not None and session.holds_nothing:
             return known, False
-        return session, known is None
+        return session, known is None and token in self._lost
 
     def _remember_page(self, request, token: str) -> None:
         """The page of `request` was handed `token` (the caller holds the lock)."""
@@ -192,8 +196,13 @@ class Sessions:
             else:
                 self._holders.pop(session, None)
                 self._token_of.pop(session, None)
+                lost = isinstance(session, Session) and not session.holds_nothing
                 for token in [t for t, s in self._by_token.items() if s is session]:
                     del self._by_token[token]
+                    if lost:
+                        self._lost[token] = None
+                while len(self._lost) > self.remember:
+                    self._lost.popitem(last=False)
         if holders <= 1:
             visitor_session.forget(session)
         if stood_in_for is not None:

@@ -1137,6 +1137,7 @@ def test_a_panel_action_in_a_tab_that_outlived_its_session_says_it_ended(act, ac
     concept with that name" about a concept the panel still showed); said once, then as in any empty session."""
     page = Page("tab").outside_the_queue()
     session, _ = loaded(act, page)
+    act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), "tabby", False, 10, progress=quiet, request=page)
     new = expired(act, session)
     run = {
         "remove": lambda: act.remove_concept(new, "Chelsea", page),

@@ -158,6 +158,7 @@ def test_a_tab_that_outlived_its_session_is_told_once_and_no_other_tab_is():
         assert sessions.rejoin(resumed, other) == (first, False)
     script = Session()
     assert sessions.rejoin(script, None) == (script, False)  # no page: a gradio_client visitor
+    first._entries = holding("Chelsea")._entries  # a concept, lost when the session ends
     for _ in range(3):  # every tab lets go: the session is freed, and its token names nothing
         sessions.release(first)
     new = Session()
@@ -168,6 +169,21 @@ def test_a_tab_that_outlived_its_session_is_told_once_and_no_other_tab_is():
     assert kept != token and sessions.resume(Session(), kept, Page("later"))[0] is new  # a reload finds it
     restarted = Sessions()  # a server that restarted knows no page
     assert restarted.rejoin(Session(), tab)[1] is False
+
+
+def test_a_tab_whose_session_ended_with_nothing_in_it_is_not_told():
+    """A page opened and left alone past the session's expiry lost nothing: its first action goes ahead, and a
+    session that ends holding something after that is told again."""
+    sessions = Sessions()
+    tab = Page("tab")
+    idle, _ = sessions.resume(Session(), None, tab)
+    sessions.release(idle)
+    new = Session()
+    assert sessions.peek(new, tab) == (new, False) and sessions.rejoin(new, tab) == (new, False)
+    new._entries = holding("Chelsea")._entries
+    sessions.release(new)
+    again = Session()
+    assert sessions.rejoin(again, tab) == (again, True)
 
 
 def test_a_tab_that_outlived_its_session_takes_back_the_one_another_tab_still_holds():
