@@ -560,7 +560,10 @@ class Ego:
         return self.backend.chat_text(content, original_system=self.settings.system_prompt == "original")
 
     def prepare_reference(self, picture) -> Encoded:
-        """The processor's inputs for a reference image and the description prompt: CPU work without the model."""
+        """The processor's inputs for a reference image and the description prompt: CPU work without the model,
+        run outside the model's lock while another thread may use the same tokenizer. That is safe because no call
+        of the engine changes the tokenizer's state (padding, truncation: batches are padded by `batching.collate`);
+        a call that did would change what the other thread's call returns."""
         return self.backend.encode(
             self._chat_text([{"type": "image"}, {"type": "text", "text": prompts.DESCRIBE_PROMPT}]),
             image=picture,

@@ -418,7 +418,7 @@ class Actions:
         ended is told so first (`_refuse_if_ended`); the chat tab asks that before it calls this."""
         stop = in_flight.stop if in_flight is not None else None
         if request is not None:
-            session = self._refuse_if_ended(session, request, image, TO_ASK_AGAIN_THROUGH_THE_API)
+            session = self._refuse_if_ended(session, request, image, on_the_page=False)
         with for_visitor("answering"):
             if not image and not len(session):
                 raise InputError("Add a photo to ask about, or introduce a concept to ask about it without a photo.")
@@ -515,7 +515,7 @@ class Actions:
         `request` as in `ask_image`."""
         stop = in_flight.stop if in_flight is not None else None
         if request is not None:
-            session = self._refuse_if_ended(session, request, video, TO_ASK_AGAIN_THROUGH_THE_API)
+            session = self._refuse_if_ended(session, request, video, on_the_page=False)
         with for_visitor("answering"):
             if not video:
                 raise InputError("Add a video clip to ask about first.")
@@ -673,19 +673,18 @@ class Actions:
             for view, box, frames, details in steps_shown:
                 yield session, frames, view, box, details
 
-    def _refuse_if_ended(self, session: Session, request, box, to_ask_again: str = TO_ASK_AGAIN) -> Session:
+    def _refuse_if_ended(self, session: Session, request, box, *, on_the_page: bool = True) -> Session:
         """The session a chat tab's message (or a script's question) is asked in (`Sessions.rejoin`). In a tab whose
         session had ended, the message is refused with the sentence that says so, before any output: the message
         stays in its box, the chat views show what they showed (the visitor may still read it), and the next message
         is asked in the tab's new session (without the concepts, unless the visitor brought them back; `box`: the
-        tab's photo or clip, without which there is nothing to ask about then). `to_ask_again`: what to do, on the
-        page or through the HTTP API."""
+        tab's photo or clip, without which there is nothing to ask about then). `on_the_page`: a chat tab's message,
+        or a script's question (/ask_image, /ask_video), told what to call."""
         session, ended = self.sessions.rejoin(session, request)
         if ended:
-            if (
-                to_ask_again == TO_ASK_AGAIN
-            ):  # a page's: beside the panel, refreshed after the refusal (`panel_if_told`)
+            if on_the_page:  # beside the panel, refreshed after the refusal (`panel_if_told`)
                 session.tell(self.session_ended())
+            to_ask_again = TO_ASK_AGAIN if on_the_page else TO_ASK_AGAIN_THROUGH_THE_API
             then = to_ask_again.format(or_now=WITHOUT_THEM if box else "")
             raise gr.Error(self.session_ended(then), print_exception=False)
         return session
@@ -948,13 +947,14 @@ class Actions:
                 raise InputError(
                     f"{_named(being_introduced)} {'are' if several else 'is'} being introduced in your session now "
                     f"{ELSEWHERE}{', and the other concepts of this file are already yours' if skipped else ''}: "
-                    f"nothing was added. If {'those introductions fail' if several else 'that introduction fails'}, "
+                    f"nothing was added. If {'any of those introductions fails' if several else 'it fails'}, "
                     f"import the file again."
                 )
             if skipped and not entries:
+                one = len(skipped) == 1
                 raise InputError(
-                    f"You already have a concept named {_named(skipped)}: every concept in this file is "
-                    f"already yours, so nothing was added. Remove yours first to import the file's."
+                    f"You already have {'a concept' if one else 'concepts'} named {_named(skipped)}: every concept "
+                    f"in this file is already yours, so nothing was added. Remove yours first to import the file's."
                 )
             # A file may hold more concepts than a session: the first ones that fit come in, and importing the file
             # again once there is room brings the rest (the ones already in the session are skipped).
@@ -1003,18 +1003,24 @@ class Actions:
             )
         if twice:
             gr.Warning(
-                f"Skipped {_quoted(twice)}: this file holds an earlier concept with that name, which was imported."
+                f"Skipped {_quoted(twice)}: this file holds "
+                + (
+                    "an earlier concept with that name, which was imported."
+                    if len(twice) == 1
+                    else "earlier concepts with those names, which were imported."
+                )
             )
         if skipped:
             gr.Warning(
                 f"Added {len(entries)} concept{'s' * (len(entries) != 1)}; skipped {_quoted(skipped)}: you already "
-                f"have a concept with that name (remove yours first to import the file's)."
+                f"have {'a concept with that name' if len(skipped) == 1 else 'concepts with those names'} (remove "
+                f"yours first to import the file's)."
             )
         if being_introduced:
             several = len(being_introduced) > 1
             gr.Warning(
                 f"Skipped {_quoted(being_introduced)}: being introduced in your session now {ELSEWHERE}; if "
-                f"{'those introductions fail' if several else 'that introduction fails'}, import the file again to "
+                f"{'any of those introductions fails' if several else 'it fails'}, import the file again to "
                 f"add {'them' if several else 'it'}."
             )
         skipped_all = len(skipped) + len(being_introduced) + len(twice)

@@ -208,10 +208,10 @@ class Session:
         keys = [name_key(n) for n in names]
         taken = [entry.concept.name for entry in self._entries if name_key(entry.concept.name) in keys]
         if taken:
-            listed = ", ".join(f"'{isolated(n)}'" for n in taken)
+            listed, one = ", ".join(f"'{isolated(n)}'" for n in taken), len(taken) == 1
             raise InputError(
-                f"You already have a concept named {listed}. Remove it first (under Your concepts), "
-                f"or pick another name."
+                f"You already have {'a concept' if one else 'concepts'} named {listed}. Remove "
+                f"{'it' if one else 'them'} first (under Your concepts), or pick another name."
             )
         others = list(self._coming)
         for key in held:

@@ -20,7 +20,7 @@ from conftest import (
 )
 
 import ego.engine
-from ego import Concept, Ego, IncompatibleMemoryError, InputError
+from ego import AnswerRequest, Concept, Ego, IncompatibleMemoryError, InputError
 from ego.engine import _extend
 
 
@@ -136,6 +136,10 @@ def test_an_introductions_processor_work_is_done_before_the_models_turn(family, 
     )
     concept = engine.introduce("Chelsea", [photo(0), photo(1)], keywords="cat", area_pct=10)
     assert held == [False, False]
+    # Another thread may use the tokenizer meanwhile: safe while no call changes its state (padding, truncation).
+    engine.answer_batch([AnswerRequest("Is Chelsea here?", [concept], photo(2), None, 2), AnswerRequest("Hi?", [])])
+    backend = engine.backend.tokenizer._tokenizer
+    assert backend.padding is None and backend.truncation is None
     assert torch.equal(concept.embeddings, before.embeddings)
     assert [v.token_indices.tolist() for v in concept.views] == [v.token_indices.tolist() for v in before.views]
     assert all(view.timings_s["encode_s"] > 0 for view in concept.views)

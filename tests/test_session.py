@@ -94,7 +94,9 @@ def test_right_to_left_names_in_a_refusal_are_set_apart():
     session.add([entry("ميمي"), entry("כלב 3")], 5)
     with pytest.raises(InputError) as refused:
         session.add([entry("ميمي"), entry("כלב 3")], 5)
-    assert str(refused.value).startswith("You already have a concept named '\u2068ميمي\u2069', '\u2068כלב 3\u2069'. ")
+    assert str(refused.value).startswith(
+        "You already have concepts named '\u2068ميمي\u2069', '\u2068כלב 3\u2069'. Remove them "
+    )
 
 
 def test_the_concept_limit_is_all_or_nothing():
