@@ -341,23 +341,24 @@ class Actions:
         """Introduce the bundled example concepts this visitor does not have yet."""
         session = self._rejoin_adding(session, request)
         with for_visitor("introducing the example concepts"), contextlib.ExitStack() as reserved:
-            missing = [
-                (name, paths)
-                for name, paths in self.examples.concepts
-                if not session.has(name) and not session.is_coming(name)
-            ]
-            if not missing:
-                message = (
-                    "This installation has no example concepts."
-                    if not self.examples.concepts
-                    else f"The example concepts are being introduced in your session already {ELSEWHERE}; "
-                    "they are added when that ends (if it fails, load them again)."
-                    if any(session.is_coming(name) for name, _ in self.examples.concepts)
-                    else "Your concepts already include all the example concepts."
-                )
-                return session, message, [], []
-            names = [name for name, _ in missing]
-            held = reserved.enter_context(session.reserving(names, self.settings.max_concepts_per_session))
+            with session.changing():  # the ones missing are the ones reserved: no other request comes in between
+                missing = [
+                    (name, paths)
+                    for name, paths in self.examples.concepts
+                    if not session.has(name) and not session.is_coming(name)
+                ]
+                if not missing:
+                    message = (
+                        "This installation has no example concepts."
+                        if not self.examples.concepts
+                        else f"The example concepts are being introduced in your session already {ELSEWHERE}; "
+                        "they are added when that ends (if it fails, load them again)."
+                        if any(session.is_coming(name) for name, _ in self.examples.concepts)
+                        else "Your concepts already include all the example concepts."
+                    )
+                    return session, message, [], []
+                names = [name for name, _ in missing]
+                held = reserved.enter_context(session.reserving(names, self.settings.max_concepts_per_session))
             self.budget.check()
             self._engine(progress)
             started = time.perf_counter()
@@ -951,9 +952,10 @@ class Actions:
                     f"import the file again."
                 )
             if skipped and not entries:
-                one = len(skipped) == 1
+                yours = _one_per_name(skipped)
+                one = len(yours) == 1
                 raise InputError(
-                    f"You already have {'a concept' if one else 'concepts'} named {_named(skipped)}: every concept "
+                    f"You already have {'a concept' if one else 'concepts'} named {_named(yours)}: every concept "
                     f"in this file is already yours, so nothing was added. Remove yours first to import the file's."
                 )
             # A file may hold more concepts than a session: the first ones that fit come in, and importing the file
@@ -1011,9 +1013,10 @@ class Actions:
                 )
             )
         if skipped:
+            yours = _one_per_name(skipped)
             gr.Warning(
-                f"Added {len(entries)} concept{'s' * (len(entries) != 1)}; skipped {_quoted(skipped)}: you already "
-                f"have {'a concept with that name' if len(skipped) == 1 else 'concepts with those names'} (remove "
+                f"Added {len(entries)} concept{'s' * (len(entries) != 1)}; skipped {_quoted(yours)}: you already "
+                f"have {'a concept with that name' if len(yours) == 1 else 'concepts with those names'} (remove "
                 f"yours first to import the file's)."
             )
         if being_introduced:
@@ -1026,6 +1029,14 @@ class Actions:
         skipped_all = len(skipped) + len(being_introduced) + len(twice)
         log.info("import: %d concepts, %d skipped, %d left out", len(entries), skipped_all, len(left_out))
         return session, self.records(session)
+
+
+def _one_per_name(names) -> list[str]:
+    """The first of each name (names ignore case and spacing, `name_key`): a file may hold 'Mine' and 'mine'."""
+    firsts: dict[str, str] = {}
+    for name in names:
+        firsts.setdefault(name_key(name), name)
+    return list(firsts.values())
 
 
 def _named(names) -> str:

@@ -540,7 +540,10 @@ HOSTILE = {
     "empty name": (lambda good, out: rewritten(good, out, name_setter("  ")), "empty name"),
     "invisible name": (lambda good, out: rewritten(good, out, name_setter("\u200b\u202e")), "empty name"),
     # (two concepts of one name are not a refusal: the first is imported, test_actions.py)
-    "all names taken": (lambda good, out: rewritten(good, out, name_setter(" mine", "MINE")), "already have a"),
+    "all names taken": (
+        lambda good, out: rewritten(good, out, name_setter(" mine", "MINE")),
+        "already have a concept named '\u2068mine\u2069': every",  # one of the visitor's, named once
+    ),
     "a name taken": (lambda good, out: rewritten(good, out, name_setter(" mine")), "already have a concept named"),
     "no views": (
         lambda good, out: rewritten(good, out, lambda t, d: d["concepts"][0].update(views=[])),
