@@ -253,8 +253,18 @@ def test_a_reload_keeps_the_concepts_after_a_warning(page):
     expect(page.locator("#image-chat [data-testid='user']")).to_have_count(0)
 
 
-def test_a_second_tab_on_a_phone_has_the_concepts_and_every_tab_label_and_what_it_changes_shows_in_the_first(page):
+def test_a_second_tab_on_a_phone_has_the_concepts_and_every_tab_label_and_what_it_changes_shows_in_the_first(
+    page, url, tmp_path
+):
+    import shutil
+
+    from conftest import introduce_through_api, visitor
     from playwright.sync_api import expect
+
+    maker = visitor(url)  # a concept file to import in the phone's tab
+    introduce_through_api(maker, "Rocket")
+    concept_file = str(tmp_path / "rocket.safetensors")
+    shutil.copy(maker.predict(api_name="/export_concepts"), concept_file)
 
     phone = page.context.new_page()  # same browser, so the same stored token
     phone.set_viewport_size({"width": 390, "height": 844})
@@ -285,6 +295,12 @@ def test_a_second_tab_on_a_phone_has_the_concepts_and_every_tab_label_and_what_i
     page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
     expect(page.locator("#cards").get_by_text("Chelsea\u2069 ·")).to_be_hidden()
     expect(page.get_by_text("2 of 50 concepts")).to_be_hidden()
+    # A window side by side with another gets the focus without becoming visible: that refreshes the panel too.
+    phone.locator("input[type=file][accept*='.safetensors']").set_input_files(concept_file)
+    expect(phone.locator("#cards").get_by_text("Rocket\u2069 ·")).to_be_visible()
+    page.wait_for_timeout(1100)  # one refresh a second at most (switching tabs fires both events)
+    page.evaluate("window.dispatchEvent(new Event('focus'))")
+    expect(page.locator("#cards").get_by_text("Rocket\u2069 ·")).to_be_visible()
     phone.close()
 
 
