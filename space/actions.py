@@ -39,7 +39,7 @@ from .loading import LazyEngine
 from .pictures import cached
 from .resume import Sessions
 from .scheduler import AnswerScheduler, SchedulerClosedError, cut_short
-from .session import FULL_OF_CONVERSATIONS, Entry, MemoryBudget, Session, name_key
+from .session import ELSEWHERE, FULL_OF_CONVERSATIONS, Entry, MemoryBudget, Session, name_key
 from .settings import SpaceSettings
 from .zerogpu import call_seconds, gpu, on_zero_gpu
 
@@ -65,8 +65,6 @@ TO_FOLLOW_UP_THROUGH_THE_API = (
     " There is no conversation to follow up: bring your concepts back (/import_concepts or /introduce), then ask a "
     "first question with /ask_image or /ask_video."
 )
-ELSEWHERE = "(in another tab, or by another request)"
-"""Where a concept being introduced in the visitor's session comes from, as `Session.check_room` says it."""
 WITHOUT_THEM = "; or ask again now, without them"
 """Only beside a photo or clip: a question without one is about the visitor's concepts."""
 WAITING_FOR_AN_INTRODUCTION = "Waiting for the model: another concept is being introduced…"

@@ -104,6 +104,10 @@ def name_key(name: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", without_invisible(name)).split()).casefold()
 
 
+ELSEWHERE = "(in another tab, or by another request)"
+"""Where a concept being introduced beside the visitor's own request comes from, said in every sentence about it."""
+
+
 class Session:
     """The concepts one visitor has introduced or imported, in the order they came."""
 
@@ -193,12 +197,13 @@ class Session:
         return any(name_key(entry.concept.name) == key for entry in self._entries)
 
     def is_coming(self, name: str) -> bool:
-        """Whether a concept of that name is being introduced in this session (another tab's, or a script's)."""
+        """Whether a concept of that name is on its way to these concepts: another tab's or a script's introduction
+        of it is under way (`reserving`)."""
         return name_key(name) in self._coming
 
     @property
     def coming(self) -> int:
-        """Concepts being introduced in this session: each will take a place."""
+        """How many concepts are on their way to these (`reserving`): each will take a place."""
         return len(self._coming)
 
     # --- checks ---------------------------------------------------------------------------------
@@ -219,8 +224,8 @@ class Session:
         coming = [name for name, key in zip(names, keys) if key in others]
         if coming:
             raise InputError(
-                f"A concept named '{isolated(coming[0])}' is being introduced in your session already (in another "
-                f"tab, or by another request); wait for it to finish, or pick another name."
+                f"A concept named '{isolated(coming[0])}' is being introduced in your session already {ELSEWHERE}; "
+                f"wait for it to finish, or pick another name."
             )
         repeated = sorted({n for n, k in zip(names, keys) if keys.count(k) > 1})
         if repeated:
@@ -238,7 +243,7 @@ class Session:
     @contextlib.contextmanager
     def reserving(self, names: list[str], max_concepts: int):
         """While concepts named `names` are made (an introduction's model work): their names and places are held,
-        so that another request of this session (a second tab, a script) for the same name, or past the limit, is
+        so that another request of the same visitor (a second tab, a script) for the same name, or past the limit, is
         refused at once rather than after its own model work. Yields the names held, for `add(..., held=...)`."""
         with self._lock:
             self.check_room(names, max_concepts)
