@@ -1102,7 +1102,9 @@ def measure_concurrency(engine, sizes: Sizes, log=lambda message: None, on_scena
     from space.settings import DEFAULT_SPACE_SETTINGS
 
     space = DEFAULT_SPACE_SETTINGS  # the Space's batching, as it is served
-    batched = AnswerScheduler(space.answer_batch_window_s, space.answer_batch_max_size)
+    batched = AnswerScheduler(
+        space.answer_batch_window_s, space.answer_batch_max_size, space.answer_batch_preparing_wait_s
+    )
     serial = AnswerScheduler(0.0, 1)
     try:
         stop_ids, device, memory = engine.backend.stop_token_ids, engine.device, Memory(engine.device)

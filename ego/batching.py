@@ -1,7 +1,8 @@
 """Several visitors' questions answered by one batched generation (`Ego.answer_batch`).
 
 Each question is prepared exactly as when it is asked alone (`Ego._prepare_answer`: its own concepts, memory rows,
-photo or clip, question and token budget); the prepared calls are then stacked into one `generate` call:
+photo or clip, question and token budget; its processor work done beforehand, outside the model's turn, where the
+caller staged it with `Ego.stage`); the prepared calls are then stacked into one `generate` call:
 
 - per-token inputs ([1, L_i]: input_ids, attention_mask, Qwen's mm_token_type_ids; inputs_embeds [1, L_i, D]) are
   padded on the LEFT to the longest context L and stacked into [B, L]; the attention mask is 0 over the padding,
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +38,9 @@ class AnswerRequest:
     image: Any = None
     video: Any = None
     max_new_tokens: int | None = None
+    staged: Any = field(default=None, repr=False, compare=False)
+    """Its work that needs no model, done beforehand by `Ego.stage` (`ego.engine.StagedAnswer`); None: done in the
+    model's turn."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,9 @@ class FollowUpRequest:
     chat: Any
     question: str
     max_new_tokens: int | None = None
+    staged: Any = field(default=None, repr=False, compare=False)
+    """Its conversation's first context made ready beforehand by `Ego.stage` where it must be computed again
+    (`ego.engine.StagedContext`); None: done in the model's turn."""
 
 
 def stack_caches(caches: Sequence[Any], keep: Sequence[int], length: int, config) -> Any:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import logging
@@ -225,6 +226,39 @@ class Selection:
     def kept_rows(self) -> torch.Tensor:
         """The kept memories from the comparison's device copy: [sum K, D]."""
         return torch.cat([self.rows_on_device[id(c)] for c in self.kept])
+
+
+@dataclass
+class StagedAnswer:
+    """A question's work that needs no model, done before the model's turn (`Ego.stage`): the checked question,
+    its photo or clip loaded, and the processor's output for its prompt. With more concepts than fit and a photo or
+    clip, which concepts go into the context is the vision tower's to say: `encoded` is then the ranking prompt (the
+    photo or clip and the question) and the context's prompt is made in the model's turn."""
+
+    query: Query
+    encoded: Encoded
+    """The prompt with the kept concepts' memory placeholders; the ranking prompt where `selection` is None."""
+    selection: Selection | None
+    """The concepts kept and dropped, where no model call decides them; None where the vision tower ranks them."""
+    model: Any = field(default=None, repr=False)
+    """The model it was staged for: another engine's staging is not taken (its processor and settings)."""
+
+
+@dataclass
+class StagedContext:
+    """A follow-up's work that needs no model, done before the model's turn (`Ego.stage`): its conversation's
+    first context made ready where the follow-up must compute it again. Taken only if the conversation is still
+    where it was when staged."""
+
+    first: StagedAnswer | None = None
+    """A first turn answered elsewhere and adopted (`Chat.adopt`), not computed here yet: its question staged,
+    with a budget of one token (its answer is known)."""
+    for_turn: Any = None
+    """The adopted turn `first` was staged for."""
+    pixels: dict[str, torch.Tensor] | None = None
+    """The first context's pixels from the processor (on CPU), for a conversation whose key/value cache is gone."""
+    prompt: str = ""
+    """The chat text `pixels` were made with."""
 
 
 @dataclass
@@ -737,8 +771,9 @@ class Ego:
         max_new_tokens: int | None = None,
     ) -> Answer:
         """Answer `question` about an image or a video (or neither), knowing `concepts`."""
+        staged = self._stage_answer(question, concepts, image, video, max_new_tokens)
         with self.exclusive_use():
-            prepared = self._prepare_answer(question, concepts, image, video, max_new_tokens)
+            prepared = self._prepared(staged)
             with torch.no_grad(), self.backend.memory_residuals(prepared.slots, prepared.residuals):
                 out = self.model.generate(**prepared.generate)
         new = out[0, prepared.context_tokens :]
@@ -755,8 +790,9 @@ class Ego:
         max_new_tokens: int | None = None,
     ) -> Iterator[Answer]:
         """Like `answer`, yielding the text so far as it is generated. Closing the iterator stops generation."""
+        staged = self._stage_answer(question, concepts, image, video, max_new_tokens)
         with self.exclusive_use():
-            prepared = self._prepare_answer(question, concepts, image, video, max_new_tokens)
+            prepared = self._prepared(staged)
 
             def generate(**streaming):
                 with torch.no_grad(), self.backend.memory_residuals(prepared.slots, prepared.residuals):
@@ -794,19 +830,23 @@ class Ego:
         """
         requests, stops = _batch_arguments(requests, stops, AnswerRequest)
         results: list[Answer | Exception | None] = [None] * len(requests)
+        for request in requests:
+            self._check_staged(request)
         with self.exclusive_use():
             prepared: dict[int, PreparedAnswer] = {}
             for index, request in enumerate(requests):
                 # A refusal, or e.g. a processor refusing this clip or its photo running out of memory: this
-                # request alone is told.
-                outcome = _per_request(
-                    self._prepare_answer,
+                # request alone is told. A request not staged beforehand (`stage`) is staged here, in the model's turn.
+                outcome = request.staged or _per_request(
+                    self._stage_answer,
                     request.question,
                     request.concepts,
                     request.image,
                     request.video,
                     request.max_new_tokens,
                 )
+                if not isinstance(outcome, Exception):
+                    outcome = _per_request(self._prepared, outcome)
                 if isinstance(outcome, Exception):
                     results[index] = outcome
                 else:
@@ -878,28 +918,77 @@ class Ego:
         control = batching.RowControl(start, budgets, stops, stop_ids, on_step if on_text is not None else None)
         return control
 
+    def stage(self, request: AnswerRequest | FollowUpRequest) -> AnswerRequest | FollowUpRequest:
+        """`request` with its work that needs no model done now, in the calling thread, for `answer_batch` or
+        `follow_up_batch`, whose model's turn then holds only the model's work: for a question, the checks, its
+        photo or clip decoded, the processor's resizing and tokenizing (`StagedAnswer`); for a follow-up, the same for
+        its conversation's first context where the follow-up must compute it again (`StagedContext`: a first answer
+        adopted, a cache dropped). A server stages each visitor's question in that visitor's own thread, side by
+        side, while the model answers others. Raises what `answer` raises for a question's bad input, and a full
+        conversation's `ConversationFullError`."""
+        if not isinstance(request, (AnswerRequest, FollowUpRequest)):
+            raise TypeError(
+                f"stage takes an ego.batching.AnswerRequest or FollowUpRequest; got {type(request).__name__}."
+            )
+        if request.staged is not None:
+            self._check_staged(request)
+            return request
+        if isinstance(request, FollowUpRequest):
+            chat = request.chat
+            if getattr(getattr(chat, "engine", None), "model", None) is not self.model:
+                return request  # not this engine's conversation: follow_up_batch says so
+            return dataclasses.replace(request, staged=chat._stage_context())
+        staged = self._stage_answer(
+            request.question, request.concepts, request.image, request.video, request.max_new_tokens
+        )
+        return dataclasses.replace(request, staged=staged)
+
+    def _check_staged(self, request: AnswerRequest | FollowUpRequest) -> None:
+        """A request's staged work is what this engine's `stage` makes for its kind of request."""
+        staged = request.staged
+        if staged is None:
+            return
+        first = staged.first if isinstance(staged, StagedContext) else staged
+        kind = StagedContext if isinstance(request, FollowUpRequest) else StagedAnswer
+        if not isinstance(staged, kind) or (first is not None and first.model is not self.model):
+            raise ValueError("A request's staged work is made by this engine's stage(request); stage it here.")
+
     def _prepare_answer(self, question, concepts, image, video, max_new_tokens) -> PreparedAnswer:
         """Section 3.2 for one question: check it, choose the concepts, build the context, put the memories in."""
+        return self._prepared(self._stage_answer(question, concepts, image, video, max_new_tokens))
+
+    def _stage_answer(self, question, concepts, image, video, max_new_tokens) -> StagedAnswer:
+        """What section 3.2 does before the model: check the question, load its photo or clip, choose the concepts
+        where no vision tower is needed, and run the processor on the prompt (CPU work, safe beside the model's
+        turn: see `prepare_reference`)."""
         query = self._check_question(question, concepts, image, video, max_new_tokens)
-        selection = self._select_concepts(query)
+        concepts, keep = query.concepts, self.settings.max_concepts_in_context
+        if len(concepts) > keep and query.visual_block:
+            probe = self._encode_query(query, query.visual_block + [{"type": "text", "text": query.text}])
+            return StagedAnswer(query=query, encoded=probe, selection=None, model=self.model)
+        selection = Selection(kept=concepts, dropped=[])
+        if len(concepts) > keep:  # no photo or clip to compare with: the question's names, then the given order
+            selection.kept, selection.dropped = select_concepts(concepts, keep, question=query.text)
         encoded = self._encode_query(query, self._context_blocks(query, selection.kept))
+        self._check_fits(query, encoded)
+        return StagedAnswer(query=query, encoded=encoded, selection=selection, model=self.model)
+
+    def _prepared(self, staged: StagedAnswer) -> PreparedAnswer:
+        """Section 3.2's model work for a staged question: rank the concepts where there are more than fit, compare
+        them with the photo or clip, put the memories in."""
+        query, encoded, selection = staged.query, staged.encoded, staged.selection
+        if selection is None:
+            selection = self._rank_concepts(query, probe=encoded)
+            # The context's prompt is known only now, with the kept concepts: through the processor in the model's
+            # turn (the ranked case only).
+            encoded = self._encode_query(query, self._context_blocks(query, selection.kept))
+            self._check_fits(query, encoded)
         memory = selection.kept_rows() if selection.rows_on_device else self._memories_on_device(selection.kept)
         if selection.probe is not None:
             encoded.encoder_outputs = selection.probe.encoder_outputs  # the query was encoded once, for ranking
         elif query.visual_block:
             selection.scores, selection.maps = self._compare(query, encoded, memory)  # every concept is kept
         input_ids, embeds, slots = self._soft_prompt(encoded, self._placed_memory(selection.kept, memory))
-        limit = self.settings.max_conversation_context_tokens
-        if input_ids.shape[1] + query.max_new_tokens > limit:  # e.g. concepts imported with very long memories
-            context, budget = input_ids.shape[1], query.max_new_tokens
-            media = " or a shorter clip" if query.clip is not None else ""
-            # The answer's budget alone may be what does not fit: then a shorter answer is the way out.
-            raise ConversationFullError(
-                f"This question needs {context} tokens of context with your concepts' memories and the photo or "
-                f"clip, and {budget} more for its answer: over the {limit} a conversation may hold",
-                longest_answer_tokens=limit - context if context < limit else None,
-                otherwise=f"ask about fewer concepts{media}",
-            )
         names = [c.name for c in query.concepts]
         return PreparedAnswer(
             generate=dict(
@@ -920,6 +1009,20 @@ class Ego:
             similarity_maps=list(zip(names, selection.maps)),
             encoded=encoded,
         )
+
+    def _check_fits(self, query: Query, encoded: Encoded) -> None:
+        """The question's context and its answer's budget within `max_conversation_context_tokens`."""
+        context, budget = encoded.inputs["input_ids"].shape[1], query.max_new_tokens
+        limit = self.settings.max_conversation_context_tokens
+        if context + budget > limit:  # e.g. concepts imported with very long memories
+            media = " or a shorter clip" if query.clip is not None else ""
+            # The answer's budget alone may be what does not fit: then a shorter answer is the way out.
+            raise ConversationFullError(
+                f"This question needs {context} tokens of context with your concepts' memories and the photo or "
+                f"clip, and {budget} more for its answer: over the {limit} a conversation may hold",
+                longest_answer_tokens=limit - context if context < limit else None,
+                otherwise=f"ask about fewer concepts{media}",
+            )
 
     def _check_question(self, question, concepts, image, video, max_new_tokens) -> Query:
         """Every check before any model call: the text, the length cap, the concepts' model, the media."""
@@ -984,18 +1087,15 @@ class Ego:
             return torch.zeros(0, self.hidden_size, dtype=self.memory_dtype, device=self.device)
         return torch.cat([c.embeddings for c in group]).to(self.device)
 
-    def _select_concepts(self, query: Query) -> Selection:
-        """All the concepts, or, with more than fit, the named ones and then the most similar to the query."""
+    def _rank_concepts(self, query: Query, probe: Encoded) -> Selection:
+        """More concepts than fit, and a photo or clip: the named ones, then the most similar to it (the vision
+        tower's rows of `probe`, the photo or clip with the question, compared with every memory)."""
         concepts, keep = query.concepts, self.settings.max_concepts_in_context
-        selection = Selection(kept=concepts, dropped=[])
-        if len(concepts) <= keep:
-            return selection
-        if query.visual_block:
-            selection.probe = self._encode_query(query, query.visual_block + [{"type": "text", "text": query.text}])
-            everything = self._memories_on_device(concepts)
-            selection.scores, selection.maps = self._compare(query, selection.probe, everything)
-            # The kept ones' rows are taken from this copy, not copied to the device again.
-            selection.rows_on_device = dict(zip(map(id, concepts), everything.split([c.num_tokens for c in concepts])))
+        selection = Selection(kept=concepts, dropped=[], probe=probe)
+        everything = self._memories_on_device(concepts)
+        selection.scores, selection.maps = self._compare(query, probe, everything)
+        # The kept ones' rows are taken from this copy, not copied to the device again.
+        selection.rows_on_device = dict(zip(map(id, concepts), everything.split([c.num_tokens for c in concepts])))
         selection.kept, selection.dropped = select_concepts(
             concepts, keep, question=query.text, scores=selection.scores or None
         )
@@ -1084,6 +1184,8 @@ class Ego:
         stops and on_text as in `answer_batch`."""
         requests, stops = _batch_arguments(requests, stops, FollowUpRequest)
         results: list[Answer | Exception | None] = [None] * len(requests)
+        for request in requests:
+            self._check_staged(request)
         with self.exclusive_use():
             turns: dict[int, _Turn] = {}
             for index, request in enumerate(requests):
@@ -1145,8 +1247,8 @@ class Ego:
         without pushing out the caches of the `batch`'s other conversations."""
         chat = request.chat
         if len(batch) > 1 and chat.turns and chat._cache is None:
-            chat._prime(keep=batch)
-        return chat._begin(request.question, request.max_new_tokens, use_cache=True)
+            chat._prime(keep=batch, context=request.staged)
+        return chat._begin(request.question, request.max_new_tokens, use_cache=True, context=request.staged)
 
     def _follow_ups(
         self, chats: list[Chat], turns: list[_Turn], offsets: list, indices: list[int], stops, on_text
@@ -1334,16 +1436,18 @@ class Chat:
 
     def ask(self, question: str, *, max_new_tokens: int | None = None, use_cache: bool = True) -> Answer:
         """Answer `question` in this conversation. use_cache=False recomputes the whole conversation."""
+        staged, context = self._stage(question, max_new_tokens, use_cache)
         with self.engine.exclusive_use():
-            turn = self._begin(question, max_new_tokens, use_cache)
+            turn = self._begin(question, max_new_tokens, use_cache, staged, context)
             return self._finish(turn, self._generate(turn))
 
     def stream(self, question: str, *, max_new_tokens: int | None = None, use_cache: bool = True) -> Iterator[Answer]:
         """Like `ask`, yielding the text so far as it is generated. Closing the iterator stops generation; the
         answer so far stays in the conversation."""
         outputs, handed, answer = [], [0], None
+        staged, context = self._stage(question, max_new_tokens, use_cache)
         with self.engine.exclusive_use():
-            turn = self._begin(question, max_new_tokens, use_cache)
+            turn = self._begin(question, max_new_tokens, use_cache, staged, context)
             # Closed early, the stream returns once generation has ended: it writes the conversation's cache until then.
             pieces = _streamed(
                 self.engine.backend.tokenizer,
@@ -1384,23 +1488,44 @@ class Chat:
         self._adopted.append((str(question), ids))
         self.turns.append((str(question).strip(), answer))
 
-    def _add_adopted(self) -> dict[str, torch.Tensor]:
+    def _stage_context(self, use_cache: bool = True) -> StagedContext | None:
+        """A follow-up's work that needs no model (`Ego.stage`): the first context's processor work where the next
+        question must compute that context (a first turn adopted and not computed yet, a cache dropped, or not
+        used); None where it need not. A full conversation is refused here (`ConversationFullError`), nothing
+        computed."""
+        self._check_room()
+        if self._adopted and not self._ids:
+            turn = self._adopted[0]
+            staged = self.engine._stage_answer(turn[0], self.concepts, self.picture, self.clip, 1)
+            return StagedContext(first=staged, for_turn=turn)
+        without_cache = self._cache is None or not use_cache
+        if self._ids and without_cache and (self.picture is not None or self.clip is not None):
+            return StagedContext(pixels=self._context_pixels(), prompt=self._prompt)
+        return None
+
+    def _add_adopted(self, context: StagedContext | None = None) -> dict[str, torch.Tensor]:
         """The turns answered elsewhere, added to the conversation's tokens: the first context prepared as
-        `Ego.answer` prepares it, each later question's turn as a follow-up opens it (`Backend.continue_turn`),
-        and each answer's tokens. Returns the first context's pixels when it prepared them (the question asked now
-        recomputes that context: not twice through the processor), else nothing."""
+        `Ego.answer` prepares it (from `context` where it was staged for that turn), each later question's turn as
+        a follow-up opens it (`Backend.continue_turn`), and each answer's tokens. Returns the first context's pixels
+        where they are at hand, prepared here or staged in `context` (a question asked now without a cache recomputes
+        that context: not twice through the processor), else nothing."""
         engine, pixels = self.engine, {}
         while self._adopted:  # one turn at a time: a failure leaves the conversation as the turns before made it
             question, answer_ids = self._adopted[0]
             if not self._ids:
                 # Its context only (the answer is known): checked against the limit with a budget of one token.
-                prepared = engine._prepare_answer(question, self.concepts, self.picture, self.clip, 1)
+                staged = context.first if context is not None and context.for_turn is self._adopted[0] else None
+                if staged is None:
+                    staged = engine._stage_answer(question, self.concepts, self.picture, self.clip, 1)
+                prepared = engine._prepared(staged)
                 self._remember_context(prepared)
                 pixels = self._pixels_of(prepared.encoded)
             else:
                 self._ids = self._ids + self._turn_ids(checks.check_question(question, engine.settings))
             self._ids = self._ids + answer_ids
             self._adopted.pop(0)
+        if not pixels and context is not None and context.pixels is not None and context.prompt == self._prompt:
+            pixels = context.pixels
         return pixels
 
     def _turn_ids(self, text: str) -> list[int]:
@@ -1416,13 +1541,30 @@ class Chat:
                 f"A conversation holds at most {limit} question{'s' * (limit != 1)}", new_conversation=True
             )
 
-    def _begin(self, question, max_new_tokens, use_cache: bool) -> _Turn:
-        """Every check, then the generate arguments: the first question's as `Ego.answer` prepares them, a
-        follow-up's for the whole conversation (its cache, if kept, holds all but the new tokens)."""
+    def _stage(self, question, max_new_tokens, use_cache: bool) -> tuple[StagedAnswer | None, StagedContext | None]:
+        """A question's work that needs no model (`Ego.stage`), done before the model's turn: the first question
+        staged, or a follow-up's first context where it must be computed again."""
+        if not self.turns:
+            return self.engine._stage_answer(question, self.concepts, self.picture, self.clip, max_new_tokens), None
+        return None, self._stage_context(use_cache)
+
+    def _begin(
+        self,
+        question,
+        max_new_tokens,
+        use_cache: bool,
+        staged: StagedAnswer | None = None,
+        context: StagedContext | None = None,
+    ) -> _Turn:
+        """Every check, then the generate arguments: the first question's as `Ego.answer` prepares them (from
+        `staged` when it was staged beforehand), a follow-up's for the whole conversation (its cache, if kept,
+        holds all but the new tokens; its first context's processor work from `context` when it was staged)."""
         engine, settings = self.engine, self.engine.settings
         self._check_room()
         if not self.turns:
-            prepared = engine._prepare_answer(question, self.concepts, self.picture, self.clip, max_new_tokens)
+            if staged is None:
+                staged = engine._stage_answer(question, self.concepts, self.picture, self.clip, max_new_tokens)
+            prepared = engine._prepared(staged)
             return _Turn(
                 question=str(question).strip(),
                 generate=dict(prepared.generate, past_key_values=self._new_cache(), return_dict_in_generate=True),
@@ -1433,7 +1575,9 @@ class Chat:
             )
         text = checks.check_question(question, settings)
         max_new_tokens = checks.check_max_new_tokens(max_new_tokens, settings)
-        pixels = self._add_adopted()  # dropped with this question if it fails: the photo or clip gives them again
+        pixels = self._add_adopted(
+            context
+        )  # dropped with this question if it fails: the photo or clip gives them again
         ids = self._ids + self._turn_ids(text)
         limit = settings.max_conversation_context_tokens
         if len(ids) + max_new_tokens > limit:
@@ -1481,13 +1625,13 @@ class Chat:
             ),
         )
 
-    def _prime(self, keep: Sequence[Chat] = ()) -> None:
+    def _prime(self, keep: Sequence[Chat] = (), context: StagedContext | None = None) -> None:
         """Compute the key/value cache of the conversation so far (its first context and every turn), asking
         nothing: a conversation without one (its first turn answered in a batch and adopted, or its cache dropped)
         can then join a batch of follow-ups, which computes only text. One generate with a budget of one token: its
         prefill writes the cache and the M-RoPE offset exactly as answering the last turn here would have."""
         self._check_room()  # a conversation that cannot be followed up is not computed for nothing
-        pixels = self._add_adopted()
+        pixels = self._add_adopted(context)
         turn = self._turn("", self._ids, 1, None, pixels)
         out = self._generate(turn)
         self._cache = out.past_key_values
@@ -1538,12 +1682,16 @@ class Chat:
         adopted first turn just prepared them, else computed again from the photo or clip loaded as the first
         question loaded them and the same chat text (the processor is deterministic: the same tensors, the same
         answer). A conversation keeps its photo or clip (a byte a value), not the processor's float32 pixels."""
-        engine = self.engine
         if not pixels and (self.picture is not None or self.clip is not None):
-            picture = load_image(self.picture, engine.settings) if self.picture is not None else None
-            clip = load_video(self.clip, engine.settings) if self.clip is not None else None
-            pixels = self._pixels_of(engine._encode_prompt(self._prompt, picture, clip))
-        return {k: v.to(engine.device) for k, v in pixels.items()}
+            pixels = self._context_pixels()
+        return {k: v.to(self.engine.device) for k, v in pixels.items()}
+
+    def _context_pixels(self) -> dict[str, torch.Tensor]:
+        """The first context's pixels from the processor, on CPU: its photo or clip through the same chat text."""
+        engine = self.engine
+        picture = load_image(self.picture, engine.settings) if self.picture is not None else None
+        clip = load_video(self.clip, engine.settings) if self.clip is not None else None
+        return self._pixels_of(engine._encode_prompt(self._prompt, picture, clip))
 
     @property
     def held_bytes(self) -> int:

@@ -168,7 +168,9 @@ class Actions:
             settings.max_all_conversations_memory_bytes, held_by=lambda session: session.conversations.nbytes
         )
         """What all visitors' conversations may hold together for their follow-ups, apart from their concepts."""
-        self.answers = AnswerScheduler(settings.answer_batch_window_s, settings.answer_batch_max_size)
+        self.answers = AnswerScheduler(
+            settings.answer_batch_window_s, settings.answer_batch_max_size, settings.answer_batch_preparing_wait_s
+        )
         """Questions of different visitors that arrive together are answered by one batched generation."""
         self.zero_gpu = on_zero_gpu()
         """On ZeroGPU each model call runs in a GPU worker process (`space.zerogpu`), one visitor's per call."""

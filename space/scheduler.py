@@ -4,10 +4,14 @@ Decoding is host-bound (`bench/RESULTS.md`): one decode step for eight sequences
 the Space does not answer questions strictly one after another. Each visitor's handler (a Gradio worker thread)
 puts its question in one queue and reads its own answer back as it grows; one worker thread owns the model calls:
 it takes the first waiting question, waits up to `answer_batch_window_s` for more (up to `answer_batch_max_size`
-in all), and answers them with one `Ego.answer_batch` for first questions and one `Ego.follow_up_batch` for
-follow-ups of conversations. Every visitor keeps their own stream: the worker hands each answer's text to its
-visitor as it grows, and a visitor's Stop (the handler's generator being closed) ends only that visitor's answer,
-in the queue or in the batch.
+in all; and for those asked within that window of it that are still being prepared, up to
+`answer_batch_preparing_wait_s`), and answers them with one `Ego.answer_batch` for first questions and one
+`Ego.follow_up_batch` for follow-ups of conversations. A question's work that needs no model (its checks, its photo
+or clip decoded and resized by the processor; a follow-up's first context where it must be computed again:
+`Ego.stage`) is done in its visitor's thread before it joins the queue, side by side with the other visitors' and
+with the model's work. Every visitor keeps their own stream: the worker hands each answer's text to its visitor as
+it grows, and a visitor's Stop (the handler's generator being closed) ends only that visitor's answer, in the queue
+or in the batch.
 
 Gradio's own `batch=True` is not used: a batched Gradio function returns whole outputs, it cannot stream each
 visitor's answer or stop one of them. Introductions do not come here: each is one model call of its own
@@ -52,6 +56,8 @@ class _Ticket:
     engine: object
     request: AnswerRequest | FollowUpRequest
     stop: threading.Event = field(default_factory=threading.Event)
+    asked_at: float = field(default_factory=time.monotonic)
+    """When its visitor asked (`time.monotonic`), before its preparation: what the batch window counts."""
     settled: threading.Event = field(default_factory=threading.Event)
     """Set once the worker is done with it (answered, failed or dropped), after a follow-up's turn is recorded."""
     updates: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
@@ -103,10 +109,17 @@ def compiled_batch_size(waiting: int) -> int:
 class AnswerScheduler:
     """One queue of questions and one worker thread that answers them in batches (see the module's text)."""
 
-    def __init__(self, window_s: float, max_batch: int):
-        if max_batch < 1 or window_s < 0:
-            raise ValueError("answer_batch_max_size must be at least 1 and answer_batch_window_s at least 0.")
-        self.window_s, self.max_batch = float(window_s), int(max_batch)
+    def __init__(self, window_s: float, max_batch: int, preparing_wait_s: float = 1.0):
+        if max_batch < 1 or window_s < 0 or preparing_wait_s < 0:
+            raise ValueError(
+                "answer_batch_max_size must be at least 1, answer_batch_window_s and answer_batch_preparing_wait_s "
+                "at least 0."
+            )
+        self.window_s, self.max_batch, self.preparing_wait_s = float(window_s), int(max_batch), float(preparing_wait_s)
+        self._preparing: dict[int, float] = {}
+        """id(ticket) -> when it was asked, for the questions being prepared in their visitors' threads."""
+        self._prepared = threading.Condition()
+        """Guards `_preparing`; notified as each question, prepared, joins the queue."""
         self._worker: _Worker | None = None
         """The worker new questions go to; None before the first question and after `close`."""
         self._closed: list[_Worker] = []
@@ -149,6 +162,8 @@ class AnswerScheduler:
             self._closed = [closed for closed in self._closed if closed.thread.is_alive()]
             ending = list(self._closed)
         if worker is not None:
+            with self._prepared:  # a batch waiting for questions being prepared stops waiting
+                self._prepared.notify_all()
             self._turn_away(worker)
             # After the questions are taken: a worker waiting for one wakes on this instead. A question put between
             # the two is taken by the worker, which sees `closing` and turns it away as it ends.
@@ -159,8 +174,22 @@ class AnswerScheduler:
         return not any(closed.thread.is_alive() for closed in ending)
 
     def _stream(self, ticket: _Ticket) -> Iterator:
-        worker = self._start()
-        worker.waiting.put(ticket)
+        with self._prepared:
+            self._preparing[id(ticket)] = ticket.asked_at
+        try:
+            # Its checks and processor work now, in the visitor's own thread, while the model answers others: the
+            # batch's turn then holds only model work (bad input is refused here, without waiting).
+            ticket.request = ticket.engine.stage(ticket.request)
+        except BaseException:
+            ticket.settled.set()  # nothing more comes of it: a follow-up's caller may wait for this
+            raise
+        else:
+            worker = self._start()
+            worker.waiting.put(ticket)
+        finally:
+            with self._prepared:  # after it is queued: a batch waiting for it finds it there
+                del self._preparing[id(ticket)]
+                self._prepared.notify_all()
         ended, last = False, None
         try:
             while True:
@@ -228,8 +257,11 @@ class AnswerScheduler:
             ticket.settled.set()
 
     def _gather(self, worker: _Worker) -> list[_Ticket]:
-        """The first waiting question, and those that arrive within the window after it (up to the maximum);
-        questions whose visitor left while they waited are dropped. Nothing, once the worker is closing."""
+        """The first waiting question, and those that arrive within the window after it (up to the maximum), and
+        those asked within the window of it that are still being prepared (each visitor's photo is resized in their
+        own thread, and a larger one takes longer: the window counts when visitors asked, not when their questions
+        were ready), waited for up to `preparing_wait_s`; questions whose visitor left while they waited are dropped.
+        Nothing, once the worker is closing."""
         with worker.carrying:
             batch, worker.carried = worker.carried, []
         batch = batch or [worker.waiting.get()]
@@ -240,6 +272,7 @@ class AnswerScheduler:
                 batch.append(worker.waiting.get(timeout=remaining) if remaining > 0 else worker.waiting.get_nowait())
             except queue.Empty:
                 break
+        self._wait_for_preparing(worker, batch)
         batch = [ticket for ticket in batch if ticket is not _CLOSING]
         if worker.closing:  # closed while these were gathered: they are turned away as the worker ends
             with worker.carrying:
@@ -253,6 +286,28 @@ class AnswerScheduler:
             else:
                 kept.append(ticket)
         return kept
+
+    def _wait_for_preparing(self, worker: _Worker, batch: list) -> None:
+        """Adds to `batch` the questions asked within the window of its first that were still being prepared, as
+        they join the queue (and any other that joins meanwhile), for up to `preparing_wait_s`."""
+        asked = [ticket.asked_at for ticket in batch if ticket is not _CLOSING]
+        if not asked:
+            return
+        together, deadline = min(asked) + self.window_s, time.monotonic() + self.preparing_wait_s
+        while len(batch) < self.max_batch and not worker.closing:
+            try:
+                batch.append(worker.waiting.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            with self._prepared:
+                # A question stops counting as prepared only once it is queued: none is missed between the two.
+                if not any(at <= together for at in self._preparing.values()) and worker.waiting.empty():
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._prepared.wait(remaining)
 
     def _answer(self, worker: _Worker, batch: list[_Ticket]) -> None:
         if not batch:

@@ -63,6 +63,10 @@ class SpaceSettings:
     engine's lock: one model call at a time). 1 handles them one after the other."""
     answer_batch_window_s: float = 0.05
     """How long the first waiting question waits for others to join its batch, in seconds."""
+    answer_batch_preparing_wait_s: float = 1.0
+    """How long a batch also waits for the questions asked within `answer_batch_window_s` of its first that are
+    still being prepared (each visitor's photo or clip goes through the processor in their own thread, beside the
+    model's work: a 12-megapixel photo takes about half a second), in seconds; 0 never waits for them."""
     stop_wait_s: float = 3.0
     """How long Stop waits for the answer to end as far as it had come (at once while it streams; a question still
     in its first step, the prefill, ends after it), in seconds, before the page cancels the event instead."""
@@ -82,7 +86,7 @@ class SpaceSettings:
     larger (their deepstack rows)."""
 
     def __post_init__(self):
-        check_numbers(self, may_be_zero={"answer_batch_window_s"})
+        check_numbers(self, may_be_zero={"answer_batch_window_s", "answer_batch_preparing_wait_s"})
 
     def replace(self, **changes) -> SpaceSettings:
         return dataclasses.replace(self, **changes)

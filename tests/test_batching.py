@@ -126,7 +126,8 @@ def alone(engine, request: AnswerRequest):
 def test_every_batched_answer_equals_the_same_question_asked_alone(setup, monkeypatch):
     engine, _, requests, lone = setup
     logits = record_logits(monkeypatch, engine)
-    batched = engine.answer_batch(requests)
+    # Some staged beforehand (`Ego.stage`, as the Space's scheduler does in each visitor's thread), some not.
+    batched = engine.answer_batch([engine.stage(r) if index % 2 else r for index, r in enumerate(requests)])
     assert [str(a) for a in batched] == [str(a) for a in lone]
     # and each row scores every token as alone: its own photo or clip, memories and question
     assert_rows_score_as_alone(logits[0], _LONE_LOGITS[engine.family])
@@ -301,14 +302,14 @@ def test_a_request_that_runs_out_of_memory_fails_alone(monkeypatch):
     from ego import ModelBusyError
 
     engine = tiny_engine("qwen2-vl")
-    prepare = engine._prepare_answer
+    prepare = engine._prepared  # the model's part of the preparation (the vision tower, the memory rows)
 
-    def prepare_or_run_out(question, *args, **kwargs):
-        if question == "And this huge clip?":
+    def prepare_or_run_out(staged):
+        if staged.query.text == "And this huge clip?":
             raise torch.OutOfMemoryError("CUDA out of memory")
-        return prepare(question, *args, **kwargs)
+        return prepare(staged)
 
-    monkeypatch.setattr(engine, "_prepare_answer", prepare_or_run_out)
+    monkeypatch.setattr(engine, "_prepared", prepare_or_run_out)
     requests = [
         AnswerRequest("What is this?", (), image=photo(0), max_new_tokens=4),
         AnswerRequest("And this huge clip?", (), image=photo(1), max_new_tokens=4),
@@ -348,3 +349,60 @@ def test_batch_arguments_that_do_not_fit_are_a_sentence_before_anything_runs():
         chat.ask("Hi?", max_new_tokens=2)
     answered, refused = engine.follow_up_batch([FollowUpRequest(mine, "And?", 2), FollowUpRequest(theirs, "And?", 2)])
     assert isinstance(answered, str) and isinstance(refused, ValueError) and "not one of this engine's" in str(refused)
+
+
+@contextlib.contextmanager
+def processor_calls(engine):
+    """Inside the block, the prompts the engine's processor is run on (`Backend.encode`), in order."""
+    seen, encode = [], engine.backend.encode
+
+    def counting(prompt, *args, **kwargs):
+        seen.append(prompt)
+        return encode(prompt, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine.backend, "encode", counting)
+        yield seen
+
+
+def test_staged_requests_leave_only_model_work_to_the_models_turn(one_family):
+    """`Ego.stage` does a question's checks, photo or clip and processor work before the model's turn: the batch
+    then runs no processor, and answers as alone. With more concepts than fit and a photo, the vision tower ranks
+    them in the model's turn: only the context's prompt, known then, goes through the processor there."""
+    engine, (cat, mug, rocket), requests, lone = one_family
+    staged = [engine.stage(r) for r in requests]
+    assert all(r.staged is not None for r in staged) and engine.stage(staged[0]) is staged[0]
+    with processor_calls(engine) as seen:
+        batched = engine.answer_batch(staged)
+    assert seen == [] and [a.token_ids for a in batched] == [a.token_ids for a in lone]
+
+    two = engine.with_settings(max_concepts_in_context=2)
+    ranked = AnswerRequest("Is the rocket here?", (cat, mug, rocket), image=photo(9), max_new_tokens=5)
+    named = AnswerRequest("Where is the rocket?", (cat, mug, rocket), max_new_tokens=5)  # no photo: by name
+    expected = [alone(two, r) for r in (ranked, named)]
+    with processor_calls(two) as seen:
+        ready = [two.stage(ranked), two.stage(named)]
+    assert len(seen) == 2 and "Chelsea" not in seen[0]  # the ranking prompt: the photo and the question
+    assert "Rocket" in seen[1] and len(ready[1].staged.selection.kept) == 2
+    with processor_calls(two) as seen:
+        answered = two.answer_batch(ready)
+    assert [a.token_ids for a in answered] == [a.token_ids for a in expected]
+    assert [a.concepts_used for a in answered] == [a.concepts_used for a in expected]
+    kept = answered[0].concepts_used
+    assert len(seen) == 1 and len(kept) == 2 and all(f"{name}:" in seen[0] for name in kept)  # the ranked context
+
+
+def test_staging_refuses_bad_input_at_once_and_takes_only_this_engines_work(one_family):
+    engine, (cat, *_), requests, _ = one_family
+    with pytest.raises(InputError):
+        engine.stage(AnswerRequest("   ", (cat,), image=photo(1), max_new_tokens=4))
+    with pytest.raises(InputError, match="one image or one video"):
+        engine.stage(AnswerRequest("Hi?", image=photo(1), video=clip(1), max_new_tokens=4))
+    with pytest.raises(TypeError, match="AnswerRequest or FollowUpRequest; got str"):
+        engine.stage("Hi?")
+    other = tiny_engine("qwen2-vl").with_settings(**SMALL)
+    theirs = other.stage(AnswerRequest("Hi?", max_new_tokens=2))
+    with pytest.raises(ValueError, match="stage it here"):
+        engine.answer_batch([theirs])
+    with pytest.raises(ValueError, match="stage it here"):
+        engine.stage(theirs)

@@ -288,6 +288,40 @@ def test_a_recomputed_context_gets_the_first_questions_pixels_again(media, conce
     assert adopted.turns[1][1] == chat.turns[1][1]
 
 
+@pytest.mark.parametrize("media", ["image", "video"])
+def test_a_staged_follow_up_brings_its_first_contexts_pixels_to_the_models_turn(media, concepts, monkeypatch):
+    """`Ego.stage` of a follow-up whose conversation must compute its first context again (a first answer adopted, a
+    cache dropped) runs that context's processor work beforehand: none in the model's turn, the same pixels, the
+    same answers as a conversation that answered everything itself."""
+    engine = tiny_engine("qwen2.5-vl")
+    known = [chelsea(engine, concepts)]
+    shown = {"image": photo(3)} if media == "image" else {"video": [photo(seed) for seed in (4, 5, 6, 7)]}
+    reference = engine.chat(known, **shown)
+    first = reference.ask("Is Chelsea here?", max_new_tokens=3)
+    expected = [reference.ask(question, max_new_tokens=3) for question in FOLLOW_UPS]
+    chat = engine.chat(known, **shown)
+    chat.adopt("Is Chelsea here?", first)
+    calls = spy_on_generate(monkeypatch, engine)
+    encodes, encode = [], engine.backend.encode
+    monkeypatch.setattr(engine.backend, "encode", lambda *a, **k: encodes.append(encode(*a, **k)) or encodes[-1])
+    keys = engine.backend.vision_input_keys
+
+    request = engine.stage(FollowUpRequest(chat, FOLLOW_UPS[0], 3))
+    assert len(encodes) == 1  # the adopted turn's context, staged
+    (answer,) = engine.follow_up_batch([request])
+    assert len(encodes) == 1 and answer.token_ids == expected[0].token_ids
+    pixels = {k: v for k, v in encodes[0].inputs.items() if k in keys}
+    assert pixels and all(torch.equal(calls[-1][k], v) for k, v in pixels.items())
+
+    chat.drop_cache()
+    request = engine.stage(FollowUpRequest(chat, FOLLOW_UPS[1], 3))
+    assert len(encodes) == 2  # the dropped cache's pixels, staged
+    (answer,) = engine.follow_up_batch([request])
+    assert len(encodes) == 2 and answer.token_ids == expected[1].token_ids
+    assert all(torch.equal(calls[-1][k], v) for k, v in pixels.items())
+    assert engine.stage(FollowUpRequest(chat, "And then?", 3)).staged is None  # on its cache: nothing to stage
+
+
 def adopted_with_room(engine, concepts, room: int):
     """A conversation about photo 3 that adopted its first answer, in a context cap `room` tokens past it."""
     known = [chelsea(engine, concepts)]
@@ -550,7 +584,7 @@ def test_a_failure_in_one_generation_of_a_batch_leaves_the_others_answers(monkey
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("out of memory")
 
-    monkeypatch.setattr(engine, "_prepare_answer", out_of_memory)
+    monkeypatch.setattr(engine, "_prepared", out_of_memory)  # the model's part of the adopted turn's context
     results = engine.follow_up_batch([FollowUpRequest(c, "And?", 4) for c in (a, b, adopted)])
     assert [type(r).__name__ for r in results] == ["Answer", "Answer", "ModelBusyError"]
 

@@ -198,6 +198,103 @@ def test_a_bad_question_fails_alone_and_the_worker_goes_on(engine, asks):
     assert list(scheduler.stream(engine, *questions[2][:2], max_new_tokens=4))[-1] == lone[2]
 
 
+def test_a_questions_photo_is_prepared_while_another_visitor_holds_the_model(engine, asks, monkeypatch):
+    """A question's checks, photo and processor work run in its visitor's thread (`Ego.stage`) while the model
+    answers someone else; so does a follow-up's first context that must be computed again (an adopted first answer).
+    Bad input is refused there, without waiting for the model; a staging failure still settles a follow-up."""
+    questions, lone = asks
+    question, concepts, image, budget = questions[0]
+    lone_answer = engine.answer(question, concepts, image=image, max_new_tokens=budget)
+    adopted = engine.chat(concepts, image=image)
+    adopted.adopt(question, lone_answer)
+    prepared, encode = [], engine.backend.encode
+    monkeypatch.setattr(engine.backend, "encode", lambda *a, **k: prepared.append(a[0]) or encode(*a, **k))
+    scheduler = AnswerScheduler(window_s=0.0, max_batch=8)
+    holding, release, outcome = threading.Event(), threading.Event(), {}
+
+    def another_visitor():
+        with engine.exclusive_use():  # the model busy with someone else's answer
+            holding.set()
+            release.wait(timeout=60)
+
+    def ask(name, stream):
+        outcome[name] = list(stream())[-1]
+
+    holder = threading.Thread(target=another_visitor, daemon=True)
+    holder.start()
+    assert holding.wait(timeout=30)
+    visitors = [
+        threading.Thread(
+            target=ask,
+            args=("first", lambda: scheduler.stream(engine, question, concepts, image=image, max_new_tokens=budget)),
+            daemon=True,
+        ),
+        threading.Thread(
+            target=ask,
+            args=("follow-up", lambda: scheduler.stream_follow_up(engine, adopted, "And then?", max_new_tokens=3)),
+            daemon=True,
+        ),
+    ]
+    for thread in visitors:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while len(prepared) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(prepared) == 2 and not outcome  # both prepared, neither answered: the model is still held
+    with pytest.raises(InputError):
+        next(scheduler.stream(engine, "   ", concepts, image=image, max_new_tokens=budget))
+    release.set()
+    for thread in visitors:
+        thread.join(timeout=60)
+    assert len(prepared) == 2  # nothing more in the model's turn
+    assert str(outcome["first"]) == lone[0] and str(lone_answer) == lone[0]
+    assert adopted.turns[-1][1] == outcome["follow-up"]
+    settled = threading.Event()
+    full = engine.with_settings(max_conversation_turns=2).chat(concepts, image=image)
+    full.adopt(question, lone_answer)
+    full.adopt("And then?", outcome["follow-up"])
+    with pytest.raises(InputError, match="at most 2 questions"):
+        next(scheduler.stream_follow_up(engine, full, "More?", max_new_tokens=2, settled=settled))
+    assert settled.is_set()
+
+
+def test_questions_asked_together_wait_for_each_others_preparation(engine, asks, monkeypatch):
+    """The window counts when visitors asked: a question asked first whose photo takes longer to prepare still joins
+    the batch of one asked with it and ready sooner; one asked after the window is not waited for; the wait for
+    preparations is capped (`preparing_wait_s`)."""
+    questions, lone = asks
+    stage, slow = engine.stage, {"Where is the mug?": 1.0, "Hi": 0.6}
+
+    def staged_slowly(request):
+        time.sleep(slow.get(request.question, 0.0))  # a larger photo: longer in the processor
+        return stage(request)
+
+    monkeypatch.setattr(engine, "stage", staged_slowly)
+
+    def answered(scheduler, asked, delays):
+        seen = [None] * len(asked)
+
+        def visitor(index):
+            time.sleep(delays[index])
+            question, concepts, image, budget = asked[index]
+            seen[index] = list(scheduler.stream(engine, question, concepts, image=image, max_new_tokens=budget))[-1]
+
+        threads = [threading.Thread(target=visitor, args=(i,), daemon=True) for i in range(len(asked))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        return seen
+
+    # The slow one first, the quick one 0.1 s later (within the window); a third 1.5 s later (not): two batches.
+    together = AnswerScheduler(window_s=0.3, max_batch=8, preparing_wait_s=5.0)
+    seen = answered(together, [questions[3], questions[0], questions[2]], [0.0, 0.1, 1.5])
+    assert list(together.batch_sizes) == [2, 1] and [str(a) for a in seen] == [lone[3], lone[0], lone[2]]
+    capped = AnswerScheduler(window_s=0.3, max_batch=8, preparing_wait_s=0.0)
+    answered(capped, [questions[3], questions[0]], [0.0, 0.1])
+    assert list(capped.batch_sizes) == [1, 1]
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="at least 1"):
         AnswerScheduler(window_s=0.1, max_batch=0)
