@@ -164,7 +164,7 @@ def build_demo(
         # is left. The browser's token stays as it is (a refusal adds nothing, and another tab's session may be
         # the one it names); it learns the new session's once something is added there.
         then_refresh(asking, after="failure", refresh=act.panel_if_told, keep_token=False)
-        stopping = functools.partial(_stops, functools.partial(act.stop_answer, tab="image"), session, asking)
+        stopping = functools.partial(_stops, _on_tab(act.stop_answer, "image"), session, asking)
         stopping(img.stop.click).then(
             functools.partial(guidance.mark_stopped_in_chat, tab="image"),
             [session, img.chat],
@@ -176,9 +176,7 @@ def build_demo(
         # its answer (a reload putting the conversation's photo back is no new photo: `photo_changed`).
         ended_image = [session, img.chat, img.plain, img.details, img.matches]
         for ending in (img.new.click, img.chat.clear):
-            stopping(ending).then(
-                functools.partial(act.new_conversation, tab="image"), session, ended_image, **CHEAP, **PRIVATE
-            )
+            stopping(ending).then(_on_tab(act.new_conversation, "image"), session, ended_image, **CHEAP, **PRIVATE)
         # (Only a new photo stops the answer: a reload in another browser tab puts the conversation's photo back.)
         _stops(act.photo_changing, [session, img.image], asking, img.image.change).then(
             act.photo_changed, [session, img.image], ended_image, **CHEAP, **PRIVATE
@@ -197,7 +195,7 @@ def build_demo(
             **PRIVATE,
         )
         then_refresh(asking, after="failure", refresh=act.panel_if_told, keep_token=False)  # as in the image tab
-        stopping = functools.partial(_stops, functools.partial(act.stop_answer, tab="video"), session, asking)
+        stopping = functools.partial(_stops, _on_tab(act.stop_answer, "video"), session, asking)
         stopping(vid.stop.click).then(
             functools.partial(guidance.mark_stopped_in_chat, tab="video"),
             [session, vid.chat],
@@ -207,7 +205,7 @@ def build_demo(
         )
         for ending in (vid.new.click, vid.video.change, vid.chat.clear):
             stopping(ending).then(
-                functools.partial(act.new_conversation, tab="video"),
+                _on_tab(act.new_conversation, "video"),
                 session,
                 [session, vid.chat, vid.frames, vid.details],
                 **CHEAP,
@@ -371,6 +369,16 @@ def launch_options(settings, space_settings=None) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Layout
 # ----------------------------------------------------------------------------------------------
+def _on_tab(action, tab: str):
+    """`action(session, tab=tab, request=...)` as a handler of one tab's event: a function of its own, whose
+    annotations Gradio reads to hand it the request (it hands none to a `functools.partial`)."""
+
+    def handler(session, request: gr.Request = None):
+        return action(session, tab=tab, request=request)
+
+    return handler
+
+
 def _stops(stop_answer, inputs, asking, trigger):
     """`trigger` (Stop, or what ends a conversation) ends the tab's answer from within (`Actions.stop_answer` on
     `inputs`: it ends as far as it had come, and its handler returns), then cancels the `asking` event, which then

@@ -745,20 +745,31 @@ class Actions:
         conversation records it before its stream ends)."""
         return self.zero_gpu and _stopped(stop)
 
-    def photo_changing(self, session: Session, photo) -> None:
+    def photo_changing(self, session: Session, photo, request: gr.Request = None) -> None:
         """The image tab's photo box changes: a new photo (or none) stops the tab's answer, as `stop_answer`; the
         conversation's photo put back in the box by a reload, or by opening the page in another browser tab, does
         not (that would stop the answer streaming in the first one)."""
+        session, _ = self.sessions.peek(session, request)
         if photo and session.conversations.is_restored("image", _digest(photo)):
             return
         self.stop_answer(session, "image")
 
-    def stop_answer(self, session: Session, tab: str) -> None:
+    def stop_answer(self, session: Session, tab: str, request: gr.Request = None) -> None:
         """The tab's Stop: its answer ends as far as it has come (its handler returns it, marked "(stopped)", and the
         conversation keeps it), and this returns once it has (at most `stop_wait_s`). A Stop that only cancelled the
         event would race with Gradio's own end of it: the page could show "Error" over the tab's boxes. A message
-        still waiting in the queue has no answer yet: the Stop's `cancels=` that follows removes it."""
+        still waiting in the queue has no answer yet: the Stop's `cancels=` that follows removes it. In a tab that
+        outlived its state while another tab of the browser holds its session, it acts on that session, as the
+        tab's next message would (`Sessions.peek`: nothing is taken over)."""
+        session, _ = self.sessions.peek(session, request)
         session.conversations.stop(tab, self.settings.stop_wait_s)
+
+    def _acting_on(self, session: Session, request: gr.Request | None) -> Session:
+        """The session a tab's action that ends its conversation acts on: in a tab that outlived its state while
+        another tab of the browser holds its session, that session, taken over (`Sessions.rejoin`), as the tab's next
+        message would; otherwise the tab's own, and a session that ended is left for the next message to say so."""
+        found, _ = self.sessions.peek(session, request)
+        return self.sessions.rejoin(session, request)[0] if found is not session else session
 
     def shown_conversations(self, session: Session):
         """(image tab's, video tab's) chat views of the conversations the session holds: after a reload, or in
@@ -782,9 +793,10 @@ class Actions:
         image_view, video_view = self.shown_conversations(session)
         return image_view, photo, video_view, frames
 
-    def photo_changed(self, session: Session, photo):
+    def photo_changed(self, session: Session, photo, request: gr.Request = None):
         """The image tab's photo box changed: a new photo (or none) ends the tab's conversation, as
         `new_conversation`; the conversation's own photo put back by a reload (`restored_conversations`) does not."""
+        session = self._acting_on(session, request)
         if photo and session.conversations.is_restored("image", _digest(photo)):
             return (gr.skip(),) * 5
         return self.new_conversation(session, tab="image")
@@ -794,10 +806,11 @@ class Actions:
         """One tab's chat view of the conversation the session holds."""
         return messages(session.conversations.turns(tab))
 
-    def new_conversation(self, session: Session, tab: str):
+    def new_conversation(self, session: Session, tab: str, request: gr.Request = None):
         """End the tab's conversation (the next message starts one); returns the session, an empty chat view, and
         empty values for what the ended conversation showed beside it (image tab: the answer without memory, the
         details, the match pictures; video tab: the sampled frames, the details)."""
+        session = self._acting_on(session, request)
         session.conversations.end(tab)
         return (session, [], "", {}, []) if tab == "image" else (session, [], [], {})
 

@@ -1131,6 +1131,48 @@ def test_a_tab_left_open_past_its_sessions_expiry_is_told_once_and_its_message_s
         assert "without them" not in told.value.message
 
 
+@pytest.mark.parametrize("end", ["new conversation", "new photo", "stop"])
+def test_ending_a_conversation_in_a_tab_that_outlived_its_state_ends_the_one_its_browser_holds(act, monkeypatch, end):
+    """A tab whose state expired while another tab of the browser holds the session: its New conversation, a new
+    photo and its Stop act on that session, as its next message would (which then starts a new conversation, not
+    a follow-up of the old one). Where the session itself ended, they leave it for the next message to say so."""
+    warnings = []
+    monkeypatch.setattr(gr, "Warning", warnings.append)
+    first, second = Page(f"first {end}"), Page(f"second {end}")
+    shared, token = loaded(act, first)
+    act.introduce(shared, "Chelsea", gallery(CHELSEA[:1]), "tabby", False, 10, progress=quiet, request=first)
+    assert loaded(act, second, token)[0] is shared
+    list(act.chat_image(shared, QUERY, "Is Chelsea here?", progress=quiet, request=second))
+    stopped = []
+    monkeypatch.setattr(type(shared.conversations), "stop", lambda self, tab, wait_s: stopped.append((self, tab)))
+    new = expired(act, shared)  # the first tab's state, made again
+    if end == "new conversation":
+        assert act.new_conversation(new, "image", request=first)[0] is shared
+    elif end == "new photo":
+        act.photo_changing(new, NEW_PHOTO, request=first)
+        assert act.photo_changed(new, NEW_PHOTO, request=first)[0] is shared
+    else:
+        act.stop_answer(new, "image", request=first)
+    assert stopped == ([] if end == "new conversation" else [(shared.conversations, "image")])
+    *_, last = act.chat_image(new, QUERY, "And now?", progress=quiet, request=first)
+    assert last[0] is shared and new.holds_nothing
+    assert len(shared.conversations.get("image").turns) == (2 if end == "stop" else 1)  # ended: a first question
+    # Both tabs' states expire: the session has ended, which an ending action leaves for the next message to say.
+    act.sessions.release(shared)
+    act.sessions.release(shared)
+    gone = Session()
+    if end == "new conversation":
+        assert act.new_conversation(gone, "image", request=first)[0] is gone
+    elif end == "new photo":
+        act.photo_changing(gone, NEW_PHOTO, request=first)
+        assert act.photo_changed(gone, NEW_PHOTO, request=first)[0] is gone
+    else:
+        act.stop_answer(gone, "image", request=first)
+    with pytest.raises(gr.Error, match=ENDED):
+        next(act.chat_image(gone, QUERY, "Is Chelsea here?", progress=quiet, request=first))
+    assert warnings == []
+
+
 @pytest.mark.parametrize("action", ["remove", "clear", "export"])
 def test_a_panel_action_in_a_tab_that_outlived_its_session_says_it_ended(act, action):
     """Remove, Clear all and Export in a tab whose session expired say so in the status line (not "there is no

@@ -241,3 +241,25 @@ def test_a_local_model_is_named_on_the_page_without_its_path(monkeypatch, tmp_pa
     app.main(["--model", str(folder)])
     page = " ".join(str(b.value) for b in seen["demo"].blocks.values() if isinstance(b, gr.Markdown))
     assert local_model_id(folder) in page and str(tmp_path) not in page
+
+
+def test_every_handler_that_takes_the_request_is_handed_it():
+    """Gradio hands `gr.Request` only to a handler whose annotations it can read (a function or method; not a
+    `functools.partial`): one that takes a request and is not handed it would act on the tab's own state alone, never
+    on the session its browser holds (`space.resume`)."""
+    import inspect
+
+    from conftest import tiny_engine
+    from gradio.utils import get_type_hints
+
+    import app
+
+    demo = app.build_demo(tiny_engine("qwen2.5-vl"))
+    taking = [
+        fn.fn for fn in demo.fns.values() if fn.fn is not None and "request" in inspect.signature(fn.fn).parameters
+    ]
+    assert len(taking) > 10 and all(get_type_hints(handler).get("request") is gr.Request for handler in taking)
+    made = [handler for handler in taking if getattr(handler, "__name__", "") == "handler"]  # by `app._on_tab`
+    bound = [dict(zip(h.__code__.co_freevars, (cell.cell_contents for cell in h.__closure__))) for h in made]
+    per_tab = {(names["action"].__name__, names["tab"]) for names in bound}
+    assert per_tab == {(action, tab) for action in ("new_conversation", "stop_answer") for tab in ("image", "video")}
