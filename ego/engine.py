@@ -241,7 +241,9 @@ class StagedAnswer:
     selection: Selection | None
     """The concepts kept and dropped, where no model call decides them; None where the vision tower ranks them."""
     model: Any = field(default=None, repr=False)
-    """The model it was staged for: another engine's staging is not taken (its processor and settings)."""
+    settings: Settings | None = field(default=None, repr=False)
+    """The model and settings it was staged with: an engine with another model or other settings does not take it
+    (its processor, its limits, its choice of concepts)."""
 
 
 @dataclass
@@ -259,6 +261,8 @@ class StagedContext:
     """The first context's pixels from the processor (on CPU), for a conversation whose key/value cache is gone."""
     prompt: str = ""
     """The chat text `pixels` were made with."""
+    chat: Any = field(default=None, repr=False)
+    """The conversation it was staged for: no other takes it."""
 
 
 @dataclass
@@ -937,6 +941,8 @@ class Ego:
             chat = request.chat
             if getattr(getattr(chat, "engine", None), "model", None) is not self.model:
                 return request  # not this engine's conversation: follow_up_batch says so
+            checks.check_question(request.question, chat.engine.settings)
+            checks.check_max_new_tokens(request.max_new_tokens, chat.engine.settings)
             return dataclasses.replace(request, staged=chat._stage_context())
         staged = self._stage_answer(
             request.question, request.concepts, request.image, request.video, request.max_new_tokens
@@ -944,13 +950,21 @@ class Ego:
         return dataclasses.replace(request, staged=staged)
 
     def _check_staged(self, request: AnswerRequest | FollowUpRequest) -> None:
-        """A request's staged work is what this engine's `stage` makes for its kind of request."""
+        """A request's staged work is what this engine's `stage` made for it: its kind of request, this engine's
+        model and settings, a follow-up's own conversation."""
         staged = request.staged
         if staged is None:
             return
-        first = staged.first if isinstance(staged, StagedContext) else staged
-        kind = StagedContext if isinstance(request, FollowUpRequest) else StagedAnswer
-        if not isinstance(staged, kind) or (first is not None and first.model is not self.model):
+
+        def made_by(answer: StagedAnswer, engine) -> bool:
+            return answer.model is getattr(engine, "model", None) and answer.settings == engine.settings
+
+        if isinstance(request, FollowUpRequest):  # its first context is the conversation's engine's to prepare
+            taken = isinstance(staged, StagedContext) and staged.chat is request.chat
+            taken = taken and (staged.first is None or made_by(staged.first, request.chat.engine))
+        else:
+            taken = isinstance(staged, StagedAnswer) and made_by(staged, self)
+        if not taken:
             raise ValueError("A request's staged work is made by this engine's stage(request); stage it here.")
 
     def _prepare_answer(self, question, concepts, image, video, max_new_tokens) -> PreparedAnswer:
@@ -965,18 +979,20 @@ class Ego:
         concepts, keep = query.concepts, self.settings.max_concepts_in_context
         if len(concepts) > keep and query.visual_block:
             probe = self._encode_query(query, query.visual_block + [{"type": "text", "text": query.text}])
-            return StagedAnswer(query=query, encoded=probe, selection=None, model=self.model)
+            return StagedAnswer(query=query, encoded=probe, selection=None, model=self.model, settings=self.settings)
         selection = Selection(kept=concepts, dropped=[])
         if len(concepts) > keep:  # no photo or clip to compare with: the question's names, then the given order
             selection.kept, selection.dropped = select_concepts(concepts, keep, question=query.text)
         encoded = self._encode_query(query, self._context_blocks(query, selection.kept))
         self._check_fits(query, encoded)
-        return StagedAnswer(query=query, encoded=encoded, selection=selection, model=self.model)
+        return StagedAnswer(query=query, encoded=encoded, selection=selection, model=self.model, settings=self.settings)
 
     def _prepared(self, staged: StagedAnswer) -> PreparedAnswer:
         """Section 3.2's model work for a staged question: rank the concepts where there are more than fit, compare
-        them with the photo or clip, put the memories in."""
-        query, encoded, selection = staged.query, staged.encoded, staged.selection
+        them with the photo or clip, put the memories in. `staged` stays as it was (the vision tower's outputs, on the
+        model's device, go into copies): it holds no device memory after the answer."""
+        query, encoded = staged.query, dataclasses.replace(staged.encoded)
+        selection = dataclasses.replace(staged.selection) if staged.selection is not None else None
         if selection is None:
             selection = self._rank_concepts(query, probe=encoded)
             # The context's prompt is known only now, with the kept concepts: through the processor in the model's
@@ -1494,13 +1510,15 @@ class Chat:
         used); None where it need not. A full conversation is refused here (`ConversationFullError`), nothing
         computed."""
         self._check_room()
-        if self._adopted and not self._ids:
-            turn = self._adopted[0]
-            staged = self.engine._stage_answer(turn[0], self.concepts, self.picture, self.clip, 1)
-            return StagedContext(first=staged, for_turn=turn)
-        without_cache = self._cache is None or not use_cache
-        if self._ids and without_cache and (self.picture is not None or self.clip is not None):
-            return StagedContext(pixels=self._context_pixels(), prompt=self._prompt)
+        # Read once: the model's turn of this conversation's previous question may still be writing them (a Stop
+        # lets its visitor ask again before that turn ends); a staging that no longer fits is not taken.
+        adopted, ids, cache, prompt = list(self._adopted), self._ids, self._cache, self._prompt
+        if adopted and not ids:
+            staged = self.engine._stage_answer(adopted[0][0], self.concepts, self.picture, self.clip, 1)
+            return StagedContext(first=staged, for_turn=adopted[0], chat=self)
+        without_cache = cache is None or not use_cache
+        if ids and prompt and without_cache and (self.picture is not None or self.clip is not None):
+            return StagedContext(pixels=self._context_pixels(prompt), prompt=prompt, chat=self)
         return None
 
     def _add_adopted(self, context: StagedContext | None = None) -> dict[str, torch.Tensor]:
@@ -1683,15 +1701,15 @@ class Chat:
         question loaded them and the same chat text (the processor is deterministic: the same tensors, the same
         answer). A conversation keeps its photo or clip (a byte a value), not the processor's float32 pixels."""
         if not pixels and (self.picture is not None or self.clip is not None):
-            pixels = self._context_pixels()
+            pixels = self._context_pixels(self._prompt)
         return {k: v.to(self.engine.device) for k, v in pixels.items()}
 
-    def _context_pixels(self) -> dict[str, torch.Tensor]:
-        """The first context's pixels from the processor, on CPU: its photo or clip through the same chat text."""
+    def _context_pixels(self, prompt: str) -> dict[str, torch.Tensor]:
+        """The first context's pixels from the processor, on CPU: its photo or clip through its chat text `prompt`."""
         engine = self.engine
         picture = load_image(self.picture, engine.settings) if self.picture is not None else None
         clip = load_video(self.clip, engine.settings) if self.clip is not None else None
-        return self._pixels_of(engine._encode_prompt(self._prompt, picture, clip))
+        return self._pixels_of(engine._encode_prompt(prompt, picture, clip))
 
     @property
     def held_bytes(self) -> int:

@@ -18,8 +18,9 @@ visitor's answer or stop one of them. Introductions do not come here: each is on
 (docs/scaling.md).
 
 `AnswerScheduler.close` ends the worker thread after the batch in progress, whose visitors still get their answers;
-the questions still waiting end with a sentence (`SchedulerClosedError`). A question asked after that starts a new
-worker: a Space's Blocks closed and launched again keep their scheduler, and its visitors must be answered.
+the questions still waiting (queued, or still being prepared) end with a sentence (`SchedulerClosedError`). A
+question asked after that starts a new worker: a Space's Blocks closed and launched again keep their scheduler, and
+its visitors must be answered.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class _Ticket:
     stop: threading.Event = field(default_factory=threading.Event)
     asked_at: float = field(default_factory=time.monotonic)
     """When its visitor asked (`time.monotonic`), before its preparation: what the batch window counts."""
+    closes: int = 0
+    """How many times the scheduler had been closed when it was asked: a close during its preparation ends it."""
     settled: threading.Event = field(default_factory=threading.Event)
     """Set once the worker is done with it (answered, failed or dropped), after a follow-up's turn is recorded."""
     updates: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
@@ -120,6 +123,8 @@ class AnswerScheduler:
         """id(ticket) -> when it was asked, for the questions being prepared in their visitors' threads."""
         self._prepared = threading.Condition()
         """Guards `_preparing`; notified as each question, prepared, joins the queue."""
+        self._closes = 0
+        """How many times `close` was called: a question being prepared across a close was waiting when it came."""
         self._worker: _Worker | None = None
         """The worker new questions go to; None before the first question and after `close`."""
         self._closed: list[_Worker] = []
@@ -150,11 +155,13 @@ class AnswerScheduler:
 
     def close(self, wait_s: float = 0.0) -> bool:
         """Ends the worker thread after the batch in progress, whose visitors get their answers; the questions still
-        waiting (queued, or carried to the next batch) end at once with `SchedulerClosedError`. A question asked
+        waiting (queued, or carried to the next batch) end at once with `SchedulerClosedError`, and those still being
+        prepared in their visitors' threads as their preparation ends. A question asked
         later starts a new worker: Gradio can launch closed Blocks again, with the same scheduler, and their
         visitors are answered then. Calling it again changes nothing. Waits up to `wait_s` seconds for the worker
         to end; returns whether every closed worker has ended."""
         with self._lock:
+            self._closes += 1
             worker, self._worker = self._worker, None
             if worker is not None:
                 worker.closing = True
@@ -174,18 +181,19 @@ class AnswerScheduler:
         return not any(closed.thread.is_alive() for closed in ending)
 
     def _stream(self, ticket: _Ticket) -> Iterator:
+        with self._lock:
+            ticket.closes = self._closes
         with self._prepared:
             self._preparing[id(ticket)] = ticket.asked_at
         try:
             # Its checks and processor work now, in the visitor's own thread, while the model answers others: the
             # batch's turn then holds only model work (bad input is refused here, without waiting).
             ticket.request = ticket.engine.stage(ticket.request)
+            worker = self._start(since=ticket.closes)
+            worker.waiting.put(ticket)
         except BaseException:
             ticket.settled.set()  # nothing more comes of it: a follow-up's caller may wait for this
             raise
-        else:
-            worker = self._start()
-            worker.waiting.put(ticket)
         finally:
             with self._prepared:  # after it is queued: a batch waiting for it finds it there
                 del self._preparing[id(ticket)]
@@ -220,10 +228,13 @@ class AnswerScheduler:
             if not ended:
                 ticket.stop.set()  # a visitor who left or pressed Stop: their row ends, the others go on
 
-    def _start(self) -> _Worker:
+    def _start(self, since: int | None = None) -> _Worker:
         """The worker this question goes to: the current one, or a new one (the first question, after `close`, or
-        after a worker that ended)."""
+        after a worker that ended). A question asked before a `close` (`since`: the closes before it was asked) that
+        came during its preparation was waiting then: it ends as the questions waiting in the queue did."""
         with self._lock:
+            if since is not None and self._closes != since:
+                raise SchedulerClosedError(SCHEDULER_CLOSED)
             if self._worker is None or not self._worker.thread.is_alive():
                 self._worker = _Worker(self._serve)
                 self._worker.thread.start()
@@ -301,7 +312,10 @@ class AnswerScheduler:
             except queue.Empty:
                 pass
             with self._prepared:
-                # A question stops counting as prepared only once it is queued: none is missed between the two.
+                # A question stops counting as prepared only once it is queued: none is missed between the two. And
+                # `close` sets `closing` before it notifies: read here, it cannot be missed while this waits.
+                if worker.closing:
+                    return
                 if not any(at <= together for at in self._preparing.values()) and worker.waiting.empty():
                     return
                 remaining = deadline - time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -375,6 +376,8 @@ def test_staged_requests_leave_only_model_work_to_the_models_turn(one_family):
     with processor_calls(engine) as seen:
         batched = engine.answer_batch(staged)
     assert seen == [] and [a.token_ids for a in batched] == [a.token_ids for a in lone]
+    # The vision tower's outputs (on the model's device) went into copies: the requests hold none afterwards.
+    assert all(r.staged.encoded.encoder_outputs is None for r in staged)
 
     two = engine.with_settings(max_concepts_in_context=2)
     ranked = AnswerRequest("Is the rocket here?", (cat, mug, rocket), image=photo(9), max_new_tokens=5)
@@ -393,6 +396,8 @@ def test_staged_requests_leave_only_model_work_to_the_models_turn(one_family):
 
 
 def test_staging_refuses_bad_input_at_once_and_takes_only_this_engines_work(one_family):
+    """`Ego.stage` refuses a question's bad input as `answer` would, in the caller's thread; work staged by another
+    engine, by this model with other settings, or for another conversation is refused, not answered with."""
     engine, (cat, *_), requests, _ = one_family
     with pytest.raises(InputError):
         engine.stage(AnswerRequest("   ", (cat,), image=photo(1), max_new_tokens=4))
@@ -406,3 +411,53 @@ def test_staging_refuses_bad_input_at_once_and_takes_only_this_engines_work(one_
         engine.answer_batch([theirs])
     with pytest.raises(ValueError, match="stage it here"):
         engine.stage(theirs)
+    # The same model with other settings (another choice of concepts, another photo size) stages its own.
+    one = engine.with_settings(max_concepts_in_context=1)
+    with pytest.raises(ValueError, match="stage it here"):
+        one.answer_batch([engine.stage(requests[0])])
+    # A follow-up's staging is its own conversation's.
+    from ego.batching import FollowUpRequest
+
+    chats = [engine.chat([cat], image=photo(1)) for _ in range(2)]
+    for chat in chats:
+        chat.ask("Hi?", max_new_tokens=2)
+        chat.drop_cache()
+    staged = engine.stage(FollowUpRequest(chats[0], "And?", 2))
+    assert staged.staged.pixels
+    with pytest.raises(ValueError, match="stage it here"):
+        engine.follow_up_batch([FollowUpRequest(chats[1], "And?", 2, staged=staged.staged)])
+    with pytest.raises(InputError):
+        engine.stage(FollowUpRequest(chats[0], "   ", 2))  # its question, checked as it is staged
+
+
+@pytest.mark.parametrize("asking", ["answer", "chat"])
+def test_a_question_is_prepared_while_another_call_holds_the_model(one_family, asking):
+    """`Ego.answer` (and a conversation's first question) run the processor before they wait for the model: a
+    server's other threads prepare their questions while one holds it."""
+    engine, (cat, *_), _, _ = one_family
+    holding, release, answered = threading.Event(), threading.Event(), []
+
+    def another_caller():
+        with engine.exclusive_use():
+            holding.set()
+            release.wait(timeout=60)
+
+    def ask():
+        if asking == "answer":
+            answered.append(engine.answer("Is Chelsea here?", [cat], image=photo(3), max_new_tokens=3))
+        else:
+            answered.append(engine.chat([cat], image=photo(3)).ask("Is Chelsea here?", max_new_tokens=3))
+
+    holder = threading.Thread(target=another_caller, daemon=True)
+    holder.start()
+    assert holding.wait(timeout=30)
+    with processor_calls(engine) as seen:
+        asker = threading.Thread(target=ask, daemon=True)
+        asker.start()
+        deadline = time.monotonic() + 30
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(seen) == 1 and not answered  # prepared, not answered: the model is still held
+        release.set()
+        asker.join(timeout=60)
+    assert len(answered) == 1 and len(seen) == 1

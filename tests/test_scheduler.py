@@ -142,7 +142,7 @@ def test_a_stopped_answer_ends_without_waiting_for_its_batch(engine, asks, monke
 
         def handed(index, answer):
             on_text(index, answer)
-            handed_to_first[0] += index == 0
+            handed_to_first[0] += stops[index] is stop  # the first visitor's row (the batch's rows come as prepared)
             if handed_to_first[0] >= 2 and not release.is_set():
                 # The first visitor has two pieces and presses Stop on reading the second: from then on the batch
                 # waits (as on a busy GPU) until the test lets it go on.
@@ -263,7 +263,7 @@ def test_questions_asked_together_wait_for_each_others_preparation(engine, asks,
     the batch of one asked with it and ready sooner; one asked after the window is not waited for; the wait for
     preparations is capped (`preparing_wait_s`)."""
     questions, lone = asks
-    stage, slow = engine.stage, {"Where is the mug?": 1.0, "Hi": 0.6}
+    stage, slow = engine.stage, {"Where is the mug?": 1.0, "Hi": 1.0}
 
     def staged_slowly(request):
         time.sleep(slow.get(request.question, 0.0))  # a larger photo: longer in the processor
@@ -286,13 +286,46 @@ def test_questions_asked_together_wait_for_each_others_preparation(engine, asks,
             thread.join(60)
         return seen
 
-    # The slow one first, the quick one 0.1 s later (within the window); a third 1.5 s later (not): two batches.
+    # The slow one first, the quick one 0.1 s later (within the window of 0.3 s); a third asked 0.6 s after the
+    # first (past the window), still being prepared when the first two are ready: not waited for.
     together = AnswerScheduler(window_s=0.3, max_batch=8, preparing_wait_s=5.0)
-    seen = answered(together, [questions[3], questions[0], questions[2]], [0.0, 0.1, 1.5])
+    seen = answered(together, [questions[3], questions[0], questions[2]], [0.0, 0.1, 0.6])
     assert list(together.batch_sizes) == [2, 1] and [str(a) for a in seen] == [lone[3], lone[0], lone[2]]
     capped = AnswerScheduler(window_s=0.3, max_batch=8, preparing_wait_s=0.0)
     answered(capped, [questions[3], questions[0]], [0.0, 0.1])
     assert list(capped.batch_sizes) == [1, 1]
+
+
+def test_a_question_being_prepared_when_the_scheduler_closes_is_told_and_starts_no_worker(engine, asks, monkeypatch):
+    questions, _ = asks
+    question, concepts, image, budget = questions[0]
+    stage, preparing = engine.stage, threading.Event()
+
+    def staged_slowly(request):
+        preparing.set()
+        time.sleep(0.5)
+        return stage(request)
+
+    monkeypatch.setattr(engine, "stage", staged_slowly)
+    scheduler = AnswerScheduler(window_s=0.0, max_batch=8)
+    list(scheduler.stream(engine, "Hi", max_new_tokens=2))  # a worker is running
+    outcome = {}
+
+    def visitor():
+        try:
+            list(scheduler.stream(engine, question, concepts, image=image, max_new_tokens=budget))
+        except SchedulerClosedError as error:
+            outcome["error"] = error
+
+    asking = threading.Thread(target=visitor, daemon=True)
+    asking.start()
+    assert preparing.wait(timeout=30)
+    assert scheduler.close(wait_s=10)
+    asking.join(timeout=30)
+    assert str(outcome["error"]) == SCHEDULER_CLOSED
+    assert scheduler._worker is None  # no worker started for it
+    monkeypatch.undo()
+    assert list(scheduler.stream(engine, "Hi", max_new_tokens=2))  # a question asked after the close is answered
 
 
 def test_settings_are_checked():
