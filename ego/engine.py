@@ -59,7 +59,7 @@ from .backends.base import Encoded
 from .batching import AnswerRequest, FollowUpRequest
 from .decoding import Decoder
 from .errors import ConversationFullError, IncompatibleMemoryError, InputError, ModelBusyError
-from .media import load_image, load_video
+from .media import load_image, load_video, reduced
 from .memory import Concept, ConceptView, check_concepts, local_model_id, same_model, storage_bytes
 from .presets import DEFAULT_PRESET, UNCALIBRATED, check_model_name, depth_scaled_layers, resolve
 from .quantization import check_known, check_supported, for_device, quantization_config
@@ -1047,9 +1047,14 @@ class Ego:
         if image is not None and video is not None:
             raise InputError("Ask about one image or one video at a time, not both.")
         concepts = self._check_compatible(concepts)
-        picture = load_image(image, self.settings) if image is not None else None
+        picture = self._query_picture(image) if image is not None else None
         clip = load_video(video, self.settings) if video is not None else None
         return Query(text=question, concepts=concepts, picture=picture, clip=clip, max_new_tokens=max_new_tokens)
+
+    def _query_picture(self, image) -> Image.Image:
+        """A query photo, loaded and checked (`load_image`), reduced to `query_image_kept_max_pixels` (what the
+        processor and a conversation's follow-ups get)."""
+        return reduced(load_image(image, self.settings), self.settings.query_image_kept_max_pixels)
 
     def _check_compatible(self, concepts: Sequence[Concept] | Concept) -> list[Concept]:
         """The concepts as a list (one `Concept` is a list of one), if each is a `Concept` (else `InputError`)
@@ -1174,7 +1179,7 @@ class Ego:
         if image is not None and video is not None:
             raise InputError("Ask about one image or one video at a time, not both.")
         concepts = self._check_compatible(concepts)
-        picture = load_image(image, self.settings) if image is not None else None
+        picture = self._query_picture(image) if image is not None else None
         clip = load_video(video, self.settings) if video is not None else None
         return Chat(self, concepts, picture, clip)
 
@@ -1707,7 +1712,7 @@ class Chat:
     def _context_pixels(self, prompt: str) -> dict[str, torch.Tensor]:
         """The first context's pixels from the processor, on CPU: its photo or clip through its chat text `prompt`."""
         engine = self.engine
-        picture = load_image(self.picture, engine.settings) if self.picture is not None else None
+        picture = engine._query_picture(self.picture) if self.picture is not None else None
         clip = load_video(self.clip, engine.settings) if self.clip is not None else None
         return self._pixels_of(engine._encode_prompt(prompt, picture, clip))
 

@@ -48,7 +48,7 @@ from ego.settings import DEFAULT_SETTINGS, Settings
 
 log = logging.getLogger("ego.media")
 
-__all__ = ["load_image", "load_video", "sample_indices"]
+__all__ = ["load_image", "load_video", "reduced", "sample_indices"]
 
 # --- formats ------------------------------------------------------------------------------------
 
@@ -378,6 +378,18 @@ def load_image(source: Any, settings: Settings = DEFAULT_SETTINGS) -> Image.Imag
 
 
 # --- videos -------------------------------------------------------------------------------------
+
+
+def reduced(picture: Image.Image, max_pixels: int) -> Image.Image:
+    """`picture` with at most `max_pixels` pixels (0: no limit): reduced by the smallest whole factor that fits, each
+    pixel the mean of its factor x factor box (`Image.reduce`: no aliasing, and fast), else `picture` itself."""
+    width, height = picture.size
+    if not max_pixels or width * height <= max_pixels:
+        return picture
+    factor = math.ceil(math.sqrt(width * height / max_pixels))
+    while math.ceil(width / factor) * math.ceil(height / factor) > max_pixels:  # the edges' partial boxes count
+        factor += 1
+    return picture.reduce(factor)
 
 
 def sample_indices(total: int, n: int) -> list[int]:

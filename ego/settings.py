@@ -96,6 +96,12 @@ class Settings:
     # --- questions ------------------------------------------------------------------------------
     query_image_max_pixels: int = 1024 * 28 * 28
     """Pixel budget of a query image (about 1,000 visual tokens on Qwen2.5-VL)."""
+    query_image_kept_max_pixels: int = 4 * 1024 * 28 * 28
+    """A query photo larger than this is reduced when it is loaded (by the smallest whole factor that fits, each pixel
+    the mean of its box: `ego.media.reduced`), before the processor resizes it to `query_image_max_pixels`: a
+    12-megapixel photo is then held for a conversation's follow-ups in 9 MB rather than 36, and goes through the
+    processor in a quarter of the time. At least `query_image_max_pixels` (the processor still makes the last step
+    itself); 0 keeps every photo as it came."""
     video_num_frames: int = 8
     """Frames sampled uniformly from a query video."""
     video_frame_max_pixels: int = 448 * 448
@@ -146,7 +152,13 @@ class Settings:
     """Concepts in one imported file."""
 
     def __post_init__(self):
-        check_numbers(self, may_be_zero={"max_upload_mb", "batch_cache_min_free_mb"})
+        check_numbers(self, may_be_zero={"max_upload_mb", "batch_cache_min_free_mb", "query_image_kept_max_pixels"})
+        if 0 < self.query_image_kept_max_pixels < self.query_image_max_pixels:
+            raise ValueError(
+                "query_image_kept_max_pixels must be 0 or at least query_image_max_pixels "
+                f"({self.query_image_max_pixels}): a photo reduced below the processor's budget would be enlarged "
+                f"again; got {self.query_image_kept_max_pixels}."
+            )
         if not 1 <= self.area_pct_fallback <= 100:
             raise ValueError(f"area_pct_fallback must be between 1 and 100 (percent); got {self.area_pct_fallback!r}.")
         if self.answer_max_new_tokens > self.answer_max_new_tokens_limit:

@@ -255,6 +255,26 @@ def test_a_conversation_counts_what_it_holds_for_its_follow_ups(concepts):
     assert held[(400, 300)] > 3 * held[(200, 150)] - 256 * 1024
 
 
+def test_a_large_photo_is_held_reduced_and_answered_as_that_reduced_photo(concepts):
+    """A query photo over `query_image_kept_max_pixels` is reduced as it is loaded: the conversation holds the
+    smaller photo, and the answers are those of that reduced photo given as it is (the processor's input)."""
+    from ego.media import reduced
+
+    engine = tiny_engine("qwen2.5-vl").with_settings(
+        query_image_max_pixels=224 * 224, query_image_kept_max_pixels=4 * 224 * 224
+    )
+    known = [chelsea(engine, concepts)]
+    large = photo(3, size=(800, 1000))  # 1000 x 800
+    smaller = reduced(large, 4 * 224 * 224)
+    assert smaller.size == (500, 400)
+    chat = engine.chat(known, image=large)
+    assert chat.picture.size == (500, 400) and chat.held_bytes < 500 * 400 * 3 + 256 * 1024
+    first = chat.ask("Is Chelsea here?", max_new_tokens=4)
+    assert first.token_ids == engine.answer("Is Chelsea here?", known, image=smaller, max_new_tokens=4).token_ids
+    kept_all = engine.with_settings(query_image_kept_max_pixels=0)
+    assert kept_all.chat(known, image=large).picture.size == (1000, 800)
+
+
 @pytest.mark.parametrize("media", ["image", "video"])
 def test_a_recomputed_context_gets_the_first_questions_pixels_again(media, concepts, monkeypatch):
     """A conversation whose cache was dropped computes its photo's or clip's pixels again: the very tensors the

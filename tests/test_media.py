@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, example, given, settings as hsettings, strat
 from PIL import Image
 
 from ego.errors import InputError
-from ego.media import load_image, load_video, sample_indices
+from ego.media import load_image, load_video, reduced, sample_indices
 from ego.settings import DEFAULT_SETTINGS
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -994,3 +994,24 @@ def test_a_video_in_a_codec_outside_the_usual_ones_is_refused_and_mjpeg_frames_a
     hostile = mjpeg(tmp_path / "scans.avi", [ordinary, jpeg_of_scans(DEFAULT_SETTINGS.max_jpeg_scans), ordinary])
     with pytest.raises(InputError, match="video's frame is stored as a JPEG of more than 100 scans"):
         load_video(hostile)
+
+
+@pytest.mark.parametrize(
+    ("size", "budget", "factor"), [((4000, 3000), 3_211_264, 2), ((999, 601), 40_000, 4), ((640, 480), 307_200, 1)]
+)
+def test_a_photo_over_its_pixel_budget_is_reduced_by_a_whole_factor_to_its_box_means(size, budget, factor):
+    rng = np.random.default_rng(0)
+    original = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    smaller = reduced(original, budget)
+    if factor == 1:
+        assert smaller is original and reduced(original, 0) is original
+        return
+    width, height = -(-size[0] // factor), -(-size[1] // factor)  # a partial box at the right and bottom edges
+    assert smaller.size == (width, height) and width * height <= budget
+    assert -(-size[0] // (factor - 1)) * -(-size[1] // (factor - 1)) > budget  # the smallest factor that fits
+    full_w, full_h = size[0] // factor, size[1] // factor
+    boxes = np.asarray(original, dtype=np.float64)[: full_h * factor, : full_w * factor]
+    means = boxes.reshape(full_h, factor, full_w, factor, 3).mean(axis=(1, 3))
+    shown = np.asarray(smaller, dtype=np.float64)[:full_h, :full_w]
+    assert np.abs(shown - means).max() <= 0.5 + 1e-9  # each pixel its box's mean
+    assert reduced(smaller, budget) is smaller

@@ -61,3 +61,11 @@ def test_a_conversation_limit_below_the_default_answer_length_and_an_unknown_com
     Settings(compile_backend="aot_eager")  # a debugging backend of torch's: the tests' CPU compiler
     with pytest.raises(ValueError, match=r"compile_backend must be a torch.compile backend \(.*inductor.*'inducto'"):
         Settings(compile_backend="inducto")
+
+
+def test_a_kept_query_photo_smaller_than_the_processors_budget_is_refused():
+    from ego.settings import Settings
+
+    with pytest.raises(ValueError, match="query_image_kept_max_pixels must be 0 or at least query_image_max_pixels"):
+        Settings(query_image_kept_max_pixels=1000)
+    assert Settings(query_image_kept_max_pixels=0).query_image_kept_max_pixels == 0
