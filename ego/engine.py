@@ -971,11 +971,11 @@ class Ego:
         """Section 3.2 for one question: check it, choose the concepts, build the context, put the memories in."""
         return self._prepared(self._stage_answer(question, concepts, image, video, max_new_tokens))
 
-    def _stage_answer(self, question, concepts, image, video, max_new_tokens) -> StagedAnswer:
+    def _stage_answer(self, question, concepts, image, video, max_new_tokens, loaded: bool = False) -> StagedAnswer:
         """What section 3.2 does before the model: check the question, load its photo or clip, choose the concepts
         where no vision tower is needed, and run the processor on the prompt (CPU work, safe beside the model's
-        turn: see `prepare_reference`)."""
-        query = self._check_question(question, concepts, image, video, max_new_tokens)
+        turn: see `prepare_reference`). loaded: the photo or clip is a conversation's, loaded and checked already."""
+        query = self._check_question(question, concepts, image, video, max_new_tokens, loaded)
         concepts, keep = query.concepts, self.settings.max_concepts_in_context
         if len(concepts) > keep and query.visual_block:
             probe = self._encode_query(query, query.visual_block + [{"type": "text", "text": query.text}])
@@ -1040,21 +1040,27 @@ class Ego:
                 otherwise=f"ask about fewer concepts{media}",
             )
 
-    def _check_question(self, question, concepts, image, video, max_new_tokens) -> Query:
-        """Every check before any model call: the text, the length cap, the concepts' model, the media."""
+    def _check_question(self, question, concepts, image, video, max_new_tokens, loaded: bool = False) -> Query:
+        """Every check before any model call: the text, the length cap, the concepts' model, the media (`loaded`:
+        a conversation's photo or clip, which `chat` loaded, checked and reduced: taken as it is, not checked again,
+        since a reduced photo's rounded sides may no longer pass the aspect-ratio limit its original passed)."""
         question = prompts.neutralize(checks.check_question(question, self.settings), self.backend.special_strings)
         max_new_tokens = checks.check_max_new_tokens(max_new_tokens, self.settings)
         if image is not None and video is not None:
             raise InputError("Ask about one image or one video at a time, not both.")
         concepts = self._check_compatible(concepts)
-        picture = self._query_picture(image) if image is not None else None
-        clip = load_video(video, self.settings) if video is not None else None
+        if loaded:
+            picture, clip = image, video
+        else:
+            picture = self._query_picture(image) if image is not None else None
+            clip = load_video(video, self.settings) if video is not None else None
         return Query(text=question, concepts=concepts, picture=picture, clip=clip, max_new_tokens=max_new_tokens)
 
     def _query_picture(self, image) -> Image.Image:
-        """A query photo, loaded and checked (`load_image`), reduced to `query_image_kept_max_pixels` (what the
-        processor and a conversation's follow-ups get)."""
-        return reduced(load_image(image, self.settings), self.settings.query_image_kept_max_pixels)
+        """A query photo, loaded and checked (`load_image`), reduced past `query_image_kept_factor` times the
+        processor's budget (what the processor and a conversation's follow-ups get)."""
+        factor, budget = self.settings.query_image_kept_factor, self.settings.query_image_max_pixels
+        return reduced(load_image(image, self.settings), factor * budget)
 
     def _check_compatible(self, concepts: Sequence[Concept] | Concept) -> list[Concept]:
         """The concepts as a list (one `Concept` is a list of one), if each is a `Concept` (else `InputError`)
@@ -1519,7 +1525,7 @@ class Chat:
         # lets its visitor ask again before that turn ends); a staging that no longer fits is not taken.
         adopted, ids, cache, prompt = list(self._adopted), self._ids, self._cache, self._prompt
         if adopted and not ids:
-            staged = self.engine._stage_answer(adopted[0][0], self.concepts, self.picture, self.clip, 1)
+            staged = self.engine._stage_answer(adopted[0][0], self.concepts, self.picture, self.clip, 1, loaded=True)
             return StagedContext(first=staged, for_turn=adopted[0], chat=self)
         without_cache = cache is None or not use_cache
         if ids and prompt and without_cache and (self.picture is not None or self.clip is not None):
@@ -1539,7 +1545,7 @@ class Chat:
                 # Its context only (the answer is known): checked against the limit with a budget of one token.
                 staged = context.first if context is not None and context.for_turn is self._adopted[0] else None
                 if staged is None:
-                    staged = engine._stage_answer(question, self.concepts, self.picture, self.clip, 1)
+                    staged = engine._stage_answer(question, self.concepts, self.picture, self.clip, 1, loaded=True)
                 prepared = engine._prepared(staged)
                 self._remember_context(prepared)
                 pixels = self._pixels_of(prepared.encoded)
@@ -1568,7 +1574,8 @@ class Chat:
         """A question's work that needs no model (`Ego.stage`), done before the model's turn: the first question
         staged, or a follow-up's first context where it must be computed again."""
         if not self.turns:
-            return self.engine._stage_answer(question, self.concepts, self.picture, self.clip, max_new_tokens), None
+            media = (self.picture, self.clip)
+            return self.engine._stage_answer(question, self.concepts, *media, max_new_tokens, loaded=True), None
         return None, self._stage_context(use_cache)
 
     def _begin(
@@ -1586,7 +1593,7 @@ class Chat:
         self._check_room()
         if not self.turns:
             if staged is None:
-                staged = engine._stage_answer(question, self.concepts, self.picture, self.clip, max_new_tokens)
+                staged = engine._stage_answer(question, self.concepts, self.picture, self.clip, max_new_tokens, True)
             prepared = engine._prepared(staged)
             return _Turn(
                 question=str(question).strip(),
@@ -1710,11 +1717,9 @@ class Chat:
         return {k: v.to(self.engine.device) for k, v in pixels.items()}
 
     def _context_pixels(self, prompt: str) -> dict[str, torch.Tensor]:
-        """The first context's pixels from the processor, on CPU: its photo or clip through its chat text `prompt`."""
-        engine = self.engine
-        picture = engine._query_picture(self.picture) if self.picture is not None else None
-        clip = load_video(self.clip, engine.settings) if self.clip is not None else None
-        return self._pixels_of(engine._encode_prompt(prompt, picture, clip))
+        """The first context's pixels from the processor, on CPU: its photo or clip (as `Ego.chat` loaded them)
+        through its chat text `prompt`."""
+        return self._pixels_of(self.engine._encode_prompt(prompt, self.picture, self.clip))
 
     @property
     def held_bytes(self) -> int:

@@ -96,12 +96,13 @@ class Settings:
     # --- questions ------------------------------------------------------------------------------
     query_image_max_pixels: int = 1024 * 28 * 28
     """Pixel budget of a query image (about 1,000 visual tokens on Qwen2.5-VL)."""
-    query_image_kept_max_pixels: int = 4 * 1024 * 28 * 28
-    """A query photo larger than this is reduced when it is loaded (by the smallest whole factor that fits, each pixel
-    the mean of its box: `ego.media.reduced`), before the processor resizes it to `query_image_max_pixels`: a
-    12-megapixel photo is then held for a conversation's follow-ups in 9 MB rather than 36, and goes through the
-    processor in a quarter of the time. At least `query_image_max_pixels` (the processor still makes the last step
-    itself); 0 keeps every photo as it came."""
+    query_image_kept_factor: int = 4
+    """A query photo of more than this many times `query_image_max_pixels` pixels is reduced when it is loaded (by
+    the smallest whole factor that fits, each pixel the mean of its box: `ego.media.reduced`), before the processor
+    resizes it to its budget: at the defaults a 12-megapixel photo is then held for a conversation's follow-ups in
+    9 MB rather than 36, and goes through the processor in a quarter of the time. At least 4, so that a whole-factor
+    reduction never takes a photo below the processor's budget (the processor still makes the last step itself); 0
+    keeps every photo as it came."""
     video_num_frames: int = 8
     """Frames sampled uniformly from a query video."""
     video_frame_max_pixels: int = 448 * 448
@@ -152,12 +153,12 @@ class Settings:
     """Concepts in one imported file."""
 
     def __post_init__(self):
-        check_numbers(self, may_be_zero={"max_upload_mb", "batch_cache_min_free_mb", "query_image_kept_max_pixels"})
-        if 0 < self.query_image_kept_max_pixels < self.query_image_max_pixels:
+        check_numbers(self, may_be_zero={"max_upload_mb", "batch_cache_min_free_mb", "query_image_kept_factor"})
+        if 0 < self.query_image_kept_factor < 4:
             raise ValueError(
-                "query_image_kept_max_pixels must be 0 or at least query_image_max_pixels "
-                f"({self.query_image_max_pixels}): a photo reduced below the processor's budget would be enlarged "
-                f"again; got {self.query_image_kept_max_pixels}."
+                "query_image_kept_factor must be 0 or at least 4: a photo reduced by a whole factor from fewer than 4 "
+                "times the processor's budget could end below it, with fewer visual tokens; got "
+                f"{self.query_image_kept_factor}."
             )
         if not 1 <= self.area_pct_fallback <= 100:
             raise ValueError(f"area_pct_fallback must be between 1 and 100 (percent); got {self.area_pct_fallback!r}.")
@@ -210,11 +211,12 @@ class Settings:
     @classmethod
     def paper(cls, **changes) -> Settings:
         """The paper's protocol where it is known (docs/method.md, "Paper protocol"): one 448x448 tile per query image
-        on InternVL3 (the same pixel budget on Qwen, where the paper is silent), bf16 weights without
-        quantization, a 50-token description, punctuation-only keywords, the model's original system
-        prompt, and a memory prompt that asks nothing."""
+        on InternVL3 (the same pixel budget on Qwen, where the paper is silent; the photo given to the processor as
+        it came, however large), bf16 weights without quantization, a 50-token description, punctuation-only
+        keywords, the model's original system prompt, and a memory prompt that asks nothing."""
         return cls(
             query_image_max_pixels=448 * 448,
+            query_image_kept_factor=0,
             model_quantization=None,
             description_max_new_tokens=50,
             keywords_drop_stopwords=False,

@@ -764,13 +764,6 @@ class Actions:
         session, _ = self.sessions.peek(session, request)
         session.conversations.stop(tab, self.settings.stop_wait_s)
 
-    def _acting_on(self, session: Session, request: gr.Request | None) -> Session:
-        """The session a tab's action that ends its conversation acts on: in a tab that outlived its state while
-        another tab of the browser holds its session, that session, taken over (`Sessions.rejoin`), as the tab's next
-        message would; otherwise the tab's own, and a session that ended is left for the next message to say so."""
-        found, _ = self.sessions.peek(session, request)
-        return self.sessions.rejoin(session, request)[0] if found is not session else session
-
     def shown_conversations(self, session: Session):
         """(image tab's, video tab's) chat views of the conversations the session holds: after a reload, or in
         another tab of the browser, the view shows the conversation that a follow-up would continue."""
@@ -796,7 +789,7 @@ class Actions:
     def photo_changed(self, session: Session, photo, request: gr.Request = None):
         """The image tab's photo box changed: a new photo (or none) ends the tab's conversation, as
         `new_conversation`; the conversation's own photo put back by a reload (`restored_conversations`) does not."""
-        session = self._acting_on(session, request)
+        session = self.sessions.take_over(session, request)
         if photo and session.conversations.is_restored("image", _digest(photo)):
             return (gr.skip(),) * 5
         return self.new_conversation(session, tab="image")
@@ -810,7 +803,7 @@ class Actions:
         """End the tab's conversation (the next message starts one); returns the session, an empty chat view, and
         empty values for what the ended conversation showed beside it (image tab: the answer without memory, the
         details, the match pictures; video tab: the sampled frames, the details)."""
-        session = self._acting_on(session, request)
+        session = self.sessions.take_over(session, request)
         session.conversations.end(tab)
         return (session, [], "", {}, []) if tab == "image" else (session, [], [], {})
 

@@ -113,13 +113,29 @@ class Sessions:
                 return session, False
             taken, ended = found
             if taken is not session:
-                if self._stands_in.get(session) is not taken:
-                    self._stands_in[session] = taken
-                    self._holders[taken] = self._holders.get(taken, 0) + 1
-                return taken, False
+                return self._stand_in(session, taken), False
             # What the tab's new session already holds stays in it, under a token of its own.
             self._remember_page(request, self._register(session))
             return session, ended
+
+    def take_over(self, session, request: gr.Request = None) -> Session:
+        """The session a tab's action that ends something (New conversation, a new photo) acts on: where the tab
+        outlived its state while another tab of the browser still holds its session, that session, taken over as
+        `rejoin` takes it; otherwise the tab's own, nothing changed (a session that ended is left for the tab's next
+        message to say so). One step under the lock: the shared session cannot end between looking and taking."""
+        with self._lock:
+            found = self._made_again(session, request)
+            if found is None or found[0] is session:
+                return session
+            return self._stand_in(session, found[0])
+
+    def _stand_in(self, session: Session, taken: Session) -> Session:
+        """The tab's new `session` stands in for `taken`, which it holds from now on (counted once); returns
+        `taken`. The caller holds the lock."""
+        if self._stands_in.get(session) is not taken:
+            self._stands_in[session] = taken
+            self._holders[taken] = self._holders.get(taken, 0) + 1
+        return taken
 
     def peek(self, session, request: gr.Request = None) -> tuple[Session, bool]:
         """What `rejoin` answers, changing nothing: for an event beside the tab's action (a hint about its

@@ -10,6 +10,7 @@ import torch
 from conftest import WholeBudgetGenerations, photo, record_scores, spy_on_generate, tiny_engine
 
 from ego import AnswerRequest, ConversationFullError, FollowUpRequest, InputError
+from ego.settings import Settings
 
 FOLLOW_UPS = ["What is she holding?", "And the colour of the wall?"]
 SAME_SCORES = dict(atol=1e-5, rtol=1e-4)
@@ -256,23 +257,31 @@ def test_a_conversation_counts_what_it_holds_for_its_follow_ups(concepts):
 
 
 def test_a_large_photo_is_held_reduced_and_answered_as_that_reduced_photo(concepts):
-    """A query photo over `query_image_kept_max_pixels` is reduced as it is loaded: the conversation holds the
-    smaller photo, and the answers are those of that reduced photo given as it is (the processor's input)."""
+    """A query photo over `query_image_kept_factor` times the processor's budget is reduced as it is loaded: the
+    conversation holds the smaller photo, the answers are those of that reduced photo given as it is (the processor's
+    input), and its follow-ups do not check it again (its rounded sides may pass an aspect-ratio limit its original
+    just met). `Settings.paper()` gives photos as they came."""
     from ego.media import reduced
 
-    engine = tiny_engine("qwen2.5-vl").with_settings(
-        query_image_max_pixels=224 * 224, query_image_kept_max_pixels=4 * 224 * 224
-    )
-    known = [chelsea(engine, concepts)]
-    large = photo(3, size=(800, 1000))  # 1000 x 800
+    base = tiny_engine("qwen2.5-vl")
+    known = [chelsea(base, concepts)]
+    engine = base.with_settings(query_image_max_pixels=224 * 224, max_image_aspect_ratio=1.25)
+    large = photo(3, size=(604, 755))  # 755 x 604 (1.2500), over 4 x 224 x 224 = 200,704 pixels
     smaller = reduced(large, 4 * 224 * 224)
-    assert smaller.size == (500, 400)
+    assert smaller.size == (378, 302)  # halved, the odd sides rounded up: 1.2517
     chat = engine.chat(known, image=large)
-    assert chat.picture.size == (500, 400) and chat.held_bytes < 500 * 400 * 3 + 256 * 1024
+    assert chat.picture.size == (378, 302) and chat.held_bytes < 378 * 302 * 3 + 256 * 1024
     first = chat.ask("Is Chelsea here?", max_new_tokens=4)
-    assert first.token_ids == engine.answer("Is Chelsea here?", known, image=smaller, max_new_tokens=4).token_ids
-    kept_all = engine.with_settings(query_image_kept_max_pixels=0)
-    assert kept_all.chat(known, image=large).picture.size == (1000, 800)
+    with pytest.raises(InputError, match="too long and thin"):  # the reduced photo, given anew, is refused...
+        engine.answer("Is Chelsea here?", known, image=smaller, max_new_tokens=4)
+    alone = engine.with_settings(max_image_aspect_ratio=2).answer(
+        "Is Chelsea here?", known, image=smaller, max_new_tokens=4
+    )
+    assert first.token_ids == alone.token_ids  # ...the answer of that photo as the processor's input
+    chat.drop_cache()
+    assert chat.ask("And now?", max_new_tokens=2).context_tokens > first.context_tokens  # recomputed, not refused
+    assert engine.with_settings(query_image_kept_factor=0).chat(known, image=large).picture.size == (755, 604)
+    assert Settings.paper().query_image_kept_factor == 0
 
 
 @pytest.mark.parametrize("media", ["image", "video"])

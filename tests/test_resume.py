@@ -271,3 +271,27 @@ def test_a_session_made_for_an_action_that_failed_before_returning_it_still_expi
         ttl.update({key: (live, since - an_hour_later) for key, (live, since) in ttl.items()})
     holder.delete_all_expired_state()
     assert shared.names == [] and sessions.resume(Session(), token, Page("D"))[1] != token
+
+
+def test_an_ending_action_takes_over_the_session_another_tab_holds_and_leaves_an_ended_one_to_be_told():
+    """`take_over`: a tab that outlived its state while another tab holds its session acts on that one (held once, as
+    `rejoin` holds it); a session that has ended is not taken, and the tab's next message is still told."""
+    sessions = Sessions()
+    first_tab, second_tab = Page("first"), Page("second")
+    shared, token = sessions.resume(holding("Chelsea"), None, first_tab)
+    sessions.resume(Session(), token, second_tab)
+    sessions.release(shared)  # the first tab's state expires
+    new = Session()
+    assert sessions.take_over(new, first_tab) is shared
+    assert sessions.take_over(new, first_tab) is shared and sessions.rejoin(new, first_tab) == (shared, False)
+    sessions.release(shared)  # the second tab's state expires: the first tab holds it
+    assert shared.names == ["Chelsea"]
+    sessions.release(new)
+    assert len(shared) == 0  # held once, let go once
+    mine, token = sessions.resume(holding("Bo"), None, first_tab)
+    sessions.release(mine)  # its only tab's state expires: the session ends
+    again = Session()
+    assert sessions.take_over(again, first_tab) is again
+    assert sessions.rejoin(again, first_tab) == (again, True)  # still told
+    script = Session()
+    assert sessions.take_over(script, None) is script  # a script (no page): its own session

@@ -63,9 +63,10 @@ def test_a_conversation_limit_below_the_default_answer_length_and_an_unknown_com
         Settings(compile_backend="inducto")
 
 
-def test_a_kept_query_photo_smaller_than_the_processors_budget_is_refused():
+def test_a_query_photo_kept_at_less_than_four_times_the_processors_budget_is_refused():
     from ego.settings import Settings
 
-    with pytest.raises(ValueError, match="query_image_kept_max_pixels must be 0 or at least query_image_max_pixels"):
-        Settings(query_image_kept_max_pixels=1000)
-    assert Settings(query_image_kept_max_pixels=0).query_image_kept_max_pixels == 0
+    for factor in (1, 3):
+        with pytest.raises(ValueError, match="query_image_kept_factor must be 0 or at least 4"):
+            Settings(query_image_kept_factor=factor)
+    assert Settings(query_image_kept_factor=0).query_image_kept_factor == 0
