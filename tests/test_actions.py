@@ -1145,14 +1145,19 @@ def test_ending_a_conversation_in_a_tab_that_outlived_its_state_ends_the_one_its
     list(act.chat_image(shared, QUERY, "Is Chelsea here?", progress=quiet, request=second))
     stopped = []
     monkeypatch.setattr(type(shared.conversations), "stop", lambda self, tab, wait_s: stopped.append((self, tab)))
+
+    def ending(session):
+        """The first tab's action; the session it leaves in the tab's state (None for Stop, which returns none)."""
+        if end == "new conversation":
+            return act.new_conversation(session, "image", request=first)[0]
+        if end == "new photo":
+            act.photo_changing(session, NEW_PHOTO, request=first)
+            return act.photo_changed(session, NEW_PHOTO, request=first)[0]
+        act.stop_answer(session, "image", request=first)
+        return None
+
     new = expired(act, shared)  # the first tab's state, made again
-    if end == "new conversation":
-        assert act.new_conversation(new, "image", request=first)[0] is shared
-    elif end == "new photo":
-        act.photo_changing(new, NEW_PHOTO, request=first)
-        assert act.photo_changed(new, NEW_PHOTO, request=first)[0] is shared
-    else:
-        act.stop_answer(new, "image", request=first)
+    assert ending(new) is (None if end == "stop" else shared)
     assert stopped == ([] if end == "new conversation" else [(shared.conversations, "image")])
     *_, last = act.chat_image(new, QUERY, "And now?", progress=quiet, request=first)
     assert last[0] is shared and new.holds_nothing
@@ -1161,13 +1166,7 @@ def test_ending_a_conversation_in_a_tab_that_outlived_its_state_ends_the_one_its
     act.sessions.release(shared)
     act.sessions.release(shared)
     gone = Session()
-    if end == "new conversation":
-        assert act.new_conversation(gone, "image", request=first)[0] is gone
-    elif end == "new photo":
-        act.photo_changing(gone, NEW_PHOTO, request=first)
-        assert act.photo_changed(gone, NEW_PHOTO, request=first)[0] is gone
-    else:
-        act.stop_answer(gone, "image", request=first)
+    assert ending(gone) is (None if end == "stop" else gone)
     with pytest.raises(gr.Error, match=ENDED):
         next(act.chat_image(gone, QUERY, "Is Chelsea here?", progress=quiet, request=first))
     assert warnings == []

@@ -186,16 +186,23 @@ def test_a_tab_whose_session_ended_with_nothing_in_it_is_not_told():
     assert sessions.rejoin(again, tab) == (again, True)
 
 
-def test_a_tab_that_outlived_its_session_takes_back_the_one_another_tab_still_holds():
-    """The first tab's state expired while a second tab of the browser still holds the session: the first tab's next
-    action takes it over, as its reload would, and the session is emptied only when both have let go; a refused
-    action (its new session left in its state) lets go of it with that one."""
+def outlived_by_a_second_tab():
+    """(registry, first tab, session): two tabs of one browser load one session, and the first tab's state expires
+    while the second still holds it."""
     sessions = Sessions()
     first_tab, second_tab = Page("first"), Page("second")
     shared, token = sessions.resume(holding("Chelsea"), None, first_tab)
     sessions.resume(Session(), token, second_tab)
     sessions.release(shared)  # the first tab's state expires
-    new = Session()
+    return sessions, first_tab, shared
+
+
+def test_a_tab_that_outlived_its_session_takes_back_the_one_another_tab_still_holds():
+    """The first tab's state expired while a second tab of the browser still holds the session: the first tab's next
+    action takes it over, as its reload would, and the session is emptied only when both have let go; a refused
+    action (its new session left in its state) lets go of it with that one."""
+    sessions, first_tab, shared = outlived_by_a_second_tab()
+    new = Session()  # the first tab's state, made again
     assert sessions.peek(new, first_tab) == (shared, False)  # what a hint about its question looks at: not a hold
     assert sessions.rejoin(new, first_tab) == (shared, False)
     assert sessions.rejoin(new, first_tab) == (shared, False)  # the same new session again: counted once
@@ -204,7 +211,7 @@ def test_a_tab_that_outlived_its_session_takes_back_the_one_another_tab_still_ho
     sessions.release(new)  # the first tab's action was refused, and its new session expired in its state
     assert len(shared) == 0 and len(sessions) == 0
     mine, token = sessions.resume(holding("Chelsea"), None, first_tab)
-    sessions.resume(Session(), token, second_tab)
+    sessions.resume(Session(), token, Page("second"))
     sessions.release(mine)
     added = holding("Bo")  # something already added to the tab's new session stays in it
     assert sessions.rejoin(added, first_tab) == (added, False) and mine.names == ["Chelsea"]
@@ -276,12 +283,8 @@ def test_a_session_made_for_an_action_that_failed_before_returning_it_still_expi
 def test_an_ending_action_takes_over_the_session_another_tab_holds_and_leaves_an_ended_one_to_be_told():
     """`take_over`: a tab that outlived its state while another tab holds its session acts on that one (held once, as
     `rejoin` holds it); a session that has ended is not taken, and the tab's next message is still told."""
-    sessions = Sessions()
-    first_tab, second_tab = Page("first"), Page("second")
-    shared, token = sessions.resume(holding("Chelsea"), None, first_tab)
-    sessions.resume(Session(), token, second_tab)
-    sessions.release(shared)  # the first tab's state expires
-    new = Session()
+    sessions, first_tab, shared = outlived_by_a_second_tab()
+    new = Session()  # the first tab's state, made again
     assert sessions.take_over(new, first_tab) is shared
     assert sessions.take_over(new, first_tab) is shared and sessions.rejoin(new, first_tab) == (shared, False)
     sessions.release(shared)  # the second tab's state expires: the first tab holds it
