@@ -376,11 +376,25 @@ def test_a_run_folder_of_an_earlier_version_resumes_and_a_table_that_did_not_run
         document = json.loads(run_json.read_text())
         for key in runner.RECORDED_SINCE:
             document.pop(key, None)
+        for name in runner.SETTINGS_SINCE:  # settings that did not exist then; the paper's protocol keeps their effect
+            document["settings"].pop(name)
         run_json.write_text(json.dumps(document))
     answered = {path: path.read_text() for path in out.glob("*/parts/*.jsonl")}
     assert _oracle(data, out, "--benchmark", "table1", "--protocol", "paper") == summary
     assert {path: path.read_text() for path in answered} == answered  # nothing asked again
     assert all("references" in json.loads(path.read_text()) for path in out.glob("*/run.json"))
+    # Under the default protocol the new setting changes what the run would do: an old folder is refused.
+    default = tmp_path / "default"
+    _oracle(data, default, "--benchmark", "yollava-rec")
+    document = json.loads((default / "run.json").read_text())
+    document["settings"].pop("query_image_kept_factor")
+    (default / "run.json").write_text(json.dumps(document))
+    capsys.readouterr()
+    assert (
+        cli.main(["run", "--data", str(data), "--model", "oracle", "--out", str(default), "--benchmark", "yollava-rec"])
+        == 2
+    )
+    assert "differs in: settings" in capsys.readouterr().err
     capsys.readouterr()
     assert cli.main(["run", "--data", str(data), "--model", "oracle", "--out", str(out), "--benchmark", "table1"]) == 2
     assert "no benchmark ran" in capsys.readouterr().err
@@ -965,3 +979,28 @@ def _fast_waits(init):
         self.first_wait_s = 0.1
 
     return fast
+
+
+def test_one_question_about_one_clip_for_two_concepts_is_two_questions_and_a_linked_dataset_loads(data, tmp_path):
+    """A clip showing two concepts, asked the same templated question for each: two questions with their own keys
+    (one answer is not scored twice, the other lost); a key asked once stays as before (old run folders resume). A
+    dataset folder linked under the data folder (a symbolic link) loads, its paths under the data folder."""
+    linked = tmp_path / "data"
+    linked.mkdir()
+    for entry in data.iterdir():
+        (linked / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    one_at_a_time = LOADERS["thisismy-video-vqa"](linked, 1)
+    assert all(not query.media.startswith("..") for query in one_at_a_time.queries)
+    questions = json.loads((data / "this-is-my" / "video-qa.json").read_text())
+    (first, asked), (second, other) = list(questions.items())[:2]
+    clip = next(iter(asked))
+    questions[second] = {clip: {**asked[clip], "correct_answer": "B" if asked[clip]["correct_answer"] == "A" else "A"}}
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy, symlinks=True)
+    (copy / "this-is-my" / "video-qa.json").write_text(json.dumps(questions))
+    loaded = LOADERS["thisismy-video-vqa"](copy, 1).queries
+    both = [q for q in loaded if q.media.endswith(clip.lstrip("./"))]
+    assert len({q.key for q in both}) == 2 == len(both) and {q.gold for q in both} == {"A", "B"}
+    assert {q.key.rsplit("|", 1)[1] for q in both} == {first, second}
+    before = one_at_a_time.queries  # each clip asked about one concept: the keys as before
+    assert before and all(q.key == f"{q.media}|{q.raw_question}" for q in before)

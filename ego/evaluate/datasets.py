@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import random
 import re
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -121,7 +123,9 @@ def _refs(folder: Path, n_refs: int) -> list[Path]:
 
 
 def _rel(root: Path, path: Path) -> str:
-    return path.resolve().relative_to(root.resolve()).as_posix()
+    """`path` relative to `root`, as its key and as the run opens it: symbolic links are not followed (a dataset
+    folder linked under the data folder stays under it)."""
+    return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(root))).as_posix()
 
 
 GIT_LFS_POINTER = b"version https://git-lfs"
@@ -220,7 +224,7 @@ def _resolve_listed(base: Path, listed: str, anchor: str) -> Path:
         candidate = base.joinpath(*parts[parts.index(anchor) :])
         if candidate.is_file():
             return candidate
-    candidate = (base / listed).resolve()
+    candidate = Path(os.path.normpath(base / listed))  # "./x/../y" made plain; symbolic links kept
     if candidate.is_file():
         return candidate
     raise InputError(
@@ -339,7 +343,10 @@ def _option_queries(root: Path, base: Path, source: Path, anchor: str) -> list[Q
                         is_video=is_video,
                     )
                 )
-    return queries
+    # One question about one photo or clip asked for several concepts (a clip showing two of them): each its own key,
+    # the concept added; a key asked once stays as it was (a run folder of an earlier version resumes).
+    counts = Counter(query.key for query in queries)
+    return [replace(q, key=f"{q.key}|{q.group}") if counts[q.key] > 1 else q for q in queries]
 
 
 def load_yollava_vqa(root: Path, n_refs: int) -> Benchmark:

@@ -34,6 +34,10 @@ RESUMABLE_EXCEPT = ("limit", "judge")
 """Configuration entries that may change between a run and its resumption."""
 RECORDED_SINCE = ("references", "loaded_quantization")
 """Configuration keys an earlier version did not record: a run folder without them resumes, and records them."""
+SETTINGS_SINCE = {"query_image_kept_factor": 0}
+"""Settings an earlier version did not have, each with the value that does what that version did (0: every query
+photo given to the processor as it came): a run folder whose recorded settings lack one resumes where the run's
+value is that one (a run under `--protocol paper`), and is refused where it is not."""
 
 
 PROCESS_STARTED = time.time()
@@ -237,6 +241,8 @@ def _check_config(out: Path, config: dict, judged: bool = False) -> None:
             )
         before = {k: v for k, v in stored.items() if k not in RESUMABLE_EXCEPT}
         before.update({k: fixed[k] for k in RECORDED_SINCE if k not in before and k in fixed})
+        if isinstance(before.get("settings"), dict):
+            before["settings"] = {**SETTINGS_SINCE, **before["settings"]}
         if before != fixed:
             changed = sorted(k for k in set(before) | set(fixed) if before.get(k) != fixed.get(k))
             raise InputError(
