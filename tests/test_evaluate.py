@@ -1004,3 +1004,13 @@ def test_one_question_about_one_clip_for_two_concepts_is_two_questions_and_a_lin
     assert {q.key.rsplit("|", 1)[1] for q in both} == {first, second}
     before = one_at_a_time.queries  # each clip asked about one concept: the keys as before
     assert before and all(q.key == f"{q.media}|{q.raw_question}" for q in before)
+
+
+def test_with_a_limit_only_the_questions_asked_count_as_negatives(data, tmp_path):
+    """`--limit`: the (image, concept) pairs never asked are no negatives (nor answered "no")."""
+    _oracle(data, tmp_path, "--benchmark", "yollava-rec", "--limit", "5")
+    records = _lines(tmp_path / "predictions.jsonl")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert len(records) == 5
+    assert metrics["n_negative"] == sum(not r["gold"] for r in records)
+    assert metrics["n_positive"] == sum(r["gold"] for r in records)

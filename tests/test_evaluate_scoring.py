@@ -142,3 +142,13 @@ def test_rule_judge_and_verdict_reading():
     assert judge("Q", "Gray shirt and arrow pointing right", "a gray shirt; the arrow points right")[0] is True
     assert judge("Q", "Gray shirt and arrow pointing right", "a gray shirt")[0] is False
     assert read_verdict("Yes.") is True and read_verdict("No") is False and read_verdict("Maybe") is None
+
+
+def test_a_unit_not_asked_about_an_image_is_no_negative():
+    """With the units asked per image (`--limit`, an image asked about one concept), only those count."""
+    records = [({"a"}, {"a"}, {"a", "b"}), (set(), {"b"}, {"b"}), (set(), set(), {"a"})]
+    m = scoring.recognition_metrics(records, ["a", "b"])
+    assert m["n_positive"] == 1 and m["n_negative"] == 3  # b in the first two images, a in the third
+    assert m["weighted_accuracy"] == pytest.approx((1.0 + 2 / 3) / 2)
+    everything = scoring.recognition_metrics([(t, p) for t, p, _ in records], ["a", "b"])
+    assert everything["n_negative"] == 5  # every unit of every image

@@ -453,7 +453,7 @@ def recognition(benchmark: Benchmark, records: list[dict]) -> dict:
         asked.setdefault(r["media"], set()).add(r["concept"])
         if r["parsed"] is True:
             said_yes.setdefault(r["media"], set()).add(r["concept"])
-    per_image = {m: (set(benchmark.truth[m]) & names, said_yes.get(m, set())) for m, names in asked.items()}
+    per_image = {m: (set(benchmark.truth[m]) & names, said_yes.get(m, set()), names) for m, names in asked.items()}
     concepts = sorted(benchmark.concepts)
     by_concept = scoring.recognition_metrics(per_image.values(), concepts)
     unparsed = sum(r["parsed"] is None for r in records)
@@ -466,12 +466,13 @@ def recognition(benchmark: Benchmark, records: list[dict]) -> dict:
             }
     else:
         pair_records = []
-        for media, (_truth, yes) in per_image.items():
+        for media, (_truth, yes, _asked) in per_image.items():
             full_truth = set(benchmark.truth[media])
             pair_records.append(
                 (
                     {p for p in benchmark.pairs if set(p) <= full_truth and set(p) <= asked[media]},
                     {p for p in benchmark.pairs if set(p) <= yes},
+                    {p for p in benchmark.pairs if set(p) <= asked[media]},  # a pair is asked when all its members are
                 )
             )
         result = scoring.recognition_metrics(pair_records, benchmark.pairs)

@@ -121,7 +121,9 @@ def caption_recall(records) -> dict:
 
 
 def recognition_metrics(records, units) -> dict:
-    """records: (truth set, predicted set) of units per test image. Every aggregation variant by name:
+    """records: (truth set, predicted set) of units per test image, or (truth, predicted, asked set) where not every
+    unit was asked about every image (`--limit`, an image asked about one concept): a unit not asked is no negative.
+    Every aggregation variant by name:
     `macro_*` averages per-unit precision and recall over the units where each is defined (NaN excluded),
     `f1` = harmonic mean of those (the default compared with the paper), `macro_f1` = mean of per-unit F1,
     `micro_*` pools the counts, `weighted_accuracy` = mean of the positive and negative accuracies."""
@@ -130,9 +132,9 @@ def recognition_metrics(records, units) -> dict:
     gt = dict.fromkeys(units, 0)
     correct = dict.fromkeys(units, 0)
     true_negative = negative = 0
-    for truth, predicted in records:
+    for truth, predicted, *asked in records:
         truth, predicted = set(truth), set(predicted)
-        for unit in units:
+        for unit in units if not asked else [u for u in units if u in asked[0]]:
             detected[unit] += unit in predicted
             gt[unit] += unit in truth
             correct[unit] += unit in predicted and unit in truth
