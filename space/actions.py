@@ -65,6 +65,10 @@ TO_FOLLOW_UP_THROUGH_THE_API = (
     " There is no conversation to follow up: bring your concepts back (/import_concepts or /introduce), then ask a "
     "first question with /ask_image or /ask_video."
 )
+TO_ADD_AGAIN_THROUGH_THE_API = (
+    " Nothing was added: make this call again to start a new session with it, and bring your other concepts back "
+    "with /import_concepts (if you exported them) or /introduce."
+)
 WITHOUT_THEM = "; or ask again now, without them"
 """Only beside a photo or clip: a question without one is about the visitor's concepts."""
 WAITING_FOR_AN_INTRODUCTION = "Waiting for the model: another concept is being introduced…"
@@ -276,9 +280,12 @@ class Actions:
 
     def _rejoin_adding(self, session: Session, request) -> Session:
         """The session an action that adds concepts works on (`Sessions.rejoin`): in a tab whose session had ended,
-        the visitor is told (the concepts they had are gone) and what they add starts the new one."""
+        the visitor is told (the concepts they had are gone) and what they add starts the new one. A script reads no
+        warning: its call is refused with that sentence (before any work), and made again it starts the new one."""
         session, ended = self.sessions.rejoin(session, request)
         if ended:
+            if self.sessions.is_script(request):
+                raise gr.Error(self.session_ended(TO_ADD_AGAIN_THROUGH_THE_API), print_exception=False)
             gr.Warning(self.session_ended())
         return session
 
@@ -335,7 +342,8 @@ class Actions:
             )
             self.sessions.remember_script(session, request)  # a script's: told if it ends (as a page's is)
         log.info("introduce: %d photos, %d tokens, %.2f s", len(paths), concept.num_tokens, seconds)
-        return session, report + _unknown_to_conversations(session), patches, heats
+        unknown = _unknown_to_conversations(session, script=self.sessions.is_script(request))
+        return session, report + unknown, patches, heats
 
     def load_example_concepts(self, session: Session, progress=gr.Progress(), request: gr.Request = None):
         """Introduce the bundled example concepts this visitor does not have yet."""
@@ -1087,14 +1095,19 @@ def _smallest_concept_bytes(engine, photos: int) -> int:
     return photos * row * (1 + (engine.backend.residual_levels or 0))
 
 
-def _unknown_to_conversations(session: Session, added: int = 1) -> str:
+def _unknown_to_conversations(session: Session, added: int = 1, *, script: bool = False) -> str:
     """A sentence for `added` concepts just added while a conversation goes on: a conversation keeps the memories
     it started with, so its follow-ups do not know them (a removed concept ends the conversations that knew it, and
-    says so)."""
+    says so). `script`: told in the HTTP API's terms (a script has no tabs or buttons)."""
     going_on = [tab for tab in TABS if (chat := session.conversations.get(tab)) is not None and chat.turns]
     if not going_on:
         return ""
     them = "it" if added == 1 else "them"
+    if script:
+        return (
+            f" Your conversation started before and does not know {them}: /follow_up will not either; ask a first "
+            f"question with /ask_image or /ask_video to ask about {them}."
+        )
     if len(going_on) == 1:
         return (
             f" The conversation going on in the {going_on[0]} tab started before and does not know {them}: press "

@@ -48,8 +48,8 @@ REMOVE_CONCEPT = "Remove one of your concepts by name. Returns your concepts tha
 EXPORT_CONCEPTS = "Write your concepts to one .safetensors file (no pickle) to keep them or move them."
 IMPORT_CONCEPTS = (
     "Add the concepts of a file made by export_concepts with the same model (the example's file: one "
-    "export_concepts returned, saved as ego-concepts.safetensors). Names you already have are skipped (and "
-    "named in a message). Returns your concepts."
+    "export_concepts returned, saved as ego-concepts.safetensors). Names you already have are skipped: compare "
+    "the concepts returned with the file's. Returns your concepts."
 )
 
 EXPORTED_FILE = "ego-concepts.safetensors"

@@ -57,6 +57,8 @@ class Sessions:
         self._token_of: weakref.WeakKeyDictionary[Session, str] = weakref.WeakKeyDictionary()
         """Each session's one token: a tab that loads again without it gets the same one back, not another."""
         self._page_tokens: OrderedDict[str, str] = OrderedDict()
+        self._scripts: set[str] = set()
+        """The Gradio sessions among `_page_tokens` that are scripts' (`remember_script`): they read no warning."""
         """Per page (its Gradio `session_hash`), the token its load handed it, and per script that added concepts the
         token of its session (`remember_script`): it outlives the session, so the next action can tell that the
         session has ended (`rejoin`)."""
@@ -155,6 +157,12 @@ class Sessions:
             if page not in self._page_tokens:
                 token = self._token_of.get(session)
                 self._remember_page(request, token if token is not None else self._register(session))
+                self._scripts.add(page)
+
+    def is_script(self, request: gr.Request = None) -> bool:
+        """Whether `request` comes from a script this registry remembers (`remember_script`), not a page."""
+        with self._lock:
+            return getattr(request, "session_hash", None) in self._scripts
 
     def _made_again(self, session, request) -> tuple[Session, bool] | None:
         """None for a session this registry knows, or in a page whose load it does not remember. For a session
@@ -180,7 +188,8 @@ class Sessions:
         self._page_tokens[page] = token
         self._page_tokens.move_to_end(page)
         while len(self._page_tokens) > self.remember:
-            self._page_tokens.popitem(last=False)
+            forgotten, _ = self._page_tokens.popitem(last=False)
+            self._scripts.discard(forgotten)
 
     def keep(self, session, token) -> str | None:
         """After the tab's concepts changed: the token the browser should keep for `session`. Its own token when it

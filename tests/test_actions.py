@@ -1287,6 +1287,42 @@ def test_a_script_whose_session_ended_is_told_at_its_next_question(act):
         next(act.ask_image(expired(act, first), QUERY, "Is Bo here?", progress=quiet, request=importer))
 
 
+@pytest.mark.parametrize("adding", ["introduce", "import"])
+def test_a_script_whose_session_ended_is_refused_when_it_adds_concepts_and_goes_on_when_it_calls_again(
+    act, monkeypatch, tmp_path, adding
+):
+    """A script reads no warning: its first /introduce or /import_concepts after its session ended (its concepts
+    gone) is refused with the sentence that says so, before any work; made again, the call starts its new session,
+    and its next question is not refused again."""
+    warnings = []
+    monkeypatch.setattr(gr, "Warning", warnings.append)
+    script = Page(f"adding script {adding}")
+    session = Session()
+    act.introduce(session, "Chelsea", gallery(CHELSEA[:1]), "tabby", False, 10, progress=quiet, request=script)
+    _, exported = act.export_concepts(session, script)
+    kept = tmp_path / "mine.safetensors"
+    kept.write_bytes(Path(exported).read_bytes())
+
+    def add(into):
+        if adding == "introduce":
+            return act.introduce(into, "Bo", gallery(CHELSEA[:1]), "tabby", False, 10, progress=quiet, request=script)
+        return act.import_concepts(into, str(kept), progress=quiet, request=script)
+
+    ended = expired(act, session)
+    with pytest.raises(gr.Error, match=ENDED) as told:
+        add(ended)
+    assert "Nothing was added: make this call again" in told.value.message and ended.holds_nothing
+    add(ended)
+    assert len(ended) == 1 and warnings == []
+    *_, last = act.ask_image(ended, QUERY, "Is Chelsea here?", progress=quiet, request=script)
+    assert last[3]["concepts_used"] == ended.names
+    if adding == "introduce":  # its report speaks of endpoints, not of the page's tabs and buttons
+        _, report, _, _ = act.introduce(
+            ended, "Rex", gallery(CHELSEA[:1]), "dog", False, 10, progress=quiet, request=script
+        )
+        assert "/ask_image or /ask_video to ask about it" in report and "New conversation" not in report
+
+
 def test_no_tab_is_told_its_session_ended_while_it_has_not(act, engine, monkeypatch):
     """A first visit (its question asked before its page load was answered, too), a reload, a second tab, Clear all,
     a script (no page load), and a server that restarted since the page loaded (it knows no page): no sentence."""
