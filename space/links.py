@@ -59,6 +59,8 @@ def refuse_host_files(demo) -> None:
     async def uploaded_files_only(block_fn, inputs, state, *args, **kwargs):
         uploads = get_upload_folder()
         for path in _named_paths(inputs):
+            if _is_link(path):  # its own sentence: links are never fetched
+                raise gr.Error(REFUSAL, print_exception=False)
             if path is _BUILDS_COMPONENTS or _is_inline(path) or not is_in_or_equal(path, uploads):
                 raise gr.Error(NOT_UPLOADED, print_exception=False)
         return await preprocess_data(block_fn, inputs, state, *args, **kwargs)

@@ -60,7 +60,7 @@ class NewSessionQuota:
             return
         declared = content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
-            await JSONResponse({"detail": BODY_TOO_LARGE}, status_code=413)(scope, receive, send)
+            await _too_large(scope)(scope, receive, send)
             return
         body, more = b"", True  # read whole (up to the limit), then handed on as one message
         while more and len(body) <= self.max_body_bytes:
@@ -68,7 +68,7 @@ class NewSessionQuota:
             body += message.get("body", b"")
             more = message.get("more_body", False)
         if len(body) > self.max_body_bytes:
-            await JSONResponse({"detail": BODY_TOO_LARGE}, status_code=413)(scope, receive, send)
+            await _too_large(scope)(scope, receive, send)
             return
         request = Request(scope)
         starts = _SESSION_ROUTE.search(scope["path"]) is not None
@@ -138,6 +138,13 @@ def _session_hash(body: bytes) -> str | None:
         return None
     value = document.get("session_hash") if isinstance(document, dict) else None
     return value if isinstance(value, str) and value else None
+
+
+def _too_large(scope) -> JSONResponse:
+    """The refusal of a request body over the limit: HTTP 413 with the sentence as its `detail`; to `gradio_client`
+    (which shows no sentence of a 413) the 422 validation refusal whose sentence it shows (`_refusal`)."""
+    _, detail, kind = _refusal(BODY_TOO_LARGE, Request(scope))
+    return JSONResponse({"detail": detail}, status_code=422 if kind == "validator_error" else 413)
 
 
 def _refusal(sentence: str, request) -> tuple:

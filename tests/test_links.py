@@ -10,7 +10,7 @@ import gradio as gr
 import pytest
 from gradio.utils import get_upload_folder
 
-from space.links import NOT_UPLOADED, refuse_host_files
+from space.links import NOT_UPLOADED, REFUSAL, refuse_host_files
 
 
 def _checked(inputs):
@@ -63,3 +63,11 @@ def test_uploads_and_plain_chat_messages_pass():
 def test_server_files_inline_pictures_built_components_and_deep_payloads_are_refused(payload):
     with pytest.raises(gr.Error, match=re.escape(NOT_UPLOADED)):
         _checked([None, payload])
+
+
+@pytest.mark.parametrize("link", ["https://example.com/cat.png", "//example.com/cat.png", " HTTP://example.com/x"])
+def test_a_link_sent_as_a_file_is_told_that_links_are_not_fetched(link):
+    with pytest.raises(gr.Error, match=re.escape(REFUSAL)):
+        _checked([None, {"path": link}])
+    with pytest.raises(gr.Error, match=re.escape(REFUSAL)):
+        _checked([[{"image": {"path": link}, "caption": None}]])
