@@ -142,6 +142,10 @@ def test_rule_judge_and_verdict_reading():
     assert judge("Q", "Gray shirt and arrow pointing right", "a gray shirt; the arrow points right")[0] is True
     assert judge("Q", "Gray shirt and arrow pointing right", "a gray shirt")[0] is False
     assert read_verdict("Yes.") is True and read_verdict("No") is False and read_verdict("Maybe") is None
+    # A reference that is only yes or no: the prediction's own yes or no decides.
+    assert judge("Is Bo wearing a hat?", "No.", "No, he is not.")[0] is True
+    assert judge("Is Bo wearing a hat?", "No.", "Yes, a red one.")[0] is False
+    assert judge("Is Bo wearing a hat?", "Yes", "yes")[0] is True and judge("Q", "Yes", "A hat.")[0] is None
 
 
 def test_a_unit_not_asked_about_an_image_is_no_negative():

@@ -19,6 +19,7 @@ import urllib.request
 
 from ..errors import InputError
 from ..prompts import content_words
+from .scoring import parse_yes_no
 
 JUDGE_PROMPT = (
     "You are an intelligent chatbot designed for evaluating the correctness of generative outputs for "
@@ -47,12 +48,17 @@ def read_verdict(reply: str) -> bool | None:
 
 class RuleJudge:
     """Each clause of the reference (split at "and", ";" and ",") must share at least half of its content words
-    with the prediction. Deterministic and offline; it only catches wording close to the reference."""
+    with the prediction; a reference that is only "yes" or "no" is matched by the prediction's own yes or no.
+    Deterministic and offline; it only catches wording close to the reference."""
 
     spec = "rule"
     note = "rule-based word overlap: for tests and sanity checks, not comparable with the paper's GPT judge"
 
     def __call__(self, question: str, answer: str, prediction: str) -> tuple[bool | None, str]:
+        expected = parse_yes_no(answer)
+        if expected is not None and set(content_words(str(answer).lower())) <= {"yes"}:  # "No.", "Yes": a yes/no
+            said = parse_yes_no(prediction)
+            return (None, "the prediction says neither yes nor no") if said is None else (said == expected, "yes/no")
         predicted = set(content_words(prediction.lower()))
         clauses = [c for c in _clauses(answer) if content_words(c.lower())]
         if not clauses:
