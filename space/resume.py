@@ -57,11 +57,12 @@ class Sessions:
         self._token_of: weakref.WeakKeyDictionary[Session, str] = weakref.WeakKeyDictionary()
         """Each session's one token: a tab that loads again without it gets the same one back, not another."""
         self._page_tokens: OrderedDict[str, str] = OrderedDict()
-        self._scripts: set[str] = set()
-        """The Gradio sessions among `_page_tokens` that are scripts' (`remember_script`): they read no warning."""
         """Per page (its Gradio `session_hash`), the token its load handed it, and per script that added concepts the
         token of its session (`remember_script`): it outlives the session, so the next action can tell that the
         session has ended (`rejoin`)."""
+        self._scripts: set[str] = set()
+        """The Gradio sessions among `_page_tokens` that are scripts' (`remember_script`, and no page load since):
+        they read no warning."""
         self._lost: OrderedDict[str, None] = OrderedDict()
         """The tokens of sessions that ended holding something (concepts, a conversation): a tab or script whose
         session ended with nothing in it lost nothing, and is not told (the last `remember` of them)."""
@@ -83,6 +84,7 @@ class Sessions:
         with self._lock:
             kept, kept_token = self._resume(session, token)
             self._remember_page(request, kept_token)
+            self._scripts.discard(getattr(request, "session_hash", None))  # a page load: a page's, not a script's
         return kept, kept_token
 
     def _resume(self, session: Session, token) -> tuple[Session, str]:

@@ -1014,3 +1014,26 @@ def test_with_a_limit_only_the_questions_asked_count_as_negatives(data, tmp_path
     assert len(records) == 5
     assert metrics["n_negative"] == sum(not r["gold"] for r in records)
     assert metrics["n_positive"] == sum(r["gold"] for r in records)
+
+
+def test_a_concepts_cache_key_leaves_out_what_only_questions_read(data):
+    """A concept introduced under another `query_image_kept_factor` (only a question's photo reads it) is the same
+    concept: a run folder's cached concepts are found again; a setting an introduction reads changes the key."""
+    engine = tiny_engine("qwen2.5-vl")
+    photos = sorted((data / "yollava-data" / "train").rglob("*.png"))[:2]
+    key = runner.concept_key(engine, "alpha", photos)
+    assert runner.concept_key(engine.with_settings(query_image_kept_factor=0), "alpha", photos) == key
+    assert runner.concept_key(engine.with_settings(k_cap_tokens=7), "alpha", photos) != key
+
+
+def test_a_question_file_naming_a_file_outside_its_dataset_is_refused(data, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)
+    (tmp_path / "secret.png").write_bytes((next((data / "yollava-data").rglob("*.png"))).read_bytes())
+    path = copy / "this-is-my" / "video-qa.json"
+    questions = json.loads(path.read_text())
+    concept, asked = next(iter(questions.items()))
+    questions[concept] = {"../../secret.png": next(iter(asked.values()))}
+    path.write_text(json.dumps(questions))
+    with pytest.raises(InputError, match="lies outside"):
+        LOADERS["thisismy-video-vqa"](copy, 1)

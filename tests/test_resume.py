@@ -298,3 +298,15 @@ def test_an_ending_action_takes_over_the_session_another_tab_holds_and_leaves_an
     assert sessions.rejoin(again, first_tab) == (again, True)  # still told
     script = Session()
     assert sessions.take_over(script, None) is script  # a script (no page): its own session
+
+
+def test_a_page_load_makes_a_session_hash_a_pages_and_a_script_stays_a_script():
+    """`is_script`: a Gradio session remembered by `remember_script` (a script that added concepts), until a page
+    load names the same session (a page whose first action came before its load was answered)."""
+    sessions = Sessions()
+    page, script = Page("early page"), Page("script")
+    sessions.remember_script(holding("Chelsea"), script)
+    sessions.remember_script(holding("Bo"), page)  # its Introduce answered before its page load
+    assert sessions.is_script(script) and sessions.is_script(page)
+    sessions.resume(Session(), None, page)
+    assert sessions.is_script(script) and not sessions.is_script(page) and not sessions.is_script(None)

@@ -219,12 +219,14 @@ def _recognition_queries(root: Path, images: list[Path], names: list[str]) -> li
 def _resolve_listed(base: Path, listed: str, anchor: str) -> Path:
     """A media path as a dataset's JSON writes it ("./yollava-data/test/bo/3.png"), found under `base` from
     the `anchor` folder on (the JSON files were written relative to other roots)."""
-    parts = Path(listed).parts
+    parts, within = Path(listed).parts, os.path.abspath(base)
     if anchor in parts:
-        candidate = base.joinpath(*parts[parts.index(anchor) :])
-        if candidate.is_file():
+        candidate = Path(os.path.normpath(base.joinpath(*parts[parts.index(anchor) :])))
+        if candidate.is_file() and os.path.commonpath([within, os.path.abspath(candidate)]) == within:
             return candidate
     candidate = Path(os.path.normpath(base / listed))  # "./x/../y" made plain; symbolic links kept
+    if os.path.commonpath([within, os.path.abspath(candidate)]) != within:  # by its text: a linked folder stays in
+        raise InputError(f"{listed} is named in the question file but lies outside {base}; name files inside it.")
     if candidate.is_file():
         return candidate
     raise InputError(

@@ -103,7 +103,7 @@ def _file_sha1(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
 
-ANSWER_ONLY_SETTINGS = ("max_concepts_in_context", "max_question_chars", "memory_keywords")
+ANSWER_ONLY_SETTINGS = ("max_concepts_in_context", "max_question_chars", "memory_keywords", "query_image_kept_factor")
 """Settings that only answers read: a concept introduced under other values of these is the same concept."""
 
 
