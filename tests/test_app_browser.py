@@ -56,6 +56,19 @@ def settled(locator, quiet_s: float = 1.0) -> None:
     raise AssertionError("the answer kept changing")
 
 
+def filled(box, text: str, quiet_s: float = 0.5) -> None:
+    """Type `text` into `box` until it stays there for `quiet_s`: on a busy machine Gradio may render a box again
+    just after it shows (an accordion opening), and what was typed before is gone."""
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while time.monotonic() < deadline:
+        if box.input_value() != text:
+            box.fill(text)
+        time.sleep(quiet_s)
+        if box.input_value() == text:
+            return
+    raise AssertionError(f"the box did not keep {text!r}")
+
+
 def test_introduce_ask_and_screenshot(page, tmp_path):
     from playwright.sync_api import expect
 
@@ -126,8 +139,9 @@ def test_visitor_text_is_shown_not_run(page):
     expect(page.get_by_label("Name")).to_have_value("Chelsea")
     page.get_by_label("Name").fill(HOSTILE_NAME)  # ... under another name
     page.get_by_text("Advanced (reset after each concept)").click()
-    page.get_by_label("Keywords").fill("tabby, green eyes")
-    expect(page.get_by_label("Keywords")).to_have_value("tabby, green eyes")  # taken before the click
+    keywords = page.get_by_label("Keywords")
+    expect(keywords).to_be_visible()
+    filled(keywords, "tabby, green eyes")  # taken before the click
     page.get_by_role("button", name="Introduce", exact=True).click()
     expect(page.locator("#cards").get_by_text(HOSTILE_NAME[:12])).to_be_visible()
     expect(page.get_by_role("heading", name=HOSTILE_NAME)).to_be_visible()
