@@ -67,6 +67,10 @@ OPTIONS = {"A": "Cat", "B": "Dog"}
         ("The answer is **B**.", "B", None),
         ("**A dog** sits on the mat.", "B", None),  # still the article, and the dog
         ("A's owner holds a dog", "B", "A"),  # "A'" is no letter choice
+        # After "answer:", a capital "A" and a word may be the article: the option the rest names decides.
+        ("Answer: A dog", "B", "A"),
+        ("Answer: A cat", "A", "A"),
+        ("The answer is A because it purrs.", "A", None),  # no option named: the letter
     ],
 )
 def test_two_option_letters(answer, strict, pekit):

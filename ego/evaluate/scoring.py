@@ -46,16 +46,27 @@ _ANSWER_IS = re.compile(
 def parse_option(answer: str, options: dict[str, str]) -> str | None:
     """The chosen letter of a two-option question ("A"/"B"), robust to answers that begin with the article
     "A" ("A dog sits...", "The answer is a dog"): a letter counts only when it stands alone ("B", "(A)", "A.",
-    "A: Dog"), after "answer is" as a letter and not an article, or when exactly one option's text appears in the
-    answer; markdown emphasis or quotes around the letter ("**B**", '"B"') and "B is correct" count too. None when it
-    cannot be told."""
+    "A: Dog"), after "answer is" as a letter and not an article (a capital "A" and a word there, "Answer: A dog", is
+    the article where the rest names exactly one option), or when exactly one option's text appears in the answer;
+    markdown emphasis or quotes around the letter ("**B**", '"B"') and "B is correct" count too. None when it cannot
+    be told."""
     text = str(answer).strip()
     match = _LONE_LETTER.match(text) or _LETTER_IS_CORRECT.match(text) or _ANSWER_IS.search(text)
     if match:
-        return next(letter for letter in match.groups() if letter).upper()
+        letter = next(letter for letter in match.groups() if letter).upper()
+        if match.re is _ANSWER_IS and match.group(2) == "A" and re.match(r"\s+[a-z]", text[match.end() :]):
+            # "Answer: A dog": "A" may be the article; the option the rest names, where it names exactly one.
+            named = _options_named(text[match.end() :], options)
+            return named[0] if len(named) == 1 else letter
+        return letter
+    found = _options_named(text, options)
+    return found[0] if len(found) == 1 else None
+
+
+def _options_named(text: str, options: dict[str, str]) -> list[str]:
+    """The letters (upper case) of the options whose text appears in `text`, as words."""
     lowered = _normalise(text)
-    found = [letter for letter, option in options.items() if _contains_words(lowered, _normalise(option))]
-    return found[0].upper() if len(found) == 1 else None
+    return [letter.upper() for letter, option in options.items() if _contains_words(lowered, _normalise(option))]
 
 
 def parse_option_pekit(answer: str) -> str | None:
