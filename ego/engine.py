@@ -1042,8 +1042,8 @@ class Ego:
 
     def _check_question(self, question, concepts, image, video, max_new_tokens, loaded: bool = False) -> Query:
         """Every check before any model call: the text, the length cap, the concepts' model, the media (`loaded`:
-        a conversation's photo or clip, which `chat` loaded, checked and reduced: taken as it is, not checked again,
-        since a reduced photo's rounded sides may no longer pass the aspect-ratio limit its original passed)."""
+        a conversation's photo or clip, which `chat` loaded, checked and reduced: taken as it is, not copied and
+        checked again)."""
         question = prompts.neutralize(checks.check_question(question, self.settings), self.backend.special_strings)
         max_new_tokens = checks.check_max_new_tokens(max_new_tokens, self.settings)
         if image is not None and video is not None:

@@ -109,8 +109,9 @@ def _check_dimensions(width: int, height: int, settings: Settings, what: str = "
             f"This {what} is {width}x{height} pixels; the limit is "
             f"{settings.max_image_pixels / _MEGA:g} megapixels. Please upload a smaller {what}."
         )
-    ratio = max(width, height) / min(width, height)
-    if ratio > settings.max_image_aspect_ratio:
+    # One pixel of the long side is forgiven: a picture reduced by a whole factor (`reduced`, its sides rounded up)
+    # from one within the limit stays within it.
+    if max(width, height) - 1 > settings.max_image_aspect_ratio * min(width, height):
         raise InputError(
             f"This {what} is {width}x{height} pixels, too long and thin (the limit is "
             f"{settings.max_image_aspect_ratio:g}:1); please crop it or upload a squarer {what}."

@@ -441,6 +441,9 @@ class Actions:
             # The first answer comes from the scheduler (batched with other visitors' questions); the conversation
             # takes it as its first turn, and its follow-ups run on its own cache.
             chat = engine.chat(session.concepts, image=picture)
+            # The photo as the conversation holds it (reduced once, if large: `query_image_kept_factor`): what the
+            # model is asked about, what crosses to a ZeroGPU worker, and what the match pictures are drawn on.
+            picture = chat.picture
             if image and (digest := _box_digest(image)) is not None:
                 session.conversations.asked_about(chat, digest)
             asked = session.conversations.asking("image")

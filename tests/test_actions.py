@@ -1407,3 +1407,21 @@ def test_a_first_question_whose_answer_does_not_fit_tells_a_space_visitor_to_mak
     assert refused.value.message.endswith(
         "; remove some of your concepts to make room (export them first to keep them), then ask again."
     )
+
+
+def test_the_photo_a_question_is_asked_about_is_the_conversations_reduced_one(act, monkeypatch, tmp_path):
+    """A large photo is reduced once, as the conversation takes it: the model is asked about that one (what crosses
+    to a ZeroGPU worker too) and the match pictures are drawn on it, not on the full-size photo."""
+    large = tmp_path / "large.png"
+    Image.open(QUERY).convert("RGB").resize((2100, 1600)).save(large)  # over 4 x the query budget (3.2 MP)
+    asked, stream = [], act._answer_stream
+
+    def recording(engine, question, concepts, **media):
+        asked.append(media.get("image"))
+        return stream(engine, question, concepts, **media)
+
+    monkeypatch.setattr(act, "_answer_stream", recording)
+    session = Session()
+    list(act.ask_image(session, str(large), "What is this?", progress=quiet))
+    chat = session.conversations.get("image")
+    assert asked == [chat.picture] and chat.picture.size == (1050, 800)

@@ -282,11 +282,23 @@ def test_a_lower_pixel_limit_from_settings_is_used():
 def test_aspect_ratio_limit():
     ok = Image.new("RGB", (2000, 100))
     assert_rgb(load_image(encode(ok, "PNG")), (2000, 100))
-    too_thin = Image.new("RGB", (2100, 100))
+    too_thin = Image.new("RGB", (2002, 100))  # one pixel of the long side is forgiven, two are not
     with pytest.raises(InputError, match="too long and thin"):
         load_image(encode(too_thin, "PNG"))
     with pytest.raises(InputError, match="too long and thin"):
         load_image(Image.new("RGB", (10, 2100)))
+
+
+@pytest.mark.parametrize(("size", "limit"), [((3505, 1402), 2.5), ((755, 604), 1.25), ((3999, 200), 20.0)])
+def test_a_photo_within_the_aspect_limit_stays_within_it_once_reduced(size, limit):
+    """A reduced photo's sides are rounded up, which can lengthen it a little: loaded again (a conversation's photo,
+    a script that sends it back), it is not refused."""
+    settings = DEFAULT_SETTINGS.replace(max_image_aspect_ratio=limit)
+    original = load_image(Image.new("RGB", size), settings)
+    for budget in (size[0] * size[1] // 3, size[0] * size[1] // 17):
+        smaller = reduced(original, budget)
+        assert smaller.size != original.size
+        load_image(smaller, settings)
 
 
 @pytest.mark.parametrize(
