@@ -144,8 +144,8 @@ class Settings:
     """Scans in one JPEG image, video frame or JPEG strip of a TIFF: an ordinary JPEG has 1 to about 12, and each
     scan decodes the whole picture again, so a file of many tiny scans would take the CPU for minutes."""
     max_image_aspect_ratio: float = 20.0
-    """Longer side over shorter side (so at least 1, a square); beyond this the processor cannot make a sensible
-    grid."""
+    """Longer side over shorter side (so at least 1, a square; one pixel of the longer side is forgiven, so that a
+    photo reduced by a whole factor stays within it); beyond this the processor cannot make a sensible grid."""
     max_video_duration_s: float = 120.0
     max_video_decode_s: float = 30.0
     """Wall-clock budget for decoding one video; a container that lies cannot hang the server."""
