@@ -1515,6 +1515,11 @@ class Chat:
         self._adopted.append((str(question), ids))
         self.turns.append((str(question).strip(), answer))
 
+    def _stage_first_turn(self, question, max_new_tokens) -> StagedAnswer:
+        """The first question's work that needs no model, as `Ego.answer` does it, on this conversation's concepts
+        and its photo or clip as `Ego.chat` loaded them."""
+        return self.engine._stage_answer(question, self.concepts, self.picture, self.clip, max_new_tokens, loaded=True)
+
     def _stage_context(self, use_cache: bool = True) -> StagedContext | None:
         """A follow-up's work that needs no model (`Ego.stage`): the first context's processor work where the next
         question must compute that context (a first turn adopted and not computed yet, a cache dropped, or not
@@ -1525,7 +1530,7 @@ class Chat:
         # lets its visitor ask again before that turn ends); a staging that no longer fits is not taken.
         adopted, ids, cache, prompt = list(self._adopted), self._ids, self._cache, self._prompt
         if adopted and not ids:
-            staged = self.engine._stage_answer(adopted[0][0], self.concepts, self.picture, self.clip, 1, loaded=True)
+            staged = self._stage_first_turn(adopted[0][0], 1)
             return StagedContext(first=staged, for_turn=adopted[0], chat=self)
         without_cache = cache is None or not use_cache
         if ids and prompt and without_cache and (self.picture is not None or self.clip is not None):
@@ -1545,7 +1550,7 @@ class Chat:
                 # Its context only (the answer is known): checked against the limit with a budget of one token.
                 staged = context.first if context is not None and context.for_turn is self._adopted[0] else None
                 if staged is None:
-                    staged = engine._stage_answer(question, self.concepts, self.picture, self.clip, 1, loaded=True)
+                    staged = self._stage_first_turn(question, 1)
                 prepared = engine._prepared(staged)
                 self._remember_context(prepared)
                 pixels = self._pixels_of(prepared.encoded)
@@ -1574,8 +1579,7 @@ class Chat:
         """A question's work that needs no model (`Ego.stage`), done before the model's turn: the first question
         staged, or a follow-up's first context where it must be computed again."""
         if not self.turns:
-            media = (self.picture, self.clip)
-            return self.engine._stage_answer(question, self.concepts, *media, max_new_tokens, loaded=True), None
+            return self._stage_first_turn(question, max_new_tokens), None
         return None, self._stage_context(use_cache)
 
     def _begin(
@@ -1593,7 +1597,7 @@ class Chat:
         self._check_room()
         if not self.turns:
             if staged is None:
-                staged = engine._stage_answer(question, self.concepts, self.picture, self.clip, max_new_tokens, True)
+                staged = self._stage_first_turn(question, max_new_tokens)
             prepared = engine._prepared(staged)
             return _Turn(
                 question=str(question).strip(),

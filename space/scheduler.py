@@ -156,10 +156,10 @@ class AnswerScheduler:
     def close(self, wait_s: float = 0.0) -> bool:
         """Ends the worker thread after the batch in progress, whose visitors get their answers; the questions still
         waiting (queued, or carried to the next batch) end at once with `SchedulerClosedError`, and those still being
-        prepared in their visitors' threads as their preparation ends. A question asked
-        later starts a new worker: Gradio can launch closed Blocks again, with the same scheduler, and their
-        visitors are answered then. Calling it again changes nothing. Waits up to `wait_s` seconds for the worker
-        to end; returns whether every closed worker has ended."""
+        prepared in their visitors' threads as their preparation ends. A question asked later starts a new worker:
+        Gradio can launch closed Blocks again, with the same scheduler, and their visitors are answered then. Calling
+        it again changes nothing. Waits up to `wait_s` seconds for the worker to end; returns whether every closed
+        worker has ended."""
         with self._lock:
             self._closes += 1
             worker, self._worker = self._worker, None

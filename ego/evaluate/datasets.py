@@ -219,13 +219,18 @@ def _recognition_queries(root: Path, images: list[Path], names: list[str]) -> li
 def _resolve_listed(base: Path, listed: str, anchor: str) -> Path:
     """A media path as a dataset's JSON writes it ("./yollava-data/test/bo/3.png"), found under `base` from
     the `anchor` folder on (the JSON files were written relative to other roots)."""
-    parts, within = Path(listed).parts, os.path.abspath(base)
+
+    def inside(candidate: Path) -> bool:  # by its text ("./x/../y" made plain): a folder linked under `base` is in
+        within = os.path.abspath(base)
+        return os.path.commonpath([within, os.path.abspath(candidate)]) == within
+
+    parts = Path(listed).parts
     if anchor in parts:
         candidate = Path(os.path.normpath(base.joinpath(*parts[parts.index(anchor) :])))
-        if candidate.is_file() and os.path.commonpath([within, os.path.abspath(candidate)]) == within:
+        if candidate.is_file() and inside(candidate):
             return candidate
-    candidate = Path(os.path.normpath(base / listed))  # "./x/../y" made plain; symbolic links kept
-    if os.path.commonpath([within, os.path.abspath(candidate)]) != within:  # by its text: a linked folder stays in
+    candidate = Path(os.path.normpath(base / listed))
+    if not inside(candidate):
         raise InputError(f"{listed} is named in the question file but lies outside {base}; name files inside it.")
     if candidate.is_file():
         return candidate

@@ -468,11 +468,12 @@ def recognition(benchmark: Benchmark, records: list[dict]) -> dict:
         pair_records = []
         for media, (_truth, yes, _asked) in per_image.items():
             full_truth = set(benchmark.truth[media])
+            asked_pairs = {p for p in benchmark.pairs if set(p) <= asked[media]}  # asked: all its members were
             pair_records.append(
                 (
-                    {p for p in benchmark.pairs if set(p) <= full_truth and set(p) <= asked[media]},
+                    {p for p in asked_pairs if set(p) <= full_truth},
                     {p for p in benchmark.pairs if set(p) <= yes},
-                    {p for p in benchmark.pairs if set(p) <= asked[media]},  # a pair is asked when all its members are
+                    asked_pairs,
                 )
             )
         result = scoring.recognition_metrics(pair_records, benchmark.pairs)
