@@ -1,6 +1,6 @@
 """How many visitors one GPU serves at a given answer latency, from the measured numbers of a `python -m bench` run.
 
-`python -m bench.capacity [--results bench/results/h200-2026-11-26/nf4/results.json]` prints the tables of
+`python -m bench.capacity [--results bench/results/h200-2026-12-04/nf4/results.json]` prints the tables of
 `docs/scaling.md`. Pure arithmetic, no model. What comes from the run (measured) and what is assumed:
 
 - measured: the seconds per generated token (the plain question's `decode_ms_per_token`, its tokens after the
@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "h200-2026-11-26" / "nf4" / "results.json"
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "h200-2026-12-04" / "nf4" / "results.json"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from ego.settings import DEFAULT_SETTINGS, Settings
 log = logging.getLogger("ego.space")
 
 LOADING_MESSAGE = "Loading the model; the first request after a restart takes a minute or two…"
-WARM_UP_MESSAGE = "Preparing fast answers: compiling the model's decoding, once after a restart (about a minute)…"
+WARM_UP_MESSAGE = "Preparing fast answers: compiling the model's decoding, once after a restart (about two minutes)…"
 
 
 class LazyEngine:

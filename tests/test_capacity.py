@@ -116,7 +116,8 @@ def test_the_command_refuses_what_is_not_a_question_scenario_or_a_results_file(t
 
 
 DOCUMENT = Path(__file__).resolve().parents[1] / "docs" / "scaling.md"
-RUNS = DEFAULT_RESULTS.parent.parent  # nf4/ and bf16/ results.json of the committed GPU run
+EAGER_RUNS = Path(__file__).resolve().parents[1] / "bench" / "results" / "h200-2026-11-26"
+"""nf4/ and bf16/ results.json of the committed GPU run of eager decoding (docs/scaling.md, section 1's first table)."""
 
 
 def document_figures() -> dict[str, tuple[str, str]]:
@@ -147,7 +148,9 @@ def written_as(value: float, number: str) -> str:
 def test_the_committed_gpu_run_reads_as_the_document_says():
     """Each figure docs/scaling.md gives from the committed run (its table, NF4 and bf16, and the costs derived from
     it) is that run's, as `bench.capacity` reads it, to the digits the document writes."""
-    runs = [json.loads((RUNS / column / "results.json").read_text(encoding="utf-8")) for column in ("nf4", "bf16")]
+    runs = [
+        json.loads((EAGER_RUNS / column / "results.json").read_text(encoding="utf-8")) for column in ("nf4", "bf16")
+    ]
     table = document_figures()
     assert {"introduce.total_s", "introduce.stages_s.description_s", "scenarios.plain.latency_s"} <= set(table)
     for field, figures in table.items():
@@ -171,9 +174,29 @@ def test_the_committed_gpu_run_reads_as_the_document_says():
     fixed = nf4.answer_fixed_s
     assert [written_as(fixed[name], few) for name in ("plain", "ego_5")] == [few, few]
     assert written_as(fixed["ego_20"], many) == many
+
+
+def test_the_compiled_run_reads_as_the_document_says():
+    """docs/scaling.md's table of the compiled run (eager and compiled side by side, `decoding_runs`) and the costs
+    section 2 derives from it are that run's, the capacity command's default, to the digits the document writes."""
+    run = json.loads(DEFAULT_RESULTS.read_text(encoding="utf-8"))
+    rows = {}
+    for line in DOCUMENT.read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 4 and re.fullmatch(r"`decoding_runs\.\*\.[\w.]+`", cells[3]):
+            rows[cells[3].strip("`").removeprefix("decoding_runs.*.")] = (cells[1], cells[2])
+    assert {"scenarios.plain.latency_s", "introduce.total_s", "scenarios.plain.decode_ms_per_token"} <= set(rows)
+    for field, figures in rows.items():
+        for mode, figure in zip(("eager", "compiled"), figures):
+            number = figure.split(" ")[0]
+            value = functools.reduce(lambda part, key: part[key], field.split("."), run["decoding_runs"][mode])
+            assert written_as(value, number) == number, (field, mode, value, figure)
+    warm_up = document_says(r"\| compiling the decode step \(once per process\) \| — \| ([\d.]+) s \|")[0]
+    assert written_as(run["meta"]["compile"]["warm_up_s"], warm_up) == warm_up
+    compiled = measured_from_results(run)
     # section 2: the f and t of the capacity model's 5-concept questions
     f, t = document_says(r"fixed cost f \(([\d.]+) s, section 1\).*?n tokens at t \(([\d.]+) ms\)")
-    assert (written_as(fixed["ego_5"], f), written_as(nf4.token_s * 1000, t)) == (f, t)
+    assert (written_as(compiled.answer_fixed_s["ego_5"], f), written_as(compiled.token_s * 1000, t)) == (f, t)
 
 
 def test_erlang_c_matches_hand_computed_cases():
@@ -199,7 +222,8 @@ def test_max_arrivals_inverts_the_latency():
 
 
 def test_the_command_prints_the_table(capsys):
-    assert main(["--new-tokens", "64", "--latency-factor", "2"]) == 0
+    eager = str(EAGER_RUNS / "nf4" / "results.json")
+    assert main(["--results", eager, "--new-tokens", "64", "--latency-factor", "2"]) == 0
     printed = capsys.readouterr().out
     assert "30.4 ms per generated token" in printed
     assert "| one at a time | 1.00 | 2.00 | 0.50 |" in printed  # 0.060 + 64 * 0.0304 s
@@ -210,4 +234,4 @@ def test_the_document_s_capacity_table_is_the_command_s(capsys):
     assert main([]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "serving" not in line]
     document = (Path(__file__).resolve().parents[1] / "docs" / "scaling.md").read_text(encoding="utf-8")
-    assert len(rows) == 5 and all(row in document for row in rows), rows
+    assert len(rows) == 7 and all(row in document for row in rows), rows  # 5 assumed step costs, 2 measured
