@@ -41,6 +41,11 @@ class AnswerRequest:
     staged: Any = field(default=None, repr=False, compare=False)
     """Its work that needs no model, done beforehand by `Ego.stage` (`ego.engine.StagedAnswer`); None: done in the
     model's turn."""
+    keep_context: bool = False
+    """Hand the context the batch computed for this question (its row of the key/value cache) over with the
+    answer, for the conversation that takes the answer as its first turn (`Chat.adopt`, on the conversation whose
+    photo or clip and concepts these are: the Space's): its first follow-up then computes only its own tokens.
+    Held by the answer until a conversation takes it (or the answer is freed); never pickled with it."""
 
 
 @dataclass(frozen=True)

@@ -164,6 +164,13 @@ class Answer(str):
         answer.similarity, answer.similarity_maps = tuple(similarity), tuple(similarity_maps)
         return answer
 
+    def __getstate__(self) -> dict:
+        # A context handed over by a batch (`HandedContext`: a key/value cache, on the model's device) is for the
+        # conversation in this process that adopts the answer; a copy (pickled to a worker, saved) goes without it.
+        state = dict(self.__dict__)
+        state.pop("_handed", None)
+        return state
+
 
 @dataclass
 class Reference:
@@ -266,6 +273,43 @@ class StagedContext:
 
 
 @dataclass
+class HandedContext:
+    """A first question's context as a batch computed it (`AnswerRequest.keep_context`), handed over with its
+    answer (the answer's `_handed`) to the conversation that takes the answer as its first turn (`Chat.adopt`):
+    that conversation then continues on this cache rather than computing its photo or clip and memories again."""
+
+    prepared: PreparedAnswer
+    """The question's preparation without its device tensors: what a conversation keeps of its first context
+    (`Chat._remember_context`)."""
+    cache: Any
+    """The batch's key/value cache of this row, its own tokens only (copied): layers of [1, H_kv, T, D]."""
+    positions: Any
+    """The row's position state (`Backend.row_positions`)."""
+    asked: tuple
+    """(question as checked, concepts, image, video) as the request gave them: a conversation takes the context
+    only if it holds those very concepts, that photo or clip, and adopts the answer to that question."""
+    model: Any = field(default=None, repr=False)
+    settings: Settings | None = field(default=None, repr=False)
+
+    def continues(self, chat: Chat, question: str) -> bool:
+        """Whether `chat` would compute exactly this context for `question` as its first turn: nothing asked in it
+        yet, this engine's model and settings, its own concepts (the same objects, in order), photo and clip."""
+        text, concepts, image, video = self.asked
+        return (
+            not chat.turns
+            and not chat._adopted
+            and not chat._ids
+            and chat.engine.model is self.model
+            and chat.engine.settings == self.settings
+            and text == question
+            and len(concepts) == len(chat.concepts)
+            and all(mine is theirs for mine, theirs in zip(chat.concepts, concepts))
+            and image is chat.picture
+            and video is chat.clip
+        )
+
+
+@dataclass
 class PreparedAnswer:
     """One question, ready for generate: its arguments and what the answer reports about its context."""
 
@@ -326,6 +370,9 @@ class Ego:
         self._lock = ModelLock()  # one model call at a time; concurrent callers wait
         self.decoder = _decoder(model, settings, self.backend.prefill_only_inputs)
         self._cached_chats: OrderedDict[int, weakref.ref] = OrderedDict()  # least recently used first
+        self._cached_chats_lock = threading.Lock()
+        """Guards `_cached_chats`: a conversation adopting a handed context registers its cache outside the model's
+        turn (`_take_cache_if_room`); caches are dropped only in the model's turn (`_keep_cache`)."""
 
     # ------------------------------------------------------------------------------------------
     # Loading
@@ -861,16 +908,41 @@ class Ego:
                     list(prepared.values()),
                     [stops[i] for i in order],
                     None if on_text is None else lambda row, answer: on_text(order[row], answer),
+                    keep=[requests[i].keep_context for i in order],
                 )
-                for index, (text, ids, stopped) in zip(prepared, answered):
-                    results[index] = prepared[index].answer(text, ids, stopped)
+                for index, (text, ids, stopped, kept) in zip(prepared, answered):
+                    results[index] = answer = prepared[index].answer(text, ids, stopped)
+                    if kept is not None:
+                        answer._handed = self._handed(prepared[index], requests[index], *kept)
         return results
 
+    def _handed(self, prepared: PreparedAnswer, request: AnswerRequest, cache, positions) -> HandedContext:
+        """A batch row's context for the conversation that will adopt its answer: the preparation without its
+        device tensors (pixels, vision outputs, embeddings; a conversation recomputes none of them on this cache),
+        its row of the cache and its positions."""
+        keys = {"input_ids", *self.backend.vision_input_keys}
+        encoded = dataclasses.replace(
+            prepared.encoded,
+            inputs={k: v for k, v in prepared.encoded.inputs.items() if k not in keys},
+            encoder_outputs=None,
+        )
+        slim = dataclasses.replace(
+            prepared,
+            generate={"input_ids": prepared.generate["input_ids"].cpu()},
+            slots=prepared.slots.cpu(),
+            residuals=None,
+            encoded=encoded,
+        )
+        question = checks.check_question(request.question, self.settings)
+        asked = (question, tuple(request.concepts), request.image, request.video)
+        return HandedContext(slim, cache, positions, asked, model=self.model, settings=self.settings)
+
     def _generate_batch(
-        self, prepared: list[PreparedAnswer], stops: list, on_text
-    ) -> list[tuple[str, list[int], bool]]:
+        self, prepared: list[PreparedAnswer], stops: list, on_text, keep: Sequence[bool] = ()
+    ) -> list[tuple[str, list[int], bool, tuple | None]]:
         """One `generate` for the prepared questions (`ego.batching`), each row ended on its own; their texts,
-        tokens, and whether a Stop ended them."""
+        tokens, whether a Stop ended them, and for the rows `keep` asks for, (their row of the key/value cache,
+        their positions: `HandedContext`), else None."""
         from transformers import StoppingCriteriaList
 
         tokenizer, stop_ids = self.backend.tokenizer, self.backend.stop_token_ids
@@ -888,15 +960,33 @@ class Ego:
         control = self._row_control(
             start, budgets, stops, on_text, lambda row, text, own: prepared[row].answer(text, own)
         )
+        keep = list(keep) or [False] * len(prepared)
+        caches = {"return_dict_in_generate": True} if any(keep) else {}
         with torch.no_grad(), self.backend.memory_residuals(slots, residuals):
-            out = self.model.generate(**{**kwargs, **self.decoding}, stopping_criteria=StoppingCriteriaList([control]))
+            out = self.model.generate(
+                **{**kwargs, **self.decoding, **caches}, stopping_criteria=StoppingCriteriaList([control])
+            )
+        sequences = out.sequences if caches else out  # [B, L + new]
         answers = [
             batching.row_tokens(ids, budgets[row], stop_ids, control.lengths[row])
-            for row, ids in enumerate(out[:, start:].tolist())
+            for row, ids in enumerate(sequences[:, start:].tolist())
         ]
+        kept: list[tuple | None] = [None] * len(prepared)
+        if caches:
+            # Copied now, before the next request resets a shared static cache. A row's own positions: past its
+            # padding, its prompt and its answer, without its stop token (the next turn writes that itself) and
+            # without what the batch wrote after the row had ended.
+            config, positions = self.model.config.get_text_config(), self.backend.save_positions()
+            written = out.past_key_values.get_seq_length()
+            for row, own in enumerate(prepared):
+                if keep[row]:
+                    padding = start - own.context_tokens
+                    length = min(own.context_tokens + len(answers[row]), written - padding)
+                    cache = batching.row_cache(out.past_key_values, row, padding, length, config)
+                    kept[row] = (cache, self.backend.row_positions(positions, row))
         return [
-            (tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, stopped)
-            for ids, stopped in zip(answers, control.stopped)
+            (tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, stopped, context)
+            for ids, stopped, context in zip(answers, control.stopped, kept)
         ]
 
     def _pad_id(self) -> int:
@@ -1338,8 +1428,22 @@ class Ego:
         its next question). The caches of `keep` (a batch being prepared) are not dropped now: the budget is
         settled when their answers are recorded."""
         kept = {id(other) for other in keep}
-        self._cached_chats.pop(id(chat), None)
-        self._cached_chats[id(chat)] = weakref.ref(chat)
+        with self._cached_chats_lock:
+            self._cached_chats.pop(id(chat), None)
+            self._cached_chats[id(chat)] = weakref.ref(chat)
+            holding = self._holding_caches()
+            total, budget = sum(held.cache_bytes for held in holding), self.settings.max_cached_conversations_bytes
+            for held in holding:  # least recently used first, `chat` last
+                if total <= budget:
+                    break
+                if id(held) in kept:
+                    continue
+                total -= held.cache_bytes
+                held.drop_cache()
+                del self._cached_chats[id(held)]
+
+    def _holding_caches(self) -> list[Chat]:
+        """The conversations that hold a cache, least recently used first (the others leave the record)."""
         holding = []
         for key, ref in list(self._cached_chats.items()):
             held = ref()
@@ -1347,15 +1451,21 @@ class Ego:
                 del self._cached_chats[key]
             else:
                 holding.append(held)
-        total, budget = sum(held.cache_bytes for held in holding), self.settings.max_cached_conversations_bytes
-        for held in holding:  # least recently used first, `chat` last
-            if total <= budget:
-                break
-            if id(held) in kept:
-                continue
-            total -= held.cache_bytes
-            held.drop_cache()
-            del self._cached_chats[id(held)]
+        return holding
+
+    def _take_cache_if_room(self, chat: Chat, cache_bytes: int, take: Callable[[], None]) -> bool:
+        """If `cache_bytes` more fit `max_cached_conversations_mb` beside the caches held now, `take()` (which gives
+        `chat` its cache) and record `chat` as their most recent holder; whether it did. Called outside the model's
+        turn (`Chat.adopt`), it drops no other conversation's cache: one being answered now needs its own (and its
+        positions) until its turn ends."""
+        with self._cached_chats_lock:
+            held = sum(other.cache_bytes for other in self._holding_caches() if other is not chat)
+            if held + cache_bytes > self.settings.max_cached_conversations_bytes:
+                return False
+            take()
+            self._cached_chats.pop(id(chat), None)
+            self._cached_chats[id(chat)] = weakref.ref(chat)
+            return True
 
     # ------------------------------------------------------------------------------------------
     # The model guard
@@ -1502,8 +1612,9 @@ class Chat:
         goes on exactly as if it had answered itself; an answer known only as text is tokenized again. A question
         this conversation would refuse (its checks, its turn limit) is refused here (InputError), nothing taken:
         taken, it would make every later question fail."""
+        handed = getattr(answer, "__dict__", {}).pop("_handed", None)  # taken here or nowhere: it holds GPU memory
         self._check_room()
-        checks.check_question(question, self.engine.settings)
+        text = checks.check_question(question, self.engine.settings)
         if not isinstance(answer, str):
             raise InputError(
                 f"The answer to take is text (a str, or the ego.Answer a call returned); got {type(answer).__name__}."
@@ -1512,8 +1623,28 @@ class Chat:
             list(getattr(answer, "token_ids", ()))
             or self.engine.backend.tokenizer(str(answer), add_special_tokens=False).input_ids
         )
+        if handed is not None and self._continue_on(handed, text, ids):
+            self.turns.append((str(question).strip(), answer))
+            return
         self._adopted.append((str(question), ids))
         self.turns.append((str(question).strip(), answer))
+
+    def _continue_on(self, handed: HandedContext, question: str, answer_ids: list[int]) -> bool:
+        """Take a first answer's context as the batch that answered it computed (`HandedContext`), where it is
+        this conversation's and its cache fits `max_cached_conversations_mb` now: the next question then computes
+        only its own tokens. False (nothing taken): the next question computes the context itself."""
+        if not handed.continues(self, question):
+            return False
+        cache_bytes = sum(
+            t.numel() * t.element_size() for layer in handed.cache.layers for t in (layer.keys, layer.values)
+        )
+
+        def take() -> None:
+            self._remember_context(handed.prepared)
+            self._ids = self._ids + answer_ids
+            self._cache, self._positions = handed.cache, handed.positions
+
+        return self.engine._take_cache_if_room(self, cache_bytes, take)
 
     def _stage_first_turn(self, question, max_new_tokens) -> StagedAnswer:
         """The first question's work that needs no model, as `Ego.answer` does it, on this conversation's concepts

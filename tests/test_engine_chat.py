@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import threading
 
+import numpy as np
 import pytest
 import torch
 from conftest import WholeBudgetGenerations, photo, record_scores, spy_on_generate, tiny_engine
@@ -682,3 +683,99 @@ def test_a_stopped_stream_keeps_exactly_what_its_caller_was_handed(concepts):
     kept = chat.turns[-1][1]
     assert kept.stopped and str(kept) == str(seen[-1])
     assert engine.backend.tokenizer.decode(kept.token_ids, skip_special_tokens=True).strip() == str(seen[-1])
+
+
+def first_answers_handed_over(engine, chats, questions, budgets, keep=True):
+    """The first questions of `chats` answered in one batch (`AnswerRequest.keep_context`), each adopted by its
+    conversation, as the Space does; the answers."""
+    requests = [
+        AnswerRequest(q, chat.concepts, chat.picture, chat.clip, b, keep_context=keep)
+        for chat, q, b in zip(chats, questions, budgets)
+    ]
+    answers = engine.answer_batch(requests)
+    for chat, question, answer in zip(chats, questions, answers):
+        chat.adopt(question, answer)
+    return answers
+
+
+def test_a_first_answer_given_in_a_batch_hands_its_context_to_the_conversation_that_adopts_it(
+    family, concepts, monkeypatch
+):
+    """A batch's first answers (a photo with one concept, another photo with two, a clip, nothing) hand each row's
+    key/value cache and positions to the conversation that adopts the answer: its follow-up computes only its own
+    tokens, with the logits of the same conversation answered alone at every step, and it goes on from there."""
+    engine = tiny_engine(family)
+    cat = chelsea(engine, concepts)
+    dog = engine.introduce("Rex", [photo(0)], keywords=["dog"], area_pct=5)
+    setups = [
+        ([cat], dict(image=photo(3))),
+        ([cat, dog], dict(image=photo(2, size=(300, 200)))),
+        ([dog], dict(video=np.random.RandomState(6).randint(0, 255, (4, 96, 128, 3)).astype(np.uint8))),
+        ([dog], {}),
+    ]
+    questions, budgets = ["Is Chelsea here?", "Who do you see?", "What happens?", "Who is Rex?"], [7, 4, 6, 5]
+    handed = [engine.chat(known, **media) for known, media in setups]
+    alone = [engine.chat(known, **media) for known, media in setups]
+    firsts = first_answers_handed_over(engine, handed, questions, budgets)
+    want = [chat.ask(q, max_new_tokens=b) for chat, q, b in zip(alone, questions, budgets)]
+    assert [str(a) for a in firsts] == [str(a) for a in want]
+    assert all(chat.cache_bytes > 0 and not chat._adopted for chat in handed)  # taken: no context to compute
+    assert all(not hasattr(answer, "_handed") for answer in firsts)  # the conversation holds it, the answer not
+    for chat, reference in zip(handed, alone):
+        scores = record_scores(monkeypatch, engine)
+        got = chat.ask(FOLLOW_UPS[0], max_new_tokens=6)
+        expected = reference.ask(FOLLOW_UPS[0], max_new_tokens=6)
+        monkeypatch.undo()
+        assert (str(got), got.token_ids, got.context_tokens) == (
+            str(expected),
+            expected.token_ids,
+            expected.context_tokens,
+        )
+        assert got.prefill_tokens <= new_tokens(engine, FOLLOW_UPS[0]) + 1  # its own tokens (and the answer's last)
+        torch.testing.assert_close(scores[0], scores[1], **SAME_SCORES)
+        later, again = chat.ask("And then?", max_new_tokens=4), reference.ask("And then?", max_new_tokens=4)
+        assert (str(later), later.prefill_tokens) == (str(again), again.prefill_tokens)
+
+
+def test_a_handed_context_is_taken_only_by_its_own_conversation_within_the_cache_budget(concepts):
+    """Another photo's conversation, another question, a second adopter, a request that did not ask for it, or no
+    room left in `max_cached_conversations_mb`: nothing is taken, and the next question computes the context itself
+    (the answers are the same); a pickled answer leaves its context behind."""
+    engine = tiny_engine("qwen2.5-vl")
+    cat = chelsea(engine, concepts)
+    mine, other = engine.chat([cat], image=photo(3)), engine.chat([cat], image=photo(4))
+    answer = engine.answer_batch(
+        [AnswerRequest("Is Chelsea here?", mine.concepts, mine.picture, None, 5, keep_context=True)]
+    )[0]
+    assert hasattr(answer, "_handed")
+    copied = pickle.loads(pickle.dumps(answer))
+    assert str(copied) == str(answer) and copied.token_ids == answer.token_ids and not hasattr(copied, "_handed")
+    other.adopt("Is Chelsea here?", answer)  # not its photo: taken as text and tokens, the context is dropped
+    assert other.cache_bytes == 0 and other._adopted and not hasattr(answer, "_handed")
+    mine.adopt("Is Chelsea here?", answer)  # the context went with the first adopter
+    assert mine.cache_bytes == 0 and mine._adopted
+    follow_up = mine.ask("Why?", max_new_tokens=4)
+    assert follow_up.prefill_tokens == follow_up.context_tokens  # the whole context, computed again
+
+    renamed = engine.chat([cat], image=photo(3))
+    first_answers_handed_over(engine, [renamed], ["Is Chelsea here?"], [5])
+    plain = engine.chat([cat], image=photo(3))
+    first_answers_handed_over(engine, [plain], ["Is Chelsea here?"], [5], keep=False)
+    assert renamed.cache_bytes > 0 and plain.cache_bytes == 0
+    assert str(renamed.ask("Why?", max_new_tokens=4)) == str(plain.ask("Why?", max_new_tokens=4)) == str(follow_up)
+    asked_otherwise = engine.chat([cat], image=photo(3))
+    answer = engine.answer_batch(
+        [
+            AnswerRequest(
+                "Is Chelsea here?", asked_otherwise.concepts, asked_otherwise.picture, None, 5, keep_context=True
+            )
+        ]
+    )[0]
+    asked_otherwise.adopt("Is she here?", answer)  # another question than the one the context was computed for
+    assert asked_otherwise.cache_bytes == 0
+
+    tight = engine.with_settings(max_cached_conversations_mb=0.001)
+    full = tight.chat([cat], image=photo(3))
+    first_answers_handed_over(tight, [full], ["Is Chelsea here?"], [5])
+    assert full.cache_bytes == 0 and full._adopted  # no room now: computed at its next question
+    assert str(full.ask("Why?", max_new_tokens=4)) == str(follow_up)

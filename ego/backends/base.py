@@ -109,6 +109,11 @@ class Backend(abc.ABC):
         """Put back what `save_positions` returned (a family that keeps nothing has nothing to put back)."""
         return None
 
+    def row_positions(self, saved: Any, row: int) -> Any:
+        """Row `row` of what `save_positions` returned after a batch's generate: that row's conversation continues
+        from it alone (a family that keeps nothing has nothing to take)."""
+        return None
+
     def stack_positions(self, saved: Sequence[Any]) -> Any:
         """What `save_positions` returned for several conversations, as one batch's (rows in order), for their
         follow-ups answered together (a family that keeps nothing has nothing to stack)."""

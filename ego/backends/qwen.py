@@ -130,6 +130,10 @@ class QwenBackend(Backend):
     def restore_positions(self, saved: torch.Tensor | None) -> None:
         self.model.model.rope_deltas = saved
 
+    def row_positions(self, saved: torch.Tensor | None, row: int) -> torch.Tensor | None:
+        # A batch's offsets are [B, 1], each counted from its row's first real token (its attention mask), as alone.
+        return None if saved is None else saved[row : row + 1].clone()
+
     def stack_positions(self, saved) -> torch.Tensor:
         # Each row continues from its own offset ([B, 1]); transformers adds it to positions counted from each
         # row's first real token (its attention mask), so the left padding of a batch does not move them.
