@@ -238,15 +238,27 @@ class Actions:
         finally:
             self._introducing.release()
 
-    def _answer_stream(self, engine, question, concepts, *, image=None, video=None, stop=None):
+    def _answer_stream(self, engine, question, concepts, *, image=None, video=None, stop=None, chat=None):
         """The answer as it grows (`ego.Answer`s): on ZeroGPU from a GPU call of this visitor's own, elsewhere
         from the scheduler that answers questions arriving together in one batch. Closing it ends the answer, and
-        so does setting `stop` (the scheduler's: at its next token; the caller checks it too, after each piece)."""
+        so does setting `stop` (the scheduler's: at its next token; the caller checks it too, after each piece).
+        With `chat`, the conversation the answer starts (its concepts, photo or clip asked about): the whole answer
+        brings the context its batch computed, for the conversation to follow up on (`AnswerRequest.keep_context`);
+        not on ZeroGPU, where no cache outlives a call."""
         budget = self.limits.answer_max_new_tokens
         if self.zero_gpu:
             return self._stream_on_gpu(question, tuple(concepts), image, video, budget)
+        if chat is not None:
+            concepts, image, video = chat.concepts, chat.picture, chat.clip
         return self.answers.stream(
-            engine, question, concepts, image=image, video=video, max_new_tokens=budget, stop=stop
+            engine,
+            question,
+            concepts,
+            image=image,
+            video=video,
+            max_new_tokens=budget,
+            stop=stop,
+            keep_context=chat is not None,
         )
 
     def _engine(self, progress):
@@ -447,7 +459,7 @@ class Actions:
             if image and (digest := _box_digest(image)) is not None:
                 session.conversations.asked_about(chat, digest)
             asked = session.conversations.asking("image")
-            stream = self._answer_stream(engine, question, session.concepts, image=picture, stop=stop)
+            stream = self._answer_stream(engine, question, session.concepts, image=picture, stop=stop, chat=chat)
             failed = False
             ended = False
             try:
@@ -543,7 +555,9 @@ class Actions:
             if (digest := _box_digest(video)) is not None:
                 session.conversations.asked_about(chat, digest)
             asked = session.conversations.asking("video")
-            stream = self._answer_stream(engine, question, session.concepts, video=(frames, metadata), stop=stop)
+            stream = self._answer_stream(
+                engine, question, session.concepts, video=(frames, metadata), stop=stop, chat=chat
+            )
             failed = False
             ended = False
             try:

@@ -135,12 +135,22 @@ class AnswerScheduler:
         """The sizes of the last 1,024 batches answered (the server log says each)."""
 
     def stream(
-        self, engine, question, concepts=(), *, image=None, video=None, max_new_tokens=None, stop=None
+        self,
+        engine,
+        question,
+        concepts=(),
+        *,
+        image=None,
+        video=None,
+        max_new_tokens=None,
+        stop=None,
+        keep_context=False,
     ) -> Iterator:
         """Like `engine.stream_answer`: the answer's text so far as it grows (`ego.Answer`), the whole answer
         last; closing the iterator, or setting `stop` (a `threading.Event`), ends this answer alone (set, it ends
-        as an answer does, marked `stopped`; a question not answered yet ends without one)."""
-        request = AnswerRequest(question, tuple(concepts), image, video, max_new_tokens)
+        as an answer does, marked `stopped`; a question not answered yet ends without one). keep_context: the whole
+        answer brings its context along for the conversation that adopts it (`AnswerRequest.keep_context`)."""
+        request = AnswerRequest(question, tuple(concepts), image, video, max_new_tokens, keep_context=keep_context)
         return self._stream(_Ticket(engine, request, stop=stop or threading.Event()))
 
     def stream_follow_up(self, engine, chat, question, *, max_new_tokens=None, stop=None, settled=None) -> Iterator:

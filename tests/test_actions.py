@@ -542,6 +542,28 @@ def test_a_conversation_in_the_image_tab_follows_up_on_the_same_photo(act, engin
     assert len(view) == 2 and view[1]["content"] == first
 
 
+@pytest.mark.parametrize("tab", ["image", "video"])
+def test_a_first_follow_up_computes_only_its_own_tokens_on_the_context_its_first_answer_handed_over(act, engine, tab):
+    """The first answer comes from the scheduler's batch, which hands its row's context to the conversation: the
+    first follow-up (like every later one) computes only its own tokens, and says what the conversation alone says."""
+    session = Session()
+    chat_in = act.chat_image if tab == "image" else act.chat_video
+    medium = QUERY if tab == "image" else CLIP
+    list(chat_in(session, medium, "What is here?", progress=quiet))
+    chat = session.conversations.get(tab)
+    assert chat.cache_bytes > 0 and not chat._adopted
+    list(chat_in(session, medium, "And the wall?", progress=quiet))
+    (_, first), (_, follow_up) = chat.turns
+    turn = engine.backend.tokenizer(engine.backend.continue_turn("And the wall?"), add_special_tokens=False)
+    assert follow_up.prefill_tokens <= len(turn.input_ids) + 1 < follow_up.context_tokens / 2  # (+1: the answer's last)
+    reference = engine.chat(chat.concepts, image=chat.picture, video=chat.clip)
+    budget = SETTINGS.answer_max_new_tokens
+    assert [str(reference.ask(q, max_new_tokens=budget)) for q in ("What is here?", "And the wall?")] == [
+        str(first),
+        str(follow_up),
+    ]
+
+
 def test_a_reload_puts_back_what_each_conversation_is_about_and_that_is_no_new_photo(act, engine):
     """After a reload the photo box holds the conversation's photo again (a follow-up is about it) and the video tab
     shows the clip's sampled frames; the box's change to that photo does not end the conversation, another does."""

@@ -432,6 +432,42 @@ def test_follow_ups_answered_together_decode_compiled_as_each_does_eagerly_alone
         torch.testing.assert_close(fast[2][:steps, row], alone[:steps, 0], **SAME_SCORES)
 
 
+def test_first_answers_of_a_compiled_batch_hand_their_contexts_over_as_eager_ones_alone(compiled, monkeypatch):
+    """Two first questions in one compiled batch (the shared static cache of batch size 2), each answer adopted by
+    its conversation with its row of that cache (`AnswerRequest.keep_context`, copied before the cache is reused):
+    each follow-up computes only its own tokens and scores as the eager conversation answered alone, step by step,
+    and the batch compiles nothing new."""
+    from ego import AnswerRequest
+
+    eager = tiny_engine("qwen2.5-vl")
+    concept = eager.introduce("Chelsea", [photo(53)], keywords="cat", area_pct=10)
+    media = [dict(image=photo(54)), dict(image=photo(55, size=(200, 160)))]
+    questions = ["Is Chelsea here?", "What is this?"]
+    said, scores = {}, {}
+    for engine in (compiled, eager):
+        chats = [engine.chat([concept], **m) for m in media]
+        if engine is compiled:
+            before = compile_counts()
+            requests = [
+                AnswerRequest(q, c.concepts, c.picture, c.clip, 8, keep_context=True) for c, q in zip(chats, questions)
+            ]
+            with monkeypatch.context() as patch:
+                caches = caches_decoded_on(compiled.decoder, patch)
+                firsts = engine.answer_batch(requests)
+            for chat, question, answer in zip(chats, questions, firsts):
+                chat.adopt(question, answer)
+            assert caches == [compiled.decoder._caches[2]] and compile_counts() == before
+            assert all(chat.cache_bytes > 0 for chat in chats)
+        else:
+            firsts = [chat.ask(q, max_new_tokens=8) for chat, q in zip(chats, questions)]
+        scores[engine] = record_scores(monkeypatch, engine)
+        follow_ups = [chat.ask("What is she holding?", max_new_tokens=6) for chat in chats]
+        monkeypatch.undo()
+        said[engine] = [(str(a), a.prefill_tokens) for a in follow_ups] + [str(a) for a in firsts]
+    assert said[compiled] == said[eager]
+    assert_same_scores(scores[compiled], scores[eager])
+
+
 def test_a_generation_longer_than_the_static_cache_decodes_eagerly(compiled, monkeypatch):
     inputs = _text_inputs(compiled)
     with torch.no_grad():
