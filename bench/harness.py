@@ -1143,8 +1143,8 @@ def measure_concurrency(engine, sizes: Sizes, log=lambda message: None, on_scena
 def measure_follow_ups(engine, batched, serial, queries, concepts, sizes: Sizes, memory) -> dict[str, dict]:
     """FOLLOW_UP_VISITORS visitors follow up their conversations at the same moment, batched and one at a time.
     Each round opens the conversations the way the Space does (the first questions answered in one batch, each
-    conversation adopting its answer), untimed; the timed follow-up is then each conversation's first, which
-    computes its context first (`Chat._prime`) before the batch shares the decoding."""
+    conversation adopting its answer and the context the batch computed for it, `AnswerRequest.keep_context`),
+    untimed; the timed follow-up is then each conversation's first, which computes only its own tokens."""
     from ego.batching import AnswerRequest
 
     stop_ids = engine.backend.stop_token_ids
@@ -1154,7 +1154,10 @@ def measure_follow_ups(engine, batched, serial, queries, concepts, sizes: Sizes,
         for mode, scheduler in (("batched", batched), ("serial", serial)):
             with forced_generation(engine.model, stop_ids, []):
                 chats = [engine.chat(concepts, image=query) for query in queries]
-                requests = [AnswerRequest(QUESTION, concepts, query, None, sizes.new_tokens) for query in queries]
+                requests = [
+                    AnswerRequest(QUESTION, chat.concepts, chat.picture, None, sizes.new_tokens, keep_context=True)
+                    for chat in chats
+                ]
                 for chat, answer in zip(chats, engine.answer_batch(requests)):
                     if isinstance(answer, Exception):
                         raise answer
@@ -1797,8 +1800,9 @@ def concurrency_lines(scenarios: dict) -> list[str]:
         "Batched: questions that arrive together share one generation (the Space's scheduler, "
         "`answer_batch_max_size`, `answer_batch_window_s`); one at a time: each waits for the "
         "answers before it. First: each visitor's first question about a new photo; follow-up: each "
-        "visitor's first follow-up in a conversation whose first answer was given in a batch (its "
-        "context is computed on its own, then the decoding is shared).",
+        "visitor's first follow-up in a conversation whose first answer was given in a batch, which "
+        "handed each conversation its context (`AnswerRequest.keep_context`): only the follow-ups' own "
+        "tokens are computed, in one batch with the decoding.",
         "",
     ]
 
