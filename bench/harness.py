@@ -357,7 +357,8 @@ def main(argv=None) -> int:
         _log(f"added the concurrency scenarios to {out / 'results.json'} and {out / 'results.md'}")
     if args.profile:
         # After the measured results are on disk: a profile that fails or runs out of time loses nothing.
-        results["profile"] = profile(engine, args.sizes, log=_log)
+        batch = max(VISITORS) if args.concurrency else 0  # its batch size was compiled and measured by then
+        results["profile"] = profile(engine, args.sizes, log=_log, batch=batch)
         write_outputs(results, out)
         _log(f"added the profile to {out / 'results.json'} and {out / 'results.md'}")
     return 0
@@ -1358,8 +1359,12 @@ PROFILE_TOP = 8
 """Operations listed per profiled call, by device time and by host time."""
 
 
-def profile(engine, sizes: Sizes, log=lambda message: None) -> dict:
-    """One profiled introduction, plain question and 20-concept question (after warm-ups elsewhere).
+def profile(engine, sizes: Sizes, log=lambda message: None, batch: int = 0) -> dict:
+    """One profiled introduction, plain question and 20-concept question (after warm-ups elsewhere); with `batch`,
+    also `batch` visitors' first questions answered together (CONCURRENT_CONCEPTS concepts and a photo of their own
+    each, staged beforehand as the Space stages them), after the concurrency scenarios have run such batches: timed
+    once without the profiler to its first and its last token (`first_token_s`, `whole_s`: how a batch's time
+    splits between each question's own work and the shared decoding), then profiled.
 
     For each: the wall time under the profiler (its own overhead included, so above the medians), the time
     the GPU was busy (union of the intervals of its kernels, copies and sets: overlapping work counted
@@ -1388,7 +1393,31 @@ def profile(engine, sizes: Sizes, log=lambda message: None) -> dict:
         "activities": [str(a).rsplit(".", 1)[-1] for a in activities],
         "note": "one call each, under torch.profiler (its overhead inflates the wall time)",
     }
-    for name, call in (("introduce", introduce), ("plain", ask(0)), (f"ego_{max(COUNTS)}", ask(max(COUNTS)))):
+    calls = [("introduce", introduce), ("plain", ask(0)), (f"ego_{max(COUNTS)}", ask(max(COUNTS)))]
+    split = {}
+    if batch:
+        from ego.batching import AnswerRequest
+
+        introduced = engine.introduce("concept 1", photo(0, sizes.reference_size), keywords="object", area_pct=20)
+        concepts = _padded_concepts([introduced], CONCURRENT_CONCEPTS)
+        queries = [photo(2000 + i, sizes.query_size) for i in range(batch)]
+        # Staged here, outside the timed and profiled calls, as the Space stages each in its visitor's thread.
+        requests = [engine.stage(AnswerRequest(QUESTION, concepts, q, None, sizes.new_tokens)) for q in queries]
+
+        def together():
+            first = []
+            _sync(device)
+            started = time.perf_counter()
+            engine.answer_batch(requests, on_text=lambda index, answer: first or first.append(time.perf_counter()))
+            _sync(device)
+            return first[0] - started if first else None, time.perf_counter() - started
+
+        with forced_generation(engine.model, stop_ids, []):
+            first_s, whole_s = together()
+        split = {"first_token_s": first_s, "whole_s": whole_s, "visitors": batch}
+        log(f"batch of {batch}: first token after {first_s:.3f} s, whole batch {whole_s:.3f} s")
+        calls.append((f"batch_{batch}", together))
+    for name, call in calls:
         with forced_generation(engine.model, stop_ids, []):
             _sync(device)
             started = time.perf_counter()
@@ -1397,6 +1426,8 @@ def profile(engine, sizes: Sizes, log=lambda message: None) -> dict:
                 _sync(device)
             wall = time.perf_counter() - started
         document[name] = summarize_profile(profiler, wall)
+        if name == f"batch_{batch}":
+            document[name].update(split)
         log(f"profile {name}: " + _profile_line(document[name]))
         for line in profile_lines(name, document[name]):
             log("  " + line)

@@ -125,6 +125,10 @@ def test_profile_covers_introduction_and_questions(quick):
         )
     table = (out / "results.md").read_text()
     assert "## Profile" in table and "ego_20: top host operations" in table
+    # A batch of the concurrency scenarios' largest size, timed to its first and last token, then profiled.
+    batch = profile["batch_8"]
+    assert batch["visitors"] == 8 and 0 < batch["first_token_s"] < batch["whole_s"]
+    assert batch["host_ops_s"] > 0 and "| batch_8 |" in table
 
 
 def test_every_scenario_has_every_field(quick):
