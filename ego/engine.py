@@ -372,7 +372,8 @@ class Ego:
         self._cached_chats: OrderedDict[int, weakref.ref] = OrderedDict()  # least recently used first
         self._cached_chats_lock = threading.Lock()
         """Guards `_cached_chats`: a conversation adopting a handed context registers its cache outside the model's
-        turn (`_take_cache_if_room`); caches are dropped only in the model's turn (`_keep_cache`)."""
+        turn (`_take_cache_if_room`); caches are dropped only in the model's turn (`_keep_cache`,
+        `_make_room_for_caches`)."""
 
     # ------------------------------------------------------------------------------------------
     # Loading
@@ -984,6 +985,7 @@ class Ego:
                     length = min(own.context_tokens + len(answers[row]), written - padding)
                     cache = batching.row_cache(out.past_key_values, row, padding, length, config)
                     kept[row] = (cache, self.backend.row_positions(positions, row))
+            self._make_room_for_caches(sum(_cache_bytes(context[0]) for context in kept if context is not None))
         return [
             (tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, stopped, context)
             for ids, stopped, context in zip(answers, control.stopped, kept)
@@ -1427,20 +1429,31 @@ class Ego:
         them together fit `max_cached_conversations_mb` (a conversation whose cache was dropped recomputes it on
         its next question). The caches of `keep` (a batch being prepared) are not dropped now: the budget is
         settled when their answers are recorded."""
-        kept = {id(other) for other in keep}
         with self._cached_chats_lock:
             self._cached_chats.pop(id(chat), None)
             self._cached_chats[id(chat)] = weakref.ref(chat)
-            holding = self._holding_caches()
-            total, budget = sum(held.cache_bytes for held in holding), self.settings.max_cached_conversations_bytes
-            for held in holding:  # least recently used first, `chat` last
-                if total <= budget:
-                    break
-                if id(held) in kept:
-                    continue
-                total -= held.cache_bytes
-                held.drop_cache()
-                del self._cached_chats[id(held)]
+            self._drop_caches_beyond(self.settings.max_cached_conversations_bytes, {id(other) for other in keep})
+
+    def _make_room_for_caches(self, cache_bytes: int) -> None:
+        """In the model's turn, before a batch hands `cache_bytes` of first answers' caches over (`HandedContext`):
+        the least recently used caches are dropped until those fit `max_cached_conversations_mb` beside the rest,
+        so that the conversations that adopt them (outside the model's turn, where nothing is dropped) find room."""
+        with self._cached_chats_lock:
+            self._drop_caches_beyond(self.settings.max_cached_conversations_bytes - cache_bytes)
+
+    def _drop_caches_beyond(self, budget: int, kept: set[int] = frozenset()) -> None:
+        """Drop the least recently used caches, but those of the conversations whose ids are in `kept`, until all
+        held fit `budget` bytes; with `_cached_chats_lock` held, in the model's turn."""
+        holding = self._holding_caches()
+        total = sum(held.cache_bytes for held in holding)
+        for held in holding:  # least recently used first
+            if total <= budget:
+                break
+            if id(held) in kept:
+                continue
+            total -= held.cache_bytes
+            held.drop_cache()
+            del self._cached_chats[id(held)]
 
     def _holding_caches(self) -> list[Chat]:
         """The conversations that hold a cache, least recently used first (the others leave the record)."""
@@ -1551,14 +1564,7 @@ class Chat:
     @property
     def cache_bytes(self) -> int:
         """Memory held by the conversation's key/value cache (0 when it has none)."""
-        if self._cache is None:
-            return 0
-        return sum(
-            t.numel() * t.element_size()
-            for layer in self._cache.layers
-            for t in (layer.keys, layer.values)
-            if torch.is_tensor(t)
-        )
+        return 0 if self._cache is None else _cache_bytes(self._cache)
 
     def drop_cache(self) -> None:
         self._cache, self._positions = None, None
@@ -1635,16 +1641,13 @@ class Chat:
         only its own tokens. False (nothing taken): the next question computes the context itself."""
         if not handed.continues(self, question):
             return False
-        cache_bytes = sum(
-            t.numel() * t.element_size() for layer in handed.cache.layers for t in (layer.keys, layer.values)
-        )
 
         def take() -> None:
             self._remember_context(handed.prepared)
             self._ids = self._ids + answer_ids
             self._cache, self._positions = handed.cache, handed.positions
 
-        return self.engine._take_cache_if_room(self, cache_bytes, take)
+        return self.engine._take_cache_if_room(self, _cache_bytes(handed.cache), take)
 
     def _stage_first_turn(self, question, max_new_tokens) -> StagedAnswer:
         """The first question's work that needs no model, as `Ego.answer` does it, on this conversation's concepts
@@ -2148,6 +2151,13 @@ def _streamed(tokenizer, generate, *, outputs: list | None = None, handed: list 
         worker.join()
     if failure:
         raise failure[0]
+
+
+def _cache_bytes(cache) -> int:
+    """Memory held by a key/value cache's tensors."""
+    return sum(
+        t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if torch.is_tensor(t)
+    )
 
 
 def _strip_stop(ids: list[int], stop_ids: list[int]) -> list[int]:

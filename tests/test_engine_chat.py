@@ -762,6 +762,7 @@ def test_a_handed_context_is_taken_only_by_its_own_conversation_within_the_cache
     plain = engine.chat([cat], image=photo(3))
     first_answers_handed_over(engine, [plain], ["Is Chelsea here?"], [5], keep=False)
     assert renamed.cache_bytes > 0 and plain.cache_bytes == 0
+    one = renamed.cache_bytes  # a first answer's context of that photo
     assert str(renamed.ask("Why?", max_new_tokens=4)) == str(plain.ask("Why?", max_new_tokens=4)) == str(follow_up)
     asked_otherwise = engine.chat([cat], image=photo(3))
     answer = engine.answer_batch(
@@ -774,8 +775,16 @@ def test_a_handed_context_is_taken_only_by_its_own_conversation_within_the_cache
     asked_otherwise.adopt("Is she here?", answer)  # another question than the one the context was computed for
     assert asked_otherwise.cache_bytes == 0
 
-    tight = engine.with_settings(max_cached_conversations_mb=0.001)
+    # Room for one conversation's cache: the batch drops the least recently used one in its turn to make it.
+    roomy = engine.with_settings(max_cached_conversations_mb=1.5 * one / 2**20)
+    older = roomy.chat([cat], image=photo(4))
+    older.ask("Is Chelsea here?", max_new_tokens=5)
+    assert older.cache_bytes > 0
+    newer = roomy.chat([cat], image=photo(3))
+    first_answers_handed_over(roomy, [newer], ["Is Chelsea here?"], [5])
+    assert older.cache_bytes == 0 and newer.cache_bytes == one
+    tight = engine.with_settings(max_cached_conversations_mb=0.5 * one / 2**20)
     full = tight.chat([cat], image=photo(3))
     first_answers_handed_over(tight, [full], ["Is Chelsea here?"], [5])
-    assert full.cache_bytes == 0 and full._adopted  # no room now: computed at its next question
+    assert full.cache_bytes == 0 and full._adopted  # no room for it: computed at its next question
     assert str(full.ask("Why?", max_new_tokens=4)) == str(follow_up)
