@@ -271,6 +271,14 @@ def parse_args(argv) -> argparse.Namespace:
         help="torch.compile backend of compiled decoding (default: inductor; aot_eager compiles "
         "in seconds on a CPU, for smoke tests)",
     )
+    parser.add_argument(
+        "--static-cache-tokens",
+        type=int,
+        default=None,
+        help="the static key/value cache's length for compiled decoding (Settings.static_cache_max_tokens; "
+        "default: the settings' own); attention and its key/value expansion run over all of it at every step, "
+        "and a generation longer than it decodes eagerly",
+    )
     args = parser.parse_args(argv)
     base = QUICK if args.quick else FULL
     sizes = replace(
@@ -283,6 +291,8 @@ def parse_args(argv) -> argparse.Namespace:
         parser.error(f"--repeats and --new-tokens must be at least 1, --concepts between 1 and {max(COUNTS)}")
     if args.eager_repeats is not None and args.eager_repeats < 1:
         parser.error("--eager-repeats must be at least 1")
+    if args.static_cache_tokens is not None and args.static_cache_tokens < 1:
+        parser.error("--static-cache-tokens must be at least 1")
     args.sizes = sizes
     return args
 
@@ -543,6 +553,8 @@ def load_engine(args, decoding: str = "eager"):
     quantization = options.quantization(args.quantization)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = DEFAULT_SETTINGS.replace(decoding=decoding, compile_backend=getattr(args, "compile_backend", "inductor"))
+    if getattr(args, "static_cache_tokens", None):
+        settings = settings.replace(static_cache_max_tokens=args.static_cache_tokens)
     preset = resolve(args.model)
     meta = {"model": args.model, "quantization": args.quantization, "requested_device": device}
     started = time.perf_counter()
@@ -1298,6 +1310,7 @@ def _meta(engine, sizes: Sizes, memory, weights_gib: float, query, frames) -> di
                 "description_max_new_tokens",
                 "size_max_new_tokens",
                 "max_concepts_in_context",
+                "static_cache_max_tokens",
             )
         },
         "question": QUESTION,

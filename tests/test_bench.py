@@ -575,3 +575,14 @@ def test_the_gpu_script_leaves_no_folder_for_a_configuration_it_skips(tmp_path):
         _stop(process, folders)
     assert process.returncode == 1 and "== nf4 skipped" in output, output
     assert not (folders["runs"] / "nf4").exists() and not list(folders["out"].iterdir())
+
+
+def test_the_static_cache_length_is_a_setting_of_the_run(capsys):
+    from bench.harness import load_engine, parse_args
+
+    args = parse_args(["--model", "tiny-qwen2.5-vl", "--device", "cpu", "--static-cache-tokens", "4096"])
+    engine, _ = load_engine(args)
+    assert engine.settings.static_cache_max_tokens == 4096 == engine.decoder.max_cache_tokens
+    with pytest.raises(SystemExit):
+        parse_args(["--static-cache-tokens", "0"])
+    assert "--static-cache-tokens must be at least 1" in capsys.readouterr().err
