@@ -1295,7 +1295,7 @@ class Ego:
         each left-padded to one length, and only the tokens each lacks are computed (a row's last cached tokens
         are computed again where another row brings more new tokens, so that all rows' new tokens end together);
         afterwards each conversation takes its own row of the cache back. A conversation that has no cache (its cache
-        dropped, or its first turn answered elsewhere: the Space's first follow-up after a batched first answer)
+        dropped, or its first turn answered elsewhere and adopted without its context, `AnswerRequest.keep_context`)
         computes it first, on its own and without generating (`Chat._prime`), then joins the batch.
         Returns, per request, its `Answer` or the error that request alone raised while it was checked (an
         `InputError`: the turn limit, a full conversation, the same conversation twice; `ModelBusyError` when its
@@ -1614,10 +1614,12 @@ class Chat:
         batch with other visitors' questions (`Ego.answer_batch`), or any answer given by a copy of this
         conversation in another process (ZeroGPU's workers keep nothing between calls). No model call now: the
         next question asked here adds those turns to the conversation's tokens and computes what its cache lacks
-        (everything, when it has none). The answer's own tokens are taken (`Answer.token_ids`), so the conversation
-        goes on exactly as if it had answered itself; an answer known only as text is tokenized again. A question
-        this conversation would refuse (its checks, its turn limit) is refused here (InputError), nothing taken:
-        taken, it would make every later question fail."""
+        (everything, when it has none). A first answer that brings its context (`AnswerRequest.keep_context`, asked
+        about this conversation's concepts, photo or clip) is taken with it, where the cache budget has room: the
+        next question then computes only its own tokens (`_continue_on`). The answer's own tokens are taken
+        (`Answer.token_ids`), so the conversation goes on exactly as if it had answered itself; an answer known only
+        as text is tokenized again. A question this conversation would refuse (its checks, its turn limit) is
+        refused here (InputError), nothing taken: taken, it would make every later question fail."""
         handed = getattr(answer, "__dict__", {}).pop("_handed", None)  # taken here or nowhere: it holds GPU memory
         self._check_room()
         text = checks.check_question(question, self.engine.settings)
