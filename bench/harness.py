@@ -1406,13 +1406,30 @@ def profile(engine, sizes: Sizes, log=lambda message: None, batch: int = 0) -> d
         "activities": [str(a).rsplit(".", 1)[-1] for a in activities],
         "note": "one call each, under torch.profiler (its overhead inflates the wall time)",
     }
-    calls = [("introduce", introduce), ("plain", ask(0)), (f"ego_{max(COUNTS)}", ask(max(COUNTS)))]
-    split = {}
+
+    def profiled(name, call) -> dict:
+        with forced_generation(engine.model, stop_ids, []):
+            _sync(device)
+            started = time.perf_counter()
+            with torch_profile(activities=activities) as profiler:
+                call()
+                _sync(device)
+            wall = time.perf_counter() - started
+        document[name] = summarize_profile(profiler, wall)
+        return document[name]
+
+    def logged(name) -> None:
+        log(f"profile {name}: " + _profile_line(document[name]))
+        for line in profile_lines(name, document[name]):
+            log("  " + line)
+
+    for name, call in (("introduce", introduce), ("plain", ask(0)), (f"ego_{max(COUNTS)}", ask(max(COUNTS)))):
+        profiled(name, call)
+        logged(name)
     if batch:
         from ego.batching import AnswerRequest
 
-        introduced = engine.introduce("concept 1", photo(0, sizes.reference_size), keywords="object", area_pct=20)
-        concepts = _padded_concepts([introduced], CONCURRENT_CONCEPTS)
+        concepts = _padded_concepts([made["concept"]], CONCURRENT_CONCEPTS)
         queries = [photo(2000 + i, sizes.query_size) for i in range(batch)]
         # Staged here, outside the timed and profiled calls, as the Space stages each in its visitor's thread.
         requests = [engine.stage(AnswerRequest(QUESTION, concepts, q, None, sizes.new_tokens)) for q in queries]
@@ -1427,23 +1444,10 @@ def profile(engine, sizes: Sizes, log=lambda message: None, batch: int = 0) -> d
 
         with forced_generation(engine.model, stop_ids, []):
             first_s, whole_s = together()
-        split = {"first_token_s": first_s, "whole_s": whole_s, "visitors": batch}
         log(f"batch of {batch}: first token after {first_s:.3f} s, whole batch {whole_s:.3f} s")
-        calls.append((f"batch_{batch}", together))
-    for name, call in calls:
-        with forced_generation(engine.model, stop_ids, []):
-            _sync(device)
-            started = time.perf_counter()
-            with torch_profile(activities=activities) as profiler:
-                call()
-                _sync(device)
-            wall = time.perf_counter() - started
-        document[name] = summarize_profile(profiler, wall)
-        if name == f"batch_{batch}":
-            document[name].update(split)
-        log(f"profile {name}: " + _profile_line(document[name]))
-        for line in profile_lines(name, document[name]):
-            log("  " + line)
+        name = f"batch_{batch}"
+        profiled(name, together).update(first_token_s=first_s, whole_s=whole_s, visitors=batch)
+        logged(name)
     return document
 
 

@@ -921,11 +921,8 @@ class Ego:
         """A batch row's context for the conversation that will adopt its answer: the preparation without its
         device tensors (pixels, vision outputs, embeddings; a conversation recomputes none of them on this cache),
         its row of the cache and its positions."""
-        keys = {"input_ids", *self.backend.vision_input_keys}
         encoded = dataclasses.replace(
-            prepared.encoded,
-            inputs={k: v for k, v in prepared.encoded.inputs.items() if k not in keys},
-            encoder_outputs=None,
+            prepared.encoded, inputs=_context_inputs(prepared.encoded, self.backend), encoder_outputs=None
         )
         slim = dataclasses.replace(
             prepared,
@@ -1745,9 +1742,8 @@ class Chat:
             )
         text = checks.check_question(question, settings)
         max_new_tokens = checks.check_max_new_tokens(max_new_tokens, settings)
-        pixels = self._add_adopted(
-            context
-        )  # dropped with this question if it fails: the photo or clip gives them again
+        # Dropped with this question if it fails: the photo or clip gives them again.
+        pixels = self._add_adopted(context)
         ids = self._ids + self._turn_ids(text)
         limit = settings.max_conversation_context_tokens
         if len(ids) + max_new_tokens > limit:
@@ -1886,8 +1882,7 @@ class Chat:
         self._ids = prepared.generate["input_ids"][0].tolist()
         self._slots = prepared.slots[0].cpu()
         self._kept = tuple(prepared.kept)
-        keys = {"input_ids", *self.engine.backend.vision_input_keys}
-        self._inputs = {k: v for k, v in prepared.encoded.inputs.items() if k not in keys}
+        self._inputs = _context_inputs(prepared.encoded, self.engine.backend)
         self._prompt = prepared.encoded.prompt
         self._details = dict(
             used=prepared.used,
@@ -2153,6 +2148,13 @@ def _streamed(tokenizer, generate, *, outputs: list | None = None, handed: list 
         worker.join()
     if failure:
         raise failure[0]
+
+
+def _context_inputs(encoded: Encoded, backend: Backend) -> dict[str, Any]:
+    """What a conversation keeps of its first context's processor output: all of it but the token ids (kept as a
+    list) and the pixels (computed again from its photo or clip when needed)."""
+    dropped = {"input_ids", *backend.vision_input_keys}
+    return {k: v for k, v in encoded.inputs.items() if k not in dropped}
 
 
 def _cache_bytes(cache) -> int:

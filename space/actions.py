@@ -238,18 +238,16 @@ class Actions:
         finally:
             self._introducing.release()
 
-    def _answer_stream(self, engine, question, concepts, *, image=None, video=None, stop=None, chat=None):
+    def _answer_stream(self, engine, question, concepts, *, image=None, video=None, stop=None, keep_context=False):
         """The answer as it grows (`ego.Answer`s): on ZeroGPU from a GPU call of this visitor's own, elsewhere
         from the scheduler that answers questions arriving together in one batch. Closing it ends the answer, and
         so does setting `stop` (the scheduler's: at its next token; the caller checks it too, after each piece).
-        With `chat`, the conversation the answer starts (its concepts, photo or clip asked about): the whole answer
-        brings the context its batch computed, for the conversation to follow up on (`AnswerRequest.keep_context`);
-        not on ZeroGPU, where no cache outlives a call."""
+        keep_context, for a conversation's first question asked with its own concepts, photo or clip: the whole
+        answer brings the context its batch computed, for the conversation to follow up on
+        (`AnswerRequest.keep_context`); not on ZeroGPU, where no cache outlives a call."""
         budget = self.limits.answer_max_new_tokens
         if self.zero_gpu:
             return self._stream_on_gpu(question, tuple(concepts), image, video, budget)
-        if chat is not None:
-            concepts, image, video = chat.concepts, chat.picture, chat.clip
         return self.answers.stream(
             engine,
             question,
@@ -258,7 +256,7 @@ class Actions:
             video=video,
             max_new_tokens=budget,
             stop=stop,
-            keep_context=chat is not None,
+            keep_context=keep_context,
         )
 
     def _engine(self, progress):
@@ -459,7 +457,9 @@ class Actions:
             if image and (digest := _box_digest(image)) is not None:
                 session.conversations.asked_about(chat, digest)
             asked = session.conversations.asking("image")
-            stream = self._answer_stream(engine, question, session.concepts, image=picture, stop=stop, chat=chat)
+            stream = self._answer_stream(
+                engine, question, chat.concepts, image=chat.picture, stop=stop, keep_context=True
+            )
             failed = False
             ended = False
             try:
@@ -555,9 +555,7 @@ class Actions:
             if (digest := _box_digest(video)) is not None:
                 session.conversations.asked_about(chat, digest)
             asked = session.conversations.asking("video")
-            stream = self._answer_stream(
-                engine, question, session.concepts, video=(frames, metadata), stop=stop, chat=chat
-            )
+            stream = self._answer_stream(engine, question, chat.concepts, video=chat.clip, stop=stop, keep_context=True)
             failed = False
             ended = False
             try:
